@@ -1,0 +1,251 @@
+"""Merge methods as pure tensor functions, and the registry that declares their parameters.
+
+Spec: shared/reference/slack-ties.md. A method sees one tensor name at a time: the base
+tensor (float32, or None when the method needs no base) and one float32 tensor per
+non-base model, all of the same shape and on the same device. It returns the merged
+float32 tensor and, for methods that trim and elect, per-model counts for the report.
+
+Adding a method touches this file only: write the function and decorate it with
+`@merge_method(...)`, declaring its per-model and global parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# -- registry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter: its default and a check returning an error text or None."""
+
+    default: Any
+    check: Callable[[Any], str | None]
+    doc: str = ""
+
+
+def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "must be a finite number"
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+
+    return check
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+WEIGHT = Param(1.0, _number(), "scale of this model's task vector (or of its weights, for linear)")
+DENSITY = Param(1.0, _number(0.0, 1.0, lo_open=True), "fraction of entries kept by the trim, in (0, 1]")
+SLACK = Param(0.0, _number(0.0), "extra vote in the sign election, >= 0 (0 is plain TIES)")
+LAMBDA = Param(1.0, _number(), "scale of the merged task vector")
+NORMALIZE = Param(True, _boolean, "divide by the sum of the agreeing weights")
+
+
+@dataclass
+class MergeStats:
+    """Per non-base model counts for one tensor: entries kept by the trim (nonzero after
+    trimming) and, of those, entries whose sign agrees with the elected sign."""
+
+    kept: torch.Tensor  # int64, shape (num_models,)
+    agreed: torch.Tensor  # int64, shape (num_models,)
+
+
+MethodFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], list[dict[str, Any]], dict[str, Any]],
+    "tuple[torch.Tensor, MergeStats | None]",
+]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    needs_base: bool
+    model_params: dict[str, Param] = field(default_factory=dict)
+    global_params: dict[str, Param] = field(default_factory=dict)
+    doc: str = ""
+    reports_retention: bool = False
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    needs_base: bool,
+    model_params: dict[str, Param],
+    global_params: dict[str, Param] | None = None,
+    reports_retention: bool = False,
+):
+    """Register a pure merge function under `name` with its declared parameters."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        METHODS[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            needs_base=needs_base,
+            model_params=model_params,
+            global_params=global_params or {},
+            doc=(fn.__doc__ or "").strip().splitlines()[0],
+            reports_retention=reports_retention,
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r} (allowed: {', '.join(sorted(METHODS))})") from None
+
+
+# -- building blocks --------------------------------------------------------------------
+
+
+def trim_count(numel: int, density: float) -> int:
+    """k = max(1, floor(density * n)): how many entries the trim keeps (all when density >= 1)."""
+    if density >= 1.0:
+        return numel
+    return max(1, int(math.floor(density * numel)))
+
+
+def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a flat non-negative float32 tensor, found by selection.
+
+    A full sort (what mergekit does) is the slow path; `kthvalue` selects in linear time.
+    """
+    n = magnitudes.numel()
+    if magnitudes.device.type == "cpu":
+        return torch.kthvalue(magnitudes, n - k + 1).values
+    # kthvalue is slow on CUDA; topk of the k largest is fast there for the sizes we see.
+    return torch.topk(magnitudes, k, sorted=False).values.min()
+
+
+def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = max(1, floor(d * n)) largest-magnitude entries of `delta`, zero the rest.
+
+    Entries strictly above the k-th magnitude are kept, then entries equal to it in index
+    order until exactly k are kept (the spec leaves the choice among ties open).
+    """
+    n = delta.numel()
+    k = trim_count(n, density)
+    if k >= n:
+        return delta
+    flat = delta.reshape(-1)
+    mag = flat.abs()
+    t = magnitude_threshold(mag, k)
+    keep = mag > t
+    room = k - int(keep.sum())
+    if room > 0:
+        at_t = mag == t
+        # keep the first `room` entries equal to the threshold
+        keep |= at_t & (torch.cumsum(at_t, 0, dtype=torch.int64) <= room)
+    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(
+        delta.shape
+    )
+
+
+def elect_signs(weighted: torch.Tensor, slacks: list[float]) -> torch.Tensor:
+    """gamma = sign(sum_i (1 + s_i) * delta_i), +1 where that sum is exactly 0.
+
+    `weighted` is stacked (num_models, ...) weighted, trimmed deltas. With every slack 0
+    this is TIES's `sum` consensus.
+    """
+    if any(s != 0 for s in slacks):
+        votes = torch.tensor([1.0 + s for s in slacks], dtype=weighted.dtype, device=weighted.device)
+        total = (weighted * votes.view(-1, *([1] * (weighted.dim() - 1)))).sum(0)
+    else:
+        total = weighted.sum(0)
+    return torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+def disjoint_merge(
+    weighted: torch.Tensor, weights: list[float], gamma: torch.Tensor, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the weighted deltas that agree with gamma, divided by the agreeing weights.
+
+    Returns (merged delta, agree mask of shape (num_models, ...)). A zero entry never
+    agrees; a divisor of 0 becomes 1.
+    """
+    agree = torch.sign(weighted) == gamma
+    merged = (weighted * agree).sum(0)
+    if normalize:
+        w = torch.tensor(weights, dtype=weighted.dtype, device=weighted.device)
+        divisor = (agree * w.view(-1, *([1] * (weighted.dim() - 1)))).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        merged = merged / divisor
+    return merged, agree
+
+
+def ties_family(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    slacks: list[float],
+) -> tuple[torch.Tensor, MergeStats]:
+    weights = [p["weight"] for p in model_params]
+    trimmed = [trim_to_density(t - base, p["density"]) for t, p in zip(tensors, model_params)]
+    weighted = torch.stack([d * w for d, w in zip(trimmed, weights)])
+    del trimmed
+    gamma = elect_signs(weighted, slacks)
+    merged, agree = disjoint_merge(weighted, weights, gamma, params["normalize"])
+    dims = tuple(range(1, weighted.dim()))
+    stats = MergeStats(
+        kept=(weighted != 0).sum(dim=dims, dtype=torch.int64) if dims else (weighted != 0).long(),
+        agreed=agree.sum(dim=dims, dtype=torch.int64) if dims else agree.long(),
+    )
+    return base + params["lambda"] * merged, stats
+
+
+# -- methods ----------------------------------------------------------------------------
+
+
+@merge_method("linear", needs_base=False, model_params={"weight": WEIGHT},
+              global_params={"normalize": NORMALIZE})
+def linear(base, tensors, model_params, params):
+    """Weighted average of the models' full weights (the base is not averaged in)."""
+    weights = [p["weight"] for p in model_params]
+    out = sum(w * t for w, t in zip(weights, tensors))
+    total = sum(weights)
+    if params["normalize"] and abs(total) > 1e-8:
+        out = out / total
+    return out, None
+
+
+@merge_method("task_arithmetic", needs_base=True, model_params={"weight": WEIGHT},
+              global_params={"lambda": LAMBDA})
+def task_arithmetic(base, tensors, model_params, params):
+    """theta = theta0 + lambda * sum_i w_i * tau_i."""
+    tau = sum(p["weight"] * (t - base) for t, p in zip(tensors, model_params))
+    return base + params["lambda"] * tau, None
+
+
+@merge_method("ties", needs_base=True, model_params={"weight": WEIGHT, "density": DENSITY},
+              global_params={"lambda": LAMBDA, "normalize": NORMALIZE}, reports_retention=True)
+def ties(base, tensors, model_params, params):
+    """TIES (arXiv 2306.01708): trim, elect signs by sum, disjoint mean; as mergekit does."""
+    return ties_family(base, tensors, model_params, params, [0.0] * len(tensors))
+
+
+@merge_method("slack_ties", needs_base=True,
+              model_params={"weight": WEIGHT, "density": DENSITY, "slack": SLACK},
+              global_params={"lambda": LAMBDA, "normalize": NORMALIZE}, reports_retention=True)
+def slack_ties(base, tensors, model_params, params):
+    """TIES whose sign election weighs model i's vote by (1 + slack_i); slack 0 is TIES."""
+    return ties_family(base, tensors, model_params, params, [p["slack"] for p in model_params])

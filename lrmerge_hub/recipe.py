@@ -1,0 +1,277 @@
+"""The recipe: the YAML file that describes a merge and its release.
+
+Everything is validated before any work starts. Every mistake, an unknown key included,
+raises `RecipeError` with one line naming the field and what is allowed.
+
+Models are named as local folders (absolute, or relative to the recipe file's folder) or
+as Hub ids `org/name[@revision]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+from .merge.methods import METHODS, get_method
+
+ROLES = ("language", "task")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REVISION = re.compile(r"^[\w./-]+$")
+SHA = re.compile(r"^[0-9a-f]{40}$")
+
+TOP_LEVEL_KEYS = (
+    "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
+    "tokenizer_source", "device",
+)
+MODEL_KEYS_FIXED = ("model", "role", "hub_id")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: a local folder, or a Hub repo at a revision."""
+
+    spec: str  # as written in the recipe
+    path: Path | None = None  # local folder
+    repo_id: str | None = None
+    revision: str | None = None  # branch, tag or sha as written (None: main)
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    @property
+    def display(self) -> str:
+        """A name that never leaks a local absolute path."""
+        if self.repo_id:
+            return self.repo_id
+        return self.path.name if self.path else self.spec
+
+
+def parse_model_ref(spec: Any, base_dir: Path, field_name: str) -> ModelRef:
+    """Parse `org/name[@rev]` or a local folder path into a ModelRef."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise RecipeError(f"{field_name}: must be a local folder or a Hub id 'org/name[@revision]'")
+    spec = spec.strip()
+    local = Path(spec).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir()
+    if looks_like_path:
+        return ModelRef(spec=spec, path=local.resolve())
+    repo_id, _, revision = spec.partition("@")
+    if not HUB_ID.match(repo_id) or (revision and not REVISION.match(revision)) or spec.endswith("@"):
+        raise RecipeError(
+            f"{field_name}: {spec!r} is neither an existing folder nor a Hub id 'org/name[@revision]'"
+        )
+    return ModelRef(spec=spec, repo_id=repo_id, revision=revision or None)
+
+
+@dataclass
+class ModelEntry:
+    ref: ModelRef
+    role: str
+    params: dict[str, Any]  # method's per-model parameters, defaults filled in
+    hub_id: str | None = None  # Hub id to list a local folder by in the card
+
+
+@dataclass
+class Recipe:
+    method: str
+    base: ModelRef | None
+    models: list[ModelEntry]
+    parameters: dict[str, Any]
+    languages: list[str] = field(default_factory=list)
+    license: str | None = None
+    dtype: str | None = None  # None: the base model's dtype
+    output: Path | None = None
+    tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
+    device: str | None = None
+    source_file: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
+        out: dict[str, Any] = {"method": self.method}
+        if self.base is not None:
+            out["base"] = self.base.spec if not self.base.is_local else self.base.display
+        out["models"] = []
+        for m in self.models:
+            entry: dict[str, Any] = {
+                "model": m.ref.display if m.ref.is_local else m.ref.spec,
+                "role": m.role,
+            }
+            if m.hub_id:
+                entry["hub_id"] = m.hub_id
+            entry.update(m.params)
+            out["models"].append(entry)
+        out["parameters"] = dict(self.parameters)
+        out["languages"] = list(self.languages)
+        if self.license:
+            out["license"] = self.license
+        if self.dtype:
+            out["dtype"] = self.dtype
+        if self.tokenizer_source:
+            out["tokenizer_source"] = self.tokenizer_source
+        if self.output is not None:
+            out["output"] = self.output.name
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def all_refs(self) -> list[ModelRef]:
+        return ([self.base] if self.base else []) + [m.ref for m in self.models]
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_keys(data: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+
+
+def _check_param(name: str, value: Any, param, where: str) -> Any:
+    problem = param.check(value)
+    if problem:
+        raise RecipeError(f"{where}.{name}: {problem} (got {value!r})")
+    return value
+
+
+def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
+    """Validate a recipe mapping and return a Recipe. Raises RecipeError."""
+    if not isinstance(data, dict):
+        raise RecipeError("recipe: the top level must be a mapping of keys to values")
+    _check_keys(data, TOP_LEVEL_KEYS, "recipe")
+
+    method_name = data.get("method", "slack_ties")
+    if method_name not in METHODS:
+        raise RecipeError(f"method: unknown method {method_name!r} (allowed: {', '.join(sorted(METHODS))})")
+    method = get_method(method_name)
+
+    base = None
+    if data.get("base") is not None:
+        base = parse_model_ref(data["base"], base_dir, "base")
+    elif method.needs_base:
+        raise RecipeError(f"base: required by method {method_name!r} (name the model the others were trained from)")
+
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError("models: must be a non-empty list of {model: ..., role: language|task, ...}")
+    allowed_model_keys = list(MODEL_KEYS_FIXED) + list(method.model_params)
+    models: list[ModelEntry] = []
+    for i, entry in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: must be a mapping with at least 'model'")
+        for key in entry:
+            if key not in allowed_model_keys:
+                extra = ""
+                if key in ("weight", "density", "slack"):
+                    extra = f" for method {method_name!r}"
+                raise RecipeError(
+                    f"{where}: unknown key {key!r}{extra} (allowed: {', '.join(allowed_model_keys)})"
+                )
+        if "model" not in entry:
+            raise RecipeError(f"{where}.model: required (a local folder or a Hub id)")
+        ref = parse_model_ref(entry["model"], base_dir, f"{where}.model")
+        role = entry.get("role", "task")
+        if role not in ROLES:
+            raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {role!r})")
+        params = {}
+        for name, param in method.model_params.items():
+            params[name] = _check_param(name, entry.get(name, param.default), param, where)
+        hub_id = entry.get("hub_id")
+        if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id)):
+            raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {hub_id!r})")
+        models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
+
+    params_raw = data.get("parameters") or {}
+    if not isinstance(params_raw, dict):
+        raise RecipeError("parameters: must be a mapping like {lambda: 1.0, normalize: true}")
+    _check_keys(params_raw, list(method.global_params) or ["(none)"], f"parameters (method {method_name!r})")
+    parameters = {
+        name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
+        for name, p in method.global_params.items()
+    }
+
+    languages = data.get("languages") or []
+    if isinstance(languages, str):
+        languages = [languages]
+    if not isinstance(languages, list) or not all(
+        isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) for c in languages
+    ):
+        raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {languages!r})")
+
+    license_ = data.get("license")
+    if license_ is not None and not isinstance(license_, str):
+        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2 (got {license_!r})")
+
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)} (got {dtype!r})")
+
+    device = data.get("device")
+    if device is not None and device not in DEVICES:
+        raise RecipeError(f"device: must be one of {', '.join(DEVICES)} (got {device!r})")
+
+    output = data.get("output")
+    if output is not None:
+        if not isinstance(output, str) or not output.strip():
+            raise RecipeError("output: must be a folder path")
+        out_path = Path(output).expanduser()
+        output = (out_path if out_path.is_absolute() else base_dir / out_path).resolve()
+
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None:
+        specs = ["base"] + [m.ref.spec for m in models]
+        if tokenizer_source not in specs:
+            raise RecipeError(
+                f"tokenizer_source: must be 'base' or one of the models' names (got {tokenizer_source!r})"
+            )
+
+    return Recipe(
+        method=method_name,
+        base=base,
+        models=models,
+        parameters=parameters,
+        languages=list(languages),
+        license=license_,
+        dtype=dtype,
+        output=output,
+        tokenizer_source=tokenizer_source,
+        device=device,
+        source_file=source_file,
+        raw=data,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file. Raises RecipeError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"recipe: cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe: {path.name} is not valid YAML{where}") from None
+    return parse_recipe(data, path.resolve().parent, source_file=path.resolve())

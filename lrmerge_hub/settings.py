@@ -1,0 +1,18 @@
+"""The one place where environment variables and defaults are read."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output shard, like transformers' "5GB"
+RUN_DIR_NAME = ".lrmerge"  # hidden folder beside outputs for temporary and run state
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network access."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def default_device() -> str:
+    """Device used when neither recipe nor CLI names one (`LRMERGE_DEVICE`, else auto)."""
+    return os.environ.get("LRMERGE_DEVICE", "auto")

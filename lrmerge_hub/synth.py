@@ -1,0 +1,215 @@
+"""Synthesize Llama-shaped checkpoint families (base, language, task) with random weights.
+
+Used by the tests, the offline example and the benchmark: nothing is downloaded. The
+tokenizer is a small byte-level BPE trained here on a few sentences, so transformers and
+vLLM can load and run the result. The language model can extend the vocabulary, as
+continually pre-trained low-resource models often do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is the capital of France? Answer: Paris.",
+    "Merging models keeps the task skills and adds the language.",
+    "བོད་ཀྱི་སྐད་ཡིག་ནི་ཧ་ཅང་གལ་ཆེན་པོ་རེད།",
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە تەۋە.",
+    "Монгол хэл бол Монгол улсын албан ёсны хэл юм.",
+    "தமிழ் ஒரு பழமையான மொழி.",
+    "0 1 2 3 4 5 6 7 8 9 A B C D yes no true false",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+SPECIAL = ["<unk>", "<s>", "</s>"]
+
+
+def make_tokenizer(out_dir: Path, *, vocab_size: int = 384, extra_tokens: int = 0,
+                   chat_template: bool = False) -> int:
+    """Train a byte-level BPE tokenizer, save it (fast tokenizer files) and return its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if extra_tokens:
+        tok.add_tokens([f"<lang_{i}>" for i in range(extra_tokens)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return len(fast)
+
+
+def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                 vocab: int, tie_embeddings: bool, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def llama_shapes(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama checkpoint, in the order HF writes them."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    yield "model.embed_tokens.weight", (v, h)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (q, h)
+        yield p + "self_attn.k_proj.weight", (kv, h)
+        yield p + "self_attn.v_proj.weight", (kv, h)
+        yield p + "self_attn.o_proj.weight", (h, q)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "mlp.gate_proj.weight", (i, h)
+        yield p + "mlp.up_proj.weight", (i, h)
+        yield p + "mlp.down_proj.weight", (h, i)
+    yield "model.norm.weight", (h,)
+    if not cfg["tie_word_embeddings"]:
+        yield "lm_head.weight", (v, h)
+
+
+def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], *,
+                     shard_bytes: int | None = None) -> None:
+    """Write tensors as `model.safetensors`, or as shards plus an index when they exceed
+    `shard_bytes`. Holds at most one shard in memory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    names_per_shard: list[list[str]] = [[]]
+    total = 0
+    tmp_files: list[Path] = []
+
+    def flush(idx: int) -> None:
+        path = out_dir / f"shard-{idx:05d}.tmp"
+        save_file(shards[idx], str(path), metadata={"format": "pt"})
+        tmp_files.append(path)
+        shards[idx] = {}
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard_bytes and sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+            flush(len(shards) - 1)
+            shards.append({})
+            sizes.append(0)
+            names_per_shard.append([])
+        shards[-1][name] = t.contiguous()
+        sizes[-1] += nbytes
+        names_per_shard[-1].append(name)
+        total += nbytes
+    flush(len(shards) - 1)
+
+    if len(tmp_files) == 1:
+        tmp_files[0].rename(out_dir / "model.safetensors")
+        return
+    n = len(tmp_files)
+    weight_map = {}
+    for idx, (path, names) in enumerate(zip(tmp_files, names_per_shard)):
+        final = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
+        path.rename(out_dir / final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_family(
+    root: Path,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int | None = None,
+    dtype: str = "float32",
+    shard_bytes: int | None = None,
+    extend_language_vocab: int = 0,
+    tie_embeddings: bool = False,
+    task_scale: float = 0.02,
+    language_scale: float = 0.03,
+    seed: int = 0,
+    tokenizer_vocab: int = 384,
+) -> dict[str, Path]:
+    """Create `root/base`, `root/language` and `root/task`: the language and task models are
+    the base plus random task vectors; the language model may extend the vocabulary by
+    `extend_language_vocab` rows. Returns the three folders by role."""
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    paths = {role: root / role for role in ("base", "language", "task")}
+    vocab = make_tokenizer(paths["base"], vocab_size=tokenizer_vocab)
+    make_tokenizer(paths["task"], vocab_size=tokenizer_vocab, chat_template=True)
+    lang_vocab = make_tokenizer(paths["language"], vocab_size=tokenizer_vocab,
+                                extra_tokens=extend_language_vocab)
+    kv_heads = kv_heads or heads
+    cfgs = {}
+    for role, v in (("base", vocab), ("language", lang_vocab), ("task", vocab)):
+        cfgs[role] = llama_config(hidden=hidden, intermediate=intermediate, layers=layers,
+                                  heads=heads, kv_heads=kv_heads, vocab=v,
+                                  tie_embeddings=tie_embeddings, dtype=dtype)
+        (paths[role] / "config.json").write_text(json.dumps(cfgs[role], indent=2))
+        gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": role == "task",
+                   "temperature": 0.7 if role == "task" else 1.0}
+        (paths[role] / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+
+    torch_dtype = DTYPE[dtype]
+    base_tensors: dict[str, torch.Tensor] = {}
+    for name, shape in llama_shapes(cfgs["base"]):
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) * (1.0 / shape[-1] ** 0.5)
+        base_tensors[name] = t
+
+    def derived(role: str, scale: float, sub_seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed * 1000 + sub_seed)
+        for name, shape in llama_shapes(cfgs[role]):
+            b = base_tensors[name]
+            if shape[0] != b.shape[0]:  # extended vocabulary rows
+                extra = torch.randn((shape[0] - b.shape[0], *shape[1:]), generator=g) * 0.05
+                b = torch.cat([b, extra])
+            delta = torch.randn(shape, generator=g) * scale * b.abs().mean()
+            yield name, (b + delta).to(torch_dtype)
+
+    write_checkpoint(paths["base"], ((n, t.to(torch_dtype)) for n, t in base_tensors.items()),
+                     shard_bytes=shard_bytes)
+    write_checkpoint(paths["language"], derived("language", language_scale, 1), shard_bytes=shard_bytes)
+    write_checkpoint(paths["task"], derived("task", task_scale, 2), shard_bytes=shard_bytes)
+    return paths
