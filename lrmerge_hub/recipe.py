@@ -49,6 +49,13 @@ class ModelRef:
         return self.path is not None
 
     @property
+    def portable(self) -> str:
+        """The spec as written, except that an absolute local path becomes './<folder name>'."""
+        if self.path is not None and Path(self.spec).expanduser().is_absolute():
+            return f"./{self.path.name}"
+        return self.spec
+
+    @property
     def display(self) -> str:
         """A name that never leaks a local absolute path."""
         if self.repo_id:
@@ -102,11 +109,11 @@ class Recipe:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
         out: dict[str, Any] = {"method": self.method}
         if self.base is not None:
-            out["base"] = self.base.spec if not self.base.is_local else self.base.display
+            out["base"] = self.base.portable
         out["models"] = []
         for m in self.models:
             entry: dict[str, Any] = {
-                "model": m.ref.display if m.ref.is_local else m.ref.spec,
+                "model": m.ref.portable,
                 "role": m.role,
             }
             if m.hub_id:
@@ -199,6 +206,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         hub_id = entry.get("hub_id")
         if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id)):
             raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {hub_id!r})")
+        if any(m.ref.spec == ref.spec for m in models) or (base is not None and base.spec == ref.spec):
+            raise RecipeError(f"{where}.model: {ref.spec!r} is named twice in the recipe (each model once)")
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
 
     params_raw = data.get("parameters") or {}
