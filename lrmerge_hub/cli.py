@@ -69,6 +69,33 @@ def resolve_sources(recipe, *, dry_run: bool = False):
     return local_sources(recipe)
 
 
+# --- synth ---
+
+
+@main.command("synth")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--hidden", default=64, show_default=True, help="Hidden size (head_dim is hidden/heads).")
+@click.option("--layers", default=2, show_default=True)
+@click.option("--heads", default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option("--extend-language-vocab", default=8, show_default=True,
+              help="Extra vocabulary rows the language model adds, as continually pre-trained models often do.")
+@click.option("--seed", default=0, show_default=True)
+@FORMAT_OPTION
+@user_errors
+def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
+              seed: int, fmt: str) -> None:
+    """Create tiny random base/language/task checkpoints in OUT_DIR (offline demos and tests)."""
+    from pathlib import Path
+
+    from .synth import make_family
+
+    paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
+                        dtype=dtype, extend_language_vocab=extend_language_vocab, seed=seed)
+    emit(fmt, {k: str(v) for k, v in paths.items()},
+         lambda: click.echo("wrote " + ", ".join(str(p) for p in paths.values())))
+
+
 # --- merge ---
 
 
@@ -103,10 +130,18 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
     emit(fmt, report, lambda: print_merge_summary(report))
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 def print_merge_summary(report: dict) -> None:
     if report.get("dry_run"):
         click.echo(f"plan: {report['method']} of {report['tensors']} tensors, {report['parameters']:,} parameters, "
-                   f"read {report['bytes_to_read'] / 1e9:.2f} GB, write {report['bytes_to_write'] / 1e9:.2f} GB "
+                   f"read {human_bytes(report['bytes_to_read'])}, write {human_bytes(report['bytes_to_write'])} "
                    f"({report['output_dtype']}), tokenizer from {report['tokenizer_source']}")
         click.echo(f"output: {report['output']} (nothing written: dry run)")
         return
@@ -118,5 +153,5 @@ def print_merge_summary(report: dict) -> None:
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
     click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
-               f"{s['bytes_read'] / 1e9:.2f} GB, wrote {s['bytes_written'] / 1e9:.2f} GB in {s['seconds']:.1f} s, "
-               f"peak memory {s['peak_rss_bytes'] / 1e9:.2f} GB")
+               f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
+               f"peak memory {human_bytes(s['peak_rss_bytes'])}")
