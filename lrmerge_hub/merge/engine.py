@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import InputModelError, OutputError
 from ..recipe import Recipe
+from .kernels import FAST_PATHS, NonFiniteInput
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import TORCH_DTYPES, SafetensorsModel, ShardedWriter
@@ -93,6 +94,21 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
     rows = job.shared_rows
     raw = {k: readers[k].get(job.name) for k in keys}
     sliced = {k: (t[:rows] if rows is not None else t) for k, t in raw.items()}
+    fast = FAST_PATHS.get(method.name) if device.type == "cpu" and BASE in sliced else None
+    if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
+        out_dtype = TORCH_DTYPES[job.out_dtype]
+        labels = [BASE] + [k for k in keys if k != BASE]
+        try:
+            merged, kept, agreed = fast(sliced[BASE], [sliced[k] for k in labels[1:]], model_params,
+                                        params, out_dtype, check_finite=True)
+        except NonFiniteInput as e:
+            raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
+        if retention is not None:
+            retention.add(merged.numel(), kept, agreed)
+        if job.extra_rows_from is not None:
+            extra = to_compute(raw[job.extra_rows_from][rows:], device, job.name, job.extra_rows_from)
+            merged = torch.cat([merged, extra.to(out_dtype)])
+        return merged
     base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
     models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
     merged, stats = method.fn(base, models, model_params, params)
@@ -213,6 +229,8 @@ def merge(
                     out = readers[plan.reference].get(job.name)
                 writer.write(job.name, out)
                 del out
+                for k in keys:  # its input pages leave our resident set (st_io.release)
+                    readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
                 if on_tensor:
                     on_tensor(job.name)

@@ -129,6 +129,20 @@ def _sum_chunks(local):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
+def _count_nonfinite(a):
+    """How many entries of a bfloat16 (uint16 bits) or float32 input are NaN or Inf."""
+    n = a.shape[0]
+    counts = np.zeros(CHUNKS, dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        s = 0
+        for j in range(lo, hi):
+            s += (_float_bits(_load(a, j)) & 0x7F800000) == 0x7F800000
+        counts[c] = s
+    return counts.sum()
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _hist_high(xs, base, active):
     """Per model, the histogram of the top 16 bits of |x_i - base| (float32 bits)."""
     m, n = len(xs), base.shape[0]
@@ -287,6 +301,14 @@ def _kernel_inputs(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
     return _as_numpy(cont[0]), tuple(_as_numpy(t) for t in cont[1:]), cont
 
 
+class NonFiniteInput(ValueError):
+    """An input holds NaN or Inf; `which` is -1 for the base, else the model's index."""
+
+    def __init__(self, which: int):
+        super().__init__(f"input {which} contains NaN or Inf")
+        self.which = which
+
+
 def fused_ties(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -296,18 +318,28 @@ def fused_ties(
     lam: float,
     normalize: bool,
     out_dtype: torch.dtype = torch.float32,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, list[int], list[int]]:
     """ties / slack_ties of one tensor on CPU: (merged tensor in out_dtype, kept, agreed).
 
     Inputs: the base and one tensor per model, same shape, on CPU, bfloat16 or float32
     (other dtypes are converted). Results equal methods.ties_family's to float rounding
     (computed in float32); kept/agreed have the meaning of methods.MergeStats.
+    With check_finite, a NaN or Inf in any input raises NonFiniteInput.
     """
     n = base.numel()
     if n < MIN_FAST_NUMEL or base.device.type != "cpu":
+        if check_finite:
+            for which, t in enumerate((base, *tensors)):
+                if not torch.isfinite(t).all():
+                    raise NonFiniteInput(which - 1)
         return _reference(base, tensors, weights, densities, slacks, lam, normalize, out_dtype)
     m = len(tensors)
     b, xs, keep_alive = _kernel_inputs(base, tensors)
+    if check_finite:
+        for which, a in enumerate((b, *xs)):
+            if _count_nonfinite(a):
+                raise NonFiniteInput(which - 1)
     ks = [trim_count(n, d) for d in densities]
     active = np.array([k < n for k in ks], dtype=np.bool_)
     threshold = np.full(m, -1, dtype=np.int64)  # -1: every entry is above it (no trim)
@@ -361,18 +393,19 @@ def _reference(base, tensors, weights, densities, slacks, lam, normalize, out_dt
 
 
 def _fast_path(slack: bool) -> Callable:
-    def run(base, tensors, model_params, params, out_dtype=torch.float32):
+    def run(base, tensors, model_params, params, out_dtype=torch.float32, check_finite=False):
         return fused_ties(
             base, tensors,
             [float(p["weight"]) for p in model_params],
             [float(p["density"]) for p in model_params],
             [float(p.get("slack", 0.0)) if slack else 0.0 for p in model_params],
-            float(params["lambda"]), bool(params["normalize"]), out_dtype,
+            float(params["lambda"]), bool(params["normalize"]), out_dtype, check_finite,
         )
 
     return run
 
 
-# method name -> fn(base, tensors, model_params, params, out_dtype) -> (tensor, kept, agreed);
+# method name -> fn(base, tensors, model_params, params, out_dtype, check_finite)
+#   -> (tensor in out_dtype, kept, agreed);
 # the engine uses these on CPU instead of the reference in methods.METHODS.
 FAST_PATHS: dict[str, Callable] = {"ties": _fast_path(False), "slack_ties": _fast_path(True)}

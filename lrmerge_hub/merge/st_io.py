@@ -155,6 +155,18 @@ class SafetensorsModel:
             flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[st.spec.dtype], count=count, offset=st.start)
         return flat.view(st.spec.shape)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident set once it is merged: the
+        mapped file pages otherwise count as resident until the shard is closed, so peak
+        RSS would grow to the size of every input. The OS page cache keeps them."""
+        st = self.tensors.get(name)
+        mm = self._maps.get(st.file) if st else None
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = st.start - st.start % mmap.PAGESIZE
+        if st.end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, st.end - start)
+
     def close(self) -> None:
         self._maps.clear()  # mappings close when no tensor views them any more
 

@@ -1,0 +1,366 @@
+"""Benchmark: lrmerge-hub's TIES merge against mergekit's, on synthetic Llama-shaped checkpoints.
+
+    python bench/merge_bench.py                    # ~0.5B bf16: ours vs mergekit, 3 rounds
+    python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
+
+What it does, all on this machine, nothing downloaded but mergekit from the package index:
+1. synthesizes a (base, language, task) family of the chosen size with random weights, sharded
+   like Hub checkpoints, cached under bench/out/models/<shape>/;
+2. creates bench/.venv-mergekit with mergekit on first run (system torch is reused);
+3. measures the I/O floor: one process that reads every input byte and writes an output of
+   the merged model's size;
+4. runs, alternating and each as its own process, `python -m lrmerge_hub merge` (ties, and
+   slack_ties) and `mergekit-yaml` (ties, computing in float32 like ours), several rounds;
+   wall time, CPU time and peak RSS come from the OS for each child (wait4);
+5. compares the outputs tensor by tensor (max |ours - mergekit| / max |mergekit|), on the
+   benchmark's own size and on a small float32-input family where float rounding is the only
+   expected difference;
+6. prints a table and writes the numbers as JSON (bench/results.json by default).
+
+Page cache: inputs are read many times, so every run (ours, mergekit, the I/O floor) sees them
+cached; the floor is measured the same way, which is what makes the ratio to it meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+MERGEKIT_VERSION = "0.1.5"
+TORCH_PIN = "torch==2.13.0"  # the CPU build pip finds locally; never a multi-GB CUDA build
+
+sys.path.insert(0, str(REPO))
+
+
+# -- synthetic checkpoints ---------------------------------------------------------------------
+
+
+def family_key(a: argparse.Namespace, dtype: str, layers: int) -> str:
+    return f"h{a.hidden}-i{a.intermediate}-l{layers}-v{a.vocab}-{dtype}"
+
+
+def synthesize(root: Path, a: argparse.Namespace, dtype: str, layers: int) -> dict[str, Path]:
+    """Write base, language and task checkpoints (random, Llama-shaped, sharded) unless cached.
+
+    Every tensor is regenerated from a seed per (tensor, role), so no model is ever held in
+    memory: the base tensor, then base + a small random task vector for the other roles.
+    """
+    import torch
+
+    from lrmerge_hub.synth import DTYPE, llama_config, llama_shapes, make_tokenizer, write_checkpoint
+
+    paths = {role: root / role for role in ("base", "language", "task")}
+    if (root / "done").exists():
+        return paths
+    cfg = llama_config(hidden=a.hidden, intermediate=a.intermediate, layers=layers, heads=a.heads,
+                       kv_heads=a.heads, vocab=a.vocab, tie_embeddings=False, dtype=dtype)
+    shapes = list(llama_shapes(cfg))
+    scale = {"language": 0.03, "task": 0.02}
+
+    def tensors(role: str):
+        for idx, (name, shape) in enumerate(shapes):
+            g = torch.Generator().manual_seed(idx)
+            if name.endswith("norm.weight"):
+                t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            else:
+                t = torch.randn(shape, generator=g).mul_(shape[-1] ** -0.5)
+            if role != "base":
+                g.manual_seed(idx * 7 + (1 if role == "language" else 2) + 10**6)
+                t.add_(torch.randn(shape, generator=g).mul_(scale[role] * t.abs().mean()))
+            yield name, t.to(DTYPE[dtype])
+
+    for role, path in paths.items():
+        print(f"synthesizing {role} ({layers} layers, {dtype}) in {path}", flush=True)
+        make_tokenizer(path, chat_template=role == "task")
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_checkpoint(path, tensors(role), shard_bytes=a.shard_bytes)
+    (root / "done").write_text("ok\n")
+    return paths
+
+
+# -- the tools ---------------------------------------------------------------------------------
+
+
+def ensure_mergekit() -> Path:
+    """bench/.venv-mergekit with mergekit (system site-packages, so torch is not reinstalled)."""
+    venv = BENCH / ".venv-mergekit"
+    exe = venv / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        print(f"creating {venv} with mergekit {MERGEKIT_VERSION} (first run only)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                        f"mergekit=={MERGEKIT_VERSION}", TORCH_PIN], check=True)
+    return exe
+
+
+def write_recipes(work: Path, fam: dict[str, Path], density: float, out_dtype: str,
+                  mk_dtype: str) -> dict[str, Path]:
+    """Our recipe (ties and slack_ties) and mergekit's config for the same TIES merge."""
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for method in ("ties", "slack_ties"):
+        models = [{"model": str(fam["language"]), "role": "language", "weight": 1.0, "density": density},
+                  {"model": str(fam["task"]), "role": "task", "weight": 1.0, "density": density}]
+        if method == "slack_ties":
+            models[1]["slack"] = 0.5
+        recipe = {"method": method, "base": str(fam["base"]), "models": models,
+                  "parameters": {"lambda": 1.0, "normalize": True}, "languages": ["bo"],
+                  "license": "apache-2.0", "dtype": out_dtype, "output": str(work / "ours")}
+        files[method] = work / f"{method}.yaml"
+        files[method].write_text(yaml.safe_dump(recipe, sort_keys=False))
+    mk = {"merge_method": "ties", "base_model": str(fam["base"]),
+          "models": [{"model": str(fam[r]), "parameters": {"weight": 1.0, "density": density}}
+                     for r in ("language", "task")],
+          "parameters": {"normalize": True, "lambda": 1.0},
+          "dtype": mk_dtype, "out_dtype": out_dtype}
+    files["mergekit"] = work / "mergekit.yaml"
+    files["mergekit"].write_text(yaml.safe_dump(mk, sort_keys=False))
+    return files
+
+
+# Linux keeps a process's peak RSS across exec, and a child started by a big parent inherits
+# the parent's peak; so each command starts from this small launcher, whose own child is
+# measured with wait4.
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+start = time.perf_counter()
+proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+out = proc.stdout.read()
+_, status, ru = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+code = os.waitstatus_to_exitcode(status)
+if code:
+    sys.stderr.write(out.decode(errors="replace")[-4000:])
+print(json.dumps({"code": code, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+                  "peak_rss_bytes": ru.ru_maxrss * 1024}))
+"""
+
+
+def measure(cmd: list[str]) -> dict[str, float]:
+    """Run one child process; its wall time, CPU time (user + system) and peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(cmd)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode or not done.stdout.strip():
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    if res.pop("code"):
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return res
+
+
+def ours_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(out),
+            "--device", "cpu", "--overwrite", "--format", "quiet"]
+
+
+def mergekit_cmd(exe: Path, config: Path, out: Path) -> list[str]:
+    return [str(exe), str(config), str(out)]
+
+
+def io_floor_cmd(fam: dict[str, Path], out: Path) -> list[str]:
+    """A child that reads every input shard once and writes an output of the merged size."""
+    code = r"""
+import os, sys
+from pathlib import Path
+ins, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+out.mkdir(parents=True, exist_ok=True)
+for folder in ins:
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as src:
+            while src.readinto(buf):
+                pass
+base = ins[0]
+for f in sorted(base.glob("*.safetensors")):  # the output has the base's size
+    with open(f, "rb", buffering=0) as src, open(out / f.name, "wb", buffering=0) as dst:
+        while (n := src.readinto(buf)):
+            dst.write(view[:n])
+        os.fsync(dst.fileno())
+"""
+    return [sys.executable, "-c", code, str(fam["base"]), str(fam["language"]), str(fam["task"]), str(out)]
+
+
+# -- agreement ---------------------------------------------------------------------------------
+
+
+def agreement(ours: Path, theirs: Path) -> dict[str, float]:
+    """Per tensor max |a - b| / max |b|, worst over tensors; and the fraction of entries
+    that differ at all."""
+    import torch
+
+    from lrmerge_hub.merge.st_io import SafetensorsModel
+
+    a, b = SafetensorsModel(ours, "ours"), SafetensorsModel(theirs, "mergekit")
+    worst, worst_name, differing, total = 0.0, "", 0, 0
+    for name in a.tensors:
+        x, y = a.get(name).float(), b.get(name).float()
+        err = float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+        differing += int((x != y).sum())
+        total += x.numel()
+        if err > worst:
+            worst, worst_name = err, name
+    return {"max_rel_error": worst, "worst_tensor": worst_name,
+            "differing_fraction": differing / total, "tensors": len(a.tensors)}
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
+    key = family_key(a, a.dtype, layers)
+    fam = synthesize(BENCH / "out" / "models" / key, a, a.dtype, layers)
+    work = BENCH / "out" / "runs" / key
+    recipes = write_recipes(work, fam, a.density, a.dtype, a.mergekit_dtype)
+    nbytes_in = sum(f.stat().st_size for p in fam.values() for f in p.glob("*.safetensors"))
+    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_slack_ties": []}
+    if mk_exe:
+        runs["mergekit_ties"] = []
+    # warm-up: fills the page cache and numba's on-disk cache of compiled kernels
+    measure(ours_cmd(recipes["ties"], work / "ours-ties"))
+    for r in range(a.rounds):
+        order = ["io_floor", "ours_ties", "mergekit_ties", "ours_slack_ties"]
+        if r % 2:
+            order.reverse()
+        for what in order:
+            if what not in runs:
+                continue
+            if what == "io_floor":
+                res = measure(io_floor_cmd(fam, work / "io-floor"))
+            elif what == "mergekit_ties":
+                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], work / "mergekit"))
+            else:
+                method = what.removeprefix("ours_")
+                res = measure(ours_cmd(recipes[method], work / f"ours-{method}"))
+            runs[what].append(res)
+            print(f"  round {r + 1} {what:16s} wall {res['wall_s']:7.2f} s  cpu {res['cpu_s']:7.2f} s  "
+                  f"rss {res['peak_rss_bytes'] / 1e9:6.2f} GB", flush=True)
+    report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
+    params = report["stats"]["parameters"]
+    result = {"layers": layers, "parameters": params, "dtype": a.dtype, "input_bytes": nbytes_in,
+              "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
+              "runs": runs, "median": {k: median_of(v) for k, v in runs.items()}}
+    if mk_exe:
+        result["agreement_bf16"] = agreement(work / "ours-ties", work / "mergekit")
+    return result
+
+
+def largest_tensor_bytes(folder: Path) -> int:
+    from lrmerge_hub.merge.st_io import SafetensorsModel
+
+    return max(st.spec.nbytes for st in SafetensorsModel(folder, "base").tensors.values())
+
+
+def float32_agreement(a: argparse.Namespace, mk_exe: Path) -> dict:
+    """Ours vs mergekit on a small float32-input family: only float rounding may differ."""
+    small = argparse.Namespace(**{**vars(a), "shard_bytes": 1 << 30})
+    key = family_key(small, "float32", a.exact_layers)
+    fam = synthesize(BENCH / "out" / "models" / key, small, "float32", a.exact_layers)
+    work = BENCH / "out" / "runs" / key
+    recipes = write_recipes(work, fam, a.density, "float32", "float32")
+    measure(ours_cmd(recipes["ties"], work / "ours-ties"))
+    measure(mergekit_cmd(mk_exe, recipes["mergekit"], work / "mergekit"))
+    return {"layers": a.exact_layers, **agreement(work / "ours-ties", work / "mergekit")}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_avg_at_start": os.getloadavg()}
+
+
+def table(result: dict) -> str:
+    med = result["median"]
+    floor = med["io_floor"]["wall_s"]
+    mk = med.get("mergekit_ties")
+    rows = ["| run | wall s | CPU s | peak RSS GB | wall / mergekit | RSS / mergekit | wall / I/O floor |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("mergekit_ties", "ours_ties", "ours_slack_ties", "io_floor"):
+        if name not in med:
+            continue
+        m = med[name]
+        ratio = (f"{m['wall_s'] / mk['wall_s']:.3f}" if mk else "-")
+        rss = (f"{m['peak_rss_bytes'] / mk['peak_rss_bytes']:.3f}" if mk else "-")
+        rows.append(f"| {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                    f"{ratio} | {rss} | {m['wall_s'] / floor:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, nargs="+", default=[8],
+                   help="one or more sizes by layer count (8: ~0.54B, 24: ~1.4B; "
+                        "--hidden 4096 --intermediate 11008 --heads 32 --layers 32: Llama-2-7B shapes)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shard-bytes", type=int, default=1 << 30, help="input shard size (Hub-like)")
+    p.add_argument("--mergekit-dtype", default="float32", help="mergekit's compute dtype (ours: float32)")
+    p.add_argument("--no-mergekit", action="store_true", help="measure ours and the I/O floor only")
+    p.add_argument("--mergekit-layers", type=int, nargs="*", default=None,
+                   help="sizes at which mergekit runs too (default: all)")
+    p.add_argument("--exact-layers", type=int, default=2,
+                   help="layers of the float32-input family for the exactness comparison (0: skip)")
+    p.add_argument("--json", type=Path, default=BENCH / "results.json")
+    a = p.parse_args()
+
+    mk_exe = None if a.no_mergekit else ensure_mergekit()
+    results = {"machine": machine(), "merge": {"method": "ties", "density": a.density, "weights": 1.0,
+                                                "normalize": True, "lambda": 1.0,
+                                                "mergekit": MERGEKIT_VERSION,
+                                                "mergekit_dtype": a.mergekit_dtype},
+               "sizes": []}
+    for layers in a.layers:
+        with_mk = mk_exe if (a.mergekit_layers is None or layers in a.mergekit_layers) else None
+        print(f"== {layers} layers ==", flush=True)
+        res = run_size(a, layers, with_mk)
+        results["sizes"].append(res)
+        print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
+              f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
+        print(table(res))
+        if "agreement_bf16" in res:
+            print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement_bf16']}")
+    if mk_exe and a.exact_layers:
+        results["agreement_float32"] = float32_agreement(a, mk_exe)
+        print(f"agreement with mergekit (float32 inputs): {results['agreement_float32']}")
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    a.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
