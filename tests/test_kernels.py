@@ -140,3 +140,17 @@ def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
     for name in a.tensors:
         torch.testing.assert_close(a.get(name), b.get(name), rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "fast" / "merge_report.json").read_text())["method"] == "slack_ties"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_radix_select_when_the_sample_bracket_misses(monkeypatch, dtype):
+    """The fallback selection (two histograms) gives the same results as the reference,
+    tied magnitudes at the cut included."""
+    monkeypatch.setattr(kernels, "_bracket", lambda xs, b, i, k, n: (0x7FFFFFFF, 0x7FFFFFFF, 0.0))
+    base, tensors = family(models=2, dtype=dtype, seed=9)
+    check(base, tensors, [1.0, 1.0], [0.2, 0.05], [0.0, 0.5])
+    g = torch.Generator().manual_seed(10)
+    levels = torch.tensor([0.25, 0.5, 1.0, 2.0])
+    tied = [levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g))
+            for _ in range(2)]
+    check(torch.zeros(N), tied, [1.0, 1.0], [0.2, 0.37], [0.0, 0.0])

@@ -1,26 +1,27 @@
 """Fused CPU kernels for ties and slack_ties: the same results as methods.ties_family, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
-float32 copies plus a selection (kthvalue) per model. Here one tensor costs three passes
-over the raw inputs (bfloat16 or float32, read in place, e.g. straight from a memory-mapped
-shard; no float32 copy of a whole tensor is ever made), all on every core:
+float32 copies plus a selection (kthvalue) per model. Here one tensor costs two passes over
+the raw inputs (bfloat16 or float32, read in place, e.g. straight from a memory-mapped
+shard; no float32 copy of a whole tensor is ever made), on every core:
 
-1. a histogram of the top 16 bits of |delta_i| per model (the bits of a non-negative float
-   order like the float), which locates the bin holding the k-th largest magnitude;
-2. a histogram of the low 16 bits of the entries in that bin: the exact k-th largest
-   magnitude, the count above it and the count equal to it ("radix select");
-3. trim, weight, elect, agree, disjoint mean, lambda and the cast to the output dtype,
-   fused in one loop that also counts kept and agreed entries.
+1. select: the k-th largest |delta_i| is bracketed from a random sample of 65536 entries;
+   one pass counts the entries above the bracket and collects (bits, index) of the few
+   inside it (and checks every input for NaN/Inf); the exact threshold is then selected
+   among those candidates. The bits of a non-negative float order like the float, so all
+   of this works on integers. When the sample misleads (the k-th value falls outside the
+   bracket, or too many entries fall inside), an exact radix select runs instead: a
+   histogram of the top 16 bits, then one of the low 16 bits within the chosen bin.
+2. merge: trim, weight, elect, agree, disjoint mean, lambda and the cast to the output
+   dtype, fused in one blocked loop that also counts kept and agreed entries.
 
 Ties at the threshold are kept in index order until exactly k entries survive, exactly as
-methods.trim_to_density does; when there are more tied entries than room, one extra
-counting pass tells each parallel chunk how many of its tied entries it may keep.
+methods.trim_to_density does: entries equal to the threshold are kept below an index limit.
 Every delta is computed as float32(x_i) - float32(base) and every later step in float32 in
 the reference's order, so float32 results match the reference to float rounding and the
 counts match exactly.
 
-Small tensors (norms, biases) go to the reference: histograms of 65536 bins would cost
-more than they save there.
+Small tensors (norms, biases) go to the reference: the fixed costs would outweigh the gain.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ from numba.extending import intrinsic, overload
 from .methods import ties_family, trim_count
 
 BINS = 1 << 16
+# entries sampled to bracket the threshold, and the bracket's half-width in standard
+# deviations of the sample's rank (a miss only costs the exact fallback)
+SAMPLE = 1 << 16
+SIGMAS = 5.0
+# brackets narrower than this many float bit patterns select by counting
+COUNTING_RANGE = 1 << 22
 # below this many entries the reference is as fast and certainly exact
 MIN_FAST_NUMEL = 1 << 18
 # parallel chunks per tensor: more than the cores, so a busy core does not stall the rest
@@ -128,18 +135,74 @@ def _sum_chunks(local):
     return total
 
 
+@numba.njit(cache=True, nogil=True)
+def _sample_bits(x, base, idx):
+    """|delta| bits at the sampled positions."""
+    out = np.empty(idx.shape[0], dtype=np.int64)
+    for s in range(idx.shape[0]):
+        j = idx[s]
+        out[s] = _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
+    return out
+
+
+# Inner loops are separate functions over plain arrays: indexing the tuple of inputs with a
+# loop variable inside the loop keeps the compiler from vectorizing it (5x slower).
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_nonfinite(x, s, e):
+    count = 0
+    for j in range(s, e):
+        count += (_float_bits(_load(x, j)) & 0x7F800000) == 0x7F800000
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_block(x, base, s, e, t_lo, t_hi, bits, idx, count_in):
+    """Over [s, e): count NaN/Inf entries of x and |delta| bits above t_hi; append those
+    within [t_lo, t_hi] to (bits, idx) from position count_in while capacity lasts.
+    Returns (nonfinite, above, count_in)."""
+    cap = bits.shape[0]
+    nonfinite = 0
+    count_above = 0
+    for j in range(s, e):
+        v = _load(x, j)
+        nonfinite += (_float_bits(v) & 0x7F800000) == 0x7F800000
+        u = _float_bits(v - _load(base, j)) & 0x7FFFFFFF
+        count_above += u > t_hi
+        if (u >= t_lo) & (u <= t_hi):
+            if count_in < cap:
+                bits[count_in] = u
+                idx[count_in] = j
+            count_in += 1
+    return nonfinite, count_above, count_in
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _count_nonfinite(a):
-    """How many entries of a bfloat16 (uint16 bits) or float32 input are NaN or Inf."""
-    n = a.shape[0]
-    counts = np.zeros(CHUNKS, dtype=np.int64)
+def _bracket_pass(xs, base, active, lo_bits, hi_bits, cand_bits, cand_idx):
+    """One pass over every input. Per chunk and model: how many |delta| bits exceed
+    hi_bits[i], and the (bits, index) of those within [lo_bits[i], hi_bits[i]] written to
+    cand_*[chunk, i] (counted beyond capacity, so the caller sees an overflow). Also counts
+    NaN/Inf entries of the base (column 0) and of each model (column i + 1)."""
+    m, n = len(xs), base.shape[0]
+    above = np.zeros((CHUNKS, m), dtype=np.int64)
+    found = np.zeros((CHUNKS, m), dtype=np.int64)
+    bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
-        s = 0
-        for j in range(lo, hi):
-            s += (_float_bits(_load(a, j)) & 0x7F800000) == 0x7F800000
-        counts[c] = s
-    return counts.sum()
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bad[c, 0] += _count_nonfinite(base, s, e)
+            for i in range(m):
+                if active[i]:
+                    nonfinite, count_above, found[c, i] = _scan_block(
+                        xs[i], base, s, e, lo_bits[i], hi_bits[i], cand_bits[c, i], cand_idx[c, i],
+                        found[c, i])
+                    above[c, i] += count_above
+                    bad[c, i + 1] += nonfinite
+                else:
+                    bad[c, i + 1] += _count_nonfinite(xs[i], s, e)
+    return above, found, bad
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -181,84 +244,81 @@ def _hist_low(xs, base, active, high_bin):
     return _sum_chunks(local)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _count_ties(xs, base, threshold):
-    """Per chunk and model, how many entries have |delta| bits equal to the threshold."""
-    m, n = len(xs), base.shape[0]
-    counts = np.zeros((CHUNKS, m), dtype=np.int64)
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for i in range(m):
-            x = xs[i]
-            t = threshold[i]
-            s = 0
-            for j in range(lo, hi):
-                s += (_float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF) == t
-            counts[c, i] = s
-    return counts
+@numba.njit(cache=True, nogil=True)
+def _trim_block(x, base, s, e, t, lim, w, v, row, total, first):
+    """row = w * trimmed delta over [s, e); total (=, or += unless first) row * vote.
+    Returns how many entries of row are nonzero (kept)."""
+    zero = np.float32(0.0)
+    count = 0
+    for j in range(s, e):
+        d = _load(x, j) - _load(base, j)
+        u = _float_bits(d) & 0x7FFFFFFF
+        wd = d * w if (u > t) | ((u == t) & (j < lim)) else zero
+        row[j - s] = wd
+        count += wd != zero
+        if first:
+            total[j - s] = wd * v
+        else:
+            total[j - s] += wd * v
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _agree_block(row, total, w, merged, divisor, size, first):
+    """Add the entries of row whose sign agrees with sign(total) (>= 0 is +) to merged, and
+    w to divisor there (=, unless first: +=). Returns how many agreed."""
+    zero = np.float32(0.0)
+    count = 0
+    for j in range(size):
+        wd = row[j]
+        agree = (wd != zero) & ((wd > zero) == (total[j] >= zero))
+        if first:
+            merged[j] = wd if agree else zero
+            divisor[j] = w if agree else zero
+        else:
+            merged[j] += wd if agree else zero
+            divisor[j] += w if agree else zero
+        count += agree
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _write_block(base, out, s, e, merged, divisor, lam, normalize):
+    """out = base + lam * merged (divided by the agreeing weights, 0 counting as 1)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for j in range(s, e):
+        m = merged[j - s]
+        if normalize:
+            dv = divisor[j - s]
+            m = m / (dv if dv != zero else one)
+        _store(out, j, _load(base, j) + lam * m)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
     """Trim (keep |delta| bits > threshold[i], and bits == threshold[i] at indices below
-    limit[chunk, i]), weight, elect with votes, disjoint-merge and write base + lam * merged.
+    limit[i]), weight, elect with votes, disjoint-merge and write base + lam * merged.
     Returns per-chunk kept and agreed counts, each (CHUNKS, m).
 
-    Works on blocks of BLOCK entries, model by model, so that every inner loop is a
-    branch-free loop over contiguous memory that the compiler vectorizes."""
+    Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
+    every inner loop is a branch-free loop over contiguous memory."""
     m, n = len(xs), base.shape[0]
     kept = np.zeros((CHUNKS, m), dtype=np.int64)
     agreed = np.zeros((CHUNKS, m), dtype=np.int64)
-    zero = np.float32(0.0)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         rows = np.empty((m, BLOCK), dtype=np.float32)
-        b = np.empty(BLOCK, dtype=np.float32)
         total = np.empty(BLOCK, dtype=np.float32)
         merged = np.empty(BLOCK, dtype=np.float32)
         divisor = np.empty(BLOCK, dtype=np.float32)
         for s in range(lo, hi, BLOCK):
-            size = min(BLOCK, hi - s)
-            for j in range(size):
-                b[j] = _load(base, s + j)
+            e = min(s + BLOCK, hi)
             for i in range(m):
-                x, t, lim = xs[i], threshold[i], limit[c, i] - s
-                w, v = weights[i], votes[i]
-                row = rows[i]
-                count = 0
-                for j in range(size):
-                    d = _load(x, s + j) - b[j]
-                    u = _float_bits(d) & 0x7FFFFFFF
-                    wd = d * w if (u > t) | ((u == t) & (j < lim)) else zero
-                    row[j] = wd
-                    count += wd != zero
-                kept[c, i] += count
-                if i == 0:
-                    for j in range(size):
-                        total[j] = row[j] * v
-                else:
-                    for j in range(size):
-                        total[j] += row[j] * v
-            for j in range(size):
-                merged[j] = zero
-                divisor[j] = zero
+                kept[c, i] += _trim_block(xs[i], base, s, e, threshold[i], limit[i], weights[i],
+                                          votes[i], rows[i], total, i == 0)
             for i in range(m):
-                row, w = rows[i], weights[i]
-                count = 0
-                for j in range(size):
-                    wd = row[j]
-                    agree = (wd != zero) & ((wd > zero) == (total[j] >= zero))
-                    merged[j] += wd if agree else zero
-                    divisor[j] += w if agree else zero
-                    count += agree
-                agreed[c, i] += count
-            if normalize:
-                for j in range(size):
-                    dv = divisor[j] if divisor[j] != zero else np.float32(1.0)
-                    _store(out, s + j, b[j] + lam * (merged[j] / dv))
-            else:
-                for j in range(size):
-                    _store(out, s + j, b[j] + lam * merged[j])
+                agreed[c, i] += _agree_block(rows[i], total, weights[i], merged, divisor, e - s, i == 0)
+            _write_block(base, out, s, e, merged, divisor, lam, normalize)
     return kept, agreed
 
 
@@ -309,6 +369,75 @@ class NonFiniteInput(ValueError):
         self.which = which
 
 
+_SAMPLES: dict[int, np.ndarray] = {}
+
+
+def _sample_index(n: int) -> np.ndarray:
+    """SAMPLE sorted positions in [0, n), the same for every tensor of that size."""
+    if n not in _SAMPLES:
+        _SAMPLES[n] = np.sort(np.random.default_rng(n).integers(0, n, SAMPLE))
+    return _SAMPLES[n]
+
+
+def _bracket(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[int, int, float]:
+    """From a sample of |delta_i| bits: bounds that hold the k-th largest with near
+    certainty, and the fraction of the sample between them (tied values included)."""
+    bits = np.sort(_sample_bits(xs[i], b, _sample_index(n)))[::-1]  # descending
+    p = k / n
+    rank = p * SAMPLE
+    margin = SIGMAS * math.sqrt(SAMPLE * p * (1 - p)) + 8
+    top, bottom = int(rank - margin), int(math.ceil(rank + margin))
+    hi = int(bits[top]) if top >= 0 else 0x7FFFFFFF
+    lo = int(bits[bottom]) if bottom < SAMPLE else 0
+    return lo, hi, float(np.count_nonzero((bits >= lo) & (bits <= hi))) / SAMPLE
+
+
+@numba.njit(cache=True, nogil=True)
+def _kth_largest_in_range(bits, room, lo, hi):
+    """The room-th largest of bits, all within [lo, hi], by counting: candidates are often
+    heavily tied (bfloat16 deltas take few values), which makes partitioning slow."""
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    for j in range(bits.shape[0]):
+        counts[bits[j] - lo] += 1
+    for v in range(hi - lo, -1, -1):
+        room -= counts[v]
+        if room <= 0:
+            return lo + v
+    return lo
+
+
+def _select_from_candidates(bits: np.ndarray, idx: np.ndarray, above: int, k: int,
+                            n: int, lo: int, hi: int) -> tuple[int, int] | None:
+    """(threshold bits, tie index limit) from the candidates (all within [lo, hi], in index
+    order), or None when the k-th largest is not among them."""
+    room = k - above
+    if room < 1 or room > bits.shape[0]:
+        return None
+    if hi - lo < COUNTING_RANGE:
+        t = int(_kth_largest_in_range(bits, room, lo, hi))
+    else:
+        t = int(np.partition(bits, bits.shape[0] - room)[bits.shape[0] - room])
+    room -= int(np.count_nonzero(bits > t))
+    at_t = idx[bits == t]
+    return t, (int(at_t[room - 1]) + 1 if room < at_t.shape[0] else n)
+
+
+def _exact_select(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[int, int]:
+    """(threshold bits, tie index limit) by radix select: two histograms and, when the
+    threshold is shared by more entries than there is room for, a scan for the limit."""
+    active = np.zeros(len(xs), dtype=np.bool_)
+    active[i] = True
+    high_bin, above = _top_bin(_hist_high(xs, b, active)[i], k)
+    bins = np.zeros(len(xs), dtype=np.int64)
+    bins[i] = high_bin
+    low = _hist_low(xs, b, active, bins)[i]
+    low_bin, above_low = _top_bin(low, k - above)
+    t = (high_bin << 16) | low_bin
+    room = k - above - above_low
+    limit = n if int(low[low_bin]) <= room else _tie_limit(xs[i], b, t, 0, n, room)
+    return t, limit
+
+
 def fused_ties(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -336,41 +465,32 @@ def fused_ties(
         return _reference(base, tensors, weights, densities, slacks, lam, normalize, out_dtype)
     m = len(tensors)
     b, xs, keep_alive = _kernel_inputs(base, tensors)
-    if check_finite:
-        for which, a in enumerate((b, *xs)):
-            if _count_nonfinite(a):
-                raise NonFiniteInput(which - 1)
     ks = [trim_count(n, d) for d in densities]
     active = np.array([k < n for k in ks], dtype=np.bool_)
     threshold = np.full(m, -1, dtype=np.int64)  # -1: every entry is above it (no trim)
-    above = [0] * m
-    ties_at = [0] * m
-    if active.any():
-        high = _hist_high(xs, b, active)
-        high_bin = np.zeros(m, dtype=np.int64)
-        for i in np.flatnonzero(active):
-            high_bin[i], above[i] = _top_bin(high[i], ks[i])
-        low = _hist_low(xs, b, active, high_bin)
-        for i in np.flatnonzero(active):
-            low_bin, above_low = _top_bin(low[i], ks[i] - above[i])
-            threshold[i] = (high_bin[i] << 16) | low_bin
-            above[i] += above_low
-            ties_at[i] = int(low[i][low_bin])
-    # entries equal to the threshold are kept below limit[chunk, i] (all of them unless
-    # there are more than room for: then the first ones in index order)
-    limit = np.full((CHUNKS, m), n, dtype=np.int64)
-    crowded = [i for i in range(m) if active[i] and ties_at[i] > ks[i] - above[i]]
-    if crowded:
-        per_chunk = _count_ties(xs, b, threshold)
-        for i in crowded:
-            room = ks[i] - above[i]
-            for c in range(CHUNKS):
-                lo, hi = n * c // CHUNKS, n * (c + 1) // CHUNKS
-                if room <= 0:
-                    limit[c, i] = lo
-                elif room < per_chunk[c, i]:
-                    limit[c, i] = _tie_limit(xs[i], b, threshold[i], lo, hi, room)
-                room -= per_chunk[c, i]
+    limit = np.full(m, n, dtype=np.int64)  # entries equal to the threshold kept below this
+    lo_bits = np.zeros(m, dtype=np.int64)
+    hi_bits = np.zeros(m, dtype=np.int64)
+    expected = 0.0
+    for i in np.flatnonzero(active):
+        lo_bits[i], hi_bits[i], frac = _bracket(xs, b, i, ks[i], n)
+        expected = max(expected, frac)
+    # per-chunk room for candidates: twice the sample's estimate
+    cap = int(expected * n * 2 / CHUNKS) + 1024 if active.any() else 0
+    cand_bits = np.empty((CHUNKS, m, cap), dtype=np.int32)
+    cand_idx = np.empty((CHUNKS, m, cap), dtype=np.int64)
+    above, found, bad = _bracket_pass(xs, b, active, lo_bits, hi_bits, cand_bits, cand_idx)
+    if check_finite and bad.any():
+        raise NonFiniteInput(int(np.flatnonzero(bad.sum(0))[0]) - 1)
+    for i in np.flatnonzero(active):
+        picked = None
+        if (found[:, i] <= cap).all():
+            picked = _select_from_candidates(
+                np.concatenate([cand_bits[c, i, :found[c, i]] for c in range(CHUNKS)]),
+                np.concatenate([cand_idx[c, i, :found[c, i]] for c in range(CHUNKS)]),
+                int(above[:, i].sum()), ks[i], n, int(lo_bits[i]), int(hi_bits[i]))
+        threshold[i], limit[i] = picked if picked is not None else _exact_select(xs, b, i, ks[i], n)
+    del cand_bits, cand_idx
     use_bf16 = out_dtype == torch.bfloat16
     out = np.empty(n, dtype=np.uint16 if use_bf16 else np.float32)
     kept, agreed = _merge(
