@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,7 +147,7 @@ def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
 def test_exact_radix_select_when_the_sample_bracket_misses(monkeypatch, dtype):
     """The fallback selection (two histograms) gives the same results as the reference,
     tied magnitudes at the cut included."""
-    monkeypatch.setattr(kernels, "_bracket", lambda xs, b, i, k, n: (0x7FFFFFFF, 0x7FFFFFFF, 0.0))
+    monkeypatch.setattr(kernels, "_bracket", lambda xs, b, i, k, n: (np.full(kernels.QS, 0x7FFFFFFF, dtype=np.int32), 0x7FFFFFFF))
     base, tensors = family(models=2, dtype=dtype, seed=9)
     check(base, tensors, [1.0, 1.0], [0.2, 0.05], [0.0, 0.5])
     g = torch.Generator().manual_seed(10)

@@ -27,6 +27,7 @@ Small tensors (norms, biases) go to the reference: the fixed costs would outweig
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import numba
@@ -38,11 +39,19 @@ from numba.extending import intrinsic, overload
 
 from .methods import ties_family, trim_count
 
+# numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
+# 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for
+# the same merge). The kernels are only ever called from one Python thread at a time.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
 BINS = 1 << 16
 # entries sampled to bracket the threshold, and the bracket's half-width in standard
 # deviations of the sample's rank (a miss only costs the exact fallback)
 SAMPLE = 1 << 16
 SIGMAS = 5.0
+# thresholds inside the bracket counted in the same pass, narrowing it this many fold
+QS = 16
 # brackets narrower than this many float bit patterns select by counting
 COUNTING_RANGE = 1 << 22
 # below this many entries the reference is as fast and certainly exact
@@ -158,51 +167,75 @@ def _count_nonfinite(x, s, e):
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_block(x, base, s, e, t_lo, t_hi, bits, idx, count_in):
-    """Over [s, e): count NaN/Inf entries of x and |delta| bits above t_hi; append those
-    within [t_lo, t_hi] to (bits, idx) from position count_in while capacity lasts.
-    Returns (nonfinite, above, count_in)."""
-    cap = bits.shape[0]
+def _count_block(x, base, s, e, qs, t_hi, u, counts):
+    """Over [s, e): add to counts[q] the entries whose |delta| bits are >= qs[q]; return
+    (NaN/Inf entries of x, entries above t_hi). Branch-free loops over a block buffer, so
+    they vectorize: well under a nanosecond per entry."""
+    size = e - s
     nonfinite = 0
     count_above = 0
-    for j in range(s, e):
-        v = _load(x, j)
+    for j in range(size):
+        v = _load(x, s + j)
         nonfinite += (_float_bits(v) & 0x7F800000) == 0x7F800000
-        u = _float_bits(v - _load(base, j)) & 0x7FFFFFFF
-        count_above += u > t_hi
-        if (u >= t_lo) & (u <= t_hi):
-            if count_in < cap:
-                bits[count_in] = u
-                idx[count_in] = j
-            count_in += 1
-    return nonfinite, count_above, count_in
+        bits = _float_bits(v - _load(base, s + j)) & 0x7FFFFFFF
+        u[j] = bits
+        count_above += bits > t_hi
+    for q in range(qs.shape[0]):
+        t = qs[q]
+        count = 0
+        for j in range(size):
+            count += u[j] >= t
+        counts[q] += count
+    return nonfinite, count_above
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _bracket_pass(xs, base, active, lo_bits, hi_bits, cand_bits, cand_idx):
-    """One pass over every input. Per chunk and model: how many |delta| bits exceed
-    hi_bits[i], and the (bits, index) of those within [lo_bits[i], hi_bits[i]] written to
-    cand_*[chunk, i] (counted beyond capacity, so the caller sees an overflow). Also counts
-    NaN/Inf entries of the base (column 0) and of each model (column i + 1)."""
+def _count_pass(xs, base, active, qs, hi_bits):
+    """One pass over every input. Per chunk and model: how many |delta| bits are >= each
+    qs[i, q] (ascending thresholds inside the bracket) and how many exceed hi_bits[i]; and
+    the NaN/Inf entries of the base (column 0) and of each model (column i + 1)."""
     m, n = len(xs), base.shape[0]
+    at_least = np.zeros((CHUNKS, m, qs.shape[1]), dtype=np.int64)
     above = np.zeros((CHUNKS, m), dtype=np.int64)
-    found = np.zeros((CHUNKS, m), dtype=np.int64)
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        u = np.empty(BLOCK, dtype=np.int32)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             bad[c, 0] += _count_nonfinite(base, s, e)
             for i in range(m):
                 if active[i]:
-                    nonfinite, count_above, found[c, i] = _scan_block(
-                        xs[i], base, s, e, lo_bits[i], hi_bits[i], cand_bits[c, i], cand_idx[c, i],
-                        found[c, i])
+                    nonfinite, count_above = _count_block(xs[i], base, s, e, qs[i], hi_bits[i], u,
+                                                          at_least[c, i])
                     above[c, i] += count_above
                     bad[c, i + 1] += nonfinite
                 else:
                     bad[c, i + 1] += _count_nonfinite(xs[i], s, e)
-    return above, found, bad
+    return at_least, above, bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _collect_range(x, base, s, e, t_lo, t_hi, bits, idx, pos):
+    """Write (bits, index) of the entries of [s, e) with |delta| bits in [t_lo, t_hi] from
+    position pos on; return the next position."""
+    for j in range(s, e):
+        u = _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
+        if (u >= t_lo) & (u <= t_hi):
+            bits[pos] = u
+            idx[pos] = j
+            pos += 1
+    return pos
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _collect(x, base, t_lo, t_hi, offsets, bits, idx):
+    """The candidates of one model in index order; chunk c writes from offsets[c] (the
+    counts of the pass before tell exactly how many each chunk holds)."""
+    n = base.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        _collect_range(x, base, lo, hi, t_lo, t_hi, bits, idx, offsets[c])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -379,17 +412,32 @@ def _sample_index(n: int) -> np.ndarray:
     return _SAMPLES[n]
 
 
-def _bracket(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[int, int, float]:
-    """From a sample of |delta_i| bits: bounds that hold the k-th largest with near
-    certainty, and the fraction of the sample between them (tied values included)."""
+def _bracket(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[np.ndarray, int]:
+    """From a sample of |delta_i| bits: a bracket [qs[0], hi] that holds the k-th largest
+    with near certainty, and QS ascending thresholds qs splitting it by sample quantiles, so
+    that one counting pass narrows the bracket QS-fold."""
     bits = np.sort(_sample_bits(xs[i], b, _sample_index(n)))[::-1]  # descending
     p = k / n
     rank = p * SAMPLE
     margin = SIGMAS * math.sqrt(SAMPLE * p * (1 - p)) + 8
     top, bottom = int(rank - margin), int(math.ceil(rank + margin))
     hi = int(bits[top]) if top >= 0 else 0x7FFFFFFF
-    lo = int(bits[bottom]) if bottom < SAMPLE else 0
-    return lo, hi, float(np.count_nonzero((bits >= lo) & (bits <= hi))) / SAMPLE
+    ranks = np.linspace(min(bottom, SAMPLE), max(top, 0), QS, endpoint=False).astype(np.int64)
+    qs = np.array([int(bits[r]) if r < SAMPLE else 0 for r in ranks], dtype=np.int32)
+    return qs, hi
+
+
+def _narrow(qs: np.ndarray, hi: int, at_least: np.ndarray, above: np.ndarray,
+            k: int) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """The sub-bracket [lo, hi] holding the k-th largest, with per-chunk counts of entries
+    above it and inside it; None when the k-th largest lies outside the whole bracket."""
+    total = at_least.sum(0)
+    if int(above.sum()) >= k or int(total[0]) < k:
+        return None
+    q = int(np.flatnonzero(total >= k)[-1])
+    if q == qs.shape[0] - 1:
+        return int(qs[q]), hi, above, at_least[:, q] - above
+    return int(qs[q]), int(qs[q + 1]) - 1, at_least[:, q + 1], at_least[:, q] - at_least[:, q + 1]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -406,20 +454,34 @@ def _kth_largest_in_range(bits, room, lo, hi):
     return lo
 
 
-def _select_from_candidates(bits: np.ndarray, idx: np.ndarray, above: int, k: int,
-                            n: int, lo: int, hi: int) -> tuple[int, int] | None:
-    """(threshold bits, tie index limit) from the candidates (all within [lo, hi], in index
-    order), or None when the k-th largest is not among them."""
-    room = k - above
-    if room < 1 or room > bits.shape[0]:
+def _select(x: np.ndarray, b: np.ndarray, lo: int, hi: int, above: np.ndarray,
+            inside: np.ndarray, k: int) -> tuple[int, int] | None:
+    """(threshold bits, tie index limit) given per-chunk counts of entries above and within
+    the bracket [lo, hi]; None when the k-th largest lies outside it."""
+    n = b.shape[0]
+    room = k - int(above.sum())
+    if room < 1 or room > int(inside.sum()):
         return None
-    if hi - lo < COUNTING_RANGE:
-        t = int(_kth_largest_in_range(bits, room, lo, hi))
+    if lo == hi:  # every candidate is tied at the threshold: find where the room runs out
+        t, at_t = lo, inside
     else:
-        t = int(np.partition(bits, bits.shape[0] - room)[bits.shape[0] - room])
-    room -= int(np.count_nonzero(bits > t))
-    at_t = idx[bits == t]
-    return t, (int(at_t[room - 1]) + 1 if room < at_t.shape[0] else n)
+        offsets = np.concatenate([[0], np.cumsum(inside)])
+        bits = np.empty(int(offsets[-1]), dtype=np.int32)
+        idx = np.empty(int(offsets[-1]), dtype=np.int64)
+        _collect(x, b, lo, hi, offsets[:-1].copy(), bits, idx)
+        if hi - lo < COUNTING_RANGE:
+            t = int(_kth_largest_in_range(bits, room, lo, hi))
+        else:
+            t = int(np.partition(bits, bits.shape[0] - room)[bits.shape[0] - room])
+        room -= int(np.count_nonzero(bits > t))
+        tied = idx[bits == t]
+        return t, (int(tied[room - 1]) + 1 if room < tied.shape[0] else n)
+    if room == int(at_t.sum()):
+        return t, n
+    before = np.concatenate([[0], np.cumsum(at_t)])
+    c = int(np.searchsorted(before, room, side="left")) - 1  # chunk holding the room-th tie
+    lo_c, hi_c = n * c // CHUNKS, n * (c + 1) // CHUNKS
+    return t, int(_tie_limit(x, b, t, lo_c, hi_c, room - int(before[c])))
 
 
 def _exact_select(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[int, int]:
@@ -469,28 +531,17 @@ def fused_ties(
     active = np.array([k < n for k in ks], dtype=np.bool_)
     threshold = np.full(m, -1, dtype=np.int64)  # -1: every entry is above it (no trim)
     limit = np.full(m, n, dtype=np.int64)  # entries equal to the threshold kept below this
-    lo_bits = np.zeros(m, dtype=np.int64)
+    qs = np.zeros((m, QS), dtype=np.int32)
     hi_bits = np.zeros(m, dtype=np.int64)
-    expected = 0.0
     for i in np.flatnonzero(active):
-        lo_bits[i], hi_bits[i], frac = _bracket(xs, b, i, ks[i], n)
-        expected = max(expected, frac)
-    # per-chunk room for candidates: twice the sample's estimate
-    cap = int(expected * n * 2 / CHUNKS) + 1024 if active.any() else 0
-    cand_bits = np.empty((CHUNKS, m, cap), dtype=np.int32)
-    cand_idx = np.empty((CHUNKS, m, cap), dtype=np.int64)
-    above, found, bad = _bracket_pass(xs, b, active, lo_bits, hi_bits, cand_bits, cand_idx)
+        qs[i], hi_bits[i] = _bracket(xs, b, i, ks[i], n)
+    at_least, above, bad = _count_pass(xs, b, active, qs, hi_bits)
     if check_finite and bad.any():
         raise NonFiniteInput(int(np.flatnonzero(bad.sum(0))[0]) - 1)
     for i in np.flatnonzero(active):
-        picked = None
-        if (found[:, i] <= cap).all():
-            picked = _select_from_candidates(
-                np.concatenate([cand_bits[c, i, :found[c, i]] for c in range(CHUNKS)]),
-                np.concatenate([cand_idx[c, i, :found[c, i]] for c in range(CHUNKS)]),
-                int(above[:, i].sum()), ks[i], n, int(lo_bits[i]), int(hi_bits[i]))
+        narrowed = _narrow(qs[i], int(hi_bits[i]), at_least[:, i], above[:, i], ks[i])
+        picked = _select(xs[i], b, *narrowed, ks[i]) if narrowed else None
         threshold[i], limit[i] = picked if picked is not None else _exact_select(xs, b, i, ks[i], n)
-    del cand_bits, cand_idx
     use_bf16 = out_dtype == torch.bfloat16
     out = np.empty(n, dtype=np.uint16 if use_bf16 else np.float32)
     kept, agreed = _merge(
