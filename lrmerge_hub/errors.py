@@ -24,3 +24,8 @@ class IncompatibleModelsError(LrmergeError):
 
 class OutputError(LrmergeError):
     """The output path exists (without --overwrite) or lies inside an input folder."""
+
+
+class CardError(LrmergeError):
+    """The model card cannot be written: bad language code, license conflict, missing
+    merge report, or text that would leak a token or a local path."""
