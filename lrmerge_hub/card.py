@@ -445,7 +445,6 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "tokenizer_source": report.get("tokenizer_source"),
         "dtype": report.get("dtype"),
         "tool_version": (report.get("tool") or {}).get("version", "?"),
-        "card_tool_version": __version__,
         "created_at": report.get("created_at", "?"),
         "recipe_sha256": report.get("recipe_sha256", "?"),
         "recipe_yaml": inputs.recipe_text.rstrip("\n"),
