@@ -155,3 +155,59 @@ def print_merge_summary(report: dict) -> None:
     click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
                f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
                f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+
+
+# --- run ---
+
+
+@main.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
+@click.option("--push", "push_repo", metavar="REPO_ID", help="Push here (overrides the recipe's push.repo).")
+@click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
+@click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
+@click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@click.option("--token", envvar=None, help="Hub token (default: HF_TOKEN, the token file, or OIDC in CI).")
+@FORMAT_OPTION
+@user_errors
+def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
+            force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+    """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+    from .settings import default_device
+
+    recipe = load_recipe(recipe_path)
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    try:
+        summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
+                             dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
+                             progress=fmt == "human", echo=echo)
+    except LrmergeError as e:
+        partial = getattr(e, "run_summary", None)
+        if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
+            emit(fmt, {**partial, "error": str(e)}, lambda: None)
+        raise
+    emit(fmt, summary, lambda: print_run_summary(summary))
+
+
+def print_run_summary(summary: dict) -> None:
+    if summary.get("dry_run"):
+        for item in summary["plan"]:
+            click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
+        click.echo(f"output: {summary['output']}")
+        return
+    click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
+
+
+@main.command("summary")
+@click.argument("summary_file", type=click.Path(exists=True, dir_okay=False))
+@user_errors
+def summary_cmd(summary_file: str) -> None:
+    """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
+    from pathlib import Path
+
+    from .pipeline import summary_markdown
+
+    click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
