@@ -303,3 +303,25 @@ def test_full_card_matches_the_golden_file(tmp_path):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+# -- the recipe side ---------------------------------------------------------------------------------
+
+
+def test_the_recipe_checks_language_codes_and_licenses_before_any_merge(tmp_path):
+    from lrmerge_hub.errors import RecipeError
+    from lrmerge_hub.recipe import parse_recipe
+
+    base = {"base": BASE, "models": [{"model": TASK}]}
+    with pytest.raises(RecipeError, match="unknown ISO 639 code 'xx'"):
+        parse_recipe({**base, "languages": ["bo", "xx"]}, tmp_path)
+    with pytest.raises(RecipeError, match="license: must be a Hub license id"):
+        parse_recipe({**base, "license": "llama-2"}, tmp_path)
+    with pytest.raises(RecipeError, match="license_name: required"):
+        parse_recipe({**base, "license": "other"}, tmp_path)
+    with pytest.raises(RecipeError, match="only used with license: other"):
+        parse_recipe({**base, "license": "mit", "license_link": "https://example.org"}, tmp_path)
+    recipe = parse_recipe({**base, "languages": ["khk"], "license": "other", "license_name": "x-license",
+                           "license_link": "LICENSE"}, tmp_path)
+    assert {k: recipe.to_dict()[k] for k in ("license", "license_name", "license_link")} == {
+        "license": "other", "license_name": "x-license", "license_link": "LICENSE"}
