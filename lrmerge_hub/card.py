@@ -186,6 +186,30 @@ def _has_chat_template(model_dir: Path) -> bool:
     return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
+def sweep_section(table: Any, limit: int = 20) -> tuple[str, str] | None:
+    """An extra section for `sweep.json` (written by `lrmerge sweep`): the ranked grid points."""
+    if not isinstance(table, dict) or not isinstance(table.get("points"), list) or not table["points"]:
+        return None
+    points = [p for p in table["points"] if isinstance(p, dict)][:limit]
+    metric = table.get("metric") or "score"
+    models = list(dict.fromkeys(m for p in points for m in (p.get("retention") or {})))
+    lines = [
+        f"The parameters above were chosen by a sweep over {len(table['points'])} grid points, ranked by "
+        f"`{metric}`; this model is the best point, `{table.get('best')}`.",
+        "",
+        "| Point | " + metric + "".join(f" | Retention of {m}" for m in models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for p in points:
+        score = p.get("score")
+        cells = [f"`{p.get('name')}`", f"{score:.4f}" if isinstance(score, (int, float)) else "–"]
+        cells += [_percent((p.get("retention") or {}).get(m), 1) for m in models]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(table["points"]) > limit:
+        lines.append(f"\n({len(table['points']) - limit} more points in `sweep.json`.)")
+    return "Parameter sweep", "\n".join(lines)
+
+
 def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) -> CardInputs:
     """Read recipe.yaml, merge_report.json and eval/ from a merged output folder."""
     model_dir = Path(model_dir)
@@ -203,7 +227,14 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
     if not isinstance(report, dict) or not isinstance(recipe, dict):
         raise CardError(f"{model_dir.name}: merge_report.json and recipe.yaml must hold mappings; merge again")
     scores, notes = read_scores(model_dir / "eval")
-    return CardInputs(
+    extra = []
+    if (model_dir / "sweep.json").is_file():
+        try:
+            section = sweep_section(json.loads((model_dir / "sweep.json").read_text(encoding="utf-8")))
+        except ValueError:
+            section, notes = None, notes + ["sweep.json: skipped, not readable JSON"]
+        extra += [section] if section else []
+    return CardInputs(extra_sections=extra, 
         recipe=recipe, recipe_text=recipe_text, report=report,
         sources=_sources_from_report(report, dict(source_dirs or {})), scores=scores,
         has_chat_template=_has_chat_template(model_dir), notes=notes,

@@ -325,3 +325,15 @@ def test_the_recipe_checks_language_codes_and_licenses_before_any_merge(tmp_path
                            "license_link": "LICENSE"}, tmp_path)
     assert {k: recipe.to_dict()[k] for k in ("license", "license_name", "license_link")} == {
         "license": "other", "license_name": "x-license", "license_link": "LICENSE"}
+
+
+def test_a_sweep_table_becomes_a_section(tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    points = [{"point": {"slack": s}, "name": f"slack-{s}", "score": score, "metric": "acc", "scores": [],
+               "retention": {LANGUAGE_MODELS["bo"]: 0.7, TASK: r}}
+              for s, score, r in ((0.5, 0.41, 0.66), (0.0, 0.38, 0.52))]
+    (folder / "sweep.json").write_text(json.dumps({"metric": "acc", "best": "slack-0.5", "points": points}))
+    text = write_card(folder).read_text()
+    assert "## Parameter sweep" in text and "this model is the best point, `slack-0.5`" in text
+    assert f"| Point | acc | Retention of {LANGUAGE_MODELS['bo']} | Retention of {TASK} |" in text
+    assert "| `slack-0.5` | 0.4100 | 70.0% | 66.0% |" in text
