@@ -643,6 +643,21 @@ class PushedCard:
     notes: list[str]
 
 
+def _hub_validates(text: str) -> None:
+    """Ask the Hub's `/api/validate-yaml` too (what a push of README.md is checked with);
+    a Hub without that endpoint (404/405) is not an error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        ModelCard(text).validate()
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid metadata"
+        raise CardError(f"--push: the Hub rejects the card's metadata: {first}") from None
+    except HfHubHTTPError as e:
+        if e.response is None or e.response.status_code not in (404, 405):
+            raise
+
+
 def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revision: str | None = None,
               source_dirs: dict[str, Path] | None = None) -> PushedCard:
     """Regenerate the card for `repo_id` and commit only README.md and .eval_results/*.yaml
@@ -665,6 +680,7 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
             remote = None
         built = build_card(model_dir, repo_id=repo_id, existing=remote if remote is not None else existing_card(model_dir),
                            inputs=inputs, secrets=(token,) if token else ())
+        _hub_validates(built.text)
         operations = [CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=built.text.encode("utf-8"))]
         operations += [CommitOperationAdd(path_in_repo=f"{EVAL_RESULTS_DIR}/{name}", path_or_fileobj=text.encode("utf-8"))
                        for name, text in built.eval_files.items()]

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard, parse_eval_result_entries
 
-from card_support import (
+from tests.card_support import (
     BASE, LANGUAGE_MODELS, TASK, lm_eval_results, make_merged_folder, write_results,
 )
 from lrmerge_hub.card import (
