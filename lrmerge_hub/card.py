@@ -67,15 +67,16 @@ RESULTS_SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 def method_tag(method: str) -> str:
     return method.replace("_", "-")
 
+
 def _eval_result(score: Score) -> EvalResult:
     return EvalResult(
         task_type="text-generation", task_name=score.task,
         dataset_type=score.dataset_id or score.task, dataset_name=score.task,
         dataset_config=score.dataset_config, dataset_split=score.dataset_split,
-        metric_type=score.metric, metric_value=round(score.value, 4),
-        metric_name=f"{score.metric} ({score.n_shot}-shot)" if score.n_shot is not None else score.metric,
+        metric_type=score.metric, metric_value=round(score.value, 4), metric_name=score.described(),
         source_name=RESULTS_SOURCE_NAME, source_url=RESULTS_SOURCE_URL,
     )
+
 
 def card_metadata(*, recipe: dict[str, Any], report: dict[str, Any], sources: list[SourceInfo],
                   scores: list[Score], model_name: str) -> dict[str, Any]:
@@ -104,6 +105,7 @@ def card_metadata(*, recipe: dict[str, Any], report: dict[str, Any], sources: li
     )
     return data.to_dict()
 
+
 def eval_result_files(scores: list[Score]) -> dict[str, str]:
     """`.eval_results/<task>.yaml` texts in the Hub's newer format: the merged model's
     headline metric per task whose dataset is on the Hub (pure)."""
@@ -116,7 +118,7 @@ def eval_result_files(scores: list[Score]) -> dict[str, str]:
         entry = EvalResultEntry(
             dataset_id=s.dataset_id, task_id=s.task, value=round(s.value, 4), date=s.date,
             source_url=RESULTS_SOURCE_URL, source_name="lm-evaluation-harness",
-            notes=f"{s.metric}{shots}; lm-evaluation-harness{version} via lrmerge eval; self-reported",
+            notes=f"{s.label}{shots}; lm-evaluation-harness{version} via lrmerge eval; self-reported",
         )
         name = re.sub(r"[^\w.-]+", "_", s.task) + ".yaml"
         files[name] = yaml.safe_dump(eval_result_entries_to_yaml([entry]), sort_keys=False, allow_unicode=True)
@@ -143,6 +145,7 @@ def _split_generated(body: str) -> tuple[str, str] | None:
         return None
     return body[:start], body[end + len(GENERATED_END):]
 
+
 def merge_metadata(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """New managed keys, plus the old card's own keys, extra tags and foreign results (pure)."""
     merged = dict(new)
@@ -164,13 +167,18 @@ def merge_metadata(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
             merged["model-index"] = [{"name": name, "results": foreign}]
     return merged
 
+
 def update_card(existing: str | None, new_meta: dict[str, Any], new_block: str) -> tuple[str, str | None]:
     """The card text after regenerating into `existing` (None: a fresh card), and a note
     when an existing body had no generated block and was replaced."""
     note = None
     meta, before, after = new_meta, "\n", "\n"
     if existing is not None:
-        old = ModelCard(existing, ignore_metadata_errors=True)
+        try:
+            old = ModelCard(existing, ignore_metadata_errors=True)
+        except (ValueError, yaml.YAMLError):
+            raise CardError(f"{CARD_FILE}: its YAML metadata block does not parse; fix it or delete the file, "
+                            "then run `lrmerge card` again") from None
         meta = merge_metadata(new_meta, old.data.to_dict())
         parts = _split_generated(old.text)
         if parts is not None:
@@ -179,6 +187,7 @@ def update_card(existing: str | None, new_meta: dict[str, Any], new_block: str) 
             note = "README.md had no lrmerge block; its body was replaced by the generated card"
     data_yaml = ModelCardData(**meta).to_yaml()
     return f"---\n{data_yaml}\n---\n{before}{new_block}{after}", note
+
 
 def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | None = None,
                source_dirs: dict[str, Path] | None = None, secrets: tuple[str, ...] = (),
@@ -202,13 +211,18 @@ def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | N
     final_meta = final.data.to_dict()
     problems = check_metadata(final_meta)
     if problems:
-        raise CardError(f"card metadata: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CardError(f"card metadata: {problems[0]}{more}")
     eval_files = eval_result_files(inputs.scores)
     all_secrets = machine_secrets(model_dir, secrets)
     for piece in [text, *eval_files.values()]:
         check_card_text(piece, all_secrets)
     notes = list(inputs.notes) + [n for n in (note, context["license_note"]) if n]
+    if not context["languages"]:
+        notes.append("languages: the recipe names none, so the card cannot be found by language; "
+                     "add `languages: [ISO 639 codes]` to the recipe")
     return BuiltCard(text=text, metadata=final_meta, eval_files=eval_files, notes=notes)
+
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +235,7 @@ def _write_atomically(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
 def save_card(model_dir: Path, built: BuiltCard) -> Path:
     """Write README.md and .eval_results/*.yaml into the folder; returns the README path."""
     model_dir = Path(model_dir)
@@ -230,9 +245,11 @@ def save_card(model_dir: Path, built: BuiltCard) -> Path:
     _write_atomically(path, built.text)
     return path
 
+
 def existing_card(model_dir: Path) -> str | None:
     path = Path(model_dir) / CARD_FILE
     return path.read_text(encoding="utf-8") if path.is_file() else None
+
 
 def write_card(model_dir: Path, *, repo_id: str | None = None,
                source_dirs: dict[str, Path] | None = None) -> Path:
@@ -257,6 +274,7 @@ class PushedCard:
     files: list[str]
     notes: list[str]
 
+
 def _hub_validates(text: str) -> None:
     """Ask the Hub's `/api/validate-yaml` too (what a push of README.md is checked with);
     a Hub without that endpoint (404/405) is not an error."""
@@ -270,6 +288,7 @@ def _hub_validates(text: str) -> None:
     except HfHubHTTPError as e:
         if e.response is None or e.response.status_code not in (404, 405):
             raise
+
 
 def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revision: str | None = None,
               source_dirs: dict[str, Path] | None = None) -> PushedCard:
@@ -291,11 +310,13 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
             remote = Path(api.hf_hub_download(repo_id, CARD_FILE, revision=parent)).read_text(encoding="utf-8")
         except EntryNotFoundError:
             remote = None
-        built = build_card(model_dir, repo_id=repo_id, existing=remote if remote is not None else existing_card(model_dir),
+        current = remote if remote is not None else existing_card(model_dir)
+        built = build_card(model_dir, repo_id=repo_id, existing=current,
                            inputs=inputs, secrets=(token,) if token else ())
         _hub_validates(built.text)
         operations = [CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=built.text.encode("utf-8"))]
-        operations += [CommitOperationAdd(path_in_repo=f"{EVAL_RESULTS_DIR}/{name}", path_or_fileobj=text.encode("utf-8"))
+        operations += [CommitOperationAdd(path_in_repo=f"{EVAL_RESULTS_DIR}/{name}",
+                                          path_or_fileobj=text.encode("utf-8"))
                        for name, text in built.eval_files.items()]
         commit = api.create_commit(
             repo_id, operations=operations, commit_message="Update model card (lrmerge card)",

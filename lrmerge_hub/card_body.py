@@ -28,12 +28,14 @@ METHOD_PAPERS = {"slack_ties": ("ties", "lowres"), "ties": ("ties", "lowres"),
 def _join(words: list[str], last: str = "and") -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" {last} " + words[-1]
 
+
 def _model_link(s: SourceInfo) -> str:
     if s.repo_id:
         return f"[{s.repo_id}]({HUB}/{s.repo_id})"
     if s.hub_id:
         return f"[{s.hub_id}]({HUB}/{s.hub_id}) (merged from a local copy)"
     return f"`{s.name}` (a local model, not on the Hub)"
+
 
 def _revision(s: SourceInfo) -> str:
     if not s.repo_id:
@@ -44,15 +46,19 @@ def _revision(s: SourceInfo) -> str:
         return f"[`{s.revision[:12]}`]({HUB}/{s.repo_id}/tree/{s.revision})"
     return f"`{s.revision}`"
 
+
 def _value(v: Any) -> str:
     """A parameter value as the recipe YAML writes it (true, not True)."""
     return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
 
+
 def _count(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else "?"
 
+
 def _percent(part: Any, whole: Any) -> str:
     return f"{100 * part / whole:.1f}%" if isinstance(part, (int, float)) and whole else "?"
+
 
 def _size(parameters: Any) -> str:
     if not isinstance(parameters, int) or parameters <= 0:
@@ -62,10 +68,12 @@ def _size(parameters: Any) -> str:
             return f"{parameters / scale:.1f}{unit}-parameter "
     return f"{parameters}-parameter "
 
+
 def _format_score(s: Score | None) -> str:
     if s is None:
         return "–"
     return f"{s.value:.4f} ± {s.stderr:.4f}" if s.stderr is not None else f"{s.value:.4f}"
+
 
 def baseline_label(key: str, sources: list[SourceInfo]) -> str:
     """A column title for eval/sources/<key>: the source's role and name when the key names one."""
@@ -75,19 +83,21 @@ def baseline_label(key: str, sources: list[SourceInfo]) -> str:
         return f"{match[0].role}: {match[0].listed_id or match[0].name}"
     return key
 
+
 def evaluation_table(scores: list[Score], sources: list[SourceInfo]) -> dict[str, Any]:
     """Header and rows of the evaluation table: the merged model beside any evaluated sources."""
     baseline_keys = sorted({s.model for s in scores if s.model != MERGED})
-    by_key = {(s.model, s.task, s.metric): s for s in scores}
+    by_key = {(s.model, s.task, s.label): s for s in scores}
     rows = []
     for s in scores:
         if s.model != MERGED:
             continue
-        cells = [f"`{s.task}`", s.metric, "–" if s.n_shot is None else str(s.n_shot), f"**{_format_score(s)}**"]
-        cells += [_format_score(by_key.get((k, s.task, s.metric))) for k in baseline_keys]
+        cells = [f"`{s.task}`", s.label, "–" if s.n_shot is None else str(s.n_shot), f"**{_format_score(s)}**"]
+        cells += [_format_score(by_key.get((k, s.task, s.label))) for k in baseline_keys]
         rows.append(cells)
     header = ["Task", "Metric", "Shots", "This model"] + [baseline_label(k, sources) for k in baseline_keys]
     return {"header": header, "rows": rows}
+
 
 def sweep_section(table: Any, limit: int = 20) -> tuple[str, str] | None:
     """An extra section for `sweep.json` (written by `lrmerge sweep`): the ranked grid points."""
@@ -111,6 +121,7 @@ def sweep_section(table: Any, limit: int = 20) -> tuple[str, str] | None:
     if len(table["points"]) > limit:
         lines.append(f"\n({len(table['points']) - limit} more points in `sweep.json`.)")
     return "Parameter sweep", "\n".join(lines)
+
 
 def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[str, Any]:
     """The values the Jinja template renders (pure)."""

@@ -29,6 +29,7 @@ class License:
     def label(self) -> str:
         return f"other ({self.name})" if self.id == "other" and self.name else self.id
 
+
 @dataclass(frozen=True)
 class SourceInfo:
     """One merged model as the card shows it (from merge_report.json)."""
@@ -50,6 +51,7 @@ class SourceInfo:
     @property
     def sanitized(self) -> str:
         return self.name.replace("/", "__")
+
 
 @dataclass
 class CardInputs:
@@ -75,6 +77,7 @@ def license_from_metadata(meta: Any) -> License | None:
     name, link = meta.get("license_name"), meta.get("license_link")
     return License(meta["license"], name if isinstance(name, str) else None, link if isinstance(link, str) else None)
 
+
 def read_source_license(folder: Path) -> License | None:
     """The license a source folder's README.md declares in its YAML front matter, if any."""
     readme = Path(folder) / CARD_FILE
@@ -85,6 +88,7 @@ def read_source_license(folder: Path) -> License | None:
     except (ValueError, yaml.YAMLError):
         return None
     return license_from_metadata(meta)
+
 
 def _sources_from_report(report: dict[str, Any], source_dirs: dict[str, Path]) -> list[SourceInfo]:
     entries = ([dict(report["base"], role="base")] if report.get("base") else []) + list(report.get("models") or [])
@@ -101,6 +105,7 @@ def _sources_from_report(report: dict[str, Any], source_dirs: dict[str, Path]) -
         ))
     return sources
 
+
 def _has_chat_template(model_dir: Path) -> bool:
     if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
         return True
@@ -109,6 +114,7 @@ def _has_chat_template(model_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     return bool(isinstance(config, dict) and config.get("chat_template"))
+
 
 def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) -> CardInputs:
     """Read recipe.yaml, merge_report.json and eval/ from a merged output folder."""
@@ -120,7 +126,8 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
         recipe_text = (model_dir / "recipe.yaml").read_text(encoding="utf-8")
         recipe = yaml.safe_load(recipe_text)
     except FileNotFoundError as e:
-        raise CardError(f"{model_dir.name}/{Path(e.filename).name}: missing; run `lrmerge merge` to make this folder") from None
+        raise CardError(f"{model_dir.name}/{Path(e.filename).name}: missing; "
+                        "run `lrmerge merge` to make this folder") from None
     except (ValueError, yaml.YAMLError) as e:
         raise CardError(f"{model_dir.name}: merge_report.json or recipe.yaml is unreadable ({type(e).__name__}); "
                         "merge again") from None
@@ -133,13 +140,16 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
             sweep = json.loads((model_dir / "sweep.json").read_text(encoding="utf-8"))
         except ValueError:
             notes.append("sweep.json: skipped, not readable JSON")
-    return CardInputs(sweep=sweep if isinstance(sweep, dict) else None, 
+    return CardInputs(
         recipe=recipe, recipe_text=recipe_text, report=report,
         sources=_sources_from_report(report, dict(source_dirs or {})), scores=scores,
-        has_chat_template=_has_chat_template(model_dir), notes=notes,
+        has_chat_template=_has_chat_template(model_dir), sweep=sweep if isinstance(sweep, dict) else None,
+        notes=notes,
     )
 
-def resolve_license(recipe_license: License | None, sources: list[SourceInfo]) -> tuple[License | None, str | None]:
+
+def resolve_license(recipe_license: License | None,
+                    sources: list[SourceInfo]) -> tuple[License | None, str | None]:
     """The card's license and, when none can be stated, a note saying why.
 
     The recipe's license wins. Otherwise the sources' licenses are inherited when every
@@ -159,9 +169,11 @@ def resolve_license(recipe_license: License | None, sources: list[SourceInfo]) -
                       "set `license:` in the recipe")
     return (next(iter(known.values())), None) if known else (None, None)
 
+
 def recipe_license(recipe: dict[str, Any], report: dict[str, Any]) -> License | None:
     """The license the recipe sets (`license`, with `license_name`/`license_link` for other)."""
     return license_from_metadata(recipe) or license_from_metadata(report.get("license"))
+
 
 def languages_of(recipe: dict[str, Any], report: dict[str, Any]) -> list[str]:
     """The recipe's ISO 639 codes, each checked; an unknown code is an error naming it."""

@@ -152,7 +152,8 @@ def check_metadata(meta: Any) -> list[str]:
         name, link = meta.get("license_name"), meta.get("license_link")
         if not isinstance(name, str) or not LICENSE_NAME.match(name):
             problems.append("license_name: required with license 'other', lower case without spaces (e.g. my-license)")
-        if not isinstance(link, str) or not (link.startswith(("https://", "http://")) or re.fullmatch(r"[\w./-]+", link)):
+        is_url = isinstance(link, str) and link.startswith(("https://", "http://"))
+        if not isinstance(link, str) or not (is_url or re.fullmatch(r"[\w./-]+", link)):
             problems.append("license_link: required with license 'other': a URL or a file in the repo (e.g. LICENSE)")
     elif "license_name" in meta or "license_link" in meta:
         problems.append("license_name/license_link: only used with license 'other'")
@@ -168,7 +169,8 @@ def check_metadata(meta: Any) -> list[str]:
         if models is None:
             problems.append("base_model: must be a Hub model id or a list of them")
         else:
-            problems += [f"base_model: {m!r} is not a Hub model id 'org/name'" for m in models if not HUB_MODEL_ID.match(m)]
+            problems += [f"base_model: {m!r} is not a Hub model id 'org/name'"
+                         for m in models if not HUB_MODEL_ID.match(m)]
             if len(set(models)) != len(models):
                 problems.append("base_model: lists a model twice")
     if "base_model_relation" in meta:
@@ -205,6 +207,7 @@ def machine_secrets(model_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
         found.append(user)
     return [s for s in [*found, *extra] if s and len(s) > 1 and s != "/"]
 
+
 def check_card_text(text: str, secrets: list[str]) -> None:
     """Raise CardError when the card would leak a token, a local absolute path or a user name."""
     if TOKEN_PATTERN.search(text):
@@ -212,7 +215,8 @@ def check_card_text(text: str, secrets: list[str]) -> None:
     for secret in secrets:
         pattern = re.escape(secret) if "/" in secret or "\\" in secret else rf"\b{re.escape(secret)}\b"
         if re.search(pattern, text):
-            what = "a token" if secret.startswith("hf_") or secret == os.environ.get("HF_TOKEN") else "a local path or user name"
+            is_token = secret.startswith("hf_") or secret == os.environ.get("HF_TOKEN")
+            what = "a token" if is_token else "a local path or user name"
             raise CardError(f"card: the text would contain {what} from this machine; nothing was written")
     match = ABSOLUTE_PATH.search(text)
     if match:

@@ -34,7 +34,8 @@ class Score:
 
     model: str  # MERGED, or the folder key under eval/sources/
     task: str
-    metric: str  # "acc", "acc_norm", "exact_match" ... (lm-eval's filter suffix removed)
+    metric: str  # "acc", "acc_norm", "exact_match" (the model-index's metric type)
+    filter: str | None  # lm-eval's filter ("strict-match"), None for its "none"
     value: float
     stderr: float | None
     n_shot: int | None
@@ -44,6 +45,16 @@ class Score:
     date: str  # ISO 8601, UTC
     lm_eval_version: str | None
     primary: bool  # the task's first metric (the one a one-number summary shows)
+
+    @property
+    def label(self) -> str:
+        """The metric with its filter: "exact_match (strict-match)"."""
+        return f"{self.metric} ({self.filter})" if self.filter else self.metric
+
+    def described(self) -> str:
+        """The label with the shots: "acc (0-shot)", "exact_match (strict-match, 8-shot)"."""
+        details = [d for d in (self.filter, f"{self.n_shot}-shot" if self.n_shot is not None else None) if d]
+        return f"{self.metric} ({', '.join(details)})" if details else self.metric
 
 
 def _hub_dataset_id(path: Any) -> str | None:
@@ -107,9 +118,9 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
             if value is None or name.endswith("_stderr") or name == "alias":
                 continue
             stderr = _number(metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr"))
-            label = name if filt in ("", "none") else f"{name} ({filt})"
             scores.append(Score(
-                model=model, task=task, metric=label, value=value, stderr=stderr,
+                model=model, task=task, metric=name, filter=None if filt in ("", "none") else filt,
+                value=value, stderr=stderr,
                 n_shot=n_shot if isinstance(n_shot, int) and not isinstance(n_shot, bool) else None,
                 dataset_id=_hub_dataset_id(config.get("dataset_path")),
                 dataset_config=config.get("dataset_name") if isinstance(config.get("dataset_name"), str) else None,

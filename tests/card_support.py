@@ -29,7 +29,8 @@ def recipe_dict(languages: list[str], *, license_: Any = None, local_task: str |
     ]
     task: dict[str, Any] = {"model": local_task or TASK, "role": "task", "weight": 1.0, "density": 0.2, "slack": 0.5}
     if hub_id:
-        task = {"model": task["model"], "role": "task", "hub_id": hub_id, **{k: task[k] for k in ("weight", "density", "slack")}}
+        params = {k: task[k] for k in ("weight", "density", "slack")}
+        task = {"model": task["model"], "role": "task", "hub_id": hub_id, **params}
     models.append(task)
     recipe: dict[str, Any] = {"method": "slack_ties", "base": BASE, "models": models,
                               "parameters": {"lambda": 1.0, "normalize": True}, "languages": list(languages)}

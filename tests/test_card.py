@@ -80,7 +80,8 @@ def test_cli_reports_an_unknown_code_in_one_line_and_writes_nothing(tmp_path):
     folder = make_merged_folder(tmp_path, ["xx"], license_="llama2")
     result = CliRunner().invoke(main, ["card", str(folder)])
     assert result.exit_code == 2
-    assert result.output.strip() == "Error: languages: unknown ISO 639 code 'xx'; use ISO 639-1 or 639-3 codes like bo, ug, khk"
+    assert result.output.strip() == ("Error: languages: unknown ISO 639 code 'xx'; "
+                                     "use ISO 639-1 or 639-3 codes like bo, ug, khk")
     assert not (folder / "README.md").exists()
 
 
@@ -276,8 +277,11 @@ def test_regenerating_updates_results_and_keeps_everything_else(tmp_path):
         ("belebele_bod_Tibt", 0.42), ("xcopa_ta", 0.55), ("Belebele (leaderboard)", 0.33)]
     assert sorted(p.name for p in (folder / ".eval_results").iterdir()) == ["belebele_bod_Tibt.yaml", "xcopa_ta.yaml"]
     assert check_metadata(meta) == []
+
+    def strip(text: str) -> str:
+        return re.sub(r"## Evaluation.*?## How to use", "", text.split("---\n", 2)[2], flags=re.S)
+
     # outside the evaluation, the generated text is unchanged
-    strip = lambda t: re.sub(r"## Evaluation.*?## How to use", "", t.split("---\n", 2)[2], flags=re.S)  # noqa: E731
     assert strip(updated).startswith(strip(first).rstrip("\n"))
     # and regenerating again without new results changes nothing
     assert write_card(folder).read_text() == updated
@@ -337,3 +341,44 @@ def test_a_sweep_table_becomes_a_section(tmp_path):
     assert "## Parameter sweep" in text and "this model is the best point, `slack-0.5`" in text
     assert f"| Point | acc | Retention of {LANGUAGE_MODELS['bo']} | Retention of {TASK} |" in text
     assert "| `slack-0.5` | 0.4100 | 70.0% | 66.0% |" in text
+
+
+def test_the_recipe_push_target_names_the_model_in_the_card(tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe["push"] = {"repo": "lowres/bo-merge", "private": True}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.4}))
+    text = write_card(folder).read_text()
+    assert 'model_id = "lowres/bo-merge"' in text and "lrmerge serve lowres/bo-merge" in text
+    assert load_meta(folder / "README.md")["model-index"][0]["name"] == "bo-merge"
+
+
+def test_filtered_metrics_keep_their_filter_in_the_table_and_their_id_in_the_metadata(tmp_path):
+    folder = make_merged_folder(tmp_path, ["sw"], license_="llama2")
+    data = lm_eval_results("mgsm_native_cot_sw", {"acc": 0.0}, dataset_path="juletxara/mgsm", dataset_name="sw")
+    data["results"]["mgsm_native_cot_sw"] = {
+        "alias": "mgsm_native_cot_sw", "exact_match,strict-match": 0.124,
+        "exact_match_stderr,strict-match": "N/A", "exact_match,flexible-extract": 0.2}
+    write_results(folder, data)
+    text = write_card(folder).read_text()
+    assert "| `mgsm_native_cot_sw` | exact_match (strict-match) | 0 | **0.1240** |" in text
+    metrics = load_meta(folder / "README.md")["model-index"][0]["results"][0]["metrics"]
+    assert [(m["type"], m["name"]) for m in metrics] == [
+        ("exact_match", "exact_match (strict-match, 0-shot)"),
+        ("exact_match", "exact_match (flexible-extract, 0-shot)")]
+
+
+def test_a_broken_existing_card_is_an_error_not_a_silent_overwrite(tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n# my notes\n")
+    with pytest.raises(CardError, match="README.md: its YAML metadata block does not parse"):
+        write_card(folder)
+    assert (folder / "README.md").read_text().endswith("# my notes\n")
+
+
+def test_a_recipe_without_languages_gets_a_card_and_a_note(tmp_path):
+    folder = make_merged_folder(tmp_path, [], license_="llama2")
+    built = build_card(folder)
+    assert "language" not in built.metadata and check_metadata(built.metadata) == []
+    assert any(n.startswith("languages: the recipe names none") for n in built.notes)
