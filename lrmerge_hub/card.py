@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +115,11 @@ def eval_result_files(scores: list[Score]) -> dict[str, str]:
             continue
         shots = f", {s.n_shot}-shot" if s.n_shot is not None else ""
         version = f" {s.lm_eval_version}" if s.lm_eval_version else ""
+        subset = f", --limit {s.limit}" if s.limit is not None else ""
         entry = EvalResultEntry(
             dataset_id=s.dataset_id, task_id=s.task, value=round(s.value, 4), date=s.date,
             source_url=RESULTS_SOURCE_URL, source_name="lm-evaluation-harness",
-            notes=f"{s.label}{shots}; lm-evaluation-harness{version} via lrmerge eval; self-reported",
+            notes=f"{s.label}{shots}{subset}; lm-evaluation-harness{version} via lrmerge eval; self-reported",
         )
         name = re.sub(r"[^\w.-]+", "_", s.task) + ".yaml"
         files[name] = yaml.safe_dump(eval_result_entries_to_yaml([entry]), sort_keys=False, allow_unicode=True)
@@ -189,6 +190,21 @@ def update_card(existing: str | None, new_meta: dict[str, Any], new_block: str) 
     return f"---\n{data_yaml}\n---\n{before}{new_block}{after}", note
 
 
+def _without_unsafe_commands(inputs: CardInputs, secrets: list[str]) -> tuple[CardInputs, str | None]:
+    """Drop recorded lm-eval commands that would leak a path or token (the scores stay)."""
+    unsafe = set()
+    for command in {s.command for s in inputs.scores if s.command}:
+        try:
+            check_card_text(command, secrets)
+        except CardError:
+            unsafe.add(command)
+    if not unsafe:
+        return inputs, None
+    scores = [replace(s, command=None) if s.command in unsafe else s for s in inputs.scores]
+    return (replace(inputs, scores=scores),
+            "eval: a recorded lm-eval command holds a local path or a token; it was left out of the card")
+
+
 def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | None = None,
                source_dirs: dict[str, Path] | None = None, secrets: tuple[str, ...] = (),
                inputs: CardInputs | None = None) -> BuiltCard:
@@ -196,6 +212,8 @@ def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | N
     README.md text to update in place."""
     model_dir = Path(model_dir)
     inputs = inputs or read_inputs(model_dir, source_dirs=source_dirs)
+    all_secrets = machine_secrets(model_dir, secrets)
+    inputs, command_note = _without_unsafe_commands(inputs, all_secrets)
     push = inputs.recipe.get("push")
     repo_id = repo_id or (push.get("repo") if isinstance(push, dict) else push if isinstance(push, str) else None)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
@@ -214,10 +232,9 @@ def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | N
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CardError(f"card metadata: {problems[0]}{more}")
     eval_files = eval_result_files(inputs.scores)
-    all_secrets = machine_secrets(model_dir, secrets)
     for piece in [text, *eval_files.values()]:
         check_card_text(piece, all_secrets)
-    notes = list(inputs.notes) + [n for n in (note, context["license_note"]) if n]
+    notes = list(inputs.notes) + [n for n in (note, context["license_note"], command_note) if n]
     if not context["languages"]:
         notes.append("languages: the recipe names none, so the card cannot be found by language; "
                      "add `languages: [ISO 639 codes]` to the recipe")

@@ -69,6 +69,12 @@ def _size(parameters: Any) -> str:
     return f"{parameters}-parameter "
 
 
+def _limit_words(limits: list[float]) -> str:
+    """How much of each task was evaluated, in words; "" for all of it."""
+    words = [f"{limit:.0%} of the examples" if limit < 1 else f"the first {int(limit)} examples" for limit in limits]
+    return " or ".join(words)
+
+
 def _format_score(s: Score | None) -> str:
     if s is None:
         return "–"
@@ -173,6 +179,9 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "evaluation": evaluation_table(inputs.scores, sources),
         "eval_dates": dates,
         "lm_eval_versions": versions,
+        "eval_limit": _limit_words(sorted({s.limit for s in merged_scores if s.limit is not None})),
+        "eval_commands": list(dict.fromkeys(f"python {s.command}" if s.command.startswith("-m ") else s.command
+                                            for s in merged_scores if s.command)),
         "eval_datasets": sorted({(s.task, s.dataset_id) for s in merged_scores if s.dataset_id}),
         "has_chat_template": inputs.has_chat_template,
         "vocab_added": (vocab.get("output_rows") or 0) - (vocab.get("base_rows") or 0),

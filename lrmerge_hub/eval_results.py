@@ -45,6 +45,8 @@ class Score:
     date: str  # ISO 8601, UTC
     lm_eval_version: str | None
     primary: bool  # the task's first metric (the one a one-number summary shows)
+    limit: int | float | None = None  # lm-eval's --limit: only that many (or that share of) examples
+    command: str | None = None  # the lm-eval command `lrmerge eval` recorded (paths already redacted)
 
     @property
     def label(self) -> str:
@@ -85,8 +87,13 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def model_key(eval_dir: Path, path: Path) -> str:
-    """Which model a results file belongs to: the folder under eval/sources/, else MERGED."""
+def model_key(eval_dir: Path, path: Path, data: dict[str, Any] | None = None) -> str:
+    """Which model a results file belongs to: the role `lrmerge eval` recorded under the
+    key `lrmerge`, else the folder under eval/sources/, else MERGED."""
+    recorded = (data or {}).get("lrmerge")
+    role = recorded.get("role") if isinstance(recorded, dict) else None
+    if isinstance(role, str) and role:
+        return MERGED if role == MERGED else role
     parts = path.relative_to(eval_dir).parts
     if len(parts) >= 3 and parts[0] == SOURCES_DIR:
         return parts[1]
@@ -104,6 +111,10 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
     configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
     n_shots = data.get("n-shot") if isinstance(data.get("n-shot"), dict) else {}
     version = data.get("lm_eval_version") if isinstance(data.get("lm_eval_version"), str) else None
+    ours = data.get("lrmerge") if isinstance(data.get("lrmerge"), dict) else {}
+    config_limit = (data.get("config") or {}).get("limit") if isinstance(data.get("config"), dict) else None
+    limit = _number(config_limit if config_limit is not None else ours.get("limit"))
+    command = ours.get("command") if isinstance(ours.get("command"), str) else None
     scores = []
     results = data.get("results")
     for task, metrics in (results.items() if isinstance(results, dict) else []):
@@ -126,6 +137,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
                 dataset_config=config.get("dataset_name") if isinstance(config.get("dataset_name"), str) else None,
                 dataset_split=config.get("test_split") if isinstance(config.get("test_split"), str) else None,
                 date=_iso(seconds), lm_eval_version=version, primary=first,
+                limit=(int(limit) if limit is not None and limit.is_integer() else limit), command=command,
             ))
             first = False
     return scores
@@ -148,7 +160,7 @@ def read_scores(eval_dir: Path) -> tuple[list[Score], list[str]]:
         if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
             notes.append(f"eval/{rel}: skipped, no 'results' mapping (not an lm-eval results file)")
             continue
-        model = model_key(eval_dir, path)
+        model = model_key(eval_dir, path, data)
         seconds = _file_time(data, path)
         by_task: dict[str, list[Score]] = {}
         for score in scores_from_results(data, model, seconds):

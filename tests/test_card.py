@@ -382,3 +382,24 @@ def test_a_recipe_without_languages_gets_a_card_and_a_note(tmp_path):
     built = build_card(folder)
     assert "language" not in built.metadata and check_metadata(built.metadata) == []
     assert any(n.startswith("languages: the recipe names none") for n in built.notes)
+
+
+def test_what_lrmerge_eval_records_is_shown_limit_command_and_role(tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    command = ("-m lm_eval run --model local-completions --model_args model=llama2-merged,"
+               "base_url=http://127.0.0.1:8000/v1/completions --tasks belebele_bod_Tibt --limit 200")
+    merged = lm_eval_results("belebele_bod_Tibt", {"acc": 0.35})
+    merged["config"]["limit"] = 200
+    merged["lrmerge"] = {"role": "merged", "limit": 200, "command": command}
+    write_results(folder, merged, under="llama2-merged")
+    baseline = lm_eval_results("belebele_bod_Tibt", {"acc": 0.28})
+    baseline["lrmerge"] = {"role": "task", "command": f"-m lm_eval run --model hf --model_args pretrained={tmp_path}/t"}
+    write_results(folder, baseline, under="elsewhere")  # the recorded role wins over the folder
+    built = build_card(folder)
+
+    assert f"| This model | task: {TASK} |" in built.text
+    assert "Only the first 200 examples of each task were used (lm-eval's `--limit`)" in built.text
+    assert f"```bash\npython {command}\n```" in built.text
+    assert "--limit 200" in built.eval_files["belebele_bod_Tibt.yaml"]
+    assert str(tmp_path) not in built.text  # the baseline's command held a path: left out, with a note
+    assert any("left out of the card" in n for n in built.notes)
