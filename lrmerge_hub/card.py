@@ -344,9 +344,15 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
         raise CardError(f"--push: {repo_id} was not found on the Hub (or the token cannot see it); "
                         "push the model first (lrmerge push) or check the repo id") from None
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise CardError(f"--push: the Hub refused the card commit to {repo_id} (HTTP {status}); "
-                        "check the token's write access, or retry if the repo changed meanwhile") from None
+        status = e.response.status_code if e.response is not None else None
+        if status == 412:
+            raise CardError(f"--push: {repo_id} changed while the card was being pushed; nothing was changed, "
+                            "run the same command again") from None
+        if status in (401, 403):
+            raise CardError(f"--push: the token cannot write to {repo_id} (HTTP {status}); pass --token or set "
+                            "HF_TOKEN to a token with write access") from None
+        raise CardError(f"--push: the Hub refused the card commit to {repo_id} (HTTP {status or '?'}); "
+                        "nothing was changed, try again") from None
     path = save_card(model_dir, built)
     return PushedCard(path=path, commit_url=str(commit.commit_url), commit_oid=str(commit.oid),
                       files=[op.path_in_repo for op in operations], notes=built.notes)

@@ -64,3 +64,21 @@ def test_push_to_a_missing_repo_is_a_one_line_error(hub_server, tmp_path):
     assert result.output.startswith("Error: --push: alice/nowhere was not found on the Hub")
     assert TOKEN not in result.output
     assert not (folder / "README.md").exists()
+
+
+def test_push_refusals_are_one_line_errors_that_leave_the_hub_alone(hub_server, tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    head = hub_server.seed(REPO, folder)
+
+    hub_server.fail("POST", r"/commit/", status=412)  # someone pushed between our read and our commit
+    result = CliRunner().invoke(main, ["card", str(folder), "--push", REPO, "--token", TOKEN])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: --push: {REPO} changed while the card was being pushed")
+
+    bad = "hf_NotAValidTokenAtAll0123456789abcd"
+    result = CliRunner().invoke(main, ["card", str(folder), "--push", REPO, "--token", bad])
+    assert result.exit_code == 2 and result.output.startswith("Error: --push:")
+    assert bad not in result.output
+    assert hub_server.repos[REPO].branches["main"] == head
+    assert not (folder / "README.md").exists()
