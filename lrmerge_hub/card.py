@@ -5,15 +5,18 @@ Inputs, all read from the merged output folder (see notes/contracts.md):
 - `eval/`: lm-eval results JSON files, picked up as follows (the convention for `lrmerge eval`):
 
     eval/<anything>/results_<timestamp>.json          the merged model's own results
-    eval/sources/<key>/<anything>/results_<ts>.json   a source's baseline (`--compare`)
+    eval/sources/<key>/[...]/results_<ts>.json        a source's baseline (`--compare`)
 
   `<key>` names the source: its role (`base`, `language`, `task`) when that role is unique,
   else its name with `/` written as `__` (`pkupie__Llama-2-7b-bod`, lm-eval's own
-  sanitizing) or its folder name. Every `results_*.json` under `eval/` is read, at any
-  depth; for each (model, task) the newest file wins (lm-eval's `date`, else the timestamp
-  in the file name, else the file's mtime). Files that are not lm-eval results are skipped
-  with a note. Only task names, Hub dataset ids (`configs.<task>.dataset_path`,
-  `dataset_name`, `test_split`), metric values and `n-shot` are used: never `model_args`.
+  sanitizing) or its folder name. A top-level `"lrmerge": {"role": ...}` in the file
+  ("merged", or a source's key) wins over the folder. Every `results_*.json` under `eval/`
+  is read, at any depth; for each (model, task) the newest file wins (lm-eval's `date`,
+  else the timestamp in the file name, else the file's mtime). Files that are not lm-eval
+  results are skipped with a note. Used: task names, Hub dataset ids
+  (`configs.<task>.dataset_path`, `dataset_name`, `test_split`), metric values, stderr,
+  `n-shot`, `config.limit` (or `lrmerge.limit`) and `lrmerge.command` (shown when it holds
+  no local path or token); never `config.model_args`.
 - license of each source: `license` in its merge-report entry (a Hub license id, or a
   mapping {license, license_name, license_link}), else the `license:` of a README.md in the
   source folder when the caller passes the folders (`source_dirs`).
