@@ -60,6 +60,7 @@ def test_several_languages_are_all_listed_and_tagged(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo", "ug", "mn"], license_="llama2")
     meta = load_meta(write_card(folder))
 
+    assert meta == metadata_of(read_inputs(folder), folder.name) and check_metadata(meta) == []
     assert meta["language"] == ["bo", "ug", "mn"]
     assert {"tibetan", "uighur", "mongolian"} <= set(meta["tags"])
     assert meta["base_model"] == [BASE, *LANGUAGE_MODELS.values(), TASK]
@@ -200,6 +201,7 @@ def test_results_go_to_model_index_and_eval_results_files(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
     write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.35123, "acc_norm": 0.36}))
     meta = load_meta(write_card(folder, repo_id="org/bo-merge"))
+    assert meta == metadata_of(read_inputs(folder), "bo-merge")  # the results round-trip too
 
     (entry,) = meta["model-index"]
     assert entry["name"] == "bo-merge"
