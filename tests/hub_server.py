@@ -367,8 +367,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(401, "You must be authenticated to create a repo")
         repo_id = f"{data.get('organization') or user}/{data['name']}"
         private = data.get("private") or data.get("visibility") == "private"
+        url = f"{self.hub.url}/{repo_id}"
+        if repo_id in self.hub.repos:  # the Hub's 409 names the existing repo's url
+            message = f"You already created this model repo: {repo_id}"
+            return 409, {"X-Error-Message": message}, {"error": message, "url": url}
         self.hub.create_repo(repo_id, private=bool(private))
-        return 200, {}, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id}
+        return 200, {}, {"url": url, "name": repo_id}
 
     def h_repo_delete(self, user, body, **_):
         data = json.loads(body or b"{}")
