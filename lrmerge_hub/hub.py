@@ -151,13 +151,15 @@ class PullPlan:
 
 
 # --- errors -------------------------------------------------------------------------------
-def _token_hint() -> str:
-    return ("set HF_TOKEN (or run `hf auth login`, or pass --token) with a token that can read it"
-            if get_token() is None else "check that your token can read it")
+def _token_hint(write: bool = False) -> str:
+    if get_token() is None:
+        return ("set HF_TOKEN (or run `hf auth login`, or pass --token) with a token that can "
+                + ("write to it" if write else "read it"))
+    return "check that your token can " + ("write to it" if write else "read it")
 
 
 @contextlib.contextmanager
-def hub_errors(what: str) -> Iterator[None]:
+def hub_errors(what: str, *, write: bool = False) -> Iterator[None]:
     """Turn the client's exceptions into one-line HubErrors that say how to fix them."""
     try:
         yield
@@ -169,18 +171,20 @@ def hub_errors(what: str) -> Iterator[None]:
                                "(check the part after '@')") from None
     except RepositoryNotFoundError:
         if get_token() is None:
-            raise HubAuthError(f"{what}: not found, or private/gated: {_token_hint()}") from None
+            raise HubAuthError(f"{what}: not found, or private/gated: {_token_hint(write)}") from None
         raise HubNotFoundError(f"{what}: repository not found (or your token cannot read it); "
                                "check the id 'org/name'") from None
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError) as e:
-        raise HubOfflineError(
-            f"{what}: the Hub is unreachable ({'HF_HUB_OFFLINE is set' if is_offline_mode() else type(e).__name__})"
-            " and the files are not in the HF cache; pull it once online (`lrmerge pull`)") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise HubOfflineError(f"{what}: HF_HUB_OFFLINE is set and the files are not in the HF cache; "
+                              "pull it once online (`lrmerge pull`)") from None
+    except httpx2.TransportError as e:
+        raise HubOfflineError(f"{what}: cannot reach the Hub at {hf_constants.ENDPOINT} ({type(e).__name__}); "
+                              "check the network or proxy, or set HF_HUB_OFFLINE=1 to use the HF cache") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         if status in (401, 403):
             raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status}); "
-                               f"{_token_hint()}") from None
+                               f"{_token_hint(write)}") from None
         raise HubError(f"{what}: the Hub answered HTTP {status}; try again later") from None
 
 
@@ -493,7 +497,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     branch = revision or "main"
     api = HfApi(token=token)
     try:
-        with hub_errors(repo_id):
+        with hub_errors(repo_id, write=True):
             _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
             if branch != "main":
                 _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))

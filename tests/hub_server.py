@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -82,13 +82,15 @@ class Fault:
     """Answer `status` to requests matching `method` and the path regex, `times` times.
 
     `after=True` runs the request first (its changes stick) and then answers the error, like
-    a response lost on the way back; otherwise the request body is read and nothing changes."""
+    a response lost on the way back; otherwise the request body is read and nothing changes.
+    `status=0` closes the connection without an answer (a network error)."""
 
     method: str
     path: re.Pattern
-    status: int
+    status: int | None  # None: do not fail, only run `action`
     times: int
     after: bool = False
+    action: Callable[[], None] | None = None  # run first, e.g. someone else's commit
 
 
 @dataclass
@@ -158,6 +160,11 @@ class HubServer:
         """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`."""
         with self.lock:
             self.faults.append(Fault(method, re.compile(path_regex), status, times, after))
+
+    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1) -> None:
+        """Run `action` (under the lock) before handling the next matching request(s)."""
+        with self.lock:
+            self.faults.append(Fault(method, re.compile(path_regex), None, times, action=action))
 
     def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False) -> Repo:
         """Create a repo with an initial commit on main (like the Hub: one `.gitattributes`)."""
@@ -276,7 +283,14 @@ class _Handler(BaseHTTPRequestHandler):
                           and f.path.search(record.path)), None)
             if fault:
                 fault.times -= 1
+                if fault.action:
+                    fault.action()
+                if fault.status is None:
+                    fault = None
         status, headers, payload = 500, {}, b""
+        if fault and fault.status == 0 and not fault.after:
+            self.close_connection = True
+            return
         try:
             if fault and not fault.after:
                 raise HttpError(fault.status, "Injected failure")
@@ -294,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             else:
                 raise HttpError(404, f"Not found: {method} {record.path}")
+            if fault and fault.status == 0:
+                self.close_connection = True
+                return
             if fault:
                 raise HttpError(fault.status, "Injected failure after the request was applied")
         except HttpError as e:

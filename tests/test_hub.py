@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from lrmerge_hub.errors import (
 )
 from lrmerge_hub.recipe import load_recipe, parse_model_ref
 from lrmerge_hub.synth import llama_shapes, make_family, write_checkpoint
+from safetensors.torch import load_file
 from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,17 @@ def wide(tmp_path_factory: pytest.TempPathFactory, family: dict[str, Path]) -> P
     cfg["intermediate_size"] = 96
     (out / "config.json").write_text(json.dumps(cfg))
     write_checkpoint(out, ((n, torch.zeros(s)) for n, s in llama_shapes(cfg)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory: pytest.TempPathFactory, family: dict[str, Path]) -> Path:
+    """The base model written as 3 shards plus an index."""
+    out = tmp_path_factory.mktemp("sharded")
+    for p in family["base"].iterdir():
+        if p.suffix != ".safetensors":
+            shutil.copy(p, out / p.name)
+    write_checkpoint(out, iter(load_file(family["base"] / "model.safetensors").items()), shard_bytes=200_000)
     return out
 
 
@@ -102,12 +115,58 @@ def test_materialize_sources_mixes_local_folders_and_hub_ids(hub_server, family,
         f"  - {{model: 'org/task@{shas['task']}', role: task}}\n")
     recipe = load_recipe(recipe_path)
 
+    result = cli("pull", str(recipe_path), "--dry-run", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [m["model"] for m in json.loads(result.output)["models"]] == [
+        "base", "org/language@v2", f"org/task@{shas['task']}"]  # a local model by its folder name only
+    assert str(tmp_path) not in result.output and hub_server.downloads() == []
+
     sources = hub.materialize_sources(recipe)
 
     assert sources[str(family["base"])] == hub.Source(path=family["base"], repo_id=None, revision=None)
     assert sources["org/language@v2"].revision == shas["language"]
     assert sources["org/language@v2"].repo_id == "org/language"
     assert (sources[f"org/task@{shas['task']}"].path / "model.safetensors").is_file()
+
+
+def meta(name: str, tensors: dict, **config) -> hub.ModelMeta:
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, **config}
+    return hub.ModelMeta(spec=name, name=name, config=cfg,
+                         tensors={n: hub.TensorSpec(d, s) for n, (d, s) in tensors.items()})
+
+
+def test_compatibility_allows_only_extra_vocabulary_rows_and_float_weights():
+    base = meta("base", {"embed": ("BF16", (10, 4)), "q": ("BF16", (4, 4))})
+    hub.check_compatibility([base, meta("lang", {"embed": ("F32", (12, 4)), "q": ("F16", (4, 4))},
+                                        vocab_size=12)], base)
+    cases = {
+        "other is ['MistralForCausalLM'] but the base base is ['LlamaForCausalLM']":
+            meta("other", {"embed": ("BF16", (10, 4)), "q": ("BF16", (4, 4))}, architectures=["MistralForCausalLM"]),
+        "other: 1 tensors missing (e.g. ['q']) and 1 extra (e.g. ['k'])":
+            meta("other", {"embed": ("BF16", (10, 4)), "k": ("BF16", (4, 4))}),
+        "other: q has shape [4, 8] but the base has [4, 4]":
+            meta("other", {"embed": ("BF16", (10, 4)), "q": ("BF16", (4, 8))}),
+        "other: embed has shape [12, 4]":  # more rows than its own vocab_size says
+            meta("other", {"embed": ("BF16", (12, 4)), "q": ("BF16", (4, 4))}),
+        "other: 1 of 2 tensors are I8 (quantized?)":
+            meta("other", {"embed": ("BF16", (10, 4)), "q": ("I8", (4, 4))}),
+    }
+    for message, other in cases.items():
+        with pytest.raises(IncompatibleModelsError, match=re.escape(message)):
+            hub.check_compatibility([base, other], base)
+
+
+def test_sharded_model_is_checked_from_its_shard_headers_and_downloaded_whole(hub_server, family, sharded):
+    hub_server.seed("org/base", family["base"])
+    hub_server.seed("org/sharded", sharded)
+
+    plan = hub.pull([ref("org/base"), ref("org/sharded")], dry_run=True)
+    assert hub_server.downloads() == [] and plan.models[1].files.keys() >= {
+        "model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"}
+    path = hub.download(plan.models[1])
+
+    assert sorted(p.name for p in path.glob("*.safetensors*")) == sorted(p.name for p in sharded.glob("*.safetensors*"))
+    assert len(hub_server.downloads()) == 3
 
 
 def test_check_rejects_incompatible_models_before_downloading_weights(hub_server, family, wide):
@@ -285,6 +344,34 @@ def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, m
     assert result.commit == repo.branches["main"]
     assert repo.commits[repo.commits[result.commit].parent].parent is None  # exactly one new commit
     assert sum("/commit/" in r.path for r in hub_server.log) == 1  # the retry saw the files there
+
+
+def test_network_errors_during_the_commit_are_retried_without_duplicating_it(hub_server, merged, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub_server.create_repo("alice/merged")
+    hub_server.fail("POST", r"/commit/", status=0)  # connection closed before the commit
+    hub_server.fail("POST", r"/commit/", status=0, after=True)  # ... and after it, on the retry
+
+    result = hub.push(merged, "alice/merged")
+
+    repo = hub_server.repos["alice/merged"]
+    assert result.commit == repo.branches["main"]
+    assert repo.commits[repo.commits[result.commit].parent].parent is None
+    assert sum("/commit/" in r.path for r in hub_server.log) == 2
+
+
+def test_push_never_overwrites_a_commit_made_meanwhile(hub_server, merged, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub_server.create_repo("alice/merged")
+    other = {}
+    hub_server.before("POST", r"/commit/", lambda: other.update(
+        sha=hub_server.commit_files("alice/merged", {"other.txt": b"someone else"})))
+
+    with pytest.raises(HubPushError, match="the branch moved while pushing"):
+        hub.push(merged, "alice/merged")
+
+    assert hub_server.repos["alice/merged"].branches["main"] == other["sha"]
+    assert "config.json" not in hub_server.files("alice/merged")
 
 
 def test_push_without_a_usable_token_fails_clearly(hub_server, merged):
