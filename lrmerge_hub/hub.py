@@ -6,8 +6,9 @@ the token file) work as they do for `hf`. Tokens are passed to the client and ne
 logged or written by this module.
 
 Pull: every Hub id (`org/name`, `org/name@branch-or-tag`, `org/name@<sha>`) is pinned to its
-commit sha first; compatibility is checked from the safetensors headers and config.json alone
-(no weights downloaded); then only the files a merge needs are downloaded into the HF cache.
+commit sha first; the merge is planned (`merge.plan.plan_merge`, the engine's own check) from
+the safetensors headers and config.json alone, before any weights are downloaded; then only
+the files a merge needs are downloaded into the HF cache.
 
 Push: the folder becomes ONE commit with `parent_commit` (optimistic locking), optionally as a
 pull request, on a branch, and tagged. A failed push leaves the remote as it was; running it
@@ -18,22 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import httpx2
-from huggingface_hub import (
-    CommitOperationAdd,
-    HfApi,
-    get_token,
-    hf_hub_download,
-    is_offline_mode,
-    parse_local_safetensors_file_metadata,
-    snapshot_download,
-)
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download, is_offline_mode, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -52,24 +44,12 @@ from .errors import (
     HubOfflineError,
     HubPushError,
     HubRevisionError,
-    IncompatibleModelsError,
-    InputModelError,
     PickleOnlyRepoError,
+    RecipeError,
 )
-from .recipe import SHA, ModelRef, Recipe, load_recipe, parse_model_ref
-
-try:  # the merge engine's types, once lrmerge_hub/merge/plan.py is on main
-    from .merge.plan import Source  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - same fields as the engine's Source
-
-    @dataclass(frozen=True)
-    class Source:  # type: ignore[no-redef]
-        """Where the merge engine reads a model: a local folder, and its Hub origin if any."""
-
-        path: Path
-        repo_id: str | None
-        revision: str | None
-
+from .merge.plan import BASE, MergePlan, Source, TensorSpec, model_keys, plan_merge
+from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
+from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Besides the weights, what a merge (and the merged model) needs from a source repo.
@@ -78,19 +58,9 @@ SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 RETRY_WAIT = 0.5  # seconds before the first retry; doubles each time
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor as its safetensors header describes it (dtype code like "BF16")."""
-
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass
@@ -103,51 +73,46 @@ class ModelMeta:
     revision: str | None = None  # as requested (branch, tag, sha; None: main)
     sha: str | None = None  # the pinned commit
     path: Path | None = None  # local folder, or the snapshot folder once downloaded
-    files: dict[str, int] = field(default_factory=dict)  # files a merge needs -> bytes
+    files: dict[str, int] = field(default_factory=dict)  # files to download -> bytes
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def parameters(self) -> int:
-        return sum(math.prod(t.shape) for t in self.tensors.values())
-
-    @property
     def download_bytes(self) -> int:
-        return sum(self.files.values()) if self.repo_id else 0
+        return sum(self.files.values())
 
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.spec if self.repo_id else self.name, "repo_id": self.repo_id,
             "revision": self.revision, "sha": self.sha, "files": len(self.files),
             "download_bytes": self.download_bytes, "tensors": len(self.tensors),
-            "parameters": self.parameters,
+            "parameters": sum(t.numel for t in self.tensors.values()),
             "dtypes": sorted({t.dtype for t in self.tensors.values()}),
         }
 
 
 @dataclass
 class PullPlan:
-    """The pinned models, the compatibility numbers, and where the files are (after download)."""
+    """The pinned models (by the merge engine's keys: 'base' and the models' specs), the
+    merge plan checked from their headers, and where the files are once downloaded."""
 
-    models: list[ModelMeta]
-    tensors: int
-    parameters: int
+    models: dict[str, ModelMeta]
+    merge_plan: MergePlan
     downloaded: bool = False
 
     @property
     def download_bytes(self) -> int:
-        return sum(m.download_bytes for m in self.models)
+        return sum(m.download_bytes for m in self.models.values())
 
     def to_dict(self) -> dict[str, Any]:
         models = []
-        for m in self.models:
+        for m in self.models.values():
             entry = m.summary()
             if self.downloaded and m.repo_id:
                 entry["path"] = str(m.path)
             models.append(entry)
-        return {"compatible": True, "models": models, "tensors": self.tensors,
-                "parameters": self.parameters, "download_bytes": self.download_bytes,
-                "downloaded": self.downloaded}
+        return {"compatible": True, "models": models, **self.merge_plan.summary(),
+                "download_bytes": self.download_bytes, "downloaded": self.downloaded}
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -189,38 +154,11 @@ def hub_errors(what: str, *, write: bool = False) -> Iterator[None]:
 
 
 # --- reading models -----------------------------------------------------------------------
-def _tensors_from_headers(headers: Iterator[Any]) -> dict[str, TensorSpec]:
-    return {name: TensorSpec(info.dtype, tuple(info.shape))
-            for header in headers for name, info in header.tensors.items()}
-
-
 def local_meta(ref: ModelRef, folder: Path | None = None) -> ModelMeta:
-    """Tensor specs and config of a local folder (or a cached snapshot), read from the headers."""
-    folder = folder or ref.path
-    assert folder is not None
-    name = ref.display
-    if not folder.is_dir():
-        raise InputModelError(f"{name}: folder {folder.name!r} does not exist")
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        why = (f" only pickle weights ({', '.join(pickles[:3])}), which lrmerge never loads (unpickling "
-               "runs arbitrary code); convert them to safetensors with a tool you trust") if pickles else (
-               " no *.safetensors weights")
-        raise InputModelError(f"{name}: the folder has{why}")
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights = [folder / s for s in shards]
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise InputModelError(f"{name}: config.json is missing")
-    try:
-        tensors = _tensors_from_headers(parse_local_safetensors_file_metadata(p) for p in weights)
-    except Exception as e:  # a corrupt or truncated file
-        raise InputModelError(f"{name}: cannot read the safetensors headers ({e})") from None
-    return ModelMeta(spec=ref.spec, name=name, repo_id=ref.repo_id, revision=ref.revision,
-                     path=folder, tensors=tensors, config=json.loads(config_path.read_text()))
+    """Tensor specs and config of a local folder (or a cached snapshot), from the headers."""
+    model = SafetensorsModel(folder or ref.path, label=ref.display)
+    return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
+                     path=model.folder, tensors=model.specs, config=model.config)
 
 
 def _cached_snapshot(ref: ModelRef) -> Path:
@@ -268,81 +206,61 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
             raise HubError(f"{ref.spec} has no config.json at {sha[:12]}: is it a transformers model?")
         config = json.loads(Path(hf_hub_download(ref.repo_id, "config.json", revision=sha,
                                                  token=token)).read_text())
+    tensors = {name: TensorSpec(t.dtype, tuple(t.shape))
+               for header in st.files_metadata.values() for name, t in header.tensors.items()}
     needed = set(st.files_metadata) | {f for f in SIDE_FILES if f in sizes}
     return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
-                     sha=sha, files={f: sizes.get(f, 0) for f in sorted(needed)},
-                     tensors=_tensors_from_headers(iter(st.files_metadata.values())), config=config)
+                     sha=sha, files={f: sizes.get(f, 0) for f in sorted(needed)}, tensors=tensors, config=config)
 
 
 def model_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
     return local_meta(ref) if ref.is_local else remote_meta(ref, token=token)
 
 
-# --- compatibility ------------------------------------------------------------------------
-def _vocab_rows(config: dict[str, Any]) -> int | None:
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-
-
-def check_compatibility(models: list[ModelMeta], base: ModelMeta) -> None:
-    """Raise IncompatibleModelsError (with numbers) unless every model can be merged with `base`.
-
-    Pure: works on header specs and configs. Tensors may differ only in vocabulary rows (the
-    first dimension of a tensor whose rows equal the model's vocab_size). Weights must be
-    floating point (no quantized models). To be swapped for `merge.plan.plan_merge` once it lands.
-    """
-    problems: list[str] = []
-    for m in models:
-        bad = {t.dtype for t in m.tensors.values() if t.dtype not in FLOAT_DTYPES}
-        if bad:
-            n = sum(t.dtype in bad for t in m.tensors.values())
-            problems.append(f"{m.name}: {n} of {len(m.tensors)} tensors are {'/'.join(sorted(bad))} "
-                            f"(quantized?); merging needs {'/'.join(FLOAT_DTYPES)} weights")
-    base_arch = base.config.get("architectures")
-    base_rows = _vocab_rows(base.config)
-    for m in models:
-        if m is base:
-            continue
-        arch = m.config.get("architectures")
-        if arch != base_arch:
-            problems.append(f"{m.name} is {arch} but the base {base.name} is {base_arch}")
-            continue
-        missing = sorted(set(base.tensors) - set(m.tensors))
-        extra = sorted(set(m.tensors) - set(base.tensors))
-        if missing or extra:
-            problems.append(f"{m.name}: {len(missing)} tensors missing (e.g. {missing[:2]}) and {len(extra)} extra "
-                            f"(e.g. {extra[:2]}) compared with the base's {len(base.tensors)}")
-            continue
-        rows = _vocab_rows(m.config)
-        for name, spec in base.tensors.items():
-            other = m.tensors[name].shape
-            vocab_rows_only = (other[1:] == spec.shape[1:] and other[0] == rows and spec.shape[0] == base_rows)
-            if other != spec.shape and not vocab_rows_only:
-                problems.append(f"{m.name}: {name} has shape {list(other)} but the base has {list(spec.shape)}")
-                break
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise IncompatibleModelsError("; ".join(problems[:3]) + more)
-
-
 # --- pull ---------------------------------------------------------------------------------
-def plan_pull(refs: list[ModelRef], *, base: ModelRef | None = None, token: str | None = None) -> PullPlan:
-    """Pin every Hub model, read its metadata from the Hub, and check the models fit together.
+def recipe_refs(recipe: Recipe) -> dict[str, ModelRef]:
+    """The recipe's models by the merge engine's keys ('base', then each model's spec)."""
+    refs = {m.ref.spec: m.ref for m in recipe.models}
+    if recipe.base is not None:
+        refs[BASE] = recipe.base
+    return {key: refs[key] for key in model_keys(recipe)}
 
-    Downloads no weights. The base is `base`, or the first model."""
-    unique = list({r.spec: r for r in ([base] if base else []) + refs}.values())
-    metas = [model_meta(r, token=token) for r in unique]
-    base_meta = metas[0]
-    check_compatibility(metas, base_meta)
-    return PullPlan(models=metas, tensors=len(base_meta.tensors), parameters=base_meta.parameters)
+
+def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
+    """Pin every Hub model of the recipe and plan the merge from headers and configs.
+
+    Downloads no weights. Raises IncompatibleModelsError (with numbers) when the models do
+    not fit together, HubError subclasses when the Hub says no."""
+    metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
+    merge_plan = plan_merge({k: m.tensors for k, m in metas.items()},
+                            {k: m.config for k, m in metas.items()}, recipe)
+    return PullPlan(models=metas, merge_plan=merge_plan)
+
+
+def recipe_for_models(refs: list[ModelRef]) -> Recipe:
+    """A recipe that checks models against the first one (for `lrmerge pull MODEL...`)."""
+    unique = list({r.spec: r for r in refs}.values())
+    return Recipe(method="task_arithmetic", base=unique[0], parameters={},
+                  models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]])
+
+
+def targets_to_recipe(targets: list[str], cwd: Path | None = None) -> Recipe:
+    """`lrmerge pull` arguments: one recipe file, or model specs (local folders, Hub ids)."""
+    cwd = cwd or Path.cwd()
+    recipes = [t for t in targets if t.endswith((".yaml", ".yml"))]
+    if recipes:
+        if len(targets) > 1:
+            raise RecipeError("pull: give one recipe file, or model ids and folders, not both")
+        return load_recipe(cwd / recipes[0])
+    return recipe_for_models([parse_model_ref(t, cwd, "model") for t in targets])
 
 
 def download(meta: ModelMeta, *, token: str | None = None) -> Path:
     """Download the files a merge needs, at the pinned sha, into the HF cache (resumable, with
-    progress bars); returns the snapshot folder. Local models are returned as they are."""
-    if not meta.repo_id:
+    progress bars); returns the snapshot folder. Local (and offline cached) models are
+    returned as they are."""
+    if not meta.repo_id or meta.path is not None:
         assert meta.path is not None
-        return meta.path
-    if meta.path is not None:  # offline: already the cached snapshot
         return meta.path
     with hub_errors(meta.spec):
         meta.path = Path(snapshot_download(meta.repo_id, revision=meta.sha, token=token,
@@ -360,49 +278,23 @@ def _remember_revision(snapshot: Path, revision: str, sha: str | None) -> None:
         ref_file.write_text(sha)
 
 
-def pull(refs: list[ModelRef], *, base: ModelRef | None = None, token: str | None = None,
-         dry_run: bool = False) -> PullPlan:
-    """Check, then (unless `dry_run`) download every Hub model; returns the plan."""
-    plan = plan_pull(refs, base=base, token=token)
+def pull(recipe: Recipe, *, token: str | None = None, dry_run: bool = False) -> PullPlan:
+    """Check, then (unless `dry_run`) download every Hub model of the recipe; returns the plan."""
+    plan = plan_recipe(recipe, token=token)
     if not dry_run:
-        for meta in plan.models:
+        for meta in plan.models.values():
             download(meta, token=token)
         plan.downloaded = True
     return plan
 
 
-def refs_from_targets(targets: list[str], cwd: Path | None = None) -> tuple[list[ModelRef], ModelRef | None]:
-    """`lrmerge pull` arguments: recipe files (their base and models) and/or model specs."""
-    cwd = cwd or Path.cwd()
-    refs: list[ModelRef] = []
-    base: ModelRef | None = None
-    for t in targets:
-        if t.endswith((".yaml", ".yml")) and (cwd / t).is_file():
-            recipe = load_recipe(cwd / t)
-            base = base or recipe.base
-            refs += recipe.all_refs()
-        else:
-            refs.append(parse_model_ref(t, cwd, "model"))
-    return refs, base
-
-
-def materialize_sources(recipe: Recipe, *, token: str | None = None, check: bool = True) -> dict[str, Source]:
-    """Every model of a recipe as a local folder for the merge engine, keyed by spec.
-
-    Hub models are pinned to their sha, checked from their headers (unless `check=False`),
-    and downloaded; local folders pass through (repo_id None, revision None)."""
-    refs = recipe.all_refs()
-    if check:
-        plan = plan_pull(refs, base=recipe.base, token=token)
-        metas = plan.models
-    else:
-        metas = [remote_meta(r, token=token) if r.repo_id else
-                 ModelMeta(spec=r.spec, name=r.display, path=r.path) for r in refs]
-    sources: dict[str, Source] = {}
-    for meta in metas:
-        path = download(meta, token=token)
-        sources[meta.spec] = Source(path=path, repo_id=meta.repo_id, revision=meta.sha)
-    return sources
+def materialize_sources(recipe: Recipe, *, token: str | None = None) -> dict[str, Source]:
+    """Every model of a recipe as a local folder for the merge engine, keyed like the engine
+    ('base', then each model's spec). Hub models are pinned to their sha, checked from their
+    headers, and downloaded; local folders pass through (repo_id None, revision None)."""
+    plan = pull(recipe, token=token)
+    return {key: Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
+            for key, m in plan.models.items()}
 
 
 # --- push ---------------------------------------------------------------------------------
