@@ -352,7 +352,7 @@ def commit_message(folder: Path) -> tuple[str, str]:
 
     def name(s: dict[str, Any]) -> str:
         rev = s.get("revision")
-        return f"{s.get('model')}@{rev[:12]}" if rev else f"{s.get('model')} (local)"
+        return f"{s.get('repo_id') or s.get('model')}@{rev[:12]}" if rev else f"{s.get('model')} (local)"
 
     recipe_id = (report.get("recipe_sha256") or "")[:12]
     summary = f"lrmerge {report.get('method', 'merge')} (recipe {recipe_id}): " + ", ".join(map(name, sources))

@@ -7,7 +7,10 @@ Use it from a test module with
     from tests.hub_support import hub_server, hub_session, TOKEN  # noqa: F401  (fixtures)
 
 `hub_server` gives each test an empty Hub with one user `alice` whose token is `TOKEN`, no
-HF_TOKEN in the environment, and a fresh HF cache (`HF_HUB_CACHE`) of its own.
+HF_TOKEN in the environment, and a fresh HF cache (`HF_HUB_CACHE`) of its own. Seed repos
+with `hub_server.seed("org/name", folder, branch=..., private=..., gated=...)`, tag them with
+`hub_server.tag(...)`, inject failures with `hub_server.fail(...)`, read what was pushed with
+`hub_server.files(...)` and what was requested in `hub_server.log`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,3 @@ def hub_server(hub_session: HubServer, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub_session
 
-
-def seed_repo(server: HubServer, repo_id: str, folder: Path | str, **kwargs) -> str:
-    """Upload a local folder's files as one commit on the test Hub; returns the commit sha."""
-    return server.seed(repo_id, folder, **kwargs)

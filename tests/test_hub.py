@@ -228,6 +228,27 @@ def test_repo_with_only_pickle_weights_is_refused(hub_server, tiny):
     assert hub_server.downloads(".bin") == []
 
 
+def test_a_merge_of_hub_models_records_the_shas_and_its_push_names_them(hub_server, tiny, tmp_path, monkeypatch):
+    from lrmerge_hub.merge.engine import merge
+
+    shas = seed_family(hub_server, tiny)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(
+        "method: slack_ties\nbase: org/base\nmodels:\n  - {model: org/language@v2, role: language}\n"
+        "  - {model: org/task@v1, role: task, slack: 0.5}\nlanguages: [bo]\nlicense: apache-2.0\n")
+    recipe = load_recipe(recipe_path)
+
+    report = merge(recipe, hub.materialize_sources(recipe), tmp_path / "out", device="cpu", progress=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    pushed = hub.push(tmp_path / "out", "alice/merged")
+
+    assert report["base"]["revision"] == shas["base"]
+    assert [m["revision"] for m in report["models"]] == [shas["language"], shas["task"]]
+    title = hub_server.repos["alice/merged"].commits[pushed.commit].title
+    assert all(f"@{sha[:12]}" in title for sha in shas.values()) and recipe.sha256()[:12] in title
+    assert json.loads(hub_server.files("alice/merged")["merge_report.json"]) == report
+
+
 # --- push -----------------------------------------------------------------------------------
 @pytest.fixture
 def merged(tmp_path, tiny) -> Path:
@@ -261,7 +282,7 @@ def test_push_uploads_the_folder_as_one_commit_naming_recipe_and_revisions(hub_s
     assert set(commit.files) - {".gitattributes"} == expected
     assert commit.files["model.safetensors"] == (merged / "model.safetensors").read_bytes()
     assert commit.title == ("lrmerge slack_ties (recipe abababababab): org/base@111111111111, "
-                            "org/language@v2@222222222222, task (local)")
+                            "org/language@222222222222, task (local)")
     assert "2" * 40 in commit.description and "method: slack_ties" in commit.description
 
 
