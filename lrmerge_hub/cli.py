@@ -280,7 +280,11 @@ def push_cmd(folder: Path, repo_id: str, private: bool, create_pr: bool, revisio
                       message=commit_message, token=token)
 
     def human() -> None:
-        click.echo(f"Pushed {result.files} files to {result.repo_id}@{result.revision}: {result.commit}")
+        if not result.changed:
+            click.echo(f"Nothing to push: {result.repo_id}@{result.revision} already holds these "
+                       f"{result.files} files at {result.commit}")
+        else:
+            click.echo(f"Pushed {result.files} files to {result.repo_id}@{result.revision}: {result.commit}")
         if result.pr_url:
             click.echo(f"Pull request: {result.pr_url}")
         if result.tag:

@@ -307,6 +307,7 @@ class PushResult:
     pr_url: str | None
     tag: str | None
     files: int
+    changed: bool  # False: the branch already held exactly these files; no commit was made
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -393,7 +394,9 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
             _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
             if branch != "main":
                 _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
-            sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr)
+            parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
+            sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
+                                       parent)
             if tag:
                 _tag(api, repo_id, tag, sha)
     except (HubAuthError, HubPushError):
@@ -402,13 +405,12 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
         raise HubPushError(f"push to {repo_id}@{branch} failed ({e}); the remote was left as it was: "
                            "run the same command again to complete it") from None
     return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
-                      tag=tag, files=len(files))
+                      tag=tag, files=len(files), changed=sha != parent)
 
 
 def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, description: str,
-            branch: str, create_pr: bool) -> tuple[str, str, str | None]:
-    """One commit of `files` on top of the branch head; returns (sha, url, pr_url)."""
-    parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
+            branch: str, create_pr: bool, parent: str) -> tuple[str, str, str | None]:
+    """One commit of `files` on top of `parent`, the branch head; returns (sha, url, pr_url)."""
     for attempt in range(3):
         # Fresh operations each attempt: the client then asks the Hub again which files it
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.

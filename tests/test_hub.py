@@ -306,6 +306,7 @@ def test_push_to_a_branch_with_a_tag_and_rerun(hub_server, merged, monkeypatch):
 
     repo = hub_server.repos["alice/merged"]
     assert repo.branches["release"] == repo.tags["v1"] == first.commit == again.commit
+    assert first.changed and not again.changed
     assert "model.safetensors" not in hub_server.files("alice/merged", "main")
     (merged / "README.md").write_text("---\nlicense: mit\n---\nchanged\n")
     with pytest.raises(HubPushError, match="tag 'v1' already exists"):
