@@ -419,6 +419,9 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
                                      revision=branch, create_pr=create_pr, parent_commit=parent)
             return info.oid, info.commit_url, info.pr_url
+        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
+            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
+                               "(`lrmerge card` writes valid metadata)") from None
         except (HfHubHTTPError, httpx2.TransportError) as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status == 412:

@@ -92,7 +92,8 @@ def seed_family(server, tiny) -> dict[str, str]:
 # --- pull -----------------------------------------------------------------------------------
 def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_server, tiny):
     shas = seed_family(hub_server, tiny)
-    hub_server.commit_files("org/base", {"training_args.bin": b"pickle", "extra/other.safetensors": b"x"})
+    shas["base"] = hub_server.commit_files("org/base", {"training_args.bin": b"pickle",
+                                                        "extra/other.safetensors": b"x"})
     plan = hub.pull(models("org/base@" + shas["base"], "org/language@v2", "org/task@v1"))
 
     pinned = list(plan.models.values())
@@ -103,7 +104,7 @@ def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert (base_dir / "model.safetensors").read_bytes() == (tiny["base"] / "model.safetensors").read_bytes()
     assert (pinned[2].path / "chat_template.jinja").is_file()  # the task model's chat template
-    assert not any(p.endswith((".bin", "other.safetensors")) for p in hub_server.downloads(""))
+    assert not any(p.endswith((".bin", "other.safetensors", ".gitattributes")) for p in hub_server.downloads(""))
     # the pinned sha stays what was merged even after main moves on
     hub_server.commit_files("org/base", {"config.json": b"{}"})
     assert hub.plan_recipe(models("org/base@" + shas["base"])).models["base"].sha == shas["base"]
@@ -371,6 +372,18 @@ def test_push_never_overwrites_a_commit_made_meanwhile(hub_server, merged, monke
 
     assert hub_server.repos["alice/merged"].branches["main"] == other["sha"]
     assert "config.json" not in hub_server.files("alice/merged")
+
+
+def test_card_metadata_the_hub_rejects_stops_the_push_before_anything_changes(hub_server, merged, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub_server.create_repo("alice/merged")
+    before = hub_server.repos["alice/merged"].branches["main"]
+    (merged / "README.md").write_text("---\nlanguage: [bo]\nlicense: [mit, apache-2.0]\n---\n# merged\n")
+
+    with pytest.raises(HubPushError, match=r'Invalid metadata in README.md. - "license" must be a string'):
+        hub.push(merged, "alice/merged")
+
+    assert hub_server.repos["alice/merged"].branches == {"main": before}
 
 
 def test_push_without_a_usable_token_fails_clearly(hub_server, merged):
