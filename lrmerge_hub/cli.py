@@ -213,6 +213,86 @@ def summary_cmd(summary_file: str) -> None:
     click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
 
 
+# --- hub ---
+from pathlib import Path  # noqa: E402
+
+TOKEN_OPTION = click.option(
+    "--token", default=None, metavar="TOKEN",
+    help="Hub token (default: HF_OIDC_RESOURCE in CI, HF_TOKEN, or the token file). Never printed.",
+)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+@main.command("pull")
+@click.argument("targets", nargs=-1, required=True, metavar="RECIPE|MODEL...")
+@click.option("--dry-run", is_flag=True,
+              help="Pin and check the models from the Hub (headers and config only); download nothing.")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def pull_cmd(targets: tuple[str, ...], dry_run: bool, token: str | None, fmt: str) -> None:
+    """Pin Hub models (org/name[@branch|tag|sha]) to commit shas, check that they can be merged,
+    and download what a merge needs into the HF cache. Takes one recipe, or model ids and folders."""
+    from . import hub
+
+    if fmt == "quiet":
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    plan = hub.pull(hub.targets_to_recipe(list(targets)), token=token, dry_run=dry_run)
+
+    def human() -> None:
+        for m in plan.models.values():
+            pinned = f"{m.spec} -> {m.sha}" if m.repo_id else f"{m.name} (local)"
+            click.echo(f"{pinned}: {len(m.tensors)} tensors, {len(m.files)} files, {_size(m.download_bytes)}")
+        merge = plan.merge_plan
+        verb = "to download" if dry_run else "downloaded into the HF cache"
+        click.echo(f"Compatible: {len(plan.models)} models -> {len(merge.jobs)} tensors, "
+                   f"{merge.parameters:,} parameters; {_size(plan.download_bytes)} {verb}.")
+
+    emit(fmt, plan.to_dict(), human)
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (when it does not exist).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--tag", default=None, help="Tag the new commit, e.g. v1.")
+@click.option("--commit-message", default=None,
+              help="Commit summary (default: names the method, the recipe and the source revisions).")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def push_cmd(folder: Path, repo_id: str, private: bool, create_pr: bool, revision: str | None,
+             tag: str | None, commit_message: str | None, token: str | None, fmt: str) -> None:
+    """Upload a merged model folder (weights, card, recipe, merge report) to REPO_ID as one commit."""
+    from . import hub
+
+    result = hub.push(folder, repo_id, private=private, create_pr=create_pr, revision=revision, tag=tag,
+                      message=commit_message, token=token)
+
+    def human() -> None:
+        if not result.changed:
+            click.echo(f"Nothing to push: {result.repo_id}@{result.revision} already holds these "
+                       f"{result.files} files at {result.commit}")
+        else:
+            click.echo(f"Pushed {result.files} files to {result.repo_id}@{result.revision}: {result.commit}")
+        if result.pr_url:
+            click.echo(f"Pull request: {result.pr_url}")
+        if result.tag:
+            click.echo(f"Tagged {result.tag}")
+
+    emit(fmt, result.to_dict(), human)
+
+
 # --- card ---
 
 
