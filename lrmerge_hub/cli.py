@@ -291,3 +291,43 @@ def push_cmd(folder: Path, repo_id: str, private: bool, create_pr: bool, revisio
             click.echo(f"Tagged {result.tag}")
 
     emit(fmt, result.to_dict(), human)
+
+
+# --- card ---
+
+
+@main.command("card")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--push", "repo_id", metavar="REPO_ID",
+              help="Also commit README.md and .eval_results/ (only those) to this Hub repo, as one commit.")
+@click.option("--token", default=None, help="Hub token for --push (default: HF_TOKEN or the saved login). Never printed.")
+@FORMAT_OPTION
+@user_errors
+def card_cmd(model_dir: str, repo_id: str | None, token: str | None, fmt: str) -> None:
+    """Write the model card (README.md) of a merged MODEL_DIR from its recipe, merge report and eval/ results.
+
+    Regenerating keeps text outside the generated block and metadata keys lrmerge does not manage.
+    """
+    from pathlib import Path
+
+    from .card import build_card, existing_card, push_card, save_card
+
+    folder = Path(model_dir)
+
+    if repo_id:
+        pushed = push_card(folder, repo_id, token=token)
+        data = {"card": str(pushed.path), "repo_id": repo_id, "commit_url": pushed.commit_url,
+                "commit": pushed.commit_oid, "files": pushed.files, "notes": pushed.notes}
+    else:
+        built = build_card(folder, existing=existing_card(folder))
+        path = save_card(folder, built)
+        data = {"card": str(path), "files": ["README.md"] + [f".eval_results/{n}" for n in built.eval_files],
+                "notes": built.notes}
+
+    def human() -> None:
+        for note in data["notes"]:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote {data['card']}" + (f" and pushed {len(data['files'])} file(s) to {repo_id}: "
+                                              f"{data['commit_url']}" if repo_id else ""))
+
+    emit(fmt, data, human)
