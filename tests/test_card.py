@@ -424,3 +424,10 @@ def test_a_pipeline_maps_its_sources_to_the_report_names_for_licenses(tmp_path):
                f"{TASK}@main": Source(tmp_path / "cache" / "flan", repo_id=TASK, revision="a" * 40)}
     assert source_dirs_for(recipe, sources) == {"base-7b": folders["base-7b"], "tibetan-7b": folders["tibetan-7b"],
                                                 f"{TASK}@main": tmp_path / "cache" / "flan"}
+
+
+def test_the_template_comes_from_this_checkout():
+    """A worktree or a plain PYTHONPATH run must render its own model_cards/, not an installed copy."""
+    from lrmerge_hub.card import TEMPLATE
+
+    assert TEMPLATE == Path(__file__).resolve().parents[1] / "model_cards" / "merged_model.md"
