@@ -222,14 +222,6 @@ TOKEN_OPTION = click.option(
 )
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 @main.command("pull")
 @click.argument("targets", nargs=-1, required=True, metavar="RECIPE|MODEL...")
 @click.option("--dry-run", is_flag=True,
@@ -250,11 +242,11 @@ def pull_cmd(targets: tuple[str, ...], dry_run: bool, token: str | None, fmt: st
     def human() -> None:
         for m in plan.models.values():
             pinned = f"{m.spec} -> {m.sha}" if m.repo_id else f"{m.name} (local)"
-            click.echo(f"{pinned}: {len(m.tensors)} tensors, {len(m.files)} files, {_size(m.download_bytes)}")
+            click.echo(f"{pinned}: {len(m.tensors)} tensors, {len(m.files)} files, {human_bytes(m.download_bytes)}")
         merge = plan.merge_plan
         verb = "to download" if dry_run else "downloaded into the HF cache"
         click.echo(f"Compatible: {len(plan.models)} models -> {len(merge.jobs)} tensors, "
-                   f"{merge.parameters:,} parameters; {_size(plan.download_bytes)} {verb}.")
+                   f"{merge.parameters:,} parameters; {human_bytes(plan.download_bytes)} {verb}.")
 
     emit(fmt, plan.to_dict(), human)
 
