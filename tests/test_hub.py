@@ -28,6 +28,7 @@ from lrmerge_hub.errors import (
 from lrmerge_hub.recipe import load_recipe, parse_model_ref
 from lrmerge_hub.synth import llama_shapes, make_family, write_checkpoint
 from safetensors.torch import load_file
+from tests.hub_server import CUT, DROP
 from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,23 @@ def test_sharded_model_is_checked_from_its_shard_headers_and_downloaded_whole(hu
 
     assert sorted(p.name for p in path.glob("*.safetensors*")) == sorted(p.name for p in sharded.glob("*.safetensors*"))
     assert len(hub_server.downloads()) == 3
+
+
+def test_a_download_cut_by_the_network_resumes_where_it_stopped(hub_server, tiny, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # the client keeps whole chunks (10 MB)
+    hub_server.seed("org/base", tiny["base"])
+    meta = hub.plan_recipe(models("org/base")).models["base"]
+    hub_server.fail("GET", r"/model.safetensors$", status=CUT)  # half the bytes, then the connection closes
+
+    path = hub.download(meta)
+
+    weights = tiny["base"] / "model.safetensors"
+    assert (path / "model.safetensors").read_bytes() == weights.read_bytes()
+    gets = [r.range for r in hub_server.log if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    resumed_at = (weights.stat().st_size // 2) // (1 << 16) * (1 << 16)
+    assert resumed_at > 0 and gets[-2:] == [None, f"bytes={resumed_at}-"]  # the second GET resumed
 
 
 def test_check_rejects_incompatible_models_before_downloading_weights(hub_server, tiny, wide):
@@ -349,8 +367,8 @@ def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, m
 def test_network_errors_during_the_commit_are_retried_without_duplicating_it(hub_server, merged, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub_server.create_repo("alice/merged")
-    hub_server.fail("POST", r"/commit/", status=0)  # connection closed before the commit
-    hub_server.fail("POST", r"/commit/", status=0, after=True)  # ... and after it, on the retry
+    hub_server.fail("POST", r"/commit/", status=DROP)  # connection closed before the commit
+    hub_server.fail("POST", r"/commit/", status=DROP, after=True)  # ... and after it, on the retry
 
     result = hub.push(merged, "alice/merged")
 
