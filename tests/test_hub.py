@@ -196,20 +196,23 @@ def test_dry_run_plan_has_the_numbers_and_downloads_nothing(hub_server, tiny):
     assert plan["downloaded"] is False and hub_server.downloads() == []
 
 
-def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp_path):
+def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     shas = seed_family(hub_server, tiny)
     hub.pull(models("org/task@v1"))  # online: fills this test's HF cache
     hub_server.log.clear()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lrmerge_hub", "pull", *a, "--format", "json"],  # noqa: E731
-                                    env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
-    ok = run("org/task@v1")
-    missing = run("org/base")
+    ok = subprocess.run([sys.executable, "-m", "lrmerge_hub", "pull", "org/task@v1", "--format", "json"],
+                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    missing = cli("pull", "org/base")
 
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["models"][0]["sha"] == shas["task"]
-    assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr and "org/base" in missing.stderr
+    pulled = json.loads(ok.stdout)["models"][0]
+    assert pulled["sha"] == shas["task"] and Path(pulled["path"]).name == shas["task"]
+    assert missing.exit_code == 2 and "org/base: HF_HUB_OFFLINE is set and it is not in the HF cache" in missing.output
     assert hub_server.log == []
 
 
