@@ -343,15 +343,22 @@ def test_failed_push_leaves_the_remote_unchanged_and_a_rerun_completes_it(hub_se
     failed = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
 
     assert failed.exit_code == 2
-    assert "Error: push to alice/merged@main failed" in failed.output and "run the same command again" in failed.output
+    assert "Error: push to alice/merged@main failed" in failed.output
+    assert "nothing was committed: run the same command again" in failed.output
     repo = hub_server.repos["alice/merged"]
     assert repo.branches == {"main": before} and repo.tags == {} and repo.prs == []
     assert sum("/commit/" in r.path for r in hub_server.log) == 3  # retried, then stopped
+
+    hub_server.fail("POST", r"/tag/", status=500, times=3)  # now the commit lands but tagging fails
+    untagged = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
+    assert untagged.exit_code == 2 and "could not tag it 'v1'" in untagged.output
+    assert repo.branches["main"] != before and repo.tags == {}
 
     rerun = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
 
     assert rerun.exit_code == 0, rerun.output
     assert repo.tags["v1"] == repo.branches["main"] != before
+    assert "Nothing to push" in rerun.output and "Tagged v1" in rerun.output
 
 
 def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, merged, monkeypatch):
