@@ -52,3 +52,8 @@ class PickleOnlyRepoError(HubError):
 
 class HubPushError(HubError):
     """A push failed; the remote repo was left as it was and the push can be re-run."""
+
+
+class CardError(LrmergeError):
+    """The model card cannot be written: bad language code, license conflict, missing
+    merge report, or text that would leak a token or a local path."""

@@ -21,13 +21,6 @@ for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_O
     os.environ.pop(_var, None)
 # --- end test Hub ---
 
-import os
-import tempfile
-
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lrmerge-test-hf-home-")
-os.environ.pop("HF_TOKEN", None)
-
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

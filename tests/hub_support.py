@@ -15,6 +15,7 @@ with `hub_server.seed("org/name", folder, branch=..., private=..., gated=...)`, 
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 from typing import Iterator
@@ -28,17 +29,27 @@ TOKEN = "hf_TestTokenNeverPrinted0123456789abcdef"
 USER = "alice"
 
 
+_SERVER: HubServer | None = None
+
+
+def _shared_server() -> HubServer:
+    """One test Hub per test process, on the address conftest put in HF_ENDPOINT (several test
+    modules import the fixtures below; each import would otherwise start its own server)."""
+    global _SERVER
+    if _SERVER is None:
+        url = urlsplit(os.environ.get("HF_ENDPOINT", ""))
+        if url.hostname != "127.0.0.1" or not url.port:
+            pytest.fail("HF_ENDPOINT must be set to http://127.0.0.1:PORT in tests/conftest.py before "
+                        "huggingface_hub is imported")
+        _SERVER = HubServer(port=url.port).start()
+        atexit.register(_SERVER.stop)
+    return _SERVER
+
+
 @pytest.fixture(scope="session")
-def hub_session() -> Iterator[HubServer]:
-    """The test Hub, started once on the address that conftest put in HF_ENDPOINT."""
-    endpoint = os.environ.get("HF_ENDPOINT", "")
-    url = urlsplit(endpoint)
-    if url.hostname != "127.0.0.1" or not url.port:
-        pytest.fail("HF_ENDPOINT must be set to http://127.0.0.1:PORT in tests/conftest.py before "
-                    "huggingface_hub is imported")
-    server = HubServer(port=url.port).start()
-    yield server
-    server.stop()
+def hub_session() -> HubServer:
+    """The test Hub, started once per test process."""
+    return _shared_server()
 
 
 @pytest.fixture
