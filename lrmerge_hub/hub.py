@@ -397,13 +397,20 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
             parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
             sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
                                        parent)
-            if tag:
-                _tag(api, repo_id, tag, sha)
     except (HubAuthError, HubPushError):
         raise
     except HubError as e:
-        raise HubPushError(f"push to {repo_id}@{branch} failed ({e}); the remote was left as it was: "
+        raise HubPushError(f"push to {repo_id}@{branch} failed ({e}); nothing was committed: "
                            "run the same command again to complete it") from None
+    if tag:
+        try:
+            with hub_errors(repo_id, write=True):
+                _tag(api, repo_id, tag, sha)
+        except (HubAuthError, HubPushError):
+            raise
+        except HubError as e:
+            raise HubPushError(f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
+                               "run the same command again to add the tag") from None
     return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
                       tag=tag, files=len(files), changed=sha != parent)
 

@@ -33,6 +33,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 EMPTY_SHA = "0" * 40
+DROP = 0  # Fault.status: close the connection without an answer (a network error)
+CUT = -1  # Fault.status: answer, but close the connection halfway through the body
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
@@ -83,7 +85,8 @@ class Fault:
 
     `after=True` runs the request first (its changes stick) and then answers the error, like
     a response lost on the way back; otherwise the request body is read and nothing changes.
-    `status=0` closes the connection without an answer (a network error)."""
+    `status=DROP` closes the connection instead of answering, `status=CUT` halfway through
+    the answer's body (a download interrupted by the network)."""
 
     method: str
     path: re.Pattern
@@ -287,40 +290,44 @@ class _Handler(BaseHTTPRequestHandler):
                     fault.action()
                 if fault.status is None:
                     fault = None
-        status, headers, payload = 500, {}, b""
-        if fault and fault.status == 0 and not fault.after:
-            self.close_connection = True
-            return
+        if fault and not fault.after and fault.status != CUT:  # fail without changing anything
+            if fault.status == DROP:
+                self.close_connection = True
+                return
+            answer = self._error(HttpError(fault.status, "Injected failure"))
+        else:
+            answer = self._route(method, raw_path, query, body, token)
+            if fault and fault.status == DROP:  # applied, then the connection drops
+                self.close_connection = True
+                return
+            if fault and fault.status != CUT:
+                answer = self._error(HttpError(fault.status, "Injected failure after the request was applied"))
+        record.status = answer[0]
+        self._send(method, *answer, cut=bool(fault and fault.status == CUT))
+
+    def _route(self, method: str, raw_path: str, query: dict, body: bytes,
+               token: str | None) -> tuple[int, dict, Any]:
+        route_method = "GET" if method == "HEAD" else method
         try:
-            if fault and not fault.after:
-                raise HttpError(fault.status, "Injected failure")
-            route_method = "GET" if method == "HEAD" else method
             for m, pattern, name in self.ROUTES:
                 match = re.fullmatch(pattern, raw_path)
                 if m == route_method and match:
                     args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-                    with hub.lock:
-                        user = hub.tokens.get(token) if token else None
+                    with self.hub.lock:
+                        user = self.hub.tokens.get(token) if token else None
                         if token and user is None:
                             raise HttpError(401, "Invalid credentials in Authorization header")
-                        status, headers, payload = getattr(self, "h_" + name)(
-                            user=user, query=query, body=body, **args)
-                    break
-            else:
-                raise HttpError(404, f"Not found: {method} {record.path}")
-            if fault and fault.status == 0:
-                self.close_connection = True
-                return
-            if fault:
-                raise HttpError(fault.status, "Injected failure after the request was applied")
+                        return getattr(self, "h_" + name)(user=user, query=query, body=body, **args)
+            raise HttpError(404, f"Not found: {method} {unquote(raw_path)}")
         except HttpError as e:
-            status, headers = e.status, dict(e.headers)
-            if e.code:
-                headers["X-Error-Code"] = e.code
-            headers["X-Error-Message"] = e.message
-            payload = json.dumps({"error": e.message}).encode()
-        record.status = status
-        self._send(method, status, headers, payload)
+            return self._error(e)
+
+    @staticmethod
+    def _error(e: HttpError) -> tuple[int, dict, Any]:
+        headers = {**e.headers, "X-Error-Message": e.message}
+        if e.code:
+            headers["X-Error-Code"] = e.code
+        return e.status, headers, json.dumps({"error": e.message}).encode()
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -334,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, method: str, status: int, headers: dict, payload: Any) -> None:
+    def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> None:
         if not isinstance(payload, bytes):
             payload = json.dumps(payload).encode()
             headers.setdefault("Content-Type", "application/json")
@@ -345,7 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if method != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(payload[: len(payload) // 2] if cut else payload)
+        if cut:
+            self.close_connection = True
 
     # --- access -------------------------------------------------------------------------
     def _repo(self, repo_id: str, user: str | None, *, write: bool = False, files: bool = False) -> Repo:

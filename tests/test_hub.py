@@ -28,6 +28,7 @@ from lrmerge_hub.errors import (
 from lrmerge_hub.recipe import load_recipe, parse_model_ref
 from lrmerge_hub.synth import llama_shapes, make_family, write_checkpoint
 from safetensors.torch import load_file
+from tests.hub_server import CUT, DROP
 from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,23 @@ def test_sharded_model_is_checked_from_its_shard_headers_and_downloaded_whole(hu
     assert len(hub_server.downloads()) == 3
 
 
+def test_a_download_cut_by_the_network_resumes_where_it_stopped(hub_server, tiny, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # the client keeps whole chunks (10 MB)
+    hub_server.seed("org/base", tiny["base"])
+    meta = hub.plan_recipe(models("org/base")).models["base"]
+    hub_server.fail("GET", r"/model.safetensors$", status=CUT)  # half the bytes, then the connection closes
+
+    path = hub.download(meta)
+
+    weights = tiny["base"] / "model.safetensors"
+    assert (path / "model.safetensors").read_bytes() == weights.read_bytes()
+    gets = [r.range for r in hub_server.log if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    resumed_at = (weights.stat().st_size // 2) // (1 << 16) * (1 << 16)
+    assert resumed_at > 0 and gets[-2:] == [None, f"bytes={resumed_at}-"]  # the second GET resumed
+
+
 def test_check_rejects_incompatible_models_before_downloading_weights(hub_server, tiny, wide):
     hub_server.seed("org/base", tiny["base"])
     hub_server.seed("org/wide", wide)
@@ -178,20 +196,23 @@ def test_dry_run_plan_has_the_numbers_and_downloads_nothing(hub_server, tiny):
     assert plan["downloaded"] is False and hub_server.downloads() == []
 
 
-def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp_path):
+def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     shas = seed_family(hub_server, tiny)
     hub.pull(models("org/task@v1"))  # online: fills this test's HF cache
     hub_server.log.clear()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lrmerge_hub", "pull", *a, "--format", "json"],  # noqa: E731
-                                    env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
-    ok = run("org/task@v1")
-    missing = run("org/base")
+    ok = subprocess.run([sys.executable, "-m", "lrmerge_hub", "pull", "org/task@v1", "--format", "json"],
+                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    missing = cli("pull", "org/base")
 
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["models"][0]["sha"] == shas["task"]
-    assert missing.returncode == 2 and "HF_HUB_OFFLINE" in missing.stderr and "org/base" in missing.stderr
+    pulled = json.loads(ok.stdout)["models"][0]
+    assert pulled["sha"] == shas["task"] and Path(pulled["path"]).name == shas["task"]
+    assert missing.exit_code == 2 and "org/base: HF_HUB_OFFLINE is set and it is not in the HF cache" in missing.output
     assert hub_server.log == []
 
 
@@ -322,15 +343,22 @@ def test_failed_push_leaves_the_remote_unchanged_and_a_rerun_completes_it(hub_se
     failed = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
 
     assert failed.exit_code == 2
-    assert "Error: push to alice/merged@main failed" in failed.output and "run the same command again" in failed.output
+    assert "Error: push to alice/merged@main failed" in failed.output
+    assert "nothing was committed: run the same command again" in failed.output
     repo = hub_server.repos["alice/merged"]
     assert repo.branches == {"main": before} and repo.tags == {} and repo.prs == []
     assert sum("/commit/" in r.path for r in hub_server.log) == 3  # retried, then stopped
+
+    hub_server.fail("POST", r"/tag/", status=500, times=3)  # now the commit lands but tagging fails
+    untagged = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
+    assert untagged.exit_code == 2 and "could not tag it 'v1'" in untagged.output
+    assert repo.branches["main"] != before and repo.tags == {}
 
     rerun = cli("push", str(merged), "alice/merged", "--tag", "v1", env={"HF_TOKEN": TOKEN})
 
     assert rerun.exit_code == 0, rerun.output
     assert repo.tags["v1"] == repo.branches["main"] != before
+    assert "Nothing to push" in rerun.output and "Tagged v1" in rerun.output
 
 
 def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, merged, monkeypatch):
@@ -349,8 +377,8 @@ def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, m
 def test_network_errors_during_the_commit_are_retried_without_duplicating_it(hub_server, merged, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub_server.create_repo("alice/merged")
-    hub_server.fail("POST", r"/commit/", status=0)  # connection closed before the commit
-    hub_server.fail("POST", r"/commit/", status=0, after=True)  # ... and after it, on the retry
+    hub_server.fail("POST", r"/commit/", status=DROP)  # connection closed before the commit
+    hub_server.fail("POST", r"/commit/", status=DROP, after=True)  # ... and after it, on the retry
 
     result = hub.push(merged, "alice/merged")
 
