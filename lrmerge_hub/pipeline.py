@@ -103,9 +103,11 @@ def step_eval(ctx: RunContext) -> dict[str, Any]:
 
 def step_card(ctx: RunContext) -> dict[str, Any]:
     from .card import write_card
+    from .card_inputs import source_dirs_for
 
-    repo_id = push_target(ctx).repo if push_target(ctx) else None
-    path = write_card(ctx.output, repo_id=repo_id)
+    target = push_target(ctx)
+    path = write_card(ctx.output, repo_id=target.repo if target else None,
+                      source_dirs=source_dirs_for(ctx.recipe, ctx.sources))
     return {"card": str(path)}
 
 

@@ -71,6 +71,7 @@ def test_run_pulls_merges_cards_and_pushes_once(seeded, hub_server, tmp_path, wr
     repo = hub_server.repos["alice/tiny-bo"]
     files = hub_server.files("alice/tiny-bo")
     assert {"README.md", "merge_report.json", "recipe.yaml", "config.json"} <= set(files)
+    assert not any(name.startswith(".lrmerge") for name in files)
     card = ModelCard(files["README.md"].decode())
     assert card.data.language == ["bo"] and card.data.base_model_relation == "merge"
     assert json.loads(files["merge_report.json"])["models"][1]["revision"] == seeded["task"]
