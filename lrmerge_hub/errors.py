@@ -24,3 +24,11 @@ class IncompatibleModelsError(LrmergeError):
 
 class OutputError(LrmergeError):
     """The output path exists (without --overwrite) or lies inside an input folder."""
+
+
+class ServeError(LrmergeError):
+    """vLLM or the router is missing, cannot start, or died; a port is taken; an unsafe bind."""
+
+
+class EvalError(LrmergeError):
+    """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
