@@ -50,6 +50,169 @@ def main() -> None:
     the Hugging Face Hub, and serve them with vLLM."""
 
 
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count, as transformers' max_shard_size."""
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1073741824")
+
+
+def resolve_sources(recipe, *, dry_run: bool = False):
+    """Local folders for every model of the recipe (Hub ids are pulled at pinned revisions)."""
+    from .merge.engine import local_sources
+
+    return local_sources(recipe)
+
+
+# --- synth ---
+
+
+@main.command("synth")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--hidden", default=64, show_default=True, help="Hidden size (head_dim is hidden/heads).")
+@click.option("--layers", default=2, show_default=True)
+@click.option("--heads", default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option("--extend-language-vocab", default=8, show_default=True,
+              help="Extra vocabulary rows the language model adds, as continually pre-trained models often do.")
+@click.option("--seed", default=0, show_default=True)
+@FORMAT_OPTION
+@user_errors
+def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
+              seed: int, fmt: str) -> None:
+    """Create tiny random base/language/task checkpoints in OUT_DIR (offline demos and tests)."""
+    from pathlib import Path
+
+    from .synth import make_family
+
+    paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
+                        dtype=dtype, extend_language_vocab=extend_language_vocab, seed=seed)
+    emit(fmt, {k: str(v) for k, v in paths.items()},
+         lambda: click.echo("wrote " + ", ".join(str(p) for p in paths.values())))
+
+
+# --- merge ---
+
+
+@main.command("merge")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where to compute (default: the recipe's `device`, else auto: a GPU when there is one).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
+@click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
+@FORMAT_OPTION
+@user_errors
+def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
+              dry_run: bool, fmt: str) -> None:
+    """Merge the models a RECIPE names into one model folder."""
+    from pathlib import Path
+
+    from .errors import RecipeError
+    from .merge.engine import merge
+    from .recipe import load_recipe
+    from .settings import default_device
+
+    recipe = load_recipe(recipe_path)
+    out_dir = Path(out) if out else recipe.output
+    if out_dir is None:
+        raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+    sources = resolve_sources(recipe, dry_run=dry_run)
+    report = merge(recipe, sources, out_dir, device=device or recipe.device or default_device(),
+                   shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
+                   progress=fmt == "human")
+    emit(fmt, report, lambda: print_merge_summary(report))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def print_merge_summary(report: dict) -> None:
+    if report.get("dry_run"):
+        click.echo(f"plan: {report['method']} of {report['tensors']} tensors, {report['parameters']:,} parameters, "
+                   f"read {human_bytes(report['bytes_to_read'])}, write {human_bytes(report['bytes_to_write'])} "
+                   f"({report['output_dtype']}), tokenizer from {report['tokenizer_source']}")
+        click.echo(f"output: {report['output']} (nothing written: dry run)")
+        return
+    for m in report["models"]:
+        r = m.get("retention")
+        if r:
+            frac = f"{r['fraction']:.1%}" if r["fraction"] is not None else "n/a"
+            click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
+                       f"election kept {r['agreed']:,} (retention {frac})")
+    s = report["stats"]
+    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
+               f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
+               f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+
+
+# --- run ---
+
+
+@main.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
+@click.option("--push", "push_repo", metavar="REPO_ID", help="Push here (overrides the recipe's push.repo).")
+@click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
+@click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
+@click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@click.option("--token", envvar=None, help="Hub token (default: HF_TOKEN, the token file, or OIDC in CI).")
+@FORMAT_OPTION
+@user_errors
+def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
+            force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+    """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+    from .settings import default_device
+
+    recipe = load_recipe(recipe_path)
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    try:
+        summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
+                             dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
+                             progress=fmt == "human", echo=echo)
+    except LrmergeError as e:
+        partial = getattr(e, "run_summary", None)
+        if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
+            emit(fmt, {**partial, "error": str(e)}, lambda: None)
+        raise
+    emit(fmt, summary, lambda: print_run_summary(summary))
+
+
+def print_run_summary(summary: dict) -> None:
+    if summary.get("dry_run"):
+        for item in summary["plan"]:
+            click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
+        click.echo(f"output: {summary['output']}")
+        return
+    click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
+
+
+@main.command("summary")
+@click.argument("summary_file", type=click.Path(exists=True, dir_okay=False))
+@user_errors
+def summary_cmd(summary_file: str) -> None:
+    """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
+    from pathlib import Path
+
+    from .pipeline import summary_markdown
+
+    click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
+
+
 # --- serve/eval ---
 import pathlib as _pathlib  # noqa: E402
 

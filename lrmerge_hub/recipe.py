@@ -30,8 +30,10 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
-    "tokenizer_source", "device",
+    "tokenizer_source", "device", "push", "eval",
 )
+PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
+EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend")
 MODEL_KEYS_FIXED = ("model", "role", "hub_id")
 
 
@@ -47,6 +49,13 @@ class ModelRef:
     @property
     def is_local(self) -> bool:
         return self.path is not None
+
+    @property
+    def portable(self) -> str:
+        """The spec as written, except that an absolute local path becomes './<folder name>'."""
+        if self.path is not None and Path(self.spec).expanduser().is_absolute():
+            return f"./{self.path.name}"
+        return self.spec
 
     @property
     def display(self) -> str:
@@ -83,6 +92,28 @@ class ModelEntry:
     hub_id: str | None = None  # Hub id to list a local folder by in the card
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where `lrmerge run` publishes the result."""
+
+    repo: str
+    private: bool = False
+    create_pr: bool = False
+    revision: str | None = None  # branch; created when missing
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What `lrmerge run` evaluates (empty tasks: chosen from the languages)."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    include_path: Path | None = None
+    compare: bool = False
+    backend: str = "server"
+
+
 @dataclass
 class Recipe:
     method: str
@@ -95,6 +126,8 @@ class Recipe:
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
     device: str | None = None
+    push: PushTarget | None = None
+    eval: EvalSpec | None = None
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -102,11 +135,11 @@ class Recipe:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
         out: dict[str, Any] = {"method": self.method}
         if self.base is not None:
-            out["base"] = self.base.spec if not self.base.is_local else self.base.display
+            out["base"] = self.base.portable
         out["models"] = []
         for m in self.models:
             entry: dict[str, Any] = {
-                "model": m.ref.display if m.ref.is_local else m.ref.spec,
+                "model": m.ref.portable,
                 "role": m.role,
             }
             if m.hub_id:
@@ -123,6 +156,14 @@ class Recipe:
             out["tokenizer_source"] = self.tokenizer_source
         if self.output is not None:
             out["output"] = self.output.name
+        if self.push is not None:
+            out["push"] = {k: v for k, v in dataclasses.asdict(self.push).items() if v not in (None, False)}
+        if self.eval is not None:
+            ev = {"tasks": list(self.eval.tasks), "limit": self.eval.limit, "compare": self.eval.compare,
+                  "backend": self.eval.backend}
+            if self.eval.include_path is not None:
+                ev["include_path"] = self.eval.include_path.name
+            out["eval"] = {k: v for k, v in ev.items() if v not in (None, [], False)}
         return out
 
     def to_yaml(self) -> str:
@@ -199,6 +240,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         hub_id = entry.get("hub_id")
         if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id)):
             raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {hub_id!r})")
+        if any(m.ref.spec == ref.spec for m in models) or (base is not None and base.spec == ref.spec):
+            raise RecipeError(f"{where}.model: {ref.spec!r} is named twice in the recipe (each model once)")
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
 
     params_raw = data.get("parameters") or {}
@@ -246,6 +289,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
             )
 
     return Recipe(
+        push=_parse_push(data.get("push")),
+        eval=_parse_eval(data.get("eval"), base_dir),
         method=method_name,
         base=base,
         models=models,
@@ -259,6 +304,57 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         source_file=source_file,
         raw=data,
     )
+
+
+def _parse_push(raw: Any) -> PushTarget | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"repo": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError("push: must be a mapping like {repo: org/name, private: true}")
+    _check_keys(raw, PUSH_KEYS, "push")
+    repo = raw.get("repo")
+    if not isinstance(repo, str) or not HUB_ID.match(repo):
+        raise RecipeError(f"push.repo: must be a Hub id 'org/name' (got {repo!r})")
+    for key in ("private", "create_pr"):
+        if not isinstance(raw.get(key, False), bool):
+            raise RecipeError(f"push.{key}: must be true or false")
+    for key in ("revision", "tag"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not REVISION.match(value)):
+            raise RecipeError(f"push.{key}: must be a branch or tag name (got {value!r})")
+    return PushTarget(repo=repo, private=raw.get("private", False), create_pr=raw.get("create_pr", False),
+                      revision=raw.get("revision"), tag=raw.get("tag"))
+
+
+def _parse_eval(raw: Any, base_dir: Path) -> EvalSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RecipeError("eval: must be a mapping like {tasks: [belebele_bod_Tibt], limit: 100}")
+    _check_keys(raw, EVAL_KEYS, "eval")
+    tasks = raw.get("tasks") or []
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise RecipeError(f"eval.tasks: must be a list of lm-eval task names (got {tasks!r})")
+    limit = raw.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise RecipeError(f"eval.limit: must be a positive whole number (got {limit!r})")
+    include = raw.get("include_path")
+    if include is not None:
+        if not isinstance(include, str):
+            raise RecipeError("eval.include_path: must be a folder of lm-eval task YAML files")
+        include = Path(include).expanduser()
+        include = (include if include.is_absolute() else base_dir / include).resolve()
+    compare = raw.get("compare", False)
+    if not isinstance(compare, bool):
+        raise RecipeError("eval.compare: must be true or false")
+    backend = raw.get("backend", "server")
+    if backend not in ("server", "vllm", "hf"):
+        raise RecipeError(f"eval.backend: must be one of server, vllm, hf (got {backend!r})")
+    return EvalSpec(tasks=tuple(tasks), limit=limit, include_path=include, compare=compare, backend=backend)
 
 
 def load_recipe(path: str | Path) -> Recipe:

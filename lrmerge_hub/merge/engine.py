@@ -1,0 +1,294 @@
+"""The streaming merge engine: one tensor at a time from mmapped shards to streamed shards.
+
+Peak memory is a small multiple of the largest tensor, never a model. Output is atomic:
+everything goes to a temporary folder beside the target, renamed into place at the end.
+The engine knows nothing of the Hub: it takes local folders (`Source`) with provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import InputModelError, OutputError
+from ..recipe import Recipe
+from .methods import MergeMethod, get_method
+from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
+from .st_io import TORCH_DTYPES, SafetensorsModel, ShardedWriter
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "spiece.model",
+)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputModelError("device: cuda was asked for but no GPU is visible (use --device cpu or auto)")
+    return torch.device(device)
+
+
+def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool) -> None:
+    out = out_dir.resolve()
+    for key, src in sources.items():
+        folder = src.path.resolve()
+        if out == folder or folder in out.parents:
+            raise OutputError(f"output {out_dir.name} lies inside the input folder of {key}; choose another output path")
+        if out in folder.parents:
+            raise OutputError(f"output {out_dir.name} contains the input folder of {key}; choose another output path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out_dir} already exists (pass --overwrite to replace it)")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RetentionCounter:
+    """Adds up, per non-base model, the entries kept by the trim and kept by the election."""
+
+    def __init__(self, n: int):
+        self.total = [0] * n
+        self.kept = [0] * n
+        self.agreed = [0] * n
+
+    def add(self, numel: int, kept: list[int], agreed: list[int]) -> None:
+        for i in range(len(self.kept)):
+            self.total[i] += numel
+            self.kept[i] += int(kept[i])
+            self.agreed[i] += int(agreed[i])
+
+    def for_model(self, i: int) -> dict[str, Any]:
+        kept = self.kept[i]
+        return {"total": self.total[i], "kept": kept, "agreed": self.agreed[i],
+                "fraction": round(self.agreed[i] / kept, 6) if kept else None}
+
+
+def to_compute(t: torch.Tensor, device: torch.device, name: str, label: str) -> torch.Tensor:
+    """float32 on the compute device, refusing NaN/Inf inputs."""
+    x = t.to(device=device, dtype=torch.float32, non_blocking=True)
+    if not torch.isfinite(x).all():
+        raise InputModelError(f"{label}: tensor {name} contains NaN or Inf")
+    return x
+
+
+def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+                 keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
+                 device: torch.device, retention: RetentionCounter | None) -> torch.Tensor:
+    """Merge one tensor (rows every model shares; extra vocabulary rows copied) in float32."""
+    rows = job.shared_rows
+    raw = {k: readers[k].get(job.name) for k in keys}
+    sliced = {k: (t[:rows] if rows is not None else t) for k, t in raw.items()}
+    base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
+    models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
+    merged, stats = method.fn(base, models, model_params, params)
+    if retention is not None and stats is not None:
+        retention.add(merged.numel(), stats.kept.tolist(), stats.agreed.tolist())
+    if job.extra_rows_from is not None:
+        extra = to_compute(raw[job.extra_rows_from][rows:], device, job.name, job.extra_rows_from)
+        merged = torch.cat([merged, extra])
+    return merged
+
+
+def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
+    """config.json from the reference model (vocab and dtype updated), generation config and
+    chat template from the task model when it has them, tokenizer from the tokenizer source."""
+    config = dict(readers[plan.reference].config)
+    if plan.output_vocab is not None and "vocab_size" in config:
+        config["vocab_size"] = plan.output_vocab
+    dtype = ST_TO_RECIPE.get(plan.out_dtype, "float32")
+    config["torch_dtype"] = dtype
+    if "dtype" in config:
+        config["dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    task_keys = [m.ref.spec for m in recipe.models if m.role == "task"]
+    prefer = task_keys + [plan.reference] + [k for k in readers if k not in task_keys]
+
+    def first_with(name: str) -> Path | None:
+        for k in prefer:
+            p = readers[k].folder / name
+            if p.is_file():
+                return p
+        return None
+
+    gen = first_with("generation_config.json")
+    if gen:
+        shutil.copyfile(gen, tmp / gen.name)
+    tok_dir = readers[plan.tokenizer_source].folder
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, tmp / name)
+    for name in CHAT_TEMPLATE_FILES:
+        p = first_with(name)
+        if p:
+            shutil.copyfile(p, tmp / name)
+    # A chat template kept inside tokenizer_config.json travels with the task model's tokenizer.
+    tok_cfg_path = tmp / "tokenizer_config.json"
+    if tok_cfg_path.exists() and not any((tmp / n).exists() for n in CHAT_TEMPLATE_FILES):
+        for k in prefer:
+            cfg_file = readers[k].folder / "tokenizer_config.json"
+            if cfg_file.is_file():
+                template = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
+                if template:
+                    tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+                    tok_cfg["chat_template"] = template
+                    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+                    break
+
+
+def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, SafetensorsModel]:
+    readers = {}
+    for key in model_keys(recipe):
+        if key not in sources:
+            raise InputModelError(f"{key}: no local folder for this model (pull it first)")
+        readers[key] = SafetensorsModel(sources[key].path, key)
+    return readers
+
+
+def build_plan(recipe: Recipe, readers: dict[str, SafetensorsModel]) -> MergePlan:
+    keys = model_keys(recipe)
+    return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
+
+
+def merge(
+    recipe: Recipe,
+    sources: dict[str, Source],
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    shard_size: int = 5 * 1000**3,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Merge the recipe's models into `out_dir` and return the merge report.
+
+    `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
+    With dry_run, every input is checked and the plan returned; nothing is written.
+    `on_tensor` is called after each tensor is written (tests inject failures with it).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    method = get_method(recipe.method)
+    check_output_path(out_dir, sources, overwrite)
+    readers = open_sources(recipe, sources)
+    plan = build_plan(recipe, readers)
+    if dry_run:
+        return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+
+    dev = resolve_device(device)
+    keys = model_keys(recipe)
+    model_params = [m.params for m in recipe.models]
+    retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
+    try:
+        with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
+                  disable=not progress, leave=False) as bar:
+            for job in plan.jobs:
+                if job.merge:
+                    merged = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
+                                          dev, retention)
+                    out = merged.to(TORCH_DTYPES[job.out_dtype])
+                else:
+                    out = readers[plan.reference].get(job.name)
+                writer.write(job.name, out)
+                del out
+                bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
+                if on_tensor:
+                    on_tensor(job.name)
+        writer.close()
+        copy_side_files(plan, recipe, readers, tmp)
+        report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        install_atomically(tmp, out_dir)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for r in readers.values():
+            r.close()
+    return report
+
+
+def install_atomically(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an existing output is replaced only then."""
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.lrmerge-old-{os.getpid()}"
+        out_dir.rename(trash)
+        tmp.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
+                 retention: RetentionCounter | None, device: torch.device, started: float,
+                 bytes_written: int) -> dict[str, Any]:
+    def source_entry(key: str, display: str) -> dict[str, Any]:
+        src = sources[key]
+        return {"model": display, "repo_id": src.repo_id, "revision": src.revision}
+
+    models = []
+    for i, m in enumerate(recipe.models):
+        entry = source_entry(m.ref.spec, m.ref.spec if not m.ref.is_local else m.ref.display)
+        entry.update({"hub_id": m.hub_id, "role": m.role, "params": dict(m.params),
+                      "retention": retention.for_model(i) if retention else None})
+        models.append(entry)
+    display = {BASE: recipe.base.display if recipe.base else None}
+    display.update({m.ref.spec: (m.ref.spec if not m.ref.is_local else m.ref.display) for m in recipe.models})
+    return {
+        "tool": {"name": "lrmerge-hub", "version": __version__},
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "recipe_sha256": recipe.sha256(),
+        "method": recipe.method,
+        "parameters": dict(recipe.parameters),
+        "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
+        "languages": list(recipe.languages),
+        "license": recipe.license,
+        "base": source_entry(BASE, display[BASE]) if recipe.base else None,
+        "models": models,
+        "tokenizer_source": display.get(plan.tokenizer_source, plan.tokenizer_source),
+        "vocab": {"base_rows": plan.vocab_rows.get(plan.reference), "output_rows": plan.output_vocab},
+        "stats": {
+            "tensors": len(plan.jobs),
+            "parameters": plan.parameters,
+            "bytes_read": plan.bytes_to_read,
+            "bytes_written": bytes_written,
+            "seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "device": device.type,
+        },
+    }
+
+
+def local_sources(recipe: Recipe) -> dict[str, Source]:
+    """Sources for a recipe whose models are all local folders (no Hub access)."""
+    sources = {}
+    refs = ([(BASE, recipe.base)] if recipe.base else []) + [(m.ref.spec, m.ref) for m in recipe.models]
+    for key, ref in refs:
+        if not ref.is_local:
+            raise InputModelError(f"{ref.spec}: a Hub id; pull it first or use a local folder")
+        sources[key] = Source(path=ref.path)
+    return sources

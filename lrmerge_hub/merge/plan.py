@@ -1,0 +1,211 @@
+"""What a merge will do, decided from tensor headers and configs alone (no weights read).
+
+`plan_merge` is pure: the engine feeds it local safetensors headers, the Hub code feeds it
+remote ones (`get_safetensors_metadata`), so a merge is checked the same way before a
+byte of weights is read or downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import IncompatibleModelsError
+from ..recipe import Recipe
+
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+DTYPE_SIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+RECIPE_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+ST_TO_RECIPE = {v: k for k, v in RECIPE_TO_ST.items()}
+BASE = "base"  # key of the base model in specs/configs/sources
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # safetensors dtype code: F32, BF16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model ready to read: a local folder and, for Hub models, the repo and pinned sha."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    merge: bool  # False: copied from the reference model (non-float tensors)
+    shared_rows: int | None = None  # vocabulary tensors: rows every model has (merged)
+    extra_rows_from: str | None = None  # model key whose rows beyond shared_rows are copied
+
+    @property
+    def out_nbytes(self) -> int:
+        return TensorSpec(self.out_dtype, self.out_shape).nbytes
+
+
+@dataclass
+class MergePlan:
+    jobs: list[TensorJob]
+    reference: str  # model key whose config and non-float tensors the output starts from
+    tokenizer_source: str  # model key
+    out_dtype: str  # safetensors code
+    vocab_rows: dict[str, int] = field(default_factory=dict)  # model key -> vocab size
+    output_vocab: int | None = None
+    bytes_to_read: int = 0
+
+    @property
+    def parameters(self) -> int:
+        return sum(TensorSpec(j.out_dtype, j.out_shape).numel for j in self.jobs)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(j.out_nbytes for j in self.jobs)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "tensors": len(self.jobs),
+            "parameters": self.parameters,
+            "bytes_to_read": self.bytes_to_read,
+            "bytes_to_write": self.bytes_to_write,
+            "output_dtype": ST_TO_RECIPE.get(self.out_dtype, self.out_dtype),
+            "tokenizer_source": self.tokenizer_source,
+            "vocab_rows": dict(self.vocab_rows),
+            "output_vocab": self.output_vocab,
+        }
+
+
+def model_keys(recipe: Recipe) -> list[str]:
+    """Keys of the sources in order: 'base' (when the recipe has one), then each model's spec."""
+    return ([BASE] if recipe.base is not None else []) + [m.ref.spec for m in recipe.models]
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    v = config.get("vocab_size")
+    if v is None and isinstance(config.get("text_config"), dict):
+        v = config["text_config"].get("vocab_size")
+    return v if isinstance(v, int) else None
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    return ",".join(archs) if archs else str(config.get("model_type", "?"))
+
+
+def _default_dtype(recipe: Recipe, config: dict[str, Any], specs: dict[str, TensorSpec]) -> str:
+    if recipe.dtype:
+        return RECIPE_TO_ST[recipe.dtype]
+    declared = config.get("torch_dtype") or config.get("dtype")
+    if declared in RECIPE_TO_ST:
+        return RECIPE_TO_ST[declared]
+    floats = [s.dtype for s in specs.values() if s.dtype in FLOAT_DTYPES]
+    return max(set(floats), key=floats.count) if floats else "F32"
+
+
+def _pick_tokenizer_source(recipe: Recipe, keys: list[str], vocab: dict[str, int | None]) -> str:
+    if recipe.tokenizer_source:
+        return recipe.tokenizer_source
+    sized = [(vocab[k] or 0, k) for k in keys]
+    largest = max(v for v, _ in sized)
+    candidates = [k for v, k in sized if v == largest]
+    # an extended vocabulary usually comes from the language model: prefer it among equals
+    by_role = {m.ref.spec: m.role for m in recipe.models}
+    for k in candidates:
+        if by_role.get(k) == "language" and largest > min(v for v, _ in sized):
+            return k
+    return candidates[0]
+
+
+def plan_merge(specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]],
+               recipe: Recipe) -> MergePlan:
+    """Check that the sources can be merged and decide every output tensor.
+
+    `specs` and `configs` are keyed by 'base' and the models' recipe specs. Raises
+    IncompatibleModelsError naming the model, tensor and numbers on any mismatch.
+    """
+    keys = model_keys(recipe)
+    reference = keys[0]
+    ref_arch = _architecture(configs[reference])
+    for k in keys[1:]:
+        arch = _architecture(configs[k])
+        if arch != ref_arch:
+            raise IncompatibleModelsError(
+                f"models differ in architecture: {reference} is {ref_arch}, {k} is {arch}"
+            )
+
+    vocab = {k: _vocab_size(configs[k]) for k in keys}
+    ref_names = set(specs[reference])
+    for k in keys[1:]:
+        missing = sorted(ref_names - set(specs[k]))
+        extra = sorted(set(specs[k]) - ref_names)
+        if missing:
+            raise IncompatibleModelsError(
+                f"tensor {missing[0]} is missing from {k} ({len(missing)} missing; every model must have the same tensors)"
+            )
+        if extra:
+            raise IncompatibleModelsError(
+                f"tensor {extra[0]} of {k} is missing from {reference} ({len(extra)} extra; every model must have the same tensors)"
+            )
+
+    tokenizer_source = _pick_tokenizer_source(recipe, keys, vocab)
+    out_dtype = _default_dtype(recipe, configs[reference], specs[reference])
+    jobs: list[TensorJob] = []
+    bytes_to_read = 0
+    for name, ref_spec in specs[reference].items():
+        all_specs = {k: specs[k][name] for k in keys}
+        bytes_to_read += sum(s.nbytes for s in all_specs.values())
+        is_float = all(s.dtype in FLOAT_DTYPES for s in all_specs.values())
+        if not is_float:
+            for k, s in all_specs.items():
+                if s != ref_spec:
+                    raise IncompatibleModelsError(
+                        f"non-float tensor {name} differs: {reference} has {ref_spec.dtype}{list(ref_spec.shape)}, "
+                        f"{k} has {s.dtype}{list(s.shape)}"
+                    )
+            jobs.append(TensorJob(name, ref_spec.shape, ref_spec.dtype, merge=False))
+            continue
+        shapes = {k: s.shape for k, s in all_specs.items()}
+        if len(set(shapes.values())) == 1:
+            jobs.append(TensorJob(name, ref_spec.shape, out_dtype, merge=True))
+            continue
+        # Only vocabulary tensors may differ, and only in their rows.
+        tails = {s[1:] for s in shapes.values()}
+        is_vocab = len(tails) == 1 and all(
+            len(s) >= 1 and vocab[k] is not None and s[0] == vocab[k] for k, s in shapes.items()
+        )
+        if not is_vocab:
+            detail = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
+            raise IncompatibleModelsError(f"tensor {name} has different shapes: {detail}")
+        shared = min(s[0] for s in shapes.values())
+        out_rows = shapes[tokenizer_source][0]
+        extra_from = tokenizer_source if out_rows > shared else None
+        jobs.append(TensorJob(name, (out_rows, *ref_spec.shape[1:]), out_dtype, merge=True,
+                              shared_rows=shared, extra_rows_from=extra_from))
+
+    return MergePlan(
+        jobs=jobs,
+        reference=reference,
+        tokenizer_source=tokenizer_source,
+        out_dtype=out_dtype,
+        vocab_rows={k: v for k, v in vocab.items() if v is not None},
+        output_vocab=vocab.get(tokenizer_source),
+        bytes_to_read=bytes_to_read,
+    )

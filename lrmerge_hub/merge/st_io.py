@@ -1,0 +1,243 @@
+"""Safetensors without loading models: header parsing, zero-copy mmap reads, streamed writes.
+
+Reading a tensor returns a view of the memory-mapped file (no copy until it is converted),
+so the engine holds a few tensors at a time, never a model. Writing lays out every shard's
+header up front (the plan knows every output shape) and then streams tensor bytes in order.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import InputModelError, OutputError
+from .plan import DTYPE_SIZES, TensorSpec
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    spec: TensorSpec
+    file: Path
+    start: int  # absolute byte offset of the data in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Parse and check one safetensors file's header. Raises InputModelError if corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputModelError(f"{path.name}: not a safetensors file (too short) in {path.parent.name}")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise InputModelError(f"{path.name}: corrupt or truncated safetensors header in {path.parent.name}")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputModelError(f"{path.name}: corrupt safetensors header (not JSON) in {path.parent.name}") from None
+    if not isinstance(header, dict):
+        raise InputModelError(f"{path.name}: corrupt safetensors header in {path.parent.name}")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, StoredTensor] = {}
+    data_start = 8 + n
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            spec = TensorSpec(dtype, shape)
+            expected = spec.nbytes
+        except (KeyError, TypeError, ValueError):
+            raise InputModelError(f"{path.name}: corrupt entry for tensor {name} in {path.parent.name}") from None
+        if end - begin != expected or begin < 0 or data_start + end > size:
+            raise InputModelError(
+                f"{path.name}: tensor {name} lies outside the file (truncated or corrupt) in {path.parent.name}"
+            )
+        tensors[name] = StoredTensor(spec, path, data_start + begin, data_start + end)
+    return tensors, metadata
+
+
+class SafetensorsModel:
+    """One model folder: its tensors (by name, lazily mapped) and its config."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = Path(folder)
+        self.label = label
+        if not self.folder.is_dir():
+            raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
+        self.tensors = self._index()
+        self.config = self._read_json("config.json", required=True)
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _read_json(self, name: str, required: bool = False) -> dict[str, Any]:
+        path = self.folder / name
+        if not path.exists():
+            if required:
+                raise InputModelError(f"{self.label}: {name} is missing from {self.folder.name}")
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON") from None
+
+    def _index(self) -> dict[str, StoredTensor]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = self._read_json(index.name).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputModelError(f"{self.label}: {index.name} has no weight_map")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not files:
+                pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                if pickles:
+                    raise InputModelError(
+                        f"{self.label}: only pickle weights ({pickles[0]}) in {self.folder.name}; "
+                        "lrmerge reads safetensors only and never unpickles (convert the model to safetensors first)"
+                    )
+                raise InputModelError(f"{self.label}: no safetensors weights in {self.folder.name}")
+        tensors: dict[str, StoredTensor] = {}
+        for fname in files:
+            path = self.folder / fname
+            if not path.is_file():
+                raise InputModelError(f"{self.label}: shard {fname} listed in the index is missing")
+            found, _ = read_header(path)
+            for name, st in found.items():
+                if name in tensors:
+                    raise InputModelError(f"{self.label}: tensor {name} appears in two shards")
+                tensors[name] = st
+        if index.exists():
+            listed = set(weight_map)
+            if listed != set(tensors):
+                name = sorted(listed ^ set(tensors))[0]
+                raise InputModelError(f"{self.label}: tensor {name} is in the index but not in the shards (or the reverse)")
+        return tensors
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: st.spec for name, st in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy, read-only view of the tensor in the memory-mapped file."""
+        st = self.tensors[name]
+        mm = self._maps.get(st.file)
+        if mm is None:
+            with open(st.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[st.file] = mm
+        count = st.spec.numel
+        if count == 0:
+            return torch.empty(st.spec.shape, dtype=TORCH_DTYPES[st.spec.dtype])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mapping is read-only; we never write to it
+            flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[st.spec.dtype], count=count, offset=st.start)
+        return flat.view(st.spec.shape)
+
+    def close(self) -> None:
+        self._maps.clear()  # mappings close when no tensor views them any more
+
+
+def shard_layout(tensors: Iterable[tuple[str, TensorSpec]], shard_size: int) -> list[list[tuple[str, TensorSpec]]]:
+    """Split tensors, in order, into shards of at most shard_size bytes (a bigger tensor gets its own)."""
+    shards: list[list[tuple[str, TensorSpec]]] = [[]]
+    size = 0
+    for name, spec in tensors:
+        if shards[-1] and size + spec.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, spec))
+        size += spec.nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Streams tensors, in the planned order, into safetensors shards plus an index."""
+
+    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int):
+        self.folder = folder
+        self.shards = shard_layout(tensors, shard_size)
+        n = len(self.shards)
+        self.names = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.order = [name for shard in self.shards for name, _ in shard]
+        self.specs = dict(tensors)
+        self._next = 0
+        self._shard = -1
+        self._left_in_shard = 0
+        self._file = None
+        self.bytes_written = 0
+
+    def _open_next_shard(self) -> None:
+        if self._file:
+            self._file.close()
+        self._shard += 1
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, spec in self.shards[self._shard]:
+            header[name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
+        self._file = open(self.folder / self.names[self._shard], "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._left_in_shard = len(self.shards[self._shard])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self._next]
+        if name != expected:
+            raise RuntimeError(f"tensor {name} written out of order (expected {expected})")
+        spec = self.specs[name]
+        if ST_CODES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"tensor {name}: got {tensor.dtype}{list(tensor.shape)}, planned {spec}")
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._file.write(memoryview(data))
+        except OSError as e:
+            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+        self.bytes_written += data.nbytes
+        self._next += 1
+        self._left_in_shard -= 1
+
+    def close(self) -> None:
+        if self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        if self._next != len(self.order):
+            raise RuntimeError(f"only {self._next} of {len(self.order)} tensors were written")
+        if len(self.names) > 1:
+            weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
+            total = sum(spec.nbytes for spec in self.specs.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,159 @@
+"""Every bad input: one-line error naming the problem, exit code 2, nothing written."""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from lrmerge_hub.cli import main
+
+GOOD = """
+method: slack_ties
+base: ./models/base
+models:
+  - {model: ./models/language, role: language, density: 0.2}
+  - {model: ./models/task, role: task, density: 0.2, slack: 0.5}
+output: ./merged
+"""
+
+
+def lrmerge(*args):
+    result = CliRunner().invoke(main, list(args))
+    # stderr may hold a cleared progress bar before the error; the error is its last line
+    last = result.stderr.strip().replace("\r", "\n").splitlines()[-1:] if result.stderr.strip() else []
+    return result.exit_code, result.stdout + "\n".join(last)
+
+
+def assert_clean_error(tmp_path: Path, recipe: Path, *needles: str, extra=()):
+    code, output = lrmerge("merge", str(recipe), *extra)
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert code == 2, output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not (tmp_path / "merged").exists()
+    assert not list(tmp_path.glob(".merged*"))
+    return lines[0]
+
+
+@pytest.fixture
+def models(family):
+    return family()
+
+
+def first_shard(folder: Path) -> Path:
+    return sorted(folder.glob("*.safetensors"))[0]
+
+
+def test_good_recipe_merges(tmp_path, models, write_recipe):
+    code, output = lrmerge("merge", str(write_recipe(GOOD)), "--format", "json")
+    assert code == 0, output
+    assert json.loads(output)["stats"]["tensors"] == 21
+
+
+def test_dry_run_writes_nothing(tmp_path, models, write_recipe):
+    code, output = lrmerge("merge", str(write_recipe(GOOD)), "--dry-run")
+    assert code == 0 and "plan: slack_ties of 21 tensors" in output
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("text,needles", [
+    (GOOD.replace("slack_ties", "tie"), ["method", "'tie'", "slack_ties"]),
+    (GOOD.replace("density: 0.2}", "density: 0.2, densty: 1}", 1), ["models[0]", "'densty'"]),
+    (GOOD.replace("density: 0.2}", "density: 0}", 1), ["models[0].density", "> 0.0"]),
+    (GOOD.replace("density: 0.2}", "density: 1.5}", 1), ["models[0].density", "<= 1.0"]),
+    (GOOD.replace("slack: 0.5", "slack: -1"), ["models[1].slack", ">= 0.0"]),
+    (GOOD + "parameters: {lambda: 1, normalise: true}\n", ["'normalise'"]),
+    (GOOD + "outptu: x\n", ["'outptu'"]),
+    (GOOD.replace("method: slack_ties", "method: ties"), ["'slack'", "method 'ties'"]),
+    (GOOD.replace("role: language", "role: lang"), ["models[0].role", "language, task"]),
+    (GOOD.replace("./models/base", "./models/nowhere"), ["base", "does not exist"]),
+    (GOOD + "dtype: int8\n", ["dtype", "bfloat16"]),
+    ("method: ties\n  bad: [", ["not valid YAML"]),
+    (GOOD.replace("base: ./models/base\n", ""), ["base", "required"]),
+])
+def test_recipe_mistakes(tmp_path, models, write_recipe, text, needles):
+    assert_clean_error(tmp_path, write_recipe(text), *needles)
+
+
+def test_output_inside_input(tmp_path, models, write_recipe):
+    recipe = write_recipe(GOOD.replace("output: ./merged", "output: ./models/task/merged"))
+    code, output = lrmerge("merge", str(recipe))
+    assert code == 2 and "inside the input folder" in output
+    assert not (tmp_path / "models/task/merged").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, models, write_recipe):
+    (tmp_path / "merged").mkdir()
+    code, output = lrmerge("merge", str(write_recipe(GOOD)))
+    assert code == 2 and "--overwrite" in output
+    assert list((tmp_path / "merged").iterdir()) == []
+
+
+def test_pickle_only_weights_refused(tmp_path, models, write_recipe):
+    task = models["task"]
+    for f in task.glob("*.safetensors"):
+        f.unlink()
+    (task / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert_clean_error(tmp_path, write_recipe(GOOD), "pickle", "never unpickles")
+
+
+def test_truncated_safetensors(tmp_path, models, write_recipe):
+    shard = first_shard(models["language"])
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_clean_error(tmp_path, write_recipe(GOOD), "truncated")
+
+
+def test_corrupt_header(tmp_path, models, write_recipe):
+    shard = first_shard(models["language"])
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\x00\xff\x00\xff"
+    shard.write_bytes(bytes(data))
+    assert_clean_error(tmp_path, write_recipe(GOOD), "corrupt")
+
+
+def test_different_architectures(tmp_path, models, write_recipe):
+    cfg_path = models["task"] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert_clean_error(tmp_path, write_recipe(GOOD), "architecture", "MistralForCausalLM")
+
+
+def rewrite_tensors(folder: Path, change):
+    shard = first_shard(folder)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(shard))
+    change(tensors)
+    save_file(tensors, str(shard))
+
+
+def test_different_shapes(tmp_path, models, write_recipe):
+    rewrite_tensors(models["task"], lambda t: t.__setitem__(
+        "model.layers.0.mlp.up_proj.weight", torch.zeros(64, 64)))
+    assert_clean_error(tmp_path, write_recipe(GOOD), "model.layers.0.mlp.up_proj.weight", "[64, 64]", "[128, 64]")
+
+
+def test_missing_tensor(tmp_path, models, write_recipe):
+    rewrite_tensors(models["task"], lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    assert_clean_error(tmp_path, write_recipe(GOOD), "model.layers.0.mlp.up_proj.weight", "missing")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_inf_in_input(tmp_path, models, write_recipe, bad):
+    def poison(t):
+        t["model.layers.0.mlp.up_proj.weight"][3, 5] = bad
+
+    rewrite_tensors(models["language"], poison)
+    assert_clean_error(tmp_path, write_recipe(GOOD), "NaN or Inf", "model.layers.0.mlp.up_proj.weight")
+
+
+def test_missing_recipe_file(tmp_path):
+    code, output = lrmerge("merge", str(tmp_path / "nope.yaml"))
+    assert code == 2 and output.startswith("Error: recipe: cannot read")
