@@ -12,6 +12,7 @@ those files are replaced by folder names, because the folder is published with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -22,7 +23,7 @@ import time
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -320,6 +321,37 @@ def safe_dir_name(name: str) -> str:
     return name.replace("/", "__")
 
 
+@dataclass
+class RunSettings:
+    """How lm-eval is run, the same for every model of one evaluation."""
+
+    backend: str
+    tasks: list[str]
+    eval_root: Path
+    log_dir: Path
+    limit: int | None = None
+    include_path: Path | None = None
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = None
+    num_concurrent: int = 8
+    batch_size: str = "1"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    seed: int = 1234
+    serve_each: bool = False  # server backend without a running server: serve each model in turn
+
+
+def check_ready(backend: str, include_path: Path | None) -> None:
+    if backend not in BACKENDS:
+        raise EvalError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if importlib_spec("lm_eval") is None:
+        raise EvalError("lm-eval is not installed: pip install 'lrmerge-hub[eval]'")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvalError(f"--include-path {include_path} is not a folder of task YAML files")
+
+
 def evaluate(spec: str, *, tasks: str | None = None, limit: int | None = None, backend: str = "auto",
              base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
              include_path: Path | None = None, compare: bool = False,
@@ -328,13 +360,9 @@ def evaluate(spec: str, *, tasks: str | None = None, limit: int | None = None, b
              max_model_len: int | None = None, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float | None = None, seed: int = 1234,
              log_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate the model (and its sources with `compare`); return files and a summary."""
-    if backend not in BACKENDS:
-        raise EvalError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if importlib_spec("lm_eval") is None:
-        raise EvalError("lm-eval is not installed: pip install 'lrmerge-hub[eval]'")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise EvalError(f"--include-path {include_path} is not a folder of task YAML files")
+    """`lrmerge eval`: evaluate the model (and its sources with `compare`); return the
+    result files, a summary per model and a table."""
+    check_ready(backend, include_path)
     merged = merged_model(spec)
     model_dir = Path(merged.model) if merged.is_local else None
     chosen_tasks = select_tasks(tasks, model_languages(model_dir))
@@ -342,39 +370,101 @@ def evaluate(spec: str, *, tasks: str | None = None, limit: int | None = None, b
     backend = choose_backend(backend, models, base_url, api_key)
     if backend == "server":
         check_server(models, base_url, api_key)
-    eval_root = Path(out_dir) if out_dir else (model_dir / "eval" if model_dir else Path.cwd() / "eval")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_dir = Path(log_dir) if log_dir else Path.cwd() / ".lrmerge" / "eval" / stamp
-    device = "cuda" if backend == "vllm" else hf_device()
+    rs = RunSettings(
+        backend=backend, tasks=chosen_tasks,
+        eval_root=Path(out_dir) if out_dir else (model_dir / "eval" if model_dir else Path.cwd() / "eval"),
+        log_dir=Path(log_dir) if log_dir else Path.cwd() / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
+        limit=limit, include_path=Path(include_path).resolve() if include_path else None, base_url=base_url,
+        api_key=api_key, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
+        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    return evaluate_models(models, rs, echo)
+
+
+def evaluate_for_run(output: Path, recipe: Any, spec: Any, *, sources: dict[str, Any],
+                     echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The `eval` step of `lrmerge run`: the recipe's eval section (EvalSpec) on the merged
+    folder, with the run's resolved sources (spec -> Source with .path) for `compare`.
+    The server backend serves each model with vLLM in turn on a free port."""
+    check_ready(spec.backend, spec.include_path)
+    output = Path(output).resolve()
+    merged = EvalModel(name=output.name, model=str(output), revision=None, role="merged")
+    chosen_tasks = select_tasks(",".join(spec.tasks) if spec.tasks else None, list(recipe.languages))
+    models = [merged]
+    if spec.compare:
+        seen: dict[str, int] = {}
+        for entry in recipe.models:
+            src = sources[entry.ref.spec]
+            seen[entry.role] = seen.get(entry.role, 0) + 1
+            role = entry.role if seen[entry.role] == 1 else f"{entry.role}-{seen[entry.role]}"
+            path = Path(src.path).resolve()
+            models.append(EvalModel(name=src.repo_id or path.name, model=str(path), revision=None, role=role))
+    rs = RunSettings(backend=spec.backend, tasks=chosen_tasks, eval_root=output / "eval",
+                     log_dir=output.parent / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
+                     limit=spec.limit, include_path=spec.include_path, serve_each=spec.backend == "server")
+    return evaluate_models(models, rs, echo)
+
+
+def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Run lm-eval for each model; store results under rs.eval_root; summarize.
+
+    Returns {backend, tasks, files: {role: path}, summary: {name: {task: {metric: value}}},
+    scores: [{model, role, task, metric, value}], table}."""
+    device = "cuda" if rs.backend == "vllm" else hf_device()
     env = dict(os.environ)
-    if backend == "server":
-        env["OPENAI_API_KEY"] = api_key or env.get("OPENAI_API_KEY", "")
+    if rs.backend == "server":
+        env["OPENAI_API_KEY"] = rs.api_key or env.get("OPENAI_API_KEY", "")
     replacements = {m.model: m.name for m in models if m.is_local}
-    if include_path is not None:
-        replacements[str(Path(include_path).resolve())] = Path(include_path).name
+    if rs.include_path is not None:
+        replacements[str(rs.include_path)] = rs.include_path.name
     replacements[str(Path.home())] = "~"
 
     files: dict[str, str] = {}
     summaries: dict[str, dict[str, dict[str, float]]] = {}
+    scores: list[dict[str, Any]] = []
     for m in models:
-        margs = model_args(m, backend, base_url=base_url, num_concurrent=num_concurrent, dtype=dtype,
-                           device=device, max_model_len=max_model_len,
-                           tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization)
-        eval_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=eval_root) as tmp:
-            cmd = lm_eval_command(m, backend, chosen_tasks, Path(tmp), margs=margs, limit=limit,
-                                  include_path=Path(include_path).resolve() if include_path else None,
-                                  batch_size=batch_size, seed=seed)
-            run_lm_eval(cmd, env, log_dir / f"{m.role}-{safe_dir_name(m.name)}.log", echo)
-            dest_dir = eval_root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
-            extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
-                     "backend": backend, "tasks": chosen_tasks, "limit": limit, "command": shlex.join(cmd[1:])}
-            dest = store_results(Path(tmp), dest_dir, extra, replacements)
+        with served_if_needed(m, rs) as base_url:
+            margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
+                               dtype=rs.dtype, device=device, max_model_len=rs.max_model_len,
+                               tensor_parallel_size=rs.tensor_parallel_size,
+                               gpu_memory_utilization=rs.gpu_memory_utilization)
+            rs.eval_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.eval_root) as tmp:
+                cmd = lm_eval_command(m, rs.backend, rs.tasks, Path(tmp), margs=margs, limit=rs.limit,
+                                      include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed)
+                run_lm_eval(cmd, env, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log", echo)
+                dest_dir = rs.eval_root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
+                extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
+                         "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
+                         "command": shlex.join(["lm_eval", *cmd[3:]])}
+                dest = store_results(Path(tmp), dest_dir, extra, replacements)
         files[m.role] = str(dest)
         summaries[m.name] = summarize(json.loads(dest.read_text()))
-    return {"backend": backend, "tasks": chosen_tasks, "files": files, "summary": summaries,
-            "table": format_table(summaries)}
+        scores += [{"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
+                   for task, metrics in summaries[m.name].items() for metric, value in metrics.items()]
+    return {"backend": rs.backend, "tasks": rs.tasks, "files": files, "summary": summaries,
+            "scores": scores, "table": format_table(summaries)}
+
+
+@contextlib.contextmanager
+def served_if_needed(m: EvalModel, rs: RunSettings) -> Iterator[str]:
+    """Yield the base URL to evaluate `m` against: rs.base_url, or (serve_each) a vLLM
+    started for `m` alone on a free port and stopped afterwards."""
+    if not (rs.backend == "server" and rs.serve_each):
+        yield rs.base_url
+        return
+    from . import serve
+
+    opts = serve.ServeOptions(port=serve.free_port(), max_model_len=rs.max_model_len)
+    try:
+        endpoint = serve.start([m.model], opts, rs.log_dir / f"serve-{safe_dir_name(m.name)}",
+                               served_names=[m.name])
+    except ServeError as e:
+        raise EvalError(f"could not serve {m.name} for evaluation: {e}") from None
+    try:
+        yield endpoint.base_url
+    finally:
+        endpoint.stop()
 
 
 def hf_device() -> str:

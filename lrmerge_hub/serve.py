@@ -14,6 +14,7 @@ whose head_dim is below 32 are refused before start-up (they crash on the first 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import ipaddress
@@ -146,6 +147,7 @@ def check_port_free(host: str, port: int) -> None:
     """Fail early and clearly if something already listens on host:port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
@@ -426,11 +428,15 @@ def _safe_name(name: str) -> str:
 
 
 def start(specs: list[str], opts: ServeOptions, log_dir: Path,
-          should_stop: Callable[[], bool] = lambda: False) -> Endpoint:
+          should_stop: Callable[[], bool] = lambda: False,
+          served_names: list[str] | None = None) -> Endpoint:
     """Check everything, start vLLM (and the router for several models), wait until healthy.
+    `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
 
     Raises ServeError, having stopped whatever it started."""
     targets = [resolve_target(s) for s in specs]
+    if served_names:
+        targets = [dataclasses.replace(t, served_name=n) for t, n in zip(targets, served_names)]
     if not targets:
         raise ServeError("serve: name at least one model folder or Hub id")
     check_unique_names(targets)
@@ -536,3 +542,10 @@ def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> E
         raise ServeError("interrupted during start-up; everything that was started has been stopped")
     return endpoint
 
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
