@@ -214,8 +214,7 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
         if max_model_len:
             args["max_model_len"] = max_model_len
     else:
-        args = {"pretrained": m.model, "dtype": "float32" if dtype == "auto" and device == "cpu" else dtype,
-                "device": device}
+        args = {"pretrained": m.model, "dtype": "float32" if dtype == "auto" and device == "cpu" else dtype}
     if m.revision and backend != "server":
         args["revision"] = m.revision
     return ",".join(f"{k}={v}" for k, v in args.items())
@@ -223,12 +222,14 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
 
 def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: Path, *,
                     margs: str, limit: int | None, include_path: Path | None,
-                    batch_size: str, seed: int) -> list[str]:
+                    batch_size: str, seed: int, device: str | None = None) -> list[str]:
     """`python -m lm_eval run ...` exactly as it will be run."""
     lm_model = {"server": "local-completions", "vllm": "vllm", "hf": "hf"}[backend]
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", lm_model, "--model_args", margs,
            "--tasks", ",".join(tasks), "--output_path", str(output_path), "--batch_size", batch_size,
            "--seed", str(seed)]
+    if backend == "hf" and device:
+        cmd += ["--device", device]
     if limit is not None:
         cmd += ["--limit", str(limit)]
     if include_path is not None:
@@ -431,7 +432,8 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
             rs.eval_root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.eval_root) as tmp:
                 cmd = lm_eval_command(m, rs.backend, rs.tasks, Path(tmp), margs=margs, limit=rs.limit,
-                                      include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed)
+                                      include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed,
+                                      device=device)
                 run_lm_eval(cmd, env, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log", echo)
                 dest_dir = rs.eval_root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
                 extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,

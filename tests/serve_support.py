@@ -9,6 +9,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -77,9 +78,14 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def scratch_dir() -> str:
+    """A fresh working folder, so default outputs (./.lrmerge/...) never land in the checkout."""
+    return tempfile.mkdtemp(prefix="lrmerge-cli-")
+
+
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lrmerge_hub", *args], capture_output=True, text=True,
-                          env=env or cli_env(), timeout=timeout, cwd=REPO_ROOT)
+                          env=env or cli_env(), timeout=timeout, cwd=scratch_dir())
 
 
 class ServeProcess:
@@ -88,7 +94,7 @@ class ServeProcess:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "serve", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=REPO_ROOT)
+                                     cwd=scratch_dir())
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.stdout: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

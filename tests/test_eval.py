@@ -87,7 +87,8 @@ def test_missing_model_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path):
+def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lm-eval logs go to ./.lrmerge/eval
     root = make_models(tmp_path / "models")
     merged = merge_tiny(root, "merged-bo")
     tasks = write_tiny_task(tmp_path / "tasks")
@@ -110,3 +111,5 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path):
         assert str(tmp_path) not in path.read_text()
     assert {s["role"] for s in out["scores"]} == {"merged", "language", "task"}
     assert not list(eval_dir.glob(".lm-eval-*"))  # scratch folders are gone
+    logs = list((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
+    assert len(logs) == 3 and all(log.read_text().startswith("$ ") for log in logs)

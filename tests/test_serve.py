@@ -139,7 +139,8 @@ def test_port_already_in_use(served):
 
 
 @pytest.mark.slow
-def test_eval_against_the_server_writes_results(served, tmp_path):
+def test_eval_against_the_server_writes_results(served, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from click.testing import CliRunner
 
     from lrmerge_hub.cli import main
