@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,8 +30,6 @@ def test_default_tasks_follow_the_languages():
 def test_default_tasks_exist_in_lm_eval():
     """Every default task name is one lm-eval 0.4.13 ships (a typo would fail only at run time)."""
     import lm_eval
-
-    from pathlib import Path
 
     root = Path(lm_eval.__file__).parent / "tasks"
     known = set()
@@ -113,3 +112,34 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, 
     assert not list(eval_dir.glob(".lm-eval-*"))  # scratch folders are gone
     logs = list((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
     assert len(logs) == 3 and all(log.read_text().startswith("$ ") for log in logs)
+
+
+@pytest.mark.slow
+def test_run_step_serves_the_merge_with_vllm_and_stops_it(tmp_path, monkeypatch):
+    """The `eval` step of `lrmerge run` with the server backend: vLLM is started for the
+    merged folder on a free port, lm-eval runs against it, and vLLM is gone afterwards."""
+    from lrmerge_hub.recipe import load_recipe
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    root = make_models(tmp_path / "models")
+    merged = merge_tiny(root, "merged-bo")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    recipe = load_recipe(root / "merged-bo.yaml")
+    spec = SimpleNamespace(tasks=("tiny_mc",), limit=None, include_path=tasks, compare=False, backend="server")
+    before = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    out = evaluate.evaluate_for_run(merged, recipe, spec, sources={})
+    assert out["backend"] == "server" and out["tasks"] == ["tiny_mc"]
+    assert [s["metric"] for s in out["scores"]] == ["acc"] and out["scores"][0]["model"] == "merged-bo"
+    data = json.loads(open(out["files"]["merged"]).read())
+    assert data["lrmerge"]["backend"] == "server" and "local-completions" in data["lrmerge"]["command"]
+    logs = list((root / ".lrmerge" / "eval").rglob("vllm-merged-bo.log"))
+    assert len(logs) == 1 and "--generation-config vllm" in logs[0].read_text().splitlines()[0]
+    after = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    ours = []
+    for pid in after - before:
+        try:
+            if "vllm" in open(f"/proc/{pid}/cmdline").read() and str(merged) in open(f"/proc/{pid}/cmdline").read():
+                ours.append(int(pid))
+        except OSError:
+            pass
+    assert ours == []  # no vLLM process for this model survived the step
