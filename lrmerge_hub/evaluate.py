@@ -438,7 +438,7 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
                 dest_dir = rs.eval_root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
                 extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
                          "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
-                         "command": shlex.join(["lm_eval", *cmd[3:]])}
+                         "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(rs.eval_root))}
                 dest = store_results(Path(tmp), dest_dir, extra, replacements)
         files[m.role] = str(dest)
         summaries[m.name] = summarize(json.loads(dest.read_text()))

@@ -110,6 +110,12 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, 
         assert str(tmp_path) not in path.read_text()
     assert {s["role"] for s in out["scores"]} == {"merged", "language", "task"}
     assert not list(eval_dir.glob(".lm-eval-*"))  # scratch folders are gone
+    from lrmerge_hub.card import write_card  # the card picks the results up from eval/
+
+    card = write_card(merged).read_text()
+    evaluation = card.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert "tiny_mc" in evaluation and "No evaluation results yet" not in evaluation
+    assert "lm_eval run --model hf" in evaluation and str(tmp_path) not in card
     logs = list((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
     assert len(logs) == 3 and all(log.read_text().startswith("$ ") for log in logs)
 
