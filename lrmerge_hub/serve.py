@@ -136,6 +136,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def connect_host(host: str) -> str:
+    """The host to reach a server bound to `host` from this machine, URL-ready."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 def check_bind_safety(host: str, api_key: str | None) -> None:
     """Refuse to expose an unauthenticated endpoint beyond this machine."""
     if not is_loopback(host) and not api_key:
@@ -466,7 +475,7 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
             proc = ManagedProcess(f"vLLM for {t.served_name}", cmd,
                                   log_dir / f"vllm-{_safe_name(t.served_name)}.log", env)
             processes.append(proc)
-            url = f"http://127.0.0.1:{port}" if is_loopback(host) or host in ("0.0.0.0", "::") else f"http://{host}:{port}"
+            url = f"http://{connect_host(host)}:{port}"
             workers[t.served_name] = url + "/v1"
             pending.append((proc, url))
             if backend == "gpu":  # GPU memory profiling needs one start-up at a time
@@ -475,8 +484,7 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
             proc.wait_ready(url + "/health", opts.startup_timeout, headers, should_stop)
         if should_stop():
             raise ServeError("interrupted during start-up; everything that was started has been stopped")
-        public = opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        public = f"[{public}]" if ":" in public else public
+        public = connect_host(opts.host)
         base_url = f"http://{public}:{opts.port}/v1"
         if several:
             cfg = log_dir / "litellm.yaml"
