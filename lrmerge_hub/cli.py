@@ -331,3 +331,130 @@ def card_cmd(model_dir: str, repo_id: str | None, token: str | None, fmt: str) -
                                               f"{data['commit_url']}" if repo_id else ""))
 
     emit(fmt, data, human)
+
+
+# --- serve/eval ---
+import pathlib as _pathlib  # noqa: E402
+
+
+@main.command("serve")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="Port of the endpoint; with several models, their vLLMs use the next ports.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback requires --api-key.")
+@click.option("--api-key", default=None, help="Require this key (Bearer). Default: $VLLM_API_KEY.")
+@click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (context length).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="vLLM --dtype.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vLLM --tensor-parallel-size: GPUs per model.")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM --gpu-memory-utilization (default 0.9, split between several models).")
+@click.option("--startup-timeout", type=float, default=1200.0, show_default=True,
+              help="Seconds to wait for each vLLM to become healthy.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=_pathlib.Path),
+              default=None, help="Where vLLM's logs go (default ./.lrmerge/serve/<time>).")
+@click.option("--vllm-arg", "vllm_args", multiple=True,
+              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager.")
+@FORMAT_OPTION
+@user_errors
+def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel_size,
+              gpu_memory_utilization, startup_timeout, log_dir, vllm_args, fmt):
+    """Serve MODELS (merged folders or org/name[@rev]) with vLLM's OpenAI-compatible server.
+
+    Several models run side by side, one vLLM each, behind one endpoint that routes on the
+    request's `model` field. Ctrl-C or SIGTERM stops everything."""
+    import time as _time
+    from pathlib import Path
+
+    from . import serve, settings
+
+    opts = serve.ServeOptions(
+        host=host, port=port, api_key=api_key or settings.vllm_api_key(), max_model_len=max_model_len,
+        dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, startup_timeout=startup_timeout,
+        extra_args=list(vllm_args),
+    )
+    log_dir = log_dir or Path.cwd() / settings.RUN_DIR_NAME / "serve" / _time.strftime("%Y%m%d-%H%M%S")
+    if fmt == "human":
+        click.echo(f"Starting vLLM for {', '.join(models)} (log: {log_dir}) ...", err=True)
+    endpoint = serve.start_with_signals(list(models), opts, log_dir)
+
+    def ready(ep: "serve.Endpoint") -> None:
+        data = {"base_url": ep.base_url, "models": ep.models, "log_dir": str(ep.log_dir),
+                "workers": ep.workers, "curl": ep.curl_line()}
+        if fmt == "json":
+            click.echo(json.dumps(data, sort_keys=True))
+
+        def human() -> None:
+            click.echo(f"Ready: {ep.base_url} serving {', '.join(ep.models)}")
+            click.echo(f"Try:   {ep.curl_line()}")
+            click.echo(f"Logs:  {ep.log_dir}")
+            click.echo("Press Ctrl-C to stop.")
+
+        if fmt == "human":
+            human()
+        sys.stdout.flush()
+
+    code = serve.serve_until_signal(endpoint, ready)
+    if fmt == "human":
+        click.echo("Stopped: every vLLM process has exited.", err=True)
+    sys.exit(code)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval tasks. Default: the tasks covering the recipe's languages.")
+@click.option("--limit", type=int, default=None, help="Examples per task (lm-eval --limit), for quick checks.")
+@click.option("--backend", type=click.Choice(["auto", "server", "vllm", "hf"]), default="auto", show_default=True,
+              help="server: a running `lrmerge serve` endpoint; vllm: in-process on a GPU; hf: transformers. "
+                   "auto: the server if it serves the model(s), else vllm on a GPU, else hf.")
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The endpoint for --backend server.")
+@click.option("--api-key", default=None, help="Key for the endpoint. Default: $VLLM_API_KEY.")
+@click.option("--include-path", type=click.Path(file_okay=False, path_type=_pathlib.Path), default=None,
+              help="Folder of custom lm-eval task YAML files (lm-eval --include_path).")
+@click.option("--compare", is_flag=True, help="Also evaluate the language and task models with the same tasks.")
+@click.option("--source", "sources", multiple=True, metavar="ROLE=PATH",
+              help="Where a local source model is, for --compare (e.g. language=../bod-cpt).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=_pathlib.Path), default=None,
+              help="Results folder (default: MODEL/eval for a folder, ./eval for a Hub id).")
+@click.option("--num-concurrent", type=int, default=8, show_default=True,
+              help="Parallel requests to the server (local-completions num_concurrent).")
+@click.option("--batch-size", default="1", show_default=True, help="lm-eval --batch_size (hf, vllm).")
+@click.option("--dtype", default="auto", show_default=True, help="dtype for the hf and vllm backends.")
+@click.option("--max-model-len", type=int, default=None, help="vllm backend: context length.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm backend: GPUs.")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vllm backend: memory fraction.")
+@FORMAT_OPTION
+@user_errors
+def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, compare, sources, out_dir,
+             num_concurrent, batch_size, dtype, max_model_len, tensor_parallel_size,
+             gpu_memory_utilization, fmt):
+    """Evaluate MODEL (a merged folder or org/name[@rev]) with lm-eval; results go to MODEL/eval/."""
+    from . import evaluate, settings
+    from .errors import EvalError
+
+    overrides = {}
+    for item in sources:
+        role, sep, path = item.partition("=")
+        if not sep or not role or not path:
+            raise EvalError(f"--source {item!r}: write ROLE=PATH, e.g. language=../bod-cpt")
+        overrides[role] = path
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    result = evaluate.evaluate(
+        model, tasks=tasks, limit=limit, backend=backend, base_url=base_url,
+        api_key=api_key or settings.vllm_api_key(), include_path=include_path, compare=compare or bool(overrides),
+        sources=overrides, out_dir=out_dir, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
+        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, echo=echo,
+    )
+
+    def human() -> None:
+        click.echo(result["table"])
+        for role, path in result["files"].items():
+            click.echo(f"{role}: {path}")
+
+    emit(fmt, result, human)

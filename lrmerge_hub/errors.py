@@ -57,3 +57,11 @@ class HubPushError(HubError):
 class CardError(LrmergeError):
     """The model card cannot be written: bad language code, license conflict, missing
     merge report, or text that would leak a token or a local path."""
+
+
+class ServeError(LrmergeError):
+    """vLLM or the router is missing, cannot start, or died; a port is taken; an unsafe bind."""
+
+
+class EvalError(LrmergeError):
+    """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
