@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -15,6 +16,11 @@ from .errors import LrmergeError
 FORMAT_OPTION = click.option(
     "--format", "fmt", type=click.Choice(["human", "json", "quiet"]), default="human",
     show_default=True, help="Output format: human text, one JSON object for machines, or nothing.",
+)
+
+TOKEN_OPTION = click.option(
+    "--token", default=None, metavar="TOKEN",
+    help="Hub token (default: HF_OIDC_RESOURCE in CI, HF_TOKEN, or the token file). Never printed.",
 )
 
 
@@ -62,11 +68,16 @@ def parse_size(text: str) -> int:
     raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1073741824")
 
 
-def resolve_sources(recipe, *, dry_run: bool = False):
-    """Local folders for every model of the recipe (Hub ids are pulled at pinned revisions)."""
-    from .merge.engine import local_sources
+def resolve_sources(recipe, *, token: str | None = None):
+    """Local folders for every model of the recipe; Hub ids are pinned to their sha, checked
+    from their headers and downloaded (only what a merge needs) first."""
+    if all(ref.is_local for ref in recipe.all_refs()):
+        from .merge.engine import local_sources
 
-    return local_sources(recipe)
+        return local_sources(recipe)
+    from .hub import materialize_sources
+
+    return materialize_sources(recipe, token=token)
 
 
 # --- synth ---
@@ -86,8 +97,6 @@ def resolve_sources(recipe, *, dry_run: bool = False):
 def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
               seed: int, fmt: str) -> None:
     """Create tiny random base/language/task checkpoints in OUT_DIR (offline demos and tests)."""
-    from pathlib import Path
-
     from .synth import make_family
 
     paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
@@ -107,13 +116,12 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
 @click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
+@TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
-              dry_run: bool, fmt: str) -> None:
+              dry_run: bool, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
-    from pathlib import Path
-
     from .errors import RecipeError
     from .merge.engine import merge
     from .recipe import load_recipe
@@ -123,10 +131,17 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
     out_dir = Path(out) if out else recipe.output
     if out_dir is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
-    sources = resolve_sources(recipe, dry_run=dry_run)
-    report = merge(recipe, sources, out_dir, device=device or recipe.device or default_device(),
-                   shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
-                   progress=fmt == "human")
+    device = device or recipe.device or default_device()
+    if dry_run and not all(ref.is_local for ref in recipe.all_refs()):
+        from .hub import pull  # check Hub models from their headers: download nothing
+
+        plan = pull(recipe, token=token, dry_run=True)
+        report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
+                  **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
+    else:
+        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device,
+                       shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
+                       progress=fmt == "human")
     emit(fmt, report, lambda: print_merge_summary(report))
 
 
@@ -155,3 +170,291 @@ def print_merge_summary(report: dict) -> None:
     click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
                f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
                f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+
+
+# --- run ---
+
+
+@main.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
+@click.option("--push", "push_repo", metavar="REPO_ID", help="Push here (overrides the recipe's push.repo).")
+@click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
+@click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
+@click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
+            force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+    """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+    from .settings import default_device
+
+    recipe = load_recipe(recipe_path)
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    try:
+        summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
+                             dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
+                             progress=fmt == "human", echo=echo)
+    except LrmergeError as e:
+        partial = getattr(e, "run_summary", None)
+        if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
+            emit(fmt, {**partial, "error": str(e)}, lambda: None)
+        raise
+    emit(fmt, summary, lambda: print_run_summary(summary))
+
+
+def print_run_summary(summary: dict) -> None:
+    if summary.get("dry_run"):
+        for item in summary["plan"]:
+            click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
+        click.echo(f"output: {summary['output']}")
+        return
+    click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
+
+
+@main.command("summary")
+@click.argument("summary_file", type=click.Path(exists=True, dir_okay=False))
+@user_errors
+def summary_cmd(summary_file: str) -> None:
+    """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
+    from .pipeline import summary_markdown
+
+    click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
+
+
+# --- hub ---
+
+
+
+@main.command("pull")
+@click.argument("targets", nargs=-1, required=True, metavar="RECIPE|MODEL...")
+@click.option("--dry-run", is_flag=True,
+              help="Pin and check the models from the Hub (headers and config only); download nothing.")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def pull_cmd(targets: tuple[str, ...], dry_run: bool, token: str | None, fmt: str) -> None:
+    """Pin Hub models (org/name[@branch|tag|sha]) to commit shas, check that they can be merged,
+    and download what a merge needs into the HF cache. Takes one recipe, or model ids and folders."""
+    from . import hub
+
+    if fmt == "quiet":
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    plan = hub.pull(hub.targets_to_recipe(list(targets)), token=token, dry_run=dry_run)
+
+    def human() -> None:
+        for m in plan.models.values():
+            pinned = f"{m.spec} -> {m.sha}" if m.repo_id else f"{m.name} (local)"
+            click.echo(f"{pinned}: {len(m.tensors)} tensors, {len(m.files)} files, {human_bytes(m.download_bytes)}")
+        merge = plan.merge_plan
+        verb = "to download" if dry_run else "downloaded into the HF cache"
+        click.echo(f"Compatible: {len(plan.models)} models -> {len(merge.jobs)} tensors, "
+                   f"{merge.parameters:,} parameters; {human_bytes(plan.download_bytes)} {verb}.")
+
+    emit(fmt, plan.to_dict(), human)
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (when it does not exist).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--tag", default=None, help="Tag the new commit, e.g. v1.")
+@click.option("--commit-message", default=None,
+              help="Commit summary (default: names the method, the recipe and the source revisions).")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def push_cmd(folder: Path, repo_id: str, private: bool, create_pr: bool, revision: str | None,
+             tag: str | None, commit_message: str | None, token: str | None, fmt: str) -> None:
+    """Upload a merged model folder (weights, card, recipe, merge report) to REPO_ID as one commit."""
+    from . import hub
+
+    result = hub.push(folder, repo_id, private=private, create_pr=create_pr, revision=revision, tag=tag,
+                      message=commit_message, token=token)
+
+    def human() -> None:
+        if not result.changed:
+            click.echo(f"Nothing to push: {result.repo_id}@{result.revision} already holds these "
+                       f"{result.files} files at {result.commit}")
+        else:
+            click.echo(f"Pushed {result.files} files to {result.repo_id}@{result.revision}: {result.commit}")
+        if result.pr_url:
+            click.echo(f"Pull request: {result.pr_url}")
+        if result.tag:
+            click.echo(f"Tagged {result.tag}")
+
+    emit(fmt, result.to_dict(), human)
+
+
+# --- card ---
+
+
+@main.command("card")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--push", "repo_id", metavar="REPO_ID",
+              help="Also commit README.md and .eval_results/ (only those) to this Hub repo, as one commit.")
+@click.option("--token", default=None, help="Hub token for --push (default: HF_TOKEN or the saved login). Never printed.")
+@FORMAT_OPTION
+@user_errors
+def card_cmd(model_dir: str, repo_id: str | None, token: str | None, fmt: str) -> None:
+    """Write the model card (README.md) of a merged MODEL_DIR from its recipe, merge report and eval/ results.
+
+    Regenerating keeps text outside the generated block and metadata keys lrmerge does not manage.
+    """
+    from pathlib import Path
+
+    from .card import build_card, existing_card, push_card, save_card
+
+    folder = Path(model_dir)
+
+    if repo_id:
+        pushed = push_card(folder, repo_id, token=token)
+        data = {"card": str(pushed.path), "repo_id": repo_id, "commit_url": pushed.commit_url,
+                "commit": pushed.commit_oid, "files": pushed.files, "notes": pushed.notes}
+    else:
+        built = build_card(folder, existing=existing_card(folder))
+        path = save_card(folder, built)
+        data = {"card": str(path), "files": ["README.md"] + [f".eval_results/{n}" for n in built.eval_files],
+                "notes": built.notes}
+
+    def human() -> None:
+        for note in data["notes"]:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote {data['card']}" + (f" and pushed {len(data['files'])} file(s) to {repo_id}: "
+                                              f"{data['commit_url']}" if repo_id else ""))
+
+    emit(fmt, data, human)
+
+
+# --- serve/eval ---
+import pathlib as _pathlib  # noqa: E402
+
+
+@main.command("serve")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="Port of the endpoint; with several models, their vLLMs use the next ports.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback requires --api-key.")
+@click.option("--api-key", default=None, help="Require this key (Bearer). Default: $VLLM_API_KEY.")
+@click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (context length).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="vLLM --dtype.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vLLM --tensor-parallel-size: GPUs per model.")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM --gpu-memory-utilization (default 0.9, split between several models).")
+@click.option("--startup-timeout", type=float, default=1200.0, show_default=True,
+              help="Seconds to wait for each vLLM to become healthy.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=_pathlib.Path),
+              default=None, help="Where vLLM's logs go (default ./.lrmerge/serve/<time>).")
+@click.option("--vllm-arg", "vllm_args", multiple=True,
+              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager.")
+@FORMAT_OPTION
+@user_errors
+def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel_size,
+              gpu_memory_utilization, startup_timeout, log_dir, vllm_args, fmt):
+    """Serve MODELS (merged folders or org/name[@rev]) with vLLM's OpenAI-compatible server.
+
+    Several models run side by side, one vLLM each, behind one endpoint that routes on the
+    request's `model` field. Ctrl-C or SIGTERM stops everything."""
+    import time as _time
+    from pathlib import Path
+
+    from . import serve, settings
+
+    opts = serve.ServeOptions(
+        host=host, port=port, api_key=api_key or settings.vllm_api_key(), max_model_len=max_model_len,
+        dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, startup_timeout=startup_timeout,
+        extra_args=list(vllm_args),
+    )
+    log_dir = log_dir or Path.cwd() / settings.RUN_DIR_NAME / "serve" / _time.strftime("%Y%m%d-%H%M%S")
+    if fmt == "human":
+        click.echo(f"Starting vLLM for {', '.join(models)} (log: {log_dir}) ...", err=True)
+    endpoint = serve.start_with_signals(list(models), opts, log_dir)
+
+    def ready(ep: "serve.Endpoint") -> None:
+        data = {"base_url": ep.base_url, "models": ep.models, "log_dir": str(ep.log_dir),
+                "workers": ep.workers, "curl": ep.curl_line()}
+        if fmt == "json":
+            click.echo(json.dumps(data, sort_keys=True))
+
+        def human() -> None:
+            click.echo(f"Ready: {ep.base_url} serving {', '.join(ep.models)}")
+            click.echo(f"Try:   {ep.curl_line()}")
+            click.echo(f"Logs:  {ep.log_dir}")
+            click.echo("Press Ctrl-C to stop.")
+
+        if fmt == "human":
+            human()
+        sys.stdout.flush()
+
+    code = serve.serve_until_signal(endpoint, ready)
+    if fmt == "human":
+        click.echo("Stopped: every vLLM process has exited.", err=True)
+    sys.exit(code)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval tasks. Default: the tasks covering the recipe's languages.")
+@click.option("--limit", type=int, default=None, help="Examples per task (lm-eval --limit), for quick checks.")
+@click.option("--backend", type=click.Choice(["auto", "server", "vllm", "hf"]), default="auto", show_default=True,
+              help="server: a running `lrmerge serve` endpoint; vllm: in-process on a GPU; hf: transformers. "
+                   "auto: the server if it serves the model(s), else vllm on a GPU, else hf.")
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="The endpoint for --backend server.")
+@click.option("--api-key", default=None, help="Key for the endpoint. Default: $VLLM_API_KEY.")
+@click.option("--include-path", type=click.Path(file_okay=False, path_type=_pathlib.Path), default=None,
+              help="Folder of custom lm-eval task YAML files (lm-eval --include_path).")
+@click.option("--compare", is_flag=True, help="Also evaluate the language and task models with the same tasks.")
+@click.option("--source", "sources", multiple=True, metavar="ROLE=PATH",
+              help="Where a local source model is, for --compare (e.g. language=../bod-cpt).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=_pathlib.Path), default=None,
+              help="Results folder (default: MODEL/eval for a folder, ./eval for a Hub id).")
+@click.option("--num-concurrent", type=int, default=8, show_default=True,
+              help="Parallel requests to the server (local-completions num_concurrent).")
+@click.option("--batch-size", default="1", show_default=True, help="lm-eval --batch_size (hf, vllm).")
+@click.option("--dtype", default="auto", show_default=True, help="dtype for the hf and vllm backends.")
+@click.option("--max-model-len", type=int, default=None, help="vllm backend: context length.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm backend: GPUs.")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vllm backend: memory fraction.")
+@FORMAT_OPTION
+@user_errors
+def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, compare, sources, out_dir,
+             num_concurrent, batch_size, dtype, max_model_len, tensor_parallel_size,
+             gpu_memory_utilization, fmt):
+    """Evaluate MODEL (a merged folder or org/name[@rev]) with lm-eval; results go to MODEL/eval/."""
+    from . import evaluate, settings
+    from .errors import EvalError
+
+    overrides = {}
+    for item in sources:
+        role, sep, path = item.partition("=")
+        if not sep or not role or not path:
+            raise EvalError(f"--source {item!r}: write ROLE=PATH, e.g. language=../bod-cpt")
+        overrides[role] = path
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    result = evaluate.evaluate(
+        model, tasks=tasks, limit=limit, backend=backend, base_url=base_url,
+        api_key=api_key or settings.vllm_api_key(), include_path=include_path, compare=compare or bool(overrides),
+        sources=overrides, out_dir=out_dir, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
+        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, echo=echo,
+    )
+
+    def human() -> None:
+        click.echo(result["table"])
+        for role, path in result["files"].items():
+            click.echo(f"{role}: {path}")
+
+    emit(fmt, result, human)

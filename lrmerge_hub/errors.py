@@ -24,3 +24,44 @@ class IncompatibleModelsError(LrmergeError):
 
 class OutputError(LrmergeError):
     """The output path exists (without --overwrite) or lies inside an input folder."""
+
+
+class HubError(LrmergeError):
+    """Talking to the Hugging Face Hub failed; the message says what to change."""
+
+
+class HubNotFoundError(HubError):
+    """The repo does not exist (or the token cannot see it)."""
+
+
+class HubRevisionError(HubError):
+    """The repo has no such branch, tag or commit."""
+
+
+class HubAuthError(HubError):
+    """A private or gated repo without a (good) token, or a token without write access."""
+
+
+class HubOfflineError(HubError):
+    """The Hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the HF cache."""
+
+
+class PickleOnlyRepoError(HubError):
+    """The repo ships only pickle weights (.bin/.pt), which lrmerge never loads."""
+
+
+class HubPushError(HubError):
+    """A push failed; the remote repo was left as it was and the push can be re-run."""
+
+
+class CardError(LrmergeError):
+    """The model card cannot be written: bad language code, license conflict, missing
+    merge report, or text that would leak a token or a local path."""
+
+
+class ServeError(LrmergeError):
+    """vLLM or the router is missing, cannot start, or died; a port is taken; an unsafe bind."""
+
+
+class EvalError(LrmergeError):
+    """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""

