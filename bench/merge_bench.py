@@ -199,24 +199,50 @@ for f in sorted(base.glob("*.safetensors")):  # the output has the base's size
 # -- agreement ---------------------------------------------------------------------------------
 
 
-def agreement(ours: Path, theirs: Path) -> dict[str, float]:
-    """Per tensor max |a - b| / max |b|, worst over tensors; and the fraction of entries
-    that differ at all."""
+def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
+              density: float | None = None) -> dict:
+    """Per tensor max |a - b| / max |b|, worst over tensors, and the fraction of entries that
+    differ at all. With the inputs (fam, density): also which differing entries sit where a
+    model's |delta| equals its trim threshold (the k-th largest magnitude). Which of several
+    equal magnitudes at the cut survive is implementation-defined (the spec; mergekit's
+    argsort leaves it unspecified), and a different choice changes only those entries; every
+    other entry must agree to float rounding."""
     import torch
 
+    from lrmerge_hub.merge.methods import trim_count
     from lrmerge_hub.merge.st_io import SafetensorsModel
 
     a, b = SafetensorsModel(ours, "ours"), SafetensorsModel(theirs, "mergekit")
-    worst, worst_name, differing, total = 0.0, "", 0, 0
+    inputs = {r: SafetensorsModel(p, r) for r, p in fam.items()} if fam else None
+    worst, worst_name, worst_other, differing, at_cut, total = 0.0, "", 0.0, 0, 0, 0
     for name in a.tensors:
-        x, y = a.get(name).float(), b.get(name).float()
-        err = float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
-        differing += int((x != y).sum())
+        x, y = a.get(name).float().reshape(-1), b.get(name).float().reshape(-1)
+        scale = y.abs().max().clamp_min(1e-30)
+        err = float((x - y).abs().max() / scale)
+        diff = x != y
+        differing += int(diff.sum())
         total += x.numel()
         if err > worst:
             worst, worst_name = err, name
-    return {"max_rel_error": worst, "worst_tensor": worst_name,
-            "differing_fraction": differing / total, "tensors": len(a.tensors)}
+        if inputs is not None and diff.any():
+            base = inputs["base"].get(name).float().reshape(-1)
+            tied = torch.zeros_like(diff)
+            for role in ("language", "task"):
+                mag = (inputs[role].get(name).float().reshape(-1) - base).abs()
+                k = trim_count(mag.numel(), density)
+                if k < mag.numel():
+                    tied |= mag == torch.kthvalue(mag, mag.numel() - k + 1).values
+            at_cut += int((diff & tied).sum())
+            other = diff & ~tied
+            if other.any():
+                worst_other = max(worst_other, float((x - y)[other].abs().max() / scale))
+    out = {"max_rel_error": worst, "worst_tensor": worst_name,
+           "differing_fraction": differing / total, "differing_entries": differing,
+           "tensors": len(a.tensors)}
+    if inputs is not None:
+        out.update({"differing_at_tied_cut": at_cut,
+                    "max_rel_error_elsewhere": worst_other})
+    return out
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -260,7 +286,7 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
               "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
               "runs": runs, "median": {k: median_of(v) for k, v in runs.items()}}
     if mk_exe:
-        result["agreement_bf16"] = agreement(work / "ours-ties", work / "mergekit")
+        result["agreement"] = agreement(work / "ours-ties", work / "mergekit", fam, a.density)
     return result
 
 
@@ -279,7 +305,7 @@ def float32_agreement(a: argparse.Namespace, mk_exe: Path) -> dict:
     recipes = write_recipes(work, fam, a.density, "float32", "float32")
     measure(ours_cmd(recipes["ties"], work / "ours-ties"))
     measure(mergekit_cmd(mk_exe, recipes["mergekit"], work / "mergekit"))
-    return {"layers": a.exact_layers, **agreement(work / "ours-ties", work / "mergekit")}
+    return {"layers": a.exact_layers, **agreement(work / "ours-ties", work / "mergekit", fam, a.density)}
 
 
 def machine() -> dict:
@@ -352,8 +378,8 @@ def main() -> None:
         print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
               f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
         print(table(res))
-        if "agreement_bf16" in res:
-            print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement_bf16']}")
+        if "agreement" in res:
+            print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement']}")
     if mk_exe and a.exact_layers:
         results["agreement_float32"] = float32_agreement(a, mk_exe)
         print(f"agreement with mergekit (float32 inputs): {results['agreement_float32']}")

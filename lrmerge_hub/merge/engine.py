@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import InputModelError, OutputError
 from ..recipe import Recipe
-from .kernels import FAST_PATHS, NonFiniteInput
+try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
+    from .kernels import FAST_PATHS, NonFiniteInput
+except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
+    FAST_PATHS, NonFiniteInput = {}, ValueError
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import TORCH_DTYPES, SafetensorsModel, ShardedWriter
