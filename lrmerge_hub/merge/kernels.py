@@ -49,7 +49,8 @@ BINS = 1 << 16
 # entries sampled to bracket the threshold, and the bracket's half-width in standard
 # deviations of the sample's rank (a miss only costs the exact fallback)
 SAMPLE = 1 << 16
-SIGMAS = 5.0
+SAMPLE_RUN = 256
+SIGMAS = 6.0
 # thresholds inside the bracket counted in the same pass, narrowing it this many fold
 QS = 16
 # brackets narrower than this many float bit patterns select by counting
@@ -406,9 +407,14 @@ _SAMPLES: dict[int, np.ndarray] = {}
 
 
 def _sample_index(n: int) -> np.ndarray:
-    """SAMPLE sorted positions in [0, n), the same for every tensor of that size."""
+    """SAMPLE sorted positions in [0, n), the same for every tensor of that size: runs of
+    SAMPLE_RUN consecutive entries at random places. Runs touch few pages of a memory-mapped
+    input (scattered positions would fault in the whole tensor here, on one thread; the
+    parallel pass after it is the better place for that)."""
     if n not in _SAMPLES:
-        _SAMPLES[n] = np.sort(np.random.default_rng(n).integers(0, n, SAMPLE))
+        runs = SAMPLE // SAMPLE_RUN
+        starts = np.sort(np.random.default_rng(n).integers(0, n - SAMPLE_RUN + 1, runs))
+        _SAMPLES[n] = (starts[:, None] + np.arange(SAMPLE_RUN)[None, :]).reshape(-1)
     return _SAMPLES[n]
 
 
