@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -220,6 +221,11 @@ def merge(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
+    # Each tensor is written by a background thread while the next one is read and merged
+    # (the write releases the GIL, the kernels too); one write in flight at a time, so at
+    # most two output tensors are held.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lrmerge-write")
+    pending: Future | None = None
     try:
         with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
@@ -230,13 +236,18 @@ def merge(
                     out = merged.to(TORCH_DTYPES[job.out_dtype])
                 else:
                     out = readers[plan.reference].get(job.name)
-                writer.write(job.name, out)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, job.name, out)
                 del out
                 for k in keys:  # its input pages leave our resident set (st_io.release)
                     readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
                 if on_tensor:
                     on_tensor(job.name)
+        if pending is not None:
+            pending.result()
+            pending = None
         writer.close()
         copy_side_files(plan, recipe, readers, tmp)
         report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
@@ -244,10 +255,13 @@ def merge(
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         install_atomically(tmp, out_dir)
     except BaseException:
+        if pending is not None:
+            wait([pending])  # never abort the writer under a write in flight
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        pool.shutdown(wait=True)
         for r in readers.values():
             r.close()
     return report
