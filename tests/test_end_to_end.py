@@ -80,11 +80,12 @@ def test_readme_main_job_from_a_clean_checkout(tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     bin_dir = env_dir / "bin"
-    install, _, rest = command.partition("&&")
-    args = shlex.split(install)
-    assert args[:4] == ["python3", "-m", "pip", "install"], install
+    steps = [step.strip() for step in command.split("&&")]
+    install = [shlex.split(step) for step in steps if step.startswith("python3 -m pip")]
+    assert install[0][:4] == ["python3", "-m", "pip", "install"], steps
     subprocess.run([sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q",
-                    "--no-deps", "--no-build-isolation", *args[4:]], cwd=clone, check=True)
+                    "--no-deps", "--no-build-isolation", *install[0][4:]], cwd=clone, check=True)
+    rest = " && ".join(step for step in steps if not step.startswith("python3 -m pip"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_TOKEN", "PYTHONPATH"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1")
     done = subprocess.run(["bash", "-c", rest], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
