@@ -184,3 +184,16 @@ def languages_of(recipe: dict[str, Any], report: dict[str, Any]) -> list[str]:
         if not isinstance(code, str) or not is_language_code(code) or code in ("code", "multilingual"):
             raise CardError(f"languages: unknown ISO 639 code {code!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
     return list(codes)
+
+
+def source_dirs_for(recipe: Any, sources: dict[str, Any]) -> dict[str, Path]:
+    """Each source's merge-report name mapped to its local folder, for `read_inputs(source_dirs=)`.
+
+    `recipe` is the Recipe that was merged and `sources` the engine's {model spec or "base":
+    Source}; a pipeline passes these so that licenses in the sources' README.md reach the card.
+    """
+    from .merge.plan import BASE
+
+    refs = ([(BASE, recipe.base)] if recipe.base is not None else []) + [(m.ref.spec, m.ref) for m in recipe.models]
+    return {(ref.display if ref.is_local else ref.spec): Path(sources[key].path)
+            for key, ref in refs if key in sources}

@@ -146,7 +146,7 @@ def check_metadata(meta: Any) -> list[str]:
             problems += [f"language: unknown ISO 639 code {c!r}" for c in codes if not is_language_code(c)]
 
     license_ = meta.get("license")
-    if "license" in meta and license_ not in HUB_LICENSES:
+    if "license" in meta and not (isinstance(license_, str) and license_ in HUB_LICENSES):
         problems.append(f"license: {license_!r} is not a Hub license id (use one of the Hub's ids, or 'other')")
     if license_ == "other":
         name, link = meta.get("license_name"), meta.get("license_link")

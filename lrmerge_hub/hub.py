@@ -52,6 +52,7 @@ from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
 from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+EVAL_RESULTS_DIR = ".eval_results"  # the Hub's newer evaluation results format, written by the card
 # Besides the weights, what a merge (and the merged model) needs from a source repo.
 SIDE_FILES = (
     "config.json", "generation_config.json", SAFETENSORS_INDEX,
@@ -328,10 +329,15 @@ def _retry(call: Callable[[], T], *, attempts: int = 3) -> T:
 
 
 def folder_files(folder: Path) -> dict[str, Path]:
-    """The files to upload: everything in the folder except hidden files and folders
-    (run state like .lrmerge/); refuses pickle weights and folders without a model."""
+    """The files to upload: everything in the folder except hidden files and folders (run
+    state like .lrmerge/), but with the card's .eval_results/ (the Hub reads it); refuses
+    pickle weights and folders without a model."""
+
+    def published(rel: Path) -> bool:
+        return rel.parts[0] == EVAL_RESULTS_DIR or not any(part.startswith(".") for part in rel.parts)
+
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+             if p.is_file() and published(p.relative_to(folder))}
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise HubPushError(f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "

@@ -426,6 +426,12 @@ class _Handler(BaseHTTPRequestHandler):
                 errors.append('"language" must be a string or an array of strings')
             if "license" in meta and not isinstance(meta["license"], str):
                 errors.append('"license" must be a string')
+            if json.loads(body or b"{}").get("repoType", "model") == "model":
+                # the Hub's rules for the keys model cards carry (language codes, license ids,
+                # base_model, model-index, ...), as lrmerge checks them offline
+                from lrmerge_hub.card_rules import check_metadata
+
+                errors += [p for p in check_metadata(meta) if p not in errors]
         if errors:
             return 400, {}, {"errors": [{"message": e} for e in errors], "warnings": []}
         warnings = [] if m else [{"message": "empty or missing yaml metadata in repo card"}]

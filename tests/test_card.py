@@ -405,3 +405,29 @@ def test_what_lrmerge_eval_records_is_shown_limit_command_and_role(tmp_path):
     assert "--limit 200" in built.eval_files["belebele_bod_Tibt.yaml"]
     assert str(tmp_path) not in built.text  # the baseline's command held a path: left out, with a note
     assert any("left out of the card" in n for n in built.notes)
+
+
+def test_a_pipeline_maps_its_sources_to_the_report_names_for_licenses(tmp_path):
+    from lrmerge_hub.card_inputs import source_dirs_for
+    from lrmerge_hub.merge.plan import Source
+    from lrmerge_hub.recipe import parse_recipe
+
+    folders = {}
+    for name in ("base-7b", "tibetan-7b"):
+        folders[name] = tmp_path / "models" / name
+        folders[name].mkdir(parents=True)
+        (folders[name] / "README.md").write_text("---\nlicense: llama2\n---\n")
+    recipe = parse_recipe({"base": "./models/base-7b", "languages": ["bo"],
+                           "models": [{"model": "./models/tibetan-7b", "role": "language"},
+                                      {"model": f"{TASK}@main", "role": "task"}]}, tmp_path)
+    sources = {"base": Source(folders["base-7b"]), "./models/tibetan-7b": Source(folders["tibetan-7b"]),
+               f"{TASK}@main": Source(tmp_path / "cache" / "flan", repo_id=TASK, revision="a" * 40)}
+    assert source_dirs_for(recipe, sources) == {"base-7b": folders["base-7b"], "tibetan-7b": folders["tibetan-7b"],
+                                                f"{TASK}@main": tmp_path / "cache" / "flan"}
+
+
+def test_the_template_comes_from_this_checkout():
+    """A worktree or a plain PYTHONPATH run must render its own model_cards/, not an installed copy."""
+    from lrmerge_hub.card import TEMPLATE
+
+    assert TEMPLATE == Path(__file__).resolve().parents[1] / "model_cards" / "merged_model.md"

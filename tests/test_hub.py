@@ -288,6 +288,8 @@ def merged(tmp_path, tiny) -> Path:
     (out / "README.md").write_text("---\nlanguage: [bo]\nlicense: apache-2.0\n---\n# merged\n")
     (out / ".lrmerge").mkdir()
     (out / ".lrmerge" / "state.json").write_text("{}")
+    (out / ".eval_results").mkdir()
+    (out / ".eval_results" / "belebele_bod_Tibt.yaml").write_text("- dataset: {id: facebook/belebele}\n  value: 0.5\n")
     return out
 
 

@@ -71,6 +71,7 @@ def test_run_pulls_merges_cards_and_pushes_once(seeded, hub_server, tmp_path, wr
     repo = hub_server.repos["alice/tiny-bo"]
     files = hub_server.files("alice/tiny-bo")
     assert {"README.md", "merge_report.json", "recipe.yaml", "config.json"} <= set(files)
+    assert not any(name.startswith(".lrmerge") for name in files)
     card = ModelCard(files["README.md"].decode())
     assert card.data.language == ["bo"] and card.data.base_model_relation == "merge"
     assert json.loads(files["merge_report.json"])["models"][1]["revision"] == seeded["task"]
@@ -121,16 +122,20 @@ def test_resume_after_a_failure_in_each_step(seeded, hub_server, write_recipe, m
     assert len(hub_server.repos["alice/tiny-bo"].tags) == 1
 
 
-def test_dry_run_and_force(seeded, write_recipe):
+def test_dry_run_and_force(seeded, hub_server, write_recipe):
     recipe = write_recipe(HUB_RECIPE)
     code, plan, _ = run_json(recipe, "--dry-run")
     assert code == 0 and [p["action"] for p in plan["plan"]] == ["run"] * 5
-    assert not (recipe.parent / "merged").exists()
+    assert not (recipe.parent / "merged").exists() and "alice/tiny-bo" not in hub_server.repos
     assert run_json(recipe)[0] == 0
     code, forced, err = run_json(recipe, "--force")
+    # everything runs again; the new merge report (timings) is a new commit, and tag v1 is
+    # already taken by the first release: a clear one-line error, not a moved tag
+    assert code == 2 and "tag 'v1' already exists" in err
+    assert not any(s.get("reused") for name, s in forced["steps"].items() if name != "push")
+    code, forced, err = run_json(recipe, "--force", "--push", "alice/tiny-bo-2")
     assert code == 0, err
-    assert not any(s.get("reused") for s in forced["steps"].values())
-    assert forced["steps"]["push"]["changed"] is False  # same files: no new commit
+    assert hub_server.repos["alice/tiny-bo-2"].tags["v1"] == forced["steps"]["push"]["commit"]
 
 
 def test_release_script_runs_the_workflow_command_lines(seeded, hub_server, tmp_path):
