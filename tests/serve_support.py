@@ -116,7 +116,10 @@ class ServeProcess:
             if line is None:
                 break
             if line.startswith("Ready:"):
-                return line.split()[1]
+                url = line.split()[1]
+                while line is not None and not line.startswith("Press Ctrl-C"):  # the rest of the block
+                    line = self.lines.get(timeout=30)
+                return url
         self.stop()
         raise AssertionError(f"lrmerge serve did not become ready; stderr:\n{self.proc.stderr.read()[-4000:]}")
 
