@@ -87,7 +87,7 @@ def test_run_pulls_merges_cards_and_pushes_once(seeded, hub_server, tmp_path, wr
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("failing", ["pull", "merge", "card", "push"])
+@pytest.mark.parametrize("failing", ["pull", "merge", "eval", "card", "push"])
 def test_resume_after_a_failure_in_each_step(seeded, hub_server, write_recipe, monkeypatch, failing):
     recipe = write_recipe(HUB_RECIPE)
     real = pipeline.STEP_FUNCTIONS[failing]
