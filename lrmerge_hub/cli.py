@@ -96,11 +96,13 @@ def resolve_sources(recipe, *, token: str | None = None):
 @user_errors
 def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
               seed: int, fmt: str) -> None:
-    """Create tiny random base/language/task checkpoints in OUT_DIR (offline demos and tests)."""
-    from .synth import make_family
+    """Create tiny random base/language/task checkpoints in OUT_DIR, and a tiny local lm-eval task
+    in OUT_DIR/tasks (offline demos and tests)."""
+    from .synth import make_family, make_tiny_task
 
     paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
                         dtype=dtype, extend_language_vocab=extend_language_vocab, seed=seed)
+    paths["tasks"] = make_tiny_task(Path(out_dir) / "tasks")
     emit(fmt, {k: str(v) for k, v in paths.items()},
          lambda: click.echo("wrote " + ", ".join(str(p) for p in paths.values())))
 
@@ -213,6 +215,11 @@ def print_run_summary(summary: dict) -> None:
             click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
         click.echo(f"output: {summary['output']}")
         return
+    evaluation = summary["steps"].get("eval", {})
+    if evaluation.get("table"):
+        click.echo(evaluation["table"])
+    if evaluation.get("sample"):
+        click.echo(f"served answer to {evaluation['sample']['prompt']!r}: {evaluation['sample']['answer']!r}")
     click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
 
 
@@ -458,3 +465,43 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
             click.echo(f"{role}: {path}")
 
     emit(fmt, result, human)
+
+
+# --- sweep ---
+
+
+@main.command("sweep")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--grid", "grid_items", multiple=True, required=True, metavar="NAME=V1,V2",
+              help="A parameter and its values, e.g. slack=0,0.5,1 or language.density=0.1,0.2 (repeatable).")
+@click.option("--tasks", help="lm-eval tasks, comma-separated (default: the recipe's eval tasks, else by language).")
+@click.option("--limit", type=int, help="Examples per task (keeps a sweep's evaluation bounded).")
+@click.option("--metric", help="Metric to rank by (default: acc, else the first reported).")
+@click.option("--backend", type=click.Choice(["server", "vllm", "hf"]), default=None,
+              help="How to evaluate each point (default: the recipe's eval backend, else server: vLLM).")
+@click.option("--include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAML files.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
+@click.option("--push", "push_repo", metavar="REPO_ID", help="Push the best point here (default: the recipe's push).")
+@TOKEN_OPTION
+@FORMAT_OPTION
+@user_errors
+def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, limit: int | None,
+              metric: str | None, backend: str | None, include_path: str | None, device: str | None,
+              push_repo: str | None, token: str | None, fmt: str) -> None:
+    """Merge every grid point, evaluate each, print them ranked, and promote the best to the output."""
+    from .errors import RecipeError
+    from .pipeline import sweep_release
+    from .recipe import EvalSpec, load_recipe
+    from .settings import default_device
+
+    recipe = load_recipe(recipe_path)
+    if recipe.output is None:
+        raise RecipeError("output: the recipe names no output folder; add `output:`")
+    base = recipe.eval or EvalSpec()
+    spec = EvalSpec(tasks=tuple(t for t in (tasks or "").split(",") if t) or base.tasks,
+                    limit=limit or base.limit, include_path=Path(include_path).resolve() if include_path
+                    else base.include_path, compare=False, backend=backend or base.backend)
+    echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    result = sweep_release(recipe, grid_items, spec, metric=metric, device=device or recipe.device or default_device(),
+                           push_repo=push_repo, token=token, progress=fmt == "human", echo=echo)
+    emit(fmt, result, lambda: click.echo(result["table_text"]))

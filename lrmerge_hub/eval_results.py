@@ -106,6 +106,14 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+NOT_METRICS = ("alias", "sample_len")  # lm-eval bookkeeping next to the metrics
+
+
+def is_metric(name: str) -> bool:
+    """Whether a key of lm-eval's `results.<task>` (before the ',filter') is a score."""
+    return name not in NOT_METRICS and not name.endswith("_stderr")
+
+
 def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> list[Score]:
     """The scores in one parsed lm-eval results JSON (pure)."""
     configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
@@ -126,7 +134,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
         for key, raw in metrics.items():
             name, _, filt = key.partition(",")
             value = _number(raw)
-            if value is None or name.endswith("_stderr") or name == "alias":
+            if value is None or not is_metric(name):
                 continue
             stderr = _number(metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr"))
             scores.append(Score(

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from .eval_results import is_metric
 from .errors import EvalError, ServeError
 from .serve import auth_headers, http_json, resolve_target
 
@@ -292,9 +293,9 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     for task, metrics in (results.get("results") or {}).items():
         row: dict[str, float] = {}
         for key, value in metrics.items():
-            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or "_stderr" in key:
-                continue
             metric, _, filt = key.partition(",")
+            if not is_metric(metric) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
             row[metric if filt in ("", "none") else f"{metric} ({filt})"] = float(value)
         out[task] = row
     return out
@@ -428,6 +429,7 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
     files: dict[str, str] = {}
     summaries: dict[str, dict[str, dict[str, float]]] = {}
     scores: list[dict[str, Any]] = []
+    answer: str | None = None
     for m in models:
         with served_if_needed(m, rs) as base_url:
             margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
@@ -445,12 +447,37 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
                          "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
                          "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(rs.eval_root))}
                 dest = store_results(Path(tmp), dest_dir, extra, replacements)
+            if rs.backend == "server" and rs.serve_each and m.role == "merged":
+                answer = sample_answer(base_url, m.name, rs.api_key)
+                echo(f"{m.name} answers {SAMPLE_PROMPT!r}: {answer!r}")
         files[m.role] = str(dest)
         summaries[m.name] = summarize(json.loads(dest.read_text()))
         scores += [{"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
                    for task, metrics in summaries[m.name].items() for metric, value in metrics.items()]
-    return {"backend": rs.backend, "tasks": rs.tasks, "files": files, "summary": summaries,
-            "scores": scores, "table": format_table(summaries)}
+    result = {"backend": rs.backend, "tasks": rs.tasks, "files": files, "summary": summaries,
+              "scores": scores, "table": format_table(summaries)}
+    if answer is not None:
+        result["sample"] = {"prompt": SAMPLE_PROMPT, "answer": answer}
+    return result
+
+
+SAMPLE_PROMPT = "Hello! What can you do?"
+
+
+def sample_answer(base_url: str, model: str, api_key: str | None, max_tokens: int = 16) -> str:
+    """One greedy chat answer (a completion when the model has no chat template) from the
+    served model: proof that the endpoint serves what was merged."""
+    from . import serve
+
+    headers = serve.auth_headers(api_key)
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    try:
+        reply = serve.http_json(f"{base_url}/chat/completions", headers,
+                                {**body, "messages": [{"role": "user", "content": SAMPLE_PROMPT}]})
+        return reply["choices"][0]["message"]["content"]
+    except Exception:  # noqa: BLE001 - e.g. no chat template: fall back to a plain completion
+        reply = serve.http_json(f"{base_url}/completions", headers, {**body, "prompt": SAMPLE_PROMPT})
+        return reply["choices"][0]["text"]
 
 
 @contextlib.contextmanager

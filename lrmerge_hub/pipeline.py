@@ -225,7 +225,41 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if scores:
         lines += ["", "| model | task | metric | value |", "|---|---|---|---|"]
         lines += [f"| {s.get('model', name)} | {s['task']} | {s['metric']} | {s['value']:.4f} |" for s in scores]
+    sample = summary.get("steps", {}).get("eval", {}).get("sample")
+    if sample:
+        lines += ["", f"Served answer to {sample['prompt']!r}: {sample['answer']!r}"]
     push = summary.get("steps", {}).get("push", {})
     if push.get("status") == "done" and not push.get("skipped"):
         lines += ["", f"Pushed: {push.get('url') or push.get('repo_id', '')}"]
     return "\n".join(lines) + "\n"
+
+
+def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
+                  device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
+                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
+    (with every point's scores) and push it when a target is given."""
+    from .evaluate import evaluate_for_run
+    from .sweep import parse_grid, run_sweep
+
+    grid = parse_grid(list(grid_items))
+    output = Path(recipe.output).absolute()
+    ctx = RunContext(recipe=recipe, output=output, run_dir=run_dir_for(recipe, output), device=device,
+                     token=token, push_repo=push_repo, progress=progress)
+    step_pull(ctx)
+
+    def evaluate(folder: Path) -> list[dict[str, Any]]:
+        result = evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo)
+        return [s for s in result["scores"] if s.get("role", "merged") == "merged"]
+
+    table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
+                      device=device, progress=progress, echo=echo)
+    result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
+    if push_target(ctx) is not None:
+        result["push"] = step_push(ctx)
+    lines = [f"{'point':<32} {table['metric']:>10}"]
+    for p in table["points"]:
+        value = "n/a" if p["score"] is None else f"{p['score']:.4f}"
+        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else ""))
+    result["table_text"] = "\n".join(lines) + f"\noutput: {output}"
+    return result

@@ -213,3 +213,26 @@ def make_family(
     write_checkpoint(paths["language"], derived("language", language_scale, 1), shard_bytes=shard_bytes)
     write_checkpoint(paths["task"], derived("task", task_scale, 2), shard_bytes=shard_bytes)
     return paths
+
+
+def make_tiny_task(folder: Path) -> Path:
+    """A local multiple-choice lm-eval task `tiny_mc` (YAML + JSONL) for offline evaluation;
+    load it with `--include_path folder`. Returns the folder."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
+            for i in range(6)]
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # absolute: lm-eval reads it from any cwd
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder

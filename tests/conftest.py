@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from lrmerge_hub.synth import make_family  # noqa: E402
+from tests.hub_support import hub_server, hub_session  # noqa: E402, F401 (fixtures for every module)
 
 
 @pytest.fixture

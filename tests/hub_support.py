@@ -2,9 +2,7 @@
 
 tests/conftest.py fixes `HF_ENDPOINT` (a free port on 127.0.0.1) and `HF_HOME` (a temp folder) for
 the whole session before anything imports huggingface_hub; this module serves that address.
-Use it from a test module with
-
-    from tests.hub_support import hub_server, hub_session, TOKEN  # noqa: F401  (fixtures)
+tests/conftest.py registers the fixtures `hub_server` and `hub_session` for every test module.
 
 `hub_server` gives each test an empty Hub with one user `alice` whose token is `TOKEN`, no
 HF_TOKEN in the environment, and a fresh HF cache (`HF_HUB_CACHE`) of its own. Seed repos
@@ -18,7 +16,6 @@ from __future__ import annotations
 import atexit
 import os
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest

@@ -18,7 +18,7 @@ from pathlib import Path
 from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.serve import free_port, group_alive
-from lrmerge_hub.synth import make_family
+from lrmerge_hub.synth import make_family, make_tiny_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 420  # vLLM on 2 busy CPU cores: 25-70 s alone, more beside other jobs
@@ -51,23 +51,7 @@ def merge_tiny(root: Path, name: str, slack: float = 0.5) -> Path:
 
 def write_tiny_task(folder: Path) -> Path:
     """A local multiple-choice lm-eval task `tiny_mc` (YAML + JSONL); returns the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
-            for i in range(6)]
-    data = folder / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: answer\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return folder
+    return make_tiny_task(folder)
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -116,7 +100,10 @@ class ServeProcess:
             if line is None:
                 break
             if line.startswith("Ready:"):
-                return line.split()[1]
+                url = line.split()[1]
+                while line is not None and not line.startswith("Press Ctrl-C"):  # the rest of the block
+                    line = self.lines.get(timeout=30)
+                return url
         self.stop()
         raise AssertionError(f"lrmerge serve did not become ready; stderr:\n{self.proc.stderr.read()[-4000:]}")
 

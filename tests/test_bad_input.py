@@ -2,7 +2,6 @@
 
 import json
 import math
-import struct
 from pathlib import Path
 
 import pytest

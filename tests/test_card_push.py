@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from lrmerge_hub.card import write_card
 from lrmerge_hub.cli import main
 from tests.card_support import lm_eval_results, make_merged_folder, write_results
-from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401  (fixtures)
+from tests.hub_support import TOKEN
 
 REPO = "alice/bo-merge"
 

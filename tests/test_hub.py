@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,17 +18,15 @@ from lrmerge_hub.cli import main
 from lrmerge_hub.errors import (
     HubAuthError,
     HubNotFoundError,
-    HubOfflineError,
     HubPushError,
     HubRevisionError,
     IncompatibleModelsError,
-    PickleOnlyRepoError,
 )
 from lrmerge_hub.recipe import load_recipe, parse_model_ref
 from lrmerge_hub.synth import llama_shapes, make_family, write_checkpoint
 from safetensors.torch import load_file
 from tests.hub_server import CUT, DROP
-from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401  (fixtures)
+from tests.hub_support import TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@ after a failure in each step, idempotent re-runs, and the release workflow's com
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from lrmerge_hub import pipeline
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import LrmergeError
 from lrmerge_hub.synth import make_family
-from tests.hub_support import TOKEN, hub_server, hub_session  # noqa: F401 (fixtures)
+from tests.hub_support import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +87,7 @@ def test_run_pulls_merges_cards_and_pushes_once(seeded, hub_server, tmp_path, wr
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("failing", ["pull", "merge", "card", "push"])
+@pytest.mark.parametrize("failing", ["pull", "merge", "eval", "card", "push"])
 def test_resume_after_a_failure_in_each_step(seeded, hub_server, write_recipe, monkeypatch, failing):
     recipe = write_recipe(HUB_RECIPE)
     real = pipeline.STEP_FUNCTIONS[failing]

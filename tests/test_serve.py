@@ -62,6 +62,15 @@ def test_hub_ids_are_served_under_the_repo_id():
     assert serve.gpu_fraction(serve.ServeOptions(gpu_memory_utilization=0.8), 2) == 0.4
 
 
+def test_addresses_to_reach_a_bind():
+    assert [serve.connect_host(h) for h in ("0.0.0.0", "::", "::1", "127.0.0.1", "10.1.2.3")] == \
+        ["127.0.0.1", "[::1]", "[::1]", "127.0.0.1", "10.1.2.3"]
+    assert serve.is_loopback("127.0.0.2") and serve.is_loopback("localhost") and not serve.is_loopback("0.0.0.0")
+    serve.check_bind_safety("::1", None)  # loopback: no key needed
+    with pytest.raises(ServeError, match="--api-key"):
+        serve.check_bind_safety("192.0.2.10", None)
+
+
 def test_neither_vllm_package_installed(monkeypatch):
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServeError, match="vLLM is not installed: pip install"):

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import InputModelError, OutputError
-from .plan import DTYPE_SIZES, TensorSpec
+from .plan import TensorSpec
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
