@@ -22,7 +22,7 @@ import pytest
 
 from tests.hub_server import HubServer
 
-TOKEN = "hf_TestTokenNeverPrinted0123456789abcdef"
+TOKEN = "hf_test-token-never-printed"  # a test secret; hyphens keep it from looking like a real token
 USER = "alice"
 
 

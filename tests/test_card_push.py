@@ -73,7 +73,7 @@ def test_push_refusals_are_one_line_errors_that_leave_the_hub_alone(hub_server, 
     assert result.exit_code == 2
     assert result.output.startswith(f"Error: --push: {REPO} changed while the card was being pushed")
 
-    bad = "hf_NotAValidTokenAtAll0123456789abcd"
+    bad = "hf_not-a-valid-token"
     result = lrmerge_card(str(folder), "--push", REPO, "--token", bad)
     assert result.exit_code == 2 and result.output.startswith("Error: --push:")
     assert TOKEN not in result.output and bad not in result.output
