@@ -68,18 +68,6 @@ def parse_size(text: str) -> int:
     raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1073741824")
 
 
-def resolve_sources(recipe, *, token: str | None = None):
-    """Local folders for every model of the recipe; Hub ids are pinned to their sha, checked
-    from their headers and downloaded (only what a merge needs) first."""
-    if all(ref.is_local for ref in recipe.all_refs()):
-        from .merge.engine import local_sources
-
-        return local_sources(recipe)
-    from .hub import materialize_sources
-
-    return materialize_sources(recipe, token=token)
-
-
 # --- synth ---
 
 
@@ -126,6 +114,7 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
+    from .pipeline import resolve_sources
     from .recipe import load_recipe
     from .settings import default_device
 

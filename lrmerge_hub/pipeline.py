@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LrmergeError, RecipeError
 from .merge.plan import Source
-from .recipe import Recipe
+from .recipe import PushTarget, Recipe
 
 STEPS = ("pull", "merge", "eval", "card", "push")
 
@@ -27,7 +27,6 @@ STEPS = ("pull", "merge", "eval", "card", "push")
 class RunContext:
     recipe: Recipe
     output: Path
-    run_dir: Path
     device: str
     token: str | None = None
     push_repo: str | None = None  # overrides the recipe's push target
@@ -68,17 +67,21 @@ class RunState:
 # -- steps: each returns a JSON-able result, or {"skipped": reason} ------------------------
 
 
-def step_pull(ctx: RunContext) -> dict[str, Any]:
-    """Pin every Hub id to a sha, check compatibility from headers, download what is needed."""
-    refs = ctx.recipe.all_refs()
-    if all(r.is_local for r in refs):
+def resolve_sources(recipe: Recipe, *, token: str | None = None) -> dict[str, Source]:
+    """Local folders for every model of the recipe; Hub ids are pinned to their sha, checked
+    from their headers and downloaded (only what a merge needs) first."""
+    if all(ref.is_local for ref in recipe.all_refs()):
         from .merge.engine import local_sources
 
-        ctx.sources = local_sources(ctx.recipe)
-    else:
-        from .hub import materialize_sources
+        return local_sources(recipe)
+    from .hub import materialize_sources
 
-        ctx.sources = materialize_sources(ctx.recipe, token=ctx.token)
+    return materialize_sources(recipe, token=token)
+
+
+def step_pull(ctx: RunContext) -> dict[str, Any]:
+    """Pin every Hub id to a sha, check compatibility from headers, download what is needed."""
+    ctx.sources = resolve_sources(ctx.recipe, token=ctx.token)
     return {"sources": {k: {"repo_id": s.repo_id, "revision": s.revision, "path": str(s.path)}
                         for k, s in ctx.sources.items()}}
 
@@ -111,13 +114,10 @@ def step_card(ctx: RunContext) -> dict[str, Any]:
     return {"card": str(path)}
 
 
-def push_target(ctx: RunContext):
-    from .recipe import PushTarget
-
+def push_target(ctx: RunContext) -> PushTarget | None:
+    """The recipe's push section, with its repo replaced by --push when given."""
     if ctx.push_repo:
-        base = ctx.recipe.push or PushTarget(repo=ctx.push_repo)
-        return PushTarget(repo=ctx.push_repo, private=base.private, create_pr=base.create_pr,
-                          revision=base.revision, tag=base.tag)
+        return replace(ctx.recipe.push, repo=ctx.push_repo) if ctx.recipe.push else PushTarget(repo=ctx.push_repo)
     return ctx.recipe.push
 
 
@@ -129,7 +129,7 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
 
     result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
                   revision=target.revision, tag=target.tag, token=ctx.token)
-    return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+    return result.to_dict()
 
 
 STEP_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
@@ -170,7 +170,7 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
             summary["push"] = push_repo or recipe.push.repo
         return summary
 
-    ctx = RunContext(recipe=recipe, output=output, run_dir=run_dir, device=device, token=token,
+    ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
                      push_repo=push_repo, skip_eval=skip_eval, progress=progress)
     for name, action in plan:
         if action == "done":
@@ -230,7 +230,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Served answer to {sample['prompt']!r}: {sample['answer']!r}"]
     push = summary.get("steps", {}).get("push", {})
     if push.get("status") == "done" and not push.get("skipped"):
-        lines += ["", f"Pushed: {push.get('url') or push.get('repo_id', '')}"]
+        lines += ["", f"Pushed: {push.get('pr_url') or push.get('commit_url') or push.get('repo_id', '')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +244,8 @@ def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec,
 
     grid = parse_grid(list(grid_items))
     output = Path(recipe.output).absolute()
-    ctx = RunContext(recipe=recipe, output=output, run_dir=run_dir_for(recipe, output), device=device,
-                     token=token, push_repo=push_repo, progress=progress)
+    ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo,
+                     progress=progress)
     step_pull(ctx)
 
     def evaluate(folder: Path) -> list[dict[str, Any]]:

@@ -118,20 +118,21 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
     sweep_dir = output.parent / f"{output.name}.sweep"
     rows = []
     for point, variant in variants:
-        folder = sweep_dir / point_name(point)
+        name = point_name(point)
+        folder = sweep_dir / name
         report_path = folder / "merge_report.json"
-        if report_path.exists() and json.loads(report_path.read_text()).get("recipe_sha256") == variant.sha256():
-            echo(f"{point_name(point)}: merged earlier")
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        if report.get("recipe_sha256") == variant.sha256():
+            echo(f"{name}: merged earlier")
         else:
-            merge(variant, sources, folder, device=device, overwrite=True, progress=progress)
+            report = merge(variant, sources, folder, device=device, overwrite=True, progress=progress)
         scores = evaluate(folder)
         value, chosen = mean_score(scores, metric)
         metric = metric or chosen
-        retention = {m["model"]: (m["retention"] or {}).get("fraction")
-                     for m in json.loads(report_path.read_text())["models"]}
-        rows.append({"point": point, "name": point_name(point), "score": value, "metric": chosen,
+        retention = {m["model"]: (m["retention"] or {}).get("fraction") for m in report["models"]}
+        rows.append({"point": point, "name": name, "score": value, "metric": chosen,
                      "scores": scores, "retention": retention})
-        echo(f"{point_name(point)}: {chosen}={value if value is None else round(value, 4)}")
+        echo(f"{name}: {chosen}={value if value is None else round(value, 4)}")
     ranked = sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
     best = ranked[0]
     if best["score"] is None:

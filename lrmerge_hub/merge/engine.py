@@ -94,33 +94,33 @@ def to_compute(t: torch.Tensor, device: torch.device, name: str, label: str) -> 
 def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                  device: torch.device, retention: RetentionCounter | None) -> torch.Tensor:
-    """Merge one tensor (rows every model shares; extra vocabulary rows copied) in float32."""
+    """Merge one tensor in float32 and return it in the output dtype: the rows every model
+    shares are merged, extra vocabulary rows are copied."""
     rows = job.shared_rows
     raw = {k: readers[k].get(job.name) for k in keys}
     sliced = {k: (t[:rows] if rows is not None else t) for k, t in raw.items()}
+    out_dtype = TORCH_DTYPES[job.out_dtype]
+    kept = agreed = None
     fast = FAST_PATHS.get(method.name) if device.type == "cpu" and BASE in sliced else None
     if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        out_dtype = TORCH_DTYPES[job.out_dtype]
         labels = [BASE] + [k for k in keys if k != BASE]
         try:
             merged, kept, agreed = fast(sliced[BASE], [sliced[k] for k in labels[1:]], model_params,
                                         params, out_dtype, check_finite=True)
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
-        if retention is not None:
-            retention.add(merged.numel(), kept, agreed)
-        if job.extra_rows_from is not None:
-            extra = to_compute(raw[job.extra_rows_from][rows:], device, job.name, job.extra_rows_from)
-            merged = torch.cat([merged, extra.to(out_dtype)])
-        return merged
-    base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
-    models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
-    merged, stats = method.fn(base, models, model_params, params)
-    if retention is not None and stats is not None:
-        retention.add(merged.numel(), stats.kept.tolist(), stats.agreed.tolist())
+    else:
+        base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
+        models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
+        merged, stats = method.fn(base, models, model_params, params)
+        if stats is not None:
+            kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
+        merged = merged.to(out_dtype)
+    if retention is not None and kept is not None:
+        retention.add(merged.numel(), kept, agreed)
     if job.extra_rows_from is not None:
         extra = to_compute(raw[job.extra_rows_from][rows:], device, job.name, job.extra_rows_from)
-        merged = torch.cat([merged, extra])
+        merged = torch.cat([merged, extra.to(out_dtype)])
     return merged
 
 
@@ -231,9 +231,8 @@ def merge(
                   disable=not progress, leave=False) as bar:
             for job in plan.jobs:
                 if job.merge:
-                    merged = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                          dev, retention)
-                    out = merged.to(TORCH_DTYPES[job.out_dtype])
+                    out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
+                                       dev, retention)
                 else:
                     out = readers[plan.reference].get(job.name)
                 if pending is not None:
