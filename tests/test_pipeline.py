@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,7 @@ def test_dry_run_and_force(seeded, hub_server, write_recipe):
     assert code == 0 and [p["action"] for p in plan["plan"]] == ["run"] * 5
     assert not (recipe.parent / "merged").exists() and "alice/tiny-bo" not in hub_server.repos
     assert run_json(recipe)[0] == 0
+    time.sleep(1.1)  # the forced merge's report gets a later created_at (whole seconds): new files
     code, forced, err = run_json(recipe, "--force")
     # everything runs again; the new merge report (timings) is a new commit, and tag v1 is
     # already taken by the first release: a clear one-line error, not a moved tag
@@ -152,4 +154,5 @@ def test_release_script_runs_the_workflow_command_lines(seeded, hub_server, tmp_
     assert "README.md" in hub_server.files("alice/tiny-bo")
     text = summary_md.read_text()
     assert "| push | done |" in text and "retention" in text
+    assert "Pushed: http" in text  # the commit URL
     assert TOKEN not in done.stdout + done.stderr + text
