@@ -170,3 +170,35 @@ def test_merged_model_loads_and_generates(family, write_recipe):
     assert out.shape[1] == ids["input_ids"].shape[1] + 6
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True).endswith("assistant:")
+
+
+def test_cpu_ties_merge_from_the_cli_never_imports_torch(family, write_recipe):
+    """Importing torch costs seconds: `lrmerge merge` of a ties recipe on CPU runs on numpy
+    and the fused kernels alone (with `--device auto` on a machine without a GPU too)."""
+    import subprocess
+    import sys
+
+    family(dtype="bfloat16")
+    recipe = write_recipe(recipe_text())
+    device = "auto" if not engine_gpu_files() else "cpu"
+    code = f"""
+import sys
+from lrmerge_hub.cli import main
+try:
+    main(["merge", {str(recipe)!r}, "--device", {device!r}, "--format", "quiet"], prog_name="lrmerge")
+except SystemExit as e:
+    assert not e.code, e.code
+print("torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=recipe.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert (recipe.parent / "merged" / "merge_report.json").exists()
+
+
+def engine_gpu_files() -> bool:
+    import os
+
+    from lrmerge_hub.merge.engine import GPU_DEVICE_FILES
+
+    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)

@@ -1,7 +1,9 @@
 """The fused CPU kernels (merge/kernels.py) give the reference's results (methods.ties_family):
 float32 outputs to float rounding, kept/agreed counts exactly, on the inputs where a fast
-selection is easiest to get wrong: tied magnitudes at the cut, zero deltas, slack flipping
-a sign conflict, density 1, bfloat16 inputs read in place, and the engine's use of them."""
+selection is easiest to get wrong: tied magnitudes at the cut, bfloat16 deltas of a few
+units in the last place (few distinct values, each shared by many entries), zero deltas,
+slack flipping a sign conflict, density 1, bfloat16 inputs read in place, every selection
+path (counted, collected, exact fallback), and the engine's use of them."""
 
 from __future__ import annotations
 
@@ -24,8 +26,22 @@ def reference(base, tensors, weights, densities, slacks, lam=1.0, normalize=True
     return merged, stats.kept.tolist(), stats.agreed.tolist()
 
 
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view as the kernels take it: bfloat16 as its uint16 bits."""
+    flat = t.reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+
+
+def fused(base, tensors, weights, densities, slacks, lam=1.0, normalize=True, out_bf16=False, **kw):
+    out, kept, agreed = kernels.fused_ties(as_array(base), [as_array(t) for t in tensors], weights, densities,
+                                           slacks, lam, normalize, out_bf16, **kw)
+    out = torch.from_numpy(out)
+    out = out.view(torch.bfloat16) if out_bf16 else out
+    return out.reshape(base.shape), kept, agreed
+
+
 def check(base, tensors, weights, densities, slacks, lam=1.0, normalize=True):
-    out, kept, agreed = kernels.fused_ties(base, tensors, weights, densities, slacks, lam, normalize)
+    out, kept, agreed = fused(base, tensors, weights, densities, slacks, lam, normalize)
     ref, ref_kept, ref_agreed = reference(base, tensors, weights, densities, slacks, lam, normalize)
     assert out.dtype == torch.float32 and out.shape == base.shape
     assert kept == ref_kept
@@ -94,14 +110,13 @@ def test_slack_flips_sign_conflicts_to_the_task_model():
 
 def test_bfloat16_output_is_the_rounded_float32_result():
     base, tensors = family(dtype=torch.bfloat16, seed=6)
-    out, kept, agreed = kernels.fused_ties(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.3], 1.0, True,
-                                           torch.bfloat16)
+    out, kept, agreed = fused(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.3], 1.0, True, out_bf16=True)
     ref, ref_kept, ref_agreed = reference(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.3])
     assert out.dtype == torch.bfloat16 and (kept, agreed) == (ref_kept, ref_agreed)
     assert torch.equal(out, ref.to(torch.bfloat16))
 
 
-def test_small_and_one_element_tensors_use_the_reference():
+def test_small_and_one_element_tensors_select_from_every_entry():
     for n in (1, 7, 2048):
         base, tensors = family(n=n, seed=7)
         check(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.0])
@@ -111,8 +126,16 @@ def test_nan_input_is_reported_with_its_position():
     base, tensors = family(seed=8, dtype=torch.bfloat16)
     tensors[1][17] = float("nan")
     with pytest.raises(kernels.NonFiniteInput) as e:
-        kernels.fused_ties(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.0], 1.0, True, check_finite=True)
+        fused(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.0], check_finite=True)
     assert e.value.which == 1
+    base[5] = float("inf")
+    with pytest.raises(kernels.NonFiniteInput) as e:
+        fused(base, tensors, [1.0, 1.0], [0.2, 0.2], [0.0, 0.0], check_finite=True)
+    assert e.value.which == -1
+    small = base[:100].clone()
+    with pytest.raises(kernels.NonFiniteInput) as e:
+        fused(small, [small + 1, small.clone()], [1.0, 1.0], [0.2, 0.2], [0.0, 0.0], check_finite=True)
+    assert e.value.which == -1
 
 
 def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
@@ -147,7 +170,7 @@ def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
 def test_exact_radix_select_when_the_sample_bracket_misses(monkeypatch, dtype):
     """The fallback selection (two histograms) gives the same results as the reference,
     tied magnitudes at the cut included."""
-    monkeypatch.setattr(kernels, "_bracket", lambda xs, b, i, k, n: (np.full(kernels.QS, 0x7FFFFFFF, dtype=np.int32), 0x7FFFFFFF))
+    monkeypatch.setattr(kernels, "_bracket", lambda x, b, k: (0x7F7FFFFF, 0x7F7FFFFF, 0.0))
     base, tensors = family(models=2, dtype=dtype, seed=9)
     check(base, tensors, [1.0, 1.0], [0.2, 0.05], [0.0, 0.5])
     g = torch.Generator().manual_seed(10)
@@ -155,3 +178,42 @@ def test_exact_radix_select_when_the_sample_bracket_misses(monkeypatch, dtype):
     tied = [levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g))
             for _ in range(2)]
     check(torch.zeros(N), tied, [1.0, 1.0], [0.2, 0.37], [0.0, 0.0])
+
+
+def test_bfloat16_deltas_of_a_few_units_in_the_last_place():
+    """What fine-tuned bf16 checkpoints look like: each delta is a few ulps of the base, so
+    |delta| takes few distinct values and the k-th largest is shared by many entries."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(N, generator=g).to(torch.bfloat16)
+    bits = base.view(torch.int16)
+    tensors = [(bits + torch.randint(-s, s + 1, (N,), generator=g, dtype=torch.int16)).view(torch.bfloat16)
+               for s in (3, 2)]
+    for density in (0.2, 0.5, 0.05):
+        check(base, tensors, [1.0, 1.0], [density, density], [0.0, 0.5])
+
+
+def test_each_selection_path_is_taken_and_exact(monkeypatch):
+    """Random float32 deltas select among the candidates collected inside the bracket;
+    heavily tied ones find the threshold at the bracket's end, with a tie limit from
+    per-chunk counts; too many candidates for their room fall back to the exact select.
+    Every path agrees with the reference (asserted by check)."""
+    calls = []
+    for name in ("_select_among", "_tie_limit_in_chunks", "_exact_select"):
+        def counted(*a, _f=getattr(kernels, name), _name=name):
+            calls.append(_name)
+            return _f(*a)
+        monkeypatch.setattr(kernels, name, counted)
+    base, tensors = family(seed=12)
+    check(base, tensors, [1.0, 1.0], [0.2, 0.3], [0.0, 0.0])
+    assert calls == ["_select_among"] * 2
+    calls.clear()
+    g = torch.Generator().manual_seed(13)
+    levels = torch.tensor([0.25, 0.5, 1.0, 2.0])
+    tied = [levels[torch.randint(0, 4, (N,), generator=g)] for _ in range(2)]
+    check(torch.zeros(N), tied, [1.0, 1.0], [0.2, 0.37], [0.0, 0.0])
+    assert calls == ["_tie_limit_in_chunks"] * 2
+    calls.clear()
+    monkeypatch.setattr(kernels, "BRACKET_ROOM", 0.0)
+    monkeypatch.setattr(kernels, "BRACKET_SLACK", 0.0)
+    check(base, tensors, [1.0, 1.0], [0.2, 0.3], [0.0, 0.0])
+    assert calls == ["_exact_select"] * 2

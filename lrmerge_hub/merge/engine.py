@@ -3,11 +3,14 @@
 Peak memory is a small multiple of the largest tensor, never a model. Output is atomic:
 everything goes to a temporary folder beside the target, renamed into place at the end.
 The engine knows nothing of the Hub: it takes local folders (`Source`) with provenance.
+Tensors travel as flat numpy arrays; torch is imported only for the reference methods and
+the GPU (a CPU ties/slack_ties merge never pays its seconds of import time).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -17,19 +20,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from typing import TYPE_CHECKING
+
+import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import InputModelError, OutputError
 from ..recipe import Recipe
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
-    from .kernels import FAST_PATHS, NonFiniteInput
+    from .kernels import FAST_PATHS, NonFiniteInput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS, NonFiniteInput = {}, ValueError
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
-from .st_io import TORCH_DTYPES, SafetensorsModel, ShardedWriter
+from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,13 +46,27 @@ TOKENIZER_FILES = (
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def resolve_device(device: str) -> torch.device:
+# device files a CUDA (or ROCm) GPU shows on Linux; without any, torch would find none
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a GPU. Asking imports torch (seconds), so a machine without any
+    GPU device file is answered without it."""
+    if not any(os.path.exists(p) for p in GPU_DEVICE_FILES):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
     """'auto' picks CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
         raise InputModelError("device: cuda was asked for but no GPU is visible (use --device cpu or auto)")
-    return torch.device(device)
+    return device
 
 
 def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool) -> None:
@@ -83,8 +105,10 @@ class RetentionCounter:
                 "fraction": round(self.agreed[i] / kept, 6) if kept else None}
 
 
-def to_compute(t: torch.Tensor, device: torch.device, name: str, label: str) -> torch.Tensor:
+def to_compute(t: torch.Tensor, device: str, name: str, label: str) -> torch.Tensor:
     """float32 on the compute device, refusing NaN/Inf inputs."""
+    import torch
+
     x = t.to(device=device, dtype=torch.float32, non_blocking=True)
     if not torch.isfinite(x).all():
         raise InputModelError(f"{label}: tensor {name} contains NaN or Inf")
@@ -93,34 +117,42 @@ def to_compute(t: torch.Tensor, device: torch.device, name: str, label: str) -> 
 
 def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
-                 device: torch.device, retention: RetentionCounter | None) -> torch.Tensor:
-    """Merge one tensor in float32 and return it in the output dtype: the rows every model
-    shares are merged, extra vocabulary rows are copied."""
-    rows = job.shared_rows
-    raw = {k: readers[k].get(job.name) for k in keys}
-    sliced = {k: (t[:rows] if rows is not None else t) for k, t in raw.items()}
-    out_dtype = TORCH_DTYPES[job.out_dtype]
+                 device: str, retention: RetentionCounter | None) -> np.ndarray:
+    """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
+    bits): the rows every model shares are merged, extra vocabulary rows are copied."""
+    row = math.prod(job.out_shape[1:])
+    shared = job.shared_rows * row if job.shared_rows is not None else None  # entries merged
+    labels = [BASE] + [k for k in keys if k != BASE]
+    fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
     kept = agreed = None
-    fast = FAST_PATHS.get(method.name) if device.type == "cpu" and BASE in sliced else None
     if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        labels = [BASE] + [k for k in keys if k != BASE]
+        inputs, bf16 = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
+                                     [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
-            merged, kept, agreed = fast(sliced[BASE], [sliced[k] for k in labels[1:]], model_params,
-                                        params, out_dtype, check_finite=True)
+            merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
+                                        out_bf16=job.out_dtype == "BF16", check_finite=True)
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
+        if job.out_dtype not in ("BF16", "F32"):
+            merged = float32_to(merged, job.out_dtype)
     else:
+        raw = {k: readers[k].get(job.name) for k in keys}
+        sliced = {k: (t[:job.shared_rows] if job.shared_rows is not None else t) for k, t in raw.items()}
         base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
         models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
-        merged, stats = method.fn(base, models, model_params, params)
+        result, stats = method.fn(base, models, model_params, params)
         if stats is not None:
             kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
-        merged = merged.to(out_dtype)
+        merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if retention is not None and kept is not None:
-        retention.add(merged.numel(), kept, agreed)
+        retention.add(merged.size, kept, agreed)
     if job.extra_rows_from is not None:
-        extra = to_compute(raw[job.extra_rows_from][rows:], device, job.name, job.extra_rows_from)
-        merged = torch.cat([merged, extra.to(out_dtype)])
+        src = readers[job.extra_rows_from]
+        extra, dtype = src.array(job.name)[shared:], src.tensors[job.name].spec.dtype
+        values = extra if dtype == "F32" else as_float32(extra, dtype == "BF16")
+        if not np.isfinite(values).all():
+            raise InputModelError(f"{job.extra_rows_from}: tensor {job.name} contains NaN or Inf")
+        merged = np.concatenate([merged, extra if dtype == job.out_dtype else float32_to(values, job.out_dtype)])
     return merged
 
 
@@ -234,7 +266,7 @@ def merge(
                     out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
                                        dev, retention)
                 else:
-                    out = readers[plan.reference].get(job.name)
+                    out = readers[plan.reference].array(job.name)
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(writer.write, job.name, out)
@@ -278,7 +310,7 @@ def install_atomically(tmp: Path, out_dir: Path) -> None:
 
 
 def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
-                 retention: RetentionCounter | None, device: torch.device, started: float,
+                 retention: RetentionCounter | None, device: str, started: float,
                  bytes_written: int) -> dict[str, Any]:
     def source_entry(key: str, display: str) -> dict[str, Any]:
         src = sources[key]
@@ -312,7 +344,7 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
             "bytes_written": bytes_written,
             "seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": peak_rss_bytes(),
-            "device": device.type,
+            "device": device,
         },
     }
 

@@ -1,43 +1,41 @@
-"""Fused CPU kernels for ties and slack_ties: the same results as methods.ties_family, faster.
+"""Fused CPU kernels for ties and slack_ties: the results of methods.ties_family, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
-float32 copies plus a selection (kthvalue) per model. Here one tensor costs two passes over
-the raw inputs (bfloat16 or float32, read in place, e.g. straight from a memory-mapped
-shard; no float32 copy of a whole tensor is ever made), on every core:
+float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
+the raw inputs (bfloat16 or float32 numpy views, e.g. straight from a memory-mapped shard;
+no float32 copy of a tensor is made), on every core, and nothing here needs torch:
 
-1. select: the k-th largest |delta_i| is bracketed from a random sample of 65536 entries;
-   one pass counts the entries above the bracket and collects (bits, index) of the few
-   inside it (and checks every input for NaN/Inf); the exact threshold is then selected
-   among those candidates. The bits of a non-negative float order like the float, so all
-   of this works on integers. When the sample misleads (the k-th value falls outside the
-   bracket, or too many entries fall inside), an exact radix select runs instead: a
-   histogram of the top 16 bits, then one of the low 16 bits within the chosen bin.
+1. count: a sample of each model's |delta| brackets its k-th largest magnitude in a
+   narrow range (a few percent of the entries; bfloat16 deltas take few values, so some
+   are heavily tied). One pass counts the entries above the bracket, collects (bits,
+   index) of those inside it, and checks every input for NaN/Inf; the threshold is then
+   selected among the candidates, and ties at it are kept in index order up to a limit.
 2. merge: trim, weight, elect, agree, disjoint mean, lambda and the cast to the output
    dtype, fused in one blocked loop that also counts kept and agreed entries.
 
-Ties at the threshold are kept in index order until exactly k entries survive, exactly as
-methods.trim_to_density does: entries equal to the threshold are kept below an index limit.
-Every delta is computed as float32(x_i) - float32(base) and every later step in float32 in
-the reference's order, so float32 results match the reference to float rounding and the
-counts match exactly.
-
-Small tensors (norms, biases) go to the reference: the fixed costs would outweigh the gain.
+When the sample misleads (the k-th largest falls outside the bracket, or more candidates
+fall inside it than were provisioned), an exact radix
+select runs instead: a histogram of the top 16 bits of the float bits, then one of the low
+16 bits within the chosen bin. The bits of a non-negative float order like the float, so
+selection works on integers. Ties at the threshold are kept in index order until exactly k
+entries survive, as methods.trim_to_density keeps them. Every delta is float32(x_i) -
+float32(base) and every later step runs in float32 in the reference's order, so results
+match the reference to float rounding and counts match exactly.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numba
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .methods import ties_family, trim_count
+from .methods import trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
 # 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for
@@ -46,16 +44,18 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 BINS = 1 << 16
-# entries sampled to bracket the threshold, and the bracket's half-width in standard
-# deviations of the sample's rank (a miss only costs the exact fallback)
+# entries sampled to bracket the threshold, in runs of consecutive entries (runs touch few
+# pages of a memory-mapped input), and the bracket's half-width in standard deviations of
+# the sample's rank (a miss only costs the exact fallback)
 SAMPLE = 1 << 16
-SAMPLE_RUN = 256
+SAMPLE_RUN = 64
 SIGMAS = 6.0
-# thresholds inside the bracket counted in the same pass, narrowing it this many fold
-QS = 16
-# brackets narrower than this many float bit patterns select by counting
-COUNTING_RANGE = 1 << 22
-# below this many entries the reference is as fast and certainly exact
+# room for candidates per chunk: this many times the sample's fraction inside the bracket
+# (a chunk may hold more than the average), plus a slack fraction; more falls back
+BRACKET_ROOM = 4.0
+BRACKET_SLACK = 0.01
+INF_BITS = 0x7F800000  # above every finite magnitude
+# below this many entries the threshold is selected exactly from every entry at once
 MIN_FAST_NUMEL = 1 << 18
 # parallel chunks per tensor: more than the cores, so a busy core does not stall the rest
 CHUNKS = 16
@@ -78,15 +78,36 @@ def _float_bits(typingctx, x):
 
 
 @intrinsic
-def _bits_float(typingctx, x):
-    """The float32 whose IEEE bits are the low 32 bits of an int64."""
-    if x != types.int64:
+def _bf16_to_float(typingctx, h):
+    """The float32 of bfloat16 bits (in 32-bit integer ops, which vectorize 8 wide)."""
+    if h != types.uint16:
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
 
-    return types.float32(types.int64), codegen
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_to_bf16(typingctx, v):
+    """bfloat16 bits of a float32, rounded to nearest even; NaN stays a quiet NaN of the
+    same sign. Branch-free 32-bit integer ops."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        high = builder.lshr(u, ir.Constant(i32, 16))
+        odd = builder.and_(high, ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(high, ir.Constant(i32, 0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
 
 
 def _load(a, j):  # pragma: no cover - replaced by the overload inside kernels
@@ -97,7 +118,7 @@ def _load(a, j):  # pragma: no cover - replaced by the overload inside kernels
 def _load_impl(a, j):
     """Entry j of an input as float32: bfloat16 arrives as its uint16 bits."""
     if a.dtype == types.uint16:
-        return lambda a, j: _bits_float(np.int64(a[j]) << 16)
+        return lambda a, j: _bf16_to_float(a[j])
     if a.dtype == types.float32:
         return lambda a, j: a[j]
     return None
@@ -113,11 +134,7 @@ def _store_impl(a, j, v):
     if a.dtype == types.uint16:
 
         def store_bf16(a, j, v):
-            u = _float_bits(v)
-            if v != v:  # NaN stays a quiet NaN of the same sign
-                a[j] = np.uint16((u >> 16) | 0x40)
-            else:
-                a[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+            a[j] = _float_to_bf16(v)
 
         return store_bf16
     if a.dtype == types.float32:
@@ -134,176 +151,128 @@ def _chunk_bounds(n, chunks, c):
     return n * c // chunks, n * (c + 1) // chunks
 
 
-# -- the three passes -----------------------------------------------------------------------
+@numba.njit(inline="always")
+def _magnitude_bits(x, base, j):
+    """The bits of |float32(x[j]) - float32(base[j])|."""
+    return _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
+
+
+@numba.njit(inline="always")
+def _is_nonfinite(v):
+    return (v - v) != np.float32(0.0)  # NaN for NaN and +-Inf; float ops vectorize 8 wide
+
+
+# -- the count pass -----------------------------------------------------------------------------
+# Inner loops are separate functions over plain, zero-based array slices, written so that
+# the compiler vectorizes them (measured 3-7x faster than otherwise): indexing the tuple of
+# inputs, or an array at a shifted index, inside the loop keeps it from that; magnitudes are
+# compared as float32 (the same order as their bits, for non-NaN values) and counts are
+# kept as int32 within a block, because numba's 64-bit integers halve the vector width.
 
 
 @numba.njit(cache=True, nogil=True)
-def _sum_chunks(local):
-    total = np.zeros(local.shape[1:], dtype=np.int64)
-    for c in range(local.shape[0]):
-        total += local[c]
-    return total
-
-
-@numba.njit(cache=True, nogil=True)
-def _sample_bits(x, base, idx):
-    """|delta| bits at the sampled positions."""
-    out = np.empty(idx.shape[0], dtype=np.int64)
-    for s in range(idx.shape[0]):
-        j = idx[s]
-        out[s] = _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
-    return out
-
-
-# Inner loops are separate functions over plain arrays: indexing the tuple of inputs with a
-# loop variable inside the loop keeps the compiler from vectorizing it (5x slower).
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_nonfinite(x, s, e):
-    count = 0
-    for j in range(s, e):
-        count += (_float_bits(_load(x, j)) & 0x7F800000) == 0x7F800000
+def _nonfinite_block(x):
+    """How many entries of x are NaN or Inf."""
+    count = np.int32(0)
+    for j in range(x.shape[0]):
+        count = np.int32(count + _is_nonfinite(_load(x, j)))
     return count
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_block(x, base, s, e, qs, t_hi, u, counts):
-    """Over [s, e): add to counts[q] the entries whose |delta| bits are >= qs[q]; return
-    (NaN/Inf entries of x, entries above t_hi). Branch-free loops over a block buffer, so
-    they vectorize: well under a nanosecond per entry."""
-    size = e - s
-    nonfinite = 0
-    count_above = 0
+def _count_block(x, base, lo, hi, s, mags, inside, bits, idx, p, counts):
+    """Over a block starting at index s: add to counts the entries with |delta| > hi, == hi
+    and == lo, and append (bits, index) of the entries with lo < |delta| < hi to bits/idx
+    from p on (bits/idx need room for the block). Returns (NaN/Inf entries of x, next p)."""
+    size = base.shape[0]
+    above = np.int32(0)
+    at_hi = np.int32(0)
+    at_lo = np.int32(0)
+    nonfinite = np.int32(0)
     for j in range(size):
-        v = _load(x, s + j)
-        nonfinite += (_float_bits(v) & 0x7F800000) == 0x7F800000
-        bits = _float_bits(v - _load(base, s + j)) & 0x7FFFFFFF
-        u[j] = bits
-        count_above += bits > t_hi
-    for q in range(qs.shape[0]):
-        t = qs[q]
-        count = 0
-        for j in range(size):
-            count += u[j] >= t
-        counts[q] += count
-    return nonfinite, count_above
+        xv = _load(x, j)
+        ad = abs(xv - _load(base, j))
+        mags[j] = ad
+        nonfinite = np.int32(nonfinite + _is_nonfinite(xv))
+        above = np.int32(above + (ad > hi))
+        at_hi = np.int32(at_hi + (ad == hi))
+        at_lo = np.int32(at_lo + (ad == lo))
+        inside[j] = (ad > lo) & (ad < hi)
+    counts[0] += above
+    counts[1] += at_hi
+    counts[2] += at_lo
+    for j in range(size):  # candidates are few: a well-predicted branch beats writing all
+        if inside[j]:
+            bits[p] = _float_bits(mags[j])
+            idx[p] = s + j
+            p += 1
+    return nonfinite, p
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _count_pass(xs, base, active, qs, hi_bits):
-    """One pass over every input. Per chunk and model: how many |delta| bits are >= each
-    qs[i, q] (ascending thresholds inside the bracket) and how many exceed hi_bits[i]; and
-    the NaN/Inf entries of the base (column 0) and of each model (column i + 1)."""
+def _count_pass(xs, base, active, lo, hi, cap):
+    """One pass over every input. Per chunk and model: how many |delta| are above hi[i],
+    equal to hi[i] and equal to lo[i] (counts[c, i]); and (bits, index) of those strictly
+    between, in index order: chunk c's are the first found[i, c] of bits[i, c] and
+    idx[i, c], or found[i, c] is -1 when more than cap - BLOCK were there. Also the NaN/Inf
+    entries of the base (column 0) and of each model (column i + 1)."""
     m, n = len(xs), base.shape[0]
-    at_least = np.zeros((CHUNKS, m, qs.shape[1]), dtype=np.int64)
-    above = np.zeros((CHUNKS, m), dtype=np.int64)
+    counts = np.zeros((CHUNKS, m, 3), dtype=np.int64)
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+    bits = np.empty((m, CHUNKS, cap), dtype=np.int64)
+    idx = np.empty((m, CHUNKS, cap), dtype=np.int64)
+    found = np.zeros((m, CHUNKS), dtype=np.int64)
     for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        u = np.empty(BLOCK, dtype=np.int32)
-        for s in range(lo, hi, BLOCK):
-            e = min(s + BLOCK, hi)
-            bad[c, 0] += _count_nonfinite(base, s, e)
+        lo_c, hi_c = _chunk_bounds(n, CHUNKS, c)
+        mags = np.empty(BLOCK, dtype=np.float32)
+        inside = np.empty(BLOCK, dtype=np.uint8)
+        for s in range(lo_c, hi_c, BLOCK):
+            e = min(s + BLOCK, hi_c)
+            bb = base[s:e]
+            bad[c, 0] += _nonfinite_block(bb)
             for i in range(m):
-                if active[i]:
-                    nonfinite, count_above = _count_block(xs[i], base, s, e, qs[i], hi_bits[i], u,
-                                                          at_least[c, i])
-                    above[c, i] += count_above
-                    bad[c, i + 1] += nonfinite
-                else:
-                    bad[c, i + 1] += _count_nonfinite(xs[i], s, e)
-    return at_least, above, bad
+                x = xs[i][s:e]
+                if not active[i]:
+                    bad[c, i + 1] += _nonfinite_block(x)
+                    continue
+                p = found[i, c]
+                fits = p >= 0 and p + (e - s) <= cap  # else count only (and write from 0)
+                bad_i, p = _count_block(x, bb, lo[i], hi[i], s, mags, inside, bits[i, c], idx[i, c],
+                                        p if fits else 0, counts[c, i])
+                bad[c, i + 1] += bad_i
+                found[i, c] = p if fits else -1
+    return counts, bad, bits, idx, found
+
+
+# -- the merge pass ---------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
-def _collect_range(x, base, s, e, t_lo, t_hi, bits, idx, pos):
-    """Write (bits, index) of the entries of [s, e) with |delta| bits in [t_lo, t_hi] from
-    position pos on; return the next position."""
-    for j in range(s, e):
-        u = _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
-        if (u >= t_lo) & (u <= t_hi):
-            bits[pos] = u
-            idx[pos] = j
-            pos += 1
-    return pos
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _collect(x, base, t_lo, t_hi, offsets, bits, idx):
-    """The candidates of one model in index order; chunk c writes from offsets[c] (the
-    counts of the pass before tell exactly how many each chunk holds)."""
-    n = base.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        _collect_range(x, base, lo, hi, t_lo, t_hi, bits, idx, offsets[c])
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _hist_high(xs, base, active):
-    """Per model, the histogram of the top 16 bits of |x_i - base| (float32 bits)."""
-    m, n = len(xs), base.shape[0]
-    local = np.zeros((CHUNKS, m, BINS), dtype=np.int32)
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for i in range(m):
-            if not active[i]:
-                continue
-            x = xs[i]
-            h = local[c, i]
-            for j in range(lo, hi):
-                d = _load(x, j) - _load(base, j)
-                h[(_float_bits(d) & 0x7FFFFFFF) >> 16] += 1
-    return _sum_chunks(local)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _hist_low(xs, base, active, high_bin):
-    """Per model, the histogram of the low 16 bits of |delta| among entries whose top 16
-    bits equal high_bin[i]."""
-    m, n = len(xs), base.shape[0]
-    local = np.zeros((CHUNKS, m, BINS), dtype=np.int32)
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for i in range(m):
-            if not active[i]:
-                continue
-            x = xs[i]
-            h = local[c, i]
-            want = high_bin[i]
-            for j in range(lo, hi):
-                u = _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
-                if (u >> 16) == want:
-                    h[u & 0xFFFF] += 1
-    return _sum_chunks(local)
-
-
-@numba.njit(cache=True, nogil=True)
-def _trim_block(x, base, s, e, t, lim, w, v, row, total, first):
-    """row = w * trimmed delta over [s, e); total (=, or += unless first) row * vote.
-    Returns how many entries of row are nonzero (kept)."""
+def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
+    """row = w * trimmed delta (kept: |delta| > t, and == t with keep_ties); total (=, or +=
+    unless first) row * vote. Returns how many entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
-    count = 0
-    for j in range(s, e):
+    kept = np.int32(0)
+    for j in range(base.shape[0]):
         d = _load(x, j) - _load(base, j)
-        u = _float_bits(d) & 0x7FFFFFFF
-        wd = d * w if (u > t) | ((u == t) & (j < lim)) else zero
-        row[j - s] = wd
-        count += wd != zero
+        ad = abs(d)
+        wd = d * w if (ad > t) | (keep_ties & (ad == t)) else zero
+        row[j] = wd
+        kept = np.int32(kept + (wd != zero))
         if first:
-            total[j - s] = wd * v
+            total[j] = wd * v
         else:
-            total[j - s] += wd * v
-    return count
+            total[j] += wd * v
+    return kept
 
 
 @numba.njit(cache=True, nogil=True)
-def _agree_block(row, total, w, merged, divisor, size, first):
+def _agree_block(row, total, w, merged, divisor, first):
     """Add the entries of row whose sign agrees with sign(total) (>= 0 is +) to merged, and
     w to divisor there (=, unless first: +=). Returns how many agreed."""
     zero = np.float32(0.0)
-    count = 0
-    for j in range(size):
+    count = np.int32(0)
+    for j in range(row.shape[0]):
         wd = row[j]
         agree = (wd != zero) & ((wd > zero) == (total[j] >= zero))
         if first:
@@ -312,27 +281,27 @@ def _agree_block(row, total, w, merged, divisor, size, first):
         else:
             merged[j] += wd if agree else zero
             divisor[j] += w if agree else zero
-        count += agree
+        count = np.int32(count + agree)
     return count
 
 
 @numba.njit(cache=True, nogil=True)
-def _write_block(base, out, s, e, merged, divisor, lam, normalize):
+def _write_block(base, out, merged, divisor, lam, normalize):
     """out = base + lam * merged (divided by the agreeing weights, 0 counting as 1)."""
     one, zero = np.float32(1.0), np.float32(0.0)
-    for j in range(s, e):
-        m = merged[j - s]
+    for j in range(base.shape[0]):
+        m = merged[j]
         if normalize:
-            dv = divisor[j - s]
+            dv = divisor[j]
             m = m / (dv if dv != zero else one)
         _store(out, j, _load(base, j) + lam * m)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
-    """Trim (keep |delta| bits > threshold[i], and bits == threshold[i] at indices below
-    limit[i]), weight, elect with votes, disjoint-merge and write base + lam * merged.
-    Returns per-chunk kept and agreed counts, each (CHUNKS, m).
+    """Trim (keep |delta| > threshold[i], and == threshold[i] at indices below limit[i]),
+    weight, elect with votes, disjoint-merge and write base + lam * merged. Returns
+    per-chunk kept and agreed counts, each (CHUNKS, m).
 
     Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
     every inner loop is a branch-free loop over contiguous memory."""
@@ -347,27 +316,81 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
         divisor = np.empty(BLOCK, dtype=np.float32)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
+            size = e - s
+            bb = base[s:e]
             for i in range(m):
-                kept[c, i] += _trim_block(xs[i], base, s, e, threshold[i], limit[i], weights[i],
-                                          votes[i], rows[i], total, i == 0)
+                # ties at the threshold are kept before the index limit only: two parts
+                x, row = xs[i][s:e], rows[i][:size]
+                te = min(max(limit[i] - s, 0), size)
+                for part in range(2):
+                    a, z = (0, te) if part == 0 else (te, size)
+                    kept[c, i] += _trim_block(x[a:z], bb[a:z], part == 0, threshold[i], weights[i],
+                                              votes[i], row[a:z], total[a:z], i == 0)
             for i in range(m):
-                agreed[c, i] += _agree_block(rows[i], total, weights[i], merged, divisor, e - s, i == 0)
-            _write_block(base, out, s, e, merged, divisor, lam, normalize)
+                agreed[c, i] += _agree_block(rows[i][:size], total[:size], weights[i], merged[:size],
+                                             divisor[:size], i == 0)
+            _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
     return kept, agreed
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_bits(x, base, idx):
+    """|delta| bits at the given positions."""
+    out = np.empty(idx.shape[0], dtype=np.int64)
+    for s in range(idx.shape[0]):
+        out[s] = _magnitude_bits(x, base, idx[s])
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
 def _tie_limit(x, base, t, lo, hi, room):
     """The index in [lo, hi) just after the room-th entry whose |delta| bits equal t."""
     for j in range(lo, hi):
-        if (_float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF) == t:
+        if _magnitude_bits(x, base, j) == t:
             room -= 1
             if room == 0:
                 return j + 1
     return hi
 
 
-# -- selection from the histograms ------------------------------------------------------------
+@numba.njit(cache=True, nogil=True)
+def _sum_chunks(local):
+    total = np.zeros(local.shape[1:], dtype=np.int64)
+    for c in range(local.shape[0]):
+        total += local[c]
+    return total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _hist_high(x, base):
+    """The histogram of the top 16 bits of |x - base| (float32 bits)."""
+    n = base.shape[0]
+    local = np.zeros((CHUNKS, BINS), dtype=np.int32)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        h = local[c]
+        for j in range(lo, hi):
+            h[_magnitude_bits(x, base, j) >> 16] += 1
+    return _sum_chunks(local)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _hist_low(x, base, high_bin):
+    """The histogram of the low 16 bits of |delta| among entries whose top 16 bits equal
+    high_bin."""
+    n = base.shape[0]
+    local = np.zeros((CHUNKS, BINS), dtype=np.int32)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        h = local[c]
+        for j in range(lo, hi):
+            u = _magnitude_bits(x, base, j)
+            if (u >> 16) == high_bin:
+                h[u & 0xFFFF] += 1
+    return _sum_chunks(local)
 
 
 def _top_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -378,21 +401,85 @@ def _top_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     return b, int(from_top[idx] - hist[b])
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A flat zero-copy numpy view: bfloat16 as its uint16 bits, float32 as is."""
-    flat = t.reshape(-1)
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+def _exact_select(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int]:
+    """(threshold bits, tie index limit) by radix select: two histograms and, when the
+    threshold is shared by more entries than there is room for, a scan for the limit."""
+    n = b.shape[0]
+    high_bin, above = _top_bin(_hist_high(x, b), k)
+    low = _hist_low(x, b, high_bin)
+    low_bin, above_low = _top_bin(low, k - above)
+    t = (high_bin << 16) | low_bin
+    room = k - above - above_low
+    return t, (n if int(low[low_bin]) <= room else int(_tie_limit(x, b, t, 0, n, room)))
 
 
-def _kernel_inputs(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple:
-    """Inputs as same-typed flat numpy views; anything but all-bf16 or all-f32 becomes f32."""
-    dtypes = {base.dtype, *(t.dtype for t in tensors)}
-    if dtypes not in ({torch.bfloat16}, {torch.float32}):
-        base, tensors = base.float(), [t.float() for t in tensors]
-    cont = [t.contiguous() for t in (base, *tensors)]
-    return _as_numpy(cont[0]), tuple(_as_numpy(t) for t in cont[1:]), cont
+def _select_among(bits: np.ndarray, idx: np.ndarray, room: int, n: int) -> tuple[int, int]:
+    """(threshold bits, tie index limit) keeping the `room` largest of `bits` (at ascending
+    positions idx): ties at the threshold are kept in index order."""
+    t = int(np.partition(bits, bits.shape[0] - room)[bits.shape[0] - room])
+    room -= int(np.count_nonzero(bits > t))
+    tied = idx[bits == t]
+    return t, (int(tied[room - 1]) + 1 if room < tied.shape[0] else n)
+
+
+_SAMPLES: dict[int, np.ndarray] = {}
+
+
+def _sample_index(n: int) -> np.ndarray:
+    """SAMPLE sorted positions in [0, n), the same for every tensor of that size: runs of
+    SAMPLE_RUN consecutive entries at random places."""
+    if n not in _SAMPLES:
+        runs = SAMPLE // SAMPLE_RUN
+        starts = np.sort(np.random.default_rng(n).integers(0, n - SAMPLE_RUN + 1, runs))
+        _SAMPLES[n] = (starts[:, None] + np.arange(SAMPLE_RUN)[None, :]).reshape(-1)
+    return _SAMPLES[n]
+
+
+def _bracket(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int, float]:
+    """From a sample of |delta| bits: a bracket [lo, hi] that holds the k-th largest with
+    near certainty, and the fraction of the sample strictly inside it."""
+    n = b.shape[0]
+    bits = np.sort(_gather_bits(x, b, _sample_index(n)))  # ascending
+    p = k / n
+    rank = (1 - p) * SAMPLE  # ascending rank of the k-th largest
+    margin = SIGMAS * math.sqrt(SAMPLE * p * (1 - p)) + 8
+    low, high = int(rank - margin), int(math.ceil(rank + margin))
+    lo = int(bits[low]) if low >= 0 else 0
+    hi = int(bits[high]) if high < SAMPLE else INF_BITS
+    return lo, hi, int(np.count_nonzero((bits > lo) & (bits < hi))) / SAMPLE
+
+
+def _select(x: np.ndarray, b: np.ndarray, k: int, lo: int, hi: int, counts: np.ndarray,
+            bits: np.ndarray, idx: np.ndarray, found: np.ndarray) -> tuple[int, int]:
+    """(threshold bits, tie index limit) from the count pass's results for one model: per
+    chunk, the entries above the bracket [lo, hi], at hi and at lo (counts), and the
+    candidates strictly inside it. The k-th largest is at hi, among the candidates, or at
+    lo; an exact radix select runs when it is elsewhere or the candidates did not fit."""
+    n = b.shape[0]
+    above, at_hi, at_lo = (counts[:, j] for j in range(3))
+    room = k - int(above.sum())
+    if 1 <= room <= int(at_hi.sum()):
+        return hi, _tie_limit_in_chunks(x, b, hi, at_hi, room)
+    room -= int(at_hi.sum())
+    if (found >= 0).all() and 1 <= room <= int(found.sum()):
+        return _select_among(np.concatenate([bits[c, :found[c]] for c in range(CHUNKS)]),
+                             np.concatenate([idx[c, :found[c]] for c in range(CHUNKS)]), room, n)
+    room -= int(found.sum())
+    if (found >= 0).all() and lo != hi and 1 <= room <= int(at_lo.sum()):
+        return lo, _tie_limit_in_chunks(x, b, lo, at_lo, room)
+    return _exact_select(x, b, k)
+
+
+def _tie_limit_in_chunks(x: np.ndarray, b: np.ndarray, t: int, ties: np.ndarray, room: int) -> int:
+    """The tie index limit for threshold bits t with room for `room` of its ties, given the
+    per-chunk counts of ties: only the chunk where the room runs out is scanned."""
+    n = b.shape[0]
+    if room == int(ties.sum()):
+        return n
+    before = np.concatenate([[0], np.cumsum(ties)])
+    c = int(np.searchsorted(before, room, side="left")) - 1  # chunk holding the room-th tie
+    lo_c, hi_c = _chunk_bounds(n, CHUNKS, c)
+    return int(_tie_limit(x, b, t, lo_c, hi_c, room - int(before[c])))
 
 
 class NonFiniteInput(ValueError):
@@ -403,186 +490,121 @@ class NonFiniteInput(ValueError):
         self.which = which
 
 
-_SAMPLES: dict[int, np.ndarray] = {}
-
-
-def _sample_index(n: int) -> np.ndarray:
-    """SAMPLE sorted positions in [0, n), the same for every tensor of that size: runs of
-    SAMPLE_RUN consecutive entries at random places. Runs touch few pages of a memory-mapped
-    input (scattered positions would fault in the whole tensor here, on one thread; the
-    parallel pass after it is the better place for that)."""
-    if n not in _SAMPLES:
-        runs = SAMPLE // SAMPLE_RUN
-        starts = np.sort(np.random.default_rng(n).integers(0, n - SAMPLE_RUN + 1, runs))
-        _SAMPLES[n] = (starts[:, None] + np.arange(SAMPLE_RUN)[None, :]).reshape(-1)
-    return _SAMPLES[n]
-
-
-def _bracket(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[np.ndarray, int]:
-    """From a sample of |delta_i| bits: a bracket [qs[0], hi] that holds the k-th largest
-    with near certainty, and QS ascending thresholds qs splitting it by sample quantiles, so
-    that one counting pass narrows the bracket QS-fold."""
-    bits = np.sort(_sample_bits(xs[i], b, _sample_index(n)))[::-1]  # descending
-    p = k / n
-    rank = p * SAMPLE
-    margin = SIGMAS * math.sqrt(SAMPLE * p * (1 - p)) + 8
-    top, bottom = int(rank - margin), int(math.ceil(rank + margin))
-    hi = int(bits[top]) if top >= 0 else 0x7FFFFFFF
-    ranks = np.linspace(min(bottom, SAMPLE), max(top, 0), QS, endpoint=False).astype(np.int64)
-    qs = np.array([int(bits[r]) if r < SAMPLE else 0 for r in ranks], dtype=np.int32)
-    return qs, hi
-
-
-def _narrow(qs: np.ndarray, hi: int, at_least: np.ndarray, above: np.ndarray,
-            k: int) -> tuple[int, int, np.ndarray, np.ndarray] | None:
-    """The sub-bracket [lo, hi] holding the k-th largest, with per-chunk counts of entries
-    above it and inside it; None when the k-th largest lies outside the whole bracket."""
-    total = at_least.sum(0)
-    if int(above.sum()) >= k or int(total[0]) < k:
-        return None
-    q = int(np.flatnonzero(total >= k)[-1])
-    if q == qs.shape[0] - 1:
-        return int(qs[q]), hi, above, at_least[:, q] - above
-    return int(qs[q]), int(qs[q + 1]) - 1, at_least[:, q + 1], at_least[:, q] - at_least[:, q + 1]
-
-
-@numba.njit(cache=True, nogil=True)
-def _kth_largest_in_range(bits, room, lo, hi):
-    """The room-th largest of bits, all within [lo, hi], by counting: candidates are often
-    heavily tied (bfloat16 deltas take few values), which makes partitioning slow."""
-    counts = np.zeros(hi - lo + 1, dtype=np.int64)
-    for j in range(bits.shape[0]):
-        counts[bits[j] - lo] += 1
-    for v in range(hi - lo, -1, -1):
-        room -= counts[v]
-        if room <= 0:
-            return lo + v
-    return lo
-
-
-def _select(x: np.ndarray, b: np.ndarray, lo: int, hi: int, above: np.ndarray,
-            inside: np.ndarray, k: int) -> tuple[int, int] | None:
-    """(threshold bits, tie index limit) given per-chunk counts of entries above and within
-    the bracket [lo, hi]; None when the k-th largest lies outside it."""
-    n = b.shape[0]
-    room = k - int(above.sum())
-    if room < 1 or room > int(inside.sum()):
-        return None
-    if lo == hi:  # every candidate is tied at the threshold: find where the room runs out
-        t, at_t = lo, inside
-    else:
-        offsets = np.concatenate([[0], np.cumsum(inside)])
-        bits = np.empty(int(offsets[-1]), dtype=np.int32)
-        idx = np.empty(int(offsets[-1]), dtype=np.int64)
-        _collect(x, b, lo, hi, offsets[:-1].copy(), bits, idx)
-        if hi - lo < COUNTING_RANGE:
-            t = int(_kth_largest_in_range(bits, room, lo, hi))
-        else:
-            t = int(np.partition(bits, bits.shape[0] - room)[bits.shape[0] - room])
-        room -= int(np.count_nonzero(bits > t))
-        tied = idx[bits == t]
-        return t, (int(tied[room - 1]) + 1 if room < tied.shape[0] else n)
-    if room == int(at_t.sum()):
-        return t, n
-    before = np.concatenate([[0], np.cumsum(at_t)])
-    c = int(np.searchsorted(before, room, side="left")) - 1  # chunk holding the room-th tie
-    lo_c, hi_c = n * c // CHUNKS, n * (c + 1) // CHUNKS
-    return t, int(_tie_limit(x, b, t, lo_c, hi_c, room - int(before[c])))
-
-
-def _exact_select(xs: tuple, b: np.ndarray, i: int, k: int, n: int) -> tuple[int, int]:
-    """(threshold bits, tie index limit) by radix select: two histograms and, when the
-    threshold is shared by more entries than there is room for, a scan for the limit."""
-    active = np.zeros(len(xs), dtype=np.bool_)
-    active[i] = True
-    high_bin, above = _top_bin(_hist_high(xs, b, active)[i], k)
-    bins = np.zeros(len(xs), dtype=np.int64)
-    bins[i] = high_bin
-    low = _hist_low(xs, b, active, bins)[i]
-    low_bin, above_low = _top_bin(low, k - above)
-    t = (high_bin << 16) | low_bin
-    room = k - above - above_low
-    limit = n if int(low[low_bin]) <= room else _tie_limit(xs[i], b, t, 0, n, room)
-    return t, limit
+def _magnitudes(bits: np.ndarray | int) -> np.ndarray:
+    """The float32 magnitudes whose (non-negative) bits these are."""
+    return np.asarray(bits, dtype=np.int64).astype(np.uint32).view(np.float32)
 
 
 def fused_ties(
-    base: torch.Tensor,
-    tensors: list[torch.Tensor],
+    base: np.ndarray,
+    tensors: list[np.ndarray],
     weights: list[float],
     densities: list[float],
     slacks: list[float],
     lam: float,
     normalize: bool,
-    out_dtype: torch.dtype = torch.float32,
+    out_bf16: bool = False,
     check_finite: bool = False,
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """ties / slack_ties of one tensor on CPU: (merged tensor in out_dtype, kept, agreed).
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """ties / slack_ties of one tensor: (merged flat array, kept, agreed).
 
-    Inputs: the base and one tensor per model, same shape, on CPU, bfloat16 or float32
-    (other dtypes are converted). Results equal methods.ties_family's to float rounding
-    (computed in float32); kept/agreed have the meaning of methods.MergeStats.
+    Inputs: the base and one array per model, flat and of one size, either all bfloat16
+    given as their uint16 bits or all float32 (see kernel_inputs). The result is float32,
+    or bfloat16 bits (uint16) with out_bf16. Results equal methods.ties_family's to float
+    rounding (computed in float32); kept/agreed have the meaning of methods.MergeStats.
     With check_finite, a NaN or Inf in any input raises NonFiniteInput.
     """
-    n = base.numel()
-    if n < MIN_FAST_NUMEL or base.device.type != "cpu":
-        if check_finite:
-            for which, t in enumerate((base, *tensors)):
-                if not torch.isfinite(t).all():
-                    raise NonFiniteInput(which - 1)
-        return _reference(base, tensors, weights, densities, slacks, lam, normalize, out_dtype)
-    m = len(tensors)
-    b, xs, keep_alive = _kernel_inputs(base, tensors)
+    n, m = base.shape[0], len(tensors)
+    xs = tuple(tensors)
     ks = [trim_count(n, d) for d in densities]
     active = np.array([k < n for k in ks], dtype=np.bool_)
-    threshold = np.full(m, -1, dtype=np.int64)  # -1: every entry is above it (no trim)
+    threshold = np.full(m, -1.0, dtype=np.float32)  # |delta| above it is kept; -1: no trim
     limit = np.full(m, n, dtype=np.int64)  # entries equal to the threshold kept below this
-    qs = np.zeros((m, QS), dtype=np.int32)
-    hi_bits = np.zeros(m, dtype=np.int64)
-    for i in np.flatnonzero(active):
-        qs[i], hi_bits[i] = _bracket(xs, b, i, ks[i], n)
-    at_least, above, bad = _count_pass(xs, b, active, qs, hi_bits)
-    if check_finite and bad.any():
+    if n < MIN_FAST_NUMEL:  # small: select exactly from every entry's bits
+        every = np.arange(n)
+        for i in np.flatnonzero(active):
+            t, limit[i] = _select_among(_gather_bits(xs[i], base, every), every, ks[i], n)
+            threshold[i] = _magnitudes(t)
+        if check_finite:
+            none = np.zeros(m, dtype=np.float32)
+            _raise_nonfinite(_count_pass(xs, base, np.zeros(m, dtype=np.bool_), none, none, 0)[1])
+    else:
+        lo = np.zeros(m, dtype=np.int64)
+        hi = np.zeros(m, dtype=np.int64)
+        fraction = 0.0
+        for i in np.flatnonzero(active):
+            lo[i], hi[i], inside = _bracket(xs[i], base, ks[i])
+            fraction = max(fraction, inside)
+        chunk = -(-n // CHUNKS)
+        cap = min(chunk, int(chunk * (BRACKET_ROOM * fraction + BRACKET_SLACK))) + BLOCK
+        counts, bad, bits, idx, found = _count_pass(xs, base, active, _magnitudes(lo), _magnitudes(hi), cap)
+        if check_finite:
+            _raise_nonfinite(bad)
+        for i in np.flatnonzero(active):
+            t, limit[i] = _select(xs[i], base, ks[i], int(lo[i]), int(hi[i]), counts[:, i], bits[i], idx[i],
+                                  found[i])
+            threshold[i] = _magnitudes(t)
+        del bits, idx
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    kept, agreed = _merge(xs, base, threshold, limit, np.array(weights, dtype=np.float32),
+                          np.array([1.0 + s for s in slacks], dtype=np.float32), bool(normalize),
+                          np.float32(lam), out)
+    return out, [int(v) for v in kept.sum(0)], [int(v) for v in agreed.sum(0)]
+
+
+def _raise_nonfinite(bad: np.ndarray) -> None:
+    if bad.any():
         raise NonFiniteInput(int(np.flatnonzero(bad.sum(0))[0]) - 1)
-    for i in np.flatnonzero(active):
-        narrowed = _narrow(qs[i], int(hi_bits[i]), at_least[:, i], above[:, i], ks[i])
-        picked = _select(xs[i], b, *narrowed, ks[i]) if narrowed else None
-        threshold[i], limit[i] = picked if picked is not None else _exact_select(xs, b, i, ks[i], n)
-    use_bf16 = out_dtype == torch.bfloat16
-    out = np.empty(n, dtype=np.uint16 if use_bf16 else np.float32)
-    kept, agreed = _merge(
-        xs, b, threshold, limit,
-        np.array(weights, dtype=np.float32), np.array([1.0 + s for s in slacks], dtype=np.float32),
-        bool(normalize), np.float32(lam), out,
-    )
-    del keep_alive
-    result = torch.from_numpy(out)
-    result = result.view(torch.bfloat16) if use_bf16 else result.to(out_dtype)
-    return (result.reshape(base.shape), [int(v) for v in kept.sum(0)],
-            [int(v) for v in agreed.sum(0)])
 
 
-def _reference(base, tensors, weights, densities, slacks, lam, normalize, out_dtype):
-    model_params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    merged, stats = ties_family(base.float(), [t.float() for t in tensors], model_params,
-                                {"lambda": lam, "normalize": normalize}, list(slacks))
-    return merged.to(out_dtype), stats.kept.tolist(), stats.agreed.tolist()
+def as_float32(a: np.ndarray, bf16: bool) -> np.ndarray:
+    """A float32 copy of a flat input (bfloat16 given as its uint16 bits when bf16)."""
+    if bf16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_to_bf16(a, out):
+    for j in range(a.shape[0]):
+        _store(out, j, a[j])
+
+
+def float32_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Flat float32 values in a safetensors float dtype (BF16 as its bits, rounded to
+    nearest even like torch)."""
+    if dtype == "BF16":
+        out = np.empty(a.shape[0], dtype=np.uint16)
+        _round_to_bf16(a, out)
+        return out
+    return a.astype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype])
+
+
+def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> tuple[list[np.ndarray], bool]:
+    """Flat arrays of safetensors dtypes (BF16 given as uint16 bits) as the kernels take
+    them: all bfloat16 bits as they are, else all float32 (converted where needed).
+    Returns (arrays, whether they are bfloat16 bits)."""
+    if set(dtypes) == {"BF16"}:
+        return arrays, True
+    return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)], False
 
 
 def _fast_path(slack: bool) -> Callable:
-    def run(base, tensors, model_params, params, out_dtype=torch.float32, check_finite=False):
+    def run(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
+            params: dict[str, Any], out_bf16: bool = False,
+            check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
         return fused_ties(
             base, tensors,
             [float(p["weight"]) for p in model_params],
             [float(p["density"]) for p in model_params],
             [float(p.get("slack", 0.0)) if slack else 0.0 for p in model_params],
-            float(params["lambda"]), bool(params["normalize"]), out_dtype, check_finite,
+            float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
         )
 
     return run
 
 
-# method name -> fn(base, tensors, model_params, params, out_dtype, check_finite)
-#   -> (tensor in out_dtype, kept, agreed);
+# method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
+#   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed);
 # the engine uses these on CPU instead of the reference in methods.METHODS.
 FAST_PATHS: dict[str, Callable] = {"ties": _fast_path(False), "slack_ties": _fast_path(True)}

@@ -7,15 +7,20 @@ float32 tensor and, for methods that trim and elect, per-model counts for the re
 
 Adding a method touches this file only: write the function and decorate it with
 `@merge_method(...)`, declaring its per-model and global parameters.
+
+torch is imported inside the functions that compute: validating a recipe needs only the
+registry, and a CPU ties merge runs the fused kernels (kernels.py) without torch, whose
+import costs seconds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # -- registry ---------------------------------------------------------------------------
 
@@ -63,7 +68,7 @@ class MergeStats:
 
 
 MethodFn = Callable[
-    [torch.Tensor | None, list[torch.Tensor], list[dict[str, Any]], dict[str, Any]],
+    ["torch.Tensor | None", "list[torch.Tensor]", list[dict[str, Any]], dict[str, Any]],
     "tuple[torch.Tensor, MergeStats | None]",
 ]
 
@@ -129,6 +134,8 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
 
     A full sort (what mergekit does) is the slow path; `kthvalue` selects in linear time.
     """
+    import torch
+
     n = magnitudes.numel()
     if magnitudes.device.type == "cpu":
         return torch.kthvalue(magnitudes, n - k + 1).values
@@ -142,6 +149,8 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     Entries strictly above the k-th magnitude are kept, then entries equal to it in index
     order until exactly k are kept (the spec leaves the choice among ties open).
     """
+    import torch
+
     n = delta.numel()
     k = trim_count(n, density)
     if k >= n:
@@ -166,6 +175,8 @@ def elect_signs(weighted: torch.Tensor, slacks: list[float]) -> torch.Tensor:
     `weighted` is stacked (num_models, ...) weighted, trimmed deltas. With every slack 0
     this is TIES's `sum` consensus.
     """
+    import torch
+
     if any(s != 0 for s in slacks):
         votes = torch.tensor([1.0 + s for s in slacks], dtype=weighted.dtype, device=weighted.device)
         total = (weighted * votes.view(-1, *([1] * (weighted.dim() - 1)))).sum(0)
@@ -182,6 +193,8 @@ def disjoint_merge(
     Returns (merged delta, agree mask of shape (num_models, ...)). A zero entry never
     agrees; a divisor of 0 becomes 1.
     """
+    import torch
+
     agree = torch.sign(weighted) == gamma
     merged = (weighted * agree).sum(0)
     if normalize:
@@ -199,6 +212,8 @@ def ties_family(
     params: dict[str, Any],
     slacks: list[float],
 ) -> tuple[torch.Tensor, MergeStats]:
+    import torch
+
     weights = [p["weight"] for p in model_params]
     trimmed = [trim_to_density(t - base, p["density"]) for t, p in zip(tensors, model_params)]
     weighted = torch.stack([d * w for d, w in zip(trimmed, weights)])

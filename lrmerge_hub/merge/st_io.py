@@ -1,8 +1,11 @@
 """Safetensors without loading models: header parsing, zero-copy mmap reads, streamed writes.
 
 Reading a tensor returns a view of the memory-mapped file (no copy until it is converted),
-so the engine holds a few tensors at a time, never a model. Writing lays out every shard's
-header up front (the plan knows every output shape) and then streams tensor bytes in order.
+so the engine holds a few tensors at a time, never a model. Views are numpy arrays
+(`array`), which is all the CPU merge needs, or torch tensors (`get`) for the reference
+methods and the GPU; torch is imported only then (importing it costs seconds). Writing lays
+out every shard's header up front (the plan knows every output shape) and then streams
+tensor bytes in order.
 """
 
 from __future__ import annotations
@@ -16,18 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..errors import InputModelError, OutputError
 from .plan import TensorSpec
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# numpy has no bfloat16 or float8: those arrive as their bits
+NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
-ST_CODES = {v: k for k, v in TORCH_DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -139,21 +146,32 @@ class SafetensorsModel:
     def specs(self) -> dict[str, TensorSpec]:
         return {name: st.spec for name, st in self.tensors.items()}
 
-    def get(self, name: str) -> torch.Tensor:
-        """A zero-copy, read-only view of the tensor in the memory-mapped file."""
+    def array(self, name: str) -> np.ndarray:
+        """A zero-copy, read-only flat numpy view of the tensor in the memory-mapped file
+        (bfloat16 and float8 as their bits: see NUMPY_DTYPES)."""
         st = self.tensors[name]
         mm = self._maps.get(st.file)
         if mm is None:
             with open(st.file, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[st.file] = mm
-        count = st.spec.numel
-        if count == 0:
-            return torch.empty(st.spec.shape, dtype=TORCH_DTYPES[st.spec.dtype])
+        dtype = NUMPY_DTYPES[st.spec.dtype]
+        if st.spec.numel == 0:
+            return np.empty(0, dtype=dtype)
+        return np.frombuffer(mm, dtype=dtype, count=st.spec.numel, offset=st.start)
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy, read-only torch view of the tensor in the memory-mapped file."""
+        import torch
+
+        spec = self.tensors[name].spec
+        flat = self.array(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mapping is read-only; we never write to it
-            flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[st.spec.dtype], count=count, offset=st.start)
-        return flat.view(st.spec.shape)
+            t = torch.from_numpy(flat)
+        if spec.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy holds their bits
+            t = t.view(torch_dtype(spec.dtype))
+        return t.view(spec.shape)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set once it is merged: the
@@ -169,6 +187,31 @@ class SafetensorsModel:
 
     def close(self) -> None:
         self._maps.clear()  # mappings close when no tensor views them any more
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }[code]
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as the flat numpy array the writer takes (same bytes; bfloat16 and
+    float8 as their bits)."""
+    import torch
+
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return flat.view(torch.uint8).numpy()
+    return flat.numpy()
 
 
 def shard_layout(tensors: Iterable[tuple[str, TensorSpec]], shard_size: int) -> list[list[tuple[str, TensorSpec]]]:
@@ -217,16 +260,17 @@ class ShardedWriter:
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._left_in_shard = len(self.shards[self._shard])
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next tensor: a flat array of its planned dtype (see NUMPY_DTYPES)."""
         expected = self.order[self._next]
         if name != expected:
             raise RuntimeError(f"tensor {name} written out of order (expected {expected})")
         spec = self.specs[name]
-        if ST_CODES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"tensor {name}: got {tensor.dtype}{list(tensor.shape)}, planned {spec}")
+        if array.dtype != NUMPY_DTYPES[spec.dtype] or array.size != spec.numel:
+            raise RuntimeError(f"tensor {name}: got {array.dtype}[{array.size}], planned {spec}")
         if self._left_in_shard == 0:
             self._open_next_shard()
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         try:
             self._file.write(memoryview(data))
         except OSError as e:
