@@ -261,7 +261,11 @@ def merge(
     try:
         with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
-            for job in plan.jobs:
+            for index, job in enumerate(plan.jobs):
+                for k in keys:
+                    readers[k].populate(job.name)
+                    if index + 1 < len(plan.jobs):
+                        readers[k].prefetch(plan.jobs[index + 1].name)
                 if job.merge:
                     out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
                                        dev, retention)

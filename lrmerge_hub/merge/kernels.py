@@ -48,7 +48,7 @@ BINS = 1 << 16
 # pages of a memory-mapped input), and the bracket's half-width in standard deviations of
 # the sample's rank (a miss only costs the exact fallback)
 SAMPLE = 1 << 16
-SAMPLE_RUN = 64
+SAMPLE_RUN = 256
 SIGMAS = 6.0
 # room for candidates per chunk: this many times the sample's fraction inside the bracket
 # (a chunk may hold more than the average), plus a slack fraction; more falls back

@@ -37,6 +37,7 @@ NUMPY_DTYPES = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.13+ names it
 
 
 @dataclass(frozen=True)
@@ -173,17 +174,36 @@ class SafetensorsModel:
             t = t.view(torch_dtype(spec.dtype))
         return t.view(spec.shape)
 
+    def _advise(self, name: str, advice: int) -> None:
+        """madvise the pages of a tensor's mapping (mapping the shard if needed); a kernel
+        that does not know the advice (older than Linux 5.14 for POPULATE_READ) is ignored."""
+        st = self.tensors[name]
+        if st.end <= st.start:
+            return
+        if st.file not in self._maps:
+            self.array(name)
+        start = st.start - st.start % mmap.PAGESIZE
+        try:
+            self._maps[st.file].madvise(advice, start, st.end - start)
+        except OSError:
+            pass
+
+    def prefetch(self, name: str) -> None:
+        """Ask the OS to read a tensor's pages ahead (asynchronously): the next tensor's
+        reads from disk overlap this one's merge."""
+        self._advise(name, mmap.MADV_WILLNEED)
+
+    def populate(self, name: str) -> None:
+        """Map all of a tensor's pages into this process in one call, before the kernels
+        read it: many times cheaper than a page fault per 64 KB, one thread at a time."""
+        self._advise(name, MADV_POPULATE_READ)
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set once it is merged: the
         mapped file pages otherwise count as resident until the shard is closed, so peak
         RSS would grow to the size of every input. The OS page cache keeps them."""
-        st = self.tensors.get(name)
-        mm = self._maps.get(st.file) if st else None
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = st.start - st.start % mmap.PAGESIZE
-        if st.end > start:
-            mm.madvise(mmap.MADV_DONTNEED, start, st.end - start)
+        if name in self.tensors and self.tensors[name].file in self._maps:
+            self._advise(name, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._maps.clear()  # mappings close when no tensor views them any more
