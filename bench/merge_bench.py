@@ -2,6 +2,7 @@
 
     python bench/merge_bench.py                    # ~0.5B bf16: ours vs mergekit, 3 rounds
     python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
+    python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # README's table
 
 What it does, all on this machine, nothing downloaded but mergekit from the package index:
 1. synthesizes a (base, language, task) family of the chosen size with random weights, sharded
@@ -324,20 +325,25 @@ def machine() -> dict:
             "load_avg_at_start": os.getloadavg()}
 
 
-def table(result: dict) -> str:
-    med = result["median"]
-    floor = med["io_floor"]["wall_s"]
-    mk = med.get("mergekit_ties")
-    rows = ["| run | wall s | CPU s | peak RSS GB | wall / mergekit | RSS / mergekit | wall / I/O floor |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ("mergekit_ties", "ours_ties", "ours_slack_ties", "io_floor"):
-        if name not in med:
-            continue
-        m = med[name]
-        ratio = (f"{m['wall_s'] / mk['wall_s']:.3f}" if mk else "-")
-        rss = (f"{m['peak_rss_bytes'] / mk['peak_rss_bytes']:.3f}" if mk else "-")
-        rows.append(f"| {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
-                    f"{ratio} | {rss} | {m['wall_s'] / floor:.2f} |")
+def table(results: list[dict]) -> str:
+    """The Markdown table README shows: one block of rows per size."""
+    rows = ["| size | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
+            "| wall / I/O floor |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for result in results:
+        med = result["median"]
+        floor = med["io_floor"]["wall_s"]
+        mk = med.get("mergekit_ties")
+        rounds = len(result["runs"]["io_floor"])
+        size = f"{result['parameters'] / 1e9:.2f}B ({result['layers']} layers, {rounds} round{'s' * (rounds > 1)})"
+        for name in ("mergekit_ties", "ours_ties", "ours_slack_ties", "io_floor"):
+            if name not in med:
+                continue
+            m = med[name]
+            ratios = [f"{m[k] / mk[k]:.3f}" if mk else "-" for k in ("wall_s", "cpu_s", "peak_rss_bytes")]
+            rows.append(f"| {size} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                        f"{' | '.join(ratios)} | {m['wall_s'] / floor:.2f} |")
+            size = ""
     return "\n".join(rows)
 
 
@@ -361,7 +367,12 @@ def main() -> None:
     p.add_argument("--exact-layers", type=int, default=2,
                    help="layers of the float32-input family for the exactness comparison (0: skip)")
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
+    p.add_argument("--table", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="print README's table from earlier results files and exit")
     a = p.parse_args()
+    if a.table:
+        print(table([size for f in a.table for size in json.loads(f.read_text())["sizes"]]))
+        return
 
     mk_exe = None if a.no_mergekit else ensure_mergekit()
     results = {"machine": machine(), "merge": {"method": "ties", "density": a.density, "weights": 1.0,
@@ -376,7 +387,7 @@ def main() -> None:
         results["sizes"].append(res)
         print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
               f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
-        print(table(res))
+        print(table([res]))
         if "agreement" in res:
             print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement']}")
     if mk_exe and a.exact_layers:

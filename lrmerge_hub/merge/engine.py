@@ -18,9 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -126,7 +124,7 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
     fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
     kept = agreed = None
     if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        inputs, bf16 = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
+        inputs = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
                                      [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
             merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,

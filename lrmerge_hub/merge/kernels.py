@@ -580,13 +580,12 @@ def float32_to(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.astype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype])
 
 
-def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> tuple[list[np.ndarray], bool]:
+def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarray]:
     """Flat arrays of safetensors dtypes (BF16 given as uint16 bits) as the kernels take
-    them: all bfloat16 bits as they are, else all float32 (converted where needed).
-    Returns (arrays, whether they are bfloat16 bits)."""
+    them: all bfloat16 bits as they are, else all float32 (converted where needed)."""
     if set(dtypes) == {"BF16"}:
-        return arrays, True
-    return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)], False
+        return arrays
+    return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)]
 
 
 def _fast_path(slack: bool) -> Callable:
