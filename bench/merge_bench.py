@@ -18,8 +18,11 @@ What it does, all on this machine, nothing downloaded but mergekit from the pack
    expected difference;
 6. prints a table and writes the numbers as JSON (bench/results.json by default).
 
-Page cache: inputs are read many times, so every run (ours, mergekit, the I/O floor) sees them
-cached; the floor is measured the same way, which is what makes the ratio to it meaningful.
+Page cache: before every measured run the benchmark syncs (no writeback left from the run
+before) and reads every input once, so every run (ours, mergekit, the I/O floor) starts with
+them cached; the floor is measured the same way, which is what makes the ratio to it
+meaningful. Without this, whichever run follows mergekit (5 GB of RSS, 1 GB written) pays
+for re-reading evicted inputs and for mergekit's writeback.
 """
 
 from __future__ import annotations
@@ -148,6 +151,18 @@ print(json.dumps({"code": code, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_sti
 """
 
 
+def settle(fam: dict[str, Path]) -> None:
+    """The same start for every run: no writeback left from the run before (os.sync), and
+    every input in the page cache (mergekit's 5 GB evict some; read them back)."""
+    os.sync()
+    buf = bytearray(64 << 20)
+    for folder in fam.values():
+        for f in sorted(folder.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as src:
+                while src.readinto(buf):
+                    pass
+
+
 def measure(cmd: list[str]) -> dict[str, float]:
     """Run one child process; its wall time, CPU time (user + system) and peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -270,6 +285,7 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
         for what in order:
             if what not in runs:
                 continue
+            settle(fam)
             if what == "io_floor":
                 res = measure(io_floor_cmd(fam, work / "io-floor"))
             elif what == "mergekit_ties":

@@ -365,22 +365,9 @@ def _sum_chunks(local):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _hist_high(x, base):
-    """The histogram of the top 16 bits of |x - base| (float32 bits)."""
-    n = base.shape[0]
-    local = np.zeros((CHUNKS, BINS), dtype=np.int32)
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        h = local[c]
-        for j in range(lo, hi):
-            h[_magnitude_bits(x, base, j) >> 16] += 1
-    return _sum_chunks(local)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _hist_low(x, base, high_bin):
-    """The histogram of the low 16 bits of |delta| among entries whose top 16 bits equal
-    high_bin."""
+def _histogram(x, base, high_bin):
+    """A histogram of 16 bits of |x - base| (float32 bits): of the top 16 when high_bin is
+    -1, else of the low 16 among the entries whose top 16 bits equal high_bin."""
     n = base.shape[0]
     local = np.zeros((CHUNKS, BINS), dtype=np.int32)
     for c in numba.prange(CHUNKS):
@@ -388,7 +375,9 @@ def _hist_low(x, base, high_bin):
         h = local[c]
         for j in range(lo, hi):
             u = _magnitude_bits(x, base, j)
-            if (u >> 16) == high_bin:
+            if high_bin < 0:
+                h[u >> 16] += 1
+            elif (u >> 16) == high_bin:
                 h[u & 0xFFFF] += 1
     return _sum_chunks(local)
 
@@ -405,8 +394,8 @@ def _exact_select(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int]:
     """(threshold bits, tie index limit) by radix select: two histograms and, when the
     threshold is shared by more entries than there is room for, a scan for the limit."""
     n = b.shape[0]
-    high_bin, above = _top_bin(_hist_high(x, b), k)
-    low = _hist_low(x, b, high_bin)
+    high_bin, above = _top_bin(_histogram(x, b, -1), k)
+    low = _histogram(x, b, high_bin)
     low_bin, above_low = _top_bin(low, k - above)
     t = (high_bin << 16) | low_bin
     room = k - above - above_low
