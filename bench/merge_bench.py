@@ -18,11 +18,13 @@ What it does, all on this machine, nothing downloaded but mergekit from the pack
    expected difference;
 6. prints a table and writes the numbers as JSON (bench/results.json by default).
 
-Page cache: before every measured run the benchmark syncs (no writeback left from the run
-before) and reads every input once, so every run (ours, mergekit, the I/O floor) starts with
-them cached; the floor is measured the same way, which is what makes the ratio to it
-meaningful. Without this, whichever run follows mergekit (5 GB of RSS, 1 GB written) pays
-for re-reading evicted inputs and for mergekit's writeback.
+Page cache: before every measured run the benchmark removes that run's previous output,
+syncs (no writeback left from the run before), drops the page cache where it may (root on
+Linux) and reads every input once, so every run (ours, mergekit, the I/O floor) starts with
+the inputs cached and little else; the floor is measured the same way, which is what makes
+the ratio to it meaningful. Without this, whichever run follows mergekit (5 GB of RSS, 1 GB
+written) pays for re-reading evicted inputs, for mergekit's writeback and for reclaiming
+memory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,10 +154,16 @@ print(json.dumps({"code": code, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_sti
 """
 
 
-def settle(fam: dict[str, Path]) -> None:
-    """The same start for every run: no writeback left from the run before (os.sync), and
-    every input in the page cache (mergekit's 5 GB evict some; read them back)."""
+def settle(fam: dict[str, Path], out: Path) -> None:
+    """The same start for every run: its previous output gone, no writeback left from the
+    run before (sync), the page cache holding the inputs and little else (dropped, where
+    the benchmark may: root on Linux; then every input is read back)."""
+    shutil.rmtree(out, ignore_errors=True)
     os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass
     buf = bytearray(64 << 20)
     for folder in fam.values():
         for f in sorted(folder.glob("*.safetensors")):
@@ -285,14 +294,14 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
         for what in order:
             if what not in runs:
                 continue
-            settle(fam)
+            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit"}.get(what, what.replace("_", "-", 1))
+            settle(fam, out)
             if what == "io_floor":
-                res = measure(io_floor_cmd(fam, work / "io-floor"))
+                res = measure(io_floor_cmd(fam, out))
             elif what == "mergekit_ties":
-                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], work / "mergekit"))
+                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], out))
             else:
-                method = what.removeprefix("ours_")
-                res = measure(ours_cmd(recipes[method], work / f"ours-{method}"))
+                res = measure(ours_cmd(recipes[what.removeprefix("ours_")], out))
             runs[what].append(res)
             print(f"  round {r + 1} {what:16s} wall {res['wall_s']:7.2f} s  cpu {res['cpu_s']:7.2f} s  "
                   f"rss {res['peak_rss_bytes'] / 1e9:6.2f} GB", flush=True)
