@@ -164,7 +164,7 @@ def _is_nonfinite(v):
 
 # -- the count pass -----------------------------------------------------------------------------
 # Inner loops are separate functions over plain, zero-based array slices, written so that
-# the compiler vectorizes them (measured 3-7x faster than otherwise): indexing the tuple of
+# the compiler vectorizes them (measured 2-7x faster than otherwise): indexing the tuple of
 # inputs, or an array at a shifted index, inside the loop keeps it from that; magnitudes are
 # compared as float32 (the same order as their bits, for non-NaN values) and counts are
 # kept as int32 within a block, because numba's 64-bit integers halve the vector width.

@@ -151,15 +151,17 @@ class SafetensorsModel:
         """A zero-copy, read-only flat numpy view of the tensor in the memory-mapped file
         (bfloat16 and float8 as their bits: see NUMPY_DTYPES)."""
         st = self.tensors[name]
-        mm = self._maps.get(st.file)
-        if mm is None:
-            with open(st.file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[st.file] = mm
         dtype = NUMPY_DTYPES[st.spec.dtype]
         if st.spec.numel == 0:
             return np.empty(0, dtype=dtype)
-        return np.frombuffer(mm, dtype=dtype, count=st.spec.numel, offset=st.start)
+        return np.frombuffer(self._map(st.file), dtype=dtype, count=st.spec.numel, offset=st.start)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        """The read-only mapping of a shard, made on first use."""
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[file]
 
     def get(self, name: str) -> torch.Tensor:
         """A zero-copy, read-only torch view of the tensor in the memory-mapped file."""
@@ -180,11 +182,9 @@ class SafetensorsModel:
         st = self.tensors[name]
         if st.end <= st.start:
             return
-        if st.file not in self._maps:
-            self.array(name)
         start = st.start - st.start % mmap.PAGESIZE
         try:
-            self._maps[st.file].madvise(advice, start, st.end - start)
+            self._map(st.file).madvise(advice, start, st.end - start)
         except OSError:
             pass
 
