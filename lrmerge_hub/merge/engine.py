@@ -259,10 +259,13 @@ def merge(
     try:
         with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
+            # a copied (non-float) tensor is read from the reference model only
+            read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
             for index, job in enumerate(plan.jobs):
-                for k in keys:
+                for k in read_by[index]:
                     readers[k].populate(job.name)
-                    if index + 1 < len(plan.jobs):
+                if index + 1 < len(plan.jobs):
+                    for k in read_by[index + 1]:
                         readers[k].prefetch(plan.jobs[index + 1].name)
                 if job.merge:
                     out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
