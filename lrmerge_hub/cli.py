@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import LrmergeError
+from .interrupt import Interrupted, handling_signals
 
 FORMAT_OPTION = click.option(
     "--format", "fmt", type=click.Choice(["human", "json", "quiet"]), default="human",
@@ -42,9 +43,22 @@ def user_errors(fn: Callable) -> Callable:
         except LrmergeError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; nothing was written at the output path", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal under `stops_cleanly`
+            name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+            click.echo(f"Error: interrupted by {name}; nothing half-written was left at the output path", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
+
+    return wrapper
+
+
+def stops_cleanly(fn: Callable) -> Callable:
+    """SIGINT, SIGTERM and SIGHUP unwind the command (a merge removes its temporary folder
+    and lock) and exit with 128 + the signal's number; put it under `user_errors`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with handling_signals():
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -109,6 +123,7 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
+@stops_cleanly
 def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
               dry_run: bool, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
@@ -177,6 +192,7 @@ def print_merge_summary(report: dict) -> None:
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
+@stops_cleanly
 def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
             force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
     """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
@@ -474,6 +490,7 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
+@stops_cleanly
 def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, limit: int | None,
               metric: str | None, backend: str | None, include_path: str | None, device: str | None,
               push_repo: str | None, token: str | None, fmt: str) -> None:

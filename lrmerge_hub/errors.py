@@ -22,8 +22,14 @@ class IncompatibleModelsError(LrmergeError):
     """Source models differ in architecture, tensor names or shapes."""
 
 
+class NonFiniteOutputError(LrmergeError):
+    """A merged tensor came out NaN or Inf (a weight or lambda too large for float32, or
+    values beyond the output dtype's range); nothing is written."""
+
+
 class OutputError(LrmergeError):
-    """The output path exists (without --overwrite) or lies inside an input folder."""
+    """The output path exists (without --overwrite), appeared during the merge, is being
+    written by another merge, or lies inside an input folder."""
 
 
 class HubError(LrmergeError):

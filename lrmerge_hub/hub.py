@@ -233,14 +233,27 @@ def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
     Downloads no weights. Raises IncompatibleModelsError (with numbers) when the models do
     not fit together, HubError subclasses when the Hub says no."""
     metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
+    check_pinned_twins(metas)
     merge_plan = plan_merge({k: m.tensors for k, m in metas.items()},
                             {k: m.config for k, m in metas.items()}, recipe)
     return PullPlan(models=metas, merge_plan=merge_plan)
 
 
+def check_pinned_twins(metas: dict[str, ModelMeta]) -> None:
+    """Refuse a Hub model named twice through revisions that pin to one commit
+    (`org/x@main` and `org/x@<sha of main>`); the recipe compares spellings it can resolve alone."""
+    seen: dict[tuple[str, str], str] = {}
+    for meta in metas.values():
+        if meta.repo_id and meta.sha:
+            twin = seen.setdefault((meta.repo_id, meta.sha), meta.spec)
+            if twin != meta.spec:
+                raise RecipeError(f"models: {meta.spec!r} and {twin!r} are the same commit {meta.sha[:12]}; "
+                                  "name each model once")
+
+
 def recipe_for_models(refs: list[ModelRef]) -> Recipe:
     """A recipe that checks models against the first one (for `lrmerge pull MODEL...`)."""
-    unique = list({r.spec: r for r in refs}.values())
+    unique = list({r.identity: r for r in refs}.values())
     return Recipe(method="task_arithmetic", base=unique[0], parameters={},
                   models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]])
 

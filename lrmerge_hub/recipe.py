@@ -20,7 +20,7 @@ import yaml
 
 from .card_rules import HUB_LICENSES, check_metadata, is_language_code
 from .errors import RecipeError
-from .merge.methods import METHODS, get_method
+from .merge.methods import METHODS, get_method, normalize_problem
 
 ROLES = ("language", "task")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,6 +57,15 @@ class ModelRef:
         if self.path is not None and Path(self.spec).expanduser().is_absolute():
             return f"./{self.path.name}"
         return self.spec
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """What the model is, however it is spelled: the resolved folder (`m/task`,
+        `m/../m/task/` and a symlink to it are one), or the Hub id at its revision (main
+        when none is given). Shas of branches are compared after pinning (hub.plan_recipe)."""
+        if self.path is not None:
+            return ("folder", str(self.path))
+        return ("hub", f"{self.repo_id}@{self.revision or 'main'}")
 
     @property
     def display(self) -> str:
@@ -247,8 +256,10 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         hub_id = entry.get("hub_id")
         if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id)):
             raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {hub_id!r})")
-        if any(m.ref.spec == ref.spec for m in models) or (base is not None and base.spec == ref.spec):
-            raise RecipeError(f"{where}.model: {ref.spec!r} is named twice in the recipe (each model once)")
+        twin = next((r for r in ([base] if base else []) + [m.ref for m in models] if r.identity == ref.identity), None)
+        if twin is not None:
+            same = "" if twin.spec == ref.spec else f" (as {twin.spec!r})"
+            raise RecipeError(f"{where}.model: {ref.spec!r} is named twice in the recipe{same}; name each model once")
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
 
     params_raw = data.get("parameters") or {}
@@ -259,6 +270,10 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
         for name, p in method.global_params.items()
     }
+    problem = normalize_problem(method_name, [m.params["weight"] for m in models if "weight" in m.params],
+                                bool(parameters.get("normalize")))
+    if problem:
+        raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):

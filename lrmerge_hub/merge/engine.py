@@ -9,6 +9,8 @@ the GPU (a CPU ties/slack_ties merge never pays its seconds of import time).
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import math
 import os
@@ -16,20 +18,22 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import InputModelError, OutputError
+from ..errors import InputModelError, NonFiniteOutputError, OutputError
+from ..interrupt import deferred
 from ..recipe import Recipe
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
-    from .kernels import FAST_PATHS, NonFiniteInput, as_float32, float32_to, kernel_inputs
+    from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
-    FAST_PATHS, NonFiniteInput = {}, ValueError
+    FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
@@ -79,6 +83,71 @@ def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool
         raise OutputError(f"output {out_dir} already exists (pass --overwrite to replace it)")
 
 
+def beside(out_dir: Path, kind: str, pid: int | None = None) -> Path:
+    """A hidden path next to the output: `.NAME.lrmerge-KIND[-PID]` (tmp, old, lock)."""
+    return out_dir.parent / f".{out_dir.name}.lrmerge-{kind}" if pid is None else \
+        out_dir.parent / f".{out_dir.name}.lrmerge-{kind}-{pid}"
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `.NAME.lrmerge-lock` beside the output for the whole merge, so that a second
+    merge to the same output fails instead of replacing it. The lock is an flock, which
+    the kernel drops when its process dies: a lock file left by a killed merge is free."""
+    path = beside(out_dir, "lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(f"output {out_dir} is being written by another lrmerge (pid {holder}); "
+                              "wait for it to finish or choose another output") from None
+        try:  # the previous holder may have removed the file between our open and flock
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what merges to `out_dir` that died without cleaning up left beside it: their
+    temporary folders; an old output set aside at the rename comes back when no new one
+    took its place. Only folders of dead processes (by the PID in their name). Call it
+    holding the output lock. Returns the folders removed or restored."""
+    handled = []
+    for p in out_dir.parent.glob(glob.escape(f".{out_dir.name}.lrmerge-") + "*-*"):
+        kind, _, pid = p.name[len(out_dir.name) + 10:].partition("-")
+        if kind not in ("tmp", "old", "promote") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            p.rename(out_dir)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        handled.append(p)
+    return handled
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -117,20 +186,25 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                  device: str, retention: RetentionCounter | None) -> np.ndarray:
     """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
-    bits): the rows every model shares are merged, extra vocabulary rows are copied."""
+    bits): the rows every model shares are merged, extra vocabulary rows are copied.
+    Raises NonFiniteOutputError when a merged value is NaN or Inf."""
     row = math.prod(job.out_shape[1:])
     shared = job.shared_rows * row if job.shared_rows is not None else None  # entries merged
     labels = [BASE] + [k for k in keys if k != BASE]
     fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
     kept = agreed = None
+    float32_finite = True  # whether the float32 result was finite (else only the cast overflowed)
     if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
         inputs = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
-                                     [readers[k].tensors[job.name].spec.dtype for k in labels])
+                               [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
-            merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
-                                        out_bf16=job.out_dtype == "BF16", check_finite=True)
+            with deferred():  # a signal inside a numba kernel would surface as a SystemError
+                merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
+                                            out_bf16=job.out_dtype == "BF16", check_finite=True)
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
+        except NonFiniteOutput as e:
+            raise nonfinite_output(job, e.count, model_params, params, True) from None
         if job.out_dtype not in ("BF16", "F32"):
             merged = float32_to(merged, job.out_dtype)
     else:
@@ -141,6 +215,7 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         result, stats = method.fn(base, models, model_params, params)
         if stats is not None:
             kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
+        float32_finite = bool(result.isfinite().all())
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if retention is not None and kept is not None:
         retention.add(merged.size, kept, agreed)
@@ -151,7 +226,37 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         if not np.isfinite(values).all():
             raise InputModelError(f"{job.extra_rows_from}: tensor {job.name} contains NaN or Inf")
         merged = np.concatenate([merged, extra if dtype == job.out_dtype else float32_to(values, job.out_dtype)])
+    # the kernels counted NaN/Inf in their bfloat16/float32 output; everything else is counted here
+    if fast is None or job.out_dtype not in ("BF16", "F32") or job.extra_rows_from is not None:
+        bad = nonfinite_count(merged, job.out_dtype)
+        if bad:
+            raise nonfinite_output(job, bad, model_params, params, not float32_finite)
     return merged
+
+
+def nonfinite_count(flat: np.ndarray, dtype: str) -> int:
+    """NaN/Inf entries of a flat array in a safetensors float dtype (BF16 as its bits)."""
+    if dtype == "BF16":
+        return int(np.count_nonzero((flat & 0x7F80) == 0x7F80))  # exponent all ones
+    return int(flat.size - np.count_nonzero(np.isfinite(flat)))
+
+
+def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, Any]],
+                     params: dict[str, Any], in_float32: bool) -> NonFiniteOutputError:
+    """The one-line error for a merged tensor with NaN/Inf, naming the likely cause: the
+    largest scale (lambda or a weight) when float32 overflowed, else the output dtype."""
+    what = f"tensor {job.name}: {count:,} merged values are NaN or Inf; nothing was written"
+    if not in_float32:
+        return NonFiniteOutputError(f"{what}. They exceed the range of the output dtype "
+                                    f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32")
+    scales = [(f"models[{i}].weight", p["weight"]) for i, p in enumerate(model_params) if "weight" in p]
+    if "lambda" in params:
+        scales.append(("parameters.lambda", params["lambda"]))
+    if not scales:
+        return NonFiniteOutputError(f"{what}. The inputs' values are too large for float32")
+    field, value = max(scales, key=lambda s: abs(s[1]))
+    return NonFiniteOutputError(f"{what}. The merge overflowed float32: check {field} ({value:g}) and the other "
+                                "weights and lambda")
 
 
 def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
@@ -238,16 +343,32 @@ def merge(
     method = get_method(recipe.method)
     check_output_path(out_dir, sources, overwrite)
     readers = open_sources(recipe, sources)
-    plan = build_plan(recipe, readers)
-    if dry_run:
-        return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+    try:
+        plan = build_plan(recipe, readers)
+        if dry_run:
+            return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+        dev = resolve_device(device)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out_dir):
+            check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
+            clean_stale(out_dir)
+            return write_merge(recipe, sources, plan, readers, method, out_dir, dev, shard_size=shard_size,
+                               overwrite=overwrite, progress=progress, on_tensor=on_tensor, started=started)
+    finally:
+        for r in readers.values():
+            r.close()
 
-    dev = resolve_device(device)
+
+def write_merge(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
+                readers: dict[str, SafetensorsModel], method: MergeMethod, out_dir: Path, dev: str, *,
+                shard_size: int, overwrite: bool, progress: bool, on_tensor: Callable[[str], None] | None,
+                started: float) -> dict[str, Any]:
+    """The streaming loop: merge and write every tensor into a temporary folder beside the
+    output, then rename it into place. On any failure or signal the folder is removed."""
     keys = model_keys(recipe)
     model_params = [m.params for m in recipe.models]
     retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
+    tmp = beside(out_dir, "tmp", os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
@@ -289,7 +410,7 @@ def merge(
         report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        install_atomically(tmp, out_dir)
+        install_atomically(tmp, out_dir, overwrite=overwrite)
     except BaseException:
         if pending is not None:
             wait([pending])  # never abort the writer under a write in flight
@@ -298,17 +419,20 @@ def merge(
         raise
     finally:
         pool.shutdown(wait=True)
-        for r in readers.values():
-            r.close()
     return report
 
 
-def install_atomically(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an existing output is replaced only then."""
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.lrmerge-old-{os.getpid()}"
-        out_dir.rename(trash)
-        tmp.rename(out_dir)
+def install_atomically(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
+    """Rename the finished folder into place; an existing output is replaced only then, and
+    only with `overwrite` (a folder may have appeared there since the merge started)."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OutputError(f"output {out_dir} appeared while merging; it was left as it is and nothing "
+                              "was written (pass --overwrite to replace it)")
+        trash = beside(out_dir, "old", os.getpid())
+        with deferred():  # a signal between the two renames would leave no output
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out_dir)

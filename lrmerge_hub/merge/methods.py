@@ -34,7 +34,18 @@ class Param:
     doc: str = ""
 
 
-def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+# Votes of the sign election are computed in float64: (1 + slack) * delta, for every finite
+# float32 delta (|delta| in [1.4e-45, 3.4e38]) and slack in [0, SLACK_MAX], neither
+# overflows nor underflows there, so the election is exact to float64 rounding.
+SLACK_MAX = 1e200
+
+
+def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, float32: bool = False):
+    """A check for a number in [lo, hi] (lo excluded with lo_open); with float32, one the
+    float32 math can hold: not beyond float32's range, and not so small that it would
+    become 0 or lose precision (a subnormal)."""
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return "must be a finite number"
@@ -42,6 +53,10 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
             return f"must be {'>' if lo_open else '>='} {lo}"
         if hi is not None and v > hi:
             return f"must be <= {hi}"
+        if float32 and abs(v) > FLOAT32_MAX:
+            return f"must be at most {FLOAT32_MAX:.4g} in magnitude (the merge computes in float32)"
+        if float32 and v != 0 and abs(v) < FLOAT32_MIN_NORMAL:
+            return f"must be 0 or at least {FLOAT32_MIN_NORMAL:.4g} in magnitude (the merge computes in float32)"
         return None
 
     return check
@@ -51,10 +66,10 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
-WEIGHT = Param(1.0, _number(), "scale of this model's task vector (or of its weights, for linear)")
+WEIGHT = Param(1.0, _number(float32=True), "scale of this model's task vector (or of its weights, for linear)")
 DENSITY = Param(1.0, _number(0.0, 1.0, lo_open=True), "fraction of entries kept by the trim, in (0, 1]")
-SLACK = Param(0.0, _number(0.0), "extra vote in the sign election, >= 0 (0 is plain TIES)")
-LAMBDA = Param(1.0, _number(), "scale of the merged task vector")
+SLACK = Param(0.0, _number(0.0, SLACK_MAX), "extra vote in the sign election, 0 to 1e200 (0 is plain TIES)")
+LAMBDA = Param(1.0, _number(float32=True), "scale of the merged task vector")
 NORMALIZE = Param(True, _boolean, "divide by the sum of the agreeing weights")
 
 
@@ -173,15 +188,14 @@ def elect_signs(weighted: torch.Tensor, slacks: list[float]) -> torch.Tensor:
     """gamma = sign(sum_i (1 + s_i) * delta_i), +1 where that sum is exactly 0.
 
     `weighted` is stacked (num_models, ...) weighted, trimmed deltas. With every slack 0
-    this is TIES's `sum` consensus.
+    this is TIES's `sum` consensus. The vote is summed in float64 (see SLACK_MAX): in
+    float32 a large slack overflows it to Inf, and 0 * Inf is NaN.
     """
     import torch
 
-    if any(s != 0 for s in slacks):
-        votes = torch.tensor([1.0 + s for s in slacks], dtype=weighted.dtype, device=weighted.device)
-        total = (weighted * votes.view(-1, *([1] * (weighted.dim() - 1)))).sum(0)
-    else:
-        total = weighted.sum(0)
+    total = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
+    for row, s in zip(weighted, slacks):
+        total += row.double() * (1.0 + s)
     return torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
@@ -228,6 +242,40 @@ def ties_family(
     return base + params["lambda"] * merged, stats
 
 
+# Dividing by a sum of weights that nearly cancels (|sum w| much smaller than sum |w|)
+# multiplies the float32 rounding, and the merged weights, by that factor.
+MAX_NORMALIZE_GAIN = 1e3
+
+
+def _normalize_gain(weights: tuple[float, ...] | list[float]) -> float:
+    total = math.fsum(weights)
+    return math.fsum(abs(w) for w in weights) / abs(total) if total else math.inf
+
+
+def normalize_problem(method: str, weights: list[float], normalize: bool) -> str | None:
+    """Why dividing by the weights could blow the merge up, or None. linear divides by
+    the sum of every weight; ties and slack_ties divide each entry by the sum of the
+    weights that agree there, any subset of two or more (possible only with mixed signs)."""
+    if not normalize:
+        return None
+    fix = "use weights that do not cancel, or normalize: false"
+    if method == "linear":
+        if _normalize_gain(weights) > MAX_NORMALIZE_GAIN:
+            return (f"parameters.normalize: the weights sum to {math.fsum(weights):g}, too close to 0 "
+                    f"to divide by; {fix}")
+    elif method in ("ties", "slack_ties") and min(weights) < 0 < max(weights):
+        from itertools import combinations
+
+        if len(weights) > 16:
+            return f"parameters.normalize: with over 16 models, weights must not mix signs; {fix}"
+        for r in range(2, len(weights) + 1):
+            for subset in combinations(weights, r):
+                if _normalize_gain(subset) > MAX_NORMALIZE_GAIN:
+                    return (f"parameters.normalize: the weights {', '.join(f'{w:g}' for w in subset)} sum to "
+                            f"{math.fsum(subset):g}, too close to 0 to divide by where they agree; {fix}")
+    return None
+
+
 # -- methods ----------------------------------------------------------------------------
 
 
@@ -237,9 +285,8 @@ def linear(base, tensors, model_params, params):
     """Weighted average of the models' full weights (the base is not averaged in)."""
     weights = [p["weight"] for p in model_params]
     out = sum(w * t for w, t in zip(weights, tensors))
-    total = sum(weights)
-    if params["normalize"] and abs(total) > 1e-8:
-        out = out / total
+    if params["normalize"]:  # recipes whose weights cancel are refused (normalize_problem)
+        out = out / sum(weights)
     return out, None
 
 
