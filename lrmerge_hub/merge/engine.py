@@ -255,8 +255,8 @@ def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, An
     if not scales:
         return NonFiniteOutputError(f"{what}. The inputs' values are too large for float32")
     field, value = max(scales, key=lambda s: abs(s[1]))
-    return NonFiniteOutputError(f"{what}. The merge overflowed float32: check {field} ({value:g}) and the other "
-                                "weights and lambda")
+    return NonFiniteOutputError(f"{what}. The merge overflowed float32, most likely through {field} = {value:g}: "
+                                "lower it (lambda times the weights times the deltas must stay within float32)")
 
 
 def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
@@ -350,8 +350,8 @@ def merge(
         dev = resolve_device(device)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with output_lock(out_dir):
+            clean_stale(out_dir)  # may bring back an output a killed merge had set aside
             check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
-            clean_stale(out_dir)
             return write_merge(recipe, sources, plan, readers, method, out_dir, dev, shard_size=shard_size,
                                overwrite=overwrite, progress=progress, on_tensor=on_tensor, started=started)
     finally:
