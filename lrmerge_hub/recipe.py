@@ -208,6 +208,14 @@ def _check_param(name: str, value: Any, param, where: str) -> Any:
     return value
 
 
+def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:
+    """Refuse weights whose sum the method would divide by when it is near 0."""
+    problem = normalize_problem(method, [m.params["weight"] for m in models if "weight" in m.params],
+                                bool(parameters.get("normalize")))
+    if problem:
+        raise RecipeError(where + problem)
+
+
 def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
     """Validate a recipe mapping and return a Recipe. Raises RecipeError."""
     if not isinstance(data, dict):
@@ -270,10 +278,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
         for name, p in method.global_params.items()
     }
-    problem = normalize_problem(method_name, [m.params["weight"] for m in models if "weight" in m.params],
-                                bool(parameters.get("normalize")))
-    if problem:
-        raise RecipeError(problem)
+    check_normalize(method_name, models, parameters)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):

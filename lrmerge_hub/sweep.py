@@ -24,7 +24,7 @@ import yaml
 
 from .errors import RecipeError
 from .merge.methods import get_method
-from .recipe import ModelEntry, Recipe
+from .recipe import ModelEntry, Recipe, check_normalize
 
 SLACK_ROLE_DEFAULT = "task"
 
@@ -77,6 +77,7 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
         for m in targets:
             m.params[name] = value
+    check_normalize(recipe.method, models, parameters, f"--grid {' '.join(f'{k}={v}' for k, v in point.items())}: ")
     return replace(recipe, parameters=parameters, models=models)
 
 

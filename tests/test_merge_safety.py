@@ -341,3 +341,15 @@ def test_a_branch_and_the_sha_it_points_to_are_named_twice(hub_server, family, t
                           tmp_path)
     with pytest.raises(RecipeError, match=f"'org/task@{sha}' and 'org/task@main' are the same commit {sha[:12]}"):
         hub.plan_recipe(recipe)
+
+
+def test_a_sweep_point_with_cancelling_weights_is_refused_before_any_merge(tmp_path, family, write_recipe):
+    from lrmerge_hub.sweep import apply_point
+
+    family()
+    recipe = load_recipe(write_recipe(recipe_text(method="ties", w0=1.0, w1=0.5)))
+    apply_point(recipe, {"task.weight": -0.5})  # 1 and -0.5: no cancellation
+    with pytest.raises(RecipeError, match=r"--grid task.weight=-1.0: parameters.normalize: .* sum to 0"):
+        apply_point(recipe, {"task.weight": -1.0})
+    with pytest.raises(RecipeError, match=r"--grid lambda: .*float32"):
+        apply_point(recipe, {"lambda": 1e39})
