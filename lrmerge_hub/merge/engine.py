@@ -198,9 +198,8 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         inputs = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
                                [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
-            with deferred():  # a signal inside a numba kernel would surface as a SystemError
-                merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
-                                            out_bf16=job.out_dtype == "BF16", check_finite=True)
+            merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
+                                        out_bf16=job.out_dtype == "BF16", check_finite=True)
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
         except NonFiniteOutput as e:
@@ -389,8 +388,9 @@ def write_merge(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
                     for k in read_by[index + 1]:
                         readers[k].prefetch(plan.jobs[index + 1].name)
                 if job.merge:
-                    out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                       dev, retention)
+                    with deferred():  # a signal inside a numba kernel would surface as a SystemError
+                        out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
+                                           dev, retention)
                 else:
                     out = readers[plan.reference].array(job.name)
                 if pending is not None:
