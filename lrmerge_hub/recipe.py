@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,15 @@ def _check_keys(data: dict, allowed: tuple[str, ...] | list[str], where: str) ->
 def _check_param(name: str, value: Any, param, where: str) -> Any:
     problem = param.check(value)
     if problem:
-        raise RecipeError(f"{where}.{name}: {problem} (got {value!r})")
+        raise RecipeError(f"{where}.{name}: {problem} (got {_shown(value)})")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A short repr for an error message (a YAML whole number can have thousands of digits)."""
+    if isinstance(value, int) and abs(value) > 10**30:
+        return f"a number of about {value.bit_length() * 3 // 10} digits"
+    return reprlib.repr(value)
 
 
 def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:

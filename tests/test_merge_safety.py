@@ -353,3 +353,14 @@ def test_a_sweep_point_with_cancelling_weights_is_refused_before_any_merge(tmp_p
         apply_point(recipe, {"task.weight": -1.0})
     with pytest.raises(RecipeError, match=r"--grid lambda: .*float32"):
         apply_point(recipe, {"lambda": 1e39})
+
+
+@pytest.mark.parametrize("value,problem", [(10**400, "finite number"), (10**39, "float32"), (-(10**39), "float32"),
+                                           (3.0e38, None), (0, None)])
+def test_whole_numbers_beyond_float_range_are_refused_not_raised(tmp_path, value, problem):
+    data = {"method": "task_arithmetic", "base": "org/base", "models": [{"model": "org/a", "weight": value}]}
+    if problem:
+        with pytest.raises(RecipeError, match=rf"models\[0\]\.weight: .*{problem}"):
+            parse_recipe(data, tmp_path)
+    else:
+        assert parse_recipe(data, tmp_path).models[0].params["weight"] == value

@@ -16,6 +16,7 @@ import costs seconds.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,8 +48,8 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
     float32 math can hold: not beyond float32's range, and not so small that it would
     become 0 or lose precision (a subnormal)."""
     def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return "must be a finite number"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > sys.float_info.max or not math.isfinite(v):
+            return "must be a finite number"  # (an int beyond every float is caught before isfinite raises)
         if lo is not None and (v <= lo if lo_open else v < lo):
             return f"must be {'>' if lo_open else '>='} {lo}"
         if hi is not None and v > hi:
