@@ -9,6 +9,7 @@ the GPU (a CPU ties/slack_ties merge never pays its seconds of import time).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import json
@@ -96,7 +97,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     the kernel drops when its process dies: a lock file left by a killed merge is free."""
     path = beside(out_dir, "lock")
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"output {out_dir}: cannot create files beside it ({e.strerror}); "
+                              "choose a folder you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,6 +109,10 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             os.close(fd)
             raise OutputError(f"output {out_dir} is being written by another lrmerge (pid {holder}); "
                               "wait for it to finish or choose another output") from None
+        except OSError as e:  # a filesystem without locks (some NFS): go on, the rename is still re-checked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
         try:  # the previous holder may have removed the file between our open and flock
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
