@@ -11,6 +11,7 @@ tensor bytes in order.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputModelError, OutputError
-from .plan import TensorSpec
+from ..errors import InputModelError, OutputError, shown
+from .plan import DTYPE_SIZES, TensorSpec, check_config
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,7 @@ NUMPY_DTYPES = {
     "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # safetensors' own limit on the header length
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.13+ names it
 
 
@@ -48,41 +49,167 @@ class StoredTensor:
     end: int
 
 
+class HeaderError(ValueError):
+    """Why a safetensors header is invalid (read_header adds the file)."""
+
+
+class _Object(list):
+    """A JSON object as its (key, value) pairs: safetensors refuses some duplicate keys."""
+
+
+U64 = 2**64  # safetensors sizes and offsets are u64: the header's numbers must fit
+MAX_JSON_DEPTH = 127  # serde_json's nesting limit, which safetensors parses its header with
+
+
+def _json_int(text: str) -> int | float:
+    return -0.0 if text == "-0" else int(text)  # serde_json reads -0 as a float
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HeaderError("a number out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise HeaderError(f"{name} is not JSON")
+
+
+def _strict_json(text: str) -> Any:
+    """Parse JSON as serde_json does (safetensors' parser): no NaN/Infinity, no lone
+    surrogates, at most MAX_JSON_DEPTH levels; objects come back as _Object pairs."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_Object, parse_int=_json_int, parse_float=_json_float,
+                         parse_constant=_no_constant)
+    except HeaderError:
+        raise
+    except (ValueError, RecursionError):
+        raise HeaderError("not JSON") from None
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HeaderError("a string with a lone surrogate") from None
+        elif isinstance(value, list):
+            if depth > MAX_JSON_DEPTH:
+                raise HeaderError("nested too deeply")
+            items = [x for pair in value for x in pair] if isinstance(value, _Object) else value
+            stack.extend((x, depth + 1) for x in items)
+    return doc
+
+
+def _u64_list(value: Any) -> list[int] | None:
+    """A JSON array of unsigned 64-bit integers, else None (bools and floats are not)."""
+    if type(value) is not list or not all(type(x) is int and 0 <= x < U64 for x in value):
+        return None
+    return value
+
+
+def _tensor_entry(name: str, value: Any) -> tuple[TensorSpec, int, int]:
+    if not isinstance(value, _Object):
+        raise HeaderError(f"tensor {shown(name)} is not an object")
+    fields: dict[str, Any] = {}
+    for key, field_value in value:
+        if key in ("dtype", "shape", "data_offsets"):
+            if key in fields:
+                raise HeaderError(f"tensor {shown(name)} has {key} twice")
+            fields[key] = field_value
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
+    if missing:
+        raise HeaderError(f"tensor {shown(name)} has no {missing[0]}")
+    dtype, shape, offsets = fields["dtype"], _u64_list(fields["shape"]), _u64_list(fields["data_offsets"])
+    if not isinstance(dtype, str):
+        raise HeaderError(f"tensor {shown(name)}: dtype must be a string")
+    if shape is None:
+        raise HeaderError(f"tensor {shown(name)}: shape must be a list of whole numbers >= 0")
+    if offsets is None or len(offsets) != 2:
+        raise HeaderError(f"tensor {shown(name)}: data_offsets must be two whole numbers >= 0")
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(f"tensor {shown(name)} has dtype {shown(dtype)}, which lrmerge does not read "
+                          f"({', '.join(DTYPE_SIZES)})")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= U64:
+            raise HeaderError(f"tensor {shown(name)}: its shape overflows")
+    if numel * DTYPE_SIZES[dtype] * 8 >= U64:
+        raise HeaderError(f"tensor {shown(name)}: its size overflows")
+    return TensorSpec(dtype, tuple(shape)), offsets[0], offsets[1]
+
+
+def parse_header(raw: bytes, data_size: int) -> tuple[dict[str, tuple[TensorSpec, int, int]], dict[str, str]]:
+    """Check a safetensors header (the JSON after the length) as the `safetensors` library
+    does, for a file with `data_size` bytes after it: each tensor's byte range must match
+    its dtype and shape, and the ranges must tile the data exactly, without gaps or
+    overlaps. Returns {name: (spec, begin, end)} (offsets into the data) and the metadata.
+    Raises HeaderError saying what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError("not UTF-8") from None
+    doc = _strict_json(text)
+    if not isinstance(doc, _Object):
+        raise HeaderError("not a JSON object")
+    metadata: dict[str, str] | None = None
+    entries: dict[str, tuple[TensorSpec, int, int]] = {}
+    seen_metadata = False
+    for key, value in doc:
+        if key != "__metadata__":
+            entries[key] = _tensor_entry(key, value)  # a repeated name: the last wins, as in safetensors
+            continue
+        if seen_metadata:
+            raise HeaderError("__metadata__ appears twice")
+        seen_metadata = True
+        if value is not None:
+            if not isinstance(value, _Object) or not all(isinstance(v, str) for _, v in value):
+                raise HeaderError("__metadata__ must map strings to strings")
+            metadata = dict(value)
+    position = 0
+    for name, (spec, begin, end) in sorted(entries.items(), key=lambda item: item[1][1:]):
+        if begin != position or end < begin:
+            raise HeaderError(f"tensor {shown(name)}: its data_offsets overlap another tensor or leave a gap")
+        if end - begin != spec.nbytes:
+            raise HeaderError(f"tensor {shown(name)}: data_offsets span {end - begin} bytes, "
+                              f"its dtype and shape need {spec.nbytes}")
+        position = end
+    if position != data_size:
+        raise HeaderError(f"the tensors cover {position} bytes of data, the file holds {data_size} (truncated?)")
+    return entries, metadata or {}
+
+
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """Parse and check one safetensors file's header. Raises InputModelError if corrupt."""
+    """Parse and check one safetensors file's header (see parse_header). Raises
+    InputModelError, one line, when the file is corrupt or truncated."""
+
+    def corrupt(why: str) -> InputModelError:
+        return InputModelError(f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file "
+                               f"({why}); download or save it again")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise InputModelError(f"{path.name}: not a safetensors file (too short) in {path.parent.name}")
+                raise corrupt("shorter than 8 bytes")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise InputModelError(f"{path.name}: corrupt or truncated safetensors header in {path.parent.name}")
+            if n > MAX_HEADER:
+                raise corrupt(f"a header of {n} bytes, over safetensors' limit of {MAX_HEADER}")
+            if 8 + n > size:
+                raise corrupt(f"a header of {n} bytes in a file of {size}")
             raw = f.read(n)
     except OSError as e:
         raise InputModelError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputModelError(f"{path.name}: corrupt safetensors header (not JSON) in {path.parent.name}") from None
-    if not isinstance(header, dict):
-        raise InputModelError(f"{path.name}: corrupt safetensors header in {path.parent.name}")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, StoredTensor] = {}
+        entries, metadata = parse_header(raw, size - 8 - n)
+    except HeaderError as e:
+        raise corrupt(str(e)) from None
     data_start = 8 + n
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            spec = TensorSpec(dtype, shape)
-            expected = spec.nbytes
-        except (KeyError, TypeError, ValueError):
-            raise InputModelError(f"{path.name}: corrupt entry for tensor {name} in {path.parent.name}") from None
-        if end - begin != expected or begin < 0 or data_start + end > size:
-            raise InputModelError(
-                f"{path.name}: tensor {name} lies outside the file (truncated or corrupt) in {path.parent.name}"
-            )
-        tensors[name] = StoredTensor(spec, path, data_start + begin, data_start + end)
+    tensors = {name: StoredTensor(spec, path, data_start + begin, data_start + end)
+               for name, (spec, begin, end) in entries.items()}
     return tensors, metadata
 
 
@@ -95,19 +222,43 @@ class SafetensorsModel:
         if not self.folder.is_dir():
             raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
         self.tensors = self._index()
-        self.config = self._read_json("config.json", required=True)
+        self.config = check_config(self._read_json("config.json", required=True), label)
+        self._read_json("tokenizer_config.json")  # the engine copies it, and reads its chat template
         self._maps: dict[Path, mmap.mmap] = {}
 
     def _read_json(self, name: str, required: bool = False) -> dict[str, Any]:
+        """A JSON object file of the folder; {} when it is absent and not required."""
         path = self.folder / name
         if not path.exists():
             if required:
                 raise InputModelError(f"{self.label}: {name} is missing from {self.folder.name}")
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON (UTF-8)") from None
+        if not isinstance(data, dict):
+            raise InputModelError(f"{self.label}: {name} in {self.folder.name} must hold a JSON object, "
+                                  f"not {type(data).__name__}")
+        return data
+
+    def _shard_path(self, name: Any) -> Path:
+        """A shard file of the folder, refused unless it is a relative path that stays inside
+        the folder, also once symlinks are followed (a Hugging Face cache snapshot's files
+        are links into the repo's own `blobs/`: those are fine)."""
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise InputModelError(f"{self.label}: model.safetensors.index.json names a shard {shown(name)}; "
+                                  "its weight_map must map tensor names to file names")
+        folder = self.folder.resolve()
+        allowed = [folder]
+        if folder.parent.name == "snapshots":
+            allowed.append(folder.parent.parent / "blobs")
+        lexical = Path(os.path.normpath(folder / name))
+        target = (folder / name).resolve()
+        if os.path.isabs(name) or folder not in lexical.parents or not any(a in target.parents for a in allowed):
+            raise InputModelError(f"{self.label}: shard {shown(name)} lies outside {self.folder.name} "
+                                  "(a path or symlink leaving the model folder); refusing to read it")
+        return self.folder / os.path.normpath(name)
 
     def _index(self) -> dict[str, StoredTensor]:
         index = self.folder / "model.safetensors.index.json"
@@ -115,9 +266,10 @@ class SafetensorsModel:
             weight_map = self._read_json(index.name).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InputModelError(f"{self.label}: {index.name} has no weight_map")
-            files = sorted(set(weight_map.values()))
+            paths = {self._shard_path(f) for f in weight_map.values()}
+            files = sorted(paths)
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            files = sorted(self._shard_path(p.name) for p in self.folder.glob("*.safetensors"))
             if not files:
                 pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
                 if pickles:
@@ -127,20 +279,20 @@ class SafetensorsModel:
                     )
                 raise InputModelError(f"{self.label}: no safetensors weights in {self.folder.name}")
         tensors: dict[str, StoredTensor] = {}
-        for fname in files:
-            path = self.folder / fname
+        for path in files:
             if not path.is_file():
-                raise InputModelError(f"{self.label}: shard {fname} listed in the index is missing")
+                raise InputModelError(f"{self.label}: shard {shown(path.name)} listed in the index is missing")
             found, _ = read_header(path)
             for name, st in found.items():
                 if name in tensors:
-                    raise InputModelError(f"{self.label}: tensor {name} appears in two shards")
+                    raise InputModelError(f"{self.label}: tensor {shown(name)} appears in two shards")
                 tensors[name] = st
         if index.exists():
             listed = set(weight_map)
             if listed != set(tensors):
                 name = sorted(listed ^ set(tensors))[0]
-                raise InputModelError(f"{self.label}: tensor {name} is in the index but not in the shards (or the reverse)")
+                raise InputModelError(f"{self.label}: tensor {shown(name)} is in the index but not in the shards "
+                                      "(or the reverse)")
         return tensors
 
     @property
