@@ -170,11 +170,11 @@ def check_metadata(meta: Any) -> list[str]:
         if codes is None:
             problems.append("language: must be an ISO 639 code or a list of them")
         else:
-            problems += [f"language: unknown ISO 639 code {c!r}" for c in codes if not is_language_code(c)]
+            problems += [f"language: unknown ISO 639 code {shown(c)}" for c in codes if not is_language_code(c)]
 
     license_ = meta.get("license")
     if "license" in meta and not (isinstance(license_, str) and license_ in HUB_LICENSES):
-        problems.append(f"license: {license_!r} is not a Hub license id (use one of the Hub's ids, or 'other')")
+        problems.append(f"license: {shown(license_)} is not a Hub license id (use one of the Hub's ids, or 'other')")
     if license_ == "other":
         name, link = meta.get("license_name"), meta.get("license_link")
         if not isinstance(name, str) or not LICENSE_NAME.match(name):
@@ -189,14 +189,14 @@ def check_metadata(meta: Any) -> list[str]:
         if key in meta and not isinstance(meta[key], str):
             problems.append(f"{key}: must be a string")
     if isinstance(meta.get("pipeline_tag"), str) and meta["pipeline_tag"] not in PIPELINE_TAGS:
-        problems.append(f"pipeline_tag: {meta['pipeline_tag']!r} is not a text-generation pipeline tag")
+        problems.append(f"pipeline_tag: {shown(meta['pipeline_tag'])} is not a text-generation pipeline tag")
 
     if "base_model" in meta:
         models = _str_list(meta["base_model"])
         if models is None:
             problems.append("base_model: must be a Hub model id or a list of them")
         else:
-            problems += [f"base_model: {m!r} is not a Hub model id 'org/name'"
+            problems += [f"base_model: {shown(m)} is not a Hub model id 'org/name'"
                          for m in models if not is_repo_id(m)]
             if len(set(models)) != len(models):
                 problems.append("base_model: lists a model twice")
@@ -247,5 +247,5 @@ def check_card_text(text: str, secrets: list[str]) -> None:
             raise CardError(f"card: the text would contain {what} from this machine; nothing was written")
     match = ABSOLUTE_PATH.search(text)
     if match:
-        raise CardError(f"card: the text would contain the local path {match.group(1)!r}; nothing was written "
+        raise CardError(f"card: the text would contain the local path {shown(match.group(1))}; nothing was written "
                         "(name local models by folder name, or give them a hub_id)")

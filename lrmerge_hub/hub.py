@@ -37,6 +37,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from .card_rules import is_repo_id, is_revision
 from .errors import (
     HubAuthError,
     HubError,
@@ -402,6 +403,12 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     made twice. A PR commit is not retried (a retry could open a second PR). On failure the
     remote is unchanged: run the push again."""
     folder = Path(folder)
+    if not is_repo_id(repo_id):
+        raise HubPushError(f"{shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', '.'; "
+                           "no '--' or '..')")
+    for what, name in (("--revision", revision), ("--tag", tag)):
+        if name is not None and not is_revision(name):
+            raise HubPushError(f"{what} {shown(name)} is not a branch or tag name")
     if not folder.is_dir():
         raise HubPushError(f"{folder}: no such folder")
     if tag and create_pr:

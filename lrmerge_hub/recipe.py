@@ -30,6 +30,7 @@ SHA = re.compile(r"[0-9a-f]{40}")  # use with fullmatch
 MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few KB; a bigger file is a mistake (or an attack)
 MAX_YAML_NODES = 10_000  # values in the recipe once every alias is expanded (a YAML bomb has billions)
 MAX_NAME_BYTES = 255  # longest file or folder name on Linux, macOS and Windows file systems
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX
 
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
@@ -84,6 +85,8 @@ def local_path(value: Any, base_dir: Path, field_name: str) -> Path:
     if too_long:
         raise RecipeError(f"{field_name}: the name {shown(too_long[0])} is over {MAX_NAME_BYTES} bytes, "
                           "longer than a file system allows")
+    if len(os.fsencode(str(path))) >= MAX_PATH_BYTES:
+        raise RecipeError(f"{field_name}: the path is over {MAX_PATH_BYTES} bytes, longer than a file system allows")
     return path if path.is_absolute() else base_dir / path
 
 

@@ -395,3 +395,16 @@ def test_an_unreadable_shard_is_a_one_line_error(tmp_path):
     path.mkdir()  # a folder named like a shard
     with pytest.raises(InputModelError, match="cannot read"):
         read_header(path)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["org/name\n"], "not a Hub model id"),
+    (["org/x](javascript:alert(1))"], "not a Hub model id"),
+    (["org/name", "--revision", "../../refs"], "--revision"),
+    (["org/name", "--tag", "v1\n"], "--tag"),
+])
+def test_push_refuses_an_id_or_revision_the_hub_would_not_have(tmp_path, args, needle):
+    """Checked before any request (and before a revision could name a path in the HF cache)."""
+    code, output = lrmerge("push", str(tmp_path), *args)
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], output
