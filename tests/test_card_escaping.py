@@ -69,7 +69,8 @@ def split_card(text: str) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
-def assert_card_is_data(text: str, metadata: dict, *, model_id: str, model_name: str) -> None:
+def assert_card_is_data(text: str, metadata: dict, *, model_id: str, model_name: str,
+                        fences: tuple[str, ...] = ("python", "bash", "yaml")) -> None:
     front, body = split_card(text)
     assert front == metadata  # the YAML front matter round-trips
     tokens = list(flat(markdown_tokens(body)))
@@ -83,9 +84,9 @@ def assert_card_is_data(text: str, metadata: dict, *, model_id: str, model_name:
     shown = "".join(t.content for t in tokens[heading + 1].children if t.type in ("text", "code_inline"))
     assert shown.strip() == one_line(model_name).strip()
 
-    fences = [t for t in tokens if t.type == "fence"]
-    assert [t.info for t in fences] == ["python", "bash", "yaml"]  # no fence closed early, none added
-    python, shell, _ = (t.content for t in fences)
+    blocks = [t for t in tokens if t.type == "fence"]
+    assert tuple(t.info for t in blocks) == fences  # no fence closed early, none added
+    python, shell, _ = (t.content for t in blocks[-3:])
     tree = ast.parse(python)
     assigned = [(node.targets[0].id, node.value) for node in tree.body if isinstance(node, ast.Assign)]
     assert [name for name, _ in assigned] == ["model_id", "tokenizer", "model", "messages", "inputs", "output"]
@@ -113,14 +114,19 @@ def test_a_hostile_folder_name_stays_text_in_every_part_of_the_card(tmp_path, na
 @pytest.mark.parametrize("name", HOSTILE[:6])
 def test_hostile_names_from_the_merge_report_and_eval_files_stay_text(tmp_path, name):
     folder = make_merged_folder(tmp_path, ["bo"], name="merged", license_="llama2", local_task=name)
-    write_results(folder, lm_eval_results(f"task{name}", {"acc": 0.35}, dataset_path=f"evil{name}"))
+    results = lm_eval_results(f"task{name}", {"acc": 0.35}, dataset_path=f"evil{name}")
+    results["lrmerge"] = {"command": f"-m lm_eval --tasks {name}"}
+    write_results(folder, results)
     report = json.loads((folder / "merge_report.json").read_text())
     report["models"][-1].update(model=name, repo_id=None, revision=None)  # a local task model named `name`
     report["dtype"] = report["tokenizer_source"] = report["method"] = name
     report["parameters"] = {name: name}
     (folder / "merge_report.json").write_text(json.dumps(report))
     built = build_card(folder, repo_id="org/merged")
-    assert_card_is_data(built.text, built.metadata, model_id="org/merged", model_name="merged")
+    assert_card_is_data(built.text, built.metadata, model_id="org/merged", model_name="merged",
+                        fences=("bash", "python", "bash", "yaml"))
+    commands = [t.content for t in flat(markdown_tokens(split_card(built.text)[1])) if t.type == "fence"][0]
+    assert commands == f"python -m lm_eval --tasks {name}\n"
 
 
 @pytest.mark.parametrize("repo_id", ["org/name\n", "org/na me", "org/x](javascript:alert(1))", 'org/x"; import os',
