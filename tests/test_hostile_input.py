@@ -408,3 +408,18 @@ def test_push_refuses_an_id_or_revision_the_hub_would_not_have(tmp_path, args, n
     code, output = lrmerge("push", str(tmp_path), *args)
     lines = output.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], output
+
+
+@pytest.mark.parametrize("shape", [[-1, -64], [True, 64]])
+def test_a_hub_model_with_a_bad_header_is_refused_before_any_download(tmp_path, family, hub_server, shape):
+    """The plan is made from the Hub's headers before any weights are downloaded: a header
+    that safetensors would reject stops it there, in one line."""
+    models = family()
+    rewrite_header(first_shard(models["task"]), lambda header: header[next(
+        k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64])].update(shape=shape))
+    hub_server.seed("org/base", models["base"])
+    hub_server.seed("org/task", models["task"])
+    code, output = lrmerge("pull", "org/base", "org/task", "--dry-run")
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "org/task" in lines[0] and "header" in lines[0], output
+    assert hub_server.downloads() == []
