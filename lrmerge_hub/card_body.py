@@ -16,7 +16,7 @@ import shlex
 from typing import Any
 
 from .card_inputs import CardInputs, SourceInfo, languages_of, recipe_license, resolve_license
-from .card_rules import _ID_PART, is_repo_id, language_name
+from .card_rules import HUB_ID_PART, is_repo_id, language_name
 from .errors import shown
 from .eval_results import MERGED, Score
 
@@ -25,7 +25,7 @@ from .eval_results import MERGED, Score
 # where it can open or close emphasis (between two letters or digits it cannot: acc_norm).
 MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]<>#|~&]|(?<![^\W_])_|_(?![^\W_])")
 AUTOLINK_BAIT = re.compile(r"://|www\.|@", re.IGNORECASE)  # what GitHub-flavoured Markdown links by itself
-DATASET_ID = re.compile(rf"(?:{_ID_PART}/)?{_ID_PART}")
+DATASET_ID = re.compile(rf"(?:{HUB_ID_PART}/)?{HUB_ID_PART}")
 
 
 def _one_line(value: Any) -> str:
@@ -115,7 +115,7 @@ def _value(v: Any) -> str:
     string or a number is shown briefly."""
     if isinstance(v, bool) or v is None:
         return json.dumps(v)
-    if isinstance(v, str) or isinstance(v, float) or isinstance(v, int) and v.bit_length() <= 64:
+    if isinstance(v, (str, float)) or isinstance(v, int) and v.bit_length() <= 64:
         return str(v)
     return shown(v)
 
@@ -201,8 +201,8 @@ def sweep_section(table: Any, limit: int = 20) -> tuple[str, str] | None:
         f"The parameters above were chosen by a sweep over {len(table['points'])} grid points, ranked by "
         f"{code_span(metric)}; this model is the best point, {code_span(table.get('best'))}.",
         "",
-        "| Point | " + md_text(metric, in_table=True)
-        + "".join(f" | Retention of {md_text(m, in_table=True)}" for m in models) + " |",
+        ("| Point | " + md_text(metric, in_table=True)
+         + "".join(f" | Retention of {md_text(m, in_table=True)}" for m in models) + " |"),
         "|---|---|" + "---|" * len(models),
     ]
     for p in points:

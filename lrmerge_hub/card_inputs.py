@@ -12,8 +12,8 @@ from huggingface_hub import ModelCard
 
 from .card_rules import is_language_code
 from .errors import CardError, RecipeError, shown
-from .recipe import read_recipe_yaml
 from .eval_results import Score, read_scores
+from .recipe import read_recipe_yaml
 
 CARD_FILE = "README.md"
 

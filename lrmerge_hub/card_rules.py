@@ -46,8 +46,8 @@ BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 # huggingface_hub's validate_repo_id rules, in ASCII (its regex's \w also takes any Unicode
 # letter): 'namespace/name', each 1-96 of [A-Za-z0-9_.-], not starting or ending with '.' or '-',
 # no '--' or '..', not ending in '.git'. Checked with fullmatch: `$` would let 'org/name\n' pass.
-_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-HUB_MODEL_ID = re.compile(rf"{_ID_PART}/{_ID_PART}")
+HUB_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_MODEL_ID = re.compile(rf"{HUB_ID_PART}/{HUB_ID_PART}")
 # A branch, tag or commit as the Hub names them (refs/pr/1 included); no '..' (git refuses it,
 # and it would climb out of the HF cache's refs/ folder).
 HUB_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}")

@@ -117,13 +117,12 @@ def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Pat
     """The output folder a recipe (or --out) names, checked before any work: a usable
     path that is not a file and does not lie under one."""
     path = local_path(value, base_dir, field_name).resolve()
-    if path.is_file() or path.is_symlink() and not path.exists():
+    # os.path's checks answer False, never raise, for a path they cannot stat
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise RecipeError(f"{field_name}: {path.name} is a file (or a broken link); name a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RecipeError(f"{field_name}: {parent.name} is a file, so {path.name} cannot be made under it")
-            break
+    existing = next(parent for parent in path.parents if os.path.lexists(parent))
+    if not os.path.isdir(existing):
+        raise RecipeError(f"{field_name}: {existing.name} is a file, so {path.name} cannot be made under it")
     return path
 
 
@@ -472,7 +471,7 @@ def read_recipe_yaml(raw: bytes, name: str = "recipe") -> Any:
     except UnicodeDecodeError as e:
         raise RecipeError(f"recipe: {name} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
-        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

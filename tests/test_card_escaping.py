@@ -9,7 +9,6 @@ import ast
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
@@ -125,7 +124,7 @@ def test_hostile_names_from_the_merge_report_and_eval_files_stay_text(tmp_path, 
     built = build_card(folder, repo_id="org/merged")
     assert_card_is_data(built.text, built.metadata, model_id="org/merged", model_name="merged",
                         fences=("bash", "python", "bash", "yaml"))
-    commands = [t.content for t in flat(markdown_tokens(split_card(built.text)[1])) if t.type == "fence"][0]
+    commands = next(t.content for t in flat(markdown_tokens(split_card(built.text)[1])) if t.type == "fence")
     assert commands == f"python -m lm_eval --tasks {name}\n"
 
 

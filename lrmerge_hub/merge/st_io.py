@@ -1,4 +1,4 @@
-"""Safetensors without loading models: header parsing, zero-copy mmap reads, streamed writes.
+"""Safetensors without loading models: checked headers (st_header), zero-copy mmap reads, streamed writes.
 
 Reading a tensor returns a view of the memory-mapped file (no copy until it is converted),
 so the engine holds a few tensors at a time, never a model. Views are numpy arrays
@@ -11,7 +11,6 @@ tensor bytes in order.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -25,7 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputModelError, OutputError, shown
-from .plan import DTYPE_SIZES, TensorSpec, check_config
+from .plan import TensorSpec, check_config
+from .st_header import MAX_HEADER, HeaderError, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,6 @@ NUMPY_DTYPES = {
     "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_HEADER = 100_000_000  # safetensors' own limit on the header length
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.13+ names it
 
 
@@ -47,138 +46,6 @@ class StoredTensor:
     file: Path
     start: int  # absolute byte offset of the data in the file
     end: int
-
-
-class HeaderError(ValueError):
-    """Why a safetensors header is invalid (read_header adds the file)."""
-
-
-class _Object(list):
-    """A JSON object as its (key, value) pairs: safetensors refuses some duplicate keys."""
-
-
-U64 = 2**64  # safetensors sizes and offsets are u64: the header's numbers must fit
-MAX_JSON_DEPTH = 127  # serde_json's nesting limit, which safetensors parses its header with
-
-
-def _json_int(text: str) -> int | float:
-    return -0.0 if text == "-0" else int(text)  # serde_json reads -0 as a float
-
-
-def _json_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise HeaderError("a number out of range")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise HeaderError(f"{name} is not JSON")
-
-
-def _strict_json(text: str) -> Any:
-    """Parse JSON as serde_json does (safetensors' parser): no NaN/Infinity, no lone
-    surrogates, at most MAX_JSON_DEPTH levels; objects come back as _Object pairs."""
-    try:
-        doc = json.loads(text, object_pairs_hook=_Object, parse_int=_json_int, parse_float=_json_float,
-                         parse_constant=_no_constant)
-    except HeaderError:
-        raise
-    except (ValueError, RecursionError):
-        raise HeaderError("not JSON") from None
-    stack = [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise HeaderError("a string with a lone surrogate") from None
-        elif isinstance(value, list):
-            if depth > MAX_JSON_DEPTH:
-                raise HeaderError("nested too deeply")
-            items = [x for pair in value for x in pair] if isinstance(value, _Object) else value
-            stack.extend((x, depth + 1) for x in items)
-    return doc
-
-
-def _u64_list(value: Any) -> list[int] | None:
-    """A JSON array of unsigned 64-bit integers, else None (bools and floats are not)."""
-    if type(value) is not list or not all(type(x) is int and 0 <= x < U64 for x in value):
-        return None
-    return value
-
-
-def _tensor_entry(name: str, value: Any) -> tuple[TensorSpec, int, int]:
-    if not isinstance(value, _Object):
-        raise HeaderError(f"tensor {shown(name)} is not an object")
-    fields: dict[str, Any] = {}
-    for key, field_value in value:
-        if key in ("dtype", "shape", "data_offsets"):
-            if key in fields:
-                raise HeaderError(f"tensor {shown(name)} has {key} twice")
-            fields[key] = field_value
-    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
-    if missing:
-        raise HeaderError(f"tensor {shown(name)} has no {missing[0]}")
-    dtype, shape, offsets = fields["dtype"], _u64_list(fields["shape"]), _u64_list(fields["data_offsets"])
-    if not isinstance(dtype, str):
-        raise HeaderError(f"tensor {shown(name)}: dtype must be a string")
-    if shape is None:
-        raise HeaderError(f"tensor {shown(name)}: shape must be a list of whole numbers >= 0")
-    if offsets is None or len(offsets) != 2:
-        raise HeaderError(f"tensor {shown(name)}: data_offsets must be two whole numbers >= 0")
-    if dtype not in DTYPE_SIZES:
-        raise HeaderError(f"tensor {shown(name)} has dtype {shown(dtype)}, which lrmerge does not read "
-                          f"({', '.join(DTYPE_SIZES)})")
-    numel = 1
-    for dim in shape:
-        numel *= dim
-        if numel >= U64:
-            raise HeaderError(f"tensor {shown(name)}: its shape overflows")
-    if numel * DTYPE_SIZES[dtype] * 8 >= U64:
-        raise HeaderError(f"tensor {shown(name)}: its size overflows")
-    return TensorSpec(dtype, tuple(shape)), offsets[0], offsets[1]
-
-
-def parse_header(raw: bytes, data_size: int) -> tuple[dict[str, tuple[TensorSpec, int, int]], dict[str, str]]:
-    """Check a safetensors header (the JSON after the length) as the `safetensors` library
-    does, for a file with `data_size` bytes after it: each tensor's byte range must match
-    its dtype and shape, and the ranges must tile the data exactly, without gaps or
-    overlaps. Returns {name: (spec, begin, end)} (offsets into the data) and the metadata.
-    Raises HeaderError saying what is wrong."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HeaderError("not UTF-8") from None
-    doc = _strict_json(text)
-    if not isinstance(doc, _Object):
-        raise HeaderError("not a JSON object")
-    metadata: dict[str, str] | None = None
-    entries: dict[str, tuple[TensorSpec, int, int]] = {}
-    seen_metadata = False
-    for key, value in doc:
-        if key != "__metadata__":
-            entries[key] = _tensor_entry(key, value)  # a repeated name: the last wins, as in safetensors
-            continue
-        if seen_metadata:
-            raise HeaderError("__metadata__ appears twice")
-        seen_metadata = True
-        if value is not None:
-            if not isinstance(value, _Object) or not all(isinstance(v, str) for _, v in value):
-                raise HeaderError("__metadata__ must map strings to strings")
-            metadata = dict(value)
-    position = 0
-    for name, (spec, begin, end) in sorted(entries.items(), key=lambda item: item[1][1:]):
-        if begin != position or end < begin:
-            raise HeaderError(f"tensor {shown(name)}: its data_offsets overlap another tensor or leave a gap")
-        if end - begin != spec.nbytes:
-            raise HeaderError(f"tensor {shown(name)}: data_offsets span {end - begin} bytes, "
-                              f"its dtype and shape need {spec.nbytes}")
-        position = end
-    if position != data_size:
-        raise HeaderError(f"the tensors cover {position} bytes of data, the file holds {data_size} (truncated?)")
-    return entries, metadata or {}
 
 
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
