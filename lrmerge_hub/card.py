@@ -223,6 +223,12 @@ def _without_unsafe_commands(inputs: CardInputs, secrets: list[str]) -> tuple[Ca
             "eval: a recorded lm-eval command holds a local path or a token; it was left out of the card")
 
 
+def _check_repo_id(repo_id: Any) -> None:
+    if not is_repo_id(repo_id):
+        raise CardError(f"repo id {shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', "
+                        "'.'; no '--' or '..'); fix push.repo in recipe.yaml or the id you passed")
+
+
 def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | None = None,
                source_dirs: dict[str, Path] | None = None, secrets: tuple[str, ...] = (),
                inputs: CardInputs | None = None) -> BuiltCard:
@@ -234,9 +240,8 @@ def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | N
     inputs, command_note = _without_unsafe_commands(inputs, all_secrets)
     push = inputs.recipe.get("push")
     repo_id = repo_id or (push.get("repo") if isinstance(push, dict) else push if isinstance(push, str) else None)
-    if repo_id is not None and not is_repo_id(repo_id):
-        raise CardError(f"repo id {shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', "
-                        "'.'; no '--' or '..'); fix push.repo in recipe.yaml or the id you passed")
+    if repo_id is not None:
+        _check_repo_id(repo_id)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
     model_id = repo_id or f"<org>/{model_name}"
     metadata = card_metadata(recipe=inputs.recipe, report=inputs.report, sources=inputs.sources,
@@ -340,6 +345,7 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
     model_dir = Path(model_dir)
+    _check_repo_id(repo_id)
     inputs = read_inputs(model_dir, source_dirs=source_dirs)  # local mistakes first, before any request
     api = HfApi(token=token)
     try:

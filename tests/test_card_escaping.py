@@ -15,7 +15,7 @@ import yaml
 from markdown_it import MarkdownIt
 
 from tests.card_support import TASK, lm_eval_results, make_merged_folder, write_results
-from lrmerge_hub.card import GENERATED_END, GENERATED_START, build_card
+from lrmerge_hub.card import GENERATED_END, GENERATED_START, build_card, push_card
 from lrmerge_hub.card_rules import check_metadata
 from lrmerge_hub.errors import CardError, RecipeError
 from lrmerge_hub.recipe import parse_recipe
@@ -135,6 +135,8 @@ def test_a_repo_id_that_is_not_a_hub_id_is_refused(tmp_path, repo_id):
     with pytest.raises(CardError, match="not a Hub model id") as raised:
         build_card(folder, repo_id=repo_id)
     assert "\n" not in str(raised.value)
+    with pytest.raises(CardError, match="not a Hub model id"):
+        push_card(folder, repo_id)  # before any request
     base = {"base": "org/base", "models": [{"model": TASK}]}
     with pytest.raises(RecipeError) as raised:
         parse_recipe({**base, "push": {"repo": repo_id}}, tmp_path)
