@@ -31,6 +31,8 @@ MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few KB; a bigger file is a mista
 MAX_YAML_NODES = 10_000  # values in the recipe once every alias is expanded (a YAML bomb has billions)
 MAX_NAME_BYTES = 255  # longest file or folder name on Linux, macOS and Windows file systems
 MAX_PATH_BYTES = 4096  # Linux's PATH_MAX
+# An output's name leaves room for what lrmerge puts beside it: `.NAME.lrmerge-tmp-PID/`, a lock.
+MAX_OUTPUT_NAME_BYTES = 200
 
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
@@ -117,6 +119,9 @@ def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Pat
     """The output folder a recipe (or --out) names, checked before any work: a usable
     path that is not a file and does not lie under one."""
     path = local_path(value, base_dir, field_name).resolve()
+    if len(os.fsencode(path.name)) > MAX_OUTPUT_NAME_BYTES:
+        raise RecipeError(f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
+                          "into a temporary folder named after it, which must fit in 255); choose a shorter name")
     # os.path's checks answer False, never raise, for a path they cannot stat
     if os.path.lexists(path) and not os.path.isdir(path):
         raise RecipeError(f"{field_name}: {path.name} is a file (or a broken link); name a folder")

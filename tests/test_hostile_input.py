@@ -225,6 +225,7 @@ def test_malformed_model_files_are_one_line_errors(tmp_path, family, write_recip
     ((GOOD + "license: {id: mit}\n").encode(), "license: must be a Hub license id"),
     ((GOOD + "dtype: {a: 1}\n").encode(), "dtype: must be one of"),
     (GOOD.replace("output: ./merged", "output: ./" + "m" * 256).encode(), "over 255 bytes"),
+    (GOOD.replace("output: ./merged", "output: ./" + "m" * 240).encode(), "over 200 bytes"),
     (GOOD.replace("output: ./merged", 'output: "./mer\\0ged"').encode(), "control character"),
     (GOOD.replace("output: ./merged", "output: ./recipe.yaml/merged").encode(), "is a file"),
     (GOOD.replace("output: ./merged", "output: ./recipe.yaml").encode(), "is a file"),
