@@ -32,6 +32,12 @@ def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
         human()
 
 
+def printable(text: str) -> str:
+    """`text` with line breaks, terminal escapes and other control characters written as
+    escapes (`\\n`, `\\x1b`): a name from a file or folder cannot split or recolour a message."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit."""
 
@@ -40,7 +46,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LrmergeError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("Error: interrupted; nothing was written at the output path", err=True)

@@ -450,3 +450,11 @@ def test_a_hub_model_with_a_bad_header_is_refused_before_any_download(tmp_path, 
     lines = output.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "org/task" in lines[0] and "header" in lines[0], output
     assert hub_server.downloads() == []
+
+
+def test_a_name_with_line_breaks_or_terminal_escapes_cannot_split_an_error(tmp_path):
+    folder = tmp_path / "two\nlines\x1b[31m"
+    folder.mkdir()
+    code, output = lrmerge("card", str(folder))
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "\x1b" not in output and "two\\nlines\\x1b[31m" in lines[0], output
