@@ -35,6 +35,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    SafetensorsParsingError,
 )
 
 from .card_rules import is_repo_id, is_revision
@@ -51,7 +52,7 @@ from .errors import (
     shown,
 )
 from .merge.plan import BASE, DTYPE_SIZES, MergePlan, Source, TensorSpec, check_config, model_keys, plan_merge
-from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
+from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel, index_shards
 from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -202,10 +203,16 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
                     "loads them because unpickling can run arbitrary code: use a revision with *.safetensors "
                     "(many repos have a `refs/pr/N` that adds them) or convert them with a tool you trust")
             raise HubError(f"{ref.spec} has no *.safetensors weights at {sha[:12]}: choose a model repo")
+        if SAFETENSORS_INDEX in sizes:  # checked first: the client trusts its shard names and types
+            index_file = Path(hf_hub_download(ref.repo_id, SAFETENSORS_INDEX, revision=sha, token=token))
+            index_shards(_json_file(index_file, f"{ref.spec}: {SAFETENSORS_INDEX}"), ref.spec)
         try:
             st = api.get_safetensors_metadata(ref.repo_id, revision=sha)
         except NotASafetensorsRepoError:
             raise HubError(f"{ref.spec}: no {SAFETENSORS_INDEX} or model.safetensors at {sha[:12]}") from None
+        except SafetensorsParsingError:
+            raise InputModelError(f"{ref.spec}: a safetensors header (or the index) at {sha[:12]} is corrupt: "
+                                  "the file is not a model lrmerge can read") from None
         if "config.json" not in sizes:
             raise HubError(f"{ref.spec} has no config.json at {sha[:12]}: is it a transformers model?")
         config_file = Path(hf_hub_download(ref.repo_id, "config.json", revision=sha, token=token))

@@ -169,7 +169,8 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, family,
         point_index_at(task, str(outside))
     else:
         (task / first).symlink_to(outside)
-    assert_clean_error(tmp_path, write_recipe(GOOD), "outside", "refusing to read it")
+    assert_clean_error(tmp_path, write_recipe(GOOD), "symlink out of" if how == "symlink" else "outside",
+                       "refusing to read it")
 
 
 def test_a_hub_cache_snapshot_may_link_into_its_own_blobs(tmp_path, family):
@@ -437,13 +438,35 @@ def test_push_refuses_an_id_or_revision_the_hub_would_not_have(tmp_path, args, n
     assert code == 2 and len(lines) == 1 and needle in lines[0], output
 
 
-@pytest.mark.parametrize("shape", [[-1, -64], [True, 64]])
+@pytest.mark.parametrize("weight_map,needle", [
+    ({"x": 5}, "names a shard 5"), ([1], "has no weight_map"), ({"x": "../../x.safetensors"}, "outside the model"),
+])
+def test_a_hub_index_with_bad_shard_names_is_refused(tmp_path, family, hub_server, weight_map, needle):
+    models = family(shard_bytes=20_000)
+    break_json(models["task"], "model.safetensors.index.json", {"weight_map": weight_map})
+    hub_server.seed("org/base", models["base"])
+    hub_server.seed("org/task", models["task"])
+    code, output = lrmerge("pull", "org/base", "org/task", "--dry-run")
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "org/task" in lines[0] and needle in lines[0], output
+
+
+def not_json(shard: Path) -> None:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    shard.write_bytes(raw[:8] + b"x" * n + raw[8 + n:])
+
+
+@pytest.mark.parametrize("shape", [[-1, -64], [True, 64], "not JSON"])
 def test_a_hub_model_with_a_bad_header_is_refused_before_any_download(tmp_path, family, hub_server, shape):
     """The plan is made from the Hub's headers before any weights are downloaded: a header
     that safetensors would reject stops it there, in one line."""
     models = family()
-    rewrite_header(first_shard(models["task"]), lambda header: header[next(
-        k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64])].update(shape=shape))
+    if shape == "not JSON":
+        not_json(first_shard(models["task"]))
+    else:
+        rewrite_header(first_shard(models["task"]), lambda header: header[next(
+            k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64])].update(shape=shape))
     hub_server.seed("org/base", models["base"])
     hub_server.seed("org/task", models["task"])
     code, output = lrmerge("pull", "org/base", "org/task", "--dry-run")

@@ -80,6 +80,26 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     return tensors, metadata
 
 
+def index_shards(index: Any, where: str) -> list[str]:
+    """The shard files a model.safetensors.index.json names (pure), each a relative path
+    inside the model folder: a name with `..` or an absolute path is refused (it would
+    read, or download, a file outside the folder). Raises InputModelError."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputModelError(f"{where}: model.safetensors.index.json has no weight_map")
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            raise InputModelError(f"{where}: model.safetensors.index.json names a shard {shown(name)}; "
+                                  "its weight_map must map tensor names to file names")
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal in (".", "..") or normal.startswith("../"):
+            raise InputModelError(f"{where}: model.safetensors.index.json names shard {shown(name)}, which lies "
+                                  "outside the model folder; refusing to read it")
+        names.add(normal)
+    return sorted(names)
+
+
 class SafetensorsModel:
     """One model folder: its tensors (by name, lazily mapped) and its config."""
 
@@ -109,32 +129,25 @@ class SafetensorsModel:
                                   f"not {type(data).__name__}")
         return data
 
-    def _shard_path(self, name: Any) -> Path:
-        """A shard file of the folder, refused unless it is a relative path that stays inside
-        the folder, also once symlinks are followed (a Hugging Face cache snapshot's files
-        are links into the repo's own `blobs/`: those are fine)."""
-        if not isinstance(name, str) or not name or "\0" in name:
-            raise InputModelError(f"{self.label}: model.safetensors.index.json names a shard {shown(name)}; "
-                                  "its weight_map must map tensor names to file names")
+    def _shard_path(self, name: str) -> Path:
+        """A shard file of the folder (a name index_shards passed), refused when a symlink
+        leads out of the folder (a Hugging Face cache snapshot's files are links into the
+        repo's own `blobs/`: those are fine)."""
         folder = self.folder.resolve()
         allowed = [folder]
         if folder.parent.name == "snapshots":
             allowed.append(folder.parent.parent / "blobs")
-        lexical = Path(os.path.normpath(folder / name))
-        target = (folder / name).resolve()
-        if os.path.isabs(name) or folder not in lexical.parents or not any(a in target.parents for a in allowed):
-            raise InputModelError(f"{self.label}: shard {shown(name)} lies outside {self.folder.name} "
-                                  "(a path or symlink leaving the model folder); refusing to read it")
-        return self.folder / os.path.normpath(name)
+        if not any(a in (folder / name).resolve().parents for a in allowed):
+            raise InputModelError(f"{self.label}: shard {shown(name)} is a symlink out of {self.folder.name}; "
+                                  "refusing to read it")
+        return self.folder / name
 
     def _index(self) -> dict[str, StoredTensor]:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = self._read_json(index.name).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise InputModelError(f"{self.label}: {index.name} has no weight_map")
-            paths = {self._shard_path(f) for f in weight_map.values()}
-            files = sorted(paths)
+            index_data = self._read_json(index.name)
+            weight_map = index_data.get("weight_map")
+            files = [self._shard_path(name) for name in index_shards(index_data, self.label)]
         else:
             files = sorted(self._shard_path(p.name) for p in self.folder.glob("*.safetensors"))
             if not files:
