@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..errors import shown
@@ -29,6 +30,7 @@ class _Object(list):
 
 U64 = 2**64  # safetensors sizes and offsets are u64: the header's numbers must fit
 MAX_JSON_DEPTH = 127  # serde_json's nesting limit, which safetensors parses its header with
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _json_int(text: str) -> int | float:
@@ -48,15 +50,24 @@ def _no_constant(name: str) -> None:
 
 def _strict_json(text: str) -> Any:
     """Parse JSON as serde_json does (safetensors' parser): no NaN/Infinity, no lone
-    surrogates, at most MAX_JSON_DEPTH levels; objects come back as _Object pairs."""
+    surrogates; objects come back as _Object pairs. The values a header may hold have a fixed
+    shallow shape; _check_json checks the nesting of the others (fields safetensors ignores)."""
     try:
-        doc = json.loads(text, object_pairs_hook=_Object, parse_int=_json_int, parse_float=_json_float,
-                         parse_constant=_no_constant)
+        doc = json.loads(text, object_pairs_hook=_Object, parse_float=_json_float, parse_constant=_no_constant,
+                         parse_int=_json_int if "-0" in text else None)  # the hook costs time: only when needed
     except HeaderError:
         raise
     except (ValueError, RecursionError):
         raise HeaderError("not JSON") from None
-    stack = [(doc, 1)]
+    if SURROGATE_ESCAPE.search(text):  # the text is UTF-8: only a \u escape can make a surrogate
+        _check_json(doc, 1)
+    return doc
+
+
+def _check_json(value: Any, depth: int) -> None:
+    """Refuse a lone surrogate in any string, or nesting past MAX_JSON_DEPTH levels (a value
+    at `depth`, the header's top level being 1), as serde_json does."""
+    stack = [(value, depth)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
@@ -69,13 +80,15 @@ def _strict_json(text: str) -> Any:
                 raise HeaderError("nested too deeply")
             items = [x for pair in value for x in pair] if isinstance(value, _Object) else value
             stack.extend((x, depth + 1) for x in items)
-    return doc
 
 
 def _u64_list(value: Any) -> list[int] | None:
     """A JSON array of unsigned 64-bit integers, else None (bools and floats are not)."""
-    if type(value) is not list or not all(type(x) is int and 0 <= x < U64 for x in value):
+    if type(value) is not list:
         return None
+    for x in value:
+        if type(x) is not int or not 0 <= x < U64:
+            return None
     return value
 
 
@@ -88,6 +101,8 @@ def _tensor_entry(name: str, value: Any) -> tuple[TensorSpec, int, int]:
             if key in fields:
                 raise HeaderError(f"tensor {shown(name)} has {key} twice")
             fields[key] = field_value
+        elif isinstance(field_value, list):
+            _check_json(field_value, 3)  # a field safetensors ignores, still parsed by serde_json
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
     if missing:
         raise HeaderError(f"tensor {shown(name)} has no {missing[0]}")
