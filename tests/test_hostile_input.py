@@ -114,6 +114,37 @@ def test_headers_safetensors_accepts_are_accepted(tmp_path, header, data_size):
     assert safetensors_accepts(path) and ours_accepts(path)
 
 
+def nested(depth: int) -> bytes:
+    return b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": ' + b"[" * depth + b"]" * depth + b"}}"
+
+
+ENTRY = b'{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+# What serde_json (safetensors' JSON parser) does differently from Python's json module
+RAW_HEADERS = {
+    "a repeated tensor: the last wins": (b'{"a": ' + ENTRY + b', "a": ' + ENTRY + b"}", True),
+    "a repeated tensor that is not an object": (b'{"a": 5, "a": ' + ENTRY + b"}", False),
+    "__metadata__ twice": (b'{"__metadata__": {}, "__metadata__": {}, "a": ' + ENTRY + b"}", False),
+    "dtype twice": (b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', False),
+    "-0 is a float to serde_json": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}', False),
+    "NaN in an ignored field": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": NaN}}', False),
+    "1e400 in an ignored field": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1e400}}', False),
+    "a lone surrogate": (b'{"a\\ud800": ' + ENTRY + b"}", False),
+    "a surrogate pair": (b'{"a\\ud83d\\ude00": ' + ENTRY + b"}", True),
+    "nesting serde_json allows": (nested(125), True),
+    "nesting past serde_json's limit": (nested(126), False),
+    "whitespace before the object": (b" \n" + b'{"a": ' + ENTRY + b"}", True),
+    "a NUL after the object": (b'{"a": ' + ENTRY + b"}\x00", False),
+    "UTF-8 BOM": (b"\xef\xbb\xbf" + b'{"a": ' + ENTRY + b"}", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_HEADERS))
+def test_json_corners_decided_as_safetensors_decides_them(tmp_path, case):
+    raw, accepted = RAW_HEADERS[case]
+    path = write_safetensors(tmp_path / "model.safetensors", raw, bytes(8))
+    assert safetensors_accepts(path) == accepted and ours_accepts(path) == accepted
+
+
 def rewrite_header(shard: Path, change) -> None:
     """Rewrite a shard's header through `change(header_dict)`, keeping the data."""
     raw = shard.read_bytes()
