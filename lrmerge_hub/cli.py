@@ -33,6 +33,12 @@ def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
         human()
 
 
+def printable(text: str) -> str:
+    """`text` with line breaks, terminal escapes and other control characters written as
+    escapes (`\\n`, `\\x1b`): a name from a file or folder cannot split or recolour a message."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit."""
 
@@ -41,7 +47,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LrmergeError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal under `stops_cleanly`
             name = str(e) if isinstance(e, Interrupted) else "SIGINT"
@@ -130,11 +136,11 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
     from .errors import RecipeError
     from .merge.engine import merge
     from .pipeline import resolve_sources
-    from .recipe import load_recipe
+    from .recipe import load_recipe, output_folder
     from .settings import default_device
 
     recipe = load_recipe(recipe_path)
-    out_dir = Path(out) if out else recipe.output
+    out_dir = output_folder(out, Path.cwd(), "--out") if out else recipe.output
     if out_dir is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
     device = device or recipe.device or default_device()
@@ -197,13 +203,14 @@ def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: st
             force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
     """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
     from .pipeline import run_recipe
-    from .recipe import load_recipe
+    from .recipe import load_recipe, output_folder
     from .settings import default_device
 
     recipe = load_recipe(recipe_path)
+    output = output_folder(out, Path.cwd(), "--out") if out else None
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
     try:
-        summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
+        summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(), force=force,
                              dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
                              progress=fmt == "human", echo=echo)
     except LrmergeError as e:
@@ -235,7 +242,21 @@ def summary_cmd(summary_file: str) -> None:
     """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
     from .pipeline import summary_markdown
 
-    click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
+    path = Path(summary_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+        summary = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError, RecursionError):
+        raise LrmergeError(f"{path.name}: not a run summary (not JSON text); pass the file "
+                           "`lrmerge run --format json` wrote") from None
+    if not isinstance(summary, dict):
+        raise LrmergeError(f"{path.name}: not a run summary (a JSON {type(summary).__name__}, not an object)")
+    try:
+        markdown = summary_markdown(summary)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a JSON object of another shape
+        raise LrmergeError(f"{path.name}: not a run summary (its fields are not what `lrmerge run` "
+                           "writes); pass the file `lrmerge run --format json` wrote") from None
+    click.echo(markdown)
 
 
 # --- hub ---

@@ -3,6 +3,8 @@
 The CLI prints `Error: <message>` and exits non-zero for any `LrmergeError`.
 """
 
+import reprlib
+
 
 class LrmergeError(Exception):
     """Base class: an expected failure with a one-line message for the user."""
@@ -71,3 +73,20 @@ class ServeError(LrmergeError):
 
 class EvalError(LrmergeError):
     """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
+
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A short repr of `value` for error messages: at most `limit` characters, a few levels
+    and items of a container, so a message stays one short line whatever a file holds (a
+    huge string, a YAML bomb, a newline in a name)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxtuple, brief.maxset = 3, 4, 4, 4, 4
+    brief.maxstring = brief.maxother = brief.maxlong = limit
+    try:
+        text = brief.repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
