@@ -259,6 +259,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
         for name, p in method.global_params.items()
     }
+    problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
+    if problem:
+        raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):

@@ -77,6 +77,9 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
         for m in targets:
             m.params[name] = value
+    problem = method.recipe_problem(len(models), recipe.base is not None, [m.params for m in models], parameters)
+    if problem:
+        raise RecipeError(f"--grid {point_name(point)}: {problem}")
     return replace(recipe, parameters=parameters, models=models)
 
 
