@@ -9,20 +9,17 @@ from typing import Any
 from .card_inputs import CardInputs, SourceInfo, languages_of, recipe_license, resolve_license
 from .card_rules import language_name
 from .eval_results import MERGED, Score
+from .merge.methods import METHODS, PAPERS
 
 HUB = "https://huggingface.co"
-METHOD_NAMES = {"slack_ties": "slack-TIES", "ties": "TIES", "task_arithmetic": "Task Arithmetic",
-                "linear": "Linear (weighted average)"}
-PAPERS = {
-    "lowres": ("Tao et al. 2024, Unlocking the Potential of Model Merging for Low-Resource Languages",
-               "https://arxiv.org/abs/2407.03994"),
-    "ties": ("Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
-             "https://arxiv.org/abs/2306.01708"),
-    "task_arithmetic": ("Ilharco et al. 2023, Editing Models with Task Arithmetic",
-                        "https://arxiv.org/abs/2212.04089"),
-}
-METHOD_PAPERS = {"slack_ties": ("ties", "lowres"), "ties": ("ties", "lowres"),
-                 "task_arithmetic": ("task_arithmetic", "lowres"), "linear": ("lowres",)}
+LOW_RESOURCE_PAPER = PAPERS["lowres"]
+
+
+def method_papers(method: str) -> list[tuple[str, str]]:
+    """The method's papers from the registry, then Tao et al. (the idea of the project)."""
+    known = METHODS.get(method)
+    papers = list(known.papers) if known else []
+    return papers + ([LOW_RESOURCE_PAPER] if LOW_RESOURCE_PAPER not in papers else [])
 
 
 def _join(words: list[str], last: str = "and") -> str:
@@ -153,8 +150,9 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "merged_count": len(roles["language"]) + len(roles["task"]),
         "size": _size((report.get("stats") or {}).get("parameters")),
         "method": method,
-        "method_name": METHOD_NAMES.get(method, method),
-        "papers": [PAPERS[p] for p in METHOD_PAPERS.get(method, ("lowres",))],
+        "method_name": METHODS[method].title if method in METHODS else method,
+        "method_summary": METHODS[method].doc if method in METHODS else "",
+        "papers": method_papers(method),
         "parameters": {k: _value(v) for k, v in (report.get("parameters") or {}).items()},
         "base": roles["base"],
         "base_text": _join([f"`{s.listed_id or s.name}`" for s in roles["base"]]) if roles["base"] else "",

@@ -2,6 +2,7 @@
 methods), distribution and reproducibility tests (random methods), the slack on every
 sign election, and the recipe contracts (spec: lrmerge_hub/merge/methods.md)."""
 
+import json
 import subprocess
 import sys
 
@@ -453,3 +454,76 @@ def test_int8_mask_changes_nothing():
     a, _ = call("ties", base, models, mp, {"int8_mask": False})
     b, _ = call("ties", base, models, mp, {"int8_mask": True})
     np.testing.assert_array_equal(a, b)
+
+
+# -- every method through the streaming engine (sharded, bf16, extended vocabulary) ------
+
+ONE_MODEL = {"slerp", "nearswap", "passthrough"}
+E2E_MODEL_PARAMS = {"density": 0.4, "epsilon": 0.2, "gamma": 0.02, "slack": 0.5, "weight": 0.8}
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    from lrmerge_hub.synth import make_family
+
+    root = tmp_path_factory.mktemp("family")
+    return make_family(root / "models", dtype="bfloat16", shard_bytes=60_000, extend_language_vocab=8)
+
+
+def e2e_recipe(method, folder, seed=3, output="merged"):
+    m = METHODS[method]
+    roles = ["language"] if method in ONE_MODEL else ["language", "task"]
+    models = [{"model": f"./models/{r}", "role": r,
+               **{k: v for k, v in E2E_MODEL_PARAMS.items() if k in m.model_params}} for r in roles]
+    data = {"method": method, "models": models, "output": f"./{output}"}
+    if m.takes_base:
+        data["base"] = "./models/base"
+    if m.random:
+        data["parameters"] = {"seed": seed}
+    return parse_recipe(data, folder)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(bf16_family, method):
+    from lrmerge_hub.card import build_card
+    from lrmerge_hub.merge.engine import local_sources, merge
+    from test_engine import load_all
+
+    folder = bf16_family["base"].parent.parent
+    recipe = e2e_recipe(method, folder, output=f"merged-{method}")
+    report = merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False,
+                   shard_size=150_000, overwrite=True)
+    out = load_all(recipe.output)
+    src = {r: load_all(p) for r, p in bf16_family.items()}
+    m = METHODS[method]
+    roles = [e.role for e in recipe.models]
+    assert len(list(recipe.output.glob("*.safetensors"))) > 1
+    for name, merged in out.items():
+        assert merged.dtype == torch.bfloat16
+        rows = src["base"][name].shape[0]
+        inputs = [src[r][name][:rows].float() for r in roles]
+        base = src["base"][name].float() if m.takes_base else None
+        named = {"tensor_name": name} if m.random else {}
+        expected, _ = m.fn(base, inputs, [e.params for e in recipe.models], recipe.parameters, **named)
+        torch.testing.assert_close(merged[:rows].float(), expected.to(torch.bfloat16).float(),
+                                   rtol=1e-2, atol=1e-2)
+        if merged.shape[0] > rows:  # the extended vocabulary's rows come from the language model
+            assert torch.equal(merged[rows:], src["language"][name][rows:])
+    assert ("model.embed_tokens.weight" in out) and out["model.embed_tokens.weight"].shape[0] == 392
+    assert report["method"] == method and report["parameters"] == recipe.parameters
+    retention = [e["retention"] for e in report["models"]]
+    assert all(r is not None and 0 < r["agreed"] <= r["kept"] for r in retention) == m.reports_retention
+    card = build_card(recipe.output).text  # names the method, its papers and parameters
+    assert f"with {m.title}" in card and all(url in card for _, url in m.papers)
+    assert m.doc in card or method in ("ties", "slack_ties", "task_arithmetic")
+    if m.random:
+        assert "`seed=3`" in card
+    if m.random:  # the same bits again, and other bits from another seed
+        again = e2e_recipe(method, folder, output=f"again-{method}")
+        merge(again, local_sources(again), again.output, device="cpu", progress=False, overwrite=True)
+        assert all(torch.equal(v, load_all(again.output)[k]) for k, v in out.items())
+        other = e2e_recipe(method, folder, seed=4, output=f"other-{method}")
+        merge(other, local_sources(other), other.output, device="cpu", progress=False, overwrite=True)
+        assert not torch.equal(out["model.layers.0.mlp.up_proj.weight"],
+                               load_all(other.output)["model.layers.0.mlp.up_proj.weight"])
+        assert json.loads((recipe.output / "merge_report.json").read_text())["parameters"]["seed"] == 3
