@@ -527,3 +527,31 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
         assert not torch.equal(out["model.layers.0.mlp.up_proj.weight"],
                                load_all(other.output)["model.layers.0.mlp.up_proj.weight"])
         assert json.loads((recipe.output / "merge_report.json").read_text())["parameters"]["seed"] == 3
+
+
+def test_sweep_grids_any_declared_parameter(tmp_path):
+    from lrmerge_hub.sweep import apply_point, grid_points, parse_grid
+
+    r = parse_recipe(recipe("della", model_extra={"density": 0.5}), tmp_path)
+    variants = [apply_point(r, p) for p in grid_points(parse_grid(["epsilon=0.1,0.2", "seed=1,2"]))]
+    assert [(v.models[1].params["epsilon"], v.parameters["seed"]) for v in variants] == [
+        (0.1, 1), (0.1, 2), (0.2, 1), (0.2, 2)]
+    with pytest.raises(RecipeError, match="models.0..epsilon: density - epsilon"):
+        apply_point(r, {"epsilon": 0.5})  # the method's cross-parameter check runs too
+    with pytest.raises(RecipeError, match="not a parameter of della"):
+        apply_point(r, {"gamma": 0.1})
+    t = apply_point(parse_recipe(recipe("slerp", models=1), tmp_path), {"t": 0.25})
+    assert t.parameters == {"t": 0.25}
+
+
+def test_cli_contract_error_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from lrmerge_hub.cli import main
+
+    (tmp_path / "recipe.yaml").write_text("method: slerp\nbase: org/base\nmodels: [org/a, org/b]\noutput: ./merged\n")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "recipe.yaml")])
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1
+    assert lines[0] == "Error: models: method 'slerp' takes exactly one model besides the base (got 2)"
+    assert not (tmp_path / "merged").exists()

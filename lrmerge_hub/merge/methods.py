@@ -1,12 +1,16 @@
 """Merge methods as pure tensor functions, and the registry that declares their parameters.
 
-Spec: shared/reference/slack-ties.md. A method sees one tensor name at a time: the base
-tensor (float32, or None when the method needs no base) and one float32 tensor per
-non-base model, all of the same shape and on the same device. It returns the merged
-float32 tensor and, for methods that trim and elect, per-model counts for the report.
+Spec: shared/reference/slack-ties.md (ties, slack_ties) and methods.md beside this file
+(mergekit's other methods, the slack on every election, the seeded draws). A method sees
+one tensor name at a time: the base tensor (float32, or None when the recipe has no base)
+and one float32 tensor per non-base model, all of the same shape and on the same device;
+random methods also get `tensor_name=`. It returns the merged float32 tensor and, for
+methods that elect signs, per-model counts for the report.
 
 Adding a method touches this file only: write the function and decorate it with
-`@merge_method(...)`, declaring its per-model and global parameters.
+`@merge_method(...)`, declaring its per-model and global parameters and its contract (base
+taken or required, how many models, random or not, title and papers for the card). The
+math of the longer methods lives in sparsify.py and geometric.py, imported when they run.
 
 torch is imported inside the functions that compute: validating a recipe needs only the
 registry, and a CPU ties merge runs the fused kernels (kernels.py) without torch, whose
