@@ -555,3 +555,17 @@ def test_cli_contract_error_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2 and len(lines) == 1
     assert lines[0] == "Error: models: method 'slerp' takes exactly one model besides the base (got 2)"
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("n", [1000, 300_000])  # below and above the kernels' sampling size
+def test_top_k_mask_is_the_stable_order_with_ties(n):
+    from lrmerge_hub.merge.methods import top_k_mask
+
+    rng = np.random.default_rng(n)
+    mag = np.abs(np.round(rng.standard_normal(n) * 8) / 8).astype(np.float32)  # heavily tied
+    order = np.argsort(-mag, kind="stable")
+    for k in (1, n // 10, n // 2, n - 1):
+        expected = np.zeros(n, bool)
+        expected[order[:k]] = True
+        for radix in (True, False):  # the kernels' radix select and torch's kthvalue
+            np.testing.assert_array_equal(top_k_mask(torch.from_numpy(mag), k, radix).numpy(), expected)

@@ -594,3 +594,18 @@ def _ties_fast_path(base: np.ndarray, tensors: list[np.ndarray], model_params: l
 # the engine uses these on CPU instead of the reference in methods.METHODS.
 # ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
 FAST_PATHS: dict[str, Callable] = {"ties": _ties_fast_path, "slack_ties": _ties_fast_path}
+
+
+def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
+    """The selection of the fused TIES kernels for any flat non-negative float32 array (the
+    magnitude cuts of Breadcrumbs and SCE): (threshold, tie index limit) such that the k
+    largest are the entries above the threshold and those equal to it at indices below the
+    limit (equal magnitudes in index order, as the trim keeps them). 0 < k < size."""
+    n = magnitudes.shape[0]
+    zeros = np.zeros(n, dtype=np.float32)  # the kernels select |x - base|: base 0
+    if n < MIN_FAST_NUMEL:
+        every = np.arange(n)
+        t, limit = _select_among(_gather_bits(magnitudes, zeros, every), every, k, n)
+    else:
+        t, limit = _exact_select(magnitudes, zeros, k)
+    return float(_magnitudes(t)), int(limit)
