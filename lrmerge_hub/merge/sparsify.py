@@ -44,8 +44,13 @@ def random_keep(delta: torch.Tensor, density: float, key: np.uint64) -> torch.Te
     """DARE: keep each entry with probability `density` (all when density >= 1)."""
     if density >= 1:
         return delta
-    keep = torch.from_numpy(keep_mask(key, float(density), delta.numel())).to(delta.device)
-    return torch.where(keep, delta.reshape(-1), 0.0).reshape(delta.shape)
+    return _masked(delta, keep_mask(key, float(density), delta.numel()))
+
+
+def _masked(delta: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """delta with the entries where the flat CPU mask `keep` is False set to 0."""
+    keep_t = torch.from_numpy(keep).to(delta.device)
+    return torch.where(keep_t, delta.reshape(-1), 0.0).reshape(delta.shape)
 
 
 def ascending_ranks(magnitudes: np.ndarray) -> np.ndarray:
@@ -78,9 +83,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, key: np.uint64
     """DELLA's MagPrune: keep each entry with its rank's probability (all when density >= 1)."""
     if density >= 1:
         return delta
-    keep = keep_mask(key, magprune_probabilities(delta, density, epsilon), delta.numel())
-    keep_t = torch.from_numpy(keep).to(delta.device)
-    return torch.where(keep_t, delta.reshape(-1), 0.0).reshape(delta.shape)
+    return _masked(delta, keep_mask(key, magprune_probabilities(delta, density, epsilon), delta.numel()))
 
 
 def variance_top(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
