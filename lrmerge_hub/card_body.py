@@ -19,6 +19,7 @@ from .card_inputs import CardInputs, SourceInfo, languages_of, recipe_license, r
 from .card_rules import HUB_ID_PART, is_repo_id, language_name
 from .errors import shown
 from .eval_results import MERGED, Score
+from .merge.methods import METHODS, PAPERS
 
 # Characters that can start Markdown syntax inside a line: emphasis, code, links and images
 # (no `[`, so `(`, `)` and `!` stay plain), HTML, entities, strikethrough, table cells; `_` only
@@ -73,18 +74,14 @@ def fence_for(*blocks: str) -> str:
     return "`" * max(3, longest + 1)
 
 HUB = "https://huggingface.co"
-METHOD_NAMES = {"slack_ties": "slack-TIES", "ties": "TIES", "task_arithmetic": "Task Arithmetic",
-                "linear": "Linear (weighted average)"}
-PAPERS = {
-    "lowres": ("Tao et al. 2024, Unlocking the Potential of Model Merging for Low-Resource Languages",
-               "https://arxiv.org/abs/2407.03994"),
-    "ties": ("Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
-             "https://arxiv.org/abs/2306.01708"),
-    "task_arithmetic": ("Ilharco et al. 2023, Editing Models with Task Arithmetic",
-                        "https://arxiv.org/abs/2212.04089"),
-}
-METHOD_PAPERS = {"slack_ties": ("ties", "lowres"), "ties": ("ties", "lowres"),
-                 "task_arithmetic": ("task_arithmetic", "lowres"), "linear": ("lowres",)}
+LOW_RESOURCE_PAPER = PAPERS["lowres"]
+
+
+def method_papers(method: str) -> list[tuple[str, str]]:
+    """The method's papers from the registry, then Tao et al. (the idea of the project)."""
+    known = METHODS.get(method)
+    papers = list(known.papers) if known else []
+    return papers + ([LOW_RESOURCE_PAPER] if LOW_RESOURCE_PAPER not in papers else [])
 
 
 def _join(words: list[str], last: str = "and") -> str:
@@ -258,8 +255,9 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "merged_count": len(roles["language"]) + len(roles["task"]),
         "size": _size(_mapping(report, "stats").get("parameters")),
         "method": method,
-        "method_name": md_text(METHOD_NAMES.get(method, method)),
-        "papers": [PAPERS[p] for p in METHOD_PAPERS.get(method, ("lowres",))],
+        "method_name": md_text(METHODS[method].title if method in METHODS else method),
+        "method_summary": md_text(METHODS[method].doc) if method in METHODS else "",
+        "papers": method_papers(method),
         "parameters": [code_span(f"{k}={_value(v)}") for k, v in _mapping(report, "parameters").items()],
         "base": roles["base"],
         "base_text": listed("base"),

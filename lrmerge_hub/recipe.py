@@ -328,6 +328,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         for name, p in method.global_params.items()
     }
     check_normalize(method_name, models, parameters)
+    problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
+    if problem:
+        raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):

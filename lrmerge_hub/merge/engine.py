@@ -35,7 +35,7 @@ try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works 
     from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
-from .methods import MergeMethod, get_method
+from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
 
@@ -200,7 +200,8 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
     row = math.prod(job.out_shape[1:])
     shared = job.shared_rows * row if job.shared_rows is not None else None  # entries merged
     labels = [BASE] + [k for k in keys if k != BASE]
-    fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
+    # the kernels cover ties/slack_ties without mergekit's L1 rescale
+    fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys and not params.get("rescale") else None
     kept = agreed = None
     float32_finite = True  # whether the float32 result was finite (else only the cast overflowed)
     if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
@@ -220,7 +221,12 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         sliced = {k: (t[:job.shared_rows] if job.shared_rows is not None else t) for k, t in raw.items()}
         base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
         models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
-        result, stats = method.fn(base, models, model_params, params)
+        # random methods draw from (seed, tensor name, entry index): the same bits anywhere
+        named = {"tensor_name": job.name} if method.random else {}
+        try:
+            result, stats = method.fn(base, models, model_params, params, **named)
+        except DegenerateInput as e:
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         if stats is not None:
             kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
         float32_finite = bool(result.isfinite().all())

@@ -598,22 +598,35 @@ def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarra
     return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)]
 
 
-def _fast_path(slack: bool) -> Callable:
-    def run(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
-            params: dict[str, Any], out_bf16: bool = False,
-            check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
-        return fused_ties(
-            base, tensors,
-            [float(p["weight"]) for p in model_params],
-            [float(p["density"]) for p in model_params],
-            [float(p.get("slack", 0.0)) if slack else 0.0 for p in model_params],
-            float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
-        )
-
-    return run
+def _ties_fast_path(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
+                    params: dict[str, Any], out_bf16: bool = False,
+                    check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
+    return fused_ties(
+        base, tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
+    )
 
 
 # method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed);
 # the engine uses these on CPU instead of the reference in methods.METHODS.
-FAST_PATHS: dict[str, Callable] = {"ties": _fast_path(False), "slack_ties": _fast_path(True)}
+# ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
+FAST_PATHS: dict[str, Callable] = {"ties": _ties_fast_path, "slack_ties": _ties_fast_path}
+
+
+def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
+    """The selection of the fused TIES kernels for any flat non-negative float32 array (the
+    magnitude cuts of Breadcrumbs and SCE): (threshold, tie index limit) such that the k
+    largest are the entries above the threshold and those equal to it at indices below the
+    limit (equal magnitudes in index order, as the trim keeps them). 0 < k < size."""
+    n = magnitudes.shape[0]
+    zeros = np.zeros(n, dtype=np.float32)  # the kernels select |x - base|: base 0
+    if n < MIN_FAST_NUMEL:
+        every = np.arange(n)
+        t, limit = _select_among(_gather_bits(magnitudes, zeros, every), every, k, n)
+    else:
+        t, limit = _exact_select(magnitudes, zeros, k)
+    return float(_magnitudes(t)), int(limit)
