@@ -22,6 +22,10 @@ class IncompatibleModelsError(LrmergeError):
     """Source models differ in architecture, tensor names or shapes."""
 
 
+class DeviceError(LrmergeError):
+    """The compute device cannot run the merge: no GPU, or too little GPU memory."""
+
+
 class OutputError(LrmergeError):
     """The output path exists (without --overwrite) or lies inside an input folder."""
 

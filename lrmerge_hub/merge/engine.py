@@ -24,8 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import InputModelError, OutputError
+from ..errors import DeviceError, InputModelError, OutputError
 from ..recipe import Recipe
+from ..settings import default_engine
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
     from .kernels import FAST_PATHS, NonFiniteInput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
@@ -36,6 +37,8 @@ from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+    from .torch_engine import TorchEngine
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,13 +61,41 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Input bytes per second and core that the CPU kernels merge (ties, bf16, inputs in the page
+# cache; bench/merge_bench.py --engine-rate measures it): about 0.85 GB/s on this project's
+# 2-core machines. The torch engine on a GPU is bound by the host-to-device copy instead.
+KERNEL_BYTES_PER_CORE_S = 0.85e9
+
+
+def gpu_is_faster() -> bool:
+    """The measured rule behind --device auto: the GPU wins when the host-to-device link
+    moves bytes faster than every core running the kernels consumes them (a box with many
+    cores and a slow PCIe link keeps the CPU)."""
+    from .torch_engine import host_to_device_rate
+
+    return host_to_device_rate("cuda") > (os.cpu_count() or 1) * KERNEL_BYTES_PER_CORE_S
+
+
 def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
+    """'auto' picks CUDA when a GPU is visible and faster than the CPU kernels (see
+    gpu_is_faster), else CPU; 'cuda' without a GPU is an error."""
     if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
+        return "cuda" if cuda_available() and gpu_is_faster() else "cpu"
     if device == "cuda" and not cuda_available():
         raise InputModelError("device: cuda was asked for but no GPU is visible (use --device cpu or auto)")
     return device
+
+
+ENGINES = ("auto", "kernels", "torch")
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """'auto' is the numba kernels on a CPU and the torch engine on a GPU."""
+    if engine == "auto":
+        return "kernels" if device == "cpu" else "torch"
+    if engine == "kernels" and device != "cpu":
+        raise InputModelError(f"engine: the kernels run on the CPU only; use --engine torch with --device {device}")
+    return engine
 
 
 def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool) -> None:
@@ -113,19 +144,66 @@ def to_compute(t: torch.Tensor, device: str, name: str, label: str) -> torch.Ten
     return x
 
 
+def input_labels(keys: list[str]) -> list[str]:
+    """The inputs of a merged tensor in the order methods take them: the base (when the
+    recipe has one), then the models."""
+    return ([BASE] if BASE in keys else []) + [k for k in keys if k != BASE]
+
+
+def shared_entries(job: TensorJob) -> int | None:
+    """How many leading entries every model has (None: all of them)."""
+    return job.shared_rows * math.prod(job.out_shape[1:]) if job.shared_rows is not None else None
+
+
+def merge_inputs(job: TensorJob, readers: dict[str, SafetensorsModel], keys: list[str]) -> list[np.ndarray]:
+    """Flat zero-copy views of a merged tensor's shared entries in every input."""
+    shared = shared_entries(job)
+    return [readers[k].array(job.name)[:shared] for k in input_labels(keys)]
+
+
+def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+                     keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
+                     compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None]:
+    """One tensor on the torch engine's device: (flat output, kept, agreed)."""
+    from .torch_engine import TORCH_METHODS
+
+    labels = input_labels(keys)
+    inputs = compute.take(job.name, merge_inputs(job, readers, keys))
+    for label, x in zip(labels, inputs):
+        if not bool(x.isfinite().all()):
+            raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
+    base = inputs[0] if BASE in keys else None
+    models = inputs[1:] if BASE in keys else inputs
+    fn = TORCH_METHODS.get(method.name)
+    if fn is not None:
+        merged, kept, agreed = fn(base, models, model_params, params)
+    else:  # the reference function, already torch: on the tensor's shape, on the device
+        rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
+        shape = (rows, *job.out_shape[1:]) if rows is not None else ()
+        merged, stats = method.fn(base.view(shape) if base is not None else None,
+                                  [m.view(shape) for m in models], model_params, params)
+        kept = stats.kept.tolist() if stats is not None else None
+        agreed = stats.agreed.tolist() if stats is not None else None
+    return compute.to_host(merged, job.out_dtype), kept, agreed
+
+
 def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
-                 device: str, retention: RetentionCounter | None) -> np.ndarray:
+                 device: str, retention: RetentionCounter | None,
+                 compute: TorchEngine | None = None) -> np.ndarray:
     """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
-    bits): the rows every model shares are merged, extra vocabulary rows are copied."""
-    row = math.prod(job.out_shape[1:])
-    shared = job.shared_rows * row if job.shared_rows is not None else None  # entries merged
-    labels = [BASE] + [k for k in keys if k != BASE]
-    fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
+    bits): the rows every model shares are merged, extra vocabulary rows are copied.
+    With `compute`, the torch engine merges on its device; else the CPU kernels where the
+    method has them, and the reference functions otherwise."""
+    shared = shared_entries(job)
+    labels = input_labels(keys)
+    fast = FAST_PATHS.get(method.name) if compute is None and device == "cpu" and BASE in keys else None
     kept = agreed = None
-    if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        inputs = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
-                                     [readers[k].tensors[job.name].spec.dtype for k in labels])
+    if compute is not None:
+        merged, kept, agreed = merge_with_torch(job, method, readers, keys, model_params, params, compute)
+    elif fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
+        inputs = kernel_inputs(merge_inputs(job, readers, keys),
+                               [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
             merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
                                         out_bf16=job.out_dtype == "BF16", check_finite=True)
@@ -221,6 +299,7 @@ def merge(
     out_dir: Path,
     *,
     device: str = "auto",
+    engine: str | None = None,
     shard_size: int = 5 * 1000**3,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -230,7 +309,9 @@ def merge(
     """Merge the recipe's models into `out_dir` and return the merge report.
 
     `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
-    With dry_run, every input is checked and the plan returned; nothing is written.
+    `engine` is 'kernels' (CPU), 'torch' (any device) or 'auto' (kernels on a CPU, torch
+    on a GPU; the default, or LRMERGE_ENGINE); both write the same bits. With dry_run, every input is checked and the plan
+    returned; nothing is written.
     `on_tensor` is called after each tensor is written (tests inject failures with it).
     """
     started = time.perf_counter()
@@ -243,7 +324,9 @@ def merge(
         return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
 
     dev = resolve_device(device)
+    engine = resolve_engine(engine or default_engine(), dev)
     keys = model_keys(recipe)
+    compute = open_torch_engine(plan, dev, len(recipe.models)) if engine == "torch" else None
     model_params = [m.params for m in recipe.models]
     retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -265,11 +348,14 @@ def merge(
                 for k in read_by[index]:
                     readers[k].populate(job.name)
                 if index + 1 < len(plan.jobs):
+                    following = plan.jobs[index + 1]
                     for k in read_by[index + 1]:
-                        readers[k].prefetch(plan.jobs[index + 1].name)
+                        readers[k].prefetch(following.name)
+                    if compute is not None and following.merge:  # its copy overlaps this merge
+                        compute.stage(following.name, merge_inputs(following, readers, keys))
                 if job.merge:
                     out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                       dev, retention)
+                                       dev, retention, compute)
                 else:
                     out = readers[plan.reference].array(job.name)
                 if pending is not None:
@@ -287,6 +373,9 @@ def merge(
         writer.close()
         copy_side_files(plan, recipe, readers, tmp)
         report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
+        report["stats"]["engine"] = engine
+        if compute is not None and compute.peak_bytes() is not None:
+            report["stats"]["peak_device_bytes"] = compute.peak_bytes()
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         install_atomically(tmp, out_dir)
@@ -298,9 +387,27 @@ def merge(
         raise
     finally:
         pool.shutdown(wait=True)
+        if compute is not None:
+            compute.close()
         for r in readers.values():
             r.close()
     return report
+
+
+def open_torch_engine(plan: MergePlan, device: str, models: int) -> TorchEngine:
+    """The torch engine on `device`, once the largest merged tensor is known to fit there
+    (a one-line error before any output is written otherwise)."""
+    from .torch_engine import TorchEngine, device_budget, device_bytes_needed
+
+    merged = [j for j in plan.jobs if j.merge]
+    if merged:
+        largest = max(merged, key=lambda j: math.prod(j.out_shape))
+        need = device_bytes_needed(math.prod(largest.out_shape), models)
+        free = device_budget(device)
+        if free is not None and need > free:
+            raise DeviceError(f"device: merging tensor {largest.name} needs about {need / 1e9:.1f} GB on {device} "
+                              f"but {free / 1e9:.1f} GB are free; use --device cpu or free GPU memory")
+    return TorchEngine(device)
 
 
 def install_atomically(tmp: Path, out_dir: Path) -> None:

@@ -1,0 +1,184 @@
+"""The torch engine writes the same bits as the CPU kernels (issue 13), proven on the CPU.
+
+The torch engine is what runs on a GPU; here it runs on the CPU through the same code, so
+every comparison below is the one a GPU box and a laptop would make of their outputs.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrmerge_hub.merge.kernels import FAST_PATHS
+from lrmerge_hub.merge.methods import METHODS
+from lrmerge_hub.merge.torch_engine import TORCH_METHODS, TorchEngine, device_tensor, select_threshold
+
+from test_engine import load_all
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def inputs(n: int, kind: str, seed: int, models: int = 3) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A base and model inputs: float32 noise, bfloat16 noise (few distinct deltas), or
+    deltas on a coarse grid so that thousands of entries share each magnitude."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        xs = [base + np.float32(0.01) * rng.integers(-3, 4, n).astype(np.float32) for _ in range(models)]
+    else:
+        xs = [base + np.float32(0.01) * rng.standard_normal(n).astype(np.float32) for _ in range(models)]
+    if kind == "bf16":
+        return bf16_bits(base), [bf16_bits(x) for x in xs]
+    return base, xs
+
+
+MODEL_PARAMS = [dict(weight=1.0, density=0.2, slack=0.0), dict(weight=0.7, density=0.5, slack=0.5),
+                dict(weight=1.3, density=1.0, slack=2.0)]
+
+
+def run_torch(method, base, xs, model_params, params, out_bf16):
+    tensors = [device_tensor(a, "cpu") for a in [base, *xs]]
+    merged, kept, agreed = TORCH_METHODS[method](tensors[0], tensors[1:], model_params, params)
+    out = merged.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if out_bf16 else merged.numpy()
+    return out, kept, agreed
+
+
+# 5_000 entries select exactly from all of them in the kernels; 300_000 take the sampled
+# bracket; the "ties" inputs put the threshold inside a run of thousands of equal magnitudes
+@pytest.mark.parametrize("n", [5_000, 300_000])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "ties"])
+@pytest.mark.parametrize("method", ["ties", "slack_ties"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_torch_ties_equals_the_kernels_bit_for_bit(n, kind, method, normalize):
+    base, xs = inputs(n, kind, seed=n + len(kind))
+    params = {"lambda": 0.9, "normalize": normalize}
+    want, want_kept, want_agreed = FAST_PATHS[method](base, xs, MODEL_PARAMS, params, out_bf16=kind == "bf16")
+    got, kept, agreed = run_torch(method, base, xs, MODEL_PARAMS, params, out_bf16=kind == "bf16")
+    assert got.dtype == want.dtype
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert (kept, agreed) == (want_kept, want_agreed)
+
+
+def test_threshold_selection_is_exact_and_keeps_the_first_ties():
+    # 1000 entries share the largest magnitude: keeping 10 keeps the first 10 of them
+    bits = torch.zeros(5000, dtype=torch.int32)
+    bits[::5] = 7
+    t, limit = select_threshold(bits, 10)
+    assert t == 7
+    kept = (bits > t) | ((bits == t) & (torch.arange(5000) < limit))
+    assert kept.nonzero().view(-1).tolist() == list(range(0, 50, 5))
+    # distinct values: the k-th largest, all ties (none) kept
+    values = torch.randperm(70_000, generator=torch.Generator().manual_seed(1)).to(torch.int32) * 977
+    t, limit = select_threshold(values, 123)
+    assert t == int(torch.sort(values, descending=True).values[122]) and limit == 70_000
+
+
+RECIPES = {
+    "linear": "method: linear\nmodels:\n  - {{model: {m}/language, weight: 0.6}}\n  - {{model: {m}/task, weight: 0.4}}\n",
+    "task_arithmetic": "method: task_arithmetic\nbase: {m}/base\nmodels:\n"
+                       "  - {{model: {m}/language, role: language, weight: 0.7}}\n"
+                       "  - {{model: {m}/task, role: task, weight: 0.5}}\nparameters: {{lambda: 0.9}}\n",
+    "ties": "method: ties\nbase: {m}/base\nmodels:\n"
+            "  - {{model: {m}/language, role: language, density: 0.2}}\n"
+            "  - {{model: {m}/task, role: task, weight: 0.8, density: 0.3}}\n",
+    "slack_ties": "method: slack_ties\nbase: {m}/base\nmodels:\n"
+                  "  - {{model: {m}/language, role: language, density: 0.2}}\n"
+                  "  - {{model: {m}/task, role: task, weight: 0.8, density: 0.3, slack: 0.5}}\n",
+}
+
+
+def test_every_method_has_an_engine_comparison():
+    assert set(RECIPES) == set(METHODS), "add a recipe here for every registered method"
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    """Sharded bfloat16 checkpoints with an extended vocabulary, tensors up to 2^18 entries
+    (the kernels' sampled selection path)."""
+    from lrmerge_hub.synth import make_family
+
+    root = tmp_path_factory.mktemp("torch-engine") / "models"
+    make_family(root, hidden=512, intermediate=512, layers=1, heads=8, dtype="bfloat16",
+                shard_bytes=1_000_000, extend_language_vocab=8)
+    return root
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_cli_engines_write_identical_models(bf16_family, tmp_path, method):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPES[method].format(m=bf16_family) + "languages: [bo]\nlicense: mit\n")
+    outputs = {}
+    for engine in ("kernels", "torch"):
+        out = tmp_path / engine
+        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(out),
+                               "--device", "cpu", "--engine", engine, "--shard-size", "700KB"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert f"with the {engine} engine" in done.stdout
+        outputs[engine] = out
+    kernels, torch_out = (load_all(outputs[e]) for e in ("kernels", "torch"))
+    assert set(kernels) == set(torch_out) and len(kernels) > 5
+    for name, t in kernels.items():
+        assert t.dtype == torch_out[name].dtype == torch.bfloat16
+        assert torch.equal(t.view(torch.int16), torch_out[name].view(torch.int16)), name
+    reports = [json.loads((outputs[e] / "merge_report.json").read_text()) for e in ("kernels", "torch")]
+    assert [m["retention"] for m in reports[0]["models"]] == [m["retention"] for m in reports[1]["models"]]
+    assert [r["stats"]["engine"] for r in reports] == ["kernels", "torch"]
+
+
+def test_staged_inputs_are_the_inputs():
+    engine = TorchEngine("cpu")
+    try:
+        a = bf16_bits(np.linspace(-3, 3, 1000, dtype=np.float32))
+        b = np.linspace(0, 1, 1000, dtype=np.float32)
+        engine.stage("x", [a, b])
+        got = engine.take("x", [a, b])
+        assert torch.equal(got[0], torch.from_numpy(a.astype(np.uint32) << 16).view(torch.float32))
+        assert torch.equal(got[1], torch.from_numpy(b))
+    finally:
+        engine.close()
+
+
+def test_kernels_engine_on_a_gpu_is_a_one_line_error(bf16_family, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPES["ties"].format(m=bf16_family) + "languages: [bo]\nlicense: mit\n")
+    from lrmerge_hub.errors import InputModelError
+    from lrmerge_hub.merge.engine import resolve_engine
+
+    with pytest.raises(InputModelError, match="kernels run on the CPU only"):
+        resolve_engine("kernels", "cuda")
+    assert resolve_engine("auto", "cpu") == "kernels" and resolve_engine("auto", "cuda") == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("kind", ["bf16", "ties"])
+def test_cuda_equals_the_kernels(kind):
+    base, xs = inputs(3_000_000, kind, seed=3)
+    params = {"lambda": 1.0, "normalize": True}
+    want = FAST_PATHS["slack_ties"](base, xs, MODEL_PARAMS, params, out_bf16=kind == "bf16")
+    tensors = [device_tensor(a, "cuda") for a in [base, *xs]]
+    merged, kept, agreed = TORCH_METHODS["slack_ties"](tensors[0], tensors[1:], MODEL_PARAMS, params)
+    merged = merged.cpu()
+    got = merged.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if kind == "bf16" else merged.numpy()
+    assert np.array_equal(got.view(np.uint8), want[0].view(np.uint8))
+    assert (kept, agreed) == (want[1], want[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_cuda_cli_merge_equals_the_cpu_kernels(bf16_family, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPES["slack_ties"].format(m=bf16_family) + "languages: [bo]\nlicense: mit\n")
+    for device, engine in (("cpu", "kernels"), ("cuda", "torch")):
+        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out",
+                               str(tmp_path / device), "--device", device, "--engine", engine],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    cpu, gpu = load_all(tmp_path / "cpu"), load_all(tmp_path / "cuda")
+    for name in cpu:
+        assert torch.equal(cpu[name].view(torch.int16), gpu[name].view(torch.int16)), name
