@@ -61,10 +61,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# Input bytes per second and core that the CPU kernels merge (ties, bf16, inputs in the page
-# cache; bench/merge_bench.py --engine-rate measures it): about 0.85 GB/s on this project's
-# 2-core machines. The torch engine on a GPU is bound by the host-to-device copy instead.
-KERNEL_BYTES_PER_CORE_S = 0.85e9
+# Input bytes per CPU-second that a whole CPU merge (kernels, reads and writes) gets through,
+# measured by bench/merge_bench.py: 8.19 GB of bf16 inputs in 17.2 CPU-seconds at 1.36B
+# (bench/results-1.4b.json), 0.48 GB/s per core. The torch engine on a GPU is bound instead
+# by the host-to-device copy of the same bytes.
+KERNEL_BYTES_PER_CORE_S = 0.48e9
 
 
 def gpu_is_faster() -> bool:
