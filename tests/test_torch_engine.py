@@ -145,15 +145,22 @@ def test_staged_inputs_are_the_inputs():
         engine.close()
 
 
-def test_kernels_engine_on_a_gpu_is_a_one_line_error(bf16_family, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPES["ties"].format(m=bf16_family) + "languages: [bo]\nlicense: mit\n")
+def test_kernels_engine_on_a_gpu_is_a_one_line_error():
     from lrmerge_hub.errors import InputModelError
     from lrmerge_hub.merge.engine import resolve_engine
 
     with pytest.raises(InputModelError, match="kernels run on the CPU only"):
         resolve_engine("kernels", "cuda")
     assert resolve_engine("auto", "cpu") == "kernels" and resolve_engine("auto", "cuda") == "torch"
+
+
+def test_device_auto_follows_the_measured_rule():
+    from lrmerge_hub.merge.engine import KERNEL_BYTES_PER_CORE_S, auto_device
+
+    assert auto_device(None, 2) == "cpu"  # no GPU
+    assert auto_device(25e9, 16) == "cuda"  # PCIe 4 x16 against 16 cores
+    assert auto_device(3e9, 128) == "cpu"  # a slow link against many cores
+    assert auto_device(KERNEL_BYTES_PER_CORE_S * 8, 8) == "cpu"  # a tie keeps the CPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")

@@ -68,20 +68,25 @@ def cuda_available() -> bool:
 KERNEL_BYTES_PER_CORE_S = 0.48e9
 
 
-def gpu_is_faster() -> bool:
-    """The measured rule behind --device auto: the GPU wins when the host-to-device link
-    moves bytes faster than every core running the kernels consumes them (a box with many
-    cores and a slow PCIe link keeps the CPU)."""
-    from .torch_engine import host_to_device_rate
-
-    return host_to_device_rate("cuda") > (os.cpu_count() or 1) * KERNEL_BYTES_PER_CORE_S
+def auto_device(host_to_device_rate: float | None, cores: int) -> str:
+    """The measured rule behind --device auto: the GPU wins when its host-to-device link
+    (bytes/s, None without a GPU) moves bytes faster than all the cores running the kernels
+    get through them; a box with many cores and a slow PCIe link keeps the CPU."""
+    if host_to_device_rate is not None and host_to_device_rate > cores * KERNEL_BYTES_PER_CORE_S:
+        return "cuda"
+    return "cpu"
 
 
 def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when a GPU is visible and faster than the CPU kernels (see
-    gpu_is_faster), else CPU; 'cuda' without a GPU is an error."""
+    """'auto' decides by auto_device (measuring the link when a GPU is visible), else the
+    device asked for; 'cuda' without a GPU is an error."""
     if device == "auto":
-        return "cuda" if cuda_available() and gpu_is_faster() else "cpu"
+        rate = None
+        if cuda_available():
+            from .torch_engine import host_to_device_rate
+
+            rate = host_to_device_rate("cuda")
+        return auto_device(rate, os.cpu_count() or 1)
     if device == "cuda" and not cuda_available():
         raise InputModelError("device: cuda was asked for but no GPU is visible (use --device cpu or auto)")
     return device
