@@ -7,7 +7,6 @@ every comparison below is the one a GPU box and a laptop would make of their out
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

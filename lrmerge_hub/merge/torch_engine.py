@@ -23,6 +23,7 @@ so the engine calls either one the same way.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,14 +35,6 @@ if TYPE_CHECKING:
     import torch
 
 BINS = 1 << 16
-
-
-class NonFiniteTorchInput(ValueError):
-    """An input holds NaN or Inf; `which` is -1 for the base, else the model's index."""
-
-    def __init__(self, which: int):
-        super().__init__(f"input {which} contains NaN or Inf")
-        self.which = which
 
 
 def to_float32(a: torch.Tensor) -> torch.Tensor:
@@ -90,7 +83,6 @@ def select_threshold(bits: torch.Tensor, k: int) -> tuple[int, int]:
 
 def trim_mask(delta: torch.Tensor, k: int) -> torch.Tensor | None:
     """Which entries of a flat float32 delta the trim keeps (None: all of them)."""
-    import torch
 
     n = delta.numel()
     if k >= n:
@@ -156,20 +148,19 @@ def ties_merge(
     return base + scalar(lam) * merged, kept, agreed
 
 
-def _check_finite(inputs: list[torch.Tensor]) -> None:
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy torch view of a flat numpy array, read-only ones (memory-mapped shards)
+    included: nothing here writes to it."""
     import torch
 
-    for i, x in enumerate(inputs):
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteTorchInput(i - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the array is not writable
+        return torch.from_numpy(a)
 
 
 def device_tensor(a: np.ndarray, device: str) -> torch.Tensor:
     """A flat numpy input (bfloat16 as uint16 bits) as a float32 tensor on `device`."""
-    import torch
-
-    t = torch.from_numpy(a.view(np.int16) if a.dtype == np.uint16 else a)
-    return to_float32(t.to(device, non_blocking=True))
+    return to_float32(host_tensor(a.view(np.int16) if a.dtype == np.uint16 else a).to(device, non_blocking=True))
 
 
 def torch_ties(base: torch.Tensor, tensors: list[torch.Tensor], model_params: list[dict[str, Any]],
@@ -244,16 +235,18 @@ class TorchEngine:
             return [device_tensor(a, "cpu") for a in arrays]  # see SMALL_NUMEL
         self._pinned_in = self._pinned(self._pinned_in, sum(a.nbytes for a in arrays))
         out, offset = [], 0
+        # everything on the copy stream, widening included, so that the raw copies are freed
+        # where they were used; the float32 results are handed to the compute stream in take()
         with torch.cuda.stream(self._copy_stream):
             for a in arrays:
                 host = self._pinned_in[offset:offset + a.nbytes]
-                host.copy_(torch.from_numpy(a.view(np.uint8)))  # pages fault in here, ahead of use
-                dev = torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)
-                dev.copy_(host, non_blocking=True)
-                out.append(dev)
+                host.copy_(host_tensor(a.view(np.uint8)))  # pages fault in here, ahead of use
+                raw = torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)
+                raw.copy_(host, non_blocking=True)
+                out.append(to_float32(raw.view(_torch_bits_dtype(a))))
                 offset += a.nbytes
             self._copy_stream.synchronize()  # the pinned buffer is free again for the next tensor
-        return [to_float32(d.view(_torch_bits_dtype(a))) for d, a in zip(out, arrays)]
+        return out
 
     def take(self, key: str, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """The staged float32 inputs of a tensor (staged now if they were not)."""
