@@ -14,7 +14,7 @@ import torch
 
 from lrmerge_hub.merge.kernels import FAST_PATHS
 from lrmerge_hub.merge.methods import METHODS
-from lrmerge_hub.merge.torch_engine import TORCH_METHODS, TorchEngine, device_tensor, select_threshold
+from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, TorchEngine, host_tensor, select_threshold
 
 from test_engine import load_all
 
@@ -41,16 +41,20 @@ MODEL_PARAMS = [dict(weight=1.0, density=0.2, slack=0.0), dict(weight=0.7, densi
                 dict(weight=1.3, density=1.0, slack=2.0)]
 
 
-def run_torch(method, base, xs, model_params, params, out_bf16):
-    tensors = [device_tensor(a, "cpu") for a in [base, *xs]]
-    merged, kept, agreed = TORCH_METHODS[method](tensors[0], tensors[1:], model_params, params)
-    out = merged.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if out_bf16 else merged.numpy()
-    return out, kept, agreed
+def run_torch(method, base, xs, model_params, params, out_bf16, device="cpu"):
+    tensors = [host_tensor(a).to(device) for a in [base, *xs]]
+    out_dtype = torch.bfloat16 if out_bf16 else torch.float32
+    merged, kept, agreed, bad_in, bad_out = TORCH_METHODS[method](tensors[0], tensors[1:], model_params, params,
+                                                                  out_dtype)
+    assert bad_in == [0] * len(tensors) and bad_out == 0
+    merged = merged.cpu()
+    return (merged.view(torch.int16).numpy().view(np.uint16) if out_bf16 else merged.numpy()), kept, agreed
 
 
 # 5_000 entries select exactly from all of them in the kernels; 300_000 take the sampled
-# bracket; the "ties" inputs put the threshold inside a run of thousands of equal magnitudes
-@pytest.mark.parametrize("n", [5_000, 300_000])
+# bracket; CHUNK + 12_345 spans two of the torch engine's chunks; the "ties" inputs put the
+# threshold inside a run of thousands of equal magnitudes
+@pytest.mark.parametrize("n", [5_000, 300_000, CHUNK + 12_345])
 @pytest.mark.parametrize("kind", ["f32", "bf16", "ties"])
 @pytest.mark.parametrize("method", ["ties", "slack_ties"])
 @pytest.mark.parametrize("normalize", [True, False])
@@ -66,16 +70,31 @@ def test_torch_ties_equals_the_kernels_bit_for_bit(n, kind, method, normalize):
 
 def test_threshold_selection_is_exact_and_keeps_the_first_ties():
     # 1000 entries share the largest magnitude: keeping 10 keeps the first 10 of them
-    bits = torch.zeros(5000, dtype=torch.int32)
-    bits[::5] = 7
-    t, limit = select_threshold(bits, 10)
-    assert t == 7
+    base = torch.zeros(5000)
+    x = torch.zeros(5000)
+    x[::5] = 7.0
+    t, limit = select_threshold(x, base, 10)
+    bits = x.abs().view(torch.int32)
+    assert t == int(torch.tensor(7.0).view(torch.int32))
     kept = (bits > t) | ((bits == t) & (torch.arange(5000) < limit))
     assert kept.nonzero().view(-1).tolist() == list(range(0, 50, 5))
-    # distinct values: the k-th largest, all ties (none) kept
-    values = torch.randperm(70_000, generator=torch.Generator().manual_seed(1)).to(torch.int32) * 977
-    t, limit = select_threshold(values, 123)
-    assert t == int(torch.sort(values, descending=True).values[122]) and limit == 70_000
+    # distinct magnitudes: the k-th largest, and every tie (none) kept
+    values = torch.randperm(70_000, generator=torch.Generator().manual_seed(1)).to(torch.float32) * 0.5
+    t, limit = select_threshold(values, torch.zeros(70_000), 123)
+    assert t == int(torch.sort(values, descending=True).values[122].view(torch.int32)) and limit == 70_000
+
+
+def test_nonfinite_inputs_and_outputs_are_counted():
+    base, xs = inputs(1000, "f32", seed=5, models=2)
+    xs[1] = xs[1].copy()
+    xs[1][17] = np.inf
+    _, _, _, bad_in, bad_out = TORCH_METHODS["ties"](host_tensor(base), [host_tensor(x) for x in xs],
+                                                     MODEL_PARAMS[:2], {"lambda": 1.0, "normalize": True}, None)
+    assert bad_in == [0, 0, 1]
+    _, _, _, bad_in, bad_out = TORCH_METHODS["ties"](host_tensor(base), [host_tensor(x) for x in xs[:1]],
+                                                     [dict(weight=1e30, density=0.5)], {"lambda": 1e30, "normalize": False},
+                                                     None)
+    assert bad_in == [0, 0] and bad_out > 0
 
 
 RECIPES = {
@@ -138,7 +157,7 @@ def test_staged_inputs_are_the_inputs():
         b = np.linspace(0, 1, 1000, dtype=np.float32)
         engine.stage("x", [a, b])
         got = engine.take("x", [a, b])
-        assert torch.equal(got[0], torch.from_numpy(a.astype(np.uint32) << 16).view(torch.float32))
+        assert torch.equal(got[0], torch.from_numpy(a.view(np.int16)))
         assert torch.equal(got[1], torch.from_numpy(b))
     finally:
         engine.close()
@@ -165,15 +184,12 @@ def test_device_auto_follows_the_measured_rule():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
 @pytest.mark.parametrize("kind", ["bf16", "ties"])
 def test_cuda_equals_the_kernels(kind):
-    base, xs = inputs(3_000_000, kind, seed=3)
+    base, xs = inputs(3 * CHUNK + 5, kind, seed=3)
     params = {"lambda": 1.0, "normalize": True}
     want = FAST_PATHS["slack_ties"](base, xs, MODEL_PARAMS, params, out_bf16=kind == "bf16")
-    tensors = [device_tensor(a, "cuda") for a in [base, *xs]]
-    merged, kept, agreed = TORCH_METHODS["slack_ties"](tensors[0], tensors[1:], MODEL_PARAMS, params)
-    merged = merged.cpu()
-    got = merged.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if kind == "bf16" else merged.numpy()
-    assert np.array_equal(got.view(np.uint8), want[0].view(np.uint8))
-    assert (kept, agreed) == (want[1], want[2])
+    got = run_torch("slack_ties", base, xs, MODEL_PARAMS, params, out_bf16=kind == "bf16", device="cuda")
+    assert np.array_equal(got[0].view(np.uint8), want[0].view(np.uint8))
+    assert got[1:] == want[1:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")

@@ -171,25 +171,30 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Saf
                      keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                      compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None]:
     """One tensor on the torch engine's device: (flat output, kept, agreed)."""
-    from .torch_engine import TORCH_METHODS
+    from .torch_engine import TORCH_METHODS, to_float32
 
     labels = input_labels(keys)
-    inputs = compute.take(job.name, merge_inputs(job, readers, keys))
-    for label, x in zip(labels, inputs):
-        if not bool(x.isfinite().all()):
-            raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
-    base = inputs[0] if BASE in keys else None
-    models = inputs[1:] if BASE in keys else inputs
+    raw = compute.take(job.name, merge_inputs(job, readers, keys))
+    has_base = BASE in keys
     fn = TORCH_METHODS.get(method.name)
     if fn is not None:
-        merged, kept, agreed = fn(base, models, model_params, params)
+        merged, kept, agreed, bad_inputs, bad_out = fn(raw[0], raw[1:], model_params, params,
+                                                       torch_dtype(job.out_dtype))
+        for label, bad in zip(labels, bad_inputs):
+            if bad:
+                raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
     else:  # the reference function, already torch: on the tensor's shape, on the device
+        inputs = [to_float32(t) for t in raw]
+        for label, x in zip(labels, inputs):
+            if not bool(x.isfinite().all()):
+                raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
         rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
         shape = (rows, *job.out_shape[1:]) if rows is not None else ()
-        merged, stats = method.fn(base.view(shape) if base is not None else None,
-                                  [m.view(shape) for m in models], model_params, params)
+        result, stats = method.fn(inputs[0].view(shape) if has_base else None,
+                                  [m.view(shape) for m in inputs[1 if has_base else 0:]], model_params, params)
         kept = stats.kept.tolist() if stats is not None else None
         agreed = stats.agreed.tolist() if stats is not None else None
+        merged = result.reshape(-1).to(torch_dtype(job.out_dtype))
     return compute.to_host(merged, job.out_dtype), kept, agreed
 
 

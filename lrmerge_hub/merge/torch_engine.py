@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 BINS = 1 << 16
 
 
+# entries per chunk: the selection's histograms and the merge run chunk by chunk over the raw
+# inputs, so the work memory is a few float32 chunks whatever the tensor's size
+CHUNK = 1 << 22
+
+
 def to_float32(a: torch.Tensor) -> torch.Tensor:
     """float32 of a flat input on its device: bfloat16 bits (int16/uint16) widen exactly."""
     import torch
@@ -53,6 +58,14 @@ def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().view(torch.int32)
 
 
+def chunks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+
+
+def _delta(x: torch.Tensor, base: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    return to_float32(x[s:e]) - to_float32(base[s:e])
+
+
 def _top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest value, and how many values lie in higher bins."""
     import torch
@@ -63,37 +76,34 @@ def _top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, int(from_top[idx]) - int(hist[b])
 
 
-def select_threshold(bits: torch.Tensor, k: int) -> tuple[int, int]:
-    """(threshold bits t, tie index limit) for keeping the k largest of flat int32 `bits`:
-    entries with bits > t are kept, and entries equal to t at indices below the limit."""
+def select_threshold(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, int]:
+    """(threshold bits t, tie index limit) for keeping the k largest |x - base| (raw flat
+    inputs): entries whose |delta| bits are > t are kept, and those equal to t at indices
+    below the limit. A radix select: a histogram of the top 16 bits, then of the low 16
+    within the chosen bin, each summed over chunks."""
     import torch
 
-    n = bits.numel()
-    high = bits >> 16
-    high_bin, above = _top_bin(torch.bincount(high, minlength=BINS), k)
-    low = torch.bincount(bits[high == high_bin] & 0xFFFF, minlength=BINS)
+    n = base.numel()
+    zeros = torch.zeros(BINS, dtype=torch.int64, device=base.device)
+    high = zeros.clone()
+    for s, e in chunks(n):
+        high += torch.bincount(magnitude_bits(_delta(x, base, s, e)) >> 16, minlength=BINS)
+    high_bin, above = _top_bin(high, k)
+    low = zeros.clone()
+    for s, e in chunks(n):
+        bits = magnitude_bits(_delta(x, base, s, e))
+        low += torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=BINS)
     low_bin, above_low = _top_bin(low, k - above)
     t = (high_bin << 16) | low_bin
     room = k - above - above_low
     if int(low[low_bin]) <= room:
         return t, n
-    tied = torch.nonzero(bits == t).view(-1)
-    return t, int(tied[room - 1]) + 1
-
-
-def trim_mask(delta: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Which entries of a flat float32 delta the trim keeps (None: all of them)."""
-
-    n = delta.numel()
-    if k >= n:
-        return None
-    bits = magnitude_bits(delta)
-    t, limit = select_threshold(bits, k)
-    keep = bits > t
-    if limit > 0:
-        at_t = bits[:limit] == t
-        keep[:limit] |= at_t
-    return keep
+    for s, e in chunks(n):  # the room-th entry equal to t, in index order
+        tied = torch.nonzero(magnitude_bits(_delta(x, base, s, e)) == t).view(-1)
+        if tied.numel() >= room:
+            return t, s + int(tied[room - 1]) + 1
+        room -= tied.numel()
+    raise AssertionError("the histogram counted more ties than there are")  # pragma: no cover
 
 
 def ties_merge(
@@ -104,83 +114,108 @@ def ties_merge(
     slacks: list[float],
     lam: float,
     normalize: bool,
-) -> tuple[torch.Tensor, list[int], list[int]]:
-    """ties / slack_ties of one flat float32 tensor on its device: (merged float32, kept,
-    agreed), equal bit for bit to kernels.fused_ties."""
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int]:
+    """ties / slack_ties of one tensor given as raw flat inputs on one device (bfloat16 as
+    int16 bits, or float16/float32), equal bit for bit to kernels.fused_ties.
+
+    Returns (merged, in out_dtype (default float32); kept and agreed per model; NaN/Inf
+    entries per input, base first; NaN/Inf entries of the merged tensor as stored)."""
     import torch
 
     dev, f32 = base.device, torch.float32
     zero = torch.zeros((), dtype=f32, device=dev)
 
-    def scalar(v: float) -> torch.Tensor:
-        return torch.tensor(v, dtype=f32, device=dev)  # rounded to float32 as the kernels do
+    def scalar(v: float, dtype: torch.dtype = f32) -> torch.Tensor:
+        return torch.tensor(v, dtype=dtype, device=dev)  # rounded to float32 as the kernels do
 
-    n = base.numel()
-    rows, kept = [], []
-    total: torch.Tensor | None = None
-    for x, w, d, s in zip(tensors, weights, densities, slacks):
-        delta = x - base
-        keep = trim_mask(delta, trim_count(n, d))
-        wd = delta * scalar(w)
-        if keep is not None:
-            wd = torch.where(keep, wd, zero)
-        del delta, keep
-        vote = wd * scalar(1.0 + s)
-        total = vote if total is None else total + vote
-        del vote
-        kept.append(int(torch.count_nonzero(wd)))
-        rows.append(wd)
-    merged: torch.Tensor | None = None
-    divisor: torch.Tensor | None = None
-    agreed = []
-    positive_total = total >= 0
-    for wd, w in zip(rows, weights):
-        agree = (wd != 0) & ((wd > 0) == positive_total)
-        agreed.append(int(torch.count_nonzero(agree)))
-        part = torch.where(agree, wd, zero)
-        merged = part if merged is None else merged + part
+    n, m = base.numel(), len(tensors)
+    cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
+    for x, d in zip(tensors, densities):
+        k = trim_count(n, d)
+        cuts.append(select_threshold(x, base, k) if k < n else None)
+    counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
+    bad = torch.zeros(2, dtype=torch.int64, device=dev)  # base NaN/Inf, merged NaN/Inf
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    w32 = [scalar(w) for w in weights]
+    votes = [scalar(1.0 + s) for s in slacks]
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        bad[0] += (~torch.isfinite(b)).sum()
+        rows: list[torch.Tensor] = []
+        total: torch.Tensor | None = None
+        for i, x in enumerate(tensors):
+            xi = to_float32(x[s:e])
+            counts[2, i] += (~torch.isfinite(xi)).sum()
+            delta = xi - b
+            del xi
+            wd = delta * w32[i]
+            if cuts[i] is not None:
+                t, limit = cuts[i]
+                bits = magnitude_bits(delta)
+                keep = bits > t
+                ties_end = min(max(limit - s, 0), e - s)
+                keep[:ties_end] |= bits[:ties_end] == t
+                wd = torch.where(keep, wd, zero)
+                del bits, keep
+            del delta
+            vote = wd * votes[i]
+            total = vote if total is None else total + vote
+            counts[0, i] += torch.count_nonzero(wd)
+            rows.append(wd)
+        positive_total = total >= 0
+        del total
+        merged: torch.Tensor | None = None
+        divisor: torch.Tensor | None = None
+        for i, wd in enumerate(rows):
+            agree = (wd != 0) & ((wd > 0) == positive_total)
+            counts[1, i] += torch.count_nonzero(agree)
+            part = torch.where(agree, wd, zero)
+            merged = part if merged is None else merged + part
+            if normalize:
+                share = torch.where(agree, w32[i], zero)
+                divisor = share if divisor is None else divisor + share
+        del rows, positive_total
         if normalize:
-            share = torch.where(agree, scalar(w), zero)
-            divisor = share if divisor is None else divisor + share
-    del rows, total, positive_total
-    if normalize:
-        merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
-    return base + scalar(lam) * merged, kept, agreed
-
-
-def host_tensor(a: np.ndarray) -> torch.Tensor:
-    """A zero-copy torch view of a flat numpy array, read-only ones (memory-mapped shards)
-    included: nothing here writes to it."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that the array is not writable
-        return torch.from_numpy(a)
-
-
-def device_tensor(a: np.ndarray, device: str) -> torch.Tensor:
-    """A flat numpy input (bfloat16 as uint16 bits) as a float32 tensor on `device`."""
-    return to_float32(host_tensor(a.view(np.int16) if a.dtype == np.uint16 else a).to(device, non_blocking=True))
+            merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
+        stored = (b + scalar(lam) * merged).to(out.dtype)
+        out[s:e] = stored
+        bad[1] += (~torch.isfinite(stored)).sum()
+    kept, agreed, nonfinite = counts.tolist()
+    bad_base, bad_out = bad.tolist()
+    return out, kept, agreed, [bad_base, *nonfinite], bad_out
 
 
 def torch_ties(base: torch.Tensor, tensors: list[torch.Tensor], model_params: list[dict[str, Any]],
-               params: dict[str, Any], slack: bool) -> tuple[torch.Tensor, list[int], list[int]]:
-    """ties (slack False) or slack_ties of float32 device tensors, with the recipe's parameters."""
+               params: dict[str, Any], out_dtype: torch.dtype | None, slack: bool):
+    """ties (slack False) or slack_ties with the recipe's parameters: see ties_merge."""
     return ties_merge(
         base, tensors,
         [float(p["weight"]) for p in model_params],
         [float(p["density"]) for p in model_params],
         [float(p.get("slack", 0.0)) if slack else 0.0 for p in model_params],
-        float(params["lambda"]), bool(params["normalize"]),
+        float(params["lambda"]), bool(params["normalize"]), out_dtype,
     )
 
 
-# methods whose torch implementation here replaces the reference in methods.METHODS (the
-# others' reference functions are already plain torch, the same on every device)
+# methods whose torch implementation here replaces the reference in methods.METHODS, each
+# fn(base, models, model_params, params, out_dtype) on raw flat inputs -> what ties_merge
+# returns; the other methods' reference functions are already plain torch, the same on
+# every device
 TORCH_METHODS: dict[str, Callable] = {
-    "ties": lambda b, t, mp, p: torch_ties(b, t, mp, p, slack=False),
-    "slack_ties": lambda b, t, mp, p: torch_ties(b, t, mp, p, slack=True),
+    "ties": lambda b, t, mp, p, dt: torch_ties(b, t, mp, p, dt, slack=False),
+    "slack_ties": lambda b, t, mp, p, dt: torch_ties(b, t, mp, p, dt, slack=True),
 }
+
+
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy torch view of a flat numpy array, read-only ones (memory-mapped shards)
+    included: nothing here writes to it. bfloat16 bits (uint16) are viewed as int16."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the array is not writable
+        return torch.from_numpy(a.view(np.int16) if a.dtype == np.uint16 else a)
 
 # output dtype code -> the numpy dtype the writer takes (bfloat16 as its bits)
 _NUMPY_OUT = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -227,29 +262,26 @@ class TorchEngine:
         return current
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The raw inputs on the device (bfloat16 as int16 bits): widened chunk by chunk later."""
         import torch
 
-        if not self.cuda:
-            return [device_tensor(a, "cpu") for a in arrays]
-        if sum(a.size for a in arrays) < SMALL_NUMEL * len(arrays):
-            return [device_tensor(a, "cpu") for a in arrays]  # see SMALL_NUMEL
+        if not self.cuda or sum(a.size for a in arrays) < SMALL_NUMEL * len(arrays):
+            return [host_tensor(a) for a in arrays]  # in place on a CPU; see SMALL_NUMEL
         self._pinned_in = self._pinned(self._pinned_in, sum(a.nbytes for a in arrays))
         out, offset = [], 0
-        # everything on the copy stream, widening included, so that the raw copies are freed
-        # where they were used; the float32 results are handed to the compute stream in take()
         with torch.cuda.stream(self._copy_stream):
             for a in arrays:
                 host = self._pinned_in[offset:offset + a.nbytes]
                 host.copy_(host_tensor(a.view(np.uint8)))  # pages fault in here, ahead of use
                 raw = torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)
                 raw.copy_(host, non_blocking=True)
-                out.append(to_float32(raw.view(_torch_bits_dtype(a))))
+                out.append(raw.view(host_tensor(a[:0]).dtype))
                 offset += a.nbytes
             self._copy_stream.synchronize()  # the pinned buffer is free again for the next tensor
         return out
 
     def take(self, key: str, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """The staged float32 inputs of a tensor (staged now if they were not)."""
+        """The staged raw inputs of a tensor (staged now if they were not)."""
         import torch
 
         self.stage(key, arrays)
@@ -290,13 +322,6 @@ class TorchEngine:
         self._staged.clear()
 
 
-def _torch_bits_dtype(a: np.ndarray) -> torch.dtype:
-    import torch
-
-    return {np.dtype(np.uint16): torch.int16, np.dtype(np.float16): torch.float16,
-            np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[a.dtype]
-
-
 def device_budget(device: str) -> int | None:
     """Free memory on a CUDA device in bytes, else None (no limit we can tell)."""
     import torch
@@ -307,14 +332,13 @@ def device_budget(device: str) -> int | None:
     return int(free)
 
 
-def device_bytes_needed(numel: int, models: int) -> int:
-    """Device memory one tensor of `numel` entries needs here, at most: the float32 inputs
-    (base and models), one weighted row per model, the vote total, merged and divisor,
-    the selection's int32 view and masks, and the output; with room for the next tensor's
-    staged inputs."""
-    inputs = (models + 1) * numel * 4
-    work = (models + 4) * numel * 4 + 3 * numel * 4
-    return 2 * inputs + work
+def device_bytes_needed(numel: int, models: int, input_itemsize: int = 2) -> int:
+    """Device memory one tensor of `numel` entries needs here, at most: its raw inputs (base
+    and models) and the next tensor's staged ones, the float32 output, and one chunk's work
+    (float32 and float64 rows per model, masks, histograms)."""
+    inputs = (models + 1) * numel * input_itemsize
+    work = min(numel, CHUNK) * (12 * models + 32)
+    return 2 * inputs + 4 * numel + work
 
 
 def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
