@@ -98,6 +98,8 @@ def synthesize(root: Path, a: argparse.Namespace, dtype: str, layers: int) -> di
 
 def ensure_mergekit() -> Path:
     """bench/.venv-mergekit with mergekit (system site-packages, so torch is not reinstalled)."""
+    if os.environ.get("MERGEKIT_YAML"):  # a mergekit-yaml installed elsewhere (bench/gpu_check.sh)
+        return Path(os.environ["MERGEKIT_YAML"])
     venv = BENCH / ".venv-mergekit"
     exe = venv / "bin" / "mergekit-yaml"
     if not exe.exists():
@@ -187,13 +189,23 @@ def measure(cmd: list[str]) -> dict[str, float]:
     return res
 
 
-def ours_cmd(recipe: Path, out: Path) -> list[str]:
+def ours_cmd(recipe: Path, out: Path, device: str = "cpu", engine: str = "kernels") -> list[str]:
     return [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(out),
-            "--device", "cpu", "--overwrite", "--format", "quiet"]
+            "--device", device, "--engine", engine, "--overwrite", "--format", "quiet"]
 
 
-def mergekit_cmd(exe: Path, config: Path, out: Path) -> list[str]:
-    return [str(exe), str(config), str(out)]
+def mergekit_cmd(exe: Path, config: Path, out: Path, cuda: bool = False) -> list[str]:
+    return [str(exe), str(config), str(out), *(["--cuda"] if cuda else [])]
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Whether two merged folders hold the same tensors, bit for bit."""
+    from lrmerge_hub.merge.st_io import SafetensorsModel
+
+    ma, mb = SafetensorsModel(a, "a"), SafetensorsModel(b, "b")
+    return set(ma.tensors) == set(mb.tensors) and all(
+        ma.tensors[n].spec == mb.tensors[n].spec and ma.array(n).tobytes() == mb.array(n).tobytes()
+        for n in ma.tensors)
 
 
 def io_floor_cmd(fam: dict[str, Path], out: Path) -> list[str]:
@@ -282,24 +294,28 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
     work = BENCH / "out" / "runs" / key
     recipes = write_recipes(work, fam, a.density, a.dtype, a.mergekit_dtype)
     nbytes_in = sum(f.stat().st_size for p in fam.values() for f in p.glob("*.safetensors"))
-    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_slack_ties": []}
+    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_torch_ties": [],
+                                               "ours_slack_ties": []}
     if mk_exe:
         runs["mergekit_ties"] = []
     # warm-up: fills the page cache and numba's on-disk cache of compiled kernels
     measure(ours_cmd(recipes["ties"], work / "ours-ties"))
     for r in range(a.rounds):
-        order = ["io_floor", "ours_ties", "mergekit_ties", "ours_slack_ties"]
+        order = ["io_floor", "ours_ties", "ours_torch_ties", "mergekit_ties", "ours_slack_ties"]
         if r % 2:
             order.reverse()
         for what in order:
             if what not in runs:
                 continue
-            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit"}.get(what, what.replace("_", "-", 1))
+            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit",
+                          "ours_torch_ties": "ours-torch"}.get(what, what.replace("_", "-", 1))
             settle(fam, out)
             if what == "io_floor":
                 res = measure(io_floor_cmd(fam, out))
             elif what == "mergekit_ties":
-                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], out))
+                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], out, cuda=a.device == "cuda"))
+            elif what == "ours_torch_ties":
+                res = measure(ours_cmd(recipes["ties"], out, device=a.device, engine="torch"))
             else:
                 res = measure(ours_cmd(recipes[what.removeprefix("ours_")], out))
             runs[what].append(res)
@@ -310,6 +326,11 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
     result = {"layers": layers, "parameters": params, "dtype": a.dtype, "input_bytes": nbytes_in,
               "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
               "runs": runs, "median": {k: median_of(v) for k, v in runs.items()}}
+    # the torch engine (on --device) against the CPU kernels: the same bits, or a failure
+    result["torch_identical_to_kernels"] = identical(work / "ours-ties", work / "ours-torch")
+    torch_report = json.loads((work / "ours-torch" / "merge_report.json").read_text())
+    result["torch_device"] = torch_report["stats"]["device"]
+    result["peak_device_bytes"] = torch_report["stats"].get("peak_device_bytes")
     if mk_exe:
         result["agreement"] = agreement(work / "ours-ties", work / "mergekit", fam, a.density)
     return result
@@ -345,7 +366,8 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__,
             "load_avg_at_start": os.getloadavg()}
 
@@ -361,12 +383,13 @@ def table(results: list[dict]) -> str:
         mk = med.get("mergekit_ties")
         rounds = len(result["runs"]["io_floor"])
         size = f"{result['parameters'] / 1e9:.2f}B ({result['layers']} layers, {rounds} round{'s' * (rounds > 1)})"
-        for name in ("mergekit_ties", "ours_ties", "ours_slack_ties", "io_floor"):
+        for name in ("mergekit_ties", "ours_ties", "ours_torch_ties", "ours_slack_ties", "io_floor"):
             if name not in med:
                 continue
             m = med[name]
             ratios = [f"{m[k] / mk[k]:.3f}" if mk else "-" for k in ("wall_s", "cpu_s", "peak_rss_bytes")]
-            rows.append(f"| {size} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+            label = f"{name} ({result.get('torch_device', 'cpu')})" if name == "ours_torch_ties" else name
+            rows.append(f"| {size} | {label} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
                         f"{' | '.join(ratios)} | {m['wall_s'] / floor:.2f} |")
             size = ""
     return "\n".join(rows)
@@ -382,6 +405,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the torch engine (and mergekit, with --cuda) runs; the kernels always run on the CPU")
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shard-bytes", type=int, default=1 << 30, help="input shard size (Hub-like)")
@@ -400,7 +425,8 @@ def main() -> None:
         return
 
     mk_exe = None if a.no_mergekit else ensure_mergekit()
-    results = {"machine": machine(), "merge": {"method": "ties", "density": a.density, "weights": 1.0,
+    results = {"machine": machine(), "device": a.device,
+               "merge": {"method": "ties", "density": a.density, "weights": 1.0,
                                                 "normalize": True, "lambda": 1.0,
                                                 "mergekit": MERGEKIT_VERSION,
                                                 "mergekit_dtype": a.mergekit_dtype},
@@ -413,6 +439,8 @@ def main() -> None:
         print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
               f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
         print(table([res]))
+        print(f"torch engine on {res['torch_device']} bit-identical to the CPU kernels: "
+              f"{res['torch_identical_to_kernels']}")
         if "agreement" in res:
             print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement']}")
     if mk_exe and a.exact_layers:

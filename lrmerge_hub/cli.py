@@ -123,6 +123,9 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Where to compute (default: the recipe's `device`, else auto: a GPU when there is one).")
+@click.option("--engine", type=click.Choice(["auto", "kernels", "torch"]), default=None,
+              help="How to compute: the numba kernels (CPU) or torch (any device); both write the same bits "
+                   "(default: LRMERGE_ENGINE, else auto: kernels on a CPU, torch on a GPU).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
 @click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
@@ -130,8 +133,8 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @FORMAT_OPTION
 @user_errors
 @stops_cleanly
-def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
-              dry_run: bool, token: str | None, fmt: str) -> None:
+def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str | None, shard_size: str,
+              overwrite: bool, dry_run: bool, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
@@ -151,7 +154,7 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
                   **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
     else:
-        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device,
+        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device, engine=engine,
                        shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
                        progress=fmt == "human")
     emit(fmt, report, lambda: print_merge_summary(report))
@@ -179,9 +182,11 @@ def print_merge_summary(report: dict) -> None:
             click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
-    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
+    engine = f" with the {s['engine']} engine" if s.get("engine") else ""
+    device_peak = f", peak {s['device']} memory {human_bytes(s['peak_device_bytes'])}" if s.get("peak_device_bytes") else ""
+    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}{engine}: read "
                f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
-               f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+               f"peak memory {human_bytes(s['peak_rss_bytes'])}{device_peak}")
 
 
 # --- run ---

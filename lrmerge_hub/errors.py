@@ -29,6 +29,10 @@ class NonFiniteOutputError(LrmergeError):
     values beyond the output dtype's range); nothing is written."""
 
 
+class DeviceError(LrmergeError):
+    """The compute device cannot hold the merge: too little free GPU memory for its largest tensor."""
+
+
 class OutputError(LrmergeError):
     """The output path exists (without --overwrite), appeared during the merge, is being
     written by another merge, or lies inside an input folder."""

@@ -18,6 +18,11 @@ def default_device() -> str:
     return os.environ.get("LRMERGE_DEVICE", "auto")
 
 
+def default_engine() -> str:
+    """Merge engine used when the CLI names none (`LRMERGE_ENGINE`, else auto)."""
+    return os.environ.get("LRMERGE_ENGINE", "auto")
+
+
 def vllm_api_key() -> str | None:
     """The API key vLLM itself reads (`VLLM_API_KEY`); `--api-key` overrides it."""
     return os.environ.get("VLLM_API_KEY") or None
