@@ -268,11 +268,12 @@ def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
 
 def check_pinned_twins(metas: dict[str, ModelMeta]) -> None:
     """Refuse a Hub model named twice through revisions that pin to one commit
-    (`org/x@main` and `org/x@<sha of main>`); the recipe compares spellings it can resolve alone."""
-    seen: dict[tuple[str, str], str] = {}
+    (`org/x@main` and `org/x@<sha of main>`; a commit sha names its files, whatever the repo
+    id's spelling); the recipe compares spellings it can resolve alone."""
+    seen: dict[str, str] = {}
     for meta in metas.values():
         if meta.repo_id and meta.sha:
-            twin = seen.setdefault((meta.repo_id, meta.sha), meta.spec)
+            twin = seen.setdefault(meta.sha, meta.spec)
             if twin != meta.spec:
                 raise RecipeError(f"models: {meta.spec!r} and {twin!r} are the same commit {meta.sha[:12]}; "
                                   "name each model once")

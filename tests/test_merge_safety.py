@@ -180,10 +180,11 @@ def test_linear_with_cancelling_weights_refused_from_the_cli(tmp_path, family, w
 
 # --- nothing is lost, nothing half-written ---------------------------------------------------
 
-# The CLI with a slow merge, so that a test can act while it runs: every fused kernel call
-# first spends a while in a parallel numba loop, where a signal used to surface as a SystemError.
-SLOW_CLI = """
-import sys, numba, numpy as np
+# The CLI with a merge held inside its first kernel call until the test creates the file
+# $HOLD (it writes $HOLD.held when it gets there): the test acts while the merge runs. While
+# held it loops in a parallel numba function, where a signal used to surface as a SystemError.
+HELD_CLI = """
+import os, sys, time, numba, numpy as np
 from lrmerge_hub.merge import kernels
 
 @numba.njit(parallel=True, nogil=True)
@@ -197,40 +198,46 @@ def spin(n):
     return acc.sum()
 
 spin(10)  # compiled before the merge starts
-real = kernels.fused_ties
+real, hold = kernels.fused_ties, os.environ["HOLD"]
 
-def slow(*args, **kwargs):
-    spin(3_000_000)
+def held(*args, **kwargs):
+    if not os.path.exists(hold):
+        open(hold + ".held", "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(hold) and time.monotonic() < deadline:
+            spin(100_000)
     return real(*args, **kwargs)
 
-kernels.fused_ties = slow
+kernels.fused_ties = held
 from lrmerge_hub.cli import main
 main(sys.argv[1:], prog_name="lrmerge")
 """
 
 
-def start_slow_merge(recipe: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", str(recipe), "--device", "cpu",
-                             "--format", "quiet", *extra], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+def start_held_merge(recipe: Path, hold: Path) -> subprocess.Popen:
+    """A merge of `recipe` from the CLI, held inside its first kernel call until `hold` exists."""
+    proc = subprocess.Popen([sys.executable, "-c", HELD_CLI, "merge", str(recipe), "--device", "cpu",
+                             "--format", "quiet"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HOLD": str(hold)})
+    marker = Path(f"{hold}.held")
+    deadline = time.monotonic() + 120
+    while not marker.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
+        assert time.monotonic() < deadline, "the merge never reached its first kernel call"
         time.sleep(0.02)
+    return proc
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_mid_merge_leaves_nothing_and_exits_128_plus_signal(tmp_path, family, write_recipe, sig):
     family(dtype="bfloat16")
-    proc = start_slow_merge(write_recipe(recipe_text()))
-    wait_for(tmp_path / f".merged.lrmerge-tmp-{proc.pid}", proc)
-    time.sleep(0.5)  # inside the merge loop, most likely inside a numba kernel
-    proc.send_signal(sig)
+    hold = tmp_path / "hold"
+    proc = start_held_merge(write_recipe(recipe_text()), hold)
+    assert (tmp_path / f".merged.lrmerge-tmp-{proc.pid}").is_dir() and (tmp_path / ".merged.lrmerge-lock").is_file()
+    proc.send_signal(sig)  # inside a numba kernel
+    time.sleep(0.2)
+    hold.touch()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     assert err.strip() == f"Error: interrupted by {sig.name}; nothing half-written was left at the output path"
@@ -241,15 +248,15 @@ def test_a_stop_signal_mid_merge_leaves_nothing_and_exits_128_plus_signal(tmp_pa
 def test_a_second_merge_to_the_same_output_is_refused_while_the_first_runs(tmp_path, family, write_recipe):
     family()
     recipe = write_recipe(recipe_text())
-    first = start_slow_merge(recipe)
-    lock = tmp_path / ".merged.lrmerge-lock"
-    wait_for(lock, first)
+    hold = tmp_path / "hold"
+    first = start_held_merge(recipe, hold)
     for extra in ([], ["--overwrite"]):
         second = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu",
                                  "--format", "quiet", *extra], cwd=REPO_ROOT, capture_output=True, text=True)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip() == (f"Error: output {tmp_path / 'merged'} is being written by another lrmerge "
                                          f"(pid {first.pid}); wait for it to finish or choose another output")
+    hold.touch()
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert (tmp_path / "merged" / "merge_report.json").is_file() and leftovers(tmp_path) == []

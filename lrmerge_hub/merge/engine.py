@@ -359,11 +359,11 @@ def nonfinite_count(flat: np.ndarray, dtype: str) -> int:
 
 
 def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, Any]],
-                     params: dict[str, Any], in_float32: bool) -> NonFiniteOutputError:
+                     params: dict[str, Any], float32_overflowed: bool) -> NonFiniteOutputError:
     """The one-line error for a merged tensor with NaN/Inf, naming the likely cause: the
     largest scale (lambda or a weight) when float32 overflowed, else the output dtype."""
     what = f"tensor {job.name}: {count:,} merged values are NaN or Inf; nothing was written"
-    if not in_float32:
+    if not float32_overflowed:
         return NonFiniteOutputError(f"{what}. They exceed the range of the output dtype "
                                     f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32")
     scales = [(f"models[{i}].weight", p["weight"]) for i, p in enumerate(model_params) if "weight" in p]
