@@ -289,9 +289,16 @@ def save_card(model_dir: Path, built: BuiltCard) -> Path:
     return path
 
 
+def _card_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardError(f"{where}: README.md is not UTF-8 text; fix or delete it, then run `lrmerge card` again") from None
+
+
 def existing_card(model_dir: Path) -> str | None:
     path = Path(model_dir) / CARD_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    return _card_text(path.read_bytes(), Path(model_dir).name) if path.is_file() else None
 
 
 def write_card(model_dir: Path, *, repo_id: str | None = None,
@@ -351,7 +358,7 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
     try:
         parent = api.model_info(repo_id, revision=revision).sha
         try:
-            remote = Path(api.hf_hub_download(repo_id, CARD_FILE, revision=parent)).read_text(encoding="utf-8")
+            remote = _card_text(Path(api.hf_hub_download(repo_id, CARD_FILE, revision=parent)).read_bytes(), repo_id)
         except EntryNotFoundError:
             remote = None
         current = remote if remote is not None else existing_card(model_dir)

@@ -15,7 +15,7 @@ import yaml
 from markdown_it import MarkdownIt
 
 from tests.card_support import TASK, lm_eval_results, make_merged_folder, write_results
-from lrmerge_hub.card import GENERATED_END, GENERATED_START, build_card, push_card
+from lrmerge_hub.card import GENERATED_END, GENERATED_START, build_card, push_card, write_card
 from lrmerge_hub.card_rules import check_metadata
 from lrmerge_hub.errors import CardError, RecipeError
 from lrmerge_hub.recipe import parse_recipe
@@ -167,3 +167,10 @@ def test_license_link_must_be_a_plain_https_url(tmp_path, link):
 def test_a_plain_https_license_link_is_kept(tmp_path):
     link = "https://example.org/licenses/x-license-1.0.txt?v=2#terms"
     assert check_metadata({"license": "other", "license_name": "x-license", "license_link": link}) == []
+
+
+def test_an_existing_readme_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
+    (folder / "README.md").write_bytes("---\nlicense: mit\n---\ncaf\xe9".encode("latin-1"))
+    with pytest.raises(CardError, match="README.md is not UTF-8"):
+        write_card(folder)
