@@ -79,10 +79,11 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
         for m in targets:
             m.params[name] = value
-    check_normalize(recipe.method, models, parameters, f"--grid {point_name(point)}: ")
+    label = "--grid " + " ".join(f"{k}={v}" for k, v in point.items())
+    check_normalize(recipe.method, models, parameters, f"{label}: ")
     problem = method.recipe_problem(len(models), recipe.base is not None, [m.params for m in models], parameters)
     if problem:
-        raise RecipeError(f"--grid {point_name(point)}: {problem}")
+        raise RecipeError(f"{label}: {problem}")
     return replace(recipe, parameters=parameters, models=models)
 
 
