@@ -365,8 +365,8 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
 
 def methods_table(result: dict) -> str:
     """README's per-method table: wall time and peak RSS, ours and mergekit's, and agreement."""
-    rows = [f"| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
-            f"| float32 inputs: max rel. difference |",
+    rows = [("| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
+             "| float32 inputs: max rel. difference |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, row in result["methods"].items():
         o, m = row["ours"], row["mergekit"]
