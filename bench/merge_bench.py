@@ -3,6 +3,7 @@
     python bench/merge_bench.py                    # ~0.5B bf16: ours vs mergekit, 3 rounds
     python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
     python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # README's table
+    python bench/merge_bench.py --methods      # every method vs mergekit at a small size (~3 min)
 
 What it does, all on this machine, nothing downloaded but mergekit from the package index:
 1. synthesizes a (base, language, task) family of the chosen size with random weights, sharded
@@ -281,6 +282,104 @@ def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
     return out
 
 
+# -- every method against mergekit (--methods) ------------------------------------------------
+
+# method -> (our per-model params, our global params, roles merged, base given); mergekit gets
+# the same names and values (ours are mergekit's), and our defaults equal its defaults
+METHOD_CASES = {
+    "linear": ({"weight": 1.0}, {}, ("language", "task"), False),
+    "task_arithmetic": ({"weight": 0.7}, {}, ("language", "task"), True),
+    "ties": ({"weight": 1.0, "density": 0.2}, {}, ("language", "task"), True),
+    "dare_linear": ({"weight": 1.0, "density": 0.3}, {}, ("language", "task"), True),
+    "dare_ties": ({"weight": 1.0, "density": 0.3}, {}, ("language", "task"), True),
+    "della": ({"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {}, ("language", "task"), True),
+    "della_linear": ({"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {}, ("language", "task"), True),
+    "breadcrumbs": ({"weight": 1.0, "density": 0.3, "gamma": 0.01}, {}, ("language", "task"), True),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.3, "gamma": 0.01}, {}, ("language", "task"), True),
+    "sce": ({}, {"select_topk": 0.3}, ("language", "task"), True),
+    "slerp": ({}, {"t": 0.3}, ("language",), True),
+    "nuslerp": ({"weight": 1.0}, {}, ("language", "task"), True),
+    "multislerp": ({"weight": 1.0}, {}, ("language", "task"), True),
+    "karcher": ({}, {}, ("language", "task"), False),
+    "model_stock": ({}, {}, ("language", "task"), True),
+    "nearswap": ({}, {"t": 0.001}, ("language",), True),
+    "passthrough": ({}, {}, ("language",), False),
+}
+
+
+def method_configs(work: Path, fam: dict[str, Path], method: str, out_dtype: str, mk_dtype: str) -> tuple[Path, Path]:
+    """Our recipe and mergekit's config for one method of METHOD_CASES."""
+    import yaml
+
+    per_model, params, roles, with_base = METHOD_CASES[method]
+    work.mkdir(parents=True, exist_ok=True)
+    ours = {"method": method, "models": [{"model": str(fam[r]), "role": r, **per_model} for r in roles],
+            "dtype": out_dtype, "output": str(work / f"ours-{method}")}
+    mk = {"merge_method": method, "models": [{"model": str(fam[r]), **({"parameters": per_model} if per_model else {})}
+                                              for r in roles], "dtype": mk_dtype, "out_dtype": out_dtype}
+    if with_base:
+        ours["base"] = mk["base_model"] = str(fam["base"])
+    if params:
+        ours["parameters"] = mk["parameters"] = dict(params)
+    paths = work / f"{method}.yaml", work / f"{method}-mergekit.yaml"
+    paths[0].write_text(yaml.safe_dump(ours, sort_keys=False))
+    paths[1].write_text(yaml.safe_dump(mk, sort_keys=False))
+    return paths
+
+
+def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
+    """Every method of METHOD_CASES, ours and mergekit's, once each at the benchmark's first
+    size; and, for the deterministic ones, agreement on a float32-input family."""
+    from lrmerge_hub.merge.methods import METHODS
+
+    layers = a.layers[0]
+    key = family_key(a, a.dtype, layers)
+    fam = synthesize(BENCH / "out" / "models" / key, a, a.dtype, layers)
+    work = BENCH / "out" / "methods" / key
+    small = argparse.Namespace(**{**vars(a), "shard_bytes": 1 << 30})
+    exact_key = family_key(small, "float32", a.exact_layers)
+    exact_fam = synthesize(BENCH / "out" / "models" / exact_key, small, "float32", a.exact_layers)
+    rows = {}
+    warm_up = method_configs(work, fam, "ties", a.dtype, a.mergekit_dtype)[0]
+    measure(ours_cmd(warm_up, work / "warm-up"))  # numba's on-disk cache, the page cache
+    for method in METHOD_CASES:
+        ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
+        row = {}
+        for who, cmd, out in (("ours", ours_cmd, work / f"ours-{method}"), ("mergekit", None, work / f"mk-{method}")):
+            settle(fam, out)
+            row[who] = measure(ours_cmd(ours_yaml, out) if cmd else mergekit_cmd(mk_exe, mk_yaml, out))
+        if not METHODS[method].random and a.exact_layers:
+            ours_f32, mk_f32 = method_configs(work / "float32", exact_fam, method, "float32", "float32")
+            measure(ours_cmd(ours_f32, work / "float32" / f"ours-{method}"))
+            measure(mergekit_cmd(mk_exe, mk_f32, work / "float32" / f"mk-{method}"))
+            row["agreement_float32"] = agreement(work / "float32" / f"ours-{method}", work / "float32" / f"mk-{method}")
+        rows[method] = row
+        agree = row.get("agreement_float32", {}).get("max_rel_error")
+        print(f"  {method:18s} ours {row['ours']['wall_s']:6.2f} s {row['ours']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+              f"mergekit {row['mergekit']['wall_s']:6.2f} s {row['mergekit']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+              f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}", flush=True)
+    report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
+    return {"layers": layers, "parameters": report["stats"]["parameters"], "dtype": a.dtype,
+            "exact_layers": a.exact_layers, "methods": rows}
+
+
+def methods_table(result: dict) -> str:
+    """README's per-method table: wall time and peak RSS, ours and mergekit's, and agreement."""
+    rows = [("| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
+             "| float32 inputs: max rel. difference |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, row in result["methods"].items():
+        o, m = row["ours"], row["mergekit"]
+        agree = row.get("agreement_float32")
+        agreed = ("random: not comparable" if agree is None else
+                  f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} entries differ)")
+        rows.append(f"| `{method}` | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {o['wall_s'] / m['wall_s']:.2f} | "
+                    f"{o['peak_rss_bytes'] / 1e9:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                    f"{o['peak_rss_bytes'] / m['peak_rss_bytes']:.2f} | "
+                    f"{agreed} |")
+    return "\n".join(rows)
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -419,12 +518,25 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
     p.add_argument("--table", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="print README's table from earlier results files and exit")
+    p.add_argument("--methods", action="store_true",
+                   help="every method, ours and mergekit's, once each at the first --layers size "
+                        "(default there: a ~30M-parameter family) and float32 agreement")
     a = p.parse_args()
     if a.table:
-        print(table([size for f in a.table for size in json.loads(f.read_text())["sizes"]]))
+        data = [json.loads(f.read_text()) for f in a.table]
+        print("\n\n".join(methods_table(d) if "methods" in d else table(d["sizes"]) for d in data))
         return
 
     mk_exe = None if a.no_mergekit else ensure_mergekit()
+    if a.methods:
+        if mk_exe is None:
+            raise SystemExit("--methods compares with mergekit: drop --no-mergekit")
+        result = {"machine": machine(), "mergekit": MERGEKIT_VERSION, **run_methods(a, mk_exe)}
+        result["machine"]["load_avg_at_end"] = os.getloadavg()
+        print(methods_table(result))
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.json}")
+        return
     results = {"machine": machine(), "device": a.device,
                "merge": {"method": "ties", "density": a.density, "weights": 1.0,
                                                 "normalize": True, "lambda": 1.0,

@@ -434,12 +434,12 @@ PAPERS = {
              "https://arxiv.org/abs/2306.01708"),
     "lowres": ("Tao et al. 2024, Unlocking the Potential of Model Merging for Low-Resource Languages",
                "https://arxiv.org/abs/2407.03994"),
-    "dare": ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous "
-             "Models as a Free Lunch", "https://arxiv.org/abs/2311.03099"),
-    "della": ("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through "
-              "Magnitude-Based Sampling", "https://arxiv.org/abs/2406.11617"),
-    "breadcrumbs": ("Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging "
-                    "with Sparse Masks", "https://arxiv.org/abs/2312.06795"),
+    "dare": (("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous "
+              "Models as a Free Lunch"), "https://arxiv.org/abs/2311.03099"),
+    "della": (("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through "
+               "Magnitude-Based Sampling"), "https://arxiv.org/abs/2406.11617"),
+    "breadcrumbs": (("Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging "
+                     "with Sparse Masks"), "https://arxiv.org/abs/2312.06795"),
     "sce": ("Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE merging)",
             "https://arxiv.org/abs/2408.07990"),
     "slerp": ("Shoemake 1985, Animating rotation with quaternion curves (SLERP)",
@@ -600,7 +600,8 @@ def slerp(base, tensors, model_params, params):
               min_models=2, max_models=2, title="NuSLERP", papers=_papers("slerp", "mergekit"))
 def nuslerp(base, tensors, model_params, params):
     """NuSLERP: SLERP between two models at t = w_2 / (w_1 + w_2), of their task vectors when a base is given."""
-    from .geometric import interpolation_fraction, nuslerp as spherical
+    from .geometric import interpolation_fraction
+    from .geometric import nuslerp as spherical
 
     t = interpolation_fraction([p["weight"] for p in model_params])
     shape = {"row_wise": params["nuslerp_row_wise"], "flatten": params["nuslerp_flatten"]}
