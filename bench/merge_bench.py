@@ -520,7 +520,8 @@ def main() -> None:
                    help="print README's table from earlier results files and exit")
     p.add_argument("--methods", action="store_true",
                    help="every method, ours and mergekit's, once each at the first --layers size "
-                        "(default there: a ~30M-parameter family) and float32 agreement")
+                        "(give a small one: README's table used --hidden 256 --intermediate 704 "
+                        "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement")
     a = p.parse_args()
     if a.table:
         data = [json.loads(f.read_text()) for f in a.table]

@@ -569,3 +569,15 @@ def test_top_k_mask_is_the_stable_order_with_ties(n):
         expected[order[:k]] = True
         for radix in (True, False):  # the kernels' radix select and torch's kthvalue
             np.testing.assert_array_equal(top_k_mask(torch.from_numpy(mag), k, radix).numpy(), expected)
+
+
+def test_della_blocks_of_rows_draw_the_bits_of_the_whole_tensor():
+    from lrmerge_hub.merge.sparsify import magprune, magprune_probabilities
+
+    delta = np.round(np.random.default_rng(4).standard_normal((2500, 1000)) * 16).astype(np.float32)
+    assert delta.size > 2 * draws.CHUNK  # ranked and drawn in several blocks of rows
+    key = draws.stream_key(9, "model.embed_tokens.weight", 0)
+    whole = draws.keep_mask(key, magprune_probabilities(np.abs(delta), 0.4, 0.2), delta.size)
+    out = magprune(torch.from_numpy(delta), 0.4, 0.2, key).numpy().reshape(-1)
+    np.testing.assert_array_equal(out != 0, whole & (delta.reshape(-1) != 0))
+    np.testing.assert_array_equal(out[whole], delta.reshape(-1)[whole])

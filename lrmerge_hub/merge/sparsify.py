@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .draws import keep_mask
+from .draws import CHUNK, keep_mask, uniforms
 from .methods import top_k_mask
 
 L1_EPS = 1e-7  # below this L1 norm (before or after the mask) no rescale happens
@@ -65,25 +65,36 @@ def ascending_ranks(magnitudes: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> np.ndarray:
-    """DELLA: per entry, keep probability (density - epsilon) + 2 * epsilon * r / (cols - 1),
-    r its ascending magnitude rank along dim 1 (a 1-D tensor is one row); a row of one
-    column gets `density`. float64, flat in the tensor's order."""
-    mag = delta.abs().cpu().numpy()
-    if mag.ndim < 2:
-        mag = mag.reshape(1, -1)
-    cols = mag.shape[1]
+def magprune_probabilities(magnitudes: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """DELLA: per entry of rows of magnitudes (rank along axis 1), keep probability
+    (density - epsilon) + 2 * epsilon * r / (cols - 1), r its ascending rank; a row of one
+    column gets `density`. float64, flat in the rows' order."""
+    cols = magnitudes.shape[1]
     if cols == 1:
-        return np.full(mag.size, float(density))
-    ranks = ascending_ranks(mag).astype(np.float64)
+        return np.full(magnitudes.size, float(density))
+    ranks = ascending_ranks(magnitudes).astype(np.float64)
     return ((density - epsilon) + ranks / (cols - 1) * (2 * epsilon)).reshape(-1)
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, key: np.uint64) -> torch.Tensor:
-    """DELLA's MagPrune: keep each entry with its rank's probability (all when density >= 1)."""
+    """DELLA's MagPrune: keep each entry with its rank's probability (all when density >= 1).
+
+    Ranks are per row (dim 1; a 1-D tensor is one row), so rows are ranked and drawn in
+    blocks of about draws.CHUNK entries: the sort's temporaries stay small whatever the
+    tensor's size, and each entry's draw still depends only on its flat index."""
     if density >= 1:
         return delta
-    return _masked(delta, keep_mask(key, magprune_probabilities(delta, density, epsilon), delta.numel()))
+    mag = delta.abs().cpu().numpy()
+    if mag.ndim < 2:
+        mag = mag.reshape(1, -1)
+    per_row = mag[0].size
+    keep = np.empty(mag.size, dtype=np.bool_)
+    step = max(1, CHUNK // per_row)
+    for r in range(0, mag.shape[0], step):
+        p = magprune_probabilities(mag[r:r + step], density, epsilon)
+        start = r * per_row
+        keep[start:start + p.size] = uniforms(key, start, start + p.size) < p
+    return _masked(delta, keep)
 
 
 def variance_top(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
