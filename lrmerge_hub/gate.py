@@ -95,32 +95,42 @@ def error(status: int, message: str, kind: str):
 def make_router(routes: dict[str, str], key: str | None):
     """The aiohttp app: key check, then `GET /v1/models` (every model), `GET /health` (every
     vLLM healthy), and any request whose JSON body names a served `model` goes to that vLLM."""
-    from aiohttp import ClientSession, ClientTimeout, web
+    from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-    async def forward(request, base: str, body: bytes):
+    async def forward(request, name: str, body: bytes):
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
         session: ClientSession = request.app["session"]
-        async with session.request(request.method, base + request.rel_url.raw_path_qs, data=body,
-                                   headers=headers) as upstream:
-            answer = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED})
-            await answer.prepare(request)
-            async for chunk in upstream.content.iter_any():  # streamed tokens go out as they come
-                await answer.write(chunk)
-            await answer.write_eof()
-            return answer
+        answer = None
+        try:
+            async with session.request(request.method, routes[name] + request.rel_url.raw_path_qs, data=body,
+                                       headers=headers) as upstream:
+                answer = web.StreamResponse(status=upstream.status, headers={
+                    k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED})
+                await answer.prepare(request)
+                async for chunk in upstream.content.iter_any():  # streamed tokens go out as they come
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+        except ClientError:
+            if answer is not None:  # the answer had begun: all that is left is to drop the connection
+                raise
+            return error(502, f"the vLLM serving `{name}` did not answer", "BadGateway")
 
-    async def fetch(request, url: str):
+    async def fetch(request, url: str, read_json: bool = False) -> tuple[int | None, dict | None]:
+        """Status (None: no answer) and, when asked, the JSON body of a GET with the caller's key."""
         session: ClientSession = request.app["session"]
         auth = {"Authorization": request.headers["Authorization"]} if key else {}
-        async with session.get(url, headers=auth) as r:
-            return r.status, (await r.json() if r.status == 200 else None)
+        try:
+            async with session.get(url, headers=auth) as r:
+                return r.status, (await r.json(content_type=None) if read_json and r.status == 200 else None)
+        except (ClientError, ValueError):
+            return None, None
 
     async def handle(request):
         if key is not None and not authorized(request.headers.get("Authorization"), key):
             return web.json_response(UNAUTHORIZED, status=401, headers={"WWW-Authenticate": "Bearer"})
         if request.method == "GET" and request.path == "/v1/models":
-            listed = [await fetch(request, base + "/v1/models") for base in routes.values()]
+            listed = [await fetch(request, base + "/v1/models", read_json=True) for base in routes.values()]
             if any(status != 200 for status, _ in listed):
                 return error(502, "a vLLM behind the router did not list its model", "BadGateway")
             return web.json_response({"object": "list", "data": [m for _, d in listed for m in d["data"]]})
@@ -129,13 +139,16 @@ def make_router(routes: dict[str, str], key: str | None):
             return web.Response(status=200 if all(s == 200 for s in statuses) else 503)
         body = await request.read()
         name = model_of(body)
+        if not body:
+            return error(404, "the router answers GET /v1/models, GET /health and requests whose JSON body "
+                              "names a `model`", "NotFoundError")
         if name is None:
             return error(400, f"name the model in the JSON body's `model`: one of {sorted(routes)}",
                          "BadRequestError")
         if name not in routes:
-            return error(404, f"The model `{name}` does not exist: this endpoint serves {sorted(routes)}",
+            return error(404, f"The model `{name[:200]}` does not exist: this endpoint serves {sorted(routes)}",
                          "NotFoundError")
-        return await forward(request, routes[name], body)
+        return await forward(request, name, body)
 
     async def session_context(app):
         app["session"] = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)

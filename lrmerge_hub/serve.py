@@ -168,7 +168,7 @@ def check_bind_safety(host: str, api_key: str | None) -> None:
     """Refuse to expose an unauthenticated endpoint beyond this machine."""
     if not is_loopback(host) and not api_key:
         raise ServeError(f"--host {host} exposes the server beyond this machine: "
-                         f"set --api-key (or VLLM_API_KEY), or bind 127.0.0.1")
+                         f"set VLLM_API_KEY (or --api-key), or bind 127.0.0.1")
 
 
 def passthrough_name(arg: str) -> str:
