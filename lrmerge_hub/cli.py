@@ -381,7 +381,10 @@ import pathlib as _pathlib  # noqa: E402
               help="Port of the endpoint; with several models, their vLLMs use the next ports.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback requires --api-key.")
-@click.option("--api-key", default=None, help="Require this key (Bearer). Default: $VLLM_API_KEY.")
+@click.option("--api-key", default=None,
+              help="Require this key (Authorization: Bearer KEY) on every route. A command-line value is "
+                   "visible to every user of this machine in `ps`: prefer the VLLM_API_KEY environment "
+                   "variable, the default.")
 @click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (context length).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="vLLM --dtype.")
@@ -394,7 +397,8 @@ import pathlib as _pathlib  # noqa: E402
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=_pathlib.Path),
               default=None, help="Where vLLM's logs go (default ./.lrmerge/serve/<time>).")
 @click.option("--vllm-arg", "vllm_args", multiple=True,
-              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager.")
+              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager. Options "
+                   "lrmerge sets itself (host, port, key, served name, ...) are refused: use its own flags.")
 @FORMAT_OPTION
 @user_errors
 def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel_size,
@@ -420,13 +424,15 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
     endpoint = serve.start_with_signals(list(models), opts, log_dir)
 
     def ready(ep: "serve.Endpoint") -> None:
-        data = {"base_url": ep.base_url, "models": ep.models, "log_dir": str(ep.log_dir),
-                "workers": ep.workers, "curl": ep.curl_line()}
+        data = {"base_url": ep.base_url, "bind": ep.bind, "key_required": bool(ep.api_key), "models": ep.models,
+                "log_dir": str(ep.log_dir), "workers": ep.workers, "curl": ep.curl_line()}
         if fmt == "json":
             click.echo(json.dumps(data, sort_keys=True))
 
         def human() -> None:
             click.echo(f"Ready: {ep.base_url} serving {', '.join(ep.models)}")
+            click.echo(f"Bound: {ep.bind}, " + ("every route requires the API key" if ep.api_key
+                                                 else "no key (this machine only)"))
             click.echo(f"Try:   {ep.curl_line()}")
             click.echo(f"Logs:  {ep.log_dir}")
             click.echo("Press Ctrl-C to stop.")

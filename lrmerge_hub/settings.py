@@ -28,13 +28,6 @@ def vllm_api_key() -> str | None:
     return os.environ.get("VLLM_API_KEY") or None
 
 
-def litellm_executable() -> str | None:
-    """Path to LiteLLM's `litellm` script (`LRMERGE_LITELLM`), for the multi-model router.
-
-    LiteLLM requires huggingface_hub < 2, so it lives in its own virtual environment."""
-    return os.environ.get("LRMERGE_LITELLM") or None
-
-
 def vllm_cpu_kvcache_set() -> bool:
     """True when the user sized vLLM's CPU KV cache themselves (`VLLM_CPU_KVCACHE_SPACE`)."""
     return bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
