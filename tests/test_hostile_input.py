@@ -514,3 +514,52 @@ def test_a_name_with_line_breaks_or_terminal_escapes_cannot_split_an_error(tmp_p
     code, output = lrmerge("card", str(folder))
     lines = output.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "\x1b" not in output and "two\\nlines\\x1b[31m" in lines[0], output
+
+
+# -- files and names that reach serve and eval ------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["org/name\n", "org/name ", "org/na me", "../org/name", "org//name"])
+def test_serve_takes_only_hub_ids_the_hub_accepts(tmp_path, spec):
+    from lrmerge_hub.errors import ServeError
+    from lrmerge_hub.serve import resolve_target
+
+    with pytest.raises(ServeError, match="does not exist"):  # not an id: a folder, which is not there
+        resolve_target(spec, tmp_path)
+    assert resolve_target("org/name@v1", tmp_path).model == "org/name"
+    with pytest.raises(ServeError, match="not a branch, tag or commit"):
+        resolve_target("org/name@bad..rev", tmp_path)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '{"text_config": 5, "head_dim": "x"}', '{"hidden_size": 64, '
+                                    '"num_attention_heads": 0}', '"text"'])
+def test_serve_reads_any_config_without_a_traceback(tmp_path, config):
+    from lrmerge_hub.serve import local_head_dim
+
+    (tmp_path / "config.json").write_text(config)
+    assert local_head_dim(tmp_path) is None
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("merge_report.json", "{not json", "not a JSON merge report"),
+    ("merge_report.json", "[1, 2]", "not a merge report"),
+    ("recipe.yaml", "a: &a [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1 if i else ''}, *a{i - 1 if i else ''}]\n"
+                                           for i in range(1, 30)).replace("*a0", "*a"), "YAML bomb"),
+])
+def test_eval_metadata_of_a_model_folder_is_a_one_line_error(tmp_path, name, text, needle):
+    from lrmerge_hub.errors import EvalError
+    from lrmerge_hub.evaluate import model_languages
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(EvalError, match=needle) as e:
+        model_languages(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_languages_of_odd_metadata_are_ignored(tmp_path):
+    from lrmerge_hub.evaluate import model_languages
+
+    (tmp_path / "merge_report.json").write_text('{"languages": 5}')
+    assert model_languages(tmp_path) == []
+    (tmp_path / "merge_report.json").write_text('{"languages": ["bo", 3]}')
+    assert model_languages(tmp_path) == ["bo"]
