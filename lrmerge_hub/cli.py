@@ -18,6 +18,15 @@ FORMAT_OPTION = click.option(
     show_default=True, help="Output format: human text, one JSON object for machines, or nothing.",
 )
 
+def stream_options(fn: Callable) -> Callable:
+    """--download and --read-ahead: how Hub models that are not in the HF cache are read."""
+    fn = click.option("--read-ahead", default="1GiB", show_default=True, metavar="SIZE",
+                      help="Bytes of streamed Hub weights fetched ahead of the merge, in all.")(fn)
+    return click.option("--download", is_flag=True,
+                        help="Download Hub models into the HF cache first (to merge them again later), "
+                             "instead of reading their tensors from the Hub as the merge goes.")(fn)
+
+
 TOKEN_OPTION = click.option(
     "--token", default=None, metavar="TOKEN",
     help="Hub token (default: HF_OIDC_RESOURCE in CI, HF_TOKEN, or the token file). Never printed.",
@@ -106,11 +115,12 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
 @click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
+@stream_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
-              dry_run: bool, token: str | None, fmt: str) -> None:
+              dry_run: bool, download: bool, read_ahead: str, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
@@ -130,7 +140,8 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
                   **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
     else:
-        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device,
+        sources = resolve_sources(recipe, token=token, download=download, read_ahead=parse_size(read_ahead))
+        report = merge(recipe, sources, out_dir, device=device,
                        shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
                        progress=fmt == "human")
     emit(fmt, report, lambda: print_merge_summary(report))
@@ -158,8 +169,11 @@ def print_merge_summary(report: dict) -> None:
             click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
+    network = s.get("bytes_from_network", 0)
     click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
-               f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
+               f"{human_bytes(s['bytes_read'])}" + (f" ({human_bytes(network)} from the Hub, the rest from disk)"
+                                                    if network else " from disk")
+               + f", wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
                f"peak memory {human_bytes(s['peak_rss_bytes'])}")
 
 
@@ -174,11 +188,12 @@ def print_merge_summary(report: dict) -> None:
 @click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
 @click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@stream_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
-            force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+            force: bool, dry_run: bool, download: bool, read_ahead: str, token: str | None, fmt: str) -> None:
     """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
     from .pipeline import run_recipe
     from .recipe import load_recipe
@@ -189,7 +204,8 @@ def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: st
     try:
         summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
                              dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
-                             progress=fmt == "human", echo=echo)
+                             progress=fmt == "human", download=download, read_ahead=parse_size(read_ahead),
+                             echo=echo)
     except LrmergeError as e:
         partial = getattr(e, "run_summary", None)
         if fmt == "json" and partial is not None:  # CI still gets a machine-readable record

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download, is_offline_mode, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    get_token,
+    hf_hub_download,
+    is_offline_mode,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -50,6 +58,7 @@ from .errors import (
 from .merge.plan import BASE, MergePlan, Source, TensorSpec, model_keys, plan_merge
 from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
 from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
+from .settings import DEFAULT_READ_AHEAD, RANGE_REQUEST_BYTES, RANGE_WORKERS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 EVAL_RESULTS_DIR = ".eval_results"  # the Hub's newer evaluation results format, written by the card
@@ -296,6 +305,43 @@ def materialize_sources(recipe: Recipe, *, token: str | None = None) -> dict[str
     plan = pull(recipe, token=token)
     return {key: Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
             for key, m in plan.models.items()}
+
+
+def stream_sources(recipe: Recipe, *, token: str | None = None, read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, Source]:
+    """Like materialize_sources, without downloading weights: a Hub model whose weights are
+    not in the HF cache is read by range requests during the merge (hub_stream.HubModel);
+    only its small side files (config, tokenizer) are downloaded. Cached models and local
+    folders are read from disk. The streamed models share the read-ahead window."""
+    plan = plan_recipe(recipe, token=token)
+    streamed = [k for k, m in plan.models.items() if m.repo_id and m.path is None and not _weights_cached(m)]
+    sources = {}
+    for key, m in plan.models.items():
+        if key not in streamed:
+            download(m, token=token)
+            sources[key] = Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
+            continue
+        with hub_errors(m.spec):
+            folder = Path(snapshot_download(m.repo_id, revision=m.sha, token=token,  # type: ignore[arg-type]
+                                            allow_patterns=[f for f in m.files if not f.endswith(".safetensors")]))
+        _remember_revision(folder, m.revision or "main", m.sha)
+        sources[key] = streamed_source(m.repo_id, m.sha, folder, token=token,  # type: ignore[arg-type]
+                                       read_ahead=read_ahead // len(streamed))
+    return sources
+
+
+def streamed_source(repo_id: str, sha: str, folder: Path, *, token: str | None, read_ahead: int) -> Source:
+    """A Source whose tensors are read from the Hub at `sha`; `folder` holds its side files."""
+    from .hub_stream import hub_reader
+
+    return Source(path=folder, repo_id=repo_id, revision=sha,
+                  reader=hub_reader(repo_id=repo_id, revision=sha, folder=folder, token=token, read_ahead=read_ahead,
+                                    request_bytes=RANGE_REQUEST_BYTES, workers=RANGE_WORKERS))
+
+
+def _weights_cached(meta: ModelMeta) -> bool:
+    """Whether every weight file of the model, at its pinned sha, is in the HF cache."""
+    return all(isinstance(try_to_load_from_cache(meta.repo_id, f, revision=meta.sha), str)  # type: ignore[arg-type]
+               for f in meta.files if f.endswith(".safetensors"))
 
 
 # --- push ---------------------------------------------------------------------------------

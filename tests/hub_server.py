@@ -24,6 +24,7 @@ import itertools
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,12 +36,26 @@ import yaml
 EMPTY_SHA = "0" * 40
 DROP = 0  # Fault.status: close the connection without an answer (a network error)
 CUT = -1  # Fault.status: answer, but close the connection halfway through the body
+CORRUPT = -2  # Fault.status: answer, with one byte of the body changed
+LFS_POINTER_SIZE = 134  # bytes of a git-lfs pointer file (what the Hub lists as pointerSize)
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file's content (what the Hub reports as a regular file's oid)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str) -> bool:
+    """Whether the repo's .gitattributes (GITATTRIBUTES) keeps the file in LFS."""
+    return path.endswith((".safetensors", ".bin"))
+
+
+def lfs_info(path: str, data: bytes, key: str = "oid") -> dict[str, Any]:
+    """The `lfs` entry the Hub lists for a file kept in LFS: the content's sha256 is `oid` in
+    tree and paths-info entries, `sha256` in model info siblings."""
+    return {"lfs": {key: hashlib.sha256(data).hexdigest(), "size": len(data),
+                    "pointerSize": LFS_POINTER_SIZE}} if is_lfs(path) else {}
 
 
 @dataclass
@@ -86,7 +101,8 @@ class Fault:
     `after=True` runs the request first (its changes stick) and then answers the error, like
     a response lost on the way back; otherwise the request body is read and nothing changes.
     `status=DROP` closes the connection instead of answering, `status=CUT` halfway through
-    the answer's body (a download interrupted by the network)."""
+    the answer's body (a download interrupted by the network), `status=CORRUPT` changes a
+    byte of the answer's body. `skip` matching requests are answered normally first."""
 
     method: str
     path: re.Pattern
@@ -94,6 +110,7 @@ class Fault:
     times: int
     after: bool = False
     action: Callable[[], None] | None = None  # run first, e.g. someone else's commit
+    skip: int = 0
 
 
 @dataclass
@@ -104,6 +121,13 @@ class Request:
     range: str | None
     authenticated: bool
     status: int = 0
+    sent: int = 0  # body bytes written to the client
+
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        """(first, last) byte of a `Range: bytes=a-b` request (served in full)."""
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", (self.range or "").strip())
+        return (int(m[1]), int(m[2])) if m else None
 
 
 class HttpError(Exception):
@@ -120,6 +144,7 @@ class HubServer:
         self.lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._counter = itertools.count(1)
+        self._pace_lock = threading.Lock()
         self.reset()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -153,16 +178,34 @@ class HubServer:
             self.tokens: dict[str, str] = {}
             self.faults: list[Fault] = []
             self.log: list[Request] = []
+            self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
+            self._link_free_at = 0.0
 
     # --- test helpers -------------------------------------------------------------------
     def add_token(self, token: str, user: str) -> None:
         self.tokens[token] = user
 
     def fail(self, method: str, path_regex: str, *, status: int = 500, times: int = 1,
-             after: bool = False) -> None:
-        """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`."""
+             after: bool = False, skip: int = 0) -> None:
+        """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`; with `skip=N` the
+        first N matching requests are answered normally."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), status, times, after))
+            self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip))
+
+    def limit_bandwidth(self, bytes_per_second: float | None) -> None:
+        """Pace request and answer bodies to this rate, each way (None: as fast as possible)."""
+        self.bandwidth = bytes_per_second
+
+    def pace(self, n: int) -> None:
+        """Wait until `n` more bytes fit through the shared link (a no-op without a limit)."""
+        if not self.bandwidth or n <= 0:
+            return
+        with self._pace_lock:
+            now = time.monotonic()
+            self._link_free_at = max(self._link_free_at, now) + n / self.bandwidth
+            wait = self._link_free_at - now
+        if wait > 0:
+            time.sleep(wait)
 
     def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1) -> None:
         """Run `action` (under the lock) before handling the next matching request(s)."""
@@ -284,13 +327,16 @@ class _Handler(BaseHTTPRequestHandler):
             hub.log.append(record)
             fault = next((f for f in hub.faults if f.times > 0 and f.method == method
                           and f.path.search(record.path)), None)
+            if fault and fault.skip > 0:
+                fault.skip -= 1
+                fault = None
             if fault:
                 fault.times -= 1
                 if fault.action:
                     fault.action()
                 if fault.status is None:
                     fault = None
-        if fault and not fault.after and fault.status != CUT:  # fail without changing anything
+        if fault and not fault.after and fault.status not in (CUT, CORRUPT):  # fail without changing anything
             if fault.status == DROP:
                 self.close_connection = True
                 return
@@ -300,10 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
             if fault and fault.status == DROP:  # applied, then the connection drops
                 self.close_connection = True
                 return
-            if fault and fault.status != CUT:
+            if fault and fault.status not in (CUT, CORRUPT):
                 answer = self._error(HttpError(fault.status, "Injected failure after the request was applied"))
+            if fault and fault.status == CORRUPT and answer[2]:
+                body = bytearray(answer[2])
+                body[-1] ^= 0xFF
+                answer = (answer[0], answer[1], bytes(body))
         record.status = answer[0]
-        self._send(method, *answer, cut=bool(fault and fault.status == CUT))
+        record.sent = self._send(method, *answer, cut=bool(fault and fault.status == CUT))
 
     def _route(self, method: str, raw_path: str, query: dict, body: bytes,
                token: str | None) -> tuple[int, dict, Any]:
@@ -339,9 +389,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if size == 0:
                     return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
+        self.hub.pace(length)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> None:
+    def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> int:
+        """Answer; returns the body bytes written (paced by the bandwidth limit)."""
         if not isinstance(payload, bytes):
             payload = json.dumps(payload).encode()
             headers.setdefault("Content-Type", "application/json")
@@ -351,10 +403,18 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(payload[: len(payload) // 2] if cut else payload)
+        body = b"" if method == "HEAD" else payload[: len(payload) // 2] if cut else payload
+        step = 256 * 1024
+        try:
+            for i in range(0, len(body), step):
+                self.hub.pace(min(step, len(body) - i))
+                self.wfile.write(body[i:i + step])
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (e.g. a merge that failed)
+            self.close_connection = True
+            return 0
         if cut:
             self.close_connection = True
+        return len(body)
 
     # --- access -------------------------------------------------------------------------
     def _repo(self, repo_id: str, user: str | None, *, write: bool = False, files: bool = False) -> Repo:
@@ -379,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _file_entry(path: str, data: bytes) -> dict:
-        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data), **lfs_info(path, data)}
 
     # --- endpoints ----------------------------------------------------------------------
     def h_whoami(self, user, **_):
@@ -444,7 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             sib: dict[str, Any] = {"rfilename": path}
             if query.get("blobs"):
-                sib.update(size=len(data), blobId=git_blob_sha1(data))
+                sib.update(size=len(data), blobId=git_blob_sha1(data), **lfs_info(path, data, "sha256"))
             siblings.append(sib)
         return 200, {}, {"_id": r.repo_id, "id": r.repo_id, "modelId": r.repo_id, "author": r.owner,
                          "sha": commit.oid, "private": r.private, "gated": "auto" if r.gated else False,

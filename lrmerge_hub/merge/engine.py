@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
     FAST_PATHS, NonFiniteInput = {}, ValueError
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
-from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
+from .st_io import ShardedWriter, TensorSource, as_array, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +113,7 @@ def to_compute(t: torch.Tensor, device: str, name: str, label: str) -> torch.Ten
     return x
 
 
-def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                  device: str, retention: RetentionCounter | None) -> np.ndarray:
     """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
@@ -154,7 +154,7 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
     return merged
 
 
-def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
+def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSource], tmp: Path) -> None:
     """config.json from the reference model (vocab and dtype updated), generation config and
     chat template from the task model when it has them, tokenizer from the tokenizer source."""
     config = dict(readers[plan.reference].config)
@@ -201,16 +201,21 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, Safetens
                     break
 
 
-def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, SafetensorsModel]:
-    readers = {}
-    for key in model_keys(recipe):
-        if key not in sources:
-            raise InputModelError(f"{key}: no local folder for this model (pull it first)")
-        readers[key] = SafetensorsModel(sources[key].path, key)
+def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, TensorSource]:
+    readers: dict[str, TensorSource] = {}
+    try:
+        for key in model_keys(recipe):
+            if key not in sources:
+                raise InputModelError(f"{key}: no local folder for this model (pull it first)")
+            readers[key] = sources[key].open(key)
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
     return readers
 
 
-def build_plan(recipe: Recipe, readers: dict[str, SafetensorsModel]) -> MergePlan:
+def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     keys = model_keys(recipe)
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
@@ -261,12 +266,11 @@ def merge(
                   disable=not progress, leave=False) as bar:
             # a copied (non-float) tensor is read from the reference model only
             read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
+            for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
+                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by) if k in by])
             for index, job in enumerate(plan.jobs):
                 for k in read_by[index]:
                     readers[k].populate(job.name)
-                if index + 1 < len(plan.jobs):
-                    for k in read_by[index + 1]:
-                        readers[k].prefetch(plan.jobs[index + 1].name)
                 if job.merge:
                     out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
                                        dev, retention)
@@ -279,14 +283,19 @@ def merge(
                 for k in keys:  # its input pages leave our resident set (st_io.release)
                     readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
+                bar.set_postfix_str(f"{job.name}, {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
+                                    "from the Hub", refresh=False)
                 if on_tensor:
                     on_tensor(job.name)
         if pending is not None:
             pending.result()
             pending = None
         writer.close()
+        for r in readers.values():  # e.g. each streamed shard's sha256, before anything is installed
+            r.finish()
         copy_side_files(plan, recipe, readers, tmp)
-        report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
+        report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written,
+                              sum(r.network_bytes for r in readers.values()))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         install_atomically(tmp, out_dir)
@@ -316,7 +325,7 @@ def install_atomically(tmp: Path, out_dir: Path) -> None:
 
 def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
                  retention: RetentionCounter | None, device: str, started: float,
-                 bytes_written: int) -> dict[str, Any]:
+                 bytes_written: int, bytes_from_network: int = 0) -> dict[str, Any]:
     def source_entry(key: str, display: str) -> dict[str, Any]:
         src = sources[key]
         return {"model": display, "repo_id": src.repo_id, "revision": src.revision}
@@ -346,6 +355,7 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
             "tensors": len(plan.jobs),
             "parameters": plan.parameters,
             "bytes_read": plan.bytes_to_read,
+            "bytes_from_network": bytes_from_network,  # streamed Hub inputs, headers and gaps included
             "bytes_written": bytes_written,
             "seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": peak_rss_bytes(),

@@ -56,12 +56,24 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
             head = f.read(8)
             if len(head) < 8:
                 raise InputModelError(f"{path.name}: not a safetensors file (too short) in {path.parent.name}")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise InputModelError(f"{path.name}: corrupt or truncated safetensors header in {path.parent.name}")
+            n = header_length(head, size, path)
             raw = f.read(n)
     except OSError as e:
         raise InputModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_header(raw, size, path)
+
+
+def header_length(head: bytes, size: int, path: Path) -> int:
+    """The JSON header's length from a shard's first 8 bytes (checked against the file size)."""
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise InputModelError(f"{path.name}: corrupt or truncated safetensors header in {path.parent.name}")
+    return n
+
+
+def parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors (absolute offsets) and metadata of a shard of `size` bytes whose JSON
+    header is `raw`: the same checks whether the shard is on disk or read from the Hub."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -70,7 +82,7 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
         raise InputModelError(f"{path.name}: corrupt safetensors header in {path.parent.name}")
     metadata = header.pop("__metadata__", None) or {}
     tensors: dict[str, StoredTensor] = {}
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -86,17 +98,20 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     return tensors, metadata
 
 
-class SafetensorsModel:
-    """One model folder: its tensors (by name, lazily mapped) and its config."""
+class TensorSource:
+    """Where a model's tensor bytes come from, as the merge loop sees it: a mapped local
+    folder (SafetensorsModel) or ranged reads from the Hub (hub_stream.HubModel).
 
-    def __init__(self, folder: Path, label: str):
-        self.folder = Path(folder)
-        self.label = label
-        if not self.folder.is_dir():
-            raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
-        self.tensors = self._index()
-        self.config = self._read_json("config.json", required=True)
-        self._maps: dict[Path, mmap.mmap] = {}
+    The loop announces the order it will read tensors in (`read_order`), asks for each one
+    before reading it (`populate`), reads it (`array`, `get`), lets it go (`release`), and at
+    the end asks the source to vouch for every byte it served (`finish`). Side files
+    (config, tokenizer) are read from `folder`."""
+
+    folder: Path
+    label: str
+    tensors: dict[str, StoredTensor]
+    config: dict[str, Any]
+    network_bytes = 0  # bytes this source received over the network so far
 
     def _read_json(self, name: str, required: bool = False) -> dict[str, Any]:
         path = self.folder / name
@@ -108,6 +123,57 @@ class SafetensorsModel:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON") from None
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: st.spec for name, st in self.tensors.items()}
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as a flat read-only numpy array (bfloat16 and float8 as their bits:
+        see NUMPY_DTYPES), valid until `release(name)`."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a zero-copy, read-only torch view of `array(name)`."""
+        import torch
+
+        spec = self.tensors[name].spec
+        flat = self.array(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the buffer is read-only; we never write to it
+            t = torch.from_numpy(flat)
+        if spec.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy holds their bits
+            t = t.view(torch_dtype(spec.dtype))
+        return t.view(spec.shape)
+
+    def read_order(self, names: list[str]) -> None:
+        """The tensors the merge will read from this source, in the order it reads them."""
+
+    def populate(self, name: str) -> None:
+        """Have the tensor's bytes at hand before the kernels read it."""
+
+    def release(self, name: str) -> None:
+        """The merge is done with the tensor."""
+
+    def finish(self) -> None:
+        """Check, once every tensor was read, that the bytes were the right ones."""
+
+    def close(self) -> None:
+        """Let go of mappings, buffers and connections (also after a failure)."""
+
+
+class SafetensorsModel(TensorSource):
+    """One local model folder: its tensors (by name, lazily mapped) and its config."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = Path(folder)
+        self.label = label
+        if not self.folder.is_dir():
+            raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
+        self.tensors = self._index()
+        self.config = self._read_json("config.json", required=True)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._next: dict[str, str] = {}  # tensor -> the one read after it
 
     def _index(self) -> dict[str, StoredTensor]:
         index = self.folder / "model.safetensors.index.json"
@@ -143,10 +209,6 @@ class SafetensorsModel:
                 raise InputModelError(f"{self.label}: tensor {name} is in the index but not in the shards (or the reverse)")
         return tensors
 
-    @property
-    def specs(self) -> dict[str, TensorSpec]:
-        return {name: st.spec for name, st in self.tensors.items()}
-
     def array(self, name: str) -> np.ndarray:
         """A zero-copy, read-only flat numpy view of the tensor in the memory-mapped file
         (bfloat16 and float8 as their bits: see NUMPY_DTYPES)."""
@@ -163,19 +225,6 @@ class SafetensorsModel:
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A zero-copy, read-only torch view of the tensor in the memory-mapped file."""
-        import torch
-
-        spec = self.tensors[name].spec
-        flat = self.array(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only; we never write to it
-            t = torch.from_numpy(flat)
-        if spec.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy holds their bits
-            t = t.view(torch_dtype(spec.dtype))
-        return t.view(spec.shape)
-
     def _advise(self, name: str, advice: int) -> None:
         """madvise the pages of a tensor's mapping (mapping the shard if needed); a kernel
         that does not know the advice (older than Linux 5.14 for POPULATE_READ) is ignored."""
@@ -188,15 +237,17 @@ class SafetensorsModel:
         except OSError:
             pass
 
-    def prefetch(self, name: str) -> None:
-        """Ask the OS to read a tensor's pages ahead (asynchronously): the next tensor's
-        reads from disk overlap this one's merge."""
-        self._advise(name, mmap.MADV_WILLNEED)
+    def read_order(self, names: list[str]) -> None:
+        self._next = dict(zip(names, names[1:]))
 
     def populate(self, name: str) -> None:
         """Map all of a tensor's pages into this process in one call, before the kernels
-        read it: many times cheaper than a page fault per 64 KB, one thread at a time."""
+        read it (many times cheaper than a page fault per 64 KB, one thread at a time), and
+        ask the OS to read the next tensor's pages ahead (WILLNEED, asynchronously), so its
+        reads from disk overlap this one's merge."""
         self._advise(name, MADV_POPULATE_READ)
+        if name in self._next:
+            self._advise(self._next[name], mmap.MADV_WILLNEED)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set once it is merged: the

@@ -1,0 +1,171 @@
+"""Merging straight from the Hub: tensors read by range requests (hub_stream.py), checked against
+the sha256 the Hub lists, resumed after a broken connection; the client against tests/hub_server.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from lrmerge_hub import hub, hub_stream
+from lrmerge_hub.cli import main
+from lrmerge_hub.merge.engine import local_sources, merge
+from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.synth import make_family, write_checkpoint
+from tests.hub_server import CORRUPT, CUT
+
+RECIPE = ("method: slack_ties\nbase: {base}\nmodels:\n  - {{model: {language}, role: language}}\n"
+          "  - {{model: {task}, role: task, slack: 0.5}}\nlanguages: [bo]\nlicense: apache-2.0\n")
+TASK_WEIGHTS = r"org/task/resolve/[0-9a-f]{40}/model\.safetensors$"
+HEADER_READS = 3  # GETs of a one-shard model before its first data block: the check's, then ours (8 bytes, JSON)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny base/language/task checkpoints; the language model in 3 shards with an index."""
+    fam = make_family(tmp_path_factory.mktemp("stream"), extend_language_vocab=8)
+    sharded = fam["language"].parent / "language-sharded"
+    sharded.mkdir()
+    for p in fam["language"].iterdir():
+        if p.suffix != ".safetensors":
+            shutil.copy(p, sharded / p.name)
+    write_checkpoint(sharded, iter(load_file(fam["language"] / "model.safetensors").items()), shard_bytes=200_000)
+    fam["language"] = sharded
+    return fam
+
+
+@pytest.fixture(scope="module")
+def local_merge(family, tmp_path_factory) -> Path:
+    """The same merge from local folders: what every streamed merge must reproduce bit for bit."""
+    folder = tmp_path_factory.mktemp("local")
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(RECIPE.format(**{k: str(family[k]) for k in ("base", "language", "task")}))
+    recipe = load_recipe(recipe_path)
+    merge(recipe, local_sources(recipe), folder / "out", device="cpu", progress=False)
+    return folder / "out"
+
+
+@pytest.fixture
+def hub_family(hub_server, family, tmp_path, monkeypatch) -> Path:
+    """The family on the test Hub, and a recipe naming it; small requests and a small window,
+    so that blocks are coalesced, split and held back by the window even in tiny models."""
+    for name in ("base", "language", "task"):
+        hub_server.seed(f"org/{name}", family[name])
+    monkeypatch.setattr(hub, "RANGE_REQUEST_BYTES", 20_000)
+    monkeypatch.setattr(hub_stream, "RESUME_WAIT", 0.01)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(base="org/base", language="org/language", task="org/task")
+                    + "output: out\n")
+    return path
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def weights_in(family: dict[str, Path]) -> list[Path]:
+    return [p for k in ("base", "language", "task") for p in family[k].glob("*.safetensors")]
+
+
+def cached_weights() -> list[Path]:
+    from huggingface_hub import constants
+
+    return sorted(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
+
+
+def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_weights(hub_server, hub_family, family,
+                                                                                     local_merge, tmp_path):
+    recipe = load_recipe(hub_family)
+    sources = hub.stream_sources(recipe, read_ahead=150_000)  # pins, checks the headers, fetches side files
+    checked = len(hub_server.log)
+
+    report = merge(recipe, sources, tmp_path / "out", device="cpu", progress=False)
+
+    assert shard_bytes(tmp_path / "out") == shard_bytes(local_merge)
+    assert all(s.reader is not None for s in sources.values()) and cached_weights() == []
+    # the merge's reads cover every byte of every shard exactly once, header included
+    weights = {f"/{repo}/resolve/{s.revision}/{name}": len(data)
+               for key, s in sources.items() for repo in [s.repo_id]
+               for name, data in hub_server.files(repo).items() if name.endswith(".safetensors")}
+    assert len(weights) == len(weights_in(family)) > 3
+    for path, size in weights.items():
+        ranges = sorted(r.byte_range for r in hub_server.log[checked:] if r.method == "GET" and r.path == path)
+        covered = 0
+        for first, last in ranges:
+            assert first == covered, f"{path}: bytes {covered}-{first - 1} read twice or never"
+            covered = last + 1
+        assert covered == size
+    assert report["base"]["revision"] == sources["base"].revision
+    assert report["stats"]["bytes_from_network"] == sum(weights.values())
+
+
+def test_weights_already_in_the_cache_are_read_from_disk(hub_server, hub_family):
+    recipe = load_recipe(hub_family)
+    hub.pull(recipe)  # downloads everything into the cache, as --download does
+    downloads = len(hub_server.downloads())
+
+    sources = hub.stream_sources(recipe)
+
+    assert all(s.reader is None and (s.path / "config.json").is_file() for s in sources.values())
+    assert len(hub_server.downloads()) == downloads
+
+
+@pytest.mark.parametrize("fault", [CUT, 503], ids=["connection-cut", "server-error"])
+def test_a_range_broken_in_the_middle_is_resumed_where_it_stopped(hub_server, hub_family, local_merge, tmp_path,
+                                                                  fault):
+    recipe = load_recipe(hub_family)
+    hub_server.fail("GET", TASK_WEIGHTS, status=fault, skip=HEADER_READS)
+
+    merge(recipe, hub.stream_sources(recipe), tmp_path / "out", device="cpu", progress=False)
+
+    assert shard_bytes(tmp_path / "out") == shard_bytes(local_merge)
+    gets = [r for r in hub_server.log if r.method == "GET" and r.path.startswith("/org/task/resolve/")
+            and r.path.endswith("/model.safetensors") and r.byte_range]
+    broken = next(r for r in gets if r.status == 503 or r.sent < r.byte_range[1] - r.byte_range[0] + 1)
+    first, last = broken.byte_range
+    resumed = [r.byte_range for r in gets[gets.index(broken) + 1:] if r.byte_range[1] == last]
+    assert (fault == CUT and 0 < broken.sent) or broken.status == 503
+    assert resumed == [(first + broken.sent if fault == CUT else first, last)]  # once, from where it stopped
+
+
+def run(recipe: Path, *args: str, env: dict | None = None):
+    return CliRunner().invoke(main, ["run", str(recipe), "--skip-eval", "--format", "quiet", *args],
+                              env={"HF_TOKEN": "hf_test-token-never-printed", **(env or {})})
+
+
+def test_corrupted_bytes_fail_the_run_before_anything_is_pushed(hub_server, hub_family):
+    hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged}\n")
+    hub_server.fail("GET", TASK_WEIGHTS, status=CORRUPT, skip=HEADER_READS)
+
+    result = run(hub_family)
+
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert "\n" not in message, message
+    assert message.startswith("Error: org/task: model.safetensors does not match the sha256 the Hub lists")
+    assert "alice/merged" not in hub_server.repos and not (hub_family.parent / "out").exists()
+    assert not [p for p in hub_family.parent.iterdir() if "lrmerge-tmp" in p.name]
+
+
+def test_a_token_refused_mid_run_stops_with_one_line_and_a_rerun_completes(hub_server, hub_family, local_merge):
+    hub_server.fail("GET", r"/resolve/.*\.safetensors$", status=401, skip=12, times=1000)
+
+    result = run(hub_family)
+
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and "HTTP 401" in result.output
+    assert not (hub_family.parent / "out").exists() and cached_weights() == []
+    hub_server.faults.clear()
+    assert run(hub_family).exit_code == 0  # resumes at the merge; the pull's streamed sources are reopened
+    assert shard_bytes(hub_family.parent / "out") == shard_bytes(local_merge)
+
+
+def test_download_flag_keeps_downloading_into_the_cache(hub_server, hub_family, family, local_merge, tmp_path):
+    result = CliRunner().invoke(main, ["merge", str(hub_family), "--download", "--out", str(tmp_path / "o"),
+                                       "--device", "cpu", "--format", "quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert len(cached_weights()) == len(weights_in(family)) and shard_bytes(tmp_path / "o") == shard_bytes(local_merge)
