@@ -7,7 +7,10 @@ requests, and create branches and tags. Repos are in memory: each commit is a fu
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
 For tests it adds: private and gated repos that need a Bearer token, fault injection
-(`fail(...)`), and a request log without credentials (`log`, `downloads()`).
+(`fail(...)`: errors, dropped or cut connections, corrupted bytes, after N good answers), a
+request log without credentials (`log`, `downloads()`; each entry has its byte range and the
+bytes sent), LFS sha256s in file listings (`lfs.oid`), and an optional bandwidth limit with
+latency (`limit_bandwidth`) for benchmarks.
 
     server = HubServer(port=0).start()
     server.add_token("hf_test", "alice")
@@ -19,6 +22,7 @@ For tests it adds: private and gated repos that need a Bearer token, fault injec
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import itertools
 import json
@@ -41,9 +45,15 @@ LFS_POINTER_SIZE = 134  # bytes of a git-lfs pointer file (what the Hub lists as
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
+@functools.lru_cache(maxsize=1024)  # every answer names its file's oid: hash each content once
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file's content (what the Hub reports as a regular file's oid)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_lfs(path: str) -> bool:
@@ -54,7 +64,7 @@ def is_lfs(path: str) -> bool:
 def lfs_info(path: str, data: bytes, key: str = "oid") -> dict[str, Any]:
     """The `lfs` entry the Hub lists for a file kept in LFS: the content's sha256 is `oid` in
     tree and paths-info entries, `sha256` in model info siblings."""
-    return {"lfs": {key: hashlib.sha256(data).hexdigest(), "size": len(data),
+    return {"lfs": {key: sha256(data), "size": len(data),
                     "pointerSize": LFS_POINTER_SIZE}} if is_lfs(path) else {}
 
 
@@ -179,6 +189,7 @@ class HubServer:
             self.faults: list[Fault] = []
             self.log: list[Request] = []
             self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
+            self.latency = 0.0  # seconds before each answer (a far-away server's time to first byte)
             self._link_free_at = 0.0
 
     # --- test helpers -------------------------------------------------------------------
@@ -192,9 +203,10 @@ class HubServer:
         with self.lock:
             self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip))
 
-    def limit_bandwidth(self, bytes_per_second: float | None) -> None:
-        """Pace request and answer bodies to this rate, each way (None: as fast as possible)."""
-        self.bandwidth = bytes_per_second
+    def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
+        """Pace request and answer bodies to this rate, each way (None: as fast as possible),
+        and wait `latency` seconds before each answer."""
+        self.bandwidth, self.latency = bytes_per_second, latency
 
     def pace(self, n: int) -> None:
         """Wait until `n` more bytes fit through the shared link (a no-op without a limit)."""
@@ -353,6 +365,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body[-1] ^= 0xFF
                 answer = (answer[0], answer[1], bytes(body))
         record.status = answer[0]
+        if hub.latency:
+            time.sleep(hub.latency)
         record.sent = self._send(method, *answer, cut=bool(fault and fault.status == CUT))
 
     def _route(self, method: str, raw_path: str, query: dict, body: bytes,
