@@ -219,10 +219,12 @@ class HubServer:
         if wait > 0:
             time.sleep(wait)
 
-    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1) -> None:
-        """Run `action` (under the lock) before handling the next matching request(s)."""
+    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1,
+               skip: int = 0) -> None:
+        """Run `action` (under the lock) before handling the next matching request(s), after
+        `skip` of them."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), None, times, action=action))
+            self.faults.append(Fault(method, re.compile(path_regex), None, times, action=action, skip=skip))
 
     def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False) -> Repo:
         """Create a repo with an initial commit on main (like the Hub: one `.gitattributes`)."""

@@ -150,17 +150,24 @@ def test_corrupted_bytes_fail_the_run_before_anything_is_pushed(hub_server, hub_
     assert not [p for p in hub_family.parent.iterdir() if "lrmerge-tmp" in p.name]
 
 
-def test_a_token_refused_mid_run_stops_with_one_line_and_a_rerun_completes(hub_server, hub_family, local_merge):
-    hub_server.fail("GET", r"/resolve/.*\.safetensors$", status=401, skip=12, times=1000)
+@pytest.mark.parametrize("fault", ["token-refused", "repo-deleted"])
+def test_a_hub_that_says_no_mid_run_stops_with_one_line(hub_server, hub_family, local_merge, fault):
+    weights = r"/resolve/.*\.safetensors$"
+    if fault == "token-refused":
+        hub_server.fail("GET", weights, status=401, skip=12, times=1000)
+    else:
+        hub_server.before("GET", weights, lambda: hub_server.repos.pop("org/task"), skip=12)
 
     result = run(hub_family)
 
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().count("\n") == 0 and "HTTP 401" in result.output
+    assert result.output.strip().count("\n") == 0
+    assert ("HTTP 401" if fault == "token-refused" else "org/task: repository not found") in result.output
     assert not (hub_family.parent / "out").exists() and cached_weights() == []
-    hub_server.faults.clear()
-    assert run(hub_family).exit_code == 0  # resumes at the merge; the pull's streamed sources are reopened
-    assert shard_bytes(hub_family.parent / "out") == shard_bytes(local_merge)
+    if fault == "token-refused":
+        hub_server.faults.clear()
+        assert run(hub_family).exit_code == 0  # resumes at the merge; the pull's streamed sources reopen
+        assert shard_bytes(hub_family.parent / "out") == shard_bytes(local_merge)
 
 
 def test_download_flag_keeps_downloading_into_the_cache(hub_server, hub_family, family, local_merge, tmp_path):
