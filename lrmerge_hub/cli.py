@@ -188,12 +188,17 @@ def print_merge_summary(report: dict) -> None:
 @click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
 @click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--no-keep", is_flag=True,
+              help="With a push target and no evaluation: remove each output shard once uploaded "
+                   "(peak disk about one shard); the output folder keeps the rest.")
 @stream_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
-            force: bool, dry_run: bool, download: bool, read_ahead: str, token: str | None, fmt: str) -> None:
+            force: bool, dry_run: bool, shard_size: str, no_keep: bool, download: bool, read_ahead: str,
+            token: str | None, fmt: str) -> None:
     """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
     from .pipeline import run_recipe
     from .recipe import load_recipe
@@ -205,7 +210,7 @@ def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: st
         summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(), force=force,
                              dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
                              progress=fmt == "human", download=download, read_ahead=parse_size(read_ahead),
-                             echo=echo)
+                             shard_size=parse_size(shard_size), keep=not no_keep, echo=echo)
     except LrmergeError as e:
         partial = getattr(e, "run_summary", None)
         if fmt == "json" and partial is not None:  # CI still gets a machine-readable record

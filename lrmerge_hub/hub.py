@@ -374,7 +374,7 @@ def _retry(call: Callable[[], T], *, attempts: int = 3) -> T:
     raise AssertionError("unreachable")
 
 
-def folder_files(folder: Path) -> dict[str, Path]:
+def folder_files(folder: Path, *, weights_uploaded: bool = False) -> dict[str, Path]:
     """The files to upload: everything in the folder except hidden files and folders (run
     state like .lrmerge/), but with the card's .eval_results/ (the Hub reads it); refuses
     pickle weights and folders without a model."""
@@ -388,7 +388,7 @@ def folder_files(folder: Path) -> dict[str, Path]:
     if pickles:
         raise HubPushError(f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "
                            "remove them, the model is in *.safetensors")
-    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+    if "config.json" not in files or not (weights_uploaded or any(f.endswith(".safetensors") for f in files)):
         raise HubPushError(f"{folder.name}: not a merged model folder (needs config.json and *.safetensors); "
                            "run `lrmerge merge` first")
     return files
@@ -419,7 +419,7 @@ def commit_message(folder: Path) -> tuple[str, str]:
 
 def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: bool = False,
          revision: str | None = None, tag: str | None = None, message: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, uploaded: tuple[CommitOperationAdd, ...] = ()) -> PushResult:
     """Upload a merged model folder as one commit (or one pull request) and tag it.
 
     The repo is created if needed, the branch `revision` too. The commit names the recipe and
@@ -427,13 +427,14 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     `parent_commit`, so a retry never lands on top of someone else's change, and files the
     branch already holds are skipped by the client, so a commit whose answer was lost is not
     made twice. A PR commit is not retried (a retry could open a second PR). On failure the
-    remote is unchanged: run the push again."""
+    remote is unchanged: run the push again. `uploaded`: shards a ShardUploader already
+    sent (for this repo, branch and create_pr), committed without reading them again."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HubPushError(f"{folder}: no such folder")
     if tag and create_pr:
         raise HubPushError("--tag needs a commit on a branch: tag after merging the PR, or drop --create-pr")
-    files = folder_files(folder)
+    files = folder_files(folder, weights_uploaded=bool(uploaded))
     token = token or get_token()
     if not token:
         raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
@@ -448,7 +449,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
                 _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
             parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
             sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
-                                       parent)
+                                       parent, list(uploaded))
     except (HubAuthError, HubPushError):
         raise
     except HubError as e:
@@ -464,16 +465,21 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
             raise HubPushError(f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
                                "run the same command again to add the tag") from None
     return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
-                      tag=tag, files=len(files), changed=sha != parent)
+                      tag=tag, files=len(set(files) | {op.path_in_repo for op in uploaded}), changed=sha != parent)
 
 
 def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, description: str,
-            branch: str, create_pr: bool, parent: str) -> tuple[str, str, str | None]:
-    """One commit of `files` on top of `parent`, the branch head; returns (sha, url, pr_url)."""
+            branch: str, create_pr: bool, parent: str,
+            uploaded: list[CommitOperationAdd]) -> tuple[str, str, str | None]:
+    """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
+    head; returns (sha, url, pr_url)."""
     for attempt in range(3):
         # Fresh operations each attempt: the client then asks the Hub again which files it
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+        # (Pre-uploaded shards are committed by their sha256; their files may be gone.)
+        done = {op.path_in_repo for op in uploaded}
+        operations = uploaded + [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                                 for p, f in files.items() if p not in done]
         try:
             info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
                                      revision=branch, create_pr=create_pr, parent_commit=parent)
@@ -504,3 +510,47 @@ def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
         if tags.get(tag) != sha:
             raise HubPushError(f"tag {tag!r} already exists on {repo_id} at {str(tags.get(tag))[:12]}: "
                                "choose another --tag") from None
+
+
+class ShardUploader:
+    """The merge's output sink when the model will be pushed: each finished shard is handed to
+    the client's pre-upload (LFS storage, or Xet where the client uses it) for the commit that
+    `push` makes at the end, once, with `parent_commit`; the Hub shows nothing until then.
+    With `keep=False` the shard leaves the disk once uploaded, so a merge-and-push holds
+    about one output shard on disk. Storage the Hub already holds (an earlier, interrupted
+    run) is not uploaded again."""
+
+    def __init__(self, repo_id: str, *, revision: str | None = None, create_pr: bool = False,
+                 private: bool = False, keep: bool = True, token: str | None = None):
+        token = token or get_token()
+        if not token:
+            raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
+                               "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+        self.repo_id, self.branch, self.create_pr, self.keep = repo_id, revision or "main", create_pr, keep
+        self.private = private
+        self.api = HfApi(token=token)
+        self.operations: list[CommitOperationAdd] = []  # for push(uploaded=...)
+        self.bytes_uploaded = 0  # handed to the Hub's storage (or found there already)
+
+    def __call__(self, path: Path) -> bool:
+        """Upload one finished shard; True when its file was removed."""
+        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        with hub_errors(self.repo_id, write=True):
+            if not self.operations:  # the repo (and branch) the commit will go to, as push makes them
+                _retry(lambda: self.api.create_repo(self.repo_id, private=self.private, exist_ok=True))
+                if self.branch != "main":
+                    _retry(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True))
+            try:
+                _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
+                                                            create_pr=self.create_pr))
+            except RuntimeError as e:  # the client wraps the HTTP error of a failed upload
+                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError)):
+                    raise e.__cause__ from None
+                raise
+        self.operations.append(op)
+        uploaded = op.path_or_fileobj == b""  # the client lets go of content it has uploaded
+        self.bytes_uploaded += op.upload_info.size if uploaded else 0
+        if uploaded and not self.keep:
+            path.unlink()
+            return True
+        return False

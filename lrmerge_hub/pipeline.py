@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .errors import LrmergeError, RecipeError
 from .merge.plan import Source
 from .recipe import PushTarget, Recipe
-from .settings import DEFAULT_READ_AHEAD
+from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
 
 STEPS = ("pull", "merge", "eval", "card", "push")
 
@@ -35,7 +35,10 @@ class RunContext:
     progress: bool = True
     download: bool = False  # download Hub weights into the cache instead of streaming them
     read_ahead: int = DEFAULT_READ_AHEAD
+    shard_size: int = DEFAULT_SHARD_SIZE
+    keep: bool = True  # False: output shards leave the disk once uploaded (needs a push target)
     sources: dict[str, Source] = field(default_factory=dict)
+    uploaded: list[Any] = field(default_factory=list)  # shards the merge pre-uploaded, for the push
 
 
 def run_dir_for(recipe: Recipe, output: Path) -> Path:
@@ -107,11 +110,22 @@ def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> di
 
 
 def step_merge(ctx: RunContext) -> dict[str, Any]:
+    """Merge; with a push target each finished shard is uploaded as the merge goes (the push
+    step's commit then makes them visible, all at once)."""
     from .merge.engine import merge
 
-    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=True,
-                   progress=ctx.progress)
-    return {"output": str(ctx.output), "stats": report["stats"],
+    target = push_target(ctx)
+    uploader = None
+    if target is not None:
+        from .hub import ShardUploader
+
+        uploader = ShardUploader(target.repo, revision=target.revision, create_pr=target.create_pr,
+                                 private=target.private, keep=ctx.keep, token=ctx.token)
+    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=True, progress=ctx.progress,
+                   shard_size=ctx.shard_size, on_shard=uploader)
+    ctx.uploaded = uploader.operations if uploader else []
+    stats = {**report["stats"], "bytes_uploaded": uploader.bytes_uploaded if uploader else 0}
+    return {"output": str(ctx.output), "stats": stats, "weights_kept": ctx.keep,
             "retention": {m["model"]: m["retention"] for m in report["models"]}}
 
 
@@ -148,7 +162,7 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
     from .hub import push
 
     result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
-                  revision=target.revision, tag=target.tag, token=ctx.token)
+                  revision=target.revision, tag=target.tag, token=ctx.token, uploaded=tuple(ctx.uploaded))
     return result.to_dict()
 
 
@@ -164,6 +178,9 @@ def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, st
         done = state.step(name).get("status") == "done"
         if name in ("merge", "card") and not output.exists():
             done = False  # the output was removed since: make it again
+        if name == "merge" and state.step("push").get("status") != "done" and output.exists() \
+                and not any(output.glob("*.safetensors")):
+            done = False  # its shards were uploaded and removed (--no-keep) but never committed: again
         rerun = rerun or not done
         plan.append((name, "run" if rerun else "done"))
     return plan
@@ -172,12 +189,16 @@ def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, st
 def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "auto", force: bool = False,
                dry_run: bool = False, token: str | None = None, push_repo: str | None = None,
                skip_eval: bool = False, progress: bool = True, download: bool = False,
-               read_ahead: int = DEFAULT_READ_AHEAD,
+               read_ahead: int = DEFAULT_READ_AHEAD, shard_size: int = DEFAULT_SHARD_SIZE, keep: bool = True,
                echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run every step of the recipe that has not finished yet; return the run summary."""
     target = output or recipe.output
     if target is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+    if not keep and not (push_repo or recipe.push):
+        raise RecipeError("--no-keep removes the merged weights once pushed: give a push target (--push or push:)")
+    if not keep and recipe.eval is not None and not skip_eval:
+        raise RecipeError("--no-keep removes the merged weights the evaluation needs: add --skip-eval, or keep them")
     output = Path(target).absolute()
     run_dir = run_dir_for(recipe, output)
     state = RunState(run_dir, recipe.sha256())
@@ -193,7 +214,7 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
 
     ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
                      push_repo=push_repo, skip_eval=skip_eval, progress=progress, download=download,
-                     read_ahead=read_ahead)
+                     read_ahead=read_ahead, shard_size=shard_size, keep=keep)
     for name, action in plan:
         if action == "done":
             summary["steps"][name] = {"status": "done", "reused": True, **state.step(name).get("result", {})}

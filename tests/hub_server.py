@@ -2,8 +2,9 @@
 
 It implements the part of the Hub API that the official `huggingface_hub` client calls to
 read model info, list files, download files (HEAD, ETag, X-Repo-Commit, Range), read
-safetensors headers, create repos, commit (NDJSON, `uploadMode: regular`), open pull
-requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
+safetensors headers, create repos, upload to LFS storage (preupload answers `uploadMode: lfs`
+for *.safetensors and *.bin, the git-lfs batch API, a PUT per object), commit (NDJSON:
+`file`, `lfsFile`, `deletedFile`), open pull requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
 For tests it adds: private and gated repos that need a Bearer token, fault injection
@@ -185,6 +186,7 @@ class HubServer:
         """Forget all repos, tokens, faults and logged requests."""
         with self.lock:
             self.repos: dict[str, Repo] = {}
+            self.lfs_objects: dict[str, bytes] = {}  # LFS storage: sha256 -> content (uploaded or committed)
             self.tokens: dict[str, str] = {}
             self.faults: list[Fault] = []
             self.log: list[Request] = []
@@ -309,6 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<rev>[^/]+)", "tag_create"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", "preupload"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", "commit"),
+        ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", "lfs_batch"),
+        ("PUT", r"/lfs-storage/(?P<oid>[0-9a-f]{64})", "lfs_put"),
         ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ]
 
@@ -326,6 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
 
     # --- plumbing -----------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
@@ -596,10 +603,33 @@ class _Handler(BaseHTTPRequestHandler):
         r = self._repo(repo, user, write=not query.get("create_pr"))
         commit = self._commit_at(r, rev)
         files = json.loads(body)["files"]
+        # Like the Hub: files .gitattributes puts in LFS go to LFS storage first (their oid is
+        # the sha256), the others travel inside the commit (their oid is the git blob sha1).
+        def oid(path: str) -> str | None:
+            data = commit.files.get(path)
+            return None if data is None else sha256(data) if is_lfs(path) else git_blob_sha1(data)
+
         return 200, {}, {"files": [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_sha1(commit.files[f["path"]]) if f["path"] in commit.files else None}
-            for f in files]}
+            {"path": f["path"], "uploadMode": "lfs" if is_lfs(f["path"]) else "regular", "shouldIgnore": False,
+             "oid": oid(f["path"])} for f in files]}
+
+    def h_lfs_batch(self, user, repo, body, **_):
+        """The git-lfs batch API: where to PUT each object the storage does not hold yet."""
+        self._repo(repo, user, write=True)
+        objects = []
+        for o in json.loads(body)["objects"]:
+            entry = {"oid": o["oid"], "size": o["size"]}
+            if o["oid"] not in self.hub.lfs_objects:  # no actions: already stored, nothing to upload
+                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-storage/{o['oid']}"}}
+            objects.append(entry)
+        return 200, {}, {"transfer": "basic", "objects": objects}
+
+    def h_lfs_put(self, oid, body, **_):
+        """LFS storage (a signed URL on the Hub: no token): keeps the object if it hashes to its oid."""
+        if sha256(body) != oid:
+            raise HttpError(400, "Content does not match its sha256")
+        self.hub.lfs_objects[oid] = body
+        return 200, {}, {}
 
     def h_commit(self, user, repo, rev, body, query, **_):
         r = self._repo(repo, user, write=True)
@@ -618,13 +648,17 @@ class _Handler(BaseHTTPRequestHandler):
             key, value = line["key"], line["value"]
             if key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                if value["oid"] not in self.hub.lfs_objects:
+                    raise HttpError(400, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                files[value["path"]] = self.hub.lfs_objects[value["oid"]]
             elif key == "deletedFile":
                 if files.pop(value["path"], None) is None:
                     raise HttpError(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
             elif key == "deletedFolder":
                 files = {p: d for p, d in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
             else:
-                raise HttpError(400, f"Unsupported commit operation {key!r} (this test Hub has no LFS)")
+                raise HttpError(400, f"Unsupported commit operation {key!r}")
         oid = self.hub._commit(r, base.oid, header.get("summary", ""), header.get("description", ""), files)
         pr_url = None
         if query.get("create_pr"):

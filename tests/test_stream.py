@@ -146,7 +146,8 @@ def test_corrupted_bytes_fail_the_run_before_anything_is_pushed(hub_server, hub_
     message = result.output.strip()
     assert "\n" not in message, message
     assert message.startswith("Error: org/task: model.safetensors does not match the sha256 the Hub lists")
-    assert "alice/merged" not in hub_server.repos and not (hub_family.parent / "out").exists()
+    assert "alice/merged" not in hub_server.repos and hub_server.lfs_objects == {}
+    assert not (hub_family.parent / "out").exists()
     assert not [p for p in hub_family.parent.iterdir() if "lrmerge-tmp" in p.name]
 
 
@@ -176,3 +177,62 @@ def test_download_flag_keeps_downloading_into_the_cache(hub_server, hub_family, 
 
     assert result.exit_code == 0, result.output
     assert len(cached_weights()) == len(weights_in(family)) and shard_bytes(tmp_path / "o") == shard_bytes(local_merge)
+
+
+# --- streamed outputs: shards uploaded as they finish, one commit at the end ----------------------
+def tensors_of(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Every tensor's bytes, whatever the sharding."""
+    import torch
+    from safetensors.torch import load
+
+    out = {}
+    for name, data in sorted(files.items()):
+        if name.endswith(".safetensors"):
+            out.update({k: v.reshape(-1).view(torch.uint8).numpy().tobytes() for k, v in load(data).items()})
+    return out
+
+
+def test_merge_and_push_holds_one_output_shard_on_disk_and_commits_once(hub_server, hub_family, local_merge):
+    hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged}\n")
+    folder = hub_family.parent
+    seen = []  # at each shard's upload: weights on our disk, and what the Hub shows
+
+    def at_upload() -> None:
+        on_disk = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+        seen.append((on_disk, [f for f in hub_server.files("alice/merged") if f.endswith(".safetensors")]))
+
+    hub_server.before("PUT", r"^/lfs-storage/", at_upload, times=100)
+
+    result = run(hub_family, "--no-keep", "--shard-size", "200KB")
+
+    assert result.exit_code == 0, result.output
+    pushed = hub_server.files("alice/merged")
+    shards = [f for f in pushed if f.endswith(".safetensors")]
+    largest = max(len(pushed[f]) for f in shards)
+    assert len(shards) == len(seen) >= 3  # each shard uploaded once, as it finished
+    assert all(on_disk <= 1.1 * largest and visible == [] for on_disk, visible in seen)
+    assert tensors_of(pushed) == tensors_of(shard_bytes(local_merge))
+    assert len(hub_server.repos["alice/merged"].commits) == 2  # the repo's first commit, then ours
+    assert not list(folder.rglob("*.safetensors")) and (folder / "out" / "merge_report.json").is_file()
+
+
+def test_an_interrupted_merge_and_push_uploads_only_the_missing_shards(hub_server, hub_family, local_merge):
+    hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged}\n")
+    hub_server.fail("PUT", r"^/lfs-storage/", status=403, skip=2)  # the third upload is refused
+
+    first = run(hub_family, "--no-keep", "--shard-size", "200KB")
+
+    assert first.exit_code == 2 and "HTTP 403" in first.output
+    assert [f for f in hub_server.files("alice/merged") if f.endswith(".safetensors")] == []
+    stored = set(hub_server.lfs_objects)
+    assert len(stored) == 2
+    mark = len(hub_server.log)
+
+    again = run(hub_family, "--no-keep", "--shard-size", "200KB")
+
+    assert again.exit_code == 0, again.output
+    pushed = hub_server.files("alice/merged")
+    shards = [f for f in pushed if f.endswith(".safetensors")]
+    puts = [r.path for r in hub_server.log[mark:] if r.method == "PUT"]
+    assert len(puts) == len(shards) - 2 and not {p.rsplit("/", 1)[1] for p in puts} & stored
+    assert tensors_of(pushed) == tensors_of(shard_bytes(local_merge))

@@ -231,12 +231,15 @@ def merge(
     dry_run: bool = False,
     progress: bool = True,
     on_tensor: Callable[[str], None] | None = None,
+    on_shard: Callable[[Path], bool] | None = None,
 ) -> dict[str, Any]:
     """Merge the recipe's models into `out_dir` and return the merge report.
 
     `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
     With dry_run, every input is checked and the plan returned; nothing is written.
     `on_tensor` is called after each tensor is written (tests inject failures with it).
+    `on_shard` gets each finished output shard (hub.ShardUploader uploads it; True: it
+    removed the file, which the output folder then lacks).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
@@ -255,7 +258,8 @@ def merge(
     tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
+    writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size,
+                           on_shard)
     # Each tensor is written by a background thread while the next one is read and merged
     # (the write releases the GIL, the kernels too); one write in flight at a time, so at
     # most two output tensors are held.
@@ -290,11 +294,11 @@ def merge(
         if pending is not None:
             pending.result()
             pending = None
-        writer.close()
-        for r in readers.values():  # e.g. each streamed shard's sha256, before anything is installed
+        for r in readers.values():  # e.g. each streamed shard's sha256, before the last output shard is handed on
             r.finish()
+        writer.close()
         copy_side_files(plan, recipe, readers, tmp)
-        report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written,
+        report = build_report(recipe, sources, plan, retention, dev, started, writer,
                               sum(r.network_bytes for r in readers.values()))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -325,7 +329,7 @@ def install_atomically(tmp: Path, out_dir: Path) -> None:
 
 def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
                  retention: RetentionCounter | None, device: str, started: float,
-                 bytes_written: int, bytes_from_network: int = 0) -> dict[str, Any]:
+                 writer: ShardedWriter, bytes_from_network: int) -> dict[str, Any]:
     def source_entry(key: str, display: str) -> dict[str, Any]:
         src = sources[key]
         return {"model": display, "repo_id": src.repo_id, "revision": src.revision}
@@ -356,7 +360,8 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
             "parameters": plan.parameters,
             "bytes_read": plan.bytes_to_read,
             "bytes_from_network": bytes_from_network,  # streamed Hub inputs, headers and gaps included
-            "bytes_written": bytes_written,
+            "bytes_written": writer.bytes_written,
+            "peak_disk_bytes": writer.peak_on_disk,  # of weights: shards uploaded and removed no longer count
             "seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": peak_rss_bytes(),
             "device": device,

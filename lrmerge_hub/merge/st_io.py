@@ -17,7 +17,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from typing import TYPE_CHECKING
 
@@ -299,10 +299,16 @@ def shard_layout(tensors: Iterable[tuple[str, TensorSpec]], shard_size: int) -> 
 
 
 class ShardedWriter:
-    """Streams tensors, in the planned order, into safetensors shards plus an index."""
+    """Streams tensors, in the planned order, into safetensors shards plus an index.
 
-    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int):
+    Each finished shard is handed to `on_shard` (the uploader of a merge with a push target),
+    which returns True when it removed the file from disk."""
+
+    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int,
+                 on_shard: Callable[[Path], bool] | None = None):
         self.folder = folder
+        self.on_shard = on_shard
+        self.on_disk = self.peak_on_disk = 0  # bytes of shards on disk now, and at most
         self.shards = shard_layout(tensors, shard_size)
         n = len(self.shards)
         self.names = (["model.safetensors"] if n == 1 else
@@ -314,10 +320,21 @@ class ShardedWriter:
         self._left_in_shard = 0
         self._file = None
         self.bytes_written = 0
+        self.shard_bytes: list[int] = []  # size of each shard opened so far
+
+    def _finish_shard(self) -> None:
+        """Close the current shard (synced: an uploader or a rename may follow) and hand it on."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        path = self.folder / self.names[self._shard]
+        if self.on_shard is not None and self.on_shard(path):
+            self.on_disk -= self.shard_bytes[self._shard]
 
     def _open_next_shard(self) -> None:
         if self._file:
-            self._file.close()
+            self._finish_shard()
         self._shard += 1
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -329,6 +346,9 @@ class ShardedWriter:
         raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
         self._file = open(self.folder / self.names[self._shard], "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self.shard_bytes.append(8 + len(raw) + offset)
+        self.on_disk += self.shard_bytes[-1]  # the file grows to this as it is written
+        self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         self._left_in_shard = len(self.shards[self._shard])
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -351,13 +371,10 @@ class ShardedWriter:
         self._left_in_shard -= 1
 
     def close(self) -> None:
-        if self._file:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
         if self._next != len(self.order):
             raise RuntimeError(f"only {self._next} of {len(self.order)} tensors were written")
+        if self._file:
+            self._finish_shard()
         if len(self.names) > 1:
             weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
             total = sum(spec.nbytes for spec in self.specs.values())
