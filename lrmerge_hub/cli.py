@@ -169,12 +169,19 @@ def print_merge_summary(report: dict) -> None:
             click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
-    network = s.get("bytes_from_network", 0)
-    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
-               f"{human_bytes(s['bytes_read'])}" + (f" ({human_bytes(network)} from the Hub, the rest from disk)"
-                                                    if network else " from disk")
-               + f", wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
-               f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']} in "
+               f"{s['seconds']:.1f} s: {transfer_summary(s)}")
+
+
+def transfer_summary(stats: dict) -> str:
+    """Where a merge's bytes came from and went, and its peaks."""
+    network = stats.get("bytes_from_network", 0)
+    source = (f"{human_bytes(network)} from the Hub, {human_bytes(max(0, stats['bytes_read'] - network))} from disk"
+              if network else f"{human_bytes(stats['bytes_read'])} from disk")
+    uploaded = f", uploaded {human_bytes(stats['bytes_uploaded'])}" if stats.get("bytes_uploaded") else ""
+    return (f"read {source}, wrote {human_bytes(stats['bytes_written'])}{uploaded}; peak disk "
+            f"{human_bytes(stats.get('peak_disk_bytes', stats['bytes_written']))}, peak memory "
+            f"{human_bytes(stats['peak_rss_bytes'])}")
 
 
 # --- run ---
@@ -230,6 +237,9 @@ def print_run_summary(summary: dict) -> None:
         click.echo(evaluation["table"])
     if evaluation.get("sample"):
         click.echo(f"served answer to {evaluation['sample']['prompt']!r}: {evaluation['sample']['answer']!r}")
+    stats = summary["steps"].get("merge", {}).get("stats")
+    if stats and not summary["steps"]["merge"].get("reused"):
+        click.echo(f"merge {transfer_summary(stats)}")
     click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
 
 

@@ -3,6 +3,7 @@ the sha256 the Hub lists, resumed after a broken connection; the client against 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lrmerge_hub import hub, hub_stream
 from lrmerge_hub.cli import main
 from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.sweep import parse_grid, run_sweep
 from lrmerge_hub.synth import make_family, write_checkpoint
 from tests.hub_server import CORRUPT, CUT
 
@@ -86,20 +88,45 @@ def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_wei
 
     assert shard_bytes(tmp_path / "out") == shard_bytes(local_merge)
     assert all(s.reader is not None for s in sources.values()) and cached_weights() == []
-    # the merge's reads cover every byte of every shard exactly once, header included
-    weights = {f"/{repo}/resolve/{s.revision}/{name}": len(data)
-               for key, s in sources.items() for repo in [s.repo_id]
-               for name, data in hub_server.files(repo).items() if name.endswith(".safetensors")}
+    weights = assert_every_byte_read_once(hub_server, sources, since=checked)
     assert len(weights) == len(weights_in(family)) > 3
+    assert report["base"]["revision"] == sources["base"].revision
+    assert report["stats"]["bytes_from_network"] == sum(weights.values())
+
+
+def assert_every_byte_read_once(hub_server, sources, *, since: int) -> dict[str, int]:
+    """The reads logged since `since` cover every byte of every input shard exactly once,
+    header included; returns the shards' sizes by path."""
+    weights = {f"/{s.repo_id}/resolve/{s.revision}/{name}": len(data)
+               for s in sources.values() for name, data in hub_server.files(s.repo_id).items()
+               if name.endswith(".safetensors")}
     for path, size in weights.items():
-        ranges = sorted(r.byte_range for r in hub_server.log[checked:] if r.method == "GET" and r.path == path)
+        ranges = sorted(r.byte_range for r in hub_server.log[since:] if r.method == "GET" and r.path == path)
         covered = 0
         for first, last in ranges:
             assert first == covered, f"{path}: bytes {covered}-{first - 1} read twice or never"
             covered = last + 1
         assert covered == size
-    assert report["base"]["revision"] == sources["base"].revision
-    assert report["stats"]["bytes_from_network"] == sum(weights.values())
+    return weights
+
+
+def test_a_sweep_reads_each_input_byte_once_for_all_its_points(hub_server, hub_family, local_merge):
+    recipe = load_recipe(hub_family)
+    sources = hub.stream_sources(recipe)
+    checked = len(hub_server.log)
+
+    def task_retention(folder):  # a stand-in score: higher slack keeps more of the task model
+        report = json.loads((folder / "merge_report.json").read_text())
+        return [{"task": "retention", "metric": "acc", "value": report["models"][1]["retention"]["fraction"]}]
+
+    table = run_sweep(recipe, parse_grid(["slack=0,0.5,1"]), sources=sources, output=recipe.output,
+                      evaluate=task_retention, device="cpu", progress=False)
+
+    assert [p["point"]["slack"] for p in table["points"]] == [1, 0.5, 0]
+    assert_every_byte_read_once(hub_server, sources, since=checked)
+    points = recipe.output.parent / f"{recipe.output.name}.sweep"
+    assert shard_bytes(points / "slack0.5") == shard_bytes(local_merge)  # the local merge's recipe has slack 0.5
+    assert shard_bytes(points / "slack0") != shard_bytes(points / "slack1")
 
 
 def test_weights_already_in_the_cache_are_read_from_disk(hub_server, hub_family):
@@ -203,9 +230,11 @@ def test_merge_and_push_holds_one_output_shard_on_disk_and_commits_once(hub_serv
 
     hub_server.before("PUT", r"^/lfs-storage/", at_upload, times=100)
 
-    result = run(hub_family, "--no-keep", "--shard-size", "200KB")
+    result = run(hub_family, "--no-keep", "--shard-size", "200KB", "--format", "human")
 
     assert result.exit_code == 0, result.output
+    summary = next(line for line in result.output.splitlines() if line.startswith("merge read "))
+    assert "MB from the Hub" in summary and "uploaded" in summary and "peak disk" in summary
     pushed = hub_server.files("alice/merged")
     shards = [f for f in pushed if f.endswith(".safetensors")]
     largest = max(len(pushed[f]) for f in shards)

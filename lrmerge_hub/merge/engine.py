@@ -16,6 +16,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -220,10 +221,38 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
 
-def merge(
-    recipe: Recipe,
+@dataclass
+class Output:
+    """One model the loop writes: its recipe (a sweep point's), method, folder and writer."""
+
+    recipe: Recipe
+    out_dir: Path
+    method: MergeMethod
+    tmp: Path
+    writer: ShardedWriter
+    retention: RetentionCounter | None
+
+    def merged(self, job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan, keys: list[str],
+               device: str) -> np.ndarray:
+        if not job.merge:
+            return readers[plan.reference].array(job.name)
+        return merge_tensor(job, self.method, readers, keys, [m.params for m in self.recipe.models],
+                            self.recipe.parameters, device, self.retention)
+
+
+def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
+    for o, array in zip(outputs, arrays):
+        o.writer.write(name, array)
+
+
+def merge(recipe: Recipe, sources: dict[str, Source], out_dir: Path, **options: Any) -> dict[str, Any]:
+    """Merge the recipe's models into `out_dir` and return the merge report (see merge_many)."""
+    return merge_many([(recipe, out_dir)], sources, **options)[0]
+
+
+def merge_many(
+    targets: list[tuple[Recipe, Path]],
     sources: dict[str, Source],
-    out_dir: Path,
     *,
     device: str = "auto",
     shard_size: int = 5 * 1000**3,
@@ -232,8 +261,10 @@ def merge(
     progress: bool = True,
     on_tensor: Callable[[str], None] | None = None,
     on_shard: Callable[[Path], bool] | None = None,
-) -> dict[str, Any]:
-    """Merge the recipe's models into `out_dir` and return the merge report.
+) -> list[dict[str, Any]]:
+    """Merge each (recipe, folder) target and return their merge reports. The recipes name
+    the same models (a sweep's points differ in parameters only): the loop reads each input
+    tensor once and merges it for every target.
 
     `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
     With dry_run, every input is checked and the plan returned; nothing is written.
@@ -242,30 +273,37 @@ def merge(
     removed the file, which the output folder then lacks).
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir).absolute()
-    method = get_method(recipe.method)
-    check_output_path(out_dir, sources, overwrite)
+    targets = [(recipe, Path(out_dir).absolute()) for recipe, out_dir in targets]
+    recipe = targets[0][0]
+    for _, out_dir in targets:
+        check_output_path(out_dir, sources, overwrite)
     readers = open_sources(recipe, sources)
     plan = build_plan(recipe, readers)
+    keys = model_keys(recipe)
+    if any(model_keys(r) != keys or build_plan(r, readers) != plan for r, _ in targets[1:]):
+        for r in readers.values():
+            r.close()
+        raise InputModelError("recipes merged in one pass must name the same models and plan the same output")
     if dry_run:
-        return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+        return [{"dry_run": True, "method": r.method, "output": str(o), **plan.summary()} for r, o in targets]
 
     dev = resolve_device(device)
-    keys = model_keys(recipe)
-    model_params = [m.params for m in recipe.models]
-    retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size,
-                           on_shard)
+    specs = [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs]
+    outputs: list[Output] = []
     # Each tensor is written by a background thread while the next one is read and merged
     # (the write releases the GIL, the kernels too); one write in flight at a time, so at
-    # most two output tensors are held.
+    # most two output tensors per target are held.
     pool = ThreadPoolExecutor(1, thread_name_prefix="lrmerge-write")
     pending: Future | None = None
     try:
+        for r, out_dir in targets:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            method = get_method(r.method)
+            outputs.append(Output(r, out_dir, method, tmp, ShardedWriter(tmp, specs, shard_size, on_shard),
+                                  RetentionCounter(len(r.models)) if method.reports_retention else None))
         with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
             # a copied (non-float) tensor is read from the reference model only
@@ -275,20 +313,17 @@ def merge(
             for index, job in enumerate(plan.jobs):
                 for k in read_by[index]:
                     readers[k].populate(job.name)
-                if job.merge:
-                    out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                       dev, retention)
-                else:
-                    out = readers[plan.reference].array(job.name)
+                out = [o.merged(job, readers, plan, keys, dev) for o in outputs]
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(writer.write, job.name, out)
+                pending = pool.submit(write_all, outputs, job.name, out)
                 del out
                 for k in keys:  # its input pages leave our resident set (st_io.release)
                     readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
-                bar.set_postfix_str(f"{job.name}, {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
-                                    "from the Hub", refresh=False)
+                bar.set_postfix_str(f"{job.name} | {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
+                                    f"from the Hub | {sum(o.writer.bytes_written for o in outputs) / 1e6:.0f} MB "
+                                    "written", refresh=False)
                 if on_tensor:
                     on_tensor(job.name)
         if pending is not None:
@@ -296,24 +331,29 @@ def merge(
             pending = None
         for r in readers.values():  # e.g. each streamed shard's sha256, before the last output shard is handed on
             r.finish()
-        writer.close()
-        copy_side_files(plan, recipe, readers, tmp)
-        report = build_report(recipe, sources, plan, retention, dev, started, writer,
-                              sum(r.network_bytes for r in readers.values()))
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        install_atomically(tmp, out_dir)
+        reports = []
+        for o in outputs:
+            o.writer.close()
+            copy_side_files(plan, o.recipe, readers, o.tmp)
+            report = build_report(o.recipe, sources, plan, o.retention, dev, started, o.writer,
+                                  sum(r.network_bytes for r in readers.values()))
+            (o.tmp / "recipe.yaml").write_text(o.recipe.to_yaml(), encoding="utf-8")
+            (o.tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            reports.append(report)
+        for o in outputs:
+            install_atomically(o.tmp, o.out_dir)
     except BaseException:
         if pending is not None:
             wait([pending])  # never abort the writer under a write in flight
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for o in outputs:
+            o.writer.abort()
+            shutil.rmtree(o.tmp, ignore_errors=True)
         raise
     finally:
         pool.shutdown(wait=True)
         for r in readers.values():
             r.close()
-    return report
+    return reports
 
 
 def install_atomically(tmp: Path, out_dir: Path) -> None:
