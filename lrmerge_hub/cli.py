@@ -20,7 +20,9 @@ FORMAT_OPTION = click.option(
 
 def stream_options(fn: Callable) -> Callable:
     """--download and --read-ahead: how Hub models that are not in the HF cache are read."""
-    fn = click.option("--read-ahead", default="1GiB", show_default=True, metavar="SIZE",
+    from .settings import DEFAULT_READ_AHEAD
+
+    fn = click.option("--read-ahead", default=f"{DEFAULT_READ_AHEAD // 1024**3}GiB", show_default=True, metavar="SIZE",
                       help="Bytes of streamed Hub weights fetched ahead of the merge, in all.")(fn)
     return click.option("--download", is_flag=True,
                         help="Download Hub models into the HF cache first (to merge them again later), "

@@ -27,11 +27,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import httpx2
 import numpy as np
-from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import HfApi, RepoFile, hf_hub_url
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
@@ -168,7 +168,7 @@ class HubModel(TensorSource):
         """The weight files at the pinned commit, with the sizes and hashes the Hub lists."""
         index = self._read_json("model.safetensors.index.json")
         listed = {f.path: f for f in HfApi(token=token).list_repo_tree(self.repo_id, revision=self.revision)
-                  if hasattr(f, "blob_id")}
+                  if isinstance(f, RepoFile)}
         names = sorted(set(index.get("weight_map", {}).values())) if index else sorted(
             p for p in listed if p.endswith(".safetensors"))
         missing = [n for n in names if n not in listed]
@@ -310,7 +310,7 @@ class HubModel(TensorSource):
 
 
 def hub_reader(*, repo_id: str, revision: str, folder: Path, token: str | None, read_ahead: int,
-               request_bytes: int, workers: int) -> Any:
+               request_bytes: int, workers: int) -> Callable[[str], HubModel]:
     """Source.reader for a Hub model: opens a HubModel under the merge's label."""
     return lambda label: HubModel(label, repo_id=repo_id, revision=revision, folder=folder, token=token,
                                   read_ahead=read_ahead, request_bytes=request_bytes, workers=workers)
