@@ -133,6 +133,7 @@ class Request:
     authenticated: bool
     status: int = 0
     sent: int = 0  # body bytes written to the client
+    received: int = 0  # body bytes read from the client
 
     @property
     def byte_range(self) -> tuple[int, int] | None:
@@ -192,7 +193,7 @@ class HubServer:
             self.log: list[Request] = []
             self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
             self.latency = 0.0  # seconds before each answer (a far-away server's time to first byte)
-            self._link_free_at = 0.0
+            self._link_free_at = {"down": 0.0, "up": 0.0}  # when each direction of the link is free
 
     # --- test helpers -------------------------------------------------------------------
     def add_token(self, token: str, user: str) -> None:
@@ -210,14 +211,15 @@ class HubServer:
         and wait `latency` seconds before each answer."""
         self.bandwidth, self.latency = bytes_per_second, latency
 
-    def pace(self, n: int) -> None:
-        """Wait until `n` more bytes fit through the shared link (a no-op without a limit)."""
+    def pace(self, n: int, way: str) -> None:
+        """Wait until `n` more bytes fit through the link `way` ("down" to clients, "up" from
+        them), shared by all connections (a no-op without a limit)."""
         if not self.bandwidth or n <= 0:
             return
         with self._pace_lock:
             now = time.monotonic()
-            self._link_free_at = max(self._link_free_at, now) + n / self.bandwidth
-            wait = self._link_free_at - now
+            self._link_free_at[way] = max(self._link_free_at[way], now) + n / self.bandwidth
+            wait = self._link_free_at[way] - now
         if wait > 0:
             time.sleep(wait)
 
@@ -342,7 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-        record = Request(method, unquote(raw_path), query, self.headers.get("Range"), token is not None)
+        record = Request(method, unquote(raw_path), query, self.headers.get("Range"), token is not None,
+                         received=len(body))
         hub = self.hub
         with hub.lock:
             hub.log.append(record)
@@ -412,7 +415,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if size == 0:
                     return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
-        self.hub.pace(length)
+        self.hub.pace(length, "up")
         return self.rfile.read(length) if length else b""
 
     def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> int:
@@ -430,7 +433,7 @@ class _Handler(BaseHTTPRequestHandler):
         step = 256 * 1024
         try:
             for i in range(0, len(body), step):
-                self.hub.pace(min(step, len(body) - i))
+                self.hub.pace(min(step, len(body) - i), "down")
                 self.wfile.write(body[i:i + step])
         except (BrokenPipeError, ConnectionResetError):  # the client went away (e.g. a merge that failed)
             self.close_connection = True
