@@ -13,7 +13,10 @@ each answer. Each way runs as its own process, one after the other, from an empt
   (`upload_folder`, one commit); mergekit 0.1.5 in bench/.venv-mergekit (made by merge_bench.py);
 - download+merge: `lrmerge run --download` (download to the cache, merge, push);
 - streamed: `lrmerge run --no-keep` (inputs by range requests, each output shard uploaded
-  as it finishes and removed, one commit).
+  as it finishes and removed, one commit);
+- merge and sweep: the merge phase alone, streamed: `lrmerge merge` (no push), and a 4-point
+  sweep (`run_sweep` over four densities, its evaluation a stand-in that scores nothing), which
+  reads the inputs once for the four points.
 
 Printed per way: wall time (and as a multiple of the download alone), peak disk (the way's
 HF cache and output, sampled every 50 ms), peak RSS (wait4; mergekit's way: its largest
@@ -43,6 +46,15 @@ import sys
 from huggingface_hub import snapshot_download
 for repo in sys.argv[2:]:
     print(snapshot_download(repo, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt"]))
+"""
+SWEEP = """
+import sys
+from lrmerge_hub import hub
+from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.sweep import parse_grid, run_sweep
+recipe = load_recipe(sys.argv[1])
+run_sweep(recipe, parse_grid(["density=0.1,0.2,0.3,0.4"]), sources=hub.stream_sources(recipe), output=recipe.output,
+          evaluate=lambda folder: [{"task": "none", "metric": "acc", "value": 0.0}], device="cpu", progress=False)
 """
 UPLOAD = """
 import sys
@@ -100,8 +112,11 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=100, help="MB/s each way")
     ap.add_argument("--latency", type=float, default=0.02, help="seconds before each answer")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--ways", nargs="+", metavar="WORD", help="only the ways whose name starts with one of these "
+                    "(download alone always runs): mergekit download+merge streamed merge sweep")
     ap.add_argument("--json", type=Path, default=BENCH / "release-results.json")
     a = ap.parse_args()
+    a.json = a.json.absolute()  # each way runs in its own folder
 
     work = Path(tempfile.mkdtemp(prefix="release-bench-", dir=BENCH / "out" if (BENCH / "out").is_dir() else None))
     os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{mb_free_port()}", HF_HUB_DISABLE_XET="1",
@@ -115,7 +130,7 @@ def main() -> None:
         server.seed(f"org/{role}", folder)
     input_bytes = sum(p.stat().st_size for f in fam.values() for p in f.glob("*.safetensors"))
     server.limit_bandwidth(a.bandwidth * 1e6, a.latency)
-    mk_exe = None if a.no_mergekit else mb.ensure_mergekit()
+    mk_exe = None if a.no_mergekit or (a.ways and "mergekit" not in a.ways) else mb.ensure_mergekit()
 
     recipe = work / "recipe.yaml"
     recipe.write_text("method: ties\nbase: org/base\nmodels:\n"
@@ -130,6 +145,9 @@ def main() -> None:
         "download": [[sys.executable, "-c", DOWNLOAD, "x", *repos]],
         "download+merge (lrmerge --download)": [lrmerge + ["--download", "--push", "bench/b"]],
         "streamed (lrmerge --no-keep)": [lrmerge + ["--no-keep", "--push", "bench/c"]],
+        "merge (streamed, no push)": [[sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu",
+                                       "--shard-size", a.out_shard, "--format", "quiet"]],
+        "sweep (streamed, 4 points, no push)": [[sys.executable, "-c", SWEEP, str(recipe)]],
     }
     if mk_exe:
         config = work / "mergekit.yaml"
@@ -138,6 +156,8 @@ def main() -> None:
                                                       [sys.executable, "-c", UPLOAD, "OUT", "bench/a"]]
     rows = []
     for name, steps in ways.items():
+        if a.ways and name != "download" and not name.startswith(tuple(a.ways)):
+            continue
         folder = work / name.split()[0]
         folder.mkdir()
         os.environ["HF_HOME"] = str(folder / "hf-home")
