@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -117,13 +117,13 @@ def plan_blocks(order: list[str], tensors: dict[str, StoredTensor], shards: dict
     read = set(order)
     owned: dict[str, tuple[int, int]] = {}
     for shard in shards.values():
-        mine = sorted((tensors[n].start, n) for n in read if tensors[n].file.name == shard.name)
+        mine = sorted((tensors[n].start, n) for n in read if tensors[n].file.as_posix() == shard.name)
         for i, (start, name) in enumerate(mine):
             end = mine[i + 1][0] if i + 1 < len(mine) else shard.size
             owned[name] = (data_start[shard.name] if i == 0 else start, end)
     blocks: list[Block] = []
     for name in order:
-        shard, (lo, hi) = shards[tensors[name].file.name], owned[name]
+        shard, (lo, hi) = shards[tensors[name].file.as_posix()], owned[name]
         last = blocks[-1] if blocks else None
         if last and last.shard is shard and last.end == lo and hi - last.start <= request_bytes:
             last.end = hi
@@ -131,7 +131,7 @@ def plan_blocks(order: list[str], tensors: dict[str, StoredTensor], shards: dict
         else:
             blocks.append(Block(shard, lo, hi, [name]))
     for shard in shards.values():  # a shard none of whose tensors is read is still checked
-        if not any(tensors[n].file.name == shard.name for n in read) and shard.size > data_start[shard.name]:
+        if not any(tensors[n].file.as_posix() == shard.name for n in read) and shard.size > data_start[shard.name]:
             blocks.append(Block(shard, data_start[shard.name], shard.size, []))
     return blocks
 
@@ -193,7 +193,7 @@ class HubModel(TensorSource):
             for name, st in found.items():
                 if name in tensors:
                     raise InputModelError(f"{self.label}: tensor {name} appears in two shards")
-                tensors[name] = st
+                tensors[name] = replace(st, file=Path(shard.name))  # a shard may sit in a subfolder
         return tensors, data_start
 
     def _read(self, shard: RemoteShard, start: int, end: int) -> bytearray:
