@@ -19,6 +19,17 @@ FORMAT_OPTION = click.option(
     show_default=True, help="Output format: human text, one JSON object for machines, or nothing.",
 )
 
+def stream_options(fn: Callable) -> Callable:
+    """--download and --read-ahead: how Hub models that are not in the HF cache are read."""
+    from .settings import DEFAULT_READ_AHEAD
+
+    fn = click.option("--read-ahead", default=f"{DEFAULT_READ_AHEAD // 1024**3}GiB", show_default=True, metavar="SIZE",
+                      help="Bytes of streamed Hub weights fetched ahead of the merge, in all.")(fn)
+    return click.option("--download", is_flag=True,
+                        help="Download Hub models into the HF cache first (to merge them again later), "
+                             "instead of reading their tensors from the Hub as the merge goes.")(fn)
+
+
 TOKEN_OPTION = click.option(
     "--token", default=None, metavar="TOKEN",
     help="Hub token (default: HF_OIDC_RESOURCE in CI, HF_TOKEN, or the token file). Never printed.",
@@ -122,19 +133,20 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Where to compute (default: the recipe's `device`, else auto: a GPU when there is one).")
+              help="Where to compute (default: the recipe's `device`, else auto: a GPU when one is there and faster).")
 @click.option("--engine", type=click.Choice(["auto", "kernels", "torch"]), default=None,
               help="How to compute: the numba kernels (CPU) or torch (any device); both write the same bits "
                    "(default: LRMERGE_ENGINE, else auto: kernels on a CPU, torch on a GPU).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
 @click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
+@stream_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 @stops_cleanly
 def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str | None, shard_size: str,
-              overwrite: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+              overwrite: bool, dry_run: bool, download: bool, read_ahead: str, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
@@ -154,7 +166,8 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
                   **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
     else:
-        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device, engine=engine,
+        sources = resolve_sources(recipe, token=token, download=download, read_ahead=parse_size(read_ahead))
+        report = merge(recipe, sources, out_dir, device=device, engine=engine,
                        shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
                        progress=fmt == "human")
     emit(fmt, report, lambda: print_merge_summary(report))
@@ -184,9 +197,19 @@ def print_merge_summary(report: dict) -> None:
     s = report["stats"]
     engine = f" with the {s['engine']} engine" if s.get("engine") else ""
     device_peak = f", peak {s['device']} memory {human_bytes(s['peak_device_bytes'])}" if s.get("peak_device_bytes") else ""
-    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}{engine}: read "
-               f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
-               f"peak memory {human_bytes(s['peak_rss_bytes'])}{device_peak}")
+    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}{engine} in "
+               f"{s['seconds']:.1f} s: {transfer_summary(s)}{device_peak}")
+
+
+def transfer_summary(stats: dict) -> str:
+    """Where a merge's bytes came from and went, and its peaks."""
+    network = stats.get("bytes_from_network", 0)
+    source = (f"{human_bytes(network)} from the Hub, {human_bytes(max(0, stats['bytes_read'] - network))} from disk"
+              if network else f"{human_bytes(stats['bytes_read'])} from disk")
+    uploaded = f", uploaded {human_bytes(stats['bytes_uploaded'])}" if stats.get("bytes_uploaded") else ""
+    return (f"read {source}, wrote {human_bytes(stats['bytes_written'])}{uploaded}; peak disk "
+            f"{human_bytes(stats.get('peak_disk_bytes', stats['bytes_written']))}, peak memory "
+            f"{human_bytes(stats['peak_rss_bytes'])}")
 
 
 # --- run ---
@@ -200,12 +223,18 @@ def print_merge_summary(report: dict) -> None:
 @click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
 @click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--no-keep", is_flag=True,
+              help="With a push target and no evaluation: remove each output shard once uploaded "
+                   "(peak disk about one shard); the output folder keeps the rest.")
+@stream_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 @stops_cleanly
 def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
-            force: bool, dry_run: bool, token: str | None, fmt: str) -> None:
+            force: bool, dry_run: bool, shard_size: str, no_keep: bool, download: bool, read_ahead: str,
+            token: str | None, fmt: str) -> None:
     """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
     from .pipeline import run_recipe
     from .recipe import load_recipe, output_folder
@@ -217,7 +246,8 @@ def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: st
     try:
         summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(), force=force,
                              dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
-                             progress=fmt == "human", echo=echo)
+                             progress=fmt == "human", download=download, read_ahead=parse_size(read_ahead),
+                             shard_size=parse_size(shard_size), keep=not no_keep, echo=echo)
     except LrmergeError as e:
         partial = getattr(e, "run_summary", None)
         if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
@@ -237,6 +267,9 @@ def print_run_summary(summary: dict) -> None:
         click.echo(evaluation["table"])
     if evaluation.get("sample"):
         click.echo(f"served answer to {evaluation['sample']['prompt']!r}: {evaluation['sample']['answer']!r}")
+    stats = summary["steps"].get("merge", {}).get("stats")
+    if stats and not summary["steps"]["merge"].get("reused"):
+        click.echo(f"merge {transfer_summary(stats)}")
     click.echo(f"output: {summary['output']}  (run record: {summary['run_dir']})")
 
 

@@ -62,6 +62,10 @@ class PickleOnlyRepoError(HubError):
     """The repo ships only pickle weights (.bin/.pt), which lrmerge never loads."""
 
 
+class HubIntegrityError(HubError):
+    """Bytes read from the Hub do not hash to the sha256 the Hub lists for their file."""
+
+
 class HubPushError(HubError):
     """A push failed; the remote repo was left as it was and the push can be re-run."""
 

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download, is_offline_mode, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    get_token,
+    hf_hub_download,
+    is_offline_mode,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -54,6 +62,7 @@ from .errors import (
 from .merge.plan import BASE, DTYPE_SIZES, MergePlan, Source, TensorSpec, check_config, model_keys, plan_merge
 from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel, index_shards
 from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
+from .settings import DEFAULT_READ_AHEAD, RANGE_REQUEST_BYTES, RANGE_WORKERS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 EVAL_RESULTS_DIR = ".eval_results"  # the Hub's newer evaluation results format, written by the card
@@ -339,6 +348,43 @@ def materialize_sources(recipe: Recipe, *, token: str | None = None) -> dict[str
             for key, m in plan.models.items()}
 
 
+def stream_sources(recipe: Recipe, *, token: str | None = None, read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, Source]:
+    """Like materialize_sources, without downloading weights: a Hub model whose weights are
+    not in the HF cache is read by range requests during the merge (hub_stream.HubModel);
+    only its small side files (config, tokenizer) are downloaded. Cached models and local
+    folders are read from disk. The streamed models share the read-ahead window."""
+    plan = plan_recipe(recipe, token=token)
+    streamed = [k for k, m in plan.models.items() if m.repo_id and m.path is None and not _weights_cached(m)]
+    sources = {}
+    for key, m in plan.models.items():
+        if key not in streamed:
+            download(m, token=token)
+            sources[key] = Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
+            continue
+        with hub_errors(m.spec):
+            folder = Path(snapshot_download(m.repo_id, revision=m.sha, token=token,  # type: ignore[arg-type]
+                                            allow_patterns=[f for f in m.files if not f.endswith(".safetensors")]))
+        _remember_revision(folder, m.revision or "main", m.sha)
+        sources[key] = streamed_source(m.repo_id, m.sha, folder, token=token,  # type: ignore[arg-type]
+                                       read_ahead=read_ahead // len(streamed))
+    return sources
+
+
+def streamed_source(repo_id: str, sha: str, folder: Path, *, token: str | None, read_ahead: int) -> Source:
+    """A Source whose tensors are read from the Hub at `sha`; `folder` holds its side files."""
+    from .hub_stream import hub_reader
+
+    return Source(path=folder, repo_id=repo_id, revision=sha,
+                  reader=hub_reader(repo_id=repo_id, revision=sha, folder=folder, token=token, read_ahead=read_ahead,
+                                    request_bytes=RANGE_REQUEST_BYTES, workers=RANGE_WORKERS))
+
+
+def _weights_cached(meta: ModelMeta) -> bool:
+    """Whether every weight file of the model, at its pinned sha, is in the HF cache."""
+    return all(isinstance(try_to_load_from_cache(meta.repo_id, f, revision=meta.sha), str)  # type: ignore[arg-type]
+               for f in meta.files if f.endswith(".safetensors"))
+
+
 # --- push ---------------------------------------------------------------------------------
 @dataclass
 class PushResult:
@@ -369,7 +415,7 @@ def _retry(call: Callable[[], T], *, attempts: int = 3) -> T:
     raise AssertionError("unreachable")
 
 
-def folder_files(folder: Path) -> dict[str, Path]:
+def folder_files(folder: Path, *, weights_uploaded: bool = False) -> dict[str, Path]:
     """The files to upload: everything in the folder except hidden files and folders (run
     state like .lrmerge/), but with the card's .eval_results/ (the Hub reads it); refuses
     pickle weights and folders without a model."""
@@ -383,7 +429,7 @@ def folder_files(folder: Path) -> dict[str, Path]:
     if pickles:
         raise HubPushError(f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "
                            "remove them, the model is in *.safetensors")
-    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+    if "config.json" not in files or not (weights_uploaded or any(f.endswith(".safetensors") for f in files)):
         raise HubPushError(f"{folder.name}: not a merged model folder (needs config.json and *.safetensors); "
                            "run `lrmerge merge` first")
     return files
@@ -414,7 +460,7 @@ def commit_message(folder: Path) -> tuple[str, str]:
 
 def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: bool = False,
          revision: str | None = None, tag: str | None = None, message: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, uploaded: tuple[CommitOperationAdd, ...] = ()) -> PushResult:
     """Upload a merged model folder as one commit (or one pull request) and tag it.
 
     The repo is created if needed, the branch `revision` too. The commit names the recipe and
@@ -422,7 +468,8 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     `parent_commit`, so a retry never lands on top of someone else's change, and files the
     branch already holds are skipped by the client, so a commit whose answer was lost is not
     made twice. A PR commit is not retried (a retry could open a second PR). On failure the
-    remote is unchanged: run the push again."""
+    remote is unchanged: run the push again. `uploaded`: shards a ShardUploader already
+    sent (for this repo, branch and create_pr), committed without reading them again."""
     folder = Path(folder)
     if not is_repo_id(repo_id):
         raise HubPushError(f"{shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', '.'; "
@@ -434,7 +481,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
         raise HubPushError(f"{folder}: no such folder")
     if tag and create_pr:
         raise HubPushError("--tag needs a commit on a branch: tag after merging the PR, or drop --create-pr")
-    files = folder_files(folder)
+    files = folder_files(folder, weights_uploaded=bool(uploaded))
     token = token or get_token()
     if not token:
         raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
@@ -449,7 +496,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
                 _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
             parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
             sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
-                                       parent)
+                                       parent, list(uploaded))
     except (HubAuthError, HubPushError):
         raise
     except HubError as e:
@@ -465,16 +512,21 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
             raise HubPushError(f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
                                "run the same command again to add the tag") from None
     return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
-                      tag=tag, files=len(files), changed=sha != parent)
+                      tag=tag, files=len(set(files) | {op.path_in_repo for op in uploaded}), changed=sha != parent)
 
 
 def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, description: str,
-            branch: str, create_pr: bool, parent: str) -> tuple[str, str, str | None]:
-    """One commit of `files` on top of `parent`, the branch head; returns (sha, url, pr_url)."""
+            branch: str, create_pr: bool, parent: str,
+            uploaded: list[CommitOperationAdd]) -> tuple[str, str, str | None]:
+    """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
+    head; returns (sha, url, pr_url)."""
     for attempt in range(3):
         # Fresh operations each attempt: the client then asks the Hub again which files it
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+        # (Pre-uploaded shards are committed by their sha256; their files may be gone.)
+        done = {op.path_in_repo for op in uploaded}
+        operations = uploaded + [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                                 for p, f in files.items() if p not in done]
         try:
             info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
                                      revision=branch, create_pr=create_pr, parent_commit=parent)
@@ -505,3 +557,47 @@ def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
         if tags.get(tag) != sha:
             raise HubPushError(f"tag {tag!r} already exists on {repo_id} at {str(tags.get(tag))[:12]}: "
                                "choose another --tag") from None
+
+
+class ShardUploader:
+    """The merge's output sink when the model will be pushed: each finished shard is handed to
+    the client's pre-upload (LFS storage, or Xet where the client uses it) for the commit that
+    `push` makes at the end, once, with `parent_commit`; the Hub shows nothing until then.
+    With `keep=False` the shard leaves the disk once uploaded, so a merge-and-push holds
+    about one output shard on disk. Storage the Hub already holds (an earlier, interrupted
+    run) is not uploaded again."""
+
+    def __init__(self, repo_id: str, *, revision: str | None = None, create_pr: bool = False,
+                 private: bool = False, keep: bool = True, token: str | None = None):
+        token = token or get_token()
+        if not token:
+            raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
+                               "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+        self.repo_id, self.branch, self.create_pr, self.keep = repo_id, revision or "main", create_pr, keep
+        self.private = private
+        self.api = HfApi(token=token)
+        self.operations: list[CommitOperationAdd] = []  # for push(uploaded=...)
+        self.bytes_uploaded = 0  # handed to the Hub's storage (or found there already)
+
+    def __call__(self, path: Path) -> bool:
+        """Upload one finished shard; True when its file was removed."""
+        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        with hub_errors(self.repo_id, write=True):
+            if not self.operations:  # the repo (and branch) the commit will go to, as push makes them
+                _retry(lambda: self.api.create_repo(self.repo_id, private=self.private, exist_ok=True))
+                if self.branch != "main":
+                    _retry(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True))
+            try:
+                _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
+                                                            create_pr=self.create_pr))
+            except RuntimeError as e:  # the client wraps the HTTP error of a failed upload
+                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError)):
+                    raise e.__cause__ from None
+                raise
+        self.operations.append(op)
+        uploaded = op.path_or_fileobj == b""  # the client lets go of content it has uploaded
+        self.bytes_uploaded += op.upload_info.size if uploaded else 0
+        if uploaded and not self.keep:
+            path.unlink()
+            return True
+        return False

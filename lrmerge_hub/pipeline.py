@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .errors import LrmergeError, RecipeError
 from .merge.plan import Source
 from .recipe import PushTarget, Recipe
+from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
 
 STEPS = ("pull", "merge", "eval", "card", "push")
 
@@ -32,7 +33,12 @@ class RunContext:
     push_repo: str | None = None  # overrides the recipe's push target
     skip_eval: bool = False
     progress: bool = True
+    download: bool = False  # download Hub weights into the cache instead of streaming them
+    read_ahead: int = DEFAULT_READ_AHEAD
+    shard_size: int = DEFAULT_SHARD_SIZE
+    keep: bool = True  # False: output shards leave the disk once uploaded (needs a push target)
     sources: dict[str, Source] = field(default_factory=dict)
+    uploaded: list[Any] = field(default_factory=list)  # shards the merge pre-uploaded, for the push
 
 
 def run_dir_for(recipe: Recipe, output: Path) -> Path:
@@ -67,31 +73,59 @@ class RunState:
 # -- steps: each returns a JSON-able result, or {"skipped": reason} ------------------------
 
 
-def resolve_sources(recipe: Recipe, *, token: str | None = None) -> dict[str, Source]:
-    """Local folders for every model of the recipe; Hub ids are pinned to their sha, checked
-    from their headers and downloaded (only what a merge needs) first."""
+def resolve_sources(recipe: Recipe, *, token: str | None = None, download: bool = False,
+                    read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, Source]:
+    """Every model of the recipe, ready to read; Hub ids are pinned to their sha and checked
+    from their headers first. Hub weights not in the HF cache are read from the Hub during
+    the merge (range requests), or with `download` downloaded into the cache first."""
     if all(ref.is_local for ref in recipe.all_refs()):
         from .merge.engine import local_sources
 
         return local_sources(recipe)
-    from .hub import materialize_sources
+    from .hub import materialize_sources, stream_sources
 
-    return materialize_sources(recipe, token=token)
+    if download:
+        return materialize_sources(recipe, token=token)
+    return stream_sources(recipe, token=token, read_ahead=read_ahead)
 
 
 def step_pull(ctx: RunContext) -> dict[str, Any]:
     """Pin every Hub id to a sha, check compatibility from headers, download what is needed."""
-    ctx.sources = resolve_sources(ctx.recipe, token=ctx.token)
-    return {"sources": {k: {"repo_id": s.repo_id, "revision": s.revision, "path": str(s.path)}
-                        for k, s in ctx.sources.items()}}
+    spec = ctx.recipe.eval
+    compare = spec is not None and spec.compare and not ctx.skip_eval  # serves the sources: needs their weights
+    ctx.sources = resolve_sources(ctx.recipe, token=ctx.token, download=ctx.download or compare,
+                                  read_ahead=ctx.read_ahead)
+    return {"sources": {k: {"repo_id": s.repo_id, "revision": s.revision, "path": str(s.path),
+                            "streamed": s.reader is not None} for k, s in ctx.sources.items()}}
+
+
+def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> dict[str, Source]:
+    """The sources a finished pull step recorded (a streamed one is read from the Hub again)."""
+    from .hub import streamed_source
+
+    share = ctx.read_ahead // max(1, sum(bool(v.get("streamed")) for v in recorded.values()))
+    return {k: streamed_source(v["repo_id"], v["revision"], Path(v["path"]), token=ctx.token, read_ahead=share)
+            if v.get("streamed") else Source(Path(v["path"]), v["repo_id"], v["revision"])
+            for k, v in recorded.items()}
 
 
 def step_merge(ctx: RunContext) -> dict[str, Any]:
+    """Merge; with a push target each finished shard is uploaded as the merge goes (the push
+    step's commit then makes them visible, all at once)."""
     from .merge.engine import merge
 
-    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=True,
-                   progress=ctx.progress)
-    return {"output": str(ctx.output), "stats": report["stats"],
+    target = push_target(ctx)
+    uploader = None
+    if target is not None:
+        from .hub import ShardUploader
+
+        uploader = ShardUploader(target.repo, revision=target.revision, create_pr=target.create_pr,
+                                 private=target.private, keep=ctx.keep, token=ctx.token)
+    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=True, progress=ctx.progress,
+                   shard_size=ctx.shard_size, on_shard=uploader)
+    ctx.uploaded = uploader.operations if uploader else []
+    stats = {**report["stats"], "bytes_uploaded": uploader.bytes_uploaded if uploader else 0}
+    return {"output": str(ctx.output), "stats": stats, "weights_kept": ctx.keep,
             "retention": {m["model"]: m["retention"] for m in report["models"]}}
 
 
@@ -128,7 +162,7 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
     from .hub import push
 
     result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
-                  revision=target.revision, tag=target.tag, token=ctx.token)
+                  revision=target.revision, tag=target.tag, token=ctx.token, uploaded=tuple(ctx.uploaded))
     return result.to_dict()
 
 
@@ -144,6 +178,9 @@ def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, st
         done = state.step(name).get("status") == "done"
         if name in ("merge", "card") and not output.exists():
             done = False  # the output was removed since: make it again
+        if name == "merge" and state.step("push").get("status") != "done" and output.exists() \
+                and not any(output.glob("*.safetensors")):
+            done = False  # its shards were uploaded and removed (--no-keep) but never committed: again
         rerun = rerun or not done
         plan.append((name, "run" if rerun else "done"))
     return plan
@@ -151,12 +188,17 @@ def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, st
 
 def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "auto", force: bool = False,
                dry_run: bool = False, token: str | None = None, push_repo: str | None = None,
-               skip_eval: bool = False, progress: bool = True,
+               skip_eval: bool = False, progress: bool = True, download: bool = False,
+               read_ahead: int = DEFAULT_READ_AHEAD, shard_size: int = DEFAULT_SHARD_SIZE, keep: bool = True,
                echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run every step of the recipe that has not finished yet; return the run summary."""
     target = output or recipe.output
     if target is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+    if not keep and not (push_repo or recipe.push):
+        raise RecipeError("--no-keep removes the merged weights once pushed: give a push target (--push or push:)")
+    if not keep and recipe.eval is not None and not skip_eval:
+        raise RecipeError("--no-keep removes the merged weights the evaluation needs: add --skip-eval, or keep them")
     output = Path(target).absolute()
     run_dir = run_dir_for(recipe, output)
     state = RunState(run_dir, recipe.sha256())
@@ -171,13 +213,13 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
         return summary
 
     ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
-                     push_repo=push_repo, skip_eval=skip_eval, progress=progress)
+                     push_repo=push_repo, skip_eval=skip_eval, progress=progress, download=download,
+                     read_ahead=read_ahead, shard_size=shard_size, keep=keep)
     for name, action in plan:
         if action == "done":
             summary["steps"][name] = {"status": "done", "reused": True, **state.step(name).get("result", {})}
             if name == "pull":
-                ctx.sources = {k: Source(Path(v["path"]), v["repo_id"], v["revision"])
-                               for k, v in state.step(name)["result"]["sources"].items()}
+                ctx.sources = recorded_sources(ctx, state.step(name)["result"]["sources"])
             echo(f"{name}: done earlier, skipped")
             continue
         started = time.perf_counter()

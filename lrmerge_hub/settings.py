@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output shard, like transformers' "5GB"
+# Streaming Hub inputs (hub_stream.py): bytes fetched ahead of the merge, in all (shared by
+# the streamed models); the largest range request; requests in flight per model.
+DEFAULT_READ_AHEAD = 1024**3
+RANGE_REQUEST_BYTES = 8 * 1024**2  # bench/range_bench.py: best of 2-32 MiB at 20 and 100 ms latency
+RANGE_WORKERS = 4
 RUN_DIR_NAME = ".lrmerge"  # hidden folder beside outputs for temporary and run state
 
 

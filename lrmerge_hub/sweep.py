@@ -117,22 +117,31 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
               evaluate: Callable[[Path], list[dict[str, Any]]], metric: str | None = None,
               device: str = "auto", progress: bool = True,
               echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Merge and evaluate every grid point; promote the best to `output`; return the table."""
-    from .merge.engine import merge
+    """Merge every grid point (in one pass: each input tensor is read once for all points) and
+    evaluate each; promote the best to `output`; return the table."""
+    from .merge.engine import merge_many
 
     points = grid_points(grid)
     variants = [(p, apply_point(recipe, p)) for p in points]  # validate all before any work
     sweep_dir = output.parent / f"{output.name}.sweep"
+
+    def earlier_report(point: dict[str, Any], variant: Recipe) -> dict[str, Any] | None:
+        path = sweep_dir / point_name(point) / "merge_report.json"
+        report = json.loads(path.read_text()) if path.exists() else {}
+        return report if report.get("recipe_sha256") == variant.sha256() else None
+
+    to_merge = [(variant, sweep_dir / point_name(point)) for point, variant in variants
+                if earlier_report(point, variant) is None]
+    merged = dict(zip((folder.name for _, folder in to_merge),
+                      merge_many(to_merge, sources, device=device, overwrite=True, progress=progress)
+                      if to_merge else []))
     rows = []
     for point, variant in variants:
         name = point_name(point)
         folder = sweep_dir / name
-        report_path = folder / "merge_report.json"
-        report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        if report.get("recipe_sha256") == variant.sha256():
+        report = merged.get(name) or earlier_report(point, variant)
+        if name not in merged:
             echo(f"{name}: merged earlier")
-        else:
-            report = merge(variant, sources, folder, device=device, overwrite=True, progress=progress)
         scores = evaluate(folder)
         value, chosen = mean_score(scores, metric)
         metric = metric or chosen

@@ -2,12 +2,16 @@
 
 It implements the part of the Hub API that the official `huggingface_hub` client calls to
 read model info, list files, download files (HEAD, ETag, X-Repo-Commit, Range), read
-safetensors headers, create repos, commit (NDJSON, `uploadMode: regular`), open pull
-requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
+safetensors headers, create repos, upload to LFS storage (preupload answers `uploadMode: lfs`
+for *.safetensors and *.bin, the git-lfs batch API, a PUT per object), commit (NDJSON:
+`file`, `lfsFile`, `deletedFile`), open pull requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
 For tests it adds: private and gated repos that need a Bearer token, fault injection
-(`fail(...)`), and a request log without credentials (`log`, `downloads()`).
+(`fail(...)`: errors, dropped or cut connections, corrupted bytes, after N good answers), a
+request log without credentials (`log`, `downloads()`; each entry has its byte range and the
+bytes sent), LFS sha256s in file listings (`lfs.oid`), and an optional bandwidth limit with
+latency (`limit_bandwidth`) for benchmarks.
 
     server = HubServer(port=0).start()
     server.add_token("hf_test", "alice")
@@ -19,11 +23,13 @@ For tests it adds: private and gated repos that need a Bearer token, fault injec
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import itertools
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,12 +41,32 @@ import yaml
 EMPTY_SHA = "0" * 40
 DROP = 0  # Fault.status: close the connection without an answer (a network error)
 CUT = -1  # Fault.status: answer, but close the connection halfway through the body
+CORRUPT = -2  # Fault.status: answer, with one byte of the body changed
+LFS_POINTER_SIZE = 134  # bytes of a git-lfs pointer file (what the Hub lists as pointerSize)
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
+@functools.lru_cache(maxsize=1024)  # every answer names its file's oid: hash each content once
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file's content (what the Hub reports as a regular file's oid)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_lfs(path: str) -> bool:
+    """Whether the repo's .gitattributes (GITATTRIBUTES) keeps the file in LFS."""
+    return path.endswith((".safetensors", ".bin"))
+
+
+def lfs_info(path: str, data: bytes, key: str = "oid") -> dict[str, Any]:
+    """The `lfs` entry the Hub lists for a file kept in LFS: the content's sha256 is `oid` in
+    tree and paths-info entries, `sha256` in model info siblings."""
+    return {"lfs": {key: sha256(data), "size": len(data),
+                    "pointerSize": LFS_POINTER_SIZE}} if is_lfs(path) else {}
 
 
 @dataclass
@@ -86,7 +112,8 @@ class Fault:
     `after=True` runs the request first (its changes stick) and then answers the error, like
     a response lost on the way back; otherwise the request body is read and nothing changes.
     `status=DROP` closes the connection instead of answering, `status=CUT` halfway through
-    the answer's body (a download interrupted by the network)."""
+    the answer's body (a download interrupted by the network), `status=CORRUPT` changes a
+    byte of the answer's body. `skip` matching requests are answered normally first."""
 
     method: str
     path: re.Pattern
@@ -94,6 +121,7 @@ class Fault:
     times: int
     after: bool = False
     action: Callable[[], None] | None = None  # run first, e.g. someone else's commit
+    skip: int = 0
 
 
 @dataclass
@@ -104,6 +132,14 @@ class Request:
     range: str | None
     authenticated: bool
     status: int = 0
+    sent: int = 0  # body bytes written to the client
+    received: int = 0  # body bytes read from the client
+
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        """(first, last) byte of a `Range: bytes=a-b` request (served in full)."""
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", (self.range or "").strip())
+        return (int(m[1]), int(m[2])) if m else None
 
 
 class HttpError(Exception):
@@ -120,6 +156,7 @@ class HubServer:
         self.lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._counter = itertools.count(1)
+        self._pace_lock = threading.Lock()
         self.reset()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -150,24 +187,48 @@ class HubServer:
         """Forget all repos, tokens, faults and logged requests."""
         with self.lock:
             self.repos: dict[str, Repo] = {}
+            self.lfs_objects: dict[str, bytes] = {}  # LFS storage: sha256 -> content (uploaded or committed)
             self.tokens: dict[str, str] = {}
             self.faults: list[Fault] = []
             self.log: list[Request] = []
+            self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
+            self.latency = 0.0  # seconds before each answer (a far-away server's time to first byte)
+            self._link_free_at = {"down": 0.0, "up": 0.0}  # when each direction of the link is free
 
     # --- test helpers -------------------------------------------------------------------
     def add_token(self, token: str, user: str) -> None:
         self.tokens[token] = user
 
     def fail(self, method: str, path_regex: str, *, status: int = 500, times: int = 1,
-             after: bool = False) -> None:
-        """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`."""
+             after: bool = False, skip: int = 0) -> None:
+        """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`; with `skip=N` the
+        first N matching requests are answered normally."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), status, times, after))
+            self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip))
 
-    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1) -> None:
-        """Run `action` (under the lock) before handling the next matching request(s)."""
+    def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
+        """Pace request and answer bodies to this rate, each way (None: as fast as possible),
+        and wait `latency` seconds before each answer."""
+        self.bandwidth, self.latency = bytes_per_second, latency
+
+    def pace(self, n: int, way: str) -> None:
+        """Wait until `n` more bytes fit through the link `way` ("down" to clients, "up" from
+        them), shared by all connections (a no-op without a limit)."""
+        if not self.bandwidth or n <= 0:
+            return
+        with self._pace_lock:
+            now = time.monotonic()
+            self._link_free_at[way] = max(self._link_free_at[way], now) + n / self.bandwidth
+            wait = self._link_free_at[way] - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1,
+               skip: int = 0) -> None:
+        """Run `action` (under the lock) before handling the next matching request(s), after
+        `skip` of them."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), None, times, action=action))
+            self.faults.append(Fault(method, re.compile(path_regex), None, times, action=action, skip=skip))
 
     def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False) -> Repo:
         """Create a repo with an initial commit on main (like the Hub: one `.gitattributes`)."""
@@ -252,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<rev>[^/]+)", "tag_create"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", "preupload"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", "commit"),
+        ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", "lfs_batch"),
+        ("PUT", r"/lfs-storage/(?P<oid>[0-9a-f]{64})", "lfs_put"),
         ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ]
 
@@ -270,6 +333,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     # --- plumbing -----------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
@@ -278,19 +344,23 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-        record = Request(method, unquote(raw_path), query, self.headers.get("Range"), token is not None)
+        record = Request(method, unquote(raw_path), query, self.headers.get("Range"), token is not None,
+                         received=len(body))
         hub = self.hub
         with hub.lock:
             hub.log.append(record)
             fault = next((f for f in hub.faults if f.times > 0 and f.method == method
                           and f.path.search(record.path)), None)
+            if fault and fault.skip > 0:
+                fault.skip -= 1
+                fault = None
             if fault:
                 fault.times -= 1
                 if fault.action:
                     fault.action()
                 if fault.status is None:
                     fault = None
-        if fault and not fault.after and fault.status != CUT:  # fail without changing anything
+        if fault and not fault.after and fault.status not in (CUT, CORRUPT):  # fail without changing anything
             if fault.status == DROP:
                 self.close_connection = True
                 return
@@ -300,10 +370,16 @@ class _Handler(BaseHTTPRequestHandler):
             if fault and fault.status == DROP:  # applied, then the connection drops
                 self.close_connection = True
                 return
-            if fault and fault.status != CUT:
+            if fault and fault.status not in (CUT, CORRUPT):
                 answer = self._error(HttpError(fault.status, "Injected failure after the request was applied"))
+            if fault and fault.status == CORRUPT and answer[2]:
+                body = bytearray(answer[2])
+                body[-1] ^= 0xFF
+                answer = (answer[0], answer[1], bytes(body))
         record.status = answer[0]
-        self._send(method, *answer, cut=bool(fault and fault.status == CUT))
+        if hub.latency:
+            time.sleep(hub.latency)
+        record.sent = self._send(method, *answer, cut=bool(fault and fault.status == CUT))
 
     def _route(self, method: str, raw_path: str, query: dict, body: bytes,
                token: str | None) -> tuple[int, dict, Any]:
@@ -339,9 +415,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if size == 0:
                     return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
+        self.hub.pace(length, "up")
         return self.rfile.read(length) if length else b""
 
-    def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> None:
+    def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> int:
+        """Answer; returns the body bytes written (paced by the bandwidth limit)."""
         if not isinstance(payload, bytes):
             payload = json.dumps(payload).encode()
             headers.setdefault("Content-Type", "application/json")
@@ -351,10 +429,18 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(payload[: len(payload) // 2] if cut else payload)
+        body = b"" if method == "HEAD" else payload[: len(payload) // 2] if cut else payload
+        step = 256 * 1024
+        try:
+            for i in range(0, len(body), step):
+                self.hub.pace(min(step, len(body) - i), "down")
+                self.wfile.write(body[i:i + step])
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (e.g. a merge that failed)
+            self.close_connection = True
+            return 0
         if cut:
             self.close_connection = True
+        return len(body)
 
     # --- access -------------------------------------------------------------------------
     def _repo(self, repo_id: str, user: str | None, *, write: bool = False, files: bool = False) -> Repo:
@@ -379,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _file_entry(path: str, data: bytes) -> dict:
-        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data), **lfs_info(path, data)}
 
     # --- endpoints ----------------------------------------------------------------------
     def h_whoami(self, user, **_):
@@ -444,7 +530,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             sib: dict[str, Any] = {"rfilename": path}
             if query.get("blobs"):
-                sib.update(size=len(data), blobId=git_blob_sha1(data))
+                sib.update(size=len(data), blobId=git_blob_sha1(data), **lfs_info(path, data, "sha256"))
             siblings.append(sib)
         return 200, {}, {"_id": r.repo_id, "id": r.repo_id, "modelId": r.repo_id, "author": r.owner,
                          "sha": commit.oid, "private": r.private, "gated": "auto" if r.gated else False,
@@ -520,10 +606,33 @@ class _Handler(BaseHTTPRequestHandler):
         r = self._repo(repo, user, write=not query.get("create_pr"))
         commit = self._commit_at(r, rev)
         files = json.loads(body)["files"]
+        # Like the Hub: files .gitattributes puts in LFS go to LFS storage first (their oid is
+        # the sha256), the others travel inside the commit (their oid is the git blob sha1).
+        def oid(path: str) -> str | None:
+            data = commit.files.get(path)
+            return None if data is None else sha256(data) if is_lfs(path) else git_blob_sha1(data)
+
         return 200, {}, {"files": [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_sha1(commit.files[f["path"]]) if f["path"] in commit.files else None}
-            for f in files]}
+            {"path": f["path"], "uploadMode": "lfs" if is_lfs(f["path"]) else "regular", "shouldIgnore": False,
+             "oid": oid(f["path"])} for f in files]}
+
+    def h_lfs_batch(self, user, repo, body, **_):
+        """The git-lfs batch API: where to PUT each object the storage does not hold yet."""
+        self._repo(repo, user, write=True)
+        objects = []
+        for o in json.loads(body)["objects"]:
+            entry = {"oid": o["oid"], "size": o["size"]}
+            if o["oid"] not in self.hub.lfs_objects:  # no actions: already stored, nothing to upload
+                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-storage/{o['oid']}"}}
+            objects.append(entry)
+        return 200, {}, {"transfer": "basic", "objects": objects}
+
+    def h_lfs_put(self, oid, body, **_):
+        """LFS storage (a signed URL on the Hub: no token): keeps the object if it hashes to its oid."""
+        if sha256(body) != oid:
+            raise HttpError(400, "Content does not match its sha256")
+        self.hub.lfs_objects[oid] = body
+        return 200, {}, {}
 
     def h_commit(self, user, repo, rev, body, query, **_):
         r = self._repo(repo, user, write=True)
@@ -542,13 +651,17 @@ class _Handler(BaseHTTPRequestHandler):
             key, value = line["key"], line["value"]
             if key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                if value["oid"] not in self.hub.lfs_objects:
+                    raise HttpError(400, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                files[value["path"]] = self.hub.lfs_objects[value["oid"]]
             elif key == "deletedFile":
                 if files.pop(value["path"], None) is None:
                     raise HttpError(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
             elif key == "deletedFolder":
                 files = {p: d for p, d in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
             else:
-                raise HttpError(400, f"Unsupported commit operation {key!r} (this test Hub has no LFS)")
+                raise HttpError(400, f"Unsupported commit operation {key!r}")
         oid = self.hub._commit(r, base.oid, header.get("summary", ""), header.get("description", ""), files)
         pr_url = None
         if query.get("create_pr"):

@@ -19,7 +19,9 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -38,7 +40,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
     FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
 from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
-from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
+from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -239,13 +241,13 @@ def shared_entries(job: TensorJob) -> int | None:
     return job.shared_rows * math.prod(job.out_shape[1:]) if job.shared_rows is not None else None
 
 
-def merge_inputs(job: TensorJob, readers: dict[str, SafetensorsModel], keys: list[str]) -> list[np.ndarray]:
+def merge_inputs(job: TensorJob, readers: dict[str, TensorSource], keys: list[str]) -> list[np.ndarray]:
     """Flat zero-copy views of a merged tensor's shared entries in every input."""
     shared = shared_entries(job)
     return [readers[k].array(job.name)[:shared] for k in input_labels(keys)]
 
 
-def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
                      keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                      compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None, bool]:
     """One tensor on the torch engine's device: (flat output, kept, agreed, whether NaN/Inf
@@ -287,7 +289,7 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Saf
     return compute.to_host(result.reshape(-1), job.out_dtype), kept, agreed, False
 
 
-def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
                  device: str, retention: RetentionCounter | None,
                  compute: TorchEngine | None = None) -> np.ndarray:
@@ -376,7 +378,7 @@ def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, An
                                 "lower it (lambda times the weights times the deltas must stay within float32)")
 
 
-def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
+def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSource], tmp: Path) -> None:
     """config.json from the reference model (vocab and dtype updated), generation config and
     chat template from the task model when it has them, tokenizer from the tokenizer source."""
     config = dict(readers[plan.reference].config)
@@ -423,24 +425,57 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, Safetens
                     break
 
 
-def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, SafetensorsModel]:
-    readers = {}
-    for key in model_keys(recipe):
-        if key not in sources:
-            raise InputModelError(f"{key}: no local folder for this model (pull it first)")
-        readers[key] = SafetensorsModel(sources[key].path, key)
+def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, TensorSource]:
+    readers: dict[str, TensorSource] = {}
+    try:
+        for key in model_keys(recipe):
+            if key not in sources:
+                raise InputModelError(f"{key}: no local folder for this model (pull it first)")
+            readers[key] = sources[key].open(key)
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
     return readers
 
 
-def build_plan(recipe: Recipe, readers: dict[str, SafetensorsModel]) -> MergePlan:
+def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     keys = model_keys(recipe)
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
 
-def merge(
-    recipe: Recipe,
+@dataclass
+class Output:
+    """One model the loop writes: its recipe (a sweep point's), method, folder and writer."""
+
+    recipe: Recipe
+    out_dir: Path
+    method: MergeMethod
+    tmp: Path
+    writer: ShardedWriter
+    retention: RetentionCounter | None
+
+    def merged(self, job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan, keys: list[str],
+               device: str, compute: TorchEngine | None) -> np.ndarray:
+        if not job.merge:
+            return readers[plan.reference].array(job.name)
+        return merge_tensor(job, self.method, readers, keys, [m.params for m in self.recipe.models],
+                            self.recipe.parameters, device, self.retention, compute)
+
+
+def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
+    for o, array in zip(outputs, arrays):
+        o.writer.write(name, array)
+
+
+def merge(recipe: Recipe, sources: dict[str, Source], out_dir: Path, **options: Any) -> dict[str, Any]:
+    """Merge the recipe's models into `out_dir` and return the merge report (see merge_many)."""
+    return merge_many([(recipe, out_dir)], sources, **options)[0]
+
+
+def merge_many(
+    targets: list[tuple[Recipe, Path]],
     sources: dict[str, Source],
-    out_dir: Path,
     *,
     device: str = "auto",
     engine: str | None = None,
@@ -449,34 +484,47 @@ def merge(
     dry_run: bool = False,
     progress: bool = True,
     on_tensor: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Merge the recipe's models into `out_dir` and return the merge report.
+    on_shard: Callable[[Path], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Merge each (recipe, folder) target and return their merge reports. The recipes name
+    the same models (a sweep's points differ in parameters only): the loop reads each input
+    tensor once and merges it for every target.
 
-    `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
-    `engine` is 'kernels' (CPU), 'torch' (any device) or 'auto' (kernels on a CPU, torch
-    on a GPU; the default, or LRMERGE_ENGINE); both write the same bits. With dry_run,
-    every input is checked and the plan returned; nothing is written. `on_tensor` is called after each tensor is written (tests inject failures with it).
+    `sources` maps 'base' and each model's recipe spec to a local folder or a streamed Hub
+    model with provenance. `engine` is 'kernels' (CPU), 'torch' (any device) or 'auto'
+    (kernels on a CPU, torch on a GPU; the default, or LRMERGE_ENGINE); both write the same
+    bits. With dry_run, every input is checked and the plan returned; nothing is written.
+    `on_tensor` is called after each tensor is written (tests inject failures with it).
+    `on_shard` gets each finished output shard (hub.ShardUploader uploads it; True: it
+    removed the file, which the output folder then lacks).
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir).absolute()
-    method = get_method(recipe.method)
-    check_output_path(out_dir, sources, overwrite)
+    targets = [(recipe, Path(out_dir).absolute()) for recipe, out_dir in targets]
+    recipe = targets[0][0]
+    for _, out_dir in targets:
+        check_output_path(out_dir, sources, overwrite)
     readers = open_sources(recipe, sources)
     compute: TorchEngine | None = None
     try:
         plan = build_plan(recipe, readers)
+        keys = model_keys(recipe)
+        if any(model_keys(r) != keys or build_plan(r, readers) != plan for r, _ in targets[1:]):
+            raise InputModelError("recipes merged in one pass must name the same models and plan the same output")
         if dry_run:
-            return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+            return [{"dry_run": True, "method": r.method, "output": str(o), **plan.summary()} for r, o in targets]
         dev = resolve_device(device)
         engine = resolve_engine(engine or default_engine(), dev)
         if engine == "torch":
             compute = open_torch_engine(plan, dev, len(recipe.models))
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with output_lock(out_dir):
-            clean_stale(out_dir)  # may bring back an output a killed merge had set aside
-            check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
-            return write_merge(recipe, sources, plan, readers, method, out_dir, dev, compute, shard_size=shard_size,
-                               overwrite=overwrite, progress=progress, on_tensor=on_tensor, started=started)
+        with ExitStack() as locks:
+            for _, out_dir in targets:
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(output_lock(out_dir))
+                clean_stale(out_dir)  # may bring back an output a killed merge had set aside
+                check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
+            return write_merge(targets, sources, plan, readers, dev, compute, shard_size=shard_size,
+                               overwrite=overwrite, progress=progress, on_tensor=on_tensor, on_shard=on_shard,
+                               started=started)
     finally:
         if compute is not None:
             compute.close()
@@ -484,75 +532,87 @@ def merge(
             r.close()
 
 
-def write_merge(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
-                readers: dict[str, SafetensorsModel], method: MergeMethod, out_dir: Path, dev: str,
-                compute: TorchEngine | None, *,
+def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], plan: MergePlan,
+                readers: dict[str, TensorSource], dev: str, compute: TorchEngine | None, *,
                 shard_size: int, overwrite: bool, progress: bool, on_tensor: Callable[[str], None] | None,
-                started: float) -> dict[str, Any]:
-    """The streaming loop: merge and write every tensor into a temporary folder beside the
-    output, then rename it into place. On any failure or signal the folder is removed."""
-    keys = model_keys(recipe)
-    model_params = [m.params for m in recipe.models]
-    retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
-    tmp = beside(out_dir, "tmp", os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
+                on_shard: Callable[[Path], bool] | None, started: float) -> list[dict[str, Any]]:
+    """The streaming loop: merge and write every tensor, for every target, into a temporary
+    folder beside each output, then rename them into place. On any failure or signal the
+    folders are removed."""
+    keys = model_keys(targets[0][0])
+    specs = [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs]
+    outputs: list[Output] = []
+    # the torch engine copies the next tensor's inputs while this one is merged: from mapped
+    # local files only (a streamed source has a tensor's bytes only once it is populated)
+    stage_ahead = compute is not None and all(isinstance(r, SafetensorsModel) for r in readers.values())
     # Each tensor is written by a background thread while the next one is read and merged
     # (the write releases the GIL, the kernels too); one write in flight at a time, so at
-    # most two output tensors are held.
+    # most two output tensors per target are held.
     pool = ThreadPoolExecutor(1, thread_name_prefix="lrmerge-write")
     pending: Future | None = None
     try:
+        for r, out_dir in targets:
+            tmp = beside(out_dir, "tmp", os.getpid())
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            method = get_method(r.method)
+            outputs.append(Output(r, out_dir, method, tmp, ShardedWriter(tmp, specs, shard_size, on_shard),
+                                  RetentionCounter(len(r.models)) if method.reports_retention else None))
         with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
             # a copied (non-float) tensor is read from the reference model only
             read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
+            for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
+                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by) if k in by])
             for index, job in enumerate(plan.jobs):
                 for k in read_by[index]:
                     readers[k].populate(job.name)
-                if index + 1 < len(plan.jobs):
-                    following = plan.jobs[index + 1]
-                    for k in read_by[index + 1]:
-                        readers[k].prefetch(following.name)
-                    if compute is not None and following.merge:  # its copy overlaps this merge
-                        compute.stage(following.name, merge_inputs(following, readers, keys))
-                if job.merge:
-                    with deferred():  # a signal inside a numba kernel would surface as a SystemError
-                        out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                           dev, retention, compute)
-                else:
-                    out = readers[plan.reference].array(job.name)
+                following = plan.jobs[index + 1] if index + 1 < len(plan.jobs) else None
+                if stage_ahead and following is not None and following.merge:  # its copy overlaps this merge
+                    compute.stage(following.name, merge_inputs(following, readers, keys))
+                with deferred():  # a signal inside a numba kernel would surface as a SystemError
+                    out = [o.merged(job, readers, plan, keys, dev, compute) for o in outputs]
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(writer.write, job.name, out)
+                pending = pool.submit(write_all, outputs, job.name, out)
                 del out
                 for k in keys:  # its input pages leave our resident set (st_io.release)
                     readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
+                bar.set_postfix_str(f"{job.name} | {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
+                                    f"from the Hub | {sum(o.writer.bytes_written for o in outputs) / 1e6:.0f} MB "
+                                    "written", refresh=False)
                 if on_tensor:
                     on_tensor(job.name)
         if pending is not None:
             pending.result()
             pending = None
-        writer.close()
-        copy_side_files(plan, recipe, readers, tmp)
-        report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
-        report["stats"]["engine"] = "torch" if compute is not None else "kernels"
-        if compute is not None and compute.peak_bytes() is not None:
-            report["stats"]["peak_device_bytes"] = compute.peak_bytes()
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        install_atomically(tmp, out_dir, overwrite=overwrite)
+        for r in readers.values():  # e.g. each streamed shard's sha256, before the last output shard is handed on
+            r.finish()
+        reports = []
+        for o in outputs:
+            o.writer.close()
+            copy_side_files(plan, o.recipe, readers, o.tmp)
+            report = build_report(o.recipe, sources, plan, o.retention, dev, started, o.writer,
+                                  sum(r.network_bytes for r in readers.values()))
+            report["stats"]["engine"] = "torch" if compute is not None else "kernels"
+            if compute is not None and compute.peak_bytes() is not None:
+                report["stats"]["peak_device_bytes"] = compute.peak_bytes()
+            (o.tmp / "recipe.yaml").write_text(o.recipe.to_yaml(), encoding="utf-8")
+            (o.tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            reports.append(report)
+        for o in outputs:
+            install_atomically(o.tmp, o.out_dir, overwrite=overwrite)
     except BaseException:
         if pending is not None:
             wait([pending])  # never abort the writer under a write in flight
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for o in outputs:
+            o.writer.abort()
+            shutil.rmtree(o.tmp, ignore_errors=True)
         raise
     finally:
         pool.shutdown(wait=True)
-    return report
+    return reports
 
 
 def open_torch_engine(plan: MergePlan, device: str, models: int) -> TorchEngine:
@@ -589,7 +649,7 @@ def install_atomically(tmp: Path, out_dir: Path, overwrite: bool = True) -> None
 
 def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
                  retention: RetentionCounter | None, device: str, started: float,
-                 bytes_written: int) -> dict[str, Any]:
+                 writer: ShardedWriter, bytes_from_network: int) -> dict[str, Any]:
     def source_entry(key: str, display: str) -> dict[str, Any]:
         src = sources[key]
         return {"model": display, "repo_id": src.repo_id, "revision": src.revision}
@@ -619,7 +679,9 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
             "tensors": len(plan.jobs),
             "parameters": plan.parameters,
             "bytes_read": plan.bytes_to_read,
-            "bytes_written": bytes_written,
+            "bytes_from_network": bytes_from_network,  # streamed Hub inputs, headers and gaps included
+            "bytes_written": writer.bytes_written,
+            "peak_disk_bytes": writer.peak_on_disk,  # of weights: shards uploaded and removed no longer count
             "seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": peak_rss_bytes(),
             "device": device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import IncompatibleModelsError, InputModelError, shown
 from ..recipe import Recipe
@@ -41,11 +41,23 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Source:
-    """A model ready to read: a local folder and, for Hub models, the repo and pinned sha."""
+    """A model ready to read: a local folder and, for Hub models, the repo and pinned sha.
+
+    `reader` opens the model's tensor bytes when they are not in `path` (a Hub model read by
+    ranged requests; `path` then holds its config and tokenizer only)."""
 
     path: Path
     repo_id: str | None = None
     revision: str | None = None
+    reader: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+
+    def open(self, label: str) -> Any:
+        """The model's TensorSource (merge.st_io), labelled `label` in errors."""
+        if self.reader is not None:
+            return self.reader(label)
+        from .st_io import SafetensorsModel
+
+        return SafetensorsModel(self.path, label)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from typing import TYPE_CHECKING
 
@@ -48,33 +48,45 @@ class StoredTensor:
     end: int
 
 
+def corrupt(path: Path, why: str) -> InputModelError:
+    return InputModelError(f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file "
+                           f"({why}); download or save it again")
+
+
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """Parse and check one safetensors file's header (see parse_header). Raises
+    """Parse and check one safetensors file's header (see st_header.parse_header). Raises
     InputModelError, one line, when the file is corrupt or truncated."""
-
-    def corrupt(why: str) -> InputModelError:
-        return InputModelError(f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file "
-                               f"({why}); download or save it again")
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise corrupt("shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise corrupt(f"a header of {n} bytes, over safetensors' limit of {MAX_HEADER}")
-            if 8 + n > size:
-                raise corrupt(f"a header of {n} bytes in a file of {size}")
+            n = header_length(f.read(8), size, path)
             raw = f.read(n)
     except OSError as e:
         raise InputModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    return header_tensors(raw, size, path)
+
+
+def header_length(head: bytes, size: int, path: Path) -> int:
+    """The JSON header's length from a shard's first 8 bytes, checked against safetensors'
+    limit and the file's size."""
+    if len(head) < 8:
+        raise corrupt(path, "shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER:
+        raise corrupt(path, f"a header of {n} bytes, over safetensors' limit of {MAX_HEADER}")
+    if 8 + n > size:
+        raise corrupt(path, f"a header of {n} bytes in a file of {size}")
+    return n
+
+
+def header_tensors(raw: bytes, size: int, path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors (absolute offsets) and metadata of a shard of `size` bytes whose JSON
+    header is `raw`: the same checks whether the shard is on disk or read from the Hub."""
     try:
-        entries, metadata = parse_header(raw, size - 8 - n)
+        entries, metadata = parse_header(raw, size - 8 - len(raw))
     except HeaderError as e:
-        raise corrupt(str(e)) from None
-    data_start = 8 + n
+        raise corrupt(path, str(e)) from None
+    data_start = 8 + len(raw)
     tensors = {name: StoredTensor(spec, path, data_start + begin, data_start + end)
                for name, (spec, begin, end) in entries.items()}
     return tensors, metadata
@@ -100,18 +112,20 @@ def index_shards(index: Any, where: str) -> list[str]:
     return sorted(names)
 
 
-class SafetensorsModel:
-    """One model folder: its tensors (by name, lazily mapped) and its config."""
+class TensorSource:
+    """Where a model's tensor bytes come from, as the merge loop sees it: a mapped local
+    folder (SafetensorsModel) or ranged reads from the Hub (hub_stream.HubModel).
 
-    def __init__(self, folder: Path, label: str):
-        self.folder = Path(folder)
-        self.label = label
-        if not self.folder.is_dir():
-            raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
-        self.tensors = self._index()
-        self.config = check_config(self._read_json("config.json", required=True), label)
-        self._read_json("tokenizer_config.json")  # the engine copies it, and reads its chat template
-        self._maps: dict[Path, mmap.mmap] = {}
+    The loop announces the order it will read tensors in (`read_order`), asks for each one
+    before reading it (`populate`), reads it (`array`, `get`), lets it go (`release`), and at
+    the end asks the source to vouch for every byte it served (`finish`). Side files
+    (config, tokenizer) are read from `folder`."""
+
+    folder: Path
+    label: str
+    tensors: dict[str, StoredTensor]
+    config: dict[str, Any]
+    network_bytes = 0  # bytes this source received over the network so far
 
     def _read_json(self, name: str, required: bool = False) -> dict[str, Any]:
         """A JSON object file of the folder; {} when it is absent and not required."""
@@ -141,6 +155,58 @@ class SafetensorsModel:
             raise InputModelError(f"{self.label}: shard {shown(name)} is a symlink out of {self.folder.name}; "
                                   "refusing to read it")
         return self.folder / name
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: st.spec for name, st in self.tensors.items()}
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as a flat read-only numpy array (bfloat16 and float8 as their bits:
+        see NUMPY_DTYPES), valid until `release(name)`."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a zero-copy, read-only torch view of `array(name)`."""
+        import torch
+
+        spec = self.tensors[name].spec
+        flat = self.array(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the buffer is read-only; we never write to it
+            t = torch.from_numpy(flat)
+        if spec.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy holds their bits
+            t = t.view(torch_dtype(spec.dtype))
+        return t.view(spec.shape)
+
+    def read_order(self, names: list[str]) -> None:
+        """The tensors the merge will read from this source, in the order it reads them."""
+
+    def populate(self, name: str) -> None:
+        """Have the tensor's bytes at hand before the kernels read it."""
+
+    def release(self, name: str) -> None:
+        """The merge is done with the tensor."""
+
+    def finish(self) -> None:
+        """Check, once every tensor was read, that the bytes were the right ones."""
+
+    def close(self) -> None:
+        """Let go of mappings, buffers and connections (also after a failure)."""
+
+
+class SafetensorsModel(TensorSource):
+    """One local model folder: its tensors (by name, lazily mapped) and its config."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = Path(folder)
+        self.label = label
+        if not self.folder.is_dir():
+            raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
+        self.tensors = self._index()
+        self.config = check_config(self._read_json("config.json", required=True), label)
+        self._read_json("tokenizer_config.json")  # the engine copies it, and reads its chat template
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._next: dict[str, str] = {}  # tensor -> the one read after it
 
     def _index(self) -> dict[str, StoredTensor]:
         index = self.folder / "model.safetensors.index.json"
@@ -175,10 +241,6 @@ class SafetensorsModel:
                                       "(or the reverse)")
         return tensors
 
-    @property
-    def specs(self) -> dict[str, TensorSpec]:
-        return {name: st.spec for name, st in self.tensors.items()}
-
     def array(self, name: str) -> np.ndarray:
         """A zero-copy, read-only flat numpy view of the tensor in the memory-mapped file
         (bfloat16 and float8 as their bits: see NUMPY_DTYPES)."""
@@ -195,19 +257,6 @@ class SafetensorsModel:
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A zero-copy, read-only torch view of the tensor in the memory-mapped file."""
-        import torch
-
-        spec = self.tensors[name].spec
-        flat = self.array(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the mapping is read-only; we never write to it
-            t = torch.from_numpy(flat)
-        if spec.dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy holds their bits
-            t = t.view(torch_dtype(spec.dtype))
-        return t.view(spec.shape)
-
     def _advise(self, name: str, advice: int) -> None:
         """madvise the pages of a tensor's mapping (mapping the shard if needed); a kernel
         that does not know the advice (older than Linux 5.14 for POPULATE_READ) is ignored."""
@@ -220,15 +269,17 @@ class SafetensorsModel:
         except OSError:
             pass
 
-    def prefetch(self, name: str) -> None:
-        """Ask the OS to read a tensor's pages ahead (asynchronously): the next tensor's
-        reads from disk overlap this one's merge."""
-        self._advise(name, mmap.MADV_WILLNEED)
+    def read_order(self, names: list[str]) -> None:
+        self._next = dict(zip(names, names[1:]))
 
     def populate(self, name: str) -> None:
         """Map all of a tensor's pages into this process in one call, before the kernels
-        read it: many times cheaper than a page fault per 64 KB, one thread at a time."""
+        read it (many times cheaper than a page fault per 64 KB, one thread at a time), and
+        ask the OS to read the next tensor's pages ahead (WILLNEED, asynchronously), so its
+        reads from disk overlap this one's merge."""
         self._advise(name, MADV_POPULATE_READ)
+        if name in self._next:
+            self._advise(self._next[name], mmap.MADV_WILLNEED)
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set once it is merged: the
@@ -280,10 +331,16 @@ def shard_layout(tensors: Iterable[tuple[str, TensorSpec]], shard_size: int) -> 
 
 
 class ShardedWriter:
-    """Streams tensors, in the planned order, into safetensors shards plus an index."""
+    """Streams tensors, in the planned order, into safetensors shards plus an index.
 
-    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int):
+    Each finished shard is handed to `on_shard` (the uploader of a merge with a push target),
+    which returns True when it removed the file from disk."""
+
+    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int,
+                 on_shard: Callable[[Path], bool] | None = None):
         self.folder = folder
+        self.on_shard = on_shard
+        self.on_disk = self.peak_on_disk = 0  # bytes of shards on disk now, and at most
         self.shards = shard_layout(tensors, shard_size)
         n = len(self.shards)
         self.names = (["model.safetensors"] if n == 1 else
@@ -295,10 +352,21 @@ class ShardedWriter:
         self._left_in_shard = 0
         self._file = None
         self.bytes_written = 0
+        self.shard_bytes: list[int] = []  # size of each shard opened so far
+
+    def _finish_shard(self) -> None:
+        """Close the current shard (synced: an uploader or a rename may follow) and hand it on."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        path = self.folder / self.names[self._shard]
+        if self.on_shard is not None and self.on_shard(path):
+            self.on_disk -= self.shard_bytes[self._shard]
 
     def _open_next_shard(self) -> None:
         if self._file:
-            self._file.close()
+            self._finish_shard()
         self._shard += 1
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -310,6 +378,9 @@ class ShardedWriter:
         raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
         self._file = open(self.folder / self.names[self._shard], "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self.shard_bytes.append(8 + len(raw) + offset)
+        self.on_disk += self.shard_bytes[-1]  # the file grows to this as it is written
+        self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         self._left_in_shard = len(self.shards[self._shard])
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -332,13 +403,10 @@ class ShardedWriter:
         self._left_in_shard -= 1
 
     def close(self) -> None:
-        if self._file:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
         if self._next != len(self.order):
             raise RuntimeError(f"only {self._next} of {len(self.order)} tensors were written")
+        if self._file:
+            self._finish_shard()
         if len(self.names) > 1:
             weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
             total = sum(spec.nbytes for spec in self.specs.values())
