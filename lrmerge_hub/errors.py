@@ -65,3 +65,15 @@ class ServeError(LrmergeError):
 
 class EvalError(LrmergeError):
     """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
+
+
+class ClusterError(LrmergeError):
+    """Ray is missing, the cluster cannot be reached, or no node can hold a task's resources."""
+
+
+class ReproducibilityError(LrmergeError):
+    """The driver's re-merge of a unit does not hash to what the worker that ran it reported."""
+
+
+class RunsFailedError(LrmergeError):
+    """Some releases of a batch (`lrmerge run A.yaml B.yaml`) failed; each summary says why."""
