@@ -103,7 +103,11 @@ class RayExecutor:
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ClusterError(f"cannot connect to the Ray cluster at {where}: {str(e).splitlines()[0]} "
                                "(check --ray-address / RAY_ADDRESS, or leave both unset for a local instance)") from None
-        self.check_resources(ray.nodes())
+        try:
+            self.check_resources(ray.nodes())
+        except ClusterError:
+            ray.shutdown()
+            raise
         self.echo(f"Ray: {where}, {len([n for n in ray.nodes() if n['Alive']])} node(s)")
         return self
 
@@ -115,8 +119,9 @@ class RayExecutor:
     def check_resources(self, nodes: list[dict[str, Any]]) -> None:
         """A task no node can hold would wait forever: refuse it up front."""
         wanted = {"CPU": self.cpus_per_task, "GPU": self.gpus_per_task}
-        if not any(all(n["Resources"].get(k, 0) >= v for k, v in wanted.items()) for n in nodes if n["Alive"]):
-            largest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes if n["Alive"])
+        alive = [n["Resources"] for n in nodes if n["Alive"]]
+        if not any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in alive):
+            largest = max([(r.get("CPU", 0), r.get("GPU", 0)) for r in alive] or [(0, 0)])
             raise ClusterError(f"no node of the cluster has {self.cpus_per_task:g} CPU(s) and {self.gpus_per_task:g} "
                                f"GPU(s) free for one task (the largest has {largest[0]:g} CPUs, {largest[1]:g} GPUs); "
                                "lower --cpus-per-task / --gpus-per-task")

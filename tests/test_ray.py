@@ -1,0 +1,264 @@
+"""`--executor ray` against a real Ray cluster: `ray start --head` on 127.0.0.1 with 2 CPUs
+(two single-CPU task slots), started once for this module, tiny models, lm-eval's hf backend.
+
+Ray on this machine binds the head to loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
+Ray's own switch for single-machine clusters), which refuses a second node joining; on a
+real cluster workers join with `ray start --address HEAD:PORT`."""
+
+import os
+
+# Ray reads these when it is imported (here and in the `ray start` below): loopback only, and
+# token authentication with a token of this run's own (not whatever ~/.ray/auth_token holds)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+
+import json  # noqa: E402
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lrmerge_hub.cli import main
+from lrmerge_hub.cluster import RayExecutor
+from lrmerge_hub.pipeline import run_releases
+from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.synth import make_family, make_tiny_task
+from tests.hub_support import TOKEN
+from tests.test_pipeline import HUB_RECIPE, seeded, tiny  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SWEEP_RECIPE = """
+method: slack_ties
+base: ./models/base
+models:
+  - {model: ./models/language, role: language, density: 0.3}
+  - {model: ./models/task, role: task, density: 0.3}
+languages: [bo]
+license: apache-2.0
+output: ./best-OUT
+eval: {tasks: [tiny_mc], include_path: ./tasks, limit: 6}
+"""
+
+LOCAL_RECIPE = """
+method: slack_ties
+base: ./models/base
+models:
+  - {model: ./models/language, role: language, density: 0.2}
+  - {model: ./models/task, role: task, density: 0.2, slack: SLACK}
+languages: [LANG]
+license: apache-2.0
+output: ./out/LANG
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray head on 127.0.0.1 (2 CPUs) whose workers import this checkout; its process
+    group is killed at teardown. Yields the address for --ray-address."""
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    assert get_node_ip_address() == "127.0.0.1", "ray was imported before this module set loopback-only"
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="lrmerge-ray-", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+         "--include-dashboard=false", "--disable-usage-stats", "--block", "--temp-dir", temp],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the head is up once a driver sees its node
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                alive = [n for n in ray.nodes() if n["Alive"]]
+                ray.shutdown()
+                if alive:
+                    break
+            except (ConnectionError, RuntimeError):
+                pass
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
+        head.wait(30)
+
+
+def lrmerge(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def tensor_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))
+
+
+class WorkerKiller(threading.Thread):
+    """Kills (SIGKILL, its whole process group) the Ray worker that runs lm-eval on the
+    point `name`, once, as a node losing a worker mid-task would."""
+
+    def __init__(self, name: str):
+        super().__init__(daemon=True)
+        self.name_in_cmdline, self.killed, self.stop = name, None, threading.Event()
+
+    @staticmethod
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.killed is None:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                line = self.cmdline(pid)
+                if "lm_eval" in line and self.name_in_cmdline in line:
+                    try:
+                        parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                    except (OSError, IndexError):
+                        continue
+                    if self.cmdline(parent).startswith("ray::"):
+                        os.killpg(os.getpgid(int(parent)), signal.SIGKILL)
+                        self.killed = int(parent)
+                        return
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_path):
+    make_family(tmp_path / "models")
+    make_tiny_task(tmp_path / "tasks")
+    tables = {}
+    for executor in ("local", "ray"):
+        recipe = tmp_path / f"{executor}.yaml"
+        recipe.write_text(SWEEP_RECIPE.replace("OUT", executor))
+        extra = ["--ray-address", ray_cluster] if executor == "ray" else []
+        killer = WorkerKiller("slack0.5")
+        if executor == "ray":
+            killer.start()
+        code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0,0.5,4", "--backend", "hf", "--executor",
+                                 executor, *extra, "--format", "json")
+        killer.stop.set()
+        assert code == 0, err
+        tables[executor] = json.loads(out)
+    local, ray = tables["local"], tables["ray"]
+    assert killer.killed, "the worker evaluating slack0.5 was never seen, so never killed"
+    nodes = {p["name"]: p.pop("node") for p in ray["points"]}
+    assert nodes["slack0.5"]["pid"] != killer.killed  # the retry ran in another worker
+    assert all(n["ip"] == "127.0.0.1" and n["node_id"] for n in nodes.values())
+    assert (local["metric"], local["best"], local["points"]) == (ray["metric"], ray["best"], ray["points"])
+    assert [p["score"] is not None for p in ray["points"]] == [True] * 3
+    best_local, best_ray = tmp_path / "best-local", tmp_path / "best-ray"
+    assert tensor_bytes(best_ray) and tensor_bytes(best_ray) == tensor_bytes(best_local)
+    # the best point's evaluation and the table (with the nodes) came along; nothing half-written
+    assert json.loads((best_ray / "sweep.json").read_text())["points"][0]["node"]["ip"] == "127.0.0.1"
+    assert list((best_ray / "eval").rglob("results_*.json"))
+    assert "slack" in (best_ray / "README.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
+
+
+@pytest.mark.slow
+def test_two_recipes_released_together_land_on_the_hub(ray_cluster, seeded, hub_server, tmp_path):  # noqa: F811
+    for lang in ("bo", "ug"):
+        text = HUB_RECIPE.replace("[bo]", f"[{lang}]").replace("./merged", f"./out/{lang}")
+        (tmp_path / f"{lang}.yaml").write_text(text.replace("alice/tiny-bo", f"alice/tiny-{lang}"))
+    code, out, err = lrmerge("run", tmp_path / "{language}.yaml", "--languages", "bo,ug", "--executor", "ray",
+                             "--ray-address", ray_cluster, "--format", "json")
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    for lang, summary in zip(("bo", "ug"), runs):
+        files = hub_server.files(f"alice/tiny-{lang}")
+        assert {"README.md", "model.safetensors", "merge_report.json"} <= set(files)
+        assert summary["steps"]["push"]["repo_id"] == f"alice/tiny-{lang}"
+        verified = summary["steps"]["merge"]["verified"]
+        assert verified["tensors"] > 0 and verified["worker_node"]["ip"] == "127.0.0.1"
+        state = json.loads((Path(summary["run_dir"]) / "state.json").read_text())
+        assert state["steps"]["merge"]["result"]["verified"]["worker_node"] == verified["worker_node"]
+    assert TOKEN not in out + err
+
+
+class TamperingExecutor(RayExecutor):
+    """A worker that reports one tensor hash wrong (as a node with other numerics would)."""
+
+    def run(self, units):
+        for outcome in super().run(units):
+            name = sorted(outcome.result["sha256"])[0]
+            outcome.result["sha256"][name] = "0" * 64
+            yield outcome
+
+
+@pytest.mark.slow
+def test_a_worker_hash_mismatch_fails_loudly(ray_cluster, tmp_path):
+    make_family(tmp_path / "models")
+    path = tmp_path / "bo.yaml"
+    path.write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    with TamperingExecutor(ray_cluster) as executor:
+        [summary] = run_releases([load_recipe(path)], executor=executor, progress=False)
+    assert "tensors of the merge made here differ from the worker's" in summary["error"]
+    assert summary["steps"]["merge"]["status"] == "failed"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing published
+
+
+@pytest.mark.slow
+def test_a_task_no_node_can_hold_is_refused(ray_cluster, tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    code, _, err = lrmerge("run", tmp_path / "bo.yaml", "--executor", "ray", "--ray-address", ray_cluster,
+                           "--gpus-per-task", "1")
+    assert code == 2 and "no node of the cluster has 1 CPU(s) and 1 GPU(s)" in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- without a cluster ---------------------------------------------------------------------
+
+
+def test_several_recipes_run_here_one_after_another(tmp_path):
+    make_family(tmp_path / "models")
+    for lang, slack in (("bo", "0.5"), ("ug", "1")):
+        (tmp_path / f"{lang}.yaml").write_text(LOCAL_RECIPE.replace("SLACK", slack).replace("LANG", lang))
+    code, out, err = lrmerge("run", tmp_path / "bo.yaml", tmp_path / "ug.yaml", "--format", "json")
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert [Path(r["output"]).name for r in runs] == ["bo", "ug"]
+    reports = [json.loads((tmp_path / f"out/{lang}/merge_report.json").read_text()) for lang in ("bo", "ug")]
+    assert [r["models"][1]["params"]["slack"] for r in reports] == [0.5, 1]
+    assert all("verified" not in r["steps"]["merge"] for r in runs)  # merged here: nothing to check
+
+
+def test_one_failing_recipe_of_a_batch_does_not_stop_the_others(tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    (tmp_path / "ug.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "ug")
+                                      .replace("./models/task", "./models/missing"))
+    code, out, err = lrmerge("run", tmp_path / "ug.yaml", tmp_path / "bo.yaml", "--format", "json")
+    assert code == 2 and "1 of 2 releases failed: ug:" in err and "Traceback" not in err
+    assert (tmp_path / "out/bo/model.safetensors").exists() and not (tmp_path / "out/ug").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{language}.yaml"], "pass --languages"),
+    (["bo.yaml", "--languages", "bo,ug"], "--languages needs a RECIPE path with {language}"),
+    (["{language}.yaml", "--languages", "bo,ug", "--push", "alice/one"], "put {language} in it"),
+    (["{language}.yaml", "--languages", "bo,ug", "--out", "x"], "--out names one folder"),
+    (["bo.yaml", "--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
+    (["bo.yaml", "--executor", "ray", "--gpus-per-task", "-1"], "x>=0"),
+])
+def test_bad_batch_options_are_one_line_errors(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = lrmerge("run", *args)
+    assert code == 2 and message in err and "Traceback" not in err
