@@ -13,10 +13,12 @@ instance started on this machine for the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,24 +99,25 @@ class RayExecutor:
         except ImportError:
             raise ClusterError("Ray is not installed: pip install 'lrmerge-hub[cluster]'") from None
         where = self.address or "a local Ray instance"
-        try:
-            ray.init(address=self.address or "local", logging_level=logging.WARNING, log_to_driver=False,
-                     configure_logging=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ClusterError(f"cannot connect to the Ray cluster at {where}: {str(e).splitlines()[0]} "
-                               "(check --ray-address / RAY_ADDRESS, or leave both unset for a local instance)") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            # Ray prints its notices (a worker died, ...) on the driver's stdout: send them to
+            # stderr, so that `--format json` prints one JSON object
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+            try:
+                ray.init(address=self.address or "local", logging_level=logging.WARNING, log_to_driver=False,
+                         configure_logging=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise ClusterError(f"cannot connect to the Ray cluster at {where}: {str(e).splitlines()[0]} "
+                                   "(check --ray-address / RAY_ADDRESS, or leave both unset for a local "
+                                   "instance)") from None
+            stack.callback(ray.shutdown)
             self.check_resources(ray.nodes())
-        except ClusterError:
-            ray.shutdown()
-            raise
-        self.echo(f"Ray: {where}, {len([n for n in ray.nodes() if n['Alive']])} node(s)")
+            self.echo(f"Ray: {where}, {len([n for n in ray.nodes() if n['Alive']])} node(s)")
+            self.connection = stack.pop_all()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        ray.shutdown()
+        self.connection.close()
 
     def check_resources(self, nodes: list[dict[str, Any]]) -> None:
         """A task no node can hold would wait forever: refuse it up front."""
