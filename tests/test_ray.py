@@ -1,22 +1,12 @@
 """`--executor ray` against a real Ray cluster: `ray start --head` on 127.0.0.1 with 2 CPUs
-(two single-CPU task slots), started once for this module, tiny models, lm-eval's hf backend.
+(two single-CPU task slots), started once for this module (tests/ray_support.py), tiny
+models, lm-eval's hf backend."""
 
-Ray on this machine binds the head to loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
-Ray's own switch for single-machine clusters), which refuses a second node joining; on a
-real cluster workers join with `ray start --address HEAD:PORT`."""
+from tests.ray_support import ray_head  # first: it sets how Ray binds before ray is imported
 
+import json
 import os
-
-# Ray reads these when it is imported (here and in the `ray start` below): loopback only, and
-# token authentication with a token of this run's own (not whatever ~/.ray/auth_token holds)
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
-
-import json  # noqa: E402
 import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,8 +21,6 @@ from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.synth import make_family, make_tiny_task
 from tests.hub_support import TOKEN
 from tests.test_pipeline import HUB_RECIPE, seeded, tiny  # noqa: F401 (fixtures)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SWEEP_RECIPE = """
 method: slack_ties
@@ -58,45 +46,10 @@ output: ./out/LANG
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A Ray head on 127.0.0.1 (2 CPUs) whose workers import this checkout; its process
-    group is killed at teardown. Yields the address for --ray-address."""
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    assert get_node_ip_address() == "127.0.0.1", "ray was imported before this module set loopback-only"
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="lrmerge-ray-", dir="/tmp")  # short: Ray's socket paths
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard=false", "--disable-usage-stats", "--block", "--temp-dir", temp],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # the head is up once a driver sees its node
-            try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-                alive = [n for n in ray.nodes() if n["Alive"]]
-                ray.shutdown()
-                if alive:
-                    break
-            except (ConnectionError, RuntimeError):
-                pass
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(1)
+    with ray_head(num_cpus=2) as address:
         yield address
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
-        head.wait(30)
 
 
 def lrmerge(*args):
@@ -262,3 +215,23 @@ def test_bad_batch_options_are_one_line_errors(tmp_path, monkeypatch, args, mess
     monkeypatch.chdir(tmp_path)
     code, _, err = lrmerge("run", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# -- serving across GPUs and nodes: vLLM's own flags, parsed by vLLM's own parser ----------
+
+
+@pytest.mark.slow
+def test_serve_passes_vllm_parallelism_through_under_vllms_names():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from lrmerge_hub import serve
+
+    opts = serve.ServeOptions(tensor_parallel_size=8, extra_args=[
+        "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--distributed-executor-backend", "ray"])
+    target = serve.ModelTarget("org/merged-70b", "org/merged-70b", None, "org/merged-70b")
+    cmd = serve.vllm_command(target, opts, host="127.0.0.1", port=8000, backend="gpu", memory_fraction=None)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size,
+            args.distributed_executor_backend) == (8, 2, 2, "ray")
