@@ -28,25 +28,15 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 from lrmerge_hub.synth import make_family, make_tiny_task  # noqa: E402
+from tests.test_end_to_end import SWEEP_RECIPE  # noqa: E402  (tiny_mc, hf, limit 6)
 
 OUT = ROOT / "bench" / "out" / "ray-sweep"
 GRID = "slack=0,0.25,0.5,1,2,4"
-RECIPE = """
-method: slack_ties
-base: ./models/base
-models:
-  - {model: ./models/language, role: language, density: 0.3}
-  - {model: ./models/task, role: task, density: 0.3}
-languages: [bo]
-license: apache-2.0
-output: ./best-EXECUTOR
-eval: {tasks: [tiny_mc], include_path: ./tasks, limit: 6}
-"""
 
 
 def sweep(executor: str, *extra: str) -> tuple[float, dict]:
     recipe = OUT / f"{executor}.yaml"
-    recipe.write_text(RECIPE.replace("EXECUTOR", executor))
+    recipe.write_text(SWEEP_RECIPE.replace("./best", f"./best-{executor}"))
     shutil.rmtree(OUT / f"best-{executor}", ignore_errors=True)
     shutil.rmtree(OUT / f"best-{executor}.sweep", ignore_errors=True)  # no point "merged earlier"
     started = time.perf_counter()

@@ -270,11 +270,17 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
         summaries = run_releases(recipes, executor=cluster, push_repos=push_repos, device=device,
                                  skip_eval=skip_eval, force=force, dry_run=dry_run, token=token,
                                  progress=fmt == "human", echo=echo)
+    from .errors import RunsFailedError
+
     failed = [s for s in summaries if s.get("error")]
+    if len(summaries) == 1:  # one recipe: the same output as without --executor ray
+        if fmt == "json" or not failed:
+            emit(fmt, summaries[0], lambda: print_run_summary(summaries[0]))
+        if failed:
+            raise RunsFailedError(failed[0]["error"])
+        return
     emit(fmt, {"runs": summaries}, lambda: [print_run_summary(s) for s in summaries if not s.get("error")])
     if failed:
-        from .errors import RunsFailedError
-
         raise RunsFailedError(f"{len(failed)} of {len(summaries)} releases failed: "
                               + "; ".join(f"{Path(s['output']).name}: {s['error'].splitlines()[0]}" for s in failed))
 

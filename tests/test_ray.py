@@ -7,6 +7,9 @@ from tests.ray_support import ray_head  # first: it sets how Ray binds before ra
 import json
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,19 +23,11 @@ from lrmerge_hub.pipeline import run_releases
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.synth import make_family, make_tiny_task
 from tests.hub_support import TOKEN
+from tests.test_end_to_end import SWEEP_RECIPE  # output: ./best
 from tests.test_pipeline import HUB_RECIPE, seeded, tiny  # noqa: F401 (fixtures)
 
-SWEEP_RECIPE = """
-method: slack_ties
-base: ./models/base
-models:
-  - {model: ./models/language, role: language, density: 0.3}
-  - {model: ./models/task, role: task, density: 0.3}
-languages: [bo]
-license: apache-2.0
-output: ./best-OUT
-eval: {tasks: [tiny_mc], include_path: ./tasks, limit: 6}
-"""
+ROOT = Path(__file__).resolve().parent.parent
+
 
 LOCAL_RECIPE = """
 method: slack_ties
@@ -61,34 +56,38 @@ def tensor_bytes(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))
 
 
+def cmdline(pid: str | int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def lm_eval_processes(*parts: str) -> list[int]:
+    """lm-eval processes whose command line holds every one of `parts`."""
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if "lm_eval" in (line := cmdline(pid)) and all(p in line for p in parts)]
+
+
 class WorkerKiller(threading.Thread):
     """Kills (SIGKILL, its whole process group) the Ray worker that runs lm-eval on the
     point `name`, once, as a node losing a worker mid-task would."""
 
     def __init__(self, name: str):
         super().__init__(daemon=True)
-        self.name_in_cmdline, self.killed, self.stop = name, None, threading.Event()
-
-    @staticmethod
-    def cmdline(pid: str) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return ""
+        self.point, self.killed, self.stop = name, None, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set() and self.killed is None:
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                line = self.cmdline(pid)
-                if "lm_eval" in line and self.name_in_cmdline in line:
-                    try:
-                        parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-                    except (OSError, IndexError):
-                        continue
-                    if self.cmdline(parent).startswith("ray::"):
-                        os.killpg(os.getpgid(int(parent)), signal.SIGKILL)
-                        self.killed = int(parent)
-                        return
+            for pid in lm_eval_processes(f"/{self.point},"):
+                try:
+                    parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                except (OSError, IndexError):
+                    continue
+                if cmdline(parent).startswith("ray::"):
+                    os.killpg(os.getpgid(int(parent)), signal.SIGKILL)
+                    self.killed = int(parent)
+                    return
             time.sleep(0.2)
 
 
@@ -99,7 +98,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
     tables = {}
     for executor in ("local", "ray"):
         recipe = tmp_path / f"{executor}.yaml"
-        recipe.write_text(SWEEP_RECIPE.replace("OUT", executor))
+        recipe.write_text(SWEEP_RECIPE.replace("./best", f"./best-{executor}"))
         extra = ["--ray-address", ray_cluster] if executor == "ray" else []
         killer = WorkerKiller("slack0.5")
         if executor == "ray":
@@ -123,6 +122,33 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
     assert list((best_ray / "eval").rglob("results_*.json"))
     assert "slack" in (best_ray / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_every_task_and_writes_nothing(ray_cluster, tmp_path):
+    make_family(tmp_path / "models")
+    make_tiny_task(tmp_path / "tasks")
+    recipe = tmp_path / "ray.yaml"
+    recipe.write_text(SWEEP_RECIPE.replace("./best", "./best-ray"))
+    driver = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "sweep", str(recipe), "--grid", "slack=0.3,0.7",
+                               "--backend", "hf", "--executor", "ray", "--ray-address", ray_cluster],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not lm_eval_processes(str(tmp_path / "tasks")):  # a point is being evaluated on a worker
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130 and "interrupted; nothing was written" in err
+    assert not (tmp_path / "best-ray").exists()
+    assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
+    assert not lm_eval_processes(str(tmp_path / "tasks"))  # every evaluation stopped
+    scratch = Path(tempfile.gettempdir()).glob("lrmerge-task-*/slack0.[37]")
+    assert not list(scratch)  # every task removed its scratch folder
 
 
 @pytest.mark.slow
