@@ -299,7 +299,7 @@ def output_for(recipe: Recipe, output: Path | str | None = None) -> Path:
     return Path(target).absolute()
 
 
-def needs_build(recipe: Recipe, output: Path, *, force: bool, skip_eval: bool) -> bool:
+def needs_build(recipe: Recipe, output: Path, *, force: bool) -> bool:
     """Whether the merge or the evaluation of this release must run (else card/push at most)."""
     state = RunState(run_dir_for(recipe, output), recipe.sha256())
     return any(action == "run" for name, action in plan_steps(state, force, output) if name in ("merge", "eval"))
@@ -332,7 +332,7 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
             echo(f"{outputs[i].name}: failed: {e}")
 
     remote = [] if executor is None or options.get("dry_run") else [
-        i for i, r in enumerate(recipes) if needs_build(r, outputs[i], force=force, skip_eval=skip_eval)]
+        i for i, r in enumerate(recipes) if needs_build(r, outputs[i], force=force)]
     for i in range(len(recipes)):
         if i not in remote:
             release(i)

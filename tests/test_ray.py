@@ -69,13 +69,14 @@ def lm_eval_processes(*parts: str) -> list[int]:
             if "lm_eval" in (line := cmdline(pid)) and all(p in line for p in parts)]
 
 
-class WorkerKiller(threading.Thread):
-    """Kills (SIGKILL, its whole process group) the Ray worker that runs lm-eval on the
-    point `name`, once, as a node losing a worker mid-task would."""
+class Killer(threading.Thread):
+    """Kills, once, the lm-eval process evaluating the point `name` on a Ray worker (SIGKILL),
+    or with `worker=True` that worker's whole process group, as a node losing a worker
+    mid-task would."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, worker: bool):
         super().__init__(daemon=True)
-        self.point, self.killed, self.stop = name, None, threading.Event()
+        self.point, self.worker, self.killed, self.stop = name, worker, None, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set() and self.killed is None:
@@ -85,7 +86,10 @@ class WorkerKiller(threading.Thread):
                 except (OSError, IndexError):
                     continue
                 if cmdline(parent).startswith("ray::"):
-                    os.killpg(os.getpgid(int(parent)), signal.SIGKILL)
+                    if self.worker:
+                        os.killpg(os.getpgid(int(parent)), signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
                     self.killed = int(parent)
                     return
             time.sleep(0.2)
@@ -100,7 +104,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
         recipe = tmp_path / f"{executor}.yaml"
         recipe.write_text(SWEEP_RECIPE.replace("./best", f"./best-{executor}"))
         extra = ["--ray-address", ray_cluster] if executor == "ray" else []
-        killer = WorkerKiller("slack0.5")
+        killer = Killer("slack0.5", worker=True)
         if executor == "ray":
             killer.start()
         code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0,0.5,4", "--backend", "hf", "--executor",
@@ -122,6 +126,25 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
     assert list((best_ray / "eval").rglob("results_*.json"))
     assert "slack" in (best_ray / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
+
+
+@pytest.mark.slow
+def test_a_point_whose_evaluation_fails_is_a_row_with_its_error(ray_cluster, tmp_path):
+    make_family(tmp_path / "models")
+    make_tiny_task(tmp_path / "tasks")
+    recipe = tmp_path / "ray.yaml"
+    recipe.write_text(SWEEP_RECIPE.replace("./best", "./best-ray"))
+    killer = Killer("slack0.8", worker=False)  # lm-eval dies (e.g. out of memory); its worker lives
+    killer.start()
+    code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0.2,0.8", "--backend", "hf", "--executor", "ray",
+                             "--ray-address", ray_cluster, "--format", "json")
+    killer.stop.set()
+    assert killer.killed and code == 0, err
+    rows = {p["name"]: p for p in json.loads(out)["points"]}
+    assert "lm-eval exited with status -9" in rows["slack0.8"]["error"] and rows["slack0.8"]["score"] is None
+    assert rows["slack0.2"]["score"] is not None and "error" not in rows["slack0.2"]
+    best = tmp_path / "best-ray"
+    assert json.loads((best / "merge_report.json").read_text())["models"][1]["params"]["slack"] == 0.2
 
 
 @pytest.mark.slow
