@@ -62,7 +62,8 @@ def expand_recipes(paths: tuple[str, ...], languages: str | None) -> list[tuple[
     codes = [c.strip() for c in (languages or "").split(",") if c.strip()]
     templated = [p for p in paths if "{language}" in p]
     if codes and not templated:
-        raise click.UsageError("--languages needs a RECIPE path with {language} in it, e.g. 'examples/paper/{language}.yaml'")
+        raise click.UsageError("--languages needs a RECIPE path with {language} in it, "
+                               "e.g. 'examples/paper/{language}.yaml'")
     if templated and not codes:
         raise click.UsageError(f"{templated[0]}: has {{language}} in it; pass --languages, e.g. --languages bo,ug,mn")
     expanded: list[tuple[str, str | None]] = []
@@ -217,7 +218,8 @@ def print_merge_summary(report: dict) -> None:
 @click.argument("recipe_paths", metavar="RECIPE...", nargs=-1, required=True)
 @click.option("--languages", default=None, metavar="CODES",
               help="Comma-separated codes for a RECIPE (and --push) with {language} in it, e.g. bo,ug,mn.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`; one RECIPE).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (default: the recipe's `output`; one RECIPE).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
 @click.option("--push", "push_repo", metavar="REPO_ID",
               help="Push here (overrides the recipe's push.repo; with several recipes, put {language} in it).")
@@ -249,6 +251,8 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
     if push_repo and len(expanded) > 1 and "{language}" not in push_repo:
         raise click.UsageError("--push names one repo for several recipes: put {language} in it "
                                "(e.g. org/model-{language}), or use each recipe's push section")
+    if push_repo and "{language}" in push_repo and any(code is None for _, code in expanded):
+        raise click.UsageError("--push has {language} in it: every RECIPE path needs {language} too")
     recipes = [load_recipe(path) for path, _ in expanded]
     if cluster is None and len(recipes) == 1:  # one release here: exactly as it always ran
         recipe = recipes[0]
@@ -265,7 +269,8 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
         return
     if out:
         recipes[0] = recipes[0].replace(output=Path(out))
-    push_repos = [push_repo.replace("{language}", code or "") if push_repo else None for _, code in expanded]
+    push_repos = [push_repo.replace("{language}", code) if push_repo and code else push_repo
+                  for _, code in expanded]
     with cluster or contextlib.nullcontext():
         summaries = run_releases(recipes, executor=cluster, push_repos=push_repos, device=device,
                                  skip_eval=skip_eval, force=force, dry_run=dry_run, token=token,

@@ -20,13 +20,16 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import ClusterError, LrmergeError
 
-CANCEL_GRACE_SECONDS = 30.0  # cancelled tasks clean their scratch folders up in this time
+CANCEL_WAIT_SECONDS = 30.0  # for cancelled tasks to stop
+CLEANUP_GRACE_SECONDS = 5.0  # for them to remove their scratch folders before the driver leaves
+SCRATCH_PREFIX = "lrmerge-task-"  # + the worker's pid
 
 
 @dataclass
@@ -57,13 +60,27 @@ def in_scratch(unit: Unit) -> dict[str, Any]:
     context = ray.get_runtime_context()
     node = {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(), "pid": os.getpid()}
-    scratch = Path(tempfile.mkdtemp(prefix="lrmerge-task-"))
+    remove_stale_scratch()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
         return {"result": unit.fn(scratch / unit.folder_name, *unit.args, **unit.kwargs), "node": node}
     except LrmergeError as e:  # an expected failure of this unit: reported, not retried
         return {"error": str(e), "node": node}
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        while True:  # Ray interrupts a cancelled task more than once: finish removing the scratch
+            try:
+                shutil.rmtree(scratch, ignore_errors=True)
+                break
+            except KeyboardInterrupt:
+                continue
+
+
+def remove_stale_scratch() -> None:
+    """Remove the scratch folders of workers that died mid-task (no process has their pid)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def error_line(e: BaseException) -> str:
@@ -158,4 +175,5 @@ class RayExecutor:
         for ref in refs:
             ray.cancel(ref, recursive=True)
         if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_SECONDS)
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
+            time.sleep(CLEANUP_GRACE_SECONDS)  # a cancelled task's result is set before its cleanup ran

@@ -171,7 +171,7 @@ def test_ctrl_c_cancels_every_task_and_writes_nothing(ray_cluster, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
     assert not lm_eval_processes(str(tmp_path / "tasks"))  # every evaluation stopped
     scratch = Path(tempfile.gettempdir()).glob("lrmerge-task-*/slack0.[37]")
-    assert not list(scratch)  # every task removed its scratch folder
+    assert not list(scratch)  # every task removed its scratch folder before the driver left
 
 
 @pytest.mark.slow
@@ -257,6 +257,7 @@ def test_one_failing_recipe_of_a_batch_does_not_stop_the_others(tmp_path):
     (["bo.yaml", "--languages", "bo,ug"], "--languages needs a RECIPE path with {language}"),
     (["{language}.yaml", "--languages", "bo,ug", "--push", "alice/one"], "put {language} in it"),
     (["{language}.yaml", "--languages", "bo,ug", "--out", "x"], "--out names one folder"),
+    (["bo.yaml", "--push", "alice/m-{language}"], "every RECIPE path needs {language}"),
     (["bo.yaml", "--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
     (["bo.yaml", "--executor", "ray", "--gpus-per-task", "-1"], "x>=0"),
 ])
