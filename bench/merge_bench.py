@@ -3,6 +3,7 @@
     python bench/merge_bench.py                    # ~0.5B bf16: ours vs mergekit, 3 rounds
     python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
     python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # README's table
+    python bench/merge_bench.py --methods      # every method vs mergekit at a small size (~3 min)
 
 What it does, all on this machine, nothing downloaded but mergekit from the package index:
 1. synthesizes a (base, language, task) family of the chosen size with random weights, sharded
@@ -98,6 +99,8 @@ def synthesize(root: Path, a: argparse.Namespace, dtype: str, layers: int) -> di
 
 def ensure_mergekit() -> Path:
     """bench/.venv-mergekit with mergekit (system site-packages, so torch is not reinstalled)."""
+    if os.environ.get("MERGEKIT_YAML"):  # a mergekit-yaml installed elsewhere (bench/gpu_check.sh)
+        return Path(os.environ["MERGEKIT_YAML"])
     venv = BENCH / ".venv-mergekit"
     exe = venv / "bin" / "mergekit-yaml"
     if not exe.exists():
@@ -187,13 +190,23 @@ def measure(cmd: list[str]) -> dict[str, float]:
     return res
 
 
-def ours_cmd(recipe: Path, out: Path) -> list[str]:
+def ours_cmd(recipe: Path, out: Path, device: str = "cpu", engine: str = "kernels") -> list[str]:
     return [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(out),
-            "--device", "cpu", "--overwrite", "--format", "quiet"]
+            "--device", device, "--engine", engine, "--overwrite", "--format", "quiet"]
 
 
-def mergekit_cmd(exe: Path, config: Path, out: Path) -> list[str]:
-    return [str(exe), str(config), str(out)]
+def mergekit_cmd(exe: Path, config: Path, out: Path, cuda: bool = False) -> list[str]:
+    return [str(exe), str(config), str(out), *(["--cuda"] if cuda else [])]
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Whether two merged folders hold the same tensors, bit for bit."""
+    from lrmerge_hub.merge.st_io import SafetensorsModel
+
+    ma, mb = SafetensorsModel(a, "a"), SafetensorsModel(b, "b")
+    return set(ma.tensors) == set(mb.tensors) and all(
+        ma.tensors[n].spec == mb.tensors[n].spec and ma.array(n).tobytes() == mb.array(n).tobytes()
+        for n in ma.tensors)
 
 
 def io_floor_cmd(fam: dict[str, Path], out: Path) -> list[str]:
@@ -269,6 +282,104 @@ def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
     return out
 
 
+# -- every method against mergekit (--methods) ------------------------------------------------
+
+# method -> (our per-model params, our global params, roles merged, base given); mergekit gets
+# the same names and values (ours are mergekit's), and our defaults equal its defaults
+METHOD_CASES = {
+    "linear": ({"weight": 1.0}, {}, ("language", "task"), False),
+    "task_arithmetic": ({"weight": 0.7}, {}, ("language", "task"), True),
+    "ties": ({"weight": 1.0, "density": 0.2}, {}, ("language", "task"), True),
+    "dare_linear": ({"weight": 1.0, "density": 0.3}, {}, ("language", "task"), True),
+    "dare_ties": ({"weight": 1.0, "density": 0.3}, {}, ("language", "task"), True),
+    "della": ({"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {}, ("language", "task"), True),
+    "della_linear": ({"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {}, ("language", "task"), True),
+    "breadcrumbs": ({"weight": 1.0, "density": 0.3, "gamma": 0.01}, {}, ("language", "task"), True),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.3, "gamma": 0.01}, {}, ("language", "task"), True),
+    "sce": ({}, {"select_topk": 0.3}, ("language", "task"), True),
+    "slerp": ({}, {"t": 0.3}, ("language",), True),
+    "nuslerp": ({"weight": 1.0}, {}, ("language", "task"), True),
+    "multislerp": ({"weight": 1.0}, {}, ("language", "task"), True),
+    "karcher": ({}, {}, ("language", "task"), False),
+    "model_stock": ({}, {}, ("language", "task"), True),
+    "nearswap": ({}, {"t": 0.001}, ("language",), True),
+    "passthrough": ({}, {}, ("language",), False),
+}
+
+
+def method_configs(work: Path, fam: dict[str, Path], method: str, out_dtype: str, mk_dtype: str) -> tuple[Path, Path]:
+    """Our recipe and mergekit's config for one method of METHOD_CASES."""
+    import yaml
+
+    per_model, params, roles, with_base = METHOD_CASES[method]
+    work.mkdir(parents=True, exist_ok=True)
+    ours = {"method": method, "models": [{"model": str(fam[r]), "role": r, **per_model} for r in roles],
+            "dtype": out_dtype, "output": str(work / f"ours-{method}")}
+    mk = {"merge_method": method, "models": [{"model": str(fam[r]), **({"parameters": per_model} if per_model else {})}
+                                              for r in roles], "dtype": mk_dtype, "out_dtype": out_dtype}
+    if with_base:
+        ours["base"] = mk["base_model"] = str(fam["base"])
+    if params:
+        ours["parameters"] = mk["parameters"] = dict(params)
+    paths = work / f"{method}.yaml", work / f"{method}-mergekit.yaml"
+    paths[0].write_text(yaml.safe_dump(ours, sort_keys=False))
+    paths[1].write_text(yaml.safe_dump(mk, sort_keys=False))
+    return paths
+
+
+def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
+    """Every method of METHOD_CASES, ours and mergekit's, once each at the benchmark's first
+    size; and, for the deterministic ones, agreement on a float32-input family."""
+    from lrmerge_hub.merge.methods import METHODS
+
+    layers = a.layers[0]
+    key = family_key(a, a.dtype, layers)
+    fam = synthesize(BENCH / "out" / "models" / key, a, a.dtype, layers)
+    work = BENCH / "out" / "methods" / key
+    small = argparse.Namespace(**{**vars(a), "shard_bytes": 1 << 30})
+    exact_key = family_key(small, "float32", a.exact_layers)
+    exact_fam = synthesize(BENCH / "out" / "models" / exact_key, small, "float32", a.exact_layers)
+    rows = {}
+    warm_up = method_configs(work, fam, "ties", a.dtype, a.mergekit_dtype)[0]
+    measure(ours_cmd(warm_up, work / "warm-up"))  # numba's on-disk cache, the page cache
+    for method in METHOD_CASES:
+        ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
+        row = {}
+        for who, cmd, out in (("ours", ours_cmd, work / f"ours-{method}"), ("mergekit", None, work / f"mk-{method}")):
+            settle(fam, out)
+            row[who] = measure(ours_cmd(ours_yaml, out) if cmd else mergekit_cmd(mk_exe, mk_yaml, out))
+        if not METHODS[method].random and a.exact_layers:
+            ours_f32, mk_f32 = method_configs(work / "float32", exact_fam, method, "float32", "float32")
+            measure(ours_cmd(ours_f32, work / "float32" / f"ours-{method}"))
+            measure(mergekit_cmd(mk_exe, mk_f32, work / "float32" / f"mk-{method}"))
+            row["agreement_float32"] = agreement(work / "float32" / f"ours-{method}", work / "float32" / f"mk-{method}")
+        rows[method] = row
+        agree = row.get("agreement_float32", {}).get("max_rel_error")
+        print(f"  {method:18s} ours {row['ours']['wall_s']:6.2f} s {row['ours']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+              f"mergekit {row['mergekit']['wall_s']:6.2f} s {row['mergekit']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+              f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}", flush=True)
+    report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
+    return {"layers": layers, "parameters": report["stats"]["parameters"], "dtype": a.dtype,
+            "exact_layers": a.exact_layers, "methods": rows}
+
+
+def methods_table(result: dict) -> str:
+    """README's per-method table: wall time and peak RSS, ours and mergekit's, and agreement."""
+    rows = [("| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
+             "| float32 inputs: max rel. difference |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, row in result["methods"].items():
+        o, m = row["ours"], row["mergekit"]
+        agree = row.get("agreement_float32")
+        agreed = ("random: not comparable" if agree is None else
+                  f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} entries differ)")
+        rows.append(f"| `{method}` | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {o['wall_s'] / m['wall_s']:.2f} | "
+                    f"{o['peak_rss_bytes'] / 1e9:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                    f"{o['peak_rss_bytes'] / m['peak_rss_bytes']:.2f} | "
+                    f"{agreed} |")
+    return "\n".join(rows)
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -282,24 +393,28 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
     work = BENCH / "out" / "runs" / key
     recipes = write_recipes(work, fam, a.density, a.dtype, a.mergekit_dtype)
     nbytes_in = sum(f.stat().st_size for p in fam.values() for f in p.glob("*.safetensors"))
-    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_slack_ties": []}
+    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_torch_ties": [],
+                                               "ours_slack_ties": []}
     if mk_exe:
         runs["mergekit_ties"] = []
     # warm-up: fills the page cache and numba's on-disk cache of compiled kernels
     measure(ours_cmd(recipes["ties"], work / "ours-ties"))
     for r in range(a.rounds):
-        order = ["io_floor", "ours_ties", "mergekit_ties", "ours_slack_ties"]
+        order = ["io_floor", "ours_ties", "ours_torch_ties", "mergekit_ties", "ours_slack_ties"]
         if r % 2:
             order.reverse()
         for what in order:
             if what not in runs:
                 continue
-            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit"}.get(what, what.replace("_", "-", 1))
+            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit",
+                          "ours_torch_ties": "ours-torch"}.get(what, what.replace("_", "-", 1))
             settle(fam, out)
             if what == "io_floor":
                 res = measure(io_floor_cmd(fam, out))
             elif what == "mergekit_ties":
-                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], out))
+                res = measure(mergekit_cmd(mk_exe, recipes["mergekit"], out, cuda=a.device == "cuda"))
+            elif what == "ours_torch_ties":
+                res = measure(ours_cmd(recipes["ties"], out, device=a.device, engine="torch"))
             else:
                 res = measure(ours_cmd(recipes[what.removeprefix("ours_")], out))
             runs[what].append(res)
@@ -310,6 +425,11 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
     result = {"layers": layers, "parameters": params, "dtype": a.dtype, "input_bytes": nbytes_in,
               "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
               "runs": runs, "median": {k: median_of(v) for k, v in runs.items()}}
+    # the torch engine (on --device) against the CPU kernels: the same bits, or a failure
+    result["torch_identical_to_kernels"] = identical(work / "ours-ties", work / "ours-torch")
+    torch_report = json.loads((work / "ours-torch" / "merge_report.json").read_text())
+    result["torch_device"] = torch_report["stats"]["device"]
+    result["peak_device_bytes"] = torch_report["stats"].get("peak_device_bytes")
     if mk_exe:
         result["agreement"] = agreement(work / "ours-ties", work / "mergekit", fam, a.density)
     return result
@@ -345,7 +465,8 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__,
             "load_avg_at_start": os.getloadavg()}
 
@@ -361,12 +482,13 @@ def table(results: list[dict]) -> str:
         mk = med.get("mergekit_ties")
         rounds = len(result["runs"]["io_floor"])
         size = f"{result['parameters'] / 1e9:.2f}B ({result['layers']} layers, {rounds} round{'s' * (rounds > 1)})"
-        for name in ("mergekit_ties", "ours_ties", "ours_slack_ties", "io_floor"):
+        for name in ("mergekit_ties", "ours_ties", "ours_torch_ties", "ours_slack_ties", "io_floor"):
             if name not in med:
                 continue
             m = med[name]
             ratios = [f"{m[k] / mk[k]:.3f}" if mk else "-" for k in ("wall_s", "cpu_s", "peak_rss_bytes")]
-            rows.append(f"| {size} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+            label = f"{name} ({result.get('torch_device', 'cpu')})" if name == "ours_torch_ties" else name
+            rows.append(f"| {size} | {label} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
                         f"{' | '.join(ratios)} | {m['wall_s'] / floor:.2f} |")
             size = ""
     return "\n".join(rows)
@@ -382,6 +504,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the torch engine (and mergekit, with --cuda) runs; the kernels always run on the CPU")
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shard-bytes", type=int, default=1 << 30, help="input shard size (Hub-like)")
@@ -394,13 +518,28 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
     p.add_argument("--table", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="print README's table from earlier results files and exit")
+    p.add_argument("--methods", action="store_true",
+                   help="every method, ours and mergekit's, once each at the first --layers size "
+                        "(give a small one: README's table used --hidden 256 --intermediate 704 "
+                        "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement")
     a = p.parse_args()
     if a.table:
-        print(table([size for f in a.table for size in json.loads(f.read_text())["sizes"]]))
+        data = [json.loads(f.read_text()) for f in a.table]
+        print("\n\n".join(methods_table(d) if "methods" in d else table(d["sizes"]) for d in data))
         return
 
     mk_exe = None if a.no_mergekit else ensure_mergekit()
-    results = {"machine": machine(), "merge": {"method": "ties", "density": a.density, "weights": 1.0,
+    if a.methods:
+        if mk_exe is None:
+            raise SystemExit("--methods compares with mergekit: drop --no-mergekit")
+        result = {"machine": machine(), "mergekit": MERGEKIT_VERSION, **run_methods(a, mk_exe)}
+        result["machine"]["load_avg_at_end"] = os.getloadavg()
+        print(methods_table(result))
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.json}")
+        return
+    results = {"machine": machine(), "device": a.device,
+               "merge": {"method": "ties", "density": a.density, "weights": 1.0,
                                                 "normalize": True, "lambda": 1.0,
                                                 "mergekit": MERGEKIT_VERSION,
                                                 "mergekit_dtype": a.mergekit_dtype},
@@ -413,6 +552,8 @@ def main() -> None:
         print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
               f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
         print(table([res]))
+        print(f"torch engine on {res['torch_device']} bit-identical to the CPU kernels: "
+              f"{res['torch_identical_to_kernels']}")
         if "agreement" in res:
             print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement']}")
     if mk_exe and a.exact_layers:

@@ -51,8 +51,8 @@ from .card_body import card_context
 from .card_inputs import (
     CARD_FILE, CardInputs, SourceInfo, languages_of, read_inputs, recipe_license, resolve_license,
 )
-from .card_rules import check_card_text, check_metadata, language_tag, machine_secrets
-from .errors import CardError
+from .card_rules import check_card_text, check_metadata, is_repo_id, language_tag, machine_secrets
+from .errors import CardError, shown
 from .eval_results import MERGED, Score
 
 EVAL_RESULTS_DIR = ".eval_results"
@@ -156,7 +156,7 @@ class BuiltCard:
 
 def _split_generated(body: str) -> tuple[str, str] | None:
     """Text before and after the generated block of an existing card body, or None."""
-    start, end = body.find(GENERATED_START), body.find(GENERATED_END)
+    start, end = body.find(GENERATED_START), body.rfind(GENERATED_END)  # rfind: a name may hold the marker
     if start < 0 or end < start:
         return None
     return body[:start], body[end + len(GENERATED_END):]
@@ -168,12 +168,15 @@ def merge_metadata(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     for key, value in old.items():
         if key not in MANAGED_KEYS:
             merged[key] = value
-    extra_tags = [t for t in old.get("tags") or [] if t not in merged.get("tags", [])]
+    old_tags = old.get("tags") if isinstance(old.get("tags"), list) else []
+    extra_tags = [t for t in old_tags if isinstance(t, str) and t not in merged.get("tags", [])]
     if extra_tags:
         merged["tags"] = list(merged.get("tags", [])) + extra_tags
-    old_index = old.get("model-index") or []
-    foreign = [r for entry in old_index if isinstance(entry, dict) for r in entry.get("results") or []
-               if (r.get("source") or {}).get("name") != RESULTS_SOURCE_NAME]
+    old_index = old.get("model-index") if isinstance(old.get("model-index"), list) else []
+    foreign = [r for entry in old_index if isinstance(entry, dict) and isinstance(entry.get("results"), list)
+               for r in entry["results"]
+               if isinstance(r, dict) and not (isinstance(r.get("source"), dict)
+                                               and r["source"].get("name") == RESULTS_SOURCE_NAME)]
     if foreign:
         if merged.get("model-index"):
             merged["model-index"] = [dict(merged["model-index"][0],
@@ -220,6 +223,12 @@ def _without_unsafe_commands(inputs: CardInputs, secrets: list[str]) -> tuple[Ca
             "eval: a recorded lm-eval command holds a local path or a token; it was left out of the card")
 
 
+def _check_repo_id(repo_id: Any) -> None:
+    if not is_repo_id(repo_id):
+        raise CardError(f"repo id {shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', "
+                        "'.'; no '--' or '..'); fix push.repo in recipe.yaml or the id you passed")
+
+
 def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | None = None,
                source_dirs: dict[str, Path] | None = None, secrets: tuple[str, ...] = (),
                inputs: CardInputs | None = None) -> BuiltCard:
@@ -231,6 +240,8 @@ def build_card(model_dir: Path, *, repo_id: str | None = None, existing: str | N
     inputs, command_note = _without_unsafe_commands(inputs, all_secrets)
     push = inputs.recipe.get("push")
     repo_id = repo_id or (push.get("repo") if isinstance(push, dict) else push if isinstance(push, str) else None)
+    if repo_id is not None:
+        _check_repo_id(repo_id)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
     model_id = repo_id or f"<org>/{model_name}"
     metadata = card_metadata(recipe=inputs.recipe, report=inputs.report, sources=inputs.sources,
@@ -278,9 +289,16 @@ def save_card(model_dir: Path, built: BuiltCard) -> Path:
     return path
 
 
+def _card_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardError(f"{where}: README.md is not UTF-8 text; fix or delete it, then run `lrmerge card` again") from None
+
+
 def existing_card(model_dir: Path) -> str | None:
     path = Path(model_dir) / CARD_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    return _card_text(path.read_bytes(), Path(model_dir).name) if path.is_file() else None
 
 
 def write_card(model_dir: Path, *, repo_id: str | None = None,
@@ -334,12 +352,13 @@ def push_card(model_dir: Path, repo_id: str, *, token: str | None = None, revisi
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
     model_dir = Path(model_dir)
+    _check_repo_id(repo_id)
     inputs = read_inputs(model_dir, source_dirs=source_dirs)  # local mistakes first, before any request
     api = HfApi(token=token)
     try:
         parent = api.model_info(repo_id, revision=revision).sha
         try:
-            remote = Path(api.hf_hub_download(repo_id, CARD_FILE, revision=parent)).read_text(encoding="utf-8")
+            remote = _card_text(Path(api.hf_hub_download(repo_id, CARD_FILE, revision=parent)).read_bytes(), repo_id)
         except EntryNotFoundError:
             remote = None
         current = remote if remote is not None else existing_card(model_dir)

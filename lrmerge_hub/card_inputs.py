@@ -11,8 +11,9 @@ import yaml
 from huggingface_hub import ModelCard
 
 from .card_rules import is_language_code
-from .errors import CardError
+from .errors import CardError, RecipeError, shown
 from .eval_results import Score, read_scores
+from .recipe import read_recipe_yaml
 
 CARD_FILE = "README.md"
 
@@ -90,18 +91,39 @@ def read_source_license(folder: Path) -> License | None:
     return license_from_metadata(meta)
 
 
+# merge_report.json source entry keys and the type each must have when present
+SOURCE_TYPES = {"model": str, "role": str, "repo_id": str, "revision": str, "hub_id": str, "params": dict,
+                "retention": dict}
+
+
+def _source_entries(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's base and models entries, each checked to be what the engine writes."""
+    models = report.get("models") or []
+    if not isinstance(models, list):
+        raise CardError("merge_report.json: models must be a list; merge again")
+    entries = ([("base", report["base"])] if report.get("base") else []) + [
+        (f"models[{i}]", m) for i, m in enumerate(models)]
+    for where, entry in entries:
+        if not isinstance(entry, dict):
+            raise CardError(f"merge_report.json: {where} must be an object; merge again")
+        for key, kind in SOURCE_TYPES.items():
+            if entry.get(key) is not None and not isinstance(entry[key], kind):
+                raise CardError(f"merge_report.json: {where}.{key} must be a {kind.__name__} "
+                                f"(got {shown(entry[key])}); merge again")
+    return [dict(entry, role="base") if where == "base" else entry for where, entry in entries]
+
+
 def _sources_from_report(report: dict[str, Any], source_dirs: dict[str, Path]) -> list[SourceInfo]:
-    entries = ([dict(report["base"], role="base")] if report.get("base") else []) + list(report.get("models") or [])
     sources = []
-    for entry in entries:
+    for entry in _source_entries(report):
         name = str(entry.get("model"))
         license_ = license_from_metadata(entry.get("license"))
         if license_ is None and name in source_dirs:
             license_ = read_source_license(source_dirs[name])
         sources.append(SourceInfo(
-            name=name, role=entry.get("role", "task"), repo_id=entry.get("repo_id"), revision=entry.get("revision"),
-            hub_id=entry.get("hub_id"), params=dict(entry.get("params") or {}), retention=entry.get("retention"),
-            license=license_,
+            name=name, role=entry.get("role") or "task", repo_id=entry.get("repo_id"),
+            revision=entry.get("revision"), hub_id=entry.get("hub_id"), params=dict(entry.get("params") or {}),
+            retention=entry.get("retention"), license=license_,
         ))
     return sources
 
@@ -123,13 +145,16 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
         raise CardError(f"{model_dir.name}: not a folder; pass the merged model's output folder")
     try:
         report = json.loads((model_dir / "merge_report.json").read_text(encoding="utf-8"))
-        recipe_text = (model_dir / "recipe.yaml").read_text(encoding="utf-8")
-        recipe = yaml.safe_load(recipe_text)
+        recipe_raw = (model_dir / "recipe.yaml").read_bytes()
+        recipe = read_recipe_yaml(recipe_raw, "recipe.yaml")
+        recipe_text = recipe_raw.decode("utf-8-sig")
     except FileNotFoundError as e:
         raise CardError(f"{model_dir.name}/{Path(e.filename).name}: missing; "
                         "run `lrmerge merge` to make this folder") from None
-    except (ValueError, yaml.YAMLError) as e:
-        raise CardError(f"{model_dir.name}: merge_report.json or recipe.yaml is unreadable ({type(e).__name__}); "
+    except RecipeError as e:
+        raise CardError(f"{model_dir.name}: {e}; merge again") from None
+    except (ValueError, RecursionError) as e:
+        raise CardError(f"{model_dir.name}: merge_report.json is unreadable ({type(e).__name__}); "
                         "merge again") from None
     if not isinstance(report, dict) or not isinstance(recipe, dict):
         raise CardError(f"{model_dir.name}: merge_report.json and recipe.yaml must hold mappings; merge again")
@@ -138,7 +163,7 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
     if (model_dir / "sweep.json").is_file():
         try:
             sweep = json.loads((model_dir / "sweep.json").read_text(encoding="utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             notes.append("sweep.json: skipped, not readable JSON")
     return CardInputs(
         recipe=recipe, recipe_text=recipe_text, report=report,
@@ -180,9 +205,11 @@ def languages_of(recipe: dict[str, Any], report: dict[str, Any]) -> list[str]:
     codes = recipe.get("languages", report.get("languages")) or []
     if isinstance(codes, str):
         codes = [codes]
+    if not isinstance(codes, list):
+        raise CardError(f"languages: must be a list of ISO 639 codes (got {shown(codes)})")
     for code in codes:
         if not isinstance(code, str) or not is_language_code(code) or code in ("code", "multilingual"):
-            raise CardError(f"languages: unknown ISO 639 code {code!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
+            raise CardError(f"languages: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
     return list(codes)
 
 

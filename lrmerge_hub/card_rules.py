@@ -23,7 +23,7 @@ from typing import Any
 
 import pycountry
 
-from .errors import CardError
+from .errors import CardError, shown
 
 # Values the Hub accepts besides ISO 639 codes.
 SPECIAL_LANGUAGES = ("code", "multilingual")
@@ -43,10 +43,37 @@ llama3.3 llama4 grok2-community gemma unknown other
 """.split())
 
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
-HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# huggingface_hub's validate_repo_id rules, in ASCII (its regex's \w also takes any Unicode
+# letter): 'namespace/name', each 1-96 of [A-Za-z0-9_.-], not starting or ending with '.' or '-',
+# no '--' or '..', not ending in '.git'. Checked with fullmatch: `$` would let 'org/name\n' pass.
+HUB_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_MODEL_ID = re.compile(rf"{HUB_ID_PART}/{HUB_ID_PART}")
+# A branch, tag or commit as the Hub names them (refs/pr/1 included); no '..' (git refuses it,
+# and it would climb out of the HF cache's refs/ folder).
+HUB_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}")
 LICENSE_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 # Pipeline tags a merged causal LM can carry; others are not ours to write.
 PIPELINE_TAGS = ("text-generation", "text2text-generation", "image-text-to-text")
+
+
+def is_repo_id(value: Any) -> bool:
+    """True for a Hub model id 'namespace/name' that the Hub and huggingface_hub accept."""
+    return (isinstance(value, str) and HUB_MODEL_ID.fullmatch(value) is not None
+            and "--" not in value and ".." not in value and not value.endswith(".git"))
+
+
+def is_revision(value: Any) -> bool:
+    """True for a branch, tag or commit name a Hub id may carry after '@'."""
+    return (isinstance(value, str) and HUB_REVISION.fullmatch(value) is not None
+            and ".." not in value and "//" not in value and not value.endswith(("/", ".lock")))
+
+
+def is_https_url(value: Any) -> bool:
+    """True for a plain https URL: a host name and a path of URL characters, nothing that
+    Markdown, HTML or YAML would read as syntax (no spaces, quotes, brackets, backticks)."""
+    return isinstance(value, str) and re.fullmatch(
+        r"https://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?(?:[/?#][A-Za-z0-9._~%!$&*+,;=:@/?#-]*)?",
+        value) is not None
 
 
 def _iso639(code: str) -> Any:
@@ -143,18 +170,18 @@ def check_metadata(meta: Any) -> list[str]:
         if codes is None:
             problems.append("language: must be an ISO 639 code or a list of them")
         else:
-            problems += [f"language: unknown ISO 639 code {c!r}" for c in codes if not is_language_code(c)]
+            problems += [f"language: unknown ISO 639 code {shown(c)}" for c in codes if not is_language_code(c)]
 
     license_ = meta.get("license")
     if "license" in meta and not (isinstance(license_, str) and license_ in HUB_LICENSES):
-        problems.append(f"license: {license_!r} is not a Hub license id (use one of the Hub's ids, or 'other')")
+        problems.append(f"license: {shown(license_)} is not a Hub license id (use one of the Hub's ids, or 'other')")
     if license_ == "other":
         name, link = meta.get("license_name"), meta.get("license_link")
         if not isinstance(name, str) or not LICENSE_NAME.match(name):
             problems.append("license_name: required with license 'other', lower case without spaces (e.g. my-license)")
-        is_url = isinstance(link, str) and link.startswith(("https://", "http://"))
-        if not isinstance(link, str) or not (is_url or re.fullmatch(r"[\w./-]+", link)):
-            problems.append("license_link: required with license 'other': a URL or a file in the repo (e.g. LICENSE)")
+        if not is_https_url(link):
+            problems.append("license_link: required with license 'other': a plain https:// URL of the license "
+                            f"(got {shown(link)})")
     elif "license_name" in meta or "license_link" in meta:
         problems.append("license_name/license_link: only used with license 'other'")
 
@@ -162,15 +189,15 @@ def check_metadata(meta: Any) -> list[str]:
         if key in meta and not isinstance(meta[key], str):
             problems.append(f"{key}: must be a string")
     if isinstance(meta.get("pipeline_tag"), str) and meta["pipeline_tag"] not in PIPELINE_TAGS:
-        problems.append(f"pipeline_tag: {meta['pipeline_tag']!r} is not a text-generation pipeline tag")
+        problems.append(f"pipeline_tag: {shown(meta['pipeline_tag'])} is not a text-generation pipeline tag")
 
     if "base_model" in meta:
         models = _str_list(meta["base_model"])
         if models is None:
             problems.append("base_model: must be a Hub model id or a list of them")
         else:
-            problems += [f"base_model: {m!r} is not a Hub model id 'org/name'"
-                         for m in models if not HUB_MODEL_ID.match(m)]
+            problems += [f"base_model: {shown(m)} is not a Hub model id 'org/name'"
+                         for m in models if not is_repo_id(m)]
             if len(set(models)) != len(models):
                 problems.append("base_model: lists a model twice")
     if "base_model_relation" in meta:
@@ -220,5 +247,5 @@ def check_card_text(text: str, secrets: list[str]) -> None:
             raise CardError(f"card: the text would contain {what} from this machine; nothing was written")
     match = ABSOLUTE_PATH.search(text)
     if match:
-        raise CardError(f"card: the text would contain the local path {match.group(1)!r}; nothing was written "
+        raise CardError(f"card: the text would contain the local path {shown(match.group(1))}; nothing was written "
                         "(name local models by folder name, or give them a hub_id)")

@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import LrmergeError
+from .interrupt import Interrupted, handling_signals
 
 FORMAT_OPTION = click.option(
     "--format", "fmt", type=click.Choice(["human", "json", "quiet"]), default="human",
@@ -80,6 +81,12 @@ def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
         human()
 
 
+def printable(text: str) -> str:
+    """`text` with line breaks, terminal escapes and other control characters written as
+    escapes (`\\n`, `\\x1b`): a name from a file or folder cannot split or recolour a message."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit."""
 
@@ -88,11 +95,24 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LrmergeError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; nothing was written at the output path", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal under `stops_cleanly`
+            name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+            click.echo(f"Error: interrupted by {name}; nothing half-written was left at the output path", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
+
+    return wrapper
+
+
+def stops_cleanly(fn: Callable) -> Callable:
+    """SIGINT, SIGTERM and SIGHUP unwind the command (a merge removes its temporary folder
+    and lock) and exit with 128 + the signal's number; put it under `user_errors`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with handling_signals():
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -151,23 +171,27 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Where to compute (default: the recipe's `device`, else auto: a GPU when there is one).")
+@click.option("--engine", type=click.Choice(["auto", "kernels", "torch"]), default=None,
+              help="How to compute: the numba kernels (CPU) or torch (any device); both write the same bits "
+                   "(default: LRMERGE_ENGINE, else auto: kernels on a CPU, torch on a GPU).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the merge succeeded).")
 @click.option("--dry-run", is_flag=True, help="Check every input and print the plan; write nothing.")
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
-def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size: str, overwrite: bool,
-              dry_run: bool, token: str | None, fmt: str) -> None:
+@stops_cleanly
+def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str | None, shard_size: str,
+              overwrite: bool, dry_run: bool, token: str | None, fmt: str) -> None:
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
     from .pipeline import resolve_sources
-    from .recipe import load_recipe
+    from .recipe import load_recipe, output_folder
     from .settings import default_device
 
     recipe = load_recipe(recipe_path)
-    out_dir = Path(out) if out else recipe.output
+    out_dir = output_folder(out, Path.cwd(), "--out") if out else recipe.output
     if out_dir is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
     device = device or recipe.device or default_device()
@@ -178,7 +202,7 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, shard_size:
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
                   **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
     else:
-        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device,
+        report = merge(recipe, resolve_sources(recipe, token=token), out_dir, device=device, engine=engine,
                        shard_size=parse_size(shard_size), overwrite=overwrite, dry_run=dry_run,
                        progress=fmt == "human")
     emit(fmt, report, lambda: print_merge_summary(report))
@@ -206,9 +230,11 @@ def print_merge_summary(report: dict) -> None:
             click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
-    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}: read "
+    engine = f" with the {s['engine']} engine" if s.get("engine") else ""
+    device_peak = f", peak {s['device']} memory {human_bytes(s['peak_device_bytes'])}" if s.get("peak_device_bytes") else ""
+    click.echo(f"merged {s['tensors']} tensors ({s['parameters']:,} parameters) on {s['device']}{engine}: read "
                f"{human_bytes(s['bytes_read'])}, wrote {human_bytes(s['bytes_written'])} in {s['seconds']:.1f} s, "
-               f"peak memory {human_bytes(s['peak_rss_bytes'])}")
+               f"peak memory {human_bytes(s['peak_rss_bytes'])}{device_peak}")
 
 
 # --- run ---
@@ -230,6 +256,7 @@ def print_merge_summary(report: dict) -> None:
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
+@stops_cleanly
 def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | None, device: str | None,
             push_repo: str | None, skip_eval: bool, force: bool, dry_run: bool, executor: str,
             ray_address: str | None, cpus_per_task: float, gpus_per_task: float, max_retries: int,
@@ -240,10 +267,11 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
     --executor ray each release is merged and evaluated as a Ray task, then merged again
     here, checked against the worker's tensor hashes, carded and pushed."""
     from .pipeline import run_recipe, run_releases
-    from .recipe import load_recipe
+    from .recipe import load_recipe, output_folder
     from .settings import default_device
 
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    output = output_folder(out, Path.cwd(), "--out") if out else None
     cluster = make_executor(executor, ray_address, cpus_per_task, gpus_per_task, max_retries, echo)
     expanded = expand_recipes(recipe_paths, languages)
     if out and len(expanded) > 1:
@@ -257,7 +285,7 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
     if cluster is None and len(recipes) == 1:  # one release here: exactly as it always ran
         recipe = recipes[0]
         try:
-            summary = run_recipe(recipe, output=out, device=device or recipe.device or default_device(),
+            summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(),
                                  force=force, dry_run=dry_run, token=token, push_repo=push_repo,
                                  skip_eval=skip_eval, progress=fmt == "human", echo=echo)
         except LrmergeError as e:
@@ -267,8 +295,8 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
             raise
         emit(fmt, summary, lambda: print_run_summary(summary))
         return
-    if out:
-        recipes[0] = recipes[0].replace(output=Path(out))
+    if output:
+        recipes[0] = recipes[0].replace(output=output)
     push_repos = [push_repo.replace("{language}", code) if push_repo and code else push_repo
                   for _, code in expanded]
     with cluster or contextlib.nullcontext():
@@ -311,7 +339,21 @@ def summary_cmd(summary_file: str) -> None:
     """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
     from .pipeline import summary_markdown
 
-    click.echo(summary_markdown(json.loads(Path(summary_file).read_text() or "{}")))
+    path = Path(summary_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+        summary = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError, RecursionError):
+        raise LrmergeError(f"{path.name}: not a run summary (not JSON text); pass the file "
+                           "`lrmerge run --format json` wrote") from None
+    if not isinstance(summary, dict):
+        raise LrmergeError(f"{path.name}: not a run summary (a JSON {type(summary).__name__}, not an object)")
+    try:
+        markdown = summary_markdown(summary)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a JSON object of another shape
+        raise LrmergeError(f"{path.name}: not a run summary (its fields are not what `lrmerge run` "
+                           "writes); pass the file `lrmerge run --format json` wrote") from None
+    click.echo(markdown)
 
 
 # --- hub ---
@@ -431,7 +473,10 @@ import pathlib as _pathlib  # noqa: E402
               help="Port of the endpoint; with several models, their vLLMs use the next ports.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback requires --api-key.")
-@click.option("--api-key", default=None, help="Require this key (Bearer). Default: $VLLM_API_KEY.")
+@click.option("--api-key", default=None,
+              help="Require this key (Authorization: Bearer KEY) on every route. A command-line value is "
+                   "visible to every user of this machine in `ps`: prefer the VLLM_API_KEY environment "
+                   "variable, the default.")
 @click.option("--max-model-len", type=int, default=None, help="vLLM --max-model-len (context length).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="vLLM --dtype.")
@@ -444,7 +489,8 @@ import pathlib as _pathlib  # noqa: E402
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=_pathlib.Path),
               default=None, help="Where vLLM's logs go (default ./.lrmerge/serve/<time>).")
 @click.option("--vllm-arg", "vllm_args", multiple=True,
-              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager.")
+              help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager. Options "
+                   "lrmerge sets itself (host, port, key, served name, ...) are refused: use its own flags.")
 @FORMAT_OPTION
 @user_errors
 def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel_size,
@@ -470,13 +516,15 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
     endpoint = serve.start_with_signals(list(models), opts, log_dir)
 
     def ready(ep: "serve.Endpoint") -> None:
-        data = {"base_url": ep.base_url, "models": ep.models, "log_dir": str(ep.log_dir),
-                "workers": ep.workers, "curl": ep.curl_line()}
+        data = {"base_url": ep.base_url, "bind": ep.bind, "key_required": bool(ep.api_key), "models": ep.models,
+                "log_dir": str(ep.log_dir), "workers": ep.workers, "curl": ep.curl_line()}
         if fmt == "json":
             click.echo(json.dumps(data, sort_keys=True))
 
         def human() -> None:
             click.echo(f"Ready: {ep.base_url} serving {', '.join(ep.models)}")
+            click.echo(f"Bound: {ep.bind}, " + ("every route requires the API key" if ep.api_key
+                                                 else "no key (this machine only)"))
             click.echo(f"Try:   {ep.curl_line()}")
             click.echo(f"Logs:  {ep.log_dir}")
             click.echo("Press Ctrl-C to stop.")
@@ -567,6 +615,7 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
+@stops_cleanly
 def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, limit: int | None,
               metric: str | None, backend: str | None, include_path: str | None, device: str | None,
               push_repo: str | None, executor: str, ray_address: str | None, cpus_per_task: float,

@@ -3,6 +3,8 @@
 The CLI prints `Error: <message>` and exits non-zero for any `LrmergeError`.
 """
 
+import reprlib
+
 
 class LrmergeError(Exception):
     """Base class: an expected failure with a one-line message for the user."""
@@ -22,8 +24,18 @@ class IncompatibleModelsError(LrmergeError):
     """Source models differ in architecture, tensor names or shapes."""
 
 
+class NonFiniteOutputError(LrmergeError):
+    """A merged tensor came out NaN or Inf (a weight or lambda too large for float32, or
+    values beyond the output dtype's range); nothing is written."""
+
+
+class DeviceError(LrmergeError):
+    """The compute device cannot hold the merge: too little free GPU memory for its largest tensor."""
+
+
 class OutputError(LrmergeError):
-    """The output path exists (without --overwrite) or lies inside an input folder."""
+    """The output path exists (without --overwrite), appeared during the merge, is being
+    written by another merge, or lies inside an input folder."""
 
 
 class HubError(LrmergeError):
@@ -65,6 +77,23 @@ class ServeError(LrmergeError):
 
 class EvalError(LrmergeError):
     """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
+
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A short repr of `value` for error messages: at most `limit` characters, a few levels
+    and items of a container, so a message stays one short line whatever a file holds (a
+    huge string, a YAML bomb, a newline in a name)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxtuple, brief.maxset = 3, 4, 4, 4, 4
+    brief.maxstring = brief.maxother = brief.maxlong = limit
+    try:
+        text = brief.repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ClusterError(LrmergeError):

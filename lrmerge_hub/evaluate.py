@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 
 from .eval_results import is_metric
 from .errors import EvalError, ServeError
@@ -97,13 +96,26 @@ def select_tasks(tasks_opt: str | None, languages: list[str]) -> list[str]:
 
 
 def read_model_metadata(model_dir: Path) -> dict[str, Any]:
-    """merge_report.json, else recipe.yaml, else {} (a model not made by lrmerge)."""
+    """merge_report.json, else recipe.yaml, else {} (a model not made by lrmerge). Raises
+    EvalError, one line, for a file that is not what lrmerge writes there."""
+    from .errors import RecipeError
+    from .recipe import read_recipe_yaml
+
     report = model_dir / "merge_report.json"
     if report.is_file():
-        return json.loads(report.read_text())
+        try:
+            data = json.loads(report.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise EvalError(f"{report}: not a JSON merge report; remove it or merge the model again") from None
+        if not isinstance(data, dict):
+            raise EvalError(f"{report}: not a merge report (a JSON object); remove it or merge the model again")
+        return data
     recipe = model_dir / "recipe.yaml"
     if recipe.is_file():
-        data = yaml.safe_load(recipe.read_text()) or {}
+        try:
+            data = read_recipe_yaml(recipe.read_bytes(), recipe.name) or {}
+        except RecipeError as e:
+            raise EvalError(f"{recipe}: {e}") from None
         return data if isinstance(data, dict) else {}
     return {}
 
@@ -112,7 +124,8 @@ def model_languages(model_dir: Path | None) -> list[str]:
     if model_dir is None:
         return []
     langs = read_model_metadata(model_dir).get("languages") or []
-    return [langs] if isinstance(langs, str) else list(langs)
+    langs = [langs] if isinstance(langs, str) else langs
+    return [x for x in langs if isinstance(x, str)] if isinstance(langs, list) else []
 
 
 def merged_model(spec: str) -> EvalModel:

@@ -35,8 +35,10 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    SafetensorsParsingError,
 )
 
+from .card_rules import is_repo_id, is_revision
 from .errors import (
     HubAuthError,
     HubError,
@@ -44,11 +46,13 @@ from .errors import (
     HubOfflineError,
     HubPushError,
     HubRevisionError,
+    InputModelError,
     PickleOnlyRepoError,
     RecipeError,
+    shown,
 )
-from .merge.plan import BASE, MergePlan, Source, TensorSpec, model_keys, plan_merge
-from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel
+from .merge.plan import BASE, DTYPE_SIZES, MergePlan, Source, TensorSpec, check_config, model_keys, plan_merge
+from .merge.st_io import PICKLE_SUFFIXES, SafetensorsModel, index_shards
 from .recipe import SHA, ModelEntry, ModelRef, Recipe, load_recipe, parse_model_ref
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -169,7 +173,7 @@ def _cached_snapshot(ref: ModelRef) -> Path:
     storage = Path(hf_constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
     revision = ref.revision or "main"
     ref_file = storage / "refs" / revision
-    sha = revision if SHA.match(revision) else ref_file.read_text().strip() if ref_file.is_file() else None
+    sha = revision if SHA.fullmatch(revision) else ref_file.read_text().strip() if ref_file.is_file() else None
     if sha is None or not (storage / "snapshots" / sha).is_dir():
         raise HubOfflineError(f"{ref.spec}: HF_HUB_OFFLINE is set and it is not in the HF cache "
                               f"({hf_constants.HF_HUB_CACHE}); pull it once online (`lrmerge pull {ref.spec}`)")
@@ -199,19 +203,42 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
                     "loads them because unpickling can run arbitrary code: use a revision with *.safetensors "
                     "(many repos have a `refs/pr/N` that adds them) or convert them with a tool you trust")
             raise HubError(f"{ref.spec} has no *.safetensors weights at {sha[:12]}: choose a model repo")
+        if SAFETENSORS_INDEX in sizes:  # checked first: the client trusts its shard names and types
+            index_file = Path(hf_hub_download(ref.repo_id, SAFETENSORS_INDEX, revision=sha, token=token))
+            index_shards(_json_file(index_file, f"{ref.spec}: {SAFETENSORS_INDEX}"), ref.spec)
         try:
             st = api.get_safetensors_metadata(ref.repo_id, revision=sha)
         except NotASafetensorsRepoError:
             raise HubError(f"{ref.spec}: no {SAFETENSORS_INDEX} or model.safetensors at {sha[:12]}") from None
+        except SafetensorsParsingError:
+            raise InputModelError(f"{ref.spec}: a safetensors header (or the index) at {sha[:12]} is corrupt: "
+                                  "the file is not a model lrmerge can read") from None
         if "config.json" not in sizes:
             raise HubError(f"{ref.spec} has no config.json at {sha[:12]}: is it a transformers model?")
-        config = json.loads(Path(hf_hub_download(ref.repo_id, "config.json", revision=sha,
-                                                 token=token)).read_text())
-    tensors = {name: TensorSpec(t.dtype, tuple(t.shape))
+        config_file = Path(hf_hub_download(ref.repo_id, "config.json", revision=sha, token=token))
+    config = check_config(_json_file(config_file, f"{ref.spec}: config.json"), ref.spec)
+    tensors = {name: _remote_spec(name, t.dtype, t.shape, ref.spec)
                for header in st.files_metadata.values() for name, t in header.tensors.items()}
     needed = set(st.files_metadata) | {f for f in SIDE_FILES if f in sizes}
     return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
                      sha=sha, files={f: sizes.get(f, 0) for f in sorted(needed)}, tensors=tensors, config=config)
+
+
+def _remote_spec(name: str, dtype: Any, shape: Any, where: str) -> TensorSpec:
+    """A tensor's spec from a Hub header, refused (one line) unless the merge plan can use
+    it; the downloaded file's header is checked in full before its data is read."""
+    if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InputModelError(f"{where}: tensor {shown(name)} has a corrupt or unsupported safetensors header "
+                              f"(dtype {shown(dtype)}, shape {shown(shape)})")
+    return TensorSpec(dtype, tuple(shape))
+
+
+def _json_file(path: Path, what: str) -> Any:
+    """A JSON file's value; InputModelError, one line, when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise InputModelError(f"{what} is not valid JSON (UTF-8)") from None
 
 
 def model_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
@@ -233,14 +260,28 @@ def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
     Downloads no weights. Raises IncompatibleModelsError (with numbers) when the models do
     not fit together, HubError subclasses when the Hub says no."""
     metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
+    check_pinned_twins(metas)
     merge_plan = plan_merge({k: m.tensors for k, m in metas.items()},
                             {k: m.config for k, m in metas.items()}, recipe)
     return PullPlan(models=metas, merge_plan=merge_plan)
 
 
+def check_pinned_twins(metas: dict[str, ModelMeta]) -> None:
+    """Refuse a Hub model named twice through revisions that pin to one commit
+    (`org/x@main` and `org/x@<sha of main>`; a commit sha names its files, whatever the repo
+    id's spelling); the recipe compares spellings it can resolve alone."""
+    seen: dict[str, str] = {}
+    for meta in metas.values():
+        if meta.repo_id and meta.sha:
+            twin = seen.setdefault(meta.sha, meta.spec)
+            if twin != meta.spec:
+                raise RecipeError(f"models: {meta.spec!r} and {twin!r} are the same commit {meta.sha[:12]}; "
+                                  "name each model once")
+
+
 def recipe_for_models(refs: list[ModelRef]) -> Recipe:
     """A recipe that checks models against the first one (for `lrmerge pull MODEL...`)."""
-    unique = list({r.spec: r for r in refs}.values())
+    unique = list({r.identity: r for r in refs}.values())
     return Recipe(method="task_arithmetic", base=unique[0], parameters={},
                   models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]])
 
@@ -352,14 +393,14 @@ def commit_message(folder: Path) -> tuple[str, str]:
     """Summary and description naming the recipe and the source revisions (merge_report.json,
     recipe.yaml); a plain message for folders without them."""
     report_path, recipe_path = folder / "merge_report.json", folder / "recipe.yaml"
-    if not report_path.is_file():
+    report = _json_file(report_path, f"{folder.name}/merge_report.json") if report_path.is_file() else None
+    if not isinstance(report, dict):
         return f"Upload {folder.name} with lrmerge", ""
-    report = json.loads(report_path.read_text())
-    sources = ([report["base"]] if report.get("base") else []) + list(report.get("models", []))
+    sources = [s for s in ([report.get("base")] + list(report.get("models") or [])) if isinstance(s, dict)]
 
     def name(s: dict[str, Any]) -> str:
         rev = s.get("revision")
-        return f"{s.get('repo_id') or s.get('model')}@{rev[:12]}" if rev else f"{s.get('model')} (local)"
+        return f"{s.get('repo_id') or s.get('model')}@{str(rev)[:12]}" if rev else f"{s.get('model')} (local)"
 
     recipe_id = (report.get("recipe_sha256") or "")[:12]
     summary = f"lrmerge {report.get('method', 'merge')} (recipe {recipe_id}): " + ", ".join(map(name, sources))
@@ -383,6 +424,12 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     made twice. A PR commit is not retried (a retry could open a second PR). On failure the
     remote is unchanged: run the push again."""
     folder = Path(folder)
+    if not is_repo_id(repo_id):
+        raise HubPushError(f"{shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', '.'; "
+                           "no '--' or '..')")
+    for what, name in (("--revision", revision), ("--tag", tag)):
+        if name is not None and not is_revision(name):
+            raise HubPushError(f"{what} {shown(name)} is not a branch or tag name")
     if not folder.is_dir():
         raise HubPushError(f"{folder}: no such folder")
     if tag and create_pr:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,20 @@ from typing import Any
 
 import yaml
 
-from .card_rules import HUB_LICENSES, check_metadata, is_language_code
-from .errors import RecipeError
-from .merge.methods import METHODS, get_method
+from .card_rules import HUB_LICENSES, check_metadata, is_language_code, is_repo_id, is_revision
+from .errors import RecipeError, shown
+from .merge.methods import METHODS, get_method, normalize_problem
 
 ROLES = ("language", "task")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-REVISION = re.compile(r"^[\w./-]+$")
-SHA = re.compile(r"^[0-9a-f]{40}$")
+SHA = re.compile(r"[0-9a-f]{40}")  # use with fullmatch
+MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few KB; a bigger file is a mistake (or an attack)
+MAX_YAML_NODES = 10_000  # values in the recipe once every alias is expanded (a YAML bomb has billions)
+MAX_NAME_BYTES = 255  # longest file or folder name on Linux, macOS and Windows file systems
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX
+# An output's name leaves room for what lrmerge puts beside it: `.NAME.lrmerge-tmp-PID/`, a lock.
+MAX_OUTPUT_NAME_BYTES = 200
 
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
@@ -59,6 +64,15 @@ class ModelRef:
         return self.spec
 
     @property
+    def identity(self) -> tuple[str, str]:
+        """What the model is, however it is spelled: the resolved folder (`m/task`,
+        `m/../m/task/` and a symlink to it are one), or the Hub id at its revision (main
+        when none is given). Shas of branches are compared after pinning (hub.plan_recipe)."""
+        if self.path is not None:
+            return ("folder", str(self.path))
+        return ("hub", f"{self.repo_id}@{self.revision or 'main'}")
+
+    @property
     def display(self) -> str:
         """A name that never leaks a local absolute path."""
         if self.repo_id:
@@ -66,23 +80,64 @@ class ModelRef:
         return self.path.name if self.path else self.spec
 
 
+def local_path(value: Any, base_dir: Path, field_name: str) -> Path:
+    """A path from the recipe (absolute, `~`, or relative to the recipe's folder), made
+    absolute; refuses what no file system can hold (a NUL, a control character, a name
+    over 255 bytes) with a one-line RecipeError."""
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{field_name}: must be a path (got {shown(value)})")
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise RecipeError(f"{field_name}: {shown(value)} holds a control character (a NUL or a newline?)")
+    try:
+        path = Path(value.strip()).expanduser()
+        too_long = [part for part in path.parts if len(os.fsencode(part)) > MAX_NAME_BYTES]
+    except (RuntimeError, UnicodeError):  # `~user` of no user; a name the file system cannot encode
+        raise RecipeError(f"{field_name}: {shown(value)} is not a usable path") from None
+    if too_long:
+        raise RecipeError(f"{field_name}: the name {shown(too_long[0])} is over {MAX_NAME_BYTES} bytes, "
+                          "longer than a file system allows")
+    if len(os.fsencode(str(path))) >= MAX_PATH_BYTES:
+        raise RecipeError(f"{field_name}: the path is over {MAX_PATH_BYTES} bytes, longer than a file system allows")
+    return path if path.is_absolute() else base_dir / path
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def parse_model_ref(spec: Any, base_dir: Path, field_name: str) -> ModelRef:
     """Parse `org/name[@rev]` or a local folder path into a ModelRef."""
     if not isinstance(spec, str) or not spec.strip():
         raise RecipeError(f"{field_name}: must be a local folder or a Hub id 'org/name[@revision]'")
     spec = spec.strip()
-    local = Path(spec).expanduser()
-    if not local.is_absolute():
-        local = base_dir / local
-    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir()
-    if looks_like_path:
+    local = local_path(spec, base_dir, field_name)
+    if spec.startswith((".", "/", "~")) or _is_dir(local):
         return ModelRef(spec=spec, path=local.resolve())
     repo_id, _, revision = spec.partition("@")
-    if not HUB_ID.match(repo_id) or (revision and not REVISION.match(revision)) or spec.endswith("@"):
+    if not is_repo_id(repo_id) or (revision and not is_revision(revision)) or spec.endswith("@"):
         raise RecipeError(
-            f"{field_name}: {spec!r} is neither an existing folder nor a Hub id 'org/name[@revision]'"
+            f"{field_name}: {shown(spec)} is neither an existing folder nor a Hub id 'org/name[@revision]'"
         )
     return ModelRef(spec=spec, repo_id=repo_id, revision=revision or None)
+
+
+def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Path:
+    """The output folder a recipe (or --out) names, checked before any work: a usable
+    path that is not a file and does not lie under one."""
+    path = local_path(value, base_dir, field_name).resolve()
+    if len(os.fsencode(path.name)) > MAX_OUTPUT_NAME_BYTES:
+        raise RecipeError(f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
+                          "into a temporary folder named after it, which must fit in 255); choose a shorter name")
+    # os.path's checks answer False, never raise, for a path they cannot stat
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise RecipeError(f"{field_name}: {path.name} is a file (or a broken link); name a folder")
+    existing = next(parent for parent in path.parents if os.path.lexists(parent))
+    if not os.path.isdir(existing):
+        raise RecipeError(f"{field_name}: {existing.name} is a file, so {path.name} cannot be made under it")
+    return path
 
 
 @dataclass
@@ -189,14 +244,25 @@ class Recipe:
 def _check_keys(data: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
     for key in data:
         if key not in allowed:
-            raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+            raise RecipeError(f"{where}: unknown key {shown(key)} (allowed: {', '.join(allowed)})")
 
 
 def _check_param(name: str, value: Any, param, where: str) -> Any:
-    problem = param.check(value)
+    try:
+        problem = param.check(value)
+    except (OverflowError, TypeError, ValueError):  # e.g. an integer too large for a float
+        problem = "must be a finite number within float range"
     if problem:
-        raise RecipeError(f"{where}.{name}: {problem} (got {value!r})")
+        raise RecipeError(f"{where}.{name}: {problem} (got {shown(value)})")
     return value
+
+
+def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:
+    """Refuse weights whose sum the method would divide by when it is near 0."""
+    problem = normalize_problem(method, [m.params["weight"] for m in models if "weight" in m.params],
+                                bool(parameters.get("normalize")))
+    if problem:
+        raise RecipeError(where + problem)
 
 
 def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
@@ -206,8 +272,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     _check_keys(data, TOP_LEVEL_KEYS, "recipe")
 
     method_name = data.get("method", "slack_ties")
-    if method_name not in METHODS:
-        raise RecipeError(f"method: unknown method {method_name!r} (allowed: {', '.join(sorted(METHODS))})")
+    if not isinstance(method_name, str) or method_name not in METHODS:
+        raise RecipeError(f"method: unknown method {shown(method_name)} (allowed: {', '.join(sorted(METHODS))})")
     method = get_method(method_name)
 
     base = None
@@ -233,22 +299,24 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 if key in ("weight", "density", "slack"):
                     extra = f" for method {method_name!r}"
                 raise RecipeError(
-                    f"{where}: unknown key {key!r}{extra} (allowed: {', '.join(allowed_model_keys)})"
+                    f"{where}: unknown key {shown(key)}{extra} (allowed: {', '.join(allowed_model_keys)})"
                 )
         if "model" not in entry:
             raise RecipeError(f"{where}.model: required (a local folder or a Hub id)")
         ref = parse_model_ref(entry["model"], base_dir, f"{where}.model")
         role = entry.get("role", "task")
         if role not in ROLES:
-            raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {role!r})")
+            raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {shown(role)})")
         params = {}
         for name, param in method.model_params.items():
             params[name] = _check_param(name, entry.get(name, param.default), param, where)
         hub_id = entry.get("hub_id")
-        if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id)):
-            raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {hub_id!r})")
-        if any(m.ref.spec == ref.spec for m in models) or (base is not None and base.spec == ref.spec):
-            raise RecipeError(f"{where}.model: {ref.spec!r} is named twice in the recipe (each model once)")
+        if hub_id is not None and not is_repo_id(hub_id):
+            raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {shown(hub_id)})")
+        twin = next((r for r in ([base] if base else []) + [m.ref for m in models] if r.identity == ref.identity), None)
+        if twin is not None:
+            same = "" if twin.spec == ref.spec else f" (as {shown(twin.spec)})"
+            raise RecipeError(f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once")
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
 
     params_raw = data.get("parameters") or {}
@@ -259,6 +327,10 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
         for name, p in method.global_params.items()
     }
+    check_normalize(method_name, models, parameters)
+    problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
+    if problem:
+        raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):
@@ -266,15 +338,16 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     if not isinstance(languages, list) or not all(
         isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) for c in languages
     ):
-        raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {languages!r})")
+        raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {shown(languages)})")
 
     unknown = [c for c in languages if not is_language_code(c)]
     if unknown:
         raise RecipeError(f"languages: unknown ISO 639 code {unknown[0]!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
 
     license_ = data.get("license")
-    if license_ is not None and license_ not in HUB_LICENSES:
-        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2, or 'other' (got {license_!r})")
+    if license_ is not None and (not isinstance(license_, str) or license_ not in HUB_LICENSES):
+        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2, or 'other' "
+                          f"(got {shown(license_)})")
     license_name, license_link = data.get("license_name"), data.get("license_link")
     if license_ == "other":
         problems = check_metadata({"license": "other", "license_name": license_name, "license_link": license_link})
@@ -285,25 +358,22 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
 
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
-        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)} (got {dtype!r})")
+        raise RecipeError(f"dtype: must be one of {', '.join(DTYPES)} (got {shown(dtype)})")
 
     device = data.get("device")
     if device is not None and device not in DEVICES:
-        raise RecipeError(f"device: must be one of {', '.join(DEVICES)} (got {device!r})")
+        raise RecipeError(f"device: must be one of {', '.join(DEVICES)} (got {shown(device)})")
 
     output = data.get("output")
     if output is not None:
-        if not isinstance(output, str) or not output.strip():
-            raise RecipeError("output: must be a folder path")
-        out_path = Path(output).expanduser()
-        output = (out_path if out_path.is_absolute() else base_dir / out_path).resolve()
+        output = output_folder(output, base_dir)
 
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None:
         specs = ["base"] + [m.ref.spec for m in models]
         if tokenizer_source not in specs:
             raise RecipeError(
-                f"tokenizer_source: must be 'base' or one of the models' names (got {tokenizer_source!r})"
+                f"tokenizer_source: must be 'base' or one of the models' names (got {shown(tokenizer_source)})"
             )
 
     return Recipe(
@@ -335,15 +405,15 @@ def _parse_push(raw: Any) -> PushTarget | None:
         raise RecipeError("push: must be a mapping like {repo: org/name, private: true}")
     _check_keys(raw, PUSH_KEYS, "push")
     repo = raw.get("repo")
-    if not isinstance(repo, str) or not HUB_ID.match(repo):
-        raise RecipeError(f"push.repo: must be a Hub id 'org/name' (got {repo!r})")
+    if not is_repo_id(repo):
+        raise RecipeError(f"push.repo: must be a Hub id 'org/name' (got {shown(repo)})")
     for key in ("private", "create_pr"):
         if not isinstance(raw.get(key, False), bool):
             raise RecipeError(f"push.{key}: must be true or false")
     for key in ("revision", "tag"):
         value = raw.get(key)
-        if value is not None and (not isinstance(value, str) or not REVISION.match(value)):
-            raise RecipeError(f"push.{key}: must be a branch or tag name (got {value!r})")
+        if value is not None and not is_revision(value):
+            raise RecipeError(f"push.{key}: must be a branch or tag name (got {shown(value)})")
     return PushTarget(repo=repo, private=raw.get("private", False), create_pr=raw.get("create_pr", False),
                       revision=raw.get("revision"), tag=raw.get("tag"))
 
@@ -358,36 +428,94 @@ def _parse_eval(raw: Any, base_dir: Path) -> EvalSpec | None:
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
-        raise RecipeError(f"eval.tasks: must be a list of lm-eval task names (got {tasks!r})")
+        raise RecipeError(f"eval.tasks: must be a list of lm-eval task names (got {shown(tasks)})")
     limit = raw.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise RecipeError(f"eval.limit: must be a positive whole number (got {limit!r})")
+        raise RecipeError(f"eval.limit: must be a positive whole number (got {shown(limit)})")
     include = raw.get("include_path")
     if include is not None:
         if not isinstance(include, str):
             raise RecipeError("eval.include_path: must be a folder of lm-eval task YAML files")
-        include = Path(include).expanduser()
-        include = (include if include.is_absolute() else base_dir / include).resolve()
+        include = local_path(include, base_dir, "eval.include_path").resolve()
     compare = raw.get("compare", False)
     if not isinstance(compare, bool):
         raise RecipeError("eval.compare: must be true or false")
     backend = raw.get("backend", "server")
     if backend not in ("server", "vllm", "hf"):
-        raise RecipeError(f"eval.backend: must be one of server, vllm, hf (got {backend!r})")
+        raise RecipeError(f"eval.backend: must be one of server, vllm, hf (got {shown(backend)})")
     return EvalSpec(tasks=tuple(tasks), limit=limit, include_path=include, compare=compare, backend=backend)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document too big once its aliases are expanded (a
+    "billion laughs" YAML bomb is a few lines that expand to billions of values) and
+    aliases that refer to themselves. The document is checked as composed, before any
+    value is built, in time proportional to its text."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values of the document with every alias expanded (each node once, with the
+    sizes of shared nodes remembered); raise RecipeError past MAX_YAML_NODES or on a cycle."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        children = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_YAML_NODES:
+                raise RecipeError(f"recipe: over {MAX_YAML_NODES} values once its aliases are expanded "
+                                  "(a YAML bomb?); write the recipe without nested aliases")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise RecipeError("recipe: an alias refers to the value that contains it (a recursive YAML alias)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def read_recipe_yaml(raw: bytes, name: str = "recipe") -> Any:
+    """The YAML document in a recipe file's bytes (pure). Raises RecipeError, one line, for
+    a file that is not UTF-8 text, is not YAML, or is a YAML bomb."""
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe: {name} is {len(raw)} bytes; a recipe is a few KB of YAML")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise RecipeError(f"recipe: {name} is UTF-16 or UTF-32 (or not text); save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe: {name} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe: {name} is not valid YAML{where}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe: {name} nests values too deeply") from None
+    except ValueError:  # a value YAML cannot build: a date like 2024-13-45, an integer of 5000 digits
+        raise RecipeError(f"recipe: {name} holds a value that cannot be read (an invalid date or number?)") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file. Raises RecipeError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"recipe: cannot read {path}: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"recipe: {path.name} is not valid YAML{where}") from None
+        raw = path.read_bytes()
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"recipe: cannot read {shown(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+    data = read_recipe_yaml(raw, path.name)
     return parse_recipe(data, path.resolve().parent, source_file=path.resolve())

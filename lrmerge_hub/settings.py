@@ -18,16 +18,14 @@ def default_device() -> str:
     return os.environ.get("LRMERGE_DEVICE", "auto")
 
 
+def default_engine() -> str:
+    """Merge engine used when the CLI names none (`LRMERGE_ENGINE`, else auto)."""
+    return os.environ.get("LRMERGE_ENGINE", "auto")
+
+
 def vllm_api_key() -> str | None:
     """The API key vLLM itself reads (`VLLM_API_KEY`); `--api-key` overrides it."""
     return os.environ.get("VLLM_API_KEY") or None
-
-
-def litellm_executable() -> str | None:
-    """Path to LiteLLM's `litellm` script (`LRMERGE_LITELLM`), for the multi-model router.
-
-    LiteLLM requires huggingface_hub < 2, so it lives in its own virtual environment."""
-    return os.environ.get("LRMERGE_LITELLM") or None
 
 
 def vllm_cpu_kvcache_set() -> bool:

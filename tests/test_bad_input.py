@@ -69,7 +69,7 @@ def test_dry_run_writes_nothing(tmp_path, models, write_recipe):
     (GOOD.replace("slack: 0.5", "slack: -1"), ["models[1].slack", ">= 0.0"]),
     (GOOD + "parameters: {lambda: 1, normalise: true}\n", ["'normalise'"]),
     (GOOD + "outptu: x\n", ["'outptu'"]),
-    (GOOD.replace("method: slack_ties", "method: ties"), ["'slack'", "method 'ties'"]),
+    (GOOD.replace("method: slack_ties", "method: sce"), ["'density'", "method 'sce'"]),  # ties takes a slack now
     (GOOD.replace("role: language", "role: lang"), ["models[0].role", "language, task"]),
     (GOOD.replace("./models/base", "./models/nowhere"), ["base", "does not exist"]),
     (GOOD + "dtype: int8\n", ["dtype", "bfloat16"]),

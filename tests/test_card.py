@@ -327,10 +327,13 @@ def test_the_recipe_checks_language_codes_and_licenses_before_any_merge(tmp_path
         parse_recipe({**base, "license": "other"}, tmp_path)
     with pytest.raises(RecipeError, match="only used with license: other"):
         parse_recipe({**base, "license": "mit", "license_link": "https://example.org"}, tmp_path)
+    with pytest.raises(RecipeError, match="license_link: .*plain https:// URL"):  # issue 11: https URLs only
+        parse_recipe({**base, "license": "other", "license_name": "x-license", "license_link": "LICENSE"}, tmp_path)
+    link = "https://example.org/x-license.txt"
     recipe = parse_recipe({**base, "languages": ["khk"], "license": "other", "license_name": "x-license",
-                           "license_link": "LICENSE"}, tmp_path)
+                           "license_link": link}, tmp_path)
     assert {k: recipe.to_dict()[k] for k in ("license", "license_name", "license_link")} == {
-        "license": "other", "license_name": "x-license", "license_link": "LICENSE"}
+        "license": "other", "license_name": "x-license", "license_link": link}
 
 
 def test_a_sweep_table_becomes_a_section(tmp_path):

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -75,11 +76,16 @@ def test_readme_main_job_from_a_clean_checkout(tmp_path):
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    # A venv that sees this machine's packages, so the install step resolves offline; the
-    # package itself is installed from the clone exactly as README says (no other install).
+    # A venv that sees the packages of the interpreter running the tests (a user's venv, the
+    # system's, CI's), so the install step resolves offline and builds with the setuptools
+    # README's install brought (torch requires >= 77); the package itself is installed from the
+    # clone as README says. Not `system_site_packages`: inside a venv that is the base
+    # interpreter's site-packages, not the venv's.
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     bin_dir = env_dir / "bin"
+    (Path(sysconfig.get_path("purelib", "venv", vars={"base": str(env_dir)})) / "tests-runner.pth").write_text(
+        "".join(f"{p}\n" for p in sys.path if Path(p).name in ("site-packages", "dist-packages")))
     steps = [step.strip() for step in command.split("&&")]
     install = [shlex.split(step) for step in steps if step.startswith("python3 -m pip")]
     assert install[0][:4] == ["python3", "-m", "pip", "install"], steps

@@ -21,7 +21,7 @@ def ref_trim(tau: np.ndarray, density: float) -> np.ndarray:
 def ref_ties(base, models, weights, densities, slacks, lam, normalize):
     trimmed = [ref_trim(m - base, d) for m, d in zip(models, densities)]
     wd = [np.float32(w) * t for w, t in zip(weights, trimmed)]
-    vote = sum(np.float32(1 + s) * x for s, x in zip(slacks, wd))
+    vote = sum((1.0 + s) * x.astype(np.float64) for s, x in zip(slacks, wd))  # float64, as the methods vote
     gamma = np.where(vote >= 0, 1.0, -1.0).astype(np.float32)
     agree = [np.sign(x) == gamma for x in wd]
     merged = sum(np.where(a, x, 0) for a, x in zip(agree, wd)).astype(np.float32)

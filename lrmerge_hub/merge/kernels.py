@@ -11,7 +11,8 @@ no float32 copy of a tensor is made), on every core, and nothing here needs torc
    index) of those inside it, and checks every input for NaN/Inf; the threshold is then
    selected among the candidates, and ties at it are kept in index order up to a limit.
 2. merge: trim, weight, elect, agree, disjoint mean, lambda and the cast to the output
-   dtype, fused in one blocked loop that also counts kept and agreed entries.
+   dtype, fused in one blocked loop that also counts kept and agreed entries and the
+   NaN/Inf values of the output (an overflow the engine refuses to write).
 
 When the sample misleads (the k-th largest falls outside the bracket, or more candidates
 fall inside it than were provisioned), an exact radix
@@ -19,8 +20,9 @@ select runs instead: a histogram of the top 16 bits of the float bits, then one 
 16 bits within the chosen bin. The bits of a non-negative float order like the float, so
 selection works on integers. Ties at the threshold are kept in index order until exactly k
 entries survive, as methods.trim_to_density keeps them. Every delta is float32(x_i) -
-float32(base) and every later step runs in float32 in the reference's order, so results
-match the reference to float rounding and counts match exactly.
+float32(base) and every later step runs in float32 in the reference's order (the vote of
+the election in float64, as there), so results match the reference to float rounding and
+counts match exactly.
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ def _count_pass(xs, base, active, lo, hi, cap):
 @numba.njit(cache=True, nogil=True)
 def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
     """row = w * trimmed delta (kept: |delta| > t, and == t with keep_ties); total (=, or +=
-    unless first) row * vote. Returns how many entries of row are nonzero (kept)."""
+    unless first) row * vote, in float64 (v and total are float64). Returns how many
+    entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
     kept = np.int32(0)
     for j in range(base.shape[0]):
@@ -287,31 +290,37 @@ def _agree_block(row, total, w, merged, divisor, first):
 
 @numba.njit(cache=True, nogil=True)
 def _write_block(base, out, merged, divisor, lam, normalize):
-    """out = base + lam * merged (divided by the agreeing weights, 0 counting as 1)."""
+    """out = base + lam * merged (divided by the agreeing weights, 0 counting as 1).
+    Returns how many entries of out (as stored) are NaN or Inf."""
     one, zero = np.float32(1.0), np.float32(0.0)
+    nonfinite = np.int32(0)
     for j in range(base.shape[0]):
         m = merged[j]
         if normalize:
             dv = divisor[j]
             m = m / (dv if dv != zero else one)
         _store(out, j, _load(base, j) + lam * m)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
     """Trim (keep |delta| > threshold[i], and == threshold[i] at indices below limit[i]),
-    weight, elect with votes, disjoint-merge and write base + lam * merged. Returns
-    per-chunk kept and agreed counts, each (CHUNKS, m).
+    weight, elect with votes (float64: exact for any accepted slack, see methods.SLACK_MAX),
+    disjoint-merge and write base + lam * merged. Returns per-chunk kept and agreed counts,
+    each (CHUNKS, m), and per-chunk NaN/Inf counts of the output (CHUNKS,).
 
     Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
     every inner loop is a branch-free loop over contiguous memory."""
     m, n = len(xs), base.shape[0]
     kept = np.zeros((CHUNKS, m), dtype=np.int64)
     agreed = np.zeros((CHUNKS, m), dtype=np.int64)
+    bad = np.zeros(CHUNKS, dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         rows = np.empty((m, BLOCK), dtype=np.float32)
-        total = np.empty(BLOCK, dtype=np.float32)
+        total = np.empty(BLOCK, dtype=np.float64)
         merged = np.empty(BLOCK, dtype=np.float32)
         divisor = np.empty(BLOCK, dtype=np.float32)
         for s in range(lo, hi, BLOCK):
@@ -329,8 +338,8 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
             for i in range(m):
                 agreed[c, i] += _agree_block(rows[i][:size], total[:size], weights[i], merged[:size],
                                              divisor[:size], i == 0)
-            _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
-    return kept, agreed
+            bad[c] += _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
+    return kept, agreed, bad
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -471,6 +480,14 @@ def _tie_limit_in_chunks(x: np.ndarray, b: np.ndarray, t: int, ties: np.ndarray,
     return int(_tie_limit(x, b, t, lo_c, hi_c, room - int(before[c])))
 
 
+class NonFiniteOutput(ValueError):
+    """`count` merged values came out NaN or Inf (an overflow: weights or lambda too large)."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} merged values are NaN or Inf")
+        self.count = count
+
+
 class NonFiniteInput(ValueError):
     """An input holds NaN or Inf; `which` is -1 for the base, else the model's index."""
 
@@ -501,7 +518,8 @@ def fused_ties(
     given as their uint16 bits or all float32 (see kernel_inputs). The result is float32,
     or bfloat16 bits (uint16) with out_bf16. Results equal methods.ties_family's to float
     rounding (computed in float32); kept/agreed have the meaning of methods.MergeStats.
-    With check_finite, a NaN or Inf in any input raises NonFiniteInput.
+    With check_finite, a NaN or Inf in any input raises NonFiniteInput, and one in the
+    output NonFiniteOutput.
     """
     n, m = base.shape[0], len(tensors)
     xs = tuple(tensors)
@@ -535,9 +553,11 @@ def fused_ties(
             threshold[i] = _magnitudes(t)
         del bits, idx
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
-    kept, agreed = _merge(xs, base, threshold, limit, np.array(weights, dtype=np.float32),
-                          np.array([1.0 + s for s in slacks], dtype=np.float32), bool(normalize),
-                          np.float32(lam), out)
+    kept, agreed, bad = _merge(xs, base, threshold, limit, np.array(weights, dtype=np.float32),
+                               np.array([1.0 + s for s in slacks], dtype=np.float64), bool(normalize),
+                               np.float32(lam), out)
+    if check_finite and bad.any():
+        raise NonFiniteOutput(int(bad.sum()))
     return out, [int(v) for v in kept.sum(0)], [int(v) for v in agreed.sum(0)]
 
 
@@ -566,7 +586,8 @@ def float32_to(a: np.ndarray, dtype: str) -> np.ndarray:
         out = np.empty(a.shape[0], dtype=np.uint16)
         _round_to_bf16(a, out)
         return out
-    return a.astype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype])
+    with np.errstate(over="ignore"):  # values past float16's range become Inf: the engine counts them
+        return a.astype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype])
 
 
 def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarray]:
@@ -577,22 +598,35 @@ def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarra
     return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)]
 
 
-def _fast_path(slack: bool) -> Callable:
-    def run(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
-            params: dict[str, Any], out_bf16: bool = False,
-            check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
-        return fused_ties(
-            base, tensors,
-            [float(p["weight"]) for p in model_params],
-            [float(p["density"]) for p in model_params],
-            [float(p.get("slack", 0.0)) if slack else 0.0 for p in model_params],
-            float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
-        )
-
-    return run
+def _ties_fast_path(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
+                    params: dict[str, Any], out_bf16: bool = False,
+                    check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
+    return fused_ties(
+        base, tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
+    )
 
 
 # method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed);
 # the engine uses these on CPU instead of the reference in methods.METHODS.
-FAST_PATHS: dict[str, Callable] = {"ties": _fast_path(False), "slack_ties": _fast_path(True)}
+# ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
+FAST_PATHS: dict[str, Callable] = {"ties": _ties_fast_path, "slack_ties": _ties_fast_path}
+
+
+def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
+    """The selection of the fused TIES kernels for any flat non-negative float32 array (the
+    magnitude cuts of Breadcrumbs and SCE): (threshold, tie index limit) such that the k
+    largest are the entries above the threshold and those equal to it at indices below the
+    limit (equal magnitudes in index order, as the trim keeps them). 0 < k < size."""
+    n = magnitudes.shape[0]
+    zeros = np.zeros(n, dtype=np.float32)  # the kernels select |x - base|: base 0
+    if n < MIN_FAST_NUMEL:
+        every = np.arange(n)
+        t, limit = _select_among(_gather_bits(magnitudes, zeros, every), every, k, n)
+    else:
+        t, limit = _exact_select(magnitudes, zeros, k)
+    return float(_magnitudes(t)), int(limit)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompatibleModelsError
+from ..errors import IncompatibleModelsError, InputModelError, shown
 from ..recipe import Recipe
 
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
@@ -98,23 +98,47 @@ def model_keys(recipe: Recipe) -> list[str]:
     return ([BASE] if recipe.base is not None else []) + [m.ref.spec for m in recipe.models]
 
 
+# config.json keys the plan reads, and the JSON type each must have when present
+CONFIG_TYPES = {"architectures": list, "model_type": str, "vocab_size": int, "text_config": dict,
+                "torch_dtype": str, "dtype": str}
+
+
+def check_config(config: Any, where: str) -> dict[str, Any]:
+    """A model's config.json as read from disk or the Hub, checked for the keys a merge
+    reads (pure). Raises InputModelError naming the key."""
+    if not isinstance(config, dict):
+        raise InputModelError(f"{where}: config.json must hold a JSON object, not {type(config).__name__}")
+    for key, kind in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputModelError(f"{where}: config.json {key} must be a {kind.__name__} (got {shown(value)})")
+        if key == "architectures" and not all(isinstance(a, str) for a in value):
+            raise InputModelError(f"{where}: config.json architectures must be a list of class names "
+                                  f"(got {shown(value)})")
+    return config
+
+
 def _vocab_size(config: dict[str, Any]) -> int | None:
     v = config.get("vocab_size")
     if v is None and isinstance(config.get("text_config"), dict):
         v = config["text_config"].get("vocab_size")
-    return v if isinstance(v, int) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _architecture(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
-    return ",".join(archs) if archs else str(config.get("model_type", "?"))
+    if isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs):
+        return ",".join(archs)
+    return str(config.get("model_type", "?"))
 
 
 def _default_dtype(recipe: Recipe, config: dict[str, Any], specs: dict[str, TensorSpec]) -> str:
     if recipe.dtype:
         return RECIPE_TO_ST[recipe.dtype]
     declared = config.get("torch_dtype") or config.get("dtype")
-    if declared in RECIPE_TO_ST:
+    if isinstance(declared, str) and declared in RECIPE_TO_ST:
         return RECIPE_TO_ST[declared]
     floats = [s.dtype for s in specs.values() if s.dtype in FLOAT_DTYPES]
     return max(set(floats), key=floats.count) if floats else "F32"

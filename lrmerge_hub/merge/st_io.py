@@ -1,4 +1,4 @@
-"""Safetensors without loading models: header parsing, zero-copy mmap reads, streamed writes.
+"""Safetensors without loading models: checked headers (st_header), zero-copy mmap reads, streamed writes.
 
 Reading a tensor returns a view of the memory-mapped file (no copy until it is converted),
 so the engine holds a few tensors at a time, never a model. Views are numpy arrays
@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputModelError, OutputError
-from .plan import TensorSpec
+from ..errors import InputModelError, OutputError, shown
+from .plan import TensorSpec, check_config
+from .st_header import MAX_HEADER, HeaderError, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,6 @@ NUMPY_DTYPES = {
     "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_HEADER = 100 * 1024 * 1024
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.13+ names it
 
 
@@ -49,41 +49,55 @@ class StoredTensor:
 
 
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """Parse and check one safetensors file's header. Raises InputModelError if corrupt."""
+    """Parse and check one safetensors file's header (see parse_header). Raises
+    InputModelError, one line, when the file is corrupt or truncated."""
+
+    def corrupt(why: str) -> InputModelError:
+        return InputModelError(f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file "
+                               f"({why}); download or save it again")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise InputModelError(f"{path.name}: not a safetensors file (too short) in {path.parent.name}")
+                raise corrupt("shorter than 8 bytes")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise InputModelError(f"{path.name}: corrupt or truncated safetensors header in {path.parent.name}")
+            if n > MAX_HEADER:
+                raise corrupt(f"a header of {n} bytes, over safetensors' limit of {MAX_HEADER}")
+            if 8 + n > size:
+                raise corrupt(f"a header of {n} bytes in a file of {size}")
             raw = f.read(n)
     except OSError as e:
         raise InputModelError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputModelError(f"{path.name}: corrupt safetensors header (not JSON) in {path.parent.name}") from None
-    if not isinstance(header, dict):
-        raise InputModelError(f"{path.name}: corrupt safetensors header in {path.parent.name}")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, StoredTensor] = {}
+        entries, metadata = parse_header(raw, size - 8 - n)
+    except HeaderError as e:
+        raise corrupt(str(e)) from None
     data_start = 8 + n
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            spec = TensorSpec(dtype, shape)
-            expected = spec.nbytes
-        except (KeyError, TypeError, ValueError):
-            raise InputModelError(f"{path.name}: corrupt entry for tensor {name} in {path.parent.name}") from None
-        if end - begin != expected or begin < 0 or data_start + end > size:
-            raise InputModelError(
-                f"{path.name}: tensor {name} lies outside the file (truncated or corrupt) in {path.parent.name}"
-            )
-        tensors[name] = StoredTensor(spec, path, data_start + begin, data_start + end)
+    tensors = {name: StoredTensor(spec, path, data_start + begin, data_start + end)
+               for name, (spec, begin, end) in entries.items()}
     return tensors, metadata
+
+
+def index_shards(index: Any, where: str) -> list[str]:
+    """The shard files a model.safetensors.index.json names (pure), each a relative path
+    inside the model folder: a name with `..` or an absolute path is refused (it would
+    read, or download, a file outside the folder). Raises InputModelError."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputModelError(f"{where}: model.safetensors.index.json has no weight_map")
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            raise InputModelError(f"{where}: model.safetensors.index.json names a shard {shown(name)}; "
+                                  "its weight_map must map tensor names to file names")
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal in (".", "..") or normal.startswith("../"):
+            raise InputModelError(f"{where}: model.safetensors.index.json names shard {shown(name)}, which lies "
+                                  "outside the model folder; refusing to read it")
+        names.add(normal)
+    return sorted(names)
 
 
 class SafetensorsModel:
@@ -95,29 +109,47 @@ class SafetensorsModel:
         if not self.folder.is_dir():
             raise InputModelError(f"{label}: folder {self.folder} does not exist or is not a folder")
         self.tensors = self._index()
-        self.config = self._read_json("config.json", required=True)
+        self.config = check_config(self._read_json("config.json", required=True), label)
+        self._read_json("tokenizer_config.json")  # the engine copies it, and reads its chat template
         self._maps: dict[Path, mmap.mmap] = {}
 
     def _read_json(self, name: str, required: bool = False) -> dict[str, Any]:
+        """A JSON object file of the folder; {} when it is absent and not required."""
         path = self.folder / name
         if not path.exists():
             if required:
                 raise InputModelError(f"{self.label}: {name} is missing from {self.folder.name}")
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON (UTF-8)") from None
+        if not isinstance(data, dict):
+            raise InputModelError(f"{self.label}: {name} in {self.folder.name} must hold a JSON object, "
+                                  f"not {type(data).__name__}")
+        return data
+
+    def _shard_path(self, name: str) -> Path:
+        """A shard file of the folder (a name index_shards passed), refused when a symlink
+        leads out of the folder (a Hugging Face cache snapshot's files are links into the
+        repo's own `blobs/`: those are fine)."""
+        folder = self.folder.resolve()
+        allowed = [folder]
+        if folder.parent.name == "snapshots":
+            allowed.append(folder.parent.parent / "blobs")
+        if not any(a in (folder / name).resolve().parents for a in allowed):
+            raise InputModelError(f"{self.label}: shard {shown(name)} is a symlink out of {self.folder.name}; "
+                                  "refusing to read it")
+        return self.folder / name
 
     def _index(self) -> dict[str, StoredTensor]:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = self._read_json(index.name).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise InputModelError(f"{self.label}: {index.name} has no weight_map")
-            files = sorted(set(weight_map.values()))
+            index_data = self._read_json(index.name)
+            weight_map = index_data.get("weight_map")
+            files = [self._shard_path(name) for name in index_shards(index_data, self.label)]
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            files = sorted(self._shard_path(p.name) for p in self.folder.glob("*.safetensors"))
             if not files:
                 pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
                 if pickles:
@@ -127,20 +159,20 @@ class SafetensorsModel:
                     )
                 raise InputModelError(f"{self.label}: no safetensors weights in {self.folder.name}")
         tensors: dict[str, StoredTensor] = {}
-        for fname in files:
-            path = self.folder / fname
+        for path in files:
             if not path.is_file():
-                raise InputModelError(f"{self.label}: shard {fname} listed in the index is missing")
+                raise InputModelError(f"{self.label}: shard {shown(path.name)} listed in the index is missing")
             found, _ = read_header(path)
             for name, st in found.items():
                 if name in tensors:
-                    raise InputModelError(f"{self.label}: tensor {name} appears in two shards")
+                    raise InputModelError(f"{self.label}: tensor {shown(name)} appears in two shards")
                 tensors[name] = st
         if index.exists():
             listed = set(weight_map)
             if listed != set(tensors):
                 name = sorted(listed ^ set(tensors))[0]
-                raise InputModelError(f"{self.label}: tensor {name} is in the index but not in the shards (or the reverse)")
+                raise InputModelError(f"{self.label}: tensor {shown(name)} is in the index but not in the shards "
+                                      "(or the reverse)")
         return tensors
 
     @property

@@ -1,0 +1,361 @@
+"""The torch engine: ties and slack_ties on any torch device, bit-identical to kernels.py.
+
+kernels.py is the fast CPU path; this is the same computation written with torch
+operations, so that it runs on a GPU (or on a CPU, where CI proves the two agree). Equal
+bits follow from doing exactly what the kernels do, in the same order, in float32:
+
+- delta = float32(x) - float32(base); bfloat16 widens exactly.
+- The trim threshold is selected on the float bits (an int32 view of |delta|, ordered like
+  the magnitudes): a radix select by two 65536-bin histograms (`bincount`), exact on every
+  device. `topk` and `kthvalue` are not used: neither promises which of several equal
+  magnitudes it picks, and kthvalue is slow on CUDA.
+- Ties at the threshold are kept in index order until exactly k entries survive.
+- Per model, in model order: wd = delta * w where kept (else 0); total = wd * vote (first
+  model), total = total + wd * vote (the others), the votes in float64 as the kernels take
+  them (a large slack would overflow float32). Each product and sum is its own operation
+  (no fused multiply-add, which the kernels do not use either).
+- agree = wd != 0 and (wd > 0) == (total >= 0); merged and divisor are summed in model
+  order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1).
+- The cast to bfloat16 rounds to nearest even, as the kernels' store does.
+
+The functions take and return flat numpy arrays like the kernels (bfloat16 as uint16 bits),
+so the engine calls either one the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .methods import trim_count
+
+if TYPE_CHECKING:
+    import torch
+
+BINS = 1 << 16
+
+
+# entries per chunk: the selection's histograms and the merge run chunk by chunk over the raw
+# inputs, so the work memory is a few float32 chunks whatever the tensor's size
+CHUNK = 1 << 22
+
+
+def to_float32(a: torch.Tensor) -> torch.Tensor:
+    """float32 of a flat input on its device: bfloat16 bits (int16/uint16) widen exactly."""
+    import torch
+
+    if a.dtype in (torch.int16, torch.uint16):
+        return (a.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    return a.to(torch.float32)
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """The IEEE bits of |delta| as int32: non-negative, and ordered like the magnitudes."""
+    import torch
+
+    return delta.abs().view(torch.int32)
+
+
+def chunks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+
+
+def _delta(x: torch.Tensor, base: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    return to_float32(x[s:e]) - to_float32(base[s:e])
+
+
+def _top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest value, and how many values lie in higher bins."""
+    import torch
+
+    from_top = torch.cumsum(hist.flip(0), 0)
+    idx = int(torch.searchsorted(from_top, torch.tensor([k], device=hist.device, dtype=from_top.dtype))[0])
+    b = BINS - 1 - idx
+    return b, int(from_top[idx]) - int(hist[b])
+
+
+def select_threshold(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, int]:
+    """(threshold bits t, tie index limit) for keeping the k largest |x - base| (raw flat
+    inputs): entries whose |delta| bits are > t are kept, and those equal to t at indices
+    below the limit. A radix select: a histogram of the top 16 bits, then of the low 16
+    within the chosen bin, each summed over chunks."""
+    import torch
+
+    n = base.numel()
+    zeros = torch.zeros(BINS, dtype=torch.int64, device=base.device)
+    high = zeros.clone()
+    for s, e in chunks(n):
+        high += torch.bincount(magnitude_bits(_delta(x, base, s, e)) >> 16, minlength=BINS)
+    high_bin, above = _top_bin(high, k)
+    low = zeros.clone()
+    for s, e in chunks(n):
+        bits = magnitude_bits(_delta(x, base, s, e))
+        low += torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=BINS)
+    low_bin, above_low = _top_bin(low, k - above)
+    t = (high_bin << 16) | low_bin
+    room = k - above - above_low
+    if int(low[low_bin]) <= room:
+        return t, n
+    for s, e in chunks(n):  # the room-th entry equal to t, in index order
+        tied = torch.nonzero(magnitude_bits(_delta(x, base, s, e)) == t).view(-1)
+        if tied.numel() >= room:
+            return t, s + int(tied[room - 1]) + 1
+        room -= tied.numel()
+    raise AssertionError("the histogram counted more ties than there are")  # pragma: no cover
+
+
+def ties_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    slacks: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """ties / slack_ties of one tensor given as raw flat inputs on one device (bfloat16 as
+    int16 bits, or float16/float32), equal bit for bit to kernels.fused_ties.
+
+    Returns (merged, in out_dtype (default float32); kept and agreed per model; NaN/Inf
+    entries per input, base first; NaN/Inf entries of the float32 result; NaN/Inf entries
+    of the merged tensor as stored)."""
+    import torch
+
+    dev, f32 = base.device, torch.float32
+    zero = torch.zeros((), dtype=f32, device=dev)
+
+    def scalar(v: float, dtype: torch.dtype = f32) -> torch.Tensor:
+        return torch.tensor(v, dtype=dtype, device=dev)  # rounded to float32 as the kernels do
+
+    n, m = base.numel(), len(tensors)
+    cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
+    for x, d in zip(tensors, densities):
+        k = trim_count(n, d)
+        cuts.append(select_threshold(x, base, k) if k < n else None)
+    counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
+    bad = torch.zeros(3, dtype=torch.int64, device=dev)  # NaN/Inf: base, float32 result, stored
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    w32 = [scalar(w) for w in weights]
+    votes = [scalar(1.0 + s, torch.float64) for s in slacks]
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        bad[0] += (~torch.isfinite(b)).sum()
+        rows: list[torch.Tensor] = []
+        total: torch.Tensor | None = None
+        for i, x in enumerate(tensors):
+            xi = to_float32(x[s:e])
+            counts[2, i] += (~torch.isfinite(xi)).sum()
+            delta = xi - b
+            del xi
+            wd = delta * w32[i]
+            if cuts[i] is not None:
+                t, limit = cuts[i]
+                bits = magnitude_bits(delta)
+                keep = bits > t
+                ties_end = min(max(limit - s, 0), e - s)
+                keep[:ties_end] |= bits[:ties_end] == t
+                wd = torch.where(keep, wd, zero)
+                del bits, keep
+            del delta
+            vote = wd.double() * votes[i]
+            total = vote if total is None else total + vote
+            counts[0, i] += torch.count_nonzero(wd)
+            rows.append(wd)
+        positive_total = total >= 0
+        del total
+        merged: torch.Tensor | None = None
+        divisor: torch.Tensor | None = None
+        for i, wd in enumerate(rows):
+            agree = (wd != 0) & ((wd > 0) == positive_total)
+            counts[1, i] += torch.count_nonzero(agree)
+            part = torch.where(agree, wd, zero)
+            merged = part if merged is None else merged + part
+            if normalize:
+                share = torch.where(agree, w32[i], zero)
+                divisor = share if divisor is None else divisor + share
+        del rows, positive_total
+        if normalize:
+            merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
+        result = b + scalar(lam) * merged
+        bad[1] += (~torch.isfinite(result)).sum()
+        stored = result.to(out.dtype)
+        out[s:e] = stored
+        bad[2] += (~torch.isfinite(stored)).sum()
+    kept, agreed, nonfinite = counts.tolist()
+    bad_base, bad_float32, bad_stored = bad.tolist()
+    return out, kept, agreed, [bad_base, *nonfinite], bad_float32, bad_stored
+
+
+def torch_ties(base: torch.Tensor, tensors: list[torch.Tensor], model_params: list[dict[str, Any]],
+               params: dict[str, Any], out_dtype: torch.dtype | None):
+    """ties or slack_ties (both elect with the models' slack) with the recipe's parameters:
+    see ties_merge. Like the kernels, not for mergekit's rescale (the engine checks)."""
+    return ties_merge(
+        base, tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        float(params["lambda"]), bool(params["normalize"]), out_dtype,
+    )
+
+
+# methods whose torch implementation here replaces the reference in methods.METHODS, each
+# fn(base, models, model_params, params, out_dtype) on raw flat inputs -> what ties_merge
+# returns; the other methods' reference functions are already plain torch, the same on
+# every device
+TORCH_METHODS: dict[str, Callable] = {"ties": torch_ties, "slack_ties": torch_ties}
+
+
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy torch view of a flat numpy array, read-only ones (memory-mapped shards)
+    included: nothing here writes to it. bfloat16 bits (uint16) are viewed as int16."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the array is not writable
+        return torch.from_numpy(a.view(np.int16) if a.dtype == np.uint16 else a)
+
+# output dtype code -> the numpy dtype the writer takes (bfloat16 as its bits)
+_NUMPY_OUT = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+# below this many entries a tensor is merged on the CPU even when the device is a GPU: the
+# same torch code gives the same bits there, and norms and biases cost more in launches,
+# synchronisations and copies than in arithmetic
+SMALL_NUMEL = 1 << 16
+
+
+class TorchEngine:
+    """Merges tensors with torch on one device, the next tensor's inputs staged ahead.
+
+    On CUDA, a staging thread copies each input from its memory-mapped pages into a reused
+    pinned host buffer and from there to the device on its own stream, while the main thread
+    computes the previous tensor; results come back through two pinned buffers used in turn
+    (the engine's writer holds at most one finished tensor while the next is merged). On a
+    CPU, inputs are viewed in place and only widened to float32.
+    """
+
+    def __init__(self, device: str):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stager = ThreadPoolExecutor(1, thread_name_prefix="lrmerge-stage")
+        self._staged: dict[str, Future] = {}
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._pinned_in: torch.Tensor | None = None
+        self._pinned_out: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def stage(self, key: str, arrays: list[np.ndarray]) -> None:
+        """Start moving a tensor's inputs (flat numpy arrays) to the device."""
+        if key not in self._staged:
+            self._staged[key] = self._stager.submit(self._upload, arrays)
+
+    def _pinned(self, current: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+        import torch
+
+        if current is None or current.numel() < nbytes:
+            current = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        return current
+
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The raw inputs on the device (bfloat16 as int16 bits): widened chunk by chunk later."""
+        import torch
+
+        if not self.cuda or sum(a.size for a in arrays) < SMALL_NUMEL * len(arrays):
+            return [host_tensor(a) for a in arrays]  # in place on a CPU; see SMALL_NUMEL
+        self._pinned_in = self._pinned(self._pinned_in, sum(a.nbytes for a in arrays))
+        out, offset = [], 0
+        with torch.cuda.stream(self._copy_stream):
+            for a in arrays:
+                host = self._pinned_in[offset:offset + a.nbytes]
+                host.copy_(host_tensor(a.view(np.uint8)))  # pages fault in here, ahead of use
+                raw = torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)
+                raw.copy_(host, non_blocking=True)
+                out.append(raw.view(host_tensor(a[:0]).dtype))
+                offset += a.nbytes
+            self._copy_stream.synchronize()  # the pinned buffer is free again for the next tensor
+        return out
+
+    def take(self, key: str, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The staged raw inputs of a tensor (staged now if they were not)."""
+        import torch
+
+        self.stage(key, arrays)
+        inputs = self._staged.pop(key).result()
+        if self.cuda:
+            for t in inputs:  # made on the copy stream, used (and freed) on the compute stream
+                if t.is_cuda:
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        return inputs
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def to_host(self, t: torch.Tensor, out_dtype: str) -> np.ndarray:
+        """A flat float32 result in the output dtype as a numpy array (bfloat16 as bits)."""
+        import torch
+
+        from .st_io import as_array, torch_dtype
+
+        converted = t.reshape(-1).to(torch_dtype(out_dtype))
+        if not converted.is_cuda or out_dtype not in _NUMPY_OUT:
+            return as_array(converted)
+        bits = converted.view(torch.uint8)
+        turn, self._turn = self._turn, 1 - self._turn
+        self._pinned_out[turn] = self._pinned(self._pinned_out[turn], bits.numel())
+        host = self._pinned_out[turn][:bits.numel()]
+        host.copy_(bits, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy().view(_NUMPY_OUT[out_dtype])
+
+    def peak_bytes(self) -> int | None:
+        """Peak device memory allocated so far (CUDA), else None."""
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
+
+    def close(self) -> None:
+        self._stager.shutdown(wait=True)
+        self._staged.clear()
+
+
+def device_budget(device: str) -> int | None:
+    """Free memory on a CUDA device in bytes, else None (no limit we can tell)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def device_bytes_needed(numel: int, models: int, input_itemsize: int = 2) -> int:
+    """Device memory one tensor of `numel` entries needs here, at most: its raw inputs (base
+    and models) and the next tensor's staged ones, the float32 output, and one chunk's work
+    (float32 and float64 rows per model, masks, histograms)."""
+    inputs = (models + 1) * numel * input_itemsize
+    work = min(numel, CHUNK) * (12 * models + 32)
+    return 2 * inputs + 4 * numel + work
+
+
+def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
+    """Bytes per second of a pinned host-to-device copy (best of three), as measured now."""
+    import time
+
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
