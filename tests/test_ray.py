@@ -56,6 +56,16 @@ def tensor_bytes(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))
 
 
+def sweep_recipe(folder: Path, executor: str = "ray") -> Path:
+    """The end-to-end sweep recipe (tiny models, tiny_mc with hf, output best-EXECUTOR) in `folder`."""
+    if not (folder / "models").exists():
+        make_family(folder / "models")
+        make_tiny_task(folder / "tasks")
+    recipe = folder / f"{executor}.yaml"
+    recipe.write_text(SWEEP_RECIPE.replace("./best", f"./best-{executor}"))
+    return recipe
+
+
 def cmdline(pid: str | int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -97,12 +107,9 @@ class Killer(threading.Thread):
 
 @pytest.mark.slow
 def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_path):
-    make_family(tmp_path / "models")
-    make_tiny_task(tmp_path / "tasks")
     tables = {}
     for executor in ("local", "ray"):
-        recipe = tmp_path / f"{executor}.yaml"
-        recipe.write_text(SWEEP_RECIPE.replace("./best", f"./best-{executor}"))
+        recipe = sweep_recipe(tmp_path, executor)
         extra = ["--ray-address", ray_cluster] if executor == "ray" else []
         killer = Killer("slack0.5", worker=True)
         if executor == "ray":
@@ -130,10 +137,7 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
 
 @pytest.mark.slow
 def test_a_point_whose_evaluation_fails_is_a_row_with_its_error(ray_cluster, tmp_path):
-    make_family(tmp_path / "models")
-    make_tiny_task(tmp_path / "tasks")
-    recipe = tmp_path / "ray.yaml"
-    recipe.write_text(SWEEP_RECIPE.replace("./best", "./best-ray"))
+    recipe = sweep_recipe(tmp_path)
     killer = Killer("slack0.8", worker=False)  # lm-eval dies (e.g. out of memory); its worker lives
     killer.start()
     code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0.2,0.8", "--backend", "hf", "--executor", "ray",
@@ -149,10 +153,7 @@ def test_a_point_whose_evaluation_fails_is_a_row_with_its_error(ray_cluster, tmp
 
 @pytest.mark.slow
 def test_ctrl_c_cancels_every_task_and_writes_nothing(ray_cluster, tmp_path):
-    make_family(tmp_path / "models")
-    make_tiny_task(tmp_path / "tasks")
-    recipe = tmp_path / "ray.yaml"
-    recipe.write_text(SWEEP_RECIPE.replace("./best", "./best-ray"))
+    recipe = sweep_recipe(tmp_path)
     driver = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "sweep", str(recipe), "--grid", "slack=0.3,0.7",
                                "--backend", "hf", "--executor", "ray", "--ray-address", ray_cluster],
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
