@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,3 +65,4 @@ def ray_head(num_cpus: int, timeout: float = 120.0) -> Iterator[str]:
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
         head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
