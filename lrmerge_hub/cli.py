@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -34,6 +35,53 @@ TOKEN_OPTION = click.option(
     "--token", default=None, metavar="TOKEN",
     help="Hub token (default: HF_OIDC_RESOURCE in CI, HF_TOKEN, or the token file). Never printed.",
 )
+
+
+def cluster_options(fn: Callable) -> Callable:
+    """--executor and Ray's task options, the same on `run` and `sweep`."""
+    for option in reversed([
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: one unit after another here; ray: each sweep point / release is a Ray task."),
+        click.option("--ray-address", default=None, metavar="HOST:PORT",
+                     help="The Ray cluster (default: $RAY_ADDRESS; none: start a local Ray instance)."),
+        click.option("--cpus-per-task", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Ray num_cpus of each task."),
+        click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Ray num_gpus of each task (it merges and evaluates on its own GPU)."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Ray max_retries: times a task is run again when its worker or node dies."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def make_executor(executor: str, ray_address: str | None, cpus_per_task: float, gpus_per_task: float,
+                  max_retries: int, echo: Callable[[str], None]) -> Any:
+    """None for the local executor (the flows run as they always have), else a RayExecutor."""
+    if executor == "local":
+        if ray_address is not None:
+            raise click.UsageError("--ray-address needs --executor ray")
+        return None
+    from .cluster import RayExecutor
+    from .settings import ray_address as ray_address_from_env
+
+    return RayExecutor(ray_address or ray_address_from_env(), cpus_per_task=cpus_per_task,
+                       gpus_per_task=gpus_per_task, max_retries=max_retries, echo=echo)
+
+
+def expand_recipes(paths: tuple[str, ...], languages: str | None) -> list[tuple[str, str | None]]:
+    """RECIPE paths with `{language}` made one per --languages code: [(path, language)]."""
+    codes = [c.strip() for c in (languages or "").split(",") if c.strip()]
+    templated = [p for p in paths if "{language}" in p]
+    if codes and not templated:
+        raise click.UsageError("--languages needs a RECIPE path with {language} in it, "
+                               "e.g. 'examples/paper/{language}.yaml'")
+    if templated and not codes:
+        raise click.UsageError(f"{templated[0]}: has {{language}} in it; pass --languages, e.g. --languages bo,ug,mn")
+    expanded: list[tuple[str, str | None]] = []
+    for path in paths:
+        expanded += [(path.replace("{language}", c), c) for c in codes] if "{language}" in path else [(path, None)]
+    return expanded
 
 
 def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
@@ -216,10 +264,14 @@ def transfer_summary(stats: dict) -> str:
 
 
 @main.command("run")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's `output`).")
+@click.argument("recipe_paths", metavar="RECIPE...", nargs=-1, required=True)
+@click.option("--languages", default=None, metavar="CODES",
+              help="Comma-separated codes for a RECIPE (and --push) with {language} in it, e.g. bo,ug,mn.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (default: the recipe's `output`; one RECIPE).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
-@click.option("--push", "push_repo", metavar="REPO_ID", help="Push here (overrides the recipe's push.repo).")
+@click.option("--push", "push_repo", metavar="REPO_ID",
+              help="Push here (overrides the recipe's push.repo; with several recipes, put {language} in it).")
 @click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
 @click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
@@ -228,32 +280,74 @@ def transfer_summary(stats: dict) -> str:
               help="With a push target and no evaluation: remove each output shard once uploaded "
                    "(peak disk about one shard); the output folder keeps the rest.")
 @stream_options
+@cluster_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 @stops_cleanly
-def run_cmd(recipe_path: str, out: str | None, device: str | None, push_repo: str | None, skip_eval: bool,
-            force: bool, dry_run: bool, shard_size: str, no_keep: bool, download: bool, read_ahead: str,
-            token: str | None, fmt: str) -> None:
-    """Run a whole release: pull, check, merge, evaluate, card, push (resumes after a failure)."""
-    from .pipeline import run_recipe
+def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | None, device: str | None,
+            push_repo: str | None, skip_eval: bool, force: bool, dry_run: bool, shard_size: str, no_keep: bool,
+            download: bool, read_ahead: str, executor: str, ray_address: str | None, cpus_per_task: float,
+            gpus_per_task: float, max_retries: int, token: str | None, fmt: str) -> None:
+    """Run whole releases: pull, check, merge, evaluate, card, push (resumes after a failure).
+
+    Several RECIPEs (or one with {language} and --languages) run as one batch; with
+    --executor ray each release is merged and evaluated as a Ray task, then merged again
+    here, checked against the worker's tensor hashes, carded and pushed."""
+    from .pipeline import run_recipe, run_releases
     from .recipe import load_recipe, output_folder
     from .settings import default_device
 
-    recipe = load_recipe(recipe_path)
-    output = output_folder(out, Path.cwd(), "--out") if out else None
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
-    try:
-        summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(), force=force,
-                             dry_run=dry_run, token=token, push_repo=push_repo, skip_eval=skip_eval,
-                             progress=fmt == "human", download=download, read_ahead=parse_size(read_ahead),
-                             shard_size=parse_size(shard_size), keep=not no_keep, echo=echo)
-    except LrmergeError as e:
-        partial = getattr(e, "run_summary", None)
-        if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
-            emit(fmt, {**partial, "error": str(e)}, lambda: None)
-        raise
-    emit(fmt, summary, lambda: print_run_summary(summary))
+    output = output_folder(out, Path.cwd(), "--out") if out else None
+    cluster = make_executor(executor, ray_address, cpus_per_task, gpus_per_task, max_retries, echo)
+    expanded = expand_recipes(recipe_paths, languages)
+    if out and len(expanded) > 1:
+        raise click.UsageError("--out names one folder: with several recipes, each writes to its own `output:`")
+    if push_repo and len(expanded) > 1 and "{language}" not in push_repo:
+        raise click.UsageError("--push names one repo for several recipes: put {language} in it "
+                               "(e.g. org/model-{language}), or use each recipe's push section")
+    if push_repo and "{language}" in push_repo and any(code is None for _, code in expanded):
+        raise click.UsageError("--push has {language} in it: every RECIPE path needs {language} too")
+    if (no_keep or download) and (executor != "local" or len(expanded) > 1):
+        raise click.UsageError("--no-keep and --download apply to one release run here (no --executor ray, one RECIPE)")
+    recipes = [load_recipe(path) for path, _ in expanded]
+    if cluster is None and len(recipes) == 1:  # one release here: exactly as it always ran
+        recipe = recipes[0]
+        try:
+            summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(),
+                                 force=force, dry_run=dry_run, token=token, push_repo=push_repo,
+                                 skip_eval=skip_eval, progress=fmt == "human", download=download,
+                                 read_ahead=parse_size(read_ahead), shard_size=parse_size(shard_size),
+                                 keep=not no_keep, echo=echo)
+        except LrmergeError as e:
+            partial = getattr(e, "run_summary", None)
+            if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
+                emit(fmt, {**partial, "error": str(e)}, lambda: None)
+            raise
+        emit(fmt, summary, lambda: print_run_summary(summary))
+        return
+    if output:
+        recipes[0] = recipes[0].replace(output=output)
+    push_repos = [push_repo.replace("{language}", code) if push_repo and code else push_repo
+                  for _, code in expanded]
+    with cluster or contextlib.nullcontext():
+        summaries = run_releases(recipes, executor=cluster, push_repos=push_repos, device=device,
+                                 skip_eval=skip_eval, force=force, dry_run=dry_run, token=token,
+                                 progress=fmt == "human", echo=echo)
+    from .errors import RunsFailedError
+
+    failed = [s for s in summaries if s.get("error")]
+    if len(summaries) == 1:  # one recipe: the same output as without --executor ray
+        if fmt == "json" or not failed:
+            emit(fmt, summaries[0], lambda: print_run_summary(summaries[0]))
+        if failed:
+            raise RunsFailedError(failed[0]["error"])
+        return
+    emit(fmt, {"runs": summaries}, lambda: [print_run_summary(s) for s in summaries if not s.get("error")])
+    if failed:
+        raise RunsFailedError(f"{len(failed)} of {len(summaries)} releases failed: "
+                              + "; ".join(f"{Path(s['output']).name}: {s['error'].splitlines()[0]}" for s in failed))
 
 
 def print_run_summary(summary: dict) -> None:
@@ -552,14 +646,19 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
 @click.option("--include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAML files.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the best point here (default: the recipe's push).")
+@cluster_options
 @TOKEN_OPTION
 @FORMAT_OPTION
 @user_errors
 @stops_cleanly
 def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, limit: int | None,
               metric: str | None, backend: str | None, include_path: str | None, device: str | None,
-              push_repo: str | None, token: str | None, fmt: str) -> None:
-    """Merge every grid point, evaluate each, print them ranked, and promote the best to the output."""
+              push_repo: str | None, executor: str, ray_address: str | None, cpus_per_task: float,
+              gpus_per_task: float, max_retries: int, token: str | None, fmt: str) -> None:
+    """Merge every grid point, evaluate each, print them ranked, and promote the best to the output.
+
+    With --executor ray each point is a Ray task; the best is merged again here and promoted
+    only if its tensors hash to what its worker reported."""
     from .errors import RecipeError
     from .pipeline import sweep_release
     from .recipe import EvalSpec, load_recipe
@@ -573,6 +672,9 @@ def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, 
                     limit=limit or base.limit, include_path=Path(include_path).resolve() if include_path
                     else base.include_path, compare=False, backend=backend or base.backend)
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
-    result = sweep_release(recipe, grid_items, spec, metric=metric, device=device or recipe.device or default_device(),
-                           push_repo=push_repo, token=token, progress=fmt == "human", echo=echo)
+    cluster = make_executor(executor, ray_address, cpus_per_task, gpus_per_task, max_retries, echo)
+    with cluster or contextlib.nullcontext():
+        result = sweep_release(recipe, grid_items, spec, metric=metric,
+                               device=device or recipe.device or default_device(), push_repo=push_repo,
+                               token=token, progress=fmt == "human", executor=cluster, echo=echo)
     emit(fmt, result, lambda: click.echo(result["table_text"]))

@@ -98,3 +98,15 @@ def shown(value: object, limit: int = 60) -> str:
     except ValueError:  # an integer too long to print
         text = f"<a {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ClusterError(LrmergeError):
+    """Ray is missing, the cluster cannot be reached, or no node can hold a task's resources."""
+
+
+class ReproducibilityError(LrmergeError):
+    """The driver's re-merge of a unit does not hash to what the worker that ran it reported."""
+
+
+class RunsFailedError(LrmergeError):
+    """Some releases of a batch (`lrmerge run A.yaml B.yaml`) failed; each summary says why."""

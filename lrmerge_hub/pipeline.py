@@ -8,17 +8,19 @@ step reads what the previous ones wrote (the output folder, the recorded sources
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LrmergeError, RecipeError
+from .errors import ClusterError, EvalError, LrmergeError, RecipeError, ReproducibilityError
 from .merge.plan import Source
-from .recipe import PushTarget, Recipe
+from .recipe import EvalSpec, PushTarget, Recipe
 from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
 
 STEPS = ("pull", "merge", "eval", "card", "push")
@@ -39,6 +41,7 @@ class RunContext:
     keep: bool = True  # False: output shards leave the disk once uploaded (needs a push target)
     sources: dict[str, Source] = field(default_factory=dict)
     uploaded: list[Any] = field(default_factory=list)  # shards the merge pre-uploaded, for the push
+    built: Any = None  # cluster.Outcome of this release's unit when a Ray worker merged and evaluated it
 
 
 def run_dir_for(recipe: Recipe, output: Path) -> Path:
@@ -89,6 +92,79 @@ def resolve_sources(recipe: Recipe, *, token: str | None = None, download: bool 
     return stream_sources(recipe, token=token, read_ahead=read_ahead)
 
 
+# -- the unit a Ray worker runs for a release or a sweep point, and the driver's check -------
+
+
+def tensor_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor's bytes in a model folder, by tensor name."""
+    from .merge.st_io import SafetensorsModel
+
+    model = SafetensorsModel(folder, folder.name)
+    try:
+        return {name: hashlib.sha256(model.array(name)).hexdigest() for name in sorted(model.tensors)}
+    finally:
+        model.close()
+
+
+def build_unit(folder: Path, recipe: Recipe, spec: EvalSpec | None, *, device: str) -> dict[str, Any]:
+    """Merge the recipe into `folder` and evaluate it with `spec` (None: no evaluation), on
+    whichever machine runs this: Hub models are pulled there (with that machine's HF_TOKEN),
+    local paths must exist there. Returns the merge report, the evaluation (or its error:
+    the unit still succeeds), the evaluation's result files and the sha256 of every tensor."""
+    from .merge.engine import merge
+
+    sources = resolve_sources(recipe)
+    report = merge(recipe, sources, folder, device=device, overwrite=True, progress=False)
+    evaluation, eval_error = None, None
+    if spec is not None:
+        from .evaluate import evaluate_for_run
+
+        try:
+            evaluation = evaluate_for_run(folder, recipe, spec, sources=sources)
+            evaluation["files"] = {role: str(Path(path).relative_to(folder))
+                                   for role, path in evaluation["files"].items()}
+        except EvalError as e:
+            eval_error = str(e)
+    eval_files = {str(p.relative_to(folder)): p.read_text(encoding="utf-8")
+                  for p in sorted((folder / "eval").rglob("*.json"))}
+    return {"report": report, "eval": evaluation, "eval_error": eval_error, "eval_files": eval_files,
+            "sha256": tensor_sha256(folder)}
+
+
+def built_result(outcome: Any) -> dict[str, Any]:
+    """The unit's result, or the worker's failure as an error."""
+    if outcome.error is not None:
+        where = f" on node {outcome.node['ip']}" if outcome.node else ""
+        raise ClusterError(f"the Ray task failed{where}: {outcome.error}")
+    return outcome.result
+
+
+def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, expected: dict[str, str], *,
+                   device: str, files: dict[str, str], progress: bool = True) -> dict[str, Any]:
+    """Merge again here and install at `output` (with `files` added, e.g. the worker's
+    evaluation results) only if every tensor hashes to what the worker reported."""
+    from .merge.engine import install_atomically, merge
+
+    staging = output.parent / f".{output.name}.lrmerge-verify-{os.getpid()}"
+    try:
+        report = merge(recipe, sources, staging, device=device, overwrite=True, progress=progress)
+        here = tensor_sha256(staging)
+        differ = sorted(n for n in set(here) | set(expected) if here.get(n) != expected.get(n))
+        if differ:
+            raise ReproducibilityError(
+                f"{output.name}: {len(differ)} of {len(here)} tensors of the merge made here differ from the "
+                f"worker's (first: {differ[0]}); nothing was written at {output}. Run the same lrmerge-hub, "
+                "numpy and torch versions on every node")
+        for rel, text in files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_text(text, encoding="utf-8")
+        install_atomically(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
 def step_pull(ctx: RunContext) -> dict[str, Any]:
     """Pin every Hub id to a sha, check compatibility from headers, download what is needed."""
     spec = ctx.recipe.eval
@@ -114,6 +190,13 @@ def step_merge(ctx: RunContext) -> dict[str, Any]:
     step's commit then makes them visible, all at once)."""
     from .merge.engine import merge
 
+    if ctx.built is not None:  # a worker merged and evaluated it: merge again here and compare
+        unit = built_result(ctx.built)
+        report = merge_verified(ctx.recipe, ctx.sources, ctx.output, unit["sha256"], device=ctx.device,
+                                files=unit["eval_files"], progress=ctx.progress)
+        return {"output": str(ctx.output), "stats": report["stats"], "weights_kept": True,
+                "retention": {m["model"]: m["retention"] for m in report["models"]},
+                "verified": {"tensors": len(unit["sha256"]), "worker_node": ctx.built.node}}
     target = push_target(ctx)
     uploader = None
     if target is not None:
@@ -133,6 +216,13 @@ def step_eval(ctx: RunContext) -> dict[str, Any]:
     spec = ctx.recipe.eval
     if spec is None or ctx.skip_eval:
         return {"skipped": "the recipe has no eval section" if spec is None else "--skip-eval"}
+    if ctx.built is not None:  # evaluated by the worker; its result files are in the output now
+        unit = built_result(ctx.built)
+        if unit["eval_error"]:
+            raise EvalError(f"{unit['eval_error']} (on node {ctx.built.node.get('ip')})")
+        evaluation = dict(unit["eval"])
+        evaluation["files"] = {role: str(ctx.output / rel) for role, rel in evaluation["files"].items()}
+        return {**evaluation, "node": ctx.built.node}
     from .evaluate import evaluate_for_run
 
     return evaluate_for_run(ctx.output, ctx.recipe, spec, sources=ctx.sources)
@@ -190,19 +280,22 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
                dry_run: bool = False, token: str | None = None, push_repo: str | None = None,
                skip_eval: bool = False, progress: bool = True, download: bool = False,
                read_ahead: int = DEFAULT_READ_AHEAD, shard_size: int = DEFAULT_SHARD_SIZE, keep: bool = True,
-               echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run every step of the recipe that has not finished yet; return the run summary."""
-    target = output or recipe.output
-    if target is None:
-        raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+               built: Any = None, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run every step of the recipe that has not finished yet; return the run summary.
+
+    `built`: the Outcome of this recipe's unit (build_unit) from a Ray worker: the merge step
+    then merges again here and checks the worker's tensor hashes, and the eval step takes the
+    worker's evaluation."""
+    output = output_for(recipe, output)
     if not keep and not (push_repo or recipe.push):
         raise RecipeError("--no-keep removes the merged weights once pushed: give a push target (--push or push:)")
     if not keep and recipe.eval is not None and not skip_eval:
         raise RecipeError("--no-keep removes the merged weights the evaluation needs: add --skip-eval, or keep them")
-    output = Path(target).absolute()
     run_dir = run_dir_for(recipe, output)
     state = RunState(run_dir, recipe.sha256())
     plan = plan_steps(state, force, output)
+    if built is not None:  # the worker's merge and evaluation go together
+        plan = [(n, "run" if STEPS.index(n) >= STEPS.index("merge") else a) for n, a in plan]
     summary: dict[str, Any] = {"recipe_sha256": recipe.sha256(), "run_dir": str(run_dir),
                                "output": str(output), "steps": {}}
     if dry_run:
@@ -214,7 +307,7 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
 
     ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
                      push_repo=push_repo, skip_eval=skip_eval, progress=progress, download=download,
-                     read_ahead=read_ahead, shard_size=shard_size, keep=keep)
+                     read_ahead=read_ahead, shard_size=shard_size, keep=keep, built=built)
     for name, action in plan:
         if action == "done":
             summary["steps"][name] = {"status": "done", "reused": True, **state.step(name).get("result", {})}
@@ -239,6 +332,62 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
         summary["steps"][name] = {"status": status, "seconds": seconds, **result}
         echo(f"{name}: {status}" + (f" ({result['skipped']})" if status == "skipped" else f" in {seconds:.1f} s"))
     return summary
+
+
+def output_for(recipe: Recipe, output: Path | str | None = None) -> Path:
+    target = output or recipe.output
+    if target is None:
+        raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+    return Path(target).absolute()
+
+
+def needs_build(recipe: Recipe, output: Path, *, force: bool) -> bool:
+    """Whether the merge or the evaluation of this release must run (else card/push at most)."""
+    state = RunState(run_dir_for(recipe, output), recipe.sha256())
+    return any(action == "run" for name, action in plan_steps(state, force, output) if name in ("merge", "eval"))
+
+
+def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: list[str | None] | None = None,
+                 device: str | None = None, skip_eval: bool = False, force: bool = False,
+                 echo: Callable[[str], None] = lambda s: None, **options: Any) -> list[dict[str, Any]]:
+    """`lrmerge run A.yaml B.yaml`: every release, one summary each (a failed one carries its
+    `error`; the others still run). Locally one after another; with a Ray executor each
+    release's merge and evaluation is a task (build_unit), and each is published here (merged
+    again, hashes checked, carded, pushed) as its task finishes."""
+    from .settings import default_device
+
+    push_repos = push_repos or [None] * len(recipes)
+    outputs = [output_for(r) for r in recipes]
+    devices = [device or r.device or default_device() for r in recipes]
+    if len(set(outputs)) < len(outputs):
+        twice = next(o for o in outputs if outputs.count(o) > 1)
+        raise RecipeError(f"two recipes write to {twice}: give each its own `output:`")
+    summaries: dict[int, dict[str, Any]] = {}
+
+    def release(i: int, built: Any = None) -> None:
+        try:
+            summaries[i] = run_recipe(recipes[i], output=outputs[i], device=devices[i], force=force,
+                                      push_repo=push_repos[i], skip_eval=skip_eval, built=built, echo=echo,
+                                      **options)
+        except LrmergeError as e:
+            summaries[i] = {**getattr(e, "run_summary", {"output": str(outputs[i])}), "error": str(e)}
+            echo(f"{outputs[i].name}: failed: {e}")
+
+    remote = [] if executor is None or options.get("dry_run") else [
+        i for i, r in enumerate(recipes) if needs_build(r, outputs[i], force=force)]
+    for i in range(len(recipes)):
+        if i not in remote:
+            release(i)
+    if remote:
+        from .cluster import Unit
+
+        units = {str(i): Unit(outputs[i].name, build_unit, (recipes[i], None if skip_eval else recipes[i].eval),
+                              {"device": devices[i]}) for i in remote}
+        for outcome in executor.run(units):
+            i = int(outcome.key)
+            echo(f"{outputs[i].name}: built on node {outcome.node.get('ip', '?')}; publishing here")
+            release(i, built=outcome)
+    return [summaries[i] for i in range(len(recipes))]
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -278,11 +427,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
                   device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
-                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                  executor: Any = None, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
-    (with every point's scores) and push it when a target is given."""
+    (with every point's scores) and push it when a target is given. With a Ray executor the
+    points run as tasks and the best is merged again here (run_sweep_on)."""
     from .evaluate import evaluate_for_run
-    from .sweep import parse_grid, run_sweep
+    from .sweep import merged_scores, parse_grid, run_sweep, run_sweep_on
 
     grid = parse_grid(list(grid_items))
     output = Path(recipe.output).absolute()
@@ -291,17 +441,22 @@ def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec,
     step_pull(ctx)
 
     def evaluate(folder: Path) -> list[dict[str, Any]]:
-        result = evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo)
-        return [s for s in result["scores"] if s.get("role", "merged") == "merged"]
+        return merged_scores(evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo))
 
-    table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
-                      device=device, progress=progress, echo=echo)
+    if executor is None:
+        table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
+                          device=device, progress=progress, echo=echo)
+    else:
+        table = run_sweep_on(executor, recipe, grid, spec, sources=ctx.sources, output=output, metric=metric,
+                             device=device, progress=progress, echo=echo)
     result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
     if push_target(ctx) is not None:
         result["push"] = step_push(ctx)
     lines = [f"{'point':<32} {table['metric']:>10}"]
     for p in table["points"]:
         value = "n/a" if p["score"] is None else f"{p['score']:.4f}"
-        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else ""))
+        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else "")
+                     + (f"  (node {p['node'].get('ip')})" if p.get("node") else "")
+                     + (f"  error: {p['error'].splitlines()[0]}" if p.get("error") else ""))
     result["table_text"] = "\n".join(lines) + f"\noutput: {output}"
     return result

@@ -36,3 +36,9 @@ def vllm_api_key() -> str | None:
 def vllm_cpu_kvcache_set() -> bool:
     """True when the user sized vLLM's CPU KV cache themselves (`VLLM_CPU_KVCACHE_SPACE`)."""
     return bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+
+
+def ray_address() -> str | None:
+    """The Ray cluster to run on (`RAY_ADDRESS`, as Ray itself reads it); `--ray-address`
+    overrides it; none: `--executor ray` starts a local Ray instance."""
+    return os.environ.get("RAY_ADDRESS") or None

@@ -113,6 +113,22 @@ def promote(best_dir: Path, output: Path) -> None:
     install_atomically(tmp, output)
 
 
+def point_row(point: dict[str, Any], report: dict[str, Any], scores: list[dict[str, Any]],
+              metric: str | None) -> dict[str, Any]:
+    value, chosen = mean_score(scores, metric)
+    retention = {m["model"]: (m["retention"] or {}).get("fraction") for m in report["models"]}
+    return {"point": point, "name": point_name(point), "score": value, "metric": chosen,
+            "scores": scores, "retention": retention}
+
+
+def rank(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, Any]]:
+    """Best first (ties keep grid order; points without a score last)."""
+    ranked = sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
+    if ranked[0]["score"] is None:
+        raise RecipeError(f"sweep: no point reported the metric {metric!r}; pick one with --metric")
+    return ranked
+
+
 def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, output: Path,
               evaluate: Callable[[Path], list[dict[str, Any]]], metric: str | None = None,
               device: str = "auto", progress: bool = True,
@@ -142,18 +158,55 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
         report = merged.get(name) or earlier_report(point, variant)
         if name not in merged:
             echo(f"{name}: merged earlier")
-        scores = evaluate(folder)
-        value, chosen = mean_score(scores, metric)
-        metric = metric or chosen
-        retention = {m["model"]: (m["retention"] or {}).get("fraction") for m in report["models"]}
-        rows.append({"point": point, "name": name, "score": value, "metric": chosen,
-                     "scores": scores, "retention": retention})
-        echo(f"{name}: {chosen}={value if value is None else round(value, 4)}")
-    ranked = sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
-    best = ranked[0]
-    if best["score"] is None:
-        raise RecipeError(f"sweep: no point reported the metric {metric!r}; pick one with --metric")
-    promote(sweep_dir / best["name"], output)
-    table = {"metric": metric, "best": best["name"], "points": ranked}
+        row = point_row(point, report, evaluate(folder), metric)
+        metric = metric or row["metric"]
+        rows.append(row)
+        echo(f"{name}: {row['metric']}={row['score'] if row['score'] is None else round(row['score'], 4)}")
+    ranked = rank(rows, metric)
+    promote(sweep_dir / ranked[0]["name"], output)
+    table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
     (output / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def merged_scores(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in evaluation["scores"] if s.get("role", "merged") == "merged"]
+
+
+def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec: Any, *, sources: dict,
+                 output: Path, metric: str | None = None, device: str = "auto", progress: bool = True,
+                 echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """run_sweep on a cluster: each point is a task (merge, evaluate, hash its tensors on a
+    worker); a point that fails is a row with its error. The best point is merged again here
+    and installed at `output` only if its tensors hash to what its worker reported."""
+    from .cluster import Unit
+    from .pipeline import build_unit, merge_verified
+
+    variants = {point_name(p): (p, apply_point(recipe, p)) for p in grid_points(grid)}
+    units = {name: Unit(name, build_unit, (variant, spec), {"device": device})
+             for name, (_, variant) in variants.items()}
+    outcomes = {}
+    for outcome in executor.run(units):
+        outcomes[outcome.key] = outcome
+        unit = outcome.result or {}
+        error = outcome.error or unit.get("eval_error")
+        echo(f"{outcome.key}: " + (f"failed: {error.splitlines()[0]}" if error else "evaluated")
+             + f" (node {outcome.node.get('ip', '?')})")
+    rows = []
+    for name, (point, _) in variants.items():  # grid order, as run_sweep ranks ties
+        outcome = outcomes[name]
+        unit = outcome.result or {}
+        error = outcome.error or unit.get("eval_error")
+        if error:
+            row = {"point": point, "name": name, "score": None, "metric": metric, "scores": [],
+                   "retention": {}, "error": error}
+        else:
+            row = point_row(point, unit["report"], merged_scores(unit["eval"]), metric)
+            metric = metric or row["metric"]
+        rows.append({**row, "node": outcome.node})
+    ranked = rank(rows, metric)
+    best = outcomes[ranked[0]["name"]].result
+    table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
+    merge_verified(variants[ranked[0]["name"]][1], sources, output, best["sha256"], device=device,
+                   progress=progress, files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"})
     return table
