@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -390,38 +391,56 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
     return [summaries[i] for i in range(len(recipes))]
 
 
+PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~%/@+=-]*)?")
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """A run summary as Markdown: the steps, the retention numbers and the evaluation table."""
+    """A run summary as Markdown: the steps, the retention numbers and the evaluation table.
+    Every value from the summary is escaped for where it lands (text, table cell, code span):
+    the file may come from anywhere, and the Markdown lands in a CI job summary."""
+    from .card_body import code_span, md_text
+
     if not summary:
         return "### lrmerge run\n\nNo summary was written (the run failed before it started).\n"
-    name = Path(summary.get("output", "model")).name
-    lines = [f"### lrmerge run: {name}", ""]
+    if isinstance(summary.get("runs"), list):  # several releases run as one batch
+        return "\n".join(summary_markdown(s) for s in summary["runs"])
+
+    def cell(value: Any) -> str:
+        return md_text(value, in_table=True)
+
+    name = Path(str(summary.get("output", "model"))).name
+    lines = [f"### lrmerge run: {md_text(name)}", ""]
     if summary.get("error"):
-        lines += [f"**Failed:** {summary['error']}", ""]
+        lines += [f"**Failed:** {md_text(summary['error'])}", ""]
     if summary.get("dry_run"):
-        lines += ["Dry run: " + ", ".join(f"{p['step']} ({p['action']})" for p in summary["plan"]), ""]
+        lines += ["Dry run: " + ", ".join(f"{md_text(p['step'])} ({md_text(p['action'])})" for p in summary["plan"]),
+                  ""]
         return "\n".join(lines) + "\n"
     lines += ["| step | status | seconds |", "|---|---|---|"]
     for step, info in summary.get("steps", {}).items():
-        status = info.get("status", "?") + (" (earlier run)" if info.get("reused") else "")
+        status = str(info.get("status", "?")) + (" (earlier run)" if info.get("reused") else "")
         if info.get("skipped"):
             status += f": {info['skipped']}"
-        lines.append(f"| {step} | {status} | {info.get('seconds', '')} |")
+        lines.append(f"| {cell(step)} | {cell(status)} | {cell(info.get('seconds', ''))} |")
     retention = summary.get("steps", {}).get("merge", {}).get("retention") or {}
     rows = [(m, r) for m, r in retention.items() if r]
     if rows:
         lines += ["", "| model | kept by trim | retention |", "|---|---|---|"]
-        lines += [f"| {m} | {r['kept']:,} | {r['fraction']:.1%} |" for m, r in rows if r.get("fraction") is not None]
+        lines += [f"| {cell(m)} | {int(r['kept']):,} | {float(r['fraction']):.1%} |"
+                  for m, r in rows if r.get("fraction") is not None]
     scores = summary.get("steps", {}).get("eval", {}).get("scores") or []
     if scores:
         lines += ["", "| model | task | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {s.get('model', name)} | {s['task']} | {s['metric']} | {s['value']:.4f} |" for s in scores]
+        lines += [f"| {cell(s.get('model', name))} | {cell(s['task'])} | {cell(s['metric'])} | {float(s['value']):.4f} |"
+                  for s in scores]
     sample = summary.get("steps", {}).get("eval", {}).get("sample")
     if sample:
-        lines += ["", f"Served answer to {sample['prompt']!r}: {sample['answer']!r}"]
+        lines += ["", f"Served answer to {code_span(sample['prompt'])}: {code_span(sample['answer'])}"]
     push = summary.get("steps", {}).get("push", {})
     if push.get("status") == "done" and not push.get("skipped"):
-        lines += ["", f"Pushed: {push.get('pr_url') or push.get('commit_url') or push.get('repo_id', '')}"]
+        where = str(push.get("pr_url") or push.get("commit_url") or push.get("repo_id", ""))
+        # a plain http(s) URL stays one that GitHub links; anything else is shown as code
+        lines += ["", f"Pushed: {where if PLAIN_URL.fullmatch(where) else code_span(where)}"]
     return "\n".join(lines) + "\n"
 
 

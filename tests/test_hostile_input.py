@@ -6,6 +6,7 @@ the header reader with the `safetensors` library itself."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tempfile
 import time
@@ -563,3 +564,32 @@ def test_eval_languages_of_odd_metadata_are_ignored(tmp_path):
     assert model_languages(tmp_path) == []
     (tmp_path / "merge_report.json").write_text('{"languages": ["bo", 3]}')
     assert model_languages(tmp_path) == ["bo"]
+
+
+def test_a_run_summary_is_escaped_for_the_job_summary(tmp_path):
+    from markdown_it import MarkdownIt
+
+    from lrmerge_hub.pipeline import summary_markdown
+
+    evil = "x](javascript:alert(1)) <img src=x onerror=alert(1)> | `"
+    summary = {"output": f"/out/{evil}", "error": f"boom {evil}\nsecond line",
+               "steps": {f"merge{evil}": {"status": f"done{evil}", "seconds": 1,
+                                          "retention": {evil: {"kept": 10, "fraction": 0.5}}},
+                         "eval": {"status": "done", "scores": [{"model": evil, "task": evil, "metric": "acc",
+                                                                "value": 0.5}],
+                                  "sample": {"prompt": evil, "answer": "``` " + evil}},
+                         "push": {"status": "done", "commit_url": "https://hf.co/x](javascript:alert(1))"}}}
+    text = summary_markdown(summary)
+    tokens = MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(text)
+    links = [t for tok in tokens for t in (tok.children or []) if t.type == "link_open"]
+    assert not links  # no link came from the summary's strings
+    assert not [t for tok in tokens for t in (tok.children or []) if t.type in ("html_inline", "image")]
+    assert not [tok for tok in tokens if tok.type == "html_block"]
+    for block in text.split("\n\n"):  # every row of a table has its header's cells: no `|` split one
+        rows = [line for line in block.splitlines() if line.startswith("| ")]
+        cells = {len(re.split(r"(?<!\\)\|", line)) for line in rows}
+        assert len(cells) <= 1, block
+    assert "Pushed: `https://hf.co/x](javascript:alert(1))`" in text  # not a plain URL: code
+    ok = summary_markdown({"output": "/out/m", "steps": {"push": {"status": "done",
+                                                                  "commit_url": "https://hf.co/org/m/commit/abc"}}})
+    assert "Pushed: https://hf.co/org/m/commit/abc" in ok
