@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, ou
               "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
               "parameters": params, "dtype": "float32", "output": str(out)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".yaml")
+    path = out.parent / f"{out.name}.yaml"  # not with_suffix: "s0.5-1x" has a dot
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     cli(["merge", str(path), "--overwrite"], cwd=out.parent)
     return json.loads((out / "merge_report.json").read_text())
@@ -165,7 +166,8 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             for label, method, slack in preset.methods:
                 out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{k}x"
                 spec = (paths["base"], paths[f"lm-{k}x"], paths["task"], method, slack, out)
-                jobs_list.append((rec(label, k, method=method, slack=slack), out, spec, tasks_dir))
+                jobs_list.append((rec(label, k, method=method, slack=slack,
+                                      folder=str(out.relative_to(models_root))), out, spec, tasks_dir))
 
     def one(job) -> dict:
         record, model, merge_spec, tasks_dir = job
@@ -175,11 +177,14 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
                 ret = m.get("retention") or {}
                 record[f"{m['role']}_retention"] = ret.get("fraction")
         record.update(evaluate(model, tasks_dir))
+        with open(models_root / "records.jsonl", "a") as f:  # progress, in case the run is cut short
+            f.write(json.dumps(record) + "\n")
         log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
             f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
         return record
 
     t1 = time.time()
+    (models_root / "records.jsonl").unlink(missing_ok=True)
     with ThreadPoolExecutor(jobs) as pool:
         records = list(pool.map(one, jobs_list))
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
@@ -213,19 +218,21 @@ def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(records: list[dict], preset: Preset, out: Path, seconds: float, log=print) -> None:
+def write_results(records: list[dict], preset: Preset, out: Path, seconds: float, cpu: float,
+                  log=print) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cts = preset.design.ct_lengths
     chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
     meta = {"seeds": list(preset.seeds), "design": asdict(preset.design), "density": DENSITY,
-            "methods": [list(m) for m in preset.methods], "seconds": round(seconds),
+            "methods": [list(m) for m in preset.methods], "seconds": round(seconds), "cpu_seconds": round(cpu),
             "chance": chance}
     (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     n = len(preset.seeds)
     md = [f"# Miniature results ({n} seed{'s' * (n > 1)}: {', '.join(map(str, preset.seeds))}; "
           f"mean ± sd over seeds)", "",
           f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
-          f"Chance (a random name from the passage): {chance:.3f}. Run time {seconds / 60:.1f} min.", "",
+          f"Chance (a random name from the passage): {chance:.3f}. "
+          f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU.", "",
           "## LR task accuracy (exact answer, questions in the low-resource language)", "",
           table(records, "lr_acc", cts, ".3f"), "",
           "## English task accuracy (the same questions in English)", "",
@@ -260,6 +267,8 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(cts), [f"{c}x" for c in cts])
         ax.set_xlabel("continual pre-training length")
+    chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
+    ax_acc.axhline(chance, ls="-.", lw=0.8, color="silver", label="chance")
     ax_acc.set_ylabel("LR task accuracy (exact answer)")
     ax_ret.set_ylabel("task model retention")
     ax_acc.legend(fontsize=7)
@@ -271,22 +280,37 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_const", const="quick", dest="preset",
-                    help="1 seed, CT at 1x and 4x")
+    ap.add_argument("--quick", action="store_const", const="quick", dest="preset", default="full",
+                    help="1 seed, CT at 1x and 4x (same as --preset quick)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--models", type=Path, help="where checkpoints are trained or reused "
                     "(default: examples/miniature/models/PRESET)")
     ap.add_argument("--out", type=Path, help="results folder (default: examples/miniature/results, "
                     "results/PRESET for other presets)")
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite results.md and results.png from the folder's results.json")
     a = ap.parse_args()
     preset = PRESETS[a.preset]
     models = (a.models or HERE / "models" / a.preset).resolve()
     out = a.out or (HERE / "results" if a.preset == "full" else HERE / "results" / a.preset)
+    if a.render:
+        data = json.loads((out / "results.json").read_text())
+        meta = data["meta"]
+        design = T.Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["design"].items()})
+        preset = Preset(seeds=tuple(meta["seeds"]), design=design, methods=tuple(map(tuple, meta["methods"])))
+        write_results(data["records"], preset, out, meta["seconds"], meta.get("cpu_seconds", 0))
+        return
     t0 = time.time()
     records = run(preset, models, a.jobs)
-    write_results(records, preset, out, time.time() - t0)
+    write_results(records, preset, out, time.time() - t0, cpu_seconds())
     print(f"wrote {out}/results.md, results.json, results.png in {(time.time() - t0) / 60:.1f} min")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and every process it waited for (training, merges, lm-eval)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Every model is saved as an ordinary Hugging Face folder (safetensors, config, to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 import world as W
+
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    stamp = json.dumps({"design": asdict(d), "seed": seed}, sort_keys=True)
+    code = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in ("world.py", "train.py"))).hexdigest()
+    stamp = json.dumps({"design": asdict(d), "seed": seed, "code": code}, sort_keys=True)
     names = ["base", "task"] + [f"lm-{k}x" for k in d.ct_lengths] + [f"ctsft-{k}x" for k in d.ct_lengths]
     paths = {n: root / n for n in names}
     if (root / "design.json").is_file() and (root / "design.json").read_text() == stamp \

@@ -91,7 +91,9 @@ def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int =
     words: set[str] = set()
     while len(words) < len(LR_FUNCTION_WORDS):
         words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3)))))
-    lexicon = dict(zip(LR_FUNCTION_WORDS, sorted(words, key=lambda w: rng.random())))
+    ordered = sorted(words)  # a set's order changes with the process's hash seed
+    rng.shuffle(ordered)
+    lexicon = dict(zip(LR_FUNCTION_WORDS, ordered))
     return World(names=names, facts=facts, lexicon=lexicon)
 
 
