@@ -5,8 +5,11 @@ never which method wins."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_reduced_miniature_preconditions(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "examples/miniature/run.py", "--preset", "test",
          "--models", str(tmp_path / "models"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=1800)
+    finally:  # its training workers and lm-eval processes too, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     by_model = {r["model"]: r for r in data["records"]}  # one seed, one CT length
 

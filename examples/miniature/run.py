@@ -12,6 +12,7 @@ The design (world, model sizes, steps, seeds, merge parameters) is fixed in `PRE
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -153,42 +154,63 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             [models_root / f"seed{s}" for s in preset.seeds])))
     log(f"trained or reused {len(preset.seeds)} seed(s) in {time.time() - t0:.0f}s")
 
-    jobs_list = []  # (record, thunk)
-    for seed, paths in families.items():
-        tasks_dir = write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks")
-        chance = mean_chance(tasks_dir)
-        rec = lambda model, ct, **kw: dict(seed=seed, model=model, ct=ct, chance=chance, **kw)  # noqa: E731
-        jobs_list += [(rec("base", None), paths["base"], None, tasks_dir),
-                      (rec("task model", None), paths["task"], None, tasks_dir)]
-        for k in d.ct_lengths:
-            jobs_list += [(rec("language model", k), paths[f"lm-{k}x"], None, tasks_dir),
-                          (rec("CT-then-SFT", k), paths[f"ctsft-{k}x"], None, tasks_dir)]
+    # resume: a model already evaluated with these very checkpoints is not evaluated again
+    stamps = {seed: family_stamp(models_root / f"seed{seed}") for seed in preset.seeds}
+    progress = models_root / "records.jsonl"
+    done = {}
+    for line in progress.read_text().splitlines() if progress.is_file() else []:
+        r = json.loads(line)
+        if stamps.get(r["seed"]) == r.get("stamp"):
+            done[(r["seed"], r["model"], r["ct"])] = r
+
+    # the shortest and longest CT first, so that a run cut short still spans the axis
+    cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
+    tasks = {seed: write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks")
+             for seed in preset.seeds}
+    jobs_list = []  # (record, model folder, merge arguments or None, tasks folder)
+    for ct in [None, *cts]:
+        for seed, paths in families.items():
+            tasks_dir = tasks[seed]
+            rec = lambda model, **kw: dict(seed=seed, model=model, ct=ct, chance=mean_chance(tasks_dir),  # noqa: E731
+                                           stamp=stamps[seed], **kw)
+            if ct is None:
+                jobs_list += [(rec("base"), paths["base"], None, tasks_dir),
+                              (rec("task model"), paths["task"], None, tasks_dir)]
+                continue
+            jobs_list += [(rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
+                          (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir)]
             for label, method, slack in preset.methods:
-                out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{k}x"
-                spec = (paths["base"], paths[f"lm-{k}x"], paths["task"], method, slack, out)
-                jobs_list.append((rec(label, k, method=method, slack=slack,
+                out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{ct}x"
+                spec = (paths["base"], paths[f"lm-{ct}x"], paths["task"], method, slack, out)
+                jobs_list.append((rec(label, method=method, slack=slack,
                                       folder=str(out.relative_to(models_root))), out, spec, tasks_dir))
 
     def one(job) -> dict:
         record, model, merge_spec, tasks_dir = job
+        if (record["seed"], record["model"], record["ct"]) in done:
+            return done[(record["seed"], record["model"], record["ct"])]
         if merge_spec is not None:
             report = merge(*merge_spec)
             for m in report["models"]:
                 ret = m.get("retention") or {}
                 record[f"{m['role']}_retention"] = ret.get("fraction")
         record.update(evaluate(model, tasks_dir))
-        with open(models_root / "records.jsonl", "a") as f:  # progress, in case the run is cut short
+        with open(progress, "a") as f:  # progress, in case the run is cut short
             f.write(json.dumps(record) + "\n")
         log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
             f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
         return record
 
     t1 = time.time()
-    (models_root / "records.jsonl").unlink(missing_ok=True)
     with ThreadPoolExecutor(jobs) as pool:
         records = list(pool.map(one, jobs_list))
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
     return records
+
+
+def family_stamp(root: Path) -> str:
+    """Identifies one seed's trained checkpoints (design, seed and code)."""
+    return hashlib.sha256((root / "design.json").read_bytes()).hexdigest()[:16]
 
 
 # --- results --------------------------------------------------------------------------------
@@ -207,13 +229,15 @@ def aggregate(records: list[dict], key: str) -> dict[str, dict]:
     return {m: {ct: (*spread(v), len(v)) for ct, v in cols.items()} for m, cols in out.items()}
 
 
-def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str) -> str:
+def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: int) -> str:
+    """Mean ± sd over seeds; "(n=...)" where fewer seeds than the run's were evaluated."""
     agg = aggregate(records, key)
     cols = ["-", *cts]
     lines = ["| model | " + " | ".join("no CT" if c == "-" else f"CT {c}x" for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for model, row in agg.items():
-        cells = [f"{row[c][0]:{fmt}} ± {row[c][1]:{fmt}}" if c in row else "" for c in cols]
+        cells = [f"{row[c][0]:{fmt}} ± {row[c][1]:{fmt}}" + (f" (n={row[c][2]})" if row[c][2] < seeds else "")
+                 if c in row else "" for c in cols]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,13 +258,13 @@ def write_results(records: list[dict], preset: Preset, out: Path, seconds: float
           f"Chance (a random name from the passage): {chance:.3f}. "
           f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU.", "",
           "## LR task accuracy (exact answer, questions in the low-resource language)", "",
-          table(records, "lr_acc", cts, ".3f"), "",
+          table(records, "lr_acc", cts, ".3f", n), "",
           "## English task accuracy (the same questions in English)", "",
-          table(records, "en_acc", cts, ".3f"), "",
+          table(records, "en_acc", cts, ".3f", n), "",
           "## Task model retention (merge_report.json: share of its trimmed entries the election kept)", "",
-          table(records, "task_retention", cts, ".3f"), "",
+          table(records, "task_retention", cts, ".3f", n), "",
           "## LR word perplexity (held-out LR text)", "",
-          table(records, "lr_ppl", cts, ".2f"), ""]
+          table(records, "lr_ppl", cts, ".2f", n), ""]
     (out / "results.md").write_text("\n".join(md))
     try:
         plot(records, cts, out / "results.png")
