@@ -226,7 +226,9 @@ def aggregate(records: list[dict], key: str) -> dict[str, dict]:
         if r.get(key) is None:
             continue
         out.setdefault(r["model"], {}).setdefault(r["ct"] or "-", []).append(r[key])
-    return {m: {ct: (*spread(v), len(v)) for ct, v in cols.items()} for m, cols in out.items()}
+    order = ["base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS)]
+    ranked = sorted(out, key=lambda m: order.index(m) if m in order else len(order))
+    return {m: {ct: (*spread(v), len(v)) for ct, v in out[m].items()} for m in ranked}
 
 
 def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: int) -> str:
@@ -242,21 +244,23 @@ def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: 
     return "\n".join(lines)
 
 
-def write_results(records: list[dict], preset: Preset, out: Path, seconds: float, cpu: float,
-                  log=print) -> None:
+def write_results(records: list[dict], preset: Preset, out: Path, seconds: float | None,
+                  cpu: float | None, log=print) -> None:
+    """results.json, results.md and results.png; seconds None: a run cut short."""
     out.mkdir(parents=True, exist_ok=True)
     cts = preset.design.ct_lengths
     chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
     meta = {"seeds": list(preset.seeds), "design": asdict(preset.design), "density": DENSITY,
-            "methods": [list(m) for m in preset.methods], "seconds": round(seconds), "cpu_seconds": round(cpu),
+            "methods": [list(m) for m in preset.methods], "seconds": seconds and round(seconds), "cpu_seconds": cpu and round(cpu),
             "chance": chance}
     (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     n = len(preset.seeds)
+    timing = (f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU." if seconds else
+              f"The run was cut short: these are the {len(records)} models it had evaluated.")
     md = [f"# Miniature results ({n} seed{'s' * (n > 1)}: {', '.join(map(str, preset.seeds))}; "
           f"mean ± sd over seeds)", "",
           f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
-          f"Chance (a random name from the passage): {chance:.3f}. "
-          f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU.", "",
+          f"Chance (a random name from the passage): {chance:.3f}. " + timing, "",
           "## LR task accuracy (exact answer, questions in the low-resource language)", "",
           table(records, "lr_acc", cts, ".3f", n), "",
           "## English task accuracy (the same questions in English)", "",
@@ -313,11 +317,18 @@ def main() -> None:
                     "results/PRESET for other presets)")
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
     ap.add_argument("--render", action="store_true",
-                    help="only rewrite results.md and results.png from the folder's results.json")
+                    help="only rewrite the results from results.json, or, for a run cut short, "
+                    "from the records it saved beside the models")
     a = ap.parse_args()
     preset = PRESETS[a.preset]
     models = (a.models or HERE / "models" / a.preset).resolve()
     out = a.out or (HERE / "results" if a.preset == "full" else HERE / "results" / a.preset)
+    if a.render and not (out / "results.json").is_file():
+        stamps = {seed: family_stamp(models / f"seed{seed}") for seed in preset.seeds}
+        records = [r for r in map(json.loads, (models / "records.jsonl").read_text().splitlines())
+                   if stamps[r["seed"]] == r["stamp"]]
+        write_results(records, preset, out, None, None)
+        return
     if a.render:
         data = json.loads((out / "results.json").read_text())
         meta = data["meta"]
