@@ -40,6 +40,7 @@ TASKS = ("miniature_lr_qa", "miniature_en_qa", "miniature_lr_ppl")
 METHODS = (("task_arithmetic", "task_arithmetic", None), ("ties", "ties", None),
            ("slack_ties s=0.5", "slack_ties", 0.5), ("slack_ties s=1", "slack_ties", 1.0))
 DENSITY = 0.2
+ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS))
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,7 @@ def aggregate(records: list[dict], key: str) -> dict[str, dict]:
         if r.get(key) is None:
             continue
         out.setdefault(r["model"], {}).setdefault(r["ct"] or "-", []).append(r[key])
-    order = ["base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS)]
-    ranked = sorted(out, key=lambda m: order.index(m) if m in order else len(order))
+    ranked = sorted(out, key=lambda m: ROWS.index(m) if m in ROWS else len(ROWS))
     return {m: {ct: (*spread(v), len(v)) for ct, v in out[m].items()} for m in ranked}
 
 
@@ -291,7 +291,7 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
                 continue
             xs = [c for c in cts if c in row]
             ax.errorbar(xs, [row[c][0] for c in xs], yerr=[row[c][1] for c in xs], marker="o",
-                        capsize=3, label=model, ls="--" if model in ("language model", "CT-then-SFT") else "-")
+                        capsize=3, label=model, color=f"C{ROWS.index(model) % 10}" if model in ROWS else None, ls="--" if model in ("language model", "CT-then-SFT") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(cts), [f"{c}x" for c in cts])
         ax.set_xlabel("continual pre-training length")
