@@ -1,0 +1,352 @@
+"""The paper's experiment in miniature: train (or reuse) tiny models on a synthetic world,
+merge them with `lrmerge merge`, evaluate every model with `lrmerge eval` (lm-eval, hf
+backend, local tasks) and write results.md, results.json and results.png.
+
+    python examples/miniature/run.py            # 3 seeds, CT at 1x 2x 4x 8x (about 15 min, 2 cores)
+    python examples/miniature/run.py --quick    # 1 seed, CT at 1x and 4x
+
+The design (world, model sizes, steps, seeds, merge parameters) is fixed in `PRESETS` and
+`train.Design`; it was fixed before any merge result was looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import train as T  # noqa: E402
+import world as W  # noqa: E402
+
+TASKS = ("miniature_lr_qa", "miniature_en_qa", "miniature_lr_ppl")
+# (label, method, task-model slack): one merge per CT length and seed. Density 0.2 (the
+# TIES paper's), weights 1, lambda 1, normalize: the defaults, not tuned here.
+METHODS = (("task_arithmetic", "task_arithmetic", None), ("ties", "ties", None),
+           ("slack_ties s=0.5", "slack_ties", 0.5), ("slack_ties s=1", "slack_ties", 1.0))
+DENSITY = 0.2
+ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS))
+
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: tuple[int, ...]
+    design: T.Design
+    methods: tuple[tuple[str, str, float | None], ...] = METHODS
+
+
+PRESETS = {
+    "full": Preset(seeds=(0, 1, 2), design=T.Design()),
+    "quick": Preset(seeds=(0,), design=T.Design(ct_lengths=(1, 4))),
+    # the reduced version the test suite runs: small enough for ~2 minutes
+    "test": Preset(seeds=(0,), design=T.Design(base_steps=300, sft_steps=100, ct_lengths=(2,),
+                                               eval_items=60),
+                   methods=(METHODS[0], METHODS[1], METHODS[3])),
+}
+
+
+# --- evaluation data: lm-eval tasks (YAML + JSONL) ------------------------------------------
+
+def write_tasks(seed: int, n: int, folder: Path) -> Path:
+    """The same questions in LR and English (exact answer), and held-out LR text for
+    perplexity, as local lm-eval tasks."""
+    world = W.make_world(seed)
+    rng = random.Random(10_000 + seed)
+    eval_items = W.items(world, rng, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang in ("lr", "en"):
+        rows = [{"prompt": W.prompt(world, it, lang), "answer": W.answer(world, it),
+                 "chance": W.chance(world, it)} for it in eval_items]
+        write_task(folder, f"miniature_{lang}_qa", rows, (
+            "output_type: generate_until\n"
+            "doc_to_text: \"{{prompt}}\"\n"
+            "doc_to_target: \"{{answer}}\"\n"
+            "generation_kwargs: {until: [\"</s>\", \".\"], max_gen_toks: 4, do_sample: false}\n"
+            "metric_list:\n"
+            "  - {metric: exact_match, aggregation: mean, higher_is_better: true,"
+            " regexes_to_ignore: [\" \"]}\n"))
+    texts = [{"text": t} for t in W.corpus(world, rng, "lr", n // 2)]
+    write_task(folder, "miniature_lr_ppl", texts, (
+        "output_type: loglikelihood_rolling\n"
+        "doc_to_text: \"\"\n"
+        "doc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n"))
+    return folder
+
+
+def write_task(folder: Path, name: str, rows: list[dict], body: str) -> None:
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # absolute: read from any cwd
+        f"test_split: test\n{body}")
+
+
+def mean_chance(folder: Path) -> float:
+    rows = [json.loads(line) for line in (folder / "miniature_en_qa.jsonl").read_text().splitlines()]
+    return statistics.fmean(r["chance"] for r in rows)
+
+
+# --- the project's CLI, as a user runs it ---------------------------------------------------
+
+def cli(args: list[str], cwd: Path) -> dict:
+    """`python -m lrmerge_hub ARGS --format json` from this checkout; its JSON answer."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "lrmerge_hub", *args, "--format", "json"], cwd=cwd,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lrmerge {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, out: Path) -> dict:
+    """Write a recipe beside `out` and merge it; returns merge_report.json."""
+    per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": DENSITY}
+    task_entry = {"model": str(task), "role": "task", **per_model}
+    if slack is not None:
+        task_entry["slack"] = slack
+    params = {"lambda": 1.0} if method == "task_arithmetic" else {"lambda": 1.0, "normalize": True}
+    recipe = {"method": method, "base": str(base),
+              "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
+              "parameters": params, "dtype": "float32", "output": str(out)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"  # not with_suffix: "s0.5-1x" has a dot
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    cli(["merge", str(path), "--overwrite"], cwd=out.parent)
+    return json.loads((out / "merge_report.json").read_text())
+
+
+def evaluate(model: Path, tasks_dir: Path) -> dict[str, float]:
+    """LR accuracy, English accuracy and LR word perplexity of one model folder."""
+    res = cli(["eval", str(model), "--backend", "hf", "--tasks", ",".join(TASKS), "--include-path",
+               str(tasks_dir), "--batch-size", "16", "--dtype", "float32"], cwd=model.parent)
+    summary = next(iter(res["summary"].values()))
+    return {"lr_acc": summary["miniature_lr_qa"]["exact_match"],
+            "en_acc": summary["miniature_en_qa"]["exact_match"],
+            "lr_ppl": summary["miniature_lr_ppl"]["word_perplexity"]}
+
+
+# --- the experiment -------------------------------------------------------------------------
+
+def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
+    """Every (seed, model) evaluated: a list of records."""
+    d = preset.design
+    t0 = time.time()
+    with ProcessPoolExecutor(jobs) as pool:
+        families = dict(zip(preset.seeds, pool.map(
+            T.train_family, [d] * len(preset.seeds), preset.seeds,
+            [models_root / f"seed{s}" for s in preset.seeds])))
+    log(f"trained or reused {len(preset.seeds)} seed(s) in {time.time() - t0:.0f}s")
+
+    # resume: a model already evaluated with these very checkpoints is not evaluated again
+    stamps = {seed: family_stamp(models_root / f"seed{seed}") for seed in preset.seeds}
+    progress = models_root / "records.jsonl"
+    done = {}
+    for line in progress.read_text().splitlines() if progress.is_file() else []:
+        r = json.loads(line)
+        if stamps.get(r["seed"]) == r.get("stamp"):
+            done[(r["seed"], r["model"], r["ct"])] = r
+
+    # the shortest and longest CT first, so that a run cut short still spans the axis
+    cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
+    tasks = {seed: write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks")
+             for seed in preset.seeds}
+    jobs_list = []  # (record, model folder, merge arguments or None, tasks folder)
+    for ct in [None, *cts]:
+        for seed, paths in families.items():
+            tasks_dir = tasks[seed]
+            rec = lambda model, **kw: dict(seed=seed, model=model, ct=ct, chance=mean_chance(tasks_dir),  # noqa: E731
+                                           stamp=stamps[seed], **kw)
+            if ct is None:
+                jobs_list += [(rec("base"), paths["base"], None, tasks_dir),
+                              (rec("task model"), paths["task"], None, tasks_dir)]
+                continue
+            jobs_list += [(rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
+                          (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir)]
+            for label, method, slack in preset.methods:
+                out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{ct}x"
+                spec = (paths["base"], paths[f"lm-{ct}x"], paths["task"], method, slack, out)
+                jobs_list.append((rec(label, method=method, slack=slack,
+                                      folder=str(out.relative_to(models_root))), out, spec, tasks_dir))
+
+    def one(job) -> dict:
+        record, model, merge_spec, tasks_dir = job
+        if (record["seed"], record["model"], record["ct"]) in done:
+            return done[(record["seed"], record["model"], record["ct"])]
+        if merge_spec is not None:
+            report = merge(*merge_spec)
+            for m in report["models"]:
+                ret = m.get("retention") or {}
+                record[f"{m['role']}_retention"] = ret.get("fraction")
+        record.update(evaluate(model, tasks_dir))
+        with open(progress, "a") as f:  # progress, in case the run is cut short
+            f.write(json.dumps(record) + "\n")
+        log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
+            f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
+        return record
+
+    t1 = time.time()
+    with ThreadPoolExecutor(jobs) as pool:
+        records = list(pool.map(one, jobs_list))
+    log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
+    return records
+
+
+def family_stamp(root: Path) -> str:
+    """Identifies one seed's trained checkpoints (design, seed and code)."""
+    return hashlib.sha256((root / "design.json").read_bytes()).hexdigest()[:16]
+
+
+# --- results --------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict], key: str) -> dict[str, dict]:
+    """{model: {ct or "-": (mean, sd, n)}} over seeds."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if r.get(key) is None:
+            continue
+        out.setdefault(r["model"], {}).setdefault(r["ct"] or "-", []).append(r[key])
+    ranked = sorted(out, key=lambda m: ROWS.index(m) if m in ROWS else len(ROWS))
+    return {m: {ct: (*spread(v), len(v)) for ct, v in out[m].items()} for m in ranked}
+
+
+def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: int) -> str:
+    """Mean ± sd over seeds; "(n=...)" where fewer seeds than the run's were evaluated."""
+    agg = aggregate(records, key)
+    cols = ["-", *cts]
+    lines = ["| model | " + " | ".join("no CT" if c == "-" else f"CT {c}x" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for model, row in agg.items():
+        cells = [f"{row[c][0]:{fmt}} ± {row[c][1]:{fmt}}" + (f" (n={row[c][2]})" if row[c][2] < seeds else "")
+                 if c in row else "" for c in cols]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(records: list[dict], preset: Preset, out: Path, seconds: float | None,
+                  cpu: float | None, log=print) -> None:
+    """results.json, results.md and results.png; seconds None: a run cut short."""
+    out.mkdir(parents=True, exist_ok=True)
+    cts = preset.design.ct_lengths
+    chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
+    meta = {"seeds": list(preset.seeds), "design": asdict(preset.design), "density": DENSITY,
+            "methods": [list(m) for m in preset.methods], "seconds": seconds and round(seconds), "cpu_seconds": cpu and round(cpu),
+            "chance": chance}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    n = len(preset.seeds)
+    timing = (f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU." if seconds else
+              f"The run was cut short: these are the {len(records)} models it had evaluated.")
+    md = [f"# Miniature results ({n} seed{'s' * (n > 1)}: {', '.join(map(str, preset.seeds))}; "
+          f"mean ± sd over seeds)", "",
+          f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
+          f"Chance (a random name from the passage): {chance:.3f}. " + timing, "",
+          "## LR task accuracy (exact answer, questions in the low-resource language)", "",
+          table(records, "lr_acc", cts, ".3f", n), "",
+          "## English task accuracy (the same questions in English)", "",
+          table(records, "en_acc", cts, ".3f", n), "",
+          "## Task model retention (merge_report.json: share of its trimmed entries the election kept)", "",
+          table(records, "task_retention", cts, ".3f", n), "",
+          "## LR word perplexity (held-out LR text)", "",
+          table(records, "lr_ppl", cts, ".2f", n), ""]
+    (out / "results.md").write_text("\n".join(md))
+    try:
+        plot(records, cts, out / "results.png")
+    except ImportError:
+        log("results.png not written: matplotlib is missing (pip install -e '.[miniature]')")
+
+
+def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_ret) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, ax in (("lr_acc", ax_acc), ("task_retention", ax_ret)):
+        for model, row in aggregate(records, key).items():
+            if "-" in row:  # no CT axis: a horizontal reference line
+                ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black",
+                           label=model)
+                continue
+            xs = [c for c in cts if c in row]
+            ax.errorbar(xs, [row[c][0] for c in xs], yerr=[row[c][1] for c in xs], marker="o",
+                        capsize=3, label=model, color=f"C{ROWS.index(model) % 10}" if model in ROWS else None, ls="--" if model in ("language model", "CT-then-SFT") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(cts), [f"{c}x" for c in cts])
+        ax.set_xlabel("continual pre-training length")
+    chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
+    ax_acc.axhline(chance, ls="-.", lw=0.8, color="silver", label="chance")
+    ax_acc.set_ylabel("LR task accuracy (exact answer)")
+    ax_ret.set_ylabel("task model retention")
+    ax_acc.legend(fontsize=7)
+    ax_ret.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_const", const="quick", dest="preset", default="full",
+                    help="1 seed, CT at 1x and 4x (same as --preset quick)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--models", type=Path, help="where checkpoints are trained or reused "
+                    "(default: examples/miniature/models/PRESET)")
+    ap.add_argument("--out", type=Path, help="results folder (default: examples/miniature/results, "
+                    "results/PRESET for other presets)")
+    ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the results from results.json, or, for a run cut short, "
+                    "from the records it saved beside the models")
+    a = ap.parse_args()
+    preset = PRESETS[a.preset]
+    models = (a.models or HERE / "models" / a.preset).resolve()
+    out = a.out or (HERE / "results" if a.preset == "full" else HERE / "results" / a.preset)
+    if a.render and not (out / "results.json").is_file():
+        stamps = {seed: family_stamp(models / f"seed{seed}") for seed in preset.seeds}
+        records = [r for r in map(json.loads, (models / "records.jsonl").read_text().splitlines())
+                   if stamps[r["seed"]] == r["stamp"]]
+        write_results(records, preset, out, None, None)
+        return
+    if a.render:
+        data = json.loads((out / "results.json").read_text())
+        meta = data["meta"]
+        design = T.Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["design"].items()})
+        preset = Preset(seeds=tuple(meta["seeds"]), design=design, methods=tuple(map(tuple, meta["methods"])))
+        write_results(data["records"], preset, out, meta["seconds"], meta.get("cpu_seconds", 0))
+        return
+    t0 = time.time()
+    records = run(preset, models, a.jobs)
+    write_results(records, preset, out, time.time() - t0, cpu_seconds())
+    print(f"wrote {out}/results.md, results.json, results.png in {(time.time() - t0) / 60:.1f} min")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and every process it waited for (training, merges, lm-eval)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+if __name__ == "__main__":
+    main()
