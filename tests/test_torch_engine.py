@@ -220,3 +220,18 @@ def test_cuda_cli_merge_equals_the_cpu_kernels(bf16_family, tmp_path):
     cpu, gpu = load_all(tmp_path / "cpu"), load_all(tmp_path / "cuda")
     for name in cpu:
         assert torch.equal(cpu[name].view(torch.int16), gpu[name].view(torch.int16)), name
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_torch_engine_refuses_an_overflowing_merge_like_the_kernels(bf16_family, tmp_path, method):
+    from lrmerge_hub.errors import NonFiniteOutputError
+
+    params = {"lambda": 100.0, **({"normalize": False} if method == "ties" else {})}  # weights x deltas x 100
+    text = engine_recipe(method, bf16_family).replace("weight: 0.8", "weight: 3.0e+38") + \
+        yaml.safe_dump({"parameters": params})
+    recipe = load_recipe(write(tmp_path / "recipe.yaml", text))
+    for engine in ("kernels", "torch"):
+        with pytest.raises(NonFiniteOutputError, match=r"tensor \S+: .* NaN or Inf; nothing was written") as e:
+            merge(recipe, local_sources(recipe), tmp_path / engine, device="cpu", engine=engine, progress=False)
+        assert "weight = 3e+38" in str(e.value)
+        assert not (tmp_path / engine).exists() and not list(tmp_path.glob(f".{engine}.lrmerge-tmp-*"))

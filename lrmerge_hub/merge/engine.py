@@ -281,8 +281,8 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
                                   **named)
     except DegenerateInput as e:
         raise InputModelError(f"tensor {job.name}: {e}") from None
-    if not bool(result.isfinite().all()):
-        bad = int((~result.isfinite()).sum())
+    bad = int((~result.isfinite()).sum())  # NaN/Inf in float32: an overflow of the scales
+    if bad:
         raise nonfinite_output(job, bad, model_params, params, True)
     kept = stats.kept.tolist() if stats is not None else None
     agreed = stats.agreed.tolist() if stats is not None else None
