@@ -18,8 +18,9 @@ bits follow from doing exactly what the kernels do, in the same order, in float3
   order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1).
 - The cast to bfloat16 rounds to nearest even, as the kernels' store does.
 
-The functions take and return flat numpy arrays like the kernels (bfloat16 as uint16 bits),
-so the engine calls either one the same way.
+The engine hands over the same flat numpy views it gives the kernels (bfloat16 as uint16
+bits); TorchEngine moves them to the device raw (bfloat16 as int16 bits) and ties_merge
+widens them chunk by chunk.
 """
 
 from __future__ import annotations
