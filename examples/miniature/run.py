@@ -29,16 +29,22 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(REPO)]
 
 import train as T  # noqa: E402
 import world as W  # noqa: E402
 
+from lrmerge_hub.merge.methods import get_method  # noqa: E402
+
 TASKS = ("miniature_lr_qa", "miniature_en_qa", "miniature_lr_ppl")
 # (label, method, task-model slack): one merge per CT length and seed. Density 0.2 (the
-# TIES paper's), weights 1, lambda 1, normalize: the defaults, not tuned here.
+# TIES paper's) where a method takes one, weights 1, lambda 1; every other parameter is the
+# method's default (mergekit's), not tuned here. The last four are the other sign-electing
+# methods, added (at their defaults, without slack) after the first four had been run.
 METHODS = (("task_arithmetic", "task_arithmetic", None), ("ties", "ties", None),
-           ("slack_ties s=0.5", "slack_ties", 0.5), ("slack_ties s=1", "slack_ties", 1.0))
+           ("slack_ties s=0.5", "slack_ties", 0.5), ("slack_ties s=1", "slack_ties", 1.0),
+           ("dare_ties", "dare_ties", None), ("della", "della", None),
+           ("breadcrumbs_ties", "breadcrumbs_ties", None), ("sce", "sce", None))
 DENSITY = 0.2
 ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS))
 
@@ -118,11 +124,12 @@ def cli(args: list[str], cwd: Path) -> dict:
 
 def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, out: Path) -> dict:
     """Write a recipe beside `out` and merge it; returns merge_report.json."""
-    per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": DENSITY}
+    declared = get_method(method)
+    per_model = {k: v for k, v in (("weight", 1.0), ("density", DENSITY)) if k in declared.model_params}
     task_entry = {"model": str(task), "role": "task", **per_model}
     if slack is not None:
         task_entry["slack"] = slack
-    params = {"lambda": 1.0} if method == "task_arithmetic" else {"lambda": 1.0, "normalize": True}
+    params = {"lambda": 1.0} if "lambda" in declared.global_params else {}
     recipe = {"method": method, "base": str(base),
               "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
               "parameters": params, "dtype": "float32", "output": str(out)}
