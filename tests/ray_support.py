@@ -1,11 +1,13 @@
-"""A Ray head on this machine for the tests and the sweep benchmark: `ray start --head` on
-127.0.0.1 as a subprocess in its own process group (killed on exit), workers importing this
-checkout.
+"""A Ray cluster on this machine for the tests and the sweep benchmark: `ray start --head` on
+127.0.0.1, and more nodes joining it with `ray start --address HEAD:PORT`, as on a real
+cluster (every node is a subprocess in its own process group, killed on exit); workers
+import this checkout.
 
 Import this before anything imports ray: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it
-is imported (0: bind to loopback only, Ray's own single-machine switch; it also refuses a
-second node joining, which a real cluster does with `ray start --address HEAD:PORT`), and
-RAY_AUTH_TOKEN (token authentication with a token of this run's own, not ~/.ray/auth_token).
+is imported (0: bind to loopback only, Ray's own single-machine switch; `ray start --address`
+refuses to run under it, so each joining node gets 1, with --node-ip-address 127.0.0.1 so that
+it binds to loopback too), and RAY_AUTH_TOKEN (token authentication with a token of this
+run's own, not ~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -35,34 +37,59 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int, timeout: float = 120.0) -> Iterator[str]:
-    """Yield the address (127.0.0.1:PORT) of a running Ray head with `num_cpus` CPUs."""
+    """Yield the address (127.0.0.1:PORT) of a running one-node Ray cluster with `num_cpus` CPUs."""
+    with ray_cluster((num_cpus,), timeout) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Iterator[str]:
+    """Yield the head's address (127.0.0.1:PORT) once a Ray cluster of one node per entry of
+    `cpus_per_node` (that many CPUs each; the first is the head) is up."""
     import ray
     from ray._private.services import get_node_ip_address
 
     assert get_node_ip_address() == "127.0.0.1", "ray was imported before tests/ray_support.py"
     port = free_port()
     temp = tempfile.mkdtemp(prefix="lrmerge-ray-", dir="/tmp")  # short: Ray's socket paths
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus",
-         str(num_cpus), "--include-dashboard=false", "--disable-usage-stats", "--block", "--temp-dir", temp],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:  # up once a driver sees its node
+    common = ["--disable-usage-stats", "--block", "--temp-dir", temp]
+    nodes: list[subprocess.Popen] = []
+
+    def start(args: list[str], env: dict[str, str]) -> None:
+        nodes.append(subprocess.Popen(["ray", "start", *args, *common], env={**os.environ, **env,
+                                      "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+
+    def wait_for(count: int, deadline: float) -> None:
+        while True:  # up once a driver sees `count` live nodes
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
                 alive = [n for n in ray.nodes() if n["Alive"]]
                 ray.shutdown()
-                if alive:
-                    break
+                if len(alive) >= count:
+                    return
             except (ConnectionError, RuntimeError):
                 pass
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            assert all(n.poll() is None for n in nodes), "a `ray start` exited"
+            assert time.monotonic() < deadline, f"the Ray cluster did not reach {count} node(s)"
             time.sleep(1)
+
+    try:
+        deadline = time.monotonic() + timeout
+        start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(cpus_per_node[0]),
+               "--include-dashboard=false"], {})
+        wait_for(1, deadline)
+        for cpus in cpus_per_node[1:]:
+            # Once multi-node is enabled Ray replaces "127.0.0.1" with the machine's outward
+            # address; it keeps [::ffff:127.0.0.1] (the same address) and 127.0.0.N (loopback,
+            # one per node, as hosts of a real cluster have addresses of their own)
+            start(["--address", f"[::ffff:127.0.0.1]:{port}", "--node-ip-address", f"127.0.0.{len(nodes) + 1}",
+                   "--num-cpus", str(cpus)], {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+        wait_for(len(cpus_per_node), deadline)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
-        head.wait(30)
+        for node in reversed(nodes):  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(30)
         shutil.rmtree(temp, ignore_errors=True)

@@ -1,8 +1,9 @@
-"""`--executor ray` against a real Ray cluster: `ray start --head` on 127.0.0.1 with 2 CPUs
-(two single-CPU task slots), started once for this module (tests/ray_support.py), tiny
-models, lm-eval's hf backend."""
+"""`--executor ray` against a real Ray cluster of two nodes: `ray start --head` on 127.0.0.1
+and a second node joining it with `ray start --address` on 127.0.0.2, one CPU each (two
+single-CPU task slots), started once for this module (tests/ray_support.py); tiny models,
+lm-eval's hf backend."""
 
-from tests.ray_support import ray_head  # first: it sets how Ray binds before ray is imported
+from tests.ray_support import ray_cluster as start_ray_cluster  # first: how Ray binds, before ray is imported
 
 import json
 import os
@@ -41,10 +42,23 @@ output: ./out/LANG
 """
 
 
+NODE_IPS = {"127.0.0.1", "127.0.0.2"}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    with ray_head(num_cpus=2) as address:
+    with start_ray_cluster((1, 1)) as address:
         yield address
+
+
+def cluster_node_ids(address: str) -> set[str]:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
 
 
 def lrmerge(*args):
@@ -123,13 +137,14 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
     assert killer.killed, "the worker evaluating slack0.5 was never seen, so never killed"
     nodes = {p["name"]: p.pop("node") for p in ray["points"]}
     assert nodes["slack0.5"]["pid"] != killer.killed  # the retry ran in another worker
-    assert all(n["ip"] == "127.0.0.1" and n["node_id"] for n in nodes.values())
+    assert all(n["ip"] in NODE_IPS and n["node_id"] for n in nodes.values())
+    assert len({n["node_id"] for n in nodes.values()}) == 2  # both nodes of the cluster ran points
     assert (local["metric"], local["best"], local["points"]) == (ray["metric"], ray["best"], ray["points"])
     assert [p["score"] is not None for p in ray["points"]] == [True] * 3
     best_local, best_ray = tmp_path / "best-local", tmp_path / "best-ray"
     assert tensor_bytes(best_ray) and tensor_bytes(best_ray) == tensor_bytes(best_local)
     # the best point's evaluation and the table (with the nodes) came along; nothing half-written
-    assert json.loads((best_ray / "sweep.json").read_text())["points"][0]["node"]["ip"] == "127.0.0.1"
+    assert json.loads((best_ray / "sweep.json").read_text())["points"][0]["node"]["ip"] in NODE_IPS
     assert list((best_ray / "eval").rglob("results_*.json"))
     assert "slack" in (best_ray / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if ".lrmerge-" in p.name]
@@ -189,7 +204,7 @@ def test_two_recipes_released_together_land_on_the_hub(ray_cluster, seeded, hub_
         assert {"README.md", "model.safetensors", "merge_report.json"} <= set(files)
         assert summary["steps"]["push"]["repo_id"] == f"alice/tiny-{lang}"
         verified = summary["steps"]["merge"]["verified"]
-        assert verified["tensors"] > 0 and verified["worker_node"]["ip"] == "127.0.0.1"
+        assert verified["tensors"] > 0 and verified["worker_node"]["ip"] in NODE_IPS
         state = json.loads((Path(summary["run_dir"]) / "state.json").read_text())
         assert state["steps"]["merge"]["result"]["verified"]["worker_node"] == verified["worker_node"]
     assert TOKEN not in out + err
@@ -225,6 +240,40 @@ def test_a_task_no_node_can_hold_is_refused(ray_cluster, tmp_path):
                            "--gpus-per-task", "1")
     assert code == 2 and "no node of the cluster has 1 CPU(s) and 1 GPU(s)" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_cluster_is_found_through_ray_address(ray_cluster, tmp_path, monkeypatch):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    code, out, err = lrmerge("run", tmp_path / "bo.yaml", "--executor", "ray", "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)  # one recipe: its summary
+    assert summary["steps"]["merge"]["verified"]["worker_node"]["node_id"] in cluster_node_ids(ray_cluster)
+    assert (tmp_path / "out/bo/model.safetensors").exists()
+
+
+def ray_processes() -> set[int]:
+    return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if any(part in cmdline(pid) for part in ("/raylet", "gcs_server"))}
+
+
+@pytest.mark.slow
+def test_without_an_address_a_local_ray_instance_runs_the_release_and_stops(tmp_path, monkeypatch):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = ray_processes()
+    code, out, err = lrmerge("run", tmp_path / "bo.yaml", "--executor", "ray")
+    assert code == 0, err
+    assert "Ray: a local Ray instance, 1 node(s)" in err
+    report = json.loads((tmp_path / "out/bo/merge_report.json").read_text())
+    assert report["models"][1]["params"]["slack"] == 0.5
+    deadline = time.monotonic() + 30
+    while ray_processes() - before:  # the instance it started is gone with it
+        assert time.monotonic() < deadline, [cmdline(p) for p in ray_processes() - before]
+        time.sleep(0.5)
 
 
 # -- without a cluster ---------------------------------------------------------------------
