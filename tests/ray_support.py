@@ -36,13 +36,6 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int, timeout: float = 120.0) -> Iterator[str]:
-    """Yield the address (127.0.0.1:PORT) of a running one-node Ray cluster with `num_cpus` CPUs."""
-    with ray_cluster((num_cpus,), timeout) as address:
-        yield address
-
-
-@contextlib.contextmanager
 def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Iterator[str]:
     """Yield the head's address (127.0.0.1:PORT) once a Ray cluster of one node per entry of
     `cpus_per_node` (that many CPUs each; the first is the head) is up."""
