@@ -220,16 +220,6 @@ class RetentionCounter:
                 "fraction": round(self.agreed[i] / kept, 6) if kept else None}
 
 
-def to_compute(t: torch.Tensor, device: str, name: str, label: str) -> torch.Tensor:
-    """float32 on the compute device, refusing NaN/Inf inputs."""
-    import torch
-
-    x = t.to(device=device, dtype=torch.float32, non_blocking=True)
-    if not torch.isfinite(x).all():
-        raise InputModelError(f"{label}: tensor {name} contains NaN or Inf")
-    return x
-
-
 def input_labels(keys: list[str]) -> list[str]:
     """The inputs of a merged tensor in the order methods take them: the base (when the
     recipe has one), then the models."""
@@ -252,7 +242,7 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
                      compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None, bool]:
     """One tensor on the torch engine's device: (flat output, kept, agreed, whether NaN/Inf
     in the output were counted already). Raises like merge_tensor."""
-    from .torch_engine import TORCH_METHODS, to_float32
+    from .torch_engine import TORCH_METHODS
 
     labels = input_labels(keys)
     raw = compute.take(job.name, merge_inputs(job, readers, keys))
@@ -267,13 +257,26 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
         if bad_stored:
             raise nonfinite_output(job, bad_stored, model_params, params, bad_float32 > 0)
         return compute.to_host(merged, job.out_dtype), kept, agreed, True
-    # the reference function, already torch: on the tensor's shape, on the device
+    result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
+    return compute.to_host(result, job.out_dtype), kept, agreed, False
+
+
+def reference_merge(job: TensorJob, method: MergeMethod, raw: list[torch.Tensor], labels: list[str],
+                    model_params: list[dict[str, Any]], params: dict[str, Any]
+                    ) -> tuple[torch.Tensor, list[int] | None, list[int] | None]:
+    """The method's reference function on one tensor's flat inputs (in `input_labels` order,
+    on any device): (flat float32 result, kept, agreed). Refuses NaN/Inf inputs and a
+    float32 result that overflowed."""
+    from .torch_engine import to_float32
+
     inputs = [to_float32(t) for t in raw]
     for label, x in zip(labels, inputs):
         if not bool(x.isfinite().all()):
             raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
     rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
     shape = (rows, *job.out_shape[1:]) if rows is not None else ()
+    has_base = BASE in labels
+    # random methods draw from (seed, tensor name, entry index): the same bits anywhere
     named = {"tensor_name": job.name} if method.random else {}
     try:
         result, stats = method.fn(inputs[0].view(shape) if has_base else None,
@@ -286,7 +289,7 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
         raise nonfinite_output(job, bad, model_params, params, True)
     kept = stats.kept.tolist() if stats is not None else None
     agreed = stats.agreed.tolist() if stats is not None else None
-    return compute.to_host(result.reshape(-1), job.out_dtype), kept, agreed, False
+    return result.reshape(-1), kept, agreed
 
 
 def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
@@ -304,7 +307,6 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
     fast = FAST_PATHS.get(method.name) if compute is None and device == "cpu" and BASE in keys \
         and not params.get("rescale") else None
     kept = agreed = None
-    float32_finite = True  # whether the float32 result was finite (else only the cast overflowed)
     counted = fast is not None and job.out_dtype in ("BF16", "F32")  # NaN/Inf of the output already
     if compute is not None:
         merged, kept, agreed, counted = merge_with_torch(job, method, readers, keys, model_params, params, compute)
@@ -320,20 +322,11 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
             raise nonfinite_output(job, e.count, model_params, params, True) from None
         if job.out_dtype not in ("BF16", "F32"):
             merged = float32_to(merged, job.out_dtype)
-    else:
-        raw = {k: readers[k].get(job.name) for k in keys}
-        sliced = {k: (t[:job.shared_rows] if job.shared_rows is not None else t) for k, t in raw.items()}
-        base = to_compute(sliced[BASE], device, job.name, BASE) if BASE in sliced else None
-        models = [to_compute(sliced[k], device, job.name, k) for k in keys if k != BASE]
-        # random methods draw from (seed, tensor name, entry index): the same bits anywhere
-        named = {"tensor_name": job.name} if method.random else {}
-        try:
-            result, stats = method.fn(base, models, model_params, params, **named)
-        except DegenerateInput as e:
-            raise InputModelError(f"tensor {job.name}: {e}") from None
-        if stats is not None:
-            kept, agreed = stats.kept.tolist(), stats.agreed.tolist()
-        float32_finite = bool(result.isfinite().all())
+    else:  # the reference function, on the CPU, reading the mapped inputs in place
+        from .torch_engine import host_tensor
+
+        raw = [host_tensor(a) for a in merge_inputs(job, readers, keys)]
+        result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if retention is not None and kept is not None:
         retention.add(merged.size, kept, agreed)
@@ -345,11 +338,12 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
             raise InputModelError(f"{job.extra_rows_from}: tensor {job.name} contains NaN or Inf")
         merged = np.concatenate([merged, extra if dtype == job.out_dtype else float32_to(values, job.out_dtype)])
     # the kernels (bfloat16/float32 output) and the torch engine's ties count NaN/Inf as they
-    # store; everything else is counted here
+    # store; everything else is counted here. Every path refused a float32 result that
+    # overflowed, so what is left here is the cast's overflow
     if not counted or job.extra_rows_from is not None:
         bad = nonfinite_count(merged, job.out_dtype)
         if bad:
-            raise nonfinite_output(job, bad, model_params, params, not float32_finite)
+            raise nonfinite_output(job, bad, model_params, params, False)
     return merged
 
 
