@@ -5,9 +5,9 @@ import this checkout.
 
 Import this before anything imports ray: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it
 is imported (0: bind to loopback only, Ray's own single-machine switch; `ray start --address`
-refuses to run under it, so each joining node gets 1, with --node-ip-address 127.0.0.1 so that
-it binds to loopback too), and RAY_AUTH_TOKEN (token authentication with a token of this
-run's own, not ~/.ray/auth_token).
+refuses to run under it, so each joining node gets 1, with a loopback --node-ip-address of its
+own, 127.0.0.2 and on), and RAY_AUTH_TOKEN (token authentication with a token of this run's
+own, not ~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -35,11 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def live_node_ids(address: str) -> set[str]:
+    """The ids of the live nodes of the Ray cluster at `address`, seen by a driver."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+
+
 @contextlib.contextmanager
 def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Iterator[str]:
     """Yield the head's address (127.0.0.1:PORT) once a Ray cluster of one node per entry of
     `cpus_per_node` (that many CPUs each; the first is the head) is up."""
-    import ray
     from ray._private.services import get_node_ip_address
 
     assert get_node_ip_address() == "127.0.0.1", "ray was imported before tests/ray_support.py"
@@ -57,10 +67,7 @@ def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Itera
     def wait_for(count: int, deadline: float) -> None:
         while True:  # up once a driver sees `count` live nodes
             try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-                alive = [n for n in ray.nodes() if n["Alive"]]
-                ray.shutdown()
-                if len(alive) >= count:
+                if len(live_node_ids(address)) >= count:
                     return
             except (ConnectionError, RuntimeError):
                 pass

@@ -3,7 +3,7 @@ and a second node joining it with `ray start --address` on 127.0.0.2, one CPU ea
 single-CPU task slots), started once for this module (tests/ray_support.py); tiny models,
 lm-eval's hf backend."""
 
-from tests.ray_support import ray_cluster as start_ray_cluster  # first: how Ray binds, before ray is imported
+from tests.ray_support import live_node_ids, ray_cluster as start_ray_cluster  # first: how Ray binds
 
 import json
 import os
@@ -49,16 +49,6 @@ NODE_IPS = {"127.0.0.1", "127.0.0.2"}
 def ray_cluster():
     with start_ray_cluster((1, 1)) as address:
         yield address
-
-
-def cluster_node_ids(address: str) -> set[str]:
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
 
 
 def lrmerge(*args):
@@ -250,7 +240,7 @@ def test_the_cluster_is_found_through_ray_address(ray_cluster, tmp_path, monkeyp
     code, out, err = lrmerge("run", tmp_path / "bo.yaml", "--executor", "ray", "--format", "json")
     assert code == 0, err
     summary = json.loads(out)  # one recipe: its summary
-    assert summary["steps"]["merge"]["verified"]["worker_node"]["node_id"] in cluster_node_ids(ray_cluster)
+    assert summary["steps"]["merge"]["verified"]["worker_node"]["node_id"] in live_node_ids(ray_cluster)
     assert (tmp_path / "out/bo/model.safetensors").exists()
 
 
