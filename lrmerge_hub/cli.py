@@ -575,7 +575,7 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
 
 
 @main.command("eval")
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
 @click.option("--tasks", default=None,
               help="Comma-separated lm-eval tasks. Default: the tasks covering the recipe's languages.")
 @click.option("--limit", type=int, default=None, help="Examples per task (lm-eval --limit), for quick checks.")
@@ -601,10 +601,13 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
 @click.option("--gpu-memory-utilization", type=float, default=None, help="vllm backend: memory fraction.")
 @FORMAT_OPTION
 @user_errors
-def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, compare, sources, out_dir,
+def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, compare, sources, out_dir,
              num_concurrent, batch_size, dtype, max_model_len, tensor_parallel_size,
              gpu_memory_utilization, fmt):
-    """Evaluate MODEL (a merged folder or org/name[@rev]) with lm-eval; results go to MODEL/eval/."""
+    """Evaluate MODEL (a merged folder or org/name[@rev]) with lm-eval; results go to MODEL/eval/.
+
+    Several MODELs are evaluated with the same tasks, each into its own eval folder; with the
+    hf backend in one lm-eval process, so its imports are paid once."""
     from . import evaluate, settings
     from .errors import EvalError
 
@@ -616,7 +619,7 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
         overrides[role] = path
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
     result = evaluate.evaluate(
-        model, tasks=tasks, limit=limit, backend=backend, base_url=base_url,
+        list(models), tasks=tasks, limit=limit, backend=backend, base_url=base_url,
         api_key=api_key or settings.vllm_api_key(), include_path=include_path, compare=compare or bool(overrides),
         sources=overrides, out_dir=out_dir, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
         max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
@@ -625,8 +628,8 @@ def eval_cmd(model, tasks, limit, backend, base_url, api_key, include_path, comp
 
     def human() -> None:
         click.echo(result["table"])
-        for role, path in result["files"].items():
-            click.echo(f"{role}: {path}")
+        for key, path in result["files"].items():
+            click.echo(f"{key}: {path}")
 
     emit(fmt, result, human)
 

@@ -1,8 +1,10 @@
 """Evaluate merged models (and, with --compare, their sources) with lm-eval.
 
 lm-eval runs as a subprocess, `python -m lm_eval run ...`, with the exact command line shown
-and logged. Backends: `server` (lm-eval's local-completions against a running
-`lrmerge serve` endpoint), `vllm` (in-process vLLM, for GPUs) and `hf` (transformers).
+and logged. Backends: `server` (lm-eval's local-completions against a running `lrmerge serve`
+endpoint), `vllm` (in-process vLLM, for GPUs) and `hf` (transformers). Several models on the
+hf backend share one process, where lm-eval's own CLI entry point parses each model's command
+line (`lm_eval_many`).
 
 Results land where the card looks for them, in lm-eval's own JSON format:
 `<model>/eval/<served-name>/results_<time>.json` for the merged model and
@@ -28,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from .eval_results import is_metric
 from .errors import EvalError, ServeError
-from .serve import auth_headers, http_json, resolve_target
+from .serve import auth_headers, check_unique_names, http_json, resolve_target
 
 # lm-eval 0.4.13 tasks that cover each language (Belebele first: it covers most of them).
 LANGUAGE_TASKS: dict[str, tuple[str, ...]] = {
@@ -128,13 +130,19 @@ def model_languages(model_dir: Path | None) -> list[str]:
     return [x for x in langs if isinstance(x, str)] if isinstance(langs, list) else []
 
 
-def merged_model(spec: str) -> EvalModel:
-    """The model named on the command line. Raises EvalError for a missing folder."""
+def merged_models(specs: list[str]) -> list[EvalModel]:
+    """The models named on the command line, under distinct names. Raises EvalError for a
+    missing folder or two models with one name."""
     try:
-        t = resolve_target(spec)
+        targets = [resolve_target(spec) for spec in specs]
+        check_unique_names(targets)
     except ServeError as e:
         raise EvalError(str(e)) from None
-    return EvalModel(name=t.served_name, model=t.model, revision=t.revision, role="merged")
+    return [EvalModel(name=t.served_name, model=t.model, revision=t.revision, role="merged") for t in targets]
+
+
+def merged_model(spec: str) -> EvalModel:
+    return merged_models([spec])[0]
 
 
 def source_models(model_dir: Path | None, overrides: dict[str, str]) -> list[EvalModel]:
@@ -254,19 +262,33 @@ def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: P
     return cmd
 
 
-def run_lm_eval(cmd: list[str], env: dict[str, str], log_path: Path,
-                echo: Callable[[str], None]) -> None:
-    """Run lm-eval, logging its output; raise EvalError with its last lines if it fails."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    echo(f"$ {shlex.join(cmd)}")
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    if proc.returncode != 0:
-        last = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-        raise EvalError(f"lm-eval exited with status {proc.returncode} (log: {log_path})\n"
-                        f"--- last lines of the log ---\n{last}")
+def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path],
+                echo: Callable[[str], None]) -> int:
+    """Run lm-eval command lines in order, each one's output in its log; the exit status.
+
+    One command runs as it reads. Several (the hf backend) run in one Python process
+    (`lrmerge_hub.lm_eval_many`), where lm-eval's own CLI entry point parses each command
+    line: the same evaluation, with the imports paid once. That process stops at the first
+    command that fails; the caller finds which by the results it left."""
+    for cmd, log_path in zip(cmds, log_paths):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        echo(f"$ {shlex.join(cmd)}")
+        note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
+                "(python -m lrmerge_hub.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
+        log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
+    with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
+        if len(cmds) == 1:
+            return subprocess.run(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env=env).returncode
+        jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
+        return subprocess.run([sys.executable, "-m", "lrmerge_hub.lm_eval_many"], input=json.dumps(jobs),
+                              text=True, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def lm_eval_failed(status: int, log_path: Path) -> EvalError:
+    last = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    return EvalError(f"lm-eval exited with status {status} (log: {log_path})\n"
+                     f"--- last lines of the log ---\n{last}")
 
 
 def redact_paths(obj: Any, replacements: dict[str, str]) -> Any:
@@ -345,7 +367,7 @@ class RunSettings:
 
     backend: str
     tasks: list[str]
-    eval_root: Path
+    eval_root: Path | None  # None: each merged model's default_eval_root
     log_dir: Path
     limit: int | None = None
     include_path: Path | None = None
@@ -370,27 +392,32 @@ def check_ready(backend: str, include_path: Path | None) -> None:
         raise EvalError(f"--include-path {include_path} is not a folder of task YAML files")
 
 
-def evaluate(spec: str, *, tasks: str | None = None, limit: int | None = None, backend: str = "auto",
-             base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
+def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | None = None,
+             backend: str = "auto", base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
              include_path: Path | None = None, compare: bool = False,
              sources: dict[str, str] | None = None, out_dir: Path | None = None,
              num_concurrent: int = 8, batch_size: str = "1", dtype: str = "auto",
              max_model_len: int | None = None, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float | None = None, seed: int = 1234,
              log_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """`lrmerge eval`: evaluate the model (and its sources with `compare`); return the
-    result files, a summary per model and a table."""
+    """`lrmerge eval`: evaluate one model or several with the same tasks (and, with
+    `compare`, one model's sources); return the result files, a summary per model and a
+    table. Each model's results go to its own eval folder, or under `out_dir`."""
     check_ready(backend, include_path)
-    merged = merged_model(spec)
-    model_dir = Path(merged.model) if merged.is_local else None
-    chosen_tasks = select_tasks(tasks, model_languages(model_dir))
-    models = [merged] + (source_models(model_dir, sources or {}) if compare else [])
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    merged = merged_models(specs)
+    if len(merged) > 1 and (compare or sources):
+        raise EvalError(f"--compare and --source take one MODEL (got {len(merged)}): evaluate the others "
+                        "with the same tasks by naming them, without --compare")
+    model_dir = Path(merged[0].model) if merged[0].is_local else None
+    languages = [lang for m in merged if m.is_local for lang in model_languages(Path(m.model))]
+    chosen_tasks = select_tasks(tasks, list(dict.fromkeys(languages)))
+    models = merged + (source_models(model_dir, sources or {}) if compare else [])
     backend = choose_backend(backend, models, base_url, api_key)
     if backend == "server":
         check_server(models, base_url, api_key)
     rs = RunSettings(
-        backend=backend, tasks=chosen_tasks,
-        eval_root=Path(out_dir) if out_dir else (model_dir / "eval" if model_dir else Path.cwd() / "eval"),
+        backend=backend, tasks=chosen_tasks, eval_root=Path(out_dir) if out_dir else None,
         log_dir=Path(log_dir) if log_dir else Path.cwd() / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
         limit=limit, include_path=Path(include_path).resolve() if include_path else None, base_url=base_url,
         api_key=api_key, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
@@ -424,10 +451,13 @@ def evaluate_for_run(output: Path, recipe: Any, spec: Any, *, sources: dict[str,
 
 
 def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Run lm-eval for each model; store results under rs.eval_root; summarize.
+    """Run lm-eval for each model; store results under its eval folder; summarize.
 
-    Returns {backend, tasks, files: {role: path}, summary: {name: {task: {metric: value}}},
-    scores: [{model, role, task, metric, value}], table}."""
+    Returns {backend, tasks, files, summary: {name: {task: {metric: value}}},
+    scores: [{model, role, task, metric, value}], table}. `files` maps each role to its
+    results file (merged, and the sources' roles); with several merged models, each model's
+    name. The hf backend evaluates all models in one lm-eval process; vllm and server run
+    one process per model (vLLM holds its GPU memory until its process ends)."""
     device = hf_device()
     env = dict(os.environ)
     if rs.backend == "server":
@@ -438,40 +468,54 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
     if rs.include_path is not None:
         replacements[str(rs.include_path)] = rs.include_path.name
     replacements[str(Path.home())] = "~"
+    several = sum(m.role == "merged" for m in models) > 1
 
     files: dict[str, str] = {}
     summaries: dict[str, dict[str, dict[str, float]]] = {}
     scores: list[dict[str, Any]] = []
     answer: str | None = None
-    for m in models:
-        with served_if_needed(m, rs) as base_url:
-            margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
-                               dtype=rs.dtype, device=device, max_model_len=rs.max_model_len,
-                               tensor_parallel_size=rs.tensor_parallel_size,
-                               gpu_memory_utilization=rs.gpu_memory_utilization)
-            rs.eval_root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.eval_root) as tmp:
+    for group in [models] if rs.backend == "hf" else [[m] for m in models]:
+        with contextlib.ExitStack() as stack:
+            base_url = stack.enter_context(served_if_needed(group[0], rs))  # server: groups of one
+            runs = []  # (model, its eval folder, lm-eval's scratch folder, command, log)
+            for m in group:
+                root = rs.eval_root or default_eval_root(m if m.role == "merged" else models[0])
+                rs.log_dir.mkdir(parents=True, exist_ok=True)  # beside the logs: a model not reached gets no eval/
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.log_dir))
+                margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
+                                   dtype=rs.dtype, device=device, max_model_len=rs.max_model_len,
+                                   tensor_parallel_size=rs.tensor_parallel_size,
+                                   gpu_memory_utilization=rs.gpu_memory_utilization)
                 cmd = lm_eval_command(m, rs.backend, rs.tasks, Path(tmp), margs=margs, limit=rs.limit,
                                       include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed,
                                       device=device)
-                run_lm_eval(cmd, env, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log", echo)
-                dest_dir = rs.eval_root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
+                runs.append((m, root, tmp, cmd, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log"))
+            status = run_lm_eval([r[3] for r in runs], env, [r[4] for r in runs], echo)
+            for m, root, tmp, cmd, log_path in runs:
+                if status != 0 and not any(Path(tmp).rglob("results_*.json")):
+                    raise lm_eval_failed(status, log_path)  # the models before it keep their results
+                dest_dir = root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
                 extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
                          "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
-                         "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(rs.eval_root))}
+                         "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(root))}
                 dest = store_results(Path(tmp), dest_dir, extra, replacements)
-            if rs.backend == "server" and rs.serve_each and m.role == "merged":
-                answer = sample_answer(base_url, m.name, rs.api_key)
-                echo(f"{m.name} answers {SAMPLE_PROMPT!r}: {answer!r}")
-        files[m.role] = str(dest)
-        summaries[m.name] = summarize(json.loads(dest.read_text()))
-        scores += [{"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
-                   for task, metrics in summaries[m.name].items() for metric, value in metrics.items()]
+                files[m.name if several else m.role] = str(dest)
+                summaries[m.name] = summarize(json.loads(dest.read_text()))
+                scores += [{"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
+                           for task, metrics in summaries[m.name].items() for metric, value in metrics.items()]
+            if rs.backend == "server" and rs.serve_each and group[0].role == "merged":
+                answer = sample_answer(base_url, group[0].name, rs.api_key)
+                echo(f"{group[0].name} answers {SAMPLE_PROMPT!r}: {answer!r}")
     result = {"backend": rs.backend, "tasks": rs.tasks, "files": files, "summary": summaries,
               "scores": scores, "table": format_table(summaries)}
     if answer is not None:
         result["sample"] = {"prompt": SAMPLE_PROMPT, "answer": answer}
     return result
+
+
+def default_eval_root(merged: EvalModel) -> Path:
+    """Where a merged model's results go: MODEL/eval for a folder, ./eval for a Hub id."""
+    return Path(merged.model) / "eval" if merged.is_local else Path.cwd() / "eval"
 
 
 SAMPLE_PROMPT = "Hello! What can you do?"

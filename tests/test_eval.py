@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,6 +119,67 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, 
     assert "lm_eval run --model hf" in evaluation and str(tmp_path) not in card
     logs = list((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
     assert len(logs) == 3 and all(log.read_text().startswith("$ ") for log in logs)
+
+
+def test_several_models_take_no_compare_and_distinct_names(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run_cli(["eval", a, b, "--tasks", "x", "--compare"])
+    assert r.returncode == 2 and "take one MODEL (got 2)" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["eval", a, a, "--tasks", "x"])
+    assert r.returncode == 2 and "both be served as 'a'" in r.stderr and "Traceback" not in r.stderr
+
+
+def without_output_path(command: str) -> str:
+    words = command.split()
+    return " ".join(words[:words.index("--output_path")] + words[words.index("--output_path") + 2:])
+
+
+@pytest.mark.slow
+def test_several_models_in_one_lm_eval_process_score_as_each_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_models(tmp_path / "models")
+    merged, language = merge_tiny(root, "merged-bo"), root / "language"
+    tasks = write_tiny_task(tmp_path / "tasks")
+    common = ["--backend", "hf", "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4",
+              "--format", "json"]
+    together = CliRunner().invoke(main, ["eval", str(merged), str(language), *common])
+    assert together.exit_code == 0, together.output
+    out = json.loads(together.output)
+    assert set(out["files"]) == set(out["summary"]) == {"merged-bo", "language"}
+    assert Path(out["files"]["merged-bo"]).parent == merged / "eval" / "merged-bo"
+    assert Path(out["files"]["language"]).parent == language / "eval" / "language"
+    logs = sorted((tmp_path / ".lrmerge" / "eval").rglob("*.log"))
+    assert len(logs) == 2 and all("in one Python process with 1 other model" in log.read_text() for log in logs)
+
+    alone = CliRunner().invoke(main, ["eval", str(language), "--out", str(tmp_path / "alone"), *common])
+    assert alone.exit_code == 0, alone.output
+    one = json.loads(Path(json.loads(alone.output)["files"]["merged"]).read_text())
+    two = json.loads(Path(out["files"]["language"]).read_text())
+    assert one["results"] == two["results"] and one["n-samples"] == two["n-samples"]
+    assert without_output_path(one["lrmerge"]["command"]) == without_output_path(two["lrmerge"]["command"])
+    assert two["lrmerge"]["command"].startswith("lm_eval run --model hf --model_args pretrained=language,")
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_stops_the_batch_and_keeps_the_results_before_it(tmp_path):
+    root = make_models(tmp_path / "models")
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "language", broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    r = run_cli(["eval", str(root / "task"), str(broken), str(root / "base"), "--backend", "hf",
+                 "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4"])
+    assert r.returncode == 2 and "lm-eval exited with status 1" in r.stderr and "Traceback" not in r.stderr
+    log = Path(r.stderr.split("(log: ", 1)[1].split(")", 1)[0])
+    assert log.name == "merged-broken.log" and "Traceback" in log.read_text()
+    assert len(list((root / "task" / "eval" / "task").glob("results_*.json"))) == 1
+    assert not (broken / "eval").exists() or not list((broken / "eval").rglob("results_*.json"))
+    assert not (root / "base" / "eval").exists()  # the batch stopped at the failure
+    assert not list(Path(log).parent.glob(".lm-eval-*"))  # scratch folders are gone
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -140,14 +141,14 @@ def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, ou
     return json.loads((out / "merge_report.json").read_text())
 
 
-def evaluate(model: Path, tasks_dir: Path) -> dict[str, float]:
-    """LR accuracy, English accuracy and LR word perplexity of one model folder."""
-    res = cli(["eval", str(model), "--backend", "hf", "--tasks", ",".join(TASKS), "--include-path",
-               str(tasks_dir), "--batch-size", "16", "--dtype", "float32"], cwd=model.parent)
-    summary = next(iter(res["summary"].values()))
-    return {"lr_acc": summary["miniature_lr_qa"]["exact_match"],
-            "en_acc": summary["miniature_en_qa"]["exact_match"],
-            "lr_ppl": summary["miniature_lr_ppl"]["word_perplexity"]}
+def evaluate(models: list[Path], tasks_dir: Path) -> list[dict[str, float]]:
+    """LR accuracy, English accuracy and LR word perplexity of model folders (distinct
+    names), all in one `lrmerge eval`: one lm-eval process, its imports paid once."""
+    res = cli(["eval", *map(str, models), "--backend", "hf", "--tasks", ",".join(TASKS), "--include-path",
+               str(tasks_dir), "--batch-size", "16", "--dtype", "float32"], cwd=models[0].parent)
+    summaries = [res["summary"][m.name] for m in models]
+    return [{"lr_acc": s["miniature_lr_qa"]["exact_match"], "en_acc": s["miniature_en_qa"]["exact_match"],
+             "lr_ppl": s["miniature_lr_ppl"]["word_perplexity"]} for s in summaries]
 
 
 # --- the experiment -------------------------------------------------------------------------
@@ -193,25 +194,25 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
                 jobs_list.append((rec(label, method=method, slack=slack,
                                       folder=str(out.relative_to(models_root))), out, spec, tasks_dir))
 
-    def one(job) -> dict:
-        record, model, merge_spec, tasks_dir = job
-        if (record["seed"], record["model"], record["ct"]) in done:
-            return done[(record["seed"], record["model"], record["ct"])]
-        if merge_spec is not None:
-            report = merge(*merge_spec)
-            for m in report["models"]:
-                ret = m.get("retention") or {}
-                record[f"{m['role']}_retention"] = ret.get("fraction")
-        record.update(evaluate(model, tasks_dir))
-        with open(progress, "a") as f:  # progress, in case the run is cut short
-            f.write(json.dumps(record) + "\n")
-        log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
-            f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
-        return record
+    def one(chunk: list) -> list[dict]:
+        """One seed at one CT length: its merges, then one evaluation of all its models."""
+        todo = [job for job in chunk if (job[0]["seed"], job[0]["model"], job[0]["ct"]) not in done]
+        for record, _, merge_spec, _ in todo:
+            if merge_spec is not None:
+                for m in merge(*merge_spec)["models"]:
+                    record[f"{m['role']}_retention"] = (m.get("retention") or {}).get("fraction")
+        for (record, *_), scores in zip(todo, evaluate([j[1] for j in todo], chunk[0][3]) if todo else []):
+            record.update(scores)
+            with open(progress, "a") as f:  # progress, in case the run is cut short
+                f.write(json.dumps(record) + "\n")
+            log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
+                f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
+        return [done.get((r["seed"], r["model"], r["ct"]), r) for r, *_ in chunk]
 
     t1 = time.time()
+    chunks = [list(g) for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0]["ct"], j[0]["seed"]))]
     with ThreadPoolExecutor(jobs) as pool:
-        records = list(pool.map(one, jobs_list))
+        records = [r for rs in pool.map(one, chunks) for r in rs]
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
     return records
 
