@@ -2,7 +2,7 @@
 merge them with `lrmerge merge`, evaluate every model with `lrmerge eval` (lm-eval, hf
 backend, local tasks) and write results.md, results.json and results.png.
 
-    python examples/miniature/run.py            # 3 seeds, CT at 1x 2x 4x 8x (about 15 min, 2 cores)
+    python examples/miniature/run.py            # 3 seeds, CT at 1x 2x 4x 8x (about 12 min, 2 cores)
     python examples/miniature/run.py --quick    # 1 seed, CT at 1x and 4x
 
 The design (world, model sizes, steps, seeds, merge parameters) is fixed in `PRESETS` and
