@@ -264,17 +264,17 @@ def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: P
 
 def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path],
                 echo: Callable[[str], None]) -> int:
-    """Run lm-eval command lines in order, each one's output in its log; the exit status.
+    """Run lm-eval command lines in order, each one's output in its log (its folder exists);
+    the exit status.
 
     One command runs as it reads. Several (the hf backend) run in one Python process
     (`lrmerge_hub.lm_eval_many`), where lm-eval's own CLI entry point parses each command
     line: the same evaluation, with the imports paid once. That process stops at the first
     command that fails; the caller finds which by the results it left."""
+    note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
+            "(python -m lrmerge_hub.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
     for cmd, log_path in zip(cmds, log_paths):
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         echo(f"$ {shlex.join(cmd)}")
-        note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
-                "(python -m lrmerge_hub.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
         log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
     with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
         if len(cmds) == 1:
@@ -474,13 +474,14 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
     summaries: dict[str, dict[str, dict[str, float]]] = {}
     scores: list[dict[str, Any]] = []
     answer: str | None = None
+    # lm-eval's scratch folders go beside the logs: a model the run never reaches gets no eval/
+    rs.log_dir.mkdir(parents=True, exist_ok=True)
     for group in [models] if rs.backend == "hf" else [[m] for m in models]:
         with contextlib.ExitStack() as stack:
             base_url = stack.enter_context(served_if_needed(group[0], rs))  # server: groups of one
             runs = []  # (model, its eval folder, lm-eval's scratch folder, command, log)
             for m in group:
                 root = rs.eval_root or default_eval_root(m if m.role == "merged" else models[0])
-                rs.log_dir.mkdir(parents=True, exist_ok=True)  # beside the logs: a model not reached gets no eval/
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.log_dir))
                 margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
                                    dtype=rs.dtype, device=device, max_model_len=rs.max_model_len,

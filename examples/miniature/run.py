@@ -170,7 +170,7 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
     for line in progress.read_text().splitlines() if progress.is_file() else []:
         r = json.loads(line)
         if stamps.get(r["seed"]) == r.get("stamp"):
-            done[(r["seed"], r["model"], r["ct"])] = r
+            done[record_key(r)] = r
 
     # the shortest and longest CT first, so that a run cut short still spans the axis
     cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
@@ -196,7 +196,7 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
 
     def one(chunk: list) -> list[dict]:
         """One seed at one CT length: its merges, then one evaluation of all its models."""
-        todo = [job for job in chunk if (job[0]["seed"], job[0]["model"], job[0]["ct"]) not in done]
+        todo = [job for job in chunk if record_key(job[0]) not in done]
         for record, _, merge_spec, _ in todo:
             if merge_spec is not None:
                 for m in merge(*merge_spec)["models"]:
@@ -207,7 +207,7 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
                 f.write(json.dumps(record) + "\n")
             log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
                 f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
-        return [done.get((r["seed"], r["model"], r["ct"]), r) for r, *_ in chunk]
+        return [done.get(record_key(r), r) for r, *_ in chunk]
 
     t1 = time.time()
     chunks = [list(g) for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0]["ct"], j[0]["seed"]))]
@@ -215,6 +215,11 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
         records = [r for rs in pool.map(one, chunks) for r in rs]
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
     return records
+
+
+def record_key(record: dict) -> tuple:
+    """What a record is of: one model of one seed at one CT length."""
+    return record["seed"], record["model"], record["ct"]
 
 
 def family_stamp(root: Path) -> str:
