@@ -240,7 +240,8 @@ def print_merge_summary(report: dict) -> None:
         r = m.get("retention")
         if r:
             frac = f"{r['fraction']:.1%}" if r["fraction"] is not None else "n/a"
-            click.echo(f"{m['role']:>8} {m['model']}: trim kept {r['kept']:,} of {r['total']:,}, "
+            name = "" if m["model"] == m["role"] else f" {m['model']}"  # a model named after its role: once
+            click.echo(f"{m['role']:>8}{name}: trim kept {r['kept']:,} of {r['total']:,}, "
                        f"election kept {r['agreed']:,} (retention {frac})")
     s = report["stats"]
     engine = f" with the {s['engine']} engine" if s.get("engine") else ""
@@ -389,6 +390,39 @@ def summary_cmd(summary_file: str) -> None:
         raise LrmergeError(f"{path.name}: not a run summary (its fields are not what `lrmerge run` "
                            "writes); pass the file `lrmerge run --format json` wrote") from None
     click.echo(markdown)
+
+
+# --- hf extension ---
+
+
+@main.group("extension")
+def extension_group() -> None:
+    """Make `hf lrmerge ...` run this installation (the Hugging Face CLI's extension manifest)."""
+
+
+@extension_group.command("install")
+@click.option("--force", is_flag=True, help="Replace another registered `hf lrmerge`.")
+@FORMAT_OPTION
+@user_errors
+def extension_install_cmd(force: bool, fmt: str) -> None:
+    """Register the installed `hf-lrmerge` script with the `hf` CLI; nothing is downloaded."""
+    from . import hf_extension
+
+    script = hf_extension.install(force=force)
+    emit(fmt, {"command": "hf lrmerge", "runs": str(script), "manifest": str(hf_extension.extension_dir())},
+         lambda: click.echo(f"`hf lrmerge` now runs {script}"))
+
+
+@extension_group.command("remove")
+@FORMAT_OPTION
+@user_errors
+def extension_remove_cmd(fmt: str) -> None:
+    """Forget the `hf lrmerge` registration (lrmerge itself stays installed)."""
+    from . import hf_extension
+
+    removed = hf_extension.remove()
+    emit(fmt, {"removed": removed},
+         lambda: click.echo("`hf lrmerge` removed" if removed else "`hf lrmerge` was not registered"))
 
 
 # --- hub ---

@@ -417,7 +417,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                   ""]
         return "\n".join(lines) + "\n"
     lines += ["| step | status | seconds |", "|---|---|---|"]
-    for step, info in summary.get("steps", {}).items():
+    steps = summary.get("steps", {})
+    # JSON output sorts keys; show the steps in the order they ran (unknown names last, as given)
+    for step in sorted(steps, key=lambda s: STEPS.index(s) if s in STEPS else len(STEPS)):
+        info = steps[step]
         status = str(info.get("status", "?")) + (" (earlier run)" if info.get("reused") else "")
         if info.get("skipped"):
             status += f": {info['skipped']}"
