@@ -47,7 +47,9 @@ CORRUPT = -2  # Fault.status: answer, with one byte of the body changed
 EMPTY = -3  # Fault.status: `206` with the range's Content-Range but `Content-Length: 0` and no body
 OVERLONG = -4  # Fault.status: `206` with the right bytes, then zeros without end (`Content-Length: 10**15`)
 TRICKLE = -5  # Fault.status: `206` with the right headers, the body one byte every `Fault.interval` seconds
-BODY_FAULTS = (CUT, CORRUPT, EMPTY, OVERLONG, TRICKLE)  # the request is answered, its answer spoiled
+SHIFTED = -6  # Fault.status: `206` for the range asked less its first byte (said so in Content-Range)
+RANGE_FAULTS = (EMPTY, OVERLONG, TRICKLE, SHIFTED)
+BODY_FAULTS = (CUT, CORRUPT, *RANGE_FAULTS)  # the request is answered, its answer spoiled
 LFS_POINTER_SIZE = 134  # bytes of a git-lfs pointer file (what the Hub lists as pointerSize)
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -390,7 +392,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = bytearray(answer[2])
                 body[-1] ^= 0xFF
                 answer = (answer[0], answer[1], bytes(body))
-            if fault and fault.status in (EMPTY, OVERLONG, TRICKLE) and answer[0] == 206:
+            if fault and fault.status in RANGE_FAULTS and answer[0] == 206:
                 answer = self._range_fault(fault, *answer)
         record.status = answer[0]
         if hub.latency:
@@ -440,6 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
         (`_send` writes them as they come, until the client goes away)."""
         if fault.status == EMPTY:
             return status, {**headers, "Content-Length": "0"}, b""
+        if fault.status == SHIFTED:
+            first, rest = headers["Content-Range"].removeprefix("bytes ").split("-", 1)
+            return status, {**headers, "Content-Range": f"bytes {int(first) + 1}-{rest}"}, payload[1:]
         if fault.status == OVERLONG:
             def zeros_without_end():
                 yield payload

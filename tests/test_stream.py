@@ -23,7 +23,7 @@ from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.sweep import parse_grid, run_sweep
 from lrmerge_hub.synth import make_family, write_checkpoint
-from tests.hub_server import CORRUPT, CUT, EMPTY, OVERLONG, TRICKLE
+from tests.hub_server import CORRUPT, CUT, EMPTY, OVERLONG, SHIFTED, TRICKLE
 from tests.hub_support import TOKEN
 
 RECIPE = ("method: slack_ties\nbase: {base}\nmodels:\n  - {{model: {language}, role: language}}\n"
@@ -306,11 +306,12 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.mark.parametrize("fault, env, message", [
     ({"status": EMPTY}, {}, "the Hub answered 3 range requests for model.safetensors without a byte"),
     ({"status": OVERLONG}, {}, "is longer than the range (1000000000000000 bytes for "),
+    ({"status": SHIFTED}, {}, "the Hub answered a request for bytes "),
     ({"status": 429, "headers": {"Retry-After": "100000"}}, {},
      "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), longer than lrmerge waits "
      "(300 s, LRMERGE_HUB_MAX_WAIT)"),
     ({"status": TRICKLE, "interval": 0.5}, {"LRMERGE_HUB_RANGE_DEADLINE": "3"}, "took longer than 3 s"),
-], ids=["empty-206", "overlong-206", "retry-after-100000s", "trickle"])
+], ids=["empty-206", "overlong-206", "other-range-206", "retry-after-100000s", "trickle"])
 def test_a_range_the_hub_never_completes_fails_with_one_line_within_its_bounds(hub_server, hub_family, fault, env,
                                                                                message):
     hub_server.fail("GET", TASK_WEIGHTS, skip=HEADER_READS, times=1000, **fault)
@@ -369,3 +370,11 @@ def test_a_stop_signal_during_a_stalled_range_ends_the_process_at_once(hub_serve
     assert code == 128 + sig and seconds < 5, (code, seconds, err)
     assert err.strip() == f"Error: interrupted by {sig.name}; nothing half-written was left at the output path"
     assert leftovers(hub_family.parent) == []
+
+
+def test_a_bound_that_is_not_a_number_of_seconds_is_one_line(hub_server, hub_family):
+    result = run(hub_family, env={"LRMERGE_HUB_MAX_WAIT": "soon"})
+
+    assert result.exit_code == 2 and result.output.strip() == (
+        "Error: LRMERGE_HUB_MAX_WAIT='soon' is not a positive number of seconds; unset it or set e.g. "
+        "LRMERGE_HUB_MAX_WAIT=300")
