@@ -99,12 +99,16 @@ def printable(text: str) -> str:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit."""
+    """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit; the Hub
+    client's retry warnings become one line each with `--format human`, none otherwise."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .hub_retries import reported_retries
+
         try:
-            return fn(*args, **kwargs)
+            with reported_retries(human=kwargs.get("fmt", "human") == "human"):
+                return fn(*args, **kwargs)
         except LrmergeError as e:
             click.echo(f"Error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)

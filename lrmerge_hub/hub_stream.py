@@ -2,9 +2,18 @@
 
 `HubModel` is the merge loop's TensorSource (merge/st_io.py) for a Hub model that is not in
 the HF cache. Requests go through the official client: its shared session (`get_session`,
-via `http_stream_backoff`, which retries 429 and 5xx answers), its auth headers
-(`build_hf_headers`), its endpoint (`hf_hub_url`: HF_ENDPOINT) and its errors
-(`hf_raise_for_status`, turned into one-line errors by `hub.hub_errors`).
+via `http_stream_backoff`), its auth headers (`build_hf_headers`), its endpoint
+(`hf_hub_url`: HF_ENDPOINT) and its errors (`hf_raise_for_status`, turned into one-line
+errors by `hub.hub_errors`).
+
+Bounds: the retries of 429 and 5xx answers are ours, not the client's backoff, because its
+waits cannot be bounded or interrupted (it sleeps whatever `Retry-After` says: 100000 s is
+obeyed). Every range request, retries and resumes included, ends within a deadline
+(`settings.hub_range_deadline`); a `Retry-After` longer than `settings.hub_max_wait` fails at
+once; waits end as soon as the model is closed. An answer must be the range asked for
+(its `Content-Range`), never longer; a few answers in a row without a byte fail the read.
+The requests run on daemon threads that `close()` never waits for, so a stop signal's
+cleanup and the process's exit are not held by a request stalled on the network.
 
 Reads: the loop announces the order it reads tensors in; tensors that lie next to each other
 in a shard and are read one after the other are fetched as one block, up to
@@ -22,12 +31,14 @@ anything is written in place of the output.
 from __future__ import annotations
 
 import hashlib
+import queue
+import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx2
 import numpy as np
@@ -35,11 +46,16 @@ from huggingface_hub import HfApi, RepoFile, hf_hub_url
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
-from .errors import HubError, HubIntegrityError, HubOfflineError, InputModelError
+from . import settings
+from .errors import HubError, HubIntegrityError, HubOfflineError, InputModelError, shown
+from .hub_retries import note_retry
 from .merge.st_io import NUMPY_DTYPES, StoredTensor, TensorSource, header_length, header_tensors
 
 RESUMES = 5  # a range whose connection breaks more often than this fails the merge
-RESUME_WAIT = 0.5  # seconds before the first resume; doubles each time
+RETRIES = 5  # answers 408, 429 or 5xx to one range before it fails (the client's max_retries)
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # the client's backoff retries these
+EMPTY_ANSWERS = 3  # answers in a row without a byte before a range fails
+MAX_BACKOFF = 8.0  # seconds: the longest wait between tries without a Retry-After (the client's)
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,46 @@ def plan_blocks(order: list[str], tensors: dict[str, StoredTensor], shards: dict
     return blocks
 
 
+class DaemonPool:
+    """Worker threads for range requests. Unlike ThreadPoolExecutor's, which the interpreter
+    joins at exit, these are daemon threads, and `shutdown` does not wait for them: a request
+    stalled on the network holds neither a stop signal's cleanup nor the process's exit."""
+
+    def __init__(self, workers: int, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; each thread ends after its current task."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+
+
 class HubModel(TensorSource):
     """A Hub model at a pinned commit: config and tokenizer from `folder` (downloaded, small),
     tensors read with range requests."""
@@ -146,8 +202,11 @@ class HubModel(TensorSource):
         self.read_ahead, self.request_bytes = read_ahead, request_bytes
         self.config = self._read_json("config.json", required=True)
         self.headers = build_hf_headers(token=token)
+        self.deadline, self.max_wait = settings.hub_range_deadline(), settings.hub_max_wait()
+        self.retry_wait = settings.hub_retry_wait()
         self._count_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"lrmerge-range-{label[:16]}")
+        self._closed = threading.Event()  # set by close(): waits end, workers stop
+        self._pool = DaemonPool(workers, f"lrmerge-range-{label[:16]}")
         self._blocks: list[Block] = []
         self._block_of: dict[str, Block] = {}
         self._submitted = 0  # blocks handed to the pool, in order
@@ -203,37 +262,123 @@ class HubModel(TensorSource):
 
     # --- fetching -----------------------------------------------------------------------
     def _fetch(self, shard: RemoteShard, start: int, view: memoryview) -> None:
-        """Fill `view` with the shard's bytes from `start`, resuming a broken connection from
-        the byte where it stopped, then hash them. 401/403/404 and gated repos raise the
-        client's errors (hub_errors turns them into one line); 429 and 5xx are retried by
-        the client's backoff."""
+        """Fill `view` with the shard's bytes from `start`, then hash them. A broken connection
+        is resumed from the byte where it stopped; 408, 429 and 5xx answers are retried;
+        everything within the deadline. 401/403/404 and gated repos raise the client's
+        errors (hub_errors turns them into one line), as do answers still failing after
+        RETRIES tries."""
         url = hf_hub_url(self.repo_id, shard.name, revision=self.revision)
-        got = resumes = 0
+        deadline = time.monotonic() + self.deadline
+        got = resumes = retries = empty = 0
         while got < len(view):
-            rng = f"bytes={start + got}-{start + len(view) - 1}"
+            first, last = start + got, start + len(view) - 1
+            wait = 0.0
             try:
-                with http_stream_backoff("GET", url, headers={**self.headers, "Range": rng},
-                                         timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT,
-                                         retry_on_exceptions=()) as response:
-                    hf_raise_for_status(response)
-                    if response.status_code != 206:
-                        raise HubError(f"{self.label}: the Hub answered a range request for {shard.name} with the "
-                                       f"whole file (HTTP {response.status_code}); use --download")
-                    for chunk in response.iter_bytes():
-                        n = min(len(chunk), len(view) - got)
-                        view[got:got + n] = chunk[:n]
-                        got += n
+                with http_stream_backoff("GET", url, headers={**self.headers, "Range": f"bytes={first}-{last}"},
+                                         timeout=min(hf_constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                                                     self._time_left(deadline, shard, first, last)),
+                                         max_retries=0, retry_on_exceptions=(), retry_on_status_codes=()) as response:
+                    if response.status_code in RETRY_STATUS:
+                        retries += 1
+                        if retries > RETRIES:
+                            hf_raise_for_status(response)
+                        wait = self._retry_wait(response, retries, shard)
+                        note_retry(f"{self.label}: HTTP {response.status_code} reading {shard.name}", retries, RETRIES,
+                                   wait)
+                    else:
+                        hf_raise_for_status(response)
+                        before = got
+                        for n in self._read_answer(response, shard, first, last, view[got:], deadline):
+                            got += n  # counted as it arrives: a broken connection resumes from here
+                        if got == before:
+                            empty += 1
+                            if empty >= EMPTY_ANSWERS:
+                                raise HubError(f"{self.label}: the Hub answered {empty} range requests for "
+                                               f"{shard.name} without a byte; try again later, or use --download")
+                            wait = self.retry_wait * 2 ** (empty - 1)
+                        else:
+                            empty = 0
             except httpx2.TransportError as e:
+                self._time_left(deadline, shard, first, last)  # a read that timed out at the deadline
                 resumes += 1
                 if resumes > RESUMES:
                     raise HubOfflineError(f"{self.label}: the connection to the Hub broke {resumes} times while "
                                           f"reading {shard.name} ({type(e).__name__}); check the network and run "
                                           "again") from None
-                time.sleep(RESUME_WAIT * 2 ** (resumes - 1))
+                wait = self.retry_wait * 2 ** (resumes - 1)
+            if wait:
+                self._pause(wait, deadline, shard, first, last)
         with self._count_lock:
             self.network_bytes += len(view)  # each byte once: a resumed range asks only for the rest
         if self._hashes[shard.name].add(start, view):  # the shard's last bytes: fail as early as possible
             self._hashes[shard.name].check(self.label)
+
+    def _read_answer(self, response: httpx2.Response, shard: RemoteShard, first: int, last: int, view: memoryview,
+                     deadline: float) -> Iterator[int]:
+        """Copy a `206` answer for bytes first-last into `view`, yielding each chunk's size. The answer
+        must say it holds bytes from `first` on (no further than `last`) and may not be
+        longer than that: a longer one is refused, not read."""
+        if response.status_code != 206:
+            raise HubError(f"{self.label}: the Hub answered a range request for {shard.name} with the "
+                           f"whole file (HTTP {response.status_code}); use --download")
+        content_range = response.headers.get("Content-Range", "")
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+        if not m or int(m[1]) != first or not first <= int(m[2]) <= last or m[3] not in ("*", str(shard.size)):
+            raise HubError(f"{self.label}: the Hub answered a request for bytes {first}-{last} of {shard.name} "
+                           f"with Content-Range {shown(content_range)}; try again later, or use --download")
+        expected = int(m[2]) - first + 1
+        length = response.headers.get("Content-Length", "").strip()
+        too_long = (length.isdigit() and int(length) > expected
+                    and response.headers.get("Content-Encoding", "identity") == "identity")
+        got = 0
+        for chunk in [] if too_long else response.iter_bytes():
+            if got + len(chunk) > expected:
+                too_long = True
+                break
+            view[got:got + len(chunk)] = chunk
+            got += len(chunk)
+            yield len(chunk)
+            if got == expected:
+                break  # exactly the range: whatever the server would send after it is not read
+            if self._closed.is_set():
+                raise HubError(f"{self.label}: closed")
+            self._time_left(deadline, shard, first, last)
+        if too_long:
+            raise HubError(f"{self.label}: the Hub's answer to a request for bytes {first}-{last} of {shard.name} "
+                           f"is longer than the range ({length or 'more'} bytes for {expected}); refused: try again "
+                           "later, or use --download")
+
+    def _retry_wait(self, response: httpx2.Response, attempt: int, shard: RemoteShard) -> float:
+        """Seconds to wait before trying again: the answer's Retry-After (refused when longer
+        than max_wait), else a backoff."""
+        retry_after = response.headers.get("Retry-After", "").strip()
+        if not retry_after.isdigit():
+            return min(MAX_BACKOFF, self.retry_wait * 2 ** (attempt - 1))
+        if len(retry_after) > 9 or int(retry_after) > self.max_wait:
+            asked = retry_after if len(retry_after) <= 9 else "over 10^9"
+            raise HubError(f"{self.label}: the Hub asks to wait {asked} s before reading "
+                           f"{shard.name} again (HTTP {response.status_code}), longer than lrmerge waits "
+                           f"({self.max_wait:g} s, LRMERGE_HUB_MAX_WAIT); run again later")
+        return float(retry_after)
+
+    def _time_left(self, deadline: float, shard: RemoteShard, first: int, last: int) -> float:
+        """Seconds left before the deadline; raises once it has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HubOfflineError(f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub took "
+                                  f"longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE); check the "
+                                  "network and run again, or raise the limit")
+        return left
+
+    def _pause(self, wait: float, deadline: float, shard: RemoteShard, first: int, last: int) -> None:
+        """Wait before trying again; fail at once when the wait would end past the deadline,
+        end early when the model is closed."""
+        if time.monotonic() + wait >= deadline:
+            raise HubOfflineError(f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub would "
+                                  f"take longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE) with the "
+                                  f"retries it needs; check the network and run again, or raise the limit")
+        if self._closed.wait(wait):
+            raise HubError(f"{self.label}: closed")
 
     def _fetch_part(self, shard: RemoteShard, start: int, view: memoryview) -> None:
         from .hub import hub_errors
@@ -305,7 +450,10 @@ class HubModel(TensorSource):
             h.check(self.label)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop fetching without waiting: requests not started are cancelled, waits end, and a
+        request in flight stops at its next chunk (its thread is a daemon)."""
+        self._closed.set()
+        self._pool.shutdown()
         self._blocks, self._block_of = [], {}
 
 

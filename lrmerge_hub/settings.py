@@ -11,6 +11,13 @@ DEFAULT_READ_AHEAD = 1024**3
 RANGE_REQUEST_BYTES = 8 * 1024**2  # bench/range_bench.py: best of 2-32 MiB at 20 and 100 ms latency
 RANGE_WORKERS = 4
 RUN_DIR_NAME = ".lrmerge"  # hidden folder beside outputs for temporary and run state
+# Bounds on waiting for the Hub while streaming (hub_stream.py), each overridable by its
+# environment variable: a range request, its retries and resumes included, gives up after
+# HUB_RANGE_DEADLINE seconds; an answer whose Retry-After asks for more than HUB_MAX_WAIT
+# seconds fails at once; retries wait HUB_RETRY_WAIT seconds first, doubling up to 8.
+HUB_RANGE_DEADLINE = 600.0  # LRMERGE_HUB_RANGE_DEADLINE: 8 MiB in 10 minutes, about 14 KB/s at the least
+HUB_MAX_WAIT = 300.0  # LRMERGE_HUB_MAX_WAIT: the Hub's rate limits reset within 5 minutes
+HUB_RETRY_WAIT = 0.5  # LRMERGE_HUB_RETRY_WAIT
 
 
 def hub_offline() -> bool:
@@ -42,3 +49,35 @@ def ray_address() -> str | None:
     """The Ray cluster to run on (`RAY_ADDRESS`, as Ray itself reads it); `--ray-address`
     overrides it; none: `--executor ray` starts a local Ray instance."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def _seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`, else `default`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        from .errors import LrmergeError
+
+        raise LrmergeError(f"{name}={text[:20]!r} is not a positive number of seconds; unset it or set e.g. "
+                           f"{name}={default:g}")
+    return value
+
+
+def hub_range_deadline() -> float:
+    """Seconds a streamed range request may take in all, retries and resumes included."""
+    return _seconds("LRMERGE_HUB_RANGE_DEADLINE", HUB_RANGE_DEADLINE)
+
+
+def hub_max_wait() -> float:
+    """The longest Retry-After (seconds) a streamed read waits for; a longer one fails at once."""
+    return _seconds("LRMERGE_HUB_MAX_WAIT", HUB_MAX_WAIT)
+
+
+def hub_retry_wait() -> float:
+    """Seconds before a streamed read's first retry or resume (doubling, up to 8)."""
+    return _seconds("LRMERGE_HUB_RETRY_WAIT", HUB_RETRY_WAIT)

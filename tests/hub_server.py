@@ -8,7 +8,8 @@ for *.safetensors and *.bin, the git-lfs batch API, a PUT per object), commit (N
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
 For tests it adds: private and gated repos that need a Bearer token, fault injection
-(`fail(...)`: errors, dropped or cut connections, corrupted bytes, after N good answers), a
+(`fail(...)`: errors, with headers such as Retry-After, dropped or cut connections, corrupted
+bytes, range answers that are empty, endless or trickled, after N good answers), a
 request log without credentials (`log`, `downloads()`; each entry has its byte range and the
 bytes sent), LFS sha256s in file listings (`lfs.oid`), and an optional bandwidth limit with
 latency (`limit_bandwidth`) for benchmarks.
@@ -42,6 +43,13 @@ EMPTY_SHA = "0" * 40
 DROP = 0  # Fault.status: close the connection without an answer (a network error)
 CUT = -1  # Fault.status: answer, but close the connection halfway through the body
 CORRUPT = -2  # Fault.status: answer, with one byte of the body changed
+# Range answers that misbehave (a download's `206` made wrong on purpose; see `_Handler._range_fault`):
+EMPTY = -3  # Fault.status: `206` with the range's Content-Range but `Content-Length: 0` and no body
+OVERLONG = -4  # Fault.status: `206` with the right bytes, then zeros without end (`Content-Length: 10**15`)
+TRICKLE = -5  # Fault.status: `206` with the right headers, the body one byte every `Fault.interval` seconds
+SHIFTED = -6  # Fault.status: `206` for the range asked less its first byte (said so in Content-Range)
+RANGE_FAULTS = (EMPTY, OVERLONG, TRICKLE, SHIFTED)
+BODY_FAULTS = (CUT, CORRUPT, *RANGE_FAULTS)  # the request is answered, its answer spoiled
 LFS_POINTER_SIZE = 134  # bytes of a git-lfs pointer file (what the Hub lists as pointerSize)
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -113,7 +121,9 @@ class Fault:
     a response lost on the way back; otherwise the request body is read and nothing changes.
     `status=DROP` closes the connection instead of answering, `status=CUT` halfway through
     the answer's body (a download interrupted by the network), `status=CORRUPT` changes a
-    byte of the answer's body. `skip` matching requests are answered normally first."""
+    byte of the answer's body; EMPTY, OVERLONG and TRICKLE spoil a range answer (see their
+    comments). `headers` are added to an error answer (e.g. `Retry-After`). `skip` matching
+    requests are answered normally first."""
 
     method: str
     path: re.Pattern
@@ -122,6 +132,8 @@ class Fault:
     after: bool = False
     action: Callable[[], None] | None = None  # run first, e.g. someone else's commit
     skip: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    interval: float = 5.0  # TRICKLE: seconds between bytes
 
 
 @dataclass
@@ -200,11 +212,14 @@ class HubServer:
         self.tokens[token] = user
 
     def fail(self, method: str, path_regex: str, *, status: int = 500, times: int = 1,
-             after: bool = False, skip: int = 0) -> None:
+             after: bool = False, skip: int = 0, headers: dict[str, str] | None = None,
+             interval: float = 5.0) -> None:
         """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`; with `skip=N` the
-        first N matching requests are answered normally."""
+        first N matching requests are answered normally; `headers` go with an error answer
+        (`{"Retry-After": "100000"}`); `interval` paces a TRICKLE."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip))
+            self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip,
+                                     headers=dict(headers or {}), interval=interval))
 
     def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
         """Pace request and answer bodies to this rate, each way (None: as fast as possible),
@@ -360,22 +375,25 @@ class _Handler(BaseHTTPRequestHandler):
                     fault.action()
                 if fault.status is None:
                     fault = None
-        if fault and not fault.after and fault.status not in (CUT, CORRUPT):  # fail without changing anything
+        if fault and not fault.after and fault.status not in BODY_FAULTS:  # fail without changing anything
             if fault.status == DROP:
                 self.close_connection = True
                 return
-            answer = self._error(HttpError(fault.status, "Injected failure"))
+            answer = self._error(HttpError(fault.status, "Injected failure", headers=fault.headers))
         else:
             answer = self._route(method, raw_path, query, body, token)
             if fault and fault.status == DROP:  # applied, then the connection drops
                 self.close_connection = True
                 return
-            if fault and fault.status not in (CUT, CORRUPT):
-                answer = self._error(HttpError(fault.status, "Injected failure after the request was applied"))
+            if fault and fault.status not in BODY_FAULTS:
+                answer = self._error(HttpError(fault.status, "Injected failure after the request was applied",
+                                               headers=fault.headers))
             if fault and fault.status == CORRUPT and answer[2]:
                 body = bytearray(answer[2])
                 body[-1] ^= 0xFF
                 answer = (answer[0], answer[1], bytes(body))
+            if fault and fault.status in RANGE_FAULTS and answer[0] == 206:
+                answer = self._range_fault(fault, *answer)
         record.status = answer[0]
         if hub.latency:
             time.sleep(hub.latency)
@@ -418,8 +436,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.pace(length, "up")
         return self.rfile.read(length) if length else b""
 
+    @staticmethod
+    def _range_fault(fault: Fault, status: int, headers: dict, payload: bytes) -> tuple[int, dict, Any]:
+        """A `206` answer spoiled as `fault.status` says; the body may be an iterator of chunks
+        (`_send` writes them as they come, until the client goes away)."""
+        if fault.status == EMPTY:
+            return status, {**headers, "Content-Length": "0"}, b""
+        if fault.status == SHIFTED:
+            first, rest = headers["Content-Range"].removeprefix("bytes ").split("-", 1)
+            return status, {**headers, "Content-Range": f"bytes {int(first) + 1}-{rest}"}, payload[1:]
+        if fault.status == OVERLONG:
+            def zeros_without_end():
+                yield payload
+                while True:
+                    yield bytes(64 * 1024)
+
+            return status, {**headers, "Content-Length": str(10**15)}, zeros_without_end()
+
+        def trickle():
+            for i in range(len(payload)):
+                if i:
+                    time.sleep(fault.interval)
+                yield payload[i:i + 1]
+
+        return status, {**headers, "Content-Length": str(len(payload))}, trickle()
+
     def _send(self, method: str, status: int, headers: dict, payload: Any, cut: bool = False) -> int:
-        """Answer; returns the body bytes written (paced by the bandwidth limit)."""
+        """Answer; returns the body bytes written (paced by the bandwidth limit). A payload that
+        is an iterator of byte chunks is written chunk by chunk (headers give its length)."""
+        if hasattr(payload, "__next__"):
+            return self._send_chunks(method, status, headers, payload)
         if not isinstance(payload, bytes):
             payload = json.dumps(payload).encode()
             headers.setdefault("Content-Type", "application/json")
@@ -441,6 +487,22 @@ class _Handler(BaseHTTPRequestHandler):
         if cut:
             self.close_connection = True
         return len(body)
+
+    def _send_chunks(self, method: str, status: int, headers: dict, chunks: Any) -> int:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, str(v))
+        self.end_headers()
+        sent = 0
+        try:
+            for chunk in [] if method == "HEAD" else chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+        return sent
 
     # --- access -------------------------------------------------------------------------
     def _repo(self, repo_id: str, user: str | None, *, write: bool = False, files: bool = False) -> Repo:

@@ -4,25 +4,33 @@ the sha256 the Hub lists, resumed after a broken connection; the client against 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from lrmerge_hub import hub, hub_stream
+from lrmerge_hub import hub
 from lrmerge_hub.cli import main
 from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.sweep import parse_grid, run_sweep
 from lrmerge_hub.synth import make_family, write_checkpoint
-from tests.hub_server import CORRUPT, CUT
+from tests.hub_server import CORRUPT, CUT, EMPTY, OVERLONG, SHIFTED, TRICKLE
+from tests.hub_support import TOKEN
 
 RECIPE = ("method: slack_ties\nbase: {base}\nmodels:\n  - {{model: {language}, role: language}}\n"
           "  - {{model: {task}, role: task, slack: 0.5}}\nlanguages: [bo]\nlicense: apache-2.0\n")
 TASK_WEIGHTS = r"org/task/resolve/[0-9a-f]{40}/model\.safetensors$"
 HEADER_READS = 3  # GETs of a one-shard model before its first data block: the check's, then ours (8 bytes, JSON)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,7 @@ def hub_family(hub_server, family, tmp_path, monkeypatch) -> Path:
     for name in ("base", "language", "task"):
         hub_server.seed(f"org/{name}", family[name])
     monkeypatch.setattr(hub, "RANGE_REQUEST_BYTES", 20_000)
-    monkeypatch.setattr(hub_stream, "RESUME_WAIT", 0.01)
+    monkeypatch.setenv("LRMERGE_HUB_RETRY_WAIT", "0.01")
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE.format(base="org/base", language="org/language", task="org/task")
                     + "output: out\n")
@@ -265,3 +273,108 @@ def test_an_interrupted_merge_and_push_uploads_only_the_missing_shards(hub_serve
     puts = [r.path for r in hub_server.log[mark:] if r.method == "PUT"]
     assert len(puts) == len(shards) - 2 and not {p.rsplit("/", 1)[1] for p in puts} & stored
     assert tensors_of(pushed) == tensors_of(shard_bytes(local_merge))
+
+
+# --- a hostile or stalled Hub: every wait is bounded, every failure one line ----------------------
+def merge_process(recipe: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`lrmerge merge RECIPE` as its own process (a hang ends in the caller's timeout, and
+    stderr holds what a terminal would show, the client's logging included)."""
+    return subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu", *args],
+                            cwd=recipe.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_TOKEN": TOKEN,
+                                 "LRMERGE_HUB_RETRY_WAIT": "0.01", **(env or {})})
+
+
+def finished(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    """(exit code, stderr, seconds) of a process that must end within `timeout` seconds."""
+    started = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"lrmerge still running after {timeout} s")
+    assert TOKEN not in out + err
+    return proc.returncode, err, time.monotonic() - started
+
+
+def leftovers(folder: Path) -> list[str]:
+    """The output, temporary folders and locks a merge to `out` could leave."""
+    return sorted(p.name for p in folder.iterdir() if p.name == "out" or "lrmerge-" in p.name)
+
+
+@pytest.mark.parametrize("fault, env, message", [
+    ({"status": EMPTY}, {}, "the Hub answered 3 range requests for model.safetensors without a byte"),
+    ({"status": OVERLONG}, {}, "is longer than the range (1000000000000000 bytes for "),
+    ({"status": SHIFTED}, {}, "the Hub answered a request for bytes "),
+    ({"status": 429, "headers": {"Retry-After": "100000"}}, {},
+     "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), longer than lrmerge waits "
+     "(300 s, LRMERGE_HUB_MAX_WAIT)"),
+    ({"status": TRICKLE, "interval": 0.5}, {"LRMERGE_HUB_RANGE_DEADLINE": "3"}, "took longer than 3 s"),
+], ids=["empty-206", "overlong-206", "other-range-206", "retry-after-100000s", "trickle"])
+def test_a_range_the_hub_never_completes_fails_with_one_line_within_its_bounds(hub_server, hub_family, fault, env,
+                                                                               message):
+    hub_server.fail("GET", TASK_WEIGHTS, skip=HEADER_READS, times=1000, **fault)
+
+    code, err, seconds = finished(merge_process(hub_family, "--format", "quiet", env=env), timeout=60)
+
+    assert code == 2 and err.count("\n") == 1 and err.startswith("Error: org/task: "), err
+    assert message in err
+    reads = [r for r in hub_server.log if r.method == "GET" and re.search(TASK_WEIGHTS, r.path)][HEADER_READS:]
+    assert seconds < 30 and 1 <= len(reads) <= 3  # no loop of requests
+    assert sum(r.sent for r in reads) < 64 * 2**20  # nor of bytes (what the sockets' buffers took, at most)
+    assert leftovers(hub_family.parent) == []
+
+
+@pytest.mark.parametrize("fmt", ["human", "quiet"])
+def test_retries_of_a_persistent_503_are_one_line_each_then_one_error(hub_server, hub_family, fmt):
+    hub_server.fail("GET", TASK_WEIGHTS, status=503, skip=HEADER_READS, times=1000)
+
+    code, err, _ = finished(merge_process(hub_family, "--format", fmt), timeout=60)
+
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 2 and lines[-1] == "Error: org/task: the Hub answered HTTP 503; try again later", err
+    assert not any("thrown while requesting" in line or "Retrying in" in line for line in lines)  # the client's
+    retries = [line for line in lines if "retrying" in line]
+    if fmt == "quiet":
+        assert lines == lines[-1:]
+    else:
+        assert retries == [f"Hub: org/task: HTTP 503 reading model.safetensors; retrying ({n}/5) in {w:g}s"
+                           for n, w in enumerate([0.01, 0.02, 0.04, 0.08, 0.16], 1)]
+
+
+def test_the_clients_own_retries_are_reported_as_our_lines(hub_server, hub_family, capfd):
+    hub_server.fail("GET", r"^/org/task/resolve/[0-9a-f]{40}/config\.json$", status=429)  # retried after 1 s
+
+    result = CliRunner().invoke(main, ["merge", str(hub_family), "--device", "cpu", "--format", "human"])
+
+    assert result.exit_code == 0, result.output
+    assert "Hub: HTTP 429; retrying (1/5) in 1s" in result.output
+    assert "Retrying in" not in capfd.readouterr().err  # the client's handler prints to the real stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_a_stalled_range_ends_the_process_at_once(hub_server, hub_family, sig):
+    hub_server.fail("GET", TASK_WEIGHTS, status=TRICKLE, interval=1, skip=HEADER_READS)
+    proc = merge_process(hub_family, "--format", "quiet")
+    deadline = time.monotonic() + 60
+    while not any(r.status == 206 and r.path.startswith("/org/task/") for r in hub_server.log[HEADER_READS:]
+                  if r.range and not r.range.startswith("bytes=0-")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the merge now waits for the trickled range
+
+    proc.send_signal(sig)
+    code, err, seconds = finished(proc, timeout=20)
+
+    assert code == 128 + sig and seconds < 5, (code, seconds, err)
+    assert err.strip() == f"Error: interrupted by {sig.name}; nothing half-written was left at the output path"
+    assert leftovers(hub_family.parent) == []
+
+
+def test_a_bound_that_is_not_a_number_of_seconds_is_one_line(hub_server, hub_family):
+    result = run(hub_family, env={"LRMERGE_HUB_MAX_WAIT": "soon"})
+
+    assert result.exit_code == 2 and result.output.strip() == (
+        "Error: LRMERGE_HUB_MAX_WAIT='soon' is not a positive number of seconds; unset it or set e.g. "
+        "LRMERGE_HUB_MAX_WAIT=300")
