@@ -565,7 +565,8 @@ class ShardUploader:
     `push` makes at the end, once, with `parent_commit`; the Hub shows nothing until then.
     With `keep=False` the shard leaves the disk once uploaded, so a merge-and-push holds
     about one output shard on disk. Storage the Hub already holds (an earlier, interrupted
-    run) is not uploaded again."""
+    run) is not uploaded again. A shard the Hub wants in regular mode is not pre-uploaded: it
+    stays in the output folder and goes inside the commit."""
 
     def __init__(self, repo_id: str, *, revision: str | None = None, create_pr: bool = False,
                  private: bool = False, keep: bool = True, token: str | None = None):
@@ -594,10 +595,14 @@ class ShardUploader:
                 if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError)):
                     raise e.__cause__ from None
                 raise
+        # The client lets go of content it has sent to storage. A shard the Hub takes in
+        # regular mode (mirrors and proxies do) travels inside the commit instead: it stays on
+        # disk, and push reads it from the output folder, where the merge has moved it by then.
+        if op.path_or_fileobj != b"":
+            return False
         self.operations.append(op)
-        uploaded = op.path_or_fileobj == b""  # the client lets go of content it has uploaded
-        self.bytes_uploaded += op.upload_info.size if uploaded else 0
-        if uploaded and not self.keep:
+        self.bytes_uploaded += op.upload_info.size
+        if not self.keep:
             path.unlink()
             return True
         return False
