@@ -18,6 +18,7 @@ again completes it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -519,7 +520,9 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             branch: str, create_pr: bool, parent: str,
             uploaded: list[CommitOperationAdd]) -> tuple[str, str, str | None]:
     """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
-    head; returns (sha, url, pr_url)."""
+    head; returns (sha, url, pr_url). A commit (or pull request) that landed although its
+    answer was lost is recognised by its files and returned, never made twice."""
+    prs_before = _pr_refs(api, repo_id) if create_pr else {}
     for attempt in range(3):
         # Fresh operations each attempt: the client then asks the Hub again which files it
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.
@@ -536,14 +539,64 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
                                "(`lrmerge card` writes valid metadata)") from None
         except (HfHubHTTPError, httpx2.TransportError) as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
+            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
+            # A lost answer (or, on a retry, the branch "moved" by our own landed commit): the
+            # pre-uploaded shards' operations cannot tell the client that the Hub holds them,
+            # so look at the branch (or the new pull requests) for exactly these files.
+            if retryable or (status == 412 and attempt > 0):
+                landed = _landed(api, repo_id, operations, branch, parent, prs_before if create_pr else None)
+                if landed:
+                    return landed
             if status == 412:
                 raise HubPushError(f"push to {repo_id}@{branch} failed: the branch moved while pushing "
                                    "(another push?); nothing was changed, run the same command again") from None
-            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
             if create_pr or not retryable or attempt == 2:
                 raise
             time.sleep(RETRY_WAIT * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _pr_refs(api: HfApi, repo_id: str) -> dict[str, str]:
+    """The repo's pull requests: `refs/pr/N` -> head commit."""
+    refs = _retry(lambda: api.list_repo_refs(repo_id, include_pull_requests=True))
+    return {r.ref: r.target_commit for r in refs.pull_requests or []}
+
+
+def _landed(api: HfApi, repo_id: str, operations: list[CommitOperationAdd], branch: str, parent: str,
+            prs_before: dict[str, str] | None) -> tuple[str, str, str | None] | None:
+    """(sha, url, pr_url) of the commit that holds exactly the files of `operations`: the
+    branch head if it moved from `parent`, or (`prs_before` given) a pull request opened since;
+    None when there is none or the Hub cannot say."""
+    try:
+        if prs_before is None:
+            head = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
+            candidates = [(head, None)] if head and head != parent else []
+        else:
+            candidates = [(sha, ref) for ref, sha in _pr_refs(api, repo_id).items() if ref not in prs_before]
+        for sha, ref in candidates:
+            paths = [op.path_in_repo for op in operations]
+            remote = {e.path: e for e in _retry(lambda: api.get_paths_info(repo_id, paths, revision=sha))}
+            if all(op.path_in_repo in remote and _same_content(op, remote[op.path_in_repo]) for op in operations):
+                pr_url = f"{api.endpoint}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}" if ref else None
+                return sha, f"{api.endpoint}/{repo_id}/commit/{sha}", pr_url
+    except (HfHubHTTPError, httpx2.TransportError, OSError):
+        return None
+    return None
+
+
+def _same_content(op: CommitOperationAdd, remote: Any) -> bool:
+    """Whether a file the Hub lists holds the operation's content: by sha256 in LFS storage,
+    by git blob sha1 otherwise (read again from disk; a pre-uploaded shard's content is gone)."""
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None:
+        return lfs.sha256 == op.upload_info.sha256.hex() and lfs.size == op.upload_info.size
+    if not isinstance(op.path_or_fileobj, str) or getattr(remote, "blob_id", None) is None:
+        return False
+    blob = hashlib.sha1(b"blob %d\0" % op.upload_info.size)
+    with open(op.path_or_fileobj, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            blob.update(chunk)
+    return remote.blob_id == blob.hexdigest()
 
 
 def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:

@@ -32,3 +32,42 @@ def test_release_pushes_when_the_hub_takes_shards_in_regular_mode(hub_server, hu
     out = hub_family.parent / "out"
     assert shard_bytes(out) == (pushed if keep else {})  # --no-keep: the weights leave once committed
     assert (out / "config.json").is_file() and (out / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_landed_commit_whose_answer_was_lost_is_recognised_with_preuploaded_shards(hub_server, hub_family,
+                                                                                     local_merge):
+    hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged}\n")
+    hub_server.fail("POST", r"/commit/", status=502, after=True)  # applied, then the answer is lost
+
+    result = run(hub_family, *SHARDS, "--no-keep")
+
+    assert result.exit_code == 0, result.output
+    repo = hub_server.repos["alice/merged"]
+    assert len(repo.commits) == 2 and sum("/commit/" in r.path for r in hub_server.log) == 1  # made once
+    assert tensors_of(pushed_shards(hub_server)) == tensors_of(shard_bytes(local_merge))
+    mark = len(hub_server.log)
+
+    again = run(hub_family, *SHARDS, "--no-keep")  # the run is complete: nothing merged or committed again
+
+    assert again.exit_code == 0, again.output
+    assert len(repo.commits) == 2 and not any(r.method in ("POST", "PUT") for r in hub_server.log[mark:])
+
+
+@pytest.mark.slow
+def test_a_pull_request_whose_answer_was_lost_is_recognised_not_opened_twice(hub_server, hub_family, local_merge):
+    hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged, create_pr: true}\n")
+    hub_server.fail("POST", r"/commit/", status=502, after=True)
+
+    result = run(hub_family, *SHARDS, "--no-keep", "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    repo = hub_server.repos["alice/merged"]
+    assert len(repo.prs) == 1 and len(repo.commits[repo.branches["main"]].files) == 1  # main: .gitattributes
+    assert tensors_of(pushed_shards(hub_server, "refs/pr/1")) == tensors_of(shard_bytes(local_merge))
+    assert f"{hub_server.url}/alice/merged/discussions/1" in result.output
+
+    again = run(hub_family, *SHARDS, "--no-keep")
+
+    assert again.exit_code == 0, again.output
+    assert len(repo.prs) == 1
