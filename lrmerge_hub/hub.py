@@ -47,6 +47,7 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
+from . import hub_hosts
 from .card_rules import is_repo_id, is_revision
 from .errors import (
     HubAuthError,
@@ -55,6 +56,7 @@ from .errors import (
     HubOfflineError,
     HubPushError,
     HubRevisionError,
+    HubUntrustedHostError,
     InputModelError,
     PickleOnlyRepoError,
     RecipeError,
@@ -76,6 +78,7 @@ SIDE_FILES = (
 RETRY_STATUS = (429, 500, 502, 503, 504)
 RETRY_WAIT = 0.5  # seconds before the first retry; doubles each time
 T = TypeVar("T")
+hub_hosts.install()  # before any request: the client's answers are checked for other hosts
 
 
 @dataclass
@@ -487,6 +490,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     if not token:
         raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
                            "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+    hub_hosts.protect(token)
     summary, description = commit_message(folder)
     branch = revision or "main"
     api = HfApi(token=token)
@@ -534,10 +538,7 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
                                      revision=branch, create_pr=create_pr, parent_commit=parent)
             return info.oid, info.commit_url, info.pr_url
-        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
-            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
-                               "(`lrmerge card` writes valid metadata)") from None
-        except (HfHubHTTPError, httpx2.TransportError) as e:
+        except (HfHubHTTPError, httpx2.TransportError) as e:  # first: a 400 is a ValueError too
             status = getattr(getattr(e, "response", None), "status_code", None)
             retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
             # A lost answer (or, on a retry, the branch "moved" by our own landed commit): the
@@ -553,6 +554,13 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             if create_pr or not retryable or attempt == 2:
                 raise
             time.sleep(RETRY_WAIT * 2**attempt)
+        except RuntimeError as e:  # the client wraps the error of a failed LFS upload
+            if isinstance(e.__cause__, HubUntrustedHostError):
+                raise e.__cause__ from None
+            raise
+        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
+            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
+                               "(`lrmerge card` writes valid metadata)") from None
     raise AssertionError("unreachable")
 
 
@@ -629,6 +637,7 @@ class ShardUploader:
                                "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
         self.repo_id, self.branch, self.create_pr, self.keep = repo_id, revision or "main", create_pr, keep
         self.private = private
+        hub_hosts.protect(token)
         self.api = HfApi(token=token)
         self.operations: list[CommitOperationAdd] = []  # for push(uploaded=...)
         self.bytes_uploaded = 0  # handed to the Hub's storage (or found there already)
@@ -644,8 +653,8 @@ class ShardUploader:
             try:
                 _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
                                                             create_pr=self.create_pr))
-            except RuntimeError as e:  # the client wraps the HTTP error of a failed upload
-                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError)):
+            except RuntimeError as e:  # the client wraps the error of a failed upload
+                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, HubUntrustedHostError)):
                     raise e.__cause__ from None
                 raise
         # The client lets go of content it has sent to storage. A shard the Hub takes in

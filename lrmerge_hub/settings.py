@@ -42,3 +42,10 @@ def ray_address() -> str | None:
     """The Ray cluster to run on (`RAY_ADDRESS`, as Ray itself reads it); `--ray-address`
     overrides it; none: `--executor ray` starts a local Ray instance."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def hub_storage_hosts() -> list[str]:
+    """Hosts (`host` or `host:port`) besides the Hub endpoint and huggingface.co's storage that a
+    self-hosted Hub's LFS answers may send uploads to (`LRMERGE_HUB_STORAGE_HOSTS`, comma-separated);
+    the token never goes there."""
+    return [h.strip() for h in os.environ.get("LRMERGE_HUB_STORAGE_HOSTS", "").split(",") if h.strip()]
