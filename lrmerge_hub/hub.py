@@ -535,9 +535,12 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
         operations = uploaded + [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
                                  for p, f in files.items() if p not in done]
         try:
-            info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
-                                     revision=branch, create_pr=create_pr, parent_commit=parent)
-            return info.oid, info.commit_url, info.pr_url
+            try:
+                info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
+                                         revision=branch, create_pr=create_pr, parent_commit=parent)
+                return info.oid, info.commit_url, info.pr_url
+            except RuntimeError as e:
+                raise _upload_error(e) from None
         except (HfHubHTTPError, httpx2.TransportError) as e:  # first: a 400 is a ValueError too
             status = getattr(getattr(e, "response", None), "status_code", None)
             retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
@@ -554,14 +557,18 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             if create_pr or not retryable or attempt == 2:
                 raise
             time.sleep(RETRY_WAIT * 2**attempt)
-        except RuntimeError as e:  # the client wraps the error of a failed LFS upload
-            if isinstance(e.__cause__, HubUntrustedHostError):
-                raise e.__cause__ from None
-            raise
         except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
             raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
                                "(`lrmerge card` writes valid metadata)") from None
     raise AssertionError("unreachable")
+
+
+def _upload_error(e: RuntimeError) -> BaseException:
+    """The error inside the client's RuntimeError for a failed LFS upload (an HTTP or network
+    error, or a refused host), so that it is retried or reported like any other; else `e`."""
+    if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, HubUntrustedHostError)):
+        return e.__cause__
+    return e
 
 
 def _pr_refs(api: HfApi, repo_id: str) -> dict[str, str]:
@@ -653,10 +660,8 @@ class ShardUploader:
             try:
                 _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
                                                             create_pr=self.create_pr))
-            except RuntimeError as e:  # the client wraps the error of a failed upload
-                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, HubUntrustedHostError)):
-                    raise e.__cause__ from None
-                raise
+            except RuntimeError as e:
+                raise _upload_error(e) from None
         # The client lets go of content it has sent to storage. A shard the Hub takes in
         # regular mode (mirrors and proxies do) travels inside the commit instead: it stays on
         # disk, and push reads it from the output folder, where the merge has moved it by then.

@@ -193,3 +193,12 @@ def test_huggingface_co_answers_pass_and_other_storage_needs_naming(monkeypatch)
     with pytest.raises(HubUntrustedHostError, match="verify step"):  # the token's step: never elsewhere
         hub_hosts.check_batch_answer(batch_answer({"upload": {"href": s3},
                                                    "verify": {"href": "http://minio.internal:9000/verify"}}))
+
+
+def test_a_refused_lfs_upload_is_one_line_and_commits_nothing(hub_server, local_merge):
+    hub_server.fail("PUT", r"^/lfs-storage/", status=403, times=10)  # the storage refuses the bytes
+
+    result = CliRunner().invoke(main, ["push", str(local_merge), "alice/merged"], env={"HF_TOKEN": TOKEN})
+
+    assert result.exit_code == 2 and "HTTP 403" in result.output, (result.output, result.exception)
+    assert len(result.output.strip().splitlines()) == 1 and len(hub_server.repos["alice/merged"].commits) == 1
