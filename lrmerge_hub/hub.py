@@ -540,6 +540,8 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
                                          revision=branch, create_pr=create_pr, parent_commit=parent)
                 return info.oid, info.commit_url, info.pr_url
             except RuntimeError as e:
+                if _upload_error(e) is None:
+                    raise
                 raise _upload_error(e) from None
         except (HfHubHTTPError, httpx2.TransportError) as e:  # first: a 400 is a ValueError too
             status = getattr(getattr(e, "response", None), "status_code", None)
@@ -563,12 +565,12 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
     raise AssertionError("unreachable")
 
 
-def _upload_error(e: RuntimeError) -> BaseException:
+def _upload_error(e: RuntimeError) -> BaseException | None:
     """The error inside the client's RuntimeError for a failed LFS upload (an HTTP or network
-    error, or a refused host), so that it is retried or reported like any other; else `e`."""
+    error, or a refused host), so that it is retried or reported like any other; else None."""
     if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, HubUntrustedHostError)):
         return e.__cause__
-    return e
+    return None
 
 
 def _pr_refs(api: HfApi, repo_id: str) -> dict[str, str]:
@@ -661,6 +663,8 @@ class ShardUploader:
                 _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
                                                             create_pr=self.create_pr))
             except RuntimeError as e:
+                if _upload_error(e) is None:
+                    raise
                 raise _upload_error(e) from None
         # The client lets go of content it has sent to storage. A shard the Hub takes in
         # regular mode (mirrors and proxies do) travels inside the commit instead: it stays on
