@@ -70,6 +70,11 @@ class HubPushError(HubError):
     """A push failed; the remote repo was left as it was and the push can be re-run."""
 
 
+class HubUntrustedHostError(HubPushError):
+    """The Hub's answer would send the token, or the model's bytes, to a host other than the
+    Hub endpoint (or its storage); refused before anything was sent."""
+
+
 class CardError(LrmergeError):
     """The model card cannot be written: bad language code, license conflict, missing
     merge report, or text that would leak a token or a local path."""

@@ -18,6 +18,7 @@ again completes it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from huggingface_hub.errors import (
     SafetensorsParsingError,
 )
 
+from . import hub_hosts
 from .card_rules import is_repo_id, is_revision
 from .errors import (
     HubAuthError,
@@ -54,6 +56,7 @@ from .errors import (
     HubOfflineError,
     HubPushError,
     HubRevisionError,
+    HubUntrustedHostError,
     InputModelError,
     PickleOnlyRepoError,
     RecipeError,
@@ -75,6 +78,7 @@ SIDE_FILES = (
 RETRY_STATUS = (429, 500, 502, 503, 504)
 RETRY_WAIT = 0.5  # seconds before the first retry; doubles each time
 T = TypeVar("T")
+hub_hosts.install()  # before any request: the client's answers are checked for other hosts
 
 
 @dataclass
@@ -486,6 +490,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     if not token:
         raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
                            "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+    hub_hosts.protect(token)
     summary, description = commit_message(folder)
     branch = revision or "main"
     api = HfApi(token=token)
@@ -519,7 +524,9 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
             branch: str, create_pr: bool, parent: str,
             uploaded: list[CommitOperationAdd]) -> tuple[str, str, str | None]:
     """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
-    head; returns (sha, url, pr_url)."""
+    head; returns (sha, url, pr_url). A commit (or pull request) that landed although its
+    answer was lost is recognised by its files and returned, never made twice."""
+    prs_before = _pr_refs(api, repo_id) if create_pr else {}
     for attempt in range(3):
         # Fresh operations each attempt: the client then asks the Hub again which files it
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.
@@ -528,22 +535,85 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
         operations = uploaded + [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
                                  for p, f in files.items() if p not in done]
         try:
-            info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
-                                     revision=branch, create_pr=create_pr, parent_commit=parent)
-            return info.oid, info.commit_url, info.pr_url
-        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
-            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
-                               "(`lrmerge card` writes valid metadata)") from None
-        except (HfHubHTTPError, httpx2.TransportError) as e:
+            try:
+                info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
+                                         revision=branch, create_pr=create_pr, parent_commit=parent)
+                return info.oid, info.commit_url, info.pr_url
+            except RuntimeError as e:
+                if _upload_error(e) is None:
+                    raise
+                raise _upload_error(e) from None
+        except (HfHubHTTPError, httpx2.TransportError) as e:  # first: a 400 is a ValueError too
             status = getattr(getattr(e, "response", None), "status_code", None)
+            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
+            # A lost answer (or, on a retry, the branch "moved" by our own landed commit): the
+            # pre-uploaded shards' operations cannot tell the client that the Hub holds them,
+            # so look at the branch (or the new pull requests) for exactly these files.
+            if retryable or (status == 412 and attempt > 0):
+                landed = _landed(api, repo_id, operations, branch, parent, prs_before if create_pr else None)
+                if landed:
+                    return landed
             if status == 412:
                 raise HubPushError(f"push to {repo_id}@{branch} failed: the branch moved while pushing "
                                    "(another push?); nothing was changed, run the same command again") from None
-            retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
             if create_pr or not retryable or attempt == 2:
                 raise
             time.sleep(RETRY_WAIT * 2**attempt)
+        except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
+            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
+                               "(`lrmerge card` writes valid metadata)") from None
     raise AssertionError("unreachable")
+
+
+def _upload_error(e: RuntimeError) -> BaseException | None:
+    """The error inside the client's RuntimeError for a failed LFS upload (an HTTP or network
+    error, or a refused host), so that it is retried or reported like any other; else None."""
+    if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, HubUntrustedHostError)):
+        return e.__cause__
+    return None
+
+
+def _pr_refs(api: HfApi, repo_id: str) -> dict[str, str]:
+    """The repo's pull requests: `refs/pr/N` -> head commit."""
+    refs = _retry(lambda: api.list_repo_refs(repo_id, include_pull_requests=True))
+    return {r.ref: r.target_commit for r in refs.pull_requests or []}
+
+
+def _landed(api: HfApi, repo_id: str, operations: list[CommitOperationAdd], branch: str, parent: str,
+            prs_before: dict[str, str] | None) -> tuple[str, str, str | None] | None:
+    """(sha, url, pr_url) of the commit that holds exactly the files of `operations`: the
+    branch head if it moved from `parent`, or (`prs_before` given) a pull request opened since;
+    None when there is none or the Hub cannot say."""
+    try:
+        if prs_before is None:
+            head = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
+            candidates = [(head, None)] if head and head != parent else []
+        else:
+            candidates = [(sha, ref) for ref, sha in _pr_refs(api, repo_id).items() if ref not in prs_before]
+        for sha, ref in candidates:
+            paths = [op.path_in_repo for op in operations]
+            remote = {e.path: e for e in _retry(lambda: api.get_paths_info(repo_id, paths, revision=sha))}
+            if all(op.path_in_repo in remote and _same_content(op, remote[op.path_in_repo]) for op in operations):
+                pr_url = f"{api.endpoint}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}" if ref else None
+                return sha, f"{api.endpoint}/{repo_id}/commit/{sha}", pr_url
+    except (HfHubHTTPError, httpx2.TransportError, OSError):
+        return None
+    return None
+
+
+def _same_content(op: CommitOperationAdd, remote: Any) -> bool:
+    """Whether a file the Hub lists holds the operation's content: by sha256 in LFS storage,
+    by git blob sha1 otherwise (read again from disk; a pre-uploaded shard's content is gone)."""
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None:
+        return lfs.sha256 == op.upload_info.sha256.hex() and lfs.size == op.upload_info.size
+    if not isinstance(op.path_or_fileobj, str) or getattr(remote, "blob_id", None) is None:
+        return False
+    blob = hashlib.sha1(b"blob %d\0" % op.upload_info.size)
+    with open(op.path_or_fileobj, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            blob.update(chunk)
+    return remote.blob_id == blob.hexdigest()
 
 
 def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
@@ -565,7 +635,8 @@ class ShardUploader:
     `push` makes at the end, once, with `parent_commit`; the Hub shows nothing until then.
     With `keep=False` the shard leaves the disk once uploaded, so a merge-and-push holds
     about one output shard on disk. Storage the Hub already holds (an earlier, interrupted
-    run) is not uploaded again."""
+    run) is not uploaded again. A shard the Hub wants in regular mode is not pre-uploaded: it
+    stays in the output folder and goes inside the commit."""
 
     def __init__(self, repo_id: str, *, revision: str | None = None, create_pr: bool = False,
                  private: bool = False, keep: bool = True, token: str | None = None):
@@ -575,6 +646,7 @@ class ShardUploader:
                                "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
         self.repo_id, self.branch, self.create_pr, self.keep = repo_id, revision or "main", create_pr, keep
         self.private = private
+        hub_hosts.protect(token)
         self.api = HfApi(token=token)
         self.operations: list[CommitOperationAdd] = []  # for push(uploaded=...)
         self.bytes_uploaded = 0  # handed to the Hub's storage (or found there already)
@@ -590,14 +662,18 @@ class ShardUploader:
             try:
                 _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
                                                             create_pr=self.create_pr))
-            except RuntimeError as e:  # the client wraps the HTTP error of a failed upload
-                if isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError)):
-                    raise e.__cause__ from None
-                raise
+            except RuntimeError as e:
+                if _upload_error(e) is None:
+                    raise
+                raise _upload_error(e) from None
+        # The client lets go of content it has sent to storage. A shard the Hub takes in
+        # regular mode (mirrors and proxies do) travels inside the commit instead: it stays on
+        # disk, and push reads it from the output folder, where the merge has moved it by then.
+        if op.path_or_fileobj != b"":
+            return False
         self.operations.append(op)
-        uploaded = op.path_or_fileobj == b""  # the client lets go of content it has uploaded
-        self.bytes_uploaded += op.upload_info.size if uploaded else 0
-        if uploaded and not self.keep:
+        self.bytes_uploaded += op.upload_info.size
+        if not self.keep:
             path.unlink()
             return True
         return False

@@ -254,6 +254,9 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
 
     result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
                   revision=target.revision, tag=target.tag, token=ctx.token, uploaded=tuple(ctx.uploaded))
+    if not ctx.keep:  # shards the Hub took inside the commit (regular upload mode) leave the disk now
+        for shard in ctx.output.glob("*.safetensors"):
+            shard.unlink()
     return result.to_dict()
 
 

@@ -81,3 +81,10 @@ def hub_max_wait() -> float:
 def hub_retry_wait() -> float:
     """Seconds before a streamed read's first retry or resume (doubling, up to 8)."""
     return _seconds("LRMERGE_HUB_RETRY_WAIT", HUB_RETRY_WAIT)
+
+
+def hub_storage_hosts() -> list[str]:
+    """Hosts (`host` or `host:port`) besides the Hub endpoint and huggingface.co's storage that a
+    self-hosted Hub's LFS answers may send uploads to (`LRMERGE_HUB_STORAGE_HOSTS`, comma-separated);
+    the token never goes there."""
+    return [h.strip() for h in os.environ.get("LRMERGE_HUB_STORAGE_HOSTS", "").split(",") if h.strip()]

@@ -3,7 +3,8 @@
 It implements the part of the Hub API that the official `huggingface_hub` client calls to
 read model info, list files, download files (HEAD, ETag, X-Repo-Commit, Range), read
 safetensors headers, create repos, upload to LFS storage (preupload answers `uploadMode: lfs`
-for *.safetensors and *.bin, the git-lfs batch API, a PUT per object), commit (NDJSON:
+for *.safetensors and *.bin, or `regular` for every file with `regular_uploads`; the git-lfs
+batch API, a PUT per object), commit (NDJSON:
 `file`, `lfsFile`, `deletedFile`), open pull requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
@@ -11,8 +12,9 @@ For tests it adds: private and gated repos that need a Bearer token, fault injec
 (`fail(...)`: errors, with headers such as Retry-After, dropped or cut connections, corrupted
 bytes, range answers that are empty, endless or trickled, after N good answers), a
 request log without credentials (`log`, `downloads()`; each entry has its byte range and the
-bytes sent), LFS sha256s in file listings (`lfs.oid`), and an optional bandwidth limit with
-latency (`limit_bandwidth`) for benchmarks.
+bytes sent), LFS sha256s in file listings (`lfs.oid`), batch answers that send the upload or
+verify step to another host (`lfs_upload_href`, `lfs_verify_href`), and an optional bandwidth
+limit with latency (`limit_bandwidth`) for benchmarks.
 
     server = HubServer(port=0).start()
     server.add_token("hf_test", "alice")
@@ -206,6 +208,13 @@ class HubServer:
             self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
             self.latency = 0.0  # seconds before each answer (a far-away server's time to first byte)
             self._link_free_at = {"down": 0.0, "up": 0.0}  # when each direction of the link is free
+            # Like a mirror or proxy: preupload answers `uploadMode: regular` for every file, so
+            # shards travel inside the commit (base64) instead of LFS storage.
+            self.regular_uploads = False
+            # A hostile Hub: the LFS batch answer names these URLs (an `{oid}` in them is
+            # filled in) for the upload and the verify step instead of its own storage.
+            self.lfs_upload_href: str | None = None
+            self.lfs_verify_href: str | None = None
 
     # --- test helpers -------------------------------------------------------------------
     def add_token(self, token: str, user: str) -> None:
@@ -670,12 +679,15 @@ class _Handler(BaseHTTPRequestHandler):
         files = json.loads(body)["files"]
         # Like the Hub: files .gitattributes puts in LFS go to LFS storage first (their oid is
         # the sha256), the others travel inside the commit (their oid is the git blob sha1).
+        def in_lfs(path: str) -> bool:
+            return is_lfs(path) and not self.hub.regular_uploads
+
         def oid(path: str) -> str | None:
             data = commit.files.get(path)
-            return None if data is None else sha256(data) if is_lfs(path) else git_blob_sha1(data)
+            return None if data is None else sha256(data) if in_lfs(path) else git_blob_sha1(data)
 
         return 200, {}, {"files": [
-            {"path": f["path"], "uploadMode": "lfs" if is_lfs(f["path"]) else "regular", "shouldIgnore": False,
+            {"path": f["path"], "uploadMode": "lfs" if in_lfs(f["path"]) else "regular", "shouldIgnore": False,
              "oid": oid(f["path"])} for f in files]}
 
     def h_lfs_batch(self, user, repo, body, **_):
@@ -685,7 +697,10 @@ class _Handler(BaseHTTPRequestHandler):
         for o in json.loads(body)["objects"]:
             entry = {"oid": o["oid"], "size": o["size"]}
             if o["oid"] not in self.hub.lfs_objects:  # no actions: already stored, nothing to upload
-                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-storage/{o['oid']}"}}
+                upload = self.hub.lfs_upload_href or f"{self.hub.url}/lfs-storage/{{oid}}"
+                entry["actions"] = {"upload": {"href": upload.format(oid=o["oid"])}}
+                if self.hub.lfs_verify_href:
+                    entry["actions"]["verify"] = {"href": self.hub.lfs_verify_href.format(oid=o["oid"])}
             objects.append(entry)
         return 200, {}, {"transfer": "basic", "objects": objects}
 
