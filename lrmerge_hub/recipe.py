@@ -10,6 +10,7 @@ as Hub ids `org/name[@revision]`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 import re
@@ -128,6 +129,16 @@ def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Pat
     """The output folder a recipe (or --out) names, checked before any work: a usable
     path that is not a file and does not lie under one."""
     path = local_path(value, base_dir, field_name).resolve()
+    if not path.name:  # `/`: nothing to name the temporary folder beside it after, nowhere to put it
+        raise RecipeError(f"{field_name}: {shown(value)} is the file system's root; name a folder for the merged "
+                          "model, e.g. ./merged")
+    # replacing the output would remove the recipe (or the shell's current folder) with it
+    recipe_dir = [(base_dir.resolve(), "the recipe's own folder")] if field_name == "output" else []
+    for folder, what in recipe_dir + [(Path.cwd().resolve(), "the current folder")]:
+        if path == folder or path in folder.parents:
+            holds = "is" if path == folder else "holds"
+            raise RecipeError(f"{field_name}: {shown(value)} {holds} {what}; name a new folder for the merged "
+                              "model, e.g. ./merged")
     if len(os.fsencode(path.name)) > MAX_OUTPUT_NAME_BYTES:
         raise RecipeError(f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
                           "into a temporary folder named after it, which must fit in 255); choose a shorter name")
@@ -241,10 +252,17 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+def unknown_key(key: Any, allowed: tuple[str, ...] | list[str], extra: str = "") -> str:
+    """`unknown key 'densty' (did you mean 'density'?)`, or the allowed keys when none is close."""
+    close = difflib.get_close_matches(key, list(allowed), n=1) if isinstance(key, str) else []
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+    return f"unknown key {shown(key)}{extra} ({hint})"
+
+
 def _check_keys(data: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
     for key in data:
         if key not in allowed:
-            raise RecipeError(f"{where}: unknown key {shown(key)} (allowed: {', '.join(allowed)})")
+            raise RecipeError(f"{where}: {unknown_key(key, allowed)}")
 
 
 def _check_param(name: str, value: Any, param, where: str) -> Any:
@@ -298,9 +316,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 extra = ""
                 if key in ("weight", "density", "slack"):
                     extra = f" for method {method_name!r}"
-                raise RecipeError(
-                    f"{where}: unknown key {shown(key)}{extra} (allowed: {', '.join(allowed_model_keys)})"
-                )
+                raise RecipeError(f"{where}: {unknown_key(key, allowed_model_keys, extra)}")
         if "model" not in entry:
             raise RecipeError(f"{where}.model: required (a local folder or a Hub id)")
         ref = parse_model_ref(entry["model"], base_dir, f"{where}.model")
@@ -339,10 +355,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) for c in languages
     ):
         raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {shown(languages)})")
-
-    unknown = [c for c in languages if not is_language_code(c)]
-    if unknown:
-        raise RecipeError(f"languages: unknown ISO 639 code {unknown[0]!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
+    check_language_codes(languages, "languages")
 
     license_ = data.get("license")
     if license_ is not None and (not isinstance(license_, str) or license_ not in HUB_LICENSES):
@@ -394,6 +407,29 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         source_file=source_file,
         raw=data,
     )
+
+
+def check_language_codes(codes: list[str], where: str) -> None:
+    """Refuse anything but an ISO 639-1/3 code (two or three lower-case letters that name a language)."""
+    for code in codes:
+        if not (isinstance(code, str) and re.fullmatch(r"[a-z]{2,3}", code) and is_language_code(code)):
+            raise RecipeError(f"{where}: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, "
+                              "khk")
+
+
+def default_role_note(recipe: Recipe) -> str | None:
+    """A one-line note naming the models the recipe gives no `role` (they are taken as task
+    models), or None. The role enters no merge arithmetic (the slack does); it picks the
+    output's chat template and generation config, what a sweep's `slack` sets, the card's
+    labels and the evaluation's names."""
+    raw = recipe.raw.get("models") if isinstance(recipe.raw, dict) else None
+    if not isinstance(raw, list):
+        return None
+    unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
+    if not unnamed:
+        return None
+    return (f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
+            "config, what a sweep's slack sets and the card's labels); add role: language|task")
 
 
 def _parse_push(raw: Any) -> PushTarget | None:
