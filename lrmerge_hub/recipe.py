@@ -64,6 +64,19 @@ class ModelRef:
             return f"./{self.path.name}"
         return self.spec
 
+    def seen_from(self, folder: Path, recipe_dir: Path | None) -> str:
+        """The spec as it reads from `folder` (a merged output holding a copy of the recipe): a
+        local folder the recipe names relatively becomes relative to `folder` when `folder`
+        lies inside the recipe's folder, so the path names nothing the recipe did not; any
+        other spec is `portable`."""
+        if self.path is None or recipe_dir is None or self.spec.startswith("~") or Path(self.spec).is_absolute():
+            return self.portable
+        folder, recipe_dir = Path(os.path.abspath(folder)), Path(os.path.abspath(recipe_dir))
+        if folder != recipe_dir and recipe_dir not in folder.parents:
+            return self.portable
+        relative = Path(os.path.relpath(os.path.normpath(recipe_dir / self.spec), folder)).as_posix()
+        return relative if relative.startswith("..") else f"./{relative}"
+
     @property
     def identity(self) -> tuple[str, str]:
         """What the model is, however it is spelled: the resolved folder (`m/task`,
@@ -200,15 +213,23 @@ class Recipe:
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
+    def to_dict(self, seen_from: Path | None = None) -> dict[str, Any]:
+        """The normalized recipe as it is run: defaults filled in, no local absolute paths.
+        With `seen_from` (the output folder it is written into) local models the recipe names
+        relatively are named relative to that folder (ModelRef.seen_from), so that
+        `lrmerge merge recipe.yaml` there reads the same models."""
+        recipe_dir = self.source_file.parent if self.source_file else None
+
+        def spec(ref: ModelRef) -> str:
+            return ref.portable if seen_from is None else ref.seen_from(seen_from, recipe_dir)
+
         out: dict[str, Any] = {"method": self.method}
         if self.base is not None:
-            out["base"] = self.base.portable
+            out["base"] = spec(self.base)
         out["models"] = []
         for m in self.models:
             entry: dict[str, Any] = {
-                "model": m.ref.portable,
+                "model": spec(m.ref),
                 "role": m.role,
             }
             if m.hub_id:
@@ -226,7 +247,8 @@ class Recipe:
         if self.dtype:
             out["dtype"] = self.dtype
         if self.tokenizer_source:
-            out["tokenizer_source"] = self.tokenizer_source
+            named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
+            out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
         if self.output is not None:
             out["output"] = self.output.name
         if self.push is not None:
@@ -239,8 +261,8 @@ class Recipe:
             out["eval"] = {k: v for k, v in ev.items() if v not in (None, [], False)}
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+    def to_yaml(self, seen_from: Path | None = None) -> str:
+        return yaml.safe_dump(self.to_dict(seen_from), sort_keys=False, allow_unicode=True)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()

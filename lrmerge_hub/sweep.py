@@ -203,7 +203,9 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
         echo(f"{name}: {row['metric']}={row['score'] if row['score'] is None else round(row['score'], 4)}")
     ranked = rank(rows, metric)
     table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
-    promote(sweep_dir / ranked[0]["name"], output, {"sweep.json": json.dumps(table, indent=2) + "\n"},
+    best = next(v for p, v in variants if point_name(p) == ranked[0]["name"])
+    promote(sweep_dir / ranked[0]["name"], output, {"sweep.json": json.dumps(table, indent=2) + "\n",
+                                                    "recipe.yaml": best.to_yaml(seen_from=output)},
             overwrite=overwrite)
     return table
 

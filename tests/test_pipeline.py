@@ -251,3 +251,19 @@ def test_a_push_template_is_filled_in_for_one_recipe(tmp_path):
                              "--push", "org/m-{language}", "--dry-run", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["push"] == "org/m-bo"
+
+
+def test_the_cards_reproduce_command_works_in_the_output_folder(local_recipe, tmp_path, monkeypatch):
+    code, summary, err = local_run(tmp_path)
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    card = (merged / "README.md").read_text()
+    assert "`lrmerge merge recipe.yaml --out DIR` in this folder" in card
+    written = (merged / "recipe.yaml").read_text()
+    assert "model: ../models/language" in written and "base: ../models/base" in written
+    monkeypatch.chdir(merged)  # as a reader of the card would: in the model's folder
+    code, _, err = lrmerge("merge", "recipe.yaml", "--out", "../again", "--format", "quiet")
+    assert code == 0, err
+    assert pipeline.tensor_sha256(tmp_path / "again") == pipeline.tensor_sha256(merged)
+    # and the copy's recipe.yaml reads the same models from its own folder
+    assert (tmp_path / "again" / "recipe.yaml").read_text() == written

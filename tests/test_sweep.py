@@ -133,3 +133,13 @@ def test_points_evaluated_earlier_are_not_evaluated_again(family, write_recipe):
     sweep("slack=0,1", evaluation={**spec, "limit": 20})  # another evaluation: scored again
     assert sorted(calls) == ["slack0", "slack0", "slack0.5", "slack1", "slack1"]
     assert not (recipe.output / "scores.json").exists()  # the points' bookkeeping stays in the sweep folder
+
+
+def test_the_promoted_recipe_names_the_models_from_the_output_folder(family, write_recipe):
+    family()
+    recipe = load_recipe(write_recipe(RECIPE))
+    run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
+              evaluate=retention_scorer([]), device="cpu", progress=False)
+    copied = load_recipe(recipe.output / "recipe.yaml")  # read relative to the output folder
+    assert [m.ref.path for m in copied.models] == [m.ref.path for m in recipe.models]
+    assert copied.base.path == recipe.base.path and copied.models[1].params["slack"] == 1
