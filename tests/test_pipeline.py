@@ -267,3 +267,26 @@ def test_the_cards_reproduce_command_works_in_the_output_folder(local_recipe, tm
     assert pipeline.tensor_sha256(tmp_path / "again") == pipeline.tensor_sha256(merged)
     # and the copy's recipe.yaml reads the same models from its own folder
     assert (tmp_path / "again" / "recipe.yaml").read_text() == written
+
+
+def test_an_evaluation_whose_results_are_gone_is_planned_again(tmp_path):
+    """The eval step's record names its result files: once they are removed (a merge with
+    --overwrite drops eval/), the eval step and everything after it run again."""
+    output = tmp_path / "merged"
+    (output / "eval" / "merged").mkdir(parents=True)
+    results = output / "eval" / "merged" / "results_1.json"
+    results.write_text('{"results": {}}')
+    (output / "README.md").write_text("card")
+    state = pipeline.RunState(tmp_path / "run", "sha")
+    for name, result in [("pull", {"sources": {}}), ("merge", {}), ("eval", {"files": {"merged": str(results)}}),
+                         ("card", {"card": str(output / "README.md")}), ("push", {"skipped": "no target"})]:
+        state.record(name, status="done", result=result,
+                     made=pipeline.fingerprint(output, pipeline.step_files(name, output, result)))
+    assert state.step("eval")["made"] == {"eval/merged/results_1.json": {
+        "sha256": pipeline.file_sha256(results), "size": results.stat().st_size, "mtime_ns": results.stat().st_mtime_ns}}
+    assert pipeline.plan_steps(state, False, output) == [(s, "done") for s in pipeline.STEPS]
+    results.write_text('{"results": {"x": 1}}')  # other bytes: not what the step wrote
+    assert dict(pipeline.plan_steps(state, False, output)) == {
+        "pull": "done", "merge": "done", "eval": "run", "card": "run", "push": "run"}
+    results.unlink()
+    assert dict(pipeline.plan_steps(state, False, output))["eval"] == "run"
