@@ -71,7 +71,10 @@ def make_executor(executor: str, ray_address: str | None, cpus_per_task: float, 
 
 def expand_recipes(paths: tuple[str, ...], languages: str | None) -> list[tuple[str, str | None]]:
     """RECIPE paths with `{language}` made one per --languages code: [(path, language)]."""
+    from .recipe import check_language_codes
+
     codes = [c.strip() for c in (languages or "").split(",") if c.strip()]
+    check_language_codes(codes, "--languages")
     templated = [p for p in paths if "{language}" in p]
     if codes and not templated:
         raise click.UsageError("--languages needs a RECIPE path with {language} in it, "
@@ -82,6 +85,36 @@ def expand_recipes(paths: tuple[str, ...], languages: str | None) -> list[tuple[
     for path in paths:
         expanded += [(path.replace("{language}", c), c) for c in codes] if "{language}" in path else [(path, None)]
     return expanded
+
+
+def push_targets(push_repo: str | None, expanded: list[tuple[str, str | None]]) -> list[str | None]:
+    """--push for each expanded recipe, `{language}` filled in, each checked as a Hub repo id
+    (huggingface_hub's own rules) before any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .card_rules import is_repo_id
+    from .errors import RecipeError, shown
+
+    targets = [push_repo.replace("{language}", code) if push_repo and code else push_repo for _, code in expanded]
+    for target in filter(None, targets):
+        try:
+            validate_repo_id(target)
+            valid = is_repo_id(target)
+        except HFValidationError:
+            valid = False
+        if not valid:
+            raise RecipeError(f"--push: {shown(target)} is not a Hub repo id; write org/name (letters, digits, "
+                              "'-', '_' and '.'; no '--' or '..', no spaces)")
+    return targets
+
+
+def role_note(recipe: Any, fmt: str) -> None:
+    """Say which models the recipe gives no role (human output only)."""
+    from .recipe import default_role_note
+
+    note = default_role_note(recipe)
+    if note and fmt == "human":
+        click.echo(note, err=True)
 
 
 def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
@@ -210,6 +243,7 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
     out_dir = output_folder(out, Path.cwd(), "--out") if out else recipe.output
     if out_dir is None:
         raise RecipeError("output: the recipe names no output folder; add `output:` or pass --out")
+    role_note(recipe, fmt)
     device = device or recipe.device or default_device()
     if dry_run and not all(ref.is_local for ref in recipe.all_refs()):
         from .hub import pull  # check Hub models from their headers: download nothing
@@ -280,6 +314,8 @@ def transfer_summary(stats: dict) -> str:
 @click.option("--skip-eval", is_flag=True, help="Do not evaluate even if the recipe has an eval section.")
 @click.option("--force", is_flag=True, help="Run every step again, even those that finished.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; do nothing.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output folder this run did not make (only once the new merge is complete).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--no-keep", is_flag=True,
               help="With a push target and no evaluation: remove each output shard once uploaded "
@@ -291,8 +327,8 @@ def transfer_summary(stats: dict) -> str:
 @user_errors
 @stops_cleanly
 def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | None, device: str | None,
-            push_repo: str | None, skip_eval: bool, force: bool, dry_run: bool, shard_size: str, no_keep: bool,
-            download: bool, read_ahead: str, executor: str, ray_address: str | None, cpus_per_task: float,
+            push_repo: str | None, skip_eval: bool, force: bool, dry_run: bool, overwrite: bool, shard_size: str,
+            no_keep: bool, download: bool, read_ahead: str, executor: str, ray_address: str | None, cpus_per_task: float,
             gpus_per_task: float, max_retries: int, token: str | None, fmt: str) -> None:
     """Run whole releases: pull, check, merge, evaluate, card, push (resumes after a failure).
 
@@ -305,7 +341,6 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
 
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
     output = output_folder(out, Path.cwd(), "--out") if out else None
-    cluster = make_executor(executor, ray_address, cpus_per_task, gpus_per_task, max_retries, echo)
     expanded = expand_recipes(recipe_paths, languages)
     if out and len(expanded) > 1:
         raise click.UsageError("--out names one folder: with several recipes, each writes to its own `output:`")
@@ -316,15 +351,19 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
         raise click.UsageError("--push has {language} in it: every RECIPE path needs {language} too")
     if (no_keep or download) and (executor != "local" or len(expanded) > 1):
         raise click.UsageError("--no-keep and --download apply to one release run here (no --executor ray, one RECIPE)")
+    push_repos = push_targets(push_repo, expanded)  # every target checked before any work
     recipes = [load_recipe(path) for path, _ in expanded]
+    for recipe in recipes:
+        role_note(recipe, fmt)
+    cluster = make_executor(executor, ray_address, cpus_per_task, gpus_per_task, max_retries, echo)
     if cluster is None and len(recipes) == 1:  # one release here: exactly as it always ran
         recipe = recipes[0]
         try:
             summary = run_recipe(recipe, output=output, device=device or recipe.device or default_device(),
-                                 force=force, dry_run=dry_run, token=token, push_repo=push_repo,
+                                 force=force, dry_run=dry_run, token=token, push_repo=push_repos[0],
                                  skip_eval=skip_eval, progress=fmt == "human", download=download,
                                  read_ahead=parse_size(read_ahead), shard_size=parse_size(shard_size),
-                                 keep=not no_keep, echo=echo)
+                                 keep=not no_keep, overwrite=overwrite, echo=echo)
         except LrmergeError as e:
             partial = getattr(e, "run_summary", None)
             if fmt == "json" and partial is not None:  # CI still gets a machine-readable record
@@ -334,12 +373,10 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
         return
     if output:
         recipes[0] = recipes[0].replace(output=output)
-    push_repos = [push_repo.replace("{language}", code) if push_repo and code else push_repo
-                  for _, code in expanded]
     with cluster or contextlib.nullcontext():
         summaries = run_releases(recipes, executor=cluster, push_repos=push_repos, device=device,
                                  skip_eval=skip_eval, force=force, dry_run=dry_run, token=token,
-                                 progress=fmt == "human", echo=echo)
+                                 progress=fmt == "human", overwrite=overwrite, echo=echo)
     from .errors import RunsFailedError
 
     failed = [s for s in summaries if s.get("error")]
@@ -687,6 +724,8 @@ def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, com
 @click.option("--include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAML files.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to merge.")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Push the best point here (default: the recipe's push).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output folder with the best point (only once the sweep is complete).")
 @cluster_options
 @TOKEN_OPTION
 @FORMAT_OPTION
@@ -694,7 +733,7 @@ def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, com
 @stops_cleanly
 def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, limit: int | None,
               metric: str | None, backend: str | None, include_path: str | None, device: str | None,
-              push_repo: str | None, executor: str, ray_address: str | None, cpus_per_task: float,
+              push_repo: str | None, overwrite: bool, executor: str, ray_address: str | None, cpus_per_task: float,
               gpus_per_task: float, max_retries: int, token: str | None, fmt: str) -> None:
     """Merge every grid point, evaluate each, print them ranked, and promote the best to the output.
 
@@ -708,6 +747,8 @@ def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, 
     recipe = load_recipe(recipe_path)
     if recipe.output is None:
         raise RecipeError("output: the recipe names no output folder; add `output:`")
+    push_targets(push_repo, [(recipe_path, None)])
+    role_note(recipe, fmt)
     base = recipe.eval or EvalSpec()
     spec = EvalSpec(tasks=tuple(t for t in (tasks or "").split(",") if t) or base.tasks,
                     limit=limit or base.limit, include_path=Path(include_path).resolve() if include_path
@@ -717,5 +758,6 @@ def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, 
     with cluster or contextlib.nullcontext():
         result = sweep_release(recipe, grid_items, spec, metric=metric,
                                device=device or recipe.device or default_device(), push_repo=push_repo,
-                               token=token, progress=fmt == "human", executor=cluster, echo=echo)
+                               token=token, progress=fmt == "human", executor=cluster, overwrite=overwrite,
+                               echo=echo)
     emit(fmt, result, lambda: click.echo(result["table_text"]))

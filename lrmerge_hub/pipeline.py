@@ -1,9 +1,12 @@
 """`lrmerge run`: recipe -> pull -> check -> merge -> evaluate -> card -> push, resumable.
 
 Each step's result is recorded in a run folder (`runs/<output>-<recipe hash>/state.json`
-beside the recipe). A re-run skips the steps that finished, so after a failure it resumes at
-the failed step, and a finished recipe does nothing unless `force`. Data flows one way: each
-step reads what the previous ones wrote (the output folder, the recorded sources).
+beside the recipe), with the sha256 of every file it wrote into the output folder. A re-run
+skips the steps that finished and whose files are still there unchanged, so after a failure
+it resumes at the failed step, a finished recipe does nothing unless `force`, and a step
+whose files were removed or rewritten since runs again. An existing output folder that this
+run did not make is replaced only with `overwrite`. Data flows one way: each step reads what
+the previous ones wrote (the output folder, the recorded sources).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ClusterError, EvalError, LrmergeError, RecipeError, ReproducibilityError
+from .errors import ClusterError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
 from .merge.plan import Source
 from .recipe import EvalSpec, PushTarget, Recipe
 from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
@@ -43,6 +46,7 @@ class RunContext:
     sources: dict[str, Source] = field(default_factory=dict)
     uploaded: list[Any] = field(default_factory=list)  # shards the merge pre-uploaded, for the push
     built: Any = None  # cluster.Outcome of this release's unit when a Ray worker merged and evaluated it
+    replace_output: bool = False  # the merge may replace an existing output (--overwrite, or this run's own)
 
 
 def run_dir_for(recipe: Recipe, output: Path) -> Path:
@@ -72,6 +76,78 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
         os.replace(tmp, self.path)
+
+
+# -- what a step leaves in the output folder, and whether it is still there -----------------
+
+VARYING = ("merge_report.json",)  # its timings change with every merge: checked for presence only
+
+
+def step_files(name: str, output: Path, result: dict[str, Any]) -> list[str]:
+    """The files (relative to the output) that step `name` wrote: the merge everything but the
+    evaluation and the card; the evaluation its result files; the card README.md and
+    .eval_results/."""
+    if not output.is_dir() or "skipped" in result:
+        return []
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    if name == "merge":
+        return [f for f in files if f != "README.md" and not f.startswith(("eval/", ".eval_results/"))]
+    if name == "card":
+        return [f for f in files if f == "README.md" or f.startswith(".eval_results/")]
+    if name == "eval":
+        inside = [Path(f).absolute() for f in (result.get("files") or {}).values()]
+        return sorted(str(f.relative_to(output)) for f in inside if f.is_file() and output in f.parents)
+    return []
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(output: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    """Per file: its sha256 (None for a file whose content varies), size and mtime."""
+    made = {}
+    for rel in files:
+        st = (output / rel).stat()
+        made[rel] = {"sha256": None if rel in VARYING else file_sha256(output / rel), "size": st.st_size,
+                     "mtime_ns": st.st_mtime_ns}
+    return made
+
+
+def changed_file(output: Path, made: dict[str, dict[str, Any]]) -> str | None:
+    """The first recorded file that is missing or holds other bytes now, else None. A file with
+    the recorded size and mtime is taken as unchanged; any other is hashed again."""
+    for rel, entry in made.items():
+        path = output / rel
+        try:
+            st = path.stat()
+        except OSError:
+            return rel
+        if entry.get("sha256") is None or (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns")):
+            continue
+        if st.st_size != entry.get("size") or file_sha256(path) != entry["sha256"]:
+            return rel
+    return None
+
+
+def is_own_output(state: "RunState", output: Path) -> bool:
+    """Whether the output folder holds this run's merge, as it wrote it."""
+    made = state.step("merge").get("made")
+    return made is not None and output.is_dir() and changed_file(output, made) is None
+
+
+def may_replace_output(state: "RunState", plan: list[tuple[str, str]], output: Path, overwrite: bool) -> bool:
+    """Whether the merge may replace the output folder; raises OutputError, before any work,
+    when the merge must run and an output it may not replace is there."""
+    allowed = overwrite or is_own_output(state, output)
+    if ("merge", "run") in plan and os.path.lexists(output) and not allowed:
+        raise OutputError(f"output {output} already exists and is not this run's merge (or changed since it was "
+                          "made); pass --overwrite to replace it once the new merge is complete")
+    return allowed
 
 
 # -- steps: each returns a JSON-able result, or {"skipped": reason} ------------------------
@@ -141,9 +217,10 @@ def built_result(outcome: Any) -> dict[str, Any]:
 
 
 def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, expected: dict[str, str], *,
-                   device: str, files: dict[str, str], progress: bool = True) -> dict[str, Any]:
+                   device: str, files: dict[str, str], progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Merge again here and install at `output` (with `files` added, e.g. the worker's
-    evaluation results) only if every tensor hashes to what the worker reported."""
+    evaluation results) only if every tensor hashes to what the worker reported. An existing
+    output is replaced only with `overwrite`."""
     from .merge.engine import install_atomically, merge
 
     staging = output.parent / f".{output.name}.lrmerge-verify-{os.getpid()}"
@@ -159,7 +236,7 @@ def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, exp
         for rel, text in files.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_text(text, encoding="utf-8")
-        install_atomically(staging, output)
+        install_atomically(staging, output, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -194,7 +271,7 @@ def step_merge(ctx: RunContext) -> dict[str, Any]:
     if ctx.built is not None:  # a worker merged and evaluated it: merge again here and compare
         unit = built_result(ctx.built)
         report = merge_verified(ctx.recipe, ctx.sources, ctx.output, unit["sha256"], device=ctx.device,
-                                files=unit["eval_files"], progress=ctx.progress)
+                                files=unit["eval_files"], progress=ctx.progress, overwrite=ctx.replace_output)
         return {"output": str(ctx.output), "stats": report["stats"], "weights_kept": True,
                 "retention": {m["model"]: m["retention"] for m in report["models"]},
                 "verified": {"tensors": len(unit["sha256"]), "worker_node": ctx.built.node}}
@@ -205,8 +282,8 @@ def step_merge(ctx: RunContext) -> dict[str, Any]:
 
         uploader = ShardUploader(target.repo, revision=target.revision, create_pr=target.create_pr,
                                  private=target.private, keep=ctx.keep, token=ctx.token)
-    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=True, progress=ctx.progress,
-                   shard_size=ctx.shard_size, on_shard=uploader)
+    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=ctx.replace_output,
+                   progress=ctx.progress, shard_size=ctx.shard_size, on_shard=uploader)
     ctx.uploaded = uploader.operations if uploader else []
     stats = {**report["stats"], "bytes_uploaded": uploader.bytes_uploaded if uploader else 0}
     return {"output": str(ctx.output), "stats": stats, "weights_kept": ctx.keep,
@@ -266,10 +343,14 @@ STEP_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
 
 
 def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, str]]:
-    """(step, 'run' | 'done') for every step, in order: everything after a step that must run, runs."""
+    """(step, 'run' | 'done') for every step, in order: everything after a step that must run, runs.
+    A step is done only while the files it wrote are still in the output, unchanged."""
     plan, rerun = [], force
     for name in STEPS:
-        done = state.step(name).get("status") == "done"
+        entry = state.step(name)
+        done = entry.get("status") == "done"
+        if done and entry.get("made") and changed_file(output, entry["made"]) is not None:
+            done = False  # removed or rewritten since (e.g. by `lrmerge merge --overwrite`): make it again
         if name in ("merge", "card") and not output.exists():
             done = False  # the output was removed since: make it again
         if name == "merge" and state.step("push").get("status") != "done" and output.exists() \
@@ -284,8 +365,12 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
                dry_run: bool = False, token: str | None = None, push_repo: str | None = None,
                skip_eval: bool = False, progress: bool = True, download: bool = False,
                read_ahead: int = DEFAULT_READ_AHEAD, shard_size: int = DEFAULT_SHARD_SIZE, keep: bool = True,
-               built: Any = None, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+               built: Any = None, overwrite: bool = False,
+               echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run every step of the recipe that has not finished yet; return the run summary.
+
+    The merge step replaces an existing output folder only when it is this run's own merge,
+    unchanged, or with `overwrite` (and then only once the new merge is complete).
 
     `built`: the Outcome of this recipe's unit (build_unit) from a Ray worker: the merge step
     then merges again here and checks the worker's tensor hashes, and the eval step takes the
@@ -309,9 +394,11 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
             summary["push"] = push_repo or recipe.push.repo
         return summary
 
+    replace_output = may_replace_output(state, plan, output, overwrite)
     ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
                      push_repo=push_repo, skip_eval=skip_eval, progress=progress, download=download,
-                     read_ahead=read_ahead, shard_size=shard_size, keep=keep, built=built)
+                     read_ahead=read_ahead, shard_size=shard_size, keep=keep, built=built,
+                     replace_output=replace_output)
     for name, action in plan:
         if action == "done":
             summary["steps"][name] = {"status": "done", "reused": True, **state.step(name).get("result", {})}
@@ -319,6 +406,9 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
                 ctx.sources = recorded_sources(ctx, state.step(name)["result"]["sources"])
             echo(f"{name}: done earlier, skipped")
             continue
+        changed = state.step(name).get("status") == "done" and changed_file(output, state.step(name).get("made") or {})
+        if changed and not force:
+            echo(f"{name}: {changed} is missing or changed since this step made it; running it again")
         started = time.perf_counter()
         try:
             result = STEP_FUNCTIONS[name](ctx)
@@ -332,7 +422,8 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
             raise
         seconds = round(time.perf_counter() - started, 3)
         status = "skipped" if "skipped" in result else "done"
-        state.record(name, status="done", result=result, seconds=seconds)
+        state.record(name, status="done", result=result, seconds=seconds,
+                     made=fingerprint(output, step_files(name, output, result)))
         summary["steps"][name] = {"status": status, "seconds": seconds, **result}
         echo(f"{name}: {status}" + (f" ({result['skipped']})" if status == "skipped" else f" in {seconds:.1f} s"))
     return summary
@@ -345,10 +436,15 @@ def output_for(recipe: Recipe, output: Path | str | None = None) -> Path:
     return Path(target).absolute()
 
 
-def needs_build(recipe: Recipe, output: Path, *, force: bool) -> bool:
-    """Whether the merge or the evaluation of this release must run (else card/push at most)."""
+def needs_build(recipe: Recipe, output: Path, *, force: bool, overwrite: bool = False) -> bool:
+    """Whether the merge or the evaluation of this release must run (else card/push at most).
+    Raises OutputError when the merge would replace an output it may not."""
     state = RunState(run_dir_for(recipe, output), recipe.sha256())
-    return any(action == "run" for name, action in plan_steps(state, force, output) if name in ("merge", "eval"))
+    plan = plan_steps(state, force, output)
+    if any(action == "run" for name, action in plan if name in ("merge", "eval")):
+        may_replace_output(state, [(n, "run" if n == "merge" else a) for n, a in plan], output, overwrite)
+        return True
+    return False
 
 
 def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: list[str | None] | None = None,
@@ -377,10 +473,16 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
             summaries[i] = {**getattr(e, "run_summary", {"output": str(outputs[i])}), "error": str(e)}
             echo(f"{outputs[i].name}: failed: {e}")
 
-    remote = [] if executor is None or options.get("dry_run") else [
-        i for i, r in enumerate(recipes) if needs_build(r, outputs[i], force=force)]
+    remote = []
+    for i, r in enumerate([] if executor is None or options.get("dry_run") else recipes):
+        try:
+            if needs_build(r, outputs[i], force=force, overwrite=options.get("overwrite", False)):
+                remote.append(i)
+        except LrmergeError as e:  # refused before its task runs; the others go on
+            summaries[i] = {"output": str(outputs[i]), "steps": {}, "error": str(e)}
+            echo(f"{outputs[i].name}: failed: {e}")
     for i in range(len(recipes)):
-        if i not in remote:
+        if i not in remote and i not in summaries:
             release(i)
     if remote:
         from .cluster import Unit
@@ -452,15 +554,24 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
                   device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
-                  executor: Any = None, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                  executor: Any = None, overwrite: bool = False,
+                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
     (with every point's scores) and push it when a target is given. With a Ray executor the
-    points run as tasks and the best is merged again here (run_sweep_on)."""
+    points run as tasks and the best is merged again here (run_sweep_on). An existing output
+    is replaced only with `overwrite` (refused before any work otherwise)."""
+    import dataclasses
+
     from .evaluate import evaluate_for_run
-    from .sweep import merged_scores, parse_grid, run_sweep, run_sweep_on
+    from .sweep import apply_point, grid_points, merged_scores, parse_grid, run_sweep, run_sweep_on
 
     grid = parse_grid(list(grid_items))
+    for point in grid_points(grid):
+        apply_point(recipe, point)  # every point checked before any work
     output = Path(recipe.output).absolute()
+    if os.path.lexists(output) and not overwrite:
+        raise OutputError(f"output {output} already exists (pass --overwrite to replace it with the best point "
+                          "once the sweep is complete)")
     ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo,
                      progress=progress)
     step_pull(ctx)
@@ -470,10 +581,11 @@ def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec,
 
     if executor is None:
         table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
-                          device=device, progress=progress, echo=echo)
+                          device=device, progress=progress, overwrite=overwrite, echo=echo,
+                          evaluation=json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
     else:
         table = run_sweep_on(executor, recipe, grid, spec, sources=ctx.sources, output=output, metric=metric,
-                             device=device, progress=progress, echo=echo)
+                             device=device, progress=progress, overwrite=overwrite, echo=echo)
     result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
     if push_target(ctx) is not None:
         result["push"] = step_push(ctx)

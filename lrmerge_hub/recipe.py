@@ -10,6 +10,7 @@ as Hub ids `org/name[@revision]`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 import re
@@ -62,6 +63,19 @@ class ModelRef:
         if self.path is not None and Path(self.spec).expanduser().is_absolute():
             return f"./{self.path.name}"
         return self.spec
+
+    def seen_from(self, folder: Path, recipe_dir: Path | None) -> str:
+        """The spec as it reads from `folder` (a merged output holding a copy of the recipe): a
+        local folder the recipe names relatively becomes relative to `folder` when `folder`
+        lies inside the recipe's folder, so the path names nothing the recipe did not; any
+        other spec is `portable`."""
+        if self.path is None or recipe_dir is None or self.spec.startswith("~") or Path(self.spec).is_absolute():
+            return self.portable
+        folder, recipe_dir = Path(os.path.abspath(folder)), Path(os.path.abspath(recipe_dir))
+        if folder != recipe_dir and recipe_dir not in folder.parents:
+            return self.portable
+        relative = Path(os.path.relpath(os.path.normpath(recipe_dir / self.spec), folder)).as_posix()
+        return relative if relative.startswith("..") else f"./{relative}"
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -128,6 +142,16 @@ def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Pat
     """The output folder a recipe (or --out) names, checked before any work: a usable
     path that is not a file and does not lie under one."""
     path = local_path(value, base_dir, field_name).resolve()
+    if not path.name:  # `/`: nothing to name the temporary folder beside it after, nowhere to put it
+        raise RecipeError(f"{field_name}: {shown(value)} is the file system's root; name a folder for the merged "
+                          "model, e.g. ./merged")
+    # replacing the output would remove the recipe (or the shell's current folder) with it
+    recipe_dir = [(base_dir.resolve(), "the recipe's own folder")] if field_name == "output" else []
+    for folder, what in recipe_dir + [(Path.cwd().resolve(), "the current folder")]:
+        if path == folder or path in folder.parents:
+            holds = "is" if path == folder else "holds"
+            raise RecipeError(f"{field_name}: {shown(value)} {holds} {what}; name a new folder for the merged "
+                              "model, e.g. ./merged")
     if len(os.fsencode(path.name)) > MAX_OUTPUT_NAME_BYTES:
         raise RecipeError(f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
                           "into a temporary folder named after it, which must fit in 255); choose a shorter name")
@@ -189,15 +213,23 @@ class Recipe:
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
+    def to_dict(self, seen_from: Path | None = None) -> dict[str, Any]:
+        """The normalized recipe as it is run: defaults filled in, no local absolute paths.
+        With `seen_from` (the output folder it is written into) local models the recipe names
+        relatively are named relative to that folder (ModelRef.seen_from), so that
+        `lrmerge merge recipe.yaml` there reads the same models."""
+        recipe_dir = self.source_file.parent if self.source_file else None
+
+        def spec(ref: ModelRef) -> str:
+            return ref.portable if seen_from is None else ref.seen_from(seen_from, recipe_dir)
+
         out: dict[str, Any] = {"method": self.method}
         if self.base is not None:
-            out["base"] = self.base.portable
+            out["base"] = spec(self.base)
         out["models"] = []
         for m in self.models:
             entry: dict[str, Any] = {
-                "model": m.ref.portable,
+                "model": spec(m.ref),
                 "role": m.role,
             }
             if m.hub_id:
@@ -215,7 +247,8 @@ class Recipe:
         if self.dtype:
             out["dtype"] = self.dtype
         if self.tokenizer_source:
-            out["tokenizer_source"] = self.tokenizer_source
+            named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
+            out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
         if self.output is not None:
             out["output"] = self.output.name
         if self.push is not None:
@@ -228,8 +261,8 @@ class Recipe:
             out["eval"] = {k: v for k, v in ev.items() if v not in (None, [], False)}
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+    def to_yaml(self, seen_from: Path | None = None) -> str:
+        return yaml.safe_dump(self.to_dict(seen_from), sort_keys=False, allow_unicode=True)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
@@ -241,10 +274,17 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+def unknown_key(key: Any, allowed: tuple[str, ...] | list[str], extra: str = "") -> str:
+    """`unknown key 'densty' (did you mean 'density'?)`, or the allowed keys when none is close."""
+    close = difflib.get_close_matches(key, list(allowed), n=1) if isinstance(key, str) else []
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+    return f"unknown key {shown(key)}{extra} ({hint})"
+
+
 def _check_keys(data: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
     for key in data:
         if key not in allowed:
-            raise RecipeError(f"{where}: unknown key {shown(key)} (allowed: {', '.join(allowed)})")
+            raise RecipeError(f"{where}: {unknown_key(key, allowed)}")
 
 
 def _check_param(name: str, value: Any, param, where: str) -> Any:
@@ -298,9 +338,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 extra = ""
                 if key in ("weight", "density", "slack"):
                     extra = f" for method {method_name!r}"
-                raise RecipeError(
-                    f"{where}: unknown key {shown(key)}{extra} (allowed: {', '.join(allowed_model_keys)})"
-                )
+                raise RecipeError(f"{where}: {unknown_key(key, allowed_model_keys, extra)}")
         if "model" not in entry:
             raise RecipeError(f"{where}.model: required (a local folder or a Hub id)")
         ref = parse_model_ref(entry["model"], base_dir, f"{where}.model")
@@ -339,10 +377,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) for c in languages
     ):
         raise RecipeError(f"languages: must be a list of ISO 639 codes like [bo, ug] (got {shown(languages)})")
-
-    unknown = [c for c in languages if not is_language_code(c)]
-    if unknown:
-        raise RecipeError(f"languages: unknown ISO 639 code {unknown[0]!r}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
+    check_language_codes(languages, "languages")
 
     license_ = data.get("license")
     if license_ is not None and (not isinstance(license_, str) or license_ not in HUB_LICENSES):
@@ -394,6 +429,29 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         source_file=source_file,
         raw=data,
     )
+
+
+def check_language_codes(codes: list[str], where: str) -> None:
+    """Refuse anything but an ISO 639-1/3 code (two or three lower-case letters that name a language)."""
+    for code in codes:
+        if not (isinstance(code, str) and re.fullmatch(r"[a-z]{2,3}", code) and is_language_code(code)):
+            raise RecipeError(f"{where}: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, "
+                              "khk")
+
+
+def default_role_note(recipe: Recipe) -> str | None:
+    """A one-line note naming the models the recipe gives no `role` (they are taken as task
+    models), or None. The role enters no merge arithmetic (the slack does); it picks the
+    output's chat template and generation config, what a sweep's `slack` sets, the card's
+    labels and the evaluation's names."""
+    raw = recipe.raw.get("models") if isinstance(recipe.raw, dict) else None
+    if not isinstance(raw, list):
+        return None
+    unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
+    if not unnamed:
+        return None
+    return (f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
+            "config, what a sweep's slack sets and the card's labels); add role: language|task")
 
 
 def _parse_push(raw: Any) -> PushTarget | None:

@@ -8,8 +8,11 @@ parameter the recipe's method declares (merge/methods.py):
   models of one role. Each point is checked like a recipe (the method's cross-checks too).
 
 Merges are cheap next to evaluation: evaluation is bounded by `limit`. Every point lands in
-`<output>.sweep/<point>/`; the best is copied to the recipe's output with `sweep.json`
-(every point's parameters and scores), which the card shows.
+`<output>.sweep/<point>/`; a sweep run again reuses a point merged earlier from the same
+recipe, and its scores when they came from the same evaluation (`scores.json` in the point's
+folder). The best is copied to the recipe's output with `sweep.json` (every point's
+parameters and scores), which the card shows; an existing output is replaced only with
+`overwrite`, once the copy is complete.
 """
 
 from __future__ import annotations
@@ -39,9 +42,15 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key = key.strip()
         if not sep or not key or not values.strip():
             raise RecipeError(f"--grid {item!r}: write it as NAME=V1,V2 (e.g. slack=0,0.5,1)")
-        parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        if not all(v.strip() for v in values.split(",")):
+            raise RecipeError(f"--grid {item!r}: an empty value; write NAME=V1,V2 with a value between every "
+                              "two commas (e.g. slack=0,0.5,1)")
+        parsed = [yaml.safe_load(v.strip()) for v in values.split(",")]
         if key in grid:
             raise RecipeError(f"--grid {key}: given twice")
+        twice = next((v for i, v in enumerate(parsed) if v in parsed[:i]), None)
+        if twice is not None:
+            raise RecipeError(f"--grid {key}: the value {twice!r} is given twice; name each value once")
         grid[key] = parsed
     return grid
 
@@ -96,8 +105,11 @@ def mean_score(scores: list[dict[str, Any]], metric: str | None) -> tuple[float 
     return (sum(values) / len(values) if values else None), chosen
 
 
-def promote(best_dir: Path, output: Path) -> None:
-    """Copy the best point to the output atomically (hard links where the filesystem allows)."""
+def promote(best_dir: Path, output: Path, files: dict[str, str], *, overwrite: bool = False) -> None:
+    """Copy the best point, with `files` added (sweep.json), to the output atomically (hard
+    links where the filesystem allows). An existing output is replaced only with `overwrite`."""
+    from .merge.engine import install_atomically
+
     tmp = output.parent / f".{output.name}.lrmerge-promote-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -107,10 +119,14 @@ def promote(best_dir: Path, output: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(best_dir, tmp, copy_function=link_or_copy)
-    from .merge.engine import install_atomically
-
-    install_atomically(tmp, output)
+    try:
+        shutil.copytree(best_dir, tmp, copy_function=link_or_copy, ignore=shutil.ignore_patterns(SCORES_FILE))
+        for rel, text in files.items():
+            (tmp / rel).write_text(text, encoding="utf-8")
+        install_atomically(tmp, output, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def point_row(point: dict[str, Any], report: dict[str, Any], scores: list[dict[str, Any]],
@@ -129,16 +145,33 @@ def rank(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, Any]]
     return ranked
 
 
+SCORES_FILE = "scores.json"  # in a point's folder: its scores, and the evaluation they came from
+
+
+def earlier_scores(folder: Path, evaluation: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The point's scores from an earlier sweep with the same evaluation, else None."""
+    path = folder / SCORES_FILE
+    try:
+        saved = json.loads(path.read_text()) if evaluation is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return saved.get("scores") if isinstance(saved, dict) and saved.get("evaluation") == evaluation else None
+
+
 def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, output: Path,
               evaluate: Callable[[Path], list[dict[str, Any]]], metric: str | None = None,
-              device: str = "auto", progress: bool = True,
+              device: str = "auto", progress: bool = True, overwrite: bool = False,
+              evaluation: dict[str, Any] | None = None,
               echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Merge every grid point (in one pass: each input tensor is read once for all points) and
-    evaluate each; promote the best to `output`; return the table."""
-    from .merge.engine import merge_many
+    evaluate each; promote the best to `output` (an existing one only with `overwrite`);
+    return the table. `evaluation` describes what `evaluate` runs (tasks, limit, ...): a point
+    merged and scored earlier with the same one is not evaluated again (None: always evaluate)."""
+    from .merge.engine import check_output_path, merge_many
 
     points = grid_points(grid)
     variants = [(p, apply_point(recipe, p)) for p in points]  # validate all before any work
+    check_output_path(output, sources, overwrite)  # before any work: nothing is replaced without overwrite
     sweep_dir = output.parent / f"{output.name}.sweep"
 
     def earlier_report(point: dict[str, Any], variant: Recipe) -> dict[str, Any] | None:
@@ -156,16 +189,24 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
         name = point_name(point)
         folder = sweep_dir / name
         report = merged.get(name) or earlier_report(point, variant)
+        scores = None if name in merged else earlier_scores(folder, evaluation)
         if name not in merged:
-            echo(f"{name}: merged earlier")
-        row = point_row(point, report, evaluate(folder), metric)
+            echo(f"{name}: merged earlier" + (", evaluated earlier" if scores is not None else ""))
+        if scores is None:
+            scores = evaluate(folder)
+            if evaluation is not None:
+                (folder / SCORES_FILE).write_text(json.dumps({"evaluation": evaluation, "scores": scores}, indent=2)
+                                                  + "\n")
+        row = point_row(point, report, scores, metric)
         metric = metric or row["metric"]
         rows.append(row)
         echo(f"{name}: {row['metric']}={row['score'] if row['score'] is None else round(row['score'], 4)}")
     ranked = rank(rows, metric)
-    promote(sweep_dir / ranked[0]["name"], output)
     table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
-    (output / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+    best = next(v for p, v in variants if point_name(p) == ranked[0]["name"])
+    promote(sweep_dir / ranked[0]["name"], output, {"sweep.json": json.dumps(table, indent=2) + "\n",
+                                                    "recipe.yaml": best.to_yaml(seen_from=output)},
+            overwrite=overwrite)
     return table
 
 
@@ -175,14 +216,16 @@ def merged_scores(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec: Any, *, sources: dict,
                  output: Path, metric: str | None = None, device: str = "auto", progress: bool = True,
-                 echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                 overwrite: bool = False, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """run_sweep on a cluster: each point is a task (merge, evaluate, hash its tensors on a
     worker); a point that fails is a row with its error. The best point is merged again here
     and installed at `output` only if its tensors hash to what its worker reported."""
     from .cluster import Unit
+    from .merge.engine import check_output_path
     from .pipeline import build_unit, merge_verified
 
     variants = {point_name(p): (p, apply_point(recipe, p)) for p in grid_points(grid)}
+    check_output_path(output, sources, overwrite)  # before any task runs
     units = {name: Unit(name, build_unit, (variant, spec), {"device": device})
              for name, (_, variant) in variants.items()}
     outcomes = {}
@@ -208,5 +251,6 @@ def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec
     best = outcomes[ranked[0]["name"]].result
     table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
     merge_verified(variants[ranked[0]["name"]][1], sources, output, best["sha256"], device=device,
-                   progress=progress, files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"})
+                   progress=progress, files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"},
+                   overwrite=overwrite)
     return table

@@ -156,3 +156,137 @@ def test_release_script_runs_the_workflow_command_lines(seeded, hub_server, tmp_
     assert "| push | done |" in text and "retention" in text
     assert "Pushed: http" in text  # the commit URL
     assert TOKEN not in done.stdout + done.stderr + text
+
+
+# -- the files decide, not the record; nothing replaced without --overwrite --------------------
+
+LOCAL_RECIPE = """
+method: slack_ties
+base: ./models/base
+models:
+  - {model: ./models/language, role: language, density: 0.2}
+  - {model: ./models/task, role: task, density: 0.2, slack: 0.5}
+languages: [bo]
+license: apache-2.0
+output: ./merged
+"""
+
+
+def local_run(tmp_path, *extra):
+    code, out, err = lrmerge("run", str(tmp_path / "recipe.yaml"), "--format", "json", *extra)
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+@pytest.fixture
+def local_recipe(tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "recipe.yaml").write_text(LOCAL_RECIPE)
+    return tmp_path / "recipe.yaml"
+
+
+def test_a_step_whose_files_were_removed_or_rewritten_runs_again(local_recipe, tmp_path):
+    code, first, err = local_run(tmp_path)
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    shard = (merged / "model.safetensors").read_bytes()
+    # `lrmerge merge --overwrite` of the same recipe: the same weights, no card any more
+    code, _, err = lrmerge("merge", str(local_recipe), "--overwrite", "--format", "quiet")
+    assert code == 0 and not (merged / "README.md").exists(), err
+    code, second, err = local_run(tmp_path)
+    assert code == 0, err
+    steps = second["steps"]
+    assert steps["merge"].get("reused") and (merged / "model.safetensors").read_bytes() == shard  # still its merge
+    assert steps["card"]["status"] == "done" and not steps["card"].get("reused")  # made again
+    assert (merged / "README.md").is_file()
+    # a hand edit of the card: the card step runs again (keeping the hand-written text outside its block)
+    (merged / "README.md").write_text((merged / "README.md").read_text() + "\nA note by hand.\n")
+    code, third, err = local_run(tmp_path)
+    assert code == 0 and not third["steps"]["card"].get("reused") and third["steps"]["merge"].get("reused"), err
+    assert "A note by hand." in (merged / "README.md").read_text()
+    code, fourth, err = local_run(tmp_path)  # nothing changed since: nothing runs
+    assert code == 0 and all(s.get("reused") for s in fourth["steps"].values()), fourth
+    state = json.loads((Path(first["run_dir"]) / "state.json").read_text())
+    assert state["steps"]["merge"]["made"]["model.safetensors"]["sha256"]  # what the record holds
+
+
+def test_run_replaces_only_its_own_output(local_recipe, tmp_path):
+    merged = tmp_path / "merged"
+    code, _, err = lrmerge("merge", str(local_recipe), "--format", "quiet")  # made by hand, not by this run
+    assert code == 0, err
+    (merged / "notes.txt").write_text("mine")
+    code, _, err = local_run(tmp_path)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("Error: output ") and "--overwrite" in err, err
+    assert len(err.strip().splitlines()) == 1 and (merged / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("state.json"))  # no work began
+    code, summary, err = local_run(tmp_path, "--overwrite")
+    assert code == 0 and not (merged / "notes.txt").exists() and summary["steps"]["merge"]["status"] == "done", err
+    code, summary, err = local_run(tmp_path, "--force")  # its own output, unchanged: --force may remake it
+    assert code == 0 and summary["steps"]["merge"]["status"] == "done" and not summary["steps"]["merge"].get("reused")
+    # its own output changed by hand since (a different merge there): not replaced without --overwrite
+    code, _, err = lrmerge("merge", str(local_recipe), "--out", str(merged), "--overwrite", "--format", "quiet")
+    (merged / "config.json").write_text((merged / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    code, _, err = local_run(tmp_path, "--force")
+    assert code == 2 and "--overwrite" in err and '"x": 1' in (merged / "config.json").read_text(), err
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--languages", "x..y,bo", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'x..y'"),
+    (["--languages", "bo,Tibetan", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'Tibetan'"),
+    (["--languages", "bo", "--push", "org/a..b-{language}"], "--push: 'org/a..b-bo' is not a Hub repo id"),
+    (["--languages", "bo", "--push", "alice/ok name"], "--push: 'alice/ok name' is not a Hub repo id"),
+    (["--languages", "bo", "--push", "org/m-{language}-" + "x" * 100], "--push: 'org/m-bo-x"),
+], ids=["dots-code", "name-not-code", "dots-repo", "space", "too-long"])
+def test_push_targets_and_languages_are_checked_before_any_work(tmp_path, args, error):
+    make_family(tmp_path / "models")
+    (tmp_path / "r-bo.yaml").write_text(LOCAL_RECIPE)
+    code, out, err = lrmerge("run", str(tmp_path / "r-{language}.yaml"), *args)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith(f"Error: {error}"), err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_push_template_is_filled_in_for_one_recipe(tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "r-bo.yaml").write_text(LOCAL_RECIPE)
+    code, out, err = lrmerge("run", str(tmp_path / "r-{language}.yaml"), "--languages", "bo",
+                             "--push", "org/m-{language}", "--dry-run", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["push"] == "org/m-bo"
+
+
+def test_the_cards_reproduce_command_works_in_the_output_folder(local_recipe, tmp_path, monkeypatch):
+    code, summary, err = local_run(tmp_path)
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    card = (merged / "README.md").read_text()
+    assert "`lrmerge merge recipe.yaml --out DIR` in this folder" in card
+    written = (merged / "recipe.yaml").read_text()
+    assert "model: ../models/language" in written and "base: ../models/base" in written
+    monkeypatch.chdir(merged)  # as a reader of the card would: in the model's folder
+    code, _, err = lrmerge("merge", "recipe.yaml", "--out", "../again", "--format", "quiet")
+    assert code == 0, err
+    assert pipeline.tensor_sha256(tmp_path / "again") == pipeline.tensor_sha256(merged)
+    # and the copy's recipe.yaml reads the same models from its own folder
+    assert (tmp_path / "again" / "recipe.yaml").read_text() == written
+
+
+def test_an_evaluation_whose_results_are_gone_is_planned_again(tmp_path):
+    """The eval step's record names its result files: once they are removed (a merge with
+    --overwrite drops eval/), the eval step and everything after it run again."""
+    output = tmp_path / "merged"
+    (output / "eval" / "merged").mkdir(parents=True)
+    results = output / "eval" / "merged" / "results_1.json"
+    results.write_text('{"results": {}}')
+    (output / "README.md").write_text("card")
+    state = pipeline.RunState(tmp_path / "run", "sha")
+    for name, result in [("pull", {"sources": {}}), ("merge", {}), ("eval", {"files": {"merged": str(results)}}),
+                         ("card", {"card": str(output / "README.md")}), ("push", {"skipped": "no target"})]:
+        state.record(name, status="done", result=result,
+                     made=pipeline.fingerprint(output, pipeline.step_files(name, output, result)))
+    assert state.step("eval")["made"] == {"eval/merged/results_1.json": {
+        "sha256": pipeline.file_sha256(results), "size": results.stat().st_size, "mtime_ns": results.stat().st_mtime_ns}}
+    assert pipeline.plan_steps(state, False, output) == [(s, "done") for s in pipeline.STEPS]
+    results.write_text('{"results": {"x": 1}}')  # other bytes: not what the step wrote
+    assert dict(pipeline.plan_steps(state, False, output)) == {
+        "pull": "done", "merge": "done", "eval": "run", "card": "run", "push": "run"}
+    results.unlink()
+    assert dict(pipeline.plan_steps(state, False, output))["eval"] == "run"

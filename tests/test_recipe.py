@@ -6,6 +6,7 @@ import pytest
 
 from lrmerge_hub.errors import RecipeError
 from lrmerge_hub.recipe import load_recipe, parse_recipe
+from lrmerge_hub.synth import make_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,78 @@ def test_hub_ids_and_revisions(tmp_path):
 def test_invalid(tmp_path, data, needle):
     with pytest.raises(RecipeError, match=needle):
         parse_recipe(data, tmp_path)
+
+
+# -- the recipe's mistakes said so that the fix is plain -------------------------------------
+
+RECIPE = """
+method: slack_ties
+base: ./models/base
+models:
+  - {model: ./models/language, role: language, density: 0.2}
+  - {model: ./models/task, role: task, density: 0.2, slack: 0.5}
+output: ./merged
+"""
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from lrmerge_hub.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("typo,error", [
+    (RECIPE.replace("density: 0.2}", "densty: 0.2}", 1), "models[0]: unknown key 'densty' (did you mean 'density'?)"),
+    (RECIPE + "parameters: {lamda: 0.9}\n", "unknown key 'lamda' (did you mean 'lambda'?)"),
+    (RECIPE + "licence: mit\n", "recipe: unknown key 'licence' (did you mean 'license'?)"),
+    (RECIPE + "push: {repo: a/b, privat: true}\n", "push: unknown key 'privat' (did you mean 'private'?)"),
+    (RECIPE + "zzz: 1\n", "recipe: unknown key 'zzz' (allowed: method, base, models"),  # nothing close: the list
+], ids=["densty", "lamda", "licence", "privat", "nothing-close"])
+def test_a_misspelled_key_gets_the_likely_one(tmp_path, typo, error):
+    make_family(tmp_path / "models")
+    (tmp_path / "r.yaml").write_text(typo)
+    code, out, err = cli("merge", tmp_path / "r.yaml")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("Error: ") and error in err, err
+
+
+@pytest.mark.parametrize("output,said", [
+    ("/", "'/' is the file system's root"),
+    (".", "'.' is the recipe's own folder"),
+    ("..", "'..' holds the recipe's own folder"),
+    ("./", "'./' is the recipe's own folder"),
+])
+def test_an_output_that_would_replace_the_root_or_the_recipe_is_refused(tmp_path, output, said):
+    make_family(tmp_path / "models")
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("output: ./merged", f"output: {output}"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in ("merge", "run", "sweep"):
+        extra = ["--grid", "slack=0,1"] if command == "sweep" else []
+        code, out, err = cli(command, tmp_path / "r.yaml", *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"Error: output: {said}") and "e.g. ./merged" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_out_naming_the_current_folder_is_refused(tmp_path, monkeypatch):
+    make_family(tmp_path / "models")
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    monkeypatch.chdir(tmp_path / "models")
+    for out in (".", ".."):
+        code, _, err = cli("merge", tmp_path / "r.yaml", "--out", out, "--overwrite")
+        assert code == 2 and "the current folder" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "models" / "base" / "config.json").is_file()
+
+
+def test_a_model_without_role_is_said_to_be_a_task_model(tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "r.yaml").write_text(RECIPE.replace(", role: task", ""))
+    code, out, err = cli("merge", tmp_path / "r.yaml", "--dry-run")
+    assert code == 0, err
+    assert "note: no role given for ./models/task: taken as task" in err
+    assert load_recipe(tmp_path / "r.yaml").models[1].role == "task"
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    code, out, err = cli("merge", tmp_path / "r.yaml", "--dry-run")
+    assert code == 0 and "note:" not in err

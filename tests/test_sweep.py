@@ -4,8 +4,10 @@ reads the merge report; the end-to-end sweep with real vLLM lives in the pipelin
 import json
 
 import pytest
+from click.testing import CliRunner
 
-from lrmerge_hub.errors import RecipeError
+from lrmerge_hub.cli import main
+from lrmerge_hub.errors import OutputError, RecipeError
 from lrmerge_hub.merge.engine import local_sources
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.sweep import apply_point, grid_points, parse_grid, run_sweep
@@ -59,3 +61,85 @@ def test_sweep_promotes_the_best_point(family, write_recipe):
     assert promoted["models"][1]["params"]["slack"] == 1
     assert json.loads((recipe.output / "sweep.json").read_text())["best"] == "slack1"
     assert len(list((recipe.output.parent / "merged.sweep").iterdir())) == 3
+
+
+@pytest.mark.parametrize("item,said", [
+    ("slack=0,,1", "an empty value"),
+    ("slack=0,1,", "an empty value"),
+    ("slack=,", "an empty value"),
+    ("slack=0,0.5,0", "the value 0 is given twice"),
+])
+def test_grid_values_are_never_silently_dropped_or_repeated(item, said):
+    with pytest.raises(RecipeError, match=said):
+        parse_grid([item])
+
+
+def retention_scorer(calls):
+    def score(folder):
+        calls.append(folder.name)
+        report = json.loads((folder / "merge_report.json").read_text())
+        return [{"task": "retention", "metric": "acc", "value": report["models"][1]["retention"]["fraction"]}]
+    return score
+
+
+def test_sweep_replaces_an_existing_output_only_with_overwrite(family, write_recipe):
+    family()
+    recipe = load_recipe(write_recipe(RECIPE))
+    recipe.output.mkdir()
+    (recipe.output / "hand-made.txt").write_text("keep me")
+    calls = []
+    with pytest.raises(OutputError, match="--overwrite"):
+        run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
+                  evaluate=retention_scorer(calls), device="cpu", progress=False)
+    assert (recipe.output / "hand-made.txt").read_text() == "keep me" and calls == []  # refused before any work
+    table = run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
+                      evaluate=retention_scorer(calls), device="cpu", progress=False, overwrite=True)
+    assert not (recipe.output / "hand-made.txt").exists()
+    assert json.loads((recipe.output / "sweep.json").read_text())["best"] == table["best"] == "slack1"
+    assert not [p for p in recipe.output.parent.iterdir() if ".lrmerge-" in p.name]
+
+
+def test_lrmerge_sweep_refuses_an_existing_output_before_any_work(family, write_recipe, tmp_path):
+    family()
+    recipe = write_recipe(RECIPE)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "hand-made.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--grid", "slack=0,1", "--backend", "hf"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("Error: output ") and "--overwrite" in result.stderr
+    assert (tmp_path / "merged" / "hand-made.txt").read_text() == "keep me"
+    assert not (tmp_path / "merged.sweep").exists()
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--grid", "slack=0,,1", "--overwrite"])
+    assert result.exit_code == 2 and "an empty value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_points_evaluated_earlier_are_not_evaluated_again(family, write_recipe):
+    family()
+    recipe = load_recipe(write_recipe(RECIPE))
+    spec = {"tasks": ["retention"], "limit": 10}
+    calls = []
+
+    def sweep(grid, evaluation=spec):
+        return run_sweep(recipe, parse_grid([grid]), sources=local_sources(recipe), output=recipe.output,
+                         evaluate=retention_scorer(calls), device="cpu", progress=False, overwrite=True,
+                         evaluation=evaluation)
+
+    first = sweep("slack=0,1")
+    assert sorted(calls) == ["slack0", "slack1"]
+    again = sweep("slack=0,0.5,1")  # only the new point is merged and evaluated
+    assert sorted(calls) == ["slack0", "slack0.5", "slack1"]
+    assert {p["name"]: p["score"] for p in again["points"] if p["name"] != "slack0.5"} == \
+        {p["name"]: p["score"] for p in first["points"]}
+    sweep("slack=0,1", evaluation={**spec, "limit": 20})  # another evaluation: scored again
+    assert sorted(calls) == ["slack0", "slack0", "slack0.5", "slack1", "slack1"]
+    assert not (recipe.output / "scores.json").exists()  # the points' bookkeeping stays in the sweep folder
+
+
+def test_the_promoted_recipe_names_the_models_from_the_output_folder(family, write_recipe):
+    family()
+    recipe = load_recipe(write_recipe(RECIPE))
+    run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
+              evaluate=retention_scorer([]), device="cpu", progress=False)
+    copied = load_recipe(recipe.output / "recipe.yaml")  # read relative to the output folder
+    assert [m.ref.path for m in copied.models] == [m.ref.path for m in recipe.models]
+    assert copied.base.path == recipe.base.path and copied.models[1].params["slack"] == 1

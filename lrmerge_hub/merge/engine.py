@@ -592,7 +592,8 @@ def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], 
             report["stats"]["engine"] = "torch" if compute is not None else "kernels"
             if compute is not None and compute.peak_bytes() is not None:
                 report["stats"]["peak_device_bytes"] = compute.peak_bytes()
-            (o.tmp / "recipe.yaml").write_text(o.recipe.to_yaml(), encoding="utf-8")
+            # local models named relative to the output, so `lrmerge merge recipe.yaml` there reproduces it
+            (o.tmp / "recipe.yaml").write_text(o.recipe.to_yaml(seen_from=o.out_dir), encoding="utf-8")
             (o.tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             reports.append(report)
         for o in outputs:
