@@ -22,6 +22,7 @@ import yaml
 from .card_rules import HUB_LICENSES, check_metadata, is_language_code, is_repo_id, is_revision
 from .errors import RecipeError, shown
 from .merge.methods import METHODS, get_method, normalize_problem
+from .merge.tensor_params import check_setting, evaluate, is_setting
 
 ROLES = ("language", "task")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -146,6 +147,9 @@ class ModelEntry:
     role: str
     params: dict[str, Any]  # method's per-model parameters, defaults filled in
     hub_id: str | None = None  # Hub id to list a local folder by in the card
+    # parameters given as a gradient or a filter list (merge.tensor_params), as written;
+    # `params` then holds their value outside the layers, for display and checks
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class Recipe:
     eval: EvalSpec | None = None
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # global parameters given as settings
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
@@ -203,8 +208,9 @@ class Recipe:
             if m.hub_id:
                 entry["hub_id"] = m.hub_id
             entry.update(m.params)
+            entry.update(m.settings)
             out["models"].append(entry)
-        out["parameters"] = dict(self.parameters)
+        out["parameters"] = {**self.parameters, **self.settings}
         out["languages"] = list(self.languages)
         if self.license:
             out["license"] = self.license
@@ -257,6 +263,23 @@ def _check_param(name: str, value: Any, param, where: str) -> Any:
     return value
 
 
+def _param_value(name: str, value: Any, param, where: str, settings: dict[str, Any]) -> Any:
+    """A parameter's checked value; a gradient or filter list (merge.tensor_params) is
+    checked leaf by leaf and kept in `settings`, and its value outside the layers returned."""
+    if not is_setting(value):
+        return _check_param(name, value, param, where)
+    integer = isinstance(param.default, int) and not isinstance(param.default, bool)
+    try:
+        problem = check_setting(value, param.check, integer)
+    except (OverflowError, TypeError, ValueError):
+        problem = "must hold finite numbers within float range"
+    if problem:
+        raise RecipeError(f"{where}.{name}: {problem}")
+    settings[name] = value
+    outside = evaluate(value, "", 0.0)
+    return param.default if outside is None else outside
+
+
 def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:
     """Refuse weights whose sum the method would divide by when it is near 0."""
     problem = normalize_problem(method, [m.params["weight"] for m in models if "weight" in m.params],
@@ -266,7 +289,12 @@ def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str,
 
 
 def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
-    """Validate a recipe mapping and return a Recipe. Raises RecipeError."""
+    """Validate a recipe mapping (ours, or a mergekit 0.1.5 config: one with `merge_method`)
+    and return a Recipe. Raises RecipeError."""
+    if isinstance(data, dict) and "merge_method" in data:
+        from .mergekit_config import from_mergekit
+
+        data = from_mergekit(data)
     if not isinstance(data, dict):
         raise RecipeError("recipe: the top level must be a mapping of keys to values")
     _check_keys(data, TOP_LEVEL_KEYS, "recipe")
@@ -307,9 +335,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         role = entry.get("role", "task")
         if role not in ROLES:
             raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {shown(role)})")
-        params = {}
+        params, settings = {}, {}
         for name, param in method.model_params.items():
-            params[name] = _check_param(name, entry.get(name, param.default), param, where)
+            params[name] = _param_value(name, entry.get(name, param.default), param, where, settings)
         hub_id = entry.get("hub_id")
         if hub_id is not None and not is_repo_id(hub_id):
             raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {shown(hub_id)})")
@@ -317,20 +345,25 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         if twin is not None:
             same = "" if twin.spec == ref.spec else f" (as {shown(twin.spec)})"
             raise RecipeError(f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once")
-        models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
+        models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id, settings=settings))
 
     params_raw = data.get("parameters") or {}
     if not isinstance(params_raw, dict):
         raise RecipeError("parameters: must be a mapping like {lambda: 1.0, normalize: true}")
     _check_keys(params_raw, list(method.global_params) or ["(none)"], f"parameters (method {method_name!r})")
+    global_settings: dict[str, Any] = {}
     parameters = {
-        name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
+        name: _param_value(name, params_raw.get(name, p.default), p, "parameters", global_settings)
         for name, p in method.global_params.items()
     }
     check_normalize(method_name, models, parameters)
     problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
     if problem:
         raise RecipeError(problem)
+    if method.roles is not None:
+        problem = method.roles([m.role for m in models])
+        if problem:
+            raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):
@@ -393,6 +426,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         device=device,
         source_file=source_file,
         raw=data,
+        settings=global_settings,
     )
 
 

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
 from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
+from .tensor_params import TensorParams, layer_count
 
 if TYPE_CHECKING:
     import torch
@@ -448,13 +449,20 @@ class Output:
     tmp: Path
     writer: ShardedWriter
     retention: RetentionCounter | None
+    # this tensor's parameters (gradients, filters, layer_swap's shares), resolved before its kernel
+    resolver: TensorParams | None = None
 
     def merged(self, job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan, keys: list[str],
                device: str, compute: TorchEngine | None) -> np.ndarray:
         if not job.merge:
             return readers[plan.reference].array(job.name)
-        return merge_tensor(job, self.method, readers, keys, [m.params for m in self.recipe.models],
-                            self.recipe.parameters, device, self.retention, compute)
+        if self.resolver is None:
+            self.resolver = TensorParams.of(self.recipe, layer_count(readers[plan.reference].config))
+        try:
+            model_params, params = self.resolver(job.name)
+        except ValueError as e:
+            raise InputModelError(str(e)) from None
+        return merge_tensor(job, self.method, readers, keys, model_params, params, device, self.retention, compute)
 
 
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:

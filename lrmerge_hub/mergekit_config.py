@@ -1,0 +1,199 @@
+"""mergekit 0.1.5 configs, read as they are and written from our recipes (pure).
+
+A YAML mapping with `merge_method` is a mergekit config. `from_mergekit` turns it into the
+mapping of our recipe format with the same meaning: `models` (each `model` and its
+`parameters`), `base_model`, `parameters` at the top (per-model ones there are every
+model's fallback, as in mergekit's precedence), gradients and filters (merge.tensor_params,
+evaluated as mergekit evaluates them), `dtype`/`out_dtype`, `tokenizer_source` and
+`tokenizer: {source: ...}`. lrmerge computes in float32 whatever `dtype` says; mergekit
+computes in `dtype` (or the inputs' dtype), so the two give the same bits when mergekit
+computes in float32. A key we do not support is an error naming it, never ignored.
+`to_mergekit` writes the mergekit config of a recipe that has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import RecipeError, shown
+from .merge.methods import METHODS
+
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
+# not (yet) supported: an error naming the key
+UNSUPPORTED = {
+    "slices": "slices (frankenmerges) are not supported yet; list whole models under `models`",
+    "modules": "modules are not supported; list whole models under `models`",
+    "chat_template": "not supported yet; remove it (the merged model takes the task model's chat template)",
+}
+# our recipe's keys that may sit beside a mergekit config's (they have no mergekit meaning)
+OUR_KEYS = ("languages", "license", "license_name", "license_link", "output", "device", "push", "eval")
+DTYPES = ("float32", "bfloat16", "float16")
+MERGEKIT_ONLY_IN_OURS = ("slack_ties", "layer_swap")  # our methods mergekit does not have
+
+
+def is_mergekit_config(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _model_name(value: Any, where: str) -> str:
+    if isinstance(value, dict):
+        raise RecipeError(f"{where}: a model with a LoRA ({shown(value)}) is not supported; merge the LoRA first")
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: must be a local folder or a Hub id (got {shown(value)})")
+    if "+" in value:
+        raise RecipeError(f"{where}: {shown(value)} names a LoRA (model+lora), which is not supported; "
+                          "merge the LoRA first")
+    return value.strip()
+
+
+def _conditions(setting: Any) -> list[Any]:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
+def _with_fallback(own: Any, fallback: Any) -> Any:
+    """A model's setting with the top-level one behind it: mergekit falls back to the next
+    scope when no filter of a model's own list matches."""
+    if own is None:
+        return fallback
+    if fallback is None:
+        return own
+    if isinstance(own, dict) or (isinstance(own, list) and own and all(isinstance(e, dict) for e in own)):
+        return _conditions(own) + _conditions(fallback)
+    return own
+
+
+def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+    """Our recipe mapping for a mergekit 0.1.5 config. Raises RecipeError naming the key."""
+    for key in data:
+        if key not in MERGEKIT_KEYS and key not in OUR_KEYS:
+            raise RecipeError(f"{key}: not a mergekit 0.1.5 config key (allowed: {', '.join(MERGEKIT_KEYS)}; "
+                              f"and ours: {', '.join(OUR_KEYS)})")
+        if key in UNSUPPORTED:
+            raise RecipeError(f"{key}: {UNSUPPORTED[key]}")
+    name = data["merge_method"]
+    if not isinstance(name, str) or name not in METHODS or name in MERGEKIT_ONLY_IN_OURS:
+        known = sorted(m for m in METHODS if m not in MERGEKIT_ONLY_IN_OURS)
+        raise RecipeError(f"merge_method: unknown method {shown(name)} (allowed: {', '.join(known)})")
+    method = METHODS[name]
+    out: dict[str, Any] = {"method": name}
+    out.update({k: data[k] for k in OUR_KEYS if k in data})
+
+    top = data.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise RecipeError("parameters: must be a mapping of parameter names to values")
+    for key in top:
+        if key not in method.model_params and key not in method.global_params:
+            allowed = ", ".join(list(method.model_params) + list(method.global_params)) or "none"
+            raise RecipeError(f"parameters.{key}: not a parameter of {name} (allowed: {allowed})")
+    out["parameters"] = {k: v for k, v in top.items() if k in method.global_params}
+
+    base = _model_name(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise RecipeError("models: must be a non-empty list of {model: ..., parameters: {...}} "
+                          "(slices are not supported yet)")
+    entries = []
+    for i, entry in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{where}: must be a mapping with 'model' (and optional 'parameters')")
+        for key in entry:
+            if key not in ("model", "parameters"):
+                raise RecipeError(f"{where}.{key}: not a key of a mergekit model entry (allowed: model, parameters)")
+        own = entry.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise RecipeError(f"{where}.parameters: must be a mapping of parameter names to values")
+        for key in own:
+            if key in method.global_params:
+                raise RecipeError(f"{where}.parameters.{key}: a global parameter of {name} (mergekit ignores it "
+                                  "here); set it under the top-level parameters")
+        entries.append((_model_name(entry["model"], f"{where}.model"), own, where))
+
+    takes_base_as_input = not method.needs_base and name == "linear"
+    if base is not None and takes_base_as_input:  # mergekit's linear averages the base in as one more input
+        if all(model != base for model, _, _ in entries):
+            entries.append((base, {}, "base_model"))
+        base = None
+    models = []
+    for model, own, where in entries:
+        if model == base:  # mergekit lists the base among the inputs; it stays the base
+            continue
+        entry = {"model": model}
+        for key in method.model_params:
+            setting = _with_fallback(own.get(key), top.get(key))
+            if setting is not None:
+                entry[key] = setting
+        extra = [k for k in own if k not in method.model_params and k not in method.global_params]
+        if extra:
+            allowed = ", ".join(method.model_params) or "none"
+            raise RecipeError(f"{where}.parameters.{extra[0]}: not a parameter of {name} (allowed: {allowed})")
+        models.append(entry)
+    out["models"] = models
+    if base is not None:
+        out["base"] = base
+
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and value not in DTYPES:
+            raise RecipeError(f"{key}: must be one of {', '.join(DTYPES)} (got {shown(value)})")
+    if out_dtype or dtype:
+        out["dtype"] = out_dtype or dtype
+
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise RecipeError("tokenizer_source: give either tokenizer_source or tokenizer, not both")
+    source = data.get("tokenizer_source")
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, dict):
+            raise RecipeError("tokenizer: must be a mapping like {source: base}")
+        for key in tokenizer:
+            if key != "source":
+                raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source: base or a model)")
+        source = tokenizer.get("source", "union")
+    if source is not None:
+        if source == "union":
+            raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
+        if source != "base" and source != base:
+            out["tokenizer_source"] = _model_name(source, "tokenizer_source")
+        else:
+            out["tokenizer_source"] = "base"
+    return out
+
+
+def to_mergekit(recipe: Any) -> dict[str, Any] | None:
+    """The mergekit 0.1.5 config of a recipe (None when mergekit has no equivalent: our own
+    methods, or a nonzero slack). Models are named as in the recipe."""
+    if recipe.method in MERGEKIT_ONLY_IN_OURS:
+        return None
+    method = METHODS[recipe.method]
+    config: dict[str, Any] = {"merge_method": recipe.method}
+    if recipe.base is not None:
+        config["base_model"] = recipe.base.portable
+    models = []
+    for m in recipe.models:
+        values = {**m.params, **m.settings}
+        if "slack" in values:
+            if values.pop("slack") != 0.0 or "slack" in m.settings:
+                return None
+        params = {k: v for k, v in values.items() if k in method.model_params}
+        models.append({"model": m.ref.portable, **({"parameters": params} if params else {})})
+    config["models"] = models
+    params = {**recipe.parameters, **recipe.settings}
+    if recipe.method in ("slerp", "nearswap"):
+        params.setdefault("t", 0.5)
+    if params:
+        config["parameters"] = params
+    config["dtype"] = "float32"
+    if recipe.dtype:
+        config["out_dtype"] = recipe.dtype
+    if recipe.tokenizer_source:
+        config["tokenizer_source"] = recipe.tokenizer_source if recipe.tokenizer_source == "base" else \
+            next(m.ref.portable for m in recipe.models if m.ref.spec == recipe.tokenizer_source)
+    return config
