@@ -167,25 +167,33 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_mergekit(recipe: Any) -> dict[str, Any] | None:
+def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     """The mergekit 0.1.5 config of a recipe (None when mergekit has no equivalent: our own
-    methods, or a nonzero slack). Models are named as in the recipe."""
-    if recipe.method in MERGEKIT_ONLY_IN_OURS:
+    methods, or a nonzero slack). Models are named as in recipe.yaml (`./folder` for a local
+    absolute path), or exactly as written with `as_written`."""
+    def named(ref: Any) -> str:
+        return ref.spec if as_written else ref.portable
+
+    name = recipe.method
+    if name == "slack_ties" and all(m.params.get("slack") == 0.0 and "slack" not in m.settings for m in recipe.models):
+        name = "ties"  # slack 0 is exactly ties (without rescale: mergekit's default)
+    if name in MERGEKIT_ONLY_IN_OURS:
         return None
-    method = METHODS[recipe.method]
-    config: dict[str, Any] = {"merge_method": recipe.method}
+    method = METHODS[name]
+    config: dict[str, Any] = {"merge_method": name}
     if recipe.base is not None:
-        config["base_model"] = recipe.base.portable
+        config["base_model"] = named(recipe.base)
     models = []
     for m in recipe.models:
         values = {**m.params, **m.settings}
         if "slack" in values:
             if values.pop("slack") != 0.0 or "slack" in m.settings:
                 return None
-        params = {k: v for k, v in values.items() if k in method.model_params}
-        models.append({"model": m.ref.portable, **({"parameters": params} if params else {})})
+        params = {k: _explicit(v, method.model_params[k].default) for k, v in values.items() if k in method.model_params}
+        models.append({"model": named(m.ref), **({"parameters": params} if params else {})})
     config["models"] = models
-    params = {**recipe.parameters, **recipe.settings}
+    params = {k: _explicit(v, method.global_params[k].default) if k in method.global_params else v
+              for k, v in {**recipe.parameters, **recipe.settings}.items()}
     if recipe.method in ("slerp", "nearswap"):
         params.setdefault("t", 0.5)
     if params:
@@ -195,5 +203,36 @@ def to_mergekit(recipe: Any) -> dict[str, Any] | None:
         config["out_dtype"] = recipe.dtype
     if recipe.tokenizer_source:
         config["tokenizer_source"] = recipe.tokenizer_source if recipe.tokenizer_source == "base" else \
-            next(m.ref.portable for m in recipe.models if m.ref.spec == recipe.tokenizer_source)
+            next(named(m.ref) for m in recipe.models if m.ref.spec == recipe.tokenizer_source)
     return config
+
+
+def _explicit(setting: Any, default: Any) -> Any:
+    """A filter list with our fallback written out: where no filter matches, lrmerge takes
+    the declared default and mergekit (for a required parameter) stops."""
+    conds = setting if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting) else \
+        [setting] if isinstance(setting, dict) else None
+    if conds is None or conds[-1].get("filter") in (None, "*"):
+        return setting
+    return conds + [{"value": default}]
+
+
+def convert(recipe: Any, to: str) -> str:
+    """A recipe (read from either format) written as YAML in format `to`: "mergekit" or
+    "lrmerge", models named as written. Raises RecipeError when mergekit has no equivalent."""
+    import yaml
+
+    if to == "mergekit":
+        config = to_mergekit(recipe, as_written=True)
+        if config is None:
+            raise RecipeError(f"method: {recipe.method} with these parameters has no mergekit 0.1.5 equivalent "
+                              "(slack_ties with a nonzero slack, layer_swap)")
+        return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    data = recipe.to_dict()
+    if recipe.base is not None:
+        data["base"] = recipe.base.spec
+    for entry, m in zip(data["models"], recipe.models):
+        entry["model"] = m.ref.spec
+    if recipe.output is not None and isinstance(recipe.raw.get("output"), str):
+        data["output"] = recipe.raw["output"]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

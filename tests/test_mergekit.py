@@ -389,3 +389,67 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, fa
 def _write_text(path, text):
     path.write_text(text)
     return path
+
+
+# -- the mergekit equivalent in the report and the card; recipe convert ------------------------
+
+def _ties_recipe(family, out):
+    return {"method": "slack_ties", "base": str(family["base"]), "output": str(out),
+            "models": [{"model": str(family["language"]), "role": "language", "density": [0.3, 0.7]},
+                       {"model": str(family["task"]), "role": "task", "density": 0.5,
+                        "weight": [{"filter": "mlp", "value": 0.8}]}]}
+
+
+def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_path, family):
+    from lrmerge_hub.card import build_card
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    r = parse_recipe(_ties_recipe(family, tmp_path / "ours"), tmp_path)
+    report = merge(r, local_sources(r), r.output, device="cpu", progress=False)
+    config = report["mergekit_config"]  # slack 0 everywhere: slack_ties is exactly ties
+    assert config["merge_method"] == "ties" and config["models"][0]["parameters"]["density"] == [0.3, 0.7]
+    assert json.loads((r.output / "merge_report.json").read_text())["mergekit_config"] == config
+    card = build_card(r.output).text
+    assert "The same merge as a mergekit 0.1.5 config" in card and "merge_method: ties" in card
+    # the card's config (models named ./language etc.) merged again from beside the models
+    again = _write(family["base"].parent / "from-card.yml", config)
+    result = CliRunner().invoke(main, ["merge", str(again), "--out", str(tmp_path / "again"), "--device", "cpu",
+                                       "--format", "quiet"])
+    assert result.exit_code == 0, result.output
+    ours, theirs = load_all(r.output), load_all(tmp_path / "again")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with_slack = _ties_recipe(family, tmp_path / "x")
+    with_slack["models"][1]["slack"] = 0.5
+    assert to_mergekit(parse_recipe(with_slack, tmp_path)) is None  # no mergekit equivalent: none claimed
+
+
+def test_recipe_convert_both_ways(tmp_path, family):
+    src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "out"))
+    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    assert result.exit_code == 0, result.output
+    mk = yaml.safe_load((tmp_path / "mk.yml").read_text())
+    assert mk["merge_method"] == "ties" and mk["base_model"] == str(family["base"])
+    result = CliRunner().invoke(main, ["recipe", "convert", str(tmp_path / "mk.yml"), "--to", "lrmerge"])
+    assert result.exit_code == 0, result.output
+    back = parse_recipe(yaml.safe_load(result.stdout), tmp_path)
+    first = parse_recipe(_ties_recipe(family, tmp_path / "out"), tmp_path)
+    for name in ("model.layers.3.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        (mp, params), (mp0, params0) = TensorParams.of(back, 4)(name), TensorParams.of(first, 4)(name)
+        assert mp == mp0 and {k: params[k] for k in params0} == params0  # the same values everywhere
+    assert back.method == "ties" and back.parameters["rescale"] is False  # slack 0: exactly ties
+    assert mk["models"][1]["parameters"]["weight"] == [{"filter": "mlp", "value": 0.8}, {"value": 1.0}]
+    bad = _write(tmp_path / "swap.yml", {"method": "layer_swap", "models": [
+        {"model": str(family["task"]), "role": "task"}, {"model": str(family["language"]), "role": "language"}]})
+    result = CliRunner().invoke(main, ["recipe", "convert", str(bad), "--to", "mergekit"])
+    assert result.exit_code == 2 and "no mergekit 0.1.5 equivalent" in result.stderr
+
+
+@pytest.mark.slow
+def test_converted_recipe_runs_identically_in_mergekit(tmp_path, family, mergekit_venv):
+    src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "ours"))
+    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    assert result.exit_code == 0, result.output
+    mergekit_yaml(mergekit_venv, tmp_path / "mk.yml", tmp_path / "mergekit")
+    lrmerge_merge(src, tmp_path / "ours")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mergekit")
+    assert set(ours) == set(theirs) and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []

@@ -42,6 +42,7 @@ from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
 from .tensor_params import TensorParams, layer_count
+from ..mergekit_config import to_mergekit
 
 if TYPE_CHECKING:
     import torch
@@ -659,7 +660,7 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
     models = []
     for i, m in enumerate(recipe.models):
         entry = source_entry(m.ref.spec, m.ref.spec if not m.ref.is_local else m.ref.display)
-        entry.update({"hub_id": m.hub_id, "role": m.role, "params": dict(m.params),
+        entry.update({"hub_id": m.hub_id, "role": m.role, "params": {**m.params, **m.settings},
                       "retention": retention.for_model(i) if retention else None})
         models.append(entry)
     display = {BASE: recipe.base.display if recipe.base else None}
@@ -669,7 +670,9 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "recipe_sha256": recipe.sha256(),
         "method": recipe.method,
-        "parameters": dict(recipe.parameters),
+        "parameters": {**recipe.parameters, **recipe.settings},
+        # the same merge as a mergekit 0.1.5 config (None: mergekit has no equivalent)
+        "mergekit_config": to_mergekit(recipe),
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),
         "license": recipe.license,
