@@ -22,7 +22,6 @@ MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", 
                  "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
 # not (yet) supported: an error naming the key
 UNSUPPORTED = {
-    "slices": "slices (frankenmerges) are not supported yet; list whole models under `models`",
     "modules": "modules are not supported; list whole models under `models`",
     "chat_template": "not supported yet; remove it (the merged model takes the task model's chat template)",
 }
@@ -75,6 +74,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                               f"and ours: {', '.join(OUR_KEYS)})")
         if key in UNSUPPORTED:
             raise RecipeError(f"{key}: {UNSUPPORTED[key]}")
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise RecipeError("slices: give either models or slices, not both")
+        data = _whole_slice(data)
     name = data["merge_method"]
     if not isinstance(name, str) or name not in METHODS or name in MERGEKIT_ONLY_IN_OURS:
         known = sorted(m for m in METHODS if m not in MERGEKIT_ONLY_IN_OURS)
@@ -82,6 +85,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     method = METHODS[name]
     out: dict[str, Any] = {"method": name}
     out.update({k: data[k] for k in OUR_KEYS if k in data})
+    if data.get("_layers") is not None:
+        out["layers"] = data["_layers"]
 
     top = data.get("parameters") or {}
     if not isinstance(top, dict):
@@ -165,6 +170,63 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         else:
             out["tokenizer_source"] = "base"
     return out
+
+
+SLICE_KEYS = ("sources", "parameters", "base_model")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+
+
+def _whole_slice(data: dict[str, Any]) -> dict[str, Any]:
+    """A config whose one slice takes every layer of each source, as the same config with
+    `models` (the slice's parameters become the top level's first fallback); the layer count
+    the ranges name is checked against the models when they are read. Several slices, or a
+    part of a model's layers, make a frankenmerge: an error naming the key."""
+    slices = data["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError("slices: must be a non-empty list of {sources: [...]}")
+    if len(slices) > 1:
+        raise RecipeError(f"slices: {len(slices)} slices make a frankenmerge, which is not supported yet "
+                          "(one slice taking every layer of each model is)")
+    out_slice = slices[0]
+    if not isinstance(out_slice, dict):
+        raise RecipeError("slices[0]: must be a mapping like {sources: [...]}")
+    for key in out_slice:
+        if key not in SLICE_KEYS:
+            raise RecipeError(f"slices[0].{key}: not supported (allowed: {', '.join(SLICE_KEYS)})")
+    sources = out_slice.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError("slices[0].sources: must be a non-empty list of {model: ..., layer_range: [0, N]}")
+    ranges, models = set(), []
+    for i, src in enumerate(sources):
+        where = f"slices[0].sources[{i}]"
+        if not isinstance(src, dict) or "model" not in src:
+            raise RecipeError(f"{where}: must be a mapping with model and layer_range")
+        for key in src:
+            if key not in SOURCE_KEYS:
+                raise RecipeError(f"{where}.{key}: not supported (allowed: {', '.join(SOURCE_KEYS)})")
+        lr = src.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in lr) and 0 <= lr[0] < lr[1]):
+            raise RecipeError(f"{where}.layer_range: must be [start, end] with 0 <= start < end (got {shown(lr)})")
+        if lr[0] != 0:
+            raise RecipeError(f"{where}.layer_range: {lr} starts past layer 0; slices of layers (frankenmerges) "
+                              "are not supported yet")
+        ranges.add(lr[1])
+        models.append({"model": src["model"], **({"parameters": src["parameters"]} if "parameters" in src else {})})
+    if len(ranges) > 1:
+        raise RecipeError("slices[0].sources: layer ranges of different lengths; every source of a slice "
+                          "takes the same number of layers")
+    params = dict(data.get("parameters") or {})
+    slice_params = out_slice.get("parameters") or {}
+    if not isinstance(slice_params, dict) or not isinstance(params, dict):
+        raise RecipeError("slices[0].parameters: must be a mapping of parameter names to values")
+    for key, value in slice_params.items():  # the slice's settings come before the top level's
+        params[key] = _with_fallback(value, params.get(key))
+    whole = {k: v for k, v in data.items() if k != "slices"}
+    whole.update(models=models, parameters=params, _layers=ranges.pop())
+    if out_slice.get("base_model") is not None:
+        whole["base_model"] = out_slice["base_model"]
+    return whole
 
 
 def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:

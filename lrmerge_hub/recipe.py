@@ -38,6 +38,7 @@ MAX_OUTPUT_NAME_BYTES = 200
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
     "tokenizer_source", "device", "push", "eval", "license_name", "license_link",
+    "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
 )
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend")
@@ -193,6 +194,7 @@ class Recipe:
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # global parameters given as settings
+    layers: int | None = None  # every model must have this many layers (None: any)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths."""
@@ -222,6 +224,8 @@ class Recipe:
             out["dtype"] = self.dtype
         if self.tokenizer_source:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.layers is not None:
+            out["layers"] = self.layers
         if self.output is not None:
             out["output"] = self.output.name
         if self.push is not None:
@@ -427,7 +431,14 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         source_file=source_file,
         raw=data,
         settings=global_settings,
+        layers=_parse_layers(data.get("layers")),
     )
+
+
+def _parse_layers(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RecipeError(f"layers: must be a positive whole number, the models' layer count (got {shown(value)})")
+    return value
 
 
 def _parse_push(raw: Any) -> PushTarget | None:

@@ -224,7 +224,17 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"slices": [{"sources": []}]}, "slices: slices (frankenmerges) are not supported yet"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
+     "slices: 2 slices make a frankenmerge, which is not supported yet"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
+     "slices[0].sources[0].layer_range: [2, 4] starts past layer 0"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]},
+                                              {"model": "org/b", "layer_range": [0, 3]}]}]},
+     "layer ranges of different lengths"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}], "residual_weight": 0.5}]},
+     "slices[0].residual_weight: not supported"),
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}]}, "slices: give either models or slices"),
+    ({"modules": {"text": {}}}, "modules: modules are not supported"),
     ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
     ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
     ({"chat_template": "chatml"}, "chat_template: not supported yet"),
@@ -238,9 +248,33 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
 ])
 def test_unsupported_mergekit_keys_are_one_line_errors(tmp_path, change, needle):
     config = {"merge_method": "ties", "base_model": "org/base", "models": [{"model": "org/a"}], **change}
+    config = {k: v for k, v in config.items() if v is not None}
     result = CliRunner().invoke(main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o")])
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_one_whole_slice_reads_as_models_and_its_layer_count_is_checked(tmp_path, family):
+    config = {"merge_method": "ties", "base_model": str(family["base"]),
+              "slices": [{"sources": [{"model": str(family["base"]), "layer_range": [0, 4]},
+                                      {"model": str(family["language"]), "layer_range": [0, 4],
+                                       "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+                                      {"model": str(family["task"]), "layer_range": [0, 4]}],
+                          "parameters": {"density": 0.7}}],
+              "parameters": {"density": 0.9, "weight": 1.0}, "dtype": "float32"}
+    r = parse_recipe(config, tmp_path)
+    assert [m.ref.spec for m in r.models] == [str(family["language"]), str(family["task"])] and r.layers == 4
+    mp, _ = TensorParams.of(r, 4)("model.layers.0.self_attn.q_proj.weight")
+    assert [p["density"] for p in mp] == [0.7, 0.7]  # the source's, then the slice's, then the top level's
+    mp, _ = TensorParams.of(r, 4)("model.layers.0.mlp.up_proj.weight")
+    assert [p["density"] for p in mp] == [0.3, 0.7]
+    config["slices"][0]["sources"] = [{**src, "layer_range": [0, 3]} for src in config["slices"][0]["sources"]]
+    result = CliRunner().invoke(main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "Error: layers: the layer ranges name 3 layers but base has 4; slices of a model's layers "
+        "(frankenmerges) are not supported yet"]
+    assert not (tmp_path / "o").exists()
 
 
 def _write(path, data):
@@ -350,6 +384,24 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "slerp_slice": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {task}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
     "ramplus_tl": """
 merge_method: ramplus_tl
 base_model: {base}
@@ -383,7 +435,7 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, fa
     base = load_all(family["base"])
     assert sum(not torch.equal(ours[k].float(), base[k]) for k in ours) > len(ours) // 2  # not a copy of the base
     report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
-    assert report["method"] == name
+    assert report["method"] == yaml.safe_load(config.read_text())["merge_method"]
 
 
 def _write_text(path, text):

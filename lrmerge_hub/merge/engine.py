@@ -437,6 +437,12 @@ def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, Tensor
 
 def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     keys = model_keys(recipe)
+    if recipe.layers is not None:  # a mergekit slice's layer_range: every layer of each model
+        for k in keys:
+            n = layer_count(readers[k].config)
+            if n != recipe.layers:
+                raise InputModelError(f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
+                                      "slices of a model's layers (frankenmerges) are not supported yet")
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
 
