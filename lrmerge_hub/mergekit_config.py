@@ -166,9 +166,11 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         if source == "union":
             raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
         if source != "base" and source != base:
-            out["tokenizer_source"] = _model_name(source, "tokenizer_source")
-        else:
-            out["tokenizer_source"] = "base"
+            # mergekit then merges the embeddings over that tokenizer's vocabulary (rows other
+            # models lack filled in first), where we merge the shared rows and copy the rest
+            raise RecipeError(f"tokenizer_source: {shown(source)} is not supported yet (only base): mergekit "
+                              "merges the embeddings over a model's vocabulary differently")
+        out["tokenizer_source"] = "base"
     return out
 
 

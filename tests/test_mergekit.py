@@ -236,6 +236,7 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
     ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}]}, "slices: give either models or slices"),
     ({"modules": {"text": {}}}, "modules: modules are not supported"),
     ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
+    ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
     ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
     ({"chat_template": "chatml"}, "chat_template: not supported yet"),
     ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
@@ -402,6 +403,18 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "ties_tokenizer_base": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {language}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {task}
+    parameters: {{weight: 0.5, density: [0.3, 0.6]}}
+tokenizer:
+  source: base
+dtype: float32
+""",
     "ramplus_tl": """
 merge_method: ramplus_tl
 base_model: {base}
@@ -420,11 +433,21 @@ out_dtype: bfloat16
 }
 
 
+@pytest.fixture(scope="module")
+def extended_family(tmp_path_factory):
+    from lrmerge_hub.synth import make_family
+
+    return make_family(tmp_path_factory.mktemp("mkx") / "models", layers=2, seed=5, extend_language_vocab=8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GRADIENT_CONFIGS))
-def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, family, mergekit_venv, name):
+def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, family, extended_family,
+                                                                    mergekit_venv, name):
     """The same mergekit config file, unchanged, through mergekit-yaml and lrmerge merge:
-    identical tensors, bit for bit (float32 computation on float32 inputs)."""
+    identical tensors, bit for bit (float32 computation on float32 inputs). The tokenizer case
+    runs on a family whose language model adds vocabulary (base's tokenizer: base's rows)."""
+    family = extended_family if "tokenizer" in name else family
     config = _write_text(tmp_path / "config.yml", GRADIENT_CONFIGS[name].format(**{k: str(v) for k, v in family.items()}))
     mergekit_yaml(mergekit_venv, config, tmp_path / "mergekit")
     lrmerge_merge(config, tmp_path / "ours")
