@@ -265,9 +265,10 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     config["dtype"] = "float32"
     if recipe.dtype:
         config["out_dtype"] = recipe.dtype
-    if recipe.tokenizer_source:
-        config["tokenizer_source"] = recipe.tokenizer_source if recipe.tokenizer_source == "base" else \
-            next(named(m.ref) for m in recipe.models if m.ref.spec == recipe.tokenizer_source)
+    if recipe.tokenizer_source == "base":
+        config["tokenizer_source"] = "base"
+    elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary
+        return None
     return config
 
 

@@ -528,3 +528,18 @@ def test_converted_recipe_runs_identically_in_mergekit(tmp_path, family, mergeki
     lrmerge_merge(src, tmp_path / "ours")
     ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mergekit")
     assert set(ours) == set(theirs) and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+def test_no_mergekit_config_is_claimed_for_an_extended_vocabulary_kept(tmp_path, extended_family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    fam = extended_family
+    data = {"method": "ties", "base": str(fam["base"]),
+            "models": [{"model": str(fam["language"]), "density": 0.5}, {"model": str(fam["task"]), "density": 0.5}]}
+    r = parse_recipe(data, tmp_path)
+    assert merge(r, local_sources(r), tmp_path / "kept", device="cpu", progress=False)["mergekit_config"] is None
+    r = parse_recipe({**data, "tokenizer_source": "base"}, tmp_path)
+    config = merge(r, local_sources(r), tmp_path / "base", device="cpu", progress=False)["mergekit_config"]
+    assert config["tokenizer_source"] == "base"
+    r = parse_recipe({**data, "tokenizer_source": str(fam["language"])}, tmp_path)
+    assert to_mergekit(r) is None

@@ -678,7 +678,9 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
         "method": recipe.method,
         "parameters": {**recipe.parameters, **recipe.settings},
         # the same merge as a mergekit 0.1.5 config (None: mergekit has no equivalent)
-        "mergekit_config": to_mergekit(recipe),
+        # (none when vocabularies differ and ours are kept: mergekit 0.1.5 truncates to the base's only)
+        "mergekit_config": to_mergekit(recipe) if recipe.tokenizer_source == "base"
+        or len(set(plan.vocab_rows.values())) <= 1 else None,
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),
         "license": recipe.license,
