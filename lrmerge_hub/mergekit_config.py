@@ -13,6 +13,8 @@ computes in float32. A key we do not support is an error naming it, never ignore
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, shown
@@ -301,3 +303,34 @@ def convert(recipe: Any, to: str) -> str:
     if recipe.output is not None and isinstance(recipe.raw.get("output"), str):
         data["output"] = recipe.raw["output"]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# a fenced YAML block of a model card (mergekit's card puts its config in one)
+CARD_YAML_BLOCK = re.compile(r"^(`{3,}|~{3,})[ \t]*ya?ml[^\n]*\n(.*?)^\1[ \t]*$", re.S | re.M)
+
+
+def config_from_card(text: str, name: str) -> dict[str, Any]:
+    """The first YAML block of a model card that is a mergekit config (has `merge_method`).
+    Raises RecipeError when there is none."""
+    from .recipe import read_recipe_yaml
+
+    for match in CARD_YAML_BLOCK.finditer(text):
+        try:
+            data = read_recipe_yaml(match.group(2).encode("utf-8"), name)
+        except RecipeError:
+            continue
+        if is_mergekit_config(data):
+            return data
+    raise RecipeError(f"recipe: {name} holds no mergekit config (a ```yaml block with merge_method)")
+
+
+def card_from_hub(spec: str) -> str:
+    """The README.md of the Hub model `org/name[@revision]` (the token from the environment)."""
+    from huggingface_hub import hf_hub_download
+
+    from .hub import hub_errors
+
+    repo_id, _, revision = spec.partition("@")
+    with hub_errors(f"read the model card of {repo_id}"):
+        path = hf_hub_download(repo_id, "README.md", revision=revision or None)
+    return Path(path).read_text(encoding="utf-8", errors="replace")

@@ -556,8 +556,22 @@ def read_recipe_yaml(raw: bytes, name: str = "recipe") -> Any:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file. Raises RecipeError."""
+    """Read and validate a recipe YAML file (ours or a mergekit config), a model card
+    (README.md) holding a mergekit config, or the card of a Hub model `org/name[@rev]` when
+    no such file exists. Raises RecipeError."""
     path = Path(path)
+    hub_card = path.suffix.lower() not in (".yaml", ".yml") and not os.path.lexists(path) \
+        and is_repo_id(str(path).partition("@")[0])
+    if path.suffix.lower() == ".md" or hub_card:
+        from .mergekit_config import card_from_hub, config_from_card
+
+        if path.suffix.lower() == ".md":
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except (OSError, ValueError) as e:
+                raise RecipeError(f"recipe: cannot read {shown(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+            return parse_recipe(config_from_card(text, path.name), path.resolve().parent, source_file=path.resolve())
+        return parse_recipe(config_from_card(card_from_hub(str(path)), f"the card of {path}"), Path.cwd())
     try:
         raw = path.read_bytes()
     except (OSError, ValueError) as e:

@@ -543,3 +543,45 @@ def test_no_mergekit_config_is_claimed_for_an_extended_vocabulary_kept(tmp_path,
     assert config["tokenizer_source"] == "base"
     r = parse_recipe({**data, "tokenizer_source": str(fam["language"])}, tmp_path)
     assert to_mergekit(r) is None
+
+
+MERGEKIT_CARD = """---
+library_name: transformers
+tags:
+- mergekit
+- merge
+---
+# merged
+
+This is a merge of pre-trained language models created using mergekit.
+
+```yaml
+not: [a, config
+```
+
+### Configuration
+
+```yaml
+{config}
+```
+"""
+
+
+def test_a_mergekit_card_merges_again_from_a_file_and_from_the_hub(tmp_path, family, hub_server):
+    config = GRADIENT_CONFIGS["ties"].format(**{k: str(v) for k, v in family.items()}).strip()
+    direct = _write_text(tmp_path / "config.yml", config)
+    (tmp_path / "card").mkdir()
+    card = _write_text(tmp_path / "card" / "README.md", MERGEKIT_CARD.format(config=config))
+    hub_server.seed("alice/merged", tmp_path / "card")
+    for source, out in ((direct, "direct"), (card, "from-card"), ("alice/merged", "from-hub")):
+        result = CliRunner().invoke(main, ["merge", str(source), "--out", str(tmp_path / out), "--device", "cpu",
+                                           "--format", "quiet"])
+        assert result.exit_code == 0, result.output
+    first = load_all(tmp_path / "direct")
+    for out in ("from-card", "from-hub"):
+        assert all(torch.equal(v, load_all(tmp_path / out)[k]) for k, v in first.items())
+    _write_text(tmp_path / "card" / "README.md", "# a card\n\n```yaml\nmethod: ties\n```\n")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "card" / "README.md"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "holds no mergekit config" in result.stderr
+    result = CliRunner().invoke(main, ["merge", "alice/missing", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
