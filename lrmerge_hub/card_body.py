@@ -107,6 +107,15 @@ def _revision(s: SourceInfo) -> str:
     return code_span(s.revision, in_table=True)
 
 
+def mergekit_config_yaml(config: Any) -> str:
+    """The report's mergekit config as YAML for the card ('' when the merge has none)."""
+    if not isinstance(config, dict) or not config:
+        return ""
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip("\n")
+
+
 def _value(v: Any) -> str:
     """A parameter value as the recipe YAML writes it (true, not True); anything but a
     string or a number is shown briefly."""
@@ -234,6 +243,7 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
     commands = list(dict.fromkeys(f"python {s.command}" if s.command.startswith("-m ") else s.command
                                   for s in merged_scores if s.command))
     recipe_yaml = inputs.recipe_text.rstrip("\n")
+    mergekit_yaml = mergekit_config_yaml(report.get("mergekit_config"))
     usage = {"model_id_py": py_string(model_id), "model_id_sh": shell_word(model_id),
              "model_name_sh": shell_word(model_name),
              "curl_chat": shell_word(json.dumps({"model": model_name, "messages": [{"role": "user", "content": "..."}],
@@ -246,7 +256,7 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
     return {
         "model_name": md_text(model_name),
         **usage,
-        "fence": fence_for(recipe_yaml, *commands, *usage.values()),
+        "fence": fence_for(recipe_yaml, mergekit_yaml, *commands, *usage.values()),
         "languages": names,
         "language_list": _join(names) if names else "",
         "language_plain": _join(plain_names) if plain_names else "the target language",
@@ -294,5 +304,6 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "created_at": md_text(report.get("created_at", "?")),
         "recipe_sha256": code_span(report.get("recipe_sha256", "?")),
         "recipe_yaml": recipe_yaml,
+        "mergekit_yaml": mergekit_yaml,
         "extra_sections": inputs.extra_sections + [s for s in [sweep_section(inputs.sweep)] if s],
     }

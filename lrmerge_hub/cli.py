@@ -712,6 +712,29 @@ def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, com
 # --- sweep ---
 
 
+@main.group("recipe")
+def recipe_group() -> None:
+    """Recipes: convert between our format and mergekit 0.1.5's."""
+
+
+@recipe_group.command("convert")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["mergekit", "lrmerge"]), required=True,
+              help="The format to write: a mergekit 0.1.5 config, or our recipe.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write here (default: stdout).")
+@user_errors
+def recipe_convert_cmd(recipe_path: str, to: str, output: str | None) -> None:
+    """Write RECIPE (either format) in the other format, with the same meaning."""
+    from .mergekit_config import convert
+    from .recipe import load_recipe
+
+    text = convert(load_recipe(recipe_path), to)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
+
+
 @main.command("sweep")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--grid", "grid_items", multiple=True, required=True, metavar="NAME=V1,V2",

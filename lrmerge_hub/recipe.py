@@ -23,6 +23,7 @@ import yaml
 from .card_rules import HUB_LICENSES, check_metadata, is_language_code, is_repo_id, is_revision
 from .errors import RecipeError, shown
 from .merge.methods import METHODS, get_method, normalize_problem
+from .merge.tensor_params import check_setting, evaluate, is_setting
 
 ROLES = ("language", "task")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,6 +39,7 @@ MAX_OUTPUT_NAME_BYTES = 200
 TOP_LEVEL_KEYS = (
     "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
     "tokenizer_source", "device", "push", "eval", "license_name", "license_link",
+    "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
 )
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend")
@@ -170,6 +172,9 @@ class ModelEntry:
     role: str
     params: dict[str, Any]  # method's per-model parameters, defaults filled in
     hub_id: str | None = None  # Hub id to list a local folder by in the card
+    # parameters given as a gradient or a filter list (merge.tensor_params), as written;
+    # `params` then holds their value outside the layers, for display and checks
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,8 @@ class Recipe:
     eval: EvalSpec | None = None
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # global parameters given as settings
+    layers: int | None = None  # every model must have this many layers (None: any)
 
     def to_dict(self, seen_from: Path | None = None) -> dict[str, Any]:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths.
@@ -235,8 +242,9 @@ class Recipe:
             if m.hub_id:
                 entry["hub_id"] = m.hub_id
             entry.update(m.params)
+            entry.update(m.settings)
             out["models"].append(entry)
-        out["parameters"] = dict(self.parameters)
+        out["parameters"] = {**self.parameters, **self.settings}
         out["languages"] = list(self.languages)
         if self.license:
             out["license"] = self.license
@@ -249,6 +257,8 @@ class Recipe:
         if self.tokenizer_source:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
+        if self.layers is not None:
+            out["layers"] = self.layers
         if self.output is not None:
             out["output"] = self.output.name
         if self.push is not None:
@@ -297,6 +307,23 @@ def _check_param(name: str, value: Any, param, where: str) -> Any:
     return value
 
 
+def _param_value(name: str, value: Any, param, where: str, settings: dict[str, Any]) -> Any:
+    """A parameter's checked value; a gradient or filter list (merge.tensor_params) is
+    checked leaf by leaf and kept in `settings`, and its value outside the layers returned."""
+    if not is_setting(value):
+        return _check_param(name, value, param, where)
+    integer = isinstance(param.default, int) and not isinstance(param.default, bool)
+    try:
+        problem = check_setting(value, param.check, integer)
+    except (OverflowError, TypeError, ValueError):
+        problem = "must hold finite numbers within float range"
+    if problem:
+        raise RecipeError(f"{where}.{name}: {problem}")
+    settings[name] = value
+    outside = evaluate(value, "", 0.0)
+    return param.default if outside is None else outside
+
+
 def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:
     """Refuse weights whose sum the method would divide by when it is near 0."""
     problem = normalize_problem(method, [m.params["weight"] for m in models if "weight" in m.params],
@@ -306,7 +333,12 @@ def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str,
 
 
 def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
-    """Validate a recipe mapping and return a Recipe. Raises RecipeError."""
+    """Validate a recipe mapping (ours, or a mergekit 0.1.5 config: one with `merge_method`)
+    and return a Recipe. Raises RecipeError."""
+    if isinstance(data, dict) and "merge_method" in data:
+        from .mergekit_config import from_mergekit
+
+        data = from_mergekit(data)
     if not isinstance(data, dict):
         raise RecipeError("recipe: the top level must be a mapping of keys to values")
     _check_keys(data, TOP_LEVEL_KEYS, "recipe")
@@ -345,9 +377,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         role = entry.get("role", "task")
         if role not in ROLES:
             raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {shown(role)})")
-        params = {}
+        params, settings = {}, {}
         for name, param in method.model_params.items():
-            params[name] = _check_param(name, entry.get(name, param.default), param, where)
+            params[name] = _param_value(name, entry.get(name, param.default), param, where, settings)
         hub_id = entry.get("hub_id")
         if hub_id is not None and not is_repo_id(hub_id):
             raise RecipeError(f"{where}.hub_id: must be a Hub id 'org/name' (got {shown(hub_id)})")
@@ -355,20 +387,25 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         if twin is not None:
             same = "" if twin.spec == ref.spec else f" (as {shown(twin.spec)})"
             raise RecipeError(f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once")
-        models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id))
+        models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id, settings=settings))
 
     params_raw = data.get("parameters") or {}
     if not isinstance(params_raw, dict):
         raise RecipeError("parameters: must be a mapping like {lambda: 1.0, normalize: true}")
     _check_keys(params_raw, list(method.global_params) or ["(none)"], f"parameters (method {method_name!r})")
+    global_settings: dict[str, Any] = {}
     parameters = {
-        name: _check_param(name, params_raw.get(name, p.default), p, "parameters")
+        name: _param_value(name, params_raw.get(name, p.default), p, "parameters", global_settings)
         for name, p in method.global_params.items()
     }
     check_normalize(method_name, models, parameters)
     problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
     if problem:
         raise RecipeError(problem)
+    if method.roles is not None:
+        problem = method.roles([m.role for m in models])
+        if problem:
+            raise RecipeError(problem)
 
     languages = data.get("languages") or []
     if isinstance(languages, str):
@@ -428,6 +465,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         device=device,
         source_file=source_file,
         raw=data,
+        settings=global_settings,
+        layers=_parse_layers(data.get("layers")),
     )
 
 
@@ -452,6 +491,12 @@ def default_role_note(recipe: Recipe) -> str | None:
         return None
     return (f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
             "config, what a sweep's slack sets and the card's labels); add role: language|task")
+
+
+def _parse_layers(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RecipeError(f"layers: must be a positive whole number, the models' layer count (got {shown(value)})")
+    return value
 
 
 def _parse_push(raw: Any) -> PushTarget | None:
@@ -569,8 +614,22 @@ def read_recipe_yaml(raw: bytes, name: str = "recipe") -> Any:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file. Raises RecipeError."""
+    """Read and validate a recipe YAML file (ours or a mergekit config), a model card
+    (README.md) holding a mergekit config, or the card of a Hub model `org/name[@rev]` when
+    no such file exists. Raises RecipeError."""
     path = Path(path)
+    hub_card = path.suffix.lower() not in (".yaml", ".yml") and not os.path.lexists(path) \
+        and is_repo_id(str(path).partition("@")[0])
+    if path.suffix.lower() == ".md" or hub_card:
+        from .mergekit_config import card_from_hub, config_from_card
+
+        if path.suffix.lower() == ".md":
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except (OSError, ValueError) as e:
+                raise RecipeError(f"recipe: cannot read {shown(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+            return parse_recipe(config_from_card(text, path.name), path.resolve().parent, source_file=path.resolve())
+        return parse_recipe(config_from_card(card_from_hub(str(path)), f"the card of {path}"), Path.cwd())
     try:
         raw = path.read_bytes()
     except (OSError, ValueError) as e:

@@ -68,7 +68,9 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
     """The recipe with the point's values set; every value checked like the recipe's own."""
     method = get_method(recipe.method)
     parameters = dict(recipe.parameters)
-    models = [ModelEntry(ref=m.ref, role=m.role, params=dict(m.params), hub_id=m.hub_id) for m in recipe.models]
+    models = [ModelEntry(ref=m.ref, role=m.role, params=dict(m.params), hub_id=m.hub_id, settings=dict(m.settings))
+              for m in recipe.models]
+    settings = dict(recipe.settings)  # gradients and filters, except where the point sets a value
     for key, value in point.items():
         role, _, name = key.rpartition(".")
         if not role and name in method.global_params:
@@ -76,6 +78,7 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             if problem:
                 raise RecipeError(f"--grid {key}: {problem} (got {value!r})")
             parameters[name] = value
+            settings.pop(name, None)
             continue
         if name not in method.model_params:
             allowed = sorted(set(method.global_params) | set(method.model_params))
@@ -88,12 +91,13 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
             raise RecipeError(f"--grid {key}: the recipe has no {role or SLACK_ROLE_DEFAULT} model")
         for m in targets:
             m.params[name] = value
+            m.settings.pop(name, None)
     label = "--grid " + " ".join(f"{k}={v}" for k, v in point.items())
     check_normalize(recipe.method, models, parameters, f"{label}: ")
     problem = method.recipe_problem(len(models), recipe.base is not None, [m.params for m in models], parameters)
     if problem:
         raise RecipeError(f"{label}: {problem}")
-    return replace(recipe, parameters=parameters, models=models)
+    return replace(recipe, parameters=parameters, models=models, settings=settings)
 
 
 def mean_score(scores: list[dict[str, Any]], metric: str | None) -> tuple[float | None, str | None]:

@@ -458,7 +458,7 @@ def test_int8_mask_changes_nothing():
 
 # -- every method through the streaming engine (sharded, bf16, extended vocabulary) ------
 
-ONE_MODEL = {"slerp", "nearswap", "passthrough"}
+ONE_MODEL = {"slerp", "nearswap", "passthrough", "arcee_fusion"}
 E2E_MODEL_PARAMS = {"density": 0.4, "epsilon": 0.2, "gamma": 0.02, "slack": 0.5, "weight": 0.8}
 
 
@@ -487,6 +487,7 @@ def e2e_recipe(method, folder, seed=3, output="merged"):
 def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(bf16_family, method):
     from lrmerge_hub.card import build_card
     from lrmerge_hub.merge.engine import local_sources, merge
+    from lrmerge_hub.merge.tensor_params import TensorParams
     from test_engine import load_all
 
     folder = bf16_family["base"].parent.parent
@@ -504,7 +505,8 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
         inputs = [src[r][name][:rows].float() for r in roles]
         base = src["base"][name].float() if m.takes_base else None
         named = {"tensor_name": name} if m.random else {}
-        expected, _ = m.fn(base, inputs, [e.params for e in recipe.models], recipe.parameters, **named)
+        model_params, params = TensorParams.of(recipe, 2)(name)  # per tensor: layer_swap's shares
+        expected, _ = m.fn(base, inputs, model_params, params, **named)
         torch.testing.assert_close(merged[:rows].float(), expected.to(torch.bfloat16).float(),
                                    rtol=1e-2, atol=1e-2)
         if merged.shape[0] > rows:  # the extended vocabulary's rows come from the language model

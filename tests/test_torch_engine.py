@@ -101,7 +101,7 @@ def test_nonfinite_inputs_and_outputs_are_counted():
     assert bad_in == [0, 0] and bad_32 > 0 and bad_out > 0
 
 
-ONE_MODEL = {"slerp", "nearswap", "passthrough"}  # the methods that take one model besides the base
+ONE_MODEL = {"slerp", "nearswap", "passthrough", "arcee_fusion"}  # the methods that take one model besides the base
 ENGINE_MODEL_PARAMS = {"density": 0.3, "epsilon": 0.1, "gamma": 0.02, "slack": 0.5, "weight": 0.8}
 
 
@@ -116,6 +116,8 @@ def engine_recipe(method: str, root: Path) -> str:
         data["base"] = str(root / "base")
     if m.random:
         data["parameters"] = {"seed": 3}
+    if method == "layer_swap":  # one layer here: the task expert's, the rest the language expert's
+        data["parameters"] = {"bottom": 0, "top": 0}
     return yaml.safe_dump(data)
 
 

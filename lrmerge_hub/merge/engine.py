@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
 from .methods import DegenerateInput, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
 from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
+from .tensor_params import TensorParams, layer_count
+from ..mergekit_config import to_mergekit
 
 if TYPE_CHECKING:
     import torch
@@ -435,6 +437,12 @@ def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, Tensor
 
 def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     keys = model_keys(recipe)
+    if recipe.layers is not None:  # a mergekit slice's layer_range: every layer of each model
+        for k in keys:
+            n = layer_count(readers[k].config)
+            if n != recipe.layers:
+                raise InputModelError(f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
+                                      "slices of a model's layers (frankenmerges) are not supported yet")
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
 
@@ -448,13 +456,20 @@ class Output:
     tmp: Path
     writer: ShardedWriter
     retention: RetentionCounter | None
+    # this tensor's parameters (gradients, filters, layer_swap's shares), resolved before its kernel
+    resolver: TensorParams | None = None
 
     def merged(self, job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan, keys: list[str],
                device: str, compute: TorchEngine | None) -> np.ndarray:
         if not job.merge:
             return readers[plan.reference].array(job.name)
-        return merge_tensor(job, self.method, readers, keys, [m.params for m in self.recipe.models],
-                            self.recipe.parameters, device, self.retention, compute)
+        if self.resolver is None:
+            self.resolver = TensorParams.of(self.recipe, layer_count(readers[plan.reference].config))
+        try:
+            model_params, params = self.resolver(job.name)
+        except ValueError as e:
+            raise InputModelError(str(e)) from None
+        return merge_tensor(job, self.method, readers, keys, model_params, params, device, self.retention, compute)
 
 
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
@@ -652,7 +667,7 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
     models = []
     for i, m in enumerate(recipe.models):
         entry = source_entry(m.ref.spec, m.ref.spec if not m.ref.is_local else m.ref.display)
-        entry.update({"hub_id": m.hub_id, "role": m.role, "params": dict(m.params),
+        entry.update({"hub_id": m.hub_id, "role": m.role, "params": {**m.params, **m.settings},
                       "retention": retention.for_model(i) if retention else None})
         models.append(entry)
     display = {BASE: recipe.base.display if recipe.base else None}
@@ -662,7 +677,11 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "recipe_sha256": recipe.sha256(),
         "method": recipe.method,
-        "parameters": dict(recipe.parameters),
+        "parameters": {**recipe.parameters, **recipe.settings},
+        # the same merge as a mergekit 0.1.5 config (None: mergekit has no equivalent)
+        # (none when vocabularies differ and ours are kept: mergekit 0.1.5 truncates to the base's only)
+        "mergekit_config": to_mergekit(recipe) if recipe.tokenizer_source == "base"
+        or len(set(plan.vocab_rows.values())) <= 1 else None,
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),
         "license": recipe.license,

@@ -135,6 +135,11 @@ class MergeMethod:
     papers: tuple[tuple[str, str], ...] = ()  # (citation, url)
     # cross-parameter check of one recipe's values: an error text or None
     check: Callable[[list[dict[str, Any]], dict[str, Any]], str | None] | None = None
+    # the models' roles, in recipe order: an error text or None (layer_swap needs one of each)
+    roles: Callable[[list[str]], str | None] | None = None
+    # per tensor, before the method runs: (model params, params, roles, layer index or None,
+    # number of layers or None) -> (model params, params) for this tensor (layer_swap's shares)
+    per_tensor: Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]] | None = None
 
     def recipe_problem(self, models: int, has_base: bool, model_params: list[dict[str, Any]],
                        params: dict[str, Any]) -> str | None:
@@ -663,3 +668,121 @@ def passthrough(base, tensors, model_params, params):
     """Passthrough: the one model's weights, times its scale."""
     scale = model_params[0]["scale"]
     return (tensors[0] if scale == 1.0 else tensors[0] * scale), None
+
+
+# -- mergekit's last three methods, and layer swapping ------------------------------------
+
+PAPERS.update({
+    "arcee_fusion": ("Arcee AI 2025, Arcee Fusion (mergekit's reference)", "https://arcee.ai"),
+    "ram": ("Reinforced Agent Merging (RAM, RAM+)", "https://arxiv.org/abs/2601.13572"),
+    "layer_swap": (("Bandarkar et al. 2025, Layer Swapping for Zero-Shot Cross-Lingual Transfer in Large "
+                    "Language Models"), "https://arxiv.org/abs/2410.01335"),
+})
+
+# arcee_fusion's outlier fence: median + 1.5 * interquartile range of the importance scores
+FUSION_QUANTILES = (0.25, 0.5, 0.75)
+
+
+@merge_method("arcee_fusion", needs_base=True, model_params={}, global_params={}, min_models=1,
+              max_models=1, title="Arcee Fusion", papers=_papers("arcee_fusion"))
+def arcee_fusion(base, tensors, model_params, params):
+    """Arcee Fusion: take the other model's change only where its importance (magnitude of the change times the rows' softmax KL divergence) is an outlier."""
+    import torch
+
+    model = tensors[0]
+    delta = model - base
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # per row (vector of a 1-D tensor)
+    importance = delta.abs() * divergence
+    del p, q, divergence
+    flat = importance.reshape(-1)
+    # the order statistics at floor(q * (n - 1)) of the float32 positions (mergekit's sorted
+    # index), found by selection; mergekit samples 1M entries with replacement above 1M
+    positions = (torch.tensor(FUSION_QUANTILES, dtype=torch.float32) * (flat.numel() - 1)).long().tolist()
+    q1, median, q3 = (torch.kthvalue(flat.cpu(), k + 1).values.to(flat.device) for k in positions)
+    fence = median + 1.5 * (q3 - q1)
+    return base + delta * (importance >= fence).float(), None
+
+
+RAM_EPSILON = Param(1e-5, _number(0.0), "a task-vector entry counts as changed when |entry| > epsilon, >= 0")
+
+
+def _ram_terms(base, tensors, epsilon):
+    """Flat task vectors with entries of at most epsilon zeroed, and per entry the masks of
+    the entries changed by exactly one model (unique) and by several (overlap), and how many."""
+    import torch
+
+    tv = torch.stack([t - base for t in tensors]).reshape(len(tensors), -1)
+    changed = tv.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return tv * changed, changed, counts, counts > 1, counts == 1
+
+
+@merge_method("ram", needs_base=True, model_params={}, global_params={"epsilon": RAM_EPSILON},
+              title="Reinforced Agent Merging (RAM)", papers=_papers("ram"))
+def ram(base, tensors, model_params, params):
+    """RAM: an entry changed by one model takes that change; one changed by several takes their mean."""
+    tvz, _, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
+    merged = (tvz * unique + tvz * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape), None
+
+
+@merge_method("ramplus_tl", needs_base=True, model_params={},
+              global_params={"r": Param(0.1, _number(0.0), "gain on a model's unique entries per unit of rho, >= 0"),
+                             "alpha": Param(0.2, _number(0.0), "cap on rho = shared / unique entries, >= 0"),
+                             "epsilon": RAM_EPSILON},
+              title="Reinforced Agent Merging Plus (tensor-local)", papers=_papers("ram"))
+def ramplus_tl(base, tensors, model_params, params):
+    """RAM+ (tensor-local): RAM, with each model's unique entries scaled up by r times its ratio of shared to unique entries, capped at alpha."""
+    tvz, changed, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
+    shared_n = (changed & overlap).sum(dim=1)
+    unique_n = (changed & unique).sum(dim=1)
+    rho = shared_n / unique_n.clamp(min=params["epsilon"])
+    gain = 1 + params["r"] * rho.clamp(min=0, max=params["alpha"])
+    merged = (tvz * unique * gain.unsqueeze(-1) + tvz * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape), None
+
+
+def layer_swap_share(layer: int | None, num_layers: int | None, params: dict[str, Any]) -> float:
+    """The language expert's share of one tensor in layer swapping: 1 in the bottom `bottom`
+    and top `top` layers and outside the layers (embeddings, final norm, output head), 0 in
+    the middle, and, `blend` layers deep into the middle from each seam, j / (blend + 1) for
+    the layer j + 1 layers from it (the larger of the two seams' shares where they meet)."""
+    if layer is None or num_layers is None:
+        return 1.0
+    bottom, top, blend = params["bottom"], params["top"], params["blend"]
+    if bottom + top > num_layers:
+        raise ValueError(f"layer_swap: bottom ({bottom}) + top ({top}) exceeds the model's {num_layers} layers")
+    if layer < bottom or layer >= num_layers - top:
+        return 1.0
+    depth = min(layer - bottom + 1 if bottom else math.inf, num_layers - top - layer if top else math.inf)
+    return max(0.0, (blend + 1 - depth) / (blend + 1)) if blend else 0.0
+
+
+def _layer_swap_shares(model_params, params, roles, layer, num_layers):
+    """Each model's share of this tensor: the language expert's from layer_swap_share, the
+    task expert's the rest."""
+    a = layer_swap_share(layer, num_layers, params)
+    return [{**p, "share": a if role == "language" else 1.0 - a} for p, role in zip(model_params, roles)], params
+
+
+def _layer_swap_roles(roles: list[str]) -> str | None:
+    if sorted(roles) != ["language", "task"]:
+        return f"models: method 'layer_swap' takes one model with role: language and one with role: task (got {', '.join(roles)})"
+    return None
+
+
+@merge_method("layer_swap", needs_base=False, takes_base=False, model_params={},
+              global_params={"bottom": Param(1, _integer(0, 100_000), "bottom layers taken from the language expert"),
+                             "top": Param(1, _integer(0, 100_000), "top layers taken from the language expert"),
+                             "blend": Param(0, _integer(0, 100_000),
+                                            "layers at each seam blended linearly between the experts")},
+              min_models=2, max_models=2, roles=_layer_swap_roles, per_tensor=_layer_swap_shares,
+              title="Layer swapping", papers=_papers("layer_swap"))
+def layer_swap(base, tensors, model_params, params):
+    """Layer swapping: the language expert's bottom and top layers (and embeddings, head) around the task expert's middle, blended at the seams."""
+    share = [p["share"] for p in model_params]  # per tensor (per_tensor: _layer_swap_shares)
+    if 1.0 in share:  # a swapped layer is the expert's own bits
+        return tensors[share.index(1.0)], None
+    return share[0] * tensors[0] + share[1] * tensors[1], None

@@ -1,0 +1,587 @@
+"""mergekit 0.1.5 compatibility: its last three methods, layer swapping, gradients and
+filters (ours and in mergekit configs read as they are), and, in the slow tests, the same
+merges run by mergekit 0.1.5 itself (its own venv, bench/.venv-mergekit) compared bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from lrmerge_hub.cli import main
+from lrmerge_hub.errors import RecipeError
+from lrmerge_hub.merge.methods import METHODS, layer_swap_share
+from lrmerge_hub.merge.tensor_params import TensorParams, evaluate, layer_of, position
+from lrmerge_hub.mergekit_config import from_mergekit, to_mergekit
+from lrmerge_hub.recipe import parse_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+MERGEKIT_VERSION = "0.1.5"
+
+
+def load_all(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    from lrmerge_hub.synth import make_family
+
+    return make_family(tmp_path_factory.mktemp("mk") / "models", layers=4, seed=3)
+
+
+def t(a):
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+# -- gradients and filters: mergekit's evaluation, by hand ---------------------------------
+
+def test_gradient_interpolates_like_mergekit():
+    g = [0.0, 0.5, 0.3, 0.7, 1.0]
+    assert evaluate(g, "x", 0.0) == 0.0 and evaluate(g, "x", 1.0) == 1.0
+    assert evaluate(g, "x", 0.25) == 0.5  # exactly the second anchor
+    assert evaluate(g, "x", 0.375) == pytest.approx(0.4)  # halfway between 0.5 and 0.3
+    assert evaluate([True, False], "x", 0.49) is True and evaluate([True, False], "x", 1.0) is False
+    # positions: layer / (L - 1) inside the layers, 0 outside, 1 for a one-layer model
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == 12 and layer_of("model.norm.weight") is None
+    assert layer_of("transformer.h.3.attn.c_attn.weight") == 3
+    assert [position(i, 5) for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert position(None, 5) == 0.0 and position(0, 1) == 1.0
+
+
+def test_filters_first_match_wins_and_unmatched_falls_through():
+    s = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.3}]
+    assert evaluate(s, "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.5
+    assert evaluate(s, "model.layers.1.mlp.up_proj.weight", 0.5) == 0.3
+    assert evaluate(s, "model.norm.weight", 0.0) is None  # the declared default then applies
+    assert evaluate(s + [{"value": 0.9}], "model.norm.weight", 0.0) == 0.9
+    assert evaluate([{"filter": "*", "value": 2}], "anything", 0) == 2
+
+
+def test_recipe_gradients_resolve_per_tensor_and_round_trip(tmp_path, family):
+    folder = family["base"].parent
+    data = {"method": "slack_ties", "base": str(family["base"]), "output": str(tmp_path / "out"),
+            "models": [{"model": str(family["language"]), "role": "language", "density": [0.2, 0.8]},
+                       {"model": str(family["task"]), "role": "task", "density": 0.5,
+                        "slack": [{"filter": "mlp", "value": [0.0, 2.0]}, {"value": 0.5}]}],
+            "parameters": {"lambda": [1.0, 0.5]}}
+    r = parse_recipe(data, folder)
+    assert r.models[0].params["density"] == 0.2 and r.models[1].params["slack"] == 0.5
+    assert r.models[1].settings["slack"][0]["filter"] == "mlp"
+    resolve = TensorParams.of(r, 4)
+    mp, params = resolve("model.layers.2.mlp.down_proj.weight")  # t = 2/3
+    assert mp[0]["density"] == pytest.approx(0.2 + 0.6 * 2 / 3) and mp[1]["slack"] == pytest.approx(4 / 3)
+    assert params["lambda"] == pytest.approx(1.0 - 0.5 * 2 / 3)
+    mp, params = resolve("model.embed_tokens.weight")  # outside the layers: t = 0
+    assert (mp[0]["density"], mp[1]["slack"], params["lambda"]) == (0.2, 0.5, 1.0)
+    again = parse_recipe(yaml.safe_load(r.to_yaml()), folder)  # recipe.yaml keeps the settings
+    assert again.models[1].settings == r.models[1].settings and again.settings == {"lambda": [1.0, 0.5]}
+
+
+def test_gradient_merge_keeps_the_fused_path_and_equals_the_reference(tmp_path, family):
+    """A gradient recipe through the CPU kernels equals the torch reference per tensor with
+    the resolved values, and differs from the merge without the gradient."""
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    data = {"method": "ties", "base": str(family["base"]),
+            "models": [{"model": str(family["language"]), "density": [0.1, 0.9], "weight": 0.7},
+                       {"model": str(family["task"]), "density": 0.5,
+                        "weight": [{"filter": "self_attn", "value": [0.2, 1.0]}]}]}
+    r = parse_recipe(data, family["base"].parent)
+    merge(r, local_sources(r), tmp_path / "grad", device="cpu", engine="kernels", progress=False)
+    flat = r.replace(models=[m.__class__(ref=m.ref, role=m.role, params=m.params) for m in r.models], settings={})
+    merge(flat, local_sources(flat), tmp_path / "flat", device="cpu", engine="kernels", progress=False)
+    out, plain = load_all(tmp_path / "grad"), load_all(tmp_path / "flat")
+    src = {k: load_all(p) for k, p in family.items()}
+    resolve = TensorParams.of(r, 4)
+    for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight"):
+        mp, params = resolve(name)
+        expected, _ = METHODS["ties"].fn(src["base"][name], [src["language"][name], src["task"][name]], mp, params)
+        assert torch.equal(out[name], expected), name
+    assert not torch.equal(out["model.layers.3.self_attn.q_proj.weight"], plain["model.layers.3.self_attn.q_proj.weight"])
+    assert torch.equal(out["lm_head.weight"], plain["lm_head.weight"])  # t = 0 there: the gradients' first values
+
+
+@pytest.mark.parametrize("value, needle", [
+    ([0.1, 1.5], "models[0].density: must be <= 1.0 (in the gradient, got 1.5)"),
+    ([{"filter": 3, "value": 0.5}], "models[0].density: [0].filter must be text"),
+    ([{"filter": "mlp", "value": 0.5, "other": 1}], "models[0].density: [0] must be {filter: TEXT, value: ...}"),
+    ([], "models[0].density: must be a value, a gradient"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, family, value, needle):
+    data = {"method": "ties", "base": str(family["base"]),
+            "models": [{"model": str(family["language"]), "density": value}, {"model": str(family["task"])}]}
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(data, tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the three methods and layer swapping, by hand ------------------------------------------
+
+def test_ram_takes_unique_changes_and_averages_shared_ones():
+    base = np.zeros((1, 4), np.float32)
+    a = np.array([[0.5, 0.0, 0.2, 0.0]], np.float32)
+    b = np.array([[0.0, 0.3, 0.4, 1e-6]], np.float32)  # 1e-6 is below epsilon: unchanged
+    out, _ = METHODS["ram"].fn(t(base), [t(a), t(b)], [{}, {}], {"epsilon": 1e-5})
+    np.testing.assert_allclose(out.numpy(), [[0.5, 0.3, 0.3, 0.0]], rtol=0, atol=1e-7)
+    # RAM+: each model has 1 shared and 1 unique entry, rho = 1 capped at alpha 0.2: unique x 1.04
+    out, _ = METHODS["ramplus_tl"].fn(t(base), [t(a), t(b)], [{}, {}], {"epsilon": 1e-5, "r": 0.2, "alpha": 0.2})
+    np.testing.assert_allclose(out.numpy(), [[0.52, 0.312, 0.3, 0.0]], rtol=1e-6)
+
+
+def test_arcee_fusion_keeps_only_outlier_changes():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((8, 64)).astype(np.float32)
+    model = base.copy()
+    model[:, :] += 1e-4
+    model[3, 5] += 3.0  # one large change moves row 3's softmax: its KL makes the row's changes outliers
+    out, _ = METHODS["arcee_fusion"].fn(t(base), [t(model)], [{}], {})
+    changed = out.numpy() != base
+    assert changed[3].all() and not changed[np.arange(8) != 3].any()
+    assert torch.equal(out[3], t(model)[3])
+
+
+def test_layer_swap_schedule():
+    p = {"bottom": 2, "top": 1, "blend": 0}
+    assert [layer_swap_share(i, 8, p) for i in range(8)] == [1, 1, 0, 0, 0, 0, 0, 1]
+    assert layer_swap_share(None, 8, p) == 1.0  # embeddings, final norm, head: the language expert
+    p = {"bottom": 2, "top": 2, "blend": 2}  # two blended layers at each seam: 2/3, 1/3
+    assert [layer_swap_share(i, 10, p) for i in range(10)] == pytest.approx(
+        [1, 1, 2 / 3, 1 / 3, 0, 0, 1 / 3, 2 / 3, 1, 1])
+    with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
+        layer_swap_share(0, 4, {"bottom": 3, "top": 2, "blend": 0})
+
+
+def test_layer_swap_merge_takes_whole_layers(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    data = {"method": "layer_swap", "models": [{"model": str(family["task"]), "role": "task"},
+                                               {"model": str(family["language"]), "role": "language"}],
+            "parameters": {"bottom": 1, "top": 1, "blend": 1}}
+    r = parse_recipe(data, tmp_path)
+    merge(r, local_sources(r), tmp_path / "out", device="cpu", progress=False)
+    out = load_all(tmp_path / "out")
+    lang, task = load_all(family["language"]), load_all(family["task"])
+    q = "self_attn.q_proj.weight"
+    assert torch.equal(out[f"model.layers.0.{q}"], lang[f"model.layers.0.{q}"])
+    assert torch.equal(out[f"model.layers.3.{q}"], lang[f"model.layers.3.{q}"])
+    for i in (1, 2):  # blend 1: the layers next to each seam are half and half
+        assert torch.equal(out[f"model.layers.{i}.{q}"], 0.5 * lang[f"model.layers.{i}.{q}"] + 0.5 * task[f"model.layers.{i}.{q}"])
+    assert torch.equal(out["model.embed_tokens.weight"], lang["model.embed_tokens.weight"])
+    with pytest.raises(RecipeError, match="one model with role: language and one with role: task"):
+        parse_recipe({**data, "models": [{"model": str(family["task"]), "role": "task"},
+                                         {"model": str(family["language"]), "role": "task"}]}, tmp_path)
+    with pytest.raises(RecipeError, match="takes no base model"):
+        parse_recipe({**data, "base": str(family["base"])}, tmp_path)
+
+
+def test_layer_swap_sweeps_over_its_parameters(tmp_path, family):
+    from lrmerge_hub.sweep import apply_point, grid_points, parse_grid
+
+    r = parse_recipe({"method": "layer_swap", "models": [{"model": str(family["task"]), "role": "task"},
+                                                         {"model": str(family["language"]), "role": "language"}]},
+                     tmp_path)
+    points = [apply_point(r, p).parameters for p in grid_points(parse_grid(["bottom=1,2", "blend=0,1"]))]
+    assert points == [{"bottom": 1, "top": 1, "blend": 0}, {"bottom": 1, "top": 1, "blend": 1},
+                      {"bottom": 2, "top": 1, "blend": 0}, {"bottom": 2, "top": 1, "blend": 1}]
+
+
+# -- mergekit configs read as they are -------------------------------------------------------
+
+def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
+    config = {"merge_method": "ties", "base_model": str(family["base"]), "dtype": "float32",
+              "out_dtype": "bfloat16", "tokenizer": {"source": "base"},
+              "models": [{"model": str(family["base"])},  # mergekit lists the base too; it stays the base
+                         {"model": str(family["language"]),
+                          "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+                         {"model": str(family["task"]), "parameters": {"weight": 0.4}}],
+              "parameters": {"density": 0.6, "weight": 1.0, "lambda": [1.0, 0.5]}}
+    data = from_mergekit(config)
+    assert [m["model"] for m in data["models"]] == [str(family["language"]), str(family["task"])]
+    # an unmatched filter of a model falls back to the top-level value, then the default
+    assert data["models"][0]["density"] == [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    assert data["models"][1] == {"model": str(family["task"]), "weight": 0.4, "density": 0.6}
+    assert data["parameters"] == {"lambda": [1.0, 0.5]} and data["dtype"] == "bfloat16"
+    assert data["tokenizer_source"] == "base"
+    r = parse_recipe(config, tmp_path)
+    mp, _ = TensorParams.of(r, 4)("model.layers.0.self_attn.q_proj.weight")
+    assert mp[0]["density"] == 0.6
+    back = to_mergekit(r)  # and back: the same merge in mergekit's words
+    assert back["merge_method"] == "ties" and back["parameters"]["lambda"] == [1.0, 0.5]
+    assert back["models"][0]["parameters"]["density"] == [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    assert "slack" not in back["models"][0]["parameters"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
+     "slices: 2 slices make a frankenmerge, which is not supported yet"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
+     "slices[0].sources[0].layer_range: [2, 4] starts past layer 0"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]},
+                                              {"model": "org/b", "layer_range": [0, 3]}]}]},
+     "layer ranges of different lengths"),
+    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}], "residual_weight": 0.5}]},
+     "slices[0].residual_weight: not supported"),
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}]}, "slices: give either models or slices"),
+    ({"modules": {"text": {}}}, "modules: modules are not supported"),
+    ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
+    ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
+    ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
+    ({"chat_template": "chatml"}, "chat_template: not supported yet"),
+    ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
+    ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
+    ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
+    ({"models": [{"model": "org/a", "parameters": {"lambda": 2}}]}, "models[0].parameters.lambda: a global parameter"),
+    ({"models": [{"model": "org/a", "weight": 2}]}, "models[0].weight: not a key of a mergekit model entry"),
+    ({"models": [{"model": "org/a+org/lora"}]}, "names a LoRA"),
+    ({"dtype": "float8"}, "dtype: must be one of"),
+])
+def test_unsupported_mergekit_keys_are_one_line_errors(tmp_path, change, needle):
+    config = {"merge_method": "ties", "base_model": "org/base", "models": [{"model": "org/a"}], **change}
+    config = {k: v for k, v in config.items() if v is not None}
+    result = CliRunner().invoke(main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o")])
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_one_whole_slice_reads_as_models_and_its_layer_count_is_checked(tmp_path, family):
+    config = {"merge_method": "ties", "base_model": str(family["base"]),
+              "slices": [{"sources": [{"model": str(family["base"]), "layer_range": [0, 4]},
+                                      {"model": str(family["language"]), "layer_range": [0, 4],
+                                       "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+                                      {"model": str(family["task"]), "layer_range": [0, 4]}],
+                          "parameters": {"density": 0.7}}],
+              "parameters": {"density": 0.9, "weight": 1.0}, "dtype": "float32"}
+    r = parse_recipe(config, tmp_path)
+    assert [m.ref.spec for m in r.models] == [str(family["language"]), str(family["task"])] and r.layers == 4
+    mp, _ = TensorParams.of(r, 4)("model.layers.0.self_attn.q_proj.weight")
+    assert [p["density"] for p in mp] == [0.7, 0.7]  # the source's, then the slice's, then the top level's
+    mp, _ = TensorParams.of(r, 4)("model.layers.0.mlp.up_proj.weight")
+    assert [p["density"] for p in mp] == [0.3, 0.7]
+    config["slices"][0]["sources"] = [{**src, "layer_range": [0, 3]} for src in config["slices"][0]["sources"]]
+    result = CliRunner().invoke(main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "Error: layers: the layer ranges name 3 layers but base has 4; slices of a model's layers "
+        "(frankenmerges) are not supported yet"]
+    assert not (tmp_path / "o").exists()
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- against mergekit 0.1.5 itself (slow: builds its venv once) -------------------------------
+
+@pytest.fixture(scope="session")
+def mergekit_venv():
+    """bench/.venv-mergekit with mergekit 0.1.5 (system site-packages: the CPU torch is
+    reused), built once as bench/merge_bench.py builds it."""
+    venv = ROOT / "bench" / ".venv-mergekit"
+    if not (venv / "bin" / "mergekit-yaml").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                        f"mergekit=={MERGEKIT_VERSION}", "torch==2.13.0"], check=True)
+    return venv
+
+
+def mergekit_yaml(venv, config: Path, out: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run([str(venv / "bin" / "mergekit-yaml"), str(config), str(out)], check=True, env=env,
+                   capture_output=True, timeout=600)
+
+
+def lrmerge_merge(config: Path, out: Path):
+    subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(config), "--out", str(out), "--device", "cpu",
+                    "--format", "quiet"], check=True, cwd=ROOT, timeout=600)
+
+
+MK_METHODS = """
+import sys, numpy as np, torch
+from mergekit.merge_methods.api import merge_tensors
+d = np.load(sys.argv[1]); out = {}
+for shape in ("2d", "1d"):
+    base = torch.from_numpy(d[shape + "base"]); ms = [torch.from_numpy(d[f"{shape}m{i}"]) for i in range(3)]
+    out[shape + "arcee_fusion"] = merge_tensors([base, ms[0]], "arcee_fusion", base_index=0).numpy()
+    out[shape + "ram"] = merge_tensors([base] + ms, "ram", base_index=0, parameters={"epsilon": 0.05}).numpy()
+    out[shape + "ramplus_tl"] = merge_tensors([base] + ms, "ramplus_tl", base_index=0,
+                                              parameters={"epsilon": 0.05, "r": 0.3, "alpha": 0.5}).numpy()
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.slow
+def test_three_methods_equal_mergekit_bit_for_bit(tmp_path, mergekit_venv):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for shape, dims in (("2d", (96, 64)), ("1d", (300,))):
+        base = rng.standard_normal(dims).astype(np.float32)
+        arrays[shape + "base"] = base
+        for i in range(3):
+            d = (rng.standard_normal(dims) * 0.1).astype(np.float32)
+            d[rng.random(dims) < 0.4] = 0  # unchanged entries, so RAM sees unique and shared changes
+            arrays[f"{shape}m{i}"] = base + d
+    np.savez(tmp_path / "in.npz", **arrays)
+    (tmp_path / "mk.py").write_text(MK_METHODS)
+    subprocess.run([str(mergekit_venv / "bin" / "python"), str(tmp_path / "mk.py"), str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], check=True, timeout=300)
+    theirs = np.load(tmp_path / "out.npz")
+    for shape in ("2d", "1d"):
+        base, ms = t(arrays[shape + "base"]), [t(arrays[f"{shape}m{i}"]) for i in range(3)]
+        ours = {"arcee_fusion": METHODS["arcee_fusion"].fn(base, ms[:1], [{}], {})[0],
+                "ram": METHODS["ram"].fn(base, ms, [{}] * 3, {"epsilon": 0.05})[0],
+                "ramplus_tl": METHODS["ramplus_tl"].fn(base, ms, [{}] * 3, {"epsilon": 0.05, "r": 0.3, "alpha": 0.5})[0]}
+        for name, out in ours.items():
+            assert np.array_equal(out.numpy(), theirs[shape + name]), (shape, name)
+            assert not np.array_equal(out.numpy(), arrays[shape + "base"]), (shape, name)  # it changed something
+
+
+GRADIENT_CONFIGS = {
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {language}
+    parameters:
+      density: [0.2, 0.5, 0.8]
+      weight:
+        - filter: self_attn
+          value: [0.3, 0.9]
+        - filter: mlp
+          value: 0.6
+  - model: {task}
+    parameters:
+      density: 0.5
+parameters:
+  weight: 1.0
+  normalize: true
+  lambda: [1.0, 0.8]
+dtype: float32
+""",
+    "slerp": """
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {task}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "slerp_slice": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {task}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "ties_tokenizer_base": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {language}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {task}
+    parameters: {{weight: 0.5, density: [0.3, 0.6]}}
+tokenizer:
+  source: base
+dtype: float32
+""",
+    "ramplus_tl": """
+merge_method: ramplus_tl
+base_model: {base}
+models:
+  - model: {language}
+  - model: {task}
+parameters:
+  epsilon: [0.001, 0.03]
+  r:
+    - filter: mlp
+      value: 0.5
+  alpha: 0.3
+dtype: float32
+out_dtype: bfloat16
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def extended_family(tmp_path_factory):
+    from lrmerge_hub.synth import make_family
+
+    return make_family(tmp_path_factory.mktemp("mkx") / "models", layers=2, seed=5, extend_language_vocab=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(GRADIENT_CONFIGS))
+def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, family, extended_family,
+                                                                    mergekit_venv, name):
+    """The same mergekit config file, unchanged, through mergekit-yaml and lrmerge merge:
+    identical tensors, bit for bit (float32 computation on float32 inputs). The tokenizer case
+    runs on a family whose language model adds vocabulary (base's tokenizer: base's rows)."""
+    family = extended_family if "tokenizer" in name else family
+    config = _write_text(tmp_path / "config.yml", GRADIENT_CONFIGS[name].format(**{k: str(v) for k, v in family.items()}))
+    mergekit_yaml(mergekit_venv, config, tmp_path / "mergekit")
+    lrmerge_merge(config, tmp_path / "ours")
+    theirs, ours = load_all(tmp_path / "mergekit"), load_all(tmp_path / "ours")
+    assert set(theirs) == set(ours)
+    differ = [k for k in theirs if not torch.equal(theirs[k], ours[k])]
+    assert differ == []
+    base = load_all(family["base"])
+    assert sum(not torch.equal(ours[k].float(), base[k]) for k in ours) > len(ours) // 2  # not a copy of the base
+    report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
+    assert report["method"] == yaml.safe_load(config.read_text())["merge_method"]
+
+
+def _write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+# -- the mergekit equivalent in the report and the card; recipe convert ------------------------
+
+def _ties_recipe(family, out):
+    return {"method": "slack_ties", "base": str(family["base"]), "output": str(out),
+            "models": [{"model": str(family["language"]), "role": "language", "density": [0.3, 0.7]},
+                       {"model": str(family["task"]), "role": "task", "density": 0.5,
+                        "weight": [{"filter": "mlp", "value": 0.8}]}]}
+
+
+def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_path, family):
+    from lrmerge_hub.card import build_card
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    r = parse_recipe(_ties_recipe(family, tmp_path / "ours"), tmp_path)
+    report = merge(r, local_sources(r), r.output, device="cpu", progress=False)
+    config = report["mergekit_config"]  # slack 0 everywhere: slack_ties is exactly ties
+    assert config["merge_method"] == "ties" and config["models"][0]["parameters"]["density"] == [0.3, 0.7]
+    assert json.loads((r.output / "merge_report.json").read_text())["mergekit_config"] == config
+    card = build_card(r.output).text
+    assert "The same merge as a mergekit 0.1.5 config" in card and "merge_method: ties" in card
+    # the card's config (models named ./language etc.) merged again from beside the models
+    again = _write(family["base"].parent / "from-card.yml", config)
+    result = CliRunner().invoke(main, ["merge", str(again), "--out", str(tmp_path / "again"), "--device", "cpu",
+                                       "--format", "quiet"])
+    assert result.exit_code == 0, result.output
+    ours, theirs = load_all(r.output), load_all(tmp_path / "again")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with_slack = _ties_recipe(family, tmp_path / "x")
+    with_slack["models"][1]["slack"] = 0.5
+    assert to_mergekit(parse_recipe(with_slack, tmp_path)) is None  # no mergekit equivalent: none claimed
+
+
+def test_recipe_convert_both_ways(tmp_path, family):
+    src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "out"))
+    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    assert result.exit_code == 0, result.output
+    mk = yaml.safe_load((tmp_path / "mk.yml").read_text())
+    assert mk["merge_method"] == "ties" and mk["base_model"] == str(family["base"])
+    result = CliRunner().invoke(main, ["recipe", "convert", str(tmp_path / "mk.yml"), "--to", "lrmerge"])
+    assert result.exit_code == 0, result.output
+    back = parse_recipe(yaml.safe_load(result.stdout), tmp_path)
+    first = parse_recipe(_ties_recipe(family, tmp_path / "out"), tmp_path)
+    for name in ("model.layers.3.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        (mp, params), (mp0, params0) = TensorParams.of(back, 4)(name), TensorParams.of(first, 4)(name)
+        assert mp == mp0 and {k: params[k] for k in params0} == params0  # the same values everywhere
+    assert back.method == "ties" and back.parameters["rescale"] is False  # slack 0: exactly ties
+    assert mk["models"][1]["parameters"]["weight"] == [{"filter": "mlp", "value": 0.8}, {"value": 1.0}]
+    bad = _write(tmp_path / "swap.yml", {"method": "layer_swap", "models": [
+        {"model": str(family["task"]), "role": "task"}, {"model": str(family["language"]), "role": "language"}]})
+    result = CliRunner().invoke(main, ["recipe", "convert", str(bad), "--to", "mergekit"])
+    assert result.exit_code == 2 and "no mergekit 0.1.5 equivalent" in result.stderr
+
+
+@pytest.mark.slow
+def test_converted_recipe_runs_identically_in_mergekit(tmp_path, family, mergekit_venv):
+    src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "ours"))
+    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    assert result.exit_code == 0, result.output
+    mergekit_yaml(mergekit_venv, tmp_path / "mk.yml", tmp_path / "mergekit")
+    lrmerge_merge(src, tmp_path / "ours")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mergekit")
+    assert set(ours) == set(theirs) and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+def test_no_mergekit_config_is_claimed_for_an_extended_vocabulary_kept(tmp_path, extended_family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    fam = extended_family
+    data = {"method": "ties", "base": str(fam["base"]),
+            "models": [{"model": str(fam["language"]), "density": 0.5}, {"model": str(fam["task"]), "density": 0.5}]}
+    r = parse_recipe(data, tmp_path)
+    assert merge(r, local_sources(r), tmp_path / "kept", device="cpu", progress=False)["mergekit_config"] is None
+    r = parse_recipe({**data, "tokenizer_source": "base"}, tmp_path)
+    config = merge(r, local_sources(r), tmp_path / "base", device="cpu", progress=False)["mergekit_config"]
+    assert config["tokenizer_source"] == "base"
+    r = parse_recipe({**data, "tokenizer_source": str(fam["language"])}, tmp_path)
+    assert to_mergekit(r) is None
+
+
+MERGEKIT_CARD = """---
+library_name: transformers
+tags:
+- mergekit
+- merge
+---
+# merged
+
+This is a merge of pre-trained language models created using mergekit.
+
+```yaml
+not: [a, config
+```
+
+### Configuration
+
+```yaml
+{config}
+```
+"""
+
+
+def test_a_mergekit_card_merges_again_from_a_file_and_from_the_hub(tmp_path, family, hub_server):
+    config = GRADIENT_CONFIGS["ties"].format(**{k: str(v) for k, v in family.items()}).strip()
+    direct = _write_text(tmp_path / "config.yml", config)
+    (tmp_path / "card").mkdir()
+    card = _write_text(tmp_path / "card" / "README.md", MERGEKIT_CARD.format(config=config))
+    hub_server.seed("alice/merged", tmp_path / "card")
+    for source, out in ((direct, "direct"), (card, "from-card"), ("alice/merged", "from-hub")):
+        result = CliRunner().invoke(main, ["merge", str(source), "--out", str(tmp_path / out), "--device", "cpu",
+                                           "--format", "quiet"])
+        assert result.exit_code == 0, result.output
+    first = load_all(tmp_path / "direct")
+    for out in ("from-card", "from-hub"):
+        assert all(torch.equal(v, load_all(tmp_path / out)[k]) for k, v in first.items())
+    _write_text(tmp_path / "card" / "README.md", "# a card\n\n```yaml\nmethod: ties\n```\n")
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "card" / "README.md"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "holds no mergekit config" in result.stderr
+    result = CliRunner().invoke(main, ["merge", "alice/missing", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
