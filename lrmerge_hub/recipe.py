@@ -219,6 +219,7 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # global parameters given as settings
     layers: int | None = None  # every model must have this many layers (None: any)
+    from_mergekit_config: bool = False  # read from a mergekit config (which has no roles)
 
     def to_dict(self, seen_from: Path | None = None) -> dict[str, Any]:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths.
@@ -335,7 +336,8 @@ def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str,
 def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> Recipe:
     """Validate a recipe mapping (ours, or a mergekit 0.1.5 config: one with `merge_method`)
     and return a Recipe. Raises RecipeError."""
-    if isinstance(data, dict) and "merge_method" in data:
+    from_mergekit_config = isinstance(data, dict) and "merge_method" in data
+    if from_mergekit_config:
         from .mergekit_config import from_mergekit
 
         data = from_mergekit(data)
@@ -464,7 +466,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         tokenizer_source=tokenizer_source,
         device=device,
         source_file=source_file,
-        raw=data,
+        raw=data, from_mergekit_config=from_mergekit_config,
         settings=global_settings,
         layers=_parse_layers(data.get("layers")),
     )
@@ -484,7 +486,7 @@ def default_role_note(recipe: Recipe) -> str | None:
     output's chat template and generation config, what a sweep's `slack` sets, the card's
     labels and the evaluation's names."""
     raw = recipe.raw.get("models") if isinstance(recipe.raw, dict) else None
-    if not isinstance(raw, list):
+    if recipe.from_mergekit_config or not isinstance(raw, list):  # mergekit has no roles to add
         return None
     unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
     if not unnamed:
