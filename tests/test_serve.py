@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 import urllib.error
 
 import pytest
@@ -143,6 +146,46 @@ def test_help_says_the_key_option_shows_in_ps():
     text = " ".join(r.stdout.split())
     assert r.returncode == 0 and "visible to every user of this machine in `ps`" in text
     assert "prefer the VLLM_API_KEY environment variable" in text
+
+
+def run_router(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrmerge_hub.gate", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.org", ""])
+def test_router_refuses_no_key_on_a_bind_other_machines_reach(host):
+    port = free_port()
+    r = run_router(["--host", host, "--port", str(port), "--no-key", "--route", "m=http://127.0.0.1:9"], cli_env())
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: --no-key with --host {host} would serve every route to other machines")
+    assert "set VLLM_API_KEY instead, or bind 127.0.0.1" in r.stderr
+    serve.check_port_free("127.0.0.1", port)  # nothing was left listening
+
+
+def test_router_without_a_key_in_the_environment_is_one_line():
+    r = run_router(["--port", str(free_port()), "--route", "m=http://127.0.0.1:9"], cli_env())
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "Error: VLLM_API_KEY is not set: set it to the key every request must send "
+        "(or pass --no-key on a loopback bind)"]
+
+
+def test_router_serves_without_a_key_on_loopback():
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.gate", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-key", "--route", f"m=http://127.0.0.1:{free_port()}"], env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and serve.http_status(f"http://127.0.0.1:{port}/health") is None:
+            assert router.poll() is None, router.stderr.read()
+            time.sleep(0.2)
+        assert serve.http_status(f"http://127.0.0.1:{port}/health") == 503  # up, its one vLLM is not
+        assert status(f"http://127.0.0.1:{port}", "GET", "/v1/models") == 502
+    finally:
+        router.terminate()
+        router.wait(30)
 
 
 # --- one real vLLM for the rest of the module ---
