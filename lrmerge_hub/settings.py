@@ -42,3 +42,12 @@ def ray_address() -> str | None:
     """The Ray cluster to run on (`RAY_ADDRESS`, as Ray itself reads it); `--ray-address`
     overrides it; none: `--executor ray` starts a local Ray instance."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines when stderr is not a terminal (`LRMERGE_PROGRESS_INTERVAL`,
+    as tqdm's TQDM_MININTERVAL; default 12). On a terminal the one line is rewritten in place."""
+    try:
+        return max(0.0, float(os.environ.get("LRMERGE_PROGRESS_INTERVAL", "12")))
+    except ValueError:
+        return 12.0

@@ -152,12 +152,13 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
                       merge_many(to_merge, sources, device=device, overwrite=True, progress=progress)
                       if to_merge else []))
     rows = []
-    for point, variant in variants:
+    for i, (point, variant) in enumerate(variants, 1):
         name = point_name(point)
         folder = sweep_dir / name
         report = merged.get(name) or earlier_report(point, variant)
         if name not in merged:
             echo(f"{name}: merged earlier")
+        echo(f"point {i} of {len(variants)}, {name}: evaluating")
         row = point_row(point, report, evaluate(folder), metric)
         metric = metric or row["metric"]
         rows.append(row)
