@@ -317,6 +317,7 @@ class ManagedProcess:
         self._log = open(log_path, "ab")
         self._log.write(f"$ {shlex.join(cmd)}\n".encode())
         self._log.flush()
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -381,6 +382,7 @@ def wait_with_progress(proc: ManagedProcess, url: str, timeout: float, headers: 
     """`proc.wait_ready`, showing meanwhile (progress.py) the seconds since it began and the
     last line of its log; then how long the start-up took."""
     ticker = progress.Ticker(f"{proc.name}: starting", log=proc.log_path)
+    ticker.started = proc.started  # several vLLMs start at once on CPU, and are waited for in turn
     try:
         proc.wait_ready(url, timeout, headers, should_stop, on_poll=ticker.tick)
     except BaseException:

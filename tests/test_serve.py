@@ -261,7 +261,7 @@ def test_start_up_shows_elapsed_time_and_the_logs_last_line(served):
     assert seconds == sorted(seconds) and seconds[-1] >= 5
     assert all(": " in line.split(" s", 1)[1] for line in ticks)  # with vLLM's last log line
     ready = [line for line in err if line.startswith("vLLM for merged-bo: ready after ")]
-    assert len(ready) == 1 and err.index(ready[0]) > err.index(ticks[-1])
+    assert len(ready) == 1 and err.index(ready[0]) > err.index(ticks[-1]), err
     print(ready[0])  # the start-up time here (pytest -s)
     assert not any("\x1b" in line or "\r" in line for line in err)  # not a terminal: plain lines
 
