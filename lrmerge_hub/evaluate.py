@@ -291,10 +291,10 @@ def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path
                                     text=True, stdout=log, stderr=subprocess.STDOUT, env=env)
             proc.stdin.write(json.dumps(jobs))
             proc.stdin.close()
-        return wait_with_progress(proc, log_paths)
+        return wait_for_lm_eval(proc, log_paths)
 
 
-def wait_with_progress(proc: subprocess.Popen, log_paths: list[Path]) -> int:
+def wait_for_lm_eval(proc: subprocess.Popen, log_paths: list[Path]) -> int:
     """Wait for lm-eval, ticking the progress line on the log written last; its exit status.
     Interrupted, it kills lm-eval first (as subprocess.run does)."""
     ticker = progress.Ticker("lm-eval: evaluating", log=log_paths[0])
@@ -346,9 +346,9 @@ def lm_eval_cause(log_text: str) -> str | None:
 def lm_eval_failed(status: int, log_path: Path) -> EvalError:
     """The cause first, in one line, then where the log is; the log's last lines below it."""
     text = log_path.read_text(errors="replace")
-    cause = lm_eval_cause(text) or "lm-eval failed"
+    cause = lm_eval_cause(text)
     last = "\n".join(text.splitlines()[-20:])
-    return EvalError(f"{cause}; lm-eval exited with status {status} (log: {log_path})",
+    return EvalError(f"{cause + '; ' if cause else ''}lm-eval exited with status {status} (log: {log_path})",
                      detail=f"--- last lines of the log ---\n{last}")
 
 

@@ -8,7 +8,7 @@ import select
 import time
 
 from lrmerge_hub import progress
-from lrmerge_hub.evaluate import lm_eval_cause
+from lrmerge_hub.evaluate import lm_eval_cause, lm_eval_failed
 from lrmerge_hub.sweep import parse_grid, run_sweep
 
 
@@ -95,6 +95,18 @@ def test_lm_eval_failures_are_named_from_their_logs():
     assert lm_eval_cause(gone).startswith("the server lm-eval was evaluating did not answer")
     assert lm_eval_cause("Traceback ...\nKeyError: 'acc'\n") == "lm-eval failed with KeyError: 'acc'"
     assert lm_eval_cause("killed\n") is None
+
+
+def test_an_lm_eval_failure_is_one_line_with_the_log_below(tmp_path):
+    log = tmp_path / "merged-m.log"
+    log.write_text("$ python -m lm_eval run ...\nRunning loglikelihood requests:  40%\n")
+    error = lm_eval_failed(-9, log)  # killed: nothing in the log says why
+    assert str(error) == f"lm-eval exited with status -9 (log: {log})"
+    assert error.detail.splitlines() == ["--- last lines of the log ---", "$ python -m lm_eval run ...",
+                                         "Running loglikelihood requests:  40%"]
+    log.write_text("Traceback (most recent call last):\nValueError: Tasks not found: tiny_mcq\n")
+    assert str(lm_eval_failed(1, log)).startswith("lm-eval has no task named tiny_mcq: ")
+    assert str(lm_eval_failed(1, log)).endswith(f"; lm-eval exited with status 1 (log: {log})")
 
 
 def test_each_sweep_point_says_when_its_evaluation_starts(family, write_recipe):
