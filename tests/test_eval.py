@@ -176,7 +176,8 @@ def test_a_model_that_fails_stops_the_batch_and_keeps_the_results_before_it(tmp_
     r = run_cli(["eval", str(root / "task"), str(broken), str(root / "base"), "--backend", "hf",
                  "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4"])
     assert r.returncode == 2 and "lm-eval exited with status 1" in r.stderr and "Traceback" not in r.stderr
-    log = Path(r.stderr.split("(log: ", 1)[1].split(")", 1)[0])
+    error = next(line for line in r.stderr.splitlines() if line.startswith("Error: "))  # progress lines come first
+    log = Path(error.split("(log: ", 1)[1].split(")", 1)[0])
     assert log.name == "merged-broken.log" and "Traceback" in log.read_text()
     assert len(list((root / "task" / "eval" / "task").glob("results_*.json"))) == 1
     assert not (broken / "eval").exists() or not list((broken / "eval").rglob("results_*.json"))
