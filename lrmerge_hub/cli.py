@@ -14,10 +14,20 @@ import click
 from . import __version__
 from .errors import LrmergeError
 from .interrupt import Interrupted, handling_signals
+from .progress import printable
+
+def _progress_for_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Progress lines (vLLM starting, lm-eval running) in the human format only."""
+    from .progress import show
+
+    show(value == "human")
+    return value
+
 
 FORMAT_OPTION = click.option(
     "--format", "fmt", type=click.Choice(["human", "json", "quiet"]), default="human",
     show_default=True, help="Output format: human text, one JSON object for machines, or nothing.",
+    callback=_progress_for_format,
 )
 
 def stream_options(fn: Callable) -> Callable:
@@ -125,15 +135,10 @@ def emit(fmt: str, data: dict[str, Any], human: Callable[[], None]) -> None:
         human()
 
 
-def printable(text: str) -> str:
-    """`text` with line breaks, terminal escapes and other control characters written as
-    escapes (`\\n`, `\\x1b`): a name from a file or folder cannot split or recolour a message."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def user_errors(fn: Callable) -> Callable:
-    """Turn an LrmergeError into `Error: <one line>` on stderr and a non-zero exit; the Hub
-    client's retry warnings become one line each with `--format human`, none otherwise."""
+    """Turn an LrmergeError into `Error: <one line>` on stderr (its detail, if any, on the lines
+    below) and a non-zero exit; the Hub client's retry warnings become one line each with
+    `--format human`, none otherwise."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -144,6 +149,8 @@ def user_errors(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
         except LrmergeError as e:
             click.echo(f"Error: {printable(str(e))}", err=True)
+            for line in (e.detail or "").splitlines():  # below the one line: a log's tail, as lines
+                click.echo(printable(line), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal under `stops_cleanly`
             name = str(e) if isinstance(e, Interrupted) else "SIGINT"
@@ -621,8 +628,6 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
         extra_args=list(vllm_args),
     )
     log_dir = log_dir or Path.cwd() / settings.RUN_DIR_NAME / "serve" / _time.strftime("%Y%m%d-%H%M%S")
-    if fmt == "human":
-        click.echo(f"Starting vLLM for {', '.join(models)} (log: {log_dir}) ...", err=True)
     endpoint = serve.start_with_signals(list(models), opts, log_dir)
 
     def ready(ep: "serve.Endpoint") -> None:

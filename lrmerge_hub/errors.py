@@ -1,15 +1,21 @@
 """One exception type per cause; every message is one line that says what to do next.
 
-The CLI prints `Error: <message>` and exits non-zero for any `LrmergeError`.
+The CLI prints `Error: <message>` and exits non-zero for any `LrmergeError`; an error's
+`detail` (a log's last lines) follows on lines of its own.
 """
 
 import reprlib
 
 
 class LrmergeError(Exception):
-    """Base class: an expected failure with a one-line message for the user."""
+    """Base class: an expected failure with a one-line message for the user. `detail`, when
+    given, is printed below that line as it is (e.g. the last lines of a child's log)."""
 
     exit_code = 2
+
+    def __init__(self, *args: object, detail: str | None = None):
+        super().__init__(*args)
+        self.detail = detail
 
 
 class RecipeError(LrmergeError):

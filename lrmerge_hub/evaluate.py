@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+from . import progress
 from .eval_results import is_metric
 from .errors import EvalError, ServeError
 from .serve import auth_headers, check_unique_names, http_json, resolve_target
@@ -263,32 +265,91 @@ def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: P
 
 
 def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path],
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], what: str = "") -> int:
     """Run lm-eval command lines in order, each one's output in its log (its folder exists);
-    the exit status.
+    the exit status. Meanwhile the progress line (progress.py) shows the seconds since it
+    began and the last line of the log being written: lm-eval's own progress bar.
 
     One command runs as it reads. Several (the hf backend) run in one Python process
     (`lrmerge_hub.lm_eval_many`), where lm-eval's own CLI entry point parses each command
     line: the same evaluation, with the imports paid once. That process stops at the first
-    command that fails; the caller finds which by the results it left."""
+    command that fails; the caller finds which by the results it left. `what`: the models and
+    tasks, for the progress line."""
     note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
             "(python -m lrmerge_hub.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
     for cmd, log_path in zip(cmds, log_paths):
         echo(f"$ {shlex.join(cmd)}")
         log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
+    progress.note(f"lm-eval: evaluating {what} (log: {log_paths[0]}) ..." if what else
+                  f"lm-eval: evaluating (log: {log_paths[0]}) ...")
     with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
         if len(cmds) == 1:
-            return subprocess.run(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env=env).returncode
-        jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
-        return subprocess.run([sys.executable, "-m", "lrmerge_hub.lm_eval_many"], input=json.dumps(jobs),
-                              text=True, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        else:
+            jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
+            proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.lm_eval_many"], stdin=subprocess.PIPE,
+                                    text=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc.stdin.write(json.dumps(jobs))
+            proc.stdin.close()
+        return wait_for_lm_eval(proc, log_paths)
+
+
+def wait_for_lm_eval(proc: subprocess.Popen, log_paths: list[Path]) -> int:
+    """Wait for lm-eval, ticking the progress line on the log written last; its exit status.
+    Interrupted, it kills lm-eval first (as subprocess.run does)."""
+    ticker = progress.Ticker("lm-eval: evaluating", log=log_paths[0])
+    try:
+        while True:
+            try:
+                status = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                ticker.log = max(log_paths, key=lambda p: p.stat().st_mtime if p.exists() else 0.0)
+                ticker.tick()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        ticker.close()
+        raise
+    ticker.close(f"lm-eval: finished in {ticker.elapsed():.0f} s" if status == 0 else None)
+    return status
+
+
+# Known causes of an lm-eval failure, found in its log: (pattern, what to say; {0} is the
+# pattern's first group). The first that matches names the cause; else the log's last error line.
+LM_EVAL_FAILURES: tuple[tuple[str, str], ...] = (
+    (r"Tasks not found: ([^\n]+)",
+     "lm-eval has no task named {0}: check the names in --tasks (or the recipe's eval tasks); "
+     "local task files need --include-path"),
+    (r"Couldn't reach '([^']+)' on the Hub|Couldn't find '([^']+)' on the Hugging Face Hub",
+     "the data set {0} of a task could not be downloaded from the Hub (offline, or HF_HUB_OFFLINE is set): "
+     "connect once so it is cached, or evaluate local tasks with --include-path"),
+    (r"(Cannot connect to host [^\s]+|Failed to establish a new connection|Connection refused)",
+     "the server lm-eval was evaluating did not answer ({0}): check that it is still running"),
+)
+ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def lm_eval_cause(log_text: str) -> str | None:
+    """What made lm-eval fail, from its log, in one line (None: nothing recognizable)."""
+    for pattern, advice in LM_EVAL_FAILURES:
+        found = next(reversed(list(re.finditer(pattern, log_text))), None)  # the last: a traceback quotes code too
+        if found:
+            return advice.format(next((g for g in found.groups() if g), "").strip()[:120])
+    errors = ERROR_LINE.findall(log_text)
+    if errors:
+        kind, message = errors[-1]
+        return f"lm-eval failed with {kind}: {message.strip()[:200]}"
+    return None
 
 
 def lm_eval_failed(status: int, log_path: Path) -> EvalError:
-    last = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-    return EvalError(f"lm-eval exited with status {status} (log: {log_path})\n"
-                     f"--- last lines of the log ---\n{last}")
+    """The cause first, in one line, then where the log is; the log's last lines below it."""
+    text = log_path.read_text(errors="replace")
+    cause = lm_eval_cause(text)
+    last = "\n".join(text.splitlines()[-20:])
+    return EvalError(f"{cause + '; ' if cause else ''}lm-eval exited with status {status} (log: {log_path})",
+                     detail=f"--- last lines of the log ---\n{last}")
 
 
 def redact_paths(obj: Any, replacements: dict[str, str]) -> Any:
@@ -491,7 +552,8 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
                                       include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed,
                                       device=device)
                 runs.append((m, root, tmp, cmd, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log"))
-            status = run_lm_eval([r[3] for r in runs], env, [r[4] for r in runs], echo)
+            status = run_lm_eval([r[3] for r in runs], env, [r[4] for r in runs], echo,
+                                 what=f"{', '.join(r[0].name for r in runs)} on {','.join(rs.tasks)}")
             for m, root, tmp, cmd, log_path in runs:
                 if status != 0 and not any(Path(tmp).rglob("results_*.json")):
                     raise lm_eval_failed(status, log_path)  # the models before it keep their results
@@ -552,7 +614,7 @@ def served_if_needed(m: EvalModel, rs: RunSettings) -> Iterator[str]:
         endpoint = serve.start([m.model], opts, rs.log_dir / f"serve-{safe_dir_name(m.name)}",
                                served_names=[m.name])
     except ServeError as e:
-        raise EvalError(f"could not serve {m.name} for evaluation: {e}") from None
+        raise EvalError(f"could not serve {m.name} for evaluation: {e}", detail=e.detail) from None
     try:
         yield endpoint.base_url
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import sys
@@ -36,6 +37,16 @@ def key_from_environment() -> str:
     if not key:
         raise RuntimeError(f"{KEY_VARIABLE} is not set: refusing to serve without a key")
     return key
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: an address other machines cannot reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def authorized(header: str | None, key: str) -> bool:
@@ -161,21 +172,31 @@ def make_router(routes: dict[str, str], key: str | None):
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lrmerge_hub.gate",
                                      description="Route OpenAI requests to one vLLM per model, by `model`.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--route", action="append", required=True, metavar="NAME=URL",
                         help="A served name and its vLLM's base URL (http://127.0.0.1:PORT); repeat.")
-    parser.add_argument("--no-key", action="store_true", help="Serve without a key (loopback binds only).")
+    parser.add_argument("--no-key", action="store_true",
+                        help="Serve without a key (loopback binds only: refused with any other --host).")
     args = parser.parse_args(argv)
     routes = dict(r.rpartition("=")[::2] for r in args.route)
+    if args.no_key and not is_loopback(args.host):
+        print(f"Error: --no-key with --host {args.host[:60]} would serve every route to other machines "
+              f"without a key: set {KEY_VARIABLE} instead, or bind 127.0.0.1", file=sys.stderr)
+        return 2
+    if not args.no_key and not os.environ.get(KEY_VARIABLE):
+        print(f"Error: {KEY_VARIABLE} is not set: set it to the key every request must send "
+              "(or pass --no-key on a loopback bind)", file=sys.stderr)
+        return 2
     key = None if args.no_key else key_from_environment()
     from aiohttp import web
 
     web.run_app(make_router(routes, key), host=args.host, port=args.port, print=None, access_log=None,
                 handle_signals=True)
+    return 0
 
 
 if __name__ == "__main__":

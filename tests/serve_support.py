@@ -24,7 +24,7 @@ from lrmerge_hub.serve import free_port, group_alive
 from lrmerge_hub.synth import make_family, make_tiny_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 420  # vLLM on 2 busy CPU cores: 25-70 s alone, more beside other jobs
+START_TIMEOUT = 900  # vLLM on 2 CPU cores: 25-70 s alone, 105-146 s beside a few jobs, 371 s beside many
 
 RECIPE = """
 method: slack_ties
@@ -84,13 +84,19 @@ class ServeProcess:
                                      cwd=scratch_dir())
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.stdout: list[str] = []
+        self.stderr: list[str] = []  # read as it comes (progress lines), so the pipe never fills
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.stdout.append(line)
             self.lines.put(line)
         self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
         """The base URL from the `Ready:` line; AssertionError (with stderr) if it never comes."""
@@ -108,7 +114,7 @@ class ServeProcess:
                     line = self.lines.get(timeout=30)
                 return url
         self.stop()
-        raise AssertionError(f"lrmerge serve did not become ready; stderr:\n{self.proc.stderr.read()[-4000:]}")
+        raise AssertionError(f"lrmerge serve did not become ready; stderr:\n{''.join(self.stderr)[-4000:]}")
 
     def child_groups(self) -> list[int]:
         """Process groups of the children (vLLM, router): each child leads its own group."""

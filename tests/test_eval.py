@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ from click.testing import CliRunner
 from lrmerge_hub import evaluate
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import EvalError
-from tests.serve_support import make_models, merge_tiny, run_cli, write_tiny_task
+from tests.serve_support import cli_env, make_models, merge_tiny, run_cli, write_tiny_task
 
 
 def test_default_tasks_follow_the_languages():
@@ -174,7 +176,8 @@ def test_a_model_that_fails_stops_the_batch_and_keeps_the_results_before_it(tmp_
     r = run_cli(["eval", str(root / "task"), str(broken), str(root / "base"), "--backend", "hf",
                  "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4"])
     assert r.returncode == 2 and "lm-eval exited with status 1" in r.stderr and "Traceback" not in r.stderr
-    log = Path(r.stderr.split("(log: ", 1)[1].split(")", 1)[0])
+    error = next(line for line in r.stderr.splitlines() if line.startswith("Error: "))  # progress lines come first
+    log = Path(error.split("(log: ", 1)[1].split(")", 1)[0])
     assert log.name == "merged-broken.log" and "Traceback" in log.read_text()
     assert len(list((root / "task" / "eval" / "task").glob("results_*.json"))) == 1
     assert not (broken / "eval").exists() or not list((broken / "eval").rglob("results_*.json"))
@@ -211,3 +214,69 @@ def test_run_step_serves_the_merge_with_vllm_and_stops_it(tmp_path, monkeypatch)
         except OSError:
             pass
     assert ours == []  # no vLLM process for this model survived the step
+
+
+def run_both_formats(args: list[str], cwd: Path) -> dict[str, tuple[int, str, str]]:
+    """`lrmerge ARGS` in the human and the json format at once, progress every second:
+    {format: (exit status, stdout, stderr)}."""
+    env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1"})
+    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", *args, "--format", fmt], cwd=cwd, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for fmt in ("human", "json")}
+    out = {fmt: p.communicate(timeout=900) for fmt, p in runs.items()}
+    return {fmt: (runs[fmt].returncode, *out[fmt]) for fmt in runs}
+
+
+@pytest.mark.slow
+def test_an_lm_eval_failure_says_its_cause_first_and_the_log_below(tmp_path):
+    root = make_models(tmp_path / "models")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    out = run_both_formats(["eval", str(root / "task"), "--backend", "hf", "--tasks", "tiny_mcq", "--include-path",
+                            str(tasks), "--limit", "2"], tmp_path)
+    status, stdout, stderr = out["human"]
+    err = stderr.splitlines()
+    error = next(i for i, line in enumerate(err) if line.startswith("Error: "))
+    assert status == 2 and stdout == ""
+    assert err[error].startswith("Error: lm-eval has no task named tiny_mcq: check the names in --tasks")
+    assert "; lm-eval exited with status 1 (log: " in err[error]
+    log = Path(err[error].split("(log: ", 1)[1].rstrip(")"))
+    assert log.is_file() and log.name == "merged-task.log" and "\\n" not in err[error]
+    assert err[error + 1] == "--- last lines of the log ---"
+    assert err[-1] == "ValueError: Tasks not found: tiny_mcq" and "Traceback (most recent call last):" in err
+    # before it: the command, then progress while lm-eval ran
+    assert err[0].startswith("$ ") and " -m lm_eval run --model hf " in err[0]
+    assert err[1] == f"lm-eval: evaluating task on tiny_mcq (log: {log}) ..."
+    assert all(line.startswith("lm-eval: evaluating, ") for line in err[2:error]) and error > 2, err
+
+    status, stdout, stderr = out["json"]
+    assert status == 2 and stdout == ""
+    assert stderr.startswith("Error: lm-eval has no task named tiny_mcq") and "lm-eval: evaluating" not in stderr
+
+
+@pytest.mark.slow
+def test_the_eval_step_of_run_shows_progress_and_json_stays_clean(tmp_path):
+    root = make_models(tmp_path / "models")
+    tasks = write_tiny_task(tmp_path / "tasks")
+    for fmt in ("human", "json"):  # one output folder each: both run at once
+        (root / f"{fmt}.yaml").write_text(
+            "method: slack_ties\nbase: ./base\nmodels:\n  - {model: ./language, role: language, density: 0.3}\n"
+            f"  - {{model: ./task, role: task, density: 0.3}}\nlanguages: [bo]\noutput: ./merged-{fmt}\n"
+            f"eval: {{tasks: [tiny_mc], limit: 4, backend: hf, include_path: {tasks}}}\n")
+    env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1"})
+    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "run", str(root / f"{fmt}.yaml"),
+                                   "--format", fmt], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for fmt in ("human", "json")}
+    out = {fmt: (p.communicate(timeout=900), p.returncode) for fmt, p in runs.items()}
+    out = {fmt: (code, *texts) for fmt, (texts, code) in out.items()}
+    status, _, stderr = out["human"]
+    err = stderr.splitlines()
+    assert status == 0, stderr
+    start = next(i for i, line in enumerate(err) if line.startswith("lm-eval: evaluating merged-human on tiny_mc"))
+    done = next(i for i, line in enumerate(err) if line.startswith("eval: done in "))
+    between = err[start + 1:done]
+    assert any(line.startswith("lm-eval: evaluating, ") for line in between), err
+    assert between[-1].startswith("lm-eval: finished in ")
+
+    status, stdout, stderr = out["json"]
+    assert status == 0 and json.loads(stdout)["steps"]["eval"]["status"] == "done"
+    assert "lm-eval:" not in stderr, stderr

