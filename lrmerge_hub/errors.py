@@ -29,6 +29,11 @@ class NonFiniteOutputError(LrmergeError):
     values beyond the output dtype's range); nothing is written."""
 
 
+class ZeroOutputError(LrmergeError):
+    """A merged tensor came out all zeros although none of its inputs is (a parameter that
+    scales or filters everything away): a broken model; nothing is written."""
+
+
 class DeviceError(LrmergeError):
     """The compute device cannot hold the merge: too little free GPU memory for its largest tensor."""
 
