@@ -109,6 +109,10 @@ class ClusterError(LrmergeError):
     """Ray is missing, the cluster cannot be reached, or no node can hold a task's resources."""
 
 
+class ClusterLostError(ClusterError):
+    """The Ray cluster's head stopped answering mid-run: what had not finished was not built."""
+
+
 class ReproducibilityError(LrmergeError):
     """The driver's re-merge of a unit does not hash to what the worker that ran it reported."""
 

@@ -181,18 +181,28 @@ def pid_alive(pid: int) -> bool:
 def clean_stale(out_dir: Path) -> list[Path]:
     """Remove what merges to `out_dir` that died without cleaning up left beside it: their
     temporary folders; an old output set aside at the rename comes back when no new one
-    took its place. Only folders of dead processes (by the PID in their name). Call it
-    holding the output lock. Returns the folders removed or restored."""
+    took its place. Only folders of dead processes (by the PID in their name). A driver's
+    re-merge of a cluster's result (`.NAME.lrmerge-verify-PID`, itself a merge output) leaves
+    its own temporary folder and lock beside that: `..NAME.lrmerge-verify-PID.lrmerge-*`.
+    Call it holding the output lock. Returns the paths removed or restored."""
     handled = []
     for p in out_dir.parent.glob(glob.escape(f".{out_dir.name}.lrmerge-") + "*-*"):
         kind, _, pid = p.name[len(out_dir.name) + 10:].partition("-")
-        if kind not in ("tmp", "old", "promote") or not pid.isdigit() or pid_alive(int(pid)):
+        if kind not in ("tmp", "old", "promote", "verify") or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out_dir.exists():
             p.rename(out_dir)
         else:
             shutil.rmtree(p, ignore_errors=True)
         handled.append(p)
+    for p in out_dir.parent.glob(glob.escape(f"..{out_dir.name}.lrmerge-verify-") + "*.lrmerge-*"):
+        pid = p.name[len(out_dir.name) + 18:].partition(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            handled.append(p)
     return handled
 
 
