@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ClusterError, LrmergeError
+from .errors import ClusterError, ClusterLostError, LrmergeError
 
+PROBE_SECONDS = 5.0  # for the cluster's GCS port to accept a connection (ray.init would retry for minutes)
+POLL_SECONDS = 2.0  # between looks at the cluster's head while tasks run
 CANCEL_WAIT_SECONDS = 30.0  # for cancelled tasks to stop
 CLEANUP_GRACE_SECONDS = 5.0  # for them to remove their scratch folders before the driver leaves
 SCRATCH_PREFIX = "lrmerge-task-"  # + the worker's pid
@@ -83,6 +85,46 @@ def remove_stale_scratch() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def gcs_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address `HOST:PORT`, `[IPv6]:PORT` or `ray://HOST:PORT`; None
+    for what Ray resolves itself (`auto`, `local`). Raises ClusterError for a bad port."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"Ray address {address!r}: the port must be a number from 1 to 65535 "
+                           "(check --ray-address / RAY_ADDRESS)")
+    return host.strip("[]"), int(port)
+
+
+def unreachable(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to host:port fails within `timeout` seconds, or None when it opens."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        return "nothing listens there (connection refused)"
+    except socket.gaierror:
+        return f"unknown host {host!r}"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def lost_after_seconds() -> float:
+    """How long the head may stay unreachable before the cluster counts as lost: a quarter of
+    the time after which Ray itself ends a driver that cannot reach it
+    (RAY_gcs_rpc_server_reconnect_timeout_s, 60 s by default), at most 15 s, so that the
+    driver reports first."""
+    try:
+        ray_limit = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))
+    except ValueError:
+        ray_limit = 60.0
+    return max(1.0, min(15.0, ray_limit / 4))
+
+
 def error_line(e: BaseException) -> str:
     """One line for a task that failed in Ray (worker or node died past its retries, a bug)."""
     import ray.exceptions as rex
@@ -116,6 +158,11 @@ class RayExecutor:
         except ImportError:
             raise ClusterError("Ray is not installed: pip install 'lrmerge-hub[cluster]'") from None
         where = self.address or "a local Ray instance"
+        endpoint = gcs_endpoint(self.address) if self.address else None
+        why = endpoint and unreachable(*endpoint, PROBE_SECONDS)
+        if why:  # ray.init would retry for minutes, deaf to Ctrl-C and SIGTERM
+            raise ClusterError(f"cannot reach the Ray cluster at {where}: {why}. Start it (ray start --head) "
+                               "or fix --ray-address / RAY_ADDRESS (unset both for a local instance)")
         with contextlib.ExitStack() as stack:
             # Ray prints its notices (a worker died, ...) on the driver's stdout: send them to
             # stderr, so that `--format json` prints one JSON object
@@ -128,6 +175,8 @@ class RayExecutor:
                                    "(check --ray-address / RAY_ADDRESS, or leave both unset for a local "
                                    "instance)") from None
             stack.callback(ray.shutdown)
+            self.head = gcs_endpoint(ray.get_runtime_context().gcs_address)
+            self.head_silent_since: float | None = None
             self.check_resources(ray.nodes())
             self.echo(f"Ray: {where}, {len([n for n in ray.nodes() if n['Alive']])} node(s)")
             self.connection = stack.pop_all()
@@ -155,7 +204,10 @@ class RayExecutor:
         pending = {task.remote(unit): key for key, unit in units.items()}
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+                if not done:
+                    self.check_head()
+                    continue
                 key = pending.pop(done[0])
                 try:
                     reply = ray.get(done[0])
@@ -163,9 +215,26 @@ class RayExecutor:
                     yield Outcome(key, error=error_line(e))
                     continue
                 yield Outcome(key, result=reply.get("result"), error=reply.get("error"), node=reply["node"])
+        except ClusterLostError:  # nothing left to cancel, and Ray would wait for the head
+            raise
         except BaseException:  # Ctrl-C, or the caller failed: stop everything still running
             self.cancel(list(pending))
             raise
+
+    def check_head(self) -> None:
+        """Raise ClusterLostError once the cluster's head has not accepted a connection for
+        lost_after_seconds(): Ray would end this process without a word a little later."""
+        why = self.head and unreachable(*self.head, 1.0)
+        if not why:
+            self.head_silent_since = None
+            return
+        now = time.monotonic()
+        self.head_silent_since = self.head_silent_since or now
+        if now - self.head_silent_since >= lost_after_seconds():
+            host, port = self.head
+            raise ClusterLostError(f"lost the Ray cluster at {self.address or f'{host}:{port}'}: its head has not "
+                                   f"answered for {now - self.head_silent_since:.0f} s ({why}); what had not "
+                                   "finished was not built. Run the same command again once the cluster is back")
 
     def cancel(self, refs: list[Any]) -> None:
         """Interrupt every task (each removes its scratch folder on the way out) and wait a

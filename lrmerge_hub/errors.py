@@ -35,6 +35,11 @@ class NonFiniteOutputError(LrmergeError):
     values beyond the output dtype's range); nothing is written."""
 
 
+class ZeroOutputError(LrmergeError):
+    """A merged tensor came out all zeros although none of its inputs is (a parameter that
+    scales or filters everything away): a broken model; nothing is written."""
+
+
 class DeviceError(LrmergeError):
     """The compute device cannot hold the merge: too little free GPU memory for its largest tensor."""
 
@@ -113,6 +118,10 @@ def shown(value: object, limit: int = 60) -> str:
 
 class ClusterError(LrmergeError):
     """Ray is missing, the cluster cannot be reached, or no node can hold a task's resources."""
+
+
+class ClusterLostError(ClusterError):
+    """The Ray cluster's head stopped answering mid-run: what had not finished was not built."""
 
 
 class ReproducibilityError(LrmergeError):

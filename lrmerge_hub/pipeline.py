@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ClusterError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
+from .errors import ClusterError, ClusterLostError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
 from .merge.plan import Source
 from .recipe import EvalSpec, PushTarget, Recipe
 from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
@@ -221,25 +221,28 @@ def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, exp
     """Merge again here and install at `output` (with `files` added, e.g. the worker's
     evaluation results) only if every tensor hashes to what the worker reported. An existing
     output is replaced only with `overwrite`."""
-    from .merge.engine import install_atomically, merge
+    from .merge.engine import beside, clean_stale, install_atomically, merge, output_lock
 
-    staging = output.parent / f".{output.name}.lrmerge-verify-{os.getpid()}"
-    try:
-        report = merge(recipe, sources, staging, device=device, overwrite=True, progress=progress)
-        here = tensor_sha256(staging)
-        differ = sorted(n for n in set(here) | set(expected) if here.get(n) != expected.get(n))
-        if differ:
-            raise ReproducibilityError(
-                f"{output.name}: {len(differ)} of {len(here)} tensors of the merge made here differ from the "
-                f"worker's (first: {differ[0]}); nothing was written at {output}. Run the same lrmerge-hub, "
-                "numpy and torch versions on every node")
-        for rel, text in files.items():
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_text(text, encoding="utf-8")
-        install_atomically(staging, output, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    staging = beside(output, "verify", os.getpid())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):  # one publisher at a time; what a killed one left goes first
+        clean_stale(output)
+        try:
+            report = merge(recipe, sources, staging, device=device, overwrite=True, progress=progress)
+            here = tensor_sha256(staging)
+            differ = sorted(n for n in set(here) | set(expected) if here.get(n) != expected.get(n))
+            if differ:
+                raise ReproducibilityError(
+                    f"{output.name}: {len(differ)} of {len(here)} tensors of the merge made here differ from the "
+                    f"worker's (first: {differ[0]}); nothing was written at {output}. Run the same lrmerge-hub, "
+                    "numpy and torch versions on every node")
+            for rel, text in files.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_text(text, encoding="utf-8")
+            install_atomically(staging, output, overwrite=overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return report
 
 
@@ -489,10 +492,16 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
 
         units = {str(i): Unit(outputs[i].name, build_unit, (recipes[i], None if skip_eval else recipes[i].eval),
                               {"device": devices[i]}) for i in remote}
-        for outcome in executor.run(units):
-            i = int(outcome.key)
-            echo(f"{outputs[i].name}: built on node {outcome.node.get('ip', '?')}; publishing here")
-            release(i, built=outcome)
+        try:
+            for outcome in executor.run(units):
+                i = int(outcome.key)
+                echo(f"{outputs[i].name}: built on node {outcome.node.get('ip', '?')}; publishing here")
+                release(i, built=outcome)
+        except ClusterLostError as e:  # the cluster is gone: every release not published yet failed with it
+            for i in remote:
+                if i not in summaries:
+                    summaries[i] = {"output": str(outputs[i]), "error": str(e)}
+                    echo(f"{outputs[i].name}: failed: {e}")
     return [summaries[i] for i in range(len(recipes))]
 
 

@@ -27,6 +27,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
 
 ROOT = Path(__file__).resolve().parent.parent
+NODES: dict[str, list[subprocess.Popen]] = {}  # the `ray start` processes of each cluster, by head address
 
 
 def free_port() -> int:
@@ -57,7 +58,7 @@ def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Itera
     temp = tempfile.mkdtemp(prefix="lrmerge-ray-", dir="/tmp")  # short: Ray's socket paths
     address = f"127.0.0.1:{port}"
     common = ["--disable-usage-stats", "--block", "--temp-dir", temp]
-    nodes: list[subprocess.Popen] = []
+    nodes = NODES[address] = []
 
     def start(args: list[str], env: dict[str, str]) -> None:
         nodes.append(subprocess.Popen(["ray", "start", *args, *common], env={**os.environ, **env,
@@ -90,6 +91,16 @@ def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Itera
         yield address
     finally:
         for node in reversed(nodes):  # SIGTERM takes Ray ~30 s; its workers exit with the raylet
-            os.killpg(node.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # a test may have killed it
+                os.killpg(node.pid, signal.SIGKILL)
             node.wait(30)
+        NODES.pop(address, None)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def kill_head(address: str) -> None:
+    """Kill the head node of the cluster at `address` (its GCS, raylet and workers), as a
+    machine that dies would."""
+    head = NODES[address][0]
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(30)

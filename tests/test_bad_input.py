@@ -156,3 +156,51 @@ def test_nan_or_inf_in_input(tmp_path, models, write_recipe, bad):
 def test_missing_recipe_file(tmp_path):
     code, output = lrmerge("merge", str(tmp_path / "nope.yaml"))
     assert code == 2 and output.startswith("Error: recipe: cannot read")
+
+
+# -- parameters that would erase the model, and a merge that comes out all zeros ------------
+
+PASSTHROUGH = """
+method: passthrough
+models:
+  - {model: ./models/task, scale: SCALE}
+output: ./merged
+"""
+
+KARCHER = """
+method: karcher
+base: ./models/base
+models:
+  - {model: ./models/language}
+  - {model: ./models/task}
+parameters: {tol: 1.0e+9}
+output: ./merged
+"""
+
+
+@pytest.mark.parametrize("text, needles", [
+    (KARCHER, ["parameters.tol: must be <= 0.01"]),
+    (PASSTHROUGH.replace("SCALE", "1.0e-300"), ["models[0].scale: must be at least 1.175e-38", "float32"]),
+    (PASSTHROUGH.replace("SCALE", "1.0e+300"), ["models[0].scale: must be at most 3.403e+38", "float32"]),
+    (PASSTHROUGH.replace("SCALE", "0"), ["models[0].scale: must not be 0 (that gives an all-zero model)"]),
+])
+def test_parameters_that_would_erase_the_model_are_refused_up_front(tmp_path, models, write_recipe, text, needles):
+    line = assert_clean_error(tmp_path, write_recipe(text), *needles)
+    assert "merging" not in line and "inputs' values" not in line
+
+
+def test_a_merge_that_comes_out_all_zeros_is_refused(tmp_path, family, write_recipe):
+    family(dtype="float16")  # a scale float32 holds, whose products float16 rounds to 0
+    text = PASSTHROUGH.replace("SCALE", "1.0e-30")
+    assert_clean_error(tmp_path, write_recipe(text), "every merged value is 0 although no input is all zeros",
+                       "tensor ", "models[0].scale = 1e-30", "nothing was written")
+    (tmp_path / "merged").mkdir()  # an existing output is left as it was with --overwrite too
+    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    code, output = lrmerge("merge", str(write_recipe(text)), "--overwrite")
+    assert code == 2 and "every merged value is 0" in output
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["keep.txt"]
+
+
+def test_a_scale_that_overflows_float32_is_named(tmp_path, models, write_recipe):
+    assert_clean_error(tmp_path, write_recipe(PASSTHROUGH.replace("SCALE", "3.0e+38")),
+                       "most likely through models[0].scale = 3e+38")

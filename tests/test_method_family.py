@@ -250,6 +250,27 @@ def test_multislerp_matches_reference(with_base):
     np.testing.assert_array_equal(single, models[0])  # one model: itself
 
 
+def test_multislerp_keeps_the_base_where_no_model_changed_a_tensor():
+    base, _ = random_models((30, 10), n=1, seed=5)
+    base[0, 0] = -0.0  # kept as it is, sign bit included
+    frozen = [base.copy() for _ in range(3)]  # a frozen layer: every task vector is zero
+    out, _ = call("multislerp", base, frozen, [{"weight": w} for w in (0.5, 1.0, 2.0)], {})
+    np.testing.assert_array_equal(out.view(np.uint32), base.view(np.uint32))
+    zeros = [np.zeros((30, 10), np.float32) for _ in range(3)]  # without a base: zero inputs, zero mean
+    out, _ = call("multislerp", None, zeros, [{}] * 3, {})
+    assert not out.any()
+
+
+def test_multislerp_names_directions_that_cancel():
+    from lrmerge_hub.merge.methods import DegenerateInput
+
+    _, (model,) = random_models((30, 10), n=1, seed=6)
+    base = np.zeros_like(model)  # equal weights on u, -u and 0: no direction to go
+    with pytest.raises(DegenerateInput, match="weighted directions of the inputs cancel out") as e:
+        call("multislerp", base, [model, -model, base], [{}] * 3, {})
+    assert "antipodal" not in str(e.value)
+
+
 def test_karcher_is_the_riemannian_mean():
     rng = np.random.default_rng(3)
     vectors = [rng.standard_normal(64).astype(np.float32) * s for s in (1.0, 2.0, 0.5)]
@@ -427,6 +448,10 @@ def recipe(method, models=2, base=True, model_extra=None, parameters=None):
     (recipe("sce", parameters={"select_topk": 0}), "parameters.select_topk: must be > 0.0"),
     (recipe("slerp", models=1, parameters={"t": 1.2}), "parameters.t: must be <= 1.0"),
     (recipe("karcher", parameters={"max_iter": 0}), "parameters.max_iter"),
+    (recipe("karcher", parameters={"tol": 1e9}), "parameters.tol: must be <= 0.01"),
+    (recipe("passthrough", models=1, base=False, model_extra={"scale": 1e-300}), "models[0].scale: must be at least"),
+    (recipe("passthrough", models=1, base=False, model_extra={"scale": 1e300}), "models[0].scale: must be at most"),
+    (recipe("passthrough", models=1, base=False, model_extra={"scale": 0}), "models[0].scale: must not be 0"),
     (recipe("sce", parameters={"lambda": 1.0}), "unknown key 'lambda'"),
 ])
 def test_contracts_and_parameters_are_one_line_errors(tmp_path, data, needle):

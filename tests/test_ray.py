@@ -3,7 +3,7 @@ and a second node joining it with `ray start --address` on 127.0.0.2, one CPU ea
 single-CPU task slots), started once for this module (tests/ray_support.py); tiny models,
 lm-eval's hf backend."""
 
-from tests.ray_support import live_node_ids, ray_cluster as start_ray_cluster  # first: how Ray binds
+from tests.ray_support import kill_head, live_node_ids, ray_cluster as start_ray_cluster  # first: how Ray binds
 
 import json
 import os
@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
 from lrmerge_hub.cluster import RayExecutor
-from lrmerge_hub.pipeline import run_releases
+from lrmerge_hub.merge.engine import local_sources
+from lrmerge_hub.pipeline import merge_verified, run_releases, tensor_sha256
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.synth import make_family, make_tiny_task
 from tests.hub_support import TOKEN
@@ -244,6 +245,49 @@ def test_the_cluster_is_found_through_ray_address(ray_cluster, tmp_path, monkeyp
     assert (tmp_path / "out/bo/model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_a_head_that_dies_mid_run_is_one_line_after_what_finished(tmp_path):
+    make_family(tmp_path / "models")
+    langs = ("bo", "ug", "mn")
+    for lang in langs:
+        (tmp_path / f"{lang}.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", lang))
+    # Ray ends a driver that cannot reach the head after this many seconds (60 by default):
+    # shorter here, so that the test waits less; lrmerge must have reported before
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_gcs_rpc_server_reconnect_timeout_s": "40"}
+    with start_ray_cluster((1,)) as address:  # one task slot: the releases are built one after another
+        driver = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "run", *(tmp_path / f"{x}.yaml" for x in langs),
+                                   "--executor", "ray", "--ray-address", address], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watchdog = threading.Timer(300, driver.kill)
+        watchdog.start()
+        try:
+            err, killed_at = [], None
+            for line in driver.stderr:  # the first release is published here: the head dies
+                err.append(line)
+                if killed_at is None and "publishing here" in line:
+                    kill_head(address)
+                    killed_at = time.monotonic()
+            out = driver.stdout.read()
+            driver.wait()
+        finally:
+            watchdog.cancel()
+            driver.kill()
+    err_text = "".join(err)
+    assert killed_at is not None, err_text
+    errors = [line for line in err if line.startswith("Error: ")]
+    # exit 2 with our line: lrmerge reported and left before Ray's own timeout ended it (exit 1)
+    assert driver.returncode == 2 and len(errors) == 1 and errors[0] == err[-1], err_text
+    assert time.monotonic() - killed_at < 40
+    assert f"lost the Ray cluster at {address}" in errors[0] and "Traceback" not in err_text
+    assert "Failed to connect to GCS" not in err_text
+    finished = [x for x in langs if (tmp_path / "out" / x / "model.safetensors").exists()]
+    lost = [x for x in langs if x not in finished]
+    assert finished and lost, err_text
+    assert all(f"output: {tmp_path / 'out' / x}" in out for x in finished)  # the summary of what finished
+    assert all(f"{x}: lost the Ray cluster" in errors[0] for x in lost)  # and every release not built
+    assert not [p for p in (tmp_path / "out").iterdir() if ".lrmerge-" in p.name]
+
+
 def ray_processes() -> set[int]:
     return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
             if any(part in cmdline(pid) for part in ("/raylet", "gcs_server"))}
@@ -267,6 +311,42 @@ def test_without_an_address_a_local_ray_instance_runs_the_release_and_stops(tmp_
 
 
 # -- without a cluster ---------------------------------------------------------------------
+
+
+def test_what_a_killed_publisher_left_beside_the_output_is_cleaned(tmp_path):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a process that no longer runs, as a driver that Ray ended
+
+    def leave(out: Path, pid: int) -> list[Path]:
+        """What a driver killed while re-merging a cluster's result at out/bo leaves there."""
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / f".bo.lrmerge-verify-{pid}"
+        paths = [staging, out / f".{staging.name}.lrmerge-lock", out / f".{staging.name}.lrmerge-tmp-{pid}"]
+        for path in (paths[0], paths[2]):
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"half")
+        paths[1].write_text(f"{pid}\n")
+        return paths
+
+    out = tmp_path / "out"
+    running = subprocess.Popen(["sleep", "300"])
+    try:
+        stale, live = leave(out, gone.pid), out / f".bo.lrmerge-verify-{running.pid}"
+        live.mkdir()  # a publisher still running: left alone
+        code, _, err = lrmerge("run", tmp_path / "bo.yaml")
+        assert code == 0, err
+        assert not [p for p in stale if p.exists() or p.is_symlink()] and live.is_dir()
+        stale = leave(out, gone.pid)  # and the driver's own re-merge cleans them too
+        recipe = load_recipe(tmp_path / "bo.yaml")
+        merge_verified(recipe, local_sources(recipe), out / "bo", tensor_sha256(out / "bo"), device="cpu",
+                       files={}, progress=False)
+        assert not [p for p in stale if p.exists() or p.is_symlink()]
+        assert sorted(p.name for p in out.iterdir()) == sorted(["bo", live.name])
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_several_recipes_run_here_one_after_another(tmp_path):
@@ -305,6 +385,26 @@ def test_bad_batch_options_are_one_line_errors(tmp_path, monkeypatch, args, mess
     monkeypatch.chdir(tmp_path)
     code, _, err = lrmerge("run", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("address, why", [
+    ("127.0.0.1:1", "127.0.0.1:1: nothing listens there (connection refused)"),
+    ("127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+])
+def test_an_address_where_no_cluster_answers_is_one_line_at_once(tmp_path, address, why):
+    make_family(tmp_path / "models")
+    (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
+    started = time.monotonic()
+    try:  # ray.init alone retries for minutes, deaf to signals
+        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "run", str(tmp_path / "bo.yaml"), "--executor",
+                               "ray", "--ray-address", address], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"lrmerge run --ray-address {address} was still waiting after 90 s")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines == [lines[-1]] and lines[-1].startswith("Error: "), done.stderr
+    assert why in lines[-1] and "--ray-address" in lines[-1]
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
 
 
 # -- serving across GPUs and nodes: vLLM's own flags, parsed by vLLM's own parser ----------

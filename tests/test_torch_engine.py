@@ -4,6 +4,7 @@ The torch engine is what runs on a GPU; here it runs on the CPU through the same
 every comparison below is the one a GPU box and a laptop would make of their outputs.
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,40 @@ def test_engines_write_identical_models_for_every_method(bf16_family, tmp_path, 
         assert torch.equal(t.view(torch.int16), torch_out[name].view(torch.int16)), name
     assert [m["retention"] for m in reports["kernels"]["models"]] == [m["retention"] for m in reports["torch"]["models"]]
     assert [reports[e]["stats"]["engine"] for e in ("kernels", "torch")] == ["kernels", "torch"]
+
+
+def test_engines_keep_the_base_of_a_tensor_no_model_changed_in_multislerp(bf16_family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    frozen = "model.layers.0.mlp.up_proj.weight"  # as a frozen layer: every model has the base's values
+    models = tmp_path / "models"
+    shutil.copytree(bf16_family, models)
+    shutil.copytree(models / "task", models / "other")
+    base_value = load_all(models / "base")[frozen]
+    for role in ("language", "task", "other"):
+        for shard in (models / role).glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            if frozen in tensors:
+                tensors[frozen] = base_value.clone()
+            elif role == "other":  # a third model with a task vector of its own elsewhere
+                tensors = {k: v * 1.01 if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    data = {"method": "multislerp", "languages": ["bo"], "license": "mit", "base": str(models / "base"),
+            "models": [{"model": str(models / folder), "role": role, "weight": w}
+                       for folder, role, w in (("language", "language", 1.0), ("task", "task", 2.0),
+                                               ("other", "task", 0.5))]}
+    recipe = load_recipe(write(tmp_path / "recipe.yaml", yaml.safe_dump(data)))
+    outputs = {}
+    for engine in ("kernels", "torch"):
+        merge(recipe, local_sources(recipe), tmp_path / engine, device="cpu", engine=engine, progress=False)
+        outputs[engine] = load_all(tmp_path / engine)
+    rows = base_value.shape[0]
+    for engine, out in outputs.items():  # the base, bit for bit
+        assert torch.equal(out[frozen][:rows].view(torch.int16), base_value.view(torch.int16)), engine
+    for name, t in outputs["kernels"].items():
+        assert torch.equal(t.view(torch.int16), outputs["torch"][name].view(torch.int16)), name
+    changed = "model.layers.0.mlp.down_proj.weight"  # merged as before where the models differ
+    assert not torch.equal(outputs["kernels"][changed], load_all(models / "base")[changed])
 
 
 def test_cli_engine_option_and_summary(bf16_family, tmp_path):

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import DeviceError, InputModelError, NonFiniteOutputError, OutputError
+from ..errors import DeviceError, InputModelError, NonFiniteOutputError, OutputError, ZeroOutputError
 from ..interrupt import deferred
 from ..recipe import Recipe
 from ..settings import default_engine
@@ -183,18 +183,28 @@ def pid_alive(pid: int) -> bool:
 def clean_stale(out_dir: Path) -> list[Path]:
     """Remove what merges to `out_dir` that died without cleaning up left beside it: their
     temporary folders; an old output set aside at the rename comes back when no new one
-    took its place. Only folders of dead processes (by the PID in their name). Call it
-    holding the output lock. Returns the folders removed or restored."""
+    took its place. Only folders of dead processes (by the PID in their name). A driver's
+    re-merge of a cluster's result (`.NAME.lrmerge-verify-PID`, itself a merge output) leaves
+    its own temporary folder and lock beside that: `..NAME.lrmerge-verify-PID.lrmerge-*`.
+    Call it holding the output lock. Returns the paths removed or restored."""
     handled = []
     for p in out_dir.parent.glob(glob.escape(f".{out_dir.name}.lrmerge-") + "*-*"):
         kind, _, pid = p.name[len(out_dir.name) + 10:].partition("-")
-        if kind not in ("tmp", "old", "promote") or not pid.isdigit() or pid_alive(int(pid)):
+        if kind not in ("tmp", "old", "promote", "verify") or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out_dir.exists():
             p.rename(out_dir)
         else:
             shutil.rmtree(p, ignore_errors=True)
         handled.append(p)
+    for p in out_dir.parent.glob(glob.escape(f"..{out_dir.name}.lrmerge-verify-") + "*.lrmerge-*"):
+        pid = p.name[len(out_dir.name) + 18:].partition(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            handled.append(p)
     return handled
 
 
@@ -330,6 +340,9 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
         raw = [host_tensor(a) for a in merge_inputs(job, readers, keys)]
         result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
+    if all_zero(merged, job.out_dtype) and not any(all_zero(a, readers[k].tensors[job.name].spec.dtype)
+                                                   for k, a in zip(labels, merge_inputs(job, readers, keys))):
+        raise zero_output(job, method, model_params, params)
     if retention is not None and kept is not None:
         retention.add(merged.size, kept, agreed)
     if job.extra_rows_from is not None:
@@ -356,6 +369,36 @@ def nonfinite_count(flat: np.ndarray, dtype: str) -> int:
     return int(flat.size - np.count_nonzero(np.isfinite(flat)))
 
 
+def all_zero(flat: np.ndarray, dtype: str) -> bool:
+    """Whether every entry of a flat array in a safetensors dtype (bfloat16, float16 and
+    float8 as their bits) is zero, -0 included. A nonzero among the first entries answers
+    at once, so a healthy tensor costs nothing."""
+    if dtype in ("BF16", "F16"):
+        flat, magnitude = flat.view(np.uint16), 0x7FFF
+    elif dtype.startswith("F8"):
+        flat, magnitude = flat.view(np.uint8), 0x7F
+    else:
+        return not flat[:64].any() and not flat.any()
+    return not np.any(flat[:64] & magnitude) and not np.any(flat & magnitude)
+
+
+def zero_output(job: TensorJob, method: MergeMethod, model_params: list[dict[str, Any]],
+                params: dict[str, Any]) -> ZeroOutputError:
+    """The one-line error for a merged tensor that is all zeros though no input is, naming the
+    parameters the recipe set away from their defaults (the likely cause)."""
+    def set_away(value: Any, declared: dict[str, Any], key: str) -> bool:
+        return key in declared and key != "seed" and not isinstance(value, bool) \
+            and isinstance(value, (int, float)) and value != declared[key].default
+
+    changed = [f"parameters.{k} = {v:g}" for k, v in params.items() if set_away(v, method.global_params, k)]
+    changed += [f"models[{i}].{k} = {v:g}" for i, p in enumerate(model_params) for k, v in p.items()
+                if set_away(v, method.model_params, k)]
+    cause = (f"check {', '.join(changed)}" if changed
+             else "the models cancel out there (check the weights)")
+    return ZeroOutputError(f"tensor {job.name}: every merged value is 0 although no input is all zeros, a broken "
+                           f"model; nothing was written. {method.name}: {cause}")
+
+
 def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, Any]],
                      params: dict[str, Any], float32_overflowed: bool) -> NonFiniteOutputError:
     """The one-line error for a merged tensor with NaN/Inf, naming the likely cause: the
@@ -364,7 +407,7 @@ def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, An
     if not float32_overflowed:
         return NonFiniteOutputError(f"{what}. They exceed the range of the output dtype "
                                     f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32")
-    scales = [(f"models[{i}].weight", p["weight"]) for i, p in enumerate(model_params) if "weight" in p]
+    scales = [(f"models[{i}].{k}", p[k]) for i, p in enumerate(model_params) for k in ("weight", "scale") if k in p]
     if "lambda" in params:
         scales.append(("parameters.lambda", params["lambda"]))
     if not scales:

@@ -69,7 +69,10 @@ def multislerp(vectors: list[torch.Tensor], weights: list[float], normalize_weig
     if mean_norm < eps:
         if len(vectors) == 2:
             return (stack[0] * w[0] + stack[1] * w[1]).reshape(vectors[0].shape)
-        raise DegenerateInput("multislerp: the weighted unit vectors sum to zero (antipodal inputs); change the weights")
+        if not bool(stack.any()):  # every input is zero here: so is their mean
+            return torch.zeros_like(vectors[0])
+        raise DegenerateInput("multislerp: the weighted directions of the inputs cancel out (their weighted "
+                              "unit vectors sum to zero), so the interpolation has no direction; change the weights")
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean
     step = (tangents * w.view(-1, 1)).sum(0)

@@ -47,13 +47,16 @@ FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 SLACK_MAX = 1e200
 
 
-def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, float32: bool = False):
+def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, float32: bool = False,
+            nonzero: str | None = None):
     """A check for a number in [lo, hi] (lo excluded with lo_open); with float32, one the
     float32 math can hold: not beyond float32's range, and not so small that it would
-    become 0 or lose precision (a subnormal)."""
+    become 0 or lose precision (a subnormal); with `nonzero` (the reason), not 0."""
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > sys.float_info.max or not math.isfinite(v):
             return "must be a finite number"  # (an int beyond every float is caught before isfinite raises)
+        if nonzero and v == 0:
+            return f"must not be 0 ({nonzero})"
         if lo is not None and (v <= lo if lo_open else v < lo):
             return f"must be {'>' if lo_open else '>='} {lo}"
         if hi is not None and v > hi:
@@ -61,7 +64,8 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
         if float32 and abs(v) > FLOAT32_MAX:
             return f"must be at most {FLOAT32_MAX:.4g} in magnitude (the merge computes in float32)"
         if float32 and v != 0 and abs(v) < FLOAT32_MIN_NORMAL:
-            return f"must be 0 or at least {FLOAT32_MIN_NORMAL:.4g} in magnitude (the merge computes in float32)"
+            return (f"must be {'' if nonzero else '0 or '}at least {FLOAT32_MIN_NORMAL:.4g} in magnitude "
+                    "(the merge computes in float32)")
         return None
 
     return check
@@ -97,6 +101,11 @@ SELECT_TOPK = Param(1.0, _number(0.0, 1.0, lo_open=True),
                     "fraction of the entries with the largest variance across models kept, in (0, 1]")
 T = Param(0.5, _number(0.0, 1.0), "interpolation position: 0 is the base, 1 the other model")
 NEAR_T = Param(0.5, _number(0.0, lo_open=True), "distance below which the other model's value is taken, > 0")
+SCALE = Param(1.0, _number(float32=True, nonzero="that gives an all-zero model"),
+              "factor applied to the model's weights, nonzero, within float32's range")
+# Karcher's tol is an angle (radians) and the norm below which an input does not steer the
+# mean: much larger, whole tensors stop steering (the mean is then zero) or it stops early
+KARCHER_TOL_MAX = 0.01
 
 
 class DegenerateInput(ValueError):
@@ -626,13 +635,17 @@ def multislerp(base, tensors, model_params, params):
     weights = [p["weight"] for p in model_params]
     if base is None or len(tensors) == 1:
         return barycentric(tensors, weights, params["normalize_weights"], params["eps"]), None
-    merged = barycentric([t - base for t in tensors], weights, params["normalize_weights"], params["eps"])
+    deltas = [t - base for t in tensors]
+    if not any(bool(d.any()) for d in deltas):  # no model changed it (a frozen layer): the base
+        return base, None
+    merged = barycentric(deltas, weights, params["normalize_weights"], params["eps"])
     return base + merged, None
 
 
 @merge_method("karcher", needs_base=False, model_params={},
               global_params={"max_iter": Param(10, _integer(1, 10_000), "iterations at most, >= 1"),
-                             "tol": Param(1e-5, _number(0.0, lo_open=True), "convergence tolerance, > 0")},
+                             "tol": Param(1e-5, _number(0.0, KARCHER_TOL_MAX, lo_open=True),
+                                          f"convergence tolerance, in (0, {KARCHER_TOL_MAX:g}]")},
               title="Karcher mean", papers=_papers("karcher"))
 def karcher(base, tensors, model_params, params):
     """Karcher mean: the equally weighted Riemannian mean on the hypersphere of every input, the base included when given."""
@@ -662,7 +675,7 @@ def nearswap(base, tensors, model_params, params):
 
 
 @merge_method("passthrough", needs_base=False, takes_base=False,
-              model_params={"scale": Param(1.0, _number(), "factor applied to the model's weights")},
+              model_params={"scale": SCALE},
               global_params={}, min_models=1, max_models=1, title="Passthrough", papers=_papers("mergekit"))
 def passthrough(base, tensors, model_params, params):
     """Passthrough: the one model's weights, times its scale."""
