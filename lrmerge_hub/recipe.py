@@ -563,6 +563,14 @@ class RecipeLoader(yaml.SafeLoader):
         return node
 
 
+# YAML 1.1 (PyYAML) reads `1e-5` and `1e9` as strings: it wants a dot in a float. mergekit configs
+# and people write them without one (pydantic then coerces the string), so read them as YAML 1.2 does.
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def _check_expanded_size(root: yaml.Node) -> None:
     """Count the values of the document with every alias expanded (each node once, with the
     sizes of shared nodes remembered); raise RecipeError past MAX_YAML_NODES or on a cycle."""

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import yaml
 import pytest
 
 from lrmerge_hub.errors import RecipeError
@@ -117,3 +118,12 @@ def test_a_model_without_role_is_said_to_be_a_task_model(tmp_path):
     (tmp_path / "r.yaml").write_text(RECIPE)
     code, out, err = cli("merge", tmp_path / "r.yaml", "--dry-run")
     assert code == 0 and "note:" not in err
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; mergekit configs write it that way."""
+    from lrmerge_hub.recipe import read_recipe_yaml
+
+    data = read_recipe_yaml(b"a: 1e-5\nb: -2E3\nc: 1.0e+9\nd: '1e9'\ne: 10\nf: 1e\n")
+    assert data == {"a": 1e-5, "b": -2000.0, "c": 1e9, "d": "1e9", "e": 10, "f": "1e"}
+    assert yaml.safe_load("a: 1e-5") == {"a": "1e-5"}  # the plain SafeLoader is left as it is
