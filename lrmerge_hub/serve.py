@@ -452,6 +452,7 @@ class Endpoint:
     log_dir: Path
     bind: str = ""  # host:port the endpoint listens on, as bound
     workers: dict[str, str] = field(default_factory=dict)  # served name -> its own vLLM base URL
+    parity: dict = field(default_factory=dict)  # served name -> parity.ParityResult
 
     def stop(self) -> None:
         """Stop the router first (no new requests), then every vLLM."""
@@ -473,9 +474,11 @@ def _safe_name(name: str) -> str:
 
 def start(specs: list[str], opts: ServeOptions, log_dir: Path,
           should_stop: Callable[[], bool] = lambda: False,
-          served_names: list[str] | None = None) -> Endpoint:
-    """Check everything, start vLLM (and the router for several models), wait until healthy.
-    `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
+          served_names: list[str] | None = None, parity_check: bool = True,
+          echo: Callable[[str], None] = lambda s: None) -> Endpoint:
+    """Check everything, start vLLM (and the router for several models), wait until healthy,
+    then check each served model against transformers (`parity`, unless `parity_check` is
+    False). `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
 
     Raises ServeError, having stopped whatever it started."""
     targets = [resolve_target(s) for s in specs]
@@ -496,6 +499,7 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
     for p in worker_ports if several else []:
         check_port_free("127.0.0.1", p)
 
+    prepared = parity_references(targets, parity_check, echo)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = child_env(log_dir, backend, opts.api_key)
     fraction = gpu_fraction(opts, len(targets))
@@ -527,12 +531,28 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
             router = ManagedProcess("router", cmd, log_dir / "router.log", env)
             processes.append(router)
             router.wait_ready(f"http://{public}:{opts.port}/health", 120, headers, should_stop)
-        return Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
-                        processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
+        endpoint = Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
+                            processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
+        endpoint.parity = parity_verify(endpoint, prepared, echo)
+        return endpoint
     except BaseException:
         for p in reversed(processes):
             p.stop()
         raise
+
+
+def parity_references(targets: list[ModelTarget], enabled: bool, echo: Callable[[str], None]) -> dict:
+    """transformers' reference tokens, computed before any vLLM starts (lrmerge_hub.parity)."""
+    from . import parity
+
+    return parity.prepare(targets, enabled, echo)
+
+
+def parity_verify(endpoint: Endpoint, prepared: dict, echo: Callable[[str], None]) -> dict:
+    """Each served model against its reference, on its own vLLM; ParityError on a mismatch."""
+    from . import parity
+
+    return parity.verify(endpoint.workers, prepared, auth_headers(endpoint.api_key), echo)
 
 
 def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None]) -> int:
@@ -560,7 +580,8 @@ def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None])
             signal.signal(s, h)
 
 
-def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> Endpoint:
+def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path, parity_check: bool = True,
+                       echo: Callable[[str], None] = lambda s: None) -> Endpoint:
     """`start`, but a SIGTERM/SIGINT during the (long) start-up stops cleanly too."""
     stop = threading.Event()
 
@@ -569,7 +590,7 @@ def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> E
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        endpoint = start(specs, opts, log_dir, should_stop=stop.is_set)
+        endpoint = start(specs, opts, log_dir, should_stop=stop.is_set, parity_check=parity_check, echo=echo)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -42,3 +42,12 @@ def ray_address() -> str | None:
     """The Ray cluster to run on (`RAY_ADDRESS`, as Ray itself reads it); `--ray-address`
     overrides it; none: `--executor ray` starts a local Ray instance."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+def parity_answer_timeout() -> float:
+    """Seconds one request of the parity check may take before the served model counts as
+    not answering (`LRMERGE_PARITY_TIMEOUT`, else 120)."""
+    try:
+        return max(1.0, float(os.environ.get("LRMERGE_PARITY_TIMEOUT", "120")))
+    except ValueError:
+        return 120.0
