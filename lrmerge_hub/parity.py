@@ -162,8 +162,11 @@ def reference_tokens(folder: Path, *, timeout: float = 1800.0) -> list[Reference
     """transformers' greedy tokens on the fixed prompts, computed in a child process (its
     memory is returned before anything else loads the model). Raises ParityError when
     transformers cannot load the folder."""
+    package_root = str(Path(__file__).resolve().parent.parent)  # this copy of lrmerge_hub, from any cwd
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "lrmerge_hub.parity", str(folder)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                          text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
         last = lines[-1][:200] if lines else f"exit status {done.returncode}"

@@ -92,7 +92,9 @@ def test_a_model_too_big_for_a_second_copy_is_skipped_with_the_reason(tmp_path):
 
 
 @pytest.mark.slow  # three transformers processes
-def test_the_reference_of_a_tiny_model_plain_only_without_a_chat_template(tmp_path):
+def test_the_reference_of_a_tiny_model_plain_only_without_a_chat_template(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the child process finds this copy of lrmerge_hub from any folder
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     paths = make_family(tmp_path, hidden=64, heads=2)  # base: no chat template; task: one
     base = parity.reference_tokens(paths["base"])
     assert [r.name for r in base] == [f"plain: {p!r}" for p in parity.PLAIN_PROMPTS]
