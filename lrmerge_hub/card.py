@@ -134,7 +134,8 @@ def eval_result_files(scores: list[Score]) -> dict[str, str]:
         entry = EvalResultEntry(
             dataset_id=s.dataset_id, task_id=s.task, value=round(s.value, 4), date=s.date,
             source_url=RESULTS_SOURCE_URL, source_name="lm-evaluation-harness",
-            notes=f"{s.label}{shots}{subset}; lm-evaluation-harness{version} via lrmerge eval; self-reported",
+            notes=f"{s.label}{shots}{subset}; lm-evaluation-harness{version} via lrmerge eval; self-reported"
+                  + (f"; {s.check}" if s.check else ""),
         )
         name = re.sub(r"[^\w.-]+", "_", s.task) + ".yaml"
         files[name] = yaml.safe_dump(eval_result_entries_to_yaml([entry]), sort_keys=False, allow_unicode=True)

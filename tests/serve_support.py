@@ -24,7 +24,7 @@ from lrmerge_hub.serve import free_port, group_alive
 from lrmerge_hub.synth import make_family, make_tiny_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 900  # vLLM on 2 CPU cores: 25-70 s alone, 105-146 s beside a few jobs, 371 s beside many
+START_TIMEOUT = 900  # the parity check's reference, then vLLM, on 2 busy CPU cores: 1-2 min alone, 7+ beside other jobs
 
 RECIPE = """
 method: slack_ties
