@@ -212,7 +212,8 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
 
         plan = pull(recipe, token=token, dry_run=True)
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
-                  **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
+                  **plan.merge_plan.summary(), "download_bytes": plan.download_bytes,
+                  "output_exists": Path(out_dir).exists() or Path(out_dir).is_symlink()}
     else:
         sources = resolve_sources(recipe, token=token, download=download, read_ahead=parse_size(read_ahead))
         report = merge(recipe, sources, out_dir, device=device, engine=engine,
@@ -234,7 +235,8 @@ def print_merge_summary(report: dict) -> None:
         click.echo(f"plan: {report['method']} of {report['tensors']} tensors, {report['parameters']:,} parameters, "
                    f"read {human_bytes(report['bytes_to_read'])}, write {human_bytes(report['bytes_to_write'])} "
                    f"({report['output_dtype']}), tokenizer from {report['tokenizer_source']}")
-        click.echo(f"output: {report['output']} (nothing written: dry run)")
+        exists = " (already exists: a merge replaces it only with --overwrite)" if report.get("output_exists") else ""
+        click.echo(f"output: {report['output']}{exists}; nothing written: dry run")
         return
     for m in report["models"]:
         r = m.get("retention")
@@ -354,7 +356,10 @@ def print_run_summary(summary: dict) -> None:
     if summary.get("dry_run"):
         for item in summary["plan"]:
             click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
-        click.echo(f"output: {summary['output']}")
+        merges = any(item["step"] == "merge" and item["action"] == "run" for item in summary["plan"])
+        exists = " (already exists: the merge step would replace it)" if summary.get("output_exists") and merges \
+            else ""
+        click.echo(f"output: {summary['output']}{exists}")
         return
     evaluation = summary["steps"].get("eval", {})
     if evaluation.get("table"):
