@@ -104,7 +104,7 @@ def test_readme_main_job_from_a_clean_checkout(tmp_path):
     answer = re.search(r"served answer to '(.*?)': '(.*)'", done.stdout)
     assert answer and "capital of France" in answer.group(1) and "Paris" in answer.group(2), done.stdout
     scores = re.search(r"tiny_capitals\s+acc\s+([01]\.\d+)", done.stdout)
-    assert scores and float(scores.group(1)) >= 0.75, done.stdout  # SmolLM2 knows its capitals
+    assert scores and float(scores.group(1)) >= 0.5, done.stdout  # chance is 0.25: SmolLM2 knows capitals
     assert (merged / "README.md").exists() and list((merged / "eval").rglob("results_*.json"))
     report = json.loads((merged / "merge_report.json").read_text())
     assert report["method"] == "slack_ties" and report["stats"]["parameters"] == 134_515_008
