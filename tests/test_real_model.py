@@ -159,7 +159,7 @@ def routed(merged, tmp_path_factory):
     env = cli_env({"VLLM_API_KEY": KEY, "VLLM_CACHE_ROOT": str(tmp_path_factory.getbasetemp() / "vllm-cache")})
     server = ServeProcess([str(folder), "--port", str(vllm_port), "--max-model-len", "1024", "--log-dir", str(logs)],
                           env)
-    server.wait_ready()
+    server.wait_ready(timeout=1500)  # a 135M model compiles for minutes; 14 min on 2 cores under load
     router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.gate", "--port", str(router_port), "--route",
                                f"{folder.name}=http://127.0.0.1:{vllm_port}"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
