@@ -215,17 +215,15 @@ def make_family(
     return paths
 
 
-def make_tiny_task(folder: Path) -> Path:
-    """A local multiple-choice lm-eval task `tiny_mc` (YAML + JSONL) for offline evaluation;
-    load it with `--include_path folder`. Returns the folder."""
+def write_choice_task(folder: Path, name: str, rows: list[dict]) -> Path:
+    """A local multiple-choice lm-eval task `name` (YAML + JSONL of question/choices/answer
+    rows) in `folder`; load it with `--include_path folder`. Returns the folder."""
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
-            for i in range(6)]
-    data = folder / "tiny_mc.jsonl"
+    data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n"
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n"
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # absolute: lm-eval reads it from any cwd
         "test_split: test\n"
@@ -238,16 +236,20 @@ def make_tiny_task(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_task(folder: Path) -> Path:
+    """A local multiple-choice lm-eval task `tiny_mc` for offline evaluation. Returns the folder."""
+    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
+            for i in range(6)]
+    return write_choice_task(folder, "tiny_mc", rows)
+
+
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
             ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
 
 
 def make_capitals_task(folder: Path) -> Path:
-    """A local multiple-choice lm-eval task `tiny_capitals` (YAML + JSONL): the capital of 8
-    countries, 4 choices each, which a real instruction model answers. Load it with
-    `--include_path folder`. Returns the folder."""
-    folder = Path(folder).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
+    """A local multiple-choice lm-eval task `tiny_capitals`: the capital of 8 countries, 4
+    choices each, which a real instruction model answers. Returns the folder."""
     cities = [city for _, city in CAPITALS]
     rows = []
     for i, (country, city) in enumerate(CAPITALS):
@@ -255,20 +257,7 @@ def make_capitals_task(folder: Path) -> Path:
         choices = [others[(i + k) % len(others)] for k in range(3)]
         choices.insert(i % 4, city)
         rows.append({"question": f"What is the capital of {country}?", "choices": choices, "answer": i % 4})
-    data = folder / "tiny_capitals.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "tiny_capitals.yaml").write_text(
-        "task: tiny_capitals\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: answer\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return folder
+    return write_choice_task(folder, "tiny_capitals", rows)
 
 
 def derive_copy(base: Path, dest: Path, *, scale: float, seed: int) -> Path:
