@@ -83,26 +83,15 @@ class ParityResult:
 
 def float32_bytes(folder: Path) -> int | None:
     """Bytes the weights take in float32, from the safetensors headers (None if unknown)."""
-    import struct
+    from .merge.st_io import read_header
 
-    total = 0
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
-            return None
-        for name, meta in header.items():
-            if name != "__metadata__" and isinstance(meta, dict):
-                count = 1
-                for d in meta.get("shape", []):
-                    count *= int(d)
-                total += 4 * count
-    return total
+    try:
+        return sum(4 * stored.spec.numel for f in files for stored in read_header(f)[0].values())
+    except LrmergeError:  # a corrupt header: serve's own checks say so; the check cannot size it
+        return None
 
 
 def available_memory() -> int | None:

@@ -76,9 +76,13 @@ def test_the_summary_says_what_ran():
 
 
 def write_header_only(folder: Path, shape: list[int]) -> None:
-    """A safetensors file whose header declares a tensor (its bytes are not needed to size it)."""
-    header = json.dumps({"w": {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}}).encode()
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    """A valid bf16 safetensors file of that shape whose data is a hole (a sparse file: nothing
+    is written but the header, so a 70B-sized file costs no disk)."""
+    size = 2 * shape[0] * shape[1]
+    header = json.dumps({"w": {"dtype": "BF16", "shape": shape, "data_offsets": [0, size]}}).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + size)
 
 
 def test_a_model_too_big_for_a_second_copy_is_skipped_with_the_reason(tmp_path):
