@@ -65,12 +65,17 @@ def cluster_options(fn: Callable) -> Callable:
     return fn
 
 
+def check_executor_options(executor: str, ray_address: str | None) -> None:
+    """Options that contradict each other, refused before any recipe is read."""
+    if executor == "local" and ray_address is not None:
+        raise click.UsageError("--ray-address needs --executor ray")
+
+
 def make_executor(executor: str, ray_address: str | None, cpus_per_task: float, gpus_per_task: float,
                   max_retries: int, echo: Callable[[str], None]) -> Any:
     """None for the local executor (the flows run as they always have), else a RayExecutor."""
+    check_executor_options(executor, ray_address)
     if executor == "local":
-        if ray_address is not None:
-            raise click.UsageError("--ray-address needs --executor ray")
         return None
     from .cluster import RayExecutor
     from .settings import ray_address as ray_address_from_env
@@ -369,6 +374,7 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
         raise click.UsageError("--push has {language} in it: every RECIPE path needs {language} too")
     if (no_keep or download) and (executor != "local" or len(expanded) > 1):
         raise click.UsageError("--no-keep and --download apply to one release run here (no --executor ray, one RECIPE)")
+    check_executor_options(executor, ray_address)
     push_repos = push_targets(push_repo, expanded)  # every target checked before any work
     recipes = [load_recipe(path) for path, _ in expanded]
     for recipe in recipes:

@@ -341,7 +341,7 @@ def test_what_a_killed_publisher_left_beside_the_output_is_cleaned(tmp_path):
         stale = leave(out, gone.pid)  # and the driver's own re-merge cleans them too
         recipe = load_recipe(tmp_path / "bo.yaml")
         merge_verified(recipe, local_sources(recipe), out / "bo", tensor_sha256(out / "bo"), device="cpu",
-                       files={}, progress=False)
+                       files={}, progress=False, overwrite=True)  # the run's own output, published again
         assert not [p for p in stale if p.exists() or p.is_symlink()]
         assert sorted(p.name for p in out.iterdir()) == sorted(["bo", live.name])
     finally:
