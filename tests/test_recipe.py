@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-import yaml
 import pytest
+import yaml
 
 from lrmerge_hub.errors import RecipeError
 from lrmerge_hub.recipe import load_recipe, parse_recipe
 from lrmerge_hub.synth import make_family
+from tests.test_bad_input import GOOD
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,14 +48,7 @@ def test_invalid(tmp_path, data, needle):
 
 # -- the recipe's mistakes said so that the fix is plain -------------------------------------
 
-RECIPE = """
-method: slack_ties
-base: ./models/base
-models:
-  - {model: ./models/language, role: language, density: 0.2}
-  - {model: ./models/task, role: task, density: 0.2, slack: 0.5}
-output: ./merged
-"""
+RECIPE = GOOD  # the well-formed recipe the bad-input tests start from
 
 
 def cli(*args):
