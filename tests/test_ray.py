@@ -248,9 +248,15 @@ def test_the_cluster_is_found_through_ray_address(ray_cluster, tmp_path, monkeyp
 @pytest.mark.slow
 def test_a_head_that_dies_mid_run_is_one_line_after_what_finished(tmp_path):
     make_family(tmp_path / "models")
+    make_tiny_task(tmp_path / "tasks")
     langs = ("bo", "ug", "mn")
     for lang in langs:
         (tmp_path / f"{lang}.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", lang))
+    # bo is built in a moment; ug and mn are evaluated on the worker too (lm-eval takes seconds), so that
+    # they are still running when the head dies, however fast the machine
+    for lang in langs[1:]:
+        with (tmp_path / f"{lang}.yaml").open("a") as recipe:
+            recipe.write("eval: {tasks: [tiny_mc], include_path: ./tasks, limit: 2, backend: hf}\n")
     # Ray ends a driver that cannot reach the head after this many seconds (60 by default):
     # shorter here, so that the test waits less; lrmerge must have reported before
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_gcs_rpc_server_reconnect_timeout_s": "40"}
