@@ -63,7 +63,7 @@ def synthesize(root: Path, a: argparse.Namespace, dtype: str, layers: int) -> di
     """
     import torch
 
-    from lrmerge_hub.synth import DTYPE, llama_config, llama_shapes, make_tokenizer, write_checkpoint
+    from lrmerge_hub.synth.tiny import DTYPE, llama_config, llama_shapes, make_tokenizer, write_checkpoint
 
     paths = {role: root / role for role in ("base", "language", "task")}
     if (root / "done").exists():
@@ -246,7 +246,7 @@ def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
     other entry must agree to float rounding."""
     import torch
 
-    from lrmerge_hub.merge.methods import trim_count
+    from lrmerge_hub.merge.trim import trim_count
     from lrmerge_hub.merge.st_io import SafetensorsModel
 
     a, b = SafetensorsModel(ours, "ours"), SafetensorsModel(theirs, "mergekit")

@@ -1,4 +1,4 @@
-"""Benchmark: how big the range requests of a streamed merge should be (hub_stream.py).
+"""Benchmark: how big the range requests of a streamed merge should be (hub/stream.py).
 
     python bench/range_bench.py                       # 128 MB shard, 100 MB/s link, 0 and 50 ms latency
     python bench/range_bench.py --mb 256 --latency 0 0.02 0.1 --sizes 1 4 16 64
@@ -55,7 +55,7 @@ def main() -> None:
                       HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
     from tests.hub_server import HubServer  # noqa: E402 (after HF_ENDPOINT)
 
-    from lrmerge_hub.hub_stream import HubModel
+    from lrmerge_hub.hub.stream import HubModel
     from lrmerge_hub.settings import DEFAULT_READ_AHEAD, RANGE_WORKERS
 
     server = HubServer(port=int(os.environ["HF_ENDPOINT"].rsplit(":", 1)[1])).start()

@@ -31,7 +31,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from lrmerge_hub.synth import make_family, make_tiny_task  # noqa: E402
+from lrmerge_hub.synth.tiny import make_family, make_tiny_task  # noqa: E402
 from tests.test_end_to_end import SWEEP_RECIPE  # noqa: E402  (tiny_mc, hf, limit 6)
 
 OUT = ROOT / "bench" / "out" / "ray-sweep"

@@ -4,7 +4,7 @@
 
 For each configuration below, `lrmerge_hub.serve.start` serves MODEL_DIR (one vLLM, its own
 flags), the parity check's prompts are compared with transformers' float32 greedy tokens
-(lrmerge_hub.parity), and decode speed is timed: one request of 128 new tokens from the chat
+(lrmerge_hub.serve.parity), and decode speed is timed: one request of 128 new tokens from the chat
 prompt, three times (median). Each configuration starts a fresh vLLM.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lrmerge_hub import parity, serve  # noqa: E402
+from lrmerge_hub import serve  # noqa: E402
+from lrmerge_hub.serve import parity  # noqa: E402
 
 # -O2 is vLLM 0.32's default optimization level (a compiled graph), given explicitly because
 # lrmerge's CPU default adds --enforce-eager when no compilation option is passed.

@@ -77,7 +77,7 @@ def make_executor(executor: str, ray_address: str | None, cpus_per_task: float, 
     check_executor_options(executor, ray_address)
     if executor == "local":
         return None
-    from .cluster import RayExecutor
+    from .run.cluster import RayExecutor
     from .settings import ray_address as ray_address_from_env
 
     return RayExecutor(ray_address or ray_address_from_env(), cpus_per_task=cpus_per_task,
@@ -86,7 +86,7 @@ def make_executor(executor: str, ray_address: str | None, cpus_per_task: float, 
 
 def expand_recipes(paths: tuple[str, ...], languages: str | None) -> list[tuple[str, str | None]]:
     """RECIPE paths with `{language}` made one per --languages code: [(path, language)]."""
-    from .recipe import check_language_codes
+    from .recipe.spec import check_language_codes
 
     codes = [c.strip() for c in (languages or "").split(",") if c.strip()]
     check_language_codes(codes, "--languages")
@@ -107,7 +107,7 @@ def push_targets(push_repo: str | None, expanded: list[tuple[str, str | None]]) 
     (huggingface_hub's own rules) before any work."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .card_rules import is_repo_id
+    from .metadata import is_repo_id
     from .errors import RecipeError, shown
 
     targets = [push_repo.replace("{language}", code) if push_repo and code else push_repo for _, code in expanded]
@@ -125,7 +125,7 @@ def push_targets(push_repo: str | None, expanded: list[tuple[str, str | None]]) 
 
 def role_note(recipe: Any, fmt: str) -> None:
     """Say which models the recipe gives no role (human output only)."""
-    from .recipe import default_role_note
+    from .recipe.spec import default_role_note
 
     note = default_role_note(recipe)
     if note and fmt == "human":
@@ -147,7 +147,7 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .hub_retries import reported_retries
+        from .hub.retries import reported_retries
 
         try:
             with reported_retries(human=kwargs.get("fmt", "human") == "human"):
@@ -218,7 +218,7 @@ def synth_cmd(out_dir: str, hidden: int, layers: int, heads: int, dtype: str, ex
               seed: int, smollm2: bool, fmt: str) -> None:
     """Create tiny random base/language/task checkpoints in OUT_DIR, and a tiny local lm-eval task
     in OUT_DIR/tasks (offline demos and tests); with --smollm2, a real model and two copies."""
-    from .synth import make_family, make_smollm2_family, make_tiny_task
+    from .synth.tiny import make_family, make_smollm2_family, make_tiny_task
 
     if smollm2:
         paths = make_smollm2_family(Path(out_dir), seed=seed)
@@ -256,8 +256,8 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
     """Merge the models a RECIPE names into one model folder."""
     from .errors import RecipeError
     from .merge.engine import merge
-    from .pipeline import resolve_sources
-    from .recipe import load_recipe, output_folder
+    from .run.pipeline import resolve_sources
+    from .recipe.spec import load_recipe, output_folder
     from .settings import default_device
 
     recipe = load_recipe(recipe_path)
@@ -267,7 +267,7 @@ def merge_cmd(recipe_path: str, out: str | None, device: str | None, engine: str
     role_note(recipe, fmt)
     device = device or recipe.device or default_device()
     if dry_run and not all(ref.is_local for ref in recipe.all_refs()):
-        from .hub import pull  # check Hub models from their headers: download nothing
+        from .hub.sources import pull  # check Hub models from their headers: download nothing
 
         plan = pull(recipe, token=token, dry_run=True)
         report = {"dry_run": True, "method": recipe.method, "output": str(out_dir),
@@ -358,8 +358,8 @@ def run_cmd(recipe_paths: tuple[str, ...], languages: str | None, out: str | Non
     Several RECIPEs (or one with {language} and --languages) run as one batch; with
     --executor ray each release is merged and evaluated as a Ray task, then merged again
     here, checked against the worker's tensor hashes, carded and pushed."""
-    from .pipeline import run_recipe, run_releases
-    from .recipe import load_recipe, output_folder
+    from .run.pipeline import run_recipe, run_releases
+    from .recipe.spec import load_recipe, output_folder
     from .settings import default_device
 
     echo = (lambda line: click.echo(line, err=True)) if fmt == "human" else (lambda line: None)
@@ -441,7 +441,7 @@ def print_run_summary(summary: dict) -> None:
 @user_errors
 def summary_cmd(summary_file: str) -> None:
     """Print a run summary (`lrmerge run --format json`) as Markdown, e.g. for a CI job summary."""
-    from .pipeline import summary_markdown
+    from .run.pipeline import summary_markdown
 
     path = Path(summary_file)
     try:
@@ -577,7 +577,7 @@ def card_cmd(model_dir: str, repo_id: str | None, token: str | None, fmt: str) -
     """
     from pathlib import Path
 
-    from .card import build_card, existing_card, push_card, save_card
+    from .card.build import build_card, existing_card, push_card, save_card
 
     folder = Path(model_dir)
 
@@ -760,8 +760,8 @@ def recipe_group() -> None:
 @user_errors
 def recipe_convert_cmd(recipe_path: str, to: str, output: str | None) -> None:
     """Write RECIPE (either format) in the other format, with the same meaning."""
-    from .mergekit_config import convert
-    from .recipe import load_recipe
+    from .recipe.mergekit import convert
+    from .recipe.spec import load_recipe
 
     text = convert(load_recipe(recipe_path), to)
     if output:
@@ -798,8 +798,8 @@ def sweep_cmd(recipe_path: str, grid_items: tuple[str, ...], tasks: str | None, 
     With --executor ray each point is a Ray task; the best is merged again here and promoted
     only if its tensors hash to what its worker reported."""
     from .errors import RecipeError
-    from .pipeline import sweep_release
-    from .recipe import EvalSpec, load_recipe
+    from .run.sweep import sweep_release
+    from .recipe.spec import EvalSpec, load_recipe
     from .settings import default_device
 
     recipe = load_recipe(recipe_path)

@@ -130,3 +130,7 @@ class ReproducibilityError(LrmergeError):
 
 class RunsFailedError(LrmergeError):
     """Some releases of a batch (`lrmerge run A.yaml B.yaml`) failed; each summary says why."""
+
+
+class DegenerateInput(ValueError):
+    """The inputs leave a method without a defined result (e.g. antipodal vectors)."""

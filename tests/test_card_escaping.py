@@ -15,10 +15,10 @@ import yaml
 from markdown_it import MarkdownIt
 
 from tests.card_support import TASK, lm_eval_results, make_merged_folder, write_results
-from lrmerge_hub.card import GENERATED_END, GENERATED_START, build_card, push_card, write_card
-from lrmerge_hub.card_rules import check_metadata
+from lrmerge_hub.card.build import GENERATED_END, GENERATED_START, build_card, push_card, write_card
+from lrmerge_hub.metadata import check_metadata
 from lrmerge_hub.errors import CardError, RecipeError
-from lrmerge_hub.recipe import parse_recipe
+from lrmerge_hub.recipe.spec import parse_recipe
 
 HOSTILE = [
     "x`y``z```w",

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from lrmerge_hub.card import write_card
+from lrmerge_hub.card.build import write_card
 from lrmerge_hub.cli import main
 from tests.card_support import lm_eval_results, make_merged_folder, write_results
 from tests.hub_support import TOKEN

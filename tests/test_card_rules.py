@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lrmerge_hub.card_rules import check_metadata, is_language_code, language_name, language_tag
+from lrmerge_hub.metadata import check_metadata, is_language_code, language_name, language_tag
 
 GOOD = {
     "base_model": ["meta-llama/Llama-2-7b-hf", "pkupie/Llama-2-7b-bod"],

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
-from lrmerge_hub.pipeline import STEPS, summary_markdown
+from lrmerge_hub.run.pipeline import STEPS, summary_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -75,7 +75,7 @@ def test_summary_lists_steps_in_run_order():
 
 
 def test_the_card_is_as_readable_as_the_model_files(tmp_path):
-    from lrmerge_hub.card import BuiltCard, save_card
+    from lrmerge_hub.card.build import BuiltCard, save_card
 
     old = os.umask(0o022)
     try:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lrmerge_hub import evaluate, serve
+from lrmerge_hub.evaluate import lm_eval as evaluate
+from lrmerge_hub.serve import vllm as serve
 
 
 def command(backend: str, **opts) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
-from lrmerge_hub.synth import make_family, make_tiny_task
+from lrmerge_hub.synth.tiny import make_family, make_tiny_task
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

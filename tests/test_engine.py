@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from lrmerge_hub.merge.engine import local_sources, merge
-from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.recipe.spec import load_recipe
 
 from test_methods import ref_ties
 

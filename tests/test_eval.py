@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from lrmerge_hub import evaluate
+from lrmerge_hub.evaluate import lm_eval as evaluate
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import EvalError
 from tests.serve_support import cli_env, make_models, merge_tiny, run_cli, write_tiny_task
@@ -113,7 +113,7 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, 
         assert str(tmp_path) not in path.read_text()
     assert {s["role"] for s in out["scores"]} == {"merged", "language", "task"}
     assert not list(eval_dir.glob(".lm-eval-*"))  # scratch folders are gone
-    from lrmerge_hub.card import write_card  # the card picks the results up from eval/
+    from lrmerge_hub.card.build import write_card  # the card picks the results up from eval/
 
     card = write_card(merged).read_text()
     evaluation = card.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
@@ -189,7 +189,7 @@ def test_a_model_that_fails_stops_the_batch_and_keeps_the_results_before_it(tmp_
 def test_run_step_serves_the_merge_with_vllm_and_stops_it(tmp_path, monkeypatch):
     """The `eval` step of `lrmerge run` with the server backend: vLLM is started for the
     merged folder on a free port, lm-eval runs against it, and vLLM is gone afterwards."""
-    from lrmerge_hub.recipe import load_recipe
+    from lrmerge_hub.recipe.spec import load_recipe
 
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
     root = make_models(tmp_path / "models")

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from lrmerge_hub.errors import InputModelError, LrmergeError, RecipeError
-from lrmerge_hub.merge.plan import DTYPE_SIZES
+from lrmerge_hub.merge.st_header import DTYPE_SIZES
 from lrmerge_hub.merge.st_io import MAX_HEADER, SafetensorsModel, read_header
-from lrmerge_hub.recipe import TOP_LEVEL_KEYS, parse_recipe, read_recipe_yaml
+from lrmerge_hub.recipe.spec import TOP_LEVEL_KEYS, parse_recipe
+from lrmerge_hub.recipe.yaml_file import read_recipe_yaml
 from tests.test_bad_input import GOOD, assert_clean_error, first_shard, lrmerge
 
 # 200 examples each, about 16 s for the four properties on 2 cores; an example that takes over 5 s
@@ -523,7 +524,7 @@ def test_a_name_with_line_breaks_or_terminal_escapes_cannot_split_an_error(tmp_p
 @pytest.mark.parametrize("spec", ["org/name\n", "org/name ", "org/na me", "../org/name", "org//name"])
 def test_serve_takes_only_hub_ids_the_hub_accepts(tmp_path, spec):
     from lrmerge_hub.errors import ServeError
-    from lrmerge_hub.serve import resolve_target
+    from lrmerge_hub.serve.vllm import resolve_target
 
     with pytest.raises(ServeError, match="does not exist"):  # not an id: a folder, which is not there
         resolve_target(spec, tmp_path)
@@ -535,7 +536,7 @@ def test_serve_takes_only_hub_ids_the_hub_accepts(tmp_path, spec):
 @pytest.mark.parametrize("config", ["[1, 2]", '{"text_config": 5, "head_dim": "x"}', '{"hidden_size": 64, '
                                     '"num_attention_heads": 0}', '"text"'])
 def test_serve_reads_any_config_without_a_traceback(tmp_path, config):
-    from lrmerge_hub.serve import local_head_dim
+    from lrmerge_hub.serve.vllm import local_head_dim
 
     (tmp_path / "config.json").write_text(config)
     assert local_head_dim(tmp_path) is None
@@ -549,7 +550,7 @@ def test_serve_reads_any_config_without_a_traceback(tmp_path, config):
 ])
 def test_eval_metadata_of_a_model_folder_is_a_one_line_error(tmp_path, name, text, needle):
     from lrmerge_hub.errors import EvalError
-    from lrmerge_hub.evaluate import model_languages
+    from lrmerge_hub.evaluate.lm_eval import model_languages
 
     (tmp_path / name).write_text(text)
     with pytest.raises(EvalError, match=needle) as e:
@@ -558,7 +559,7 @@ def test_eval_metadata_of_a_model_folder_is_a_one_line_error(tmp_path, name, tex
 
 
 def test_eval_languages_of_odd_metadata_are_ignored(tmp_path):
-    from lrmerge_hub.evaluate import model_languages
+    from lrmerge_hub.evaluate.lm_eval import model_languages
 
     (tmp_path / "merge_report.json").write_text('{"languages": 5}')
     assert model_languages(tmp_path) == []
@@ -569,7 +570,7 @@ def test_eval_languages_of_odd_metadata_are_ignored(tmp_path):
 def test_a_run_summary_is_escaped_for_the_job_summary(tmp_path):
     from markdown_it import MarkdownIt
 
-    from lrmerge_hub.pipeline import summary_markdown
+    from lrmerge_hub.run.pipeline import summary_markdown
 
     evil = "x](javascript:alert(1)) <img src=x onerror=alert(1)> | `"
     summary = {"output": f"/out/{evil}", "error": f"boom {evil}\nsecond line",

@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lrmerge_hub import hub
+from lrmerge_hub.merge.st_io import Source
+from lrmerge_hub.hub import publish, sources as hub_sources
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import (
     HubAuthError,
@@ -22,8 +23,8 @@ from lrmerge_hub.errors import (
     HubRevisionError,
     IncompatibleModelsError,
 )
-from lrmerge_hub.recipe import load_recipe, parse_model_ref
-from lrmerge_hub.synth import llama_shapes, make_family, write_checkpoint
+from lrmerge_hub.recipe.spec import load_recipe, parse_model_ref
+from lrmerge_hub.synth.tiny import llama_shapes, make_family, write_checkpoint
 from safetensors.torch import load_file
 from tests.hub_server import CUT, DROP
 from tests.hub_support import TOKEN
@@ -61,7 +62,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> 
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(publish, "RETRY_WAIT", 0.01)
 
 
 def ref(spec: str):
@@ -70,7 +71,7 @@ def ref(spec: str):
 
 def models(*specs: str):
     """A recipe checking the models against the first one, as `lrmerge pull MODEL...` builds."""
-    return hub.recipe_for_models([ref(s) for s in specs])
+    return hub_sources.recipe_for_models([ref(s) for s in specs])
 
 
 def cli(*args: str, env: dict | None = None):
@@ -92,7 +93,7 @@ def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_
     shas = seed_family(hub_server, tiny)
     shas["base"] = hub_server.commit_files("org/base", {"training_args.bin": b"pickle",
                                                         "extra/other.safetensors": b"x"})
-    plan = hub.pull(models("org/base@" + shas["base"], "org/language@v2", "org/task@v1"))
+    plan = hub_sources.pull(models("org/base@" + shas["base"], "org/language@v2", "org/task@v1"))
 
     pinned = list(plan.models.values())
     assert [m.sha for m in pinned] == [shas["base"], shas["language"], shas["task"]]
@@ -105,8 +106,8 @@ def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_
     assert not any(p.endswith((".bin", "other.safetensors", ".gitattributes")) for p in hub_server.downloads(""))
     # the pinned sha stays what was merged even after main moves on
     hub_server.commit_files("org/base", {"config.json": b"{}"})
-    assert hub.plan_recipe(models("org/base@" + shas["base"])).models["base"].sha == shas["base"]
-    assert hub.plan_recipe(models("org/base")).models["base"].sha != shas["base"]
+    assert hub_sources.plan_recipe(models("org/base@" + shas["base"])).models["base"].sha == shas["base"]
+    assert hub_sources.plan_recipe(models("org/base")).models["base"].sha != shas["base"]
 
 
 def test_materialize_sources_mixes_local_folders_and_hub_ids(hub_server, tiny, tmp_path):
@@ -124,9 +125,9 @@ def test_materialize_sources_mixes_local_folders_and_hub_ids(hub_server, tiny, t
         "base", "org/language@v2", f"org/task@{shas['task']}"]  # a local model by its folder name only
     assert str(tmp_path) not in result.output and hub_server.downloads() == []
 
-    sources = hub.materialize_sources(recipe)
+    sources = hub_sources.materialize_sources(recipe)
 
-    assert sources["base"] == hub.Source(path=tiny["base"], repo_id=None, revision=None)
+    assert sources["base"] == Source(path=tiny["base"], repo_id=None, revision=None)
     assert sources["org/language@v2"].revision == shas["language"]
     assert sources["org/language@v2"].repo_id == "org/language"
     assert (sources[f"org/task@{shas['task']}"].path / "model.safetensors").is_file()
@@ -136,10 +137,10 @@ def test_sharded_model_is_checked_from_its_shard_headers_and_downloaded_whole(hu
     hub_server.seed("org/base", tiny["base"])
     hub_server.seed("org/sharded", sharded)
 
-    plan = hub.pull(models("org/base", "org/sharded"), dry_run=True)
+    plan = hub_sources.pull(models("org/base", "org/sharded"), dry_run=True)
     assert hub_server.downloads() == [] and plan.models["org/sharded"].files.keys() >= {
         "model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"}
-    path = hub.download(plan.models["org/sharded"])
+    path = hub_sources.download(plan.models["org/sharded"])
 
     assert sorted(p.name for p in path.glob("*.safetensors*")) == sorted(p.name for p in sharded.glob("*.safetensors*"))
     assert len(hub_server.downloads()) == 3
@@ -150,10 +151,10 @@ def test_a_download_cut_by_the_network_resumes_where_it_stopped(hub_server, tiny
 
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # the client keeps whole chunks (10 MB)
     hub_server.seed("org/base", tiny["base"])
-    meta = hub.plan_recipe(models("org/base")).models["base"]
+    meta = hub_sources.plan_recipe(models("org/base")).models["base"]
     hub_server.fail("GET", r"/model.safetensors$", status=CUT)  # half the bytes, then the connection closes
 
-    path = hub.download(meta)
+    path = hub_sources.download(meta)
 
     weights = tiny["base"] / "model.safetensors"
     assert (path / "model.safetensors").read_bytes() == weights.read_bytes()
@@ -167,7 +168,7 @@ def test_check_rejects_incompatible_models_before_downloading_weights(hub_server
     hub_server.seed("org/wide", wide)
 
     with pytest.raises(IncompatibleModelsError, match=r"mlp.\w+_proj.weight has different shapes: base \[\d+, \d+\], org/wide"):
-        hub.pull(models("org/base", "org/wide"))
+        hub_sources.pull(models("org/base", "org/wide"))
     result = cli("pull", "org/base", "org/wide", "--dry-run")
 
     assert result.exit_code == 2 and result.output.startswith("Error: ") and "96" in result.output
@@ -197,7 +198,7 @@ def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp
     from huggingface_hub import constants
 
     shas = seed_family(hub_server, tiny)
-    hub.pull(models("org/task@v1"))  # online: fills this test's HF cache
+    hub_sources.pull(models("org/task@v1"))  # online: fills this test's HF cache
     hub_server.log.clear()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
 
@@ -218,21 +219,21 @@ def test_private_and_gated_repos_need_a_token(hub_server, tiny, monkeypatch):
     hub_server.seed("org/gated", tiny["base"], gated=True)
 
     with pytest.raises(HubAuthError, match="org/private: not found, or private/gated: set HF_TOKEN"):
-        hub.pull(models("org/private"), dry_run=True)
+        hub_sources.pull(models("org/private"), dry_run=True)
     with pytest.raises(HubAuthError, match="org/gated is gated: accept its conditions"):
-        hub.pull(models("org/gated"), dry_run=True)
+        hub_sources.pull(models("org/gated"), dry_run=True)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert hub.pull(models("org/private", "org/gated")).downloaded
+    assert hub_sources.pull(models("org/private", "org/gated")).downloaded
 
 
 def test_missing_repo_and_revision_say_what_to_fix(hub_server, tiny, monkeypatch):
     hub_server.seed("org/base", tiny["base"])
 
     with pytest.raises(HubRevisionError, match="org/base@nope: no such branch, tag or commit"):
-        hub.plan_recipe(models("org/base@nope"))
+        hub_sources.plan_recipe(models("org/base@nope"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(HubNotFoundError, match="org/absent: repository not found"):
-        hub.plan_recipe(models("org/absent"))
+        hub_sources.plan_recipe(models("org/absent"))
 
 
 def test_repo_with_only_pickle_weights_is_refused(hub_server, tiny):
@@ -257,9 +258,9 @@ def test_a_merge_of_hub_models_records_the_shas_and_its_push_names_them(hub_serv
         "  - {model: org/task@v1, role: task, slack: 0.5}\nlanguages: [bo]\nlicense: apache-2.0\n")
     recipe = load_recipe(recipe_path)
 
-    report = merge(recipe, hub.materialize_sources(recipe), tmp_path / "out", device="cpu", progress=False)
+    report = merge(recipe, hub_sources.materialize_sources(recipe), tmp_path / "out", device="cpu", progress=False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    pushed = hub.push(tmp_path / "out", "alice/merged")
+    pushed = publish.push(tmp_path / "out", "alice/merged")
 
     assert report["base"]["revision"] == shas["base"]
     assert [m["revision"] for m in report["models"]] == [shas["language"], shas["task"]]
@@ -322,8 +323,8 @@ def test_push_as_pull_request_leaves_main_alone(hub_server, merged):
 
 def test_push_to_a_branch_with_a_tag_and_rerun(hub_server, merged, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    first = hub.push(merged, "alice/merged", revision="release", tag="v1")
-    again = hub.push(merged, "alice/merged", revision="release", tag="v1")  # nothing changed: same commit
+    first = publish.push(merged, "alice/merged", revision="release", tag="v1")
+    again = publish.push(merged, "alice/merged", revision="release", tag="v1")  # nothing changed: same commit
 
     repo = hub_server.repos["alice/merged"]
     assert repo.branches["release"] == repo.tags["v1"] == first.commit == again.commit
@@ -331,7 +332,7 @@ def test_push_to_a_branch_with_a_tag_and_rerun(hub_server, merged, monkeypatch):
     assert "model.safetensors" not in hub_server.files("alice/merged", "main")
     (merged / "README.md").write_text("---\nlicense: mit\n---\nchanged\n")
     with pytest.raises(HubPushError, match="tag 'v1' already exists"):
-        hub.push(merged, "alice/merged", revision="release", tag="v1")
+        publish.push(merged, "alice/merged", revision="release", tag="v1")
 
 
 def test_failed_push_leaves_the_remote_unchanged_and_a_rerun_completes_it(hub_server, merged):
@@ -365,7 +366,7 @@ def test_commit_whose_answer_was_lost_is_recognised_not_duplicated(hub_server, m
     hub_server.create_repo("alice/merged")
     hub_server.fail("POST", r"/commit/", status=502, after=True)  # applied, then the answer is lost
 
-    result = hub.push(merged, "alice/merged")
+    result = publish.push(merged, "alice/merged")
 
     repo = hub_server.repos["alice/merged"]
     assert result.commit == repo.branches["main"]
@@ -379,7 +380,7 @@ def test_network_errors_during_the_commit_are_retried_without_duplicating_it(hub
     hub_server.fail("POST", r"/commit/", status=DROP)  # connection closed before the commit
     hub_server.fail("POST", r"/commit/", status=DROP, after=True)  # ... and after it, on the retry
 
-    result = hub.push(merged, "alice/merged")
+    result = publish.push(merged, "alice/merged")
 
     repo = hub_server.repos["alice/merged"]
     assert result.commit == repo.branches["main"]
@@ -395,7 +396,7 @@ def test_push_never_overwrites_a_commit_made_meanwhile(hub_server, merged, monke
         sha=hub_server.commit_files("alice/merged", {"other.txt": b"someone else"})))
 
     with pytest.raises(HubPushError, match="the branch moved while pushing"):
-        hub.push(merged, "alice/merged")
+        publish.push(merged, "alice/merged")
 
     assert hub_server.repos["alice/merged"].branches["main"] == other["sha"]
     assert "config.json" not in hub_server.files("alice/merged")
@@ -408,7 +409,7 @@ def test_card_metadata_the_hub_rejects_stops_the_push_before_anything_changes(hu
     (merged / "README.md").write_text("---\nlanguage: [bo]\nlicense: [mit, apache-2.0]\n---\n# merged\n")
 
     with pytest.raises(HubPushError, match=r'Invalid metadata in README.md. - "license" must be a string'):
-        hub.push(merged, "alice/merged")
+        publish.push(merged, "alice/merged")
 
     assert hub_server.repos["alice/merged"].branches == {"main": before}
 

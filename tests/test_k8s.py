@@ -74,7 +74,7 @@ def test_the_head_start_script_is_valid_bash():
 
 # --- the key gate in front of every vLLM, and no root ---
 
-GATE_MIDDLEWARE = "lrmerge_hub.gate.RequireKey"
+GATE_MIDDLEWARE = "lrmerge_hub.serve.gate.RequireKey"
 LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
 
 
@@ -85,7 +85,7 @@ def container_text(c) -> str:
 
 
 def runs_the_gate(c) -> bool:
-    return "lrmerge-router" in c["image"] or "lrmerge_hub.gate" in container_text(c) and GATE_MIDDLEWARE \
+    return "lrmerge-router" in c["image"] or "lrmerge_hub.serve.gate" in container_text(c) and GATE_MIDDLEWARE \
         not in container_text(c)
 
 

@@ -142,8 +142,8 @@ def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
     """A merge whose big tensors take the fused path gives the same bytes as the reference."""
     from lrmerge_hub.merge import engine
     from lrmerge_hub.merge.st_io import SafetensorsModel
-    from lrmerge_hub.recipe import parse_recipe
-    from lrmerge_hub.synth import make_family
+    from lrmerge_hub.recipe.spec import parse_recipe
+    from lrmerge_hub.synth.tiny import make_family
 
     fam = make_family(tmp_path / "fam", hidden=768, intermediate=1024, layers=1, heads=8,
                       dtype="float32", extend_language_vocab=3)

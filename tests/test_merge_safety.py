@@ -23,7 +23,7 @@ from lrmerge_hub.errors import OutputError, RecipeError
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.merge.methods import METHODS
-from lrmerge_hub.recipe import load_recipe, parse_recipe
+from lrmerge_hub.recipe.spec import load_recipe, parse_recipe
 
 from test_methods import ref_ties
 
@@ -339,7 +339,7 @@ def test_a_hub_id_at_one_revision_spelled_two_ways_is_named_twice(tmp_path, firs
 
 
 def test_a_branch_and_the_sha_it_points_to_are_named_twice(hub_server, family, tmp_path):
-    from lrmerge_hub import hub
+    from lrmerge_hub.hub import sources as hub_sources
 
     paths = family()
     hub_server.seed("org/base", paths["base"])
@@ -347,11 +347,11 @@ def test_a_branch_and_the_sha_it_points_to_are_named_twice(hub_server, family, t
     recipe = parse_recipe({"method": "ties", "base": "org/base", "models": ["org/task@main", f"org/task@{sha}"]},
                           tmp_path)
     with pytest.raises(RecipeError, match=f"'org/task@{sha}' and 'org/task@main' are the same commit {sha[:12]}"):
-        hub.plan_recipe(recipe)
+        hub_sources.plan_recipe(recipe)
 
 
 def test_a_sweep_point_with_cancelling_weights_is_refused_before_any_merge(tmp_path, family, write_recipe):
-    from lrmerge_hub.sweep import apply_point
+    from lrmerge_hub.run.sweep import apply_point
 
     family()
     recipe = load_recipe(write_recipe(recipe_text(method="ties", w0=1.0, w1=0.5)))

@@ -18,8 +18,8 @@ from lrmerge_hub.cli import main
 from lrmerge_hub.errors import RecipeError
 from lrmerge_hub.merge.methods import METHODS, layer_swap_share
 from lrmerge_hub.merge.tensor_params import TensorParams, evaluate, layer_of, position
-from lrmerge_hub.mergekit_config import from_mergekit, to_mergekit
-from lrmerge_hub.recipe import parse_recipe
+from lrmerge_hub.recipe.mergekit import from_mergekit, to_mergekit
+from lrmerge_hub.recipe.spec import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT_VERSION = "0.1.5"
@@ -36,7 +36,7 @@ def load_all(folder):
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from lrmerge_hub.synth import make_family
+    from lrmerge_hub.synth.tiny import make_family
 
     return make_family(tmp_path_factory.mktemp("mk") / "models", layers=4, seed=3)
 
@@ -187,7 +187,7 @@ def test_layer_swap_merge_takes_whole_layers(tmp_path, family):
 
 
 def test_layer_swap_sweeps_over_its_parameters(tmp_path, family):
-    from lrmerge_hub.sweep import apply_point, grid_points, parse_grid
+    from lrmerge_hub.run.sweep import apply_point, grid_points, parse_grid
 
     r = parse_recipe({"method": "layer_swap", "models": [{"model": str(family["task"]), "role": "task"},
                                                          {"model": str(family["language"]), "role": "language"}]},
@@ -435,7 +435,7 @@ out_dtype: bfloat16
 
 @pytest.fixture(scope="module")
 def extended_family(tmp_path_factory):
-    from lrmerge_hub.synth import make_family
+    from lrmerge_hub.synth.tiny import make_family
 
     return make_family(tmp_path_factory.mktemp("mkx") / "models", layers=2, seed=5, extend_language_vocab=8)
 
@@ -476,7 +476,7 @@ def _ties_recipe(family, out):
 
 
 def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_path, family):
-    from lrmerge_hub.card import build_card
+    from lrmerge_hub.card.build import build_card
     from lrmerge_hub.merge.engine import local_sources, merge
 
     r = parse_recipe(_ties_recipe(family, tmp_path / "ours"), tmp_path)

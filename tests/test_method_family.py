@@ -13,7 +13,7 @@ import torch
 from lrmerge_hub.errors import RecipeError
 from lrmerge_hub.merge import draws
 from lrmerge_hub.merge.methods import METHODS
-from lrmerge_hub.recipe import parse_recipe
+from lrmerge_hub.recipe.spec import parse_recipe
 
 from test_methods import random_models
 
@@ -262,7 +262,7 @@ def test_multislerp_keeps_the_base_where_no_model_changed_a_tensor():
 
 
 def test_multislerp_names_directions_that_cancel():
-    from lrmerge_hub.merge.methods import DegenerateInput
+    from lrmerge_hub.errors import DegenerateInput
 
     _, (model,) = random_models((30, 10), n=1, seed=6)
     base = np.zeros_like(model)  # equal weights on u, -u and 0: no direction to go
@@ -489,7 +489,7 @@ E2E_MODEL_PARAMS = {"density": 0.4, "epsilon": 0.2, "gamma": 0.02, "slack": 0.5,
 
 @pytest.fixture(scope="module")
 def bf16_family(tmp_path_factory):
-    from lrmerge_hub.synth import make_family
+    from lrmerge_hub.synth.tiny import make_family
 
     root = tmp_path_factory.mktemp("family")
     return make_family(root / "models", dtype="bfloat16", shard_bytes=60_000, extend_language_vocab=8)
@@ -510,7 +510,7 @@ def e2e_recipe(method, folder, seed=3, output="merged"):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(bf16_family, method):
-    from lrmerge_hub.card import build_card
+    from lrmerge_hub.card.build import build_card
     from lrmerge_hub.merge.engine import local_sources, merge
     from lrmerge_hub.merge.tensor_params import TensorParams
     from test_engine import load_all
@@ -557,7 +557,7 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
 
 
 def test_sweep_grids_any_declared_parameter(tmp_path):
-    from lrmerge_hub.sweep import apply_point, grid_points, parse_grid
+    from lrmerge_hub.run.sweep import apply_point, grid_points, parse_grid
 
     r = parse_recipe(recipe("della", model_extra={"density": 0.5}), tmp_path)
     variants = [apply_point(r, p) for p in grid_points(parse_grid(["epsilon=0.1,0.2", "seed=1,2"]))]
@@ -586,7 +586,7 @@ def test_cli_contract_error_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("n", [1000, 300_000])  # below and above the kernels' sampling size
 def test_top_k_mask_is_the_stable_order_with_ties(n):
-    from lrmerge_hub.merge.methods import top_k_mask
+    from lrmerge_hub.merge.sparsify import top_k_mask
 
     rng = np.random.default_rng(n)
     mag = np.abs(np.round(rng.standard_normal(n) * 8) / 8).astype(np.float32)  # heavily tied

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrmerge_hub.merge.methods import METHODS, elect_signs, trim_count, trim_to_density
+from lrmerge_hub.merge.methods import METHODS, elect_signs, trim_to_density
+from lrmerge_hub.merge.trim import trim_count
 
 
 def ref_trim(tau: np.ndarray, density: float) -> np.ndarray:

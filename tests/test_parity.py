@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lrmerge_hub import parity
-from lrmerge_hub.card import write_card
+from lrmerge_hub.serve import parity
+from lrmerge_hub.card.build import write_card
 from lrmerge_hub.errors import RecipeError
-from lrmerge_hub.recipe import load_recipe
-from lrmerge_hub.synth import make_family
+from lrmerge_hub.recipe.spec import load_recipe
+from lrmerge_hub.synth.tiny import make_family
 from tests.card_support import lm_eval_results, make_merged_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lrmerge_hub import parity
+from lrmerge_hub.serve import parity
 from tests.real_model import CHAT, CHAT_ANSWER
 from tests.serve_support import ServeProcess, cli_env, free_port, post, run_cli, write_tiny_task
 

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from lrmerge_hub import pipeline
+from lrmerge_hub.run import pipeline
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import LrmergeError
-from lrmerge_hub.synth import make_family
+from lrmerge_hub.synth.tiny import make_family
 from tests.hub_support import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

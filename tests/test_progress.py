@@ -8,8 +8,8 @@ import select
 import time
 
 from lrmerge_hub import progress
-from lrmerge_hub.evaluate import lm_eval_cause, lm_eval_failed
-from lrmerge_hub.sweep import parse_grid, run_sweep
+from lrmerge_hub.evaluate.lm_eval import lm_eval_cause, lm_eval_failed
+from lrmerge_hub.run.sweep import parse_grid, run_sweep
 
 
 def tick_for(ticker: progress.Ticker, seconds: float) -> None:
@@ -111,7 +111,7 @@ def test_an_lm_eval_failure_is_one_line_with_the_log_below(tmp_path):
 
 def test_each_sweep_point_says_when_its_evaluation_starts(family, write_recipe):
     from lrmerge_hub.merge.engine import local_sources
-    from lrmerge_hub.recipe import load_recipe
+    from lrmerge_hub.recipe.spec import load_recipe
 
     family()
     recipe = load_recipe(write_recipe(

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from lrmerge_hub import hub_hosts
+from lrmerge_hub.hub import hosts as hub_hosts
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import HubUntrustedHostError
 from tests.hub_support import TOKEN

@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
-from lrmerge_hub.cluster import RayExecutor
+from lrmerge_hub.run.cluster import RayExecutor
 from lrmerge_hub.merge.engine import local_sources
-from lrmerge_hub.pipeline import merge_verified, run_releases, tensor_sha256
-from lrmerge_hub.recipe import load_recipe
-from lrmerge_hub.synth import make_family, make_tiny_task
+from lrmerge_hub.run.pipeline import merge_verified, run_releases, tensor_sha256
+from lrmerge_hub.recipe.spec import load_recipe
+from lrmerge_hub.synth.tiny import make_family, make_tiny_task
 from tests.hub_support import TOKEN
 from tests.test_end_to_end import SWEEP_RECIPE  # output: ./best
 from tests.test_pipeline import HUB_RECIPE, seeded, tiny  # noqa: F401 (fixtures)
@@ -421,7 +421,7 @@ def test_serve_passes_vllm_parallelism_through_under_vllms_names():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from lrmerge_hub import serve
+    from lrmerge_hub.serve import vllm as serve
 
     opts = serve.ServeOptions(tensor_parallel_size=8, extra_args=[
         "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--distributed-executor-backend", "ray"])

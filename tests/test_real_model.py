@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
-from lrmerge_hub.evaluate import SAMPLE_PROMPT
-from lrmerge_hub.synth import derive_copy, make_capitals_task
+from lrmerge_hub.evaluate.lm_eval import SAMPLE_PROMPT
+from lrmerge_hub.synth.tiny import derive_copy, make_capitals_task
 from tests.hub_support import TOKEN
 from tests.serve_support import ServeProcess, cli_env, free_port, run_cli
 
@@ -160,7 +160,7 @@ def routed(merged, tmp_path_factory):
     server = ServeProcess([str(folder), "--port", str(vllm_port), "--max-model-len", "1024", "--log-dir", str(logs)],
                           env)
     server.wait_ready(timeout=1500)  # a 135M model compiles for minutes; 14 min on 2 cores under load
-    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.gate", "--port", str(router_port), "--route",
+    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.serve.gate", "--port", str(router_port), "--route",
                                f"{folder.name}=http://127.0.0.1:{vllm_port}"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from lrmerge_hub.errors import RecipeError
-from lrmerge_hub.recipe import load_recipe, parse_recipe
-from lrmerge_hub.synth import make_family
+from lrmerge_hub.recipe.spec import load_recipe, parse_recipe
+from lrmerge_hub.synth.tiny import make_family
 from tests.test_bad_input import GOOD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def test_a_model_without_role_is_said_to_be_a_task_model(tmp_path):
 
 def test_exponent_numbers_without_a_dot_are_numbers():
     """PyYAML (YAML 1.1) reads `1e-5` as a string; mergekit configs write it that way."""
-    from lrmerge_hub.recipe import read_recipe_yaml
+    from lrmerge_hub.recipe.yaml_file import read_recipe_yaml
 
     data = read_recipe_yaml(b"a: 1e-5\nb: -2E3\nc: 1.0e+9\nd: '1e9'\ne: 10\nf: 1e\n")
     assert data == {"a": 1e-5, "b": -2000.0, "c": 1e9, "d": "1e9", "e": 10, "f": "1e"}

@@ -14,9 +14,10 @@ import urllib.error
 
 import pytest
 
-from lrmerge_hub import serve
+from lrmerge_hub.serve import vllm as serve
+from lrmerge_hub.serve.gate import is_loopback
 from lrmerge_hub.errors import ServeError
-from lrmerge_hub.synth import make_family
+from lrmerge_hub.synth.tiny import make_family
 from tests.serve_support import (ServeProcess, cli_env, fill_params, free_port, get, logged_routes, make_models,
                                  merge_tiny, post, run_cli, status, wait_groups_gone, write_tiny_task)
 
@@ -71,7 +72,7 @@ def test_hub_ids_are_served_under_the_repo_id():
 def test_addresses_to_reach_a_bind():
     assert [serve.connect_host(h) for h in ("0.0.0.0", "::", "::1", "127.0.0.1", "10.1.2.3")] == \
         ["127.0.0.1", "[::1]", "[::1]", "127.0.0.1", "10.1.2.3"]
-    assert serve.is_loopback("127.0.0.2") and serve.is_loopback("localhost") and not serve.is_loopback("0.0.0.0")
+    assert is_loopback("127.0.0.2") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     serve.check_bind_safety("::1", None)  # loopback: no key needed
     with pytest.raises(ServeError, match="--api-key"):
         serve.check_bind_safety("192.0.2.10", None)
@@ -93,7 +94,7 @@ def test_diagnosis_of_known_start_up_failures():
 def test_router_command_keeps_the_key_out_of_argv():
     cmd = serve.router_command([("merged-s0", 8001), ("org/merged-s1", 8002)], host="0.0.0.0", port=8000,
                                with_key=True)
-    assert cmd[1:3] == ["-m", "lrmerge_hub.gate"] and "--no-key" not in cmd
+    assert cmd[1:3] == ["-m", "lrmerge_hub.serve.gate"] and "--no-key" not in cmd
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == "8000"
     assert "merged-s0=http://127.0.0.1:8001" in cmd and "org/merged-s1=http://127.0.0.1:8002" in cmd
     assert serve.router_command([("a", 1)], host="127.0.0.1", port=2, with_key=False)[-1] == "--no-key"
@@ -103,7 +104,7 @@ def test_a_key_puts_every_vllm_route_behind_it():
     t = serve.resolve_target("org/m")
     keyed = serve.vllm_command(t, serve.ServeOptions(api_key="k"), host="127.0.0.1", port=1, backend="cpu",
                                memory_fraction=None)
-    assert keyed[keyed.index("--middleware") + 1] == "lrmerge_hub.gate.RequireKey"
+    assert keyed[keyed.index("--middleware") + 1] == "lrmerge_hub.serve.gate.RequireKey"
     assert "--middleware" not in serve.vllm_command(t, serve.ServeOptions(), host="127.0.0.1", port=1,
                                                     backend="cpu", memory_fraction=None)
 
@@ -186,7 +187,7 @@ def test_help_says_the_key_option_shows_in_ps():
 
 
 def run_router(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lrmerge_hub.gate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lrmerge_hub.serve.gate", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
@@ -210,7 +211,7 @@ def test_router_without_a_key_in_the_environment_is_one_line():
 
 def test_router_serves_without_a_key_on_loopback():
     port = free_port()
-    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.gate", "--host", "127.0.0.1", "--port", str(port),
+    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.serve.gate", "--host", "127.0.0.1", "--port", str(port),
                                "--no-key", "--route", f"m=http://127.0.0.1:{free_port()}"], env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -309,7 +310,7 @@ def test_vllm_log_streams_to_a_file_with_the_command(served):
     text = logs[0].read_text()
     assert text.startswith("$ ") and "--generation-config vllm" in text.splitlines()[0]
     assert "--kv-cache-memory-bytes" in text.splitlines()[0] or serve.detect_backend() == "gpu"
-    assert "--middleware lrmerge_hub.gate.RequireKey" in text.splitlines()[0] and KEY not in text
+    assert "--middleware lrmerge_hub.serve.gate.RequireKey" in text.splitlines()[0] and KEY not in text
     assert "Starting vLLM" in text or "Application startup complete" in text
 
 

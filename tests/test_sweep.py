@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import OutputError, RecipeError
 from lrmerge_hub.merge.engine import local_sources
-from lrmerge_hub.recipe import load_recipe
-from lrmerge_hub.sweep import apply_point, grid_points, parse_grid, run_sweep
+from lrmerge_hub.recipe.spec import load_recipe
+from lrmerge_hub.run.sweep import apply_point, grid_points, parse_grid, run_sweep
 
 RECIPE = """
 method: slack_ties

@@ -19,7 +19,7 @@ from lrmerge_hub.merge.kernels import FAST_PATHS
 from lrmerge_hub.merge.methods import METHODS
 from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, TorchEngine, host_tensor, select_threshold
 
-from lrmerge_hub.recipe import load_recipe
+from lrmerge_hub.recipe.spec import load_recipe
 
 from test_engine import load_all
 
@@ -131,7 +131,7 @@ def write(path: Path, text: str) -> Path:
 def bf16_family(tmp_path_factory):
     """Sharded bfloat16 checkpoints with an extended vocabulary, tensors up to 2^18 entries
     (the kernels' sampled selection path)."""
-    from lrmerge_hub.synth import make_family
+    from lrmerge_hub.synth.tiny import make_family
 
     root = tmp_path_factory.mktemp("torch-engine") / "models"
     make_family(root, hidden=512, intermediate=512, layers=1, heads=8, dtype="bfloat16",

@@ -30,19 +30,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import DeviceError, InputModelError, NonFiniteOutputError, OutputError, ZeroOutputError
+from ..errors import DegenerateInput, DeviceError, InputModelError, NonFiniteOutputError, OutputError, ZeroOutputError
 from ..interrupt import deferred
-from ..recipe import Recipe
+from ..recipe.spec import Recipe
 from ..settings import default_engine
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
     from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
-from .methods import DegenerateInput, MergeMethod, get_method
-from .plan import BASE, ST_TO_RECIPE, MergePlan, Source, TensorJob, TensorSpec, model_keys, plan_merge
+from .methods import MergeMethod, get_method
+from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, model_keys, plan_merge
+from .st_io import Source
+from .st_header import TensorSpec
 from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
 from .tensor_params import TensorParams, layer_count
-from ..mergekit_config import to_mergekit
+from ..recipe.mergekit import to_mergekit
 
 if TYPE_CHECKING:
     import torch

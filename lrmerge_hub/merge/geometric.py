@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .methods import DegenerateInput
+from ..errors import DegenerateInput
 
 SLERP_LINEAR_DOT = 0.9995  # |cos| above this: the two are collinear, interpolate linearly
 NORM_EPS = 1e-8

@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .methods import trim_count
+from .trim import trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
 # 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for

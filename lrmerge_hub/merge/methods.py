@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from .trim import trim_count
+
 if TYPE_CHECKING:
     import torch
 
@@ -106,10 +108,6 @@ SCALE = Param(1.0, _number(float32=True, nonzero="that gives an all-zero model")
 # Karcher's tol is an angle (radians) and the norm below which an input does not steer the
 # mean: much larger, whole tensors stop steering (the mean is then zero) or it stops early
 KARCHER_TOL_MAX = 0.01
-
-
-class DegenerateInput(ValueError):
-    """The inputs leave a method without a defined result (e.g. antipodal vectors)."""
 
 
 @dataclass
@@ -206,64 +204,12 @@ def get_method(name: str) -> MergeMethod:
 # -- building blocks --------------------------------------------------------------------
 
 
-def trim_count(numel: int, density: float) -> int:
-    """k = max(1, floor(density * n)): how many entries the trim keeps (all when density >= 1)."""
-    if density >= 1.0:
-        return numel
-    return max(1, int(math.floor(density * numel)))
-
-
-def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a flat non-negative float32 tensor, found by selection.
-
-    A full sort (what mergekit does) is the slow path; `kthvalue` selects in linear time.
-    """
-    import torch
-
-    n = magnitudes.numel()
-    if magnitudes.device.type == "cpu":
-        return torch.kthvalue(magnitudes, n - k + 1).values
-    # kthvalue is slow on CUDA; topk of the k largest is fast there for the sizes we see.
-    return torch.topk(magnitudes, k, sorted=False).values.min()
-
-
-def top_k_mask(magnitudes: torch.Tensor, k: int, radix: bool = True) -> torch.Tensor:
-    """Boolean mask of the k largest entries of a flat non-negative float32 tensor.
-
-    Entries strictly above the k-th largest value are kept, then entries equal to it in
-    index order until exactly k are kept: among equal magnitudes the lower index ranks
-    larger. Every magnitude cut (TIES, Breadcrumbs, SCE) selects by this rule. On CPU the
-    threshold comes from the kernels' radix select unless `radix` is off.
-    """
-    import torch
-
-    n = magnitudes.numel()
-    if k >= n or k <= 0:
-        return torch.full((n,), k > 0, dtype=torch.bool, device=magnitudes.device)
-    if radix and magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
-        try:  # the radix select of the fused TIES kernels: ~8x kthvalue's speed here
-            from .kernels import top_k_threshold
-        except ImportError:  # pragma: no cover - numba is a dependency
-            top_k_threshold = None
-        if top_k_threshold is not None:
-            t, limit = top_k_threshold(magnitudes.contiguous().numpy(), k)
-            keep = magnitudes > t
-            keep[:limit] |= magnitudes[:limit] == t
-            return keep
-    t = magnitude_threshold(magnitudes, k)
-    keep = magnitudes > t
-    room = k - int(keep.sum())
-    if room > 0:
-        at_t = magnitudes == t
-        # keep the first `room` entries equal to the threshold
-        keep |= at_t & (torch.cumsum(at_t, 0, dtype=torch.int64) <= room)
-    return keep
-
-
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = max(1, floor(d * n)) largest-magnitude entries of `delta`, zero the rest
     (ties at the cut by top_k_mask's rule)."""
     import torch
+
+    from .sparsify import top_k_mask
 
     n = delta.numel()
     k = trim_count(n, density)

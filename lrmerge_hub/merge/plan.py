@@ -8,56 +8,15 @@ byte of weights is read or downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import IncompatibleModelsError, InputModelError, shown
-from ..recipe import Recipe
+from ..errors import IncompatibleModelsError
+from ..recipe.spec import Recipe
+from .st_header import FLOAT_DTYPES, TensorSpec
 
-FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-DTYPE_SIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
 RECIPE_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 ST_TO_RECIPE = {v: k for k, v in RECIPE_TO_ST.items()}
 BASE = "base"  # key of the base model in specs/configs/sources
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str  # safetensors dtype code: F32, BF16, ...
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
-
-
-@dataclass(frozen=True)
-class Source:
-    """A model ready to read: a local folder and, for Hub models, the repo and pinned sha.
-
-    `reader` opens the model's tensor bytes when they are not in `path` (a Hub model read by
-    ranged requests; `path` then holds its config and tokenizer only)."""
-
-    path: Path
-    repo_id: str | None = None
-    revision: str | None = None
-    reader: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
-
-    def open(self, label: str) -> Any:
-        """The model's TensorSource (merge.st_io), labelled `label` in errors."""
-        if self.reader is not None:
-            return self.reader(label)
-        from .st_io import SafetensorsModel
-
-        return SafetensorsModel(self.path, label)
 
 
 @dataclass(frozen=True)
@@ -108,28 +67,6 @@ class MergePlan:
 def model_keys(recipe: Recipe) -> list[str]:
     """Keys of the sources in order: 'base' (when the recipe has one), then each model's spec."""
     return ([BASE] if recipe.base is not None else []) + [m.ref.spec for m in recipe.models]
-
-
-# config.json keys the plan reads, and the JSON type each must have when present
-CONFIG_TYPES = {"architectures": list, "model_type": str, "vocab_size": int, "text_config": dict,
-                "torch_dtype": str, "dtype": str}
-
-
-def check_config(config: Any, where: str) -> dict[str, Any]:
-    """A model's config.json as read from disk or the Hub, checked for the keys a merge
-    reads (pure). Raises InputModelError naming the key."""
-    if not isinstance(config, dict):
-        raise InputModelError(f"{where}: config.json must hold a JSON object, not {type(config).__name__}")
-    for key, kind in CONFIG_TYPES.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise InputModelError(f"{where}: config.json {key} must be a {kind.__name__} (got {shown(value)})")
-        if key == "architectures" and not all(isinstance(a, str) for a in value):
-            raise InputModelError(f"{where}: config.json architectures must be a list of class names "
-                                  f"(got {shown(value)})")
-    return config
 
 
 def _vocab_size(config: dict[str, Any]) -> int | None:

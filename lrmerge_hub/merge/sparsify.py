@@ -1,7 +1,7 @@
 """Sparsifications of a task vector: which entries DARE, DELLA, Breadcrumbs and SCE keep.
 
 Pure functions on float32 torch tensors (spec: merge/methods.md). Magnitude cuts use
-`methods.top_k_mask`, the selection TIES uses, so every method breaks ties at a cut by
+`top_k_mask` (below), the selection TIES uses, so every method breaks ties at a cut by
 the same rule: among equal magnitudes the entry with the lower flat index ranks larger.
 Random masks are drawn on the CPU by draws.py from (seed, tensor name, model index,
 entry index) and moved to the tensor's device, so they are the same on every device.
@@ -13,9 +13,55 @@ import numpy as np
 import torch
 
 from .draws import CHUNK, keep_mask, uniforms
-from .methods import top_k_mask
 
 L1_EPS = 1e-7  # below this L1 norm (before or after the mask) no rescale happens
+
+
+def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a flat non-negative float32 tensor, found by selection.
+
+    A full sort (what mergekit does) is the slow path; `kthvalue` selects in linear time.
+    """
+    import torch
+
+    n = magnitudes.numel()
+    if magnitudes.device.type == "cpu":
+        return torch.kthvalue(magnitudes, n - k + 1).values
+    # kthvalue is slow on CUDA; topk of the k largest is fast there for the sizes we see.
+    return torch.topk(magnitudes, k, sorted=False).values.min()
+
+
+def top_k_mask(magnitudes: torch.Tensor, k: int, radix: bool = True) -> torch.Tensor:
+    """Boolean mask of the k largest entries of a flat non-negative float32 tensor.
+
+    Entries strictly above the k-th largest value are kept, then entries equal to it in
+    index order until exactly k are kept: among equal magnitudes the lower index ranks
+    larger. Every magnitude cut (TIES, Breadcrumbs, SCE) selects by this rule. On CPU the
+    threshold comes from the kernels' radix select unless `radix` is off.
+    """
+    import torch
+
+    n = magnitudes.numel()
+    if k >= n or k <= 0:
+        return torch.full((n,), k > 0, dtype=torch.bool, device=magnitudes.device)
+    if radix and magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
+        try:  # the radix select of the fused TIES kernels: ~8x kthvalue's speed here
+            from .kernels import top_k_threshold
+        except ImportError:  # pragma: no cover - numba is a dependency
+            top_k_threshold = None
+        if top_k_threshold is not None:
+            t, limit = top_k_threshold(magnitudes.contiguous().numpy(), k)
+            keep = magnitudes > t
+            keep[:limit] |= magnitudes[:limit] == t
+            return keep
+    t = magnitude_threshold(magnitudes, k)
+    keep = magnitudes > t
+    room = k - int(keep.sum())
+    if room > 0:
+        at_t = magnitudes == t
+        # keep the first `room` entries equal to the threshold
+        keep |= at_t & (torch.cumsum(at_t, 0, dtype=torch.int64) <= room)
+    return keep
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,32 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import shown
-from .plan import DTYPE_SIZES, TensorSpec
 
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+DTYPE_SIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100_000_000  # safetensors' own limit on the header length
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # safetensors dtype code: F32, BF16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
 
 
 class HeaderError(ValueError):

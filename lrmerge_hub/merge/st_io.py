@@ -15,7 +15,7 @@ import mmap
 import os
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputModelError, OutputError, shown
-from .plan import TensorSpec, check_config
-from .st_header import MAX_HEADER, HeaderError, parse_header
+from .st_header import MAX_HEADER, HeaderError, TensorSpec, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -417,3 +416,44 @@ class ShardedWriter:
         if self._file:
             self._file.close()
             self._file = None
+
+
+# config.json keys the plan reads, and the JSON type each must have when present
+CONFIG_TYPES = {"architectures": list, "model_type": str, "vocab_size": int, "text_config": dict,
+                "torch_dtype": str, "dtype": str}
+
+
+def check_config(config: Any, where: str) -> dict[str, Any]:
+    """A model's config.json as read from disk or the Hub, checked for the keys a merge
+    reads (pure). Raises InputModelError naming the key."""
+    if not isinstance(config, dict):
+        raise InputModelError(f"{where}: config.json must hold a JSON object, not {type(config).__name__}")
+    for key, kind in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputModelError(f"{where}: config.json {key} must be a {kind.__name__} (got {shown(value)})")
+        if key == "architectures" and not all(isinstance(a, str) for a in value):
+            raise InputModelError(f"{where}: config.json architectures must be a list of class names "
+                                  f"(got {shown(value)})")
+    return config
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model ready to read: a local folder and, for Hub models, the repo and pinned sha.
+
+    `reader` opens the model's tensor bytes when they are not in `path` (a Hub model read by
+    ranged requests; `path` then holds its config and tokenizer only)."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    reader: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+
+    def open(self, label: str) -> Any:
+        """The model's TensorSource, labelled `label` in errors."""
+        if self.reader is not None:
+            return self.reader(label)
+        return SafetensorsModel(self.path, label)

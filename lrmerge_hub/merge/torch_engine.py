@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .methods import trim_count
+from .trim import trim_count
 
 if TYPE_CHECKING:
     import torch

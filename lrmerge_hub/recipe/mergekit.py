@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, shown
-from .merge.methods import METHODS
+from ..errors import RecipeError, shown
+from ..merge.methods import METHODS
 
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
@@ -312,7 +312,7 @@ CARD_YAML_BLOCK = re.compile(r"^(`{3,}|~{3,})[ \t]*ya?ml[^\n]*\n(.*?)^\1[ \t]*$"
 def config_from_card(text: str, name: str) -> dict[str, Any]:
     """The first YAML block of a model card that is a mergekit config (has `merge_method`).
     Raises RecipeError when there is none."""
-    from .recipe import read_recipe_yaml
+    from .yaml_file import read_recipe_yaml
 
     for match in CARD_YAML_BLOCK.finditer(text):
         try:
@@ -328,7 +328,7 @@ def card_from_hub(spec: str) -> str:
     """The README.md of the Hub model `org/name[@revision]` (the token from the environment)."""
     from huggingface_hub import hf_hub_download
 
-    from .hub import hub_errors
+    from ..hub.errors import hub_errors
 
     repo_id, _, revision = spec.partition("@")
     with hub_errors(f"read the model card of {repo_id}"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ClusterError, ClusterLostError, LrmergeError
+from ..errors import ClusterError, ClusterLostError, LrmergeError
 
 PROBE_SECONDS = 5.0  # for the cluster's GCS port to accept a connection (ray.init would retry for minutes)
 POLL_SECONDS = 2.0  # between looks at the cluster's head while tasks run

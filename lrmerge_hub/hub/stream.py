@@ -46,10 +46,10 @@ from huggingface_hub import HfApi, RepoFile, hf_hub_url
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
-from . import settings
-from .errors import HubError, HubIntegrityError, HubOfflineError, InputModelError, shown
-from .hub_retries import note_retry
-from .merge.st_io import NUMPY_DTYPES, StoredTensor, TensorSource, header_length, header_tensors
+from .. import settings
+from ..errors import HubError, HubIntegrityError, HubOfflineError, InputModelError, shown
+from .retries import note_retry
+from ..merge.st_io import NUMPY_DTYPES, StoredTensor, TensorSource, header_length, header_tensors
 
 RESUMES = 5  # a range whose connection breaks more often than this fails the merge
 RETRIES = 5  # answers 408, 429 or 5xx to one range before it fails (the client's max_retries)
@@ -211,7 +211,7 @@ class HubModel(TensorSource):
         self._block_of: dict[str, Block] = {}
         self._submitted = 0  # blocks handed to the pool, in order
         self._held = 0  # bytes of submitted blocks not yet released
-        from .hub import hub_errors
+        from .errors import hub_errors
 
         try:
             with hub_errors(label):
@@ -381,7 +381,7 @@ class HubModel(TensorSource):
             raise HubError(f"{self.label}: closed")
 
     def _fetch_part(self, shard: RemoteShard, start: int, view: memoryview) -> None:
-        from .hub import hub_errors
+        from .errors import hub_errors
 
         with hub_errors(self.label):
             self._fetch(shard, start, view)

@@ -1,5 +1,5 @@
 """Several lm-eval command lines in one Python process, in order:
-`python -m lrmerge_hub.lm_eval_many < JOBS`, JOBS a JSON list of {"argv": [...], "log": path}.
+`python -m lrmerge_hub.evaluate.lm_eval_many < JOBS`, JOBS a JSON list of {"argv": [...], "log": path}.
 
 Each argv is exactly what follows `python -m lm_eval` on a command line, and lm-eval's own
 entry point (`lm_eval.__main__.cli_evaluate`) parses and runs it, so a model is evaluated as

@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ClusterError, ClusterLostError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
-from .merge.plan import Source
-from .recipe import EvalSpec, PushTarget, Recipe
-from .settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
+from ..errors import ClusterError, ClusterLostError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
+from ..merge.st_io import Source
+from ..recipe.spec import EvalSpec, PushTarget, Recipe
+from ..settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
 
 STEPS = ("pull", "merge", "eval", "card", "push")
 
@@ -159,10 +159,10 @@ def resolve_sources(recipe: Recipe, *, token: str | None = None, download: bool 
     from their headers first. Hub weights not in the HF cache are read from the Hub during
     the merge (range requests), or with `download` downloaded into the cache first."""
     if all(ref.is_local for ref in recipe.all_refs()):
-        from .merge.engine import local_sources
+        from ..merge.engine import local_sources
 
         return local_sources(recipe)
-    from .hub import materialize_sources, stream_sources
+    from ..hub.sources import materialize_sources, stream_sources
 
     if download:
         return materialize_sources(recipe, token=token)
@@ -174,7 +174,7 @@ def resolve_sources(recipe: Recipe, *, token: str | None = None, download: bool 
 
 def tensor_sha256(folder: Path) -> dict[str, str]:
     """sha256 of every tensor's bytes in a model folder, by tensor name."""
-    from .merge.st_io import SafetensorsModel
+    from ..merge.st_io import SafetensorsModel
 
     model = SafetensorsModel(folder, folder.name)
     try:
@@ -188,13 +188,13 @@ def build_unit(folder: Path, recipe: Recipe, spec: EvalSpec | None, *, device: s
     whichever machine runs this: Hub models are pulled there (with that machine's HF_TOKEN),
     local paths must exist there. Returns the merge report, the evaluation (or its error:
     the unit still succeeds), the evaluation's result files and the sha256 of every tensor."""
-    from .merge.engine import merge
+    from ..merge.engine import merge
 
     sources = resolve_sources(recipe)
     report = merge(recipe, sources, folder, device=device, overwrite=True, progress=False)
     evaluation, eval_error = None, None
     if spec is not None:
-        from .evaluate import evaluate_for_run
+        from ..evaluate.lm_eval import evaluate_for_run
 
         try:
             evaluation = evaluate_for_run(folder, recipe, spec, sources=sources)
@@ -221,7 +221,7 @@ def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, exp
     """Merge again here and install at `output` (with `files` added, e.g. the worker's
     evaluation results) only if every tensor hashes to what the worker reported. An existing
     output is replaced only with `overwrite`."""
-    from .merge.engine import beside, clean_stale, install_atomically, merge, output_lock
+    from ..merge.engine import beside, clean_stale, install_atomically, merge, output_lock
 
     staging = beside(output, "verify", os.getpid())
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +258,7 @@ def step_pull(ctx: RunContext) -> dict[str, Any]:
 
 def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> dict[str, Source]:
     """The sources a finished pull step recorded (a streamed one is read from the Hub again)."""
-    from .hub import streamed_source
+    from ..hub.sources import streamed_source
 
     share = ctx.read_ahead // max(1, sum(bool(v.get("streamed")) for v in recorded.values()))
     return {k: streamed_source(v["repo_id"], v["revision"], Path(v["path"]), token=ctx.token, read_ahead=share)
@@ -269,7 +269,7 @@ def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> di
 def step_merge(ctx: RunContext) -> dict[str, Any]:
     """Merge; with a push target each finished shard is uploaded as the merge goes (the push
     step's commit then makes them visible, all at once)."""
-    from .merge.engine import merge
+    from ..merge.engine import merge
 
     if ctx.built is not None:  # a worker merged and evaluated it: merge again here and compare
         unit = built_result(ctx.built)
@@ -281,7 +281,7 @@ def step_merge(ctx: RunContext) -> dict[str, Any]:
     target = push_target(ctx)
     uploader = None
     if target is not None:
-        from .hub import ShardUploader
+        from ..hub.publish import ShardUploader
 
         uploader = ShardUploader(target.repo, revision=target.revision, create_pr=target.create_pr,
                                  private=target.private, keep=ctx.keep, token=ctx.token)
@@ -304,14 +304,14 @@ def step_eval(ctx: RunContext) -> dict[str, Any]:
         evaluation = dict(unit["eval"])
         evaluation["files"] = {role: str(ctx.output / rel) for role, rel in evaluation["files"].items()}
         return {**evaluation, "node": ctx.built.node}
-    from .evaluate import evaluate_for_run
+    from ..evaluate.lm_eval import evaluate_for_run
 
     return evaluate_for_run(ctx.output, ctx.recipe, spec, sources=ctx.sources)
 
 
 def step_card(ctx: RunContext) -> dict[str, Any]:
-    from .card import write_card
-    from .card_inputs import source_dirs_for
+    from ..card.build import write_card
+    from ..card.inputs import source_dirs_for
 
     target = push_target(ctx)
     path = write_card(ctx.output, repo_id=target.repo if target else None,
@@ -330,7 +330,7 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
     target = push_target(ctx)
     if target is None:
         return {"skipped": "the recipe names no push target"}
-    from .hub import push
+    from ..hub.publish import push
 
     result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
                   revision=target.revision, tag=target.tag, token=ctx.token, uploaded=tuple(ctx.uploaded))
@@ -458,7 +458,7 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
     `error`; the others still run). Locally one after another; with a Ray executor each
     release's merge and evaluation is a task (build_unit), and each is published here (merged
     again, hashes checked, carded, pushed) as its task finishes."""
-    from .settings import default_device
+    from ..settings import default_device
 
     push_repos = push_repos or [None] * len(recipes)
     outputs = [output_for(r) for r in recipes]
@@ -513,7 +513,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     """A run summary as Markdown: the steps, the retention numbers and the evaluation table.
     Every value from the summary is escaped for where it lands (text, table cell, code span):
     the file may come from anywhere, and the Markdown lands in a CI job summary."""
-    from .card_body import code_span, md_text
+    from ..card.body import code_span, md_text
 
     if not summary:
         return "### lrmerge run\n\nNo summary was written (the run failed before it started).\n"
@@ -560,50 +560,3 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         # a plain http(s) URL stays one that GitHub links; anything else is shown as code
         lines += ["", f"Pushed: {where if PLAIN_URL.fullmatch(where) else code_span(where)}"]
     return "\n".join(lines) + "\n"
-
-
-def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
-                  device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
-                  executor: Any = None, overwrite: bool = False,
-                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
-    (with every point's scores) and push it when a target is given. With a Ray executor the
-    points run as tasks and the best is merged again here (run_sweep_on). An existing output
-    is replaced only with `overwrite` (refused before any work otherwise)."""
-    import dataclasses
-
-    from .evaluate import evaluate_for_run
-    from .sweep import apply_point, grid_points, merged_scores, parse_grid, run_sweep, run_sweep_on
-
-    grid = parse_grid(list(grid_items))
-    for point in grid_points(grid):
-        apply_point(recipe, point)  # every point checked before any work
-    output = Path(recipe.output).absolute()
-    if os.path.lexists(output) and not overwrite:
-        raise OutputError(f"output {output} already exists (pass --overwrite to replace it with the best point "
-                          "once the sweep is complete)")
-    ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo,
-                     progress=progress)
-    step_pull(ctx)
-
-    def evaluate(folder: Path) -> list[dict[str, Any]]:
-        return merged_scores(evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo))
-
-    if executor is None:
-        table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
-                          device=device, progress=progress, overwrite=overwrite, echo=echo,
-                          evaluation=json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
-    else:
-        table = run_sweep_on(executor, recipe, grid, spec, sources=ctx.sources, output=output, metric=metric,
-                             device=device, progress=progress, overwrite=overwrite, echo=echo)
-    result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
-    if push_target(ctx) is not None:
-        result["push"] = step_push(ctx)
-    lines = [f"{'point':<32} {table['metric']:>10}"]
-    for p in table["points"]:
-        value = "n/a" if p["score"] is None else f"{p['score']:.4f}"
-        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else "")
-                     + (f"  (node {p['node'].get('ip')})" if p.get("node") else "")
-                     + (f"  error: {p['error'].splitlines()[0]}" if p.get("error") else ""))
-    result["table_text"] = "\n".join(lines) + f"\noutput: {output}"
-    return result

@@ -2,9 +2,9 @@
 
 vLLM checks `--api-key` only under /v1, /v2, /inference and /cohere: `/invocations`,
 `/tokenize`, `/pooling`, `/metrics`, `/health` ... answer anyone. So `lrmerge serve` with a
-key adds `RequireKey` to vLLM's app (`--middleware lrmerge_hub.gate.RequireKey`), which
+key adds `RequireKey` to vLLM's app (`--middleware lrmerge_hub.serve.gate.RequireKey`), which
 refuses every request without `Authorization: Bearer KEY` with 401 before vLLM routes it,
-whatever the path or method; and, for several models, runs `python -m lrmerge_hub.gate`: a
+whatever the path or method; and, for several models, runs `python -m lrmerge_hub.serve.gate`: a
 small router that checks the key the same way, then passes each request to the vLLM that
 serves its `model` and streams the answer back.
 
@@ -173,7 +173,7 @@ def make_router(routes: dict[str, str], key: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lrmerge_hub.gate",
+    parser = argparse.ArgumentParser(prog="python -m lrmerge_hub.serve.gate",
                                      description="Route OpenAI requests to one vLLM per model, by `model`.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

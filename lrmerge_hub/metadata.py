@@ -1,12 +1,12 @@
-"""The Hub's rules for the model-card metadata keys lrmerge writes, checked offline.
+"""The Hub's rules for names and model-card metadata, checked offline.
 
 The Hub checks a card's YAML when it is pushed (`POST /api/validate-yaml`); these checks
 cover the keys we write so a bad card fails here, before anything is written or pushed:
 `language`, `license` (+ `license_name`/`license_link`), `library_name`, `pipeline_tag`,
 `base_model`, `base_model_relation`, `tags` and `model-index`.
 
-It also holds our own rule: a card never contains a token, a local absolute path or this
-machine's user name (`check_card_text`).
+The recipe, the Hub code, the card and the server all check names with these (a Hub id, a
+revision, a language code, a license), so this module sits below all of them.
 
 Language codes are looked up in ISO 639 (1, 2/B, 3 and the 639-5 families) with
 `pycountry`, which ships the tables, so no network is needed. License identifiers are the
@@ -15,15 +15,12 @@ Hub's list (docs/hub/repositories-licenses.md of huggingface/hub-docs).
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import pycountry
 
-from .errors import CardError, shown
+from .errors import shown
 
 # Values the Hub accepts besides ISO 639 codes.
 SPECIAL_LANGUAGES = ("code", "multilingual")
@@ -212,40 +209,3 @@ def check_metadata(meta: Any) -> list[str]:
     if "model-index" in meta:
         problems += _check_model_index(meta["model-index"])
     return problems
-
-
-# -- no leaks -----------------------------------------------------------------------------------
-
-# System accounts whose names are not personal (and are ordinary words in a card).
-GENERIC_ACCOUNTS = frozenset({"root", "runner", "ubuntu", "user", "admin", "nobody"})
-TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
-ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'(=:`\[])((?:/(?:home|Users|root|tmp|var|mnt|opt|srv|work|data|scratch|private)"
-                           r"|[A-Za-z]:\\)[^\s\"'`)\]]*)")
-
-
-def machine_secrets(model_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    """Strings a card must never contain: tokens, this machine's paths and user name."""
-    found = [str(Path(model_dir).resolve()), str(Path.home()), os.getcwd(), os.environ.get("HF_TOKEN", "")]
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = ""
-    if user and user not in GENERIC_ACCOUNTS:
-        found.append(user)
-    return [s for s in [*found, *extra] if s and len(s) > 1 and s != "/"]
-
-
-def check_card_text(text: str, secrets: list[str]) -> None:
-    """Raise CardError when the card would leak a token, a local absolute path or a user name."""
-    if TOKEN_PATTERN.search(text):
-        raise CardError("card: the text would contain a Hugging Face token; nothing was written")
-    for secret in secrets:
-        pattern = re.escape(secret) if "/" in secret or "\\" in secret else rf"\b{re.escape(secret)}\b"
-        if re.search(pattern, text):
-            is_token = secret.startswith("hf_") or secret == os.environ.get("HF_TOKEN")
-            what = "a token" if is_token else "a local path or user name"
-            raise CardError(f"card: the text would contain {what} from this machine; nothing was written")
-    match = ABSOLUTE_PATH.search(text)
-    if match:
-        raise CardError(f"card: the text would contain the local path {shown(match.group(1))}; nothing was written "
-                        "(name local models by folder name, or give them a hub_id)")

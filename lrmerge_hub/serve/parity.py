@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LrmergeError
-from .settings import parity_answer_timeout
+from ..errors import LrmergeError
+from ..settings import parity_answer_timeout
+from .http import http_json
 
 NEAR_TIE = 0.5  # logits: top-2 gap below which either token is an honest greedy pick in bf16
 NEW_TOKENS = 16
@@ -83,7 +84,7 @@ class ParityResult:
 
 def float32_bytes(folder: Path) -> int | None:
     """Bytes the weights take in float32, from the safetensors headers (None if unknown)."""
-    from .merge.st_io import read_header
+    from ..merge.st_io import read_header
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -154,7 +155,7 @@ def reference_tokens(folder: Path, *, timeout: float = 1800.0) -> list[Reference
     package_root = str(Path(__file__).resolve().parent.parent)  # this copy of lrmerge_hub, from any cwd
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "lrmerge_hub.parity", str(folder)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "lrmerge_hub.serve.parity", str(folder)], capture_output=True,
                           text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
@@ -167,8 +168,6 @@ def reference_tokens(folder: Path, *, timeout: float = 1800.0) -> list[Reference
 def served_tokens(base_url: str, model: str, prompt_ids: list[int], headers: dict[str, str],
                   max_tokens: int = NEW_TOKENS, timeout: float | None = None) -> list[int]:
     """The served model's greedy tokens for `prompt_ids` (vLLM's `return_token_ids`)."""
-    from .serve import http_json
-
     timeout = timeout or parity_answer_timeout()
     body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False}

@@ -27,9 +27,10 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import RecipeError
-from .merge.methods import get_method
-from .recipe import ModelEntry, Recipe, check_normalize
+from ..errors import OutputError, RecipeError
+from ..merge.methods import get_method
+from .pipeline import RunContext, build_unit, merge_verified, push_target, step_card, step_pull, step_push
+from ..recipe.spec import ModelEntry, Recipe, check_normalize
 
 SLACK_ROLE_DEFAULT = "task"
 
@@ -112,7 +113,7 @@ def mean_score(scores: list[dict[str, Any]], metric: str | None) -> tuple[float 
 def promote(best_dir: Path, output: Path, files: dict[str, str], *, overwrite: bool = False) -> None:
     """Copy the best point, with `files` added (sweep.json), to the output atomically (hard
     links where the filesystem allows). An existing output is replaced only with `overwrite`."""
-    from .merge.engine import install_atomically
+    from ..merge.engine import install_atomically
 
     tmp = output.parent / f".{output.name}.lrmerge-promote-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -171,7 +172,7 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
     evaluate each; promote the best to `output` (an existing one only with `overwrite`);
     return the table. `evaluation` describes what `evaluate` runs (tasks, limit, ...): a point
     merged and scored earlier with the same one is not evaluated again (None: always evaluate)."""
-    from .merge.engine import check_output_path, merge_many
+    from ..merge.engine import check_output_path, merge_many
 
     points = grid_points(grid)
     variants = [(p, apply_point(recipe, p)) for p in points]  # validate all before any work
@@ -226,8 +227,7 @@ def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec
     worker); a point that fails is a row with its error. The best point is merged again here
     and installed at `output` only if its tensors hash to what its worker reported."""
     from .cluster import Unit
-    from .merge.engine import check_output_path
-    from .pipeline import build_unit, merge_verified
+    from ..merge.engine import check_output_path
 
     variants = {point_name(p): (p, apply_point(recipe, p)) for p in grid_points(grid)}
     check_output_path(output, sources, overwrite)  # before any task runs
@@ -259,3 +259,49 @@ def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec
                    progress=progress, files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"},
                    overwrite=overwrite)
     return table
+
+
+def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
+                  device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
+                  executor: Any = None, overwrite: bool = False,
+                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
+    (with every point's scores) and push it when a target is given. With a Ray executor the
+    points run as tasks and the best is merged again here (run_sweep_on). An existing output
+    is replaced only with `overwrite` (refused before any work otherwise)."""
+    import dataclasses
+
+    from ..evaluate.lm_eval import evaluate_for_run
+
+    grid = parse_grid(list(grid_items))
+    for point in grid_points(grid):
+        apply_point(recipe, point)  # every point checked before any work
+    output = Path(recipe.output).absolute()
+    if os.path.lexists(output) and not overwrite:
+        raise OutputError(f"output {output} already exists (pass --overwrite to replace it with the best point "
+                          "once the sweep is complete)")
+    ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo,
+                     progress=progress)
+    step_pull(ctx)
+
+    def evaluate(folder: Path) -> list[dict[str, Any]]:
+        return merged_scores(evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo))
+
+    if executor is None:
+        table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
+                          device=device, progress=progress, overwrite=overwrite, echo=echo,
+                          evaluation=json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
+    else:
+        table = run_sweep_on(executor, recipe, grid, spec, sources=ctx.sources, output=output, metric=metric,
+                             device=device, progress=progress, overwrite=overwrite, echo=echo)
+    result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
+    if push_target(ctx) is not None:
+        result["push"] = step_push(ctx)
+    lines = [f"{'point':<32} {table['metric']:>10}"]
+    for p in table["points"]:
+        value = "n/a" if p["score"] is None else f"{p['score']:.4f}"
+        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else "")
+                     + (f"  (node {p['node'].get('ip')})" if p.get("node") else "")
+                     + (f"  error: {p['error'].splitlines()[0]}" if p.get("error") else ""))
+    result["table_text"] = "\n".join(lines) + f"\noutput: {output}"
+    return result
