@@ -2,7 +2,7 @@
 
     python bench/merge_bench.py                    # ~0.5B bf16: ours vs mergekit, 3 rounds
     python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
-    python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # README's table
+    python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # the table in docs/engine.md
     python bench/merge_bench.py --methods      # every method vs mergekit at a small size (~3 min)
 
 What it does, all on this machine, nothing downloaded but mergekit from the package index:
@@ -364,7 +364,7 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
 
 
 def methods_table(result: dict) -> str:
-    """README's per-method table: wall time and peak RSS, ours and mergekit's, and agreement."""
+    """The per-method table of docs/engine.md: wall time and peak RSS, ours and mergekit's, and agreement."""
     rows = [("| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
              "| float32 inputs: max rel. difference |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -472,7 +472,7 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    """The Markdown table README shows: one block of rows per size."""
+    """The Markdown table docs/engine.md shows: one block of rows per size."""
     rows = ["| size | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
             "| wall / I/O floor |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -517,10 +517,10 @@ def main() -> None:
                    help="layers of the float32-input family for the exactness comparison (0: skip)")
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
     p.add_argument("--table", type=Path, nargs="+", metavar="RESULTS_JSON",
-                   help="print README's table from earlier results files and exit")
+                   help="print docs/engine.md's table from earlier results files and exit")
     p.add_argument("--methods", action="store_true",
                    help="every method, ours and mergekit's, once each at the first --layers size "
-                        "(give a small one: README's table used --hidden 256 --intermediate 704 "
+                        "(give a small one: docs/engine.md's table used --hidden 256 --intermediate 704 "
                         "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement")
     a = p.parse_args()
     if a.table:
