@@ -240,7 +240,7 @@ def check_served(base_url: str, model: str, refs: list[Reference], headers: dict
             raise ParityError(f"parity check: {model} differs from transformers on the prompt {ref.name} at "
                               f"generated token {pos}{shown}, where transformers' top-2 logit gap is "
                               f"{ref.gaps[pos]:.2f} (a near-tie is < {NEAR_TIE}); serve with other settings "
-                              f"(README 'CPU defaults') or pass --no-parity-check")
+                              f"(docs/serving.md, 'CPU defaults') or pass --no-parity-check")
         near_ties += len(result.flips)
         details.append({"prompt": ref.name, "tokens": len(ref.tokens), "near_tie_flips": result.flips})
     chat = any(r.name.startswith("chat:") for r in refs)

