@@ -68,8 +68,16 @@ def synthesize(root: Path, a: argparse.Namespace, dtype: str, layers: int) -> di
     paths = {role: root / role for role in ("base", "language", "task")}
     if (root / "done").exists():
         return paths
-    cfg = llama_config(hidden=a.hidden, intermediate=a.intermediate, layers=layers, heads=a.heads,
-                       kv_heads=a.heads, vocab=a.vocab, tie_embeddings=False, dtype=dtype)
+    cfg = llama_config(
+        hidden=a.hidden,
+        intermediate=a.intermediate,
+        layers=layers,
+        heads=a.heads,
+        kv_heads=a.heads,
+        vocab=a.vocab,
+        tie_embeddings=False,
+        dtype=dtype,
+    )
     shapes = list(llama_shapes(cfg))
     scale = {"language": 0.03, "task": 0.02}
 
@@ -106,33 +114,48 @@ def ensure_mergekit() -> Path:
     if not exe.exists():
         print(f"creating {venv} with mergekit {MERGEKIT_VERSION} (first run only)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                        f"mergekit=={MERGEKIT_VERSION}", TORCH_PIN], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"mergekit=={MERGEKIT_VERSION}", TORCH_PIN],
+            check=True,
+        )
     return exe
 
 
-def write_recipes(work: Path, fam: dict[str, Path], density: float, out_dtype: str,
-                  mk_dtype: str) -> dict[str, Path]:
+def write_recipes(work: Path, fam: dict[str, Path], density: float, out_dtype: str, mk_dtype: str) -> dict[str, Path]:
     """Our recipe (ties and slack_ties) and mergekit's config for the same TIES merge."""
     import yaml
 
     work.mkdir(parents=True, exist_ok=True)
     files = {}
     for method in ("ties", "slack_ties"):
-        models = [{"model": str(fam["language"]), "role": "language", "weight": 1.0, "density": density},
-                  {"model": str(fam["task"]), "role": "task", "weight": 1.0, "density": density}]
+        models = [
+            {"model": str(fam["language"]), "role": "language", "weight": 1.0, "density": density},
+            {"model": str(fam["task"]), "role": "task", "weight": 1.0, "density": density},
+        ]
         if method == "slack_ties":
             models[1]["slack"] = 0.5
-        recipe = {"method": method, "base": str(fam["base"]), "models": models,
-                  "parameters": {"lambda": 1.0, "normalize": True}, "languages": ["bo"],
-                  "license": "apache-2.0", "dtype": out_dtype, "output": str(work / "ours")}
+        recipe = {
+            "method": method,
+            "base": str(fam["base"]),
+            "models": models,
+            "parameters": {"lambda": 1.0, "normalize": True},
+            "languages": ["bo"],
+            "license": "apache-2.0",
+            "dtype": out_dtype,
+            "output": str(work / "ours"),
+        }
         files[method] = work / f"{method}.yaml"
         files[method].write_text(yaml.safe_dump(recipe, sort_keys=False))
-    mk = {"merge_method": "ties", "base_model": str(fam["base"]),
-          "models": [{"model": str(fam[r]), "parameters": {"weight": 1.0, "density": density}}
-                     for r in ("language", "task")],
-          "parameters": {"normalize": True, "lambda": 1.0},
-          "dtype": mk_dtype, "out_dtype": out_dtype}
+    mk = {
+        "merge_method": "ties",
+        "base_model": str(fam["base"]),
+        "models": [
+            {"model": str(fam[r]), "parameters": {"weight": 1.0, "density": density}} for r in ("language", "task")
+        ],
+        "parameters": {"normalize": True, "lambda": 1.0},
+        "dtype": mk_dtype,
+        "out_dtype": out_dtype,
+    }
     files["mergekit"] = work / "mergekit.yaml"
     files["mergekit"].write_text(yaml.safe_dump(mk, sort_keys=False))
     return files
@@ -178,8 +201,7 @@ def settle(fam: dict[str, Path], out: Path) -> None:
 def measure(cmd: list[str]) -> dict[str, float]:
     """Run one child process; its wall time, CPU time (user + system) and peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(cmd)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(cmd)], env=env, capture_output=True, text=True)
     if done.returncode or not done.stdout.strip():
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"command failed: {' '.join(cmd)}")
@@ -191,8 +213,22 @@ def measure(cmd: list[str]) -> dict[str, float]:
 
 
 def ours_cmd(recipe: Path, out: Path, device: str = "cpu", engine: str = "kernels") -> list[str]:
-    return [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(out),
-            "--device", device, "--engine", engine, "--overwrite", "--format", "quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "lrmerge_hub",
+        "merge",
+        str(recipe),
+        "--out",
+        str(out),
+        "--device",
+        device,
+        "--engine",
+        engine,
+        "--overwrite",
+        "--format",
+        "quiet",
+    ]
 
 
 def mergekit_cmd(exe: Path, config: Path, out: Path, cuda: bool = False) -> list[str]:
@@ -205,8 +241,8 @@ def identical(a: Path, b: Path) -> bool:
 
     ma, mb = SafetensorsModel(a, "a"), SafetensorsModel(b, "b")
     return set(ma.tensors) == set(mb.tensors) and all(
-        ma.tensors[n].spec == mb.tensors[n].spec and ma.array(n).tobytes() == mb.array(n).tobytes()
-        for n in ma.tensors)
+        ma.tensors[n].spec == mb.tensors[n].spec and ma.array(n).tobytes() == mb.array(n).tobytes() for n in ma.tensors
+    )
 
 
 def io_floor_cmd(fam: dict[str, Path], out: Path) -> list[str]:
@@ -236,8 +272,7 @@ for f in sorted(base.glob("*.safetensors")):  # the output has the base's size
 # -- agreement ---------------------------------------------------------------------------------
 
 
-def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
-              density: float | None = None) -> dict:
+def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None, density: float | None = None) -> dict:
     """Per tensor max |a - b| / max |b|, worst over tensors, and the fraction of entries that
     differ at all. With the inputs (fam, density): also which differing entries sit where a
     model's |delta| equals its trim threshold (the k-th largest magnitude). Which of several
@@ -273,12 +308,15 @@ def agreement(ours: Path, theirs: Path, fam: dict[str, Path] | None = None,
             other = diff & ~tied
             if other.any():
                 worst_other = max(worst_other, float((x - y)[other].abs().max() / scale))
-    out = {"max_rel_error": worst, "worst_tensor": worst_name,
-           "differing_fraction": differing / total, "differing_entries": differing,
-           "tensors": len(a.tensors)}
+    out = {
+        "max_rel_error": worst,
+        "worst_tensor": worst_name,
+        "differing_fraction": differing / total,
+        "differing_entries": differing,
+        "tensors": len(a.tensors),
+    }
     if inputs is not None:
-        out.update({"differing_at_tied_cut": at_cut,
-                    "max_rel_error_elsewhere": worst_other})
+        out.update({"differing_at_tied_cut": at_cut, "max_rel_error_elsewhere": worst_other})
     return out
 
 
@@ -313,10 +351,18 @@ def method_configs(work: Path, fam: dict[str, Path], method: str, out_dtype: str
 
     per_model, params, roles, with_base = METHOD_CASES[method]
     work.mkdir(parents=True, exist_ok=True)
-    ours = {"method": method, "models": [{"model": str(fam[r]), "role": r, **per_model} for r in roles],
-            "dtype": out_dtype, "output": str(work / f"ours-{method}")}
-    mk = {"merge_method": method, "models": [{"model": str(fam[r]), **({"parameters": per_model} if per_model else {})}
-                                              for r in roles], "dtype": mk_dtype, "out_dtype": out_dtype}
+    ours = {
+        "method": method,
+        "models": [{"model": str(fam[r]), "role": r, **per_model} for r in roles],
+        "dtype": out_dtype,
+        "output": str(work / f"ours-{method}"),
+    }
+    mk = {
+        "merge_method": method,
+        "models": [{"model": str(fam[r]), **({"parameters": per_model} if per_model else {})} for r in roles],
+        "dtype": mk_dtype,
+        "out_dtype": out_dtype,
+    }
     if with_base:
         ours["base"] = mk["base_model"] = str(fam["base"])
     if params:
@@ -355,28 +401,45 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
             row["agreement_float32"] = agreement(work / "float32" / f"ours-{method}", work / "float32" / f"mk-{method}")
         rows[method] = row
         agree = row.get("agreement_float32", {}).get("max_rel_error")
-        print(f"  {method:18s} ours {row['ours']['wall_s']:6.2f} s {row['ours']['peak_rss_bytes'] / 1e9:5.2f} GB   "
-              f"mergekit {row['mergekit']['wall_s']:6.2f} s {row['mergekit']['peak_rss_bytes'] / 1e9:5.2f} GB   "
-              f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}", flush=True)
+        print(
+            f"  {method:18s} ours {row['ours']['wall_s']:6.2f} s {row['ours']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+            f"mergekit {row['mergekit']['wall_s']:6.2f} s {row['mergekit']['peak_rss_bytes'] / 1e9:5.2f} GB   "
+            f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}",
+            flush=True,
+        )
     report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
-    return {"layers": layers, "parameters": report["stats"]["parameters"], "dtype": a.dtype,
-            "exact_layers": a.exact_layers, "methods": rows}
+    return {
+        "layers": layers,
+        "parameters": report["stats"]["parameters"],
+        "dtype": a.dtype,
+        "exact_layers": a.exact_layers,
+        "methods": rows,
+    }
 
 
 def methods_table(result: dict) -> str:
     """The per-method table of docs/engine.md: wall time and peak RSS, ours and mergekit's, and agreement."""
-    rows = [("| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
-             "| float32 inputs: max rel. difference |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        (
+            "| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
+            "| float32 inputs: max rel. difference |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for method, row in result["methods"].items():
         o, m = row["ours"], row["mergekit"]
         agree = row.get("agreement_float32")
-        agreed = ("random: not comparable" if agree is None else
-                  f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} entries differ)")
-        rows.append(f"| `{method}` | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {o['wall_s'] / m['wall_s']:.2f} | "
-                    f"{o['peak_rss_bytes'] / 1e9:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
-                    f"{o['peak_rss_bytes'] / m['peak_rss_bytes']:.2f} | "
-                    f"{agreed} |")
+        agreed = (
+            "random: not comparable"
+            if agree is None
+            else f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} entries differ)"
+        )
+        rows.append(
+            f"| `{method}` | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {o['wall_s'] / m['wall_s']:.2f} | "
+            f"{o['peak_rss_bytes'] / 1e9:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+            f"{o['peak_rss_bytes'] / m['peak_rss_bytes']:.2f} | "
+            f"{agreed} |"
+        )
     return "\n".join(rows)
 
 
@@ -393,8 +456,12 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
     work = BENCH / "out" / "runs" / key
     recipes = write_recipes(work, fam, a.density, a.dtype, a.mergekit_dtype)
     nbytes_in = sum(f.stat().st_size for p in fam.values() for f in p.glob("*.safetensors"))
-    runs: dict[str, list[dict[str, float]]] = {"io_floor": [], "ours_ties": [], "ours_torch_ties": [],
-                                               "ours_slack_ties": []}
+    runs: dict[str, list[dict[str, float]]] = {
+        "io_floor": [],
+        "ours_ties": [],
+        "ours_torch_ties": [],
+        "ours_slack_ties": [],
+    }
     if mk_exe:
         runs["mergekit_ties"] = []
     # warm-up: fills the page cache and numba's on-disk cache of compiled kernels
@@ -406,8 +473,9 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
         for what in order:
             if what not in runs:
                 continue
-            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit",
-                          "ours_torch_ties": "ours-torch"}.get(what, what.replace("_", "-", 1))
+            out = work / {"io_floor": "io-floor", "mergekit_ties": "mergekit", "ours_torch_ties": "ours-torch"}.get(
+                what, what.replace("_", "-", 1)
+            )
             settle(fam, out)
             if what == "io_floor":
                 res = measure(io_floor_cmd(fam, out))
@@ -418,13 +486,22 @@ def run_size(a: argparse.Namespace, layers: int, mk_exe: Path | None) -> dict:
             else:
                 res = measure(ours_cmd(recipes[what.removeprefix("ours_")], out))
             runs[what].append(res)
-            print(f"  round {r + 1} {what:16s} wall {res['wall_s']:7.2f} s  cpu {res['cpu_s']:7.2f} s  "
-                  f"rss {res['peak_rss_bytes'] / 1e9:6.2f} GB", flush=True)
+            print(
+                f"  round {r + 1} {what:16s} wall {res['wall_s']:7.2f} s  cpu {res['cpu_s']:7.2f} s  "
+                f"rss {res['peak_rss_bytes'] / 1e9:6.2f} GB",
+                flush=True,
+            )
     report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
     params = report["stats"]["parameters"]
-    result = {"layers": layers, "parameters": params, "dtype": a.dtype, "input_bytes": nbytes_in,
-              "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
-              "runs": runs, "median": {k: median_of(v) for k, v in runs.items()}}
+    result = {
+        "layers": layers,
+        "parameters": params,
+        "dtype": a.dtype,
+        "input_bytes": nbytes_in,
+        "largest_tensor_bytes": largest_tensor_bytes(fam["base"]),
+        "runs": runs,
+        "median": {k: median_of(v) for k, v in runs.items()},
+    }
     # the torch engine (on --device) against the CPU kernels: the same bits, or a failure
     result["torch_identical_to_kernels"] = identical(work / "ours-ties", work / "ours-torch")
     torch_report = json.loads((work / "ours-torch" / "merge_report.json").read_text())
@@ -466,16 +543,24 @@ def machine() -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_avg_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem / 1e9, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg_at_start": os.getloadavg(),
+    }
 
 
 def table(results: list[dict]) -> str:
     """The Markdown table docs/engine.md shows: one block of rows per size."""
-    rows = ["| size | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
-            "| wall / I/O floor |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| size | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
+        "| wall / I/O floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for result in results:
         med = result["median"]
         floor = med["io_floor"]["wall_s"]
@@ -488,8 +573,10 @@ def table(results: list[dict]) -> str:
             m = med[name]
             ratios = [f"{m[k] / mk[k]:.3f}" if mk else "-" for k in ("wall_s", "cpu_s", "peak_rss_bytes")]
             label = f"{name} ({result.get('torch_device', 'cpu')})" if name == "ours_torch_ties" else name
-            rows.append(f"| {size} | {label} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
-                        f"{' | '.join(ratios)} | {m['wall_s'] / floor:.2f} |")
+            rows.append(
+                f"| {size} | {label} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                f"{' | '.join(ratios)} | {m['wall_s'] / floor:.2f} |"
+            )
             size = ""
     return "\n".join(rows)
 
@@ -498,30 +585,52 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, nargs="+", default=[8],
-                   help="one or more sizes by layer count (8: ~0.54B, 24: ~1.4B; "
-                        "--hidden 4096 --intermediate 11008 --heads 32 --layers 32: Llama-2-7B shapes)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="one or more sizes by layer count (8: ~0.54B, 24: ~1.4B; "
+        "--hidden 4096 --intermediate 11008 --heads 32 --layers 32: Llama-2-7B shapes)",
+    )
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the torch engine (and mergekit, with --cuda) runs; the kernels always run on the CPU")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the torch engine (and mergekit, with --cuda) runs; the kernels always run on the CPU",
+    )
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shard-bytes", type=int, default=1 << 30, help="input shard size (Hub-like)")
     p.add_argument("--mergekit-dtype", default="float32", help="mergekit's compute dtype (ours: float32)")
     p.add_argument("--no-mergekit", action="store_true", help="measure ours and the I/O floor only")
-    p.add_argument("--mergekit-layers", type=int, nargs="*", default=None,
-                   help="sizes at which mergekit runs too (default: all)")
-    p.add_argument("--exact-layers", type=int, default=2,
-                   help="layers of the float32-input family for the exactness comparison (0: skip)")
+    p.add_argument(
+        "--mergekit-layers", type=int, nargs="*", default=None, help="sizes at which mergekit runs too (default: all)"
+    )
+    p.add_argument(
+        "--exact-layers",
+        type=int,
+        default=2,
+        help="layers of the float32-input family for the exactness comparison (0: skip)",
+    )
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
-    p.add_argument("--table", type=Path, nargs="+", metavar="RESULTS_JSON",
-                   help="print docs/engine.md's table from earlier results files and exit")
-    p.add_argument("--methods", action="store_true",
-                   help="every method, ours and mergekit's, once each at the first --layers size "
-                        "(give a small one: docs/engine.md's table used --hidden 256 --intermediate 704 "
-                        "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement")
+    p.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="print docs/engine.md's table from earlier results files and exit",
+    )
+    p.add_argument(
+        "--methods",
+        action="store_true",
+        help="every method, ours and mergekit's, once each at the first --layers size "
+        "(give a small one: docs/engine.md's table used --hidden 256 --intermediate 704 "
+        "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement",
+    )
     a = p.parse_args()
     if a.table:
         data = [json.loads(f.read_text()) for f in a.table]
@@ -538,22 +647,34 @@ def main() -> None:
         a.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {a.json}")
         return
-    results = {"machine": machine(), "device": a.device,
-               "merge": {"method": "ties", "density": a.density, "weights": 1.0,
-                                                "normalize": True, "lambda": 1.0,
-                                                "mergekit": MERGEKIT_VERSION,
-                                                "mergekit_dtype": a.mergekit_dtype},
-               "sizes": []}
+    results = {
+        "machine": machine(),
+        "device": a.device,
+        "merge": {
+            "method": "ties",
+            "density": a.density,
+            "weights": 1.0,
+            "normalize": True,
+            "lambda": 1.0,
+            "mergekit": MERGEKIT_VERSION,
+            "mergekit_dtype": a.mergekit_dtype,
+        },
+        "sizes": [],
+    }
     for layers in a.layers:
         with_mk = mk_exe if (a.mergekit_layers is None or layers in a.mergekit_layers) else None
         print(f"== {layers} layers ==", flush=True)
         res = run_size(a, layers, with_mk)
         results["sizes"].append(res)
-        print(f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
-              f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)")
+        print(
+            f"\n{res['parameters'] / 1e9:.2f}B parameters, {a.dtype}, "
+            f"largest tensor {res['largest_tensor_bytes'] / 1e6:.0f} MB (medians of {a.rounds} rounds)"
+        )
         print(table([res]))
-        print(f"torch engine on {res['torch_device']} bit-identical to the CPU kernels: "
-              f"{res['torch_identical_to_kernels']}")
+        print(
+            f"torch engine on {res['torch_device']} bit-identical to the CPU kernels: "
+            f"{res['torch_identical_to_kernels']}"
+        )
         if "agreement" in res:
             print(f"agreement with mergekit ({a.dtype} inputs): {res['agreement']}")
     if mk_exe and a.exact_layers:

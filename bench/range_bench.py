@@ -35,8 +35,10 @@ def free_port() -> int:
 def shard(mb: int) -> bytes:
     """A safetensors file of `mb` MiB of 2 MiB bf16 tensors (random bytes; nothing parses them)."""
     n, numel = mb // 2, 1024 * 1024
-    header = {f"t{i:04d}": {"dtype": "BF16", "shape": [numel], "data_offsets": [i * 2 * numel, (i + 1) * 2 * numel]}
-              for i in range(n)}
+    header = {
+        f"t{i:04d}": {"dtype": "BF16", "shape": [numel], "data_offsets": [i * 2 * numel, (i + 1) * 2 * numel]}
+        for i in range(n)
+    }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + os.urandom(n * 2 * numel)
@@ -51,8 +53,13 @@ def main() -> None:
     a = ap.parse_args()
 
     home = tempfile.mkdtemp(prefix="range-bench-")
-    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=home, HF_HUB_DISABLE_XET="1",
-                      HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
+    os.environ.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        HF_HOME=home,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1",
+    )
     from tests.hub_server import HubServer  # noqa: E402 (after HF_ENDPOINT)
 
     from lrmerge_hub.hub.stream import HubModel
@@ -71,8 +78,16 @@ def main() -> None:
         for size in a.sizes:
             start = len(server.log)
             t0 = time.perf_counter()
-            model = HubModel("bench", repo_id="bench/model", revision=sha, folder=folder, token=None,
-                             read_ahead=DEFAULT_READ_AHEAD, request_bytes=size * 1024**2, workers=RANGE_WORKERS)
+            model = HubModel(
+                "bench",
+                repo_id="bench/model",
+                revision=sha,
+                folder=folder,
+                token=None,
+                read_ahead=DEFAULT_READ_AHEAD,
+                request_bytes=size * 1024**2,
+                workers=RANGE_WORKERS,
+            )
             names = sorted(model.tensors)
             model.read_order(names)
             for name in names:
@@ -82,8 +97,10 @@ def main() -> None:
             model.close()
             seconds = time.perf_counter() - t0
             rate = len(data) / seconds / 1e6
-            print(f"{latency * 1000:>6.0f}ms {size:>5} MiB {len(server.log) - start:>9} {seconds:>8.2f} "
-                  f"{rate:>7.1f} {rate / a.bandwidth:>8.0%}")
+            print(
+                f"{latency * 1000:>6.0f}ms {size:>5} MiB {len(server.log) - start:>9} {seconds:>8.2f} "
+                f"{rate:>7.1f} {rate / a.bandwidth:>8.0%}"
+            )
     server.stop()
 
 

@@ -44,9 +44,27 @@ def sweep(executor: str, *extra: str) -> tuple[float, dict]:
     shutil.rmtree(OUT / f"best-{executor}", ignore_errors=True)
     shutil.rmtree(OUT / f"best-{executor}.sweep", ignore_errors=True)  # no point "merged earlier"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "sweep", str(recipe), "--grid", GRID,
-                           "--backend", "hf", "--executor", executor, *extra, "--format", "json"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub",
+            "sweep",
+            str(recipe),
+            "--grid",
+            GRID,
+            "--backend",
+            "hf",
+            "--executor",
+            executor,
+            *extra,
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{executor} sweep failed:\n{done.stderr[-3000:]}")
@@ -73,18 +91,27 @@ def main() -> None:
             times["local"].append(local_s)
             times["ray"].append(ray_s)
     local_s, ray_s = statistics.median(times["local"]), statistics.median(times["ray"])
-    results = {"points": len(local["points"]), "cores": os.cpu_count(), "repeat": repeat,
-               "local_s": [round(t, 1) for t in times["local"]], "ray_s": [round(t, 1) for t in times["ray"]],
-               "local_median_s": round(local_s, 1), "ray_median_s": round(ray_s, 1),
-               "cluster_start_s": round(head_s, 1), "speedup": round(local_s / ray_s, 2),
-               "load_average_1m": round(os.getloadavg()[0], 1)}
+    results = {
+        "points": len(local["points"]),
+        "cores": os.cpu_count(),
+        "repeat": repeat,
+        "local_s": [round(t, 1) for t in times["local"]],
+        "ray_s": [round(t, 1) for t in times["ray"]],
+        "local_median_s": round(local_s, 1),
+        "ray_median_s": round(ray_s, 1),
+        "cluster_start_s": round(head_s, 1),
+        "speedup": round(local_s / ray_s, 2),
+        "load_average_1m": round(os.getloadavg()[0], 1),
+    }
     (ROOT / "bench" / "results-ray-sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     runs = lambda ts: ", ".join(f"{t:.1f}" for t in ts)  # noqa: E731
     print(f"| executor | median wall time, {results['points']} points | runs (s) | speed-up |\n|---|---|---|---|")
     print(f"| local | {local_s:.1f} s | {runs(times['local'])} | 1.00x |")
     print(f"| ray (2 nodes x 1 CPU) | {ray_s:.1f} s | {runs(times['ray'])} | {results['speedup']:.2f}x |")
-    print(f"Ray cluster start-up (not counted): {head_s:.1f} s; load average at the end: "
-          f"{results['load_average_1m']} on {results['cores']} cores")
+    print(
+        f"Ray cluster start-up (not counted): {head_s:.1f} s; load average at the end: "
+        f"{results['load_average_1m']} on {results['cores']} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -112,15 +112,25 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=100, help="MB/s each way")
     ap.add_argument("--latency", type=float, default=0.02, help="seconds before each answer")
     ap.add_argument("--no-mergekit", action="store_true")
-    ap.add_argument("--ways", nargs="+", metavar="WORD", help="only the ways whose name starts with one of these "
-                    "(download alone always runs): mergekit download+merge streamed merge sweep")
+    ap.add_argument(
+        "--ways",
+        nargs="+",
+        metavar="WORD",
+        help="only the ways whose name starts with one of these "
+        "(download alone always runs): mergekit download+merge streamed merge sweep",
+    )
     ap.add_argument("--json", type=Path, default=BENCH / "release-results.json")
     a = ap.parse_args()
     a.json = a.json.absolute()  # each way runs in its own folder
 
     work = Path(tempfile.mkdtemp(prefix="release-bench-", dir=BENCH / "out" if (BENCH / "out").is_dir() else None))
-    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{mb_free_port()}", HF_HUB_DISABLE_XET="1",
-                      HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", HF_TOKEN=TOKEN)
+    os.environ.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{mb_free_port()}",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1",
+        HF_TOKEN=TOKEN,
+    )
     from tests.hub_server import HubServer
 
     fam = mb.synthesize(BENCH / "out" / "models" / mb.family_key(a, "bfloat16", a.layers), a, "bfloat16", a.layers)
@@ -133,27 +143,56 @@ def main() -> None:
     mk_exe = None if a.no_mergekit or (a.ways and "mergekit" not in a.ways) else mb.ensure_mergekit()
 
     recipe = work / "recipe.yaml"
-    recipe.write_text("method: ties\nbase: org/base\nmodels:\n"
-                      "  - {model: org/language, role: language, weight: 1.0, density: 0.2}\n"
-                      "  - {model: org/task, role: task, weight: 1.0, density: 0.2}\n"
-                      "parameters: {lambda: 1.0, normalize: true}\nlanguages: [bo]\nlicense: apache-2.0\n"
-                      "dtype: bfloat16\noutput: out\n")
-    lrmerge = [sys.executable, "-m", "lrmerge_hub", "run", str(recipe), "--skip-eval", "--device", "cpu",
-               "--shard-size", a.out_shard, "--format", "quiet"]
+    recipe.write_text(
+        "method: ties\nbase: org/base\nmodels:\n"
+        "  - {model: org/language, role: language, weight: 1.0, density: 0.2}\n"
+        "  - {model: org/task, role: task, weight: 1.0, density: 0.2}\n"
+        "parameters: {lambda: 1.0, normalize: true}\nlanguages: [bo]\nlicense: apache-2.0\n"
+        "dtype: bfloat16\noutput: out\n"
+    )
+    lrmerge = [
+        sys.executable,
+        "-m",
+        "lrmerge_hub",
+        "run",
+        str(recipe),
+        "--skip-eval",
+        "--device",
+        "cpu",
+        "--shard-size",
+        a.out_shard,
+        "--format",
+        "quiet",
+    ]
     repos = ["org/base", "org/language", "org/task"]
     ways = {
         "download": [[sys.executable, "-c", DOWNLOAD, "x", *repos]],
         "download+merge (lrmerge --download)": [lrmerge + ["--download", "--push", "bench/b"]],
         "streamed (lrmerge --no-keep)": [lrmerge + ["--no-keep", "--push", "bench/c"]],
-        "merge (streamed, no push)": [[sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu",
-                                       "--shard-size", a.out_shard, "--format", "quiet"]],
+        "merge (streamed, no push)": [
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "merge",
+                str(recipe),
+                "--device",
+                "cpu",
+                "--shard-size",
+                a.out_shard,
+                "--format",
+                "quiet",
+            ]
+        ],
         "sweep (streamed, 4 points, no push)": [[sys.executable, "-c", SWEEP, str(recipe)]],
     }
     if mk_exe:
         config = work / "mergekit.yaml"
-        ways["mergekit (download, merge, upload)"] = [[sys.executable, "-c", DOWNLOAD, "x", *repos],
-                                                      [str(mk_exe), str(config), "OUT"],
-                                                      [sys.executable, "-c", UPLOAD, "OUT", "bench/a"]]
+        ways["mergekit (download, merge, upload)"] = [
+            [sys.executable, "-c", DOWNLOAD, "x", *repos],
+            [str(mk_exe), str(config), "OUT"],
+            [sys.executable, "-c", UPLOAD, "OUT", "bench/a"],
+        ]
     rows = []
     for name, steps in ways.items():
         if a.ways and name != "download" and not name.startswith(tuple(a.ways)):
@@ -167,8 +206,9 @@ def main() -> None:
         wall, rss = 0.0, 0
         with PeakDisk(folder) as disk:
             for cmd in steps:
-                cmd = [c.replace("OUT", str(folder / "out")).replace(str(recipe), str(folder / "recipe.yaml"))
-                       for c in cmd]
+                cmd = [
+                    c.replace("OUT", str(folder / "out")).replace(str(recipe), str(folder / "recipe.yaml")) for c in cmd
+                ]
                 if cmd[0] == str(mk_exe):
                     write_mergekit_config(config, folder / "hf-home")
                 os.chdir(folder)
@@ -176,23 +216,44 @@ def main() -> None:
                 wall += res["wall_s"]
                 rss = max(rss, int(res["peak_rss_bytes"]))
         log = server.log[mark:]
-        rows.append({"way": name, "wall_s": round(wall, 2), "peak_disk_bytes": disk.peak, "peak_rss_bytes": rss,
-                     "downloaded_bytes": sum(r.sent for r in log if r.method == "GET"),
-                     "uploaded_bytes": sum(r.received for r in log if r.method in ("PUT", "POST"))})
+        rows.append(
+            {
+                "way": name,
+                "wall_s": round(wall, 2),
+                "peak_disk_bytes": disk.peak,
+                "peak_rss_bytes": rss,
+                "downloaded_bytes": sum(r.sent for r in log if r.method == "GET"),
+                "uploaded_bytes": sum(r.received for r in log if r.method in ("PUT", "POST")),
+            }
+        )
         print(f"{name}: {wall:.1f} s", flush=True)
         server.lfs_objects.clear()  # each way uploads its output afresh
         shutil.rmtree(folder, ignore_errors=True)
     server.stop()
     base = rows[0]["wall_s"]
-    print(f"\n{input_bytes / 1e9:.2f} GB of inputs ({a.layers} layers, bf16), link {a.bandwidth:.0f} MB/s each way, "
-          f"{a.latency * 1000:.0f} ms latency, output shards {a.out_shard}\n")
+    print(
+        f"\n{input_bytes / 1e9:.2f} GB of inputs ({a.layers} layers, bf16), link {a.bandwidth:.0f} MB/s each way, "
+        f"{a.latency * 1000:.0f} ms latency, output shards {a.out_shard}\n"
+    )
     print("| way | wall s | x download | peak disk GB | peak RSS GB | downloaded GB | uploaded GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['way']} | {r['wall_s']:.1f} | {r['wall_s'] / base:.2f} | {r['peak_disk_bytes'] / 1e9:.2f} | "
-              f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['downloaded_bytes'] / 1e9:.2f} | {r['uploaded_bytes'] / 1e9:.2f} |")
-    a.json.write_text(json.dumps({"machine": mb.machine(), "args": {k: str(v) for k, v in vars(a).items()},
-                                  "input_bytes": input_bytes, "rows": rows}, indent=2) + "\n")
+        print(
+            f"| {r['way']} | {r['wall_s']:.1f} | {r['wall_s'] / base:.2f} | {r['peak_disk_bytes'] / 1e9:.2f} | "
+            f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['downloaded_bytes'] / 1e9:.2f} | {r['uploaded_bytes'] / 1e9:.2f} |"
+        )
+    a.json.write_text(
+        json.dumps(
+            {
+                "machine": mb.machine(),
+                "args": {k: str(v) for k, v in vars(a).items()},
+                "input_bytes": input_bytes,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -208,11 +269,23 @@ def write_mergekit_config(config: Path, hf_home: Path) -> None:
     """mergekit's TIES config on the snapshots the download step put in this way's cache."""
     import yaml
 
-    snap = {r: next((hf_home / "hub" / f"models--org--{r}" / "snapshots").iterdir()) for r in ("base", "language", "task")}
-    config.write_text(yaml.safe_dump({
-        "merge_method": "ties", "base_model": str(snap["base"]),
-        "models": [{"model": str(snap[r]), "parameters": {"weight": 1.0, "density": 0.2}} for r in ("language", "task")],
-        "parameters": {"normalize": True, "lambda": 1.0}, "dtype": "float32", "out_dtype": "bfloat16"}))
+    snap = {
+        r: next((hf_home / "hub" / f"models--org--{r}" / "snapshots").iterdir()) for r in ("base", "language", "task")
+    }
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(snap["base"]),
+                "models": [
+                    {"model": str(snap[r]), "parameters": {"weight": 1.0, "density": 0.2}} for r in ("language", "task")
+                ],
+                "parameters": {"normalize": True, "lambda": 1.0},
+                "dtype": "float32",
+                "out_dtype": "bfloat16",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

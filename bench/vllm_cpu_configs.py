@@ -41,13 +41,15 @@ def measure(model_dir: Path, name: str, refs: list[parity.Reference]) -> dict:
     dtype, extra, env = CONFIGS[name]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    opts = serve.ServeOptions(port=serve.free_port(), dtype=dtype, extra_args=extra, max_model_len=2048,
-                              startup_timeout=900)
+    opts = serve.ServeOptions(
+        port=serve.free_port(), dtype=dtype, extra_args=extra, max_model_len=2048, startup_timeout=900
+    )
     row: dict = {"config": name, "dtype": dtype, "args": extra, "env": env}
     t0 = time.monotonic()
     try:
-        endpoint = serve.start([str(model_dir)], opts, Path(tempfile.mkdtemp(prefix=f"vllm-{name}-")),
-                               parity_check=False)  # compared below, prompt by prompt
+        endpoint = serve.start(
+            [str(model_dir)], opts, Path(tempfile.mkdtemp(prefix=f"vllm-{name}-")), parity_check=False
+        )  # compared below, prompt by prompt
     except Exception as e:  # noqa: BLE001 - a config that cannot start is a result too
         row.update(start_s=round(time.monotonic() - t0), error=str(e).splitlines()[0][:300])
         return row
@@ -56,21 +58,36 @@ def measure(model_dir: Path, name: str, refs: list[parity.Reference]) -> dict:
         results = []
         for ref in refs:
             served = parity.served_tokens(endpoint.base_url, endpoint.models[0], ref.prompt_ids, {})
-            c = parity.compare(ref, lambda ids, n: parity.served_tokens(endpoint.base_url, endpoint.models[0],
-                                                                         ids, {}, max_tokens=n))
+            c = parity.compare(
+                ref, lambda ids, n: parity.served_tokens(endpoint.base_url, endpoint.models[0], ids, {}, max_tokens=n)
+            )
             exact = served == ref.tokens
-            results.append({"prompt": ref.name, "exact": exact, "mismatch": c.mismatch,
-                            "near_tie_flips": c.flips, "flip_gaps": [round(ref.gaps[i], 3) for i in c.flips],
-                            "served": served, "gap_at_first_mismatch": next(
-                                (round(ref.gaps[i], 3) for i, (a, b) in enumerate(zip(ref.tokens, served)) if a != b), None)})
+            results.append(
+                {
+                    "prompt": ref.name,
+                    "exact": exact,
+                    "mismatch": c.mismatch,
+                    "near_tie_flips": c.flips,
+                    "flip_gaps": [round(ref.gaps[i], 3) for i in c.flips],
+                    "served": served,
+                    "gap_at_first_mismatch": next(
+                        (round(ref.gaps[i], 3) for i, (a, b) in enumerate(zip(ref.tokens, served)) if a != b), None
+                    ),
+                }
+            )
         row["prompts"] = results
         row["same_as_transformers"] = all(r["mismatch"] is None for r in results)
         row["exact_prompts"] = sum(r["exact"] for r in results)
         speeds = []
         for _ in range(3):
             t = time.monotonic()
-            body = {"model": endpoint.models[0], "prompt": refs[0].prompt_ids, "max_tokens": 128,
-                    "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": endpoint.models[0],
+                "prompt": refs[0].prompt_ids,
+                "max_tokens": 128,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             serve.http_json(f"{endpoint.base_url}/completions", {}, body, timeout=600)
             speeds.append(128 / (time.monotonic() - t))
         row["tokens_per_s"] = [round(s, 1) for s in speeds]
@@ -98,12 +115,26 @@ def main() -> None:
     for name in a.only:
         row = measure(a.model_dir.resolve(), name, refs)
         rows = [r for r in rows if r["config"] != name] + [row]
-        a.out.write_text(json.dumps({"model": a.model_dir.name, "reference_s": round(ref_s, 1),
-                                     "reference": [{"prompt": r.name, "tokens": r.tokens,
-                                                    "gaps": [round(g, 3) for g in r.gaps]} for r in refs],
-                                     "rows": rows}, indent=1) + "\n")
-        print(json.dumps({k: row.get(k) for k in ("config", "start_s", "same_as_transformers",
-                                                 "tokens_per_s_median", "error")}), flush=True)
+        a.out.write_text(
+            json.dumps(
+                {
+                    "model": a.model_dir.name,
+                    "reference_s": round(ref_s, 1),
+                    "reference": [
+                        {"prompt": r.name, "tokens": r.tokens, "gaps": [round(g, 3) for g in r.gaps]} for r in refs
+                    ],
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        print(
+            json.dumps(
+                {k: row.get(k) for k in ("config", "start_s", "same_as_transformers", "tokens_per_s_median", "error")}
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

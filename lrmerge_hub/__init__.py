@@ -21,13 +21,26 @@ __version__ = "0.1.0"
 # Modules that moved into the subpackages keep their old names, as the same module objects,
 # so imports, `python -m lrmerge_hub.gate` and vLLM's `--middleware lrmerge_hub.gate.RequireKey`
 # written against them still work.
-MOVED = {f"lrmerge_hub.{old}": f"lrmerge_hub.{new}" for old, new in {
-    "pipeline": "run.pipeline", "sweep": "run.sweep", "cluster": "run.cluster",
-    "gate": "serve.gate", "parity": "serve.parity", "lm_eval_many": "evaluate.lm_eval_many",
-    "hub_stream": "hub.stream", "hub_retries": "hub.retries", "hub_hosts": "hub.hosts",
-    "card_body": "card.body", "card_inputs": "card.inputs", "card_rules": "metadata",
-    "eval_results": "card.eval_results", "mergekit_config": "recipe.mergekit", "smollm2": "synth.smollm2",
-}.items()}
+MOVED = {
+    f"lrmerge_hub.{old}": f"lrmerge_hub.{new}"
+    for old, new in {
+        "pipeline": "run.pipeline",
+        "sweep": "run.sweep",
+        "cluster": "run.cluster",
+        "gate": "serve.gate",
+        "parity": "serve.parity",
+        "lm_eval_many": "evaluate.lm_eval_many",
+        "hub_stream": "hub.stream",
+        "hub_retries": "hub.retries",
+        "hub_hosts": "hub.hosts",
+        "card_body": "card.body",
+        "card_inputs": "card.inputs",
+        "card_rules": "metadata",
+        "eval_results": "card.eval_results",
+        "mergekit_config": "recipe.mergekit",
+        "smollm2": "synth.smollm2",
+    }.items()
+}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):

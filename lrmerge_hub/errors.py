@@ -99,7 +99,6 @@ class EvalError(LrmergeError):
     """lm-eval is missing or failed, no tasks cover the languages, or the endpoint is unreachable."""
 
 
-
 def shown(value: object, limit: int = 60) -> str:
     """A short repr of `value` for error messages: at most `limit` characters, a few levels
     and items of a container, so a message stays one short line whatever a file holds (a

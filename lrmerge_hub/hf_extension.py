@@ -26,8 +26,10 @@ def installed_script() -> Path:
     beside = Path(sys.executable).parent / SCRIPT
     found = beside if beside.is_file() else (Path(p) if (p := shutil.which(SCRIPT)) else None)
     if found is None:
-        raise LrmergeError(f"no `{SCRIPT}` script next to {sys.executable} or on PATH; install lrmerge-hub "
-                           "(`pip install -e .`) in this environment first")
+        raise LrmergeError(
+            f"no `{SCRIPT}` script next to {sys.executable} or on PATH; install lrmerge-hub "
+            "(`pip install -e .`) in this environment first"
+        )
     return found.resolve()
 
 
@@ -55,12 +57,21 @@ def install(*, force: bool = False) -> Path:
         except Exception:  # a broken or foreign manifest: replacing it is the user's call
             current = None
         if current != script:
-            raise LrmergeError(f"`hf {SHORT_NAME}` is already registered ({folder}, running {current}); "
-                               "pass --force to point it at this installation")
-    ExtensionManifest(owner="local", repo=SCRIPT, repo_id=f"local/{SCRIPT}", short_name=SHORT_NAME,
-                      executable_path=str(script), type="python", installed_at=datetime.now(timezone.utc),
-                      description="Merge, card, push, serve and evaluate low-resource-language models "
-                                  "(lrmerge-hub, installed locally)").save(folder)
+            raise LrmergeError(
+                f"`hf {SHORT_NAME}` is already registered ({folder}, running {current}); "
+                "pass --force to point it at this installation"
+            )
+    ExtensionManifest(
+        owner="local",
+        repo=SCRIPT,
+        repo_id=f"local/{SCRIPT}",
+        short_name=SHORT_NAME,
+        executable_path=str(script),
+        type="python",
+        installed_at=datetime.now(timezone.utc),
+        description="Merge, card, push, serve and evaluate low-resource-language models "
+        "(lrmerge-hub, installed locally)",
+    ).save(folder)
     return script
 
 

@@ -26,7 +26,8 @@ from .errors import shown
 SPECIAL_LANGUAGES = ("code", "multilingual")
 
 # The Hub's license identifiers (the `license:` values it shows and filters by).
-HUB_LICENSES = frozenset("""
+HUB_LICENSES = frozenset(
+    """
 apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
 bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear
 c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0
@@ -37,7 +38,8 @@ lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple
 odc-by odbl openmdw-1.0 openmdw-1.1 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr
 deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2
 llama3.3 llama4 grok2-community gemma unknown other
-""".split())
+""".split()
+)
 
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 # huggingface_hub's validate_repo_id rules, in ASCII (its regex's \w also takes any Unicode
@@ -55,22 +57,37 @@ PIPELINE_TAGS = ("text-generation", "text2text-generation", "image-text-to-text"
 
 def is_repo_id(value: Any) -> bool:
     """True for a Hub model id 'namespace/name' that the Hub and huggingface_hub accept."""
-    return (isinstance(value, str) and HUB_MODEL_ID.fullmatch(value) is not None
-            and "--" not in value and ".." not in value and not value.endswith(".git"))
+    return (
+        isinstance(value, str)
+        and HUB_MODEL_ID.fullmatch(value) is not None
+        and "--" not in value
+        and ".." not in value
+        and not value.endswith(".git")
+    )
 
 
 def is_revision(value: Any) -> bool:
     """True for a branch, tag or commit name a Hub id may carry after '@'."""
-    return (isinstance(value, str) and HUB_REVISION.fullmatch(value) is not None
-            and ".." not in value and "//" not in value and not value.endswith(("/", ".lock")))
+    return (
+        isinstance(value, str)
+        and HUB_REVISION.fullmatch(value) is not None
+        and ".." not in value
+        and "//" not in value
+        and not value.endswith(("/", ".lock"))
+    )
 
 
 def is_https_url(value: Any) -> bool:
     """True for a plain https URL: a host name and a path of URL characters, nothing that
     Markdown, HTML or YAML would read as syntax (no spaces, quotes, brackets, backticks)."""
-    return isinstance(value, str) and re.fullmatch(
-        r"https://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?(?:[/?#][A-Za-z0-9._~%!$&*+,;=:@/?#-]*)?",
-        value) is not None
+    return (
+        isinstance(value, str)
+        and re.fullmatch(
+            r"https://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?(?:[/?#][A-Za-z0-9._~%!$&*+,;=:@/?#-]*)?",
+            value,
+        )
+        is not None
+    )
 
 
 def _iso639(code: str) -> Any:
@@ -142,8 +159,13 @@ def _check_model_index(index: Any) -> list[str]:
                 problems.append(f"{rw}.metrics: must be a non-empty list")
             else:
                 for k, metric in enumerate(metrics):
-                    ok = isinstance(metric, dict) and isinstance(metric.get("type"), str) and (
-                        isinstance(metric.get("value"), (int, float, str)) and not isinstance(metric.get("value"), bool)
+                    ok = (
+                        isinstance(metric, dict)
+                        and isinstance(metric.get("type"), str)
+                        and (
+                            isinstance(metric.get("value"), (int, float, str))
+                            and not isinstance(metric.get("value"), bool)
+                        )
                     )
                     if not ok:
                         problems.append(f"{rw}.metrics[{k}]: type (string) and value (number) are required")
@@ -177,8 +199,9 @@ def check_metadata(meta: Any) -> list[str]:
         if not isinstance(name, str) or not LICENSE_NAME.match(name):
             problems.append("license_name: required with license 'other', lower case without spaces (e.g. my-license)")
         if not is_https_url(link):
-            problems.append("license_link: required with license 'other': a plain https:// URL of the license "
-                            f"(got {shown(link)})")
+            problems.append(
+                f"license_link: required with license 'other': a plain https:// URL of the license (got {shown(link)})"
+            )
     elif "license_name" in meta or "license_link" in meta:
         problems.append("license_name/license_link: only used with license 'other'")
 
@@ -193,8 +216,9 @@ def check_metadata(meta: Any) -> list[str]:
         if models is None:
             problems.append("base_model: must be a Hub model id or a list of them")
         else:
-            problems += [f"base_model: {shown(m)} is not a Hub model id 'org/name'"
-                         for m in models if not is_repo_id(m)]
+            problems += [
+                f"base_model: {shown(m)} is not a Hub model id 'org/name'" for m in models if not is_repo_id(m)
+            ]
             if len(set(models)) != len(models):
                 problems.append("base_model: lists a model twice")
     if "base_model_relation" in meta:

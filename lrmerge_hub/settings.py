@@ -63,8 +63,9 @@ def _seconds(name: str, default: float) -> float:
     if not 0 < value < float("inf"):
         from .errors import LrmergeError
 
-        raise LrmergeError(f"{name}={text[:20]!r} is not a positive number of seconds; unset it or set e.g. "
-                           f"{name}={default:g}")
+        raise LrmergeError(
+            f"{name}={text[:20]!r} is not a positive number of seconds; unset it or set e.g. {name}={default:g}"
+        )
     return value
 
 

@@ -75,8 +75,7 @@ def is_lfs(path: str) -> bool:
 def lfs_info(path: str, data: bytes, key: str = "oid") -> dict[str, Any]:
     """The `lfs` entry the Hub lists for a file kept in LFS: the content's sha256 is `oid` in
     tree and paths-info entries, `sha256` in model info siblings."""
-    return {"lfs": {key: sha256(data), "size": len(data),
-                    "pointerSize": LFS_POINTER_SIZE}} if is_lfs(path) else {}
+    return {"lfs": {key: sha256(data), "size": len(data), "pointerSize": LFS_POINTER_SIZE}} if is_lfs(path) else {}
 
 
 @dataclass
@@ -109,9 +108,9 @@ class Repo:
             n = int(m[1])
             return self.prs[n - 1] if 0 < n <= len(self.prs) else None
         if rev.startswith("refs/heads/"):
-            return self.branches.get(rev[len("refs/heads/"):])
+            return self.branches.get(rev[len("refs/heads/") :])
         if rev.startswith("refs/tags/"):
-            return self.tags.get(rev[len("refs/tags/"):])
+            return self.tags.get(rev[len("refs/tags/") :])
         return rev if rev in self.commits else None
 
 
@@ -220,15 +219,34 @@ class HubServer:
     def add_token(self, token: str, user: str) -> None:
         self.tokens[token] = user
 
-    def fail(self, method: str, path_regex: str, *, status: int = 500, times: int = 1,
-             after: bool = False, skip: int = 0, headers: dict[str, str] | None = None,
-             interval: float = 5.0) -> None:
+    def fail(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int = 500,
+        times: int = 1,
+        after: bool = False,
+        skip: int = 0,
+        headers: dict[str, str] | None = None,
+        interval: float = 5.0,
+    ) -> None:
         """Inject a failure, e.g. `fail("POST", r"/commit/", status=500)`; with `skip=N` the
         first N matching requests are answered normally; `headers` go with an error answer
         (`{"Retry-After": "100000"}`); `interval` paces a TRICKLE."""
         with self.lock:
-            self.faults.append(Fault(method, re.compile(path_regex), status, times, after, skip=skip,
-                                     headers=dict(headers or {}), interval=interval))
+            self.faults.append(
+                Fault(
+                    method,
+                    re.compile(path_regex),
+                    status,
+                    times,
+                    after,
+                    skip=skip,
+                    headers=dict(headers or {}),
+                    interval=interval,
+                )
+            )
 
     def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
         """Pace request and answer bodies to this rate, each way (None: as fast as possible),
@@ -247,8 +265,9 @@ class HubServer:
         if wait > 0:
             time.sleep(wait)
 
-    def before(self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1,
-               skip: int = 0) -> None:
+    def before(
+        self, method: str, path_regex: str, action: Callable[[], None], *, times: int = 1, skip: int = 0
+    ) -> None:
         """Run `action` (under the lock) before handling the next matching request(s), after
         `skip` of them."""
         with self.lock:
@@ -261,12 +280,18 @@ class HubServer:
                 raise HttpError(409, f"You already created this model repo: {repo_id}")
             repo = Repo(repo_id, owner=repo_id.split("/")[0], private=private, gated=gated)
             self.repos[repo_id] = repo
-            repo.branches["main"] = self._commit(repo, None, "initial commit", "",
-                                                 {".gitattributes": GITATTRIBUTES})
+            repo.branches["main"] = self._commit(repo, None, "initial commit", "", {".gitattributes": GITATTRIBUTES})
             return repo
 
-    def commit_files(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main",
-                     message: str = "Upload files", deletions: tuple[str, ...] = ()) -> str:
+    def commit_files(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        branch: str = "main",
+        message: str = "Upload files",
+        deletions: tuple[str, ...] = (),
+    ) -> str:
         """Commit files straight into a branch (creating the repo if needed); returns the sha."""
         with self.lock:
             repo = self.repos.get(repo_id) or self.create_repo(repo_id)
@@ -276,12 +301,19 @@ class HubServer:
             repo.branches[branch] = self._commit(repo, parent, message, "", snapshot)
             return repo.branches[branch]
 
-    def seed(self, repo_id: str, folder: Path | str, *, branch: str = "main", private: bool = False,
-             gated: bool = False, message: str = "Add model") -> str:
+    def seed(
+        self,
+        repo_id: str,
+        folder: Path | str,
+        *,
+        branch: str = "main",
+        private: bool = False,
+        gated: bool = False,
+        message: str = "Add model",
+    ) -> str:
         """Create (or update) a repo from a local folder's files; returns the new commit sha."""
         folder = Path(folder)
-        files = {p.relative_to(folder).as_posix(): p.read_bytes()
-                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         with self.lock:
             if repo_id not in self.repos:
                 self.create_repo(repo_id, private=private, gated=gated)
@@ -303,13 +335,18 @@ class HubServer:
         """Paths of files downloaded (GET on resolve/), not counting reads of a safetensors
         header (the client's `Range: bytes=0-100000`, then `bytes=8-N` for big headers)."""
         header_read = re.compile(r"bytes=(0-100000|8-\d+)$")
-        return [r.path for r in self.log
-                if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(suffix)
-                and r.status < 400 and not (r.range and header_read.match(r.range))]
+        return [
+            r.path
+            for r in self.log
+            if r.method == "GET"
+            and "/resolve/" in r.path
+            and r.path.endswith(suffix)
+            and r.status < 400
+            and not (r.range and header_read.match(r.range))
+        ]
 
     # --- internals ----------------------------------------------------------------------
-    def _commit(self, repo: Repo, parent: str | None, title: str, description: str,
-                files: dict[str, bytes]) -> str:
+    def _commit(self, repo: Repo, parent: str | None, title: str, description: str, files: dict[str, bytes]) -> str:
         seed = f"{repo.repo_id}\n{parent}\n{title}\n{next(self._counter)}\n"
         seed += "\n".join(f"{p} {git_blob_sha1(d)}" for p, d in sorted(files.items()))
         oid = hashlib.sha1(seed.encode()).hexdigest()
@@ -367,14 +404,16 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path, query = split.path, parse_qs(split.query)
         body = self._read_body()
         auth = self.headers.get("Authorization", "")
-        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-        record = Request(method, unquote(raw_path), query, self.headers.get("Range"), token is not None,
-                         received=len(body))
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
+        record = Request(
+            method, unquote(raw_path), query, self.headers.get("Range"), token is not None, received=len(body)
+        )
         hub = self.hub
         with hub.lock:
             hub.log.append(record)
-            fault = next((f for f in hub.faults if f.times > 0 and f.method == method
-                          and f.path.search(record.path)), None)
+            fault = next(
+                (f for f in hub.faults if f.times > 0 and f.method == method and f.path.search(record.path)), None
+            )
             if fault and fault.skip > 0:
                 fault.skip -= 1
                 fault = None
@@ -395,8 +434,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if fault and fault.status not in BODY_FAULTS:
-                answer = self._error(HttpError(fault.status, "Injected failure after the request was applied",
-                                               headers=fault.headers))
+                answer = self._error(
+                    HttpError(fault.status, "Injected failure after the request was applied", headers=fault.headers)
+                )
             if fault and fault.status == CORRUPT and answer[2]:
                 body = bytearray(answer[2])
                 body[-1] ^= 0xFF
@@ -408,8 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(hub.latency)
         record.sent = self._send(method, *answer, cut=bool(fault and fault.status == CUT))
 
-    def _route(self, method: str, raw_path: str, query: dict, body: bytes,
-               token: str | None) -> tuple[int, dict, Any]:
+    def _route(self, method: str, raw_path: str, query: dict, body: bytes, token: str | None) -> tuple[int, dict, Any]:
         route_method = "GET" if method == "HEAD" else method
         try:
             for m, pattern, name in self.ROUTES:
@@ -455,6 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
             first, rest = headers["Content-Range"].removeprefix("bytes ").split("-", 1)
             return status, {**headers, "Content-Range": f"bytes {int(first) + 1}-{rest}"}, payload[1:]
         if fault.status == OVERLONG:
+
             def zeros_without_end():
                 yield payload
                 while True:
@@ -466,7 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
             for i in range(len(payload)):
                 if i:
                     time.sleep(fault.interval)
-                yield payload[i:i + 1]
+                yield payload[i : i + 1]
 
         return status, {**headers, "Content-Length": str(len(payload))}, trickle()
 
@@ -489,7 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for i in range(0, len(body), step):
                 self.hub.pace(min(step, len(body) - i), "down")
-                self.wfile.write(body[i:i + step])
+                self.wfile.write(body[i : i + step])
         except (BrokenPipeError, ConnectionResetError):  # the client went away (e.g. a merge that failed)
             self.close_connection = True
             return 0
@@ -522,8 +562,12 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None or (repo.private and user is None):
             raise HttpError(401 if user is None else 404, "Repository not found", "RepoNotFound")
         if repo.gated and files and user is None:
-            raise HttpError(401, f"Access to model {repo_id} is restricted. You must have access to it "
-                                 "and be authenticated to access it.", "GatedRepo")
+            raise HttpError(
+                401,
+                f"Access to model {repo_id} is restricted. You must have access to it "
+                "and be authenticated to access it.",
+                "GatedRepo",
+            )
         if write and user is None:
             raise HttpError(401, "You must be authenticated to write to this repo")
         return repo
@@ -578,8 +622,9 @@ class _Handler(BaseHTTPRequestHandler):
             errors.append("YAML metadata must be a mapping")
         elif not errors:
             lang = meta.get("language")
-            if lang is not None and not (isinstance(lang, list) and all(isinstance(x, str) for x in lang)
-                                         or isinstance(lang, str)):
+            if lang is not None and not (
+                isinstance(lang, list) and all(isinstance(x, str) for x in lang) or isinstance(lang, str)
+            ):
                 errors.append('"language" must be a string or an array of strings')
             if "license" in meta and not isinstance(meta["license"], str):
                 errors.append('"license" must be a string')
@@ -603,10 +648,23 @@ class _Handler(BaseHTTPRequestHandler):
             if query.get("blobs"):
                 sib.update(size=len(data), blobId=git_blob_sha1(data), **lfs_info(path, data, "sha256"))
             siblings.append(sib)
-        return 200, {}, {"_id": r.repo_id, "id": r.repo_id, "modelId": r.repo_id, "author": r.owner,
-                         "sha": commit.oid, "private": r.private, "gated": "auto" if r.gated else False,
-                         "disabled": False, "tags": [], "siblings": siblings,
-                         "lastModified": "2026-11-25T00:00:00.000Z"}
+        return (
+            200,
+            {},
+            {
+                "_id": r.repo_id,
+                "id": r.repo_id,
+                "modelId": r.repo_id,
+                "author": r.owner,
+                "sha": commit.oid,
+                "private": r.private,
+                "gated": "auto" if r.gated else False,
+                "disabled": False,
+                "tags": [],
+                "siblings": siblings,
+                "lastModified": "2026-11-25T00:00:00.000Z",
+            },
+        )
 
     def h_tree(self, user, repo, rev, query, path="", **_):
         commit = self._commit_at(self._repo(repo, user), rev)
@@ -616,13 +674,13 @@ class _Handler(BaseHTTPRequestHandler):
         for p, data in sorted(commit.files.items()):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
             if recursive:
                 parts = rest.split("/")[:-1]
-                folders.update(prefix + "/".join(parts[:i + 1]) for i in range(len(parts)))
+                folders.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
             entries.append(self._file_entry(p, data))
         if path and not entries and not folders:
             raise HttpError(404, f"{path} does not exist on {rev}", "EntryNotFound")
@@ -643,13 +701,18 @@ class _Handler(BaseHTTPRequestHandler):
     def h_refs(self, user, repo, **_):
         r = self._repo(repo, user)
         ref = lambda name, kind, sha: {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}  # noqa: E731
-        return 200, {}, {
-            "branches": [ref(n, "heads", s) for n, s in sorted(r.branches.items())],
-            "tags": [ref(n, "tags", s) for n, s in sorted(r.tags.items())],
-            "converts": [],
-            "pullRequests": [{"name": str(i + 1), "ref": f"refs/pr/{i + 1}", "targetCommit": s}
-                             for i, s in enumerate(r.prs)],
-        }
+        return (
+            200,
+            {},
+            {
+                "branches": [ref(n, "heads", s) for n, s in sorted(r.branches.items())],
+                "tags": [ref(n, "tags", s) for n, s in sorted(r.tags.items())],
+                "converts": [],
+                "pullRequests": [
+                    {"name": str(i + 1), "ref": f"refs/pr/{i + 1}", "targetCommit": s} for i, s in enumerate(r.prs)
+                ],
+            },
+        )
 
     def h_branch_create(self, user, repo, name, body, **_):
         r = self._repo(repo, user, write=True)
@@ -677,6 +740,7 @@ class _Handler(BaseHTTPRequestHandler):
         r = self._repo(repo, user, write=not query.get("create_pr"))
         commit = self._commit_at(r, rev)
         files = json.loads(body)["files"]
+
         # Like the Hub: files .gitattributes puts in LFS go to LFS storage first (their oid is
         # the sha256), the others travel inside the commit (their oid is the git blob sha1).
         def in_lfs(path: str) -> bool:
@@ -686,9 +750,21 @@ class _Handler(BaseHTTPRequestHandler):
             data = commit.files.get(path)
             return None if data is None else sha256(data) if in_lfs(path) else git_blob_sha1(data)
 
-        return 200, {}, {"files": [
-            {"path": f["path"], "uploadMode": "lfs" if in_lfs(f["path"]) else "regular", "shouldIgnore": False,
-             "oid": oid(f["path"])} for f in files]}
+        return (
+            200,
+            {},
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if in_lfs(f["path"]) else "regular",
+                        "shouldIgnore": False,
+                        "oid": oid(f["path"]),
+                    }
+                    for f in files
+                ]
+            },
+        )
 
     def h_lfs_batch(self, user, repo, body, **_):
         """The git-lfs batch API: where to PUT each object the storage does not hold yet."""
@@ -720,8 +796,11 @@ class _Handler(BaseHTTPRequestHandler):
         header = lines[0]["value"]
         parent_commit = header.get("parentCommit")
         if parent_commit and parent_commit != head.oid:
-            raise HttpError(412, f"A commit has happened since. Please refresh and try again. "
-                                 f"(expected parent {parent_commit}, head is {head.oid})")
+            raise HttpError(
+                412,
+                f"A commit has happened since. Please refresh and try again. "
+                f"(expected parent {parent_commit}, head is {head.oid})",
+            )
         base = r.commits[parent_commit] if parent_commit else head
         files = dict(base.files)
         for line in lines[1:]:
@@ -750,9 +829,17 @@ class _Handler(BaseHTTPRequestHandler):
             r.prs[int(m[1]) - 1] = oid
         else:
             raise HttpError(400, f"Cannot commit to {rev}: not a branch")
-        return 200, {}, {"commitUrl": f"{self.hub.url}/{r.repo_id}/commit/{oid}", "commitOid": oid,
-                         "commitMessage": header.get("summary", ""), "pullRequestUrl": pr_url,
-                         "success": True}
+        return (
+            200,
+            {},
+            {
+                "commitUrl": f"{self.hub.url}/{r.repo_id}/commit/{oid}",
+                "commitOid": oid,
+                "commitMessage": header.get("summary", ""),
+                "pullRequestUrl": pr_url,
+                "success": True,
+            },
+        )
 
     def h_resolve(self, user, repo, rev, path, **_):
         r = self._repo(repo, user, files=True)
@@ -761,8 +848,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in commit.files:
             raise HttpError(404, "Entry not found", "EntryNotFound", base_headers)
         data = commit.files[path]
-        headers = {**base_headers, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            **base_headers,
+            "ETag": f'"{git_blob_sha1(data)}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         rng = self.headers.get("Range")
         if rng and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())):
             start = int(m[1])
@@ -770,5 +861,5 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise HttpError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return 206, headers, data[start:end + 1]
+            return 206, headers, data[start : end + 1]
         return 200, headers, data

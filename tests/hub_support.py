@@ -36,8 +36,10 @@ def _shared_server() -> HubServer:
     if _SERVER is None:
         url = urlsplit(os.environ.get("HF_ENDPOINT", ""))
         if url.hostname != "127.0.0.1" or not url.port:
-            pytest.fail("HF_ENDPOINT must be set to http://127.0.0.1:PORT in tests/conftest.py before "
-                        "huggingface_hub is imported")
+            pytest.fail(
+                "HF_ENDPOINT must be set to http://127.0.0.1:PORT in tests/conftest.py before "
+                "huggingface_hub is imported"
+            )
         _SERVER = HubServer(port=url.port).start()
         atexit.register(_SERVER.stop)
     return _SERVER
@@ -62,4 +64,3 @@ def hub_server(hub_session: HubServer, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub_session
-

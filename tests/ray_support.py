@@ -61,9 +61,15 @@ def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Itera
     nodes = NODES[address] = []
 
     def start(args: list[str], env: dict[str, str]) -> None:
-        nodes.append(subprocess.Popen(["ray", "start", *args, *common], env={**os.environ, **env,
-                                      "PYTHONPATH": str(ROOT)}, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        nodes.append(
+            subprocess.Popen(
+                ["ray", "start", *args, *common],
+                env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
     def wait_for(count: int, deadline: float) -> None:
         while True:  # up once a driver sees `count` live nodes
@@ -78,15 +84,35 @@ def ray_cluster(cpus_per_node: tuple[int, ...], timeout: float = 120.0) -> Itera
 
     try:
         deadline = time.monotonic() + timeout
-        start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(cpus_per_node[0]),
-               "--include-dashboard=false"], {})
+        start(
+            [
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                str(cpus_per_node[0]),
+                "--include-dashboard=false",
+            ],
+            {},
+        )
         wait_for(1, deadline)
         for cpus in cpus_per_node[1:]:
             # Once multi-node is enabled Ray replaces "127.0.0.1" with the machine's outward
             # address; it keeps [::ffff:127.0.0.1] (the same address) and 127.0.0.N (loopback,
             # one per node, as hosts of a real cluster have addresses of their own)
-            start(["--address", f"[::ffff:127.0.0.1]:{port}", "--node-ip-address", f"127.0.0.{len(nodes) + 1}",
-                   "--num-cpus", str(cpus)], {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+            start(
+                [
+                    "--address",
+                    f"[::ffff:127.0.0.1]:{port}",
+                    "--node-ip-address",
+                    f"127.0.0.{len(nodes) + 1}",
+                    "--num-cpus",
+                    str(cpus),
+                ],
+                {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+            )
         wait_for(len(cpus_per_node), deadline)
         yield address
     finally:

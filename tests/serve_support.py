@@ -71,17 +71,28 @@ def scratch_dir() -> str:
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lrmerge_hub", *args], capture_output=True, text=True,
-                          env=env or cli_env(), timeout=timeout, cwd=scratch_dir())
+    return subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub", *args],
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=timeout,
+        cwd=scratch_dir(),
+    )
 
 
 class ServeProcess:
     """`lrmerge serve ...` as a subprocess, with its stdout read line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "serve", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=scratch_dir())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lrmerge_hub", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=scratch_dir(),
+        )
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []  # read as it comes (progress lines), so the pipe never fills
@@ -147,8 +158,9 @@ class ServeProcess:
 
 
 def post(url: str, body: dict, headers: dict[str, str] | None = None, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -198,6 +210,19 @@ def status(base: str, method: str, path: str, headers: dict[str, str] | None = N
         conn.close()
 
 
-__all__ = ["REPO_ROOT", "make_models", "merge_tiny", "write_tiny_task", "cli_env", "run_cli", "ServeProcess",
-           "post", "get", "wait_groups_gone", "free_port",
-           "fill_params", "logged_routes", "status"]
+__all__ = [
+    "REPO_ROOT",
+    "make_models",
+    "merge_tiny",
+    "write_tiny_task",
+    "cli_env",
+    "run_cli",
+    "ServeProcess",
+    "post",
+    "get",
+    "wait_groups_gone",
+    "free_port",
+    "fill_params",
+    "logged_routes",
+    "status",
+]

@@ -80,21 +80,24 @@ def test_dry_run_plans_when_the_output_exists(tmp_path, models, write_recipe):
     assert not list(tmp_path.glob(".merged*")) and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("text,needles", [
-    (GOOD.replace("slack_ties", "tie"), ["method", "'tie'", "slack_ties"]),
-    (GOOD.replace("density: 0.2}", "density: 0.2, densty: 1}", 1), ["models[0]", "'densty'"]),
-    (GOOD.replace("density: 0.2}", "density: 0}", 1), ["models[0].density", "> 0.0"]),
-    (GOOD.replace("density: 0.2}", "density: 1.5}", 1), ["models[0].density", "<= 1.0"]),
-    (GOOD.replace("slack: 0.5", "slack: -1"), ["models[1].slack", ">= 0.0"]),
-    (GOOD + "parameters: {lambda: 1, normalise: true}\n", ["'normalise'"]),
-    (GOOD + "outptu: x\n", ["'outptu'"]),
-    (GOOD.replace("method: slack_ties", "method: sce"), ["'density'", "method 'sce'"]),  # ties takes a slack now
-    (GOOD.replace("role: language", "role: lang"), ["models[0].role", "language, task"]),
-    (GOOD.replace("./models/base", "./models/nowhere"), ["base", "does not exist"]),
-    (GOOD + "dtype: int8\n", ["dtype", "bfloat16"]),
-    ("method: ties\n  bad: [", ["not valid YAML"]),
-    (GOOD.replace("base: ./models/base\n", ""), ["base", "required"]),
-])
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        (GOOD.replace("slack_ties", "tie"), ["method", "'tie'", "slack_ties"]),
+        (GOOD.replace("density: 0.2}", "density: 0.2, densty: 1}", 1), ["models[0]", "'densty'"]),
+        (GOOD.replace("density: 0.2}", "density: 0}", 1), ["models[0].density", "> 0.0"]),
+        (GOOD.replace("density: 0.2}", "density: 1.5}", 1), ["models[0].density", "<= 1.0"]),
+        (GOOD.replace("slack: 0.5", "slack: -1"), ["models[1].slack", ">= 0.0"]),
+        (GOOD + "parameters: {lambda: 1, normalise: true}\n", ["'normalise'"]),
+        (GOOD + "outptu: x\n", ["'outptu'"]),
+        (GOOD.replace("method: slack_ties", "method: sce"), ["'density'", "method 'sce'"]),  # ties takes a slack now
+        (GOOD.replace("role: language", "role: lang"), ["models[0].role", "language, task"]),
+        (GOOD.replace("./models/base", "./models/nowhere"), ["base", "does not exist"]),
+        (GOOD + "dtype: int8\n", ["dtype", "bfloat16"]),
+        ("method: ties\n  bad: [", ["not valid YAML"]),
+        (GOOD.replace("base: ./models/base\n", ""), ["base", "required"]),
+    ],
+)
 def test_recipe_mistakes(tmp_path, models, write_recipe, text, needles):
     assert_clean_error(tmp_path, write_recipe(text), *needles)
 
@@ -153,8 +156,7 @@ def rewrite_tensors(folder: Path, change):
 
 
 def test_different_shapes(tmp_path, models, write_recipe):
-    rewrite_tensors(models["task"], lambda t: t.__setitem__(
-        "model.layers.0.mlp.up_proj.weight", torch.zeros(64, 64)))
+    rewrite_tensors(models["task"], lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(64, 64)))
     assert_clean_error(tmp_path, write_recipe(GOOD), "model.layers.0.mlp.up_proj.weight", "[64, 64]", "[128, 64]")
 
 
@@ -197,12 +199,15 @@ output: ./merged
 """
 
 
-@pytest.mark.parametrize("text, needles", [
-    (KARCHER, ["parameters.tol: must be <= 0.01"]),
-    (PASSTHROUGH.replace("SCALE", "1.0e-300"), ["models[0].scale: must be at least 1.175e-38", "float32"]),
-    (PASSTHROUGH.replace("SCALE", "1.0e+300"), ["models[0].scale: must be at most 3.403e+38", "float32"]),
-    (PASSTHROUGH.replace("SCALE", "0"), ["models[0].scale: must not be 0 (that gives an all-zero model)"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        (KARCHER, ["parameters.tol: must be <= 0.01"]),
+        (PASSTHROUGH.replace("SCALE", "1.0e-300"), ["models[0].scale: must be at least 1.175e-38", "float32"]),
+        (PASSTHROUGH.replace("SCALE", "1.0e+300"), ["models[0].scale: must be at most 3.403e+38", "float32"]),
+        (PASSTHROUGH.replace("SCALE", "0"), ["models[0].scale: must not be 0 (that gives an all-zero model)"]),
+    ],
+)
 def test_parameters_that_would_erase_the_model_are_refused_up_front(tmp_path, models, write_recipe, text, needles):
     line = assert_clean_error(tmp_path, write_recipe(text), *needles)
     assert "merging" not in line and "inputs' values" not in line
@@ -211,8 +216,14 @@ def test_parameters_that_would_erase_the_model_are_refused_up_front(tmp_path, mo
 def test_a_merge_that_comes_out_all_zeros_is_refused(tmp_path, family, write_recipe):
     family(dtype="float16")  # a scale float32 holds, whose products float16 rounds to 0
     text = PASSTHROUGH.replace("SCALE", "1.0e-30")
-    assert_clean_error(tmp_path, write_recipe(text), "every merged value is 0 although no input is all zeros",
-                       "tensor ", "models[0].scale = 1e-30", "nothing was written")
+    assert_clean_error(
+        tmp_path,
+        write_recipe(text),
+        "every merged value is 0 although no input is all zeros",
+        "tensor ",
+        "models[0].scale = 1e-30",
+        "nothing was written",
+    )
     (tmp_path / "merged").mkdir()  # an existing output is left as it was with --overwrite too
     (tmp_path / "merged" / "keep.txt").write_text("mine")
     code, output = lrmerge("merge", str(write_recipe(text)), "--overwrite")
@@ -221,5 +232,6 @@ def test_a_merge_that_comes_out_all_zeros_is_refused(tmp_path, family, write_rec
 
 
 def test_a_scale_that_overflows_float32_is_named(tmp_path, models, write_recipe):
-    assert_clean_error(tmp_path, write_recipe(PASSTHROUGH.replace("SCALE", "3.0e+38")),
-                       "most likely through models[0].scale = 3e+38")
+    assert_clean_error(
+        tmp_path, write_recipe(PASSTHROUGH.replace("SCALE", "3.0e+38")), "most likely through models[0].scale = 3e+38"
+    )

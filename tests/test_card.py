@@ -13,9 +13,22 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard, parse_eval_result_entries
 
 from tests.card_support import (
-    BASE, LANGUAGE_MODELS, TASK, lm_eval_results, make_merged_folder, write_results,
+    BASE,
+    LANGUAGE_MODELS,
+    TASK,
+    lm_eval_results,
+    make_merged_folder,
+    write_results,
 )
-from lrmerge_hub.card.build import GENERATED_END, CardInputs, build_card, card_metadata, check_card_text, read_inputs, write_card
+from lrmerge_hub.card.build import (
+    GENERATED_END,
+    CardInputs,
+    build_card,
+    card_metadata,
+    check_card_text,
+    read_inputs,
+    write_card,
+)
 from lrmerge_hub.metadata import check_metadata
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import CardError
@@ -29,8 +42,9 @@ def load_meta(path: Path) -> dict:
 
 
 def metadata_of(inputs: CardInputs, model_name: str) -> dict:
-    return card_metadata(recipe=inputs.recipe, report=inputs.report, sources=inputs.sources,
-                         scores=inputs.scores, model_name=model_name)
+    return card_metadata(
+        recipe=inputs.recipe, report=inputs.report, sources=inputs.sources, scores=inputs.scores, model_name=model_name
+    )
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -79,8 +93,9 @@ def test_cli_reports_an_unknown_code_in_one_line_and_writes_nothing(tmp_path):
     folder = make_merged_folder(tmp_path, ["xx"], license_="llama2")
     result = CliRunner().invoke(main, ["card", str(folder)])
     assert result.exit_code == 2
-    assert result.output.strip() == ("Error: languages: unknown ISO 639 code 'xx'; "
-                                     "use ISO 639-1 or 639-3 codes like bo, ug, khk")
+    assert result.output.strip() == (
+        "Error: languages: unknown ISO 639 code 'xx'; use ISO 639-1 or 639-3 codes like bo, ug, khk"
+    )
     assert not (folder / "README.md").exists()
 
 
@@ -126,12 +141,18 @@ def test_an_unknown_source_license_leaves_license_out_with_a_note(tmp_path):
 
 
 def test_license_other_carries_name_and_link(tmp_path):
-    other = {"license": "other", "license_name": "tibetan-community-license",
-             "license_link": "https://example.org/license"}
+    other = {
+        "license": "other",
+        "license_name": "tibetan-community-license",
+        "license_link": "https://example.org/license",
+    }
     folder = make_merged_folder(tmp_path, ["bo"], license_=other)
     meta = load_meta(write_card(folder))
     assert (meta["license"], meta["license_name"], meta["license_link"]) == (
-        "other", "tibetan-community-license", "https://example.org/license")
+        "other",
+        "tibetan-community-license",
+        "https://example.org/license",
+    )
     assert check_metadata(meta) == []
 
 
@@ -155,16 +176,25 @@ def test_a_local_source_is_listed_by_its_hub_id_or_left_out(tmp_path):
     assert meta["base_model"] == [BASE, LANGUAGE_MODELS["bo"]]
     assert "`flan-local` (a local model, not on the Hub)" in (plain / "README.md").read_text()
 
-    listed = make_merged_folder(tmp_path, ["bo"], name="listed", license_="llama2", local_task="flan-local",
-                                hub_id="myorg/flan-7b")
+    listed = make_merged_folder(
+        tmp_path, ["bo"], name="listed", license_="llama2", local_task="flan-local", hub_id="myorg/flan-7b"
+    )
     assert load_meta(write_card(listed))["base_model"] == [BASE, LANGUAGE_MODELS["bo"], "myorg/flan-7b"]
 
 
 def test_a_card_never_holds_a_path_a_token_or_the_user_name(tmp_path, monkeypatch):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
     local = f"data_files={tmp_path}/tasks/bo.jsonl"
-    write_results(folder, lm_eval_results("my_bo_task", {"acc": 0.5}, dataset_path="json", dataset_name=None,
-                                          model_args=f"model={folder},tokenizer={folder},api_key=hf_{'x' * 34}"))
+    write_results(
+        folder,
+        lm_eval_results(
+            "my_bo_task",
+            {"acc": 0.5},
+            dataset_path="json",
+            dataset_name=None,
+            model_args=f"model={folder},tokenizer={folder},api_key=hf_{'x' * 34}",
+        ),
+    )
     data = json.loads(next((folder / "eval").rglob("*.json")).read_text())
     data["configs"]["my_bo_task"]["dataset_kwargs"] = {"data_files": {"test": local}}
     next((folder / "eval").rglob("*.json")).write_text(json.dumps(data))
@@ -204,8 +234,12 @@ def test_results_go_to_model_index_and_eval_results_files(tmp_path):
     (entry,) = meta["model-index"]
     assert entry["name"] == "bo-merge"
     (result,) = entry["results"]
-    assert result["dataset"] == {"name": "belebele_bod_Tibt", "type": "facebook/belebele",
-                                 "config": "bod_Tibt", "split": "test"}
+    assert result["dataset"] == {
+        "name": "belebele_bod_Tibt",
+        "type": "facebook/belebele",
+        "config": "bod_Tibt",
+        "split": "test",
+    }
     assert [(m["type"], m["value"]) for m in result["metrics"]] == [("acc", 0.3512), ("acc_norm", 0.36)]
     assert result["source"]["url"].startswith("https://github.com/EleutherAI/")
     assert check_metadata(meta) == []
@@ -218,10 +252,17 @@ def test_results_go_to_model_index_and_eval_results_files(tmp_path):
 
 def test_the_newest_results_file_wins_per_task(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.30}, date=1795577400.0),
-                  stamp="2026-11-25T03-30-00.000000")
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.40}, date=1795581000.0),
-                  under="merged-again", stamp="2026-11-25T04-30-00.000000")
+    write_results(
+        folder,
+        lm_eval_results("belebele_bod_Tibt", {"acc": 0.30}, date=1795577400.0),
+        stamp="2026-11-25T03-30-00.000000",
+    )
+    write_results(
+        folder,
+        lm_eval_results("belebele_bod_Tibt", {"acc": 0.40}, date=1795581000.0),
+        under="merged-again",
+        stamp="2026-11-25T04-30-00.000000",
+    )
     (folder / "eval" / "results_broken.json").write_text("{not json")
     built = build_card(folder)
     metrics = built.metadata["model-index"][0]["results"][0]["metrics"]
@@ -233,8 +274,9 @@ def test_evaluated_sources_stand_beside_the_merged_model(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
     write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.35}))
     write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.28}), under="sources/task/run")
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.26}),
-                  under="sources/pkupie__Llama-2-7b-bod/run")
+    write_results(
+        folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.26}), under="sources/pkupie__Llama-2-7b-bod/run"
+    )
     text = write_card(folder).read_text()
     assert (f"| Task | Metric | Shots | This model | language: {LANGUAGE_MODELS['bo']} | task: {TASK} |") in text
     assert "| `belebele_bod_Tibt` | acc | 0 | **0.3500 ± 0.0123** | 0.2600 ± 0.0123 | 0.2800 ± 0.0123 |" in text
@@ -254,18 +296,34 @@ def test_regenerating_updates_results_and_keeps_everything_else(tmp_path):
     card = ModelCard(first)
     card.data["datasets"] = ["facebook/belebele"]
     card.data["tags"] = card.data["tags"] + ["tibetan-nlp"]
-    card.data.eval_results.append(card.data.eval_results[0].__class__(
-        task_type="text-generation", dataset_type="facebook/belebele", dataset_name="Belebele (leaderboard)",
-        dataset_config="bod_Tibt", dataset_split="dev", metric_type="acc", metric_value=0.33,
-        source_name="Some Leaderboard", source_url="https://example.org/board"))
+    card.data.eval_results.append(
+        card.data.eval_results[0].__class__(
+            task_type="text-generation",
+            dataset_type="facebook/belebele",
+            dataset_name="Belebele (leaderboard)",
+            dataset_config="bod_Tibt",
+            dataset_split="dev",
+            metric_type="acc",
+            metric_value=0.33,
+            source_name="Some Leaderboard",
+            source_url="https://example.org/board",
+        )
+    )
     card.text = card.text + "\n## Notes from the team\n\nTried on our own prompts too.\n"
     card.save(folder / "README.md")
     assert (folder / "README.md").read_text().count(GENERATED_END) == 1
 
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.42}, date=1795581000.0),
-                  under="later", stamp="2026-11-25T04-30-00.000000")
-    write_results(folder, lm_eval_results("xcopa_ta", {"acc": 0.55}, dataset_path="cambridgeltl/xcopa",
-                                          dataset_name="ta"), under="later")
+    write_results(
+        folder,
+        lm_eval_results("belebele_bod_Tibt", {"acc": 0.42}, date=1795581000.0),
+        under="later",
+        stamp="2026-11-25T04-30-00.000000",
+    )
+    write_results(
+        folder,
+        lm_eval_results("xcopa_ta", {"acc": 0.55}, dataset_path="cambridgeltl/xcopa", dataset_name="ta"),
+        under="later",
+    )
     updated = write_card(folder).read_text()
     meta = load_meta(folder / "README.md")
 
@@ -274,7 +332,10 @@ def test_regenerating_updates_results_and_keeps_everything_else(tmp_path):
     assert "Tried on our own prompts too." in updated
     results = meta["model-index"][0]["results"]
     assert [(r["dataset"]["name"], r["metrics"][0]["value"]) for r in results] == [
-        ("belebele_bod_Tibt", 0.42), ("xcopa_ta", 0.55), ("Belebele (leaderboard)", 0.33)]
+        ("belebele_bod_Tibt", 0.42),
+        ("xcopa_ta", 0.55),
+        ("Belebele (leaderboard)", 0.33),
+    ]
     assert sorted(p.name for p in (folder / ".eval_results").iterdir()) == ["belebele_bod_Tibt.yaml", "xcopa_ta.yaml"]
     assert check_metadata(meta) == []
 
@@ -293,10 +354,12 @@ def test_regenerating_updates_results_and_keeps_everything_else(tmp_path):
 def full_card_folder(root: Path) -> Path:
     folder = make_merged_folder(root, ["bo"], name="llama2-7b-bo-slack-ties", license_="llama2")
     write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.3512, "acc_norm": 0.3601}))
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.2811, "acc_norm": 0.2901}),
-                  under="sources/task/run")
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.2611, "acc_norm": 0.2700}),
-                  under="sources/language/run")
+    write_results(
+        folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.2811, "acc_norm": 0.2901}), under="sources/task/run"
+    )
+    write_results(
+        folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.2611, "acc_norm": 0.2700}), under="sources/language/run"
+    )
     return folder
 
 
@@ -328,17 +391,29 @@ def test_the_recipe_checks_language_codes_and_licenses_before_any_merge(tmp_path
     with pytest.raises(RecipeError, match="license_link: .*plain https:// URL"):  # issue 11: https URLs only
         parse_recipe({**base, "license": "other", "license_name": "x-license", "license_link": "LICENSE"}, tmp_path)
     link = "https://example.org/x-license.txt"
-    recipe = parse_recipe({**base, "languages": ["khk"], "license": "other", "license_name": "x-license",
-                           "license_link": link}, tmp_path)
+    recipe = parse_recipe(
+        {**base, "languages": ["khk"], "license": "other", "license_name": "x-license", "license_link": link}, tmp_path
+    )
     assert {k: recipe.to_dict()[k] for k in ("license", "license_name", "license_link")} == {
-        "license": "other", "license_name": "x-license", "license_link": link}
+        "license": "other",
+        "license_name": "x-license",
+        "license_link": link,
+    }
 
 
 def test_a_sweep_table_becomes_a_section(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
-    points = [{"point": {"slack": s}, "name": f"slack-{s}", "score": score, "metric": "acc", "scores": [],
-               "retention": {LANGUAGE_MODELS["bo"]: 0.7, TASK: r}}
-              for s, score, r in ((0.5, 0.41, 0.66), (0.0, 0.38, 0.52))]
+    points = [
+        {
+            "point": {"slack": s},
+            "name": f"slack-{s}",
+            "score": score,
+            "metric": "acc",
+            "scores": [],
+            "retention": {LANGUAGE_MODELS["bo"]: 0.7, TASK: r},
+        }
+        for s, score, r in ((0.5, 0.41, 0.66), (0.0, 0.38, 0.52))
+    ]
     (folder / "sweep.json").write_text(json.dumps({"metric": "acc", "best": "slack-0.5", "points": points}))
     text = write_card(folder).read_text()
     assert "## Parameter sweep" in text and "this model is the best point, `slack-0.5`" in text
@@ -361,15 +436,19 @@ def test_filtered_metrics_keep_their_filter_in_the_table_and_their_id_in_the_met
     folder = make_merged_folder(tmp_path, ["sw"], license_="llama2")
     data = lm_eval_results("mgsm_native_cot_sw", {"acc": 0.0}, dataset_path="juletxara/mgsm", dataset_name="sw")
     data["results"]["mgsm_native_cot_sw"] = {
-        "alias": "mgsm_native_cot_sw", "exact_match,strict-match": 0.124,
-        "exact_match_stderr,strict-match": "N/A", "exact_match,flexible-extract": 0.2}
+        "alias": "mgsm_native_cot_sw",
+        "exact_match,strict-match": 0.124,
+        "exact_match_stderr,strict-match": "N/A",
+        "exact_match,flexible-extract": 0.2,
+    }
     write_results(folder, data)
     text = write_card(folder).read_text()
     assert "| `mgsm_native_cot_sw` | exact_match (strict-match) | 0 | **0.1240** |" in text
     metrics = load_meta(folder / "README.md")["model-index"][0]["results"][0]["metrics"]
     assert [(m["type"], m["name"]) for m in metrics] == [
         ("exact_match", "exact_match (strict-match, 0-shot)"),
-        ("exact_match", "exact_match (flexible-extract, 0-shot)")]
+        ("exact_match", "exact_match (flexible-extract, 0-shot)"),
+    ]
 
 
 def test_a_broken_existing_card_is_an_error_not_a_silent_overwrite(tmp_path):
@@ -389,8 +468,10 @@ def test_a_recipe_without_languages_gets_a_card_and_a_note(tmp_path):
 
 def test_what_lrmerge_eval_records_is_shown_limit_command_and_role(tmp_path):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
-    command = ("-m lm_eval run --model local-completions --model_args model=llama2-merged,"
-               "base_url=http://127.0.0.1:8000/v1/completions --tasks belebele_bod_Tibt --limit 200")
+    command = (
+        "-m lm_eval run --model local-completions --model_args model=llama2-merged,"
+        "base_url=http://127.0.0.1:8000/v1/completions --tasks belebele_bod_Tibt --limit 200"
+    )
     merged = lm_eval_results("belebele_bod_Tibt", {"acc": 0.35})
     merged["config"]["limit"] = 200
     merged["lrmerge"] = {"role": "merged", "limit": 200, "command": command}
@@ -418,13 +499,24 @@ def test_a_pipeline_maps_its_sources_to_the_report_names_for_licenses(tmp_path):
         folders[name] = tmp_path / "models" / name
         folders[name].mkdir(parents=True)
         (folders[name] / "README.md").write_text("---\nlicense: llama2\n---\n")
-    recipe = parse_recipe({"base": "./models/base-7b", "languages": ["bo"],
-                           "models": [{"model": "./models/tibetan-7b", "role": "language"},
-                                      {"model": f"{TASK}@main", "role": "task"}]}, tmp_path)
-    sources = {"base": Source(folders["base-7b"]), "./models/tibetan-7b": Source(folders["tibetan-7b"]),
-               f"{TASK}@main": Source(tmp_path / "cache" / "flan", repo_id=TASK, revision="a" * 40)}
-    assert source_dirs_for(recipe, sources) == {"base-7b": folders["base-7b"], "tibetan-7b": folders["tibetan-7b"],
-                                                f"{TASK}@main": tmp_path / "cache" / "flan"}
+    recipe = parse_recipe(
+        {
+            "base": "./models/base-7b",
+            "languages": ["bo"],
+            "models": [{"model": "./models/tibetan-7b", "role": "language"}, {"model": f"{TASK}@main", "role": "task"}],
+        },
+        tmp_path,
+    )
+    sources = {
+        "base": Source(folders["base-7b"]),
+        "./models/tibetan-7b": Source(folders["tibetan-7b"]),
+        f"{TASK}@main": Source(tmp_path / "cache" / "flan", repo_id=TASK, revision="a" * 40),
+    }
+    assert source_dirs_for(recipe, sources) == {
+        "base-7b": folders["base-7b"],
+        "tibetan-7b": folders["tibetan-7b"],
+        f"{TASK}@main": tmp_path / "cache" / "flan",
+    }
 
 
 def test_the_template_comes_from_this_checkout():

@@ -68,8 +68,9 @@ def split_card(text: str) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
-def assert_card_is_data(text: str, metadata: dict, *, model_id: str, model_name: str,
-                        fences: tuple[str, ...] = ("python", "bash", "yaml")) -> None:
+def assert_card_is_data(
+    text: str, metadata: dict, *, model_id: str, model_name: str, fences: tuple[str, ...] = ("python", "bash", "yaml")
+) -> None:
     front, body = split_card(text)
     assert front == metadata  # the YAML front matter round-trips
     tokens = list(flat(markdown_tokens(body)))
@@ -94,11 +95,30 @@ def assert_card_is_data(text: str, metadata: dict, *, model_id: str, model_name:
 
     words = shlex.split(shell.replace("\\\n", " "))  # each user string stays one shell word
     data = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "..."}], "max_tokens": 256})
-    assert words == ["lrmerge", "serve", model_id,
-                     "vllm", "serve", model_id, "--served-model-name", model_name, "--host", "127.0.0.1",
-                     "--port", "8000", "--dtype", "auto", "--generation-config", "vllm",
-                     "curl", "http://127.0.0.1:8000/v1/chat/completions", "-H", "Content-Type: application/json",
-                     "-d", data]
+    assert words == [
+        "lrmerge",
+        "serve",
+        model_id,
+        "vllm",
+        "serve",
+        model_id,
+        "--served-model-name",
+        model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--dtype",
+        "auto",
+        "--generation-config",
+        "vllm",
+        "curl",
+        "http://127.0.0.1:8000/v1/chat/completions",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        data,
+    ]
 
 
 @pytest.mark.parametrize("name", FOLDER_NAMES)
@@ -122,14 +142,33 @@ def test_hostile_names_from_the_merge_report_and_eval_files_stay_text(tmp_path, 
     report["parameters"] = {name: name}
     (folder / "merge_report.json").write_text(json.dumps(report))
     built = build_card(folder, repo_id="org/merged")
-    assert_card_is_data(built.text, built.metadata, model_id="org/merged", model_name="merged",
-                        fences=("bash", "python", "bash", "yaml"))
+    assert_card_is_data(
+        built.text,
+        built.metadata,
+        model_id="org/merged",
+        model_name="merged",
+        fences=("bash", "python", "bash", "yaml"),
+    )
     commands = next(t.content for t in flat(markdown_tokens(split_card(built.text)[1])) if t.type == "fence")
     assert commands == f"python -m lm_eval --tasks {name}\n"
 
 
-@pytest.mark.parametrize("repo_id", ["org/name\n", "org/na me", "org/x](javascript:alert(1))", 'org/x"; import os',
-                                     "org/<b>", "org--x/y", "org/x..y", "org/name.git", "../org/x", "org/x/y", "ｏrg/x"])
+@pytest.mark.parametrize(
+    "repo_id",
+    [
+        "org/name\n",
+        "org/na me",
+        "org/x](javascript:alert(1))",
+        'org/x"; import os',
+        "org/<b>",
+        "org--x/y",
+        "org/x..y",
+        "org/name.git",
+        "../org/x",
+        "org/x/y",
+        "ｏrg/x",
+    ],
+)
 def test_a_repo_id_that_is_not_a_hub_id_is_refused(tmp_path, repo_id):
     folder = make_merged_folder(tmp_path, ["bo"], license_="llama2")
     with pytest.raises(CardError, match="not a Hub model id") as raised:
@@ -154,9 +193,20 @@ def test_a_source_id_that_is_not_a_hub_id_is_refused_not_linked(tmp_path):
         build_card(folder)
 
 
-@pytest.mark.parametrize("link", ["LICENSE", "http://example.org/license", "javascript:alert(1)",
-                                  "https://example.org/a b", "https://x.org/](javascript:alert(1))",
-                                  "https://x.org/\"><script>", "https://x.org/`code`", "https://x.org/l\n", ""])
+@pytest.mark.parametrize(
+    "link",
+    [
+        "LICENSE",
+        "http://example.org/license",
+        "javascript:alert(1)",
+        "https://example.org/a b",
+        "https://x.org/](javascript:alert(1))",
+        'https://x.org/"><script>',
+        "https://x.org/`code`",
+        "https://x.org/l\n",
+        "",
+    ],
+)
 def test_license_link_must_be_a_plain_https_url(tmp_path, link):
     meta = {"license": "other", "license_name": "x-license", "license_link": link}
     assert any(p.startswith("license_link") for p in check_metadata(meta))

@@ -34,8 +34,12 @@ def test_push_updates_only_the_card_in_one_commit(hub_server, tmp_path):  # noqa
     edited = hub_server.commit_files(REPO, {"README.md": str(hub_card).encode()}, message="Edit card")
     before = hub_server.files(REPO)
 
-    write_results(folder, lm_eval_results("belebele_bod_Tibt", {"acc": 0.42}, date=1795581000.0),
-                  under="later", stamp="2026-11-25T04-30-00.000000")
+    write_results(
+        folder,
+        lm_eval_results("belebele_bod_Tibt", {"acc": 0.42}, date=1795581000.0),
+        under="later",
+        stamp="2026-11-25T04-30-00.000000",
+    )
     result = lrmerge_card(str(folder), "--push", REPO, "--token", TOKEN, "--format", "json")
     assert result.exit_code == 0, result.output
     assert TOKEN not in result.output

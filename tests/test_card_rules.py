@@ -14,11 +14,19 @@ GOOD = {
     "pipeline_tag": "text-generation",
     "tags": ["merge", "tibetan"],
     "base_model_relation": "merge",
-    "model-index": [{"name": "m", "results": [{
-        "task": {"type": "text-generation"},
-        "dataset": {"type": "facebook/belebele", "name": "belebele_bod_Tibt"},
-        "metrics": [{"type": "acc", "value": 0.35}],
-        "source": {"name": "lm-eval", "url": "https://github.com/EleutherAI/lm-evaluation-harness"}}]}],
+    "model-index": [
+        {
+            "name": "m",
+            "results": [
+                {
+                    "task": {"type": "text-generation"},
+                    "dataset": {"type": "facebook/belebele", "name": "belebele_bod_Tibt"},
+                    "metrics": [{"type": "acc", "value": 0.35}],
+                    "source": {"name": "lm-eval", "url": "https://github.com/EleutherAI/lm-evaluation-harness"},
+                }
+            ],
+        }
+    ],
 }
 
 
@@ -26,25 +34,39 @@ def test_good_metadata_passes():
     assert check_metadata(GOOD) == []
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"language": ["bo", "xx"]}, "language: unknown ISO 639 code 'xx'"),
-    ({"language": 3}, "language: must be"),
-    ({"license": "llama-2"}, "license: 'llama-2' is not a Hub license id"),
-    ({"license": ["mit", "apache-2.0"]}, "is not a Hub license id"),
-    ({"base_model_relation": ["merge"]}, "base_model_relation: must be one of"),
-    ({"pipeline_tag": ["text-generation"]}, "pipeline_tag: must be a string"),
-    ({"license": "other"}, "license_name: required"),
-    ({"license": "other", "license_name": "My License", "license_link": "https://x"}, "license_name: required"),
-    ({"license_name": "x"}, "only used with license 'other'"),
-    ({"base_model": ["/tmp/models/base"]}, "is not a Hub model id"),
-    ({"base_model": ["a/b", "a/b"]}, "lists a model twice"),
-    ({"base_model_relation": "merged"}, "base_model_relation: must be one of"),
-    ({"pipeline_tag": "text-classification"}, "pipeline_tag"),
-    ({"tags": "merge"}, "tags: must be a list"),
-    ({"model-index": [{"name": "m", "results": [{"task": {"type": "t"}, "dataset": {"type": "d", "name": "n"},
-                                                 "metrics": [{"type": "acc"}]}]}]}, "value (number) are required"),
-    ({"model-index": [{"results": []}]}, "model-index[0].name: required"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"language": ["bo", "xx"]}, "language: unknown ISO 639 code 'xx'"),
+        ({"language": 3}, "language: must be"),
+        ({"license": "llama-2"}, "license: 'llama-2' is not a Hub license id"),
+        ({"license": ["mit", "apache-2.0"]}, "is not a Hub license id"),
+        ({"base_model_relation": ["merge"]}, "base_model_relation: must be one of"),
+        ({"pipeline_tag": ["text-generation"]}, "pipeline_tag: must be a string"),
+        ({"license": "other"}, "license_name: required"),
+        ({"license": "other", "license_name": "My License", "license_link": "https://x"}, "license_name: required"),
+        ({"license_name": "x"}, "only used with license 'other'"),
+        ({"base_model": ["/tmp/models/base"]}, "is not a Hub model id"),
+        ({"base_model": ["a/b", "a/b"]}, "lists a model twice"),
+        ({"base_model_relation": "merged"}, "base_model_relation: must be one of"),
+        ({"pipeline_tag": "text-classification"}, "pipeline_tag"),
+        ({"tags": "merge"}, "tags: must be a list"),
+        (
+            {
+                "model-index": [
+                    {
+                        "name": "m",
+                        "results": [
+                            {"task": {"type": "t"}, "dataset": {"type": "d", "name": "n"}, "metrics": [{"type": "acc"}]}
+                        ],
+                    }
+                ]
+            },
+            "value (number) are required",
+        ),
+        ({"model-index": [{"results": []}]}, "model-index[0].name: required"),
+    ],
+)
 def test_each_rule_catches_its_mistake(change, problem):
     problems = check_metadata(dict(GOOD, **change))
     assert any(problem in p for p in problems), problems
@@ -57,7 +79,16 @@ def test_relation_needs_a_base_model():
 
 def test_iso_639_codes_and_names():
     assert [is_language_code(c) for c in ("bo", "bod", "tib", "khk", "afa", "multilingual", "xx", "BO", "")] == [
-        True, True, True, True, True, True, False, False, False]
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert language_name("sw") == "Swahili"
     assert language_name("ta") == "Tamil"
     assert language_tag("el") == "modern-greek"

@@ -40,8 +40,9 @@ def test_sweep_of_three_points_promotes_the_best(tmp_path):
     make_family(tmp_path / "models")
     make_tiny_task(tmp_path / "tasks")
     (tmp_path / "recipe.yaml").write_text(SWEEP_RECIPE)
-    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "recipe.yaml"), "--grid", "slack=0,0.5,4", "--backend", "hf",
-                                       "--format", "json"])
+    result = CliRunner().invoke(
+        main, ["sweep", str(tmp_path / "recipe.yaml"), "--grid", "slack=0,0.5,4", "--backend", "hf", "--format", "json"]
+    )
     assert result.exit_code == 0, result.stderr
     table = json.loads(result.stdout)
     points = table["points"]
@@ -86,12 +87,27 @@ def test_readme_main_job_from_a_clean_checkout(tmp_path):
     venv.EnvBuilder(with_pip=False).create(env_dir)
     bin_dir = env_dir / "bin"
     (Path(sysconfig.get_path("purelib", "venv", vars={"base": str(env_dir)})) / "tests-runner.pth").write_text(
-        "".join(f"{p}\n" for p in sys.path if Path(p).name in ("site-packages", "dist-packages")))
+        "".join(f"{p}\n" for p in sys.path if Path(p).name in ("site-packages", "dist-packages"))
+    )
     steps = [step.strip() for step in command.split("&&")]
     install = [shlex.split(step) for step in steps if step.startswith("python3 -m pip")]
     assert install[0][:4] == ["python3", "-m", "pip", "install"], steps
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q",
-                    "--no-deps", "--no-build-isolation", *install[0][4:]], cwd=clone, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(bin_dir / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            *install[0][4:],
+        ],
+        cwd=clone,
+        check=True,
+    )
     rest = " && ".join(step for step in steps if not step.startswith("python3 -m pip"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_TOKEN", "PYTHONPATH"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1")

@@ -26,14 +26,18 @@ license: llama2
 
 
 def recipe_text(method="slack_ties", slack=0.5, dtype=None):
-    return RECIPE.format(method=method, slack=f", slack: {slack}" if method == "slack_ties" else "",
-                         dtype=f"dtype: {dtype}\n" if dtype else "")
+    return RECIPE.format(
+        method=method,
+        slack=f", slack: {slack}" if method == "slack_ties" else "",
+        dtype=f"dtype: {dtype}\n" if dtype else "",
+    )
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out = {}
     for f in files:
         with safe_open(str(folder / f), framework="pt") as st:
@@ -59,11 +63,16 @@ def test_merge_matches_reference_per_tensor(family, write_recipe, dtype, shard_b
     for name, merged in out.items():
         assert merged.dtype == srcs["base"][name].dtype  # default output dtype: the base's
         f32 = {k: srcs[k][name].float().numpy() for k in srcs}
-        expected, kept, _ = ref_ties(f32["base"], [f32["language"], f32["task"]], [1.0, 0.8],
-                                     [0.2, 0.3], [0.0, 0.5], 0.9, True)
+        expected, kept, _ = ref_ties(
+            f32["base"], [f32["language"], f32["task"]], [1.0, 0.8], [0.2, 0.3], [0.0, 0.5], 0.9, True
+        )
         expected = torch.from_numpy(expected).to(merged.dtype).float()
-        torch.testing.assert_close(merged.float(), expected, rtol=1e-5 if dtype == "float32" else 1e-2,
-                                   atol=1e-6 if dtype == "float32" else 1e-2)
+        torch.testing.assert_close(
+            merged.float(),
+            expected,
+            rtol=1e-5 if dtype == "float32" else 1e-2,
+            atol=1e-6 if dtype == "float32" else 1e-2,
+        )
         kept_total = [a + b for a, b in zip(kept_total, kept)]
     assert [m["retention"]["kept"] for m in report["models"]] == kept_total
     shards = list(recipe.output.glob("*.safetensors"))
@@ -75,8 +84,15 @@ def test_output_folder_is_complete(family, write_recipe):
     recipe, report = run_merge(write_recipe, recipe_text(dtype="bfloat16"))
     out = recipe.output
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "recipe.yaml", "merge_report.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "recipe.yaml",
+        "merge_report.json",
+    } <= names
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 384 + 8 and config["torch_dtype"] == "bfloat16"
     saved = json.loads((out / "merge_report.json").read_text())
@@ -84,7 +100,9 @@ def test_output_folder_is_complete(family, write_recipe):
     assert saved["tokenizer_source"] == "language" and saved["vocab"] == {"base_rows": 384, "output_rows": 392}
     for m in saved["models"]:
         r = m["retention"]
-        assert 0 < r["agreed"] <= r["kept"] < r["total"] and r["fraction"] == pytest.approx(r["agreed"] / r["kept"], abs=1e-6)
+        assert 0 < r["agreed"] <= r["kept"] < r["total"] and r["fraction"] == pytest.approx(
+            r["agreed"] / r["kept"], abs=1e-6
+        )
     text = (out / "recipe.yaml").read_text() + (out / "merge_report.json").read_text()
     assert str(out.parent) not in text  # no local absolute paths
     assert load_recipe(out / "recipe.yaml").models[1].params == {"weight": 0.8, "density": 0.3, "slack": 0.5}
@@ -104,7 +122,10 @@ def test_extended_vocabulary_rows_copied_from_language_model(family, write_recip
 
 def test_slack_zero_equals_ties_end_to_end(family, write_recipe):
     family()
-    r1, _ = run_merge(write_recipe, recipe_text(method="ties"), )
+    r1, _ = run_merge(
+        write_recipe,
+        recipe_text(method="ties"),
+    )
     a = load_all(r1.output)
     r2, _ = run_merge(write_recipe, recipe_text(method="slack_ties", slack=0.0).replace("./merged", "./merged2"))
     b = load_all(r2.output)
@@ -137,8 +158,9 @@ def test_existing_output_kept_on_failure_and_replaced_with_overwrite(family, wri
         raise RuntimeError("injected failure")
 
     with pytest.raises(RuntimeError):
-        merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False,
-              overwrite=True, on_tensor=boom)
+        merge(
+            recipe, local_sources(recipe), recipe.output, device="cpu", progress=False, overwrite=True, on_tensor=boom
+        )
     assert (recipe.output / "keep.txt").read_text() == "old"
     merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False, overwrite=True)
     assert not (recipe.output / "keep.txt").exists() and (recipe.output / "merge_report.json").exists()
@@ -146,11 +168,14 @@ def test_existing_output_kept_on_failure_and_replaced_with_overwrite(family, wri
 
 def test_linear_without_base(family, write_recipe):
     paths = family()
-    recipe, report = run_merge(write_recipe, """
+    recipe, report = run_merge(
+        write_recipe,
+        """
 method: linear
 models: [{model: ./models/language, weight: 1}, {model: ./models/task, weight: 3}]
 output: ./merged
-""")
+""",
+    )
     out = load_all(recipe.output)
     lang, task = load_all(paths["language"]), load_all(paths["task"])
     for k in out:
@@ -168,8 +193,9 @@ def test_merged_model_loads_and_generates(family, write_recipe):
     ids = tok("The quick brown fox", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 6
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True).endswith("assistant:")
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    ).endswith("assistant:")
 
 
 def test_cpu_ties_merge_from_the_cli_never_imports_torch(family, write_recipe):

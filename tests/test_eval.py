@@ -45,9 +45,18 @@ def test_default_tasks_exist_in_lm_eval():
 
 
 def test_redaction_and_summary():
-    data = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 4,
-                              "exact_match,strict-match": 0.25}},
-            "config": {"model_args": "pretrained=/home/u/runs/merged-bo,dtype=float32"}}
+    data = {
+        "results": {
+            "t": {
+                "alias": "t",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.1,
+                "sample_len": 4,
+                "exact_match,strict-match": 0.25,
+            }
+        },
+        "config": {"model_args": "pretrained=/home/u/runs/merged-bo,dtype=float32"},
+    }
     red = evaluate.redact_paths(data, {"/home/u/runs/merged-bo": "merged-bo", "/home/u": "~"})
     assert red["config"]["model_args"] == "pretrained=merged-bo,dtype=float32"
     assert evaluate.summarize(data) == {"t": {"acc": 0.5, "exact_match (strict-match)": 0.25}}
@@ -74,11 +83,14 @@ def test_run_step_uses_the_recipes_eval_section(tmp_path):
     """evaluate_for_run (the `eval` step of `lrmerge run`) maps recipe models to roles."""
     root = make_models(tmp_path / "models")
     merged = merge_tiny(root, "merged-bo")
-    recipe = SimpleNamespace(languages=["bo"], models=[
-        SimpleNamespace(ref=SimpleNamespace(spec="./language"), role="language"),
-        SimpleNamespace(ref=SimpleNamespace(spec="./task"), role="task")])
-    spec = SimpleNamespace(tasks=("tiny_mc",), limit=2, include_path=tmp_path / "missing", compare=True,
-                           backend="hf")
+    recipe = SimpleNamespace(
+        languages=["bo"],
+        models=[
+            SimpleNamespace(ref=SimpleNamespace(spec="./language"), role="language"),
+            SimpleNamespace(ref=SimpleNamespace(spec="./task"), role="task"),
+        ],
+    )
+    spec = SimpleNamespace(tasks=("tiny_mc",), limit=2, include_path=tmp_path / "missing", compare=True, backend="hf")
     with pytest.raises(EvalError, match="not a folder of task YAML"):
         evaluate.evaluate_for_run(merged, recipe, spec, sources={})
 
@@ -94,9 +106,24 @@ def test_hf_backend_with_compare_writes_results_for_merge_and_sources(tmp_path, 
     root = make_models(tmp_path / "models")
     merged = merge_tiny(root, "merged-bo")
     tasks = write_tiny_task(tmp_path / "tasks")
-    result = CliRunner().invoke(main, ["eval", str(merged), "--backend", "hf", "--tasks", "tiny_mc",
-                                       "--include-path", str(tasks), "--compare", "--limit", "4",
-                                       "--format", "json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(merged),
+            "--backend",
+            "hf",
+            "--tasks",
+            "tiny_mc",
+            "--include-path",
+            str(tasks),
+            "--compare",
+            "--limit",
+            "4",
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["backend"] == "hf" and set(out["files"]) == {"merged", "language", "task"}
@@ -136,7 +163,7 @@ def test_several_models_take_no_compare_and_distinct_names(tmp_path):
 
 def without_output_path(command: str) -> str:
     words = command.split()
-    return " ".join(words[:words.index("--output_path")] + words[words.index("--output_path") + 2:])
+    return " ".join(words[: words.index("--output_path")] + words[words.index("--output_path") + 2 :])
 
 
 @pytest.mark.slow
@@ -145,8 +172,7 @@ def test_several_models_in_one_lm_eval_process_score_as_each_alone(tmp_path, mon
     root = make_models(tmp_path / "models")
     merged, language = merge_tiny(root, "merged-bo"), root / "language"
     tasks = write_tiny_task(tmp_path / "tasks")
-    common = ["--backend", "hf", "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4",
-              "--format", "json"]
+    common = ["--backend", "hf", "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4", "--format", "json"]
     together = CliRunner().invoke(main, ["eval", str(merged), str(language), *common])
     assert together.exit_code == 0, together.output
     out = json.loads(together.output)
@@ -173,8 +199,22 @@ def test_a_model_that_fails_stops_the_batch_and_keeps_the_results_before_it(tmp_
     for weights in broken.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     tasks = write_tiny_task(tmp_path / "tasks")
-    r = run_cli(["eval", str(root / "task"), str(broken), str(root / "base"), "--backend", "hf",
-                 "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "4"])
+    r = run_cli(
+        [
+            "eval",
+            str(root / "task"),
+            str(broken),
+            str(root / "base"),
+            "--backend",
+            "hf",
+            "--tasks",
+            "tiny_mc",
+            "--include-path",
+            str(tasks),
+            "--limit",
+            "4",
+        ]
+    )
     assert r.returncode == 2 and "lm-eval exited with status 1" in r.stderr and "Traceback" not in r.stderr
     error = next(line for line in r.stderr.splitlines() if line.startswith("Error: "))  # progress lines come first
     log = Path(error.split("(log: ", 1)[1].split(")", 1)[0])
@@ -220,9 +260,17 @@ def run_both_formats(args: list[str], cwd: Path) -> dict[str, tuple[int, str, st
     """`lrmerge ARGS` in the human and the json format at once, progress every second:
     {format: (exit status, stdout, stderr)}."""
     env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1"})
-    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", *args, "--format", fmt], cwd=cwd, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for fmt in ("human", "json")}
+    runs = {
+        fmt: subprocess.Popen(
+            [sys.executable, "-m", "lrmerge_hub", *args, "--format", fmt],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for fmt in ("human", "json")
+    }
     out = {fmt: p.communicate(timeout=900) for fmt, p in runs.items()}
     return {fmt: (runs[fmt].returncode, *out[fmt]) for fmt in runs}
 
@@ -231,8 +279,21 @@ def run_both_formats(args: list[str], cwd: Path) -> dict[str, tuple[int, str, st
 def test_an_lm_eval_failure_says_its_cause_first_and_the_log_below(tmp_path):
     root = make_models(tmp_path / "models")
     tasks = write_tiny_task(tmp_path / "tasks")
-    out = run_both_formats(["eval", str(root / "task"), "--backend", "hf", "--tasks", "tiny_mcq", "--include-path",
-                            str(tasks), "--limit", "2"], tmp_path)
+    out = run_both_formats(
+        [
+            "eval",
+            str(root / "task"),
+            "--backend",
+            "hf",
+            "--tasks",
+            "tiny_mcq",
+            "--include-path",
+            str(tasks),
+            "--limit",
+            "2",
+        ],
+        tmp_path,
+    )
     status, stdout, stderr = out["human"]
     err = stderr.splitlines()
     error = next(i for i, line in enumerate(err) if line.startswith("Error: "))
@@ -261,11 +322,20 @@ def test_the_eval_step_of_run_shows_progress_and_json_stays_clean(tmp_path):
         (root / f"{fmt}.yaml").write_text(
             "method: slack_ties\nbase: ./base\nmodels:\n  - {model: ./language, role: language, density: 0.3}\n"
             f"  - {{model: ./task, role: task, density: 0.3}}\nlanguages: [bo]\noutput: ./merged-{fmt}\n"
-            f"eval: {{tasks: [tiny_mc], limit: 4, backend: hf, include_path: {tasks}}}\n")
+            f"eval: {{tasks: [tiny_mc], limit: 4, backend: hf, include_path: {tasks}}}\n"
+        )
     env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1"})
-    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "run", str(root / f"{fmt}.yaml"),
-                                   "--format", fmt], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for fmt in ("human", "json")}
+    runs = {
+        fmt: subprocess.Popen(
+            [sys.executable, "-m", "lrmerge_hub", "run", str(root / f"{fmt}.yaml"), "--format", fmt],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for fmt in ("human", "json")
+    }
     out = {fmt: (p.communicate(timeout=900), p.returncode) for fmt, p in runs.items()}
     out = {fmt: (code, *texts) for fmt, (texts, code) in out.items()}
     status, _, stderr = out["human"]
@@ -273,7 +343,7 @@ def test_the_eval_step_of_run_shows_progress_and_json_stays_clean(tmp_path):
     assert status == 0, stderr
     start = next(i for i, line in enumerate(err) if line.startswith("lm-eval: evaluating merged-human on tiny_mc"))
     done = next(i for i, line in enumerate(err) if line.startswith("eval: done in "))
-    between = err[start + 1:done]
+    between = err[start + 1 : done]
     assert any(line.startswith("lm-eval: evaluating, ") for line in between), err
     assert between[-1].startswith("lm-eval: finished in ")
 

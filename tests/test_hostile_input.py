@@ -28,8 +28,29 @@ from tests.test_bad_input import GOOD, assert_clean_error, first_shard, lrmerge
 # 200 examples each, about 16 s for the four properties on 2 cores; an example that takes over 5 s
 # (milliseconds is normal) fails: a slow input is a denial of service.
 FAST = settings(max_examples=200, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
-SAFETENSORS_DTYPES = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
-                      "F32", "F64", "I64", "U64", "F4", "F8_E8M0", "C64", "float32", "f32", ""]
+SAFETENSORS_DTYPES = [
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "F64",
+    "I64",
+    "U64",
+    "F4",
+    "F8_E8M0",
+    "C64",
+    "float32",
+    "f32",
+    "",
+]
 
 
 def write_safetensors(path: Path, header: bytes | dict, data: bytes) -> Path:
@@ -105,12 +126,15 @@ def test_an_absurd_header_length_is_refused_without_reading_it(tmp_path):
         read_header(path)
 
 
-@pytest.mark.parametrize("header,data_size", [
-    ({"a": entry(), "b": entry(shape=[0], offsets=[8, 8])}, 8),
-    ({"b": entry(shape=[3], offsets=[8, 20]), "a": entry()}, 20),  # listed out of order, tiling in order
-    ({"__metadata__": None, "a": entry(shape=[], offsets=[0, 4])}, 4),
-    ({"__metadata__": {"format": "pt"}, "a": {**entry(), "extra": [1, {"x": None}]}}, 8),
-])
+@pytest.mark.parametrize(
+    "header,data_size",
+    [
+        ({"a": entry(), "b": entry(shape=[0], offsets=[8, 8])}, 8),
+        ({"b": entry(shape=[3], offsets=[8, 20]), "a": entry()}, 20),  # listed out of order, tiling in order
+        ({"__metadata__": None, "a": entry(shape=[], offsets=[0, 4])}, 4),
+        ({"__metadata__": {"format": "pt"}, "a": {**entry(), "extra": [1, {"x": None}]}}, 8),
+    ],
+)
 def test_headers_safetensors_accepts_are_accepted(tmp_path, header, data_size):
     path = write_safetensors(tmp_path / "model.safetensors", header, bytes(data_size))
     assert safetensors_accepts(path) and ours_accepts(path)
@@ -151,14 +175,13 @@ def rewrite_header(shard: Path, change) -> None:
     """Rewrite a shard's header through `change(header_dict)`, keeping the data."""
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     change(header)
-    write_safetensors(shard, json.dumps(header).encode(), raw[8 + n:])
+    write_safetensors(shard, json.dumps(header).encode(), raw[8 + n :])
 
 
 @pytest.mark.parametrize("shape", [[-1, -64], [True, 64], [64.0]])
-def test_a_checkpoint_with_dims_safetensors_rejects_is_refused_before_writing(tmp_path, family, write_recipe,
-                                                                              shape):
+def test_a_checkpoint_with_dims_safetensors_rejects_is_refused_before_writing(tmp_path, family, write_recipe, shape):
     """These merged with exit code 0 into a file safetensors cannot load (the element counts match)."""
     models = family()
     shard = first_shard(models["task"])
@@ -204,8 +227,9 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, family,
         point_index_at(task, str(outside))
     else:
         (task / first).symlink_to(outside)
-    assert_clean_error(tmp_path, write_recipe(GOOD), "symlink out of" if how == "symlink" else "outside",
-                       "refusing to read it")
+    assert_clean_error(
+        tmp_path, write_recipe(GOOD), "symlink out of" if how == "symlink" else "outside", "refusing to read it"
+    )
 
 
 def test_a_hub_cache_snapshot_may_link_into_its_own_blobs(tmp_path, family):
@@ -229,20 +253,23 @@ def break_json(folder: Path, name: str, value) -> None:
     path.write_bytes(value if isinstance(value, bytes) else json.dumps(value).encode())
 
 
-@pytest.mark.parametrize("name,value,needle", [
-    ("config.json", [1, 2], "config.json in task must hold a JSON object"),
-    ("config.json", {"architectures": 5}, "architectures must be a list"),
-    ("config.json", {"architectures": [5]}, "architectures must be a list of class names"),
-    ("config.json", {"architectures": ["LlamaForCausalLM"], "torch_dtype": ["x"]}, "torch_dtype must be a str"),
-    ("config.json", {"vocab_size": "many"}, "vocab_size must be a int"),
-    ("config.json", b"\xff\xfe{\x00}\x00", "not valid JSON"),
-    ("tokenizer_config.json", b"{not json", "tokenizer_config.json in task is not valid JSON"),
-    ("tokenizer_config.json", ["a"], "tokenizer_config.json in task must hold a JSON object"),
-    ("model.safetensors.index.json", [1], "must hold a JSON object"),
-    ("model.safetensors.index.json", {"weight_map": {"x": 5}}, "names a shard 5"),
-    ("model.safetensors.index.json", {"weight_map": {"x": ["a"]}}, "names a shard"),
-    ("model.safetensors.index.json", {"weight_map": [1]}, "has no weight_map"),
-])
+@pytest.mark.parametrize(
+    "name,value,needle",
+    [
+        ("config.json", [1, 2], "config.json in task must hold a JSON object"),
+        ("config.json", {"architectures": 5}, "architectures must be a list"),
+        ("config.json", {"architectures": [5]}, "architectures must be a list of class names"),
+        ("config.json", {"architectures": ["LlamaForCausalLM"], "torch_dtype": ["x"]}, "torch_dtype must be a str"),
+        ("config.json", {"vocab_size": "many"}, "vocab_size must be a int"),
+        ("config.json", b"\xff\xfe{\x00}\x00", "not valid JSON"),
+        ("tokenizer_config.json", b"{not json", "tokenizer_config.json in task is not valid JSON"),
+        ("tokenizer_config.json", ["a"], "tokenizer_config.json in task must hold a JSON object"),
+        ("model.safetensors.index.json", [1], "must hold a JSON object"),
+        ("model.safetensors.index.json", {"weight_map": {"x": 5}}, "names a shard 5"),
+        ("model.safetensors.index.json", {"weight_map": {"x": ["a"]}}, "names a shard"),
+        ("model.safetensors.index.json", {"weight_map": [1]}, "has no weight_map"),
+    ],
+)
 def test_malformed_model_files_are_one_line_errors(tmp_path, family, write_recipe, name, value, needle):
     task = family()["task"]
     if name == "config.json" and isinstance(value, dict):
@@ -251,26 +278,29 @@ def test_malformed_model_files_are_one_line_errors(tmp_path, family, write_recip
     assert_clean_error(tmp_path, write_recipe(GOOD), needle)
 
 
-@pytest.mark.parametrize("raw,needle", [
-    ("méthod: x".encode("latin-1"), "not UTF-8"),
-    (GOOD.encode("utf-16"), "UTF-16"),
-    (GOOD.encode("utf-16-le"), "UTF-16"),
-    (GOOD.replace("slack_ties", "[slack_ties, ties]").encode(), "method: unknown method"),
-    (GOOD.replace("slack_ties", "{name: ties}").encode(), "method: unknown method"),
-    ((GOOD + "license: [mit]\n").encode(), "license: must be a Hub license id"),
-    ((GOOD + "license: {id: mit}\n").encode(), "license: must be a Hub license id"),
-    ((GOOD + "dtype: {a: 1}\n").encode(), "dtype: must be one of"),
-    (GOOD.replace("output: ./merged", "output: ./" + "m" * 256).encode(), "over 255 bytes"),
-    (GOOD.replace("output: ./merged", "output: ./" + "m" * 240).encode(), "over 200 bytes"),
-    (GOOD.replace("output: ./merged", 'output: "./mer\\0ged"').encode(), "control character"),
-    (GOOD.replace("output: ./merged", "output: ./recipe.yaml/merged").encode(), "is a file"),
-    (GOOD.replace("output: ./merged", "output: ./recipe.yaml").encode(), "is a file"),
-    (GOOD.replace("./models/task", '"./models/ta\\nsk"').encode(), "control character"),
-    (GOOD.replace("density: 0.2, slack: 0.5", "density: 0.2, slack: " + "9" * 400).encode(), "slack"),
-    (GOOD.replace("./models/task", "org/task@main\\n").encode(), "neither an existing folder"),
-    (GOOD.replace("./models/task", "~nosuchuser12345/task").encode(), "not a usable path"),
-    ((GOOD + "eval: {include_path: [x]}\n").encode(), "eval.include_path"),
-])
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ("méthod: x".encode("latin-1"), "not UTF-8"),
+        (GOOD.encode("utf-16"), "UTF-16"),
+        (GOOD.encode("utf-16-le"), "UTF-16"),
+        (GOOD.replace("slack_ties", "[slack_ties, ties]").encode(), "method: unknown method"),
+        (GOOD.replace("slack_ties", "{name: ties}").encode(), "method: unknown method"),
+        ((GOOD + "license: [mit]\n").encode(), "license: must be a Hub license id"),
+        ((GOOD + "license: {id: mit}\n").encode(), "license: must be a Hub license id"),
+        ((GOOD + "dtype: {a: 1}\n").encode(), "dtype: must be one of"),
+        (GOOD.replace("output: ./merged", "output: ./" + "m" * 256).encode(), "over 255 bytes"),
+        (GOOD.replace("output: ./merged", "output: ./" + "m" * 240).encode(), "over 200 bytes"),
+        (GOOD.replace("output: ./merged", 'output: "./mer\\0ged"').encode(), "control character"),
+        (GOOD.replace("output: ./merged", "output: ./recipe.yaml/merged").encode(), "is a file"),
+        (GOOD.replace("output: ./merged", "output: ./recipe.yaml").encode(), "is a file"),
+        (GOOD.replace("./models/task", '"./models/ta\\nsk"').encode(), "control character"),
+        (GOOD.replace("density: 0.2, slack: 0.5", "density: 0.2, slack: " + "9" * 400).encode(), "slack"),
+        (GOOD.replace("./models/task", "org/task@main\\n").encode(), "neither an existing folder"),
+        (GOOD.replace("./models/task", "~nosuchuser12345/task").encode(), "not a usable path"),
+        ((GOOD + "eval: {include_path: [x]}\n").encode(), "eval.include_path"),
+    ],
+)
 def test_malformed_recipes_are_one_line_errors(tmp_path, family, raw, needle):
     family()
     recipe = tmp_path / "recipe.yaml"
@@ -295,8 +325,12 @@ def yaml_bomb(levels: int = 9) -> str:
 
 def test_a_yaml_bomb_is_refused_at_once(tmp_path, family):
     family()
-    bomb = GOOD.replace("method: slack_ties\n", "") + "method:\n" + "\n".join(
-        "  " + line for line in yaml_bomb().splitlines()) + "\n"
+    bomb = (
+        GOOD.replace("method: slack_ties\n", "")
+        + "method:\n"
+        + "\n".join("  " + line for line in yaml_bomb().splitlines())
+        + "\n"
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(bomb)
     start = time.monotonic()
@@ -317,13 +351,16 @@ def test_a_huge_value_is_cut_short_in_the_message(tmp_path, family):
     assert len(message) < 400  # the value cut short, then the 22 allowed methods
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b"not json", "not JSON"),
-    (b"\xff\xfe\x00", "not JSON"),
-    (b"[1, 2]", "a JSON list"),
-    (b'{"steps": [1, 2]}', "its fields are not what"),
-    (b'{"steps": {"eval": {"scores": [{"task": 1}]}}}', "its fields are not what"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe\x00", "not JSON"),
+        (b"[1, 2]", "a JSON list"),
+        (b'{"steps": [1, 2]}', "its fields are not what"),
+        (b'{"steps": {"eval": {"scores": [{"task": 1}]}}}', "its fields are not what"),
+    ],
+)
 def test_summary_of_a_file_that_is_not_a_run_summary(tmp_path, content, needle):
     path = tmp_path / "summary.json"
     path.write_bytes(content)
@@ -355,26 +392,38 @@ def maybe(strategy):
 model_entries = st.dictionaries(
     st.sampled_from(["model", "role", "weight", "density", "slack", "hub_id"]) | st.text(max_size=6),
     maybe(st.sampled_from(["org/task", "org/lang@main", "./here", ".", "language", "task", 0.5, 1, 1e39, -1])),
-    max_size=6)
-recipe_documents = st.fixed_dictionaries({}, optional={
-    "method": maybe(st.sampled_from(["slack_ties", "ties", "task_arithmetic", "linear"])),
-    "base": maybe(st.sampled_from(["org/base", "org/base@v1", "./base", "org/base\n"])),
-    "models": maybe(st.lists(model_entries | st.sampled_from(["org/a", "org/b"]), max_size=3)),
-    "parameters": maybe(st.dictionaries(st.sampled_from(["lambda", "normalize"]), maybe(st.floats() | st.booleans()))),
-    "languages": maybe(st.lists(st.sampled_from(["bo", "ug", "xx", "code"]), max_size=2)),
-    "license": maybe(st.sampled_from(["mit", "other", "llama2"])),
-    "license_name": json_values, "license_link": maybe(st.sampled_from(["https://x.org/l", "LICENSE"])),
-    "dtype": json_values, "device": json_values, "tokenizer_source": json_values,
-    "output": maybe(st.sampled_from(["./out", "out\0x", "o" * 300])),
-    "push": maybe(st.fixed_dictionaries({"repo": maybe(st.just("org/name"))}, optional={"tag": json_values})),
-    "eval": maybe(st.dictionaries(st.sampled_from(["tasks", "limit", "include_path", "compare", "backend"]),
-                                  json_values)),
-})
+    max_size=6,
+)
+recipe_documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "method": maybe(st.sampled_from(["slack_ties", "ties", "task_arithmetic", "linear"])),
+        "base": maybe(st.sampled_from(["org/base", "org/base@v1", "./base", "org/base\n"])),
+        "models": maybe(st.lists(model_entries | st.sampled_from(["org/a", "org/b"]), max_size=3)),
+        "parameters": maybe(
+            st.dictionaries(st.sampled_from(["lambda", "normalize"]), maybe(st.floats() | st.booleans()))
+        ),
+        "languages": maybe(st.lists(st.sampled_from(["bo", "ug", "xx", "code"]), max_size=2)),
+        "license": maybe(st.sampled_from(["mit", "other", "llama2"])),
+        "license_name": json_values,
+        "license_link": maybe(st.sampled_from(["https://x.org/l", "LICENSE"])),
+        "dtype": json_values,
+        "device": json_values,
+        "tokenizer_source": json_values,
+        "output": maybe(st.sampled_from(["./out", "out\0x", "o" * 300])),
+        "push": maybe(st.fixed_dictionaries({"repo": maybe(st.just("org/name"))}, optional={"tag": json_values})),
+        "eval": maybe(
+            st.dictionaries(st.sampled_from(["tasks", "limit", "include_path", "compare", "backend"]), json_values)
+        ),
+    },
+)
 
 
 @FAST
-@given(doc=recipe_documents | st.dictionaries(st.sampled_from(TOP_LEVEL_KEYS) | st.text(max_size=8), json_values,
-                                              max_size=6))
+@given(
+    doc=recipe_documents
+    | st.dictionaries(st.sampled_from(TOP_LEVEL_KEYS) | st.text(max_size=8), json_values, max_size=6)
+)
 def test_any_recipe_structure_ends_in_a_recipe_or_a_one_line_error(doc):
     """Arbitrary YAML documents, most shaped like a recipe (dumped, read back, parsed): a
     Recipe or a one-line RecipeError."""
@@ -409,8 +458,9 @@ def headers(draw):
         offset += size
     header: dict = dict(tensors)
     if draw(st.booleans()):
-        header["__metadata__"] = draw(st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4) | st.integers(),
-                                                                  max_size=2))
+        header["__metadata__"] = draw(
+            st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4) | st.integers(), max_size=2)
+        )
     data_size = offset + draw(st.sampled_from([0, 0, 0, 1, -1]))
     if tensors and draw(st.booleans()):
         name = draw(st.sampled_from(sorted(tensors)))
@@ -444,8 +494,7 @@ def test_our_header_reader_agrees_with_safetensors(case):
 
 
 @FAST
-@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
-       data=st.binary(max_size=16))
+@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), data=st.binary(max_size=16))
 def test_any_header_bytes_end_in_a_result_or_a_one_line_error(raw, data):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_safetensors(Path(tmp) / "model.safetensors", raw, data)
@@ -460,12 +509,15 @@ def test_an_unreadable_shard_is_a_one_line_error(tmp_path):
         read_header(path)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["org/name\n"], "not a Hub model id"),
-    (["org/x](javascript:alert(1))"], "not a Hub model id"),
-    (["org/name", "--revision", "../../refs"], "--revision"),
-    (["org/name", "--tag", "v1\n"], "--tag"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["org/name\n"], "not a Hub model id"),
+        (["org/x](javascript:alert(1))"], "not a Hub model id"),
+        (["org/name", "--revision", "../../refs"], "--revision"),
+        (["org/name", "--tag", "v1\n"], "--tag"),
+    ],
+)
 def test_push_refuses_an_id_or_revision_the_hub_would_not_have(tmp_path, args, needle):
     """Checked before any request (and before a revision could name a path in the HF cache)."""
     code, output = lrmerge("push", str(tmp_path), *args)
@@ -473,9 +525,14 @@ def test_push_refuses_an_id_or_revision_the_hub_would_not_have(tmp_path, args, n
     assert code == 2 and len(lines) == 1 and needle in lines[0], output
 
 
-@pytest.mark.parametrize("weight_map,needle", [
-    ({"x": 5}, "names a shard 5"), ([1], "has no weight_map"), ({"x": "../../x.safetensors"}, "outside the model"),
-])
+@pytest.mark.parametrize(
+    "weight_map,needle",
+    [
+        ({"x": 5}, "names a shard 5"),
+        ([1], "has no weight_map"),
+        ({"x": "../../x.safetensors"}, "outside the model"),
+    ],
+)
 def test_a_hub_index_with_bad_shard_names_is_refused(tmp_path, family, hub_server, weight_map, needle):
     models = family(shard_bytes=20_000)
     break_json(models["task"], "model.safetensors.index.json", {"weight_map": weight_map})
@@ -489,7 +546,7 @@ def test_a_hub_index_with_bad_shard_names_is_refused(tmp_path, family, hub_serve
 def not_json(shard: Path) -> None:
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    shard.write_bytes(raw[:8] + b"x" * n + raw[8 + n:])
+    shard.write_bytes(raw[:8] + b"x" * n + raw[8 + n :])
 
 
 @pytest.mark.parametrize("shape", [[-1, -64], [True, 64], "not JSON"])
@@ -500,8 +557,12 @@ def test_a_hub_model_with_a_bad_header_is_refused_before_any_download(tmp_path, 
     if shape == "not JSON":
         not_json(first_shard(models["task"]))
     else:
-        rewrite_header(first_shard(models["task"]), lambda header: header[next(
-            k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64])].update(shape=shape))
+        rewrite_header(
+            first_shard(models["task"]),
+            lambda header: header[
+                next(k for k, v in header.items() if k != "__metadata__" and v["shape"] == [64])
+            ].update(shape=shape),
+        )
     hub_server.seed("org/base", models["base"])
     hub_server.seed("org/task", models["task"])
     code, output = lrmerge("pull", "org/base", "org/task", "--dry-run")
@@ -533,8 +594,10 @@ def test_serve_takes_only_hub_ids_the_hub_accepts(tmp_path, spec):
         resolve_target("org/name@bad..rev", tmp_path)
 
 
-@pytest.mark.parametrize("config", ["[1, 2]", '{"text_config": 5, "head_dim": "x"}', '{"hidden_size": 64, '
-                                    '"num_attention_heads": 0}', '"text"'])
+@pytest.mark.parametrize(
+    "config",
+    ["[1, 2]", '{"text_config": 5, "head_dim": "x"}', '{"hidden_size": 64, "num_attention_heads": 0}', '"text"'],
+)
 def test_serve_reads_any_config_without_a_traceback(tmp_path, config):
     from lrmerge_hub.serve.vllm import local_head_dim
 
@@ -542,12 +605,21 @@ def test_serve_reads_any_config_without_a_traceback(tmp_path, config):
     assert local_head_dim(tmp_path) is None
 
 
-@pytest.mark.parametrize("name,text,needle", [
-    ("merge_report.json", "{not json", "not a JSON merge report"),
-    ("merge_report.json", "[1, 2]", "not a merge report"),
-    ("recipe.yaml", "a: &a [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1 if i else ''}, *a{i - 1 if i else ''}]\n"
-                                           for i in range(1, 30)).replace("*a0", "*a"), "YAML bomb"),
-])
+@pytest.mark.parametrize(
+    "name,text,needle",
+    [
+        ("merge_report.json", "{not json", "not a JSON merge report"),
+        ("merge_report.json", "[1, 2]", "not a merge report"),
+        (
+            "recipe.yaml",
+            "a: &a [1]\n"
+            + "".join(f"a{i}: &a{i} [*a{i - 1 if i else ''}, *a{i - 1 if i else ''}]\n" for i in range(1, 30)).replace(
+                "*a0", "*a"
+            ),
+            "YAML bomb",
+        ),
+    ],
+)
 def test_eval_metadata_of_a_model_folder_is_a_one_line_error(tmp_path, name, text, needle):
     from lrmerge_hub.errors import EvalError
     from lrmerge_hub.evaluate.lm_eval import model_languages
@@ -573,13 +645,19 @@ def test_a_run_summary_is_escaped_for_the_job_summary(tmp_path):
     from lrmerge_hub.run.pipeline import summary_markdown
 
     evil = "x](javascript:alert(1)) <img src=x onerror=alert(1)> | `"
-    summary = {"output": f"/out/{evil}", "error": f"boom {evil}\nsecond line",
-               "steps": {f"merge{evil}": {"status": f"done{evil}", "seconds": 1,
-                                          "retention": {evil: {"kept": 10, "fraction": 0.5}}},
-                         "eval": {"status": "done", "scores": [{"model": evil, "task": evil, "metric": "acc",
-                                                                "value": 0.5}],
-                                  "sample": {"prompt": evil, "answer": "``` " + evil}},
-                         "push": {"status": "done", "commit_url": "https://hf.co/x](javascript:alert(1))"}}}
+    summary = {
+        "output": f"/out/{evil}",
+        "error": f"boom {evil}\nsecond line",
+        "steps": {
+            f"merge{evil}": {"status": f"done{evil}", "seconds": 1, "retention": {evil: {"kept": 10, "fraction": 0.5}}},
+            "eval": {
+                "status": "done",
+                "scores": [{"model": evil, "task": evil, "metric": "acc", "value": 0.5}],
+                "sample": {"prompt": evil, "answer": "``` " + evil},
+            },
+            "push": {"status": "done", "commit_url": "https://hf.co/x](javascript:alert(1))"},
+        },
+    }
     text = summary_markdown(summary)
     tokens = MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(text)
     links = [t for tok in tokens for t in (tok.children or []) if t.type == "link_open"]
@@ -591,6 +669,7 @@ def test_a_run_summary_is_escaped_for_the_job_summary(tmp_path):
         cells = {len(re.split(r"(?<!\\)\|", line)) for line in rows}
         assert len(cells) <= 1, block
     assert "Pushed: `https://hf.co/x](javascript:alert(1))`" in text  # not a plain URL: code
-    ok = summary_markdown({"output": "/out/m", "steps": {"push": {"status": "done",
-                                                                  "commit_url": "https://hf.co/org/m/commit/abc"}}})
+    ok = summary_markdown(
+        {"output": "/out/m", "steps": {"push": {"status": "done", "commit_url": "https://hf.co/org/m/commit/abc"}}}
+    )
     assert "Pushed: https://hf.co/org/m/commit/abc" in ok

@@ -91,8 +91,9 @@ def seed_family(server, tiny) -> dict[str, str]:
 # --- pull -----------------------------------------------------------------------------------
 def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_server, tiny):
     shas = seed_family(hub_server, tiny)
-    shas["base"] = hub_server.commit_files("org/base", {"training_args.bin": b"pickle",
-                                                        "extra/other.safetensors": b"x"})
+    shas["base"] = hub_server.commit_files(
+        "org/base", {"training_args.bin": b"pickle", "extra/other.safetensors": b"x"}
+    )
     plan = hub_sources.pull(models("org/base@" + shas["base"], "org/language@v2", "org/task@v1"))
 
     pinned = list(plan.models.values())
@@ -100,7 +101,12 @@ def test_pull_pins_branch_tag_and_sha_and_downloads_only_what_a_merge_needs(hub_
     base_dir = pinned[0].path
     assert base_dir.name == shas["base"]
     assert sorted(p.name for p in base_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert (base_dir / "model.safetensors").read_bytes() == (tiny["base"] / "model.safetensors").read_bytes()
     assert (pinned[2].path / "chat_template.jinja").is_file()  # the task model's chat template
     assert not any(p.endswith((".bin", "other.safetensors", ".gitattributes")) for p in hub_server.downloads(""))
@@ -116,13 +122,17 @@ def test_materialize_sources_mixes_local_folders_and_hub_ids(hub_server, tiny, t
     recipe_path.write_text(
         f"method: slack_ties\nbase: {tiny['base']}\n"
         f"models:\n  - {{model: org/language@v2, role: language}}\n"
-        f"  - {{model: 'org/task@{shas['task']}', role: task}}\n")
+        f"  - {{model: 'org/task@{shas['task']}', role: task}}\n"
+    )
     recipe = load_recipe(recipe_path)
 
     result = cli("pull", str(recipe_path), "--dry-run", "--format", "json")
     assert result.exit_code == 0, result.output
     assert [m["model"] for m in json.loads(result.output)["models"]] == [
-        "base", "org/language@v2", f"org/task@{shas['task']}"]  # a local model by its folder name only
+        "base",
+        "org/language@v2",
+        f"org/task@{shas['task']}",
+    ]  # a local model by its folder name only
     assert str(tmp_path) not in result.output and hub_server.downloads() == []
 
     sources = hub_sources.materialize_sources(recipe)
@@ -139,7 +149,10 @@ def test_sharded_model_is_checked_from_its_shard_headers_and_downloaded_whole(hu
 
     plan = hub_sources.pull(models("org/base", "org/sharded"), dry_run=True)
     assert hub_server.downloads() == [] and plan.models["org/sharded"].files.keys() >= {
-        "model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"}
+        "model.safetensors.index.json",
+        "model-00001-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    }
     path = hub_sources.download(plan.models["org/sharded"])
 
     assert sorted(p.name for p in path.glob("*.safetensors*")) == sorted(p.name for p in sharded.glob("*.safetensors*"))
@@ -167,7 +180,9 @@ def test_check_rejects_incompatible_models_before_downloading_weights(hub_server
     hub_server.seed("org/base", tiny["base"])
     hub_server.seed("org/wide", wide)
 
-    with pytest.raises(IncompatibleModelsError, match=r"mlp.\w+_proj.weight has different shapes: base \[\d+, \d+\], org/wide"):
+    with pytest.raises(
+        IncompatibleModelsError, match=r"mlp.\w+_proj.weight has different shapes: base \[\d+, \d+\], org/wide"
+    ):
         hub_sources.pull(models("org/base", "org/wide"))
     result = cli("pull", "org/base", "org/wide", "--dry-run")
 
@@ -202,8 +217,14 @@ def test_offline_mode_pulls_from_the_cache_without_network(hub_server, tiny, tmp
     hub_server.log.clear()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
 
-    ok = subprocess.run([sys.executable, "-m", "lrmerge_hub", "pull", "org/task@v1", "--format", "json"],
-                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub", "pull", "org/task@v1", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
     missing = cli("pull", "org/base")
 
@@ -237,8 +258,10 @@ def test_missing_repo_and_revision_say_what_to_fix(hub_server, tiny, monkeypatch
 
 
 def test_repo_with_only_pickle_weights_is_refused(hub_server, tiny):
-    hub_server.commit_files("org/pickled", {
-        "config.json": (tiny["base"] / "config.json").read_bytes(), "pytorch_model.bin": b"\x80\x04 not loaded"})
+    hub_server.commit_files(
+        "org/pickled",
+        {"config.json": (tiny["base"] / "config.json").read_bytes(), "pytorch_model.bin": b"\x80\x04 not loaded"},
+    )
 
     result = cli("pull", "org/pickled")
 
@@ -255,7 +278,8 @@ def test_a_merge_of_hub_models_records_the_shas_and_its_push_names_them(hub_serv
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(
         "method: slack_ties\nbase: org/base\nmodels:\n  - {model: org/language@v2, role: language}\n"
-        "  - {model: org/task@v1, role: task, slack: 0.5}\nlanguages: [bo]\nlicense: apache-2.0\n")
+        "  - {model: org/task@v1, role: task, slack: 0.5}\nlanguages: [bo]\nlicense: apache-2.0\n"
+    )
     recipe = load_recipe(recipe_path)
 
     report = merge(recipe, hub_sources.materialize_sources(recipe), tmp_path / "out", device="cpu", progress=False)
@@ -276,10 +300,13 @@ def merged(tmp_path, tiny) -> Path:
     out = tmp_path / "merged"
     shutil.copytree(tiny["task"], out)
     report = {
-        "method": "slack_ties", "recipe_sha256": "ab" * 32,
+        "method": "slack_ties",
+        "recipe_sha256": "ab" * 32,
         "base": {"model": "org/base", "repo_id": "org/base", "revision": "1" * 40},
-        "models": [{"model": "org/language@v2", "repo_id": "org/language", "revision": "2" * 40},
-                   {"model": "task", "repo_id": None, "revision": None}],
+        "models": [
+            {"model": "org/language@v2", "repo_id": "org/language", "revision": "2" * 40},
+            {"model": "task", "repo_id": None, "revision": None},
+        ],
     }
     (out / "merge_report.json").write_text(json.dumps(report))
     (out / "recipe.yaml").write_text("method: slack_ties\nbase: org/base\n")
@@ -303,8 +330,9 @@ def test_push_uploads_the_folder_as_one_commit_naming_recipe_and_revisions(hub_s
     expected = {p.relative_to(merged).as_posix() for p in merged.rglob("*") if p.is_file()} - {".lrmerge/state.json"}
     assert set(commit.files) - {".gitattributes"} == expected
     assert commit.files["model.safetensors"] == (merged / "model.safetensors").read_bytes()
-    assert commit.title == ("lrmerge slack_ties (recipe abababababab): org/base@111111111111, "
-                            "org/language@222222222222, task (local)")
+    assert commit.title == (
+        "lrmerge slack_ties (recipe abababababab): org/base@111111111111, org/language@222222222222, task (local)"
+    )
     assert "2" * 40 in commit.description and "method: slack_ties" in commit.description
 
 
@@ -392,8 +420,11 @@ def test_push_never_overwrites_a_commit_made_meanwhile(hub_server, merged, monke
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub_server.create_repo("alice/merged")
     other = {}
-    hub_server.before("POST", r"/commit/", lambda: other.update(
-        sha=hub_server.commit_files("alice/merged", {"other.txt": b"someone else"})))
+    hub_server.before(
+        "POST",
+        r"/commit/",
+        lambda: other.update(sha=hub_server.commit_files("alice/merged", {"other.txt": b"someone else"})),
+    )
 
     with pytest.raises(HubPushError, match="the branch moved while pushing"):
         publish.push(merged, "alice/merged")

@@ -36,8 +36,11 @@ def pod_templates(doc):
 def test_manifest_validates_against_the_kubernetes_schemas(name, doc):
     if doc["apiVersion"].startswith("ray.io/"):
         for template in pod_templates(doc):
-            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                          "template": template}, VERSION, strict=True)
+            kubernetes_validate.validate(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                VERSION,
+                strict=True,
+            )
     else:
         kubernetes_validate.validate(doc, VERSION, strict=True)
 
@@ -50,8 +53,13 @@ def test_a_broken_manifest_fails_validation():
 
 
 def test_the_gate_gets_the_key_from_a_secret_and_is_probed_on_health():
-    servers = [c for _, d in resources() for t in pod_templates(d) for c in t["spec"]["containers"]
-               if "8000" in yaml.safe_dump(c)]
+    servers = [
+        c
+        for _, d in resources()
+        for t in pod_templates(d)
+        for c in t["spec"]["containers"]
+        if "8000" in yaml.safe_dump(c)
+    ]
     assert len(servers) == 2 and all(runs_the_gate(c) for c in servers)
     for c in servers:
         key = next(e for e in c["env"] if e["name"] == "VLLM_API_KEY")
@@ -85,8 +93,11 @@ def container_text(c) -> str:
 
 
 def runs_the_gate(c) -> bool:
-    return "lrmerge-router" in c["image"] or "lrmerge_hub.serve.gate" in container_text(c) and GATE_MIDDLEWARE \
-        not in container_text(c)
+    return (
+        "lrmerge-router" in c["image"]
+        or "lrmerge_hub.serve.gate" in container_text(c)
+        and GATE_MIDDLEWARE not in container_text(c)
+    )
 
 
 def runs_vllm(c, in_ray_cluster: bool) -> bool:
@@ -95,8 +106,12 @@ def runs_vllm(c, in_ray_cluster: bool) -> bool:
     text = container_text(c)
     if re.search(r"vllm serve|vllm\.entrypoints\.openai", text):
         return True
-    return c["image"].startswith("vllm/vllm-openai") and not c.get("command") and not in_ray_cluster \
+    return (
+        c["image"].startswith("vllm/vllm-openai")
+        and not c.get("command")
+        and not in_ray_cluster
         and not runs_the_gate(c)
+    )
 
 
 def vllm_host(text: str) -> str | None:
@@ -121,8 +136,10 @@ def gate_problems(docs) -> list[str]:
                     continue
                 host, text = vllm_host(container_text(c)), container_text(c)
                 if not (host and LOOPBACK.match(host)) and GATE_MIDDLEWARE not in text:
-                    problems.append(f"{doc['metadata']['name']}/{c['name']}: vLLM binds {host or 'every interface'} "
-                                    "without lrmerge's key middleware")
+                    problems.append(
+                        f"{doc['metadata']['name']}/{c['name']}: vLLM binds {host or 'every interface'} "
+                        "without lrmerge's key middleware"
+                    )
     for service in (d for d in docs if d["kind"] == "Service"):
         selector = service["spec"]["selector"]
         pods = [(d, t) for d in docs for t in pod_templates(d) if selected(selector, d, t)]
@@ -130,11 +147,17 @@ def gate_problems(docs) -> list[str]:
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for d, t in pods:
-                owners = [c for c in t["spec"]["containers"] for p in c.get("ports", [])
-                          if target in (p.get("name"), p["containerPort"])]
+                owners = [
+                    c
+                    for c in t["spec"]["containers"]
+                    for p in c.get("ports", [])
+                    if target in (p.get("name"), p["containerPort"])
+                ]
                 if not owners or not all(runs_the_gate(c) or GATE_MIDDLEWARE in container_text(c) for c in owners):
-                    problems.append(f"Service {service['metadata']['name']} port {port['port']} reaches "
-                                    f"{[c['name'] for c in owners] or 'no declared port'}, not the gate")
+                    problems.append(
+                        f"Service {service['metadata']['name']} port {port['port']} reaches "
+                        f"{[c['name'] for c in owners] or 'no declared port'}, not the gate"
+                    )
     return problems
 
 

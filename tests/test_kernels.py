@@ -21,8 +21,9 @@ N = kernels.MIN_FAST_NUMEL * 2 + 12345  # large enough for the fast path, odd-si
 
 def reference(base, tensors, weights, densities, slacks, lam=1.0, normalize=True):
     params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    merged, stats = ties_family(base.float(), [t.float() for t in tensors], params,
-                                {"lambda": lam, "normalize": normalize}, slacks)
+    merged, stats = ties_family(
+        base.float(), [t.float() for t in tensors], params, {"lambda": lam, "normalize": normalize}, slacks
+    )
     return merged, stats.kept.tolist(), stats.agreed.tolist()
 
 
@@ -33,8 +34,9 @@ def as_array(t: torch.Tensor) -> np.ndarray:
 
 
 def fused(base, tensors, weights, densities, slacks, lam=1.0, normalize=True, out_bf16=False, **kw):
-    out, kept, agreed = kernels.fused_ties(as_array(base), [as_array(t) for t in tensors], weights, densities,
-                                           slacks, lam, normalize, out_bf16, **kw)
+    out, kept, agreed = kernels.fused_ties(
+        as_array(base), [as_array(t) for t in tensors], weights, densities, slacks, lam, normalize, out_bf16, **kw
+    )
     out = torch.from_numpy(out)
     out = out.view(torch.bfloat16) if out_bf16 else out
     return out.reshape(base.shape), kept, agreed
@@ -82,8 +84,9 @@ def test_tied_magnitudes_at_the_cut_keep_exactly_k_in_index_order():
     g = torch.Generator().manual_seed(3)
     base = torch.zeros(N)
     levels = torch.tensor([0.25, 0.5, 1.0, 2.0])
-    tensors = [levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g))
-               for _ in range(2)]
+    tensors = [
+        levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g)) for _ in range(2)
+    ]
     _, kept, _ = check(base, tensors, [1.0, 1.0], [0.2, 0.37], [0.0, 0.0])
     assert kept == [int(0.2 * N), int(0.37 * N)]
 
@@ -145,14 +148,25 @@ def test_engine_fast_path_matches_the_reference_path(tmp_path, monkeypatch):
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
-    fam = make_family(tmp_path / "fam", hidden=768, intermediate=1024, layers=1, heads=8,
-                      dtype="float32", extend_language_vocab=3)
-    recipe = parse_recipe({
-        "method": "slack_ties", "base": str(fam["base"]),
-        "models": [{"model": str(fam["language"]), "role": "language", "density": 0.2},
-                   {"model": str(fam["task"]), "role": "task", "density": 0.3, "slack": 0.5}],
-        "parameters": {"lambda": 1.0, "normalize": True}, "languages": ["bo"],
-        "license": "apache-2.0", "dtype": "float32", "output": str(tmp_path / "out")}, tmp_path)
+    fam = make_family(
+        tmp_path / "fam", hidden=768, intermediate=1024, layers=1, heads=8, dtype="float32", extend_language_vocab=3
+    )
+    recipe = parse_recipe(
+        {
+            "method": "slack_ties",
+            "base": str(fam["base"]),
+            "models": [
+                {"model": str(fam["language"]), "role": "language", "density": 0.2},
+                {"model": str(fam["task"]), "role": "task", "density": 0.3, "slack": 0.5},
+            ],
+            "parameters": {"lambda": 1.0, "normalize": True},
+            "languages": ["bo"],
+            "license": "apache-2.0",
+            "dtype": "float32",
+            "output": str(tmp_path / "out"),
+        },
+        tmp_path,
+    )
     sources = engine.local_sources(recipe)
     fast = engine.merge(recipe, sources, tmp_path / "fast", device="cpu", progress=False)
     monkeypatch.setattr(engine, "FAST_PATHS", {})
@@ -175,8 +189,7 @@ def test_exact_radix_select_when_the_sample_bracket_misses(monkeypatch, dtype):
     check(base, tensors, [1.0, 1.0], [0.2, 0.05], [0.0, 0.5])
     g = torch.Generator().manual_seed(10)
     levels = torch.tensor([0.25, 0.5, 1.0, 2.0])
-    tied = [levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g))
-            for _ in range(2)]
+    tied = [levels[torch.randint(0, 4, (N,), generator=g)] * torch.sign(torch.randn(N, generator=g)) for _ in range(2)]
     check(torch.zeros(N), tied, [1.0, 1.0], [0.2, 0.37], [0.0, 0.0])
 
 
@@ -186,8 +199,9 @@ def test_bfloat16_deltas_of_a_few_units_in_the_last_place():
     g = torch.Generator().manual_seed(11)
     base = torch.randn(N, generator=g).to(torch.bfloat16)
     bits = base.view(torch.int16)
-    tensors = [(bits + torch.randint(-s, s + 1, (N,), generator=g, dtype=torch.int16)).view(torch.bfloat16)
-               for s in (3, 2)]
+    tensors = [
+        (bits + torch.randint(-s, s + 1, (N,), generator=g, dtype=torch.int16)).view(torch.bfloat16) for s in (3, 2)
+    ]
     for density in (0.2, 0.5, 0.05):
         check(base, tensors, [1.0, 1.0], [density, density], [0.0, 0.5])
 
@@ -199,9 +213,11 @@ def test_each_selection_path_is_taken_and_exact(monkeypatch):
     Every path agrees with the reference (asserted by check)."""
     calls = []
     for name in ("_select_among", "_tie_limit_in_chunks", "_exact_select"):
+
         def counted(*a, _f=getattr(kernels, name), _name=name):
             calls.append(_name)
             return _f(*a)
+
         monkeypatch.setattr(kernels, name, counted)
     base, tensors = family(seed=12)
     check(base, tensors, [1.0, 1.0], [0.2, 0.3], [0.0, 0.0])

@@ -41,8 +41,10 @@ def import_graph() -> dict[str, set[str]]:
     paths = [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
     modules = {module_name(p) for p in paths}
     # a package's __init__ re-exports from its modules: an edge from it is not a circle
-    return {module_name(p): {m for m in imported_modules(p, modules) if not m.startswith(module_name(p) + ".")}
-            for p in paths}
+    return {
+        module_name(p): {m for m in imported_modules(p, modules) if not m.startswith(module_name(p) + ".")}
+        for p in paths
+    }
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -92,15 +94,31 @@ def test_the_lower_modules_import_nothing_above_them():
         assert graph[low] <= {"lrmerge_hub.errors", "lrmerge_hub.settings"}, (low, graph[low])
     for module, imports in graph.items():
         if module.startswith(("lrmerge_hub.merge", "lrmerge_hub.recipe", "lrmerge_hub.hub")):
-            above = {m for m in imports if m.startswith(("lrmerge_hub.run", "lrmerge_hub.card", "lrmerge_hub.serve",
-                                                         "lrmerge_hub.evaluate", "lrmerge_hub.cli"))}
+            above = {
+                m
+                for m in imports
+                if m.startswith(
+                    (
+                        "lrmerge_hub.run",
+                        "lrmerge_hub.card",
+                        "lrmerge_hub.serve",
+                        "lrmerge_hub.evaluate",
+                        "lrmerge_hub.cli",
+                    )
+                )
+            }
             assert not above, (module, above)
 
 
-@pytest.mark.parametrize("old, new", [("lrmerge_hub.gate", "lrmerge_hub.serve.gate"),
-                                      ("lrmerge_hub.pipeline", "lrmerge_hub.run.pipeline"),
-                                      ("lrmerge_hub.hub_stream", "lrmerge_hub.hub.stream"),
-                                      ("lrmerge_hub.card_rules", "lrmerge_hub.metadata")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("lrmerge_hub.gate", "lrmerge_hub.serve.gate"),
+        ("lrmerge_hub.pipeline", "lrmerge_hub.run.pipeline"),
+        ("lrmerge_hub.hub_stream", "lrmerge_hub.hub.stream"),
+        ("lrmerge_hub.card_rules", "lrmerge_hub.metadata"),
+    ],
+)
 def test_a_moved_module_answers_to_its_old_name(old, new):
     import importlib
 
@@ -109,8 +127,9 @@ def test_a_moved_module_answers_to_its_old_name(old, new):
 
 def test_the_router_runs_under_its_old_module_name():
     for name in ("lrmerge_hub.gate", "lrmerge_hub.serve.gate"):
-        done = subprocess.run([sys.executable, "-m", name, "--help"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", name, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        )
         assert done.returncode == 0 and "--route" in done.stdout and not done.stderr, (name, done.stderr)
 
 

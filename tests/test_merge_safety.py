@@ -40,11 +40,20 @@ parameters: {{lambda: {lam}, normalize: {normalize}}}
 """
 
 
-def recipe_text(method="slack_ties", w0=1.0, w1=1.0, lam=1.0, normalize="true", slack=0.5, task="./models/task",
-                extra=""):
+def recipe_text(
+    method="slack_ties", w0=1.0, w1=1.0, lam=1.0, normalize="true", slack=0.5, task="./models/task", extra=""
+):
     num = lambda x: yaml.safe_dump(x).splitlines()[0]  # noqa: E731 (1.0e+35: YAML reads 1e+35 as a string)
-    return TIES.format(method=method, w0=num(w0), w1=num(w1), lam=num(lam), normalize=normalize, task=task,
-                       extra=extra, slack=f", slack: {num(slack)}" if method == "slack_ties" else "")
+    return TIES.format(
+        method=method,
+        w0=num(w0),
+        w1=num(w1),
+        lam=num(lam),
+        normalize=normalize,
+        task=task,
+        extra=extra,
+        slack=f", slack: {num(slack)}" if method == "slack_ties" else "",
+    )
 
 
 def without_density(text: str) -> str:  # task_arithmetic has no density
@@ -73,11 +82,14 @@ def assert_refused(tmp_path: Path, recipe: Path, *needles: str) -> str:
 # --- a merge never writes a broken model with exit code 0 ------------------------------------
 
 
-@pytest.mark.parametrize("method,dtype", [
-    ("slack_ties", "float32"),  # the fused kernels, float32 out
-    ("slack_ties", "bfloat16"),  # the fused kernels, bfloat16 out
-    ("task_arithmetic", "float32"),  # the torch path
-])
+@pytest.mark.parametrize(
+    "method,dtype",
+    [
+        ("slack_ties", "float32"),  # the fused kernels, float32 out
+        ("slack_ties", "bfloat16"),  # the fused kernels, bfloat16 out
+        ("task_arithmetic", "float32"),  # the torch path
+    ],
+)
 def test_overflow_in_float32_is_refused_naming_tensor_and_parameter(tmp_path, family, write_recipe, method, dtype):
     family(dtype=dtype)
     text = recipe_text(method, w0=1e10, w1=1e10, lam=1e35, normalize="false")
@@ -105,12 +117,15 @@ def test_kernels_count_nonfinite_output():
     assert np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("change,needles", [
-    (dict(lam=1e39), ["parameters.lambda", "float32"]),
-    (dict(w0=1e300), ["models[0].weight", "float32"]),
-    (dict(w1=-1e-50), ["models[1].weight", "0 or at least"]),
-    (dict(slack=1e201), ["models[1].slack", "<= 1e+200"]),
-])
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        (dict(lam=1e39), ["parameters.lambda", "float32"]),
+        (dict(w0=1e300), ["models[0].weight", "float32"]),
+        (dict(w1=-1e-50), ["models[1].weight", "0 or at least"]),
+        (dict(slack=1e201), ["models[1].slack", "<= 1e+200"]),
+    ],
+)
 def test_parameters_the_math_cannot_hold_are_refused(tmp_path, family, write_recipe, change, needles):
     family()
     assert_refused(tmp_path, write_recipe(recipe_text(**change)), *needles)
@@ -134,8 +149,9 @@ def test_election_is_exact_with_slack_1e39(densities):
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
     mp = [{"weight": w, "density": d, "slack": s} for w, d, s in zip(weights, densities, slacks)]
-    result, stats = METHODS["slack_ties"].fn(torch.from_numpy(base), [torch.from_numpy(m) for m in models], mp,
-                                             {"lambda": 1.0, "normalize": True})
+    result, stats = METHODS["slack_ties"].fn(
+        torch.from_numpy(base), [torch.from_numpy(m) for m in models], mp, {"lambda": 1.0, "normalize": True}
+    )
     assert stats.kept.tolist() == ref_kept and stats.agreed.tolist() == ref_agreed
     np.testing.assert_allclose(result.numpy(), expected, rtol=1e-6, atol=1e-6)
 
@@ -148,19 +164,25 @@ def test_slack_1e39_merges_end_to_end(tmp_path, family, write_recipe):
     assert task["agreed"] == task["kept"] > 0
 
 
-@pytest.mark.parametrize("method,weights,normalize,refused", [
-    ("linear", [1.0, -1.0], True, "sum to 0"),
-    ("linear", [1.0, -0.999999999], True, "too close to 0"),
-    ("linear", [0.0, 0.0], True, "sum to 0"),
-    ("linear", [1.0, -0.5], True, None),  # extrapolation by 2x: allowed
-    ("linear", [1.0, -1.0], False, None),
-    ("ties", [1.0, -1.0], True, "where they agree"),
-    ("ties", [1.0, -1.0], False, None),
-    ("ties", [1.0, 0.5], True, None),
-])
+@pytest.mark.parametrize(
+    "method,weights,normalize,refused",
+    [
+        ("linear", [1.0, -1.0], True, "sum to 0"),
+        ("linear", [1.0, -0.999999999], True, "too close to 0"),
+        ("linear", [0.0, 0.0], True, "sum to 0"),
+        ("linear", [1.0, -0.5], True, None),  # extrapolation by 2x: allowed
+        ("linear", [1.0, -1.0], False, None),
+        ("ties", [1.0, -1.0], True, "where they agree"),
+        ("ties", [1.0, -1.0], False, None),
+        ("ties", [1.0, 0.5], True, None),
+    ],
+)
 def test_normalize_by_weights_that_cancel_is_refused(tmp_path, method, weights, normalize, refused):
-    data = {"method": method, "models": [{"model": f"org/m{i}", "weight": w} for i, w in enumerate(weights)],
-            "parameters": {"normalize": normalize}}
+    data = {
+        "method": method,
+        "models": [{"model": f"org/m{i}", "weight": w} for i, w in enumerate(weights)],
+        "parameters": {"normalize": normalize},
+    }
     if method == "ties":
         data["base"] = "org/base"
     if refused:
@@ -173,8 +195,10 @@ def test_normalize_by_weights_that_cancel_is_refused(tmp_path, method, weights, 
 
 def test_linear_with_cancelling_weights_refused_from_the_cli(tmp_path, family, write_recipe):
     family()
-    text = "method: linear\nmodels: [{model: ./models/language, weight: 1}, {model: ./models/task, weight: -1}]\n" \
-           "output: ./merged\n"
+    text = (
+        "method: linear\nmodels: [{model: ./models/language, weight: 1}, {model: ./models/task, weight: -1}]\n"
+        "output: ./merged\n"
+    )
     assert_refused(tmp_path, write_recipe(text), "parameters.normalize", "sum to 0")
 
 
@@ -216,9 +240,14 @@ main(sys.argv[1:], prog_name="lrmerge")
 
 def start_held_merge(recipe: Path, hold: Path) -> subprocess.Popen:
     """A merge of `recipe` from the CLI, held inside its first kernel call until `hold` exists."""
-    proc = subprocess.Popen([sys.executable, "-c", HELD_CLI, "merge", str(recipe), "--device", "cpu",
-                             "--format", "quiet"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "HOLD": str(hold)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELD_CLI, "merge", str(recipe), "--device", "cpu", "--format", "quiet"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOLD": str(hold)},
+    )
     marker = Path(f"{hold}.held")
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -251,11 +280,17 @@ def test_a_second_merge_to_the_same_output_is_refused_while_the_first_runs(tmp_p
     hold = tmp_path / "hold"
     first = start_held_merge(recipe, hold)
     for extra in ([], ["--overwrite"]):
-        second = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu",
-                                 "--format", "quiet", *extra], cwd=REPO_ROOT, capture_output=True, text=True)
+        second = subprocess.run(
+            [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu", "--format", "quiet", *extra],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert second.returncode == 2, second.stderr
-        assert second.stderr.strip() == (f"Error: output {tmp_path / 'merged'} is being written by another lrmerge "
-                                         f"(pid {first.pid}); wait for it to finish or choose another output")
+        assert second.stderr.strip() == (
+            f"Error: output {tmp_path / 'merged'} is being written by another lrmerge "
+            f"(pid {first.pid}); wait for it to finish or choose another output"
+        )
     hold.touch()
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
@@ -274,8 +309,7 @@ def test_a_folder_created_during_the_merge_is_kept_and_the_merge_fails(tmp_path,
             (recipe.output / "theirs.txt").write_text("keep me")
 
     with pytest.raises(OutputError, match="appeared while merging") as e:
-        merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False,
-              on_tensor=someone_else_writes)
+        merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False, on_tensor=someone_else_writes)
     assert e.value.exit_code == 2
     assert [p.name for p in recipe.output.iterdir()] == ["theirs.txt"]
     assert (recipe.output / "theirs.txt").read_text() == "keep me" and leftovers(tmp_path) == []
@@ -314,14 +348,17 @@ def test_an_output_set_aside_by_a_killed_merge_comes_back(tmp_path, family, writ
     assert (recipe.output / "config.json").read_text() == "{}" and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("spelling", ["./models/../models/task", "./models/task/", "./models/./task", "ABSOLUTE",
-                                      "./alias"])
+@pytest.mark.parametrize(
+    "spelling", ["./models/../models/task", "./models/task/", "./models/./task", "ABSOLUTE", "./alias"]
+)
 def test_one_folder_spelled_two_ways_is_named_twice(tmp_path, family, write_recipe, spelling):
     family()
     (tmp_path / "alias").symlink_to(tmp_path / "models" / "task")
     spelling = str(tmp_path / "models" / "task") if spelling == "ABSOLUTE" else spelling
     text = f"method: ties\nbase: ./models/base\nmodels: [./models/language, ./models/task, '{spelling}']\n"
-    with pytest.raises(RecipeError, match=r"models\[2\]\.model: .* is named twice in the recipe \(as './models/task'\)"):
+    with pytest.raises(
+        RecipeError, match=r"models\[2\]\.model: .* is named twice in the recipe \(as './models/task'\)"
+    ):
         load_recipe(write_recipe(text))
 
 
@@ -344,8 +381,9 @@ def test_a_branch_and_the_sha_it_points_to_are_named_twice(hub_server, family, t
     paths = family()
     hub_server.seed("org/base", paths["base"])
     sha = hub_server.seed("org/task", paths["task"])
-    recipe = parse_recipe({"method": "ties", "base": "org/base", "models": ["org/task@main", f"org/task@{sha}"]},
-                          tmp_path)
+    recipe = parse_recipe(
+        {"method": "ties", "base": "org/base", "models": ["org/task@main", f"org/task@{sha}"]}, tmp_path
+    )
     with pytest.raises(RecipeError, match=f"'org/task@{sha}' and 'org/task@main' are the same commit {sha[:12]}"):
         hub_sources.plan_recipe(recipe)
 
@@ -362,8 +400,10 @@ def test_a_sweep_point_with_cancelling_weights_is_refused_before_any_merge(tmp_p
         apply_point(recipe, {"lambda": 1e39})
 
 
-@pytest.mark.parametrize("value,problem", [(10**400, "finite number"), (10**39, "float32"), (-(10**39), "float32"),
-                                           (3.0e38, None), (0, None)])
+@pytest.mark.parametrize(
+    "value,problem",
+    [(10**400, "finite number"), (10**39, "float32"), (-(10**39), "float32"), (3.0e38, None), (0, None)],
+)
 def test_whole_numbers_beyond_float_range_are_refused_not_raised(tmp_path, value, problem):
     data = {"method": "task_arithmetic", "base": "org/base", "models": [{"model": "org/a", "weight": value}]}
     if problem:

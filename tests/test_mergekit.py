@@ -47,6 +47,7 @@ def t(a):
 
 # -- gradients and filters: mergekit's evaluation, by hand ---------------------------------
 
+
 def test_gradient_interpolates_like_mergekit():
     g = [0.0, 0.5, 0.3, 0.7, 1.0]
     assert evaluate(g, "x", 0.0) == 0.0 and evaluate(g, "x", 1.0) == 1.0
@@ -71,11 +72,21 @@ def test_filters_first_match_wins_and_unmatched_falls_through():
 
 def test_recipe_gradients_resolve_per_tensor_and_round_trip(tmp_path, family):
     folder = family["base"].parent
-    data = {"method": "slack_ties", "base": str(family["base"]), "output": str(tmp_path / "out"),
-            "models": [{"model": str(family["language"]), "role": "language", "density": [0.2, 0.8]},
-                       {"model": str(family["task"]), "role": "task", "density": 0.5,
-                        "slack": [{"filter": "mlp", "value": [0.0, 2.0]}, {"value": 0.5}]}],
-            "parameters": {"lambda": [1.0, 0.5]}}
+    data = {
+        "method": "slack_ties",
+        "base": str(family["base"]),
+        "output": str(tmp_path / "out"),
+        "models": [
+            {"model": str(family["language"]), "role": "language", "density": [0.2, 0.8]},
+            {
+                "model": str(family["task"]),
+                "role": "task",
+                "density": 0.5,
+                "slack": [{"filter": "mlp", "value": [0.0, 2.0]}, {"value": 0.5}],
+            },
+        ],
+        "parameters": {"lambda": [1.0, 0.5]},
+    }
     r = parse_recipe(data, folder)
     assert r.models[0].params["density"] == 0.2 and r.models[1].params["slack"] == 0.5
     assert r.models[1].settings["slack"][0]["filter"] == "mlp"
@@ -94,10 +105,14 @@ def test_gradient_merge_keeps_the_fused_path_and_equals_the_reference(tmp_path, 
     the resolved values, and differs from the merge without the gradient."""
     from lrmerge_hub.merge.engine import local_sources, merge
 
-    data = {"method": "ties", "base": str(family["base"]),
-            "models": [{"model": str(family["language"]), "density": [0.1, 0.9], "weight": 0.7},
-                       {"model": str(family["task"]), "density": 0.5,
-                        "weight": [{"filter": "self_attn", "value": [0.2, 1.0]}]}]}
+    data = {
+        "method": "ties",
+        "base": str(family["base"]),
+        "models": [
+            {"model": str(family["language"]), "density": [0.1, 0.9], "weight": 0.7},
+            {"model": str(family["task"]), "density": 0.5, "weight": [{"filter": "self_attn", "value": [0.2, 1.0]}]},
+        ],
+    }
     r = parse_recipe(data, family["base"].parent)
     merge(r, local_sources(r), tmp_path / "grad", device="cpu", engine="kernels", progress=False)
     flat = r.replace(models=[m.__class__(ref=m.ref, role=m.role, params=m.params) for m in r.models], settings={})
@@ -109,25 +124,34 @@ def test_gradient_merge_keeps_the_fused_path_and_equals_the_reference(tmp_path, 
         mp, params = resolve(name)
         expected, _ = METHODS["ties"].fn(src["base"][name], [src["language"][name], src["task"][name]], mp, params)
         assert torch.equal(out[name], expected), name
-    assert not torch.equal(out["model.layers.3.self_attn.q_proj.weight"], plain["model.layers.3.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        out["model.layers.3.self_attn.q_proj.weight"], plain["model.layers.3.self_attn.q_proj.weight"]
+    )
     assert torch.equal(out["lm_head.weight"], plain["lm_head.weight"])  # t = 0 there: the gradients' first values
 
 
-@pytest.mark.parametrize("value, needle", [
-    ([0.1, 1.5], "models[0].density: must be <= 1.0 (in the gradient, got 1.5)"),
-    ([{"filter": 3, "value": 0.5}], "models[0].density: [0].filter must be text"),
-    ([{"filter": "mlp", "value": 0.5, "other": 1}], "models[0].density: [0] must be {filter: TEXT, value: ...}"),
-    ([], "models[0].density: must be a value, a gradient"),
-])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ([0.1, 1.5], "models[0].density: must be <= 1.0 (in the gradient, got 1.5)"),
+        ([{"filter": 3, "value": 0.5}], "models[0].density: [0].filter must be text"),
+        ([{"filter": "mlp", "value": 0.5, "other": 1}], "models[0].density: [0] must be {filter: TEXT, value: ...}"),
+        ([], "models[0].density: must be a value, a gradient"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tmp_path, family, value, needle):
-    data = {"method": "ties", "base": str(family["base"]),
-            "models": [{"model": str(family["language"]), "density": value}, {"model": str(family["task"])}]}
+    data = {
+        "method": "ties",
+        "base": str(family["base"]),
+        "models": [{"model": str(family["language"]), "density": value}, {"model": str(family["task"])}],
+    }
     with pytest.raises(RecipeError) as e:
         parse_recipe(data, tmp_path)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 # -- the three methods and layer swapping, by hand ------------------------------------------
+
 
 def test_ram_takes_unique_changes_and_averages_shared_ones():
     base = np.zeros((1, 4), np.float32)
@@ -158,7 +182,8 @@ def test_layer_swap_schedule():
     assert layer_swap_share(None, 8, p) == 1.0  # embeddings, final norm, head: the language expert
     p = {"bottom": 2, "top": 2, "blend": 2}  # two blended layers at each seam: 2/3, 1/3
     assert [layer_swap_share(i, 10, p) for i in range(10)] == pytest.approx(
-        [1, 1, 2 / 3, 1 / 3, 0, 0, 1 / 3, 2 / 3, 1, 1])
+        [1, 1, 2 / 3, 1 / 3, 0, 0, 1 / 3, 2 / 3, 1, 1]
+    )
     with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
         layer_swap_share(0, 4, {"bottom": 3, "top": 2, "blend": 0})
 
@@ -166,9 +191,14 @@ def test_layer_swap_schedule():
 def test_layer_swap_merge_takes_whole_layers(tmp_path, family):
     from lrmerge_hub.merge.engine import local_sources, merge
 
-    data = {"method": "layer_swap", "models": [{"model": str(family["task"]), "role": "task"},
-                                               {"model": str(family["language"]), "role": "language"}],
-            "parameters": {"bottom": 1, "top": 1, "blend": 1}}
+    data = {
+        "method": "layer_swap",
+        "models": [
+            {"model": str(family["task"]), "role": "task"},
+            {"model": str(family["language"]), "role": "language"},
+        ],
+        "parameters": {"bottom": 1, "top": 1, "blend": 1},
+    }
     r = parse_recipe(data, tmp_path)
     merge(r, local_sources(r), tmp_path / "out", device="cpu", progress=False)
     out = load_all(tmp_path / "out")
@@ -177,11 +207,21 @@ def test_layer_swap_merge_takes_whole_layers(tmp_path, family):
     assert torch.equal(out[f"model.layers.0.{q}"], lang[f"model.layers.0.{q}"])
     assert torch.equal(out[f"model.layers.3.{q}"], lang[f"model.layers.3.{q}"])
     for i in (1, 2):  # blend 1: the layers next to each seam are half and half
-        assert torch.equal(out[f"model.layers.{i}.{q}"], 0.5 * lang[f"model.layers.{i}.{q}"] + 0.5 * task[f"model.layers.{i}.{q}"])
+        assert torch.equal(
+            out[f"model.layers.{i}.{q}"], 0.5 * lang[f"model.layers.{i}.{q}"] + 0.5 * task[f"model.layers.{i}.{q}"]
+        )
     assert torch.equal(out["model.embed_tokens.weight"], lang["model.embed_tokens.weight"])
     with pytest.raises(RecipeError, match="one model with role: language and one with role: task"):
-        parse_recipe({**data, "models": [{"model": str(family["task"]), "role": "task"},
-                                         {"model": str(family["language"]), "role": "task"}]}, tmp_path)
+        parse_recipe(
+            {
+                **data,
+                "models": [
+                    {"model": str(family["task"]), "role": "task"},
+                    {"model": str(family["language"]), "role": "task"},
+                ],
+            },
+            tmp_path,
+        )
     with pytest.raises(RecipeError, match="takes no base model"):
         parse_recipe({**data, "base": str(family["base"])}, tmp_path)
 
@@ -189,24 +229,42 @@ def test_layer_swap_merge_takes_whole_layers(tmp_path, family):
 def test_layer_swap_sweeps_over_its_parameters(tmp_path, family):
     from lrmerge_hub.run.sweep import apply_point, grid_points, parse_grid
 
-    r = parse_recipe({"method": "layer_swap", "models": [{"model": str(family["task"]), "role": "task"},
-                                                         {"model": str(family["language"]), "role": "language"}]},
-                     tmp_path)
+    r = parse_recipe(
+        {
+            "method": "layer_swap",
+            "models": [
+                {"model": str(family["task"]), "role": "task"},
+                {"model": str(family["language"]), "role": "language"},
+            ],
+        },
+        tmp_path,
+    )
     points = [apply_point(r, p).parameters for p in grid_points(parse_grid(["bottom=1,2", "blend=0,1"]))]
-    assert points == [{"bottom": 1, "top": 1, "blend": 0}, {"bottom": 1, "top": 1, "blend": 1},
-                      {"bottom": 2, "top": 1, "blend": 0}, {"bottom": 2, "top": 1, "blend": 1}]
+    assert points == [
+        {"bottom": 1, "top": 1, "blend": 0},
+        {"bottom": 1, "top": 1, "blend": 1},
+        {"bottom": 2, "top": 1, "blend": 0},
+        {"bottom": 2, "top": 1, "blend": 1},
+    ]
 
 
 # -- mergekit configs read as they are -------------------------------------------------------
 
+
 def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
-    config = {"merge_method": "ties", "base_model": str(family["base"]), "dtype": "float32",
-              "out_dtype": "bfloat16", "tokenizer": {"source": "base"},
-              "models": [{"model": str(family["base"])},  # mergekit lists the base too; it stays the base
-                         {"model": str(family["language"]),
-                          "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
-                         {"model": str(family["task"]), "parameters": {"weight": 0.4}}],
-              "parameters": {"density": 0.6, "weight": 1.0, "lambda": [1.0, 0.5]}}
+    config = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "tokenizer": {"source": "base"},
+        "models": [
+            {"model": str(family["base"])},  # mergekit lists the base too; it stays the base
+            {"model": str(family["language"]), "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+            {"model": str(family["task"]), "parameters": {"weight": 0.4}},
+        ],
+        "parameters": {"density": 0.6, "weight": 1.0, "lambda": [1.0, 0.5]},
+    }
     data = from_mergekit(config)
     assert [m["model"] for m in data["models"]] == [str(family["language"]), str(family["task"])]
     # an unmatched filter of a model falls back to the top-level value, then the default
@@ -223,30 +281,54 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
     assert "slack" not in back["models"][0]["parameters"]
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
-     "slices: 2 slices make a frankenmerge, which is not supported yet"),
-    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
-     "slices[0].sources[0].layer_range: [2, 4] starts past layer 0"),
-    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]},
-                                              {"model": "org/b", "layer_range": [0, 3]}]}]},
-     "layer ranges of different lengths"),
-    ({"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}], "residual_weight": 0.5}]},
-     "slices[0].residual_weight: not supported"),
-    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}]}, "slices: give either models or slices"),
-    ({"modules": {"text": {}}}, "modules: modules are not supported"),
-    ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
-    ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
-    ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
-    ({"chat_template": "chatml"}, "chat_template: not supported yet"),
-    ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
-    ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
-    ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
-    ({"models": [{"model": "org/a", "parameters": {"lambda": 2}}]}, "models[0].parameters.lambda: a global parameter"),
-    ({"models": [{"model": "org/a", "weight": 2}]}, "models[0].weight: not a key of a mergekit model entry"),
-    ({"models": [{"model": "org/a+org/lora"}]}, "names a LoRA"),
-    ({"dtype": "float8"}, "dtype: must be one of"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (
+            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
+            "slices: 2 slices make a frankenmerge, which is not supported yet",
+        ),
+        (
+            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
+            "slices[0].sources[0].layer_range: [2, 4] starts past layer 0",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {"sources": [{"model": "org/a", "layer_range": [0, 4]}, {"model": "org/b", "layer_range": [0, 3]}]}
+                ],
+            },
+            "layer ranges of different lengths",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}], "residual_weight": 0.5}],
+            },
+            "slices[0].residual_weight: not supported",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}]},
+            "slices: give either models or slices",
+        ),
+        ({"modules": {"text": {}}}, "modules: modules are not supported"),
+        ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
+        ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
+        ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
+        ({"chat_template": "chatml"}, "chat_template: not supported yet"),
+        ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
+        ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
+        ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
+        (
+            {"models": [{"model": "org/a", "parameters": {"lambda": 2}}]},
+            "models[0].parameters.lambda: a global parameter",
+        ),
+        ({"models": [{"model": "org/a", "weight": 2}]}, "models[0].weight: not a key of a mergekit model entry"),
+        ({"models": [{"model": "org/a+org/lora"}]}, "names a LoRA"),
+        ({"dtype": "float8"}, "dtype: must be one of"),
+    ],
+)
 def test_unsupported_mergekit_keys_are_one_line_errors(tmp_path, change, needle):
     config = {"merge_method": "ties", "base_model": "org/base", "models": [{"model": "org/a"}], **change}
     config = {k: v for k, v in config.items() if v is not None}
@@ -256,13 +338,26 @@ def test_unsupported_mergekit_keys_are_one_line_errors(tmp_path, change, needle)
 
 
 def test_one_whole_slice_reads_as_models_and_its_layer_count_is_checked(tmp_path, family):
-    config = {"merge_method": "ties", "base_model": str(family["base"]),
-              "slices": [{"sources": [{"model": str(family["base"]), "layer_range": [0, 4]},
-                                      {"model": str(family["language"]), "layer_range": [0, 4],
-                                       "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
-                                      {"model": str(family["task"]), "layer_range": [0, 4]}],
-                          "parameters": {"density": 0.7}}],
-              "parameters": {"density": 0.9, "weight": 1.0}, "dtype": "float32"}
+    config = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(family["base"]), "layer_range": [0, 4]},
+                    {
+                        "model": str(family["language"]),
+                        "layer_range": [0, 4],
+                        "parameters": {"density": [{"filter": "mlp", "value": 0.3}]},
+                    },
+                    {"model": str(family["task"]), "layer_range": [0, 4]},
+                ],
+                "parameters": {"density": 0.7},
+            }
+        ],
+        "parameters": {"density": 0.9, "weight": 1.0},
+        "dtype": "float32",
+    }
     r = parse_recipe(config, tmp_path)
     assert [m.ref.spec for m in r.models] == [str(family["language"]), str(family["task"])] and r.layers == 4
     mp, _ = TensorParams.of(r, 4)("model.layers.0.self_attn.q_proj.weight")
@@ -270,11 +365,13 @@ def test_one_whole_slice_reads_as_models_and_its_layer_count_is_checked(tmp_path
     mp, _ = TensorParams.of(r, 4)("model.layers.0.mlp.up_proj.weight")
     assert [p["density"] for p in mp] == [0.3, 0.7]
     config["slices"][0]["sources"] = [{**src, "layer_range": [0, 3]} for src in config["slices"][0]["sources"]]
-    result = CliRunner().invoke(main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o"),
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
         "Error: layers: the layer ranges name 3 layers but base has 4; slices of a model's layers "
-        "(frankenmerges) are not supported yet"]
+        "(frankenmerges) are not supported yet"
+    ]
     assert not (tmp_path / "o").exists()
 
 
@@ -285,6 +382,7 @@ def _write(path, data):
 
 # -- against mergekit 0.1.5 itself (slow: builds its venv once) -------------------------------
 
+
 @pytest.fixture(scope="session")
 def mergekit_venv():
     """bench/.venv-mergekit with mergekit 0.1.5 (system site-packages: the CPU torch is
@@ -292,20 +390,51 @@ def mergekit_venv():
     venv = ROOT / "bench" / ".venv-mergekit"
     if not (venv / "bin" / "mergekit-yaml").exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                        f"mergekit=={MERGEKIT_VERSION}", "torch==2.13.0"], check=True)
+        subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                f"mergekit=={MERGEKIT_VERSION}",
+                "torch==2.13.0",
+            ],
+            check=True,
+        )
     return venv
 
 
 def mergekit_yaml(venv, config: Path, out: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([str(venv / "bin" / "mergekit-yaml"), str(config), str(out)], check=True, env=env,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "mergekit-yaml"), str(config), str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def lrmerge_merge(config: Path, out: Path):
-    subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(config), "--out", str(out), "--device", "cpu",
-                    "--format", "quiet"], check=True, cwd=ROOT, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub",
+            "merge",
+            str(config),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--format",
+            "quiet",
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 MK_METHODS = """
@@ -335,14 +464,24 @@ def test_three_methods_equal_mergekit_bit_for_bit(tmp_path, mergekit_venv):
             arrays[f"{shape}m{i}"] = base + d
     np.savez(tmp_path / "in.npz", **arrays)
     (tmp_path / "mk.py").write_text(MK_METHODS)
-    subprocess.run([str(mergekit_venv / "bin" / "python"), str(tmp_path / "mk.py"), str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], check=True, timeout=300)
+    subprocess.run(
+        [
+            str(mergekit_venv / "bin" / "python"),
+            str(tmp_path / "mk.py"),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        check=True,
+        timeout=300,
+    )
     theirs = np.load(tmp_path / "out.npz")
     for shape in ("2d", "1d"):
         base, ms = t(arrays[shape + "base"]), [t(arrays[f"{shape}m{i}"]) for i in range(3)]
-        ours = {"arcee_fusion": METHODS["arcee_fusion"].fn(base, ms[:1], [{}], {})[0],
-                "ram": METHODS["ram"].fn(base, ms, [{}] * 3, {"epsilon": 0.05})[0],
-                "ramplus_tl": METHODS["ramplus_tl"].fn(base, ms, [{}] * 3, {"epsilon": 0.05, "r": 0.3, "alpha": 0.5})[0]}
+        ours = {
+            "arcee_fusion": METHODS["arcee_fusion"].fn(base, ms[:1], [{}], {})[0],
+            "ram": METHODS["ram"].fn(base, ms, [{}] * 3, {"epsilon": 0.05})[0],
+            "ramplus_tl": METHODS["ramplus_tl"].fn(base, ms, [{}] * 3, {"epsilon": 0.05, "r": 0.3, "alpha": 0.5})[0],
+        }
         for name, out in ours.items():
             assert np.array_equal(out.numpy(), theirs[shape + name]), (shape, name)
             assert not np.array_equal(out.numpy(), arrays[shape + "base"]), (shape, name)  # it changed something
@@ -442,13 +581,16 @@ def extended_family(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GRADIENT_CONFIGS))
-def test_mergekit_config_with_gradients_and_filters_equals_mergekit(tmp_path, family, extended_family,
-                                                                    mergekit_venv, name):
+def test_mergekit_config_with_gradients_and_filters_equals_mergekit(
+    tmp_path, family, extended_family, mergekit_venv, name
+):
     """The same mergekit config file, unchanged, through mergekit-yaml and lrmerge merge:
     identical tensors, bit for bit (float32 computation on float32 inputs). The tokenizer case
     runs on a family whose language model adds vocabulary (base's tokenizer: base's rows)."""
     family = extended_family if "tokenizer" in name else family
-    config = _write_text(tmp_path / "config.yml", GRADIENT_CONFIGS[name].format(**{k: str(v) for k, v in family.items()}))
+    config = _write_text(
+        tmp_path / "config.yml", GRADIENT_CONFIGS[name].format(**{k: str(v) for k, v in family.items()})
+    )
     mergekit_yaml(mergekit_venv, config, tmp_path / "mergekit")
     lrmerge_merge(config, tmp_path / "ours")
     theirs, ours = load_all(tmp_path / "mergekit"), load_all(tmp_path / "ours")
@@ -468,11 +610,17 @@ def _write_text(path, text):
 
 # -- the mergekit equivalent in the report and the card; recipe convert ------------------------
 
+
 def _ties_recipe(family, out):
-    return {"method": "slack_ties", "base": str(family["base"]), "output": str(out),
-            "models": [{"model": str(family["language"]), "role": "language", "density": [0.3, 0.7]},
-                       {"model": str(family["task"]), "role": "task", "density": 0.5,
-                        "weight": [{"filter": "mlp", "value": 0.8}]}]}
+    return {
+        "method": "slack_ties",
+        "base": str(family["base"]),
+        "output": str(out),
+        "models": [
+            {"model": str(family["language"]), "role": "language", "density": [0.3, 0.7]},
+            {"model": str(family["task"]), "role": "task", "density": 0.5, "weight": [{"filter": "mlp", "value": 0.8}]},
+        ],
+    }
 
 
 def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_path, family):
@@ -488,8 +636,9 @@ def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_pat
     assert "The same merge as a mergekit 0.1.5 config" in card and "merge_method: ties" in card
     # the card's config (models named ./language etc.) merged again from beside the models
     again = _write(family["base"].parent / "from-card.yml", config)
-    result = CliRunner().invoke(main, ["merge", str(again), "--out", str(tmp_path / "again"), "--device", "cpu",
-                                       "--format", "quiet"])
+    result = CliRunner().invoke(
+        main, ["merge", str(again), "--out", str(tmp_path / "again"), "--device", "cpu", "--format", "quiet"]
+    )
     assert result.exit_code == 0, result.output
     ours, theirs = load_all(r.output), load_all(tmp_path / "again")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -500,7 +649,9 @@ def test_report_and_card_carry_the_mergekit_config_which_merges_the_same(tmp_pat
 
 def test_recipe_convert_both_ways(tmp_path, family):
     src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "out"))
-    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    result = CliRunner().invoke(
+        main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")]
+    )
     assert result.exit_code == 0, result.output
     mk = yaml.safe_load((tmp_path / "mk.yml").read_text())
     assert mk["merge_method"] == "ties" and mk["base_model"] == str(family["base"])
@@ -513,8 +664,16 @@ def test_recipe_convert_both_ways(tmp_path, family):
         assert mp == mp0 and {k: params[k] for k in params0} == params0  # the same values everywhere
     assert back.method == "ties" and back.parameters["rescale"] is False  # slack 0: exactly ties
     assert mk["models"][1]["parameters"]["weight"] == [{"filter": "mlp", "value": 0.8}, {"value": 1.0}]
-    bad = _write(tmp_path / "swap.yml", {"method": "layer_swap", "models": [
-        {"model": str(family["task"]), "role": "task"}, {"model": str(family["language"]), "role": "language"}]})
+    bad = _write(
+        tmp_path / "swap.yml",
+        {
+            "method": "layer_swap",
+            "models": [
+                {"model": str(family["task"]), "role": "task"},
+                {"model": str(family["language"]), "role": "language"},
+            ],
+        },
+    )
     result = CliRunner().invoke(main, ["recipe", "convert", str(bad), "--to", "mergekit"])
     assert result.exit_code == 2 and "no mergekit 0.1.5 equivalent" in result.stderr
 
@@ -522,7 +681,9 @@ def test_recipe_convert_both_ways(tmp_path, family):
 @pytest.mark.slow
 def test_converted_recipe_runs_identically_in_mergekit(tmp_path, family, mergekit_venv):
     src = _write(tmp_path / "ours.yml", _ties_recipe(family, tmp_path / "ours"))
-    result = CliRunner().invoke(main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")])
+    result = CliRunner().invoke(
+        main, ["recipe", "convert", str(src), "--to", "mergekit", "-o", str(tmp_path / "mk.yml")]
+    )
     assert result.exit_code == 0, result.output
     mergekit_yaml(mergekit_venv, tmp_path / "mk.yml", tmp_path / "mergekit")
     lrmerge_merge(src, tmp_path / "ours")
@@ -534,8 +695,11 @@ def test_no_mergekit_config_is_claimed_for_an_extended_vocabulary_kept(tmp_path,
     from lrmerge_hub.merge.engine import local_sources, merge
 
     fam = extended_family
-    data = {"method": "ties", "base": str(fam["base"]),
-            "models": [{"model": str(fam["language"]), "density": 0.5}, {"model": str(fam["task"]), "density": 0.5}]}
+    data = {
+        "method": "ties",
+        "base": str(fam["base"]),
+        "models": [{"model": str(fam["language"]), "density": 0.5}, {"model": str(fam["task"]), "density": 0.5}],
+    }
     r = parse_recipe(data, tmp_path)
     assert merge(r, local_sources(r), tmp_path / "kept", device="cpu", progress=False)["mergekit_config"] is None
     r = parse_recipe({**data, "tokenizer_source": "base"}, tmp_path)
@@ -574,8 +738,9 @@ def test_a_mergekit_card_merges_again_from_a_file_and_from_the_hub(tmp_path, fam
     card = _write_text(tmp_path / "card" / "README.md", MERGEKIT_CARD.format(config=config))
     hub_server.seed("alice/merged", tmp_path / "card")
     for source, out in ((direct, "direct"), (card, "from-card"), ("alice/merged", "from-hub")):
-        result = CliRunner().invoke(main, ["merge", str(source), "--out", str(tmp_path / out), "--device", "cpu",
-                                           "--format", "quiet"])
+        result = CliRunner().invoke(
+            main, ["merge", str(source), "--out", str(tmp_path / out), "--device", "cpu", "--format", "quiet"]
+        )
         assert result.exit_code == 0, result.output
     first = load_all(tmp_path / "direct")
     for out in ("from-card", "from-hub"):

@@ -44,7 +44,7 @@ def ref_breadcrumbs_mask(tau32, density, gamma):
     target, top = int(density * n), int(gamma * n)
     top = min(top, n - target)
     mask = np.zeros(n, bool)
-    mask[ref_order(tau32)[top:top + target]] = True
+    mask[ref_order(tau32)[top : top + target]] = True
     return mask.reshape(tau32.shape)
 
 
@@ -91,7 +91,7 @@ def ref_sce(base, models, select_topk, slacks):
     votes = sum((1 + s) * x for s, x in zip(slacks, tv))
     gamma = np.where(votes >= 0, 1.0, -1.0)
     agree = np.sign(tv) == gamma
-    energy = (tv ** 2).reshape(len(models), -1).mean(1)
+    energy = (tv**2).reshape(len(models), -1).mean(1)
     share = energy / energy.sum()
     weight = share.reshape(-1, *([1] * (tv.ndim - 1))) * agree
     return base + (tv * weight).sum(0) / np.maximum(weight.sum(0), 1e-6), agree
@@ -145,8 +145,14 @@ def ref_model_stock(base, models, filter_wise):
         b2, ws2 = b, ws
     taus = [w - b2 for w in ws2]
     n = len(taus)
-    cos = np.mean([(x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
-                   for i, x in enumerate(taus) for y in taus[i + 1:]], axis=0)[:, None]
+    cos = np.mean(
+        [
+            (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+            for i, x in enumerate(taus)
+            for y in taus[i + 1 :]
+        ],
+        axis=0,
+    )[:, None]
     t = n * cos / (1 + (n - 1) * cos)
     return (t * (sum(ws2) / n) + (1 - t) * b2).reshape(base.shape)
 
@@ -170,16 +176,19 @@ def test_breadcrumbs_matches_reference(method, shape, quantize):
     weights, densities, gammas, slacks = [1.0, 0.6, 1.4], [0.3, 0.8, 0.5], [0.05, 0.3, 0.0], [0.0, 0.7, 0.2]
     elect = method == "breadcrumbs_ties"
     for normalize, rescale, lam in [(False, False, 1.0), (True, True, 0.7)]:
-        mp = [{"weight": w, "density": d, "gamma": g, **({"slack": s} if elect else {})}
-              for w, d, g, s in zip(weights, densities, gammas, slacks)]
+        mp = [
+            {"weight": w, "density": d, "gamma": g, **({"slack": s} if elect else {})}
+            for w, d, g, s in zip(weights, densities, gammas, slacks)
+        ]
         out, stats = call(method, base, models, mp, {"normalize": normalize, "rescale": rescale, "lambda": lam})
         taus = []
         for m, d, g in zip(models, densities, gammas):
             tau32 = (m - base).astype(np.float32)
             kept = np.where(ref_breadcrumbs_mask(tau32, d, g), tau32, 0).astype(np.float64)
             taus.append(ref_l1(tau32.astype(np.float64), kept) if rescale else kept)
-        expected, counts = ref_combine(base.astype(np.float64), taus, weights, slacks if elect else [0] * 3,
-                                       elect, normalize, lam)
+        expected, counts = ref_combine(
+            base.astype(np.float64), taus, weights, slacks if elect else [0] * 3, elect, normalize, lam
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
         if elect:
             assert (stats.kept.tolist(), stats.agreed.tolist()) == counts
@@ -311,7 +320,11 @@ def test_nearswap_and_passthrough_match_reference():
 # -- the slack on every sign election ------------------------------------------------------
 
 ELECTING = {  # parameters that make each deterministic for this test (no drop, no cut)
-    "ties": {}, "dare_ties": {}, "della": {}, "breadcrumbs_ties": {"gamma": 0.0}, "sce": {},
+    "ties": {},
+    "dare_ties": {},
+    "della": {},
+    "breadcrumbs_ties": {"gamma": 0.0},
+    "sce": {},
 }
 
 
@@ -408,11 +421,19 @@ def test_draws_are_the_same_in_another_process_and_in_any_chunking():
     key = draws.stream_key(123, "model.embed_tokens.weight", 1)
     here = draws.uniforms(key, 0, 5000)
     np.testing.assert_array_equal(here[1000:3000], draws.uniforms(key, 1000, 3000))
-    code = ("import numpy as np; from lrmerge_hub.merge import draws; "
-            "k = draws.stream_key(123, 'model.embed_tokens.weight', 1); "
-            "print(draws.uniforms(k, 0, 5000).tobytes().hex())")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "99", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    code = (
+        "import numpy as np; from lrmerge_hub.merge import draws; "
+        "k = draws.stream_key(123, 'model.embed_tokens.weight', 1); "
+        "print(draws.uniforms(k, 0, 5000).tobytes().hex())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "99", "PATH": ""},
+        cwd=str(__import__("pathlib").Path(__file__).parent.parent),
+    )
     assert other.stdout.strip() == here.tobytes().hex()
     assert 0 <= here.min() and here.max() < 1 and abs(here.mean() - 0.5) < 0.02
     mask = draws.keep_mask(key, 0.3, 3 * draws.CHUNK + 17)  # across chunk boundaries
@@ -431,29 +452,35 @@ def recipe(method, models=2, base=True, model_extra=None, parameters=None):
     return data
 
 
-@pytest.mark.parametrize("data,needle", [
-    (recipe("slerp", models=2), "models: method 'slerp' takes exactly one model besides the base (got 2)"),
-    (recipe("slerp", models=1, base=False), "base: required by method 'slerp'"),
-    (recipe("nearswap", models=2), "takes exactly one model besides the base"),
-    (recipe("passthrough", models=1), "base: method 'passthrough' takes no base model"),
-    (recipe("passthrough", models=2, base=False), "takes exactly one model (got 2)"),
-    (recipe("model_stock", models=1), "takes at least 2 models (got 1)"),
-    (recipe("nuslerp", models=3, base=False), "takes exactly 2 models (got 3)"),
-    (recipe("della", model_extra={"density": 0.5, "epsilon": 0.5}), "models[0].epsilon: density - epsilon"),
-    (recipe("della", model_extra={"epsilon": 0}), "models[0].epsilon: must be > 0.0"),
-    (recipe("dare_ties", model_extra={"gamma": 0.1}), "models[0]: unknown key 'gamma'"),
-    (recipe("breadcrumbs", model_extra={"gamma": 1.5}), "models[0].gamma: must be <= 1.0"),
-    (recipe("dare_linear", parameters={"seed": -1}), "parameters.seed: must be a whole number"),
-    (recipe("dare_linear", parameters={"seed": 1.5}), "parameters.seed: must be a whole number"),
-    (recipe("sce", parameters={"select_topk": 0}), "parameters.select_topk: must be > 0.0"),
-    (recipe("slerp", models=1, parameters={"t": 1.2}), "parameters.t: must be <= 1.0"),
-    (recipe("karcher", parameters={"max_iter": 0}), "parameters.max_iter"),
-    (recipe("karcher", parameters={"tol": 1e9}), "parameters.tol: must be <= 0.01"),
-    (recipe("passthrough", models=1, base=False, model_extra={"scale": 1e-300}), "models[0].scale: must be at least"),
-    (recipe("passthrough", models=1, base=False, model_extra={"scale": 1e300}), "models[0].scale: must be at most"),
-    (recipe("passthrough", models=1, base=False, model_extra={"scale": 0}), "models[0].scale: must not be 0"),
-    (recipe("sce", parameters={"lambda": 1.0}), "unknown key 'lambda'"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        (recipe("slerp", models=2), "models: method 'slerp' takes exactly one model besides the base (got 2)"),
+        (recipe("slerp", models=1, base=False), "base: required by method 'slerp'"),
+        (recipe("nearswap", models=2), "takes exactly one model besides the base"),
+        (recipe("passthrough", models=1), "base: method 'passthrough' takes no base model"),
+        (recipe("passthrough", models=2, base=False), "takes exactly one model (got 2)"),
+        (recipe("model_stock", models=1), "takes at least 2 models (got 1)"),
+        (recipe("nuslerp", models=3, base=False), "takes exactly 2 models (got 3)"),
+        (recipe("della", model_extra={"density": 0.5, "epsilon": 0.5}), "models[0].epsilon: density - epsilon"),
+        (recipe("della", model_extra={"epsilon": 0}), "models[0].epsilon: must be > 0.0"),
+        (recipe("dare_ties", model_extra={"gamma": 0.1}), "models[0]: unknown key 'gamma'"),
+        (recipe("breadcrumbs", model_extra={"gamma": 1.5}), "models[0].gamma: must be <= 1.0"),
+        (recipe("dare_linear", parameters={"seed": -1}), "parameters.seed: must be a whole number"),
+        (recipe("dare_linear", parameters={"seed": 1.5}), "parameters.seed: must be a whole number"),
+        (recipe("sce", parameters={"select_topk": 0}), "parameters.select_topk: must be > 0.0"),
+        (recipe("slerp", models=1, parameters={"t": 1.2}), "parameters.t: must be <= 1.0"),
+        (recipe("karcher", parameters={"max_iter": 0}), "parameters.max_iter"),
+        (recipe("karcher", parameters={"tol": 1e9}), "parameters.tol: must be <= 0.01"),
+        (
+            recipe("passthrough", models=1, base=False, model_extra={"scale": 1e-300}),
+            "models[0].scale: must be at least",
+        ),
+        (recipe("passthrough", models=1, base=False, model_extra={"scale": 1e300}), "models[0].scale: must be at most"),
+        (recipe("passthrough", models=1, base=False, model_extra={"scale": 0}), "models[0].scale: must not be 0"),
+        (recipe("sce", parameters={"lambda": 1.0}), "unknown key 'lambda'"),
+    ],
+)
 def test_contracts_and_parameters_are_one_line_errors(tmp_path, data, needle):
     with pytest.raises(RecipeError) as e:
         parse_recipe(data, tmp_path)
@@ -498,8 +525,10 @@ def bf16_family(tmp_path_factory):
 def e2e_recipe(method, folder, seed=3, output="merged"):
     m = METHODS[method]
     roles = ["language"] if method in ONE_MODEL else ["language", "task"]
-    models = [{"model": f"./models/{r}", "role": r,
-               **{k: v for k, v in E2E_MODEL_PARAMS.items() if k in m.model_params}} for r in roles]
+    models = [
+        {"model": f"./models/{r}", "role": r, **{k: v for k, v in E2E_MODEL_PARAMS.items() if k in m.model_params}}
+        for r in roles
+    ]
     data = {"method": method, "models": models, "output": f"./{output}"}
     if m.takes_base:
         data["base"] = "./models/base"
@@ -517,8 +546,9 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
 
     folder = bf16_family["base"].parent.parent
     recipe = e2e_recipe(method, folder, output=f"merged-{method}")
-    report = merge(recipe, local_sources(recipe), recipe.output, device="cpu", progress=False,
-                   shard_size=150_000, overwrite=True)
+    report = merge(
+        recipe, local_sources(recipe), recipe.output, device="cpu", progress=False, shard_size=150_000, overwrite=True
+    )
     out = load_all(recipe.output)
     src = {r: load_all(p) for r, p in bf16_family.items()}
     m = METHODS[method]
@@ -532,8 +562,7 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
         named = {"tensor_name": name} if m.random else {}
         model_params, params = TensorParams.of(recipe, 2)(name)  # per tensor: layer_swap's shares
         expected, _ = m.fn(base, inputs, model_params, params, **named)
-        torch.testing.assert_close(merged[:rows].float(), expected.to(torch.bfloat16).float(),
-                                   rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(merged[:rows].float(), expected.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
         if merged.shape[0] > rows:  # the extended vocabulary's rows come from the language model
             assert torch.equal(merged[rows:], src["language"][name][rows:])
     assert ("model.embed_tokens.weight" in out) and out["model.embed_tokens.weight"].shape[0] == 392
@@ -551,8 +580,9 @@ def test_every_method_merges_a_sharded_bf16_family_with_an_extended_vocabulary(b
         assert all(torch.equal(v, load_all(again.output)[k]) for k, v in out.items())
         other = e2e_recipe(method, folder, seed=4, output=f"other-{method}")
         merge(other, local_sources(other), other.output, device="cpu", progress=False, overwrite=True)
-        assert not torch.equal(out["model.layers.0.mlp.up_proj.weight"],
-                               load_all(other.output)["model.layers.0.mlp.up_proj.weight"])
+        assert not torch.equal(
+            out["model.layers.0.mlp.up_proj.weight"], load_all(other.output)["model.layers.0.mlp.up_proj.weight"]
+        )
         assert json.loads((recipe.output / "merge_report.json").read_text())["parameters"]["seed"] == 3
 
 
@@ -562,7 +592,11 @@ def test_sweep_grids_any_declared_parameter(tmp_path):
     r = parse_recipe(recipe("della", model_extra={"density": 0.5}), tmp_path)
     variants = [apply_point(r, p) for p in grid_points(parse_grid(["epsilon=0.1,0.2", "seed=1,2"]))]
     assert [(v.models[1].params["epsilon"], v.parameters["seed"]) for v in variants] == [
-        (0.1, 1), (0.1, 2), (0.2, 1), (0.2, 2)]
+        (0.1, 1),
+        (0.1, 2),
+        (0.2, 1),
+        (0.2, 2),
+    ]
     with pytest.raises(RecipeError, match="models.0..epsilon: density - epsilon"):
         apply_point(r, {"epsilon": 0.5})  # the method's cross-parameter check runs too
     with pytest.raises(RecipeError, match="not a parameter of della"):

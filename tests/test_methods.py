@@ -36,8 +36,7 @@ def ref_ties(base, models, weights, densities, slacks, lam, normalize):
 
 def run(method, base, models, model_params, params):
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    out, stats = METHODS[method].fn(t(base) if base is not None else None, [t(m) for m in models],
-                                    model_params, params)
+    out, stats = METHODS[method].fn(t(base) if base is not None else None, [t(m) for m in models], model_params, params)
     return out.numpy(), stats
 
 
@@ -60,8 +59,10 @@ def test_ties_family_matches_reference(method, shape, quantize):
     base, models = random_models(shape, n=3, seed=len(shape), quantize=quantize)
     weights, densities = [1.0, 0.7, 1.3], [0.2, 0.5, 1.0]
     slacks = [0.0, 0.5, 2.0] if method == "slack_ties" else [0.0, 0.0, 0.0]
-    mp = [{"weight": w, "density": d, **({"slack": s} if method == "slack_ties" else {})}
-          for w, d, s in zip(weights, densities, slacks)]
+    mp = [
+        {"weight": w, "density": d, **({"slack": s} if method == "slack_ties" else {})}
+        for w, d, s in zip(weights, densities, slacks)
+    ]
     for normalize, lam in [(True, 1.0), (False, 0.8)]:
         out, stats = run(method, base, models, mp, {"lambda": lam, "normalize": normalize})
         expected, kept, agreed = ref_ties(base, models, weights, densities, slacks, lam, normalize)
@@ -83,10 +84,10 @@ def test_slack_zero_is_exactly_ties():
     base, models = random_models((64, 48), n=2, seed=7)
     t = lambda a: torch.from_numpy(a)  # noqa: E731
     params = {"lambda": 1.0, "normalize": True}
-    a, sa = METHODS["ties"].fn(t(base), [t(m) for m in models],
-                               [{"weight": 1.0, "density": 0.3}] * 2, params)
-    b, sb = METHODS["slack_ties"].fn(t(base), [t(m) for m in models],
-                                     [{"weight": 1.0, "density": 0.3, "slack": 0.0}] * 2, params)
+    a, sa = METHODS["ties"].fn(t(base), [t(m) for m in models], [{"weight": 1.0, "density": 0.3}] * 2, params)
+    b, sb = METHODS["slack_ties"].fn(
+        t(base), [t(m) for m in models], [{"weight": 1.0, "density": 0.3, "slack": 0.0}] * 2, params
+    )
     assert torch.equal(a, b)
     assert torch.equal(sa.kept, sb.kept) and torch.equal(sa.agreed, sb.agreed)
 
@@ -96,8 +97,10 @@ def test_slack_changes_winner_of_a_sign_conflict():
     base = np.zeros(2, np.float32)
     language = np.array([0.3, 0.1], np.float32)
     task = np.array([-0.2, 0.1], np.float32)
-    mp = lambda s: [{"weight": 1.0, "density": 1.0, "slack": 0.0},  # noqa: E731
-                    {"weight": 1.0, "density": 1.0, "slack": s}]
+    mp = lambda s: [
+        {"weight": 1.0, "density": 1.0, "slack": 0.0},  # noqa: E731
+        {"weight": 1.0, "density": 1.0, "slack": s},
+    ]
     params = {"lambda": 1.0, "normalize": True}
     plain, stats0 = run("slack_ties", base, [language, task], mp(0.0), params)
     assert plain[0] == pytest.approx(0.3)  # larger magnitude wins without slack
@@ -119,8 +122,9 @@ def test_retention_counts_by_hand():
     base = np.zeros(4, np.float32)
     lang = np.array([1.0, -2.0, 3.0, -4.0], np.float32)
     task = np.array([-0.5, 0.5, 0.5, 0.5], np.float32)
-    _, stats = run("ties", base, [lang, task], [{"weight": 1.0, "density": 0.5}] * 2,
-                   {"lambda": 1.0, "normalize": True})
+    _, stats = run(
+        "ties", base, [lang, task], [{"weight": 1.0, "density": 0.5}] * 2, {"lambda": 1.0, "normalize": True}
+    )
     # trim keeps lang [3, -4] and task's first two 0.5s: [-0.5, 0.5]; sums: -0.5, 0.5, 3, -4
     assert stats.kept.tolist() == [2, 2]
     assert stats.agreed.tolist() == [2, 2]
@@ -132,5 +136,4 @@ def test_linear_and_task_arithmetic_match_reference():
     np.testing.assert_allclose(out, (models[0] + 3 * models[1]) / 4, rtol=1e-6)
     assert stats is None
     out, _ = run("task_arithmetic", base, models, [{"weight": 0.5}, {"weight": 1.0}], {"lambda": 0.9})
-    np.testing.assert_allclose(out, base + 0.9 * (0.5 * (models[0] - base) + (models[1] - base)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, base + 0.9 * (0.5 * (models[0] - base) + (models[1] - base)), rtol=1e-5, atol=1e-6)

@@ -23,9 +23,22 @@ REPO = Path(__file__).resolve().parent.parent
 def test_reduced_miniature_preconditions(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.Popen(
-        [sys.executable, "examples/miniature/run.py", "--preset", "test",
-         "--models", str(tmp_path / "models"), "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "examples/miniature/run.py",
+            "--preset",
+            "test",
+            "--models",
+            str(tmp_path / "models"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=1800)
     finally:  # its training workers and lm-eval processes too, whatever happened

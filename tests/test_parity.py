@@ -67,12 +67,16 @@ def test_a_difference_where_the_reference_is_clear_fails_at_that_position():
 
 def test_the_summary_says_what_ran():
     passed = parity.ParityResult(status="passed", prompts=4, chat=True, near_ties=1)
-    assert passed.summary == ("served outputs checked against transformers: 4 prompts (chat-templated and plain), "
-                              "same greedy tokens for 16 tokens, except 1 near-tie(s) (top-2 logits within 0.5), "
-                              "checked on from transformers' token")
+    assert passed.summary == (
+        "served outputs checked against transformers: 4 prompts (chat-templated and plain), "
+        "same greedy tokens for 16 tokens, except 1 near-tie(s) (top-2 logits within 0.5), "
+        "checked on from transformers' token"
+    )
     assert "plain only (no chat template)" in parity.ParityResult(status="passed", prompts=2).summary
-    assert parity.ParityResult(status="disabled").summary == \
-        "served outputs not checked against transformers (--no-parity-check)"
+    assert (
+        parity.ParityResult(status="disabled").summary
+        == "served outputs not checked against transformers (--no-parity-check)"
+    )
 
 
 def write_header_only(folder: Path, shape: list[int]) -> None:
@@ -117,9 +121,14 @@ def test_serve_refuses_a_folder_transformers_cannot_load_before_starting_vllm(tm
     broken = paths["base"]
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated weights
-    done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "serve", str(broken), "--port", "1",
-                           "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True,
-                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub", "serve", str(broken), "--port", "1", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1]
@@ -198,16 +207,34 @@ def test_eval_against_a_server_that_never_answers_stops_within_the_bound(tmp_pat
     try:
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "lrmerge_hub", "eval", str(model), "--backend", "server", "--base-url",
-             silent.base_url, "--tasks", "tiny_mc", "--out", str(tmp_path / "out")],
-            capture_output=True, text=True, cwd=tmp_path, timeout=600,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LRMERGE_PARITY_TIMEOUT": "3"})
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "eval",
+                str(model),
+                "--backend",
+                "server",
+                "--base-url",
+                silent.base_url,
+                "--tasks",
+                "tiny_mc",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LRMERGE_PARITY_TIMEOUT": "3"},
+        )
         elapsed = time.monotonic() - started
     finally:
         silent.close()
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: parity check: base did not answer the prompt plain: {parity.PLAIN_PROMPTS[0]!r} within 3 s "
-        "(TimeoutError); see the server's log, or raise LRMERGE_PARITY_TIMEOUT")
+        "(TimeoutError); see the server's log, or raise LRMERGE_PARITY_TIMEOUT"
+    )
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
     assert elapsed < 300

@@ -98,6 +98,7 @@ def test_resume_after_a_failure_in_each_step(seeded, hub_server, write_recipe, m
         def step(ctx):
             calls[name] += 1
             return fn(ctx)
+
         return step
 
     def broken(ctx):
@@ -142,12 +143,21 @@ def test_dry_run_and_force(seeded, hub_server, write_recipe):
 def test_release_script_runs_the_workflow_command_lines(seeded, hub_server, tmp_path):
     (tmp_path / "bo.yaml").write_text(HUB_RECIPE.replace("push: {repo: alice/tiny-bo, tag: v1}\n", ""))
     summary_md = tmp_path / "job-summary.md"
-    env = {**os.environ, "RECIPE": str(tmp_path / "{language}.yaml"), "LANGUAGE": "bo",
-           "PUSH_REPO": "alice/tiny-{language}", "DRY_RUN": "false", "OUT_DIR": str(tmp_path / "out"),
-           "GITHUB_STEP_SUMMARY": str(summary_md), "HF_OIDC_RESOURCE": "", "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(ROOT / ".github/scripts/release.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "RECIPE": str(tmp_path / "{language}.yaml"),
+        "LANGUAGE": "bo",
+        "PUSH_REPO": "alice/tiny-{language}",
+        "DRY_RUN": "false",
+        "OUT_DIR": str(tmp_path / "out"),
+        "GITHUB_STEP_SUMMARY": str(summary_md),
+        "HF_OIDC_RESOURCE": "",
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / ".github/scripts/release.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out/bo/run-summary.json").read_text())
     assert summary["steps"]["push"]["repo_id"] == "alice/tiny-bo"
@@ -229,13 +239,17 @@ def test_run_replaces_only_its_own_output(local_recipe, tmp_path):
     assert code == 2 and "--overwrite" in err and '"x": 1' in (merged / "config.json").read_text(), err
 
 
-@pytest.mark.parametrize("args,error", [
-    (["--languages", "x..y,bo", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'x..y'"),
-    (["--languages", "bo,Tibetan", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'Tibetan'"),
-    (["--languages", "bo", "--push", "org/a..b-{language}"], "--push: 'org/a..b-bo' is not a Hub repo id"),
-    (["--languages", "bo", "--push", "alice/ok name"], "--push: 'alice/ok name' is not a Hub repo id"),
-    (["--languages", "bo", "--push", "org/m-{language}-" + "x" * 100], "--push: 'org/m-bo-x"),
-], ids=["dots-code", "name-not-code", "dots-repo", "space", "too-long"])
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["--languages", "x..y,bo", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'x..y'"),
+        (["--languages", "bo,Tibetan", "--push", "org/m-{language}"], "--languages: unknown ISO 639 code 'Tibetan'"),
+        (["--languages", "bo", "--push", "org/a..b-{language}"], "--push: 'org/a..b-bo' is not a Hub repo id"),
+        (["--languages", "bo", "--push", "alice/ok name"], "--push: 'alice/ok name' is not a Hub repo id"),
+        (["--languages", "bo", "--push", "org/m-{language}-" + "x" * 100], "--push: 'org/m-bo-x"),
+    ],
+    ids=["dots-code", "name-not-code", "dots-repo", "space", "too-long"],
+)
 def test_push_targets_and_languages_are_checked_before_any_work(tmp_path, args, error):
     make_family(tmp_path / "models")
     (tmp_path / "r-bo.yaml").write_text(LOCAL_RECIPE)
@@ -247,8 +261,17 @@ def test_push_targets_and_languages_are_checked_before_any_work(tmp_path, args, 
 def test_a_push_template_is_filled_in_for_one_recipe(tmp_path):
     make_family(tmp_path / "models")
     (tmp_path / "r-bo.yaml").write_text(LOCAL_RECIPE)
-    code, out, err = lrmerge("run", str(tmp_path / "r-{language}.yaml"), "--languages", "bo",
-                             "--push", "org/m-{language}", "--dry-run", "--format", "json")
+    code, out, err = lrmerge(
+        "run",
+        str(tmp_path / "r-{language}.yaml"),
+        "--languages",
+        "bo",
+        "--push",
+        "org/m-{language}",
+        "--dry-run",
+        "--format",
+        "json",
+    )
     assert code == 0, err
     assert json.loads(out)["push"] == "org/m-bo"
 
@@ -278,15 +301,34 @@ def test_an_evaluation_whose_results_are_gone_is_planned_again(tmp_path):
     results.write_text('{"results": {}}')
     (output / "README.md").write_text("card")
     state = pipeline.RunState(tmp_path / "run", "sha")
-    for name, result in [("pull", {"sources": {}}), ("merge", {}), ("eval", {"files": {"merged": str(results)}}),
-                         ("card", {"card": str(output / "README.md")}), ("push", {"skipped": "no target"})]:
-        state.record(name, status="done", result=result,
-                     made=pipeline.fingerprint(output, pipeline.step_files(name, output, result)))
-    assert state.step("eval")["made"] == {"eval/merged/results_1.json": {
-        "sha256": pipeline.file_sha256(results), "size": results.stat().st_size, "mtime_ns": results.stat().st_mtime_ns}}
+    for name, result in [
+        ("pull", {"sources": {}}),
+        ("merge", {}),
+        ("eval", {"files": {"merged": str(results)}}),
+        ("card", {"card": str(output / "README.md")}),
+        ("push", {"skipped": "no target"}),
+    ]:
+        state.record(
+            name,
+            status="done",
+            result=result,
+            made=pipeline.fingerprint(output, pipeline.step_files(name, output, result)),
+        )
+    assert state.step("eval")["made"] == {
+        "eval/merged/results_1.json": {
+            "sha256": pipeline.file_sha256(results),
+            "size": results.stat().st_size,
+            "mtime_ns": results.stat().st_mtime_ns,
+        }
+    }
     assert pipeline.plan_steps(state, False, output) == [(s, "done") for s in pipeline.STEPS]
     results.write_text('{"results": {"x": 1}}')  # other bytes: not what the step wrote
     assert dict(pipeline.plan_steps(state, False, output)) == {
-        "pull": "done", "merge": "done", "eval": "run", "card": "run", "push": "run"}
+        "pull": "done",
+        "merge": "done",
+        "eval": "run",
+        "card": "run",
+        "push": "run",
+    }
     results.unlink()
     assert dict(pipeline.plan_steps(state, False, output))["eval"] == "run"

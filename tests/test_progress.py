@@ -45,8 +45,9 @@ def test_on_a_terminal_one_line_is_rewritten_with_the_logs_last_line(tmp_path):
 
 def test_elsewhere_a_line_every_interval(tmp_path):
     log = tmp_path / "lm-eval.log"
-    log.write_text("Running loglikelihood requests:  10%|#  | 1/10\rRunning loglikelihood requests:  50%|#####"
-                   " | 5/10\x1b[31m\r")
+    log.write_text(
+        "Running loglikelihood requests:  10%|#  | 1/10\rRunning loglikelihood requests:  50%|##### | 5/10\x1b[31m\r"
+    )
     out = tmp_path / "stderr.txt"
     with open(out, "w") as stream:
         ticker = progress.Ticker("lm-eval: evaluating", log=log, stream=stream, every=0.3)
@@ -81,17 +82,25 @@ def test_nothing_is_printed_unless_the_human_format_turned_it_on(tmp_path, capsy
 
 def test_lm_eval_failures_are_named_from_their_logs():
     # the last lines of real lm-eval 0.4.13 logs: a task name typo, Belebele offline, the server gone
-    typo = ('  File ".../lm_eval/config/evaluate_config.py", line 477, in process_tasks\n'
-            '    raise ValueError(f"Tasks not found: {missing}")\nValueError: Tasks not found: tiny_mcq\n')
+    typo = (
+        '  File ".../lm_eval/config/evaluate_config.py", line 477, in process_tasks\n'
+        '    raise ValueError(f"Tasks not found: {missing}")\nValueError: Tasks not found: tiny_mcq\n'
+    )
     assert lm_eval_cause(typo).startswith("lm-eval has no task named tiny_mcq: check the names in --tasks")
-    offline = ("    raise ConnectionError(f\"Couldn't reach '{path}' on the Hub ({e.__class__.__name__})\") from e\n"
-               "ConnectionError: Couldn't reach 'facebook/belebele' on the Hub (OfflineModeIsEnabled)\n")
-    assert lm_eval_cause(offline).startswith("the data set facebook/belebele of a task could not be downloaded "
-                                             "from the Hub (offline, or HF_HUB_OFFLINE is set)")
-    gone = ("requests.exceptions.ConnectionError: HTTPConnectionPool(host='127.0.0.1', port=9): Max retries "
-            "exceeded with url: /v1/completions (Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', "
-            "port=9): Failed to establish a new connection: [Errno 111] Connection refused\"))\n"
-            "Requesting API:   0%|          | 0/4 [00:05<?, ?it/s]\n")
+    offline = (
+        "    raise ConnectionError(f\"Couldn't reach '{path}' on the Hub ({e.__class__.__name__})\") from e\n"
+        "ConnectionError: Couldn't reach 'facebook/belebele' on the Hub (OfflineModeIsEnabled)\n"
+    )
+    assert lm_eval_cause(offline).startswith(
+        "the data set facebook/belebele of a task could not be downloaded "
+        "from the Hub (offline, or HF_HUB_OFFLINE is set)"
+    )
+    gone = (
+        "requests.exceptions.ConnectionError: HTTPConnectionPool(host='127.0.0.1', port=9): Max retries "
+        "exceeded with url: /v1/completions (Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', "
+        'port=9): Failed to establish a new connection: [Errno 111] Connection refused"))\n'
+        "Requesting API:   0%|          | 0/4 [00:05<?, ?it/s]\n"
+    )
     assert lm_eval_cause(gone).startswith("the server lm-eval was evaluating did not answer")
     assert lm_eval_cause("Traceback ...\nKeyError: 'acc'\n") == "lm-eval failed with KeyError: 'acc'"
     assert lm_eval_cause("killed\n") is None
@@ -102,8 +111,11 @@ def test_an_lm_eval_failure_is_one_line_with_the_log_below(tmp_path):
     log.write_text("$ python -m lm_eval run ...\nRunning loglikelihood requests:  40%\n")
     error = lm_eval_failed(-9, log)  # killed: nothing in the log says why
     assert str(error) == f"lm-eval exited with status -9 (log: {log})"
-    assert error.detail.splitlines() == ["--- last lines of the log ---", "$ python -m lm_eval run ...",
-                                         "Running loglikelihood requests:  40%"]
+    assert error.detail.splitlines() == [
+        "--- last lines of the log ---",
+        "$ python -m lm_eval run ...",
+        "Running loglikelihood requests:  40%",
+    ]
     log.write_text("Traceback (most recent call last):\nValueError: Tasks not found: tiny_mcq\n")
     assert str(lm_eval_failed(1, log)).startswith("lm-eval has no task named tiny_mcq: ")
     assert str(lm_eval_failed(1, log)).endswith(f"; lm-eval exited with status 1 (log: {log})")
@@ -114,16 +126,33 @@ def test_each_sweep_point_says_when_its_evaluation_starts(family, write_recipe):
     from lrmerge_hub.recipe.spec import load_recipe
 
     family()
-    recipe = load_recipe(write_recipe(
-        "method: slack_ties\nbase: ./models/base\nmodels:\n  - {model: ./models/language, role: language, "
-        "density: 0.3}\n  - {model: ./models/task, role: task, density: 0.3}\noutput: ./merged\n"))
+    recipe = load_recipe(
+        write_recipe(
+            "method: slack_ties\nbase: ./models/base\nmodels:\n  - {model: ./models/language, role: language, "
+            "density: 0.3}\n  - {model: ./models/task, role: task, density: 0.3}\noutput: ./merged\n"
+        )
+    )
     lines: list[str] = []
 
     def evaluate(folder):
         lines.append(f"evaluated {folder.name}")
         return [{"task": "t", "metric": "acc", "value": 0.5}]
 
-    run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
-              evaluate=evaluate, device="cpu", progress=False, echo=lines.append)
-    assert lines == ["point 1 of 2, slack0: evaluating", "evaluated slack0", "slack0: acc=0.5",
-                     "point 2 of 2, slack1: evaluating", "evaluated slack1", "slack1: acc=0.5"]
+    run_sweep(
+        recipe,
+        parse_grid(["slack=0,1"]),
+        sources=local_sources(recipe),
+        output=recipe.output,
+        evaluate=evaluate,
+        device="cpu",
+        progress=False,
+        echo=lines.append,
+    )
+    assert lines == [
+        "point 1 of 2, slack0: evaluating",
+        "evaluated slack0",
+        "slack0: acc=0.5",
+        "point 2 of 2, slack1: evaluating",
+        "evaluated slack1",
+        "slack1: acc=0.5",
+    ]

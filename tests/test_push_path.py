@@ -42,8 +42,9 @@ def test_release_pushes_when_the_hub_takes_shards_in_regular_mode(hub_server, hu
 
 
 @pytest.mark.slow
-def test_a_landed_commit_whose_answer_was_lost_is_recognised_with_preuploaded_shards(hub_server, hub_family,
-                                                                                     local_merge):
+def test_a_landed_commit_whose_answer_was_lost_is_recognised_with_preuploaded_shards(
+    hub_server, hub_family, local_merge
+):
     hub_family.write_text(hub_family.read_text() + "push: {repo: alice/merged}\n")
     hub_server.fail("POST", r"/commit/", status=502, after=True)  # applied, then the answer is lost
 
@@ -136,11 +137,15 @@ def test_lfs_answers_naming_another_host_get_neither_the_token_nor_the_bytes(hub
 def test_lrmerge_push_refuses_a_verify_step_on_another_host(hub_server, local_merge, spoof):
     hub_server.lfs_verify_href = f"{spoof.url}/verify"
 
-    result = CliRunner().invoke(main, ["push", str(local_merge), "alice/merged", "--format", "quiet"],
-                                env={"HF_TOKEN": TOKEN})
+    result = CliRunner().invoke(
+        main, ["push", str(local_merge), "alice/merged", "--format", "quiet"], env={"HF_TOKEN": TOKEN}
+    )
 
-    assert result.exit_code == 2 and "127.0.0.2:" in result.output and "only the Hub endpoint gets the token" \
-        in result.output, result.output
+    assert (
+        result.exit_code == 2
+        and "127.0.0.2:" in result.output
+        and "only the Hub endpoint gets the token" in result.output
+    ), result.output
     assert spoof.requests == [] and len(hub_server.repos["alice/merged"].commits) == 1
 
 
@@ -169,8 +174,9 @@ def batch_answer(actions: dict) -> "httpx2.Response":
     import httpx2
 
     request = httpx2.Request("POST", "https://huggingface.co/alice/merged.git/info/lfs/objects/batch")
-    return httpx2.Response(200, json={"transfer": "basic", "objects": [{"oid": "0" * 64, "size": 1,
-                                                                        "actions": actions}]}, request=request)
+    return httpx2.Response(
+        200, json={"transfer": "basic", "objects": [{"oid": "0" * 64, "size": 1, "actions": actions}]}, request=request
+    )
 
 
 def test_huggingface_co_answers_pass_and_other_storage_needs_naming(monkeypatch):
@@ -180,8 +186,10 @@ def test_huggingface_co_answers_pass_and_other_storage_needs_naming(monkeypatch)
     monkeypatch.delenv("LRMERGE_HUB_STORAGE_HOSTS", raising=False)
     verify = {"href": "https://huggingface.co/alice/merged.git/info/lfs/objects/verify"}
     s3 = "https://s3.us-east-1.amazonaws.com/lfs.huggingface.co/repos/ab/cd/x?X-Amz-Signature=1"
-    multipart = {"href": "https://huggingface.co/api/complete_multipart?uploadId=1",
-                 "header": {"chunk_size": "5", "1": "https://hf-hub-lfs-us-east-1.s3-accelerate.amazonaws.com/p1"}}
+    multipart = {
+        "href": "https://huggingface.co/api/complete_multipart?uploadId=1",
+        "header": {"chunk_size": "5", "1": "https://hf-hub-lfs-us-east-1.s3-accelerate.amazonaws.com/p1"},
+    }
     for actions in ({"upload": {"href": s3}, "verify": verify}, {"upload": multipart, "verify": verify}):
         hub_hosts.check_batch_answer(batch_answer(actions))  # what huggingface.co answers: accepted
 
@@ -191,8 +199,9 @@ def test_huggingface_co_answers_pass_and_other_storage_needs_naming(monkeypatch)
     monkeypatch.setenv("LRMERGE_HUB_STORAGE_HOSTS", "minio.internal:9000")
     hub_hosts.check_batch_answer(batch_answer(minio))  # a self-hosted Hub's storage, once named
     with pytest.raises(HubUntrustedHostError, match="verify step"):  # the token's step: never elsewhere
-        hub_hosts.check_batch_answer(batch_answer({"upload": {"href": s3},
-                                                   "verify": {"href": "http://minio.internal:9000/verify"}}))
+        hub_hosts.check_batch_answer(
+            batch_answer({"upload": {"href": s3}, "verify": {"href": "http://minio.internal:9000/verify"}})
+        )
 
 
 def test_a_refused_lfs_upload_is_one_line_and_commits_nothing(hub_server, local_merge):

@@ -80,8 +80,11 @@ def cmdline(pid: str | int) -> str:
 
 def lm_eval_processes(*parts: str) -> list[int]:
     """lm-eval processes whose command line holds every one of `parts`."""
-    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if "lm_eval" in (line := cmdline(pid)) and all(p in line for p in parts)]
+    return [
+        int(pid)
+        for pid in filter(str.isdigit, os.listdir("/proc"))
+        if "lm_eval" in (line := cmdline(pid)) and all(p in line for p in parts)
+    ]
 
 
 class Killer(threading.Thread):
@@ -119,8 +122,19 @@ def test_ray_sweep_matches_local_and_survives_a_killed_worker(ray_cluster, tmp_p
         killer = Killer("slack0.5", worker=True)
         if executor == "ray":
             killer.start()
-        code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0,0.5,4", "--backend", "hf", "--executor",
-                                 executor, *extra, "--format", "json")
+        code, out, err = lrmerge(
+            "sweep",
+            recipe,
+            "--grid",
+            "slack=0,0.5,4",
+            "--backend",
+            "hf",
+            "--executor",
+            executor,
+            *extra,
+            "--format",
+            "json",
+        )
         killer.stop.set()
         assert code == 0, err
         tables[executor] = json.loads(out)
@@ -146,8 +160,20 @@ def test_a_point_whose_evaluation_fails_is_a_row_with_its_error(ray_cluster, tmp
     recipe = sweep_recipe(tmp_path)
     killer = Killer("slack0.8", worker=False)  # lm-eval dies (e.g. out of memory); its worker lives
     killer.start()
-    code, out, err = lrmerge("sweep", recipe, "--grid", "slack=0.2,0.8", "--backend", "hf", "--executor", "ray",
-                             "--ray-address", ray_cluster, "--format", "json")
+    code, out, err = lrmerge(
+        "sweep",
+        recipe,
+        "--grid",
+        "slack=0.2,0.8",
+        "--backend",
+        "hf",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--format",
+        "json",
+    )
     killer.stop.set()
     assert killer.killed and code == 0, err
     rows = {p["name"]: p for p in json.loads(out)["points"]}
@@ -160,10 +186,27 @@ def test_a_point_whose_evaluation_fails_is_a_row_with_its_error(ray_cluster, tmp
 @pytest.mark.slow
 def test_ctrl_c_cancels_every_task_and_writes_nothing(ray_cluster, tmp_path):
     recipe = sweep_recipe(tmp_path)
-    driver = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "sweep", str(recipe), "--grid", "slack=0.3,0.7",
-                               "--backend", "hf", "--executor", "ray", "--ray-address", ray_cluster],
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub",
+            "sweep",
+            str(recipe),
+            "--grid",
+            "slack=0.3,0.7",
+            "--backend",
+            "hf",
+            "--executor",
+            "ray",
+            "--ray-address",
+            ray_cluster,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not lm_eval_processes(str(tmp_path / "tasks")):  # a point is being evaluated on a worker
@@ -186,8 +229,18 @@ def test_two_recipes_released_together_land_on_the_hub(ray_cluster, seeded, hub_
     for lang in ("bo", "ug"):
         text = HUB_RECIPE.replace("[bo]", f"[{lang}]").replace("./merged", f"./out/{lang}")
         (tmp_path / f"{lang}.yaml").write_text(text.replace("alice/tiny-bo", f"alice/tiny-{lang}"))
-    code, out, err = lrmerge("run", tmp_path / "{language}.yaml", "--languages", "bo,ug", "--executor", "ray",
-                             "--ray-address", ray_cluster, "--format", "json")
+    code, out, err = lrmerge(
+        "run",
+        tmp_path / "{language}.yaml",
+        "--languages",
+        "bo,ug",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--format",
+        "json",
+    )
     assert code == 0, err
     runs = json.loads(out)["runs"]
     for lang, summary in zip(("bo", "ug"), runs):
@@ -227,8 +280,9 @@ def test_a_worker_hash_mismatch_fails_loudly(ray_cluster, tmp_path):
 def test_a_task_no_node_can_hold_is_refused(ray_cluster, tmp_path):
     make_family(tmp_path / "models")
     (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
-    code, _, err = lrmerge("run", tmp_path / "bo.yaml", "--executor", "ray", "--ray-address", ray_cluster,
-                           "--gpus-per-task", "1")
+    code, _, err = lrmerge(
+        "run", tmp_path / "bo.yaml", "--executor", "ray", "--ray-address", ray_cluster, "--gpus-per-task", "1"
+    )
     assert code == 2 and "no node of the cluster has 1 CPU(s) and 1 GPU(s)" in err
     assert not (tmp_path / "out").exists()
 
@@ -261,9 +315,23 @@ def test_a_head_that_dies_mid_run_is_one_line_after_what_finished(tmp_path):
     # shorter here, so that the test waits less; lrmerge must have reported before
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_gcs_rpc_server_reconnect_timeout_s": "40"}
     with start_ray_cluster((1,)) as address:  # one task slot: the releases are built one after another
-        driver = subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "run", *(tmp_path / f"{x}.yaml" for x in langs),
-                                   "--executor", "ray", "--ray-address", address], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "run",
+                *(tmp_path / f"{x}.yaml" for x in langs),
+                "--executor",
+                "ray",
+                "--ray-address",
+                address,
+            ],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         watchdog = threading.Timer(300, driver.kill)
         watchdog.start()
         try:
@@ -295,8 +363,11 @@ def test_a_head_that_dies_mid_run_is_one_line_after_what_finished(tmp_path):
 
 
 def ray_processes() -> set[int]:
-    return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if any(part in cmdline(pid) for part in ("/raylet", "gcs_server"))}
+    return {
+        int(pid)
+        for pid in filter(str.isdigit, os.listdir("/proc"))
+        if any(part in cmdline(pid) for part in ("/raylet", "gcs_server"))
+    }
 
 
 @pytest.mark.slow
@@ -346,8 +417,16 @@ def test_what_a_killed_publisher_left_beside_the_output_is_cleaned(tmp_path):
         assert not [p for p in stale if p.exists() or p.is_symlink()] and live.is_dir()
         stale = leave(out, gone.pid)  # and the driver's own re-merge cleans them too
         recipe = load_recipe(tmp_path / "bo.yaml")
-        merge_verified(recipe, local_sources(recipe), out / "bo", tensor_sha256(out / "bo"), device="cpu",
-                       files={}, progress=False, overwrite=True)  # the run's own output, published again
+        merge_verified(
+            recipe,
+            local_sources(recipe),
+            out / "bo",
+            tensor_sha256(out / "bo"),
+            device="cpu",
+            files={},
+            progress=False,
+            overwrite=True,
+        )  # the run's own output, published again
         assert not [p for p in stale if p.exists() or p.is_symlink()]
         assert sorted(p.name for p in out.iterdir()) == sorted(["bo", live.name])
     finally:
@@ -371,40 +450,61 @@ def test_several_recipes_run_here_one_after_another(tmp_path):
 def test_one_failing_recipe_of_a_batch_does_not_stop_the_others(tmp_path):
     make_family(tmp_path / "models")
     (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
-    (tmp_path / "ug.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "ug")
-                                      .replace("./models/task", "./models/missing"))
+    (tmp_path / "ug.yaml").write_text(
+        LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "ug").replace("./models/task", "./models/missing")
+    )
     code, out, err = lrmerge("run", tmp_path / "ug.yaml", tmp_path / "bo.yaml", "--format", "json")
     assert code == 2 and "1 of 2 releases failed: ug:" in err and "Traceback" not in err
     assert (tmp_path / "out/bo/model.safetensors").exists() and not (tmp_path / "out/ug").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{language}.yaml"], "pass --languages"),
-    (["bo.yaml", "--languages", "bo,ug"], "--languages needs a RECIPE path with {language}"),
-    (["{language}.yaml", "--languages", "bo,ug", "--push", "alice/one"], "put {language} in it"),
-    (["{language}.yaml", "--languages", "bo,ug", "--out", "x"], "--out names one folder"),
-    (["bo.yaml", "--push", "alice/m-{language}"], "every RECIPE path needs {language}"),
-    (["bo.yaml", "--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
-    (["bo.yaml", "--executor", "ray", "--gpus-per-task", "-1"], "x>=0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{language}.yaml"], "pass --languages"),
+        (["bo.yaml", "--languages", "bo,ug"], "--languages needs a RECIPE path with {language}"),
+        (["{language}.yaml", "--languages", "bo,ug", "--push", "alice/one"], "put {language} in it"),
+        (["{language}.yaml", "--languages", "bo,ug", "--out", "x"], "--out names one folder"),
+        (["bo.yaml", "--push", "alice/m-{language}"], "every RECIPE path needs {language}"),
+        (["bo.yaml", "--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
+        (["bo.yaml", "--executor", "ray", "--gpus-per-task", "-1"], "x>=0"),
+    ],
+)
 def test_bad_batch_options_are_one_line_errors(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = lrmerge("run", *args)
     assert code == 2 and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("address, why", [
-    ("127.0.0.1:1", "127.0.0.1:1: nothing listens there (connection refused)"),
-    ("127.0.0.1:99999", "the port must be a number from 1 to 65535"),
-])
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("127.0.0.1:1", "127.0.0.1:1: nothing listens there (connection refused)"),
+        ("127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+    ],
+)
 def test_an_address_where_no_cluster_answers_is_one_line_at_once(tmp_path, address, why):
     make_family(tmp_path / "models")
     (tmp_path / "bo.yaml").write_text(LOCAL_RECIPE.replace("SLACK", "0.5").replace("LANG", "bo"))
     started = time.monotonic()
     try:  # ray.init alone retries for minutes, deaf to signals
-        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "run", str(tmp_path / "bo.yaml"), "--executor",
-                               "ray", "--ray-address", address], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              capture_output=True, text=True, timeout=90)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "run",
+                str(tmp_path / "bo.yaml"),
+                "--executor",
+                "ray",
+                "--ray-address",
+                address,
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"lrmerge run --ray-address {address} was still waiting after 90 s")
     lines = done.stderr.strip().splitlines()
@@ -423,11 +523,24 @@ def test_serve_passes_vllm_parallelism_through_under_vllms_names():
 
     from lrmerge_hub.serve import vllm as serve
 
-    opts = serve.ServeOptions(tensor_parallel_size=8, extra_args=[
-        "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--distributed-executor-backend", "ray"])
+    opts = serve.ServeOptions(
+        tensor_parallel_size=8,
+        extra_args=[
+            "--pipeline-parallel-size",
+            "2",
+            "--data-parallel-size",
+            "2",
+            "--distributed-executor-backend",
+            "ray",
+        ],
+    )
     target = serve.ModelTarget("org/merged-70b", "org/merged-70b", None, "org/merged-70b")
     cmd = serve.vllm_command(target, opts, host="127.0.0.1", port=8000, backend="gpu", memory_fraction=None)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
-    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size,
-            args.distributed_executor_backend) == (8, 2, 2, "ray")
+    assert (
+        args.tensor_parallel_size,
+        args.pipeline_parallel_size,
+        args.data_parallel_size,
+        args.distributed_executor_backend,
+    ) == (8, 2, 2, "ray")

@@ -89,10 +89,11 @@ def greedy_chat(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int =
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def tensors(folder: Path) -> dict:
@@ -112,7 +113,7 @@ def test_every_method_merges_into_a_model_that_still_answers(merged):
     first = {name: tensors(folder)["model.layers.0.mlp.up_proj.weight"] for name, folder in merged.items()}
     assert first["linear"].equal(first["task_arithmetic"])
     names = [n for n in first if n != "task_arithmetic"]
-    assert all(not first[a].equal(first[b]) for i, a in enumerate(names) for b in names[i + 1:])
+    assert all(not first[a].equal(first[b]) for i, a in enumerate(names) for b in names[i + 1 :])
     report = json.loads((merged["slack_ties"] / "merge_report.json").read_text())
     assert report["stats"]["parameters"] == 134_515_008
     language, task = (m["retention"]["fraction"] for m in report["models"])
@@ -127,8 +128,11 @@ def test_uploaded_to_the_hub_and_merged_from_there_by_id(family, merged, hub_ser
     api.upload_folder(repo_id="alice/SmolLM2-135M-Instruct", folder_path=str(family / "base"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     recipe = family / "from-hub.yaml"
-    recipe.write_text(recipe_text("slack_ties", base="alice/SmolLM2-135M-Instruct")
-                      .replace("output: ./slack_ties", "output: ./from-hub"))
+    recipe.write_text(
+        recipe_text("slack_ties", base="alice/SmolLM2-135M-Instruct").replace(
+            "output: ./slack_ties", "output: ./from-hub"
+        )
+    )
     plan = json.loads(cli("merge", str(recipe), "--dry-run", "--format", "json"))
     assert plan["parameters"] == 134_515_008 and plan["dry_run"]
     report = json.loads(cli("merge", str(recipe), "--format", "json"))
@@ -157,12 +161,25 @@ def routed(merged, tmp_path_factory):
     logs = tmp_path_factory.mktemp("real-logs")
     vllm_port, router_port = free_port(), free_port()
     env = cli_env({"VLLM_API_KEY": KEY, "VLLM_CACHE_ROOT": str(tmp_path_factory.getbasetemp() / "vllm-cache")})
-    server = ServeProcess([str(folder), "--port", str(vllm_port), "--max-model-len", "1024", "--log-dir", str(logs)],
-                          env)
+    server = ServeProcess(
+        [str(folder), "--port", str(vllm_port), "--max-model-len", "1024", "--log-dir", str(logs)], env
+    )
     server.wait_ready(timeout=1500)  # a 135M model compiles for minutes; 14 min on 2 cores under load
-    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.serve.gate", "--port", str(router_port), "--route",
-                               f"{folder.name}=http://127.0.0.1:{vllm_port}"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub.serve.gate",
+            "--port",
+            str(router_port),
+            "--route",
+            f"{folder.name}=http://127.0.0.1:{vllm_port}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         from openai import OpenAI
 
@@ -176,8 +193,12 @@ def routed(merged, tmp_path_factory):
                 if time.monotonic() > deadline or router.poll() is not None:
                     raise
                 time.sleep(0.5)
-        yield {"client": client, "name": folder.name, "base_url": f"http://127.0.0.1:{router_port}/v1",
-               "folder": folder}
+        yield {
+            "client": client,
+            "name": folder.name,
+            "base_url": f"http://127.0.0.1:{router_port}/v1",
+            "folder": folder,
+        }
     finally:
         router.terminate()
         router.wait(timeout=30)
@@ -187,11 +208,15 @@ def routed(merged, tmp_path_factory):
 def test_served_behind_the_router_answers_the_openai_client(routed):
     client, name = routed["client"], routed["name"]
     assert [m.id for m in client.models.list().data] == [name]
-    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": SAMPLE_PROMPT}],
-                                          max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": SAMPLE_PROMPT}], max_tokens=16, temperature=0
+    )
     assert "Paris" in chat.choices[0].message.content, chat.choices[0].message.content
-    text = client.completions.create(model=name, prompt="The capital of France is", max_tokens=4,
-                                     temperature=0).choices[0].text
+    text = (
+        client.completions.create(model=name, prompt="The capital of France is", max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+    )
     assert "Paris" in text, text
     from openai import AuthenticationError, OpenAI
 
@@ -204,9 +229,25 @@ def test_lm_eval_through_vllm_and_through_transformers_gives_the_same_scores(rou
     scores = {}
     for backend in ("server", "hf"):
         extra = ["--base-url", routed["base_url"]] if backend == "server" else []
-        r = run_cli(["eval", str(routed["folder"]), "--backend", backend, "--tasks", "tiny_capitals",
-                     "--include-path", str(family / "tasks"), "--out", str(tmp_path / backend), "--format", "json",
-                     *extra], env=env, timeout=900)
+        r = run_cli(
+            [
+                "eval",
+                str(routed["folder"]),
+                "--backend",
+                backend,
+                "--tasks",
+                "tiny_capitals",
+                "--include-path",
+                str(family / "tasks"),
+                "--out",
+                str(tmp_path / backend),
+                "--format",
+                "json",
+                *extra,
+            ],
+            env=env,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         result = json.loads(r.stdout)
         scores[backend] = {(s["task"], s["metric"]): s["value"] for s in result["scores"]}

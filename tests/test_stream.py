@@ -26,8 +26,10 @@ from lrmerge_hub.synth.tiny import make_family, write_checkpoint
 from tests.hub_server import CORRUPT, CUT, EMPTY, OVERLONG, SHIFTED, TRICKLE
 from tests.hub_support import TOKEN
 
-RECIPE = ("method: slack_ties\nbase: {base}\nmodels:\n  - {{model: {language}, role: language}}\n"
-          "  - {{model: {task}, role: task, slack: 0.5}}\nlanguages: [bo]\nlicense: apache-2.0\n")
+RECIPE = (
+    "method: slack_ties\nbase: {base}\nmodels:\n  - {{model: {language}, role: language}}\n"
+    "  - {{model: {task}, role: task, slack: 0.5}}\nlanguages: [bo]\nlicense: apache-2.0\n"
+)
 TASK_WEIGHTS = r"org/task/resolve/[0-9a-f]{40}/model\.safetensors$"
 HEADER_READS = 3  # GETs of a one-shard model before its first data block: the check's, then ours (8 bytes, JSON)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +69,7 @@ def hub_family(hub_server, family, tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(hub_sources, "RANGE_REQUEST_BYTES", 20_000)
     monkeypatch.setenv("LRMERGE_HUB_RETRY_WAIT", "0.01")
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(base="org/base", language="org/language", task="org/task")
-                    + "output: out\n")
+    path.write_text(RECIPE.format(base="org/base", language="org/language", task="org/task") + "output: out\n")
     return path
 
 
@@ -86,8 +87,9 @@ def cached_weights() -> list[Path]:
     return sorted(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
 
 
-def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_weights(hub_server, hub_family, family,
-                                                                                     local_merge, tmp_path):
+def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_weights(
+    hub_server, hub_family, family, local_merge, tmp_path
+):
     recipe = load_recipe(hub_family)
     sources = hub_sources.stream_sources(recipe, read_ahead=150_000)  # pins, checks the headers, fetches side files
     checked = len(hub_server.log)
@@ -105,9 +107,12 @@ def test_streamed_merge_is_bit_identical_reads_every_byte_once_and_caches_no_wei
 def assert_every_byte_read_once(hub_server, sources, *, since: int) -> dict[str, int]:
     """The reads logged since `since` cover every byte of every input shard exactly once,
     header included; returns the shards' sizes by path."""
-    weights = {f"/{s.repo_id}/resolve/{s.revision}/{name}": len(data)
-               for s in sources.values() for name, data in hub_server.files(s.repo_id).items()
-               if name.endswith(".safetensors")}
+    weights = {
+        f"/{s.repo_id}/resolve/{s.revision}/{name}": len(data)
+        for s in sources.values()
+        for name, data in hub_server.files(s.repo_id).items()
+        if name.endswith(".safetensors")
+    }
     for path, size in weights.items():
         ranges = sorted(r.byte_range for r in hub_server.log[since:] if r.method == "GET" and r.path == path)
         covered = 0
@@ -127,8 +132,15 @@ def test_a_sweep_reads_each_input_byte_once_for_all_its_points(hub_server, hub_f
         report = json.loads((folder / "merge_report.json").read_text())
         return [{"task": "retention", "metric": "acc", "value": report["models"][1]["retention"]["fraction"]}]
 
-    table = run_sweep(recipe, parse_grid(["slack=0,0.5,1"]), sources=sources, output=recipe.output,
-                      evaluate=task_retention, device="cpu", progress=False)
+    table = run_sweep(
+        recipe,
+        parse_grid(["slack=0,0.5,1"]),
+        sources=sources,
+        output=recipe.output,
+        evaluate=task_retention,
+        device="cpu",
+        progress=False,
+    )
 
     assert [p["point"]["slack"] for p in table["points"]] == [1, 0.5, 0]
     assert_every_byte_read_once(hub_server, sources, since=checked)
@@ -149,26 +161,34 @@ def test_weights_already_in_the_cache_are_read_from_disk(hub_server, hub_family)
 
 
 @pytest.mark.parametrize("fault", [CUT, 503], ids=["connection-cut", "server-error"])
-def test_a_range_broken_in_the_middle_is_resumed_where_it_stopped(hub_server, hub_family, local_merge, tmp_path,
-                                                                  fault):
+def test_a_range_broken_in_the_middle_is_resumed_where_it_stopped(hub_server, hub_family, local_merge, tmp_path, fault):
     recipe = load_recipe(hub_family)
     hub_server.fail("GET", TASK_WEIGHTS, status=fault, skip=HEADER_READS)
 
     merge(recipe, hub_sources.stream_sources(recipe), tmp_path / "out", device="cpu", progress=False)
 
     assert shard_bytes(tmp_path / "out") == shard_bytes(local_merge)
-    gets = [r for r in hub_server.log if r.method == "GET" and r.path.startswith("/org/task/resolve/")
-            and r.path.endswith("/model.safetensors") and r.byte_range]
+    gets = [
+        r
+        for r in hub_server.log
+        if r.method == "GET"
+        and r.path.startswith("/org/task/resolve/")
+        and r.path.endswith("/model.safetensors")
+        and r.byte_range
+    ]
     broken = next(r for r in gets if r.status == 503 or r.sent < r.byte_range[1] - r.byte_range[0] + 1)
     first, last = broken.byte_range
-    resumed = [r.byte_range for r in gets[gets.index(broken) + 1:] if r.byte_range[1] == last]
+    resumed = [r.byte_range for r in gets[gets.index(broken) + 1 :] if r.byte_range[1] == last]
     assert (fault == CUT and 0 < broken.sent) or broken.status == 503
     assert resumed == [(first + broken.sent if fault == CUT else first, last)]  # once, from where it stopped
 
 
 def run(recipe: Path, *args: str, env: dict | None = None):
-    return CliRunner().invoke(main, ["run", str(recipe), "--skip-eval", "--format", "quiet", *args],
-                              env={"HF_TOKEN": "hf_test-token-never-printed", **(env or {})})
+    return CliRunner().invoke(
+        main,
+        ["run", str(recipe), "--skip-eval", "--format", "quiet", *args],
+        env={"HF_TOKEN": "hf_test-token-never-printed", **(env or {})},
+    )
 
 
 def test_corrupted_bytes_fail_the_run_before_anything_is_pushed(hub_server, hub_family):
@@ -207,8 +227,10 @@ def test_a_hub_that_says_no_mid_run_stops_with_one_line(hub_server, hub_family, 
 
 
 def test_download_flag_keeps_downloading_into_the_cache(hub_server, hub_family, family, local_merge, tmp_path):
-    result = CliRunner().invoke(main, ["merge", str(hub_family), "--download", "--out", str(tmp_path / "o"),
-                                       "--device", "cpu", "--format", "quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["merge", str(hub_family), "--download", "--out", str(tmp_path / "o"), "--device", "cpu", "--format", "quiet"],
+    )
 
     assert result.exit_code == 0, result.output
     assert len(cached_weights()) == len(weights_in(family)) and shard_bytes(tmp_path / "o") == shard_bytes(local_merge)
@@ -279,10 +301,20 @@ def test_an_interrupted_merge_and_push_uploads_only_the_missing_shards(hub_serve
 def merge_process(recipe: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     """`lrmerge merge RECIPE` as its own process (a hang ends in the caller's timeout, and
     stderr holds what a terminal would show, the client's logging included)."""
-    return subprocess.Popen([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu", *args],
-                            cwd=recipe.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_TOKEN": TOKEN,
-                                 "LRMERGE_HUB_RETRY_WAIT": "0.01", **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--device", "cpu", *args],
+        cwd=recipe.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "HF_TOKEN": TOKEN,
+            "LRMERGE_HUB_RETRY_WAIT": "0.01",
+            **(env or {}),
+        },
+    )
 
 
 def finished(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
@@ -303,17 +335,25 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name == "out" or "lrmerge-" in p.name)
 
 
-@pytest.mark.parametrize("fault, env, message", [
-    ({"status": EMPTY}, {}, "the Hub answered 3 range requests for model.safetensors without a byte"),
-    ({"status": OVERLONG}, {}, "is longer than the range (1000000000000000 bytes for "),
-    ({"status": SHIFTED}, {}, "the Hub answered a request for bytes "),
-    ({"status": 429, "headers": {"Retry-After": "100000"}}, {},
-     "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), longer than lrmerge waits "
-     "(300 s, LRMERGE_HUB_MAX_WAIT)"),
-    ({"status": TRICKLE, "interval": 0.5}, {"LRMERGE_HUB_RANGE_DEADLINE": "3"}, "took longer than 3 s"),
-], ids=["empty-206", "overlong-206", "other-range-206", "retry-after-100000s", "trickle"])
-def test_a_range_the_hub_never_completes_fails_with_one_line_within_its_bounds(hub_server, hub_family, fault, env,
-                                                                               message):
+@pytest.mark.parametrize(
+    "fault, env, message",
+    [
+        ({"status": EMPTY}, {}, "the Hub answered 3 range requests for model.safetensors without a byte"),
+        ({"status": OVERLONG}, {}, "is longer than the range (1000000000000000 bytes for "),
+        ({"status": SHIFTED}, {}, "the Hub answered a request for bytes "),
+        (
+            {"status": 429, "headers": {"Retry-After": "100000"}},
+            {},
+            "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), longer than lrmerge waits "
+            "(300 s, LRMERGE_HUB_MAX_WAIT)",
+        ),
+        ({"status": TRICKLE, "interval": 0.5}, {"LRMERGE_HUB_RANGE_DEADLINE": "3"}, "took longer than 3 s"),
+    ],
+    ids=["empty-206", "overlong-206", "other-range-206", "retry-after-100000s", "trickle"],
+)
+def test_a_range_the_hub_never_completes_fails_with_one_line_within_its_bounds(
+    hub_server, hub_family, fault, env, message
+):
     hub_server.fail("GET", TASK_WEIGHTS, skip=HEADER_READS, times=1000, **fault)
 
     code, err, seconds = finished(merge_process(hub_family, "--format", "quiet", env=env), timeout=60)
@@ -339,8 +379,10 @@ def test_retries_of_a_persistent_503_are_one_line_each_then_one_error(hub_server
     if fmt == "quiet":
         assert lines == lines[-1:]
     else:
-        assert retries == [f"Hub: org/task: HTTP 503 reading model.safetensors; retrying ({n}/5) in {w:g}s"
-                           for n, w in enumerate([0.01, 0.02, 0.04, 0.08, 0.16], 1)]
+        assert retries == [
+            f"Hub: org/task: HTTP 503 reading model.safetensors; retrying ({n}/5) in {w:g}s"
+            for n, w in enumerate([0.01, 0.02, 0.04, 0.08, 0.16], 1)
+        ]
 
 
 def test_the_clients_own_retries_are_reported_as_our_lines(hub_server, hub_family, capfd):
@@ -358,8 +400,11 @@ def test_a_stop_signal_during_a_stalled_range_ends_the_process_at_once(hub_serve
     hub_server.fail("GET", TASK_WEIGHTS, status=TRICKLE, interval=1, skip=HEADER_READS)
     proc = merge_process(hub_family, "--format", "quiet")
     deadline = time.monotonic() + 60
-    while not any(r.status == 206 and r.path.startswith("/org/task/") for r in hub_server.log[HEADER_READS:]
-                  if r.range and not r.range.startswith("bytes=0-")):
+    while not any(
+        r.status == 206 and r.path.startswith("/org/task/")
+        for r in hub_server.log[HEADER_READS:]
+        if r.range and not r.range.startswith("bytes=0-")
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     time.sleep(0.5)  # the merge now waits for the trickled range
@@ -377,4 +422,5 @@ def test_a_bound_that_is_not_a_number_of_seconds_is_one_line(hub_server, hub_fam
 
     assert result.exit_code == 2 and result.output.strip() == (
         "Error: LRMERGE_HUB_MAX_WAIT='soon' is not a positive number of seconds; unset it or set e.g. "
-        "LRMERGE_HUB_MAX_WAIT=300")
+        "LRMERGE_HUB_MAX_WAIT=300"
+    )

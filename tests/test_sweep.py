@@ -53,8 +53,15 @@ def test_sweep_promotes_the_best_point(family, write_recipe):
         report = json.loads((folder / "merge_report.json").read_text())
         return [{"task": "retention", "metric": "acc", "value": report["models"][1]["retention"]["fraction"]}]
 
-    table = run_sweep(recipe, parse_grid(["slack=0,1,0.5"]), sources=local_sources(recipe),
-                      output=recipe.output, evaluate=task_retention, device="cpu", progress=False)
+    table = run_sweep(
+        recipe,
+        parse_grid(["slack=0,1,0.5"]),
+        sources=local_sources(recipe),
+        output=recipe.output,
+        evaluate=task_retention,
+        device="cpu",
+        progress=False,
+    )
     assert [p["point"]["slack"] for p in table["points"]] == [1, 0.5, 0]
     assert table["best"] == "slack1"
     promoted = json.loads((recipe.output / "merge_report.json").read_text())
@@ -63,12 +70,15 @@ def test_sweep_promotes_the_best_point(family, write_recipe):
     assert len(list((recipe.output.parent / "merged.sweep").iterdir())) == 3
 
 
-@pytest.mark.parametrize("item,said", [
-    ("slack=0,,1", "an empty value"),
-    ("slack=0,1,", "an empty value"),
-    ("slack=,", "an empty value"),
-    ("slack=0,0.5,0", "the value 0 is given twice"),
-])
+@pytest.mark.parametrize(
+    "item,said",
+    [
+        ("slack=0,,1", "an empty value"),
+        ("slack=0,1,", "an empty value"),
+        ("slack=,", "an empty value"),
+        ("slack=0,0.5,0", "the value 0 is given twice"),
+    ],
+)
 def test_grid_values_are_never_silently_dropped_or_repeated(item, said):
     with pytest.raises(RecipeError, match=said):
         parse_grid([item])
@@ -79,6 +89,7 @@ def retention_scorer(calls):
         calls.append(folder.name)
         report = json.loads((folder / "merge_report.json").read_text())
         return [{"task": "retention", "metric": "acc", "value": report["models"][1]["retention"]["fraction"]}]
+
     return score
 
 
@@ -89,11 +100,26 @@ def test_sweep_replaces_an_existing_output_only_with_overwrite(family, write_rec
     (recipe.output / "hand-made.txt").write_text("keep me")
     calls = []
     with pytest.raises(OutputError, match="--overwrite"):
-        run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
-                  evaluate=retention_scorer(calls), device="cpu", progress=False)
+        run_sweep(
+            recipe,
+            parse_grid(["slack=0,1"]),
+            sources=local_sources(recipe),
+            output=recipe.output,
+            evaluate=retention_scorer(calls),
+            device="cpu",
+            progress=False,
+        )
     assert (recipe.output / "hand-made.txt").read_text() == "keep me" and calls == []  # refused before any work
-    table = run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
-                      evaluate=retention_scorer(calls), device="cpu", progress=False, overwrite=True)
+    table = run_sweep(
+        recipe,
+        parse_grid(["slack=0,1"]),
+        sources=local_sources(recipe),
+        output=recipe.output,
+        evaluate=retention_scorer(calls),
+        device="cpu",
+        progress=False,
+        overwrite=True,
+    )
     assert not (recipe.output / "hand-made.txt").exists()
     assert json.loads((recipe.output / "sweep.json").read_text())["best"] == table["best"] == "slack1"
     assert not [p for p in recipe.output.parent.iterdir() if ".lrmerge-" in p.name]
@@ -120,16 +146,25 @@ def test_points_evaluated_earlier_are_not_evaluated_again(family, write_recipe):
     calls = []
 
     def sweep(grid, evaluation=spec):
-        return run_sweep(recipe, parse_grid([grid]), sources=local_sources(recipe), output=recipe.output,
-                         evaluate=retention_scorer(calls), device="cpu", progress=False, overwrite=True,
-                         evaluation=evaluation)
+        return run_sweep(
+            recipe,
+            parse_grid([grid]),
+            sources=local_sources(recipe),
+            output=recipe.output,
+            evaluate=retention_scorer(calls),
+            device="cpu",
+            progress=False,
+            overwrite=True,
+            evaluation=evaluation,
+        )
 
     first = sweep("slack=0,1")
     assert sorted(calls) == ["slack0", "slack1"]
     again = sweep("slack=0,0.5,1")  # only the new point is merged and evaluated
     assert sorted(calls) == ["slack0", "slack0.5", "slack1"]
-    assert {p["name"]: p["score"] for p in again["points"] if p["name"] != "slack0.5"} == \
-        {p["name"]: p["score"] for p in first["points"]}
+    assert {p["name"]: p["score"] for p in again["points"] if p["name"] != "slack0.5"} == {
+        p["name"]: p["score"] for p in first["points"]
+    }
     sweep("slack=0,1", evaluation={**spec, "limit": 20})  # another evaluation: scored again
     assert sorted(calls) == ["slack0", "slack0", "slack0.5", "slack1", "slack1"]
     assert not (recipe.output / "scores.json").exists()  # the points' bookkeeping stays in the sweep folder
@@ -138,8 +173,15 @@ def test_points_evaluated_earlier_are_not_evaluated_again(family, write_recipe):
 def test_the_promoted_recipe_names_the_models_from_the_output_folder(family, write_recipe):
     family()
     recipe = load_recipe(write_recipe(RECIPE))
-    run_sweep(recipe, parse_grid(["slack=0,1"]), sources=local_sources(recipe), output=recipe.output,
-              evaluate=retention_scorer([]), device="cpu", progress=False)
+    run_sweep(
+        recipe,
+        parse_grid(["slack=0,1"]),
+        sources=local_sources(recipe),
+        output=recipe.output,
+        evaluate=retention_scorer([]),
+        device="cpu",
+        progress=False,
+    )
     copied = load_recipe(recipe.output / "recipe.yaml")  # read relative to the output folder
     assert [m.ref.path for m in copied.models] == [m.ref.path for m in recipe.models]
     assert copied.base.path == recipe.base.path and copied.models[1].params["slack"] == 1

@@ -42,15 +42,19 @@ def inputs(n: int, kind: str, seed: int, models: int = 3) -> tuple[np.ndarray, l
     return base, xs
 
 
-MODEL_PARAMS = [dict(weight=1.0, density=0.2, slack=0.0), dict(weight=0.7, density=0.5, slack=0.5),
-                dict(weight=1.3, density=1.0, slack=2.0)]
+MODEL_PARAMS = [
+    dict(weight=1.0, density=0.2, slack=0.0),
+    dict(weight=0.7, density=0.5, slack=0.5),
+    dict(weight=1.3, density=1.0, slack=2.0),
+]
 
 
 def run_torch(method, base, xs, model_params, params, out_bf16, device="cpu"):
     tensors = [host_tensor(a).to(device) for a in [base, *xs]]
     out_dtype = torch.bfloat16 if out_bf16 else torch.float32
-    merged, kept, agreed, bad_in, bad_32, bad_out = TORCH_METHODS[method](tensors[0], tensors[1:], model_params,
-                                                                          params, out_dtype)
+    merged, kept, agreed, bad_in, bad_32, bad_out = TORCH_METHODS[method](
+        tensors[0], tensors[1:], model_params, params, out_dtype
+    )
     assert bad_in == [0] * len(tensors) and bad_32 == bad_out == 0
     merged = merged.cpu()
     return (merged.view(torch.int16).numpy().view(np.uint16) if out_bf16 else merged.numpy()), kept, agreed
@@ -93,12 +97,17 @@ def test_nonfinite_inputs_and_outputs_are_counted():
     base, xs = inputs(1000, "f32", seed=5, models=2)
     xs[1] = xs[1].copy()
     xs[1][17] = np.inf
-    _, _, _, bad_in, _, _ = TORCH_METHODS["ties"](host_tensor(base), [host_tensor(x) for x in xs],
-                                                  MODEL_PARAMS[:2], {"lambda": 1.0, "normalize": True}, None)
+    _, _, _, bad_in, _, _ = TORCH_METHODS["ties"](
+        host_tensor(base), [host_tensor(x) for x in xs], MODEL_PARAMS[:2], {"lambda": 1.0, "normalize": True}, None
+    )
     assert bad_in == [0, 0, 1]
-    _, _, _, bad_in, bad_32, bad_out = TORCH_METHODS["ties"](host_tensor(base), [host_tensor(x) for x in xs[:1]],
-                                                     [dict(weight=1e30, density=0.5)], {"lambda": 1e30, "normalize": False},
-                                                     None)
+    _, _, _, bad_in, bad_32, bad_out = TORCH_METHODS["ties"](
+        host_tensor(base),
+        [host_tensor(x) for x in xs[:1]],
+        [dict(weight=1e30, density=0.5)],
+        {"lambda": 1e30, "normalize": False},
+        None,
+    )
     assert bad_in == [0, 0] and bad_32 > 0 and bad_out > 0
 
 
@@ -110,9 +119,15 @@ def engine_recipe(method: str, root: Path) -> str:
     """A recipe for `method` over the family in `root`, with every declared parameter set."""
     m = METHODS[method]
     roles = ["language"] if method in ONE_MODEL else ["language", "task"]
-    data = {"method": method, "languages": ["bo"], "license": "mit",
-            "models": [{"model": str(root / r), "role": r,
-                        **{k: v for k, v in ENGINE_MODEL_PARAMS.items() if k in m.model_params}} for r in roles]}
+    data = {
+        "method": method,
+        "languages": ["bo"],
+        "license": "mit",
+        "models": [
+            {"model": str(root / r), "role": r, **{k: v for k, v in ENGINE_MODEL_PARAMS.items() if k in m.model_params}}
+            for r in roles
+        ],
+    }
     if m.takes_base:
         data["base"] = str(root / "base")
     if m.random:
@@ -134,8 +149,16 @@ def bf16_family(tmp_path_factory):
     from lrmerge_hub.synth.tiny import make_family
 
     root = tmp_path_factory.mktemp("torch-engine") / "models"
-    make_family(root, hidden=512, intermediate=512, layers=1, heads=8, dtype="bfloat16",
-                shard_bytes=1_000_000, extend_language_vocab=8)
+    make_family(
+        root,
+        hidden=512,
+        intermediate=512,
+        layers=1,
+        heads=8,
+        dtype="bfloat16",
+        shard_bytes=1_000_000,
+        extend_language_vocab=8,
+    )
     return root
 
 
@@ -145,14 +168,23 @@ def test_engines_write_identical_models_for_every_method(bf16_family, tmp_path, 
     outputs, reports = {}, {}
     for engine in ("kernels", "torch"):
         outputs[engine] = tmp_path / engine
-        reports[engine] = merge(recipe, local_sources(recipe), outputs[engine], device="cpu", engine=engine,
-                                shard_size=700_000, progress=False)
+        reports[engine] = merge(
+            recipe,
+            local_sources(recipe),
+            outputs[engine],
+            device="cpu",
+            engine=engine,
+            shard_size=700_000,
+            progress=False,
+        )
     kernels, torch_out = (load_all(outputs[e]) for e in ("kernels", "torch"))
     assert set(kernels) == set(torch_out) and len(kernels) > 5
     for name, t in kernels.items():
         assert t.dtype == torch_out[name].dtype == torch.bfloat16
         assert torch.equal(t.view(torch.int16), torch_out[name].view(torch.int16)), name
-    assert [m["retention"] for m in reports["kernels"]["models"]] == [m["retention"] for m in reports["torch"]["models"]]
+    assert [m["retention"] for m in reports["kernels"]["models"]] == [
+        m["retention"] for m in reports["torch"]["models"]
+    ]
     assert [reports[e]["stats"]["engine"] for e in ("kernels", "torch")] == ["kernels", "torch"]
 
 
@@ -172,10 +204,16 @@ def test_engines_keep_the_base_of_a_tensor_no_model_changed_in_multislerp(bf16_f
             elif role == "other":  # a third model with a task vector of its own elsewhere
                 tensors = {k: v * 1.01 if v.is_floating_point() else v for k, v in tensors.items()}
             save_file(tensors, str(shard), metadata={"format": "pt"})
-    data = {"method": "multislerp", "languages": ["bo"], "license": "mit", "base": str(models / "base"),
-            "models": [{"model": str(models / folder), "role": role, "weight": w}
-                       for folder, role, w in (("language", "language", 1.0), ("task", "task", 2.0),
-                                               ("other", "task", 0.5))]}
+    data = {
+        "method": "multislerp",
+        "languages": ["bo"],
+        "license": "mit",
+        "base": str(models / "base"),
+        "models": [
+            {"model": str(models / folder), "role": role, "weight": w}
+            for folder, role, w in (("language", "language", 1.0), ("task", "task", 2.0), ("other", "task", 0.5))
+        ],
+    }
     recipe = load_recipe(write(tmp_path / "recipe.yaml", yaml.safe_dump(data)))
     outputs = {}
     for engine in ("kernels", "torch"):
@@ -193,14 +231,43 @@ def test_engines_keep_the_base_of_a_tensor_no_model_changed_in_multislerp(bf16_f
 def test_cli_engine_option_and_summary(bf16_family, tmp_path):
     recipe = write(tmp_path / "recipe.yaml", engine_recipe("slack_ties", bf16_family))
     for engine in ("kernels", "torch"):
-        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out",
-                               str(tmp_path / engine), "--device", "cpu", "--engine", engine],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "merge",
+                str(recipe),
+                "--out",
+                str(tmp_path / engine),
+                "--device",
+                "cpu",
+                "--engine",
+                engine,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
         assert f"on cpu with the {engine} engine" in done.stdout
     assert load_all(tmp_path / "kernels").keys() == load_all(tmp_path / "torch").keys()
-    done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out", str(tmp_path / "x"),
-                           "--device", "cpu", "--engine", "gpu"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrmerge_hub",
+            "merge",
+            str(recipe),
+            "--out",
+            str(tmp_path / "x"),
+            "--device",
+            "cpu",
+            "--engine",
+            "gpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "--engine" in done.stderr
 
 
@@ -250,9 +317,23 @@ def test_cuda_equals_the_kernels(kind):
 def test_cuda_cli_merge_equals_the_cpu_kernels(bf16_family, tmp_path):
     recipe = write(tmp_path / "recipe.yaml", engine_recipe("slack_ties", bf16_family))
     for device, engine in (("cpu", "kernels"), ("cuda", "torch")):
-        done = subprocess.run([sys.executable, "-m", "lrmerge_hub", "merge", str(recipe), "--out",
-                               str(tmp_path / device), "--device", device, "--engine", engine],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lrmerge_hub",
+                "merge",
+                str(recipe),
+                "--out",
+                str(tmp_path / device),
+                "--device",
+                device,
+                "--engine",
+                engine,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
     cpu, gpu = load_all(tmp_path / "cpu"), load_all(tmp_path / "cuda")
     for name in cpu:
@@ -264,8 +345,9 @@ def test_torch_engine_refuses_an_overflowing_merge_like_the_kernels(bf16_family,
     from lrmerge_hub.errors import NonFiniteOutputError
 
     params = {"lambda": 100.0, **({"normalize": False} if method == "ties" else {})}  # weights x deltas x 100
-    text = engine_recipe(method, bf16_family).replace("weight: 0.8", "weight: 3.0e+38") + \
-        yaml.safe_dump({"parameters": params})
+    text = engine_recipe(method, bf16_family).replace("weight: 0.8", "weight: 3.0e+38") + yaml.safe_dump(
+        {"parameters": params}
+    )
     recipe = load_recipe(write(tmp_path / "recipe.yaml", text))
     for engine in ("kernels", "torch"):
         with pytest.raises(NonFiniteOutputError, match=r"tensor \S+: .* NaN or Inf; nothing was written") as e:

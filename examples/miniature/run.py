@@ -42,10 +42,16 @@ TASKS = ("miniature_lr_qa", "miniature_en_qa", "miniature_lr_ppl")
 # TIES paper's) where a method takes one, weights 1, lambda 1; every other parameter is the
 # method's default (mergekit's), not tuned here. The last four are the other sign-electing
 # methods, added (at their defaults, without slack) after the first four had been run.
-METHODS = (("task_arithmetic", "task_arithmetic", None), ("ties", "ties", None),
-           ("slack_ties s=0.5", "slack_ties", 0.5), ("slack_ties s=1", "slack_ties", 1.0),
-           ("dare_ties", "dare_ties", None), ("della", "della", None),
-           ("breadcrumbs_ties", "breadcrumbs_ties", None), ("sce", "sce", None))
+METHODS = (
+    ("task_arithmetic", "task_arithmetic", None),
+    ("ties", "ties", None),
+    ("slack_ties s=0.5", "slack_ties", 0.5),
+    ("slack_ties s=1", "slack_ties", 1.0),
+    ("dare_ties", "dare_ties", None),
+    ("della", "della", None),
+    ("breadcrumbs_ties", "breadcrumbs_ties", None),
+    ("sce", "sce", None),
+)
 DENSITY = 0.2
 ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS))
 
@@ -61,13 +67,16 @@ PRESETS = {
     "full": Preset(seeds=(0, 1, 2), design=T.Design()),
     "quick": Preset(seeds=(0,), design=T.Design(ct_lengths=(1, 4))),
     # the reduced version the test suite runs: small enough for ~2 minutes
-    "test": Preset(seeds=(0,), design=T.Design(base_steps=300, sft_steps=100, ct_lengths=(2,),
-                                               eval_items=60),
-                   methods=(METHODS[0], METHODS[1], METHODS[3])),
+    "test": Preset(
+        seeds=(0,),
+        design=T.Design(base_steps=300, sft_steps=100, ct_lengths=(2,), eval_items=60),
+        methods=(METHODS[0], METHODS[1], METHODS[3]),
+    ),
 }
 
 
 # --- evaluation data: lm-eval tasks (YAML + JSONL) ------------------------------------------
+
 
 def write_tasks(seed: int, n: int, folder: Path) -> Path:
     """The same questions in LR and English (exact answer), and held-out LR text for
@@ -77,22 +86,36 @@ def write_tasks(seed: int, n: int, folder: Path) -> Path:
     eval_items = W.items(world, rng, n)
     folder.mkdir(parents=True, exist_ok=True)
     for lang in ("lr", "en"):
-        rows = [{"prompt": W.prompt(world, it, lang), "answer": W.answer(world, it),
-                 "chance": W.chance(world, it)} for it in eval_items]
-        write_task(folder, f"miniature_{lang}_qa", rows, (
-            "output_type: generate_until\n"
-            "doc_to_text: \"{{prompt}}\"\n"
-            "doc_to_target: \"{{answer}}\"\n"
-            "generation_kwargs: {until: [\"</s>\", \".\"], max_gen_toks: 4, do_sample: false}\n"
-            "metric_list:\n"
-            "  - {metric: exact_match, aggregation: mean, higher_is_better: true,"
-            " regexes_to_ignore: [\" \"]}\n"))
+        rows = [
+            {"prompt": W.prompt(world, it, lang), "answer": W.answer(world, it), "chance": W.chance(world, it)}
+            for it in eval_items
+        ]
+        write_task(
+            folder,
+            f"miniature_{lang}_qa",
+            rows,
+            (
+                "output_type: generate_until\n"
+                'doc_to_text: "{{prompt}}"\n'
+                'doc_to_target: "{{answer}}"\n'
+                'generation_kwargs: {until: ["</s>", "."], max_gen_toks: 4, do_sample: false}\n'
+                "metric_list:\n"
+                "  - {metric: exact_match, aggregation: mean, higher_is_better: true,"
+                ' regexes_to_ignore: [" "]}\n'
+            ),
+        )
     texts = [{"text": t} for t in W.corpus(world, rng, "lr", n // 2)]
-    write_task(folder, "miniature_lr_ppl", texts, (
-        "output_type: loglikelihood_rolling\n"
-        "doc_to_text: \"\"\n"
-        "doc_to_target: \"{{text}}\"\n"
-        "metric_list:\n  - metric: word_perplexity\n"))
+    write_task(
+        folder,
+        "miniature_lr_ppl",
+        texts,
+        (
+            "output_type: loglikelihood_rolling\n"
+            'doc_to_text: ""\n'
+            'doc_to_target: "{{text}}"\n'
+            "metric_list:\n  - metric: word_perplexity\n"
+        ),
+    )
     return folder
 
 
@@ -102,7 +125,8 @@ def write_task(folder: Path, name: str, rows: list[dict], body: str) -> None:
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # absolute: read from any cwd
-        f"test_split: test\n{body}")
+        f"test_split: test\n{body}"
+    )
 
 
 def mean_chance(folder: Path) -> float:
@@ -112,12 +136,24 @@ def mean_chance(folder: Path) -> float:
 
 # --- the project's CLI, as a user runs it ---------------------------------------------------
 
+
 def cli(args: list[str], cwd: Path) -> dict:
     """`python -m lrmerge_hub ARGS --format json` from this checkout; its JSON answer."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "lrmerge_hub", *args, "--format", "json"], cwd=cwd,
-                          env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub", *args, "--format", "json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"lrmerge {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
@@ -131,9 +167,14 @@ def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, ou
     if slack is not None:
         task_entry["slack"] = slack
     params = {"lambda": 1.0} if "lambda" in declared.global_params else {}
-    recipe = {"method": method, "base": str(base),
-              "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
-              "parameters": params, "dtype": "float32", "output": str(out)}
+    recipe = {
+        "method": method,
+        "base": str(base),
+        "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
+        "parameters": params,
+        "dtype": "float32",
+        "output": str(out),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"  # not with_suffix: "s0.5-1x" has a dot
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -144,23 +185,53 @@ def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, ou
 def evaluate(models: list[Path], tasks_dir: Path) -> list[dict[str, float]]:
     """LR accuracy, English accuracy and LR word perplexity of model folders (distinct
     names), all in one `lrmerge eval`: one lm-eval process, its imports paid once."""
-    res = cli(["eval", *map(str, models), "--backend", "hf", "--tasks", ",".join(TASKS), "--include-path",
-               str(tasks_dir), "--batch-size", "16", "--dtype", "float32"], cwd=models[0].parent)
+    res = cli(
+        [
+            "eval",
+            *map(str, models),
+            "--backend",
+            "hf",
+            "--tasks",
+            ",".join(TASKS),
+            "--include-path",
+            str(tasks_dir),
+            "--batch-size",
+            "16",
+            "--dtype",
+            "float32",
+        ],
+        cwd=models[0].parent,
+    )
     summaries = [res["summary"][m.name] for m in models]
-    return [{"lr_acc": s["miniature_lr_qa"]["exact_match"], "en_acc": s["miniature_en_qa"]["exact_match"],
-             "lr_ppl": s["miniature_lr_ppl"]["word_perplexity"]} for s in summaries]
+    return [
+        {
+            "lr_acc": s["miniature_lr_qa"]["exact_match"],
+            "en_acc": s["miniature_en_qa"]["exact_match"],
+            "lr_ppl": s["miniature_lr_ppl"]["word_perplexity"],
+        }
+        for s in summaries
+    ]
 
 
 # --- the experiment -------------------------------------------------------------------------
+
 
 def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
     """Every (seed, model) evaluated: a list of records."""
     d = preset.design
     t0 = time.time()
     with ProcessPoolExecutor(jobs) as pool:
-        families = dict(zip(preset.seeds, pool.map(
-            T.train_family, [d] * len(preset.seeds), preset.seeds,
-            [models_root / f"seed{s}" for s in preset.seeds])))
+        families = dict(
+            zip(
+                preset.seeds,
+                pool.map(
+                    T.train_family,
+                    [d] * len(preset.seeds),
+                    preset.seeds,
+                    [models_root / f"seed{s}" for s in preset.seeds],
+                ),
+            )
+        )
     log(f"trained or reused {len(preset.seeds)} seed(s) in {time.time() - t0:.0f}s")
 
     # resume: a model already evaluated with these very checkpoints is not evaluated again
@@ -174,25 +245,40 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
 
     # the shortest and longest CT first, so that a run cut short still spans the axis
     cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
-    tasks = {seed: write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks")
-             for seed in preset.seeds}
+    tasks = {seed: write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks") for seed in preset.seeds}
     jobs_list = []  # (record, model folder, merge arguments or None, tasks folder)
     for ct in [None, *cts]:
         for seed, paths in families.items():
             tasks_dir = tasks[seed]
-            rec = lambda model, **kw: dict(seed=seed, model=model, ct=ct, chance=mean_chance(tasks_dir),  # noqa: E731
-                                           stamp=stamps[seed], **kw)
+            rec = lambda model, **kw: dict(
+                seed=seed,
+                model=model,
+                ct=ct,
+                chance=mean_chance(tasks_dir),  # noqa: E731
+                stamp=stamps[seed],
+                **kw,
+            )
             if ct is None:
-                jobs_list += [(rec("base"), paths["base"], None, tasks_dir),
-                              (rec("task model"), paths["task"], None, tasks_dir)]
+                jobs_list += [
+                    (rec("base"), paths["base"], None, tasks_dir),
+                    (rec("task model"), paths["task"], None, tasks_dir),
+                ]
                 continue
-            jobs_list += [(rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
-                          (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir)]
+            jobs_list += [
+                (rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
+                (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir),
+            ]
             for label, method, slack in preset.methods:
                 out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{ct}x"
                 spec = (paths["base"], paths[f"lm-{ct}x"], paths["task"], method, slack, out)
-                jobs_list.append((rec(label, method=method, slack=slack,
-                                      folder=str(out.relative_to(models_root))), out, spec, tasks_dir))
+                jobs_list.append(
+                    (
+                        rec(label, method=method, slack=slack, folder=str(out.relative_to(models_root))),
+                        out,
+                        spec,
+                        tasks_dir,
+                    )
+                )
 
     def one(chunk: list) -> list[dict]:
         """One seed at one CT length: its merges, then one evaluation of all its models."""
@@ -205,8 +291,10 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             record.update(scores)
             with open(progress, "a") as f:  # progress, in case the run is cut short
                 f.write(json.dumps(record) + "\n")
-            log(f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
-                f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}")
+            log(
+                f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
+                f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}"
+            )
         return [done.get(record_key(r), r) for r, *_ in chunk]
 
     t1 = time.time()
@@ -229,6 +317,7 @@ def family_stamp(root: Path) -> str:
 
 # --- results --------------------------------------------------------------------------------
 
+
 def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -248,40 +337,67 @@ def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: 
     """Mean ± sd over seeds; "(n=...)" where fewer seeds than the run's were evaluated."""
     agg = aggregate(records, key)
     cols = ["-", *cts]
-    lines = ["| model | " + " | ".join("no CT" if c == "-" else f"CT {c}x" for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        "| model | " + " | ".join("no CT" if c == "-" else f"CT {c}x" for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for model, row in agg.items():
-        cells = [f"{row[c][0]:{fmt}} ± {row[c][1]:{fmt}}" + (f" (n={row[c][2]})" if row[c][2] < seeds else "")
-                 if c in row else "" for c in cols]
+        cells = [
+            f"{row[c][0]:{fmt}} ± {row[c][1]:{fmt}}" + (f" (n={row[c][2]})" if row[c][2] < seeds else "")
+            if c in row
+            else ""
+            for c in cols
+        ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(records: list[dict], preset: Preset, out: Path, seconds: float | None,
-                  cpu: float | None, log=print) -> None:
+def write_results(
+    records: list[dict], preset: Preset, out: Path, seconds: float | None, cpu: float | None, log=print
+) -> None:
     """results.json, results.md and results.png; seconds None: a run cut short."""
     out.mkdir(parents=True, exist_ok=True)
     cts = preset.design.ct_lengths
     chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
-    meta = {"seeds": list(preset.seeds), "design": asdict(preset.design), "density": DENSITY,
-            "methods": [list(m) for m in preset.methods], "seconds": seconds and round(seconds), "cpu_seconds": cpu and round(cpu),
-            "chance": chance}
+    meta = {
+        "seeds": list(preset.seeds),
+        "design": asdict(preset.design),
+        "density": DENSITY,
+        "methods": [list(m) for m in preset.methods],
+        "seconds": seconds and round(seconds),
+        "cpu_seconds": cpu and round(cpu),
+        "chance": chance,
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     n = len(preset.seeds)
-    timing = (f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU." if seconds else
-              f"The run was cut short: these are the {len(records)} models it had evaluated.")
-    md = [f"# Miniature results ({n} seed{'s' * (n > 1)}: {', '.join(map(str, preset.seeds))}; "
-          f"mean ± sd over seeds)", "",
-          f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
-          f"Chance (a random name from the passage): {chance:.3f}. " + timing, "",
-          "## LR task accuracy (exact answer, questions in the low-resource language)", "",
-          table(records, "lr_acc", cts, ".3f", n), "",
-          "## English task accuracy (the same questions in English)", "",
-          table(records, "en_acc", cts, ".3f", n), "",
-          "## Task model retention (merge_report.json: share of its trimmed entries the election kept)", "",
-          table(records, "task_retention", cts, ".3f", n), "",
-          "## LR word perplexity (held-out LR text)", "",
-          table(records, "lr_ppl", cts, ".2f", n), ""]
+    timing = (
+        f"Run time {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU."
+        if seconds
+        else f"The run was cut short: these are the {len(records)} models it had evaluated."
+    )
+    md = [
+        f"# Miniature results ({n} seed{'s' * (n > 1)}: {', '.join(map(str, preset.seeds))}; mean ± sd over seeds)",
+        "",
+        f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
+        f"Chance (a random name from the passage): {chance:.3f}. " + timing,
+        "",
+        "## LR task accuracy (exact answer, questions in the low-resource language)",
+        "",
+        table(records, "lr_acc", cts, ".3f", n),
+        "",
+        "## English task accuracy (the same questions in English)",
+        "",
+        table(records, "en_acc", cts, ".3f", n),
+        "",
+        "## Task model retention (merge_report.json: share of its trimmed entries the election kept)",
+        "",
+        table(records, "task_retention", cts, ".3f", n),
+        "",
+        "## LR word perplexity (held-out LR text)",
+        "",
+        table(records, "lr_ppl", cts, ".2f", n),
+        "",
+    ]
     (out / "results.md").write_text("\n".join(md))
     try:
         plot(records, cts, out / "results.png")
@@ -299,12 +415,19 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
     for key, ax in (("lr_acc", ax_acc), ("task_retention", ax_ret)):
         for model, row in aggregate(records, key).items():
             if "-" in row:  # no CT axis: a horizontal reference line
-                ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black",
-                           label=model)
+                ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black", label=model)
                 continue
             xs = [c for c in cts if c in row]
-            ax.errorbar(xs, [row[c][0] for c in xs], yerr=[row[c][1] for c in xs], marker="o",
-                        capsize=3, label=model, color=f"C{ROWS.index(model) % 10}" if model in ROWS else None, ls="--" if model in ("language model", "CT-then-SFT") else "-")
+            ax.errorbar(
+                xs,
+                [row[c][0] for c in xs],
+                yerr=[row[c][1] for c in xs],
+                marker="o",
+                capsize=3,
+                label=model,
+                color=f"C{ROWS.index(model) % 10}" if model in ROWS else None,
+                ls="--" if model in ("language model", "CT-then-SFT") else "-",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(cts), [f"{c}x" for c in cts])
         ax.set_xlabel("continual pre-training length")
@@ -321,25 +444,43 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_const", const="quick", dest="preset", default="full",
-                    help="1 seed, CT at 1x and 4x (same as --preset quick)")
+    ap.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="preset",
+        default="full",
+        help="1 seed, CT at 1x and 4x (same as --preset quick)",
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--models", type=Path, help="where checkpoints are trained or reused "
-                    "(default: examples/miniature/models/PRESET)")
-    ap.add_argument("--out", type=Path, help="results folder (default: examples/miniature/results, "
-                    "results/PRESET for other presets)")
+    ap.add_argument(
+        "--models",
+        type=Path,
+        help="where checkpoints are trained or reused (default: examples/miniature/models/PRESET)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: examples/miniature/results, results/PRESET for other presets)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
-    ap.add_argument("--render", action="store_true",
-                    help="only rewrite the results from results.json, or, for a run cut short, "
-                    "from the records it saved beside the models")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the results from results.json, or, for a run cut short, "
+        "from the records it saved beside the models",
+    )
     a = ap.parse_args()
     preset = PRESETS[a.preset]
     models = (a.models or HERE / "models" / a.preset).resolve()
     out = a.out or (HERE / "results" if a.preset == "full" else HERE / "results" / a.preset)
     if a.render and not (out / "results.json").is_file():
         stamps = {seed: family_stamp(models / f"seed{seed}") for seed in preset.seeds}
-        records = [r for r in map(json.loads, (models / "records.jsonl").read_text().splitlines())
-                   if stamps[r["seed"]] == r["stamp"]]
+        records = [
+            r
+            for r in map(json.loads, (models / "records.jsonl").read_text().splitlines())
+            if stamps[r["seed"]] == r["stamp"]
+        ]
         write_results(records, preset, out, None, None)
         return
     if a.render:

@@ -46,11 +46,21 @@ class Design:
 def model_config(d: Design, vocab: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=d.hidden, intermediate_size=d.intermediate,
-                       num_hidden_layers=d.layers, num_attention_heads=d.heads,
-                       num_key_value_heads=d.heads, head_dim=d.hidden // d.heads,
-                       max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d.hidden,
+        intermediate_size=d.intermediate,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.heads,
+        head_dim=d.hidden // d.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
 
 
 Row = tuple[list[int], list[int]]  # input ids, labels (-100: no loss)
@@ -83,14 +93,22 @@ def batches(rows: list[Row], batch: int, pad: int, gen: torch.Generator):
         mask = torch.zeros((batch, width), dtype=torch.long)
         for r, i in enumerate(idx):
             x, y = rows[i]
-            ids[r, :len(x)] = torch.tensor(x)
-            labels[r, :len(y)] = torch.tensor(y)
-            mask[r, :len(x)] = 1
+            ids[r, : len(x)] = torch.tensor(x)
+            labels[r, : len(y)] = torch.tensor(y)
+            mask[r, : len(x)] = 1
         yield ids, labels, mask
 
 
-def train(model, rows: list[Row], steps: int, lr: float, d: Design, seed: int,
-          save_at: dict[int, Path] | None = None, save=None) -> None:
+def train(
+    model,
+    rows: list[Row],
+    steps: int,
+    lr: float,
+    d: Design,
+    seed: int,
+    save_at: dict[int, Path] | None = None,
+    save=None,
+) -> None:
     """AdamW, linear warm-up then constant learning rate (so a checkpoint at step k of one
     run is the run of k steps); `save(model, path)` at the steps in `save_at`."""
     gen = torch.Generator().manual_seed(seed)
@@ -148,8 +166,11 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
     stamp = json.dumps({"design": asdict(d), "seed": seed, "code": code}, sort_keys=True)
     names = ["base", "task"] + [f"lm-{k}x" for k in d.ct_lengths] + [f"ctsft-{k}x" for k in d.ct_lengths]
     paths = {n: root / n for n in names}
-    if (root / "design.json").is_file() and (root / "design.json").read_text() == stamp \
-            and all((p / "model.safetensors").is_file() for p in paths.values()):
+    if (
+        (root / "design.json").is_file()
+        and (root / "design.json").read_text() == stamp
+        and all((p / "model.safetensors").is_file() for p in paths.values())
+    ):
         return paths
     root.mkdir(parents=True, exist_ok=True)
     (root / "design.json").unlink(missing_ok=True)
@@ -160,7 +181,7 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
     W.save_tokenizer(base_vocab + W.lr_words(world), root / "tok-lm")
     base_tok = AutoTokenizer.from_pretrained(str(root / "tok-base"))
     lm_tok = AutoTokenizer.from_pretrained(str(root / "tok-lm"))
-    save = lambda tok_dir: (lambda m, p: save_model(m, tok_dir, p))  # noqa: E731
+    save = lambda tok_dir: lambda m, p: save_model(m, tok_dir, p)  # noqa: E731
 
     def corpus(lr_share: float, n: int) -> list[str]:
         n_lr = round(n * lr_share)
@@ -179,8 +200,16 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
     lm = LlamaForCausalLM.from_pretrained(str(paths["base"]))
     extend_vocab(lm, base_tok, W.lr_words(world))
     save_at = {k * d.ct_unit_steps: paths[f"lm-{k}x"] for k in d.ct_lengths}
-    train(lm, text_rows(lm_tok, corpus(d.ct_lr_docs, 10000)), max(save_at), d.ct_lr, d, seed + 2,
-          save_at, save(root / "tok-lm"))
+    train(
+        lm,
+        text_rows(lm_tok, corpus(d.ct_lr_docs, 10000)),
+        max(save_at),
+        d.ct_lr,
+        d,
+        seed + 2,
+        save_at,
+        save(root / "tok-lm"),
+    )
 
     ct_sft = sft_rows(lm_tok, world, sft_items)
     for k in d.ct_lengths:

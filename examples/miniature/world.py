@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RELATIONS = ("lives_in", "born_in", "works_at", "friend", "pet")
-OBJECT_KIND = {"lives_in": "city", "born_in": "city", "works_at": "company", "friend": "person",
-               "pet": "pet"}
+OBJECT_KIND = {"lives_in": "city", "born_in": "city", "works_at": "company", "friend": "person", "pet": "pet"}
 
 # English: statement and question per relation ({s} subject, {o} object).
 ENGLISH = {
@@ -35,8 +34,22 @@ LR_TEMPLATES = {
     "friend": ("{s} GEN FRIEND {o} IS .", "{s} GEN FRIEND WHO IS Q ?"),
     "pet": ("{s} GEN PET {o} CALLED .", "{s} GEN PET WHAT CALLED Q ?"),
 }
-LR_FUNCTION_WORDS = ("IN", "AT", "LIVE", "BORN", "WORK", "GEN", "FRIEND", "IS", "PET", "CALLED",
-                     "WHERE", "WHO", "WHAT", "Q")
+LR_FUNCTION_WORDS = (
+    "IN",
+    "AT",
+    "LIVE",
+    "BORN",
+    "WORK",
+    "GEN",
+    "FRIEND",
+    "IS",
+    "PET",
+    "CALLED",
+    "WHERE",
+    "WHO",
+    "WHAT",
+    "Q",
+)
 # The instruction format (English, as in the paper's FLAN-style prompts) and the marker
 # every document starts with (the tokenizer's BOS).
 QUESTION, ANSWER, BOS, EOS = "Question :", "Answer :", "<s>", "</s>"
@@ -71,8 +84,7 @@ class Item:
     query: tuple[str, str]
 
 
-def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int = 6,
-               pets: int = 8) -> World:
+def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int = 6, pets: int = 8) -> World:
     rng = random.Random(seed)
     pool = [o + r for o in NAME_ONSETS for r in NAME_RIMES]
     pool += [o + r + "o" for o in NAME_ONSETS for r in NAME_RIMES]
@@ -80,7 +92,7 @@ def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int =
     sizes = {"person": people, "city": cities, "company": companies, "pet": pets}
     names, i = {}, 0
     for kind, n in sizes.items():
-        names[kind] = pool[i:i + n]
+        names[kind] = pool[i : i + n]
         i += n
     facts = {}
     for p in names["person"]:
@@ -159,6 +171,7 @@ def items(world: World, rng: random.Random, n: int) -> list[Item]:
 
 # --- tokenizers -----------------------------------------------------------------------------
 
+
 def english_words() -> list[str]:
     words = {w for pair in ENGLISH.values() for t in pair for w in t.split()}
     words |= set(QUESTION.split()) | set(ANSWER.split())
@@ -186,12 +199,12 @@ def save_tokenizer(vocab: list[str], out_dir: Path) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="<unk>",
-                                     max_input_chars_per_word=100))
+    tok = Tokenizer(
+        models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="<unk>", max_input_chars_per_word=100)
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   unk_token="<unk>", pad_token=EOS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token="<unk>", pad_token=EOS)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return len(fast)

@@ -73,6 +73,7 @@ def fence_for(*blocks: str) -> str:
     longest = max((len(run) for block in blocks for run in re.findall(r"`+", block)), default=0)
     return "`" * max(3, longest + 1)
 
+
 HUB = "https://huggingface.co"
 LOW_RESOURCE_PAPER = PAPERS["lowres"]
 
@@ -187,12 +188,17 @@ def evaluation_table(scores: list[Score], sources: list[SourceInfo]) -> dict[str
     for s in scores:
         if s.model != MERGED:
             continue
-        cells = [code_span(s.task, in_table=True), md_text(s.label, in_table=True),
-                 "–" if s.n_shot is None else md_text(s.n_shot, in_table=True), f"**{_format_score(s)}**"]
+        cells = [
+            code_span(s.task, in_table=True),
+            md_text(s.label, in_table=True),
+            "–" if s.n_shot is None else md_text(s.n_shot, in_table=True),
+            f"**{_format_score(s)}**",
+        ]
         cells += [_format_score(by_key.get((k, s.task, s.label))) for k in baseline_keys]
         rows.append(cells)
-    header = ["Task", "Metric", "Shots", "This model"] + [md_text(baseline_label(k, sources), in_table=True)
-                                                          for k in baseline_keys]
+    header = ["Task", "Metric", "Shots", "This model"] + [
+        md_text(baseline_label(k, sources), in_table=True) for k in baseline_keys
+    ]
     return {"header": header, "rows": rows}
 
 
@@ -207,8 +213,12 @@ def sweep_section(table: Any, limit: int = 20) -> tuple[str, str] | None:
         f"The parameters above were chosen by a sweep over {len(table['points'])} grid points, ranked by "
         f"{code_span(metric)}; this model is the best point, {code_span(table.get('best'))}.",
         "",
-        ("| Point | " + md_text(metric, in_table=True)
-         + "".join(f" | Retention of {md_text(m, in_table=True)}" for m in models) + " |"),
+        (
+            "| Point | "
+            + md_text(metric, in_table=True)
+            + "".join(f" | Retention of {md_text(m, in_table=True)}" for m in models)
+            + " |"
+        ),
         "|---|---|" + "---|" * len(models),
     ]
     for p in points:
@@ -240,15 +250,22 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
     rows = {key: vocab.get(key) if isinstance(vocab.get(key), int) else 0 for key in ("output_rows", "base_rows")}
     dates = sorted({s.date for s in merged_scores})
     versions = sorted({s.lm_eval_version for s in merged_scores if s.lm_eval_version})
-    commands = list(dict.fromkeys(f"python {s.command}" if s.command.startswith("-m ") else s.command
-                                  for s in merged_scores if s.command))
+    commands = list(
+        dict.fromkeys(
+            f"python {s.command}" if s.command.startswith("-m ") else s.command for s in merged_scores if s.command
+        )
+    )
     recipe_yaml = inputs.recipe_text.rstrip("\n")
     mergekit_yaml = mergekit_config_yaml(report.get("mergekit_config"))
-    usage = {"model_id_py": py_string(model_id), "model_id_sh": shell_word(model_id),
-             "model_name_sh": shell_word(model_name),
-             "curl_chat": shell_word(json.dumps({"model": model_name, "messages": [{"role": "user", "content": "..."}],
-                                                 "max_tokens": 256})),
-             "curl_completion": shell_word(json.dumps({"model": model_name, "prompt": "...", "max_tokens": 256}))}
+    usage = {
+        "model_id_py": py_string(model_id),
+        "model_id_sh": shell_word(model_id),
+        "model_name_sh": shell_word(model_name),
+        "curl_chat": shell_word(
+            json.dumps({"model": model_name, "messages": [{"role": "user", "content": "..."}], "max_tokens": 256})
+        ),
+        "curl_completion": shell_word(json.dumps({"model": model_name, "prompt": "...", "max_tokens": 256})),
+    }
 
     def listed(role: str) -> str:
         return _join([code_span(s.listed_id or s.name) for s in roles[role]]) if roles[role] else ""
@@ -274,18 +291,26 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "language_text": listed("language"),
         "task_text": listed("task"),
         "sources": [
-            {"role": md_text(s.role, in_table=True), "link": _model_link(s), "revision": _revision(s),
-             "params": md_text(", ".join(f"{k}={_value(v)}" for k, v in s.params.items()) or "–", in_table=True),
-             "license": md_text(s.license.label, in_table=True) if s.license else "not stated"}
+            {
+                "role": md_text(s.role, in_table=True),
+                "link": _model_link(s),
+                "revision": _revision(s),
+                "params": md_text(", ".join(f"{k}={_value(v)}" for k, v in s.params.items()) or "–", in_table=True),
+                "license": md_text(s.license.label, in_table=True) if s.license else "not stated",
+            }
             for s in sources
         ],
         "retention": [
-            {"role": md_text(s.role, in_table=True), "name": md_text(s.listed_id or s.name, in_table=True),
-             "kept": f"{_count(s.retention.get('kept'))} of {_count(s.retention.get('total'))} "
-                     f"({_percent(s.retention.get('kept'), s.retention.get('total'))})",
-             "agreed": f"{_count(s.retention.get('agreed'))} "
-                       f"({_percent(s.retention.get('agreed'), s.retention.get('kept'))} of kept)"}
-            for s in sources if isinstance(s.retention, dict)
+            {
+                "role": md_text(s.role, in_table=True),
+                "name": md_text(s.listed_id or s.name, in_table=True),
+                "kept": f"{_count(s.retention.get('kept'))} of {_count(s.retention.get('total'))} "
+                f"({_percent(s.retention.get('kept'), s.retention.get('total'))})",
+                "agreed": f"{_count(s.retention.get('agreed'))} "
+                f"({_percent(s.retention.get('agreed'), s.retention.get('kept'))} of kept)",
+            }
+            for s in sources
+            if isinstance(s.retention, dict)
         ],
         "license": code_span(license_.label) if license_ else None,
         "license_note": license_note,
@@ -295,8 +320,10 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
         "eval_limit": _limit_words(sorted({s.limit for s in merged_scores if s.limit is not None})),
         "eval_commands": commands,
         "eval_checks": [md_text(c) for c in dict.fromkeys(s.check for s in merged_scores if s.check)],
-        "eval_datasets": [_dataset_link(task, ds) for task, ds in sorted({(s.task, s.dataset_id)
-                                                                            for s in merged_scores if s.dataset_id})],
+        "eval_datasets": [
+            _dataset_link(task, ds)
+            for task, ds in sorted({(s.task, s.dataset_id) for s in merged_scores if s.dataset_id})
+        ],
         "has_chat_template": inputs.has_chat_template,
         "vocab_added": rows["output_rows"] - rows["base_rows"],
         "tokenizer_source": code_span(report["tokenizer_source"]) if report.get("tokenizer_source") else None,

@@ -22,8 +22,22 @@ MERGED = "merged"  # the model key of the merged model's own results
 SOURCES_DIR = "sources"  # eval/sources/<role-or-name>/... holds the sources' baselines
 
 # `datasets` builders that read local files: such a dataset_path names no Hub dataset.
-LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "generator",
-                            "webdataset", "imagefolder", "audiofolder", "videofolder"})
+LOCAL_BUILDERS = frozenset(
+    {
+        "json",
+        "csv",
+        "parquet",
+        "text",
+        "arrow",
+        "pandas",
+        "sql",
+        "generator",
+        "webdataset",
+        "imagefolder",
+        "audiofolder",
+        "videofolder",
+    }
+)
 HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 FILE_TIME = re.compile(r"results_(\d{4}-\d{2}-\d{2}T\d{2}[-:]\d{2}[-:]\d{2}(?:\.\d+)?)")
 
@@ -136,7 +150,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
     check = parity_summary(ours.get("parity"))
     scores = []
     results = data.get("results")
-    for task, metrics in (results.items() if isinstance(results, dict) else []):
+    for task, metrics in results.items() if isinstance(results, dict) else []:
         if not isinstance(metrics, dict):
             continue
         config = configs.get(task) if isinstance(configs.get(task), dict) else {}
@@ -148,17 +162,26 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
             if value is None or not is_metric(name):
                 continue
             stderr = _number(metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr"))
-            scores.append(Score(
-                model=model, task=task, metric=name, filter=None if filt in ("", "none") else filt,
-                value=value, stderr=stderr,
-                n_shot=n_shot if isinstance(n_shot, int) and not isinstance(n_shot, bool) else None,
-                dataset_id=_hub_dataset_id(config.get("dataset_path")),
-                dataset_config=config.get("dataset_name") if isinstance(config.get("dataset_name"), str) else None,
-                dataset_split=config.get("test_split") if isinstance(config.get("test_split"), str) else None,
-                date=_iso(seconds), lm_eval_version=version, primary=first,
-                limit=(int(limit) if limit is not None and limit.is_integer() else limit), command=command,
-                check=check,
-            ))
+            scores.append(
+                Score(
+                    model=model,
+                    task=task,
+                    metric=name,
+                    filter=None if filt in ("", "none") else filt,
+                    value=value,
+                    stderr=stderr,
+                    n_shot=n_shot if isinstance(n_shot, int) and not isinstance(n_shot, bool) else None,
+                    dataset_id=_hub_dataset_id(config.get("dataset_path")),
+                    dataset_config=config.get("dataset_name") if isinstance(config.get("dataset_name"), str) else None,
+                    dataset_split=config.get("test_split") if isinstance(config.get("test_split"), str) else None,
+                    date=_iso(seconds),
+                    lm_eval_version=version,
+                    primary=first,
+                    limit=(int(limit) if limit is not None and limit.is_integer() else limit),
+                    command=command,
+                    check=check,
+                )
+            )
             first = False
     return scores
 
@@ -189,6 +212,9 @@ def read_scores(eval_dir: Path) -> tuple[list[Score], list[str]]:
             seen = newest.get((model, task))
             if seen is None or seconds >= seen[0]:
                 newest[(model, task)] = (seconds, task_scores)
-    scores = [s for _, task_scores in sorted(newest.values(), key=lambda v: (v[1][0].model, v[1][0].task))
-              for s in task_scores]
+    scores = [
+        s
+        for _, task_scores in sorted(newest.values(), key=lambda v: (v[1][0].model, v[1][0].task))
+        for s in task_scores
+    ]
     return scores, notes

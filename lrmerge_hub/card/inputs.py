@@ -92,8 +92,15 @@ def read_source_license(folder: Path) -> License | None:
 
 
 # merge_report.json source entry keys and the type each must have when present
-SOURCE_TYPES = {"model": str, "role": str, "repo_id": str, "revision": str, "hub_id": str, "params": dict,
-                "retention": dict}
+SOURCE_TYPES = {
+    "model": str,
+    "role": str,
+    "repo_id": str,
+    "revision": str,
+    "hub_id": str,
+    "params": dict,
+    "retention": dict,
+}
 
 
 def _source_entries(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,14 +109,16 @@ def _source_entries(report: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(models, list):
         raise CardError("merge_report.json: models must be a list; merge again")
     entries = ([("base", report["base"])] if report.get("base") else []) + [
-        (f"models[{i}]", m) for i, m in enumerate(models)]
+        (f"models[{i}]", m) for i, m in enumerate(models)
+    ]
     for where, entry in entries:
         if not isinstance(entry, dict):
             raise CardError(f"merge_report.json: {where} must be an object; merge again")
         for key, kind in SOURCE_TYPES.items():
             if entry.get(key) is not None and not isinstance(entry[key], kind):
-                raise CardError(f"merge_report.json: {where}.{key} must be a {kind.__name__} "
-                                f"(got {shown(entry[key])}); merge again")
+                raise CardError(
+                    f"merge_report.json: {where}.{key} must be a {kind.__name__} (got {shown(entry[key])}); merge again"
+                )
     return [dict(entry, role="base") if where == "base" else entry for where, entry in entries]
 
 
@@ -120,11 +129,18 @@ def _sources_from_report(report: dict[str, Any], source_dirs: dict[str, Path]) -
         license_ = license_from_metadata(entry.get("license"))
         if license_ is None and name in source_dirs:
             license_ = read_source_license(source_dirs[name])
-        sources.append(SourceInfo(
-            name=name, role=entry.get("role") or "task", repo_id=entry.get("repo_id"),
-            revision=entry.get("revision"), hub_id=entry.get("hub_id"), params=dict(entry.get("params") or {}),
-            retention=entry.get("retention"), license=license_,
-        ))
+        sources.append(
+            SourceInfo(
+                name=name,
+                role=entry.get("role") or "task",
+                repo_id=entry.get("repo_id"),
+                revision=entry.get("revision"),
+                hub_id=entry.get("hub_id"),
+                params=dict(entry.get("params") or {}),
+                retention=entry.get("retention"),
+                license=license_,
+            )
+        )
     return sources
 
 
@@ -149,13 +165,15 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
         recipe = read_recipe_yaml(recipe_raw, "recipe.yaml")
         recipe_text = recipe_raw.decode("utf-8-sig")
     except FileNotFoundError as e:
-        raise CardError(f"{model_dir.name}/{Path(e.filename).name}: missing; "
-                        "run `lrmerge merge` to make this folder") from None
+        raise CardError(
+            f"{model_dir.name}/{Path(e.filename).name}: missing; run `lrmerge merge` to make this folder"
+        ) from None
     except RecipeError as e:
         raise CardError(f"{model_dir.name}: {e}; merge again") from None
     except (ValueError, RecursionError) as e:
-        raise CardError(f"{model_dir.name}: merge_report.json is unreadable ({type(e).__name__}); "
-                        "merge again") from None
+        raise CardError(
+            f"{model_dir.name}: merge_report.json is unreadable ({type(e).__name__}); merge again"
+        ) from None
     if not isinstance(report, dict) or not isinstance(recipe, dict):
         raise CardError(f"{model_dir.name}: merge_report.json and recipe.yaml must hold mappings; merge again")
     scores, notes = read_scores(model_dir / "eval")
@@ -166,15 +184,18 @@ def read_inputs(model_dir: Path, *, source_dirs: dict[str, Path] | None = None) 
         except (ValueError, RecursionError):
             notes.append("sweep.json: skipped, not readable JSON")
     return CardInputs(
-        recipe=recipe, recipe_text=recipe_text, report=report,
-        sources=_sources_from_report(report, dict(source_dirs or {})), scores=scores,
-        has_chat_template=_has_chat_template(model_dir), sweep=sweep if isinstance(sweep, dict) else None,
+        recipe=recipe,
+        recipe_text=recipe_text,
+        report=report,
+        sources=_sources_from_report(report, dict(source_dirs or {})),
+        scores=scores,
+        has_chat_template=_has_chat_template(model_dir),
+        sweep=sweep if isinstance(sweep, dict) else None,
         notes=notes,
     )
 
 
-def resolve_license(recipe_license: License | None,
-                    sources: list[SourceInfo]) -> tuple[License | None, str | None]:
+def resolve_license(recipe_license: License | None, sources: list[SourceInfo]) -> tuple[License | None, str | None]:
     """The card's license and, when none can be stated, a note saying why.
 
     The recipe's license wins. Otherwise the sources' licenses are inherited when every
@@ -186,12 +207,15 @@ def resolve_license(recipe_license: License | None,
     distinct = {(lic.id, lic.name) for lic in known.values()}
     if len(distinct) > 1:
         listing = "; ".join(f"{name}: {lic.label}" for name, lic in known.items())
-        raise CardError(f"license: the sources' licenses disagree ({listing}); set `license:` in the recipe "
-                        "to the license the merged model is released under")
+        raise CardError(
+            f"license: the sources' licenses disagree ({listing}); set `license:` in the recipe "
+            "to the license the merged model is released under"
+        )
     unknown = [s.name for s in sources if s.license is None]
     if unknown:
-        return None, (f"license: not stated, the license of {', '.join(unknown)} is not known; "
-                      "set `license:` in the recipe")
+        return None, (
+            f"license: not stated, the license of {', '.join(unknown)} is not known; set `license:` in the recipe"
+        )
     return (next(iter(known.values())), None) if known else (None, None)
 
 
@@ -209,7 +233,9 @@ def languages_of(recipe: dict[str, Any], report: dict[str, Any]) -> list[str]:
         raise CardError(f"languages: must be a list of ISO 639 codes (got {shown(codes)})")
     for code in codes:
         if not isinstance(code, str) or not is_language_code(code) or code in ("code", "multilingual"):
-            raise CardError(f"languages: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, khk")
+            raise CardError(
+                f"languages: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, khk"
+            )
     return list(codes)
 
 
@@ -222,5 +248,4 @@ def source_dirs_for(recipe: Any, sources: dict[str, Any]) -> dict[str, Path]:
     from ..merge.plan import BASE
 
     refs = ([(BASE, recipe.base)] if recipe.base is not None else []) + [(m.ref.spec, m.ref) for m in recipe.models]
-    return {(ref.display if ref.is_local else ref.spec): Path(sources[key].path)
-            for key, ref in refs if key in sources}
+    return {(ref.display if ref.is_local else ref.spec): Path(sources[key].path) for key, ref in refs if key in sources}

@@ -13,8 +13,10 @@ from ..errors import CardError, shown
 # System accounts whose names are not personal (and are ordinary words in a card).
 GENERIC_ACCOUNTS = frozenset({"root", "runner", "ubuntu", "user", "admin", "nobody"})
 TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
-ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'(=:`\[])((?:/(?:home|Users|root|tmp|var|mnt|opt|srv|work|data|scratch|private)"
-                           r"|[A-Za-z]:\\)[^\s\"'`)\]]*)")
+ABSOLUTE_PATH = re.compile(
+    r"(?:^|[\s\"'(=:`\[])((?:/(?:home|Users|root|tmp|var|mnt|opt|srv|work|data|scratch|private)"
+    r"|[A-Za-z]:\\)[^\s\"'`)\]]*)"
+)
 
 
 def machine_secrets(model_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -41,5 +43,7 @@ def check_card_text(text: str, secrets: list[str]) -> None:
             raise CardError(f"card: the text would contain {what} from this machine; nothing was written")
     match = ABSOLUTE_PATH.search(text)
     if match:
-        raise CardError(f"card: the text would contain the local path {shown(match.group(1))}; nothing was written "
-                        "(name local models by folder name, or give them a hub_id)")
+        raise CardError(
+            f"card: the text would contain the local path {shown(match.group(1))}; nothing was written "
+            "(name local models by folder name, or give them a hub_id)"
+        )

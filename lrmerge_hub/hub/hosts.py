@@ -54,8 +54,14 @@ def _is_storage(url: str) -> bool:
         return False
     _, host, port = origin
     extra = {h.lower() for h in hub_storage_hosts()}
-    return (_is_endpoint(url) or host in HUB_STORAGE_HOSTS or host.endswith(tuple("." + h for h in HUB_STORAGE_HOSTS))
-            or host.endswith(HUB_STORAGE_SUFFIXES) or host in extra or f"{host}:{port}" in extra)
+    return (
+        _is_endpoint(url)
+        or host in HUB_STORAGE_HOSTS
+        or host.endswith(tuple("." + h for h in HUB_STORAGE_HOSTS))
+        or host.endswith(HUB_STORAGE_SUFFIXES)
+        or host in extra
+        or f"{host}:{port}" in extra
+    )
 
 
 def _host(url: str | httpx2.URL) -> str:
@@ -71,15 +77,21 @@ def _refuse(what: str, url: str) -> HubUntrustedHostError:
         fix = "if it is your Hub's storage, add it to LRMERGE_HUB_STORAGE_HOSTS"
     else:
         what, fix = "verify step (which carries the token)", "only the Hub endpoint gets the token"
-    return HubUntrustedHostError(f"the Hub at {hub} sent the upload's {what} to another host, {shown(_host(url))}; "
-                                 f"refused before anything went there ({fix}); nothing was committed")
+    return HubUntrustedHostError(
+        f"the Hub at {hub} sent the upload's {what} to another host, {shown(_host(url))}; "
+        f"refused before anything went there ({fix}); nothing was committed"
+    )
 
 
 def check_batch_answer(response: httpx2.Response) -> None:
     """Refuse an LFS batch answer (from the endpoint) whose hrefs leave the Hub."""
     request = response.request
-    if (request.method != "POST" or not request.url.path.endswith("/info/lfs/objects/batch")
-            or not _is_endpoint(request.url) or response.status_code >= 300):
+    if (
+        request.method != "POST"
+        or not request.url.path.endswith("/info/lfs/objects/batch")
+        or not _is_endpoint(request.url)
+        or response.status_code >= 300
+    ):
         return
     response.read()
     try:
@@ -107,18 +119,22 @@ def check_batch_answer(response: httpx2.Response) -> None:
 def check_request(request: httpx2.Request) -> None:
     """Refuse a request that carries a protected token to a host other than the endpoint."""
     auth = request.headers.get("authorization")
-    if auth and auth.startswith("Bearer ") and auth[len("Bearer "):] in _tokens and not _is_endpoint(request.url):
-        raise HubUntrustedHostError(f"a request with the Hub token was about to go to {shown(_host(request.url))}, "
-                                    f"not the Hub at {_host(hf_constants.ENDPOINT)}; refused (only the Hub "
-                                    "endpoint gets the token)")
+    if auth and auth.startswith("Bearer ") and auth[len("Bearer ") :] in _tokens and not _is_endpoint(request.url):
+        raise HubUntrustedHostError(
+            f"a request with the Hub token was about to go to {shown(_host(request.url))}, "
+            f"not the Hub at {_host(hf_constants.ENDPOINT)}; refused (only the Hub "
+            "endpoint gets the token)"
+        )
 
 
 def _guarded_client() -> httpx2.Client:
     """huggingface_hub's own default client (its hooks: offline mode, request ids), plus ours."""
     client = default_client_factory()
     hooks = client.event_hooks
-    client.event_hooks = {"request": [*hooks.get("request", []), check_request],
-                          "response": [*hooks.get("response", []), check_batch_answer]}
+    client.event_hooks = {
+        "request": [*hooks.get("request", []), check_request],
+        "response": [*hooks.get("response", []), check_batch_answer],
+    }
     return client
 
 

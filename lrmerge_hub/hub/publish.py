@@ -4,7 +4,6 @@ leaves the remote as it was; running it again completes it. Tokens are passed to
 and never printed, logged or written by this module.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -73,15 +72,21 @@ def folder_files(folder: Path, *, weights_uploaded: bool = False) -> dict[str, P
     def published(rel: Path) -> bool:
         return rel.parts[0] == EVAL_RESULTS_DIR or not any(part.startswith(".") for part in rel.parts)
 
-    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-             if p.is_file() and published(p.relative_to(folder))}
+    files = {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and published(p.relative_to(folder))
+    }
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise HubPushError(f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "
-                           "remove them, the model is in *.safetensors")
+        raise HubPushError(
+            f"{folder.name}: refusing to publish pickle files ({', '.join(pickles[:3])}); "
+            "remove them, the model is in *.safetensors"
+        )
     if "config.json" not in files or not (weights_uploaded or any(f.endswith(".safetensors") for f in files)):
-        raise HubPushError(f"{folder.name}: not a merged model folder (needs config.json and *.safetensors); "
-                           "run `lrmerge merge` first")
+        raise HubPushError(
+            f"{folder.name}: not a merged model folder (needs config.json and *.safetensors); run `lrmerge merge` first"
+        )
     return files
 
 
@@ -101,16 +106,27 @@ def commit_message(folder: Path) -> tuple[str, str]:
     recipe_id = (report.get("recipe_sha256") or "")[:12]
     summary = f"lrmerge {report.get('method', 'merge')} (recipe {recipe_id}): " + ", ".join(map(name, sources))
     lines = [f"Recipe sha256: {report.get('recipe_sha256')}", "", "Sources:"]
-    lines += [f"- {s.get('model')}: {s.get('repo_id') or 'local folder'} @ {s.get('revision') or 'no revision'}"
-              for s in sources]
+    lines += [
+        f"- {s.get('model')}: {s.get('repo_id') or 'local folder'} @ {s.get('revision') or 'no revision'}"
+        for s in sources
+    ]
     if recipe_path.is_file():
         lines += ["", "Recipe:", "```yaml", recipe_path.read_text().rstrip(), "```"]
     return summary[:300], "\n".join(lines)
 
 
-def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: bool = False,
-         revision: str | None = None, tag: str | None = None, message: str | None = None,
-         token: str | None = None, uploaded: tuple[CommitOperationAdd, ...] = ()) -> PushResult:
+def push(
+    folder: Path | str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    tag: str | None = None,
+    message: str | None = None,
+    token: str | None = None,
+    uploaded: tuple[CommitOperationAdd, ...] = (),
+) -> PushResult:
     """Upload a merged model folder as one commit (or one pull request) and tag it.
 
     The repo is created if needed, the branch `revision` too. The commit names the recipe and
@@ -122,8 +138,9 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     sent (for this repo, branch and create_pr), committed without reading them again."""
     folder = Path(folder)
     if not is_repo_id(repo_id):
-        raise HubPushError(f"{shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', '.'; "
-                           "no '--' or '..')")
+        raise HubPushError(
+            f"{shown(repo_id)} is not a Hub model id 'org/name' (letters, digits, '-', '_', '.'; no '--' or '..')"
+        )
     for what, name in (("--revision", revision), ("--tag", tag)):
         if name is not None and not is_revision(name):
             raise HubPushError(f"{what} {shown(name)} is not a branch or tag name")
@@ -134,8 +151,10 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
     files = folder_files(folder, weights_uploaded=bool(uploaded))
     token = token or get_token()
     if not token:
-        raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
-                           "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+        raise HubAuthError(
+            "pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
+            "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI"
+        )
     hub_hosts.protect(token)
     summary, description = commit_message(folder)
     branch = revision or "main"
@@ -146,13 +165,15 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
             if branch != "main":
                 _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
             parent = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
-            sha, url, pr_url = _commit(api, repo_id, files, message or summary, description, branch, create_pr,
-                                       parent, list(uploaded))
+            sha, url, pr_url = _commit(
+                api, repo_id, files, message or summary, description, branch, create_pr, parent, list(uploaded)
+            )
     except (HubAuthError, HubPushError):
         raise
     except HubError as e:
-        raise HubPushError(f"push to {repo_id}@{branch} failed ({e}); nothing was committed: "
-                           "run the same command again to complete it") from None
+        raise HubPushError(
+            f"push to {repo_id}@{branch} failed ({e}); nothing was committed: run the same command again to complete it"
+        ) from None
     if tag:
         try:
             with hub_errors(repo_id, write=True):
@@ -160,15 +181,33 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, create_pr: 
         except (HubAuthError, HubPushError):
             raise
         except HubError as e:
-            raise HubPushError(f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
-                               "run the same command again to add the tag") from None
-    return PushResult(repo_id=repo_id, revision=branch, commit=sha, commit_url=url, pr_url=pr_url,
-                      tag=tag, files=len(set(files) | {op.path_in_repo for op in uploaded}), changed=sha != parent)
+            raise HubPushError(
+                f"committed {sha[:12]} to {repo_id}@{branch} but could not tag it {tag!r} ({e}): "
+                "run the same command again to add the tag"
+            ) from None
+    return PushResult(
+        repo_id=repo_id,
+        revision=branch,
+        commit=sha,
+        commit_url=url,
+        pr_url=pr_url,
+        tag=tag,
+        files=len(set(files) | {op.path_in_repo for op in uploaded}),
+        changed=sha != parent,
+    )
 
 
-def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, description: str,
-            branch: str, create_pr: bool, parent: str,
-            uploaded: list[CommitOperationAdd]) -> tuple[str, str, str | None]:
+def _commit(
+    api: HfApi,
+    repo_id: str,
+    files: dict[str, Path],
+    summary: str,
+    description: str,
+    branch: str,
+    create_pr: bool,
+    parent: str,
+    uploaded: list[CommitOperationAdd],
+) -> tuple[str, str, str | None]:
     """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
     head; returns (sha, url, pr_url). A commit (or pull request) that landed although its
     answer was lost is recognised by its files and returned, never made twice."""
@@ -178,12 +217,20 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
         # already holds, so a retry after a commit whose answer was lost commits nothing twice.
         # (Pre-uploaded shards are committed by their sha256; their files may be gone.)
         done = {op.path_in_repo for op in uploaded}
-        operations = uploaded + [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
-                                 for p, f in files.items() if p not in done]
+        operations = uploaded + [
+            CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items() if p not in done
+        ]
         try:
             try:
-                info = api.create_commit(repo_id, operations, commit_message=summary, commit_description=description,
-                                         revision=branch, create_pr=create_pr, parent_commit=parent)
+                info = api.create_commit(
+                    repo_id,
+                    operations,
+                    commit_message=summary,
+                    commit_description=description,
+                    revision=branch,
+                    create_pr=create_pr,
+                    parent_commit=parent,
+                )
                 return info.oid, info.commit_url, info.pr_url
             except RuntimeError as e:
                 if _upload_error(e) is None:
@@ -200,14 +247,18 @@ def _commit(api: HfApi, repo_id: str, files: dict[str, Path], summary: str, desc
                 if landed:
                     return landed
             if status == 412:
-                raise HubPushError(f"push to {repo_id}@{branch} failed: the branch moved while pushing "
-                                   "(another push?); nothing was changed, run the same command again") from None
+                raise HubPushError(
+                    f"push to {repo_id}@{branch} failed: the branch moved while pushing "
+                    "(another push?); nothing was changed, run the same command again"
+                ) from None
             if create_pr or not retryable or attempt == 2:
                 raise
             time.sleep(RETRY_WAIT * 2**attempt)
         except ValueError as e:  # the Hub rejected README.md's YAML metadata (before any upload)
-            raise HubPushError(f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
-                               "(`lrmerge card` writes valid metadata)") from None
+            raise HubPushError(
+                f"{repo_id}: {' '.join(str(e).split())}; fix README.md's metadata "
+                "(`lrmerge card` writes valid metadata)"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -225,8 +276,14 @@ def _pr_refs(api: HfApi, repo_id: str) -> dict[str, str]:
     return {r.ref: r.target_commit for r in refs.pull_requests or []}
 
 
-def _landed(api: HfApi, repo_id: str, operations: list[CommitOperationAdd], branch: str, parent: str,
-            prs_before: dict[str, str] | None) -> tuple[str, str, str | None] | None:
+def _landed(
+    api: HfApi,
+    repo_id: str,
+    operations: list[CommitOperationAdd],
+    branch: str,
+    parent: str,
+    prs_before: dict[str, str] | None,
+) -> tuple[str, str, str | None] | None:
     """(sha, url, pr_url) of the commit that holds exactly the files of `operations`: the
     branch head if it moved from `parent`, or (`prs_before` given) a pull request opened since;
     None when there is none or the Hub cannot say."""
@@ -271,8 +328,9 @@ def _tag(api: HfApi, repo_id: str, tag: str, sha: str) -> None:
             raise
         tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
         if tags.get(tag) != sha:
-            raise HubPushError(f"tag {tag!r} already exists on {repo_id} at {str(tags.get(tag))[:12]}: "
-                               "choose another --tag") from None
+            raise HubPushError(
+                f"tag {tag!r} already exists on {repo_id} at {str(tags.get(tag))[:12]}: choose another --tag"
+            ) from None
 
 
 class ShardUploader:
@@ -284,12 +342,22 @@ class ShardUploader:
     run) is not uploaded again. A shard the Hub wants in regular mode is not pre-uploaded: it
     stays in the output folder and goes inside the commit."""
 
-    def __init__(self, repo_id: str, *, revision: str | None = None, create_pr: bool = False,
-                 private: bool = False, keep: bool = True, token: str | None = None):
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        create_pr: bool = False,
+        private: bool = False,
+        keep: bool = True,
+        token: str | None = None,
+    ):
         token = token or get_token()
         if not token:
-            raise HubAuthError("pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
-                               "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI")
+            raise HubAuthError(
+                "pushing needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, "
+                "pass --token, or use trusted publishing (HF_OIDC_RESOURCE) in CI"
+            )
         self.repo_id, self.branch, self.create_pr, self.keep = repo_id, revision or "main", create_pr, keep
         self.private = private
         hub_hosts.protect(token)
@@ -306,8 +374,11 @@ class ShardUploader:
                 if self.branch != "main":
                     _retry(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True))
             try:
-                _retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[op], revision=self.branch,
-                                                            create_pr=self.create_pr))
+                _retry(
+                    lambda: self.api.preupload_lfs_files(
+                        self.repo_id, additions=[op], revision=self.branch, create_pr=self.create_pr
+                    )
+                )
             except RuntimeError as e:
                 if _upload_error(e) is None:
                     raise

@@ -11,7 +11,6 @@ the safetensors headers and config.json alone, before any weights are downloaded
 the files a merge needs are downloaded into the HF cache, or read by ranges (hub.stream).
 """
 
-
 from __future__ import annotations
 
 import json
@@ -45,9 +44,18 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 EVAL_RESULTS_DIR = ".eval_results"  # the Hub's newer evaluation results format, written by the card
 # Besides the weights, what a merge (and the merged model) needs from a source repo.
 SIDE_FILES = (
-    "config.json", "generation_config.json", SAFETENSORS_INDEX,
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    SAFETENSORS_INDEX,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -71,9 +79,13 @@ class ModelMeta:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "model": self.spec if self.repo_id else self.name, "repo_id": self.repo_id,
-            "revision": self.revision, "sha": self.sha, "files": len(self.files),
-            "download_bytes": self.download_bytes, "tensors": len(self.tensors),
+            "model": self.spec if self.repo_id else self.name,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "sha": self.sha,
+            "files": len(self.files),
+            "download_bytes": self.download_bytes,
+            "tensors": len(self.tensors),
             "parameters": sum(t.numel for t in self.tensors.values()),
             "dtypes": sorted({t.dtype for t in self.tensors.values()}),
         }
@@ -99,17 +111,28 @@ class PullPlan:
             if self.downloaded and m.repo_id:
                 entry["path"] = str(m.path)
             models.append(entry)
-        return {"compatible": True, "models": models, **self.merge_plan.summary(),
-                "download_bytes": self.download_bytes, "downloaded": self.downloaded}
-
+        return {
+            "compatible": True,
+            "models": models,
+            **self.merge_plan.summary(),
+            "download_bytes": self.download_bytes,
+            "downloaded": self.downloaded,
+        }
 
 
 # --- reading models -----------------------------------------------------------------------
 def local_meta(ref: ModelRef, folder: Path | None = None) -> ModelMeta:
     """Tensor specs and config of a local folder (or a cached snapshot), from the headers."""
     model = SafetensorsModel(folder or ref.path, label=ref.display)
-    return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
-                     path=model.folder, tensors=model.specs, config=model.config)
+    return ModelMeta(
+        spec=ref.spec,
+        name=ref.display,
+        repo_id=ref.repo_id,
+        revision=ref.revision,
+        path=model.folder,
+        tensors=model.specs,
+        config=model.config,
+    )
 
 
 def _cached_snapshot(ref: ModelRef) -> Path:
@@ -121,8 +144,10 @@ def _cached_snapshot(ref: ModelRef) -> Path:
     ref_file = storage / "refs" / revision
     sha = revision if SHA.fullmatch(revision) else ref_file.read_text().strip() if ref_file.is_file() else None
     if sha is None or not (storage / "snapshots" / sha).is_dir():
-        raise HubOfflineError(f"{ref.spec}: HF_HUB_OFFLINE is set and it is not in the HF cache "
-                              f"({hf_constants.HF_HUB_CACHE}); pull it once online (`lrmerge pull {ref.spec}`)")
+        raise HubOfflineError(
+            f"{ref.spec}: HF_HUB_OFFLINE is set and it is not in the HF cache "
+            f"({hf_constants.HF_HUB_CACHE}); pull it once online (`lrmerge pull {ref.spec}`)"
+        )
     return storage / "snapshots" / sha
 
 
@@ -147,7 +172,8 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
                 raise PickleOnlyRepoError(
                     f"{ref.spec} ships only pickle weights ({', '.join(sorted(pickles)[:3])}); lrmerge never "
                     "loads them because unpickling can run arbitrary code: use a revision with *.safetensors "
-                    "(many repos have a `refs/pr/N` that adds them) or convert them with a tool you trust")
+                    "(many repos have a `refs/pr/N` that adds them) or convert them with a tool you trust"
+                )
             raise HubError(f"{ref.spec} has no *.safetensors weights at {sha[:12]}: choose a model repo")
         if SAFETENSORS_INDEX in sizes:  # checked first: the client trusts its shard names and types
             index_file = Path(hf_hub_download(ref.repo_id, SAFETENSORS_INDEX, revision=sha, token=token))
@@ -157,25 +183,40 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
         except NotASafetensorsRepoError:
             raise HubError(f"{ref.spec}: no {SAFETENSORS_INDEX} or model.safetensors at {sha[:12]}") from None
         except SafetensorsParsingError:
-            raise InputModelError(f"{ref.spec}: a safetensors header (or the index) at {sha[:12]} is corrupt: "
-                                  "the file is not a model lrmerge can read") from None
+            raise InputModelError(
+                f"{ref.spec}: a safetensors header (or the index) at {sha[:12]} is corrupt: "
+                "the file is not a model lrmerge can read"
+            ) from None
         if "config.json" not in sizes:
             raise HubError(f"{ref.spec} has no config.json at {sha[:12]}: is it a transformers model?")
         config_file = Path(hf_hub_download(ref.repo_id, "config.json", revision=sha, token=token))
     config = check_config(read_json_file(config_file, f"{ref.spec}: config.json"), ref.spec)
-    tensors = {name: _remote_spec(name, t.dtype, t.shape, ref.spec)
-               for header in st.files_metadata.values() for name, t in header.tensors.items()}
+    tensors = {
+        name: _remote_spec(name, t.dtype, t.shape, ref.spec)
+        for header in st.files_metadata.values()
+        for name, t in header.tensors.items()
+    }
     needed = set(st.files_metadata) | {f for f in SIDE_FILES if f in sizes}
-    return ModelMeta(spec=ref.spec, name=ref.display, repo_id=ref.repo_id, revision=ref.revision,
-                     sha=sha, files={f: sizes.get(f, 0) for f in sorted(needed)}, tensors=tensors, config=config)
+    return ModelMeta(
+        spec=ref.spec,
+        name=ref.display,
+        repo_id=ref.repo_id,
+        revision=ref.revision,
+        sha=sha,
+        files={f: sizes.get(f, 0) for f in sorted(needed)},
+        tensors=tensors,
+        config=config,
+    )
 
 
 def _remote_spec(name: str, dtype: Any, shape: Any, where: str) -> TensorSpec:
     """A tensor's spec from a Hub header, refused (one line) unless the merge plan can use
     it; the downloaded file's header is checked in full before its data is read."""
     if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InputModelError(f"{where}: tensor {shown(name)} has a corrupt or unsupported safetensors header "
-                              f"(dtype {shown(dtype)}, shape {shown(shape)})")
+        raise InputModelError(
+            f"{where}: tensor {shown(name)} has a corrupt or unsupported safetensors header "
+            f"(dtype {shown(dtype)}, shape {shown(shape)})"
+        )
     return TensorSpec(dtype, tuple(shape))
 
 
@@ -207,8 +248,7 @@ def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
     not fit together, HubError subclasses when the Hub says no."""
     metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
     check_pinned_twins(metas)
-    merge_plan = plan_merge({k: m.tensors for k, m in metas.items()},
-                            {k: m.config for k, m in metas.items()}, recipe)
+    merge_plan = plan_merge({k: m.tensors for k, m in metas.items()}, {k: m.config for k, m in metas.items()}, recipe)
     return PullPlan(models=metas, merge_plan=merge_plan)
 
 
@@ -221,15 +261,20 @@ def check_pinned_twins(metas: dict[str, ModelMeta]) -> None:
         if meta.repo_id and meta.sha:
             twin = seen.setdefault(meta.sha, meta.spec)
             if twin != meta.spec:
-                raise RecipeError(f"models: {meta.spec!r} and {twin!r} are the same commit {meta.sha[:12]}; "
-                                  "name each model once")
+                raise RecipeError(
+                    f"models: {meta.spec!r} and {twin!r} are the same commit {meta.sha[:12]}; name each model once"
+                )
 
 
 def recipe_for_models(refs: list[ModelRef]) -> Recipe:
     """A recipe that checks models against the first one (for `lrmerge pull MODEL...`)."""
     unique = list({r.identity: r for r in refs}.values())
-    return Recipe(method="task_arithmetic", base=unique[0], parameters={},
-                  models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]])
+    return Recipe(
+        method="task_arithmetic",
+        base=unique[0],
+        parameters={},
+        models=[ModelEntry(ref=r, role="task", params={}) for r in unique[1:]],
+    )
 
 
 def targets_to_recipe(targets: list[str], cwd: Path | None = None) -> Recipe:
@@ -251,8 +296,9 @@ def download(meta: ModelMeta, *, token: str | None = None) -> Path:
         assert meta.path is not None
         return meta.path
     with hub_errors(meta.spec):
-        meta.path = Path(snapshot_download(meta.repo_id, revision=meta.sha, token=token,
-                                           allow_patterns=sorted(meta.files)))
+        meta.path = Path(
+            snapshot_download(meta.repo_id, revision=meta.sha, token=token, allow_patterns=sorted(meta.files))
+        )
     _remember_revision(meta.path, meta.revision or "main", meta.sha)
     return meta.path
 
@@ -281,11 +327,15 @@ def materialize_sources(recipe: Recipe, *, token: str | None = None) -> dict[str
     ('base', then each model's spec). Hub models are pinned to their sha, checked from their
     headers, and downloaded; local folders pass through (repo_id None, revision None)."""
     plan = pull(recipe, token=token)
-    return {key: Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
-            for key, m in plan.models.items()}
+    return {
+        key: Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
+        for key, m in plan.models.items()
+    }
 
 
-def stream_sources(recipe: Recipe, *, token: str | None = None, read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, Source]:
+def stream_sources(
+    recipe: Recipe, *, token: str | None = None, read_ahead: int = DEFAULT_READ_AHEAD
+) -> dict[str, Source]:
     """Like materialize_sources, without downloading weights: a Hub model whose weights are
     not in the HF cache is read by range requests during the merge (hub_stream.HubModel);
     only its small side files (config, tokenizer) are downloaded. Cached models and local
@@ -299,11 +349,22 @@ def stream_sources(recipe: Recipe, *, token: str | None = None, read_ahead: int 
             sources[key] = Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
             continue
         with hub_errors(m.spec):
-            folder = Path(snapshot_download(m.repo_id, revision=m.sha, token=token,  # type: ignore[arg-type]
-                                            allow_patterns=[f for f in m.files if not f.endswith(".safetensors")]))
+            folder = Path(
+                snapshot_download(
+                    m.repo_id,
+                    revision=m.sha,
+                    token=token,  # type: ignore[arg-type]
+                    allow_patterns=[f for f in m.files if not f.endswith(".safetensors")],
+                )
+            )
         _remember_revision(folder, m.revision or "main", m.sha)
-        sources[key] = streamed_source(m.repo_id, m.sha, folder, token=token,  # type: ignore[arg-type]
-                                       read_ahead=read_ahead // len(streamed))
+        sources[key] = streamed_source(
+            m.repo_id,
+            m.sha,
+            folder,
+            token=token,  # type: ignore[arg-type]
+            read_ahead=read_ahead // len(streamed),
+        )
     return sources
 
 
@@ -311,12 +372,26 @@ def streamed_source(repo_id: str, sha: str, folder: Path, *, token: str | None, 
     """A Source whose tensors are read from the Hub at `sha`; `folder` holds its side files."""
     from .stream import hub_reader
 
-    return Source(path=folder, repo_id=repo_id, revision=sha,
-                  reader=hub_reader(repo_id=repo_id, revision=sha, folder=folder, token=token, read_ahead=read_ahead,
-                                    request_bytes=RANGE_REQUEST_BYTES, workers=RANGE_WORKERS))
+    return Source(
+        path=folder,
+        repo_id=repo_id,
+        revision=sha,
+        reader=hub_reader(
+            repo_id=repo_id,
+            revision=sha,
+            folder=folder,
+            token=token,
+            read_ahead=read_ahead,
+            request_bytes=RANGE_REQUEST_BYTES,
+            workers=RANGE_WORKERS,
+        ),
+    )
 
 
 def _weights_cached(meta: ModelMeta) -> bool:
     """Whether every weight file of the model, at its pinned sha, is in the HF cache."""
-    return all(isinstance(try_to_load_from_cache(meta.repo_id, f, revision=meta.sha), str)  # type: ignore[arg-type]
-               for f in meta.files if f.endswith(".safetensors"))
+    return all(
+        isinstance(try_to_load_from_cache(meta.repo_id, f, revision=meta.sha), str)  # type: ignore[arg-type]
+        for f in meta.files
+        if f.endswith(".safetensors")
+    )

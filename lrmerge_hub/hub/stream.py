@@ -96,14 +96,16 @@ class ShardHash:
         """Raise unless every byte was hashed and the hash is the one the Hub lists."""
         expected = self.shard.sha256 or self.shard.blob_id
         if self.hashed != self.shard.size:
-            raise HubIntegrityError(f"{label}: only {self.hashed} of {self.shard.size} bytes of {self.shard.name} "
-                                    "were read; run again")
+            raise HubIntegrityError(
+                f"{label}: only {self.hashed} of {self.shard.size} bytes of {self.shard.name} were read; run again"
+            )
         got = self.hash.hexdigest()
         if got != expected:
             raise HubIntegrityError(
                 f"{label}: {self.shard.name} does not match the {'sha256' if self.shard.sha256 else 'git sha1'} the "
                 f"Hub lists for it (got {got[:12]}, listed {expected[:12]}): the bytes were corrupted on the way; "
-                "nothing was written or pushed, run again (or use --download)")
+                "nothing was written or pushed, run again (or use --download)"
+            )
 
 
 @dataclass
@@ -124,8 +126,13 @@ class Block:
         return self.end - self.start
 
 
-def plan_blocks(order: list[str], tensors: dict[str, StoredTensor], shards: dict[str, RemoteShard],
-                data_start: dict[str, int], request_bytes: int) -> list[Block]:
+def plan_blocks(
+    order: list[str],
+    tensors: dict[str, StoredTensor],
+    shards: dict[str, RemoteShard],
+    data_start: dict[str, int],
+    request_bytes: int,
+) -> list[Block]:
     """The blocks to fetch, in the order they are needed, covering every byte after the
     headers once. Each read tensor owns the bytes from its start to the next read tensor of
     its shard (padding, tensors nobody reads); the first one also those after the header.
@@ -159,8 +166,7 @@ class DaemonPool:
 
     def __init__(self, workers: int, name: str):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
 
@@ -196,8 +202,18 @@ class HubModel(TensorSource):
     """A Hub model at a pinned commit: config and tokenizer from `folder` (downloaded, small),
     tensors read with range requests."""
 
-    def __init__(self, label: str, *, repo_id: str, revision: str, folder: Path, token: str | None,
-                 read_ahead: int, request_bytes: int, workers: int):
+    def __init__(
+        self,
+        label: str,
+        *,
+        repo_id: str,
+        revision: str,
+        folder: Path,
+        token: str | None,
+        read_ahead: int,
+        request_bytes: int,
+        workers: int,
+    ):
         self.label, self.repo_id, self.revision, self.folder = label, repo_id, revision, Path(folder)
         self.read_ahead, self.request_bytes = read_ahead, request_bytes
         self.config = self._read_json("config.json", required=True)
@@ -226,16 +242,26 @@ class HubModel(TensorSource):
     def _list_shards(self, token: str | None) -> dict[str, RemoteShard]:
         """The weight files at the pinned commit, with the sizes and hashes the Hub lists."""
         index = self._read_json("model.safetensors.index.json")
-        listed = {f.path: f for f in HfApi(token=token).list_repo_tree(self.repo_id, revision=self.revision)
-                  if isinstance(f, RepoFile)}
-        names = sorted(set(index.get("weight_map", {}).values())) if index else sorted(
-            p for p in listed if p.endswith(".safetensors"))
+        listed = {
+            f.path: f
+            for f in HfApi(token=token).list_repo_tree(self.repo_id, revision=self.revision)
+            if isinstance(f, RepoFile)
+        }
+        names = (
+            sorted(set(index.get("weight_map", {}).values()))
+            if index
+            else sorted(p for p in listed if p.endswith(".safetensors"))
+        )
         missing = [n for n in names if n not in listed]
         if not names or missing:
-            raise InputModelError(f"{self.label}: shard {missing[0] if missing else 'model.safetensors'} is not in "
-                                  f"the repo at {self.revision[:12]}")
-        return {n: RemoteShard(n, listed[n].size, listed[n].lfs.sha256 if listed[n].lfs else None,
-                               listed[n].blob_id) for n in names}
+            raise InputModelError(
+                f"{self.label}: shard {missing[0] if missing else 'model.safetensors'} is not in "
+                f"the repo at {self.revision[:12]}"
+            )
+        return {
+            n: RemoteShard(n, listed[n].size, listed[n].lfs.sha256 if listed[n].lfs else None, listed[n].blob_id)
+            for n in names
+        }
 
     def _read_headers(self) -> tuple[dict[str, StoredTensor], dict[str, int]]:
         """Every shard's header, read (and hashed) as the first bytes of the shard."""
@@ -274,17 +300,23 @@ class HubModel(TensorSource):
             first, last = start + got, start + len(view) - 1
             wait = 0.0
             try:
-                with http_stream_backoff("GET", url, headers={**self.headers, "Range": f"bytes={first}-{last}"},
-                                         timeout=min(hf_constants.HF_HUB_DOWNLOAD_TIMEOUT,
-                                                     self._time_left(deadline, shard, first, last)),
-                                         max_retries=0, retry_on_exceptions=(), retry_on_status_codes=()) as response:
+                with http_stream_backoff(
+                    "GET",
+                    url,
+                    headers={**self.headers, "Range": f"bytes={first}-{last}"},
+                    timeout=min(hf_constants.HF_HUB_DOWNLOAD_TIMEOUT, self._time_left(deadline, shard, first, last)),
+                    max_retries=0,
+                    retry_on_exceptions=(),
+                    retry_on_status_codes=(),
+                ) as response:
                     if response.status_code in RETRY_STATUS:
                         retries += 1
                         if retries > RETRIES:
                             hf_raise_for_status(response)
                         wait = self._retry_wait(response, retries, shard)
-                        note_retry(f"{self.label}: HTTP {response.status_code} reading {shard.name}", retries, RETRIES,
-                                   wait)
+                        note_retry(
+                            f"{self.label}: HTTP {response.status_code} reading {shard.name}", retries, RETRIES, wait
+                        )
                     else:
                         hf_raise_for_status(response)
                         before = got
@@ -293,8 +325,10 @@ class HubModel(TensorSource):
                         if got == before:
                             empty += 1
                             if empty >= EMPTY_ANSWERS:
-                                raise HubError(f"{self.label}: the Hub answered {empty} range requests for "
-                                               f"{shard.name} without a byte; try again later, or use --download")
+                                raise HubError(
+                                    f"{self.label}: the Hub answered {empty} range requests for "
+                                    f"{shard.name} without a byte; try again later, or use --download"
+                                )
                             wait = self.retry_wait * 2 ** (empty - 1)
                         else:
                             empty = 0
@@ -302,9 +336,11 @@ class HubModel(TensorSource):
                 self._time_left(deadline, shard, first, last)  # a read that timed out at the deadline
                 resumes += 1
                 if resumes > RESUMES:
-                    raise HubOfflineError(f"{self.label}: the connection to the Hub broke {resumes} times while "
-                                          f"reading {shard.name} ({type(e).__name__}); check the network and run "
-                                          "again") from None
+                    raise HubOfflineError(
+                        f"{self.label}: the connection to the Hub broke {resumes} times while "
+                        f"reading {shard.name} ({type(e).__name__}); check the network and run "
+                        "again"
+                    ) from None
                 wait = self.retry_wait * 2 ** (resumes - 1)
             if wait:
                 self._pause(wait, deadline, shard, first, last)
@@ -313,29 +349,37 @@ class HubModel(TensorSource):
         if self._hashes[shard.name].add(start, view):  # the shard's last bytes: fail as early as possible
             self._hashes[shard.name].check(self.label)
 
-    def _read_answer(self, response: httpx2.Response, shard: RemoteShard, first: int, last: int, view: memoryview,
-                     deadline: float) -> Iterator[int]:
+    def _read_answer(
+        self, response: httpx2.Response, shard: RemoteShard, first: int, last: int, view: memoryview, deadline: float
+    ) -> Iterator[int]:
         """Copy a `206` answer for bytes first-last into `view`, yielding each chunk's size. The answer
         must say it holds bytes from `first` on (no further than `last`) and may not be
         longer than that: a longer one is refused, not read."""
         if response.status_code != 206:
-            raise HubError(f"{self.label}: the Hub answered a range request for {shard.name} with the "
-                           f"whole file (HTTP {response.status_code}); use --download")
+            raise HubError(
+                f"{self.label}: the Hub answered a range request for {shard.name} with the "
+                f"whole file (HTTP {response.status_code}); use --download"
+            )
         content_range = response.headers.get("Content-Range", "")
         m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
         if not m or int(m[1]) != first or not first <= int(m[2]) <= last or m[3] not in ("*", str(shard.size)):
-            raise HubError(f"{self.label}: the Hub answered a request for bytes {first}-{last} of {shard.name} "
-                           f"with Content-Range {shown(content_range)}; try again later, or use --download")
+            raise HubError(
+                f"{self.label}: the Hub answered a request for bytes {first}-{last} of {shard.name} "
+                f"with Content-Range {shown(content_range)}; try again later, or use --download"
+            )
         expected = int(m[2]) - first + 1
         length = response.headers.get("Content-Length", "").strip()
-        too_long = (length.isdigit() and int(length) > expected
-                    and response.headers.get("Content-Encoding", "identity") == "identity")
+        too_long = (
+            length.isdigit()
+            and int(length) > expected
+            and response.headers.get("Content-Encoding", "identity") == "identity"
+        )
         got = 0
         for chunk in [] if too_long else response.iter_bytes():
             if got + len(chunk) > expected:
                 too_long = True
                 break
-            view[got:got + len(chunk)] = chunk
+            view[got : got + len(chunk)] = chunk
             got += len(chunk)
             yield len(chunk)
             if got == expected:
@@ -344,9 +388,11 @@ class HubModel(TensorSource):
                 raise HubError(f"{self.label}: closed")
             self._time_left(deadline, shard, first, last)
         if too_long:
-            raise HubError(f"{self.label}: the Hub's answer to a request for bytes {first}-{last} of {shard.name} "
-                           f"is longer than the range ({length or 'more'} bytes for {expected}); refused: try again "
-                           "later, or use --download")
+            raise HubError(
+                f"{self.label}: the Hub's answer to a request for bytes {first}-{last} of {shard.name} "
+                f"is longer than the range ({length or 'more'} bytes for {expected}); refused: try again "
+                "later, or use --download"
+            )
 
     def _retry_wait(self, response: httpx2.Response, attempt: int, shard: RemoteShard) -> float:
         """Seconds to wait before trying again: the answer's Retry-After (refused when longer
@@ -356,27 +402,33 @@ class HubModel(TensorSource):
             return min(MAX_BACKOFF, self.retry_wait * 2 ** (attempt - 1))
         if len(retry_after) > 9 or int(retry_after) > self.max_wait:
             asked = retry_after if len(retry_after) <= 9 else "over 10^9"
-            raise HubError(f"{self.label}: the Hub asks to wait {asked} s before reading "
-                           f"{shard.name} again (HTTP {response.status_code}), longer than lrmerge waits "
-                           f"({self.max_wait:g} s, LRMERGE_HUB_MAX_WAIT); run again later")
+            raise HubError(
+                f"{self.label}: the Hub asks to wait {asked} s before reading "
+                f"{shard.name} again (HTTP {response.status_code}), longer than lrmerge waits "
+                f"({self.max_wait:g} s, LRMERGE_HUB_MAX_WAIT); run again later"
+            )
         return float(retry_after)
 
     def _time_left(self, deadline: float, shard: RemoteShard, first: int, last: int) -> float:
         """Seconds left before the deadline; raises once it has passed."""
         left = deadline - time.monotonic()
         if left <= 0:
-            raise HubOfflineError(f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub took "
-                                  f"longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE); check the "
-                                  "network and run again, or raise the limit")
+            raise HubOfflineError(
+                f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub took "
+                f"longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE); check the "
+                "network and run again, or raise the limit"
+            )
         return left
 
     def _pause(self, wait: float, deadline: float, shard: RemoteShard, first: int, last: int) -> None:
         """Wait before trying again; fail at once when the wait would end past the deadline,
         end early when the model is closed."""
         if time.monotonic() + wait >= deadline:
-            raise HubOfflineError(f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub would "
-                                  f"take longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE) with the "
-                                  f"retries it needs; check the network and run again, or raise the limit")
+            raise HubOfflineError(
+                f"{self.label}: reading bytes {first}-{last} of {shard.name} from the Hub would "
+                f"take longer than {self.deadline:g} s (LRMERGE_HUB_RANGE_DEADLINE) with the "
+                f"retries it needs; check the network and run again, or raise the limit"
+            )
         if self._closed.wait(wait):
             raise HubError(f"{self.label}: closed")
 
@@ -457,8 +509,17 @@ class HubModel(TensorSource):
         self._blocks, self._block_of = [], {}
 
 
-def hub_reader(*, repo_id: str, revision: str, folder: Path, token: str | None, read_ahead: int,
-               request_bytes: int, workers: int) -> Callable[[str], HubModel]:
+def hub_reader(
+    *, repo_id: str, revision: str, folder: Path, token: str | None, read_ahead: int, request_bytes: int, workers: int
+) -> Callable[[str], HubModel]:
     """Source.reader for a Hub model: opens a HubModel under the merge's label."""
-    return lambda label: HubModel(label, repo_id=repo_id, revision=revision, folder=folder, token=token,
-                                  read_ahead=read_ahead, request_bytes=request_bytes, workers=workers)
+    return lambda label: HubModel(
+        label,
+        repo_id=repo_id,
+        revision=revision,
+        folder=folder,
+        token=token,
+        read_ahead=read_ahead,
+        request_bytes=request_bytes,
+        workers=workers,
+    )

@@ -34,6 +34,7 @@ from ..errors import DegenerateInput, DeviceError, InputModelError, NonFiniteOut
 from ..interrupt import deferred
 from ..recipe.spec import Recipe
 from ..settings import default_engine
+
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
     from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
@@ -52,8 +53,14 @@ if TYPE_CHECKING:
     from .torch_engine import TorchEngine
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "spiece.model",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
 )
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
@@ -115,15 +122,16 @@ def resolve_engine(engine: str, device: str) -> str:
     return engine
 
 
-def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool, *,
-                      dry_run: bool = False) -> None:
+def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool, *, dry_run: bool = False) -> None:
     """Refuse an output inside (or around) an input folder, and an existing output without
     `overwrite`; a dry run writes nothing, so it plans anyway (its report says the output exists)."""
     out = out_dir.resolve()
     for key, src in sources.items():
         folder = src.path.resolve()
         if out == folder or folder in out.parents:
-            raise OutputError(f"output {out_dir.name} lies inside the input folder of {key}; choose another output path")
+            raise OutputError(
+                f"output {out_dir.name} lies inside the input folder of {key}; choose another output path"
+            )
         if out in folder.parents:
             raise OutputError(f"output {out_dir.name} contains the input folder of {key}; choose another output path")
     if out.exists() and not overwrite and not dry_run:
@@ -132,8 +140,11 @@ def check_output_path(out_dir: Path, sources: dict[str, Source], overwrite: bool
 
 def beside(out_dir: Path, kind: str, pid: int | None = None) -> Path:
     """A hidden path next to the output: `.NAME.lrmerge-KIND[-PID]` (tmp, old, lock)."""
-    return out_dir.parent / f".{out_dir.name}.lrmerge-{kind}" if pid is None else \
-        out_dir.parent / f".{out_dir.name}.lrmerge-{kind}-{pid}"
+    return (
+        out_dir.parent / f".{out_dir.name}.lrmerge-{kind}"
+        if pid is None
+        else out_dir.parent / f".{out_dir.name}.lrmerge-{kind}-{pid}"
+    )
 
 
 @contextmanager
@@ -146,15 +157,18 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutputError(f"output {out_dir}: cannot create files beside it ({e.strerror}); "
-                              "choose a folder you can write to") from None
+            raise OutputError(
+                f"output {out_dir}: cannot create files beside it ({e.strerror}); choose a folder you can write to"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise OutputError(f"output {out_dir} is being written by another lrmerge (pid {holder}); "
-                              "wait for it to finish or choose another output") from None
+            raise OutputError(
+                f"output {out_dir} is being written by another lrmerge (pid {holder}); "
+                "wait for it to finish or choose another output"
+            ) from None
         except OSError as e:  # a filesystem without locks (some NFS): go on, the rename is still re-checked
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                 os.close(fd)
@@ -194,7 +208,7 @@ def clean_stale(out_dir: Path) -> list[Path]:
     Call it holding the output lock. Returns the paths removed or restored."""
     handled = []
     for p in out_dir.parent.glob(glob.escape(f".{out_dir.name}.lrmerge-") + "*-*"):
-        kind, _, pid = p.name[len(out_dir.name) + 10:].partition("-")
+        kind, _, pid = p.name[len(out_dir.name) + 10 :].partition("-")
         if kind not in ("tmp", "old", "promote", "verify") or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out_dir.exists():
@@ -203,7 +217,7 @@ def clean_stale(out_dir: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
         handled.append(p)
     for p in out_dir.parent.glob(glob.escape(f"..{out_dir.name}.lrmerge-verify-") + "*.lrmerge-*"):
-        pid = p.name[len(out_dir.name) + 18:].partition(".")[0]
+        pid = p.name[len(out_dir.name) + 18 :].partition(".")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
@@ -233,8 +247,12 @@ class RetentionCounter:
 
     def for_model(self, i: int) -> dict[str, Any]:
         kept = self.kept[i]
-        return {"total": self.total[i], "kept": kept, "agreed": self.agreed[i],
-                "fraction": round(self.agreed[i] / kept, 6) if kept else None}
+        return {
+            "total": self.total[i],
+            "kept": kept,
+            "agreed": self.agreed[i],
+            "fraction": round(self.agreed[i] / kept, 6) if kept else None,
+        }
 
 
 def input_labels(keys: list[str]) -> list[str]:
@@ -254,9 +272,15 @@ def merge_inputs(job: TensorJob, readers: dict[str, TensorSource], keys: list[st
     return [readers[k].array(job.name)[:shared] for k in input_labels(keys)]
 
 
-def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
-                     keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
-                     compute: TorchEngine) -> tuple[np.ndarray, list[int] | None, list[int] | None, bool]:
+def merge_with_torch(
+    job: TensorJob,
+    method: MergeMethod,
+    readers: dict[str, TensorSource],
+    keys: list[str],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    compute: TorchEngine,
+) -> tuple[np.ndarray, list[int] | None, list[int] | None, bool]:
     """One tensor on the torch engine's device: (flat output, kept, agreed, whether NaN/Inf
     in the output were counted already). Raises like merge_tensor."""
     from .torch_engine import TORCH_METHODS
@@ -266,8 +290,9 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
     has_base = BASE in keys
     fn = TORCH_METHODS.get(method.name) if has_base and not params.get("rescale") else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
-        merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(raw[0], raw[1:], model_params, params,
-                                                                       torch_dtype(job.out_dtype))
+        merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
+            raw[0], raw[1:], model_params, params, torch_dtype(job.out_dtype)
+        )
         for label, bad in zip(labels, bad_inputs):
             if bad:
                 raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
@@ -278,9 +303,14 @@ def merge_with_torch(job: TensorJob, method: MergeMethod, readers: dict[str, Ten
     return compute.to_host(result, job.out_dtype), kept, agreed, False
 
 
-def reference_merge(job: TensorJob, method: MergeMethod, raw: list[torch.Tensor], labels: list[str],
-                    model_params: list[dict[str, Any]], params: dict[str, Any]
-                    ) -> tuple[torch.Tensor, list[int] | None, list[int] | None]:
+def reference_merge(
+    job: TensorJob,
+    method: MergeMethod,
+    raw: list[torch.Tensor],
+    labels: list[str],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+) -> tuple[torch.Tensor, list[int] | None, list[int] | None]:
     """The method's reference function on one tensor's flat inputs (in `input_labels` order,
     on any device): (flat float32 result, kept, agreed). Refuses NaN/Inf inputs and a
     float32 result that overflowed."""
@@ -296,9 +326,13 @@ def reference_merge(job: TensorJob, method: MergeMethod, raw: list[torch.Tensor]
     # random methods draw from (seed, tensor name, entry index): the same bits anywhere
     named = {"tensor_name": job.name} if method.random else {}
     try:
-        result, stats = method.fn(inputs[0].view(shape) if has_base else None,
-                                  [m.view(shape) for m in inputs[1 if has_base else 0:]], model_params, params,
-                                  **named)
+        result, stats = method.fn(
+            inputs[0].view(shape) if has_base else None,
+            [m.view(shape) for m in inputs[1 if has_base else 0 :]],
+            model_params,
+            params,
+            **named,
+        )
     except DegenerateInput as e:
         raise InputModelError(f"tensor {job.name}: {e}") from None
     bad = int((~result.isfinite()).sum())  # NaN/Inf in float32: an overflow of the scales
@@ -309,10 +343,17 @@ def reference_merge(job: TensorJob, method: MergeMethod, raw: list[torch.Tensor]
     return result.reshape(-1), kept, agreed
 
 
-def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorSource],
-                 keys: list[str], model_params: list[dict[str, Any]], params: dict[str, Any],
-                 device: str, retention: RetentionCounter | None,
-                 compute: TorchEngine | None = None) -> np.ndarray:
+def merge_tensor(
+    job: TensorJob,
+    method: MergeMethod,
+    readers: dict[str, TensorSource],
+    keys: list[str],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    device: str,
+    retention: RetentionCounter | None,
+    compute: TorchEngine | None = None,
+) -> np.ndarray:
     """Merge one tensor in float32 and return it flat in the output dtype (bfloat16 as its
     bits): the rows every model shares are merged, extra vocabulary rows are copied.
     With `compute`, the torch engine merges on its device; else the CPU kernels where the
@@ -321,18 +362,23 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
     shared = shared_entries(job)
     labels = input_labels(keys)
     # the kernels cover ties/slack_ties without mergekit's L1 rescale
-    fast = FAST_PATHS.get(method.name) if compute is None and device == "cpu" and BASE in keys \
-        and not params.get("rescale") else None
+    fast = (
+        FAST_PATHS.get(method.name)
+        if compute is None and device == "cpu" and BASE in keys and not params.get("rescale")
+        else None
+    )
     kept = agreed = None
     counted = fast is not None and job.out_dtype in ("BF16", "F32")  # NaN/Inf of the output already
     if compute is not None:
         merged, kept, agreed, counted = merge_with_torch(job, method, readers, keys, model_params, params, compute)
     elif fast is not None:  # fused kernels reading the mapped inputs in place (kernels.py)
-        inputs = kernel_inputs(merge_inputs(job, readers, keys),
-                               [readers[k].tensors[job.name].spec.dtype for k in labels])
+        inputs = kernel_inputs(
+            merge_inputs(job, readers, keys), [readers[k].tensors[job.name].spec.dtype for k in labels]
+        )
         try:
-            merged, kept, agreed = fast(inputs[0], inputs[1:], model_params, params,
-                                        out_bf16=job.out_dtype == "BF16", check_finite=True)
+            merged, kept, agreed = fast(
+                inputs[0], inputs[1:], model_params, params, out_bf16=job.out_dtype == "BF16", check_finite=True
+            )
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
         except NonFiniteOutput as e:
@@ -345,8 +391,9 @@ def merge_tensor(job: TensorJob, method: MergeMethod, readers: dict[str, TensorS
         raw = [host_tensor(a) for a in merge_inputs(job, readers, keys)]
         result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
-    if all_zero(merged, job.out_dtype) and not any(all_zero(a, readers[k].tensors[job.name].spec.dtype)
-                                                   for k, a in zip(labels, merge_inputs(job, readers, keys))):
+    if all_zero(merged, job.out_dtype) and not any(
+        all_zero(a, readers[k].tensors[job.name].spec.dtype) for k, a in zip(labels, merge_inputs(job, readers, keys))
+    ):
         raise zero_output(job, method, model_params, params)
     if retention is not None and kept is not None:
         retention.add(merged.size, kept, agreed)
@@ -387,39 +434,56 @@ def all_zero(flat: np.ndarray, dtype: str) -> bool:
     return not np.any(flat[:64] & magnitude) and not np.any(flat & magnitude)
 
 
-def zero_output(job: TensorJob, method: MergeMethod, model_params: list[dict[str, Any]],
-                params: dict[str, Any]) -> ZeroOutputError:
+def zero_output(
+    job: TensorJob, method: MergeMethod, model_params: list[dict[str, Any]], params: dict[str, Any]
+) -> ZeroOutputError:
     """The one-line error for a merged tensor that is all zeros though no input is, naming the
     parameters the recipe set away from their defaults (the likely cause)."""
+
     def set_away(value: Any, declared: dict[str, Any], key: str) -> bool:
-        return key in declared and key != "seed" and not isinstance(value, bool) \
-            and isinstance(value, (int, float)) and value != declared[key].default
+        return (
+            key in declared
+            and key != "seed"
+            and not isinstance(value, bool)
+            and isinstance(value, (int, float))
+            and value != declared[key].default
+        )
 
     changed = [f"parameters.{k} = {v:g}" for k, v in params.items() if set_away(v, method.global_params, k)]
-    changed += [f"models[{i}].{k} = {v:g}" for i, p in enumerate(model_params) for k, v in p.items()
-                if set_away(v, method.model_params, k)]
-    cause = (f"check {', '.join(changed)}" if changed
-             else "the models cancel out there (check the weights)")
-    return ZeroOutputError(f"tensor {job.name}: every merged value is 0 although no input is all zeros, a broken "
-                           f"model; nothing was written. {method.name}: {cause}")
+    changed += [
+        f"models[{i}].{k} = {v:g}"
+        for i, p in enumerate(model_params)
+        for k, v in p.items()
+        if set_away(v, method.model_params, k)
+    ]
+    cause = f"check {', '.join(changed)}" if changed else "the models cancel out there (check the weights)"
+    return ZeroOutputError(
+        f"tensor {job.name}: every merged value is 0 although no input is all zeros, a broken "
+        f"model; nothing was written. {method.name}: {cause}"
+    )
 
 
-def nonfinite_output(job: TensorJob, count: int, model_params: list[dict[str, Any]],
-                     params: dict[str, Any], float32_overflowed: bool) -> NonFiniteOutputError:
+def nonfinite_output(
+    job: TensorJob, count: int, model_params: list[dict[str, Any]], params: dict[str, Any], float32_overflowed: bool
+) -> NonFiniteOutputError:
     """The one-line error for a merged tensor with NaN/Inf, naming the likely cause: the
     largest scale (lambda or a weight) when float32 overflowed, else the output dtype."""
     what = f"tensor {job.name}: {count:,} merged values are NaN or Inf; nothing was written"
     if not float32_overflowed:
-        return NonFiniteOutputError(f"{what}. They exceed the range of the output dtype "
-                                    f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32")
+        return NonFiniteOutputError(
+            f"{what}. They exceed the range of the output dtype "
+            f"{ST_TO_RECIPE.get(job.out_dtype, job.out_dtype)}: use dtype: bfloat16 or float32"
+        )
     scales = [(f"models[{i}].{k}", p[k]) for i, p in enumerate(model_params) for k in ("weight", "scale") if k in p]
     if "lambda" in params:
         scales.append(("parameters.lambda", params["lambda"]))
     if not scales:
         return NonFiniteOutputError(f"{what}. The inputs' values are too large for float32")
     field, value = max(scales, key=lambda s: abs(s[1]))
-    return NonFiniteOutputError(f"{what}. The merge overflowed float32, most likely through {field} = {value:g}: "
-                                "lower it (lambda times the weights times the deltas must stay within float32)")
+    return NonFiniteOutputError(
+        f"{what}. The merge overflowed float32, most likely through {field} = {value:g}: "
+        "lower it (lambda times the weights times the deltas must stay within float32)"
+    )
 
 
 def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSource], tmp: Path) -> None:
@@ -489,8 +553,10 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
         for k in keys:
             n = layer_count(readers[k].config)
             if n != recipe.layers:
-                raise InputModelError(f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
-                                      "slices of a model's layers (frankenmerges) are not supported yet")
+                raise InputModelError(
+                    f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
+                    "slices of a model's layers (frankenmerges) are not supported yet"
+                )
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
 
@@ -507,8 +573,15 @@ class Output:
     # this tensor's parameters (gradients, filters, layer_swap's shares), resolved before its kernel
     resolver: TensorParams | None = None
 
-    def merged(self, job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan, keys: list[str],
-               device: str, compute: TorchEngine | None) -> np.ndarray:
+    def merged(
+        self,
+        job: TensorJob,
+        readers: dict[str, TensorSource],
+        plan: MergePlan,
+        keys: list[str],
+        device: str,
+        compute: TorchEngine | None,
+    ) -> np.ndarray:
         if not job.merge:
             return readers[plan.reference].array(job.name)
         if self.resolver is None:
@@ -568,8 +641,16 @@ def merge_many(
         if any(model_keys(r) != keys or build_plan(r, readers) != plan for r, _ in targets[1:]):
             raise InputModelError("recipes merged in one pass must name the same models and plan the same output")
         if dry_run:
-            return [{"dry_run": True, "method": r.method, "output": str(o), **plan.summary(),
-                     "output_exists": o.exists() or o.is_symlink()} for r, o in targets]
+            return [
+                {
+                    "dry_run": True,
+                    "method": r.method,
+                    "output": str(o),
+                    **plan.summary(),
+                    "output_exists": o.exists() or o.is_symlink(),
+                }
+                for r, o in targets
+            ]
         dev = resolve_device(device)
         engine = resolve_engine(engine or default_engine(), dev)
         if engine == "torch":
@@ -580,9 +661,20 @@ def merge_many(
                 locks.enter_context(output_lock(out_dir))
                 clean_stale(out_dir)  # may bring back an output a killed merge had set aside
                 check_output_path(out_dir, sources, overwrite)  # again: another merge may have finished
-            return write_merge(targets, sources, plan, readers, dev, compute, shard_size=shard_size,
-                               overwrite=overwrite, progress=progress, on_tensor=on_tensor, on_shard=on_shard,
-                               started=started)
+            return write_merge(
+                targets,
+                sources,
+                plan,
+                readers,
+                dev,
+                compute,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                progress=progress,
+                on_tensor=on_tensor,
+                on_shard=on_shard,
+                started=started,
+            )
     finally:
         if compute is not None:
             compute.close()
@@ -590,10 +682,21 @@ def merge_many(
             r.close()
 
 
-def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], plan: MergePlan,
-                readers: dict[str, TensorSource], dev: str, compute: TorchEngine | None, *,
-                shard_size: int, overwrite: bool, progress: bool, on_tensor: Callable[[str], None] | None,
-                on_shard: Callable[[Path], bool] | None, started: float) -> list[dict[str, Any]]:
+def write_merge(
+    targets: list[tuple[Recipe, Path]],
+    sources: dict[str, Source],
+    plan: MergePlan,
+    readers: dict[str, TensorSource],
+    dev: str,
+    compute: TorchEngine | None,
+    *,
+    shard_size: int,
+    overwrite: bool,
+    progress: bool,
+    on_tensor: Callable[[str], None] | None,
+    on_shard: Callable[[Path], bool] | None,
+    started: float,
+) -> list[dict[str, Any]]:
     """The streaming loop: merge and write every tensor, for every target, into a temporary
     folder beside each output, then rename them into place. On any failure or signal the
     folders are removed."""
@@ -614,10 +717,19 @@ def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             method = get_method(r.method)
-            outputs.append(Output(r, out_dir, method, tmp, ShardedWriter(tmp, specs, shard_size, on_shard),
-                                  RetentionCounter(len(r.models)) if method.reports_retention else None))
-        with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging",
-                  disable=not progress, leave=False) as bar:
+            outputs.append(
+                Output(
+                    r,
+                    out_dir,
+                    method,
+                    tmp,
+                    ShardedWriter(tmp, specs, shard_size, on_shard),
+                    RetentionCounter(len(r.models)) if method.reports_retention else None,
+                )
+            )
+        with tqdm(
+            total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False
+        ) as bar:
             # a copied (non-float) tensor is read from the reference model only
             read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
             for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
@@ -637,9 +749,12 @@ def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], 
                 for k in keys:  # its input pages leave our resident set (st_io.release)
                     readers[k].release(job.name)
                 bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
-                bar.set_postfix_str(f"{job.name} | {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
-                                    f"from the Hub | {sum(o.writer.bytes_written for o in outputs) / 1e6:.0f} MB "
-                                    "written", refresh=False)
+                bar.set_postfix_str(
+                    f"{job.name} | {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
+                    f"from the Hub | {sum(o.writer.bytes_written for o in outputs) / 1e6:.0f} MB "
+                    "written",
+                    refresh=False,
+                )
                 if on_tensor:
                     on_tensor(job.name)
         if pending is not None:
@@ -651,8 +766,16 @@ def write_merge(targets: list[tuple[Recipe, Path]], sources: dict[str, Source], 
         for o in outputs:
             o.writer.close()
             copy_side_files(plan, o.recipe, readers, o.tmp)
-            report = build_report(o.recipe, sources, plan, o.retention, dev, started, o.writer,
-                                  sum(r.network_bytes for r in readers.values()))
+            report = build_report(
+                o.recipe,
+                sources,
+                plan,
+                o.retention,
+                dev,
+                started,
+                o.writer,
+                sum(r.network_bytes for r in readers.values()),
+            )
             report["stats"]["engine"] = "torch" if compute is not None else "kernels"
             if compute is not None and compute.peak_bytes() is not None:
                 report["stats"]["peak_device_bytes"] = compute.peak_bytes()
@@ -685,8 +808,10 @@ def open_torch_engine(plan: MergePlan, device: str, models: int) -> TorchEngine:
         need = device_bytes_needed(math.prod(largest.out_shape), models)
         free = device_budget(device)
         if free is not None and need > free:
-            raise DeviceError(f"device: merging tensor {largest.name} needs about {need / 1e9:.1f} GB on {device} "
-                              f"but {free / 1e9:.1f} GB are free; use --device cpu or free GPU memory")
+            raise DeviceError(
+                f"device: merging tensor {largest.name} needs about {need / 1e9:.1f} GB on {device} "
+                f"but {free / 1e9:.1f} GB are free; use --device cpu or free GPU memory"
+            )
     return TorchEngine(device)
 
 
@@ -695,8 +820,10 @@ def install_atomically(tmp: Path, out_dir: Path, overwrite: bool = True) -> None
     only with `overwrite` (a folder may have appeared there since the merge started)."""
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
-            raise OutputError(f"output {out_dir} appeared while merging; it was left as it is and nothing "
-                              "was written (pass --overwrite to replace it)")
+            raise OutputError(
+                f"output {out_dir} appeared while merging; it was left as it is and nothing "
+                "was written (pass --overwrite to replace it)"
+            )
         trash = beside(out_dir, "old", os.getpid())
         with deferred():  # a signal between the two renames would leave no output
             out_dir.rename(trash)
@@ -706,9 +833,16 @@ def install_atomically(tmp: Path, out_dir: Path, overwrite: bool = True) -> None
         tmp.rename(out_dir)
 
 
-def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
-                 retention: RetentionCounter | None, device: str, started: float,
-                 writer: ShardedWriter, bytes_from_network: int) -> dict[str, Any]:
+def build_report(
+    recipe: Recipe,
+    sources: dict[str, Source],
+    plan: MergePlan,
+    retention: RetentionCounter | None,
+    device: str,
+    started: float,
+    writer: ShardedWriter,
+    bytes_from_network: int,
+) -> dict[str, Any]:
     def source_entry(key: str, display: str) -> dict[str, Any]:
         src = sources[key]
         return {"model": display, "repo_id": src.repo_id, "revision": src.revision}
@@ -716,8 +850,14 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
     models = []
     for i, m in enumerate(recipe.models):
         entry = source_entry(m.ref.spec, m.ref.spec if not m.ref.is_local else m.ref.display)
-        entry.update({"hub_id": m.hub_id, "role": m.role, "params": {**m.params, **m.settings},
-                      "retention": retention.for_model(i) if retention else None})
+        entry.update(
+            {
+                "hub_id": m.hub_id,
+                "role": m.role,
+                "params": {**m.params, **m.settings},
+                "retention": retention.for_model(i) if retention else None,
+            }
+        )
         models.append(entry)
     display = {BASE: recipe.base.display if recipe.base else None}
     display.update({m.ref.spec: (m.ref.spec if not m.ref.is_local else m.ref.display) for m in recipe.models})
@@ -729,8 +869,9 @@ def build_report(recipe: Recipe, sources: dict[str, Source], plan: MergePlan,
         "parameters": {**recipe.parameters, **recipe.settings},
         # the same merge as a mergekit 0.1.5 config (None: mergekit has no equivalent)
         # (none when vocabularies differ and ours are kept: mergekit 0.1.5 truncates to the base's only)
-        "mergekit_config": to_mergekit(recipe) if recipe.tokenizer_source == "base"
-        or len(set(plan.vocab_rows.values())) <= 1 else None,
+        "mergekit_config": to_mergekit(recipe)
+        if recipe.tokenizer_source == "base" or len(set(plan.vocab_rows.values())) <= 1
+        else None,
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),
         "license": recipe.license,

@@ -51,8 +51,7 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, fla
     return out.reshape(shape)
 
 
-def multislerp(vectors: list[torch.Tensor], weights: list[float], normalize_weights: bool,
-               eps: float) -> torch.Tensor:
+def multislerp(vectors: list[torch.Tensor], weights: list[float], normalize_weights: bool, eps: float) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere: tangent space at the weighted mean of
     the unit vectors, weighted sum there, back by the exponential map, scaled by the
     weighted mean norm."""
@@ -71,8 +70,10 @@ def multislerp(vectors: list[torch.Tensor], weights: list[float], normalize_weig
             return (stack[0] * w[0] + stack[1] * w[1]).reshape(vectors[0].shape)
         if not bool(stack.any()):  # every input is zero here: so is their mean
             return torch.zeros_like(vectors[0])
-        raise DegenerateInput("multislerp: the weighted directions of the inputs cancel out (their weighted "
-                              "unit vectors sum to zero), so the interpolation has no direction; change the weights")
+        raise DegenerateInput(
+            "multislerp: the weighted directions of the inputs cancel out (their weighted "
+            "unit vectors sum to zero), so the interpolation has no direction; change the weights"
+        )
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean
     step = (tangents * w.view(-1, 1)).sum(0)
@@ -127,7 +128,7 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     offsets = [w - w0 for w in ws]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
+        for b in offsets[i + 1 :]:
             norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
             cosines.append(((a * b).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)

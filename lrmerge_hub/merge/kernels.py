@@ -239,8 +239,9 @@ def _count_pass(xs, base, active, lo, hi, cap):
                     continue
                 p = found[i, c]
                 fits = p >= 0 and p + (e - s) <= cap  # else count only (and write from 0)
-                bad_i, p = _count_block(x, bb, lo[i], hi[i], s, mags, inside, bits[i, c], idx[i, c],
-                                        p if fits else 0, counts[c, i])
+                bad_i, p = _count_block(
+                    x, bb, lo[i], hi[i], s, mags, inside, bits[i, c], idx[i, c], p if fits else 0, counts[c, i]
+                )
                 bad[c, i + 1] += bad_i
                 found[i, c] = p if fits else -1
     return counts, bad, bits, idx, found
@@ -333,11 +334,13 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
                 te = min(max(limit[i] - s, 0), size)
                 for part in range(2):
                     a, z = (0, te) if part == 0 else (te, size)
-                    kept[c, i] += _trim_block(x[a:z], bb[a:z], part == 0, threshold[i], weights[i],
-                                              votes[i], row[a:z], total[a:z], i == 0)
+                    kept[c, i] += _trim_block(
+                        x[a:z], bb[a:z], part == 0, threshold[i], weights[i], votes[i], row[a:z], total[a:z], i == 0
+                    )
             for i in range(m):
-                agreed[c, i] += _agree_block(rows[i][:size], total[:size], weights[i], merged[:size],
-                                             divisor[:size], i == 0)
+                agreed[c, i] += _agree_block(
+                    rows[i][:size], total[:size], weights[i], merged[:size], divisor[:size], i == 0
+                )
             bad[c] += _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
     return kept, agreed, bad
 
@@ -447,8 +450,17 @@ def _bracket(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int, float]:
     return lo, hi, int(np.count_nonzero((bits > lo) & (bits < hi))) / SAMPLE
 
 
-def _select(x: np.ndarray, b: np.ndarray, k: int, lo: int, hi: int, counts: np.ndarray,
-            bits: np.ndarray, idx: np.ndarray, found: np.ndarray) -> tuple[int, int]:
+def _select(
+    x: np.ndarray,
+    b: np.ndarray,
+    k: int,
+    lo: int,
+    hi: int,
+    counts: np.ndarray,
+    bits: np.ndarray,
+    idx: np.ndarray,
+    found: np.ndarray,
+) -> tuple[int, int]:
     """(threshold bits, tie index limit) from the count pass's results for one model: per
     chunk, the entries above the bracket [lo, hi], at hi and at lo (counts), and the
     candidates strictly inside it. The k-th largest is at hi, among the candidates, or at
@@ -460,8 +472,12 @@ def _select(x: np.ndarray, b: np.ndarray, k: int, lo: int, hi: int, counts: np.n
         return hi, _tie_limit_in_chunks(x, b, hi, at_hi, room)
     room -= int(at_hi.sum())
     if (found >= 0).all() and 1 <= room <= int(found.sum()):
-        return _select_among(np.concatenate([bits[c, :found[c]] for c in range(CHUNKS)]),
-                             np.concatenate([idx[c, :found[c]] for c in range(CHUNKS)]), room, n)
+        return _select_among(
+            np.concatenate([bits[c, : found[c]] for c in range(CHUNKS)]),
+            np.concatenate([idx[c, : found[c]] for c in range(CHUNKS)]),
+            room,
+            n,
+        )
     room -= int(found.sum())
     if (found >= 0).all() and lo != hi and 1 <= room <= int(at_lo.sum()):
         return lo, _tie_limit_in_chunks(x, b, lo, at_lo, room)
@@ -548,14 +564,21 @@ def fused_ties(
         if check_finite:
             _raise_nonfinite(bad)
         for i in np.flatnonzero(active):
-            t, limit[i] = _select(xs[i], base, ks[i], int(lo[i]), int(hi[i]), counts[:, i], bits[i], idx[i],
-                                  found[i])
+            t, limit[i] = _select(xs[i], base, ks[i], int(lo[i]), int(hi[i]), counts[:, i], bits[i], idx[i], found[i])
             threshold[i] = _magnitudes(t)
         del bits, idx
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
-    kept, agreed, bad = _merge(xs, base, threshold, limit, np.array(weights, dtype=np.float32),
-                               np.array([1.0 + s for s in slacks], dtype=np.float64), bool(normalize),
-                               np.float32(lam), out)
+    kept, agreed, bad = _merge(
+        xs,
+        base,
+        threshold,
+        limit,
+        np.array(weights, dtype=np.float32),
+        np.array([1.0 + s for s in slacks], dtype=np.float64),
+        bool(normalize),
+        np.float32(lam),
+        out,
+    )
     if check_finite and bad.any():
         raise NonFiniteOutput(int(bad.sum()))
     return out, [int(v) for v in kept.sum(0)], [int(v) for v in agreed.sum(0)]
@@ -598,15 +621,24 @@ def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarra
     return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)]
 
 
-def _ties_fast_path(base: np.ndarray, tensors: list[np.ndarray], model_params: list[dict[str, Any]],
-                    params: dict[str, Any], out_bf16: bool = False,
-                    check_finite: bool = False) -> tuple[np.ndarray, list[int], list[int]]:
+def _ties_fast_path(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
     return fused_ties(
-        base, tensors,
+        base,
+        tensors,
         [float(p["weight"]) for p in model_params],
         [float(p["density"]) for p in model_params],
         [float(p.get("slack", 0.0)) for p in model_params],
-        float(params["lambda"]), bool(params["normalize"]), out_bf16, check_finite,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_bf16,
+        check_finite,
     )
 
 

@@ -49,13 +49,24 @@ FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 SLACK_MAX = 1e200
 
 
-def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, float32: bool = False,
-            nonzero: str | None = None):
+def _number(
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    float32: bool = False,
+    nonzero: str | None = None,
+):
     """A check for a number in [lo, hi] (lo excluded with lo_open); with float32, one the
     float32 math can hold: not beyond float32's range, and not so small that it would
     become 0 or lose precision (a subnormal); with `nonzero` (the reason), not 0."""
+
     def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > sys.float_info.max or not math.isfinite(v):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or abs(v) > sys.float_info.max
+            or not math.isfinite(v)
+        ):
             return "must be a finite number"  # (an int beyond every float is caught before isfinite raises)
         if nonzero and v == 0:
             return f"must not be 0 ({nonzero})"
@@ -66,8 +77,10 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
         if float32 and abs(v) > FLOAT32_MAX:
             return f"must be at most {FLOAT32_MAX:.4g} in magnitude (the merge computes in float32)"
         if float32 and v != 0 and abs(v) < FLOAT32_MIN_NORMAL:
-            return (f"must be {'' if nonzero else '0 or '}at least {FLOAT32_MIN_NORMAL:.4g} in magnitude "
-                    "(the merge computes in float32)")
+            return (
+                f"must be {'' if nonzero else '0 or '}at least {FLOAT32_MIN_NORMAL:.4g} in magnitude "
+                "(the merge computes in float32)"
+            )
         return None
 
     return check
@@ -97,14 +110,23 @@ RESCALE_ON = Param(True, _boolean, "scale each sparsified task vector back to it
 INT8_MASK = Param(False, _boolean, "accepted for mergekit recipes; changes nothing here (masks are boolean)")
 SEED = Param(0, _integer(0, 2**63 - 1), "seed of the random masks (with the tensor name and entry index)")
 GAMMA = Param(0.01, _number(0.0, 1.0), "fraction of the largest magnitudes dropped as outliers, in [0, 1]")
-EPSILON = Param(0.15, _number(0.0, 1.0, lo_open=True),
-                "half-width of the keep probabilities around density (density +- epsilon in (0, 1))")
-SELECT_TOPK = Param(1.0, _number(0.0, 1.0, lo_open=True),
-                    "fraction of the entries with the largest variance across models kept, in (0, 1]")
+EPSILON = Param(
+    0.15,
+    _number(0.0, 1.0, lo_open=True),
+    "half-width of the keep probabilities around density (density +- epsilon in (0, 1))",
+)
+SELECT_TOPK = Param(
+    1.0,
+    _number(0.0, 1.0, lo_open=True),
+    "fraction of the entries with the largest variance across models kept, in (0, 1]",
+)
 T = Param(0.5, _number(0.0, 1.0), "interpolation position: 0 is the base, 1 the other model")
 NEAR_T = Param(0.5, _number(0.0, lo_open=True), "distance below which the other model's value is taken, > 0")
-SCALE = Param(1.0, _number(float32=True, nonzero="that gives an all-zero model"),
-              "factor applied to the model's weights, nonzero, within float32's range")
+SCALE = Param(
+    1.0,
+    _number(float32=True, nonzero="that gives an all-zero model"),
+    "factor applied to the model's weights, nonzero, within float32's range",
+)
 # Karcher's tol is an angle (radians) and the norm below which an input does not steer the
 # mean: much larger, whole tensors stop steering (the mean is then zero) or it stops early
 KARCHER_TOL_MAX = 0.01
@@ -148,8 +170,9 @@ class MergeMethod:
     # number of layers or None) -> (model params, params) for this tensor (layer_swap's shares)
     per_tensor: Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]] | None = None
 
-    def recipe_problem(self, models: int, has_base: bool, model_params: list[dict[str, Any]],
-                       params: dict[str, Any]) -> str | None:
+    def recipe_problem(
+        self, models: int, has_base: bool, model_params: list[dict[str, Any]], params: dict[str, Any]
+    ) -> str | None:
         """The first thing wrong with a recipe's shape or values for this method, or None."""
         if has_base and not self.takes_base:
             return f"base: method {self.name!r} takes no base model (remove it)"
@@ -218,9 +241,7 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     flat = delta.reshape(-1)
     # torch's own selection: this is the reference the fused kernels are tested against
     keep = top_k_mask(flat.abs(), k, radix=False)
-    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(
-        delta.shape
-    )
+    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(delta.shape)
 
 
 def elect_signs(weighted: torch.Tensor, slacks: list[float]) -> torch.Tensor:
@@ -306,8 +327,9 @@ def count_retention(sparsified: torch.Tensor, agree: torch.Tensor) -> MergeStats
     dims = tuple(range(1, sparsified.dim()))
     if not dims:
         return MergeStats(kept=(sparsified != 0).long(), agreed=agree.long())
-    return MergeStats(kept=(sparsified != 0).sum(dim=dims, dtype=torch.int64),
-                      agreed=agree.sum(dim=dims, dtype=torch.int64))
+    return MergeStats(
+        kept=(sparsified != 0).sum(dim=dims, dtype=torch.int64), agreed=agree.sum(dim=dims, dtype=torch.int64)
+    )
 
 
 def ties_family(base, tensors, model_params, params, slacks):
@@ -345,8 +367,10 @@ def _della_bounds(model_params: list[dict[str, Any]], params: dict[str, Any]) ->
     for i, p in enumerate(model_params):
         d, e = p["density"], p["epsilon"]
         if d < 1 and not (0 < d - e and d + e < 1):
-            return (f"models[{i}].epsilon: density - epsilon and density + epsilon must lie in (0, 1) "
-                    f"(density {d}, epsilon {e})")
+            return (
+                f"models[{i}].epsilon: density - epsilon and density + epsilon must lie in (0, 1) "
+                f"(density {d}, epsilon {e})"
+            )
     return None
 
 
@@ -369,8 +393,9 @@ def normalize_problem(method: str, weights: list[float], normalize: bool) -> str
     fix = "use weights that do not cancel, or normalize: false"
     if method == "linear":
         if _normalize_gain(weights) > MAX_NORMALIZE_GAIN:
-            return (f"parameters.normalize: the weights sum to {math.fsum(weights):g}, too close to 0 "
-                    f"to divide by; {fix}")
+            return (
+                f"parameters.normalize: the weights sum to {math.fsum(weights):g}, too close to 0 to divide by; {fix}"
+            )
     elif method in ("ties", "slack_ties") and min(weights) < 0 < max(weights):
         from itertools import combinations
 
@@ -379,8 +404,10 @@ def normalize_problem(method: str, weights: list[float], normalize: bool) -> str
         for r in range(2, len(weights) + 1):
             for subset in combinations(weights, r):
                 if _normalize_gain(subset) > MAX_NORMALIZE_GAIN:
-                    return (f"parameters.normalize: the weights {', '.join(f'{w:g}' for w in subset)} sum to "
-                            f"{math.fsum(subset):g}, too close to 0 to divide by where they agree; {fix}")
+                    return (
+                        f"parameters.normalize: the weights {', '.join(f'{w:g}' for w in subset)} sum to "
+                        f"{math.fsum(subset):g}, too close to 0 to divide by where they agree; {fix}"
+                    )
     return None
 
 
@@ -388,30 +415,49 @@ def normalize_problem(method: str, weights: list[float], normalize: bool) -> str
 
 PAPERS = {
     "linear": ("Wortsman et al. 2022, Model soups", "https://arxiv.org/abs/2203.05482"),
-    "task_arithmetic": ("Ilharco et al. 2023, Editing Models with Task Arithmetic",
-                        "https://arxiv.org/abs/2212.04089"),
-    "ties": ("Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
-             "https://arxiv.org/abs/2306.01708"),
-    "lowres": ("Tao et al. 2024, Unlocking the Potential of Model Merging for Low-Resource Languages",
-               "https://arxiv.org/abs/2407.03994"),
-    "dare": (("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous "
-              "Models as a Free Lunch"), "https://arxiv.org/abs/2311.03099"),
-    "della": (("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through "
-               "Magnitude-Based Sampling"), "https://arxiv.org/abs/2406.11617"),
-    "breadcrumbs": (("Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging "
-                     "with Sparse Masks"), "https://arxiv.org/abs/2312.06795"),
-    "sce": ("Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE merging)",
-            "https://arxiv.org/abs/2408.07990"),
-    "slerp": ("Shoemake 1985, Animating rotation with quaternion curves (SLERP)",
-              "https://en.wikipedia.org/wiki/Slerp"),
+    "task_arithmetic": ("Ilharco et al. 2023, Editing Models with Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
+    "ties": (
+        "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
+        "https://arxiv.org/abs/2306.01708",
+    ),
+    "lowres": (
+        "Tao et al. 2024, Unlocking the Potential of Model Merging for Low-Resource Languages",
+        "https://arxiv.org/abs/2407.03994",
+    ),
+    "dare": (
+        ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"),
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    "della": (
+        ("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling"),
+        "https://arxiv.org/abs/2406.11617",
+    ),
+    "breadcrumbs": (
+        ("Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks"),
+        "https://arxiv.org/abs/2312.06795",
+    ),
+    "sce": (
+        "Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE merging)",
+        "https://arxiv.org/abs/2408.07990",
+    ),
+    "slerp": (
+        "Shoemake 1985, Animating rotation with quaternion curves (SLERP)",
+        "https://en.wikipedia.org/wiki/Slerp",
+    ),
     "multislerp": ("Goddard 2025, Multi-SLERP", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
     "karcher": ("Karcher mean merging (mergekit's reference)", "https://arxiv.org/abs/2603.04972"),
-    "model_stock": ("Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",
-                    "https://arxiv.org/abs/2403.19522"),
-    "nearswap": ("alchemonaut 2024, NearSwap (QuartetAnemoi-70B)",
-                 "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
-    "mergekit": ("Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models",
-                 "https://arxiv.org/abs/2403.13257"),
+    "model_stock": (
+        "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",
+        "https://arxiv.org/abs/2403.19522",
+    ),
+    "nearswap": (
+        "alchemonaut 2024, NearSwap (QuartetAnemoi-70B)",
+        "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    "mergekit": (
+        "Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models",
+        "https://arxiv.org/abs/2403.13257",
+    ),
 }
 
 
@@ -422,9 +468,14 @@ def _papers(*keys: str) -> tuple[tuple[str, str], ...]:
 TA_GLOBALS = {"lambda": LAMBDA, "int8_mask": INT8_MASK}
 
 
-@merge_method("linear", needs_base=False, model_params={"weight": WEIGHT},
-              global_params={"normalize": NORMALIZE}, title="Linear (weighted average)",
-              papers=_papers("linear"))
+@merge_method(
+    "linear",
+    needs_base=False,
+    model_params={"weight": WEIGHT},
+    global_params={"normalize": NORMALIZE},
+    title="Linear (weighted average)",
+    papers=_papers("linear"),
+)
 def linear(base, tensors, model_params, params):
     """Weighted average of the models' full weights (the base is not averaged in)."""
     weights = [p["weight"] for p in model_params]
@@ -434,8 +485,14 @@ def linear(base, tensors, model_params, params):
     return out, None
 
 
-@merge_method("task_arithmetic", needs_base=True, model_params={"weight": WEIGHT},
-              global_params={"lambda": LAMBDA}, title="Task Arithmetic", papers=_papers("task_arithmetic"))
+@merge_method(
+    "task_arithmetic",
+    needs_base=True,
+    model_params={"weight": WEIGHT},
+    global_params={"lambda": LAMBDA},
+    title="Task Arithmetic",
+    papers=_papers("task_arithmetic"),
+)
 def task_arithmetic(base, tensors, model_params, params):
     """theta = theta0 + lambda * sum_i w_i * tau_i."""
     tau = sum(p["weight"] * (t - base) for t, p in zip(tensors, model_params))
@@ -445,17 +502,29 @@ def task_arithmetic(base, tensors, model_params, params):
 TIES_MODEL = {"weight": WEIGHT, "density": DENSITY, "slack": SLACK}
 
 
-@merge_method("ties", needs_base=True, model_params=TIES_MODEL,
-              global_params={**TA_GLOBALS, "normalize": NORMALIZE, "rescale": RESCALE},
-              reports_retention=True, title="TIES", papers=_papers("ties"))
+@merge_method(
+    "ties",
+    needs_base=True,
+    model_params=TIES_MODEL,
+    global_params={**TA_GLOBALS, "normalize": NORMALIZE, "rescale": RESCALE},
+    reports_retention=True,
+    title="TIES",
+    papers=_papers("ties"),
+)
 def ties(base, tensors, model_params, params):
     """TIES: trim each task vector to its largest magnitudes, elect signs by the (slack-weighted) sum, average the agreeing entries."""
     return task_arithmetic_family(base, tensors, model_params, params, _magnitude_trim, True)
 
 
-@merge_method("slack_ties", needs_base=True, model_params=TIES_MODEL,
-              global_params={"lambda": LAMBDA, "normalize": NORMALIZE}, reports_retention=True,
-              title="slack-TIES", papers=_papers("ties", "lowres"))
+@merge_method(
+    "slack_ties",
+    needs_base=True,
+    model_params=TIES_MODEL,
+    global_params={"lambda": LAMBDA, "normalize": NORMALIZE},
+    reports_retention=True,
+    title="slack-TIES",
+    papers=_papers("ties", "lowres"),
+)
 def slack_ties(base, tensors, model_params, params):
     """TIES whose sign election weighs model i's vote by (1 + slack_i); slack 0 is TIES."""
     return task_arithmetic_family(base, tensors, model_params, params, _magnitude_trim, True)
@@ -465,67 +534,109 @@ DARE_MODEL = {"weight": WEIGHT, "density": DENSITY}
 RANDOM_GLOBALS = {**TA_GLOBALS, "rescale": RESCALE_ON, "seed": SEED}
 
 
-@merge_method("dare_linear", needs_base=True, model_params=DARE_MODEL,
-              global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF}, random=True,
-              title="DARE (linear)", papers=_papers("dare"))
+@merge_method(
+    "dare_linear",
+    needs_base=True,
+    model_params=DARE_MODEL,
+    global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF},
+    random=True,
+    title="DARE (linear)",
+    papers=_papers("dare"),
+)
 def dare_linear(base, tensors, model_params, params, *, tensor_name):
     """DARE: keep each task-vector entry with probability density (seeded draws), rescale, add the weighted sum."""
-    return task_arithmetic_family(base, tensors, model_params, params,
-                                  _random_trim(params["seed"], tensor_name), False)
+    return task_arithmetic_family(base, tensors, model_params, params, _random_trim(params["seed"], tensor_name), False)
 
 
-@merge_method("dare_ties", needs_base=True, model_params={**DARE_MODEL, "slack": SLACK},
-              global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF}, random=True,
-              reports_retention=True, title="DARE-TIES", papers=_papers("dare", "ties"))
+@merge_method(
+    "dare_ties",
+    needs_base=True,
+    model_params={**DARE_MODEL, "slack": SLACK},
+    global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF},
+    random=True,
+    reports_retention=True,
+    title="DARE-TIES",
+    papers=_papers("dare", "ties"),
+)
 def dare_ties(base, tensors, model_params, params, *, tensor_name):
     """DARE's random drop and rescale, then TIES's (slack-weighted) sign election and disjoint merge."""
-    return task_arithmetic_family(base, tensors, model_params, params,
-                                  _random_trim(params["seed"], tensor_name), True)
+    return task_arithmetic_family(base, tensors, model_params, params, _random_trim(params["seed"], tensor_name), True)
 
 
 DELLA_MODEL = {"weight": WEIGHT, "density": DENSITY, "epsilon": EPSILON}
 
 
-@merge_method("della", needs_base=True, model_params={**DELLA_MODEL, "slack": SLACK},
-              global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE}, random=True,
-              reports_retention=True, check=_della_bounds, title="DELLA", papers=_papers("della"))
+@merge_method(
+    "della",
+    needs_base=True,
+    model_params={**DELLA_MODEL, "slack": SLACK},
+    global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE},
+    random=True,
+    reports_retention=True,
+    check=_della_bounds,
+    title="DELLA",
+    papers=_papers("della"),
+)
 def della(base, tensors, model_params, params, *, tensor_name):
     """DELLA: drop entries with probabilities by magnitude rank (MagPrune), rescale, elect signs (slack-weighted), disjoint merge."""
-    return task_arithmetic_family(base, tensors, model_params, params,
-                                  _magprune(params["seed"], tensor_name), True)
+    return task_arithmetic_family(base, tensors, model_params, params, _magprune(params["seed"], tensor_name), True)
 
 
-@merge_method("della_linear", needs_base=True, model_params=DELLA_MODEL,
-              global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF}, random=True,
-              check=_della_bounds, title="DELLA (linear)", papers=_papers("della"))
+@merge_method(
+    "della_linear",
+    needs_base=True,
+    model_params=DELLA_MODEL,
+    global_params={**RANDOM_GLOBALS, "normalize": NORMALIZE_OFF},
+    random=True,
+    check=_della_bounds,
+    title="DELLA (linear)",
+    papers=_papers("della"),
+)
 def della_linear(base, tensors, model_params, params, *, tensor_name):
     """DELLA's MagPrune and rescale, then the weighted sum of the task vectors (no election)."""
-    return task_arithmetic_family(base, tensors, model_params, params,
-                                  _magprune(params["seed"], tensor_name), False)
+    return task_arithmetic_family(base, tensors, model_params, params, _magprune(params["seed"], tensor_name), False)
 
 
 BREADCRUMBS_MODEL = {"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA}
 BREADCRUMBS_GLOBALS = {**TA_GLOBALS, "normalize": NORMALIZE_OFF, "rescale": RESCALE}
 
 
-@merge_method("breadcrumbs", needs_base=True, model_params=BREADCRUMBS_MODEL,
-              global_params=BREADCRUMBS_GLOBALS, title="Model Breadcrumbs", papers=_papers("breadcrumbs"))
+@merge_method(
+    "breadcrumbs",
+    needs_base=True,
+    model_params=BREADCRUMBS_MODEL,
+    global_params=BREADCRUMBS_GLOBALS,
+    title="Model Breadcrumbs",
+    papers=_papers("breadcrumbs"),
+)
 def breadcrumbs(base, tensors, model_params, params):
     """Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, keep density, add the weighted sum."""
     return task_arithmetic_family(base, tensors, model_params, params, _outlier_trim, False)
 
 
-@merge_method("breadcrumbs_ties", needs_base=True, model_params={**BREADCRUMBS_MODEL, "slack": SLACK},
-              global_params=BREADCRUMBS_GLOBALS, reports_retention=True,
-              title="Model Breadcrumbs with TIES", papers=_papers("breadcrumbs", "ties"))
+@merge_method(
+    "breadcrumbs_ties",
+    needs_base=True,
+    model_params={**BREADCRUMBS_MODEL, "slack": SLACK},
+    global_params=BREADCRUMBS_GLOBALS,
+    reports_retention=True,
+    title="Model Breadcrumbs with TIES",
+    papers=_papers("breadcrumbs", "ties"),
+)
 def breadcrumbs_ties(base, tensors, model_params, params):
     """Breadcrumbs' two magnitude cuts, then TIES's (slack-weighted) sign election and disjoint merge."""
     return task_arithmetic_family(base, tensors, model_params, params, _outlier_trim, True)
 
 
-@merge_method("sce", needs_base=True, model_params={"slack": SLACK},
-              global_params={"select_topk": SELECT_TOPK, "int8_mask": INT8_MASK},
-              reports_retention=True, title="SCE", papers=_papers("sce"))
+@merge_method(
+    "sce",
+    needs_base=True,
+    model_params={"slack": SLACK},
+    global_params={"select_topk": SELECT_TOPK, "int8_mask": INT8_MASK},
+    reports_retention=True,
+    title="SCE",
+    papers=_papers("sce"),
+)
 def sce(base, tensors, model_params, params):
     """SCE: select the entries that vary most across models, elect signs (slack-weighted), merge weighted by each task vector's mean square."""
     import torch
@@ -545,8 +656,16 @@ def sce(base, tensors, model_params, params):
     return base + merged, count_retention(tv, agree)
 
 
-@merge_method("slerp", needs_base=True, model_params={}, global_params={"t": T}, min_models=1,
-              max_models=1, title="SLERP", papers=_papers("slerp"))
+@merge_method(
+    "slerp",
+    needs_base=True,
+    model_params={},
+    global_params={"t": T},
+    min_models=1,
+    max_models=1,
+    title="SLERP",
+    papers=_papers("slerp"),
+)
 def slerp(base, tensors, model_params, params):
     """SLERP: spherical interpolation between the base (t = 0) and the one other model (t = 1)."""
     from .geometric import slerp as spherical
@@ -554,10 +673,19 @@ def slerp(base, tensors, model_params, params):
     return spherical(params["t"], base, tensors[0]), None
 
 
-@merge_method("nuslerp", needs_base=False, model_params={"weight": WEIGHT},
-              global_params={"nuslerp_flatten": Param(True, _boolean, "one vector per tensor (else per row)"),
-                             "nuslerp_row_wise": Param(False, _boolean, "with flatten off: vectors along dim 0")},
-              min_models=2, max_models=2, title="NuSLERP", papers=_papers("slerp", "mergekit"))
+@merge_method(
+    "nuslerp",
+    needs_base=False,
+    model_params={"weight": WEIGHT},
+    global_params={
+        "nuslerp_flatten": Param(True, _boolean, "one vector per tensor (else per row)"),
+        "nuslerp_row_wise": Param(False, _boolean, "with flatten off: vectors along dim 0"),
+    },
+    min_models=2,
+    max_models=2,
+    title="NuSLERP",
+    papers=_papers("slerp", "mergekit"),
+)
 def nuslerp(base, tensors, model_params, params):
     """NuSLERP: SLERP between two models at t = w_2 / (w_1 + w_2), of their task vectors when a base is given."""
     from .geometric import interpolation_fraction
@@ -570,10 +698,17 @@ def nuslerp(base, tensors, model_params, params):
     return base + spherical(t, tensors[0] - base, tensors[1] - base, **shape), None
 
 
-@merge_method("multislerp", needs_base=False, model_params={"weight": WEIGHT},
-              global_params={"normalize_weights": Param(True, _boolean, "divide the weights by their sum"),
-                             "eps": Param(1e-8, _number(0.0, lo_open=True), "guard against zero norms, > 0")},
-              title="Multi-SLERP", papers=_papers("multislerp"))
+@merge_method(
+    "multislerp",
+    needs_base=False,
+    model_params={"weight": WEIGHT},
+    global_params={
+        "normalize_weights": Param(True, _boolean, "divide the weights by their sum"),
+        "eps": Param(1e-8, _number(0.0, lo_open=True), "guard against zero norms, > 0"),
+    },
+    title="Multi-SLERP",
+    papers=_papers("multislerp"),
+)
 def multislerp(base, tensors, model_params, params):
     """Multi-SLERP: weighted barycentric interpolation of any number of models on the hypersphere (of task vectors with a base)."""
     from .geometric import multislerp as barycentric
@@ -588,11 +723,19 @@ def multislerp(base, tensors, model_params, params):
     return base + merged, None
 
 
-@merge_method("karcher", needs_base=False, model_params={},
-              global_params={"max_iter": Param(10, _integer(1, 10_000), "iterations at most, >= 1"),
-                             "tol": Param(1e-5, _number(0.0, KARCHER_TOL_MAX, lo_open=True),
-                                          f"convergence tolerance, in (0, {KARCHER_TOL_MAX:g}]")},
-              title="Karcher mean", papers=_papers("karcher"))
+@merge_method(
+    "karcher",
+    needs_base=False,
+    model_params={},
+    global_params={
+        "max_iter": Param(10, _integer(1, 10_000), "iterations at most, >= 1"),
+        "tol": Param(
+            1e-5, _number(0.0, KARCHER_TOL_MAX, lo_open=True), f"convergence tolerance, in (0, {KARCHER_TOL_MAX:g}]"
+        ),
+    },
+    title="Karcher mean",
+    papers=_papers("karcher"),
+)
 def karcher(base, tensors, model_params, params):
     """Karcher mean: the equally weighted Riemannian mean on the hypersphere of every input, the base included when given."""
     from .geometric import karcher_mean
@@ -601,9 +744,15 @@ def karcher(base, tensors, model_params, params):
     return karcher_mean(inputs, params["max_iter"], params["tol"]), None
 
 
-@merge_method("model_stock", needs_base=True, model_params={},
-              global_params={"filter_wise": Param(False, _boolean, "one interpolation ratio per row")},
-              min_models=2, title="Model Stock", papers=_papers("model_stock"))
+@merge_method(
+    "model_stock",
+    needs_base=True,
+    model_params={},
+    global_params={"filter_wise": Param(False, _boolean, "one interpolation ratio per row")},
+    min_models=2,
+    title="Model Stock",
+    papers=_papers("model_stock"),
+)
 def model_stock(base, tensors, model_params, params):
     """Model Stock: move from the base toward the models' average by a ratio from the angle between their task vectors."""
     from .geometric import model_stock as stock
@@ -611,8 +760,16 @@ def model_stock(base, tensors, model_params, params):
     return stock(base, tensors, params["filter_wise"]), None
 
 
-@merge_method("nearswap", needs_base=True, model_params={}, global_params={"t": NEAR_T},
-              min_models=1, max_models=1, title="NearSwap", papers=_papers("nearswap"))
+@merge_method(
+    "nearswap",
+    needs_base=True,
+    model_params={},
+    global_params={"t": NEAR_T},
+    min_models=1,
+    max_models=1,
+    title="NearSwap",
+    papers=_papers("nearswap"),
+)
 def nearswap(base, tensors, model_params, params):
     """NearSwap: take the other model's value where it is within t of the base, blend toward the base where it is farther."""
     from .geometric import nearswap as swap
@@ -620,9 +777,17 @@ def nearswap(base, tensors, model_params, params):
     return swap(params["t"], base, tensors[0]), None
 
 
-@merge_method("passthrough", needs_base=False, takes_base=False,
-              model_params={"scale": SCALE},
-              global_params={}, min_models=1, max_models=1, title="Passthrough", papers=_papers("mergekit"))
+@merge_method(
+    "passthrough",
+    needs_base=False,
+    takes_base=False,
+    model_params={"scale": SCALE},
+    global_params={},
+    min_models=1,
+    max_models=1,
+    title="Passthrough",
+    papers=_papers("mergekit"),
+)
 def passthrough(base, tensors, model_params, params):
     """Passthrough: the one model's weights, times its scale."""
     scale = model_params[0]["scale"]
@@ -631,19 +796,31 @@ def passthrough(base, tensors, model_params, params):
 
 # -- mergekit's last three methods, and layer swapping ------------------------------------
 
-PAPERS.update({
-    "arcee_fusion": ("Arcee AI 2025, Arcee Fusion (mergekit's reference)", "https://arcee.ai"),
-    "ram": ("Reinforced Agent Merging (RAM, RAM+)", "https://arxiv.org/abs/2601.13572"),
-    "layer_swap": (("Bandarkar et al. 2025, Layer Swapping for Zero-Shot Cross-Lingual Transfer in Large "
-                    "Language Models"), "https://arxiv.org/abs/2410.01335"),
-})
+PAPERS.update(
+    {
+        "arcee_fusion": ("Arcee AI 2025, Arcee Fusion (mergekit's reference)", "https://arcee.ai"),
+        "ram": ("Reinforced Agent Merging (RAM, RAM+)", "https://arxiv.org/abs/2601.13572"),
+        "layer_swap": (
+            ("Bandarkar et al. 2025, Layer Swapping for Zero-Shot Cross-Lingual Transfer in Large Language Models"),
+            "https://arxiv.org/abs/2410.01335",
+        ),
+    }
+)
 
 # arcee_fusion's outlier fence: median + 1.5 * interquartile range of the importance scores
 FUSION_QUANTILES = (0.25, 0.5, 0.75)
 
 
-@merge_method("arcee_fusion", needs_base=True, model_params={}, global_params={}, min_models=1,
-              max_models=1, title="Arcee Fusion", papers=_papers("arcee_fusion"))
+@merge_method(
+    "arcee_fusion",
+    needs_base=True,
+    model_params={},
+    global_params={},
+    min_models=1,
+    max_models=1,
+    title="Arcee Fusion",
+    papers=_papers("arcee_fusion"),
+)
 def arcee_fusion(base, tensors, model_params, params):
     """Arcee Fusion: take the other model's change only where its importance (magnitude of the change times the rows' softmax KL divergence) is an outlier."""
     import torch
@@ -678,8 +855,14 @@ def _ram_terms(base, tensors, epsilon):
     return tv * changed, changed, counts, counts > 1, counts == 1
 
 
-@merge_method("ram", needs_base=True, model_params={}, global_params={"epsilon": RAM_EPSILON},
-              title="Reinforced Agent Merging (RAM)", papers=_papers("ram"))
+@merge_method(
+    "ram",
+    needs_base=True,
+    model_params={},
+    global_params={"epsilon": RAM_EPSILON},
+    title="Reinforced Agent Merging (RAM)",
+    papers=_papers("ram"),
+)
 def ram(base, tensors, model_params, params):
     """RAM: an entry changed by one model takes that change; one changed by several takes their mean."""
     tvz, _, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
@@ -687,11 +870,18 @@ def ram(base, tensors, model_params, params):
     return base + merged.reshape(base.shape), None
 
 
-@merge_method("ramplus_tl", needs_base=True, model_params={},
-              global_params={"r": Param(0.1, _number(0.0), "gain on a model's unique entries per unit of rho, >= 0"),
-                             "alpha": Param(0.2, _number(0.0), "cap on rho = shared / unique entries, >= 0"),
-                             "epsilon": RAM_EPSILON},
-              title="Reinforced Agent Merging Plus (tensor-local)", papers=_papers("ram"))
+@merge_method(
+    "ramplus_tl",
+    needs_base=True,
+    model_params={},
+    global_params={
+        "r": Param(0.1, _number(0.0), "gain on a model's unique entries per unit of rho, >= 0"),
+        "alpha": Param(0.2, _number(0.0), "cap on rho = shared / unique entries, >= 0"),
+        "epsilon": RAM_EPSILON,
+    },
+    title="Reinforced Agent Merging Plus (tensor-local)",
+    papers=_papers("ram"),
+)
 def ramplus_tl(base, tensors, model_params, params):
     """RAM+ (tensor-local): RAM, with each model's unique entries scaled up by r times its ratio of shared to unique entries, capped at alpha."""
     tvz, changed, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
@@ -732,13 +922,23 @@ def _layer_swap_roles(roles: list[str]) -> str | None:
     return None
 
 
-@merge_method("layer_swap", needs_base=False, takes_base=False, model_params={},
-              global_params={"bottom": Param(1, _integer(0, 100_000), "bottom layers taken from the language expert"),
-                             "top": Param(1, _integer(0, 100_000), "top layers taken from the language expert"),
-                             "blend": Param(0, _integer(0, 100_000),
-                                            "layers at each seam blended linearly between the experts")},
-              min_models=2, max_models=2, roles=_layer_swap_roles, per_tensor=_layer_swap_shares,
-              title="Layer swapping", papers=_papers("layer_swap"))
+@merge_method(
+    "layer_swap",
+    needs_base=False,
+    takes_base=False,
+    model_params={},
+    global_params={
+        "bottom": Param(1, _integer(0, 100_000), "bottom layers taken from the language expert"),
+        "top": Param(1, _integer(0, 100_000), "top layers taken from the language expert"),
+        "blend": Param(0, _integer(0, 100_000), "layers at each seam blended linearly between the experts"),
+    },
+    min_models=2,
+    max_models=2,
+    roles=_layer_swap_roles,
+    per_tensor=_layer_swap_shares,
+    title="Layer swapping",
+    papers=_papers("layer_swap"),
+)
 def layer_swap(base, tensors, model_params, params):
     """Layer swapping: the language expert's bottom and top layers (and embeddings, head) around the task expert's middle, blended at the seams."""
     share = [p["share"] for p in model_params]  # per tensor (per_tensor: _layer_swap_shares)

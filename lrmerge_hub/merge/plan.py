@@ -107,8 +107,9 @@ def _pick_tokenizer_source(recipe: Recipe, keys: list[str], vocab: dict[str, int
     return candidates[0]
 
 
-def plan_merge(specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]],
-               recipe: Recipe) -> MergePlan:
+def plan_merge(
+    specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]], recipe: Recipe
+) -> MergePlan:
     """Check that the sources can be merged and decide every output tensor.
 
     `specs` and `configs` are keyed by 'base' and the models' recipe specs. Raises
@@ -120,9 +121,7 @@ def plan_merge(specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[
     for k in keys[1:]:
         arch = _architecture(configs[k])
         if arch != ref_arch:
-            raise IncompatibleModelsError(
-                f"models differ in architecture: {reference} is {ref_arch}, {k} is {arch}"
-            )
+            raise IncompatibleModelsError(f"models differ in architecture: {reference} is {ref_arch}, {k} is {arch}")
 
     vocab = {k: _vocab_size(configs[k]) for k in keys}
     ref_names = set(specs[reference])
@@ -170,8 +169,16 @@ def plan_merge(specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[
         shared = min(s[0] for s in shapes.values())
         out_rows = shapes[tokenizer_source][0]
         extra_from = tokenizer_source if out_rows > shared else None
-        jobs.append(TensorJob(name, (out_rows, *ref_spec.shape[1:]), out_dtype, merge=True,
-                              shared_rows=shared, extra_rows_from=extra_from))
+        jobs.append(
+            TensorJob(
+                name,
+                (out_rows, *ref_spec.shape[1:]),
+                out_dtype,
+                merge=True,
+                shared_rows=shared,
+                extra_rows_from=extra_from,
+            )
+        )
 
     return MergePlan(
         jobs=jobs,

@@ -137,9 +137,9 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, key: np.uint64
     keep = np.empty(mag.size, dtype=np.bool_)
     step = max(1, CHUNK // per_row)
     for r in range(0, mag.shape[0], step):
-        p = magprune_probabilities(mag[r:r + step], density, epsilon)
+        p = magprune_probabilities(mag[r : r + step], density, epsilon)
         start = r * per_row
-        keep[start:start + p.size] = uniforms(key, start, start + p.size) < p
+        keep[start : start + p.size] = uniforms(key, start, start + p.size) < p
     return _masked(delta, keep)
 
 

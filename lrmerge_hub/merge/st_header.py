@@ -18,8 +18,7 @@ from typing import Any
 from ..errors import shown
 
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-DTYPE_SIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100_000_000  # safetensors' own limit on the header length
 
 
@@ -73,8 +72,13 @@ def _strict_json(text: str) -> Any:
     surrogates; objects come back as _Object pairs. The values a header may hold have a fixed
     shallow shape; _check_json checks the nesting of the others (fields safetensors ignores)."""
     try:
-        doc = json.loads(text, object_pairs_hook=_Object, parse_float=_json_float, parse_constant=_no_constant,
-                         parse_int=_json_int if "-0" in text else None)  # the hook costs time: only when needed
+        doc = json.loads(
+            text,
+            object_pairs_hook=_Object,
+            parse_float=_json_float,
+            parse_constant=_no_constant,
+            parse_int=_json_int if "-0" in text else None,
+        )  # the hook costs time: only when needed
     except HeaderError:
         raise
     except (ValueError, RecursionError):
@@ -134,8 +138,9 @@ def _tensor_entry(name: str, value: Any) -> tuple[TensorSpec, int, int]:
     if offsets is None or len(offsets) != 2:
         raise HeaderError(f"tensor {shown(name)}: data_offsets must be two whole numbers >= 0")
     if dtype not in DTYPE_SIZES:
-        raise HeaderError(f"tensor {shown(name)} has dtype {shown(dtype)}, which lrmerge does not read "
-                          f"({', '.join(DTYPE_SIZES)})")
+        raise HeaderError(
+            f"tensor {shown(name)} has dtype {shown(dtype)}, which lrmerge does not read ({', '.join(DTYPE_SIZES)})"
+        )
     numel = 1
     for dim in shape:
         numel *= dim
@@ -178,8 +183,9 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict[str, tuple[TensorSpec
         if begin != position or end < begin:
             raise HeaderError(f"tensor {shown(name)}: its data_offsets overlap another tensor or leave a gap")
         if end - begin != spec.nbytes:
-            raise HeaderError(f"tensor {shown(name)}: data_offsets span {end - begin} bytes, "
-                              f"its dtype and shape need {spec.nbytes}")
+            raise HeaderError(
+                f"tensor {shown(name)}: data_offsets span {end - begin} bytes, its dtype and shape need {spec.nbytes}"
+            )
         position = end
     if position != data_size:
         raise HeaderError(f"the tensors cover {position} bytes of data, the file holds {data_size} (truncated?)")

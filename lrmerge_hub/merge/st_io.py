@@ -31,9 +31,18 @@ if TYPE_CHECKING:
 
 # numpy has no bfloat16 or float8: those arrive as their bits
 NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.13+ names it
@@ -48,8 +57,9 @@ class StoredTensor:
 
 
 def corrupt(path: Path, why: str) -> InputModelError:
-    return InputModelError(f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file "
-                           f"({why}); download or save it again")
+    return InputModelError(
+        f"{path.name} in {path.parent.name}: corrupt or truncated safetensors file ({why}); download or save it again"
+    )
 
 
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
@@ -86,8 +96,10 @@ def header_tensors(raw: bytes, size: int, path: Path) -> tuple[dict[str, StoredT
     except HeaderError as e:
         raise corrupt(path, str(e)) from None
     data_start = 8 + len(raw)
-    tensors = {name: StoredTensor(spec, path, data_start + begin, data_start + end)
-               for name, (spec, begin, end) in entries.items()}
+    tensors = {
+        name: StoredTensor(spec, path, data_start + begin, data_start + end)
+        for name, (spec, begin, end) in entries.items()
+    }
     return tensors, metadata
 
 
@@ -101,12 +113,16 @@ def index_shards(index: Any, where: str) -> list[str]:
     names = set()
     for name in weight_map.values():
         if not isinstance(name, str) or not name.strip() or "\0" in name:
-            raise InputModelError(f"{where}: model.safetensors.index.json names a shard {shown(name)}; "
-                                  "its weight_map must map tensor names to file names")
+            raise InputModelError(
+                f"{where}: model.safetensors.index.json names a shard {shown(name)}; "
+                "its weight_map must map tensor names to file names"
+            )
         normal = os.path.normpath(name)
         if os.path.isabs(name) or normal in (".", "..") or normal.startswith("../"):
-            raise InputModelError(f"{where}: model.safetensors.index.json names shard {shown(name)}, which lies "
-                                  "outside the model folder; refusing to read it")
+            raise InputModelError(
+                f"{where}: model.safetensors.index.json names shard {shown(name)}, which lies "
+                "outside the model folder; refusing to read it"
+            )
         names.add(normal)
     return sorted(names)
 
@@ -138,8 +154,9 @@ class TensorSource:
         except (OSError, ValueError, RecursionError):
             raise InputModelError(f"{self.label}: {name} in {self.folder.name} is not valid JSON (UTF-8)") from None
         if not isinstance(data, dict):
-            raise InputModelError(f"{self.label}: {name} in {self.folder.name} must hold a JSON object, "
-                                  f"not {type(data).__name__}")
+            raise InputModelError(
+                f"{self.label}: {name} in {self.folder.name} must hold a JSON object, not {type(data).__name__}"
+            )
         return data
 
     def _shard_path(self, name: str) -> Path:
@@ -151,8 +168,9 @@ class TensorSource:
         if folder.parent.name == "snapshots":
             allowed.append(folder.parent.parent / "blobs")
         if not any(a in (folder / name).resolve().parents for a in allowed):
-            raise InputModelError(f"{self.label}: shard {shown(name)} is a symlink out of {self.folder.name}; "
-                                  "refusing to read it")
+            raise InputModelError(
+                f"{self.label}: shard {shown(name)} is a symlink out of {self.folder.name}; refusing to read it"
+            )
         return self.folder / name
 
     @property
@@ -236,8 +254,9 @@ class SafetensorsModel(TensorSource):
             listed = set(weight_map)
             if listed != set(tensors):
                 name = sorted(listed ^ set(tensors))[0]
-                raise InputModelError(f"{self.label}: tensor {shown(name)} is in the index but not in the shards "
-                                      "(or the reverse)")
+                raise InputModelError(
+                    f"{self.label}: tensor {shown(name)} is in the index but not in the shards (or the reverse)"
+                )
         return tensors
 
     def array(self, name: str) -> np.ndarray:
@@ -296,10 +315,18 @@ def torch_dtype(code: str) -> torch.dtype:
     import torch
 
     return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
     }[code]
 
 
@@ -335,15 +362,21 @@ class ShardedWriter:
     Each finished shard is handed to `on_shard` (the uploader of a merge with a push target),
     which returns True when it removed the file from disk."""
 
-    def __init__(self, folder: Path, tensors: list[tuple[str, TensorSpec]], shard_size: int,
-                 on_shard: Callable[[Path], bool] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[tuple[str, TensorSpec]],
+        shard_size: int,
+        on_shard: Callable[[Path], bool] | None = None,
+    ):
         self.folder = folder
         self.on_shard = on_shard
         self.on_disk = self.peak_on_disk = 0  # bytes of shards on disk now, and at most
         self.shards = shard_layout(tensors, shard_size)
         n = len(self.shards)
-        self.names = (["model.safetensors"] if n == 1 else
-                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.names = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.order = [name for shard in self.shards for name, _ in shard]
         self.specs = dict(tensors)
         self._next = 0
@@ -370,8 +403,11 @@ class ShardedWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, spec in self.shards[self._shard]:
-            header[name] = {"dtype": spec.dtype, "shape": list(spec.shape),
-                            "data_offsets": [offset, offset + spec.nbytes]}
+            header[name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
@@ -419,8 +455,14 @@ class ShardedWriter:
 
 
 # config.json keys the plan reads, and the JSON type each must have when present
-CONFIG_TYPES = {"architectures": list, "model_type": str, "vocab_size": int, "text_config": dict,
-                "torch_dtype": str, "dtype": str}
+CONFIG_TYPES = {
+    "architectures": list,
+    "model_type": str,
+    "vocab_size": int,
+    "text_config": dict,
+    "torch_dtype": str,
+    "dtype": str,
+}
 
 
 def check_config(config: Any, where: str) -> dict[str, Any]:
@@ -435,8 +477,9 @@ def check_config(config: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InputModelError(f"{where}: config.json {key} must be a {kind.__name__} (got {shown(value)})")
         if key == "architectures" and not all(isinstance(a, str) for a in value):
-            raise InputModelError(f"{where}: config.json architectures must be a list of class names "
-                                  f"(got {shown(value)})")
+            raise InputModelError(
+                f"{where}: config.json architectures must be a list of class names (got {shown(value)})"
+            )
     return config
 
 

@@ -103,8 +103,9 @@ def check_setting(setting: Any, check: Callable[[Any], str | None], integer: boo
             return f"[{i}] must be {{filter: TEXT, value: ...}} (filter optional)"
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
             return f"[{i}].filter must be text (a part of tensor names)"
-        if isinstance(cond["value"], dict) or (isinstance(cond["value"], list)
-                                               and not all(isinstance(e, SCALARS) for e in cond["value"])):
+        if isinstance(cond["value"], dict) or (
+            isinstance(cond["value"], list) and not all(isinstance(e, SCALARS) for e in cond["value"])
+        ):
             return f"[{i}].value must be a value or a gradient"
         problem = check_setting(cond["value"], check, integer)
         if problem:
@@ -118,8 +119,16 @@ class TensorParams:
     then the method's own per-tensor step (layer_swap's shares). Recipes with neither get
     their plain values back, as they are."""
 
-    def __init__(self, method: Any, model_params: list[dict[str, Any]], model_settings: list[dict[str, Any]],
-                 params: dict[str, Any], settings: dict[str, Any], roles: list[str], num_layers: int | None):
+    def __init__(
+        self,
+        method: Any,
+        model_params: list[dict[str, Any]],
+        model_settings: list[dict[str, Any]],
+        params: dict[str, Any],
+        settings: dict[str, Any],
+        roles: list[str],
+        num_layers: int | None,
+    ):
         self.method = method
         self.model_params, self.model_settings = model_params, model_settings
         self.params, self.settings = params, settings
@@ -134,9 +143,15 @@ class TensorParams:
     def of(cls, recipe: Any, num_layers: int | None) -> "TensorParams":
         from .methods import get_method
 
-        return cls(get_method(recipe.method), [m.params for m in recipe.models],
-                   [getattr(m, "settings", {}) for m in recipe.models], recipe.parameters,
-                   getattr(recipe, "settings", {}), [m.role for m in recipe.models], num_layers)
+        return cls(
+            get_method(recipe.method),
+            [m.params for m in recipe.models],
+            [getattr(m, "settings", {}) for m in recipe.models],
+            recipe.parameters,
+            getattr(recipe, "settings", {}),
+            [m.role for m in recipe.models],
+            num_layers,
+        )
 
     def __call__(self, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if self.plain:
@@ -148,7 +163,9 @@ class TensorParams:
             mp = [{**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings)]
             params = {**params, **_resolve(self.settings, self.defaults, name, t)}
             key = repr((mp, params))
-            if key not in self._checked:  # values only a tensor's resolution shows (DELLA's bounds, weights that cancel)
+            if (
+                key not in self._checked
+            ):  # values only a tensor's resolution shows (DELLA's bounds, weights that cancel)
                 problem = self.problem(mp, params)
                 if problem:
                     raise ValueError(f"tensor {name}: {problem}")
@@ -164,8 +181,9 @@ class TensorParams:
             problem = self.method.check(mp, params)
             if problem:
                 return problem
-        return normalize_problem(self.method.name, [p["weight"] for p in mp if "weight" in p],
-                                 bool(params.get("normalize")))
+        return normalize_problem(
+            self.method.name, [p["weight"] for p in mp if "weight" in p], bool(params.get("normalize"))
+        )
 
 
 def _resolve(settings: dict[str, Any], defaults: dict[str, Any], name: str, t: float) -> dict[str, Any]:

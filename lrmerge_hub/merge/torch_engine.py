@@ -191,16 +191,24 @@ def ties_merge(
     return out, kept, agreed, [bad_base, *nonfinite], bad_float32, bad_stored
 
 
-def torch_ties(base: torch.Tensor, tensors: list[torch.Tensor], model_params: list[dict[str, Any]],
-               params: dict[str, Any], out_dtype: torch.dtype | None):
+def torch_ties(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    out_dtype: torch.dtype | None,
+):
     """ties or slack_ties (both elect with the models' slack) with the recipe's parameters:
     see ties_merge. Like the kernels, not for mergekit's rescale (the engine checks)."""
     return ties_merge(
-        base, tensors,
+        base,
+        tensors,
         [float(p["weight"]) for p in model_params],
         [float(p["density"]) for p in model_params],
         [float(p.get("slack", 0.0)) for p in model_params],
-        float(params["lambda"]), bool(params["normalize"]), out_dtype,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_dtype,
     )
 
 
@@ -219,6 +227,7 @@ def host_tensor(a: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the array is not writable
         return torch.from_numpy(a.view(np.int16) if a.dtype == np.uint16 else a)
+
 
 # output dtype code -> the numpy dtype the writer takes (bfloat16 as its bits)
 _NUMPY_OUT = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -274,7 +283,7 @@ class TorchEngine:
         out, offset = [], 0
         with torch.cuda.stream(self._copy_stream):
             for a in arrays:
-                host = self._pinned_in[offset:offset + a.nbytes]
+                host = self._pinned_in[offset : offset + a.nbytes]
                 host.copy_(host_tensor(a.view(np.uint8)))  # pages fault in here, ahead of use
                 raw = torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)
                 raw.copy_(host, non_blocking=True)
@@ -309,7 +318,7 @@ class TorchEngine:
         bits = converted.view(torch.uint8)
         turn, self._turn = self._turn, 1 - self._turn
         self._pinned_out[turn] = self._pinned(self._pinned_out[turn], bits.numel())
-        host = self._pinned_out[turn][:bits.numel()]
+        host = self._pinned_out[turn][: bits.numel()]
         host.copy_(bits, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return host.numpy().view(_NUMPY_OUT[out_dtype])

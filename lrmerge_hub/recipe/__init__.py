@@ -7,5 +7,13 @@ a method's parameters), `metadata` and `errors`.
 
 from .spec import EvalSpec, ModelEntry, ModelRef, PushTarget, Recipe, load_recipe, parse_model_ref, parse_recipe
 
-__all__ = ["EvalSpec", "ModelEntry", "ModelRef", "PushTarget", "Recipe", "load_recipe", "parse_model_ref",
-           "parse_recipe"]
+__all__ = [
+    "EvalSpec",
+    "ModelEntry",
+    "ModelRef",
+    "PushTarget",
+    "Recipe",
+    "load_recipe",
+    "parse_model_ref",
+    "parse_recipe",
+]

@@ -20,8 +20,19 @@ from typing import Any
 from ..errors import RecipeError, shown
 from ..merge.methods import METHODS
 
-MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
+MERGEKIT_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "slices",
+    "modules",
+)
 # not (yet) supported: an error naming the key
 UNSUPPORTED = {
     "modules": "modules are not supported; list whole models under `models`",
@@ -43,8 +54,9 @@ def _model_name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: must be a local folder or a Hub id (got {shown(value)})")
     if "+" in value:
-        raise RecipeError(f"{where}: {shown(value)} names a LoRA (model+lora), which is not supported; "
-                          "merge the LoRA first")
+        raise RecipeError(
+            f"{where}: {shown(value)} names a LoRA (model+lora), which is not supported; merge the LoRA first"
+        )
     return value.strip()
 
 
@@ -72,8 +84,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     """Our recipe mapping for a mergekit 0.1.5 config. Raises RecipeError naming the key."""
     for key in data:
         if key not in MERGEKIT_KEYS and key not in OUR_KEYS:
-            raise RecipeError(f"{key}: not a mergekit 0.1.5 config key (allowed: {', '.join(MERGEKIT_KEYS)}; "
-                              f"and ours: {', '.join(OUR_KEYS)})")
+            raise RecipeError(
+                f"{key}: not a mergekit 0.1.5 config key (allowed: {', '.join(MERGEKIT_KEYS)}; "
+                f"and ours: {', '.join(OUR_KEYS)})"
+            )
         if key in UNSUPPORTED:
             raise RecipeError(f"{key}: {UNSUPPORTED[key]}")
     if data.get("slices") is not None:
@@ -102,8 +116,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     base = _model_name(data["base_model"], "base_model") if data.get("base_model") is not None else None
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
-        raise RecipeError("models: must be a non-empty list of {model: ..., parameters: {...}} "
-                          "(slices are not supported yet)")
+        raise RecipeError(
+            "models: must be a non-empty list of {model: ..., parameters: {...}} (slices are not supported yet)"
+        )
     entries = []
     for i, entry in enumerate(models_raw):
         where = f"models[{i}]"
@@ -119,8 +134,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"{where}.parameters: must be a mapping of parameter names to values")
         for key in own:
             if key in method.global_params:
-                raise RecipeError(f"{where}.parameters.{key}: a global parameter of {name} (mergekit ignores it "
-                                  "here); set it under the top-level parameters")
+                raise RecipeError(
+                    f"{where}.parameters.{key}: a global parameter of {name} (mergekit ignores it "
+                    "here); set it under the top-level parameters"
+                )
         entries.append((_model_name(entry["model"], f"{where}.model"), own, where))
 
     takes_base_as_input = not method.needs_base and name == "linear"
@@ -170,8 +187,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         if source != "base" and source != base:
             # mergekit then merges the embeddings over that tokenizer's vocabulary (rows other
             # models lack filled in first), where we merge the shared rows and copy the rest
-            raise RecipeError(f"tokenizer_source: {shown(source)} is not supported yet (only base): mergekit "
-                              "merges the embeddings over a model's vocabulary differently")
+            raise RecipeError(
+                f"tokenizer_source: {shown(source)} is not supported yet (only base): mergekit "
+                "merges the embeddings over a model's vocabulary differently"
+            )
         out["tokenizer_source"] = "base"
     return out
 
@@ -189,8 +208,10 @@ def _whole_slice(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(slices, list) or not slices:
         raise RecipeError("slices: must be a non-empty list of {sources: [...]}")
     if len(slices) > 1:
-        raise RecipeError(f"slices: {len(slices)} slices make a frankenmerge, which is not supported yet "
-                          "(one slice taking every layer of each model is)")
+        raise RecipeError(
+            f"slices: {len(slices)} slices make a frankenmerge, which is not supported yet "
+            "(one slice taking every layer of each model is)"
+        )
     out_slice = slices[0]
     if not isinstance(out_slice, dict):
         raise RecipeError("slices[0]: must be a mapping like {sources: [...]}")
@@ -209,17 +230,24 @@ def _whole_slice(data: dict[str, Any]) -> dict[str, Any]:
             if key not in SOURCE_KEYS:
                 raise RecipeError(f"{where}.{key}: not supported (allowed: {', '.join(SOURCE_KEYS)})")
         lr = src.get("layer_range")
-        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in lr) and 0 <= lr[0] < lr[1]):
+        if not (
+            isinstance(lr, list)
+            and len(lr) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            and 0 <= lr[0] < lr[1]
+        ):
             raise RecipeError(f"{where}.layer_range: must be [start, end] with 0 <= start < end (got {shown(lr)})")
         if lr[0] != 0:
-            raise RecipeError(f"{where}.layer_range: {lr} starts past layer 0; slices of layers (frankenmerges) "
-                              "are not supported yet")
+            raise RecipeError(
+                f"{where}.layer_range: {lr} starts past layer 0; slices of layers (frankenmerges) are not supported yet"
+            )
         ranges.add(lr[1])
         models.append({"model": src["model"], **({"parameters": src["parameters"]} if "parameters" in src else {})})
     if len(ranges) > 1:
-        raise RecipeError("slices[0].sources: layer ranges of different lengths; every source of a slice "
-                          "takes the same number of layers")
+        raise RecipeError(
+            "slices[0].sources: layer ranges of different lengths; every source of a slice "
+            "takes the same number of layers"
+        )
     params = dict(data.get("parameters") or {})
     slice_params = out_slice.get("parameters") or {}
     if not isinstance(slice_params, dict) or not isinstance(params, dict):
@@ -237,6 +265,7 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     """The mergekit 0.1.5 config of a recipe (None when mergekit has no equivalent: our own
     methods, or a nonzero slack). Models are named as in recipe.yaml (`./folder` for a local
     absolute path), or exactly as written with `as_written`."""
+
     def named(ref: Any) -> str:
         return ref.spec if as_written else ref.portable
 
@@ -255,11 +284,15 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
         if "slack" in values:
             if values.pop("slack") != 0.0 or "slack" in m.settings:
                 return None
-        params = {k: _explicit(v, method.model_params[k].default) for k, v in values.items() if k in method.model_params}
+        params = {
+            k: _explicit(v, method.model_params[k].default) for k, v in values.items() if k in method.model_params
+        }
         models.append({"model": named(m.ref), **({"parameters": params} if params else {})})
     config["models"] = models
-    params = {k: _explicit(v, method.global_params[k].default) if k in method.global_params else v
-              for k, v in {**recipe.parameters, **recipe.settings}.items()}
+    params = {
+        k: _explicit(v, method.global_params[k].default) if k in method.global_params else v
+        for k, v in {**recipe.parameters, **recipe.settings}.items()
+    }
     if recipe.method in ("slerp", "nearswap"):
         params.setdefault("t", 0.5)
     if params:
@@ -277,8 +310,13 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
 def _explicit(setting: Any, default: Any) -> Any:
     """A filter list with our fallback written out: where no filter matches, lrmerge takes
     the declared default and mergekit (for a required parameter) stops."""
-    conds = setting if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting) else \
-        [setting] if isinstance(setting, dict) else None
+    conds = (
+        setting
+        if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting)
+        else [setting]
+        if isinstance(setting, dict)
+        else None
+    )
     if conds is None or conds[-1].get("filter") in (None, "*"):
         return setting
     return conds + [{"value": default}]
@@ -292,8 +330,10 @@ def convert(recipe: Any, to: str) -> str:
     if to == "mergekit":
         config = to_mergekit(recipe, as_written=True)
         if config is None:
-            raise RecipeError(f"method: {recipe.method} with these parameters has no mergekit 0.1.5 equivalent "
-                              "(slack_ties with a nonzero slack, layer_swap)")
+            raise RecipeError(
+                f"method: {recipe.method} with these parameters has no mergekit 0.1.5 equivalent "
+                "(slack_ties with a nonzero slack, layer_swap)"
+            )
         return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     data = recipe.to_dict()
     if recipe.base is not None:

@@ -36,8 +36,20 @@ MAX_PATH_BYTES = 4096  # Linux's PATH_MAX
 MAX_OUTPUT_NAME_BYTES = 200
 
 TOP_LEVEL_KEYS = (
-    "method", "base", "models", "parameters", "languages", "license", "dtype", "output",
-    "tokenizer_source", "device", "push", "eval", "license_name", "license_link",
+    "method",
+    "base",
+    "models",
+    "parameters",
+    "languages",
+    "license",
+    "dtype",
+    "output",
+    "tokenizer_source",
+    "device",
+    "push",
+    "eval",
+    "license_name",
+    "license_link",
     "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
 )
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
@@ -109,8 +121,10 @@ def local_path(value: Any, base_dir: Path, field_name: str) -> Path:
     except (RuntimeError, UnicodeError):  # `~user` of no user; a name the file system cannot encode
         raise RecipeError(f"{field_name}: {shown(value)} is not a usable path") from None
     if too_long:
-        raise RecipeError(f"{field_name}: the name {shown(too_long[0])} is over {MAX_NAME_BYTES} bytes, "
-                          "longer than a file system allows")
+        raise RecipeError(
+            f"{field_name}: the name {shown(too_long[0])} is over {MAX_NAME_BYTES} bytes, "
+            "longer than a file system allows"
+        )
     if len(os.fsencode(str(path))) >= MAX_PATH_BYTES:
         raise RecipeError(f"{field_name}: the path is over {MAX_PATH_BYTES} bytes, longer than a file system allows")
     return path if path.is_absolute() else base_dir / path
@@ -144,18 +158,22 @@ def output_folder(value: Any, base_dir: Path, field_name: str = "output") -> Pat
     path that is not a file and does not lie under one."""
     path = local_path(value, base_dir, field_name).resolve()
     if not path.name:  # `/`: nothing to name the temporary folder beside it after, nowhere to put it
-        raise RecipeError(f"{field_name}: {shown(value)} is the file system's root; name a folder for the merged "
-                          "model, e.g. ./merged")
+        raise RecipeError(
+            f"{field_name}: {shown(value)} is the file system's root; name a folder for the merged model, e.g. ./merged"
+        )
     # replacing the output would remove the recipe (or the shell's current folder) with it
     recipe_dir = [(base_dir.resolve(), "the recipe's own folder")] if field_name == "output" else []
     for folder, what in recipe_dir + [(Path.cwd().resolve(), "the current folder")]:
         if path == folder or path in folder.parents:
             holds = "is" if path == folder else "holds"
-            raise RecipeError(f"{field_name}: {shown(value)} {holds} {what}; name a new folder for the merged "
-                              "model, e.g. ./merged")
+            raise RecipeError(
+                f"{field_name}: {shown(value)} {holds} {what}; name a new folder for the merged model, e.g. ./merged"
+            )
     if len(os.fsencode(path.name)) > MAX_OUTPUT_NAME_BYTES:
-        raise RecipeError(f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
-                          "into a temporary folder named after it, which must fit in 255); choose a shorter name")
+        raise RecipeError(
+            f"{field_name}: the folder name is over {MAX_OUTPUT_NAME_BYTES} bytes (lrmerge writes "
+            "into a temporary folder named after it, which must fit in 255); choose a shorter name"
+        )
     # os.path's checks answer False, never raise, for a path they cannot stat
     if os.path.lexists(path) and not os.path.isdir(path):
         raise RecipeError(f"{field_name}: {path.name} is a file (or a broken link); name a folder")
@@ -265,8 +283,12 @@ class Recipe:
         if self.push is not None:
             out["push"] = {k: v for k, v in dataclasses.asdict(self.push).items() if v not in (None, False)}
         if self.eval is not None:
-            ev = {"tasks": list(self.eval.tasks), "limit": self.eval.limit, "compare": self.eval.compare,
-                  "backend": self.eval.backend}
+            ev = {
+                "tasks": list(self.eval.tasks),
+                "limit": self.eval.limit,
+                "compare": self.eval.compare,
+                "backend": self.eval.backend,
+            }
             if self.eval.include_path is not None:
                 ev["include_path"] = self.eval.include_path.name
             out["eval"] = {k: v for k, v in ev.items() if v not in (None, [], False)}
@@ -329,8 +351,9 @@ def _param_value(name: str, value: Any, param, where: str, settings: dict[str, A
 
 def check_normalize(method: str, models: list[ModelEntry], parameters: dict[str, Any], where: str = "") -> None:
     """Refuse weights whose sum the method would divide by when it is near 0."""
-    problem = normalize_problem(method, [m.params["weight"] for m in models if "weight" in m.params],
-                                bool(parameters.get("normalize")))
+    problem = normalize_problem(
+        method, [m.params["weight"] for m in models if "weight" in m.params], bool(parameters.get("normalize"))
+    )
     if problem:
         raise RecipeError(where + problem)
 
@@ -390,7 +413,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         twin = next((r for r in ([base] if base else []) + [m.ref for m in models] if r.identity == ref.identity), None)
         if twin is not None:
             same = "" if twin.spec == ref.spec else f" (as {shown(twin.spec)})"
-            raise RecipeError(f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once")
+            raise RecipeError(
+                f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once"
+            )
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id, settings=settings))
 
     params_raw = data.get("parameters") or {}
@@ -422,8 +447,9 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
 
     license_ = data.get("license")
     if license_ is not None and (not isinstance(license_, str) or license_ not in HUB_LICENSES):
-        raise RecipeError(f"license: must be a Hub license id like apache-2.0 or llama2, or 'other' "
-                          f"(got {shown(license_)})")
+        raise RecipeError(
+            f"license: must be a Hub license id like apache-2.0 or llama2, or 'other' (got {shown(license_)})"
+        )
     license_name, license_link = data.get("license_name"), data.get("license_link")
     if license_ == "other":
         problems = check_metadata({"license": "other", "license_name": license_name, "license_link": license_link})
@@ -468,7 +494,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         tokenizer_source=tokenizer_source,
         device=device,
         source_file=source_file,
-        raw=data, from_mergekit_config=from_mergekit_config,
+        raw=data,
+        from_mergekit_config=from_mergekit_config,
         settings=global_settings,
         layers=_parse_layers(data.get("layers")),
     )
@@ -478,8 +505,9 @@ def check_language_codes(codes: list[str], where: str) -> None:
     """Refuse anything but an ISO 639-1/3 code (two or three lower-case letters that name a language)."""
     for code in codes:
         if not (isinstance(code, str) and re.fullmatch(r"[a-z]{2,3}", code) and is_language_code(code)):
-            raise RecipeError(f"{where}: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, "
-                              "khk")
+            raise RecipeError(
+                f"{where}: unknown ISO 639 code {shown(code)}; use ISO 639-1 or 639-3 codes like bo, ug, khk"
+            )
 
 
 def default_role_note(recipe: Recipe) -> str | None:
@@ -493,8 +521,10 @@ def default_role_note(recipe: Recipe) -> str | None:
     unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
     if not unnamed:
         return None
-    return (f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
-            "config, what a sweep's slack sets and the card's labels); add role: language|task")
+    return (
+        f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
+        "config, what a sweep's slack sets and the card's labels); add role: language|task"
+    )
 
 
 def _parse_layers(value: Any) -> int | None:
@@ -521,8 +551,13 @@ def _parse_push(raw: Any) -> PushTarget | None:
         value = raw.get(key)
         if value is not None and not is_revision(value):
             raise RecipeError(f"push.{key}: must be a branch or tag name (got {shown(value)})")
-    return PushTarget(repo=repo, private=raw.get("private", False), create_pr=raw.get("create_pr", False),
-                      revision=raw.get("revision"), tag=raw.get("tag"))
+    return PushTarget(
+        repo=repo,
+        private=raw.get("private", False),
+        create_pr=raw.get("create_pr", False),
+        revision=raw.get("revision"),
+        tag=raw.get("tag"),
+    )
 
 
 def _parse_eval(raw: Any, base_dir: Path) -> EvalSpec | None:
@@ -552,10 +587,18 @@ def _parse_eval(raw: Any, base_dir: Path) -> EvalSpec | None:
         raise RecipeError(f"eval.backend: must be one of server, vllm, hf (got {shown(backend)})")
     parity_check = raw.get("parity_check", True)
     if not isinstance(parity_check, bool):
-        raise RecipeError("eval.parity_check: must be true or false (false: scores from a served model "
-                          "are recorded without checking it against transformers)")
-    return EvalSpec(tasks=tuple(tasks), limit=limit, include_path=include, compare=compare, backend=backend,
-                    parity_check=parity_check)
+        raise RecipeError(
+            "eval.parity_check: must be true or false (false: scores from a served model "
+            "are recorded without checking it against transformers)"
+        )
+    return EvalSpec(
+        tasks=tuple(tasks),
+        limit=limit,
+        include_path=include,
+        compare=compare,
+        backend=backend,
+        parity_check=parity_check,
+    )
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -563,8 +606,11 @@ def load_recipe(path: str | Path) -> Recipe:
     (README.md) holding a mergekit config, or the card of a Hub model `org/name[@rev]` when
     no such file exists. Raises RecipeError."""
     path = Path(path)
-    hub_card = path.suffix.lower() not in (".yaml", ".yml") and not os.path.lexists(path) \
+    hub_card = (
+        path.suffix.lower() not in (".yaml", ".yml")
+        and not os.path.lexists(path)
         and is_repo_id(str(path).partition("@")[0])
+    )
     if path.suffix.lower() == ".md" or hub_card:
         from .mergekit import card_from_hub, config_from_card
 
@@ -572,7 +618,9 @@ def load_recipe(path: str | Path) -> Recipe:
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
             except (OSError, ValueError) as e:
-                raise RecipeError(f"recipe: cannot read {shown(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+                raise RecipeError(
+                    f"recipe: cannot read {shown(str(path))}: {getattr(e, 'strerror', None) or e}"
+                ) from None
             return parse_recipe(config_from_card(text, path.name), path.resolve().parent, source_file=path.resolve())
         return parse_recipe(config_from_card(card_from_hub(str(path)), f"the card of {path}"), Path.cwd())
     try:

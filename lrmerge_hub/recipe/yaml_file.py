@@ -30,9 +30,8 @@ class RecipeLoader(yaml.SafeLoader):
 # YAML 1.1 (PyYAML) reads `1e-5` and `1e9` as strings: it wants a dot in a float. mergekit configs
 # and people write them without one (pydantic then coerces the string), so read them as YAML 1.2 does.
 RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _check_expanded_size(root: yaml.Node) -> None:
@@ -52,8 +51,10 @@ def _check_expanded_size(root: yaml.Node) -> None:
             on_path.discard(key)
             sizes[key] = 1 + sum(sizes[id(c)] for c in children)
             if sizes[key] > MAX_YAML_NODES:
-                raise RecipeError(f"recipe: over {MAX_YAML_NODES} values once its aliases are expanded "
-                                  "(a YAML bomb?); write the recipe without nested aliases")
+                raise RecipeError(
+                    f"recipe: over {MAX_YAML_NODES} values once its aliases are expanded "
+                    "(a YAML bomb?); write the recipe without nested aliases"
+                )
             continue
         if key in sizes:
             continue

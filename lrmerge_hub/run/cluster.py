@@ -60,8 +60,12 @@ def in_scratch(unit: Unit) -> dict[str, Any]:
     import ray
 
     context = ray.get_runtime_context()
-    node = {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname(), "pid": os.getpid()}
+    node = {
+        "node_id": context.get_node_id(),
+        "ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     remove_stale_scratch()
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
@@ -80,7 +84,7 @@ def in_scratch(unit: Unit) -> dict[str, Any]:
 def remove_stale_scratch() -> None:
     """Remove the scratch folders of workers that died mid-task (no process has their pid)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = folder.name[len(SCRATCH_PREFIX):].partition("-")[0]
+        pid = folder.name[len(SCRATCH_PREFIX) :].partition("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -88,13 +92,14 @@ def remove_stale_scratch() -> None:
 def gcs_endpoint(address: str) -> tuple[str, int] | None:
     """(host, port) of a Ray address `HOST:PORT`, `[IPv6]:PORT` or `ray://HOST:PORT`; None
     for what Ray resolves itself (`auto`, `local`). Raises ClusterError for a bad port."""
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
     host, colon, port = rest.rpartition(":")
     if not colon or not host:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClusterError(f"Ray address {address!r}: the port must be a number from 1 to 65535 "
-                           "(check --ray-address / RAY_ADDRESS)")
+        raise ClusterError(
+            f"Ray address {address!r}: the port must be a number from 1 to 65535 (check --ray-address / RAY_ADDRESS)"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -144,8 +149,15 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, *, cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
-                 max_retries: int = 2, echo: Callable[[str], None] = lambda s: None):
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        cpus_per_task: float = 1.0,
+        gpus_per_task: float = 0.0,
+        max_retries: int = 2,
+        echo: Callable[[str], None] = lambda s: None,
+    ):
         self.address = address
         self.cpus_per_task = cpus_per_task
         self.gpus_per_task = gpus_per_task
@@ -161,19 +173,27 @@ class RayExecutor:
         endpoint = gcs_endpoint(self.address) if self.address else None
         why = endpoint and unreachable(*endpoint, PROBE_SECONDS)
         if why:  # ray.init would retry for minutes, deaf to Ctrl-C and SIGTERM
-            raise ClusterError(f"cannot reach the Ray cluster at {where}: {why}. Start it (ray start --head) "
-                               "or fix --ray-address / RAY_ADDRESS (unset both for a local instance)")
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {where}: {why}. Start it (ray start --head) "
+                "or fix --ray-address / RAY_ADDRESS (unset both for a local instance)"
+            )
         with contextlib.ExitStack() as stack:
             # Ray prints its notices (a worker died, ...) on the driver's stdout: send them to
             # stderr, so that `--format json` prints one JSON object
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
             try:
-                ray.init(address=self.address or "local", logging_level=logging.WARNING, log_to_driver=False,
-                         configure_logging=False)
+                ray.init(
+                    address=self.address or "local",
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise ClusterError(f"cannot connect to the Ray cluster at {where}: {str(e).splitlines()[0]} "
-                                   "(check --ray-address / RAY_ADDRESS, or leave both unset for a local "
-                                   "instance)") from None
+                raise ClusterError(
+                    f"cannot connect to the Ray cluster at {where}: {str(e).splitlines()[0]} "
+                    "(check --ray-address / RAY_ADDRESS, or leave both unset for a local "
+                    "instance)"
+                ) from None
             stack.callback(ray.shutdown)
             self.head = gcs_endpoint(ray.get_runtime_context().gcs_address)
             self.head_silent_since: float | None = None
@@ -191,16 +211,22 @@ class RayExecutor:
         alive = [n["Resources"] for n in nodes if n["Alive"]]
         if not any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in alive):
             largest = max([(r.get("CPU", 0), r.get("GPU", 0)) for r in alive] or [(0, 0)])
-            raise ClusterError(f"no node of the cluster has {self.cpus_per_task:g} CPU(s) and {self.gpus_per_task:g} "
-                               f"GPU(s) free for one task (the largest has {largest[0]:g} CPUs, {largest[1]:g} GPUs); "
-                               "lower --cpus-per-task / --gpus-per-task")
+            raise ClusterError(
+                f"no node of the cluster has {self.cpus_per_task:g} CPU(s) and {self.gpus_per_task:g} "
+                f"GPU(s) free for one task (the largest has {largest[0]:g} CPUs, {largest[1]:g} GPUs); "
+                "lower --cpus-per-task / --gpus-per-task"
+            )
 
     def run(self, units: dict[str, Unit]) -> Iterator[Outcome]:
         """Submit every unit (by key) as a task; yield each Outcome as its task finishes."""
         import ray
 
-        task = ray.remote(in_scratch).options(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task,
-                                              max_retries=self.max_retries, retry_exceptions=False)
+        task = ray.remote(in_scratch).options(
+            num_cpus=self.cpus_per_task,
+            num_gpus=self.gpus_per_task,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+        )
         pending = {task.remote(unit): key for key, unit in units.items()}
         try:
             while pending:
@@ -232,9 +258,11 @@ class RayExecutor:
         self.head_silent_since = self.head_silent_since or now
         if now - self.head_silent_since >= lost_after_seconds():
             host, port = self.head
-            raise ClusterLostError(f"lost the Ray cluster at {self.address or f'{host}:{port}'}: its head has not "
-                                   f"answered for {now - self.head_silent_since:.0f} s ({why}); what had not "
-                                   "finished was not built. Run the same command again once the cluster is back")
+            raise ClusterLostError(
+                f"lost the Ray cluster at {self.address or f'{host}:{port}'}: its head has not "
+                f"answered for {now - self.head_silent_since:.0f} s ({why}); what had not "
+                "finished was not built. Run the same command again once the cluster is back"
+            )
 
     def cancel(self, refs: list[Any]) -> None:
         """Interrupt every task (each removes its scratch folder on the way out) and wait a

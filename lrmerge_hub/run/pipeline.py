@@ -22,7 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ClusterError, ClusterLostError, EvalError, LrmergeError, OutputError, RecipeError, ReproducibilityError
+from ..errors import (
+    ClusterError,
+    ClusterLostError,
+    EvalError,
+    LrmergeError,
+    OutputError,
+    RecipeError,
+    ReproducibilityError,
+)
 from ..merge.st_io import Source
 from ..recipe.spec import EvalSpec, PushTarget, Recipe
 from ..settings import DEFAULT_READ_AHEAD, DEFAULT_SHARD_SIZE
@@ -113,8 +121,11 @@ def fingerprint(output: Path, files: list[str]) -> dict[str, dict[str, Any]]:
     made = {}
     for rel in files:
         st = (output / rel).stat()
-        made[rel] = {"sha256": None if rel in VARYING else file_sha256(output / rel), "size": st.st_size,
-                     "mtime_ns": st.st_mtime_ns}
+        made[rel] = {
+            "sha256": None if rel in VARYING else file_sha256(output / rel),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
     return made
 
 
@@ -145,16 +156,19 @@ def may_replace_output(state: "RunState", plan: list[tuple[str, str]], output: P
     when the merge must run and an output it may not replace is there."""
     allowed = overwrite or is_own_output(state, output)
     if ("merge", "run") in plan and os.path.lexists(output) and not allowed:
-        raise OutputError(f"output {output} already exists and is not this run's merge (or changed since it was "
-                          "made); pass --overwrite to replace it once the new merge is complete")
+        raise OutputError(
+            f"output {output} already exists and is not this run's merge (or changed since it was "
+            "made); pass --overwrite to replace it once the new merge is complete"
+        )
     return allowed
 
 
 # -- steps: each returns a JSON-able result, or {"skipped": reason} ------------------------
 
 
-def resolve_sources(recipe: Recipe, *, token: str | None = None, download: bool = False,
-                    read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, Source]:
+def resolve_sources(
+    recipe: Recipe, *, token: str | None = None, download: bool = False, read_ahead: int = DEFAULT_READ_AHEAD
+) -> dict[str, Source]:
     """Every model of the recipe, ready to read; Hub ids are pinned to their sha and checked
     from their headers first. Hub weights not in the HF cache are read from the Hub during
     the merge (range requests), or with `download` downloaded into the cache first."""
@@ -198,14 +212,21 @@ def build_unit(folder: Path, recipe: Recipe, spec: EvalSpec | None, *, device: s
 
         try:
             evaluation = evaluate_for_run(folder, recipe, spec, sources=sources)
-            evaluation["files"] = {role: str(Path(path).relative_to(folder))
-                                   for role, path in evaluation["files"].items()}
+            evaluation["files"] = {
+                role: str(Path(path).relative_to(folder)) for role, path in evaluation["files"].items()
+            }
         except EvalError as e:
             eval_error = str(e)
-    eval_files = {str(p.relative_to(folder)): p.read_text(encoding="utf-8")
-                  for p in sorted((folder / "eval").rglob("*.json"))}
-    return {"report": report, "eval": evaluation, "eval_error": eval_error, "eval_files": eval_files,
-            "sha256": tensor_sha256(folder)}
+    eval_files = {
+        str(p.relative_to(folder)): p.read_text(encoding="utf-8") for p in sorted((folder / "eval").rglob("*.json"))
+    }
+    return {
+        "report": report,
+        "eval": evaluation,
+        "eval_error": eval_error,
+        "eval_files": eval_files,
+        "sha256": tensor_sha256(folder),
+    }
 
 
 def built_result(outcome: Any) -> dict[str, Any]:
@@ -216,8 +237,17 @@ def built_result(outcome: Any) -> dict[str, Any]:
     return outcome.result
 
 
-def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, expected: dict[str, str], *,
-                   device: str, files: dict[str, str], progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+def merge_verified(
+    recipe: Recipe,
+    sources: dict[str, Source],
+    output: Path,
+    expected: dict[str, str],
+    *,
+    device: str,
+    files: dict[str, str],
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Merge again here and install at `output` (with `files` added, e.g. the worker's
     evaluation results) only if every tensor hashes to what the worker reported. An existing
     output is replaced only with `overwrite`."""
@@ -235,7 +265,8 @@ def merge_verified(recipe: Recipe, sources: dict[str, Source], output: Path, exp
                 raise ReproducibilityError(
                     f"{output.name}: {len(differ)} of {len(here)} tensors of the merge made here differ from the "
                     f"worker's (first: {differ[0]}); nothing was written at {output}. Run the same lrmerge-hub, "
-                    "numpy and torch versions on every node")
+                    "numpy and torch versions on every node"
+                )
             for rel, text in files.items():
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 (staging / rel).write_text(text, encoding="utf-8")
@@ -250,10 +281,15 @@ def step_pull(ctx: RunContext) -> dict[str, Any]:
     """Pin every Hub id to a sha, check compatibility from headers, download what is needed."""
     spec = ctx.recipe.eval
     compare = spec is not None and spec.compare and not ctx.skip_eval  # serves the sources: needs their weights
-    ctx.sources = resolve_sources(ctx.recipe, token=ctx.token, download=ctx.download or compare,
-                                  read_ahead=ctx.read_ahead)
-    return {"sources": {k: {"repo_id": s.repo_id, "revision": s.revision, "path": str(s.path),
-                            "streamed": s.reader is not None} for k, s in ctx.sources.items()}}
+    ctx.sources = resolve_sources(
+        ctx.recipe, token=ctx.token, download=ctx.download or compare, read_ahead=ctx.read_ahead
+    )
+    return {
+        "sources": {
+            k: {"repo_id": s.repo_id, "revision": s.revision, "path": str(s.path), "streamed": s.reader is not None}
+            for k, s in ctx.sources.items()
+        }
+    }
 
 
 def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> dict[str, Source]:
@@ -261,9 +297,12 @@ def recorded_sources(ctx: RunContext, recorded: dict[str, dict[str, Any]]) -> di
     from ..hub.sources import streamed_source
 
     share = ctx.read_ahead // max(1, sum(bool(v.get("streamed")) for v in recorded.values()))
-    return {k: streamed_source(v["repo_id"], v["revision"], Path(v["path"]), token=ctx.token, read_ahead=share)
-            if v.get("streamed") else Source(Path(v["path"]), v["repo_id"], v["revision"])
-            for k, v in recorded.items()}
+    return {
+        k: streamed_source(v["repo_id"], v["revision"], Path(v["path"]), token=ctx.token, read_ahead=share)
+        if v.get("streamed")
+        else Source(Path(v["path"]), v["repo_id"], v["revision"])
+        for k, v in recorded.items()
+    }
 
 
 def step_merge(ctx: RunContext) -> dict[str, Any]:
@@ -273,24 +312,54 @@ def step_merge(ctx: RunContext) -> dict[str, Any]:
 
     if ctx.built is not None:  # a worker merged and evaluated it: merge again here and compare
         unit = built_result(ctx.built)
-        report = merge_verified(ctx.recipe, ctx.sources, ctx.output, unit["sha256"], device=ctx.device,
-                                files=unit["eval_files"], progress=ctx.progress, overwrite=ctx.replace_output)
-        return {"output": str(ctx.output), "stats": report["stats"], "weights_kept": True,
-                "retention": {m["model"]: m["retention"] for m in report["models"]},
-                "verified": {"tensors": len(unit["sha256"]), "worker_node": ctx.built.node}}
+        report = merge_verified(
+            ctx.recipe,
+            ctx.sources,
+            ctx.output,
+            unit["sha256"],
+            device=ctx.device,
+            files=unit["eval_files"],
+            progress=ctx.progress,
+            overwrite=ctx.replace_output,
+        )
+        return {
+            "output": str(ctx.output),
+            "stats": report["stats"],
+            "weights_kept": True,
+            "retention": {m["model"]: m["retention"] for m in report["models"]},
+            "verified": {"tensors": len(unit["sha256"]), "worker_node": ctx.built.node},
+        }
     target = push_target(ctx)
     uploader = None
     if target is not None:
         from ..hub.publish import ShardUploader
 
-        uploader = ShardUploader(target.repo, revision=target.revision, create_pr=target.create_pr,
-                                 private=target.private, keep=ctx.keep, token=ctx.token)
-    report = merge(ctx.recipe, ctx.sources, ctx.output, device=ctx.device, overwrite=ctx.replace_output,
-                   progress=ctx.progress, shard_size=ctx.shard_size, on_shard=uploader)
+        uploader = ShardUploader(
+            target.repo,
+            revision=target.revision,
+            create_pr=target.create_pr,
+            private=target.private,
+            keep=ctx.keep,
+            token=ctx.token,
+        )
+    report = merge(
+        ctx.recipe,
+        ctx.sources,
+        ctx.output,
+        device=ctx.device,
+        overwrite=ctx.replace_output,
+        progress=ctx.progress,
+        shard_size=ctx.shard_size,
+        on_shard=uploader,
+    )
     ctx.uploaded = uploader.operations if uploader else []
     stats = {**report["stats"], "bytes_uploaded": uploader.bytes_uploaded if uploader else 0}
-    return {"output": str(ctx.output), "stats": stats, "weights_kept": ctx.keep,
-            "retention": {m["model"]: m["retention"] for m in report["models"]}}
+    return {
+        "output": str(ctx.output),
+        "stats": stats,
+        "weights_kept": ctx.keep,
+        "retention": {m["model"]: m["retention"] for m in report["models"]},
+    }
 
 
 def step_eval(ctx: RunContext) -> dict[str, Any]:
@@ -314,8 +383,9 @@ def step_card(ctx: RunContext) -> dict[str, Any]:
     from ..card.inputs import source_dirs_for
 
     target = push_target(ctx)
-    path = write_card(ctx.output, repo_id=target.repo if target else None,
-                      source_dirs=source_dirs_for(ctx.recipe, ctx.sources))
+    path = write_card(
+        ctx.output, repo_id=target.repo if target else None, source_dirs=source_dirs_for(ctx.recipe, ctx.sources)
+    )
     return {"card": str(path)}
 
 
@@ -332,8 +402,16 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
         return {"skipped": "the recipe names no push target"}
     from ..hub.publish import push
 
-    result = push(ctx.output, target.repo, private=target.private, create_pr=target.create_pr,
-                  revision=target.revision, tag=target.tag, token=ctx.token, uploaded=tuple(ctx.uploaded))
+    result = push(
+        ctx.output,
+        target.repo,
+        private=target.private,
+        create_pr=target.create_pr,
+        revision=target.revision,
+        tag=target.tag,
+        token=ctx.token,
+        uploaded=tuple(ctx.uploaded),
+    )
     if not ctx.keep:  # shards the Hub took inside the commit (regular upload mode) leave the disk now
         for shard in ctx.output.glob("*.safetensors"):
             shard.unlink()
@@ -341,7 +419,11 @@ def step_push(ctx: RunContext) -> dict[str, Any]:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
-    "pull": step_pull, "merge": step_merge, "eval": step_eval, "card": step_card, "push": step_push,
+    "pull": step_pull,
+    "merge": step_merge,
+    "eval": step_eval,
+    "card": step_card,
+    "push": step_push,
 }
 
 
@@ -356,20 +438,37 @@ def plan_steps(state: RunState, force: bool, output: Path) -> list[tuple[str, st
             done = False  # removed or rewritten since (e.g. by `lrmerge merge --overwrite`): make it again
         if name in ("merge", "card") and not output.exists():
             done = False  # the output was removed since: make it again
-        if name == "merge" and state.step("push").get("status") != "done" and output.exists() \
-                and not any(output.glob("*.safetensors")):
+        if (
+            name == "merge"
+            and state.step("push").get("status") != "done"
+            and output.exists()
+            and not any(output.glob("*.safetensors"))
+        ):
             done = False  # its shards were uploaded and removed (--no-keep) but never committed: again
         rerun = rerun or not done
         plan.append((name, "run" if rerun else "done"))
     return plan
 
 
-def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "auto", force: bool = False,
-               dry_run: bool = False, token: str | None = None, push_repo: str | None = None,
-               skip_eval: bool = False, progress: bool = True, download: bool = False,
-               read_ahead: int = DEFAULT_READ_AHEAD, shard_size: int = DEFAULT_SHARD_SIZE, keep: bool = True,
-               built: Any = None, overwrite: bool = False,
-               echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    output: Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    push_repo: str | None = None,
+    skip_eval: bool = False,
+    progress: bool = True,
+    download: bool = False,
+    read_ahead: int = DEFAULT_READ_AHEAD,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    keep: bool = True,
+    built: Any = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Run every step of the recipe that has not finished yet; return the run summary.
 
     The merge step replaces an existing output folder only when it is this run's own merge,
@@ -388,8 +487,12 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
     plan = plan_steps(state, force, output)
     if built is not None:  # the worker's merge and evaluation go together
         plan = [(n, "run" if STEPS.index(n) >= STEPS.index("merge") else a) for n, a in plan]
-    summary: dict[str, Any] = {"recipe_sha256": recipe.sha256(), "run_dir": str(run_dir),
-                               "output": str(output), "steps": {}}
+    summary: dict[str, Any] = {
+        "recipe_sha256": recipe.sha256(),
+        "run_dir": str(run_dir),
+        "output": str(output),
+        "steps": {},
+    }
     if dry_run:
         summary["dry_run"] = True
         summary["plan"] = [{"step": s, "action": a} for s, a in plan]
@@ -399,10 +502,21 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
         return summary
 
     replace_output = may_replace_output(state, plan, output, overwrite)
-    ctx = RunContext(recipe=recipe, output=output, device=device, token=token,
-                     push_repo=push_repo, skip_eval=skip_eval, progress=progress, download=download,
-                     read_ahead=read_ahead, shard_size=shard_size, keep=keep, built=built,
-                     replace_output=replace_output)
+    ctx = RunContext(
+        recipe=recipe,
+        output=output,
+        device=device,
+        token=token,
+        push_repo=push_repo,
+        skip_eval=skip_eval,
+        progress=progress,
+        download=download,
+        read_ahead=read_ahead,
+        shard_size=shard_size,
+        keep=keep,
+        built=built,
+        replace_output=replace_output,
+    )
     for name, action in plan:
         if action == "done":
             summary["steps"][name] = {"status": "done", "reused": True, **state.step(name).get("result", {})}
@@ -426,8 +540,13 @@ def run_recipe(recipe: Recipe, *, output: Path | None = None, device: str = "aut
             raise
         seconds = round(time.perf_counter() - started, 3)
         status = "skipped" if "skipped" in result else "done"
-        state.record(name, status="done", result=result, seconds=seconds,
-                     made=fingerprint(output, step_files(name, output, result)))
+        state.record(
+            name,
+            status="done",
+            result=result,
+            seconds=seconds,
+            made=fingerprint(output, step_files(name, output, result)),
+        )
         summary["steps"][name] = {"status": status, "seconds": seconds, **result}
         echo(f"{name}: {status}" + (f" ({result['skipped']})" if status == "skipped" else f" in {seconds:.1f} s"))
     return summary
@@ -451,9 +570,17 @@ def needs_build(recipe: Recipe, output: Path, *, force: bool, overwrite: bool = 
     return False
 
 
-def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: list[str | None] | None = None,
-                 device: str | None = None, skip_eval: bool = False, force: bool = False,
-                 echo: Callable[[str], None] = lambda s: None, **options: Any) -> list[dict[str, Any]]:
+def run_releases(
+    recipes: list[Recipe],
+    *,
+    executor: Any = None,
+    push_repos: list[str | None] | None = None,
+    device: str | None = None,
+    skip_eval: bool = False,
+    force: bool = False,
+    echo: Callable[[str], None] = lambda s: None,
+    **options: Any,
+) -> list[dict[str, Any]]:
     """`lrmerge run A.yaml B.yaml`: every release, one summary each (a failed one carries its
     `error`; the others still run). Locally one after another; with a Ray executor each
     release's merge and evaluation is a task (build_unit), and each is published here (merged
@@ -470,9 +597,17 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
 
     def release(i: int, built: Any = None) -> None:
         try:
-            summaries[i] = run_recipe(recipes[i], output=outputs[i], device=devices[i], force=force,
-                                      push_repo=push_repos[i], skip_eval=skip_eval, built=built, echo=echo,
-                                      **options)
+            summaries[i] = run_recipe(
+                recipes[i],
+                output=outputs[i],
+                device=devices[i],
+                force=force,
+                push_repo=push_repos[i],
+                skip_eval=skip_eval,
+                built=built,
+                echo=echo,
+                **options,
+            )
         except LrmergeError as e:
             summaries[i] = {**getattr(e, "run_summary", {"output": str(outputs[i])}), "error": str(e)}
             echo(f"{outputs[i].name}: failed: {e}")
@@ -491,8 +626,15 @@ def run_releases(recipes: list[Recipe], *, executor: Any = None, push_repos: lis
     if remote:
         from .cluster import Unit
 
-        units = {str(i): Unit(outputs[i].name, build_unit, (recipes[i], None if skip_eval else recipes[i].eval),
-                              {"device": devices[i]}) for i in remote}
+        units = {
+            str(i): Unit(
+                outputs[i].name,
+                build_unit,
+                (recipes[i], None if skip_eval else recipes[i].eval),
+                {"device": devices[i]},
+            )
+            for i in remote
+        }
         try:
             for outcome in executor.run(units):
                 i = int(outcome.key)
@@ -528,8 +670,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("error"):
         lines += [f"**Failed:** {md_text(summary['error'])}", ""]
     if summary.get("dry_run"):
-        lines += ["Dry run: " + ", ".join(f"{md_text(p['step'])} ({md_text(p['action'])})" for p in summary["plan"]),
-                  ""]
+        lines += [
+            "Dry run: " + ", ".join(f"{md_text(p['step'])} ({md_text(p['action'])})" for p in summary["plan"]),
+            "",
+        ]
         return "\n".join(lines) + "\n"
     lines += ["| step | status | seconds |", "|---|---|---|"]
     steps = summary.get("steps", {})
@@ -544,13 +688,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     rows = [(m, r) for m, r in retention.items() if r]
     if rows:
         lines += ["", "| model | kept by trim | retention |", "|---|---|---|"]
-        lines += [f"| {cell(m)} | {int(r['kept']):,} | {float(r['fraction']):.1%} |"
-                  for m, r in rows if r.get("fraction") is not None]
+        lines += [
+            f"| {cell(m)} | {int(r['kept']):,} | {float(r['fraction']):.1%} |"
+            for m, r in rows
+            if r.get("fraction") is not None
+        ]
     scores = summary.get("steps", {}).get("eval", {}).get("scores") or []
     if scores:
         lines += ["", "| model | task | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {cell(s.get('model', name))} | {cell(s['task'])} | {cell(s['metric'])} | {float(s['value']):.4f} |"
-                  for s in scores]
+        lines += [
+            f"| {cell(s.get('model', name))} | {cell(s['task'])} | {cell(s['metric'])} | {float(s['value']):.4f} |"
+            for s in scores
+        ]
     sample = summary.get("steps", {}).get("eval", {}).get("sample")
     if sample:
         lines += ["", f"Served answer to {code_span(sample['prompt'])}: {code_span(sample['answer'])}"]

@@ -44,8 +44,10 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if not sep or not key or not values.strip():
             raise RecipeError(f"--grid {item!r}: write it as NAME=V1,V2 (e.g. slack=0,0.5,1)")
         if not all(v.strip() for v in values.split(",")):
-            raise RecipeError(f"--grid {item!r}: an empty value; write NAME=V1,V2 with a value between every "
-                              "two commas (e.g. slack=0,0.5,1)")
+            raise RecipeError(
+                f"--grid {item!r}: an empty value; write NAME=V1,V2 with a value between every "
+                "two commas (e.g. slack=0,0.5,1)"
+            )
         parsed = [yaml.safe_load(v.strip()) for v in values.split(",")]
         if key in grid:
             raise RecipeError(f"--grid {key}: given twice")
@@ -69,8 +71,10 @@ def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
     """The recipe with the point's values set; every value checked like the recipe's own."""
     method = get_method(recipe.method)
     parameters = dict(recipe.parameters)
-    models = [ModelEntry(ref=m.ref, role=m.role, params=dict(m.params), hub_id=m.hub_id, settings=dict(m.settings))
-              for m in recipe.models]
+    models = [
+        ModelEntry(ref=m.ref, role=m.role, params=dict(m.params), hub_id=m.hub_id, settings=dict(m.settings))
+        for m in recipe.models
+    ]
     settings = dict(recipe.settings)  # gradients and filters, except where the point sets a value
     for key, value in point.items():
         role, _, name = key.rpartition(".")
@@ -134,12 +138,19 @@ def promote(best_dir: Path, output: Path, files: dict[str, str], *, overwrite: b
         raise
 
 
-def point_row(point: dict[str, Any], report: dict[str, Any], scores: list[dict[str, Any]],
-              metric: str | None) -> dict[str, Any]:
+def point_row(
+    point: dict[str, Any], report: dict[str, Any], scores: list[dict[str, Any]], metric: str | None
+) -> dict[str, Any]:
     value, chosen = mean_score(scores, metric)
     retention = {m["model"]: (m["retention"] or {}).get("fraction") for m in report["models"]}
-    return {"point": point, "name": point_name(point), "score": value, "metric": chosen,
-            "scores": scores, "retention": retention}
+    return {
+        "point": point,
+        "name": point_name(point),
+        "score": value,
+        "metric": chosen,
+        "scores": scores,
+        "retention": retention,
+    }
 
 
 def rank(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, Any]]:
@@ -163,11 +174,20 @@ def earlier_scores(folder: Path, evaluation: dict[str, Any] | None) -> list[dict
     return saved.get("scores") if isinstance(saved, dict) and saved.get("evaluation") == evaluation else None
 
 
-def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, output: Path,
-              evaluate: Callable[[Path], list[dict[str, Any]]], metric: str | None = None,
-              device: str = "auto", progress: bool = True, overwrite: bool = False,
-              evaluation: dict[str, Any] | None = None,
-              echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_sweep(
+    recipe: Recipe,
+    grid: dict[str, list[Any]],
+    *,
+    sources: dict,
+    output: Path,
+    evaluate: Callable[[Path], list[dict[str, Any]]],
+    metric: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+    evaluation: dict[str, Any] | None = None,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Merge every grid point (in one pass: each input tensor is read once for all points) and
     evaluate each; promote the best to `output` (an existing one only with `overwrite`);
     return the table. `evaluation` describes what `evaluate` runs (tasks, limit, ...): a point
@@ -184,11 +204,17 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
         report = json.loads(path.read_text()) if path.exists() else {}
         return report if report.get("recipe_sha256") == variant.sha256() else None
 
-    to_merge = [(variant, sweep_dir / point_name(point)) for point, variant in variants
-                if earlier_report(point, variant) is None]
-    merged = dict(zip((folder.name for _, folder in to_merge),
-                      merge_many(to_merge, sources, device=device, overwrite=True, progress=progress)
-                      if to_merge else []))
+    to_merge = [
+        (variant, sweep_dir / point_name(point))
+        for point, variant in variants
+        if earlier_report(point, variant) is None
+    ]
+    merged = dict(
+        zip(
+            (folder.name for _, folder in to_merge),
+            merge_many(to_merge, sources, device=device, overwrite=True, progress=progress) if to_merge else [],
+        )
+    )
     rows = []
     for i, (point, variant) in enumerate(variants, 1):
         name = point_name(point)
@@ -201,8 +227,9 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
             echo(f"point {i} of {len(variants)}, {name}: evaluating")
             scores = evaluate(folder)
             if evaluation is not None:
-                (folder / SCORES_FILE).write_text(json.dumps({"evaluation": evaluation, "scores": scores}, indent=2)
-                                                  + "\n")
+                (folder / SCORES_FILE).write_text(
+                    json.dumps({"evaluation": evaluation, "scores": scores}, indent=2) + "\n"
+                )
         row = point_row(point, report, scores, metric)
         metric = metric or row["metric"]
         rows.append(row)
@@ -210,9 +237,12 @@ def run_sweep(recipe: Recipe, grid: dict[str, list[Any]], *, sources: dict, outp
     ranked = rank(rows, metric)
     table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
     best = next(v for p, v in variants if point_name(p) == ranked[0]["name"])
-    promote(sweep_dir / ranked[0]["name"], output, {"sweep.json": json.dumps(table, indent=2) + "\n",
-                                                    "recipe.yaml": best.to_yaml(seen_from=output)},
-            overwrite=overwrite)
+    promote(
+        sweep_dir / ranked[0]["name"],
+        output,
+        {"sweep.json": json.dumps(table, indent=2) + "\n", "recipe.yaml": best.to_yaml(seen_from=output)},
+        overwrite=overwrite,
+    )
     return table
 
 
@@ -220,9 +250,20 @@ def merged_scores(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in evaluation["scores"] if s.get("role", "merged") == "merged"]
 
 
-def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec: Any, *, sources: dict,
-                 output: Path, metric: str | None = None, device: str = "auto", progress: bool = True,
-                 overwrite: bool = False, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_sweep_on(
+    executor: Any,
+    recipe: Recipe,
+    grid: dict[str, list[Any]],
+    spec: Any,
+    *,
+    sources: dict,
+    output: Path,
+    metric: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """run_sweep on a cluster: each point is a task (merge, evaluate, hash its tensors on a
     worker); a point that fails is a row with its error. The best point is merged again here
     and installed at `output` only if its tensors hash to what its worker reported."""
@@ -231,23 +272,34 @@ def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec
 
     variants = {point_name(p): (p, apply_point(recipe, p)) for p in grid_points(grid)}
     check_output_path(output, sources, overwrite)  # before any task runs
-    units = {name: Unit(name, build_unit, (variant, spec), {"device": device})
-             for name, (_, variant) in variants.items()}
+    units = {
+        name: Unit(name, build_unit, (variant, spec), {"device": device}) for name, (_, variant) in variants.items()
+    }
     outcomes = {}
     for outcome in executor.run(units):
         outcomes[outcome.key] = outcome
         unit = outcome.result or {}
         error = outcome.error or unit.get("eval_error")
-        echo(f"{outcome.key}: " + (f"failed: {error.splitlines()[0]}" if error else "evaluated")
-             + f" (node {outcome.node.get('ip', '?')})")
+        echo(
+            f"{outcome.key}: "
+            + (f"failed: {error.splitlines()[0]}" if error else "evaluated")
+            + f" (node {outcome.node.get('ip', '?')})"
+        )
     rows = []
     for name, (point, _) in variants.items():  # grid order, as run_sweep ranks ties
         outcome = outcomes[name]
         unit = outcome.result or {}
         error = outcome.error or unit.get("eval_error")
         if error:
-            row = {"point": point, "name": name, "score": None, "metric": metric, "scores": [],
-                   "retention": {}, "error": error}
+            row = {
+                "point": point,
+                "name": name,
+                "score": None,
+                "metric": metric,
+                "scores": [],
+                "retention": {},
+                "error": error,
+            }
         else:
             row = point_row(point, unit["report"], merged_scores(unit["eval"]), metric)
             metric = metric or row["metric"]
@@ -255,16 +307,33 @@ def run_sweep_on(executor: Any, recipe: Recipe, grid: dict[str, list[Any]], spec
     ranked = rank(rows, metric)
     best = outcomes[ranked[0]["name"]].result
     table = {"metric": metric, "best": ranked[0]["name"], "points": ranked}
-    merge_verified(variants[ranked[0]["name"]][1], sources, output, best["sha256"], device=device,
-                   progress=progress, files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"},
-                   overwrite=overwrite)
+    merge_verified(
+        variants[ranked[0]["name"]][1],
+        sources,
+        output,
+        best["sha256"],
+        device=device,
+        progress=progress,
+        files={**best["eval_files"], "sweep.json": json.dumps(table, indent=2) + "\n"},
+        overwrite=overwrite,
+    )
     return table
 
 
-def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec, *, metric: str | None,
-                  device: str, push_repo: str | None = None, token: str | None = None, progress: bool = True,
-                  executor: Any = None, overwrite: bool = False,
-                  echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def sweep_release(
+    recipe: Recipe,
+    grid_items: list[str] | tuple[str, ...],
+    spec,
+    *,
+    metric: str | None,
+    device: str,
+    push_repo: str | None = None,
+    token: str | None = None,
+    progress: bool = True,
+    executor: Any = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """`lrmerge sweep`: pull once, merge and evaluate every grid point, promote the best, card it
     (with every point's scores) and push it when a target is given. With a Ray executor the
     points run as tasks and the best is merged again here (run_sweep_on). An existing output
@@ -278,30 +347,55 @@ def sweep_release(recipe: Recipe, grid_items: list[str] | tuple[str, ...], spec,
         apply_point(recipe, point)  # every point checked before any work
     output = Path(recipe.output).absolute()
     if os.path.lexists(output) and not overwrite:
-        raise OutputError(f"output {output} already exists (pass --overwrite to replace it with the best point "
-                          "once the sweep is complete)")
-    ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo,
-                     progress=progress)
+        raise OutputError(
+            f"output {output} already exists (pass --overwrite to replace it with the best point "
+            "once the sweep is complete)"
+        )
+    ctx = RunContext(recipe=recipe, output=output, device=device, token=token, push_repo=push_repo, progress=progress)
     step_pull(ctx)
 
     def evaluate(folder: Path) -> list[dict[str, Any]]:
         return merged_scores(evaluate_for_run(folder, recipe, spec, sources=ctx.sources, echo=echo))
 
     if executor is None:
-        table = run_sweep(recipe, grid, sources=ctx.sources, output=output, evaluate=evaluate, metric=metric,
-                          device=device, progress=progress, overwrite=overwrite, echo=echo,
-                          evaluation=json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
+        table = run_sweep(
+            recipe,
+            grid,
+            sources=ctx.sources,
+            output=output,
+            evaluate=evaluate,
+            metric=metric,
+            device=device,
+            progress=progress,
+            overwrite=overwrite,
+            echo=echo,
+            evaluation=json.loads(json.dumps(dataclasses.asdict(spec), default=str)),
+        )
     else:
-        table = run_sweep_on(executor, recipe, grid, spec, sources=ctx.sources, output=output, metric=metric,
-                             device=device, progress=progress, overwrite=overwrite, echo=echo)
+        table = run_sweep_on(
+            executor,
+            recipe,
+            grid,
+            spec,
+            sources=ctx.sources,
+            output=output,
+            metric=metric,
+            device=device,
+            progress=progress,
+            overwrite=overwrite,
+            echo=echo,
+        )
     result: dict[str, Any] = {"output": str(output), **table, "card": step_card(ctx)["card"]}
     if push_target(ctx) is not None:
         result["push"] = step_push(ctx)
     lines = [f"{'point':<32} {table['metric']:>10}"]
     for p in table["points"]:
         value = "n/a" if p["score"] is None else f"{p['score']:.4f}"
-        lines.append(f"{p['name']:<32} {value:>10}" + ("  <- best, promoted" if p["name"] == table["best"] else "")
-                     + (f"  (node {p['node'].get('ip')})" if p.get("node") else "")
-                     + (f"  error: {p['error'].splitlines()[0]}" if p.get("error") else ""))
+        lines.append(
+            f"{p['name']:<32} {value:>10}"
+            + ("  <- best, promoted" if p["name"] == table["best"] else "")
+            + (f"  (node {p['node'].get('ip')})" if p.get("node") else "")
+            + (f"  error: {p['error'].splitlines()[0]}" if p.get("error") else "")
+        )
     result["table_text"] = "\n".join(lines) + f"\noutput: {output}"
     return result

@@ -9,8 +9,17 @@ and the package's `__init__`), so the names below are imported when first used.
 
 from .. import lazy_attributes
 
-_EXPORTS = {"auth_headers": "http", "http_json": "http", "Endpoint": "vllm", "ModelTarget": "vllm",
-            "ServeOptions": "vllm", "free_port": "vllm", "resolve_target": "vllm", "serve_until_signal": "vllm",
-            "start": "vllm", "start_with_signals": "vllm"}
+_EXPORTS = {
+    "auth_headers": "http",
+    "http_json": "http",
+    "Endpoint": "vllm",
+    "ModelTarget": "vllm",
+    "ServeOptions": "vllm",
+    "free_port": "vllm",
+    "resolve_target": "vllm",
+    "serve_until_signal": "vllm",
+    "start": "vllm",
+    "start_with_signals": "vllm",
+}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_attributes(__name__, _EXPORTS)

