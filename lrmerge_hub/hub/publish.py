@@ -293,9 +293,9 @@ def _landed(
             candidates = [(head, None)] if head and head != parent else []
         else:
             candidates = [(sha, ref) for ref, sha in _pr_refs(api, repo_id).items() if ref not in prs_before]
+        paths = [op.path_in_repo for op in operations]
         for sha, ref in candidates:
-            paths = [op.path_in_repo for op in operations]
-            remote = {e.path: e for e in _retry(lambda: api.get_paths_info(repo_id, paths, revision=sha))}
+            remote = {e.path: e for e in _retry(lambda sha=sha: api.get_paths_info(repo_id, paths, revision=sha))}
             if all(op.path_in_repo in remote and _same_content(op, remote[op.path_in_repo]) for op in operations):
                 pr_url = f"{api.endpoint}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}" if ref else None
                 return sha, f"{api.endpoint}/{repo_id}/commit/{sha}", pr_url

@@ -293,7 +293,7 @@ def merge_with_torch(
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
             raw[0], raw[1:], model_params, params, torch_dtype(job.out_dtype)
         )
-        for label, bad in zip(labels, bad_inputs):
+        for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
                 raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
         if bad_stored:
@@ -317,7 +317,7 @@ def reference_merge(
     from .torch_engine import to_float32
 
     inputs = [to_float32(t) for t in raw]
-    for label, x in zip(labels, inputs):
+    for label, x in zip(labels, inputs, strict=True):
         if not bool(x.isfinite().all()):
             raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
     rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
@@ -392,7 +392,8 @@ def merge_tensor(
         result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if all_zero(merged, job.out_dtype) and not any(
-        all_zero(a, readers[k].tensors[job.name].spec.dtype) for k, a in zip(labels, merge_inputs(job, readers, keys))
+        all_zero(a, readers[k].tensors[job.name].spec.dtype)
+        for k, a in zip(labels, merge_inputs(job, readers, keys), strict=True)
     ):
         raise zero_output(job, method, model_params, params)
     if retention is not None and kept is not None:
@@ -594,7 +595,7 @@ class Output:
 
 
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
-    for o, array in zip(outputs, arrays):
+    for o, array in zip(outputs, arrays, strict=True):
         o.writer.write(name, array)
 
 
@@ -733,7 +734,7 @@ def write_merge(
             # a copied (non-float) tensor is read from the reference model only
             read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
             for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
-                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by) if k in by])
+                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by, strict=True) if k in by])
             for index, job in enumerate(plan.jobs):
                 for k in read_by[index]:
                     readers[k].populate(job.name)

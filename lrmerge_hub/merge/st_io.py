@@ -10,6 +10,7 @@ tensor bytes in order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -288,7 +289,7 @@ class SafetensorsModel(TensorSource):
             pass
 
     def read_order(self, names: list[str]) -> None:
-        self._next = dict(zip(names, names[1:]))
+        self._next = dict(itertools.pairwise(names))
 
     def populate(self, name: str) -> None:
         """Map all of a tensor's pages into this process in one call, before the kernels

@@ -160,7 +160,9 @@ class TensorParams:
         t = position(layer, self.num_layers)
         mp, params = self.model_params, self.params
         if self.varies:
-            mp = [{**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings)]
+            mp = [
+                {**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings, strict=True)
+            ]
             params = {**params, **_resolve(self.settings, self.defaults, name, t)}
             key = repr((mp, params))
             if (

@@ -134,7 +134,7 @@ def ties_merge(
 
     n, m = base.numel(), len(tensors)
     cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
-    for x, d in zip(tensors, densities):
+    for x, d in zip(tensors, densities, strict=True):
         k = trim_count(n, d)
         cuts.append(select_threshold(x, base, k) if k < n else None)
     counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf

@@ -518,7 +518,11 @@ def default_role_note(recipe: Recipe) -> str | None:
     raw = recipe.raw.get("models") if isinstance(recipe.raw, dict) else None
     if recipe.from_mergekit_config or not isinstance(raw, list):  # mergekit has no roles to add
         return None
-    unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
+    unnamed = [
+        m.ref.spec
+        for m, entry in zip(recipe.models, raw, strict=True)
+        if not (isinstance(entry, dict) and "role" in entry)
+    ]
     if not unnamed:
         return None
     return (

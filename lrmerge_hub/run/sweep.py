@@ -60,7 +60,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def point_name(point: dict[str, Any]) -> str:
@@ -213,6 +213,7 @@ def run_sweep(
         zip(
             (folder.name for _, folder in to_merge),
             merge_many(to_merge, sources, device=device, overwrite=True, progress=progress) if to_merge else [],
+            strict=True,
         )
     )
     rows = []

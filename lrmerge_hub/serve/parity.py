@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -269,7 +269,7 @@ def check_served(
     near_ties, details = 0, []
     for ref in refs:
 
-        def ask(ids: list[int], n: int) -> list[int]:
+        def ask(ids: list[int], n: int, ref: Reference = ref) -> list[int]:
             try:
                 return served_tokens(base_url, model, ids, headers, max_tokens=n)
             except urllib.error.HTTPError as e:
