@@ -216,7 +216,7 @@ def server_models(base_url: str, api_key: str | None) -> list[str] | None:
         ) from None
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+    return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def choose_backend(backend: str, models: list[EvalModel], base_url: str, api_key: str | None) -> str:
@@ -359,6 +359,7 @@ def run_lm_eval(
         if what
         else f"lm-eval: evaluating (log: {log_paths[0]}) ..."
     )
+    proc: subprocess.Popen[Any]
     with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
         if len(cmds) == 1:
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -372,6 +373,7 @@ def run_lm_eval(
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+            assert proc.stdin is not None  # stdin=PIPE
             proc.stdin.write(json.dumps(jobs))
             proc.stdin.close()
         return wait_for_lm_eval(proc, log_paths)

@@ -404,7 +404,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         role = entry.get("role", "task")
         if role not in ROLES:
             raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {shown(role)})")
-        params, settings = {}, {}
+        params: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
         for name, param in method.model_params.items():
             params[name] = _param_value(name, entry.get(name, param.default), param, where, settings)
         hub_id = entry.get("hub_id")

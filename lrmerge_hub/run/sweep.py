@@ -231,6 +231,7 @@ def run_sweep(
                 (folder / SCORES_FILE).write_text(
                     json.dumps({"evaluation": evaluation, "scores": scores}, indent=2) + "\n"
                 )
+        assert report is not None  # to_merge holds every point without an earlier report
         row = point_row(point, report, scores, metric)
         metric = metric or row["metric"]
         rows.append(row)
@@ -346,7 +347,9 @@ def sweep_release(
     grid = parse_grid(list(grid_items))
     for point in grid_points(grid):
         apply_point(recipe, point)  # every point checked before any work
-    output = Path(recipe.output).absolute()
+    if recipe.output is None:
+        raise RecipeError("output: the recipe names no output folder; add `output:`")
+    output = recipe.output.absolute()
     if os.path.lexists(output) and not overwrite:
         raise OutputError(
             f"output {output} already exists (pass --overwrite to replace it with the best point "

@@ -625,8 +625,8 @@ def start(
         endpoint.parity = parity_verify(endpoint, prepared, echo)
         return endpoint
     except BaseException:
-        for p in reversed(processes):
-            p.stop()
+        for process in reversed(processes):
+            process.stop()
         raise
 
 
