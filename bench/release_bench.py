@@ -32,7 +32,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -53,8 +52,9 @@ from lrmerge_hub.hub import sources as hub_sources
 from lrmerge_hub.recipe import load_recipe
 from lrmerge_hub.sweep import parse_grid, run_sweep
 recipe = load_recipe(sys.argv[1])
-run_sweep(recipe, parse_grid(["density=0.1,0.2,0.3,0.4"]), sources=hub_sources.stream_sources(recipe), output=recipe.output,
-          evaluate=lambda folder: [{"task": "none", "metric": "acc", "value": 0.0}], device="cpu", progress=False)
+run_sweep(recipe, parse_grid(["density=0.1,0.2,0.3,0.4"]), sources=hub_sources.stream_sources(recipe),
+          output=recipe.output, evaluate=lambda folder: [{"task": "none", "metric": "acc", "value": 0.0}],
+          device="cpu", progress=False)
 """
 UPLOAD = """
 import sys

@@ -70,8 +70,14 @@ def measure(model_dir: Path, name: str, refs: list[parity.Reference]) -> dict:
                     "near_tie_flips": c.flips,
                     "flip_gaps": [round(ref.gaps[i], 3) for i in c.flips],
                     "served": served,
+                    # the server may stop early (EOS): compare the tokens both have
                     "gap_at_first_mismatch": next(
-                        (round(ref.gaps[i], 3) for i, (a, b) in enumerate(zip(ref.tokens, served)) if a != b), None
+                        (
+                            round(ref.gaps[i], 3)
+                            for i, (a, b) in enumerate(zip(ref.tokens, served, strict=False))
+                            if a != b
+                        ),
+                        None,
                     ),
                 }
             )

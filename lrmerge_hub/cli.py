@@ -598,7 +598,13 @@ def run_cmd(
         if failed:
             raise RunsFailedError(failed[0]["error"])
         return
-    emit(fmt, {"runs": summaries}, lambda: [print_run_summary(s) for s in summaries if not s.get("error")])
+
+    def print_summaries() -> None:
+        for s in summaries:
+            if not s.get("error"):
+                print_run_summary(s)
+
+    emit(fmt, {"runs": summaries}, print_summaries)
     if failed:
         raise RunsFailedError(
             f"{len(failed)} of {len(summaries)} releases failed: "

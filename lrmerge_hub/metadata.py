@@ -16,7 +16,7 @@ Hub's list (docs/hub/repositories-licenses.md of huggingface/hub-docs).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 import pycountry
 
@@ -55,7 +55,7 @@ LICENSE_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 PIPELINE_TAGS = ("text-generation", "text2text-generation", "image-text-to-text")
 
 
-def is_repo_id(value: Any) -> bool:
+def is_repo_id(value: Any) -> TypeGuard[str]:
     """True for a Hub model id 'namespace/name' that the Hub and huggingface_hub accept."""
     return (
         isinstance(value, str)

@@ -4,8 +4,8 @@ It implements the part of the Hub API that the official `huggingface_hub` client
 read model info, list files, download files (HEAD, ETag, X-Repo-Commit, Range), read
 safetensors headers, create repos, upload to LFS storage (preupload answers `uploadMode: lfs`
 for *.safetensors and *.bin, or `regular` for every file with `regular_uploads`; the git-lfs
-batch API, a PUT per object), commit (NDJSON:
-`file`, `lfsFile`, `deletedFile`), open pull requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
+batch API, a PUT per object), commit (NDJSON: `file`, `lfsFile`, `deletedFile`), open pull
+requests, and create branches and tags. Repos are in memory: each commit is a full snapshot
 {path: bytes} with a 40-hex sha; branches, tags and `refs/pr/N` point at commits.
 
 For tests it adds: private and gated repos that need a Bearer token, fault injection

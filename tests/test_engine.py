@@ -73,7 +73,7 @@ def test_merge_matches_reference_per_tensor(family, write_recipe, dtype, shard_b
             rtol=1e-5 if dtype == "float32" else 1e-2,
             atol=1e-6 if dtype == "float32" else 1e-2,
         )
-        kept_total = [a + b for a, b in zip(kept_total, kept)]
+        kept_total = [a + b for a, b in zip(kept_total, kept, strict=True)]
     assert [m["retention"]["kept"] for m in report["models"]] == kept_total
     shards = list(recipe.output.glob("*.safetensors"))
     assert (len(shards) > 1) == (shard_bytes is not None or dtype == "float32")

@@ -350,3 +350,9 @@ def test_the_eval_step_of_run_shows_progress_and_json_stays_clean(tmp_path):
     status, stdout, stderr = out["json"]
     assert status == 0 and json.loads(stdout)["steps"]["eval"]["status"] == "done"
     assert "lm-eval:" not in stderr, stderr
+
+
+def test_server_models_lists_only_entries_with_a_name(monkeypatch):
+    listed = {"data": [{"id": "merged"}, {"object": "model"}, "junk"]}
+    monkeypatch.setattr(evaluate, "http_json", lambda *a, **kw: listed)
+    assert evaluate.server_models("http://127.0.0.1:1/v1", None) == ["merged"]

@@ -18,6 +18,7 @@ from lrmerge_hub.hub import publish, sources as hub_sources
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import (
     HubAuthError,
+    HubError,
     HubNotFoundError,
     HubPushError,
     HubRevisionError,
@@ -475,3 +476,13 @@ def test_token_never_appears_in_output_or_written_files(hub_server, tiny, merged
         assert TOKEN.encode() not in p.read_bytes(), p
     for files in (hub_server.files("alice/merged"),):
         assert all(TOKEN.encode() not in data for data in files.values())
+
+
+def test_a_hub_answer_without_a_commit_sha_is_refused_not_read_unpinned(monkeypatch):
+    class Info:  # what HfApi.model_info may return: its sha is optional
+        sha = None
+        siblings: list = []
+
+    monkeypatch.setattr(hub_sources.HfApi, "model_info", lambda self, *a, **kw: Info())
+    with pytest.raises(HubError, match="did not name the commit of main"):
+        hub_sources.remote_meta(ref("org/base"))

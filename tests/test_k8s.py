@@ -146,7 +146,7 @@ def gate_problems(docs) -> list[str]:
         assert pods, f"the Service {service['metadata']['name']} selects no pod of these manifests"
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
-            for d, t in pods:
+            for _, t in pods:
                 owners = [
                     c
                     for c in t["spec"]["containers"]

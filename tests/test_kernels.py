@@ -20,7 +20,7 @@ N = kernels.MIN_FAST_NUMEL * 2 + 12345  # large enough for the fast path, odd-si
 
 
 def reference(base, tensors, weights, densities, slacks, lam=1.0, normalize=True):
-    params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    params = [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
     merged, stats = ties_family(
         base.float(), [t.float() for t in tensors], params, {"lambda": lam, "normalize": normalize}, slacks
     )
@@ -213,8 +213,9 @@ def test_each_selection_path_is_taken_and_exact(monkeypatch):
     Every path agrees with the reference (asserted by check)."""
     calls = []
     for name in ("_select_among", "_tie_limit_in_chunks", "_exact_select"):
+        original = getattr(kernels, name)
 
-        def counted(*a, _f=getattr(kernels, name), _name=name):
+        def counted(*a, _f=original, _name=name):
             calls.append(_name)
             return _f(*a)
 

@@ -148,7 +148,7 @@ def test_election_is_exact_with_slack_1e39(densities):
     assert (kept, agreed) == (ref_kept, ref_agreed)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
-    mp = [{"weight": w, "density": d, "slack": s} for w, d, s in zip(weights, densities, slacks)]
+    mp = [{"weight": w, "density": d, "slack": s} for w, d, s in zip(weights, densities, slacks, strict=True)]
     result, stats = METHODS["slack_ties"].fn(
         torch.from_numpy(base), [torch.from_numpy(m) for m in models], mp, {"lambda": 1.0, "normalize": True}
     )

@@ -58,19 +58,19 @@ def ref_ties_mask(tau32, density):
 
 def ref_combine(base, taus, weights, slacks, elect, normalize, lam):
     """Weighted sum, or sign election with slack-weighted votes and the disjoint mean."""
-    wd = [np.float64(w) * t for w, t in zip(weights, taus)]
+    wd = [np.float64(w) * t for w, t in zip(weights, taus, strict=True)]
     if not elect:
         merged = sum(wd)
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
             merged = merged / total
         return base + lam * merged, None
-    votes = sum((1 + s) * x for s, x in zip(slacks, wd))
+    votes = sum((1 + s) * x for s, x in zip(slacks, wd, strict=True))
     gamma = np.where(votes >= 0, 1.0, -1.0)
     agree = [(np.sign(x) == gamma) for x in wd]
-    merged = sum(np.where(a, x, 0.0) for a, x in zip(agree, wd))
+    merged = sum(np.where(a, x, 0.0) for a, x in zip(agree, wd, strict=True))
     if normalize:
-        div = sum(np.where(a, w, 0.0) for a, w in zip(agree, weights))
+        div = sum(np.where(a, w, 0.0) for a, w in zip(agree, weights, strict=True))
         merged = merged / np.where(div == 0, 1.0, div)
     return base + lam * merged, ([int((x != 0).sum()) for x in wd], [int(a.sum()) for a in agree])
 
@@ -88,7 +88,7 @@ def ref_sce(base, models, select_topk, slacks):
         mask = np.zeros(var.size, bool)
         mask[np.argsort(-var.ravel(), kind="stable")[:k]] = True
         tv = tv * mask.reshape(var.shape)
-    votes = sum((1 + s) * x for s, x in zip(slacks, tv))
+    votes = sum((1 + s) * x for s, x in zip(slacks, tv, strict=True))
     gamma = np.where(votes >= 0, 1.0, -1.0)
     agree = np.sign(tv) == gamma
     energy = (tv**2).reshape(len(models), -1).mean(1)
@@ -178,11 +178,11 @@ def test_breadcrumbs_matches_reference(method, shape, quantize):
     for normalize, rescale, lam in [(False, False, 1.0), (True, True, 0.7)]:
         mp = [
             {"weight": w, "density": d, "gamma": g, **({"slack": s} if elect else {})}
-            for w, d, g, s in zip(weights, densities, gammas, slacks)
+            for w, d, g, s in zip(weights, densities, gammas, slacks, strict=True)
         ]
         out, stats = call(method, base, models, mp, {"normalize": normalize, "rescale": rescale, "lambda": lam})
         taus = []
-        for m, d, g in zip(models, densities, gammas):
+        for m, d, g in zip(models, densities, gammas, strict=True):
             tau32 = (m - base).astype(np.float32)
             kept = np.where(ref_breadcrumbs_mask(tau32, d, g), tau32, 0).astype(np.float64)
             taus.append(ref_l1(tau32.astype(np.float64), kept) if rescale else kept)

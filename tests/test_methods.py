@@ -20,14 +20,16 @@ def ref_trim(tau: np.ndarray, density: float) -> np.ndarray:
 
 
 def ref_ties(base, models, weights, densities, slacks, lam, normalize):
-    trimmed = [ref_trim(m - base, d) for m, d in zip(models, densities)]
-    wd = [np.float32(w) * t for w, t in zip(weights, trimmed)]
-    vote = sum((1.0 + s) * x.astype(np.float64) for s, x in zip(slacks, wd))  # float64, as the methods vote
+    trimmed = [ref_trim(m - base, d) for m, d in zip(models, densities, strict=True)]
+    wd = [np.float32(w) * t for w, t in zip(weights, trimmed, strict=True)]
+    vote = sum(
+        (1.0 + s) * x.astype(np.float64) for s, x in zip(slacks, wd, strict=True)
+    )  # float64, as the methods vote
     gamma = np.where(vote >= 0, 1.0, -1.0).astype(np.float32)
     agree = [np.sign(x) == gamma for x in wd]
-    merged = sum(np.where(a, x, 0) for a, x in zip(agree, wd)).astype(np.float32)
+    merged = sum(np.where(a, x, 0) for a, x in zip(agree, wd, strict=True)).astype(np.float32)
     if normalize:
-        div = sum(np.where(a, np.float32(w), 0) for a, w in zip(agree, weights))
+        div = sum(np.where(a, np.float32(w), 0) for a, w in zip(agree, weights, strict=True))
         merged = merged / np.where(div == 0, 1, div)
     kept = [int((x != 0).sum()) for x in wd]
     agreed = [int(a.sum()) for a in agree]
@@ -61,7 +63,7 @@ def test_ties_family_matches_reference(method, shape, quantize):
     slacks = [0.0, 0.5, 2.0] if method == "slack_ties" else [0.0, 0.0, 0.0]
     mp = [
         {"weight": w, "density": d, **({"slack": s} if method == "slack_ties" else {})}
-        for w, d, s in zip(weights, densities, slacks)
+        for w, d, s in zip(weights, densities, slacks, strict=True)
     ]
     for normalize, lam in [(True, 1.0), (False, 0.8)]:
         out, stats = run(method, base, models, mp, {"lambda": lam, "normalize": normalize})
@@ -97,10 +99,10 @@ def test_slack_changes_winner_of_a_sign_conflict():
     base = np.zeros(2, np.float32)
     language = np.array([0.3, 0.1], np.float32)
     task = np.array([-0.2, 0.1], np.float32)
-    mp = lambda s: [
-        {"weight": 1.0, "density": 1.0, "slack": 0.0},  # noqa: E731
-        {"weight": 1.0, "density": 1.0, "slack": s},
-    ]
+
+    def mp(s):
+        return [{"weight": 1.0, "density": 1.0, "slack": 0.0}, {"weight": 1.0, "density": 1.0, "slack": s}]
+
     params = {"lambda": 1.0, "normalize": True}
     plain, stats0 = run("slack_ties", base, [language, task], mp(0.0), params)
     assert plain[0] == pytest.approx(0.3)  # larger magnitude wins without slack

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx2
 import pytest
 from click.testing import CliRunner
 
@@ -170,9 +171,7 @@ def test_a_refused_commit_is_not_blamed_on_the_card(hub_server, local_merge):
     assert "README" not in result.output, result.output
 
 
-def batch_answer(actions: dict) -> "httpx2.Response":
-    import httpx2
-
+def batch_answer(actions: dict) -> httpx2.Response:
     request = httpx2.Request("POST", "https://huggingface.co/alice/merged.git/info/lfs/objects/batch")
     return httpx2.Response(
         200, json={"transfer": "basic", "objects": [{"oid": "0" * 64, "size": 1, "actions": actions}]}, request=request

@@ -243,7 +243,7 @@ def test_two_recipes_released_together_land_on_the_hub(ray_cluster, seeded, hub_
     )
     assert code == 0, err
     runs = json.loads(out)["runs"]
-    for lang, summary in zip(("bo", "ug"), runs):
+    for lang, summary in zip(("bo", "ug"), runs, strict=True):
         files = hub_server.files(f"alice/tiny-{lang}")
         assert {"README.md", "model.safetensors", "merge_report.json"} <= set(files)
         assert summary["steps"]["push"]["repo_id"] == f"alice/tiny-{lang}"

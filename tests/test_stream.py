@@ -344,8 +344,8 @@ def leftovers(folder: Path) -> list[str]:
         (
             {"status": 429, "headers": {"Retry-After": "100000"}},
             {},
-            "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), longer than lrmerge waits "
-            "(300 s, LRMERGE_HUB_MAX_WAIT)",
+            "the Hub asks to wait 100000 s before reading model.safetensors again (HTTP 429), "
+            "longer than lrmerge waits (300 s, LRMERGE_HUB_MAX_WAIT)",
         ),
         ({"status": TRICKLE, "interval": 0.5}, {"LRMERGE_HUB_RANGE_DEADLINE": "3"}, "took longer than 3 s"),
     ],

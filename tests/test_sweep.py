@@ -185,3 +185,13 @@ def test_the_promoted_recipe_names_the_models_from_the_output_folder(family, wri
     copied = load_recipe(recipe.output / "recipe.yaml")  # read relative to the output folder
     assert [m.ref.path for m in copied.models] == [m.ref.path for m in recipe.models]
     assert copied.base.path == recipe.base.path and copied.models[1].params["slack"] == 1
+
+
+def test_sweep_release_without_an_output_says_so(family, write_recipe):
+    # the CLI checks this first; called directly, sweep_release used to fail with Path(None)'s TypeError
+    from lrmerge_hub.run.sweep import sweep_release
+
+    family()
+    recipe = load_recipe(write_recipe(RECIPE.replace("output: ./merged\n", "")))
+    with pytest.raises(RecipeError, match="names no output folder"):
+        sweep_release(recipe, ["slack=0,1"], None, metric=None, device="cpu")

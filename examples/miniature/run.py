@@ -230,6 +230,7 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
                     preset.seeds,
                     [models_root / f"seed{s}" for s in preset.seeds],
                 ),
+                strict=True,
             )
         )
     log(f"trained or reused {len(preset.seeds)} seed(s) in {time.time() - t0:.0f}s")
@@ -250,14 +251,10 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
     for ct in [None, *cts]:
         for seed, paths in families.items():
             tasks_dir = tasks[seed]
-            rec = lambda model, **kw: dict(
-                seed=seed,
-                model=model,
-                ct=ct,
-                chance=mean_chance(tasks_dir),  # noqa: E731
-                stamp=stamps[seed],
-                **kw,
-            )
+
+            def rec(model, seed=seed, ct=ct, tasks_dir=tasks_dir, **kw):
+                return dict(seed=seed, model=model, ct=ct, chance=mean_chance(tasks_dir), stamp=stamps[seed], **kw)
+
             if ct is None:
                 jobs_list += [
                     (rec("base"), paths["base"], None, tasks_dir),
@@ -287,7 +284,7 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             if merge_spec is not None:
                 for m in merge(*merge_spec)["models"]:
                     record[f"{m['role']}_retention"] = (m.get("retention") or {}).get("fraction")
-        for (record, *_), scores in zip(todo, evaluate([j[1] for j in todo], chunk[0][3]) if todo else []):
+        for (record, *_), scores in zip(todo, evaluate([j[1] for j in todo], chunk[0][3]) if todo else [], strict=True):
             record.update(scores)
             with open(progress, "a") as f:  # progress, in case the run is cut short
                 f.write(json.dumps(record) + "\n")

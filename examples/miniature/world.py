@@ -105,7 +105,7 @@ def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int =
         words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3)))))
     ordered = sorted(words)  # a set's order changes with the process's hash seed
     rng.shuffle(ordered)
-    lexicon = dict(zip(LR_FUNCTION_WORDS, ordered))
+    lexicon = dict(zip(LR_FUNCTION_WORDS, ordered, strict=True))
     return World(names=names, facts=facts, lexicon=lexicon)
 
 

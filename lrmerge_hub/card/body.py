@@ -247,7 +247,7 @@ def card_context(inputs: CardInputs, *, model_name: str, model_id: str) -> dict[
     roles = {role: [s for s in sources if s.role == role] for role in ("base", "language", "task")}
     merged_scores = [s for s in inputs.scores if s.model == MERGED]
     vocab = _mapping(report, "vocab")
-    rows = {key: vocab.get(key) if isinstance(vocab.get(key), int) else 0 for key in ("output_rows", "base_rows")}
+    rows = {key: r if isinstance(r := vocab.get(key), int) else 0 for key in ("output_rows", "base_rows")}
     dates = sorted({s.date for s in merged_scores})
     versions = sorted({s.lm_eval_version for s in merged_scores if s.lm_eval_version})
     commands = list(

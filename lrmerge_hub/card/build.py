@@ -189,11 +189,11 @@ def merge_metadata(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     for key, value in old.items():
         if key not in MANAGED_KEYS:
             merged[key] = value
-    old_tags = old.get("tags") if isinstance(old.get("tags"), list) else []
+    old_tags = t if isinstance(t := old.get("tags"), list) else []
     extra_tags = [t for t in old_tags if isinstance(t, str) and t not in merged.get("tags", [])]
     if extra_tags:
         merged["tags"] = list(merged.get("tags", [])) + extra_tags
-    old_index = old.get("model-index") if isinstance(old.get("model-index"), list) else []
+    old_index = i if isinstance(i := old.get("model-index"), list) else []
     foreign = [
         r
         for entry in old_index

@@ -140,10 +140,10 @@ def parity_summary(recorded: Any) -> str | None:
 
 def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> list[Score]:
     """The scores in one parsed lm-eval results JSON (pure)."""
-    configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
-    n_shots = data.get("n-shot") if isinstance(data.get("n-shot"), dict) else {}
+    configs = c if isinstance(c := data.get("configs"), dict) else {}
+    n_shots = n if isinstance(n := data.get("n-shot"), dict) else {}
     version = data.get("lm_eval_version") if isinstance(data.get("lm_eval_version"), str) else None
-    ours = data.get("lrmerge") if isinstance(data.get("lrmerge"), dict) else {}
+    ours = o if isinstance(o := data.get("lrmerge"), dict) else {}
     config_limit = (data.get("config") or {}).get("limit") if isinstance(data.get("config"), dict) else None
     limit = _number(config_limit if config_limit is not None else ours.get("limit"))
     command = ours.get("command") if isinstance(ours.get("command"), str) else None
@@ -153,7 +153,7 @@ def scores_from_results(data: dict[str, Any], model: str, seconds: float) -> lis
     for task, metrics in results.items() if isinstance(results, dict) else []:
         if not isinstance(metrics, dict):
             continue
-        config = configs.get(task) if isinstance(configs.get(task), dict) else {}
+        config = c if isinstance(c := configs.get(task), dict) else {}
         n_shot = n_shots.get(task, config.get("num_fewshot"))
         first = True
         for key, raw in metrics.items():

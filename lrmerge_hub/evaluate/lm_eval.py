@@ -26,7 +26,7 @@ import time
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 
 from .. import progress
@@ -216,7 +216,7 @@ def server_models(base_url: str, api_key: str | None) -> list[str] | None:
         ) from None
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+    return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def choose_backend(backend: str, models: list[EvalModel], base_url: str, api_key: str | None) -> str:
@@ -351,7 +351,7 @@ def run_lm_eval(
         else f"# run in one Python process with {len(cmds) - 1} other model(s) "
         "(python -m lrmerge_hub.evaluate.lm_eval_many): this command line, parsed by lm-eval's CLI\n"
     )
-    for cmd, log_path in zip(cmds, log_paths):
+    for cmd, log_path in zip(cmds, log_paths, strict=True):
         echo(f"$ {shlex.join(cmd)}")
         log_path.write_text(f"$ {shlex.join(cmd)}\n{note}")
     progress.note(
@@ -359,11 +359,12 @@ def run_lm_eval(
         if what
         else f"lm-eval: evaluating (log: {log_paths[0]}) ..."
     )
+    proc: subprocess.Popen[Any]
     with open(log_paths[0], "a") as log:  # a failure before the first job shows in its log
         if len(cmds) == 1:
             proc = subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         else:
-            jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths)]
+            jobs = [{"argv": cmd[3:], "log": str(p)} for cmd, p in zip(cmds, log_paths, strict=True)]
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lrmerge_hub.evaluate.lm_eval_many"],
                 stdin=subprocess.PIPE,
@@ -372,6 +373,7 @@ def run_lm_eval(
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+            assert proc.stdin is not None  # stdin=PIPE
             proc.stdin.write(json.dumps(jobs))
             proc.stdin.close()
         return wait_for_lm_eval(proc, log_paths)
@@ -505,7 +507,7 @@ def format_table(summaries: dict[str, dict[str, dict[str, float]]]) -> str:
         rows.append([task, metric, *cells])
     header = ["task", "metric", *names]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

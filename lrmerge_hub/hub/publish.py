@@ -6,6 +6,7 @@ and never printed, logged or written by this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import asdict, dataclass
@@ -205,7 +206,7 @@ def _commit(
     description: str,
     branch: str,
     create_pr: bool,
-    parent: str,
+    parent: str | None,
     uploaded: list[CommitOperationAdd],
 ) -> tuple[str, str, str | None]:
     """One commit of `files` and the pre-`uploaded` shards on top of `parent`, the branch
@@ -233,9 +234,10 @@ def _commit(
                 )
                 return info.oid, info.commit_url, info.pr_url
             except RuntimeError as e:
-                if _upload_error(e) is None:
+                cause = _upload_error(e)
+                if cause is None:
                     raise
-                raise _upload_error(e) from None
+                raise cause from None
         except (HfHubHTTPError, httpx2.TransportError) as e:  # first: a 400 is a ValueError too
             status = getattr(getattr(e, "response", None), "status_code", None)
             retryable = isinstance(e, httpx2.TransportError) or status in RETRY_STATUS
@@ -281,21 +283,22 @@ def _landed(
     repo_id: str,
     operations: list[CommitOperationAdd],
     branch: str,
-    parent: str,
+    parent: str | None,
     prs_before: dict[str, str] | None,
 ) -> tuple[str, str, str | None] | None:
     """(sha, url, pr_url) of the commit that holds exactly the files of `operations`: the
     branch head if it moved from `parent`, or (`prs_before` given) a pull request opened since;
     None when there is none or the Hub cannot say."""
+    candidates: list[tuple[str, str | None]]
     try:
         if prs_before is None:
             head = _retry(lambda: api.model_info(repo_id, revision=branch).sha)
             candidates = [(head, None)] if head and head != parent else []
         else:
             candidates = [(sha, ref) for ref, sha in _pr_refs(api, repo_id).items() if ref not in prs_before]
+        paths = [op.path_in_repo for op in operations]
         for sha, ref in candidates:
-            paths = [op.path_in_repo for op in operations]
-            remote = {e.path: e for e in _retry(lambda: api.get_paths_info(repo_id, paths, revision=sha))}
+            remote = {e.path: e for e in _retry(functools.partial(api.get_paths_info, repo_id, paths, revision=sha))}
             if all(op.path_in_repo in remote and _same_content(op, remote[op.path_in_repo]) for op in operations):
                 pr_url = f"{api.endpoint}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}" if ref else None
                 return sha, f"{api.endpoint}/{repo_id}/commit/{sha}", pr_url
@@ -380,9 +383,10 @@ class ShardUploader:
                     )
                 )
             except RuntimeError as e:
-                if _upload_error(e) is None:
+                cause = _upload_error(e)
+                if cause is None:
                     raise
-                raise _upload_error(e) from None
+                raise cause from None
         # The client lets go of content it has sent to storage. A shard the Hub takes in
         # regular mode (mirrors and proxies do) travels inside the commit instead: it stays on
         # disk, and push reads it from the output folder, where the merge has moved it by then.

@@ -123,7 +123,9 @@ class PullPlan:
 # --- reading models -----------------------------------------------------------------------
 def local_meta(ref: ModelRef, folder: Path | None = None) -> ModelMeta:
     """Tensor specs and config of a local folder (or a cached snapshot), from the headers."""
-    model = SafetensorsModel(folder or ref.path, label=ref.display)
+    path = folder or ref.path
+    assert path is not None  # a local ref, or a Hub model's snapshot folder
+    model = SafetensorsModel(path, label=ref.display)
     return ModelMeta(
         spec=ref.spec,
         name=ref.display,
@@ -165,6 +167,8 @@ def remote_meta(ref: ModelRef, *, token: str | None = None) -> ModelMeta:
     with hub_errors(ref.spec):
         info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         sha = info.sha
+        if sha is None:
+            raise HubError(f"{ref.spec}: the Hub did not name the commit of {ref.revision or 'main'}")
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         if not any(f.endswith(".safetensors") for f in sizes):
             pickles = [f for f in sizes if f.endswith(PICKLE_SUFFIXES)]
@@ -348,12 +352,13 @@ def stream_sources(
             download(m, token=token)
             sources[key] = Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
             continue
+        assert m.repo_id and m.sha  # streamed: a Hub model, pinned to a commit by plan_recipe
         with hub_errors(m.spec):
             folder = Path(
                 snapshot_download(
                     m.repo_id,
                     revision=m.sha,
-                    token=token,  # type: ignore[arg-type]
+                    token=token,
                     allow_patterns=[f for f in m.files if not f.endswith(".safetensors")],
                 )
             )
@@ -362,7 +367,7 @@ def stream_sources(
             m.repo_id,
             m.sha,
             folder,
-            token=token,  # type: ignore[arg-type]
+            token=token,
             read_ahead=read_ahead // len(streamed),
         )
     return sources

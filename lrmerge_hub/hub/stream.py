@@ -259,7 +259,7 @@ class HubModel(TensorSource):
                 f"the repo at {self.revision[:12]}"
             )
         return {
-            n: RemoteShard(n, listed[n].size, listed[n].lfs.sha256 if listed[n].lfs else None, listed[n].blob_id)
+            n: RemoteShard(n, listed[n].size, lfs.sha256 if (lfs := listed[n].lfs) else None, listed[n].blob_id)
             for n in names
         }
 
@@ -481,6 +481,7 @@ class HubModel(TensorSource):
             return np.empty(0, dtype=dtype)
         self.populate(name)
         block = self._block_of[name]
+        assert block.buffer is not None  # populate() fetched it
         return np.frombuffer(block.buffer, dtype=dtype, count=st.spec.numel, offset=st.start - block.start)
 
     def release(self, name: str) -> None:

@@ -50,8 +50,7 @@ def keep_mask(key: np.uint64, probability: float | np.ndarray, n: int) -> np.nda
     """Bernoulli draws for n entries: entry j is kept when its uniform < its probability
     (a number, or a flat float64 array of n probabilities)."""
     keep = np.empty(n, dtype=np.bool_)
-    per_entry = isinstance(probability, np.ndarray)
     for s in range(0, n, CHUNK):
         e = min(s + CHUNK, n)
-        keep[s:e] = uniforms(key, s, e) < (probability[s:e] if per_entry else probability)
+        keep[s:e] = uniforms(key, s, e) < (probability[s:e] if isinstance(probability, np.ndarray) else probability)
     return keep

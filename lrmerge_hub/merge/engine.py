@@ -38,7 +38,7 @@ from ..settings import default_engine
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
     from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
-    FAST_PATHS, NonFiniteInput, NonFiniteOutput = {}, ValueError, ValueError
+    FAST_PATHS = {}  # no fast path, so the `except NonFiniteInput/Output` clauses are never reached
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, model_keys, plan_merge
 from .st_io import Source
@@ -293,7 +293,7 @@ def merge_with_torch(
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
             raw[0], raw[1:], model_params, params, torch_dtype(job.out_dtype)
         )
-        for label, bad in zip(labels, bad_inputs):
+        for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
                 raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
         if bad_stored:
@@ -317,7 +317,7 @@ def reference_merge(
     from .torch_engine import to_float32
 
     inputs = [to_float32(t) for t in raw]
-    for label, x in zip(labels, inputs):
+    for label, x in zip(labels, inputs, strict=True):
         if not bool(x.isfinite().all()):
             raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
     rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
@@ -392,10 +392,11 @@ def merge_tensor(
         result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
         merged = as_array(result.to(torch_dtype(job.out_dtype)))
     if all_zero(merged, job.out_dtype) and not any(
-        all_zero(a, readers[k].tensors[job.name].spec.dtype) for k, a in zip(labels, merge_inputs(job, readers, keys))
+        all_zero(a, readers[k].tensors[job.name].spec.dtype)
+        for k, a in zip(labels, merge_inputs(job, readers, keys), strict=True)
     ):
         raise zero_output(job, method, model_params, params)
-    if retention is not None and kept is not None:
+    if retention is not None and kept is not None and agreed is not None:  # the methods count both or neither
         retention.add(merged.size, kept, agreed)
     if job.extra_rows_from is not None:
         src = readers[job.extra_rows_from]
@@ -594,7 +595,7 @@ class Output:
 
 
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
-    for o, array in zip(outputs, arrays):
+    for o, array in zip(outputs, arrays, strict=True):
         o.writer.write(name, array)
 
 
@@ -706,6 +707,7 @@ def write_merge(
     # the torch engine copies the next tensor's inputs while this one is merged: from mapped
     # local files only (a streamed source has a tensor's bytes only once it is populated)
     stage_ahead = compute is not None and all(isinstance(r, SafetensorsModel) for r in readers.values())
+    staging = compute if stage_ahead else None
     # Each tensor is written by a background thread while the next one is read and merged
     # (the write releases the GIL, the kernels too); one write in flight at a time, so at
     # most two output tensors per target are held.
@@ -733,13 +735,13 @@ def write_merge(
             # a copied (non-float) tensor is read from the reference model only
             read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
             for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
-                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by) if k in by])
+                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by, strict=True) if k in by])
             for index, job in enumerate(plan.jobs):
                 for k in read_by[index]:
                     readers[k].populate(job.name)
                 following = plan.jobs[index + 1] if index + 1 < len(plan.jobs) else None
-                if stage_ahead and following is not None and following.merge:  # its copy overlaps this merge
-                    compute.stage(following.name, merge_inputs(following, readers, keys))
+                if staging is not None and following is not None and following.merge:  # its copy overlaps this merge
+                    staging.stage(following.name, merge_inputs(following, readers, keys))
                 with deferred():  # a signal inside a numba kernel would surface as a SystemError
                     out = [o.merged(job, readers, plan, keys, dev, compute) for o in outputs]
                 if pending is not None:
@@ -760,8 +762,8 @@ def write_merge(
         if pending is not None:
             pending.result()
             pending = None
-        for r in readers.values():  # e.g. each streamed shard's sha256, before the last output shard is handed on
-            r.finish()
+        for reader in readers.values():  # e.g. each streamed shard's sha256, before the last output shard is handed on
+            reader.finish()
         reports = []
         for o in outputs:
             o.writer.close()
@@ -875,7 +877,7 @@ def build_report(
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),
         "license": recipe.license,
-        "base": source_entry(BASE, display[BASE]) if recipe.base else None,
+        "base": source_entry(BASE, recipe.base.display) if recipe.base else None,
         "models": models,
         "tokenizer_source": display.get(plan.tokenizer_source, plan.tokenizer_source),
         "vocab": {"base_rows": plan.vocab_rows.get(plan.reference), "output_rows": plan.output_vocab},
@@ -898,7 +900,7 @@ def local_sources(recipe: Recipe) -> dict[str, Source]:
     sources = {}
     refs = ([(BASE, recipe.base)] if recipe.base else []) + [(m.ref.spec, m.ref) for m in recipe.models]
     for key, ref in refs:
-        if not ref.is_local:
+        if ref.path is None:
             raise InputModelError(f"{ref.spec}: a Hub id; pull it first or use a local folder")
         sources[key] = Source(path=ref.path)
     return sources

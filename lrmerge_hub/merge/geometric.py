@@ -89,8 +89,8 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         return tensors[0]
     alpha = 1.0 / len(tensors)
     norms = [torch.linalg.vector_norm(t) for t in tensors]
-    units = [t / n if n.item() != 0.0 else torch.zeros_like(t) for t, n in zip(tensors, norms)]
-    steering = [u for u, n in zip(units, norms) if n.item() > tol]
+    units = [t / n if n.item() != 0.0 else torch.zeros_like(t) for t, n in zip(tensors, norms, strict=True)]
+    steering = [u for u, n in zip(units, norms, strict=True) if n.item() > tol]
     if not steering:
         return torch.zeros_like(tensors[0])
     share = 1.0 / len(steering)

@@ -618,7 +618,7 @@ def kernel_inputs(arrays: list[np.ndarray], dtypes: list[str]) -> list[np.ndarra
     them: all bfloat16 bits as they are, else all float32 (converted where needed)."""
     if set(dtypes) == {"BF16"}:
         return arrays
-    return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes)]
+    return [a if d == "F32" else as_float32(a, d == "BF16") for a, d in zip(arrays, dtypes, strict=True)]
 
 
 def _ties_fast_path(

@@ -178,7 +178,8 @@ class MergeMethod:
             return f"base: method {self.name!r} takes no base model (remove it)"
         if self.max_models == self.min_models and models != self.min_models:
             count = "exactly one model" if self.min_models == 1 else f"exactly {self.min_models} models"
-            return f"models: method {self.name!r} takes {count}{' besides the base' if self.needs_base else ''} (got {models})"
+            besides = " besides the base" if self.needs_base else ""
+            return f"models: method {self.name!r} takes {count}{besides} (got {models})"
         if models < self.min_models:
             return f"models: method {self.name!r} takes at least {self.min_models} models (got {models})"
         if self.max_models is not None and models > self.max_models:
@@ -208,7 +209,8 @@ def merge_method(
             needs_base=needs_base,
             model_params=model_params,
             global_params=global_params or {},
-            doc=(fn.__doc__ or "").strip().splitlines()[0],
+            # the card's one-line summary: the docstring's first paragraph, which may wrap
+            doc=" ".join(line.strip() for line in (fn.__doc__ or "").strip().split("\n\n")[0].splitlines()),
             reports_retention=reports_retention,
             **contract,
         )
@@ -254,7 +256,7 @@ def elect_signs(weighted: torch.Tensor, slacks: list[float]) -> torch.Tensor:
     import torch
 
     total = torch.zeros(weighted.shape[1:], dtype=torch.float64, device=weighted.device)
-    for row, s in zip(weighted, slacks):
+    for row, s in zip(weighted, slacks, strict=True):
         total += row.double() * (1.0 + s)
     return torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
 
@@ -298,7 +300,7 @@ def task_arithmetic_family(
 
     weights = [p["weight"] for p in model_params]
     weighted = []
-    for i, (t, p) in enumerate(zip(tensors, model_params)):
+    for i, (t, p) in enumerate(zip(tensors, model_params, strict=True)):
         delta = t - base
         kept = sparsify(delta, i, p)
         if params.get("rescale"):
@@ -334,7 +336,7 @@ def count_retention(sparsified: torch.Tensor, agree: torch.Tensor) -> MergeStats
 
 def ties_family(base, tensors, model_params, params, slacks):
     """TIES with the given slacks (kept for callers of the first version: kernels' tests)."""
-    mp = [{**p, "slack": s} for p, s in zip(model_params, slacks)]
+    mp = [{**p, "slack": s} for p, s in zip(model_params, slacks, strict=True)]
     return task_arithmetic_family(base, tensors, mp, {**params, "rescale": False}, _magnitude_trim, True)
 
 
@@ -479,7 +481,7 @@ TA_GLOBALS = {"lambda": LAMBDA, "int8_mask": INT8_MASK}
 def linear(base, tensors, model_params, params):
     """Weighted average of the models' full weights (the base is not averaged in)."""
     weights = [p["weight"] for p in model_params]
-    out = sum(w * t for w, t in zip(weights, tensors))
+    out = sum(w * t for w, t in zip(weights, tensors, strict=True))
     if params["normalize"]:  # recipes whose weights cancel are refused (normalize_problem)
         out = out / sum(weights)
     return out, None
@@ -495,7 +497,7 @@ def linear(base, tensors, model_params, params):
 )
 def task_arithmetic(base, tensors, model_params, params):
     """theta = theta0 + lambda * sum_i w_i * tau_i."""
-    tau = sum(p["weight"] * (t - base) for t, p in zip(tensors, model_params))
+    tau = sum(p["weight"] * (t - base) for t, p in zip(tensors, model_params, strict=True))
     return base + params["lambda"] * tau, None
 
 
@@ -512,7 +514,8 @@ TIES_MODEL = {"weight": WEIGHT, "density": DENSITY, "slack": SLACK}
     papers=_papers("ties"),
 )
 def ties(base, tensors, model_params, params):
-    """TIES: trim each task vector to its largest magnitudes, elect signs by the (slack-weighted) sum, average the agreeing entries."""
+    """TIES: trim each task vector to its largest magnitudes, elect signs by the (slack-weighted)
+    sum, average the agreeing entries."""
     return task_arithmetic_family(base, tensors, model_params, params, _magnitude_trim, True)
 
 
@@ -578,7 +581,8 @@ DELLA_MODEL = {"weight": WEIGHT, "density": DENSITY, "epsilon": EPSILON}
     papers=_papers("della"),
 )
 def della(base, tensors, model_params, params, *, tensor_name):
-    """DELLA: drop entries with probabilities by magnitude rank (MagPrune), rescale, elect signs (slack-weighted), disjoint merge."""
+    """DELLA: drop entries with probabilities by magnitude rank (MagPrune), rescale, elect signs
+    (slack-weighted), disjoint merge."""
     return task_arithmetic_family(base, tensors, model_params, params, _magprune(params["seed"], tensor_name), True)
 
 
@@ -610,7 +614,8 @@ BREADCRUMBS_GLOBALS = {**TA_GLOBALS, "normalize": NORMALIZE_OFF, "rescale": RESC
     papers=_papers("breadcrumbs"),
 )
 def breadcrumbs(base, tensors, model_params, params):
-    """Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, keep density, add the weighted sum."""
+    """Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, keep
+    density, add the weighted sum."""
     return task_arithmetic_family(base, tensors, model_params, params, _outlier_trim, False)
 
 
@@ -638,7 +643,8 @@ def breadcrumbs_ties(base, tensors, model_params, params):
     papers=_papers("sce"),
 )
 def sce(base, tensors, model_params, params):
-    """SCE: select the entries that vary most across models, elect signs (slack-weighted), merge weighted by each task vector's mean square."""
+    """SCE: select the entries that vary most across models, elect signs (slack-weighted), merge
+    weighted by each task vector's mean square."""
     import torch
 
     from .sparsify import variance_top
@@ -710,7 +716,8 @@ def nuslerp(base, tensors, model_params, params):
     papers=_papers("multislerp"),
 )
 def multislerp(base, tensors, model_params, params):
-    """Multi-SLERP: weighted barycentric interpolation of any number of models on the hypersphere (of task vectors with a base)."""
+    """Multi-SLERP: weighted barycentric interpolation of any number of models on the hypersphere
+    (of task vectors with a base)."""
     from .geometric import multislerp as barycentric
 
     weights = [p["weight"] for p in model_params]
@@ -737,7 +744,8 @@ def multislerp(base, tensors, model_params, params):
     papers=_papers("karcher"),
 )
 def karcher(base, tensors, model_params, params):
-    """Karcher mean: the equally weighted Riemannian mean on the hypersphere of every input, the base included when given."""
+    """Karcher mean: the equally weighted Riemannian mean on the hypersphere of every input, the
+    base included when given."""
     from .geometric import karcher_mean
 
     inputs = ([base] if base is not None else []) + list(tensors)
@@ -754,7 +762,8 @@ def karcher(base, tensors, model_params, params):
     papers=_papers("model_stock"),
 )
 def model_stock(base, tensors, model_params, params):
-    """Model Stock: move from the base toward the models' average by a ratio from the angle between their task vectors."""
+    """Model Stock: move from the base toward the models' average by a ratio from the angle between
+    their task vectors."""
     from .geometric import model_stock as stock
 
     return stock(base, tensors, params["filter_wise"]), None
@@ -771,7 +780,8 @@ def model_stock(base, tensors, model_params, params):
     papers=_papers("nearswap"),
 )
 def nearswap(base, tensors, model_params, params):
-    """NearSwap: take the other model's value where it is within t of the base, blend toward the base where it is farther."""
+    """NearSwap: take the other model's value where it is within t of the base, blend toward the
+    base where it is farther."""
     from .geometric import nearswap as swap
 
     return swap(params["t"], base, tensors[0]), None
@@ -822,7 +832,8 @@ FUSION_QUANTILES = (0.25, 0.5, 0.75)
     papers=_papers("arcee_fusion"),
 )
 def arcee_fusion(base, tensors, model_params, params):
-    """Arcee Fusion: take the other model's change only where its importance (magnitude of the change times the rows' softmax KL divergence) is an outlier."""
+    """Arcee Fusion: take the other model's change only where its importance (magnitude of the
+    change times the rows' softmax KL divergence) is an outlier."""
     import torch
 
     model = tensors[0]
@@ -883,7 +894,8 @@ def ram(base, tensors, model_params, params):
     papers=_papers("ram"),
 )
 def ramplus_tl(base, tensors, model_params, params):
-    """RAM+ (tensor-local): RAM, with each model's unique entries scaled up by r times its ratio of shared to unique entries, capped at alpha."""
+    """RAM+ (tensor-local): RAM, with each model's unique entries scaled up by r times its ratio of
+    shared to unique entries, capped at alpha."""
     tvz, changed, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
     shared_n = (changed & overlap).sum(dim=1)
     unique_n = (changed & unique).sum(dim=1)
@@ -913,12 +925,17 @@ def _layer_swap_shares(model_params, params, roles, layer, num_layers):
     """Each model's share of this tensor: the language expert's from layer_swap_share, the
     task expert's the rest."""
     a = layer_swap_share(layer, num_layers, params)
-    return [{**p, "share": a if role == "language" else 1.0 - a} for p, role in zip(model_params, roles)], params
+    return [
+        {**p, "share": a if role == "language" else 1.0 - a} for p, role in zip(model_params, roles, strict=True)
+    ], params
 
 
 def _layer_swap_roles(roles: list[str]) -> str | None:
     if sorted(roles) != ["language", "task"]:
-        return f"models: method 'layer_swap' takes one model with role: language and one with role: task (got {', '.join(roles)})"
+        return (
+            "models: method 'layer_swap' takes one model with role: language and one with role: task "
+            f"(got {', '.join(roles)})"
+        )
     return None
 
 
@@ -940,7 +957,8 @@ def _layer_swap_roles(roles: list[str]) -> str | None:
     papers=_papers("layer_swap"),
 )
 def layer_swap(base, tensors, model_params, params):
-    """Layer swapping: the language expert's bottom and top layers (and embeddings, head) around the task expert's middle, blended at the seams."""
+    """Layer swapping: the language expert's bottom and top layers (and embeddings, head) around the
+    task expert's middle, blended at the seams."""
     share = [p["share"] for p in model_params]  # per tensor (per_tensor: _layer_swap_shares)
     if 1.0 in share:  # a swapped layer is the expert's own bits
         return tensors[share.index(1.0)], None

@@ -130,11 +130,13 @@ def plan_merge(
         extra = sorted(set(specs[k]) - ref_names)
         if missing:
             raise IncompatibleModelsError(
-                f"tensor {missing[0]} is missing from {k} ({len(missing)} missing; every model must have the same tensors)"
+                f"tensor {missing[0]} is missing from {k} ({len(missing)} missing; "
+                "every model must have the same tensors)"
             )
         if extra:
             raise IncompatibleModelsError(
-                f"tensor {extra[0]} of {k} is missing from {reference} ({len(extra)} extra; every model must have the same tensors)"
+                f"tensor {extra[0]} of {k} is missing from {reference} ({len(extra)} extra; "
+                "every model must have the same tensors)"
             )
 
     tokenizer_source = _pick_tokenizer_source(recipe, keys, vocab)

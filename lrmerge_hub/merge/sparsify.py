@@ -48,11 +48,11 @@ def top_k_mask(magnitudes: torch.Tensor, k: int, radix: bool = True) -> torch.Te
         try:  # the radix select of the fused TIES kernels: ~8x kthvalue's speed here
             from .kernels import top_k_threshold
         except ImportError:  # pragma: no cover - numba is a dependency
-            top_k_threshold = None
-        if top_k_threshold is not None:
-            t, limit = top_k_threshold(magnitudes.contiguous().numpy(), k)
-            keep = magnitudes > t
-            keep[:limit] |= magnitudes[:limit] == t
+            pass
+        else:
+            radix_t, limit = top_k_threshold(magnitudes.contiguous().numpy(), k)
+            keep = magnitudes > radix_t
+            keep[:limit] |= magnitudes[:limit] == radix_t
             return keep
     t = magnitude_threshold(magnitudes, k)
     keep = magnitudes > t

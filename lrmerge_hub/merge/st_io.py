@@ -10,6 +10,7 @@ tensor bytes in order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -17,7 +18,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from typing import TYPE_CHECKING
 
@@ -229,8 +230,8 @@ class SafetensorsModel(TensorSource):
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             index_data = self._read_json(index.name)
-            weight_map = index_data.get("weight_map")
             files = [self._shard_path(name) for name in index_shards(index_data, self.label)]
+            weight_map = index_data["weight_map"]  # index_shards checked it
         else:
             files = sorted(self._shard_path(p.name) for p in self.folder.glob("*.safetensors"))
             if not files:
@@ -288,7 +289,7 @@ class SafetensorsModel(TensorSource):
             pass
 
     def read_order(self, names: list[str]) -> None:
-        self._next = dict(zip(names, names[1:]))
+        self._next = dict(itertools.pairwise(names))
 
     def populate(self, name: str) -> None:
         """Map all of a tensor's pages into this process in one call, before the kernels
@@ -382,12 +383,13 @@ class ShardedWriter:
         self._next = 0
         self._shard = -1
         self._left_in_shard = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self.bytes_written = 0
         self.shard_bytes: list[int] = []  # size of each shard opened so far
 
     def _finish_shard(self) -> None:
         """Close the current shard (synced: an uploader or a rename may follow) and hand it on."""
+        assert self._file is not None  # a shard is open
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -429,8 +431,9 @@ class ShardedWriter:
         if self._left_in_shard == 0:
             self._open_next_shard()
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        assert self._file is not None  # opened above when the last shard was full
         try:
-            self._file.write(memoryview(data))
+            self._file.write(data.data)
         except OSError as e:
             raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
         self.bytes_written += data.nbytes
@@ -476,7 +479,7 @@ def check_config(config: Any, where: str) -> dict[str, Any]:
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InputModelError(f"{where}: config.json {key} must be a {kind.__name__} (got {shown(value)})")
-        if key == "architectures" and not all(isinstance(a, str) for a in value):
+        if isinstance(value, list) and not all(isinstance(a, str) for a in value):  # architectures
             raise InputModelError(
                 f"{where}: config.json architectures must be a list of class names (got {shown(value)})"
             )

@@ -35,7 +35,7 @@ def layer_of(name: str) -> int | None:
 
 def layer_count(config: dict[str, Any]) -> int | None:
     """The number of decoder layers a model's config.json declares (None: not declared)."""
-    for cfg in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+    for cfg in (config, text if isinstance(text := config.get("text_config"), dict) else {}):
         for key in LAYER_COUNT_KEYS:
             value = cfg.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -160,7 +160,9 @@ class TensorParams:
         t = position(layer, self.num_layers)
         mp, params = self.model_params, self.params
         if self.varies:
-            mp = [{**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings)]
+            mp = [
+                {**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings, strict=True)
+            ]
             params = {**params, **_resolve(self.settings, self.defaults, name, t)}
             key = repr((mp, params))
             if (

@@ -134,7 +134,7 @@ def ties_merge(
 
     n, m = base.numel(), len(tensors)
     cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
-    for x, d in zip(tensors, densities):
+    for x, d in zip(tensors, densities, strict=True):
         k = trim_count(n, d)
         cuts.append(select_threshold(x, base, k) if k < n else None)
     counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
@@ -153,8 +153,9 @@ def ties_merge(
             delta = xi - b
             del xi
             wd = delta * w32[i]
-            if cuts[i] is not None:
-                t, limit = cuts[i]
+            cut = cuts[i]
+            if cut is not None:
+                t, limit = cut
                 bits = magnitude_bits(delta)
                 keep = bits > t
                 ties_end = min(max(limit - s, 0), e - s)
@@ -166,6 +167,7 @@ def ties_merge(
             total = vote if total is None else total + vote
             counts[0, i] += torch.count_nonzero(wd)
             rows.append(wd)
+        assert total is not None  # at least one model
         positive_total = total >= 0
         del total
         merged: torch.Tensor | None = None
@@ -179,7 +181,9 @@ def ties_merge(
                 share = torch.where(agree, w32[i], zero)
                 divisor = share if divisor is None else divisor + share
         del rows, positive_total
+        assert merged is not None
         if normalize:
+            assert divisor is not None
             merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
         result = b + scalar(lam) * merged
         bad[1] += (~torch.isfinite(result)).sum()
@@ -281,6 +285,7 @@ class TorchEngine:
             return [host_tensor(a) for a in arrays]  # in place on a CPU; see SMALL_NUMEL
         self._pinned_in = self._pinned(self._pinned_in, sum(a.nbytes for a in arrays))
         out, offset = [], 0
+        assert self._copy_stream is not None  # made when self.cuda
         with torch.cuda.stream(self._copy_stream):
             for a in arrays:
                 host = self._pinned_in[offset : offset + a.nbytes]
@@ -317,8 +322,8 @@ class TorchEngine:
             return as_array(converted)
         bits = converted.view(torch.uint8)
         turn, self._turn = self._turn, 1 - self._turn
-        self._pinned_out[turn] = self._pinned(self._pinned_out[turn], bits.numel())
-        host = self._pinned_out[turn][: bits.numel()]
+        pinned = self._pinned_out[turn] = self._pinned(self._pinned_out[turn], bits.numel())
+        host = pinned[: bits.numel()]
         host.copy_(bits, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return host.numpy().view(_NUMPY_OUT[out_dtype])

@@ -338,7 +338,7 @@ def convert(recipe: Any, to: str) -> str:
     data = recipe.to_dict()
     if recipe.base is not None:
         data["base"] = recipe.base.spec
-    for entry, m in zip(data["models"], recipe.models):
+    for entry, m in zip(data["models"], recipe.models, strict=True):
         entry["model"] = m.ref.spec
     if recipe.output is not None and isinstance(recipe.raw.get("output"), str):
         data["output"] = recipe.raw["output"]

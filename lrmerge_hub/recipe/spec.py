@@ -404,7 +404,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         role = entry.get("role", "task")
         if role not in ROLES:
             raise RecipeError(f"{where}.role: must be one of {', '.join(ROLES)} (got {shown(role)})")
-        params, settings = {}, {}
+        params: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
         for name, param in method.model_params.items():
             params[name] = _param_value(name, entry.get(name, param.default), param, where, settings)
         hub_id = entry.get("hub_id")
@@ -518,7 +519,11 @@ def default_role_note(recipe: Recipe) -> str | None:
     raw = recipe.raw.get("models") if isinstance(recipe.raw, dict) else None
     if recipe.from_mergekit_config or not isinstance(raw, list):  # mergekit has no roles to add
         return None
-    unnamed = [m.ref.spec for m, entry in zip(recipe.models, raw) if not (isinstance(entry, dict) and "role" in entry)]
+    unnamed = [
+        m.ref.spec
+        for m, entry in zip(recipe.models, raw, strict=True)
+        if not (isinstance(entry, dict) and "role" in entry)
+    ]
     if not unnamed:
         return None
     return (

@@ -21,9 +21,10 @@ class RecipeLoader(yaml.SafeLoader):
     aliases that refer to themselves. The document is checked as composed, before any
     value is built, in time proportional to its text."""
 
-    def compose_document(self) -> yaml.Node:
+    def compose_document(self) -> yaml.Node | None:
         node = super().compose_document()
-        _check_expanded_size(node)
+        if node is not None:
+            _check_expanded_size(node)
         return node
 
 

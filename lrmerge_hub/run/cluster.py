@@ -250,14 +250,15 @@ class RayExecutor:
     def check_head(self) -> None:
         """Raise ClusterLostError once the cluster's head has not accepted a connection for
         lost_after_seconds(): Ray would end this process without a word a little later."""
-        why = self.head and unreachable(*self.head, 1.0)
-        if not why:
+        head = self.head
+        why = head and unreachable(*head, 1.0)
+        if not head or not why:
             self.head_silent_since = None
             return
         now = time.monotonic()
         self.head_silent_since = self.head_silent_since or now
         if now - self.head_silent_since >= lost_after_seconds():
-            host, port = self.head
+            host, port = head
             raise ClusterLostError(
                 f"lost the Ray cluster at {self.address or f'{host}:{port}'}: its head has not "
                 f"answered for {now - self.head_silent_since:.0f} s ({why}); what had not "

@@ -192,7 +192,7 @@ def tensor_sha256(folder: Path) -> dict[str, str]:
 
     model = SafetensorsModel(folder, folder.name)
     try:
-        return {name: hashlib.sha256(model.array(name)).hexdigest() for name in sorted(model.tensors)}
+        return {name: hashlib.sha256(model.array(name).data).hexdigest() for name in sorted(model.tensors)}
     finally:
         model.close()
 
@@ -498,7 +498,7 @@ def run_recipe(
         summary["plan"] = [{"step": s, "action": a} for s, a in plan]
         summary["output_exists"] = output.exists() or output.is_symlink()
         if push_repo or recipe.push:
-            summary["push"] = push_repo or recipe.push.repo
+            summary["push"] = push_repo or (recipe.push.repo if recipe.push else None)
         return summary
 
     replace_output = may_replace_output(state, plan, output, overwrite)

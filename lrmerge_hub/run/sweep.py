@@ -60,7 +60,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def point_name(point: dict[str, Any]) -> str:
@@ -213,6 +213,7 @@ def run_sweep(
         zip(
             (folder.name for _, folder in to_merge),
             merge_many(to_merge, sources, device=device, overwrite=True, progress=progress) if to_merge else [],
+            strict=True,
         )
     )
     rows = []
@@ -230,6 +231,7 @@ def run_sweep(
                 (folder / SCORES_FILE).write_text(
                     json.dumps({"evaluation": evaluation, "scores": scores}, indent=2) + "\n"
                 )
+        assert report is not None  # to_merge holds every point without an earlier report
         row = point_row(point, report, scores, metric)
         metric = metric or row["metric"]
         rows.append(row)
@@ -345,7 +347,9 @@ def sweep_release(
     grid = parse_grid(list(grid_items))
     for point in grid_points(grid):
         apply_point(recipe, point)  # every point checked before any work
-    output = Path(recipe.output).absolute()
+    if recipe.output is None:
+        raise RecipeError("output: the recipe names no output folder; add `output:`")
+    output = recipe.output.absolute()
     if os.path.lexists(output) and not overwrite:
         raise OutputError(
             f"output {output} already exists (pass --overwrite to replace it with the best point "

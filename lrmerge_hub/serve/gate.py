@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import sys
+from typing import Any
 
 KEY_VARIABLE = "VLLM_API_KEY"
 UNAUTHORIZED = {
@@ -155,7 +156,7 @@ def make_router(routes: dict[str, str], key: str | None):
                 raise
             return error(502, f"the vLLM serving `{name}` did not answer", "BadGateway")
 
-    async def fetch(request, url: str, read_json: bool = False) -> tuple[int | None, dict | None]:
+    async def fetch(request, url: str, read_json: bool = False) -> tuple[int | None, Any]:
         """Status (None: no answer) and, when asked, the JSON body of a GET with the caller's key."""
         session: ClientSession = request.app["session"]
         auth = {"Authorization": request.headers["Authorization"]} if key else {}

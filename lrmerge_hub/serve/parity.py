@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,10 +142,10 @@ def _compute(folder: str) -> list[dict[str, Any]]:
     prompts: list[tuple[str, list[int]]] = []
     if getattr(tokenizer, "chat_template", None):
         for text in CHAT_PROMPTS:
-            ids = tokenizer.apply_chat_template(
+            encoded: Any = tokenizer.apply_chat_template(  # a BatchEncoding (return_dict); its stub says str too
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-            prompts.append((f"chat: {text}", list(ids)))
+            )
+            prompts.append((f"chat: {text}", list(encoded["input_ids"])))
     for text in PLAIN_PROMPTS:
         prompts.append((f"plain: {text!r}", tokenizer(text)["input_ids"]))
     out = []
@@ -236,7 +236,8 @@ def compare(ref: Reference, ask: Callable[[list[int], int], list[int]]) -> Compa
     where the served token differs and the reference's top-2 gap is below NEAR_TIE, the
     served model is asked again from the prompt plus the reference's tokens so far, so every
     position is checked and only a near-tie may differ. `ask(ids, n)` returns n served tokens."""
-    start, flips = 0, []
+    start = 0
+    flips: list[int] = []
     while start < len(ref.tokens):
         served = ask(ref.prompt_ids + ref.tokens[:start], len(ref.tokens) - start)
         for offset, want in enumerate(ref.tokens[start:]):
@@ -269,7 +270,7 @@ def check_served(
     near_ties, details = 0, []
     for ref in refs:
 
-        def ask(ids: list[int], n: int) -> list[int]:
+        def ask(ids: list[int], n: int, ref: Reference = ref) -> list[int]:
             try:
                 return served_tokens(base_url, model, ids, headers, max_tokens=n)
             except urllib.error.HTTPError as e:
@@ -371,7 +372,7 @@ def _decoder(folder: Path) -> Callable[[list[int]], str] | None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return lambda ids: tokenizer.decode(ids)
+        return lambda ids: str(tokenizer.decode(ids))  # one sequence: a str
     except Exception:  # noqa: BLE001 - the error message then shows token ids
         return None
 

@@ -559,7 +559,7 @@ def start(
     Raises ServeError, having stopped whatever it started."""
     targets = [resolve_target(s) for s in specs]
     if served_names:
-        targets = [dataclasses.replace(t, served_name=n) for t, n in zip(targets, served_names)]
+        targets = [dataclasses.replace(t, served_name=n) for t, n in zip(targets, served_names, strict=True)]
     if not targets:
         raise ServeError("serve: name at least one model folder or Hub id")
     check_unique_names(targets)
@@ -585,7 +585,7 @@ def start(
     try:
         workers: dict[str, str] = {}
         pending = []
-        for t, port in zip(targets, worker_ports):
+        for t, port in zip(targets, worker_ports, strict=True):
             host = opts.host if not several else "127.0.0.1"
             cmd = vllm_command(t, opts, host=host, port=port, backend=backend, memory_fraction=fraction)
             proc = ManagedProcess(
@@ -605,7 +605,7 @@ def start(
         base_url = f"http://{public}:{opts.port}/v1"
         if several:
             cmd = router_command(
-                [(t.served_name, p) for t, p in zip(targets, worker_ports)],
+                [(t.served_name, p) for t, p in zip(targets, worker_ports, strict=True)],
                 host=opts.host,
                 port=opts.port,
                 with_key=bool(opts.api_key),
@@ -625,8 +625,8 @@ def start(
         endpoint.parity = parity_verify(endpoint, prepared, echo)
         return endpoint
     except BaseException:
-        for p in reversed(processes):
-            p.stop()
+        for process in reversed(processes):
+            process.stop()
         raise
 
 

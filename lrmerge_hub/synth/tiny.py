@@ -154,7 +154,7 @@ def write_checkpoint(
         return
     n = len(tmp_files)
     weight_map = {}
-    for idx, (path, names) in enumerate(zip(tmp_files, names_per_shard)):
+    for idx, (path, names) in enumerate(zip(tmp_files, names_per_shard, strict=True)):
         final = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
         path.rename(out_dir / final)
         weight_map.update({name: final for name in names})
