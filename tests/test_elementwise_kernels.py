@@ -1,5 +1,5 @@
 """The fused elementwise kernels (kernels.fused_elementwise: linear, task_arithmetic,
-passthrough) and their torch-engine twin (torch_engine.elementwise_merge) write the bits of
+passthrough, nearswap) and their torch-engine twin (torch_engine.elementwise_merge) write the bits of
 the references in methods.py, on bfloat16 and float32 inputs, at sizes that are not a
 multiple of a block or chunk, with -0.0 entries (Python's sum() starts from +0), negative
 weights, lambda != 1 and normalize on and off; and the engine takes them for a recipe with
@@ -16,7 +16,6 @@ from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutpu
 from lrmerge_hub.merge.methods import METHODS
 from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, host_tensor
 
-ELEMENTWISE = ["linear", "task_arithmetic", "passthrough"]
 # 1 and 7 entries; one more than a block; a size that splits into uneven parallel chunks;
 # more than the torch engine's chunk
 SIZES = [1, 7, kernels.BLOCK + 1, kernels.CHUNKS * kernels.BLOCK * 3 + 13, CHUNK + 12_345]
@@ -58,6 +57,8 @@ CASES = [  # (method, weights (scale for passthrough), params)
     ("task_arithmetic", [-0.3], {"lambda": 1.9}),
     ("passthrough", [1.0], {}),
     ("passthrough", [-0.37], {}),
+    ("nearswap", [1.0], {"t": 0.03}),  # deltas ~0.05: some entries swapped, some blended
+    ("nearswap", [1.0], {"t": 1e-7}),  # below the 1e-6 floor of the distance
 ]
 
 

@@ -650,19 +650,27 @@ def _ties_fast_path(
 # is +0.0, as torch's 0 + tensor gives); weights, lambda and the divisor are rounded to float32
 # first, as torch rounds a Python scalar operand of a float32 tensor.
 
-LINEAR, TASK_ARITHMETIC, SCALE = 0, 1, 2
+LINEAR, TASK_ARITHMETIC, SCALE, NEARSWAP = 0, 1, 2, 3
+NEAR_FLOOR = np.float32(1e-6)  # geometric.nearswap's clamp(min=1e-6), in float32 as torch takes it
 
 
 @numba.njit(cache=True, nogil=True)
 def _term_block(x, base, w, acc, first, mode):
     """acc (=, when first, else +=) w * x, or w * (x - base) in TASK_ARITHMETIC mode; in SCALE
-    mode acc = w * x with no 0 + (the reference returns the scaled tensor itself). Returns how
-    many entries of x are NaN or Inf."""
-    zero = np.float32(0.0)
+    mode acc = w * x with no 0 + (the reference returns the scaled tensor itself); in NEARSWAP
+    mode (one model, w = t) acc = geometric.nearswap's value. Returns how many entries of x
+    are NaN or Inf."""
+    zero, one = np.float32(0.0), np.float32(1.0)
     nonfinite = np.int32(0)
     for j in range(acc.shape[0]):
         v = _load(x, j)
         nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        if mode == NEARSWAP:  # clamp(t / max(|b - v|, 1e-6), 0, 1), then s * v + (1 - s) * b
+            b = _load(base, j)
+            s = (one / max(abs(b - v), NEAR_FLOOR)) * w  # torch's scalar / tensor: reciprocal, times
+            s = min(max(s, zero), one)
+            acc[j] = s * v + (one - s) * b
+            continue
         term = w * (v - _load(base, j)) if mode == TASK_ARITHMETIC else w * v
         if mode == SCALE:
             acc[j] = term
@@ -723,16 +731,17 @@ def fused_elementwise(
 ) -> np.ndarray:
     """linear (mode LINEAR: sum_i w_i x_i, divided by sum_i w_i with normalize), task
     arithmetic (TASK_ARITHMETIC: base + lam * sum_i w_i (x_i - base)) or passthrough's scale
-    (SCALE: w_0 x_0) of one tensor, bit for bit methods.linear / task_arithmetic /
-    passthrough on float32 (the reference's operation order, in float32).
+    (SCALE: w_0 x_0) or nearswap (NEARSWAP, one model, weights [t]) of one tensor, bit for
+    bit methods.linear / task_arithmetic / passthrough / nearswap on float32 (the
+    reference's operation order, in float32).
 
     Inputs as for fused_ties (flat, one size, all bfloat16 bits or all float32); base may be
     None except for TASK_ARITHMETIC (linear ignores it but, like the reference path, refuses
     NaN/Inf in it). The result is float32, or bfloat16 bits with out_bf16. With check_finite
     a NaN or Inf in any input raises NonFiniteInput, and one in the output NonFiniteOutput.
     """
-    if base is None and mode == TASK_ARITHMETIC:
-        raise ValueError("task_arithmetic needs a base")
+    if base is None and mode in (TASK_ARITHMETIC, NEARSWAP):
+        raise ValueError("task_arithmetic and nearswap need a base")
     n = tensors[0].shape[0]
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
     with np.errstate(over="ignore"):  # a sum past float32's range divides to Inf, as in torch: counted
@@ -798,6 +807,11 @@ def _passthrough_fast_path(base, tensors, model_params, params, out_bf16=False, 
     return fused_elementwise(base, tensors, scale, SCALE, out_bf16=out_bf16, check_finite=check_finite), None, None
 
 
+def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    t = [float(params["t"])]
+    return fused_elementwise(base, tensors, t, NEARSWAP, out_bf16=out_bf16, check_finite=check_finite), None, None
+
+
 # method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
@@ -809,6 +823,7 @@ FAST_PATHS: dict[str, Callable] = {
     "linear": _linear_fast_path,
     "task_arithmetic": _task_arithmetic_fast_path,
     "passthrough": _passthrough_fast_path,
+    "nearswap": _nearswap_fast_path,
 }
 
 

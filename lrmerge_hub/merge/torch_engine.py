@@ -221,9 +221,10 @@ def elementwise_merge(
     normalize: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, None, None, list[int], int, int]:
-    """linear, task_arithmetic or passthrough's scale (mode "linear", "task_arithmetic",
-    "scale") of one tensor given as raw flat inputs on one device, chunk by chunk, equal bit
-    for bit to kernels.fused_elementwise (and so to the references in methods.py): the
+    """linear, task_arithmetic, passthrough's scale or nearswap (mode "linear",
+    "task_arithmetic", "scale", "nearswap"; for nearswap, weights is [t]) of one tensor
+    given as raw flat inputs on one device, chunk by chunk, equal bit for bit to
+    kernels.fused_elementwise (and so to the references in methods.py): the
     accumulator starts at +0.0 (Python's sum() starts from 0) and adds w_i * x_i, or
     w_i * (x_i - base), in model order; then base + lambda * that, or that / sum(weights)
     with normalize; the scale alone is w_0 * x_0. Weights, lambda and the divisor are float32
@@ -231,18 +232,19 @@ def elementwise_merge(
     instead, which is not the same bits.
 
     Returns what ties_merge returns, with no kept/agreed counts (None); base may be None
-    except for task_arithmetic (linear refuses NaN/Inf in it but does not use it)."""
+    except for task_arithmetic and nearswap (linear refuses NaN/Inf in it but does not use it)."""
     import torch
 
-    if base is None and mode == "task_arithmetic":
-        raise ValueError("task_arithmetic needs a base")
+    if base is None and mode in ("task_arithmetic", "nearswap"):
+        raise ValueError("task_arithmetic and nearswap need a base")
     dev, f32 = tensors[0].device, torch.float32
 
     def scalar(v: float) -> torch.Tensor:
         return torch.tensor(v, dtype=f32, device=dev)  # rounded to float32 as the kernels do
 
     n = tensors[0].numel()
-    zero, w32, divisor = scalar(0.0), [scalar(w) for w in weights], scalar(sum(weights))
+    zero, one, w32, divisor = scalar(0.0), scalar(1.0), [scalar(w) for w in weights], scalar(sum(weights))
+    near_floor = float(np.float32(1e-6))  # clamp's bound, as the float32 the kernels use
     inputs = ([base] if base is not None else []) + list(tensors)
     bad = torch.zeros(len(inputs) + 2, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
     out = torch.empty(n, dtype=out_dtype or f32, device=dev)
@@ -254,6 +256,10 @@ def elementwise_merge(
         for i, x in enumerate(tensors):
             xi = to_float32(x[s:e])
             bad[i + (b is not None)] += (~torch.isfinite(xi)).sum()
+            if mode == "nearswap":  # geometric.nearswap; its t / tensor is torch's reciprocal, times t
+                share = (torch.reciprocal((b - xi).abs().clamp(min=near_floor)) * w32[0]).clamp(0, 1)
+                acc = share * xi + (one - share) * b
+                continue
             term = w32[i] * (xi - b) if mode == "task_arithmetic" else w32[i] * xi
             del xi
             if mode == "scale":
@@ -288,6 +294,11 @@ def torch_task_arithmetic(base, tensors, model_params, params, out_dtype):
     )
 
 
+def torch_nearswap(base, tensors, model_params, params, out_dtype):
+    """nearswap (one model, toward the base where it is farther than t): see elementwise_merge."""
+    return elementwise_merge(base, tensors, [float(params["t"])], "nearswap", out_dtype=out_dtype)
+
+
 def torch_passthrough(base, tensors, model_params, params, out_dtype):
     """passthrough (the one model times its scale): see elementwise_merge."""
     return elementwise_merge(base, tensors, [float(model_params[0]["scale"])], "scale", out_dtype=out_dtype)
@@ -303,6 +314,7 @@ TORCH_METHODS: dict[str, Callable] = {
     "linear": torch_linear,
     "task_arithmetic": torch_task_arithmetic,
     "passthrough": torch_passthrough,
+    "nearswap": torch_nearswap,
 }
 
 
