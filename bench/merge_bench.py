@@ -389,6 +389,8 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
     rows = {}
     warm_up = method_configs(work, fam, "ties", a.dtype, a.mergekit_dtype)[0]
     measure(ours_cmd(warm_up, work / "warm-up"))  # numba's on-disk cache, the page cache
+    for method in a.only or ():  # and the kernels of the methods measured (fused ones compile once)
+        measure(ours_cmd(method_configs(work, fam, method, a.dtype, a.mergekit_dtype)[0], work / "warm-up"))
     settle(fam, work / "io-floor")
     floor = measure(io_floor_cmd(fam, work / "io-floor"))
     print(f"  {'I/O floor':18s} wall {floor['wall_s']:6.2f} s  cpu {floor['cpu_s']:6.2f} s", flush=True)
