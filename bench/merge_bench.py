@@ -413,7 +413,7 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
             f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}",
             flush=True,
         )
-    report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
+    report = json.loads((work / f"ours-{next(iter(rows))}" / "merge_report.json").read_text())
     return {
         "layers": layers,
         "parameters": report["stats"]["parameters"],
