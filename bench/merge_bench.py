@@ -4,6 +4,7 @@
     python bench/merge_bench.py --layers 24 --rounds 1 --no-mergekit   # a larger size, ours only
     python bench/merge_bench.py --table bench/results.json bench/results-1.4b.json  # the table in docs/engine.md
     python bench/merge_bench.py --methods      # every method vs mergekit at a small size (~3 min)
+    python bench/merge_bench.py --methods --only linear task_arithmetic   # those at ~0.5B, with the I/O floor
 
 What it does, all on this machine, nothing downloaded but mergekit from the package index:
 1. synthesizes a (base, language, task) family of the chosen size with random weights, sharded
@@ -388,7 +389,12 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
     rows = {}
     warm_up = method_configs(work, fam, "ties", a.dtype, a.mergekit_dtype)[0]
     measure(ours_cmd(warm_up, work / "warm-up"))  # numba's on-disk cache, the page cache
-    for method in METHOD_CASES:
+    for method in a.only or ():  # and the kernels of the methods measured (fused ones compile once)
+        measure(ours_cmd(method_configs(work, fam, method, a.dtype, a.mergekit_dtype)[0], work / "warm-up"))
+    settle(fam, work / "io-floor")
+    floor = measure(io_floor_cmd(fam, work / "io-floor"))
+    print(f"  {'I/O floor':18s} wall {floor['wall_s']:6.2f} s  cpu {floor['cpu_s']:6.2f} s", flush=True)
+    for method in a.only or METHOD_CASES:
         ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
         row = {}
         for who, cmd, out in (("ours", ours_cmd, work / f"ours-{method}"), ("mergekit", None, work / f"mk-{method}")):
@@ -407,18 +413,23 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
             f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}",
             flush=True,
         )
-    report = json.loads((work / "ours-ties" / "merge_report.json").read_text())
+    report = json.loads((work / f"ours-{next(iter(rows))}" / "merge_report.json").read_text())
     return {
         "layers": layers,
         "parameters": report["stats"]["parameters"],
         "dtype": a.dtype,
         "exact_layers": a.exact_layers,
+        "io_floor": floor,
         "methods": rows,
     }
 
 
 def methods_table(result: dict) -> str:
-    """The per-method table of docs/engine.md: wall time and peak RSS, ours and mergekit's, and agreement."""
+    """The per-method table of docs/engine.md: wall time and peak RSS, ours and mergekit's, and
+    agreement; with an I/O floor measured (results since --only), CPU time and wall / floor too."""
+    floor = result.get("io_floor")
+    if floor:
+        return methods_floor_table(result, floor)
     rows = [
         (
             "| method | ours wall s | mergekit wall s | wall ratio | ours RSS GB | mergekit RSS GB | RSS ratio "
@@ -440,6 +451,33 @@ def methods_table(result: dict) -> str:
             f"{o['peak_rss_bytes'] / m['peak_rss_bytes']:.2f} | "
             f"{agreed} |"
         )
+    return "\n".join(rows)
+
+
+def methods_floor_table(result: dict, floor: dict) -> str:
+    """methods_table with CPU time and the ratio of wall time to the I/O floor's."""
+    rows = [
+        (
+            "| method | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
+            "| wall / I/O floor | float32 inputs: max rel. difference |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, row in result["methods"].items():
+        agree = row.get("agreement_float32")
+        agreed = "random" if agree is None else f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} differ)"
+        mk = row["mergekit"]
+        for who in ("ours", "mergekit"):
+            m = row[who]
+            ratios = " | ".join(f"{m[k] / mk[k]:.3f}" for k in ("wall_s", "cpu_s", "peak_rss_bytes"))
+            rows.append(
+                f"| `{method}` | {who} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                f"{ratios} | {m['wall_s'] / floor['wall_s']:.2f} | {agreed if who == 'ours' else ''} |"
+            )
+    rows.append(
+        f"| I/O floor | | {floor['wall_s']:.2f} | {floor['cpu_s']:.2f} | {floor['peak_rss_bytes'] / 1e9:.2f} "
+        "| | | | 1.00 | |"
+    )
     return "\n".join(rows)
 
 
@@ -630,6 +668,13 @@ def main() -> None:
         help="every method, ours and mergekit's, once each at the first --layers size "
         "(give a small one: docs/engine.md's table used --hidden 256 --intermediate 704 "
         "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(METHOD_CASES),
+        metavar="METHOD",
+        help="with --methods: these methods only (e.g. --only linear task_arithmetic at the default size)",
     )
     a = p.parse_args()
     if a.table:

@@ -288,10 +288,10 @@ def merge_with_torch(
     labels = input_labels(keys)
     raw = compute.take(job.name, merge_inputs(job, readers, keys))
     has_base = BASE in keys
-    fn = TORCH_METHODS.get(method.name) if has_base and not params.get("rescale") else None
+    fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
-            raw[0], raw[1:], model_params, params, torch_dtype(job.out_dtype)
+            raw[0] if has_base else None, raw[int(has_base) :], model_params, params, torch_dtype(job.out_dtype)
         )
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
@@ -343,6 +343,13 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
+def covered(method: MergeMethod, has_base: bool, params: dict[str, Any]) -> bool:
+    """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
+    they have the method, cover this recipe: a base where the method needs one (ties reads
+    one always), and no mergekit L1 rescale (neither implements it)."""
+    return (has_base or not method.needs_base) and not params.get("rescale")
+
+
 def merge_tensor(
     job: TensorJob,
     method: MergeMethod,
@@ -361,10 +368,10 @@ def merge_tensor(
     when a merged value is NaN or Inf."""
     shared = shared_entries(job)
     labels = input_labels(keys)
-    # the kernels cover ties/slack_ties without mergekit's L1 rescale
+    has_base = BASE in keys
     fast = (
         FAST_PATHS.get(method.name)
-        if compute is None and device == "cpu" and BASE in keys and not params.get("rescale")
+        if compute is None and device == "cpu" and covered(method, has_base, params)
         else None
     )
     kept = agreed = None
@@ -377,10 +384,15 @@ def merge_tensor(
         )
         try:
             merged, kept, agreed = fast(
-                inputs[0], inputs[1:], model_params, params, out_bf16=job.out_dtype == "BF16", check_finite=True
+                inputs[0] if has_base else None,
+                inputs[int(has_base) :],
+                model_params,
+                params,
+                out_bf16=job.out_dtype == "BF16",
+                check_finite=True,
             )
         except NonFiniteInput as e:
-            raise InputModelError(f"{labels[e.which + 1]}: tensor {job.name} contains NaN or Inf") from None
+            raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None
         except NonFiniteOutput as e:
             raise nonfinite_output(job, e.count, model_params, params, True) from None
         if job.out_dtype not in ("BF16", "F32"):

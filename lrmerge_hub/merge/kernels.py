@@ -642,11 +642,189 @@ def _ties_fast_path(
     )
 
 
+# -- elementwise methods: linear, task_arithmetic, passthrough in one pass ---------------------
+# One read of every input and one write of the output, chunk by chunk on every core, with no
+# float32 copy of a tensor. Each entry is computed in float32 in the reference's order
+# (methods.linear, task_arithmetic, passthrough): Python's sum() starts from 0, so the
+# accumulator starts at +0.0 and each weighted term is added to it in model order (0 + -0.0
+# is +0.0, as torch's 0 + tensor gives); weights, lambda and the divisor are rounded to float32
+# first, as torch rounds a Python scalar operand of a float32 tensor.
+
+LINEAR, TASK_ARITHMETIC, SCALE, NEARSWAP = 0, 1, 2, 3
+NEAR_FLOOR = np.float32(1e-6)  # geometric.nearswap's clamp(min=1e-6), in float32 as torch takes it
+
+
+@numba.njit(cache=True, nogil=True)
+def _term_block(x, base, w, acc, first, mode):
+    """acc (=, when first, else +=) w * x, or w * (x - base) in TASK_ARITHMETIC mode; in SCALE
+    mode acc = w * x with no 0 + (the reference returns the scaled tensor itself); in NEARSWAP
+    mode (one model, w = t) acc = geometric.nearswap's value. Returns how many entries of x
+    are NaN or Inf."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    nonfinite = np.int32(0)
+    for j in range(acc.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        if mode == NEARSWAP:  # clamp(t / max(|b - v|, 1e-6), 0, 1), then s * v + (1 - s) * b
+            b = _load(base, j)
+            s = (one / max(abs(b - v), NEAR_FLOOR)) * w  # torch's scalar / tensor: reciprocal, times
+            s = min(max(s, zero), one)
+            acc[j] = s * v + (one - s) * b
+            continue
+        term = w * (v - _load(base, j)) if mode == TASK_ARITHMETIC else w * v
+        if mode == SCALE:
+            acc[j] = term
+        elif first:
+            acc[j] = zero + term
+        else:
+            acc[j] += term
+    return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_block(base, acc, out, lam, divisor, normalize, mode):
+    """out = base + lam * acc (TASK_ARITHMETIC), acc / divisor (normalize), or acc. Returns how
+    many entries of out (as stored) are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(acc.shape[0]):
+        if mode == TASK_ARITHMETIC:
+            v = _load(base, j) + lam * acc[j]
+        elif normalize:
+            v = acc[j] / divisor
+        else:
+            v = acc[j]
+        _store(out, j, v)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _elementwise(xs, base, has_base, weights, lam, divisor, normalize, mode, out):
+    """The elementwise methods over blocks of every chunk, in parallel: per chunk, NaN/Inf
+    entries of the base (column 0, counted when has_base), of each model (column i + 1) and
+    of the output (last column)."""
+    m, n = len(xs), out.shape[0]
+    bad = np.zeros((CHUNKS, m + 2), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        acc = np.empty(BLOCK, dtype=np.float32)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bb, a = base[s:e], acc[: e - s]
+            if has_base:
+                bad[c, 0] += _nonfinite_block(bb)
+            for i in range(m):
+                bad[c, i + 1] += _term_block(xs[i][s:e], bb, weights[i], a, i == 0, mode)
+            bad[c, m + 1] += _finish_block(bb, a, out[s:e], lam, divisor, normalize, mode)
+    return bad
+
+
+def fused_elementwise(
+    base: np.ndarray | None,
+    tensors: list[np.ndarray],
+    weights: list[float],
+    mode: int,
+    lam: float = 1.0,
+    normalize: bool = False,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> np.ndarray:
+    """linear (mode LINEAR: sum_i w_i x_i, divided by sum_i w_i with normalize), task
+    arithmetic (TASK_ARITHMETIC: base + lam * sum_i w_i (x_i - base)) or passthrough's scale
+    (SCALE: w_0 x_0) or nearswap (NEARSWAP, one model, weights [t]) of one tensor, bit for
+    bit methods.linear / task_arithmetic / passthrough / nearswap on float32 (the
+    reference's operation order, in float32).
+
+    Inputs as for fused_ties (flat, one size, all bfloat16 bits or all float32); base may be
+    None except for TASK_ARITHMETIC (linear ignores it but, like the reference path, refuses
+    NaN/Inf in it). The result is float32, or bfloat16 bits with out_bf16. With check_finite
+    a NaN or Inf in any input raises NonFiniteInput, and one in the output NonFiniteOutput.
+    """
+    if base is None and mode in (TASK_ARITHMETIC, NEARSWAP):
+        raise ValueError("task_arithmetic and nearswap need a base")
+    n = tensors[0].shape[0]
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    with np.errstate(over="ignore"):  # a sum past float32's range divides to Inf, as in torch: counted
+        divisor = np.float32(sum(weights))  # the reference divides by Python's sum of the weights
+    bad = _elementwise(
+        tuple(tensors),
+        tensors[0] if base is None else base,
+        base is not None,
+        np.array(weights, dtype=np.float32),
+        np.float32(lam),
+        divisor,
+        bool(normalize),
+        mode,
+        out,
+    )
+    if check_finite:
+        totals = bad.sum(0)
+        inputs = totals[:-1] if base is not None else totals[1:-1]
+        if inputs.any():
+            first = int(np.flatnonzero(inputs)[0])
+            raise NonFiniteInput(first - 1 if base is not None else first)
+        if totals[-1]:
+            raise NonFiniteOutput(int(totals[-1]))
+    return out
+
+
+def _linear_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    weights = [float(p["weight"]) for p in model_params]
+    return (
+        fused_elementwise(
+            base,
+            tensors,
+            weights,
+            LINEAR,
+            normalize=bool(params["normalize"]),
+            out_bf16=out_bf16,
+            check_finite=check_finite,
+        ),
+        None,
+        None,
+    )
+
+
+def _task_arithmetic_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    weights = [float(p["weight"]) for p in model_params]
+    return (
+        fused_elementwise(
+            base,
+            tensors,
+            weights,
+            TASK_ARITHMETIC,
+            lam=float(params["lambda"]),
+            out_bf16=out_bf16,
+            check_finite=check_finite,
+        ),
+        None,
+        None,
+    )
+
+
+def _passthrough_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    scale = [float(model_params[0]["scale"])]
+    return fused_elementwise(base, tensors, scale, SCALE, out_bf16=out_bf16, check_finite=check_finite), None, None
+
+
+def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    t = [float(params["t"])]
+    return fused_elementwise(base, tensors, t, NEARSWAP, out_bf16=out_bf16, check_finite=check_finite), None, None
+
+
 # method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
-#   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed);
-# the engine uses these on CPU instead of the reference in methods.METHODS.
+#   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
+# the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
+# a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
 # ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
-FAST_PATHS: dict[str, Callable] = {"ties": _ties_fast_path, "slack_ties": _ties_fast_path}
+FAST_PATHS: dict[str, Callable] = {
+    "ties": _ties_fast_path,
+    "slack_ties": _ties_fast_path,
+    "linear": _linear_fast_path,
+    "task_arithmetic": _task_arithmetic_fast_path,
+    "passthrough": _passthrough_fast_path,
+    "nearswap": _nearswap_fast_path,
+}
 
 
 def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:

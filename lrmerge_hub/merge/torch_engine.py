@@ -1,4 +1,4 @@
-"""The torch engine: ties and slack_ties on any torch device, bit-identical to kernels.py.
+"""The torch engine: the kernels' methods on any torch device, bit-identical to kernels.py.
 
 kernels.py is the fast CPU path; this is the same computation written with torch
 operations, so that it runs on a GPU (or on a CPU, where CI proves the two agree). Equal
@@ -216,11 +216,110 @@ def torch_ties(
     )
 
 
+def elementwise_merge(
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    mode: str,
+    lam: float = 1.0,
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, None, None, list[int], int, int]:
+    """linear, task_arithmetic, passthrough's scale or nearswap (mode "linear",
+    "task_arithmetic", "scale", "nearswap"; for nearswap, weights is [t]) of one tensor
+    given as raw flat inputs on one device, chunk by chunk, equal bit for bit to
+    kernels.fused_elementwise (and so to the references in methods.py): the
+    accumulator starts at +0.0 (Python's sum() starts from 0) and adds w_i * x_i, or
+    w_i * (x_i - base), in model order; then base + lambda * that, or that / sum(weights)
+    with normalize; the scale alone is w_0 * x_0. Weights, lambda and the divisor are float32
+    tensors on the device: divided by a CPU scalar, CUDA would multiply by its reciprocal
+    instead, which is not the same bits.
+
+    Returns what ties_merge returns, with no kept/agreed counts (None); base may be None
+    except for task_arithmetic and nearswap (linear refuses NaN/Inf in it but does not use it)."""
+    import torch
+
+    if base is None and mode in ("task_arithmetic", "nearswap"):
+        raise ValueError("task_arithmetic and nearswap need a base")
+    dev, f32 = tensors[0].device, torch.float32
+
+    def scalar(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=f32, device=dev)  # rounded to float32 as the kernels do
+
+    n = tensors[0].numel()
+    zero, one, w32, divisor = scalar(0.0), scalar(1.0), [scalar(w) for w in weights], scalar(sum(weights))
+    near_floor = float(np.float32(1e-6))  # clamp's bound, as the float32 the kernels use
+    inputs = ([base] if base is not None else []) + list(tensors)
+    bad = torch.zeros(len(inputs) + 2, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    for s, e in chunks(n):
+        b = to_float32(base[s:e]) if base is not None else None
+        if b is not None:
+            bad[0] += (~torch.isfinite(b)).sum()
+        acc: torch.Tensor | None = None
+        for i, x in enumerate(tensors):
+            xi = to_float32(x[s:e])
+            bad[i + (b is not None)] += (~torch.isfinite(xi)).sum()
+            if mode == "nearswap":  # geometric.nearswap; its t / tensor is torch's reciprocal, times t
+                share = (torch.reciprocal((b - xi).abs().clamp(min=near_floor)) * w32[0]).clamp(0, 1)
+                acc = share * xi + (one - share) * b
+                continue
+            term = w32[i] * (xi - b) if mode == "task_arithmetic" else w32[i] * xi
+            del xi
+            if mode == "scale":
+                acc = term
+            else:
+                acc = zero + term if acc is None else acc + term
+            del term
+        assert acc is not None
+        if mode == "task_arithmetic":
+            acc = b + scalar(lam) * acc
+        elif normalize:
+            acc = acc / divisor
+        bad[-2] += (~torch.isfinite(acc)).sum()
+        stored = acc.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, counts[:-2], counts[-2], counts[-1]
+
+
+def torch_linear(base, tensors, model_params, params, out_dtype):
+    """linear with the recipe's parameters: see elementwise_merge."""
+    weights = [float(p["weight"]) for p in model_params]
+    return elementwise_merge(base, tensors, weights, "linear", normalize=bool(params["normalize"]), out_dtype=out_dtype)
+
+
+def torch_task_arithmetic(base, tensors, model_params, params, out_dtype):
+    """task_arithmetic with the recipe's parameters: see elementwise_merge."""
+    weights = [float(p["weight"]) for p in model_params]
+    return elementwise_merge(
+        base, tensors, weights, "task_arithmetic", lam=float(params["lambda"]), out_dtype=out_dtype
+    )
+
+
+def torch_nearswap(base, tensors, model_params, params, out_dtype):
+    """nearswap (one model, toward the base where it is farther than t): see elementwise_merge."""
+    return elementwise_merge(base, tensors, [float(params["t"])], "nearswap", out_dtype=out_dtype)
+
+
+def torch_passthrough(base, tensors, model_params, params, out_dtype):
+    """passthrough (the one model times its scale): see elementwise_merge."""
+    return elementwise_merge(base, tensors, [float(model_params[0]["scale"])], "scale", out_dtype=out_dtype)
+
+
 # methods whose torch implementation here replaces the reference in methods.METHODS, each
 # fn(base, models, model_params, params, out_dtype) on raw flat inputs -> what ties_merge
-# returns; the other methods' reference functions are already plain torch, the same on
-# every device
-TORCH_METHODS: dict[str, Callable] = {"ties": torch_ties, "slack_ties": torch_ties}
+# returns (base None for a method that takes none and a recipe without one); the other
+# methods' reference functions are plain torch, run on whole float32 tensors
+TORCH_METHODS: dict[str, Callable] = {
+    "ties": torch_ties,
+    "slack_ties": torch_ties,
+    "linear": torch_linear,
+    "task_arithmetic": torch_task_arithmetic,
+    "passthrough": torch_passthrough,
+    "nearswap": torch_nearswap,
+}
 
 
 def host_tensor(a: np.ndarray) -> torch.Tensor:
