@@ -261,10 +261,15 @@ def elementwise_merge(
             xi = to_float32(x[s:e])
             bad[i + (b is not None)] += (~torch.isfinite(xi)).sum()
             if mode == "nearswap":  # geometric.nearswap; its t / tensor is torch's reciprocal, times t
+                assert b is not None  # nearswap and task_arithmetic declare a base: the recipe has one
                 share = (torch.reciprocal((b - xi).abs().clamp(min=near_floor)) * w32[0]).clamp(0, 1)
                 acc = share * xi + (one - share) * b
                 continue
-            term = w32[i] * (xi - b) if mode == "task_arithmetic" else w32[i] * xi
+            if mode == "task_arithmetic":
+                assert b is not None
+                term = w32[i] * (xi - b)
+            else:
+                term = w32[i] * xi
             del xi
             if mode == "scale":
                 acc = term
@@ -273,6 +278,7 @@ def elementwise_merge(
             del term
         assert acc is not None
         if mode == "task_arithmetic":
+            assert b is not None
             acc = b + scalar(lam) * acc
         elif normalize:
             acc = acc / divisor
