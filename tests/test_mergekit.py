@@ -286,11 +286,34 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
     [
         (
             {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
-            "slices: 2 slices make a frankenmerge, which is not supported yet",
+            "slices[0].sources: method ties needs the base 'org/base' among the slice's sources",
         ),
         (
-            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
-            "slices[0].sources[0].layer_range: [2, 4] starts past layer 0",
+            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 2]}]}]},
+            "slices[0].sources[0].layer_range: must be [start, end] with 0 <= start < end (got [2, 2])",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {"sources": [{"model": "org/base", "layer_range": [1, 4]}, {"model": "org/a", "layer_range": [0, 2]}]}
+                ],
+            },
+            "slices[0].sources: layer ranges of different lengths",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "org/base", "layer_range": [1, 3]},
+                            {"model": "org/a", "layer_range": [0, 2], "parameters": {"lambda": 1}},
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources[1].parameters.lambda: a global parameter",
         ),
         (
             {
@@ -542,6 +565,42 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "frankenmerge": """
+slices:
+  - sources:
+      - model: {language}
+        layer_range: [0, 3]
+  - sources:
+      - model: {task}
+        layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+""",
+    "slerp_slices": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {task}
+        layer_range: [0, 2]
+  - sources:
+      - model: {base}
+        layer_range: [1, 4]
+      - model: {language}
+        layer_range: [0, 3]
+    parameters:
+      t: [0.2, 0.9]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
     "ties_tokenizer_base": """
 merge_method: ties
 base_model: {base}
@@ -601,6 +660,8 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(
     assert sum(not torch.equal(ours[k].float(), base[k]) for k in ours) > len(ours) // 2  # not a copy of the base
     report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
     assert report["method"] == yaml.safe_load(config.read_text())["merge_method"]
+    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"] for d in ("mergekit", "ours")]
+    assert layers[0] == layers[1] == 1 + max(layer_of(k) or 0 for k in ours)  # a frankenmerge's own count
 
 
 def _write_text(path, text):
