@@ -585,8 +585,8 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
             n = layer_count(readers[k].config)
             if n != recipe.layers:
                 raise InputModelError(
-                    f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
-                    "slices of a model's layers (frankenmerges) are not supported yet"
+                    f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; one slice "
+                    "that starts at layer 0 takes every layer (several slices may take parts of models)"
                 )
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
