@@ -344,7 +344,8 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
         ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
         ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
         ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
-        ({"chat_template": "chatml"}, "chat_template: not supported yet"),
+        ({"chat_template": "chatml"}, "chat_template: chatml names a template mergekit ships"),
+        ({"chat_template": "{{ short }}"}, "chat_template: must be auto or a Jinja chat template"),
         ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
         ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
         ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
@@ -823,6 +824,41 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(
     assert report["method"] == yaml.safe_load(config.read_text())["merge_method"]
     layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"] for d in ("mergekit", "ours")]
     assert layers[0] == layers[1] == 1 + max(layer_of(k) or 0 for k in ours)  # a frankenmerge's own count
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["auto", TEMPLATE])
+def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergekit_venv, template):
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family["base"])}, {"model": str(family["task"])}],
+        "parameters": {"weight": 1.0},
+        "chat_template": template,
+        "dtype": "float32",
+    }
+    path = _write(tmp_path / "config.yml", config)
+    mergekit_yaml(mergekit_venv, path, tmp_path / "mergekit")
+    lrmerge_merge(path, tmp_path / "ours")
+    theirs, ours = ((tmp_path / d / "chat_template.jinja").read_text() for d in ("mergekit", "ours"))
+    assert ours == theirs
+    expected = (family["task"] / "chat_template.jinja").read_text().strip() if template == "auto" else TEMPLATE
+    assert ours == expected  # auto: the one model that has a template
+    for d in ("mergekit", "ours"):
+        assert "chat_template" not in json.loads((tmp_path / d / "tokenizer_config.json").read_text())
+
+
+def test_chat_template_replaces_the_task_models(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    data = {"method": "linear", "models": [{"model": str(family["base"])}, {"model": str(family["task"])}]}
+    r = parse_recipe({**data, "chat_template": TEMPLATE}, tmp_path)
+    merge(r, local_sources(r), tmp_path / "own", device="cpu", progress=False)
+    assert (tmp_path / "own" / "chat_template.jinja").read_text() == TEMPLATE
+    assert parse_recipe(yaml.safe_load(r.to_yaml()), tmp_path).chat_template == TEMPLATE
+    assert to_mergekit(r)["chat_template"] == TEMPLATE
 
 
 def _write_text(path, text):

@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from contextlib import contextmanager
@@ -562,6 +563,34 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
                     tok_cfg["chat_template"] = template
                     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
                     break
+    template = recipe.chat_template
+    if template == "auto":  # the template most models have (mergekit's plurality; none: as above)
+        found = [t for t in (model_chat_template(r.folder) for r in readers.values()) if t]
+        template = Counter(found).most_common(1)[0][0] if found else None
+    if template is not None:  # as mergekit writes it: chat_template.jinja, and only there
+        for name in CHAT_TEMPLATE_FILES:
+            (tmp / name).unlink(missing_ok=True)
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        if tok_cfg_path.exists():
+            tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+            if tok_cfg.pop("chat_template", None) is not None:
+                tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model's chat template as transformers finds it (its default one when it names
+    several), stripped; None when it has none."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8").strip()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(template, list):
+                named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+                template = next((t.get("template") for t in named), None)
+            if isinstance(template, str) and template.strip():
+                return template.strip()
+    return None
 
 
 def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, TensorSource]:

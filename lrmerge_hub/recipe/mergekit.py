@@ -36,8 +36,9 @@ MERGEKIT_KEYS = (
 # not (yet) supported: an error naming the key
 UNSUPPORTED = {
     "modules": "modules are not supported; list whole models under `models`",
-    "chat_template": "not supported yet; remove it (the merged model takes the task model's chat template)",
 }
+# read as they are: the same key with the same meaning in our recipe
+SHARED_KEYS = ("chat_template",)
 # our recipe's keys that may sit beside a mergekit config's (they have no mergekit meaning)
 OUR_KEYS = ("languages", "license", "license_name", "license_link", "output", "device", "push", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -102,7 +103,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"merge_method: unknown method {shown(name)} (allowed: {', '.join(known)})")
     method = METHODS[name]
     out: dict[str, Any] = {"method": name}
-    out.update({k: data[k] for k in OUR_KEYS if k in data})
+    out.update({k: data[k] for k in OUR_KEYS + SHARED_KEYS if k in data})
     if data.get("_layers") is not None:
         out["layers"] = data["_layers"]
 
@@ -393,6 +394,8 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     config["dtype"] = "float32"
     if recipe.dtype:
         config["out_dtype"] = recipe.dtype
+    if recipe.chat_template is not None:
+        config["chat_template"] = recipe.chat_template
     if recipe.tokenizer_source == "base":
         config["tokenizer_source"] = "base"
     elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary

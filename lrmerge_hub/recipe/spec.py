@@ -53,7 +53,10 @@ TOP_LEVEL_KEYS = (
     "license_link",
     "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
     "slices",  # runs of output layers, each from layer ranges of its sources (instead of models)
+    "chat_template",
 )
+# mergekit 0.1.5's named templates are files of its own; its rule for a template written out
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 SLICE_KEYS = ("sources", "base", "parameters")
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend", "parity_check")
@@ -246,6 +249,8 @@ class Recipe:
     dtype: str | None = None  # None: the base model's dtype
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
+    # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
+    chat_template: str | None = None
     device: str | None = None
     push: PushTarget | None = None
     eval: EvalSpec | None = None
@@ -290,6 +295,8 @@ class Recipe:
         if self.tokenizer_source:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.layers is not None:
             out["layers"] = self.layers
         if self.output is not None:
@@ -532,6 +539,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         dtype=dtype,
         output=output,
         tokenizer_source=tokenizer_source,
+        chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
         raw=data,
@@ -649,6 +657,20 @@ def default_role_note(recipe: Recipe) -> str | None:
         f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
         "config, what a sweep's slack sets and the card's labels); add role: language|task"
     )
+
+
+def _parse_chat_template(value: Any) -> str | None:
+    """mergekit's values: "auto", or a Jinja template (at least 20 characters, with a `{`)."""
+    if value is None or value == "auto":
+        return value
+    if value in MERGEKIT_TEMPLATE_NAMES:
+        raise RecipeError(
+            f"chat_template: {value} names a template mergekit ships; lrmerge has none by that name "
+            "(give auto or the template's Jinja text)"
+        )
+    if not isinstance(value, str) or len(value) < 20 or "{" not in value:
+        raise RecipeError(f"chat_template: must be auto or a Jinja chat template (got {shown(value)})")
+    return value
 
 
 def _parse_layers(value: Any) -> int | None:
