@@ -483,6 +483,22 @@ def test_slices_merge_the_mapped_layers_with_the_slice_parameters(tmp_path, fami
     assert [(sl.ranges, sl.part.settings) for sl in again.slices] == [(sl.ranges, sl.part.settings) for sl in r.slices]
 
 
+def test_a_slice_models_filters_match_their_own_tensor_names(tmp_path, family):
+    """mergekit matches the filters of a model's parameters (at any level) against that
+    model's tensor (layer 2 here), those of global parameters against the output's (layer 0)."""
+    config = _franken(family, parameters={"weight": [{"filter": "layers.2.", "value": 0.3}, {"value": 0.9}]})
+    config["merge_method"] = "ties"
+    config["slices"][0]["parameters"] = {
+        "density": [{"filter": "layers.0.", "value": 0.4}, {"value": 0.6}],
+        "lambda": [{"filter": "layers.0.", "value": 0.5}, {"value": 1.0}],
+    }
+    config["slices"][0]["sources"][1]["layer_range"] = [2, 4]
+    r = parse_recipe({**config, "parameters": {}}, tmp_path)
+    resolve = TensorParams.of(r.slices[0].part, None)
+    mp, params = resolve("model.layers.0.mlp.up_proj.weight", 0.0, ["model.layers.2.mlp.up_proj.weight"])
+    assert mp == [{"weight": 0.3, "density": 0.6, "slack": 0.0}] and params["lambda"] == 0.5
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [

@@ -654,7 +654,8 @@ class Output:
                 resolver = TensorParams.of(self.recipe.slices[job.slice].part, None)
             self.resolvers[job.slice] = resolver
         try:
-            model_params, params = resolver(job.name, job.t)
+            names = [n for label, _, n in job.inputs if label != BASE] if job.inputs else None
+            model_params, params = resolver(job.name, job.t, names)
         except ValueError as e:
             raise InputModelError(str(e)) from None
         view, labels = job_sources(job, readers, keys)

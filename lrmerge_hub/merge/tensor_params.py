@@ -174,16 +174,24 @@ class TensorParams:
             num_layers,
         )
 
-    def __call__(self, name: str, t: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def __call__(
+        self, name: str, t: float | None = None, model_names: list[str] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The parameters of tensor `name`; `t` is its position when the plan decides it (a
-        slice's layers: mergekit counts them within the slice), else it comes from the name."""
+        slice's layers: mergekit counts them within the slice), else it comes from the name.
+        `model_names`: each model's own tensor name, which mergekit matches a model's filters
+        against (a slice's source layer), when it differs from `name`."""
         if self.plain:
             return self.model_params, self.params
         layer = layer_of(name)
         t = position(layer, self.num_layers) if t is None else t
         mp, params = self.model_params, self.params
         if self.varies:
-            mp = [{**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings)]
+            names = model_names or [name] * len(mp)
+            mp = [
+                {**p, **_resolve(s, self.model_defaults, n, t)}
+                for p, s, n in zip(mp, self.model_settings, names, strict=True)
+            ]
             params = {**params, **_resolve(self.settings, self.defaults, name, t)}
             key = repr((mp, params))
             if (
