@@ -583,13 +583,15 @@ def model_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8").strip()
     for name in ("chat_template.json", "tokenizer_config.json"):
-        if (folder / name).is_file():
+        try:
             template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
-            if isinstance(template, list):
-                named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
-                template = next((t.get("template") for t in named), None)
-            if isinstance(template, str) and template.strip():
-                return template.strip()
+        except (OSError, ValueError, AttributeError):  # absent, or not a JSON object: no template there
+            continue
+        if isinstance(template, list):
+            named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+            template = next((t.get("template") for t in named), None)
+        if isinstance(template, str) and template.strip():
+            return template.strip()
     return None
 
 
