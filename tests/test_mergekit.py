@@ -537,6 +537,16 @@ def test_a_slice_models_filters_match_their_own_tensor_names(tmp_path, family):
             "slices[0]: models[0]: unknown key 'weight'",
         ),
         ({"method": "layer_swap", "base": None}, "slices: method layer_swap sets each layer by its own schedule"),
+        (
+            {
+                "method": "linear",
+                "slices": [
+                    {"sources": [{"model": "B", "layers": [0, 2]}]},
+                    {"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [0, 2]}]},
+                ],
+            },
+            "slices: the last slice has 2 sources and the first 1",
+        ),
     ],
 )
 def test_bad_recipe_slices_are_one_line_errors(tmp_path, family, change, needle):

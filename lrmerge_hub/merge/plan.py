@@ -234,12 +234,6 @@ def plan_slices(
     _check_architectures(keys, configs)
     out_dtype = _default_dtype(recipe, configs[reference], specs[reference])
     slices = [slice_inputs(recipe, i) for i in range(len(recipe.slices))]
-    if len(slices[-1]) > len(slices[0]):
-        # mergekit pairs the last slice's sources with the first slice's count of tensors
-        raise IncompatibleModelsError(
-            f"slices: the last slice has {len(slices[-1])} sources and the first {len(slices[0])}; "
-            "mergekit then merges the final norm and head of only some of them (give both the same number)"
-        )
     jobs: list[TensorJob] = []
 
     def add(out_name: str, index: int, names: list[str], t: float) -> None:

@@ -618,6 +618,12 @@ def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file
             out.append(Slice(parse_recipe(part, base_dir, source_file), ranges))
         except RecipeError as e:
             raise RecipeError(f"{where}: {e}") from None
+    if len(out[-1].ranges) > len(out[0].ranges):
+        # mergekit pairs the last slice's sources with the first slice's count of tensors
+        raise RecipeError(
+            f"slices: the last slice has {len(out[-1].ranges)} sources and the first {len(out[0].ranges)}; "
+            "mergekit then merges the final norm and head of only some of them (give both as many)"
+        )
     return out
 
 
