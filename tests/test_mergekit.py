@@ -499,6 +499,26 @@ def test_a_slice_models_filters_match_their_own_tensor_names(tmp_path, family):
     assert mp == [{"weight": 0.3, "density": 0.6, "slack": 0.0}] and params["lambda"] == 0.5
 
 
+def test_sliced_ties_gives_the_same_bits_on_the_kernels_and_the_torch_engine(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    config = _franken(family, parameters={"density": [0.3, 0.9], "weight": 1.0})
+    config.update(merge_method="ties", parameters={"density": 0.5, "weight": 0.7})
+    del config["slices"][0]["parameters"]
+    r = parse_recipe(config, tmp_path)
+    for engine in ("kernels", "torch"):
+        merge(r, local_sources(r), tmp_path / engine, device="cpu", engine=engine, progress=False)
+    kernels, torch_engine = load_all(tmp_path / "kernels"), load_all(tmp_path / "torch")
+    assert len(kernels) == 30 and all(torch.equal(v, torch_engine[k]) for k, v in kernels.items())
+    src = {k: load_all(p) for k, p in family.items()}
+    n = "model.layers.{}.self_attn.q_proj.weight"
+    mp = [{"weight": 1.0, "density": 0.9, "slack": 0.0}]  # the gradient's end: the slice's last layer
+    expected, _ = METHODS["ties"].fn(
+        src["base"][n.format(2)], [src["task"][n.format(1)]], mp, r.slices[0].part.parameters
+    )
+    assert torch.equal(kernels[n.format(1)], expected)
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [
