@@ -286,11 +286,39 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
     [
         (
             {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 4]}]}] * 2},
-            "slices: 2 slices make a frankenmerge, which is not supported yet",
+            "slices[0].sources: method ties needs the base 'org/base' among the slice's sources",
         ),
         (
-            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 4]}]}]},
-            "slices[0].sources[0].layer_range: [2, 4] starts past layer 0",
+            {"models": None, "slices": [{"sources": [{"model": "org/a", "layer_range": [2, 2]}]}]},
+            "slices[0].sources[0].layer_range: must be [start, end] with 0 <= start < end (got [2, 2])",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "org/base", "layer_range": [1, 4]},
+                            {"model": "org/a", "layer_range": [0, 2]},
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources: layer ranges of different lengths",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "org/base", "layer_range": [1, 3]},
+                            {"model": "org/a", "layer_range": [0, 2], "parameters": {"lambda": 1}},
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources[1].parameters.lambda: a global parameter",
         ),
         (
             {
@@ -316,7 +344,8 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
         ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
         ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
         ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
-        ({"chat_template": "chatml"}, "chat_template: not supported yet"),
+        ({"chat_template": "chatml"}, "chat_template: chatml names a template mergekit ships"),
+        ({"chat_template": "{{ short }}"}, "chat_template: must be auto or a Jinja chat template"),
         ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
         ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
         ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
@@ -369,10 +398,211 @@ def test_one_whole_slice_reads_as_models_and_its_layer_count_is_checked(tmp_path
         main, ["merge", str(_write(tmp_path / "c.yml", config)), "--out", str(tmp_path / "o"), "--device", "cpu"]
     )
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
-        "Error: layers: the layer ranges name 3 layers but base has 4; slices of a model's layers "
-        "(frankenmerges) are not supported yet"
+        "Error: layers: the layer ranges name 3 layers but base has 4; one slice that starts at layer 0 "
+        "takes every layer (several slices may take parts of models)"
     ]
     assert not (tmp_path / "o").exists()
+
+
+def _franken(family, **first):
+    return {
+        "merge_method": "slerp",
+        "base_model": str(family["base"]),
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(family["base"]), "layer_range": [1, 3]},
+                    {"model": str(family["task"]), "layer_range": [0, 2], **first},
+                ],
+                "parameters": {"t": [0.2, 0.8]},
+            },
+            {
+                "sources": [
+                    {"model": str(family["language"]), "layer_range": [3, 4]},
+                    {"model": str(family["base"]), "layer_range": [0, 1]},
+                ]
+            },
+        ],
+        "parameters": {"t": 0.5},
+        "dtype": "float32",
+    }
+
+
+def test_slices_plan_renumbers_layers_and_takes_outside_tensors_from_the_end_slices(tmp_path, family):
+    from lrmerge_hub.merge.engine import build_plan, local_sources, open_sources
+
+    r = parse_recipe(_franken(family), tmp_path)
+    readers = open_sources(r, local_sources(r))
+    try:
+        plan = build_plan(r, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    jobs = {j.name: j for j in plan.jobs}
+    assert plan.layers == 3 and sorted({layer_of(n) for n in jobs} - {None}) == [0, 1, 2]
+    q = "self_attn.q_proj.weight"
+    lang = str(family["language"])
+    assert jobs[f"model.layers.1.{q}"].inputs == (
+        ("base", "base", f"model.layers.2.{q}"),
+        (str(family["task"]), str(family["task"]), f"model.layers.1.{q}"),
+    )
+    assert jobs[f"model.layers.1.{q}"].t == 1.0 and jobs[f"model.layers.0.{q}"].t == 0.0
+    # the second slice's base is listed second; it comes first for the method
+    assert jobs[f"model.layers.2.{q}"].inputs == (
+        ("base", "base", f"model.layers.0.{q}"),
+        (lang, lang, f"model.layers.3.{q}"),
+    )
+    assert jobs[f"model.layers.2.{q}"].t == 1.0  # a one-layer slice: mergekit's t = 1
+    assert jobs["model.embed_tokens.weight"].slice == 0 and jobs["lm_head.weight"].slice == 1
+    assert jobs["lm_head.weight"].t == jobs["model.embed_tokens.weight"].t == 0.0
+    assert [n for n in jobs if layer_of(n) is None][0] == "model.embed_tokens.weight"  # before the layers
+
+
+def test_slices_merge_the_mapped_layers_with_the_slice_parameters(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    r = parse_recipe(_franken(family), tmp_path)
+    merge(r, local_sources(r), tmp_path / "out", device="cpu", progress=False)
+    out, src = load_all(tmp_path / "out"), {k: load_all(p) for k, p in family.items()}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    n = "model.layers.{}.mlp.up_proj.weight"
+    slerp = METHODS["slerp"].fn
+    assert torch.equal(
+        out[n.format(1)], slerp(src["base"][n.format(2)], [src["task"][n.format(1)]], [{}], {"t": 0.8})[0]
+    )
+    assert torch.equal(
+        out[n.format(2)], slerp(src["base"][n.format(0)], [src["language"][n.format(3)]], [{}], {"t": 0.5})[0]
+    )
+    head = slerp(src["base"]["lm_head.weight"], [src["language"]["lm_head.weight"]], [{}], {"t": 0.5})[0]
+    assert torch.equal(out["lm_head.weight"], head)
+    from lrmerge_hub.run.sweep import apply_point
+
+    with pytest.raises(RecipeError, match="a recipe with slices is not swept"):
+        apply_point(r, {"t": 0.3})  # a grid value would set no slice's parameter
+    again = parse_recipe(yaml.safe_load(r.to_yaml()), tmp_path)  # recipe.yaml keeps the slices
+    assert [(sl.ranges, sl.part.settings) for sl in again.slices] == [(sl.ranges, sl.part.settings) for sl in r.slices]
+
+
+def test_a_slice_models_filters_match_their_own_tensor_names(tmp_path, family):
+    """mergekit matches the filters of a model's parameters (at any level) against that
+    model's tensor (layer 2 here), those of global parameters against the output's (layer 0)."""
+    config = _franken(family, parameters={"weight": [{"filter": "layers.2.", "value": 0.3}, {"value": 0.9}]})
+    config["merge_method"] = "ties"
+    config["slices"][0]["parameters"] = {
+        "density": [{"filter": "layers.0.", "value": 0.4}, {"value": 0.6}],
+        "lambda": [{"filter": "layers.0.", "value": 0.5}, {"value": 1.0}],
+    }
+    config["slices"][0]["sources"][1]["layer_range"] = [2, 4]
+    r = parse_recipe({**config, "parameters": {}}, tmp_path)
+    resolve = TensorParams.of(r.slices[0].part, None)
+    mp, params = resolve("model.layers.0.mlp.up_proj.weight", 0.0, ["model.layers.2.mlp.up_proj.weight"])
+    assert mp == [{"weight": 0.3, "density": 0.6, "slack": 0.0}] and params["lambda"] == 0.5
+
+
+def test_sliced_ties_gives_the_same_bits_on_the_kernels_and_the_torch_engine(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    config = _franken(family, parameters={"density": [0.3, 0.9], "weight": 1.0})
+    config.update(merge_method="ties", parameters={"density": 0.5, "weight": 0.7})
+    del config["slices"][0]["parameters"]
+    r = parse_recipe(config, tmp_path)
+    for engine in ("kernels", "torch"):
+        merge(r, local_sources(r), tmp_path / engine, device="cpu", engine=engine, progress=False)
+    kernels, torch_engine = load_all(tmp_path / "kernels"), load_all(tmp_path / "torch")
+    assert len(kernels) == 30 and all(torch.equal(v, torch_engine[k]) for k, v in kernels.items())
+    src = {k: load_all(p) for k, p in family.items()}
+    n = "model.layers.{}.self_attn.q_proj.weight"
+    mp = [{"weight": 1.0, "density": 0.9, "slack": 0.0}]  # the gradient's end: the slice's last layer
+    expected, _ = METHODS["ties"].fn(
+        src["base"][n.format(2)], [src["task"][n.format(1)]], mp, r.slices[0].part.parameters
+    )
+    assert torch.equal(kernels[n.format(1)], expected)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"models": [{"model": "x"}]}, "slices: give either models or slices, not both"),
+        ({"slices": []}, "slices: must be a non-empty list"),
+        (
+            {"slices": [{"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [0, 3]}]}]},
+            "slices[0].sources: layer ranges of different lengths",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "B", "layers": [0, 2], "t": 1}, {"model": "T", "layers": [0, 2]}]}]},
+            "slices[0].sources[0]: the slice's base takes no parameters",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "T", "layers": [0, 2]}]}]},
+            "slices[0].sources: method slerp needs the base",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": "all"}]}]},
+            "slices[0].sources[1].layers: must be [start, end]",
+        ),
+        (
+            {
+                "slices": [
+                    {"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [0, 2]}], "lambda": 1}
+                ]
+            },
+            "slices[0]: unknown key 'lambda'",
+        ),
+        (
+            {
+                "slices": [
+                    {"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [0, 2], "weight": 1}]}
+                ]
+            },
+            "slices[0]: models[0]: unknown key 'weight'",
+        ),
+        ({"method": "layer_swap", "base": None}, "slices: method layer_swap sets each layer by its own schedule"),
+        (
+            {
+                "method": "linear",
+                "slices": [
+                    {"sources": [{"model": "B", "layers": [0, 2]}]},
+                    {"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [0, 2]}]},
+                ],
+            },
+            "slices: the last slice has 2 sources and the first 1",
+        ),
+    ],
+)
+def test_bad_recipe_slices_are_one_line_errors(tmp_path, family, change, needle):
+    data = {
+        "method": "slerp",
+        "base": "B",
+        "slices": [{"sources": [{"model": "B", "layers": [0, 2]}, {"model": "T", "layers": [1, 3]}]}],
+        **change,
+    }
+    data = {k: v for k, v in data.items() if v is not None}
+    for name, role in (("B", "base"), ("T", "task")):
+        (tmp_path / name).symlink_to(family[role])
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(data, tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_convert_round_trips_slices(tmp_path, family):
+    config = _franken(family)
+    config["slices"][0]["parameters"] = {"t": [{"filter": "mlp", "value": 0.1}]}
+    src = _write(tmp_path / "mk.yml", config)
+    result = CliRunner().invoke(
+        main, ["recipe", "convert", str(src), "--to", "lrmerge", "-o", str(tmp_path / "ours.yml")]
+    )
+    assert result.exit_code == 0, result.output
+    ours = yaml.safe_load((tmp_path / "ours.yml").read_text())
+    assert [[s["layers"] for s in sl["sources"]] for sl in ours["slices"]] == [[[1, 3], [0, 2]], [[0, 1], [3, 4]]]
+    result = CliRunner().invoke(main, ["recipe", "convert", str(tmp_path / "ours.yml"), "--to", "mergekit"])
+    assert result.exit_code == 0, result.output
+    back = yaml.safe_load(result.stdout)
+    first, again = parse_recipe(yaml.safe_load(src.read_text()), tmp_path), parse_recipe(back, tmp_path)
+    assert [(sl.ranges, sl.part.settings, [m.settings for m in sl.part.models]) for sl in again.slices] == [
+        (sl.ranges, sl.part.settings, [m.settings for m in sl.part.models]) for sl in first.slices
+    ]
+    # the slice's filter falls back to the top level's t, as in mergekit
+    assert back["slices"][0]["parameters"]["t"] == [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]
 
 
 def _write(path, data):
@@ -542,6 +772,42 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "frankenmerge": """
+slices:
+  - sources:
+      - model: {language}
+        layer_range: [0, 3]
+  - sources:
+      - model: {task}
+        layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+""",
+    "slerp_slices": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {task}
+        layer_range: [0, 2]
+  - sources:
+      - model: {base}
+        layer_range: [1, 4]
+      - model: {language}
+        layer_range: [0, 3]
+    parameters:
+      t: [0.2, 0.9]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
     "ties_tokenizer_base": """
 merge_method: ties
 base_model: {base}
@@ -598,9 +864,47 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(
     differ = [k for k in theirs if not torch.equal(theirs[k], ours[k])]
     assert differ == []
     base = load_all(family["base"])
-    assert sum(not torch.equal(ours[k].float(), base[k]) for k in ours) > len(ours) // 2  # not a copy of the base
+    changed = sum(k not in base or not torch.equal(ours[k].float(), base[k]) for k in ours)
+    assert changed > len(ours) // 2  # not a copy of the base
     report = json.loads((tmp_path / "ours" / "merge_report.json").read_text())
     assert report["method"] == yaml.safe_load(config.read_text())["merge_method"]
+    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"] for d in ("mergekit", "ours")]
+    assert layers[0] == layers[1] == 1 + max(layer_of(k) or 0 for k in ours)  # a frankenmerge's own count
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["auto", TEMPLATE])
+def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergekit_venv, template):
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family["base"])}, {"model": str(family["task"])}],
+        "parameters": {"weight": 1.0},
+        "chat_template": template,
+        "dtype": "float32",
+    }
+    path = _write(tmp_path / "config.yml", config)
+    mergekit_yaml(mergekit_venv, path, tmp_path / "mergekit")
+    lrmerge_merge(path, tmp_path / "ours")
+    theirs, ours = ((tmp_path / d / "chat_template.jinja").read_text() for d in ("mergekit", "ours"))
+    assert ours == theirs
+    expected = (family["task"] / "chat_template.jinja").read_text().strip() if template == "auto" else TEMPLATE
+    assert ours == expected  # auto: the one model that has a template
+    for d in ("mergekit", "ours"):
+        assert "chat_template" not in json.loads((tmp_path / d / "tokenizer_config.json").read_text())
+
+
+def test_chat_template_replaces_the_task_models(tmp_path, family):
+    from lrmerge_hub.merge.engine import local_sources, merge
+
+    data = {"method": "linear", "models": [{"model": str(family["base"])}, {"model": str(family["task"])}]}
+    r = parse_recipe({**data, "chat_template": TEMPLATE}, tmp_path)
+    merge(r, local_sources(r), tmp_path / "own", device="cpu", progress=False)
+    assert (tmp_path / "own" / "chat_template.jinja").read_text() == TEMPLATE
+    assert parse_recipe(yaml.safe_load(r.to_yaml()), tmp_path).chat_template == TEMPLATE
+    assert to_mergekit(r)["chat_template"] == TEMPLATE
 
 
 def _write_text(path, text):

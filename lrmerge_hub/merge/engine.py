@@ -18,10 +18,11 @@ import os
 import resource
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -44,7 +45,7 @@ from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, model_keys, plan_mer
 from .st_io import Source
 from .st_header import TensorSpec
 from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
-from .tensor_params import TensorParams, layer_count
+from .tensor_params import TensorParams, layer_count, set_layer_count
 from ..recipe.mergekit import to_mergekit
 
 if TYPE_CHECKING:
@@ -264,6 +265,35 @@ def input_labels(keys: list[str]) -> list[str]:
 def shared_entries(job: TensorJob) -> int | None:
     """How many leading entries every model has (None: all of them)."""
     return job.shared_rows * math.prod(job.out_shape[1:]) if job.shared_rows is not None else None
+
+
+class Renamed:
+    """A source seen under a slice's output tensor name: its tensor `in_name` (the same
+    tensor of the source layer the slice maps the output layer to)."""
+
+    def __init__(self, source: TensorSource, out_name: str, in_name: str):
+        self.source, self.in_name = source, in_name
+        self.tensors = {out_name: source.tensors[in_name]}
+
+    def array(self, name: str) -> np.ndarray:
+        return self.source.array(self.in_name)
+
+
+def job_sources(job: TensorJob, readers: dict[str, TensorSource], keys: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The readers and keys a job's merge sees: every model's tensor of the job's name, or a
+    slice's inputs under their labels (its base as 'base')."""
+    if job.inputs is None:
+        return readers, keys
+    return {label: Renamed(readers[key], job.name, name) for label, key, name in job.inputs}, [
+        label for label, _, _ in job.inputs
+    ]
+
+
+def job_reads(job: TensorJob, keys: list[str]) -> list[tuple[str, str]]:
+    """(model key, tensor name) of every input of a job."""
+    if job.inputs is None:
+        return [(k, job.name) for k in keys]
+    return [(key, name) for _, key, name in job.inputs]
 
 
 def merge_inputs(job: TensorJob, readers: dict[str, TensorSource], keys: list[str]) -> list[np.ndarray]:
@@ -509,6 +539,8 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
     config["torch_dtype"] = dtype
     if "dtype" in config:
         config["dtype"] = dtype
+    if plan.layers is not None:
+        config = set_layer_count(config, plan.layers)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     task_keys = [m.ref.spec for m in recipe.models if m.role == "task"]
@@ -544,6 +576,36 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
                     tok_cfg["chat_template"] = template
                     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
                     break
+    template = recipe.chat_template
+    if template == "auto":  # the template most models have (mergekit's plurality; none: as above)
+        found = [t for t in (model_chat_template(r.folder) for r in readers.values()) if t]
+        template = Counter(found).most_common(1)[0][0] if found else None
+    if template is not None:  # as mergekit writes it: chat_template.jinja, and only there
+        for name in CHAT_TEMPLATE_FILES:
+            (tmp / name).unlink(missing_ok=True)
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        if tok_cfg_path.exists():
+            tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+            if tok_cfg.pop("chat_template", None) is not None:
+                tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model's chat template as transformers finds it (its default one when it names
+    several), stripped; None when it has none."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8").strip()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):  # absent, or not a JSON object: no template there
+            continue
+        if isinstance(template, list):
+            named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+            template = next((t.get("template") for t in named), None)
+        if isinstance(template, str) and template.strip():
+            return template.strip()
+    return None
 
 
 def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, TensorSource]:
@@ -567,8 +629,8 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
             n = layer_count(readers[k].config)
             if n != recipe.layers:
                 raise InputModelError(
-                    f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; "
-                    "slices of a model's layers (frankenmerges) are not supported yet"
+                    f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; one slice "
+                    "that starts at layer 0 takes every layer (several slices may take parts of models)"
                 )
     return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
 
@@ -583,8 +645,9 @@ class Output:
     tmp: Path
     writer: ShardedWriter
     retention: RetentionCounter | None
-    # this tensor's parameters (gradients, filters, layer_swap's shares), resolved before its kernel
-    resolver: TensorParams | None = None
+    # this tensor's parameters (gradients, filters, layer_swap's shares), resolved before its
+    # kernel: the recipe's (key None) or its slice's
+    resolvers: dict[int | None, TensorParams] = field(default_factory=dict)
 
     def merged(
         self,
@@ -595,15 +658,24 @@ class Output:
         device: str,
         compute: TorchEngine | None,
     ) -> np.ndarray:
-        if not job.merge:
-            return readers[plan.reference].array(job.name)
-        if self.resolver is None:
-            self.resolver = TensorParams.of(self.recipe, layer_count(readers[plan.reference].config))
+        if not job.merge:  # copied from the reference model, or a slice's first source
+            key, name = job.inputs[0][1:] if job.inputs else (plan.reference, job.name)
+            return readers[key].array(name)
+        resolver = self.resolvers.get(job.slice)
+        if resolver is None:
+            if job.slice is None:
+                resolver = TensorParams.of(self.recipe, layer_count(readers[plan.reference].config))
+            else:  # the plan gives each tensor's position in its slice
+                assert self.recipe.slices is not None  # a job of a slice comes from a sliced recipe
+                resolver = TensorParams.of(self.recipe.slices[job.slice].part, None)
+            self.resolvers[job.slice] = resolver
         try:
-            model_params, params = self.resolver(job.name)
+            names = [n for label, _, n in job.inputs if label != BASE] if job.inputs else None
+            model_params, params = resolver(job.name, job.t, names)
         except ValueError as e:
             raise InputModelError(str(e)) from None
-        return merge_tensor(job, self.method, readers, keys, model_params, params, device, self.retention, compute)
+        view, labels = job_sources(job, readers, keys)
+        return merge_tensor(job, self.method, view, labels, model_params, params, device, self.retention, compute)
 
 
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
@@ -738,31 +810,32 @@ def write_merge(
                     method,
                     tmp,
                     ShardedWriter(tmp, specs, shard_size, on_shard),
-                    RetentionCounter(len(r.models)) if method.reports_retention else None,
+                    # kept/agreed per model: one set of models (a slice's differ)
+                    RetentionCounter(len(r.models)) if method.reports_retention and r.slices is None else None,
                 )
             )
         with tqdm(
             total=plan.bytes_to_read, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False
         ) as bar:
             # a copied (non-float) tensor is read from the reference model only
-            read_by = [keys if job.merge else [plan.reference] for job in plan.jobs]
+            read_by = [job_reads(job, keys) if job.merge else job_reads(job, [plan.reference])[:1] for job in plan.jobs]
             for k in keys:  # each source reads ahead in this order (st_io.TensorSource)
-                readers[k].read_order([job.name for job, by in zip(plan.jobs, read_by, strict=True) if k in by])
+                readers[k].read_order([name for by in read_by for key, name in by if key == k])
             for index, job in enumerate(plan.jobs):
-                for k in read_by[index]:
-                    readers[k].populate(job.name)
+                for k, name in read_by[index]:
+                    readers[k].populate(name)
                 following = plan.jobs[index + 1] if index + 1 < len(plan.jobs) else None
                 if staging is not None and following is not None and following.merge:  # its copy overlaps this merge
-                    staging.stage(following.name, merge_inputs(following, readers, keys))
+                    staging.stage(following.name, merge_inputs(following, *job_sources(following, readers, keys)))
                 with deferred():  # a signal inside a numba kernel would surface as a SystemError
                     out = [o.merged(job, readers, plan, keys, dev, compute) for o in outputs]
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(write_all, outputs, job.name, out)
                 del out
-                for k in keys:  # its input pages leave our resident set (st_io.release)
-                    readers[k].release(job.name)
-                bar.update(sum(readers[k].tensors[job.name].spec.nbytes for k in keys))
+                for k, name in job_reads(job, keys):  # its input pages leave our resident set (st_io.release)
+                    readers[k].release(name)
+                bar.update(sum(readers[k].tensors[name].spec.nbytes for k, name in job_reads(job, keys)))
                 bar.set_postfix_str(
                     f"{job.name} | {sum(r.network_bytes for r in readers.values()) / 1e6:.0f} MB "
                     f"from the Hub | {sum(o.writer.bytes_written for o in outputs) / 1e6:.0f} MB "

@@ -20,6 +20,8 @@ NORM_EPS = 1e-8
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors: t = 0 gives v0, t = 1 gives v1."""
     a, b = v0.reshape(-1), v1.reshape(-1)
+    # t in the tensors' dtype, as mergekit 0.1.5 takes it: 1 - t and t · theta round there
+    t = torch.tensor(t, dtype=a.dtype, device=a.device)  # type: ignore[assignment]  # t is a float, then a tensor
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     na = torch.where(na > NORM_EPS, na, 1.0)
     nb = torch.where(nb > NORM_EPS, nb, 1.0)

@@ -7,12 +7,14 @@ byte of weights is read or downloaded.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IncompatibleModelsError
 from ..recipe.spec import Recipe
 from .st_header import FLOAT_DTYPES, TensorSpec
+from .tensor_params import layer_of, with_layer
 
 RECIPE_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 ST_TO_RECIPE = {v: k for k, v in RECIPE_TO_ST.items()}
@@ -27,6 +29,11 @@ class TensorJob:
     merge: bool  # False: copied from the reference model (non-float tensors)
     shared_rows: int | None = None  # vocabulary tensors: rows every model has (merged)
     extra_rows_from: str | None = None  # model key whose rows beyond shared_rows are copied
+    # a slice's tensor: its inputs in the method's order as (label, model key, tensor name),
+    # the label 'base' for the slice's base; the slice's index and the tensor's position t
+    inputs: tuple[tuple[str, str, str], ...] | None = None
+    slice: int | None = None
+    t: float | None = None
 
     @property
     def out_nbytes(self) -> int:
@@ -42,6 +49,7 @@ class MergePlan:
     vocab_rows: dict[str, int] = field(default_factory=dict)  # model key -> vocab size
     output_vocab: int | None = None
     bytes_to_read: int = 0
+    layers: int | None = None  # the output's layer count when slices decide it (config.json)
 
     @property
     def parameters(self) -> int:
@@ -107,6 +115,14 @@ def _pick_tokenizer_source(recipe: Recipe, keys: list[str], vocab: dict[str, int
     return candidates[0]
 
 
+def _check_architectures(keys: list[str], configs: dict[str, dict[str, Any]]) -> None:
+    ref_arch = _architecture(configs[keys[0]])
+    for k in keys[1:]:
+        arch = _architecture(configs[k])
+        if arch != ref_arch:
+            raise IncompatibleModelsError(f"models differ in architecture: {keys[0]} is {ref_arch}, {k} is {arch}")
+
+
 def plan_merge(
     specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]], recipe: Recipe
 ) -> MergePlan:
@@ -115,13 +131,11 @@ def plan_merge(
     `specs` and `configs` are keyed by 'base' and the models' recipe specs. Raises
     IncompatibleModelsError naming the model, tensor and numbers on any mismatch.
     """
+    if recipe.slices is not None:
+        return plan_slices(specs, configs, recipe)
     keys = model_keys(recipe)
     reference = keys[0]
-    ref_arch = _architecture(configs[reference])
-    for k in keys[1:]:
-        arch = _architecture(configs[k])
-        if arch != ref_arch:
-            raise IncompatibleModelsError(f"models differ in architecture: {reference} is {ref_arch}, {k} is {arch}")
+    _check_architectures(keys, configs)
 
     vocab = {k: _vocab_size(configs[k]) for k in keys}
     ref_names = set(specs[reference])
@@ -190,4 +204,91 @@ def plan_merge(
         vocab_rows={k: v for k, v in vocab.items() if v is not None},
         output_vocab=vocab.get(tokenizer_source),
         bytes_to_read=bytes_to_read,
+    )
+
+
+# mergekit takes these tensors outside the layers from the first slice's sources (the others,
+# the final norm and the output head, from the last slice's)
+BEFORE_LAYERS = re.compile(r"embed|(?:^|\.)(?:wte|wpe)\.")
+
+
+def slice_inputs(recipe: Recipe, index: int) -> list[tuple[str, str, tuple[int, int]]]:
+    """(label, model key, layer range) of each input of slice `index`, in the method's order."""
+    assert recipe.slices is not None  # only sliced recipes are planned here
+    sl = recipe.slices[index]
+    refs = ([sl.part.base] if sl.part.base is not None else []) + [m.ref for m in sl.part.models]
+    by_key = ([(BASE, recipe.base)] if recipe.base is not None else []) + [(m.ref.spec, m.ref) for m in recipe.models]
+    out = []
+    for i, (ref, span) in enumerate(zip(refs, sl.ranges, strict=True)):
+        key = next(k for k, r in by_key if r.identity == ref.identity or r.spec == ref.spec)
+        out.append((BASE if i == 0 and sl.part.base is not None else key, key, span))
+    return out
+
+
+def plan_slices(
+    specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]], recipe: Recipe
+) -> MergePlan:
+    """The plan of a frankenmerge, as mergekit 0.1.5 lays it out: the slices' layers numbered
+    on from 0, layer `start + i` of each source giving output layer `offset + i` (t = i / (n - 1)
+    within a slice of n layers, 1 for one layer); embeddings merged from the first slice's
+    sources, the other tensors outside the layers from the last slice's (t = 0)."""
+    assert recipe.slices is not None  # plan_merge hands only sliced recipes here
+    keys = model_keys(recipe)
+    reference = keys[0]
+    _check_architectures(keys, configs)
+    out_dtype = _default_dtype(recipe, configs[reference], specs[reference])
+    slices = [slice_inputs(recipe, i) for i in range(len(recipe.slices))]
+    jobs: list[TensorJob] = []
+
+    def add(out_name: str, index: int, names: list[str], t: float) -> None:
+        inputs = tuple((label, key, name) for (label, key, _), name in zip(slices[index], names, strict=True))
+        found = []
+        for _, key, name in inputs:
+            if name not in specs[key]:
+                raise IncompatibleModelsError(f"slices[{index}]: tensor {name} is missing from {key}")
+            found.append(specs[key][name])
+        first = found[0]
+        for (_, key, name), spec in zip(inputs, found, strict=True):
+            if spec.shape != first.shape or (spec.dtype in FLOAT_DTYPES) != (first.dtype in FLOAT_DTYPES):
+                raise IncompatibleModelsError(
+                    f"slices[{index}]: tensor {name} of {key} is {spec.dtype}{list(spec.shape)}, "
+                    f"{inputs[0][2]} of {inputs[0][1]} is {first.dtype}{list(first.shape)}"
+                )
+        merge = first.dtype in FLOAT_DTYPES
+        dtype = out_dtype if merge else first.dtype
+        jobs.append(TensorJob(out_name, first.shape, dtype, merge, inputs=inputs, slice=index, t=t))
+
+    first_key = slices[0][0][1]
+    outside = [n for n in specs[first_key] if layer_of(n) is None]
+    for name in outside:
+        if BEFORE_LAYERS.search(name):
+            add(name, 0, [name] * len(slices[0]), 0.0)
+    offset = 0
+    for index, inputs in enumerate(slices):
+        _, key, (start, end) = inputs[0]
+        length = end - start
+        for i in range(length):
+            names = sorted(n for n in specs[key] if layer_of(n) == start + i)
+            if not names:
+                raise IncompatibleModelsError(f"slices[{index}]: {key} has no layer {start + i}")
+            for name in names:
+                sources = [with_layer(name, s + i) for _, _, (s, _) in inputs]
+                add(with_layer(name, offset + i), index, sources, i / (length - 1) if length > 1 else 1.0)
+        offset += length
+    last = len(slices) - 1
+    for name in outside:
+        if not BEFORE_LAYERS.search(name):
+            add(name, last, [name] * len(slices[last]), 0.0)
+
+    vocab = {k: _vocab_size(configs[k]) for k in keys}
+    bytes_to_read = sum(specs[key][name].nbytes for job in jobs for _, key, name in job.inputs or ())
+    return MergePlan(
+        jobs=jobs,
+        reference=reference,
+        tokenizer_source=recipe.tokenizer_source or reference,
+        out_dtype=out_dtype,
+        vocab_rows={k: v for k, v in vocab.items() if v is not None},
+        output_vocab=vocab.get(recipe.tokenizer_source or reference),
+        bytes_to_read=bytes_to_read,
+        layers=offset,
     )

@@ -43,6 +43,27 @@ def layer_count(config: dict[str, Any]) -> int | None:
     return None
 
 
+def with_layer(name: str, layer: int) -> str:
+    """The name of the same tensor in another layer (`model.layers.3.mlp...` -> layer 7)."""
+    m = LAYER_NAME.search(name)
+    if m is None:
+        raise ValueError(f"{name} is not a tensor of a layer")
+    return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
+
+
+def set_layer_count(config: dict[str, Any], layers: int) -> dict[str, Any]:
+    """A copy of config.json declaring `layers` decoder layers (a sliced output's count)."""
+    out = dict(config)
+    inner = dict(out["text_config"]) if isinstance(out.get("text_config"), dict) else None
+    for cfg in (out, inner or {}):
+        for key in LAYER_COUNT_KEYS:
+            if key in cfg:
+                cfg[key] = layers
+    if inner is not None:
+        out["text_config"] = inner
+    return out
+
+
 def position(layer: int | None, num_layers: int | None) -> float:
     """mergekit's t of a tensor: layer / (L − 1) inside the layers, 1 for a one-layer model,
     0 outside the layers."""
@@ -153,15 +174,23 @@ class TensorParams:
             num_layers,
         )
 
-    def __call__(self, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def __call__(
+        self, name: str, t: float | None = None, model_names: list[str] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The parameters of tensor `name`; `t` is its position when the plan decides it (a
+        slice's layers: mergekit counts them within the slice), else it comes from the name.
+        `model_names`: each model's own tensor name, which mergekit matches a model's filters
+        against (a slice's source layer), when it differs from `name`."""
         if self.plain:
             return self.model_params, self.params
         layer = layer_of(name)
-        t = position(layer, self.num_layers)
+        t = position(layer, self.num_layers) if t is None else t
         mp, params = self.model_params, self.params
         if self.varies:
+            names = model_names or [name] * len(mp)
             mp = [
-                {**p, **_resolve(s, self.model_defaults, name, t)} for p, s in zip(mp, self.model_settings, strict=True)
+                {**p, **_resolve(s, self.model_defaults, n, t)}
+                for p, s, n in zip(mp, self.model_settings, names, strict=True)
             ]
             params = {**params, **_resolve(self.settings, self.defaults, name, t)}
             key = repr((mp, params))

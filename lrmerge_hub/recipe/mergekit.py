@@ -36,8 +36,9 @@ MERGEKIT_KEYS = (
 # not (yet) supported: an error naming the key
 UNSUPPORTED = {
     "modules": "modules are not supported; list whole models under `models`",
-    "chat_template": "not supported yet; remove it (the merged model takes the task model's chat template)",
 }
+# read as they are: the same key with the same meaning in our recipe
+SHARED_KEYS = ("chat_template",)
 # our recipe's keys that may sit beside a mergekit config's (they have no mergekit meaning)
 OUR_KEYS = ("languages", "license", "license_name", "license_link", "output", "device", "push", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -90,17 +91,19 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             )
         if key in UNSUPPORTED:
             raise RecipeError(f"{key}: {UNSUPPORTED[key]}")
-    if data.get("slices") is not None:
+    sliced = data.get("slices") is not None
+    if sliced:
         if data.get("models") is not None:
             raise RecipeError("slices: give either models or slices, not both")
-        data = _whole_slice(data)
+        if _is_whole_slice(data["slices"]):
+            data, sliced = _whole_slice(data), False
     name = data["merge_method"]
     if not isinstance(name, str) or name not in METHODS or name in MERGEKIT_ONLY_IN_OURS:
         known = sorted(m for m in METHODS if m not in MERGEKIT_ONLY_IN_OURS)
         raise RecipeError(f"merge_method: unknown method {shown(name)} (allowed: {', '.join(known)})")
     method = METHODS[name]
     out: dict[str, Any] = {"method": name}
-    out.update({k: data[k] for k in OUR_KEYS if k in data})
+    out.update({k: data[k] for k in OUR_KEYS + SHARED_KEYS if k in data})
     if data.get("_layers") is not None:
         out["layers"] = data["_layers"]
 
@@ -114,14 +117,30 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     out["parameters"] = {k: v for k, v in top.items() if k in method.global_params}
 
     base = _model_name(data["base_model"], "base_model") if data.get("base_model") is not None else None
-    models_raw = data.get("models")
+    if sliced:
+        out["slices"] = [_slice(sl, i, top, method, base) for i, sl in enumerate(data["slices"])]
+        if base is not None:  # the model whose config.json and tokenizer the output takes
+            out["base"] = base
+    else:
+        models, base = _models(data.get("models"), "models", top, method, base, add_base=True)
+        out["models"] = models
+        if base is not None:
+            out["base"] = base
+    _dtype_and_tokenizer(data, out, base)
+    return out
+
+
+def _models(
+    models_raw: Any, at: str, top: dict[str, Any], method: Any, base: str | None, add_base: bool
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Our `models` (settings with mergekit's fallbacks) and base for a list of mergekit model
+    entries; `add_base`: mergekit's linear averages a base missing from the list in."""
+    name = method.name
     if not isinstance(models_raw, list) or not models_raw:
-        raise RecipeError(
-            "models: must be a non-empty list of {model: ..., parameters: {...}} (slices are not supported yet)"
-        )
+        raise RecipeError(f"{at}: must be a non-empty list of {{model: ..., parameters: {{...}}}}")
     entries = []
     for i, entry in enumerate(models_raw):
-        where = f"models[{i}]"
+        where = f"{at}[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
@@ -142,7 +161,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
 
     takes_base_as_input = not method.needs_base and name == "linear"
     if base is not None and takes_base_as_input:  # mergekit's linear averages the base in as one more input
-        if all(model != base for model, _, _ in entries):
+        if add_base and all(model != base for model, _, _ in entries):
             entries.append((base, {}, "base_model"))
         base = None
     models = []
@@ -159,10 +178,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             allowed = ", ".join(method.model_params) or "none"
             raise RecipeError(f"{where}.parameters.{extra[0]}: not a parameter of {name} (allowed: {allowed})")
         models.append(entry)
-    out["models"] = models
-    if base is not None:
-        out["base"] = base
+    return models, base
 
+
+def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | None) -> None:
     dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None and value not in DTYPES:
@@ -192,11 +211,82 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                 "merges the embeddings over a model's vocabulary differently"
             )
         out["tokenizer_source"] = "base"
-    return out
 
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+
+
+def _is_whole_slice(slices: Any) -> bool:
+    """One slice whose sources all start at layer 0: read as `models` (`_whole_slice`)."""
+    return (
+        isinstance(slices, list)
+        and len(slices) == 1
+        and isinstance(slices[0], dict)
+        and isinstance(slices[0].get("sources"), list)
+        and all(isinstance(s, dict) and _layer_range(s.get("layer_range"))[0] == 0 for s in slices[0]["sources"])
+    )
+
+
+def _layer_range(value: Any) -> tuple[int, int] | tuple[None, None]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+        and 0 <= value[0] < value[1]
+    )
+    return (value[0], value[1]) if ok else (None, None)
+
+
+def _slice(sl: Any, i: int, top: dict[str, Any], method: Any, base: str | None) -> dict[str, Any]:
+    """Our slice for mergekit slice `i`: its sources with `layers`, the base among them (the
+    slice's base_model, else the config's) first, the parameters with mergekit's fallbacks
+    (a source's, then the slice's, then the top level's)."""
+    where = f"slices[{i}]"
+    if not isinstance(sl, dict):
+        raise RecipeError(f"{where}: must be a mapping like {{sources: [...]}}")
+    for key in sl:
+        if key not in SLICE_KEYS:
+            raise RecipeError(f"{where}.{key}: not supported (allowed: {', '.join(SLICE_KEYS)})")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError(f"{where}.sources: must be a non-empty list of {{model: ..., layer_range: [start, end]}}")
+    spans, entries = {}, []
+    for j, src in enumerate(sources):
+        at = f"{where}.sources[{j}]"
+        if not isinstance(src, dict) or "model" not in src:
+            raise RecipeError(f"{at}: must be a mapping with model and layer_range")
+        for key in src:
+            if key not in SOURCE_KEYS:
+                raise RecipeError(f"{at}.{key}: not supported (allowed: {', '.join(SOURCE_KEYS)})")
+        span = _layer_range(src.get("layer_range"))
+        if span[0] is None:
+            raise RecipeError(
+                f"{at}.layer_range: must be [start, end] with 0 <= start < end (got {shown(src.get('layer_range'))})"
+            )
+        model = _model_name(src["model"], f"{at}.model")
+        spans[model] = list(span)
+        entries.append({"model": model, **({"parameters": src["parameters"]} if "parameters" in src else {})})
+    params = dict(top)
+    own = sl.get("parameters") or {}
+    if not isinstance(own, dict):
+        raise RecipeError(f"{where}.parameters: must be a mapping of parameter names to values")
+    for key, value in own.items():  # the slice's settings come before the top level's
+        if key not in method.model_params and key not in method.global_params:
+            raise RecipeError(f"{where}.parameters.{key}: not a parameter of {method.name}")
+        params[key] = _with_fallback(value, params.get(key))
+    if sl.get("base_model") is not None:
+        base = _model_name(sl["base_model"], f"{where}.base_model")
+    models, base = _models(entries, f"{where}.sources", params, method, base, add_base=False)
+    base = base if base in spans else None
+    out: dict[str, Any] = {
+        "sources": ([{"model": base, "layers": spans[base]}] if base else [])
+        + [{**m, "layers": spans[m["model"]]} for m in models],
+        "parameters": {k: v for k, v in params.items() if k in method.global_params},
+    }
+    if base is not None:
+        out["base"] = base
+    return out
 
 
 def _whole_slice(data: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +368,45 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     config: dict[str, Any] = {"merge_method": name}
     if recipe.base is not None:
         config["base_model"] = named(recipe.base)
+    if recipe.slices is None:
+        models = _mergekit_models(recipe, method, named)
+        if models is None:
+            return None
+        config["models"] = models
+        params = _mergekit_params(recipe, method)
+        if params:
+            config["parameters"] = params
+    else:
+        config["slices"] = []
+        for sl in recipe.slices:
+            models = _mergekit_models(sl.part, method, named)
+            if models is None:
+                return None
+            if sl.part.base is not None:  # mergekit lists the base among a slice's sources
+                models.insert(0, {"model": named(sl.part.base)})
+            out: dict[str, Any] = {
+                "sources": [{**m, "layer_range": list(r)} for m, r in zip(models, sl.ranges, strict=True)]
+            }
+            if sl.part.base is not None:
+                out["base_model"] = named(sl.part.base)
+            params = _mergekit_params(sl.part, method)
+            if params:
+                out["parameters"] = params
+            config["slices"].append(out)
+    config["dtype"] = "float32"
+    if recipe.dtype:
+        config["out_dtype"] = recipe.dtype
+    if recipe.chat_template is not None:
+        config["chat_template"] = recipe.chat_template
+    if recipe.tokenizer_source == "base":
+        config["tokenizer_source"] = "base"
+    elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary
+        return None
+    return config
+
+
+def _mergekit_models(recipe: Any, method: Any, named: Any) -> list[dict[str, Any]] | None:
+    """mergekit's model entries of a recipe's models (None: a nonzero slack, which it lacks)."""
     models = []
     for m in recipe.models:
         values = {**m.params, **m.settings}
@@ -288,23 +417,17 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
             k: _explicit(v, method.model_params[k].default) for k, v in values.items() if k in method.model_params
         }
         models.append({"model": named(m.ref), **({"parameters": params} if params else {})})
-    config["models"] = models
+    return models
+
+
+def _mergekit_params(recipe: Any, method: Any) -> dict[str, Any]:
     params = {
         k: _explicit(v, method.global_params[k].default) if k in method.global_params else v
         for k, v in {**recipe.parameters, **recipe.settings}.items()
     }
     if recipe.method in ("slerp", "nearswap"):
         params.setdefault("t", 0.5)
-    if params:
-        config["parameters"] = params
-    config["dtype"] = "float32"
-    if recipe.dtype:
-        config["out_dtype"] = recipe.dtype
-    if recipe.tokenizer_source == "base":
-        config["tokenizer_source"] = "base"
-    elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary
-        return None
-    return config
+    return params
 
 
 def _explicit(setting: Any, default: Any) -> Any:
@@ -335,11 +458,7 @@ def convert(recipe: Any, to: str) -> str:
                 "(slack_ties with a nonzero slack, layer_swap)"
             )
         return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
-    data = recipe.to_dict()
-    if recipe.base is not None:
-        data["base"] = recipe.base.spec
-    for entry, m in zip(data["models"], recipe.models, strict=True):
-        entry["model"] = m.ref.spec
+    data = recipe.to_dict(as_written=True)
     if recipe.output is not None and isinstance(recipe.raw.get("output"), str):
         data["output"] = recipe.raw["output"]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

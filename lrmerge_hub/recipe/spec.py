@@ -9,6 +9,7 @@ as Hub ids `org/name[@revision]`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -51,7 +52,12 @@ TOP_LEVEL_KEYS = (
     "license_name",
     "license_link",
     "layers",  # the models' layer count, checked when they are read (a mergekit slice's layer_range)
+    "slices",  # runs of output layers, each from layer ranges of its sources (instead of models)
+    "chat_template",
 )
+# mergekit 0.1.5's named templates are files of its own; its rule for a template written out
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+SLICE_KEYS = ("sources", "base", "parameters")
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend", "parity_check")
 MODEL_KEYS_FIXED = ("model", "role", "hub_id")
@@ -218,6 +224,19 @@ class EvalSpec:
 
 
 @dataclass
+class Slice:
+    """A run of output layers (mergekit's slice): layer `start + i` of each source gives output
+    layer `offset + i`, merged by the recipe's method with the slice's base and parameters."""
+
+    part: "Recipe"  # the slice's base, models and parameters, read as a recipe of its own
+    ranges: list[tuple[int, int]]  # [start, end) of each input in the method's order: the base first
+
+    @property
+    def length(self) -> int:
+        return self.ranges[0][1] - self.ranges[0][0]
+
+
+@dataclass
 class Recipe:
     method: str
     base: ModelRef | None
@@ -230,6 +249,8 @@ class Recipe:
     dtype: str | None = None  # None: the base model's dtype
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
+    # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
+    chat_template: str | None = None
     device: str | None = None
     push: PushTarget | None = None
     eval: EvalSpec | None = None
@@ -238,31 +259,29 @@ class Recipe:
     settings: dict[str, Any] = field(default_factory=dict)  # global parameters given as settings
     layers: int | None = None  # every model must have this many layers (None: any)
     from_mergekit_config: bool = False  # read from a mergekit config (which has no roles)
+    # a frankenmerge: the output's layers slice by slice (models then lists every source once)
+    slices: list[Slice] | None = None
 
-    def to_dict(self, seen_from: Path | None = None) -> dict[str, Any]:
+    def to_dict(self, seen_from: Path | None = None, as_written: bool = False) -> dict[str, Any]:
         """The normalized recipe as it is run: defaults filled in, no local absolute paths.
         With `seen_from` (the output folder it is written into) local models the recipe names
         relatively are named relative to that folder (ModelRef.seen_from), so that
-        `lrmerge merge recipe.yaml` there reads the same models."""
+        `lrmerge merge recipe.yaml` there reads the same models; with `as_written`, models
+        are named exactly as the recipe names them."""
         recipe_dir = self.source_file.parent if self.source_file else None
 
         def spec(ref: ModelRef) -> str:
+            if as_written:
+                return ref.spec
             return ref.portable if seen_from is None else ref.seen_from(seen_from, recipe_dir)
 
         out: dict[str, Any] = {"method": self.method}
         if self.base is not None:
             out["base"] = spec(self.base)
-        out["models"] = []
-        for m in self.models:
-            entry: dict[str, Any] = {
-                "model": spec(m.ref),
-                "role": m.role,
-            }
-            if m.hub_id:
-                entry["hub_id"] = m.hub_id
-            entry.update(m.params)
-            entry.update(m.settings)
-            out["models"].append(entry)
+        if self.slices is not None:
+            out["slices"] = [_slice_dict(sl, spec) for sl in self.slices]
+        else:
+            out["models"] = [_model_dict(m, spec) for m in self.models]
         out["parameters"] = {**self.parameters, **self.settings}
         out["languages"] = list(self.languages)
         if self.license:
@@ -276,6 +295,8 @@ class Recipe:
         if self.tokenizer_source:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.layers is not None:
             out["layers"] = self.layers
         if self.output is not None:
@@ -307,6 +328,25 @@ class Recipe:
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+
+def _model_dict(m: ModelEntry, spec: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"model": spec(m.ref), "role": m.role}
+    if m.hub_id:
+        entry["hub_id"] = m.hub_id
+    return {**entry, **m.params, **m.settings}
+
+
+def _slice_dict(sl: Slice, spec: Any) -> dict[str, Any]:
+    part = sl.part
+    inputs = ([{"model": spec(part.base)}] if part.base is not None else []) + [
+        _model_dict(m, spec) for m in part.models
+    ]
+    out: dict[str, Any] = {"sources": [{**e, "layers": list(r)} for e, r in zip(inputs, sl.ranges, strict=True)]}
+    if part.base is not None:
+        out["base"] = spec(part.base)
+    out["parameters"] = copy.deepcopy({**part.parameters, **part.settings})  # no YAML anchors to the top level's
+    return out
 
 
 def unknown_key(key: Any, allowed: tuple[str, ...] | list[str], extra: str = "") -> str:
@@ -378,11 +418,14 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     base = None
     if data.get("base") is not None:
         base = parse_model_ref(data["base"], base_dir, "base")
-    elif method.needs_base:
+    elif method.needs_base and data.get("slices") is None:
         raise RecipeError(f"base: required by method {method_name!r} (name the model the others were trained from)")
 
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
+    slices = None
+    if data.get("slices") is not None:
+        slices = _parse_slices(data, method, base_dir, source_file)
+    models_raw = data.get("models") if slices is None else []
+    if not isinstance(models_raw, list) or (slices is None and not models_raw):
         raise RecipeError("models: must be a non-empty list of {model: ..., role: language|task, ...}")
     allowed_model_keys = list(MODEL_KEYS_FIXED) + list(method.model_params)
     models: list[ModelEntry] = []
@@ -418,6 +461,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 f"{where}.model: {shown(ref.spec)} is named twice in the recipe{same}; name each model once"
             )
         models.append(ModelEntry(ref=ref, role=role, params=params, hub_id=hub_id, settings=settings))
+    if slices is not None:
+        models = _slice_models(slices, base)
 
     params_raw = data.get("parameters") or {}
     if not isinstance(params_raw, dict):
@@ -428,8 +473,10 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         name: _param_value(name, params_raw.get(name, p.default), p, "parameters", global_settings)
         for name, p in method.global_params.items()
     }
-    check_normalize(method_name, models, parameters)
-    problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
+    problem = None
+    if slices is None:  # a slice's models are checked with the slice
+        check_normalize(method_name, models, parameters)
+        problem = method.recipe_problem(len(models), base is not None, [m.params for m in models], parameters)
     if problem:
         raise RecipeError(problem)
     if method.roles is not None:
@@ -493,13 +540,104 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         dtype=dtype,
         output=output,
         tokenizer_source=tokenizer_source,
+        chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
         raw=data,
         from_mergekit_config=from_mergekit_config,
         settings=global_settings,
         layers=_parse_layers(data.get("layers")),
+        slices=slices,
     )
+
+
+def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file: Path | None) -> list[Slice]:
+    """The recipe's `slices`: each a list of sources (`model`, `layers: [start, end)` and the
+    method's per-model parameters), an optional `base` (else the recipe's) and `parameters`
+    over the recipe's. Each slice is read as a recipe of its own, so it is checked as one."""
+    if data.get("models") is not None:
+        raise RecipeError("slices: give either models or slices, not both")
+    if data.get("layers") is not None:
+        raise RecipeError("layers: give either layers or slices (each slice names its layers)")
+    if method.per_tensor is not None:
+        raise RecipeError(f"slices: method {method.name} sets each layer by its own schedule; give it models")
+    raw = data["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("slices: must be a non-empty list of {sources: [{model: ..., layers: [start, end]}, ...]}")
+    top: dict[str, Any] = data["parameters"] if isinstance(data.get("parameters"), dict) else {}
+    # mergekit's linear averages the base in as one more input; passthrough takes no base
+    base_is_input = not method.takes_base or method.name == "linear"
+    out = []
+    for i, sl in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(sl, dict):
+            raise RecipeError(f"{where}: must be a mapping like {{sources: [...], parameters: {{...}}}}")
+        _check_keys(sl, SLICE_KEYS, where)
+        sources = sl.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise RecipeError(f"{where}.sources: must be a non-empty list of {{model: ..., layers: [start, end]}}")
+        own = sl.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise RecipeError(f"{where}.parameters: must be a mapping of parameter names to values")
+        base_spec = None if base_is_input else sl.get("base", data.get("base"))
+        base_ref = parse_model_ref(base_spec, base_dir, f"{where}.base") if base_spec is not None else None
+        models, ranges, base_range = [], [], None
+        for j, src in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src:
+                raise RecipeError(f"{at}: must be a mapping with model and layers")
+            lr = src.get("layers")
+            if not (
+                isinstance(lr, list)
+                and len(lr) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                and 0 <= lr[0] < lr[1]
+            ):
+                raise RecipeError(f"{at}.layers: must be [start, end] with 0 <= start < end (got {shown(lr)})")
+            entry = {k: v for k, v in src.items() if k != "layers"}
+            if base_ref is not None and parse_model_ref(src["model"], base_dir, f"{at}.model").identity == (
+                base_ref.identity
+            ):
+                if set(entry) != {"model"}:
+                    raise RecipeError(f"{at}: the slice's base takes no parameters (got {', '.join(entry)})")
+                base_range = (lr[0], lr[1])
+            else:
+                models.append(entry)
+                ranges.append((lr[0], lr[1]))
+        if base_range is None and method.needs_base:
+            named = f"the base {shown(base_spec)}" if base_spec is not None else "a base (none is named)"
+            raise RecipeError(f"{where}.sources: method {method.name} needs {named} among the slice's sources")
+        ranges = ([base_range] if base_range else []) + ranges
+        if len({end - start for start, end in ranges}) > 1:
+            raise RecipeError(
+                f"{where}.sources: layer ranges of different lengths; every source of a slice takes as many layers"
+            )
+        part = {"method": method.name, "models": models, "parameters": {**top, **own}}
+        if base_range is not None:
+            part["base"] = base_spec
+        try:
+            out.append(Slice(parse_recipe(part, base_dir, source_file), ranges))
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if len(out[-1].ranges) > len(out[0].ranges):
+        # mergekit pairs the last slice's sources with the first slice's count of tensors
+        raise RecipeError(
+            f"slices: the last slice has {len(out[-1].ranges)} sources and the first {len(out[0].ranges)}; "
+            "mergekit then merges the final norm and head of only some of them (give both as many)"
+        )
+    return out
+
+
+def _slice_models(slices: list[Slice], base: ModelRef | None) -> list[ModelEntry]:
+    """Every model the slices read, once, in the order they first appear (the recipe's base aside)."""
+    seen = {base.identity} if base is not None else set()
+    models = []
+    for sl in slices:
+        for m in ([ModelEntry(ref=sl.part.base, role="task", params={})] if sl.part.base else []) + sl.part.models:
+            if m.ref.identity not in seen:
+                seen.add(m.ref.identity)
+                models.append(m)
+    return models
 
 
 def check_language_codes(codes: list[str], where: str) -> None:
@@ -530,6 +668,20 @@ def default_role_note(recipe: Recipe) -> str | None:
         f"note: no role given for {', '.join(unnamed)}: taken as task (it picks the chat template and generation "
         "config, what a sweep's slack sets and the card's labels); add role: language|task"
     )
+
+
+def _parse_chat_template(value: Any) -> str | None:
+    """mergekit's values: "auto", or a Jinja template (at least 20 characters, with a `{`)."""
+    if value is None or value == "auto":
+        return value
+    if value in MERGEKIT_TEMPLATE_NAMES:
+        raise RecipeError(
+            f"chat_template: {value} names a template mergekit ships; lrmerge has none by that name "
+            "(give auto or the template's Jinja text)"
+        )
+    if not isinstance(value, str) or len(value) < 20 or "{" not in value:
+        raise RecipeError(f"chat_template: must be auto or a Jinja chat template (got {shown(value)})")
+    return value
 
 
 def _parse_layers(value: Any) -> int | None:

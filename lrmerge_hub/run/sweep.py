@@ -69,6 +69,8 @@ def point_name(point: dict[str, Any]) -> str:
 
 def apply_point(recipe: Recipe, point: dict[str, Any]) -> Recipe:
     """The recipe with the point's values set; every value checked like the recipe's own."""
+    if recipe.slices is not None and point:  # each slice has parameters of its own
+        raise RecipeError(f"--grid {next(iter(point))}: a recipe with slices is not swept; write one recipe per point")
     method = get_method(recipe.method)
     parameters = dict(recipe.parameters)
     models = [
