@@ -109,6 +109,7 @@ PRESETS = {
                         V2_WORLDS["b"],
                         hidden=64,
                         intermediate=256,
+                        layers=3,  # layer_swap: one middle layer from the task model
                         heads=2,
                         base_steps=300,
                         ct_lengths=(2,),
@@ -350,6 +351,10 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
         list(g)
         for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0].get("world", ""), j[0]["ct"], j[0]["seed"]))
     ]
+    # the worlds interleaved, CT length by CT length, so that a run cut short spans them all
+    rank = {ct: i for i, ct in enumerate([None, *cts])}  # the same CT lengths in every world
+    worlds = [w for w, _ in designs]
+    chunks.sort(key=lambda c: (rank[c[0][0]["ct"]], worlds.index(c[0][0].get("world", ""))))
     with ThreadPoolExecutor(jobs) as pool:
         records = [r for rs in pool.map(one, chunks) for r in rs]
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
@@ -464,9 +469,10 @@ def write_results(
     if preset.worlds:
         md += [precondition(records, chance), ""]
         if n == 1:
+            items = designs[0][1].eval_items
             md += [
-                f"One seed: an accuracy's 95% sampling interval on {preset.design.eval_items} questions is "
-                f"about ±{1.96 * (0.25 / preset.design.eval_items) ** 0.5:.3f} at 0.5.",
+                f"One seed: an accuracy's 95% sampling interval on {items} questions is "
+                f"about ±{1.96 * (0.25 / items) ** 0.5:.3f} at 0.5.",
                 "",
             ]
     level = "###" if preset.worlds else "##"
