@@ -425,8 +425,11 @@ def precondition(records: list[dict], chance: float) -> str:
             continue
         ct, (best, *_) = max(rows.items(), key=lambda kv: kv[1][0])
         verdict = "holds" if best >= 3 * chance else "does not hold"
-        lines.append(f"world {world}: best CT-then-SFT LR accuracy {best:.3f} (CT {ct}x): {verdict}")
+        measured = ", ".join(f"{c}x" for c in sorted(rows))
+        lines.append(f"world {world}: best CT-then-SFT LR accuracy {best:.3f} (CT {ct}x of {measured}): {verdict}")
     held = any(line.endswith(": holds") for line in lines)
+    if not lines:
+        return "Precondition (stated in advance): not evaluated yet (no CT-then-SFT record in world a or b)."
     return (
         f"Precondition (stated in advance): in world a or b, CT-then-SFT's LR accuracy is at least "
         f"3x chance ({3 * chance:.3f}) at some CT length. "
