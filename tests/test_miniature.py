@@ -1,7 +1,7 @@
-"""The miniature experiment's reduced version (examples/miniature/run.py --preset test):
-trains tiny models, merges them with `lrmerge merge`, evaluates them with `lrmerge eval`
-(lm-eval, hf backend). Asserts only what must hold for the experiment to mean anything,
-never which method wins."""
+"""The miniature experiment's reduced version (examples/miniature/run.py --design v2 --preset
+test: world b, the second design's code paths, a smaller model): trains tiny models, merges
+them with `lrmerge merge`, evaluates them with `lrmerge eval` (lm-eval, hf backend). Asserts
+only what must hold for the experiment to mean anything, never which method wins."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def test_reduced_miniature_preconditions(tmp_path):
         [
             sys.executable,
             "examples/miniature/run.py",
+            "--design",
+            "v2",
             "--preset",
             "test",
             "--models",
@@ -58,14 +60,62 @@ def test_reduced_miniature_preconditions(tmp_path):
     # every merge was made, loads, and was evaluated
     merges = [r for r in data["records"] if r.get("method")]
     assert sorted(r["model"] for r in merges) == sorted(m[0] for m in data["meta"]["methods"])
+    assert "layer_swap" in {r["method"] for r in merges}
     for r in merges:
+        assert r["world"] == "b"
         merged = tmp_path / "models" / r["folder"]
         report = json.loads((merged / "merge_report.json").read_text())
         assert report["method"] == r["method"]
         assert [m["model"] for m in report["models"]] == [f"lm-{r['ct']}x", "task"]
-        assert report["vocab"]["output_rows"] > report["vocab"]["base_rows"]  # the LM's extended vocabulary
         assert list(merged.glob("eval/*/results_*.json")), f"{merged.name} has no lm-eval results"
         assert all(math.isfinite(r[k]) for k in ("lr_acc", "en_acc", "lr_ppl"))
-        if r["method"] != "task_arithmetic":
+        if r["method"] != "layer_swap":  # the sign-electing merges report the task model's retention
+            assert report["vocab"]["output_rows"] > report["vocab"]["base_rows"]  # the LM's extended vocabulary
             assert 0 < r["task_retention"] <= 1
-    assert (out / "results.md").read_text().count("| slack_ties s=1 |") == 4  # one row per table
+    results_md = (out / "results.md").read_text()
+    assert results_md.count("| slack_ties s=1 |") == 4  # one row per table
+    assert "Precondition (stated in advance)" in results_md
+
+
+def test_first_design_texts_unchanged():
+    """The first design's world, corpora, questions and vocabulary are the same bits as when
+    its results were made (the second design's options default to it)."""
+    import hashlib
+    import random
+
+    sys.path.insert(0, str(REPO / "examples" / "miniature"))
+    try:
+        import world as W
+    finally:
+        sys.path.remove(str(REPO / "examples" / "miniature"))
+    w = W.make_world(0)
+    rng = random.Random(0)
+    docs = W.corpus(w, rng, "lr", 50) + W.corpus(w, rng, "en", 50)
+    its = W.items(w, rng, 20)
+    text = "\n".join(docs + [W.prompt(w, it, "lr") for it in its] + W.base_vocab(w) + W.lr_words(w))
+    assert (
+        hashlib.sha256(text.encode()).hexdigest() == "458d8d6d1a542a73a39ac54a70e8c4ca3899286e11a2088837224bf5b72e7358"
+    )
+
+
+def test_second_design_worlds_share_facts_and_order():
+    """Worlds of one seed share names and facts; world a's LR is English word for word."""
+    import random
+
+    sys.path.insert(0, str(REPO / "examples" / "miniature"))
+    try:
+        import world as W
+    finally:
+        sys.path.remove(str(REPO / "examples" / "miniature"))
+    sov, svo = W.make_world(3), W.make_world(3, order="svo")
+    assert (sov.names, sov.facts) == (svo.names, svo.facts)
+    item = W.sample_item(svo, random.Random(1))
+    en, lr = W.passage(svo, item, "en").split(), W.passage(svo, item, "lr").split()
+    assert len(en) == len(lr)
+    for e, f in zip(en, lr, strict=True):
+        assert f == (svo.lexicon[e] if e in svo.lexicon else e)  # names and punctuation shared
+    assert not set(svo.lexicon.values()) & set(W.english_words())  # a disjoint lexicon
+    doc = W.parallel_document(svo, item, with_dialogue=False)
+    assert doc.split() == [
+        w for f in item.facts for s in (W.statement(svo, f, "en"), W.statement(svo, f, "lr")) for w in s.split()
+    ]

@@ -4,9 +4,11 @@ backend, local tasks) and write results.md, results.json and results.png.
 
     python examples/miniature/run.py            # 3 seeds, CT at 1x 2x 4x 8x (about 12 min, 2 cores)
     python examples/miniature/run.py --quick    # 1 seed, CT at 1x and 4x
+    python examples/miniature/run.py --design v2          # worlds a, b, c (results/v2/)
+    python examples/miniature/run.py --design v2 --quick  # world a, CT at 1x and 4x
 
-The design (world, model sizes, steps, seeds, merge parameters) is fixed in `PRESETS` and
-`train.Design`; it was fixed before any merge result was looked at.
+The designs (worlds, model sizes, steps, seeds, merge parameters) are fixed in `PRESETS` and
+`train.Design`, each before any of its merge results was looked at (docs/miniature.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -52,36 +54,81 @@ METHODS = (
     ("breadcrumbs_ties", "breadcrumbs_ties", None),
     ("sce", "sce", None),
 )
+# The second design's arms: the first four, DARE-TIES and DELLA as above, and layer swapping
+# (its defaults; it takes no base).
+METHODS_V2 = (*METHODS[:6], ("layer_swap", "layer_swap", None))
 DENSITY = 0.2
-ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS))
+ROWS = ("base", "task model", "language model", "CT-then-SFT", *(m[0] for m in METHODS), "layer_swap")
 
 
 @dataclass(frozen=True)
 class Preset:
     seeds: tuple[int, ...]
-    design: T.Design
+    design: T.Design  # the first design: one world; the second: see `worlds`
     methods: tuple[tuple[str, str, float | None], ...] = METHODS
+    worlds: tuple[tuple[str, T.Design], ...] = ()  # (name, design): the second design's worlds
 
+    def designs(self) -> list[tuple[str, T.Design]]:
+        """(world, design) pairs; the first design's one world is named ""."""
+        return list(self.worlds) or [("", self.design)]
+
+
+# The second design (docs/miniature.md, fixed 2026-12-03): worlds a, b, c.
+V2 = T.Design(hidden=128, intermediate=384, layers=4, heads=4, lr=1e-3, sft_steps=100, streams=True)
+V2_WORLDS = {
+    "a": replace(V2, order="svo"),  # English word order, disjoint lexicon
+    "b": replace(V2, order="svo", parallel_docs=0.1),  # (a) and 10% parallel documents
+    "c": V2,  # the first design's LR (SOV): the negative control
+}
 
 PRESETS = {
-    "full": Preset(seeds=(0, 1, 2), design=T.Design()),
-    "quick": Preset(seeds=(0,), design=T.Design(ct_lengths=(1, 4))),
-    # the reduced version the test suite runs: small enough for ~2 minutes
-    "test": Preset(
-        seeds=(0,),
-        design=T.Design(base_steps=300, sft_steps=100, ct_lengths=(2,), eval_items=60),
-        methods=(METHODS[0], METHODS[1], METHODS[3]),
-    ),
+    "v1": {
+        "full": Preset(seeds=(0, 1, 2), design=T.Design()),
+        "quick": Preset(seeds=(0,), design=T.Design(ct_lengths=(1, 4))),
+        # the reduced version: small enough for ~2 minutes
+        "test": Preset(
+            seeds=(0,),
+            design=T.Design(base_steps=300, sft_steps=100, ct_lengths=(2,), eval_items=60),
+            methods=(METHODS[0], METHODS[1], METHODS[3]),
+        ),
+    },
+    "v2": {
+        "full": Preset(seeds=(0,), design=V2, methods=METHODS_V2, worlds=tuple(V2_WORLDS.items())),
+        "quick": Preset(
+            seeds=(0,), design=V2, methods=METHODS_V2, worlds=(("a", replace(V2_WORLDS["a"], ct_lengths=(1, 4))),)
+        ),
+        # what the test suite runs: world b (both of its factors), a smaller model, few steps
+        "test": Preset(
+            seeds=(0,),
+            design=V2,
+            methods=(METHODS_V2[1], METHODS_V2[3], METHODS_V2[6]),
+            worlds=(
+                (
+                    "b",
+                    replace(
+                        V2_WORLDS["b"],
+                        hidden=64,
+                        intermediate=256,
+                        layers=3,  # layer_swap: one middle layer from the task model
+                        heads=2,
+                        base_steps=300,
+                        ct_lengths=(2,),
+                        eval_items=60,
+                    ),
+                ),
+            ),
+        ),
+    },
 }
 
 
 # --- evaluation data: lm-eval tasks (YAML + JSONL) ------------------------------------------
 
 
-def write_tasks(seed: int, n: int, folder: Path) -> Path:
+def write_tasks(seed: int, n: int, folder: Path, order: str = "sov") -> Path:
     """The same questions in LR and English (exact answer), and held-out LR text for
     perplexity, as local lm-eval tasks."""
-    world = W.make_world(seed)
+    world = W.make_world(seed, order=order)
     rng = random.Random(10_000 + seed)
     eval_items = W.items(world, rng, n)
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,7 +216,7 @@ def merge(base: Path, lm: Path, task: Path, method: str, slack: float | None, ou
     params = {"lambda": 1.0} if "lambda" in declared.global_params else {}
     recipe = {
         "method": method,
-        "base": str(base),
+        **({"base": str(base)} if declared.takes_base else {}),  # layer_swap takes none
         "models": [{"model": str(lm), "role": "language", **per_model}, task_entry],
         "parameters": params,
         "dtype": "float32",
@@ -216,69 +263,76 @@ def evaluate(models: list[Path], tasks_dir: Path) -> list[dict[str, float]]:
 # --- the experiment -------------------------------------------------------------------------
 
 
+def family_root(models_root: Path, world: str, seed: int) -> Path:
+    """Where one world's seed is trained (the first design: models_root/seedS)."""
+    return models_root / (f"world-{world}" if world else "") / f"seed{seed}"
+
+
 def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
-    """Every (seed, model) evaluated: a list of records."""
-    d = preset.design
+    """Every (world, seed, model) evaluated: a list of records."""
     t0 = time.time()
-    with ProcessPoolExecutor(jobs) as pool:
-        families = dict(
-            zip(
-                preset.seeds,
-                pool.map(
-                    T.train_family,
-                    [d] * len(preset.seeds),
-                    preset.seeds,
-                    [models_root / f"seed{s}" for s in preset.seeds],
-                ),
-                strict=True,
-            )
-        )
-    log(f"trained or reused {len(preset.seeds)} seed(s) in {time.time() - t0:.0f}s")
+    designs = preset.designs()
+    fams = [(w, d, seed) for w, d in designs for seed in preset.seeds]
+    roots = {(w, seed): family_root(models_root, w, seed) for w, _, seed in fams}
+    # every family at once: training is CPU-bound, one thread each
+    with ProcessPoolExecutor(max(jobs, len(fams))) as pool:
+        trained = pool.map(T.train_family, [d for _, d, _ in fams], [s for *_, s in fams], list(roots.values()))
+        families = dict(zip(roots, trained, strict=True))
+    log(f"trained or reused {len(fams)} famil{'ies' if len(fams) > 1 else 'y'} in {time.time() - t0:.0f}s")
 
     # resume: a model already evaluated with these very checkpoints is not evaluated again
-    stamps = {seed: family_stamp(models_root / f"seed{seed}") for seed in preset.seeds}
+    stamps = {key: family_stamp(root) for key, root in roots.items()}
     progress = models_root / "records.jsonl"
     done = {}
     for line in progress.read_text().splitlines() if progress.is_file() else []:
         r = json.loads(line)
-        if stamps.get(r["seed"]) == r.get("stamp"):
+        if stamps.get((r.get("world", ""), r["seed"])) == r.get("stamp"):
             done[record_key(r)] = r
 
-    # the shortest and longest CT first, so that a run cut short still spans the axis
-    cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
-    tasks = {seed: write_tasks(seed, d.eval_items, models_root / f"seed{seed}" / "tasks") for seed in preset.seeds}
     jobs_list = []  # (record, model folder, merge arguments or None, tasks folder)
-    for ct in [None, *cts]:
-        for seed, paths in families.items():
-            tasks_dir = tasks[seed]
+    for world, d in designs:
+        # the shortest and longest CT first, so that a run cut short still spans the axis
+        cts = list(dict.fromkeys([d.ct_lengths[0], d.ct_lengths[-1], *d.ct_lengths[1:-1]]))
+        tasks = {seed: write_tasks(seed, d.eval_items, roots[world, seed] / "tasks", d.order) for seed in preset.seeds}
+        for ct in [None, *cts]:
+            for seed in preset.seeds:
+                paths, tasks_dir = families[world, seed], tasks[seed]
 
-            def rec(model, seed=seed, ct=ct, tasks_dir=tasks_dir, **kw):
-                return dict(seed=seed, model=model, ct=ct, chance=mean_chance(tasks_dir), stamp=stamps[seed], **kw)
-
-            if ct is None:
-                jobs_list += [
-                    (rec("base"), paths["base"], None, tasks_dir),
-                    (rec("task model"), paths["task"], None, tasks_dir),
-                ]
-                continue
-            jobs_list += [
-                (rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
-                (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir),
-            ]
-            for label, method, slack in preset.methods:
-                out = models_root / f"seed{seed}" / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{ct}x"
-                spec = (paths["base"], paths[f"lm-{ct}x"], paths["task"], method, slack, out)
-                jobs_list.append(
-                    (
-                        rec(label, method=method, slack=slack, folder=str(out.relative_to(models_root))),
-                        out,
-                        spec,
-                        tasks_dir,
+                def rec(model, world=world, seed=seed, ct=ct, tasks_dir=tasks_dir, **kw):  # called in this iteration
+                    return dict(
+                        **({"world": world} if world else {}),
+                        seed=seed,
+                        model=model,
+                        ct=ct,
+                        chance=mean_chance(tasks_dir),
+                        stamp=stamps[world, seed],
+                        **kw,
                     )
-                )
+
+                if ct is None:
+                    jobs_list += [
+                        (rec("base"), paths["base"], None, tasks_dir),
+                        (rec("task model"), paths["task"], None, tasks_dir),
+                    ]
+                    continue
+                jobs_list += [
+                    (rec("language model"), paths[f"lm-{ct}x"], None, tasks_dir),
+                    (rec("CT-then-SFT"), paths[f"ctsft-{ct}x"], None, tasks_dir),
+                ]
+                for label, method, slack in preset.methods:
+                    out = roots[world, seed] / "merges" / f"{label.replace(' ', '_').replace('=', '')}-{ct}x"
+                    spec = (paths["base"], paths[f"lm-{ct}x"], paths["task"], method, slack, out)
+                    jobs_list.append(
+                        (
+                            rec(label, method=method, slack=slack, folder=str(out.relative_to(models_root))),
+                            out,
+                            spec,
+                            tasks_dir,
+                        )
+                    )
 
     def one(chunk: list) -> list[dict]:
-        """One seed at one CT length: its merges, then one evaluation of all its models."""
+        """One seed of one world at one CT length: its merges, then one evaluation of all its models."""
         todo = [job for job in chunk if record_key(job[0]) not in done]
         for record, _, merge_spec, _ in todo:
             if merge_spec is not None:
@@ -289,13 +343,21 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             with open(progress, "a") as f:  # progress, in case the run is cut short
                 f.write(json.dumps(record) + "\n")
             log(
+                f"{'world ' + record['world'] + ' ' if 'world' in record else ''}"
                 f"seed {record['seed']} {record['model']:<18} CT {record['ct'] or '-':>2}x  "
                 f"LR acc {record['lr_acc']:.3f}  EN acc {record['en_acc']:.3f}  LR ppl {record['lr_ppl']:.2f}"
             )
         return [done.get(record_key(r), r) for r, *_ in chunk]
 
     t1 = time.time()
-    chunks = [list(g) for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0]["ct"], j[0]["seed"]))]
+    chunks = [
+        list(g)
+        for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0].get("world", ""), j[0]["ct"], j[0]["seed"]))
+    ]
+    # the worlds interleaved, CT length by CT length, so that a run cut short spans them all
+    rank = {ct: i for i, ct in enumerate([None, *cts])}  # the same CT lengths in every world
+    worlds = [w for w, _ in designs]
+    chunks.sort(key=lambda c: (rank[c[0][0]["ct"]], worlds.index(c[0][0].get("world", ""))))
     with ThreadPoolExecutor(jobs) as pool:
         records = [r for rs in pool.map(one, chunks) for r in rs]
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
@@ -303,8 +365,8 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
 
 
 def record_key(record: dict) -> tuple:
-    """What a record is of: one model of one seed at one CT length."""
-    return record["seed"], record["model"], record["ct"]
+    """What a record is of: one model of one seed (of one world) at one CT length."""
+    return record.get("world", ""), record["seed"], record["model"], record["ct"]
 
 
 def family_stamp(root: Path) -> str:
@@ -349,16 +411,47 @@ def table(records: list[dict], key: str, cts: tuple[int, ...], fmt: str, seeds: 
     return "\n".join(lines)
 
 
+WORLD_TITLES = {
+    "a": "world a: LR in English word order, disjoint lexicon",
+    "b": "world b: world a and 10% parallel documents in pretraining",
+    "c": "world c: the first design's LR (SOV), the negative control",
+}
+
+
+def precondition(records: list[dict], chance: float) -> str:
+    """The second design's precondition, stated in advance: CT-then-SFT's LR accuracy at least
+    3x chance at one or more CT lengths, in world a or b."""
+    lines = []
+    for world in ("a", "b"):
+        rows = aggregate([r for r in records if r.get("world") == world], "lr_acc").get("CT-then-SFT", {})
+        if not rows:
+            continue
+        ct, (best, *_) = max(rows.items(), key=lambda kv: kv[1][0])
+        verdict = "holds" if best >= 3 * chance else "does not hold"
+        measured = ", ".join(f"{c}x" for c in sorted(rows))
+        lines.append(f"world {world}: best CT-then-SFT LR accuracy {best:.3f} (CT {ct}x of {measured}): {verdict}")
+    held = any(line.endswith(": holds") for line in lines)
+    if not lines:
+        return "Precondition (stated in advance): not evaluated yet (no CT-then-SFT record in world a or b)."
+    return (
+        f"Precondition (stated in advance): in world a or b, CT-then-SFT's LR accuracy is at least "
+        f"3x chance ({3 * chance:.3f}) at some CT length. "
+        + "; ".join(lines)
+        + (". It holds." if held else ". It does not hold: the merges are not evidence for or against the paper.")
+    )
+
+
 def write_results(
     records: list[dict], preset: Preset, out: Path, seconds: float | None, cpu: float | None, log=print
 ) -> None:
     """results.json, results.md and results.png; seconds None: a run cut short."""
     out.mkdir(parents=True, exist_ok=True)
-    cts = preset.design.ct_lengths
+    designs = preset.designs()
     chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
     meta = {
         "seeds": list(preset.seeds),
         "design": asdict(preset.design),
+        **({"worlds": {w: asdict(d) for w, d in preset.worlds}} if preset.worlds else {}),
         "density": DENSITY,
         "methods": [list(m) for m in preset.methods],
         "seconds": seconds and round(seconds),
@@ -378,62 +471,76 @@ def write_results(
         f"CT length: continual pre-training steps in units of {preset.design.ct_unit_steps}. "
         f"Chance (a random name from the passage): {chance:.3f}. " + timing,
         "",
-        "## LR task accuracy (exact answer, questions in the low-resource language)",
-        "",
-        table(records, "lr_acc", cts, ".3f", n),
-        "",
-        "## English task accuracy (the same questions in English)",
-        "",
-        table(records, "en_acc", cts, ".3f", n),
-        "",
-        "## Task model retention (merge_report.json: share of its trimmed entries the election kept)",
-        "",
-        table(records, "task_retention", cts, ".3f", n),
-        "",
-        "## LR word perplexity (held-out LR text)",
-        "",
-        table(records, "lr_ppl", cts, ".2f", n),
-        "",
     ]
+    if preset.worlds:
+        md += [precondition(records, chance), ""]
+        if n == 1:
+            items = designs[0][1].eval_items
+            md += [
+                f"One seed: an accuracy's 95% sampling interval on {items} questions is "
+                f"about ±{1.96 * (0.25 / items) ** 0.5:.3f} at 0.5.",
+                "",
+            ]
+    level = "###" if preset.worlds else "##"
+    for world, d in designs:
+        rs = [r for r in records if r.get("world", "") == world]
+        if world:
+            md += [f"## {WORLD_TITLES.get(world, 'world ' + world)}", ""]
+        for title, key, fmt in (
+            ("LR task accuracy (exact answer, questions in the low-resource language)", "lr_acc", ".3f"),
+            ("English task accuracy (the same questions in English)", "en_acc", ".3f"),
+            (
+                "Task model retention (merge_report.json: share of its trimmed entries the election kept)",
+                "task_retention",
+                ".3f",
+            ),
+            ("LR word perplexity (held-out LR text)", "lr_ppl", ".2f"),
+        ):
+            md += [f"{level} {title}", "", table(rs, key, d.ct_lengths, fmt, n), ""]
     (out / "results.md").write_text("\n".join(md))
     try:
-        plot(records, cts, out / "results.png")
+        plot(records, designs, out / "results.png")
     except ImportError:
         log("results.png not written: matplotlib is missing (pip install -e '.[miniature]')")
 
 
-def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
+def plot(records: list[dict], designs: list[tuple[str, T.Design]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_ret) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, ax in (("lr_acc", ax_acc), ("task_retention", ax_ret)):
-        for model, row in aggregate(records, key).items():
-            if "-" in row:  # no CT axis: a horizontal reference line
-                ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black", label=model)
-                continue
-            xs = [c for c in cts if c in row]
-            ax.errorbar(
-                xs,
-                [row[c][0] for c in xs],
-                yerr=[row[c][1] for c in xs],
-                marker="o",
-                capsize=3,
-                label=model,
-                color=f"C{ROWS.index(model) % 10}" if model in ROWS else None,
-                ls="--" if model in ("language model", "CT-then-SFT") else "-",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(cts), [f"{c}x" for c in cts])
-        ax.set_xlabel("continual pre-training length")
-    chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
-    ax_acc.axhline(chance, ls="-.", lw=0.8, color="silver", label="chance")
-    ax_acc.set_ylabel("LR task accuracy (exact answer)")
-    ax_ret.set_ylabel("task model retention")
-    ax_acc.legend(fontsize=7)
-    ax_ret.legend(fontsize=7)
+    fig, axes = plt.subplots(len(designs), 2, figsize=(11, 4.2 * len(designs)), squeeze=False)
+    for (world, d), (ax_acc, ax_ret) in zip(designs, axes, strict=True):
+        rs = [r for r in records if r.get("world", "") == world]
+        cts = d.ct_lengths
+        for key, ax in (("lr_acc", ax_acc), ("task_retention", ax_ret)):
+            for model, row in aggregate(rs, key).items():
+                if "-" in row:  # no CT axis: a horizontal reference line
+                    ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black", label=model)
+                    continue
+                xs = [c for c in cts if c in row]
+                ax.errorbar(
+                    xs,
+                    [row[c][0] for c in xs],
+                    yerr=[row[c][1] for c in xs],
+                    marker="o",
+                    capsize=3,
+                    label=model,
+                    color=f"C{ROWS.index(model) % 10}" if model in ROWS else None,
+                    ls="--" if model in ("language model", "CT-then-SFT") else "-",
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(cts), [f"{c}x" for c in cts])
+            ax.set_xlabel("continual pre-training length")
+        chance = statistics.fmean({r["seed"]: r["chance"] for r in rs}.values()) if rs else 0
+        ax_acc.axhline(chance, ls="-.", lw=0.8, color="silver", label="chance")
+        ax_acc.set_ylabel("LR task accuracy (exact answer)")
+        ax_ret.set_ylabel("task model retention")
+        if world:
+            ax_acc.set_title(WORLD_TITLES.get(world, world), fontsize=9)
+        ax_acc.legend(fontsize=7)
+        ax_ret.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -442,23 +549,31 @@ def plot(records: list[dict], cts: tuple[int, ...], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
+        "--design",
+        choices=sorted(PRESETS),
+        default="v1",
+        help="v1: the first design (one world, 3 seeds); v2: worlds a, b, c (docs/miniature.md)",
+    )
+    ap.add_argument(
         "--quick",
         action="store_const",
         const="quick",
         dest="preset",
         default="full",
-        help="1 seed, CT at 1x and 4x (same as --preset quick)",
+        help="v1: 1 seed, CT at 1x and 4x; v2: world a, CT at 1x and 4x (same as --preset quick)",
     )
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--preset", choices=("full", "quick", "test"), default="full")
     ap.add_argument(
         "--models",
         type=Path,
-        help="where checkpoints are trained or reused (default: examples/miniature/models/PRESET)",
+        help="where checkpoints are trained or reused (default: examples/miniature/models/PRESET, "
+        "models/v2-PRESET for v2)",
     )
     ap.add_argument(
         "--out",
         type=Path,
-        help="results folder (default: examples/miniature/results, results/PRESET for other presets)",
+        help="results folder (default: examples/miniature/results, results/PRESET for other presets; "
+        "v2: results/v2, results/v2/PRESET)",
     )
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
     ap.add_argument(
@@ -468,23 +583,32 @@ def main() -> None:
         "from the records it saved beside the models",
     )
     a = ap.parse_args()
-    preset = PRESETS[a.preset]
-    models = (a.models or HERE / "models" / a.preset).resolve()
-    out = a.out or (HERE / "results" if a.preset == "full" else HERE / "results" / a.preset)
+    preset = PRESETS[a.design][a.preset]
+    v2 = a.design != "v1"
+    models = (a.models or HERE / "models" / (f"{a.design}-{a.preset}" if v2 else a.preset)).resolve()
+    results = HERE / "results" / a.design if v2 else HERE / "results"
+    out = a.out or (results if a.preset == "full" else results / a.preset)
     if a.render and not (out / "results.json").is_file():
-        stamps = {seed: family_stamp(models / f"seed{seed}") for seed in preset.seeds}
+        stamps = {
+            (w, seed): family_stamp(family_root(models, w, seed)) for w, _ in preset.designs() for seed in preset.seeds
+        }
         records = [
             r
             for r in map(json.loads, (models / "records.jsonl").read_text().splitlines())
-            if stamps[r["seed"]] == r["stamp"]
+            if stamps.get((r.get("world", ""), r["seed"])) == r["stamp"]
         ]
         write_results(records, preset, out, None, None)
         return
     if a.render:
         data = json.loads((out / "results.json").read_text())
         meta = data["meta"]
-        design = T.Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["design"].items()})
-        preset = Preset(seeds=tuple(meta["seeds"]), design=design, methods=tuple(map(tuple, meta["methods"])))
+        design = lambda m: T.Design(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})  # noqa: E731
+        preset = Preset(
+            seeds=tuple(meta["seeds"]),
+            design=design(meta["design"]),
+            methods=tuple(map(tuple, meta["methods"])),
+            worlds=tuple((w, design(m)) for w, m in meta.get("worlds", {}).items()),
+        )
         write_results(data["records"], preset, out, meta["seconds"], meta.get("cpu_seconds", 0))
         return
     t0 = time.time()

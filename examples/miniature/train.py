@@ -41,6 +41,10 @@ class Design:
     sft_steps: int = 200
     sft_lr: float = 1e-3
     eval_items: int = 150
+    # the world (the second design's factors; the defaults are the first design's world)
+    order: str = "sov"  # the LR's word order (world.ORDERS)
+    parallel_docs: float = 0.0  # share of parallel documents in every pretraining corpus
+    streams: bool = False  # one random stream per corpus (else one for all, the first design's)
 
 
 def model_config(d: Design, vocab: int):
@@ -174,8 +178,10 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
         return paths
     root.mkdir(parents=True, exist_ok=True)
     (root / "design.json").unlink(missing_ok=True)
-    world = W.make_world(seed)
+    world = W.make_world(seed, order=d.order)
     rng = random.Random(seed)
+    # per corpus: its own stream (worlds of one seed share the SFT questions), or the one rng
+    stream = (lambda name: random.Random(f"{seed}-{name}")) if d.streams else (lambda name: rng)  # noqa: E731
     base_vocab = W.base_vocab(world)
     W.save_tokenizer(base_vocab, root / "tok-base")
     W.save_tokenizer(base_vocab + W.lr_words(world), root / "tok-lm")
@@ -183,16 +189,18 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
     lm_tok = AutoTokenizer.from_pretrained(str(root / "tok-lm"))
     save = lambda tok_dir: lambda m, p: save_model(m, tok_dir, p)  # noqa: E731
 
-    def corpus(lr_share: float, n: int) -> list[str]:
-        n_lr = round(n * lr_share)
-        return W.corpus(world, rng, "lr", n_lr) + W.corpus(world, rng, "en", n - n_lr)
+    def corpus(lr_share: float, n: int, r: random.Random) -> list[str]:
+        n_par = round(n * d.parallel_docs)
+        n_lr = round((n - n_par) * lr_share)
+        docs = W.corpus(world, r, "lr", n_lr) + W.corpus(world, r, "en", n - n_par - n_lr)
+        return docs + W.corpus(world, r, "parallel", n_par) if n_par else docs
 
     torch.manual_seed(seed)
     base = LlamaForCausalLM(model_config(d, len(base_tok)))
-    train(base, text_rows(base_tok, corpus(d.base_lr_docs, 20000)), d.base_steps, d.lr, d, seed)
+    train(base, text_rows(base_tok, corpus(d.base_lr_docs, 20000, stream("base"))), d.base_steps, d.lr, d, seed)
     save(root / "tok-base")(base, paths["base"])
 
-    sft_items = W.items(world, rng, 4000)
+    sft_items = W.items(world, stream("sft"), 4000)
     task = LlamaForCausalLM.from_pretrained(str(paths["base"]))
     train(task, sft_rows(base_tok, world, sft_items), d.sft_steps, d.sft_lr, d, seed + 1)
     save(root / "tok-base")(task, paths["task"])
@@ -202,7 +210,7 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
     save_at = {k * d.ct_unit_steps: paths[f"lm-{k}x"] for k in d.ct_lengths}
     train(
         lm,
-        text_rows(lm_tok, corpus(d.ct_lr_docs, 10000)),
+        text_rows(lm_tok, corpus(d.ct_lr_docs, 10000, stream("ct"))),
         max(save_at),
         d.ct_lr,
         d,

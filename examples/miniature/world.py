@@ -4,7 +4,8 @@ The world: people with five facts each (where they live, where they were born, w
 work, their friend, their pet's name); every answer is a proper name, written the same in
 both languages (as names mostly are). "English" is SVO with its own function words; the
 low-resource language ("LR") is SOV with postpositions, question words in place and a final
-question particle, and a lexicon of its own made of CV syllables.
+question particle, and a lexicon of its own made of CV syllables. The second design's LR
+("svo") keeps English's word order and translates word for word into a disjoint lexicon.
 
 Everything here is pure: a seed gives the same world, texts and tokenizers.
 """
@@ -50,6 +51,9 @@ LR_FUNCTION_WORDS = (
     "WHAT",
     "Q",
 )
+# The same-order LR ("svo"): every English word of the sentences has its own LR word.
+SVO_WORDS = tuple(sorted({w for pair in ENGLISH.values() for t in pair for w in t.split()} - {"{s}", "{o}", ".", "?"}))
+ORDERS = ("sov", "svo")
 # The instruction format (English, as in the paper's FLAN-style prompts) and the marker
 # every document starts with (the tokenizer's BOS).
 QUESTION, ANSWER, BOS, EOS = "Question :", "Answer :", "<s>", "</s>"
@@ -65,7 +69,8 @@ NAME_RIMES = ["ar", "en", "il", "on", "ur", "ax", "ek", "im", "os", "ul", "ay", 
 class World:
     names: dict[str, list[str]]  # kind -> proper names
     facts: dict[tuple[str, str], str]  # (person, relation) -> object name
-    lexicon: dict[str, str]  # LR function word (IN, LIVE, ...) -> LR word
+    lexicon: dict[str, str]  # LR function word (IN, LIVE, ...; "svo": the English word) -> LR word
+    order: str = "sov"  # the LR's word order: "sov" (the first design's) or "svo" (English's)
 
     @property
     def people(self) -> list[str]:
@@ -84,7 +89,13 @@ class Item:
     query: tuple[str, str]
 
 
-def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int = 6, pets: int = 8) -> World:
+def make_world(
+    seed: int, *, order: str = "sov", people: int = 24, cities: int = 8, companies: int = 6, pets: int = 8
+) -> World:
+    """The names and facts depend on the seed only; the LR lexicon on the seed and `order`."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    function_words = LR_FUNCTION_WORDS if order == "sov" else SVO_WORDS
     rng = random.Random(seed)
     pool = [o + r for o in NAME_ONSETS for r in NAME_RIMES]
     pool += [o + r + "o" for o in NAME_ONSETS for r in NAME_RIMES]
@@ -101,12 +112,12 @@ def make_world(seed: int, *, people: int = 24, cities: int = 8, companies: int =
             facts[(p, rel)] = rng.choice(choices)
     syllables = [c + v for c in LR_CONSONANTS for v in LR_VOWELS]
     words: set[str] = set()
-    while len(words) < len(LR_FUNCTION_WORDS):
+    while len(words) < len(function_words):
         words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 2, 3)))))
     ordered = sorted(words)  # a set's order changes with the process's hash seed
     rng.shuffle(ordered)
-    lexicon = dict(zip(LR_FUNCTION_WORDS, ordered, strict=True))
-    return World(names=names, facts=facts, lexicon=lexicon)
+    lexicon = dict(zip(function_words, ordered, strict=True))
+    return World(names=names, facts=facts, lexicon=lexicon, order=order)
 
 
 def statement(world: World, fact: tuple[str, str], lang: str) -> str:
@@ -121,6 +132,8 @@ def question(world: World, fact: tuple[str, str], lang: str) -> str:
 def _render(world: World, lang: str, which: int, rel: str, **slots: str) -> str:
     if lang == "en":
         return ENGLISH[rel][which].format(**slots)
+    if world.order == "svo":  # word for word; names and punctuation are not in the lexicon
+        return " ".join(world.lexicon.get(w, w) for w in ENGLISH[rel][which].format(**slots).split())
     words = LR_TEMPLATES[rel][which].format(**slots).split()
     return " ".join(world.lexicon.get(w, w) for w in words)
 
@@ -146,6 +159,15 @@ def corpus_document(world: World, item: Item, lang: str, with_dialogue: bool) ->
     return text
 
 
+def parallel_document(world: World, item: Item, with_dialogue: bool) -> str:
+    """A corpus document written twice, sentence by sentence: each English sentence followed
+    by the same sentence in LR."""
+    sentences = [(statement, f) for f in item.facts]
+    if with_dialogue:
+        sentences += [(question, item.query), (statement, item.query)]
+    return " ".join(f"{fn(world, f, 'en')} {fn(world, f, 'lr')}" for fn, f in sentences)
+
+
 def prompt(world: World, item: Item, lang: str) -> str:
     """The instruction format: English markers, content in `lang`; the answer follows."""
     return f"{BOS} {passage(world, item, lang)} {QUESTION} {question(world, item.query, lang)} {ANSWER}"
@@ -162,6 +184,9 @@ def chance(world: World, item: Item) -> float:
 
 
 def corpus(world: World, rng: random.Random, lang: str, n: int) -> list[str]:
+    """n documents in "en", "lr", or "parallel" (both, sentence by sentence)."""
+    if lang == "parallel":
+        return [parallel_document(world, sample_item(world, rng), rng.random() < 0.5) for _ in range(n)]
     return [corpus_document(world, sample_item(world, rng), lang, rng.random() < 0.5) for _ in range(n)]
 
 
