@@ -34,6 +34,7 @@ def test_reduced_miniature_preconditions(tmp_path):
             str(tmp_path / "models"),
             "--out",
             str(out),
+            "--all-arms",  # the merges' code paths, whatever this small model's precondition says
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -119,3 +120,29 @@ def test_second_design_worlds_share_facts_and_order():
     assert doc.split() == [
         w for f in item.facts for s in (W.statement(svo, f, "en"), W.statement(svo, f, "lr")) for w in s.split()
     ]
+
+
+def test_second_design_stops_before_the_merges_unless_the_precondition_holds():
+    """Fixed in advance: the merges run only when CT-then-SFT reaches 3x chance in world a or b."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "examples" / "miniature"))
+    try:
+        run = importlib.import_module("run")
+    finally:
+        sys.path.remove(str(REPO / "examples" / "miniature"))
+
+    def records(a: float, b: float, c: float) -> list[dict]:
+        return [
+            {"world": w, "seed": 0, "model": "CT-then-SFT", "ct": ct, "lr_acc": acc - (ct == 1) * 0.01}
+            for w, acc in (("a", a), ("b", b), ("c", c))
+            for ct in (1, 4)
+        ]
+
+    assert not run.precondition_holds(records(0.44, 0.30, 0.90), 0.15)  # world c never counts
+    assert run.precondition_holds(records(0.44, 0.46, 0.0), 0.15)  # 0.46 >= 3 x 0.15 in world b, CT 4x
+    text = run.precondition(records(0.39, 0.30, 0.2), 0.15)
+    assert "world a: best CT-then-SFT LR accuracy 0.390 (CT 4x of 1x, 4x): does not hold" in text
+    assert "the run stops there (no merges" in text
+    merged = records(0.39, 0.30, 0.2) + [{"world": "a", "seed": 0, "model": "ties", "ct": 1, "method": "ties"}]
+    assert "the merges are not evidence" in run.precondition(merged, 0.15)

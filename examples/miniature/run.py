@@ -268,8 +268,10 @@ def family_root(models_root: Path, world: str, seed: int) -> Path:
     return models_root / (f"world-{world}" if world else "") / f"seed{seed}"
 
 
-def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
-    """Every (world, seed, model) evaluated: a list of records."""
+def run(preset: Preset, models_root: Path, jobs: int, log=print, all_arms: bool = False) -> list[dict]:
+    """Every (world, seed, model) evaluated: a list of records. In the second design the
+    trained models are evaluated first; the merges follow only when the precondition holds
+    (fixed in advance: otherwise the run stops there), or with all_arms."""
     t0 = time.time()
     designs = preset.designs()
     fams = [(w, d, seed) for w, d in designs for seed in preset.seeds]
@@ -349,17 +351,29 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print) -> list[dict]:
             )
         return [done.get(record_key(r), r) for r, *_ in chunk]
 
-    t1 = time.time()
-    chunks = [
-        list(g)
-        for _, g in itertools.groupby(jobs_list, key=lambda j: (j[0].get("world", ""), j[0]["ct"], j[0]["seed"]))
-    ]
-    # the worlds interleaved, CT length by CT length, so that a run cut short spans them all
     rank = {ct: i for i, ct in enumerate([None, *cts])}  # the same CT lengths in every world
     worlds = [w for w, _ in designs]
-    chunks.sort(key=lambda c: (rank[c[0][0]["ct"]], worlds.index(c[0][0].get("world", ""))))
-    with ThreadPoolExecutor(jobs) as pool:
-        records = [r for rs in pool.map(one, chunks) for r in rs]
+
+    def run_chunks(selected: list) -> list[dict]:
+        chunks = [
+            list(g)
+            for _, g in itertools.groupby(selected, key=lambda j: (j[0].get("world", ""), j[0]["ct"], j[0]["seed"]))
+        ]
+        # the worlds interleaved, CT length by CT length, so that a run cut short spans them all
+        chunks.sort(key=lambda c: (rank[c[0][0]["ct"]], worlds.index(c[0][0].get("world", ""))))
+        with ThreadPoolExecutor(jobs) as pool:
+            return [r for rs in pool.map(one, chunks) for r in rs]
+
+    t1 = time.time()
+    if not preset.worlds:  # the first design: each CT length's merges and models in one evaluation
+        records = run_chunks(jobs_list)
+    else:
+        records = run_chunks([j for j in jobs_list if j[2] is None])
+        chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
+        if all_arms or precondition_holds(records, chance):
+            records += run_chunks([j for j in jobs_list if j[2] is not None])
+        else:
+            log("the precondition does not hold: the run stops before the merges (--all-arms runs them)")
     log(f"merged and evaluated {len(records)} models in {time.time() - t1:.0f}s")
     return records
 
@@ -418,26 +432,43 @@ WORLD_TITLES = {
 }
 
 
-def precondition(records: list[dict], chance: float) -> str:
-    """The second design's precondition, stated in advance: CT-then-SFT's LR accuracy at least
-    3x chance at one or more CT lengths, in world a or b."""
-    lines = []
+def precondition_verdicts(records: list[dict], chance: float) -> list[tuple[str, bool]]:
+    """The second design's precondition, stated in advance, per world a and b evaluated:
+    (what CT-then-SFT's best LR accuracy is, whether it is at least 3x chance)."""
+    verdicts = []
     for world in ("a", "b"):
         rows = aggregate([r for r in records if r.get("world") == world], "lr_acc").get("CT-then-SFT", {})
-        if not rows:
-            continue
-        ct, (best, *_) = max(rows.items(), key=lambda kv: kv[1][0])
-        verdict = "holds" if best >= 3 * chance else "does not hold"
-        measured = ", ".join(f"{c}x" for c in sorted(rows))
-        lines.append(f"world {world}: best CT-then-SFT LR accuracy {best:.3f} (CT {ct}x of {measured}): {verdict}")
-    held = any(line.endswith(": holds") for line in lines)
-    if not lines:
+        if rows:
+            ct, (best, *_) = max(rows.items(), key=lambda kv: kv[1][0])
+            measured = ", ".join(f"{c}x" for c in sorted(rows))
+            held = best >= 3 * chance
+            line = f"world {world}: best CT-then-SFT LR accuracy {best:.3f} (CT {ct}x of {measured})"
+            verdicts.append((f"{line}: {'holds' if held else 'does not hold'}", held))
+    return verdicts
+
+
+def precondition_holds(records: list[dict], chance: float) -> bool:
+    """In world a or b, CT-then-SFT's LR accuracy is at least 3x chance at some CT length."""
+    return any(held for _, held in precondition_verdicts(records, chance))
+
+
+def precondition(records: list[dict], chance: float) -> str:
+    """The precondition and its verdict, as results.md states it."""
+    verdicts = precondition_verdicts(records, chance)
+    if not verdicts:
         return "Precondition (stated in advance): not evaluated yet (no CT-then-SFT record in world a or b)."
+    held = any(h for _, h in verdicts)
+    merged = any(r.get("method") for r in records)
+    verdict = (
+        ". It holds."
+        if held
+        else ". It does not hold: the merges are not evidence for or against the paper."
+        if merged
+        else ". It does not hold: as fixed in advance, the run stops there (no merges; run.py --all-arms runs them)."
+    )
     return (
         f"Precondition (stated in advance): in world a or b, CT-then-SFT's LR accuracy is at least "
-        f"3x chance ({3 * chance:.3f}) at some CT length. "
-        + "; ".join(lines)
-        + (". It holds." if held else ". It does not hold: the merges are not evidence for or against the paper.")
+        f"3x chance ({3 * chance:.3f}) at some CT length. " + "; ".join(line for line, _ in verdicts) + verdict
     )
 
 
@@ -577,6 +608,11 @@ def main() -> None:
     )
     ap.add_argument("--jobs", type=int, default=2, help="processes at once (default 2)")
     ap.add_argument(
+        "--all-arms",
+        action="store_true",
+        help="v2: merge even when the precondition does not hold (by default the run stops there)",
+    )
+    ap.add_argument(
         "--render",
         action="store_true",
         help="only rewrite the results from results.json, or, for a run cut short, "
@@ -612,7 +648,7 @@ def main() -> None:
         write_results(data["records"], preset, out, meta["seconds"], meta.get("cpu_seconds", 0))
         return
     t0 = time.time()
-    records = run(preset, models, a.jobs)
+    records = run(preset, models, a.jobs, all_arms=a.all_arms)
     write_results(records, preset, out, time.time() - t0, cpu_seconds())
     print(f"wrote {out}/results.md, results.json, results.png in {(time.time() - t0) / 60:.1f} min")
 
