@@ -1,6 +1,6 @@
 """On vLLM's CPU build lrmerge serves in float32, eagerly, unless told otherwise (bf16 and the
 compiled graph flip near-tied greedy tokens of a bf16 model: docs/serving.md, "CPU defaults"). The
-served answers themselves are checked on the real model in tests/test_parity_real.py."""
+served answers themselves are checked on the real model in tests/test_real_model.py."""
 
 from __future__ import annotations
 

