@@ -200,17 +200,22 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
             if key != "source":
                 raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source: base or a model)")
         source = tokenizer.get("source", "union")
-    if source is not None:
-        if source == "union":
-            raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
-        if source != "base" and source != base:
-            # mergekit then merges the embeddings over that tokenizer's vocabulary (rows other
-            # models lack filled in first), where we merge the shared rows and copy the rest
-            raise RecipeError(
-                f"tokenizer_source: {shown(source)} is not supported yet (only base): mergekit "
-                "merges the embeddings over a model's vocabulary differently"
-            )
+    if source is None:
+        return
+    if source == "union":
+        raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
+    if source == "base" or source == base:
         out["tokenizer_source"] = "base"
+        return
+    source = _model_name(source, "tokenizer_source")
+    if out.get("slices") is not None:
+        raise RecipeError("tokenizer_source: a model's tokenizer with slices is not supported yet (base is)")
+    if data.get("base_model") is not None and base is None:  # linear: mergekit's base still picks rows
+        raise RecipeError("tokenizer_source: a model's tokenizer with linear and a base_model is not supported yet")
+    if all(m["model"] != source for m in out["models"]):
+        raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
+    # mergekit then aligns every model's embeddings to that tokenizer's vocabulary (merge.vocabulary)
+    out["tokenizer"] = {"source": source}
 
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -400,8 +405,10 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
         config["chat_template"] = recipe.chat_template
     if recipe.tokenizer_source == "base":
         config["tokenizer_source"] = "base"
-    elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary
+    elif recipe.tokenizer_source:  # ours copies the rows past the shared ones; mergekit aligns them
         return None
+    if recipe.tokenizer:
+        config["tokenizer_source"] = named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
     return config
 
 

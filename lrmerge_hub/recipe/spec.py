@@ -46,6 +46,7 @@ TOP_LEVEL_KEYS = (
     "dtype",
     "output",
     "tokenizer_source",
+    "tokenizer",  # {source: MODEL}: mergekit's tokenizer source (the embeddings aligned to its vocabulary)
     "device",
     "push",
     "eval",
@@ -249,6 +250,9 @@ class Recipe:
     dtype: str | None = None  # None: the base model's dtype
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
+    # mergekit's tokenizer source: a model spec whose tokenizer the output takes, every input's
+    # vocabulary tensors aligned to its vocabulary before the merge (merge.vocabulary)
+    tokenizer: str | None = None
     # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
     chat_template: str | None = None
     device: str | None = None
@@ -295,6 +299,9 @@ class Recipe:
         if self.tokenizer_source:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
+        if self.tokenizer:
+            named = next(m.ref for m in self.models if m.ref.spec == self.tokenizer)
+            out["tokenizer"] = {"source": spec(named)}
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.layers is not None:
@@ -526,6 +533,12 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 f"tokenizer_source: must be 'base' or one of the models' names (got {shown(tokenizer_source)})"
             )
 
+    if data.get("tokenizer") is not None and slices is not None:
+        raise RecipeError("tokenizer: a tokenizer source with slices is not supported yet")
+    if data.get("tokenizer") is not None and tokenizer_source is not None:
+        raise RecipeError("tokenizer: give either tokenizer or tokenizer_source, not both")
+    tokenizer = _parse_tokenizer(data.get("tokenizer"), models)
+
     return Recipe(
         push=_parse_push(data.get("push")),
         eval=_parse_eval(data.get("eval"), base_dir),
@@ -540,6 +553,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         dtype=dtype,
         output=output,
         tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
         chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
@@ -549,6 +563,18 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         layers=_parse_layers(data.get("layers")),
         slices=slices,
     )
+
+
+def _parse_tokenizer(value: Any, models: list[ModelEntry]) -> str | None:
+    """`tokenizer: {source: MODEL}`: the spec of the model whose tokenizer the output takes."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"source"}:
+        raise RecipeError(f"tokenizer: must be a mapping like {{source: MODEL}} (got {shown(value)})")
+    specs = [m.ref.spec for m in models]
+    if value["source"] not in specs:
+        raise RecipeError(f"tokenizer.source: must be one of the models' names (got {shown(value['source'])})")
+    return str(value["source"])
 
 
 def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file: Path | None) -> list[Slice]:
