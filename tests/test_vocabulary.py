@@ -1,7 +1,7 @@
-"""A model's tokenizer as the output's (mergekit's `tokenizer_source: MODEL`): every input's
-vocabulary tensors aligned to that tokenizer's vocabulary before the merge, on tiny models
-whose word-level vocabularies differ in tokens and order. The same merge against mergekit
-0.1.5 itself is in tests/test_mergekit.py."""
+"""A model's tokenizer, or the union of all, as the output's (mergekit's `tokenizer_source:
+MODEL` and `union`): every input's vocabulary tensors aligned to that tokenizer's vocabulary
+before the merge, on tiny models whose word-level vocabularies differ in tokens and order.
+The same merges against mergekit 0.1.5 itself are in tests/test_mergekit.py."""
 
 import json
 
@@ -10,6 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from safetensors.numpy import load_file
+from transformers import AutoTokenizer
 
 from lrmerge_hub.cli import main
 from lrmerge_hub.errors import InputModelError, RecipeError
@@ -81,18 +82,23 @@ def test_a_token_past_a_models_rows_is_an_error():
         align({"a": 0, "b": 1}, {"m": {"a": 0, "b": 1}}, {"m": 1}, None)
 
 
-def test_a_models_tokenizer_aligns_every_input_before_the_merge(tmp_path, words):
-    recipe = parse_recipe(config(words), tmp_path)
-    assert recipe.tokenizer == str(words["two"]) and recipe.tokenizer_source is None
+@pytest.mark.parametrize("source", ["two", "union"])
+def test_a_tokenizer_source_aligns_every_input_before_the_merge(tmp_path, words, source):
+    data = config(words)
+    if source == "union":
+        data["tokenizer_source"] = "union"
+    recipe = parse_recipe(data, tmp_path)
+    assert recipe.tokenizer == data["tokenizer_source"] and recipe.tokenizer_source is None
     report = merge(recipe, local_sources(recipe), tmp_path / "out", device="cpu", progress=False)
     out = load_file(tmp_path / "out" / "model.safetensors")
     inputs = {k: load_file(p / "model.safetensors") for k, p in words.items()}
 
-    # the output speaks model two's vocabulary: its tokenizer, its size
-    vocab = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]
-    assert vocab == {w: i for i, w in enumerate(WORDS["two"])}
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == len(WORDS["two"])
-    assert report["vocab"]["output_rows"] == len(WORDS["two"])
+    # the output speaks model two's vocabulary (its tokenizer, its size), or every model's
+    # words: the base's at their ids, then the others' model by model
+    out_words = WORDS["two"] if source == "two" else list(dict.fromkeys(WORDS["base"] + WORDS["one"] + WORDS["two"]))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab() == {w: i for i, w in enumerate(out_words)}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == len(out_words)
+    assert report["vocab"]["output_rows"] == len(out_words)
 
     def row(model, name, word):
         """A model's row for `word`, filled as mergekit fills a token the model lacks."""
@@ -104,8 +110,8 @@ def test_a_models_tokenizer_aligns_every_input_before_the_merge(tmp_path, words)
         return inputs[model][name][WORDS[model].index(word)].astype(np.float64)
 
     for name in VOCAB_TENSORS:
-        assert out[name].shape == (len(WORDS["two"]), 8)
-        for i, word in enumerate(WORDS["two"]):
+        assert out[name].shape == (len(out_words), 8)
+        for i, word in enumerate(out_words):
             base = row("base", name, word)
             expected = base + 0.7 * (row("one", name, word) - base) + 0.5 * (row("two", name, word) - base)
             np.testing.assert_allclose(out[name][i], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} {word}")
@@ -114,7 +120,7 @@ def test_a_models_tokenizer_aligns_every_input_before_the_merge(tmp_path, words)
     expected = inputs["base"][layer] + 0.7 * (inputs["one"][layer] - inputs["base"][layer])
     expected += 0.5 * (inputs["two"][layer] - inputs["base"][layer])
     np.testing.assert_allclose(out[layer], expected, rtol=1e-5, atol=1e-6)
-    assert report["mergekit_config"]["tokenizer_source"] == "./two"
+    assert report["mergekit_config"]["tokenizer_source"] == ("./two" if source == "two" else "union")
 
 
 def test_the_torch_engine_aligns_to_the_same_bits(tmp_path, words):
@@ -153,13 +159,17 @@ def test_a_models_tokenizer_round_trips_through_both_formats(tmp_path, words):
     [
         ({"tokenizer_source": "./elsewhere"}, "tokenizer_source: './elsewhere' must be one of the models"),
         ({"merge_method": "linear"}, "with linear and a base_model is not supported yet"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
+        (
+            {"merge_method": "linear", "base_model": None, "tokenizer_source": "union"},
+            "tokenizer_source: union without a base_model is not supported",
+        ),
+        ({"tokenizer": {"source": "union", "tokens": {"a": {}}}}, "tokenizer.tokens: not supported yet"),
     ],
 )
 def test_unsupported_model_tokenizers_are_one_line_errors(tmp_path, words, change, message):
-    data = {**config(words), **change}
-    if change.get("merge_method") == "linear":
-        data["parameters"] = {}
+    data = {k: v for k, v in {**config(words), **change}.items() if v is not None}
+    if "tokenizer" in change:
+        del data["tokenizer_source"]
     with pytest.raises(RecipeError, match=message):
         parse_recipe(data, tmp_path)
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
@@ -174,8 +184,13 @@ def test_our_recipe_takes_a_tokenizer_of_one_of_its_models(tmp_path, words):
         "models": [{"model": str(words["one"]), "weight": 0.7}],
         "tokenizer": {"source": str(words["two"])},
     }
-    with pytest.raises(RecipeError, match="tokenizer.source: must be one of the models' names"):
+    with pytest.raises(RecipeError, match="tokenizer.source: must be union or one of the models' names"):
         parse_recipe(data, tmp_path)
+    with pytest.raises(RecipeError, match="tokenizer.source: union needs a base"):
+        parse_recipe({**data, "method": "linear", "base": None, "tokenizer": {"source": "union"}}, tmp_path)
+    assert parse_recipe({**data, "tokenizer": {"source": "union"}}, tmp_path).to_dict()["tokenizer"] == {
+        "source": "union"
+    }
     with pytest.raises(RecipeError, match="give either tokenizer or tokenizer_source"):
         parse_recipe({**data, "tokenizer": {"source": str(words["one"])}, "tokenizer_source": "base"}, tmp_path)
     with pytest.raises(RecipeError, match="tokenizer: must be a mapping like"):

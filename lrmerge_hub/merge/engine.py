@@ -46,7 +46,7 @@ from .st_io import Source
 from .st_header import TensorSpec
 from .st_io import SafetensorsModel, ShardedWriter, StoredTensor, TensorSource, as_array, torch_dtype
 from .tensor_params import TensorParams, layer_count, set_layer_count
-from .vocabulary import align, permute, tokenizer_vocab
+from .vocabulary import UNION, align, permute, tokenizer_vocab, union_tokenizer
 from ..recipe.mergekit import to_mergekit
 
 if TYPE_CHECKING:
@@ -584,10 +584,15 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
     gen = first_with("generation_config.json")
     if gen:
         shutil.copyfile(gen, tmp / gen.name)
-    tok_dir = readers[plan.tokenizer_source].folder
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copyfile(tok_dir / name, tmp / name)
+    if plan.tokenizer_source == UNION:  # built from every model's, as mergekit builds and saves it
+        keys = model_keys(recipe)
+        sizes = {k: config_vocab_size(readers[k].config) or plan.vocab_rows.get(k, 0) for k in keys}
+        union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).save_pretrained(str(tmp))
+    else:
+        tok_dir = readers[plan.tokenizer_source].folder
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, tmp / name)
     for name in CHAT_TEMPLATE_FILES:
         p = first_with(name)
         if p:
@@ -665,7 +670,11 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     if recipe.tokenizer is not None:  # mergekit's tokenizer source: the inputs' rows in its vocabulary's order
         vocabs = {k: tokenizer_vocab(readers[k].folder, k) for k in keys}
         sizes = {k: config_vocab_size(configs[k]) or len(vocabs[k]) for k in keys}
-        vocabulary = align(vocabs[recipe.tokenizer], vocabs, sizes, BASE if BASE in keys else None)
+        if recipe.tokenizer == UNION:
+            out_vocab = union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).get_vocab()
+        else:
+            out_vocab = vocabs[recipe.tokenizer]
+        vocabulary = align(out_vocab, vocabs, sizes, BASE if BASE in keys else None)
     return plan_merge({k: readers[k].specs for k in keys}, configs, recipe, vocabulary)
 
 

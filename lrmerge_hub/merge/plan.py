@@ -106,7 +106,7 @@ def _default_dtype(recipe: Recipe, config: dict[str, Any], specs: dict[str, Tens
 
 
 def _pick_tokenizer_source(recipe: Recipe, keys: list[str], vocab: dict[str, int | None]) -> str:
-    if recipe.tokenizer:
+    if recipe.tokenizer and recipe.tokenizer in keys:
         return recipe.tokenizer
     if recipe.tokenizer_source:
         return recipe.tokenizer_source
@@ -218,7 +218,7 @@ def plan_merge(
     return MergePlan(
         jobs=jobs,
         reference=reference,
-        tokenizer_source=tokenizer_source,
+        tokenizer_source=recipe.tokenizer if vocabulary is not None and recipe.tokenizer else tokenizer_source,
         out_dtype=out_dtype,
         vocab_rows={k: v for k, v in vocab.items() if v is not None},
         output_vocab=vocabulary.size if vocabulary is not None else vocab.get(tokenizer_source),

@@ -1,5 +1,5 @@
 """Vocabulary tensors aligned to an output tokenizer, with mergekit 0.1.5's meaning
-(its `tokenizer_source: MODEL`, mergekit.tokenizer.embed.PermutedVocabulary).
+(its `tokenizer_source: MODEL` or `union`, mergekit.tokenizer.embed.PermutedVocabulary).
 
 Every input's embedding rows (and output head rows) are put in the output vocabulary's
 order before the merge: a token a model has keeps that model's row; where a model lacks a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ VOCABULARY_TENSORS = frozenset(
 )
 
 MISSING = -1
+UNION = "union"  # the tokenizer source that is every model's tokens (mergekit's build_union_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -122,3 +124,43 @@ def tokenizer_vocab(folder: Path, key: str) -> dict[str, int]:
         return dict(AutoTokenizer.from_pretrained(str(folder), use_fast=True).get_vocab())
     except (OSError, ValueError) as e:
         raise InputModelError(f"{key}: its tokenizer could not be read ({e})") from None
+
+
+def union_tokenizer(folders: dict[str, Path], vocab_sizes: dict[str, int], base: str) -> Any:
+    """mergekit 0.1.5's union tokenizer (build_union_tokenizer): the base's tokenizer plus
+    every other token of the models (ids past a model's `vocab_size` rows left out), then
+    the added tokens, each once (its first model's settings). mergekit numbers the new
+    tokens in hash order, which changes from run to run; here they come model by model
+    (the base, then the models in order), each model's by id."""
+    from transformers import AutoTokenizer
+
+    tokenizers = {}
+    for key, folder in folders.items():
+        try:
+            tokenizers[key] = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        except (OSError, ValueError) as e:
+            raise InputModelError(f"{key}: its tokenizer could not be read ({e})") from None
+    base_vocab = tokenizers[base].get_vocab()
+    past = [token for token, i in base_vocab.items() if i >= vocab_sizes[base]]
+    if past:
+        raise InputModelError(
+            f"base: its tokenizer has {len(past)} tokens past its {vocab_sizes[base]} embedding rows "
+            f"(such as {past[0]!r}); a union tokenizer over it is not supported"
+        )
+    tokens: dict[str, None] = {}  # every model's tokens in order, as an ordered set
+    added: dict[str, Any] = {}
+    for key in [base] + [k for k in folders if k != base]:
+        tokenizer = tokenizers[key]
+        for token, i in sorted(tokenizer.get_vocab().items(), key=lambda e: e[1]):
+            if i < vocab_sizes[key]:
+                tokens.setdefault(token)
+        for i, info in sorted(tokenizer.added_tokens_decoder.items()):
+            if i < vocab_sizes[key]:
+                added.setdefault(info.content, info)
+    out = AutoTokenizer.from_pretrained(str(folders[base]), use_fast=True)
+    for token in tokens:
+        if token not in added and token not in base_vocab:
+            out.add_tokens(token)
+    for info in added.values():
+        out.add_tokens(info)
+    return out

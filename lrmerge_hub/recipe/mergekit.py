@@ -198,23 +198,26 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
             raise RecipeError("tokenizer: must be a mapping like {source: base}")
         for key in tokenizer:
             if key != "source":
-                raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source: base or a model)")
+                raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source)")
         source = tokenizer.get("source", "union")
     if source is None:
         return
-    if source == "union":
-        raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
     if source == "base" or source == base:
         out["tokenizer_source"] = "base"
         return
-    source = _model_name(source, "tokenizer_source")
+    what = "union" if source == "union" else "a model's tokenizer"
     if out.get("slices") is not None:
-        raise RecipeError("tokenizer_source: a model's tokenizer with slices is not supported yet (base is)")
+        raise RecipeError(f"tokenizer_source: {what} with slices is not supported yet (base is)")
     if data.get("base_model") is not None and base is None:  # linear: mergekit's base still picks rows
-        raise RecipeError("tokenizer_source: a model's tokenizer with linear and a base_model is not supported yet")
-    if all(m["model"] != source for m in out["models"]):
-        raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
-    # mergekit then aligns every model's embeddings to that tokenizer's vocabulary (merge.vocabulary)
+        raise RecipeError(f"tokenizer_source: {what} with linear and a base_model is not supported yet")
+    if source == "union":
+        if base is None:  # mergekit starts from a model picked in hash order
+            raise RecipeError("tokenizer_source: union without a base_model is not supported")
+    else:
+        source = _model_name(source, "tokenizer_source")
+        if all(m["model"] != source for m in out["models"]):
+            raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
+    # mergekit then aligns every model's embeddings to that vocabulary (merge.vocabulary)
     out["tokenizer"] = {"source": source}
 
 
@@ -407,7 +410,9 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
         config["tokenizer_source"] = "base"
     elif recipe.tokenizer_source:  # ours copies the rows past the shared ones; mergekit aligns them
         return None
-    if recipe.tokenizer:
+    if recipe.tokenizer == "union":
+        config["tokenizer_source"] = "union"
+    elif recipe.tokenizer:
         config["tokenizer_source"] = named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
     return config
 

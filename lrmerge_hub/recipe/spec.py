@@ -46,7 +46,7 @@ TOP_LEVEL_KEYS = (
     "dtype",
     "output",
     "tokenizer_source",
-    "tokenizer",  # {source: MODEL}: mergekit's tokenizer source (the embeddings aligned to its vocabulary)
+    "tokenizer",  # {source: MODEL or union}: mergekit's tokenizer source (embeddings aligned to its vocabulary)
     "device",
     "push",
     "eval",
@@ -300,8 +300,8 @@ class Recipe:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
         if self.tokenizer:
-            named = next(m.ref for m in self.models if m.ref.spec == self.tokenizer)
-            out["tokenizer"] = {"source": spec(named)}
+            named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer), None)
+            out["tokenizer"] = {"source": spec(named) if named is not None else self.tokenizer}
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.layers is not None:
@@ -537,7 +537,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         raise RecipeError("tokenizer: a tokenizer source with slices is not supported yet")
     if data.get("tokenizer") is not None and tokenizer_source is not None:
         raise RecipeError("tokenizer: give either tokenizer or tokenizer_source, not both")
-    tokenizer = _parse_tokenizer(data.get("tokenizer"), models)
+    tokenizer = _parse_tokenizer(data.get("tokenizer"), models, base)
 
     return Recipe(
         push=_parse_push(data.get("push")),
@@ -565,15 +565,20 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     )
 
 
-def _parse_tokenizer(value: Any, models: list[ModelEntry]) -> str | None:
-    """`tokenizer: {source: MODEL}`: the spec of the model whose tokenizer the output takes."""
+def _parse_tokenizer(value: Any, models: list[ModelEntry], base: ModelRef | None) -> str | None:
+    """`tokenizer: {source: MODEL}` or `{source: union}`: the spec of the model whose
+    tokenizer the output takes, or "union"."""
     if value is None:
         return None
     if not isinstance(value, dict) or set(value) != {"source"}:
         raise RecipeError(f"tokenizer: must be a mapping like {{source: MODEL}} (got {shown(value)})")
+    if value["source"] == "union":
+        if base is None:  # mergekit starts the union from its base (else from a model in hash order)
+            raise RecipeError("tokenizer.source: union needs a base")
+        return "union"
     specs = [m.ref.spec for m in models]
     if value["source"] not in specs:
-        raise RecipeError(f"tokenizer.source: must be one of the models' names (got {shown(value['source'])})")
+        raise RecipeError(f"tokenizer.source: must be union or one of the models' names (got {shown(value['source'])})")
     return str(value["source"])
 
 
