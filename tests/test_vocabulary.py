@@ -77,6 +77,16 @@ def test_align_takes_mergekits_row_for_a_token_a_model_lacks():
     assert not got["m1"][5].any() and got["m1"].shape == (6, 3)
 
 
+def test_padding_rows_are_each_inputs_mean_row():
+    vocabs = {"base": {"a": 0, "b": 1, "c": 2}, "m": {"c": 0, "a": 1}}
+    vmap = align({"a": 0, "b": 1, "c": 2}, vocabs, {"base": 3, "m": 2}, "base", pad_to_multiple_of=4)
+    assert vmap.size == 4 and align({"a": 0}, {"m": {"a": 0}}, {"m": 1}, None, 1).size == 1
+    arrays = {"base": np.arange(6, dtype=np.float32).reshape(3, 2), "m": np.array([[7, 8], [9, 10]], np.float32)}
+    got = permute(arrays, vmap)
+    assert got["m"][:3].tolist() == [[9, 10], [2, 3], [7, 8]]  # b: only the base has it
+    assert got["m"][3].tolist() == [6, 7] and got["base"][3].tolist() == [2, 3]
+
+
 def test_a_token_past_a_models_rows_is_an_error():
     with pytest.raises(InputModelError, match="token 'b' of the output tokenizer has id 1 .* past its 1"):
         align({"a": 0, "b": 1}, {"m": {"a": 0, "b": 1}}, {"m": 1}, None)
@@ -164,6 +174,7 @@ def test_a_models_tokenizer_round_trips_through_both_formats(tmp_path, words):
             "tokenizer_source: union without a base_model is not supported",
         ),
         ({"tokenizer": {"source": "union", "tokens": {"a": {}}}}, "tokenizer.tokens: not supported yet"),
+        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 8}}, "pad_to_multiple_of: with source base"),
     ],
 )
 def test_unsupported_model_tokenizers_are_one_line_errors(tmp_path, words, change, message):
@@ -195,3 +206,13 @@ def test_our_recipe_takes_a_tokenizer_of_one_of_its_models(tmp_path, words):
         parse_recipe({**data, "tokenizer": {"source": str(words["one"])}, "tokenizer_source": "base"}, tmp_path)
     with pytest.raises(RecipeError, match="tokenizer: must be a mapping like"):
         parse_recipe({**data, "tokenizer": str(words["one"])}, tmp_path)
+    with pytest.raises(RecipeError, match="tokenizer.pad_to_multiple_of: must be a positive whole number"):
+        parse_recipe({**data, "tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, tmp_path)
+    padded = parse_recipe({**data, "tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, tmp_path)
+    assert padded.to_dict()["tokenizer"] == {"source": "union", "pad_to_multiple_of": 64}
+    assert to_mergekit(padded)["tokenizer"] == {"source": "union", "pad_to_multiple_of": 64}
+    with pytest.raises(RecipeError, match="tokenizer.pad_to_multiple_of: with source base not supported yet"):
+        parse_recipe(
+            {**config(words), "tokenizer_source": None, "tokenizer": {"source": "base", "pad_to_multiple_of": 8}},
+            tmp_path,
+        )

@@ -674,7 +674,7 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
             out_vocab = union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).get_vocab()
         else:
             out_vocab = vocabs[recipe.tokenizer]
-        vocabulary = align(out_vocab, vocabs, sizes, BASE if BASE in keys else None)
+        vocabulary = align(out_vocab, vocabs, sizes, BASE if BASE in keys else None, recipe.pad_to_multiple_of)
     return plan_merge({k: readers[k].specs for k in keys}, configs, recipe, vocabulary)
 
 

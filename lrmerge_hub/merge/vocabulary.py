@@ -4,8 +4,10 @@
 Every input's embedding rows (and output head rows) are put in the output vocabulary's
 order before the merge: a token a model has keeps that model's row; where a model lacks a
 token, its row is the one other model that has it, else the base's row when the base has
-it, else the mean of the models that have it, else zeros. `align` decides this from the
-vocabularies alone (pure); `permute` applies it to the tensors (pure numpy, float32).
+it, else the mean of the models that have it, else zeros; rows past the tokens
+(`pad_to_multiple_of`) are each model's mean row. `align` decides this from the
+vocabularies alone (pure); `permute` applies it to the tensors (pure, float32).
+`union_tokenizer` builds mergekit's union tokenizer.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ class VocabularyMap:
 
     `rows[key][i]`: the row of output token i in model `key` (MISSING: it lacks the token).
     `fill[i]` for a token some model lacks: the keys whose rows are averaged (one key: that
-    row; none: zeros); absent where every model has the token."""
+    row; none: zeros); absent where every model has the token. Rows past the tokens (padding)
+    are each input's mean row."""
 
-    size: int
+    size: int  # the output's rows: the tokens, padded (pad_to_multiple_of)
     rows: tuple[tuple[str, tuple[int, ...]], ...]
     fill: tuple[tuple[int, tuple[str, ...]], ...]
 
@@ -59,6 +62,7 @@ def align(
     vocabs: dict[str, dict[str, int]],
     vocab_sizes: dict[str, int],
     base: str | None,
+    pad_to_multiple_of: int | None = None,
 ) -> VocabularyMap:
     """The VocabularyMap onto `out_vocab` (token -> id) of the inputs `vocabs` (key -> its
     tokenizer's token -> id, keys in the inputs' order), each with `vocab_sizes[key]` rows;
@@ -87,14 +91,16 @@ def align(
         if len(has) > 1 and base is not None and base in has:
             has = [base]
         fill.append((i, tuple(has)))
-    return VocabularyMap(size, tuple(rows.items()), tuple(fill))
+    padded = -(-size // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else size
+    return VocabularyMap(padded, tuple(rows.items()), tuple(fill))
 
 
 def permute(arrays: dict[str, np.ndarray], vmap: VocabularyMap) -> dict[str, np.ndarray]:
     """Each input's float32 tensor (rows first) in the output vocabulary's order, as
     mergekit computes it: a mean is zeros plus each row in the inputs' order, divided by
-    their count (the same float32 bits)."""
+    their count (the same float32 bits); padding rows are torch's mean of the token rows."""
     rows = dict(vmap.rows)
+    tokens = len(vmap.rows[0][1])
     tail = next(iter(arrays.values())).shape[1:]
     filled = {}
     for i, donors in vmap.fill:
@@ -107,10 +113,14 @@ def permute(arrays: dict[str, np.ndarray], vmap: VocabularyMap) -> dict[str, np.
         index = np.asarray(rows[key], dtype=np.int64)
         present = index != MISSING
         result = np.zeros((vmap.size, *tail), np.float32)
-        result[present] = array[index[present]]
+        result[:tokens][present] = array[index[present]]
         for i, row in filled.items():
             if not present[i]:
                 result[i] = row
+        if vmap.size > tokens:  # mergekit's padding: the mean row, as torch computes it
+            import torch
+
+            result[tokens:] = torch.from_numpy(result[:tokens]).mean(dim=0).numpy()
         out[key] = result
     return out
 

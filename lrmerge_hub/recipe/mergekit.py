@@ -197,9 +197,11 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
         if not isinstance(tokenizer, dict):
             raise RecipeError("tokenizer: must be a mapping like {source: base}")
         for key in tokenizer:
-            if key != "source":
-                raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source)")
+            if key not in ("source", "pad_to_multiple_of"):
+                raise RecipeError(f"tokenizer.{key}: not supported yet (only source and pad_to_multiple_of)")
         source = tokenizer.get("source", "union")
+        if tokenizer.get("pad_to_multiple_of") and (source == "base" or source == base):
+            raise RecipeError("tokenizer.pad_to_multiple_of: with source base not supported yet (a model or union)")
     if source is None:
         return
     if source == "base" or source == base:
@@ -219,6 +221,8 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
             raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
     # mergekit then aligns every model's embeddings to that vocabulary (merge.vocabulary)
     out["tokenizer"] = {"source": source}
+    if tokenizer is not None and tokenizer.get("pad_to_multiple_of"):  # mergekit: 0 or null pads nothing
+        out["tokenizer"]["pad_to_multiple_of"] = tokenizer["pad_to_multiple_of"]
 
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -410,10 +414,16 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
         config["tokenizer_source"] = "base"
     elif recipe.tokenizer_source:  # ours copies the rows past the shared ones; mergekit aligns them
         return None
-    if recipe.tokenizer == "union":
-        config["tokenizer_source"] = "union"
-    elif recipe.tokenizer:
-        config["tokenizer_source"] = named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
+    if recipe.tokenizer:
+        source = (
+            "union"
+            if recipe.tokenizer == "union"
+            else named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
+        )
+        if recipe.pad_to_multiple_of:
+            config["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
+        else:
+            config["tokenizer_source"] = source
     return config
 
 

@@ -253,6 +253,7 @@ class Recipe:
     # mergekit's tokenizer source: a model spec whose tokenizer the output takes, every input's
     # vocabulary tensors aligned to its vocabulary before the merge (merge.vocabulary)
     tokenizer: str | None = None
+    pad_to_multiple_of: int | None = None  # with `tokenizer`: its rows padded up to a multiple of this
     # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
     chat_template: str | None = None
     device: str | None = None
@@ -302,6 +303,8 @@ class Recipe:
         if self.tokenizer:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer), None)
             out["tokenizer"] = {"source": spec(named) if named is not None else self.tokenizer}
+            if self.pad_to_multiple_of:
+                out["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.layers is not None:
@@ -537,7 +540,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         raise RecipeError("tokenizer: a tokenizer source with slices is not supported yet")
     if data.get("tokenizer") is not None and tokenizer_source is not None:
         raise RecipeError("tokenizer: give either tokenizer or tokenizer_source, not both")
-    tokenizer = _parse_tokenizer(data.get("tokenizer"), models, base)
+    tokenizer, pad_to_multiple_of = _parse_tokenizer(data.get("tokenizer"), models, base)
 
     return Recipe(
         push=_parse_push(data.get("push")),
@@ -554,6 +557,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         output=output,
         tokenizer_source=tokenizer_source,
         tokenizer=tokenizer,
+        pad_to_multiple_of=pad_to_multiple_of,
         chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
@@ -565,21 +569,26 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     )
 
 
-def _parse_tokenizer(value: Any, models: list[ModelEntry], base: ModelRef | None) -> str | None:
-    """`tokenizer: {source: MODEL}` or `{source: union}`: the spec of the model whose
-    tokenizer the output takes, or "union"."""
+def _parse_tokenizer(value: Any, models: list[ModelEntry], base: ModelRef | None) -> tuple[str | None, int | None]:
+    """`tokenizer: {source: MODEL or union, pad_to_multiple_of: N}`: the spec of the model
+    whose tokenizer the output takes (or "union"), and N (None: no padding)."""
     if value is None:
-        return None
-    if not isinstance(value, dict) or set(value) != {"source"}:
-        raise RecipeError(f"tokenizer: must be a mapping like {{source: MODEL}} (got {shown(value)})")
+        return None, None
+    if not isinstance(value, dict) or "source" not in value or set(value) - {"source", "pad_to_multiple_of"}:
+        raise RecipeError(
+            f"tokenizer: must be a mapping like {{source: MODEL, pad_to_multiple_of: 64}} (got {shown(value)})"
+        )
+    pad = value.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeError(f"tokenizer.pad_to_multiple_of: must be a positive whole number (got {shown(pad)})")
     if value["source"] == "union":
         if base is None:  # mergekit starts the union from its base (else from a model in hash order)
             raise RecipeError("tokenizer.source: union needs a base")
-        return "union"
+        return "union", pad
     specs = [m.ref.spec for m in models]
     if value["source"] not in specs:
         raise RecipeError(f"tokenizer.source: must be union or one of the models' names (got {shown(value['source'])})")
-    return str(value["source"])
+    return str(value["source"]), pad
 
 
 def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file: Path | None) -> list[Slice]:
