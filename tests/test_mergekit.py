@@ -341,8 +341,9 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
             "slices: give either models or slices",
         ),
         ({"modules": {"text": {}}}, "modules: modules are not supported"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: union is not supported yet"),
-        ({"tokenizer": {"source": "org/a"}}, "tokenizer_source: 'org/a' is not supported yet (only base)"),
+        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 8}}, "tokenizer.pad_to_multiple_of: with source base"),
+        ({"tokenizer": {"source": "union", "tokens": {"a": {}}}}, "tokenizer.tokens: not supported yet"),
+        ({"tokenizer": {"source": "org/c"}}, "tokenizer_source: 'org/c' must be one of the models"),
         ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
         ({"chat_template": "chatml"}, "chat_template: chatml names a template mergekit ships"),
         ({"chat_template": "{{ short }}"}, "chat_template: must be auto or a Jinja chat template"),
@@ -1011,6 +1012,82 @@ def test_no_mergekit_config_is_claimed_for_an_extended_vocabulary_kept(tmp_path,
     assert config["tokenizer_source"] == "base"
     r = parse_recipe({**data, "tokenizer_source": str(fam["language"])}, tmp_path)
     assert to_mergekit(r) is None
+
+
+WORD_CONFIGS = {
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {one}
+    parameters: {{weight: 0.7, density: [0.3, 0.8]}}
+  - model: {two}
+    parameters: {{weight: 0.5, density: 0.6}}
+tokenizer_source: {two}
+dtype: float32
+""",
+    "ties_source_one": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {one}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {two}
+    parameters: {{weight: 0.3, density: 0.9}}
+tokenizer:
+  source: {one}
+  pad_to_multiple_of: 4
+dtype: float32
+""",
+    "union": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {one}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {two}
+    parameters: {{weight: 0.3, density: 0.9}}
+tokenizer_source: union
+dtype: float32
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORD_CONFIGS))
+def test_a_tokenizer_source_aligns_the_embeddings_as_mergekit_does(tmp_path, mergekit_venv, name):
+    """Models whose vocabularies differ in tokens and order, with a model's tokenizer as the
+    output's, or their union: mergekit-yaml and lrmerge merge give the same tensors bit for
+    bit and the same vocabulary (rows a model lacks filled from the one model that has the
+    token, the base, or the mean of two models). A union's new tokens are compared token by
+    token: mergekit numbers them in hash order, which changes from run to run."""
+    from transformers import AutoTokenizer
+
+    from lrmerge_hub.synth.tiny import make_word_model
+
+    from tests.test_vocabulary import WORDS
+
+    models = {k: make_word_model(tmp_path / k, w, seed=i + 1) for i, (k, w) in enumerate(WORDS.items())}
+    config = _write_text(tmp_path / "config.yml", WORD_CONFIGS[name].format(**{k: str(v) for k, v in models.items()}))
+    mergekit_yaml(mergekit_venv, config, tmp_path / "mergekit")
+    lrmerge_merge(config, tmp_path / "ours")
+    theirs, ours = load_all(tmp_path / "mergekit"), load_all(tmp_path / "ours")
+    vocabs = [AutoTokenizer.from_pretrained(str(tmp_path / d)).get_vocab() for d in ("mergekit", "ours")]
+    if name == "union":  # every model's words; mergekit numbers the new ones in an order of its run
+        words = list(dict.fromkeys(WORDS["base"] + WORDS["one"] + WORDS["two"]))
+        assert vocabs[1] == {w: i for i, w in enumerate(words)} and set(vocabs[0]) == set(words)
+        assert all(vocabs[0][w] == i for i, w in enumerate(WORDS["base"]))
+        order = torch.tensor([vocabs[1][w] for w in sorted(vocabs[0], key=vocabs[0].get)])
+        ours = {k: v[order] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in ours.items()}
+    else:
+        source = "one" if name.endswith("one") else "two"
+        assert vocabs[0] == vocabs[1] == {w: i for i, w in enumerate(WORDS[source])}
+    assert set(theirs) == set(ours)
+    assert [k for k in theirs if not torch.equal(theirs[k], ours[k])] == []
+    rows = ours["model.embed_tokens.weight"].shape[0]
+    assert rows == (8 if name.endswith("one") else len(vocabs[1]))  # seven words padded to a multiple of 4
+    sizes = [json.loads((tmp_path / d / "config.json").read_text())["vocab_size"] for d in ("mergekit", "ours")]
+    assert sizes == [rows, rows]
 
 
 MERGEKIT_CARD = """---

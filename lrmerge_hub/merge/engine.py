@@ -41,11 +41,12 @@ try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works 
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS = {}  # no fast path, so the `except NonFiniteInput/Output` clauses are never reached
 from .methods import MergeMethod, get_method
-from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, model_keys, plan_merge
+from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, config_vocab_size, model_keys, plan_merge
 from .st_io import Source
 from .st_header import TensorSpec
-from .st_io import SafetensorsModel, ShardedWriter, TensorSource, as_array, torch_dtype
+from .st_io import SafetensorsModel, ShardedWriter, StoredTensor, TensorSource, as_array, torch_dtype
 from .tensor_params import TensorParams, layer_count, set_layer_count
+from .vocabulary import UNION, align, permute, tokenizer_vocab, union_tokenizer
 from ..recipe.mergekit import to_mergekit
 
 if TYPE_CHECKING:
@@ -279,9 +280,36 @@ class Renamed:
         return self.source.array(self.in_name)
 
 
-def job_sources(job: TensorJob, readers: dict[str, TensorSource], keys: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """The readers and keys a job's merge sees: every model's tensor of the job's name, or a
-    slice's inputs under their labels (its base as 'base')."""
+class Aligned:
+    """A source's vocabulary tensor with its rows in the output vocabulary's order
+    (vocabulary.permute): float32, held in memory."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.flat = array.reshape(-1)
+        self.tensors = {name: StoredTensor(TensorSpec("F32", array.shape), Path(), 0, self.flat.nbytes)}
+
+    def array(self, name: str) -> np.ndarray:
+        return self.flat
+
+
+def aligned_sources(job: TensorJob, readers: dict[str, TensorSource], plan: MergePlan) -> dict[str, Any]:
+    """Every input's tensor of an aligned job in the output vocabulary's order."""
+    assert plan.vocabulary is not None  # the plan aligns only when it has a vocabulary
+    arrays = {}
+    for key in dict(plan.vocabulary.rows):
+        spec = readers[key].tensors[job.name].spec
+        arrays[key] = as_float32(readers[key].array(job.name), spec.dtype == "BF16").reshape(spec.shape)
+    return {key: Aligned(job.name, a) for key, a in permute(arrays, plan.vocabulary).items()}
+
+
+def job_sources(
+    job: TensorJob, readers: dict[str, TensorSource], keys: list[str], plan: MergePlan | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The readers and keys a job's merge sees: every model's tensor of the job's name (in
+    the output vocabulary's order for an aligned job), or a slice's inputs under their
+    labels (its base as 'base')."""
+    if job.aligned and plan is not None:
+        return aligned_sources(job, readers, plan), keys
     if job.inputs is None:
         return readers, keys
     return {label: Renamed(readers[key], job.name, name) for label, key, name in job.inputs}, [
@@ -556,10 +584,15 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
     gen = first_with("generation_config.json")
     if gen:
         shutil.copyfile(gen, tmp / gen.name)
-    tok_dir = readers[plan.tokenizer_source].folder
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copyfile(tok_dir / name, tmp / name)
+    if plan.tokenizer_source == UNION:  # built from every model's, as mergekit builds and saves it
+        keys = model_keys(recipe)
+        sizes = {k: config_vocab_size(readers[k].config) or plan.vocab_rows.get(k, 0) for k in keys}
+        union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).save_pretrained(str(tmp))
+    else:
+        tok_dir = readers[plan.tokenizer_source].folder
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, tmp / name)
     for name in CHAT_TEMPLATE_FILES:
         p = first_with(name)
         if p:
@@ -632,7 +665,17 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
                     f"layers: the layer ranges name {recipe.layers} layers but {k} has {n}; one slice "
                     "that starts at layer 0 takes every layer (several slices may take parts of models)"
                 )
-    return plan_merge({k: readers[k].specs for k in keys}, {k: readers[k].config for k in keys}, recipe)
+    configs = {k: readers[k].config for k in keys}
+    vocabulary = None
+    if recipe.tokenizer is not None:  # mergekit's tokenizer source: the inputs' rows in its vocabulary's order
+        vocabs = {k: tokenizer_vocab(readers[k].folder, k) for k in keys}
+        sizes = {k: config_vocab_size(configs[k]) or len(vocabs[k]) for k in keys}
+        if recipe.tokenizer == UNION:
+            out_vocab = union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).get_vocab()
+        else:
+            out_vocab = vocabs[recipe.tokenizer]
+        vocabulary = align(out_vocab, vocabs, sizes, BASE if BASE in keys else None, recipe.pad_to_multiple_of)
+    return plan_merge({k: readers[k].specs for k in keys}, configs, recipe, vocabulary)
 
 
 @dataclass
@@ -674,7 +717,7 @@ class Output:
             model_params, params = resolver(job.name, job.t, names)
         except ValueError as e:
             raise InputModelError(str(e)) from None
-        view, labels = job_sources(job, readers, keys)
+        view, labels = job_sources(job, readers, keys, plan)
         return merge_tensor(job, self.method, view, labels, model_params, params, device, self.retention, compute)
 
 
@@ -826,7 +869,7 @@ def write_merge(
                     readers[k].populate(name)
                 following = plan.jobs[index + 1] if index + 1 < len(plan.jobs) else None
                 if staging is not None and following is not None and following.merge:  # its copy overlaps this merge
-                    staging.stage(following.name, merge_inputs(following, *job_sources(following, readers, keys)))
+                    staging.stage(following.name, merge_inputs(following, *job_sources(following, readers, keys, plan)))
                 with deferred():  # a signal inside a numba kernel would surface as a SystemError
                     out = [o.merged(job, readers, plan, keys, dev, compute) for o in outputs]
                 if pending is not None:
@@ -957,7 +1000,7 @@ def build_report(
         # the same merge as a mergekit 0.1.5 config (None: mergekit has no equivalent)
         # (none when vocabularies differ and ours are kept: mergekit 0.1.5 truncates to the base's only)
         "mergekit_config": to_mergekit(recipe)
-        if recipe.tokenizer_source == "base" or len(set(plan.vocab_rows.values())) <= 1
+        if recipe.tokenizer_source == "base" or recipe.tokenizer or len(set(plan.vocab_rows.values())) <= 1
         else None,
         "dtype": ST_TO_RECIPE.get(plan.out_dtype, plan.out_dtype),
         "languages": list(recipe.languages),

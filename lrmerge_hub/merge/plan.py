@@ -15,6 +15,7 @@ from ..errors import IncompatibleModelsError
 from ..recipe.spec import Recipe
 from .st_header import FLOAT_DTYPES, TensorSpec
 from .tensor_params import layer_of, with_layer
+from .vocabulary import VOCABULARY_TENSORS, VocabularyMap
 
 RECIPE_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 ST_TO_RECIPE = {v: k for k, v in RECIPE_TO_ST.items()}
@@ -34,6 +35,8 @@ class TensorJob:
     inputs: tuple[tuple[str, str, str], ...] | None = None
     slice: int | None = None
     t: float | None = None
+    # every input's rows put in the output vocabulary's order first (MergePlan.vocabulary)
+    aligned: bool = False
 
     @property
     def out_nbytes(self) -> int:
@@ -50,6 +53,7 @@ class MergePlan:
     output_vocab: int | None = None
     bytes_to_read: int = 0
     layers: int | None = None  # the output's layer count when slices decide it (config.json)
+    vocabulary: VocabularyMap | None = None  # the inputs' vocabularies aligned to the tokenizer's
 
     @property
     def parameters(self) -> int:
@@ -77,7 +81,7 @@ def model_keys(recipe: Recipe) -> list[str]:
     return ([BASE] if recipe.base is not None else []) + [m.ref.spec for m in recipe.models]
 
 
-def _vocab_size(config: dict[str, Any]) -> int | None:
+def config_vocab_size(config: dict[str, Any]) -> int | None:
     v = config.get("vocab_size")
     if v is None and isinstance(config.get("text_config"), dict):
         v = config["text_config"].get("vocab_size")
@@ -102,6 +106,8 @@ def _default_dtype(recipe: Recipe, config: dict[str, Any], specs: dict[str, Tens
 
 
 def _pick_tokenizer_source(recipe: Recipe, keys: list[str], vocab: dict[str, int | None]) -> str:
+    if recipe.tokenizer and recipe.tokenizer in keys:
+        return recipe.tokenizer
     if recipe.tokenizer_source:
         return recipe.tokenizer_source
     sized = [(vocab[k] or 0, k) for k in keys]
@@ -124,12 +130,16 @@ def _check_architectures(keys: list[str], configs: dict[str, dict[str, Any]]) ->
 
 
 def plan_merge(
-    specs: dict[str, dict[str, TensorSpec]], configs: dict[str, dict[str, Any]], recipe: Recipe
+    specs: dict[str, dict[str, TensorSpec]],
+    configs: dict[str, dict[str, Any]],
+    recipe: Recipe,
+    vocabulary: VocabularyMap | None = None,
 ) -> MergePlan:
     """Check that the sources can be merged and decide every output tensor.
 
-    `specs` and `configs` are keyed by 'base' and the models' recipe specs. Raises
-    IncompatibleModelsError naming the model, tensor and numbers on any mismatch.
+    `specs` and `configs` are keyed by 'base' and the models' recipe specs; `vocabulary`
+    (a recipe's `tokenizer`) aligns the vocabulary tensors to the tokenizer's vocabulary.
+    Raises IncompatibleModelsError naming the model, tensor and numbers on any mismatch.
     """
     if recipe.slices is not None:
         return plan_slices(specs, configs, recipe)
@@ -137,7 +147,7 @@ def plan_merge(
     reference = keys[0]
     _check_architectures(keys, configs)
 
-    vocab = {k: _vocab_size(configs[k]) for k in keys}
+    vocab = {k: config_vocab_size(configs[k]) for k in keys}
     ref_names = set(specs[reference])
     for k in keys[1:]:
         missing = sorted(ref_names - set(specs[k]))
@@ -171,6 +181,15 @@ def plan_merge(
             jobs.append(TensorJob(name, ref_spec.shape, ref_spec.dtype, merge=False))
             continue
         shapes = {k: s.shape for k, s in all_specs.items()}
+        if vocabulary is not None and name in VOCABULARY_TENSORS:
+            tails = {s[1:] for s in shapes.values()}
+            if len(tails) > 1 or any(len(s) == 0 or s[0] != vocab[k] for k, s in shapes.items()):
+                detail = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
+                raise IncompatibleModelsError(
+                    f"tensor {name}: every model's must have vocab_size rows and the same shape past them: {detail}"
+                )
+            jobs.append(TensorJob(name, (vocabulary.size, *tails.pop()), out_dtype, merge=True, aligned=True))
+            continue
         if len(set(shapes.values())) == 1:
             jobs.append(TensorJob(name, ref_spec.shape, out_dtype, merge=True))
             continue
@@ -199,11 +218,12 @@ def plan_merge(
     return MergePlan(
         jobs=jobs,
         reference=reference,
-        tokenizer_source=tokenizer_source,
+        tokenizer_source=recipe.tokenizer if vocabulary is not None and recipe.tokenizer else tokenizer_source,
         out_dtype=out_dtype,
         vocab_rows={k: v for k, v in vocab.items() if v is not None},
-        output_vocab=vocab.get(tokenizer_source),
+        output_vocab=vocabulary.size if vocabulary is not None else vocab.get(tokenizer_source),
         bytes_to_read=bytes_to_read,
+        vocabulary=vocabulary,
     )
 
 
@@ -280,7 +300,7 @@ def plan_slices(
         if not BEFORE_LAYERS.search(name):
             add(name, last, [name] * len(slices[last]), 0.0)
 
-    vocab = {k: _vocab_size(configs[k]) for k in keys}
+    vocab = {k: config_vocab_size(configs[k]) for k in keys}
     bytes_to_read = sum(specs[key][name].nbytes for job in jobs for _, key, name in job.inputs or ())
     return MergePlan(
         jobs=jobs,

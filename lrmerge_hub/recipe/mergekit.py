@@ -197,20 +197,32 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
         if not isinstance(tokenizer, dict):
             raise RecipeError("tokenizer: must be a mapping like {source: base}")
         for key in tokenizer:
-            if key != "source":
-                raise RecipeError(f"tokenizer.{key}: not supported yet (only tokenizer.source: base or a model)")
+            if key not in ("source", "pad_to_multiple_of"):
+                raise RecipeError(f"tokenizer.{key}: not supported yet (only source and pad_to_multiple_of)")
         source = tokenizer.get("source", "union")
-    if source is not None:
-        if source == "union":
-            raise RecipeError("tokenizer_source: union is not supported yet; use base or one of the models")
-        if source != "base" and source != base:
-            # mergekit then merges the embeddings over that tokenizer's vocabulary (rows other
-            # models lack filled in first), where we merge the shared rows and copy the rest
-            raise RecipeError(
-                f"tokenizer_source: {shown(source)} is not supported yet (only base): mergekit "
-                "merges the embeddings over a model's vocabulary differently"
-            )
+        if tokenizer.get("pad_to_multiple_of") and (source == "base" or source == base):
+            raise RecipeError("tokenizer.pad_to_multiple_of: with source base not supported yet (a model or union)")
+    if source is None:
+        return
+    if source == "base" or source == base:
         out["tokenizer_source"] = "base"
+        return
+    what = "union" if source == "union" else "a model's tokenizer"
+    if out.get("slices") is not None:
+        raise RecipeError(f"tokenizer_source: {what} with slices is not supported yet (base is)")
+    if data.get("base_model") is not None and base is None:  # linear: mergekit's base still picks rows
+        raise RecipeError(f"tokenizer_source: {what} with linear and a base_model is not supported yet")
+    if source == "union":
+        if base is None:  # mergekit starts from a model picked in hash order
+            raise RecipeError("tokenizer_source: union without a base_model is not supported")
+    else:
+        source = _model_name(source, "tokenizer_source")
+        if all(m["model"] != source for m in out["models"]):
+            raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
+    # mergekit then aligns every model's embeddings to that vocabulary (merge.vocabulary)
+    out["tokenizer"] = {"source": source}
+    if tokenizer is not None and tokenizer.get("pad_to_multiple_of"):  # mergekit: 0 or null pads nothing
+        out["tokenizer"]["pad_to_multiple_of"] = tokenizer["pad_to_multiple_of"]
 
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -400,8 +412,18 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
         config["chat_template"] = recipe.chat_template
     if recipe.tokenizer_source == "base":
         config["tokenizer_source"] = "base"
-    elif recipe.tokenizer_source:  # mergekit merges the embeddings over that model's vocabulary
+    elif recipe.tokenizer_source:  # ours copies the rows past the shared ones; mergekit aligns them
         return None
+    if recipe.tokenizer:
+        source = (
+            "union"
+            if recipe.tokenizer == "union"
+            else named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
+        )
+        if recipe.pad_to_multiple_of:
+            config["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
+        else:
+            config["tokenizer_source"] = source
     return config
 
 

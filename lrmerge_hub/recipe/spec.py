@@ -46,6 +46,7 @@ TOP_LEVEL_KEYS = (
     "dtype",
     "output",
     "tokenizer_source",
+    "tokenizer",  # {source: MODEL or union}: mergekit's tokenizer source (embeddings aligned to its vocabulary)
     "device",
     "push",
     "eval",
@@ -249,6 +250,10 @@ class Recipe:
     dtype: str | None = None  # None: the base model's dtype
     output: Path | None = None
     tokenizer_source: str | None = None  # a model spec from the recipe, or "base"
+    # mergekit's tokenizer source: a model spec whose tokenizer the output takes, every input's
+    # vocabulary tensors aligned to its vocabulary before the merge (merge.vocabulary)
+    tokenizer: str | None = None
+    pad_to_multiple_of: int | None = None  # with `tokenizer`: its rows padded up to a multiple of this
     # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
     chat_template: str | None = None
     device: str | None = None
@@ -295,6 +300,11 @@ class Recipe:
         if self.tokenizer_source:
             named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer_source), None)
             out["tokenizer_source"] = self.tokenizer_source if named is None or seen_from is None else spec(named)
+        if self.tokenizer:
+            named = next((m.ref for m in self.models if m.ref.spec == self.tokenizer), None)
+            out["tokenizer"] = {"source": spec(named) if named is not None else self.tokenizer}
+            if self.pad_to_multiple_of:
+                out["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.layers is not None:
@@ -526,6 +536,12 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
                 f"tokenizer_source: must be 'base' or one of the models' names (got {shown(tokenizer_source)})"
             )
 
+    if data.get("tokenizer") is not None and slices is not None:
+        raise RecipeError("tokenizer: a tokenizer source with slices is not supported yet")
+    if data.get("tokenizer") is not None and tokenizer_source is not None:
+        raise RecipeError("tokenizer: give either tokenizer or tokenizer_source, not both")
+    tokenizer, pad_to_multiple_of = _parse_tokenizer(data.get("tokenizer"), models, base)
+
     return Recipe(
         push=_parse_push(data.get("push")),
         eval=_parse_eval(data.get("eval"), base_dir),
@@ -540,6 +556,8 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         dtype=dtype,
         output=output,
         tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
+        pad_to_multiple_of=pad_to_multiple_of,
         chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
@@ -549,6 +567,28 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         layers=_parse_layers(data.get("layers")),
         slices=slices,
     )
+
+
+def _parse_tokenizer(value: Any, models: list[ModelEntry], base: ModelRef | None) -> tuple[str | None, int | None]:
+    """`tokenizer: {source: MODEL or union, pad_to_multiple_of: N}`: the spec of the model
+    whose tokenizer the output takes (or "union"), and N (None: no padding)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, dict) or "source" not in value or set(value) - {"source", "pad_to_multiple_of"}:
+        raise RecipeError(
+            f"tokenizer: must be a mapping like {{source: MODEL, pad_to_multiple_of: 64}} (got {shown(value)})"
+        )
+    pad = value.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeError(f"tokenizer.pad_to_multiple_of: must be a positive whole number (got {shown(pad)})")
+    if value["source"] == "union":
+        if base is None:  # mergekit starts the union from its base (else from a model in hash order)
+            raise RecipeError("tokenizer.source: union needs a base")
+        return "union", pad
+    specs = [m.ref.spec for m in models]
+    if value["source"] not in specs:
+        raise RecipeError(f"tokenizer.source: must be union or one of the models' names (got {shown(value['source'])})")
+    return str(value["source"]), pad
 
 
 def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file: Path | None) -> list[Slice]:

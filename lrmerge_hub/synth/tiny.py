@@ -118,6 +118,34 @@ def llama_shapes(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (v, h)
 
 
+def make_word_model(folder: Path, words: list[str], *, seed: int, layers: int = 2, hidden: int = 8) -> Path:
+    """A tiny Llama checkpoint whose tokenizer is a word-level vocabulary of `words` (word i
+    has id i, the first word is the unknown token), one embedding row per word. Models made
+    with different word lists have vocabularies that differ in tokens and order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(str(folder))
+    cfg = llama_config(
+        hidden=hidden,
+        intermediate=2 * hidden,
+        layers=layers,
+        heads=2,
+        kv_heads=2,
+        vocab=len(words),
+        tie_embeddings=False,
+        dtype="float32",
+    )
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+    write_checkpoint(folder, ((name, torch.randn(shape, generator=gen)) for name, shape in llama_shapes(cfg)))
+    return folder
+
+
 def write_checkpoint(
     out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], *, shard_bytes: int | None = None
 ) -> None:
