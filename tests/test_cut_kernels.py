@@ -237,7 +237,9 @@ def test_covered_needs_no_rescale_and_at_most_the_summed_models():
     assert covered(METHODS["ties"], True, {"rescale": False}, SUMMED_MODELS_MAX + 1)  # not a sum in order
 
 
-@pytest.mark.parametrize(("method", "rescale"), [("breadcrumbs", False), ("breadcrumbs_ties", False), ("breadcrumbs", True)])
+@pytest.mark.parametrize(
+    ("method", "rescale"), [("breadcrumbs", False), ("breadcrumbs_ties", False), ("breadcrumbs", True)]
+)
 def test_engine_takes_the_kernels_and_writes_the_reference_bytes(tmp_path, monkeypatch, method, rescale):
     """A merge through the engine gives the same bytes with the kernels as with the reference
     path (FAST_PATHS emptied); the kernels are the ones called, except under rescale."""

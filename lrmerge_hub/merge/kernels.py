@@ -1,4 +1,5 @@
-"""Fused CPU kernels for ties and slack_ties: the results of methods.ties_family, faster.
+"""Fused CPU kernels for the magnitude-trimmed methods (ties, slack_ties, breadcrumbs,
+breadcrumbs_ties) and the elementwise ones: the results of methods.py, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
@@ -13,6 +14,10 @@ no float32 copy of a tensor is made), on every core, and nothing here needs torc
 2. merge: trim, weight, elect, agree, disjoint mean, lambda and the cast to the output
    dtype, fused in one blocked loop that also counts kept and agreed entries and the
    NaN/Inf values of the output (an overflow the engine refuses to write).
+
+Breadcrumbs (and breadcrumbs_ties) take the same two passes with a second cut per model:
+the trim keeps the magnitude ranks [start, stop), the top `stop` minus the top `start`
+(fused_cuts); breadcrumbs sums the trimmed task vectors instead of electing.
 
 When the sample misleads (the k-th largest falls outside the bracket, or more candidates
 fall inside it than were provisioned), an exact radix
@@ -262,9 +267,10 @@ def _in_top(ad, t, ties):
 
 @numba.njit(cache=True, nogil=True)
 def _trim_block(x, base, ties_in, t_in, ties_out, t_out, w, v, row, total, first):
-    """row = w * trimmed delta: kept where |delta| is in the top of the inner cut (t_in)
-    and not in the top of the outer one (t_out); total (=, or += unless first) row * vote,
-    in float64 (v and total are float64). Returns how many entries of row are nonzero."""
+    """row = w * trimmed delta: kept where |delta| is in the top of the cut that keeps
+    (t_in: the top `stop`) and not in the top of the cut that drops again (t_out: the top
+    `start`); total (=, or += unless first) row * vote, in float64 (v and total are
+    float64). Returns how many entries of row are nonzero."""
     zero = np.float32(0.0)
     kept = np.int32(0)
     for j in range(base.shape[0]):
@@ -283,8 +289,8 @@ def _trim_block(x, base, ties_in, t_in, ties_out, t_out, w, v, row, total, first
 
 @numba.njit(cache=True, nogil=True)
 def _sum_block(row, merged, first):
-    """merged = 0 + row (first) or merged + row: torch's sum over the models, in their order
-    (the order of stacked.sum(0) for up to MAX_SUMMED models)."""
+    """merged = 0 + row (first) or merged + row: the models summed in their order, as torch's
+    stacked.sum(0) sums up to engine.SUMMED_MODELS_MAX of them."""
     for j in range(row.shape[0]):
         merged[j] = (np.float32(0.0) if first else merged[j]) + row[j]
 
