@@ -19,9 +19,9 @@ from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, host_tensor
 from lrmerge_hub.merge.trim import outlier_ranks
 
 METHOD_NAMES = ["breadcrumbs", "breadcrumbs_ties"]
-# 1 and 7 entries; one more than a block; below MIN_FAST_NUMEL (every entry selected
-# exactly); above it (the sampled bracket), in uneven parallel chunks
-SIZES = [1, 7, kernels.BLOCK + 1, 5_003, kernels.MIN_FAST_NUMEL + 12_345]
+# 1 and 7 entries; one more than a block (below MIN_FAST_NUMEL: every entry selected
+# exactly); above MIN_FAST_NUMEL (the sampled bracket), in uneven parallel chunks
+SIZES = [1, 7, kernels.BLOCK + 1, kernels.MIN_FAST_NUMEL + 12_345]
 
 CASES = [  # (model params, global params)
     (
@@ -129,7 +129,7 @@ def check(method, n, kind, case, seed=0):
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kind", ["f32", "bf16", "tied", "levels"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "tied"])
 @pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernels_and_torch_engine_equal_the_reference_bit_for_bit(n, kind, method, case):
