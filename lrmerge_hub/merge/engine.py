@@ -346,7 +346,7 @@ def merge_with_torch(
     labels = input_labels(keys)
     raw = compute.take(job.name, merge_inputs(job, readers, keys))
     has_base = BASE in keys
-    fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params) else None
+    fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params, len(model_params)) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
             raw[0] if has_base else None, raw[int(has_base) :], model_params, params, torch_dtype(job.out_dtype)
@@ -401,10 +401,21 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
-def covered(method: MergeMethod, has_base: bool, params: dict[str, Any]) -> bool:
+# torch's sum over the stacked models (stacked.sum(0), the reference's breadcrumbs sum and
+# disjoint mean) adds them in order from +0.0 for up to 4 models; for more, part of the
+# entries (where depends on the CPU's vector width and the thread split) are added in
+# another order, which the kernels do not follow. Past this the reference runs.
+SUMMED_MODELS_MAX = 4
+SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties")
+
+
+def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), and no mergekit L1 rescale (neither implements it)."""
+    one always), no mergekit L1 rescale (neither implements it), and for breadcrumbs, the
+    models a sum in order covers (SUMMED_MODELS_MAX)."""
+    if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
+        return False
     return (has_base or not method.needs_base) and not params.get("rescale")
 
 
@@ -429,7 +440,7 @@ def merge_tensor(
     has_base = BASE in keys
     fast = (
         FAST_PATHS.get(method.name)
-        if compute is None and device == "cpu" and covered(method, has_base, params)
+        if compute is None and device == "cpu" and covered(method, has_base, params, len(model_params))
         else None
     )
     kept = agreed = None

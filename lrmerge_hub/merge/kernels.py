@@ -1,4 +1,5 @@
-"""Fused CPU kernels for ties and slack_ties: the results of methods.ties_family, faster.
+"""Fused CPU kernels for the magnitude-trimmed methods (ties, slack_ties, breadcrumbs,
+breadcrumbs_ties) and the elementwise ones: the results of methods.py, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
@@ -14,6 +15,10 @@ no float32 copy of a tensor is made), on every core, and nothing here needs torc
    dtype, fused in one blocked loop that also counts kept and agreed entries and the
    NaN/Inf values of the output (an overflow the engine refuses to write).
 
+Breadcrumbs (and breadcrumbs_ties) take the same two passes with a second cut per model:
+the trim keeps the magnitude ranks [start, stop), the top `stop` minus the top `start`
+(fused_cuts); breadcrumbs sums the trimmed task vectors instead of electing.
+
 When the sample misleads (the k-th largest falls outside the bracket, or more candidates
 fall inside it than were provisioned), an exact radix
 select runs instead: a histogram of the top 16 bits of the float bits, then one of the low
@@ -27,6 +32,7 @@ counts match exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable
@@ -37,7 +43,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .trim import trim_count
+from .trim import outlier_ranks, trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
 # 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for
@@ -212,18 +218,19 @@ def _count_block(x, base, lo, hi, s, mags, inside, bits, idx, p, counts):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _count_pass(xs, base, active, lo, hi, cap):
-    """One pass over every input. Per chunk and model: how many |delta| are above hi[i],
-    equal to hi[i] and equal to lo[i] (counts[c, i]); and (bits, index) of those strictly
-    between, in index order: chunk c's are the first found[i, c] of bits[i, c] and
-    idx[i, c], or found[i, c] is -1 when more than cap - BLOCK were there. Also the NaN/Inf
+def _count_pass(xs, base, first_cut, lo, hi, cap):
+    """One pass over every input. Model i has the cuts q in [first_cut[i], first_cut[i + 1])
+    (none, one, or Breadcrumbs' two). Per chunk and cut: how many |delta| are above hi[q],
+    equal to hi[q] and equal to lo[q] (counts[c, q]); and (bits, index) of those strictly
+    between, in index order: chunk c's are the first found[q, c] of bits[q, c] and
+    idx[q, c], or found[q, c] is -1 when more than cap - BLOCK were there. Also the NaN/Inf
     entries of the base (column 0) and of each model (column i + 1)."""
-    m, n = len(xs), base.shape[0]
-    counts = np.zeros((CHUNKS, m, 3), dtype=np.int64)
+    m, n, cuts = len(xs), base.shape[0], lo.shape[0]
+    counts = np.zeros((CHUNKS, cuts, 3), dtype=np.int64)
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
-    bits = np.empty((m, CHUNKS, cap), dtype=np.int64)
-    idx = np.empty((m, CHUNKS, cap), dtype=np.int64)
-    found = np.zeros((m, CHUNKS), dtype=np.int64)
+    bits = np.empty((cuts, CHUNKS, cap), dtype=np.int64)
+    idx = np.empty((cuts, CHUNKS, cap), dtype=np.int64)
+    found = np.zeros((cuts, CHUNKS), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo_c, hi_c = _chunk_bounds(n, CHUNKS, c)
         mags = np.empty(BLOCK, dtype=np.float32)
@@ -234,33 +241,43 @@ def _count_pass(xs, base, active, lo, hi, cap):
             bad[c, 0] += _nonfinite_block(bb)
             for i in range(m):
                 x = xs[i][s:e]
-                if not active[i]:
+                if first_cut[i] == first_cut[i + 1]:
                     bad[c, i + 1] += _nonfinite_block(x)
-                    continue
-                p = found[i, c]
-                fits = p >= 0 and p + (e - s) <= cap  # else count only (and write from 0)
-                bad_i, p = _count_block(
-                    x, bb, lo[i], hi[i], s, mags, inside, bits[i, c], idx[i, c], p if fits else 0, counts[c, i]
-                )
-                bad[c, i + 1] += bad_i
-                found[i, c] = p if fits else -1
+                for q in range(first_cut[i], first_cut[i + 1]):
+                    p = found[q, c]
+                    fits = p >= 0 and p + (e - s) <= cap  # else count only (and write from 0)
+                    bad_i, p = _count_block(
+                        x, bb, lo[q], hi[q], s, mags, inside, bits[q, c], idx[q, c], p if fits else 0, counts[c, q]
+                    )
+                    if q == first_cut[i]:  # one count of the model's NaN/Inf
+                        bad[c, i + 1] += bad_i
+                    found[q, c] = p if fits else -1
     return counts, bad, bits, idx, found
 
 
 # -- the merge pass ---------------------------------------------------------------------------
 
 
+@numba.njit(inline="always")
+def _in_top(ad, t, ties):
+    """Whether a magnitude is among a cut's top entries: above its threshold t, or equal to
+    it where ties count (below the cut's index limit)."""
+    return (ad > t) | (ties & (ad == t))
+
+
 @numba.njit(cache=True, nogil=True)
-def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
-    """row = w * trimmed delta (kept: |delta| > t, and == t with keep_ties); total (=, or +=
-    unless first) row * vote, in float64 (v and total are float64). Returns how many
-    entries of row are nonzero (kept)."""
+def _trim_block(x, base, ties_in, t_in, ties_out, t_out, w, v, row, total, first):
+    """row = w * trimmed delta: kept where |delta| is in the top of the cut that keeps
+    (t_in: the top `stop`) and not in the top of the cut that drops again (t_out: the top
+    `start`); total (=, or += unless first) row * vote, in float64 (v and total are
+    float64). Returns how many entries of row are nonzero."""
     zero = np.float32(0.0)
     kept = np.int32(0)
     for j in range(base.shape[0]):
         d = _load(x, j) - _load(base, j)
         ad = abs(d)
-        wd = d * w if (ad > t) | (keep_ties & (ad == t)) else zero
+        keep = _in_top(ad, t_in, ties_in) & ~_in_top(ad, t_out, ties_out)
+        wd = (d if keep else zero) * w  # masked, then weighted: a dropped entry is 0 * w, as in the reference
         row[j] = wd
         kept = np.int32(kept + (wd != zero))
         if first:
@@ -268,6 +285,14 @@ def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
         else:
             total[j] += wd * v
     return kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_block(row, merged, first):
+    """merged = 0 + row (first) or merged + row: the models summed in their order, as torch's
+    stacked.sum(0) sums up to engine.SUMMED_MODELS_MAX of them."""
+    for j in range(row.shape[0]):
+        merged[j] = (np.float32(0.0) if first else merged[j]) + row[j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -306,11 +331,13 @@ def _write_block(base, out, merged, divisor, lam, normalize):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
-    """Trim (keep |delta| > threshold[i], and == threshold[i] at indices below limit[i]),
-    weight, elect with votes (float64: exact for any accepted slack, see methods.SLACK_MAX),
-    disjoint-merge and write base + lam * merged. Returns per-chunk kept and agreed counts,
-    each (CHUNKS, m), and per-chunk NaN/Inf counts of the output (CHUNKS,).
+def _merge(xs, base, threshold, limit, weights, votes, elect, normalize, sum_divisor, lam, out):
+    """Trim (keep |delta| in the top of cut 0 and not in the top of cut 1: per model i and
+    cut r, |delta| > threshold[i, r], or == it at indices below limit[i, r]) and weight;
+    then either elect with votes (float64: exact for any accepted slack, see
+    methods.SLACK_MAX) and disjoint-merge, or sum (divided by sum_divisor with normalize);
+    write base + lam * merged. Returns per-chunk kept and agreed counts, each (CHUNKS, m),
+    and per-chunk NaN/Inf counts of the output (CHUNKS,).
 
     Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
     every inner loop is a branch-free loop over contiguous memory."""
@@ -323,24 +350,39 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
         rows = np.empty((m, BLOCK), dtype=np.float32)
         total = np.empty(BLOCK, dtype=np.float64)
         merged = np.empty(BLOCK, dtype=np.float32)
-        divisor = np.empty(BLOCK, dtype=np.float32)
+        divisor = np.full(BLOCK, sum_divisor, dtype=np.float32)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             size = e - s
             bb = base[s:e]
             for i in range(m):
-                # ties at the threshold are kept before the index limit only: two parts
+                # ties at a cut count before its index limit only: the block in three parts
                 x, row = xs[i][s:e], rows[i][:size]
-                te = min(max(limit[i] - s, 0), size)
-                for part in range(2):
-                    a, z = (0, te) if part == 0 else (te, size)
+                end_in = min(max(limit[i, 0] - s, 0), size)
+                end_out = min(max(limit[i, 1] - s, 0), size)
+                ends = (0, min(end_in, end_out), max(end_in, end_out), size)
+                for part in range(3):
+                    a, z = ends[part], ends[part + 1]
                     kept[c, i] += _trim_block(
-                        x[a:z], bb[a:z], part == 0, threshold[i], weights[i], votes[i], row[a:z], total[a:z], i == 0
+                        x[a:z],
+                        bb[a:z],
+                        z <= end_in,
+                        threshold[i, 0],
+                        z <= end_out,
+                        threshold[i, 1],
+                        weights[i],
+                        votes[i],
+                        row[a:z],
+                        total[a:z],
+                        i == 0,
                     )
             for i in range(m):
-                agreed[c, i] += _agree_block(
-                    rows[i][:size], total[:size], weights[i], merged[:size], divisor[:size], i == 0
-                )
+                if elect:
+                    agreed[c, i] += _agree_block(
+                        rows[i][:size], total[:size], weights[i], merged[:size], divisor[:size], i == 0
+                    )
+                else:
+                    _sum_block(rows[i][:size], merged[:size], i == 0)
             bad[c] += _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
     return kept, agreed, bad
 
@@ -537,37 +579,75 @@ def fused_ties(
     With check_finite, a NaN or Inf in any input raises NonFiniteInput, and one in the
     output NonFiniteOutput.
     """
+    n = base.shape[0]
+    ranks = [(0, trim_count(n, d)) for d in densities]
+    return fused_cuts(base, tensors, weights, ranks, slacks, lam, normalize, True, out_bf16, check_finite)
+
+
+def fused_cuts(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    weights: list[float],
+    ranks: list[tuple[int, int]],
+    slacks: list[float],
+    lam: float,
+    normalize: bool,
+    elect: bool,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """A magnitude-trimmed task-vector merge of one tensor: (merged flat array, kept, agreed).
+
+    Model i keeps the entries of its delta whose magnitude rank lies in ranks[i] = [start,
+    stop) (rank 0 is the largest; among equal magnitudes the lower index ranks larger, as
+    sparsify.top_k_mask): the top `stop` minus the top `start`, two cuts of one selection.
+    TIES trims to [0, k); Breadcrumbs drops the largest too. Then, with elect, the
+    sign election and disjoint mean of ties (agreed counted); else the weighted sum,
+    divided by the sum of the weights with normalize (methods.task_arithmetic_family's
+    order; agreed all 0). Inputs, output and check_finite as for fused_ties.
+    """
     n, m = base.shape[0], len(tensors)
     xs = tuple(tensors)
-    ks = [trim_count(n, d) for d in densities]
-    active = np.array([k < n for k in ks], dtype=np.bool_)
-    threshold = np.full(m, -1.0, dtype=np.float32)  # |delta| above it is kept; -1: no trim
-    limit = np.full(m, n, dtype=np.int64)  # entries equal to the threshold kept below this
+    # per model, cut 0 (the top `stop`, kept) and cut 1 (the top `start`, dropped again):
+    # |delta| above threshold is in a cut's top, and equal to it below the index limit
+    ks = np.array([(stop, start) for start, stop in ranks], dtype=np.int64).reshape(m, 2)
+    every_entry = ks >= n
+    threshold = np.where(every_entry, -1.0, np.inf).astype(np.float32)  # trivial cuts: all, none
+    limit = np.where(every_entry, n, 0).astype(np.int64)
+    active = (ks > 0) & (ks < n)
+    cuts = np.argwhere(active)  # (model, cut) pairs that select, in model order
+    first_cut = np.searchsorted(cuts[:, 0], np.arange(m + 1))
     if n < MIN_FAST_NUMEL:  # small: select exactly from every entry's bits
         every = np.arange(n)
-        for i in np.flatnonzero(active):
-            t, limit[i] = _select_among(_gather_bits(xs[i], base, every), every, ks[i], n)
-            threshold[i] = _magnitudes(t)
+        for i in np.unique(cuts[:, 0]):
+            magnitude_bits = _gather_bits(xs[i], base, every)
+            for r in np.flatnonzero(active[i]):
+                t, limit[i, r] = _select_among(magnitude_bits, every, int(ks[i, r]), n)
+                threshold[i, r] = _magnitudes(t)
         if check_finite:
-            none = np.zeros(m, dtype=np.float32)
-            _raise_nonfinite(_count_pass(xs, base, np.zeros(m, dtype=np.bool_), none, none, 0)[1])
+            none = np.zeros(0, dtype=np.float32)
+            _raise_nonfinite(_count_pass(xs, base, np.zeros(m + 1, dtype=np.int64), none, none, 0)[1])
     else:
-        lo = np.zeros(m, dtype=np.int64)
-        hi = np.zeros(m, dtype=np.int64)
+        lo = np.zeros(len(cuts), dtype=np.int64)
+        hi = np.zeros(len(cuts), dtype=np.int64)
         fraction = 0.0
-        for i in np.flatnonzero(active):
-            lo[i], hi[i], inside = _bracket(xs[i], base, ks[i])
+        for q, (i, r) in enumerate(cuts):
+            lo[q], hi[q], inside = _bracket(xs[i], base, int(ks[i, r]))
             fraction = max(fraction, inside)
         chunk = -(-n // CHUNKS)
         cap = min(chunk, int(chunk * (BRACKET_ROOM * fraction + BRACKET_SLACK))) + BLOCK
-        counts, bad, bits, idx, found = _count_pass(xs, base, active, _magnitudes(lo), _magnitudes(hi), cap)
+        counts, bad, bits, idx, found = _count_pass(xs, base, first_cut, _magnitudes(lo), _magnitudes(hi), cap)
         if check_finite:
             _raise_nonfinite(bad)
-        for i in np.flatnonzero(active):
-            t, limit[i] = _select(xs[i], base, ks[i], int(lo[i]), int(hi[i]), counts[:, i], bits[i], idx[i], found[i])
-            threshold[i] = _magnitudes(t)
+        for q, (i, r) in enumerate(cuts):
+            k = int(ks[i, r])
+            t, limit[i, r] = _select(xs[i], base, k, int(lo[q]), int(hi[q]), counts[:, q], bits[q], idx[q], found[q])
+            threshold[i, r] = _magnitudes(t)
         del bits, idx
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    total = sum(weights)  # methods.task_arithmetic_family's divisor of the sum (Python's, then float32)
+    with np.errstate(over="ignore"):
+        sum_divisor = np.float32(total if abs(total) >= 1e-8 else 1.0)
     kept, agreed, bad = _merge(
         xs,
         base,
@@ -575,7 +655,9 @@ def fused_ties(
         limit,
         np.array(weights, dtype=np.float32),
         np.array([1.0 + s for s in slacks], dtype=np.float64),
+        bool(elect),
         bool(normalize),
+        sum_divisor,
         np.float32(lam),
         out,
     )
@@ -640,6 +722,32 @@ def _ties_fast_path(
         out_bf16,
         check_finite,
     )
+
+
+def _breadcrumbs_fast_path(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    out_bf16: bool = False,
+    check_finite: bool = False,
+    elect: bool = False,
+) -> tuple[np.ndarray, list[int] | None, list[int] | None]:
+    """breadcrumbs (elect False: the weighted sum) or breadcrumbs_ties (the election)."""
+    n = base.shape[0]
+    out, kept, agreed = fused_cuts(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [outlier_ranks(n, float(p["density"]), float(p["gamma"])) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        elect,
+        out_bf16,
+        check_finite,
+    )
+    return (out, kept, agreed) if elect else (out, None, None)
 
 
 # -- elementwise methods: linear, task_arithmetic, passthrough in one pass ---------------------
@@ -816,7 +924,9 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
-# ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
+# ties takes a slack too (slack_ties' election); none of the trimming methods covers rescale,
+# and breadcrumbs' sum follows the reference's order only up to engine.SUMMED_MODELS_MAX
+# models (the engine checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
@@ -824,6 +934,8 @@ FAST_PATHS: dict[str, Callable] = {
     "task_arithmetic": _task_arithmetic_fast_path,
     "passthrough": _passthrough_fast_path,
     "nearswap": _nearswap_fast_path,
+    "breadcrumbs": _breadcrumbs_fast_path,
+    "breadcrumbs_ties": functools.partial(_breadcrumbs_fast_path, elect=True),
 }
 
 

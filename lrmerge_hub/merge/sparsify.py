@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .draws import CHUNK, keep_mask, uniforms
+from .trim import outlier_ranks
 
 L1_EPS = 1e-7  # below this L1 norm (before or after the mask) no rescale happens
 
@@ -76,13 +77,11 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def outlier_cut(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma * n) largest magnitudes and keep the next
     int(density * n); fewer are dropped when both do not fit (mergekit's rule)."""
-    n = delta.numel()
     if density >= 1:
         return delta
-    target, top = int(density * n), int(gamma * n)
-    dropped = n - max(0, n - target - top) - target  # largest entries removed
+    dropped, stop = outlier_ranks(delta.numel(), density, gamma)
     mag = delta.reshape(-1).abs()
-    keep = top_k_mask(mag, dropped + target) & ~top_k_mask(mag, dropped)
+    keep = top_k_mask(mag, stop) & ~top_k_mask(mag, dropped)
     return torch.where(keep, delta.reshape(-1), 0.0).reshape(delta.shape)
 
 

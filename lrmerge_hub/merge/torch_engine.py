@@ -25,18 +25,20 @@ widens them chunk by chunk.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .trim import trim_count
+from .trim import outlier_ranks, trim_count
 
 if TYPE_CHECKING:
     import torch
 
 BINS = 1 << 16
+INF_BITS = 0x7F800000  # above the bits of every finite magnitude
 
 
 # entries per chunk: the selection's histograms and the merge run chunk by chunk over the raw
@@ -124,6 +126,47 @@ def ties_merge(
     Returns (merged, in out_dtype (default float32); kept and agreed per model; NaN/Inf
     entries per input, base first; NaN/Inf entries of the float32 result; NaN/Inf entries
     of the merged tensor as stored)."""
+    n = base.numel()
+    ranks = [(0, trim_count(n, d)) for d in densities]
+    return cut_merge(base, tensors, weights, ranks, slacks, lam, normalize, True, out_dtype)
+
+
+def _top_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, int]:
+    """(threshold bits, tie index limit) of the top k |x - base|; -1 (every entry) when
+    k >= n, and no entry (above every finite magnitude, no ties) when k <= 0."""
+    n = base.numel()
+    if k >= n:
+        return -1, n
+    if k <= 0:
+        return INF_BITS, 0
+    return select_threshold(x, base, k)
+
+
+def _in_top(bits: torch.Tensor, cut: tuple[int, int], s: int) -> torch.Tensor:
+    """Which entries of a chunk starting at s are in a cut's top (see _top_cut)."""
+    t, limit = cut
+    top = bits > t
+    ties_end = min(max(limit - s, 0), bits.numel())
+    top[:ties_end] |= bits[:ties_end] == t
+    return top
+
+
+def cut_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    ranks: list[tuple[int, int]],
+    slacks: list[float],
+    lam: float,
+    normalize: bool,
+    elect: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """kernels.fused_cuts on one device, bit for bit: model i keeps the entries of its delta
+    whose magnitude rank lies in ranks[i] = [start, stop) (the top `stop` minus the top
+    `start`); then the election and disjoint mean (elect), or the weighted sum in model
+    order from +0.0, divided by the sum of the weights with normalize. Returns what
+    ties_merge returns (agreed all 0 without elect)."""
     import torch
 
     dev, f32 = base.device, torch.float32
@@ -133,15 +176,19 @@ def ties_merge(
         return torch.tensor(v, dtype=dtype, device=dev)  # rounded to float32 as the kernels do
 
     n, m = base.numel(), len(tensors)
-    cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
-    for x, d in zip(tensors, densities, strict=True):
-        k = trim_count(n, d)
-        cuts.append(select_threshold(x, base, k) if k < n else None)
+    # per model: the cut of its top `stop` (None: every entry) and of its top `start`,
+    # dropped again (None: no entry)
+    cuts = [
+        (None if stop >= n else _top_cut(x, base, stop), None if start <= 0 else _top_cut(x, base, start))
+        for x, (start, stop) in zip(tensors, ranks, strict=True)
+    ]
     counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
     bad = torch.zeros(3, dtype=torch.int64, device=dev)  # NaN/Inf: base, float32 result, stored
     out = torch.empty(n, dtype=out_dtype or f32, device=dev)
     w32 = [scalar(w) for w in weights]
     votes = [scalar(1.0 + s, torch.float64) for s in slacks]
+    total_weight = sum(weights)  # as kernels.fused_cuts: Python's sum, then float32
+    sum_divisor = scalar(total_weight if abs(total_weight) >= 1e-8 else 1.0)
     for s, e in chunks(n):
         b = to_float32(base[s:e])
         bad[0] += (~torch.isfinite(b)).sum()
@@ -152,39 +199,48 @@ def ties_merge(
             counts[2, i] += (~torch.isfinite(xi)).sum()
             delta = xi - b
             del xi
-            wd = delta * w32[i]
-            cut = cuts[i]
-            if cut is not None:
-                t, limit = cut
+            inner, outer = cuts[i]
+            if inner is not None or outer is not None:
                 bits = magnitude_bits(delta)
-                keep = bits > t
-                ties_end = min(max(limit - s, 0), e - s)
-                keep[:ties_end] |= bits[:ties_end] == t
-                wd = torch.where(keep, wd, zero)
+                keep = _in_top(bits, inner, s) if inner is not None else torch.ones_like(bits, dtype=torch.bool)
+                if outer is not None:
+                    keep &= ~_in_top(bits, outer, s)
+                delta = torch.where(keep, delta, zero)  # masked, then weighted, as the kernels
                 del bits, keep
+            wd = delta * w32[i]
             del delta
-            vote = wd.double() * votes[i]
-            total = vote if total is None else total + vote
+            if elect:
+                vote = wd.double() * votes[i]
+                total = vote if total is None else total + vote
             counts[0, i] += torch.count_nonzero(wd)
             rows.append(wd)
-        assert total is not None  # at least one model
-        positive_total = total >= 0
-        del total
         merged: torch.Tensor | None = None
         divisor: torch.Tensor | None = None
-        for i, wd in enumerate(rows):
-            agree = (wd != 0) & ((wd > 0) == positive_total)
-            counts[1, i] += torch.count_nonzero(agree)
-            part = torch.where(agree, wd, zero)
-            merged = part if merged is None else merged + part
+        if elect:
+            assert total is not None  # at least one model
+            positive_total = total >= 0
+            del total
+            for i, wd in enumerate(rows):
+                agree = (wd != 0) & ((wd > 0) == positive_total)
+                counts[1, i] += torch.count_nonzero(agree)
+                part = torch.where(agree, wd, zero)
+                merged = part if merged is None else merged + part
+                if normalize:
+                    share = torch.where(agree, w32[i], zero)
+                    divisor = share if divisor is None else divisor + share
+            del positive_total
             if normalize:
-                share = torch.where(agree, w32[i], zero)
-                divisor = share if divisor is None else divisor + share
-        del rows, positive_total
+                assert divisor is not None
+                divisor = torch.where(divisor != 0, divisor, scalar(1.0))
+        else:
+            for wd in rows:  # torch's sum over the stacked models: from +0.0, in model order
+                merged = (zero if merged is None else merged) + wd
+            divisor = sum_divisor
+        del rows
         assert merged is not None
         if normalize:
             assert divisor is not None
-            merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
+            merged = merged / divisor
         result = b + scalar(lam) * merged
         bad[1] += (~torch.isfinite(result)).sum()
         stored = result.to(out.dtype)
@@ -214,6 +270,24 @@ def torch_ties(
         bool(params["normalize"]),
         out_dtype,
     )
+
+
+def torch_breadcrumbs(base, tensors, model_params, params, out_dtype, elect=False):
+    """breadcrumbs (the weighted sum) or breadcrumbs_ties (elect): see cut_merge."""
+    n = base.numel()
+    merged, kept, agreed, bad_inputs, bad_float32, bad_stored = cut_merge(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [outlier_ranks(n, float(p["density"]), float(p["gamma"])) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        elect,
+        out_dtype,
+    )
+    counts = (kept, agreed) if elect else (None, None)
+    return merged, *counts, bad_inputs, bad_float32, bad_stored
 
 
 def elementwise_merge(
@@ -325,6 +399,8 @@ TORCH_METHODS: dict[str, Callable] = {
     "task_arithmetic": torch_task_arithmetic,
     "passthrough": torch_passthrough,
     "nearswap": torch_nearswap,
+    "breadcrumbs": torch_breadcrumbs,
+    "breadcrumbs_ties": functools.partial(torch_breadcrumbs, elect=True),
 }
 
 

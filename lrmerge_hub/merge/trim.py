@@ -1,4 +1,4 @@
-"""How many entries a magnitude trim keeps: one rule for the reference methods (methods.py,
+"""Which entries a magnitude trim keeps: one rule for the reference methods (methods.py,
 sparsify.py), the fused kernels and the torch engine."""
 
 from __future__ import annotations
@@ -11,3 +11,14 @@ def trim_count(numel: int, density: float) -> int:
     if density >= 1.0:
         return numel
     return max(1, int(math.floor(density * numel)))
+
+
+def outlier_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' kept magnitude ranks [start, stop) (rank 0 is the largest): the
+    int(gamma * n) largest are dropped and the next int(density * n) kept; fewer are dropped
+    when both do not fit (mergekit's rule); every entry when density >= 1."""
+    if density >= 1:
+        return 0, numel
+    target, top = int(density * numel), int(gamma * numel)
+    dropped = numel - max(0, numel - target - top) - target
+    return dropped, dropped + target
