@@ -167,3 +167,23 @@ def test_engine_takes_the_kernels_and_writes_the_reference_bytes(tmp_path, monke
     assert set(a.tensors) == set(b.tensors)
     for name in a.tensors:
         assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+
+
+def test_linear_accumulates_with_one_rounding_per_model_as_mergekits_addcmul():
+    """mergekit's linear is out.addcmul_(t, w) from zeros: each model's w * t added with one
+    rounding (a fused multiply-add). Ours gives that, checked against exact rationals; two
+    roundings (multiply, then add) would differ in many entries at these weights."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(3)
+    t0, t1 = torch.randn(400, generator=g), torch.randn(400, generator=g)
+    w0, w1 = np.float32(0.3), np.float32(0.7)
+    got, _ = METHODS["linear"].fn(None, [t0, t1], [{"weight": 0.3}, {"weight": 0.7}], {"normalize": False})
+    two_roundings = (t0 * float(w0)) + (t1 * float(w1))
+    assert (got != two_roundings).sum() > 10  # the test tells the two apart
+    for a, b, r in zip(t0.tolist(), t1.tolist(), got.tolist(), strict=True):
+        first = np.float32(np.float32(a) * w0)  # the first model: one product, rounded
+        exact = Fraction(float(b)) * Fraction(float(w1)) + Fraction(float(first))
+        r32 = np.float32(r)
+        neighbours = (np.nextafter(r32, np.float32(-np.inf)), np.nextafter(r32, np.float32(np.inf)))
+        assert all(abs(exact - Fraction(float(r32))) <= abs(exact - Fraction(float(n))) for n in neighbours)

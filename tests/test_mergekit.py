@@ -678,12 +678,15 @@ for shape in ("2d", "1d"):
     out[shape + "ram"] = merge_tensors([base] + ms, "ram", base_index=0, parameters={"epsilon": 0.05}).numpy()
     out[shape + "ramplus_tl"] = merge_tensors([base] + ms, "ramplus_tl", base_index=0,
                                               parameters={"epsilon": 0.05, "r": 0.3, "alpha": 0.5}).numpy()
+    out[shape + "linear"] = merge_tensors(ms, "linear", parameters={"weight": [0.3, 0.7, 0.45]}).numpy()
 np.savez(sys.argv[2], **out)
 """
 
 
 @pytest.mark.slow
-def test_three_methods_equal_mergekit_bit_for_bit(tmp_path, mergekit_venv):
+def test_methods_equal_mergekit_bit_for_bit(tmp_path, mergekit_venv):
+    """arcee_fusion, ram, ramplus_tl, and linear with weights whose products round (mergekit's
+    addcmul_ is a fused multiply-add: one rounding per model)."""
     rng = np.random.default_rng(0)
     arrays = {}
     for shape, dims in (("2d", (96, 64)), ("1d", (300,))):
@@ -712,6 +715,7 @@ def test_three_methods_equal_mergekit_bit_for_bit(tmp_path, mergekit_venv):
             "arcee_fusion": METHODS["arcee_fusion"].fn(base, ms[:1], [{}], {})[0],
             "ram": METHODS["ram"].fn(base, ms, [{}] * 3, {"epsilon": 0.05})[0],
             "ramplus_tl": METHODS["ramplus_tl"].fn(base, ms, [{}] * 3, {"epsilon": 0.05, "r": 0.3, "alpha": 0.5})[0],
+            "linear": METHODS["linear"].fn(None, ms, [{"weight": w} for w in (0.3, 0.7, 0.45)], {"normalize": True})[0],
         }
         for name, out in ours.items():
             assert np.array_equal(out.numpy(), theirs[shape + name]), (shape, name)

@@ -86,6 +86,19 @@ def _float_bits(typingctx, x):
 
 
 @intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding (llvm.fma: the FMA instruction where the CPU has
+    one), as torch's addcmul computes it."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
 def _bf16_to_float(typingctx, h):
     """The float32 of bfloat16 bits (in 32-bit integer ops, which vectorize 8 wide)."""
     if h != types.uint16:
@@ -783,7 +796,9 @@ def _term_block(x, base, w, acc, first, mode):
         if mode == SCALE:
             acc[j] = term
         elif first:
-            acc[j] = zero + term
+            acc[j] = zero + term  # fma(v, w, +0.0) is the same: one rounding of w * v, then + 0
+        elif mode == LINEAR:
+            acc[j] = _fma(v, w, acc[j])  # mergekit's addcmul_
         else:
             acc[j] += term
     return nonfinite
@@ -827,6 +842,15 @@ def _elementwise(xs, base, has_base, weights, lam, divisor, normalize, mode, out
     return bad
 
 
+def float32_sum(values: list[float]) -> np.float32:
+    """The float32 sum of the values as float32, in order: torch's sum of a float32 tensor of
+    a few weights (methods.linear's divisor)."""
+    total = np.float32(0.0)
+    for v in values:
+        total = np.float32(total + np.float32(v))
+    return total
+
+
 def fused_elementwise(
     base: np.ndarray | None,
     tensors: list[np.ndarray],
@@ -853,7 +877,7 @@ def fused_elementwise(
     n = tensors[0].shape[0]
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
     with np.errstate(over="ignore"):  # a sum past float32's range divides to Inf, as in torch: counted
-        divisor = np.float32(sum(weights))  # the reference divides by Python's sum of the weights
+        divisor = float32_sum(weights)  # linear's divisor, as the reference sums the weights
     bad = _elementwise(
         tuple(tensors),
         tensors[0] if base is None else base,

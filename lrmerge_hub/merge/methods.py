@@ -479,11 +479,20 @@ TA_GLOBALS = {"lambda": LAMBDA, "int8_mask": INT8_MASK}
     papers=_papers("linear"),
 )
 def linear(base, tensors, model_params, params):
-    """Weighted average of the models' full weights (the base is not averaged in)."""
+    """Weighted average of the models' full weights (the base is not averaged in).
+
+    Computed as mergekit 0.1.5 computes it: from zeros, `out.addcmul_(t_i, w_i)` per model in
+    order (a fused multiply-add on CPUs with FMA: one rounding per model), then divided by the
+    float32 sum of the float32 weights."""
+    import torch
+
     weights = [p["weight"] for p in model_params]
-    out = sum(w * t for w, t in zip(weights, tensors, strict=True))
+    first = tensors[0]
+    out = torch.zeros_like(first)
+    for w, t in zip(weights, tensors, strict=True):
+        out.addcmul_(t, torch.tensor(w, dtype=first.dtype, device=first.device))
     if params["normalize"]:  # recipes whose weights cancel are refused (normalize_problem)
-        out = out / sum(weights)
+        out = out / torch.tensor(weights, dtype=first.dtype, device=first.device).sum()
     return out, None
 
 

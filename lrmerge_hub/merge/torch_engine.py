@@ -303,7 +303,8 @@ def elementwise_merge(
     "task_arithmetic", "scale", "nearswap"; for nearswap, weights is [t]) of one tensor
     given as raw flat inputs on one device, chunk by chunk, equal bit for bit to
     kernels.fused_elementwise (and so to the references in methods.py): the
-    accumulator starts at +0.0 (Python's sum() starts from 0) and adds w_i * x_i, or
+    accumulator starts at +0.0 (Python's sum() starts from 0) and adds w_i * x_i (for linear
+    after the first model as a fused multiply-add, mergekit's addcmul_), or
     w_i * (x_i - base), in model order; then base + lambda * that, or that / sum(weights)
     with normalize; the scale alone is w_0 * x_0. Weights, lambda and the divisor are float32
     tensors on the device: divided by a CPU scalar, CUDA would multiply by its reciprocal
@@ -321,7 +322,8 @@ def elementwise_merge(
         return torch.tensor(v, dtype=f32, device=dev)  # rounded to float32 as the kernels do
 
     n = tensors[0].numel()
-    zero, one, w32, divisor = scalar(0.0), scalar(1.0), [scalar(w) for w in weights], scalar(sum(weights))
+    zero, one, w32 = scalar(0.0), scalar(1.0), [scalar(w) for w in weights]
+    divisor = torch.tensor(weights, dtype=f32, device=dev).sum()  # methods.linear's divisor
     near_floor = float(np.float32(1e-6))  # clamp's bound, as the float32 the kernels use
     inputs = ([base] if base is not None else []) + list(tensors)
     bad = torch.zeros(len(inputs) + 2, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
@@ -338,6 +340,9 @@ def elementwise_merge(
                 assert b is not None  # nearswap and task_arithmetic declare a base: the recipe has one
                 share = (torch.reciprocal((b - xi).abs().clamp(min=near_floor)) * w32[0]).clamp(0, 1)
                 acc = share * xi + (one - share) * b
+                continue
+            if mode == "linear" and acc is not None:  # mergekit's addcmul_: a fused multiply-add
+                acc = torch.addcmul(acc, xi, w32[i])
                 continue
             if mode == "task_arithmetic":
                 assert b is not None
