@@ -474,8 +474,9 @@ def precondition(records: list[dict], chance: float) -> str:
 
 def write_results(
     records: list[dict], preset: Preset, out: Path, seconds: float | None, cpu: float | None, log=print
-) -> None:
-    """results.json, results.md and results.png; seconds None: a run cut short."""
+) -> list[str]:
+    """results.json, results.md and results.png; seconds None: a run cut short. Returns the
+    names of the files written."""
     out.mkdir(parents=True, exist_ok=True)
     designs = preset.designs()
     chance = statistics.fmean({r["seed"]: r["chance"] for r in records}.values())
@@ -533,6 +534,8 @@ def write_results(
         plot(records, designs, out / "results.png")
     except ImportError:
         log("results.png not written: matplotlib is missing (pip install -e '.[miniature]')")
+        return ["results.md", "results.json"]
+    return ["results.md", "results.json", "results.png"]
 
 
 def plot(records: list[dict], designs: list[tuple[str, T.Design]], path: Path) -> None:
@@ -541,11 +544,12 @@ def plot(records: list[dict], designs: list[tuple[str, T.Design]], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(designs), 2, figsize=(11, 4.2 * len(designs)), squeeze=False)
-    for (world, d), (ax_acc, ax_ret) in zip(designs, axes, strict=True):
+    merged = any(r.get("task_retention") is not None for r in records)  # no merges: no retention panel
+    fig, axes = plt.subplots(len(designs), 1 + merged, figsize=(5.5 * (1 + merged), 4.2 * len(designs)), squeeze=False)
+    for (world, d), (ax_acc, *ax_rets) in zip(designs, axes, strict=True):
         rs = [r for r in records if r.get("world", "") == world]
         cts = d.ct_lengths
-        for key, ax in (("lr_acc", ax_acc), ("task_retention", ax_ret)):
+        for key, ax in (("lr_acc", ax_acc), *(("task_retention", a) for a in ax_rets)):
             for model, row in aggregate(rs, key).items():
                 if "-" in row:  # no CT axis: a horizontal reference line
                     ax.axhline(row["-"][0], ls=":", color="grey" if model == "base" else "black", label=model)
@@ -567,11 +571,12 @@ def plot(records: list[dict], designs: list[tuple[str, T.Design]], path: Path) -
         chance = statistics.fmean({r["seed"]: r["chance"] for r in rs}.values()) if rs else 0
         ax_acc.axhline(chance, ls="-.", lw=0.8, color="silver", label="chance")
         ax_acc.set_ylabel("LR task accuracy (exact answer)")
-        ax_ret.set_ylabel("task model retention")
         if world:
             ax_acc.set_title(WORLD_TITLES.get(world, world), fontsize=9)
         ax_acc.legend(fontsize=7)
-        ax_ret.legend(fontsize=7)
+        for ax_ret in ax_rets:
+            ax_ret.set_ylabel("task model retention")
+            ax_ret.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -649,8 +654,8 @@ def main() -> None:
         return
     t0 = time.time()
     records = run(preset, models, a.jobs, all_arms=a.all_arms)
-    write_results(records, preset, out, time.time() - t0, cpu_seconds())
-    print(f"wrote {out}/results.md, results.json, results.png in {(time.time() - t0) / 60:.1f} min")
+    written = write_results(records, preset, out, time.time() - t0, cpu_seconds())
+    print(f"wrote {', '.join(str(out / name) for name in written)} in {(time.time() - t0) / 60:.1f} min")
 
 
 def cpu_seconds() -> float:
