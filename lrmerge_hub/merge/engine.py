@@ -321,7 +321,12 @@ def merge_with_torch(
     fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
-            raw[0] if has_base else None, raw[int(has_base) :], model_params, params, torch_dtype(job.out_dtype)
+            raw[0] if has_base else None,
+            raw[int(has_base) :],
+            model_params,
+            params,
+            torch_dtype(job.out_dtype),
+            **random_draws(method, job),
         )
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
@@ -331,6 +336,12 @@ def merge_with_torch(
         return compute.to_host(merged, job.out_dtype), kept, agreed, True
     result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
     return compute.to_host(result, job.out_dtype), kept, agreed, False
+
+
+def random_draws(method: MergeMethod, job: TensorJob) -> dict[str, str]:
+    """The tensor name a random method's draws depend on (with the seed and entry index: the
+    same bits on every path and device), as its keyword argument; nothing for the others."""
+    return {"tensor_name": job.name} if method.random else {}
 
 
 def reference_merge(
@@ -353,15 +364,13 @@ def reference_merge(
     rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
     shape = (rows, *job.out_shape[1:]) if rows is not None else ()
     has_base = BASE in labels
-    # random methods draw from (seed, tensor name, entry index): the same bits anywhere
-    named = {"tensor_name": job.name} if method.random else {}
     try:
         result, stats = method.fn(
             inputs[0].view(shape) if has_base else None,
             [m.view(shape) for m in inputs[1 if has_base else 0 :]],
             model_params,
             params,
-            **named,
+            **random_draws(method, job),
         )
     except DegenerateInput as e:
         raise InputModelError(f"tensor {job.name}: {e}") from None
@@ -373,11 +382,15 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
+# methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
+RESCALED = frozenset({"dare_linear", "dare_ties"})
+
+
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any]) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), and no mergekit L1 rescale (neither implements it)."""
-    return (has_base or not method.needs_base) and not params.get("rescale")
+    one always), and no L1 rescale unless they implement it (RESCALED)."""
+    return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)
 
 
 def merge_tensor(
@@ -420,6 +433,7 @@ def merge_tensor(
                 params,
                 out_bf16=job.out_dtype == "BF16",
                 check_finite=True,
+                **random_draws(method, job),
             )
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any, Callable
 
 import numba
@@ -37,6 +38,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .draws import GOLDEN, MIX1, MIX2, stream_key
+from .l1 import EXPONENTS, l1_ratio
 from .trim import trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
@@ -164,6 +167,16 @@ def _is_nonfinite(v):
     return (v - v) != np.float32(0.0)  # NaN for NaN and +-Inf; float ops vectorize 8 wide
 
 
+@numba.njit(inline="always")
+def _uniform(key, j):
+    """draws.uniforms for entry j of the stream `key` (uint64 arithmetic wraps, as numpy's)."""
+    z = key + np.uint64(j + 1) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / (1 << 53))
+
+
 # -- the count pass -----------------------------------------------------------------------------
 # Inner loops are separate functions over plain, zero-based array slices, written so that
 # the compiler vectorizes them (measured 2-7x faster than otherwise): indexing the tuple of
@@ -251,16 +264,22 @@ def _count_pass(xs, base, active, lo, hi, cap):
 
 
 @numba.njit(cache=True, nogil=True)
-def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
-    """row = w * trimmed delta (kept: |delta| > t, and == t with keep_ties); total (=, or +=
+def _trim_block(x, base, keep_ties, t, draw, key, density, start, r, w, v, row, total, first):
+    """row = w * (r * kept delta), the delta 0 where dropped (as the reference masks, then
+    rescales, then weights). Kept: with draw, where the entry's uniform (index start + j,
+    stream key) < density; else |delta| > t, and == t with keep_ties. total (=, or +=
     unless first) row * vote, in float64 (v and total are float64). Returns how many
     entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
     kept = np.int32(0)
     for j in range(base.shape[0]):
         d = _load(x, j) - _load(base, j)
-        ad = abs(d)
-        wd = d * w if (ad > t) | (keep_ties & (ad == t)) else zero
+        if draw:
+            keep = _uniform(key, start + j) < density
+        else:
+            ad = abs(d)
+            keep = (ad > t) | (keep_ties & (ad == t))
+        wd = ((d if keep else zero) * r) * w
         row[j] = wd
         kept = np.int32(kept + (wd != zero))
         if first:
@@ -268,6 +287,13 @@ def _trim_block(x, base, keep_ties, t, w, v, row, total, first):
         else:
             total[j] += wd * v
     return kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_block(row, merged, first):
+    """merged = 0 + row (first), else merged + row: the reference's sum in model order."""
+    for j in range(row.shape[0]):
+        merged[j] = (np.float32(0.0) if first else merged[j]) + row[j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -306,11 +332,13 @@ def _write_block(base, out, merged, divisor, lam, normalize):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
-    """Trim (keep |delta| > threshold[i], and == threshold[i] at indices below limit[i]),
-    weight, elect with votes (float64: exact for any accepted slack, see methods.SLACK_MAX),
-    disjoint-merge and write base + lam * merged. Returns per-chunk kept and agreed counts,
-    each (CHUNKS, m), and per-chunk NaN/Inf counts of the output (CHUNKS,).
+def _merge(xs, base, threshold, limit, draw, keys, densities, ratios, weights, votes, elect, flat, normalize, lam, out):
+    """Sparsify each model's delta (a trim: keep |delta| > threshold[i], and == threshold[i]
+    at indices below limit[i]; or with draw, DARE's draws from keys[i] with densities[i]),
+    rescale by ratios[i] and weight. Then with elect: elect with votes (float64: exact for
+    any accepted slack, see methods.SLACK_MAX) and disjoint-merge; else sum (divided by
+    flat with normalize). Write base + lam * merged. Returns per-chunk kept and agreed
+    counts, each (CHUNKS, m), and per-chunk NaN/Inf counts of the output (CHUNKS,).
 
     Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
     every inner loop is a branch-free loop over contiguous memory."""
@@ -323,7 +351,7 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
         rows = np.empty((m, BLOCK), dtype=np.float32)
         total = np.empty(BLOCK, dtype=np.float64)
         merged = np.empty(BLOCK, dtype=np.float32)
-        divisor = np.empty(BLOCK, dtype=np.float32)
+        divisor = np.full(BLOCK, flat, dtype=np.float32)  # elect: set per entry below
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             size = e - s
@@ -335,12 +363,28 @@ def _merge(xs, base, threshold, limit, weights, votes, normalize, lam, out):
                 for part in range(2):
                     a, z = (0, te) if part == 0 else (te, size)
                     kept[c, i] += _trim_block(
-                        x[a:z], bb[a:z], part == 0, threshold[i], weights[i], votes[i], row[a:z], total[a:z], i == 0
+                        x[a:z],
+                        bb[a:z],
+                        part == 0,
+                        threshold[i],
+                        draw,
+                        keys[i],
+                        densities[i],
+                        s + a,
+                        ratios[i],
+                        weights[i],
+                        votes[i],
+                        row[a:z],
+                        total[a:z],
+                        i == 0,
                     )
             for i in range(m):
-                agreed[c, i] += _agree_block(
-                    rows[i][:size], total[:size], weights[i], merged[:size], divisor[:size], i == 0
-                )
+                if elect:
+                    agreed[c, i] += _agree_block(
+                        rows[i][:size], total[:size], weights[i], merged[:size], divisor[:size], i == 0
+                    )
+                else:
+                    _sum_block(rows[i][:size], merged[:size], i == 0)
             bad[c] += _write_block(bb, out[s:e], merged[:size], divisor[:size], lam, normalize)
     return kept, agreed, bad
 
@@ -567,14 +611,37 @@ def fused_ties(
             t, limit[i] = _select(xs[i], base, ks[i], int(lo[i]), int(hi[i]), counts[:, i], bits[i], idx[i], found[i])
             threshold[i] = _magnitudes(t)
         del bits, idx
+    no_draws = (False, np.zeros(m, dtype=np.uint64), np.zeros(m), np.ones(m, dtype=np.float32))
+    return _combine(
+        xs, base, (threshold, limit, *no_draws), weights, slacks, True, lam, normalize, out_bf16, check_finite
+    )
+
+
+def _combine(
+    xs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    sparsify: tuple,
+    weights: list[float],
+    slacks: list[float],
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool,
+    check_finite: bool,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """The _merge pass of fused_ties and fused_dare (sparsify: _merge's arguments threshold,
+    limit, draw, keys, densities, ratios): (merged, kept, agreed)."""
+    n = base.shape[0]
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    total = sum(weights)  # the reference divides a sum by Python's sum of the weights
     kept, agreed, bad = _merge(
         xs,
         base,
-        threshold,
-        limit,
+        *sparsify,
         np.array(weights, dtype=np.float32),
         np.array([1.0 + s for s in slacks], dtype=np.float64),
+        bool(elect),
+        np.float32(total if abs(total) >= 1e-8 else 1.0),
         bool(normalize),
         np.float32(lam),
         out,
@@ -582,6 +649,79 @@ def fused_ties(
     if check_finite and bad.any():
         raise NonFiniteOutput(int(bad.sum()))
     return out, [int(v) for v in kept.sum(0)], [int(v) for v in agreed.sum(0)]
+
+
+@numba.njit(cache=True, nogil=True)
+def _l1_block(x, base, key, density, start, sums):
+    """Add each |delta|'s significand to sums[0, its exponent field] (l1.py) and, where the
+    entry is drawn as kept, to sums[1, ...]. Returns how many entries of x are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(base.shape[0]):
+        xv = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(xv))
+        bits = _float_bits(abs(xv - _load(base, j)))
+        exponent = bits >> 23
+        significand = (bits & 0x7FFFFF) | (np.int64(exponent > 0) << 23)
+        sums[0, exponent] += significand
+        if _uniform(key, start + j) < density:
+            sums[1, exponent] += significand
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _l1_pass(xs, base, keys, densities):
+    """DARE's rescale pass: per model the exponent sums of |delta| (sums[i, 0]) and of the
+    kept |delta| (sums[i, 1]); per chunk NaN/Inf entries of the base (column 0) and of
+    each model (column i + 1)."""
+    m, n = len(xs), base.shape[0]
+    sums = np.zeros((CHUNKS, m, 2, EXPONENTS), dtype=np.int64)
+    bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bb = base[s:e]
+            bad[c, 0] += _nonfinite_block(bb)
+            for i in range(m):
+                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], s, sums[c, i])
+    return sums.sum(0), bad
+
+
+def fused_dare(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    weights: list[float],
+    densities: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """dare_ties (elect) / dare_linear of one tensor: (merged flat array, kept, agreed),
+    bit for bit methods.dare_ties / dare_linear on float32. Model i keeps entry j where
+    draws.uniforms(keys[i]) < densities[i], computed here entry by entry; with rescale,
+    a first pass sums the exact L1 norms (l1.py) of every delta and of its kept entries.
+    Inputs, output and check_finite as for fused_ties."""
+    m = len(tensors)
+    xs = tuple(tensors)
+    key_array = np.array(keys, dtype=np.uint64)
+    density_array = np.array(densities, dtype=np.float64)
+    ratios = np.ones(m, dtype=np.float32)
+    if rescale:
+        sums, bad = _l1_pass(xs, base, key_array, density_array)
+        if check_finite:
+            _raise_nonfinite(bad)
+        ratios[:] = [l1_ratio(sums[i, 0], sums[i, 1]) for i in range(m)]
+    elif check_finite:
+        none = np.zeros(m, dtype=np.float32)
+        _raise_nonfinite(_count_pass(xs, base, np.zeros(m, dtype=np.bool_), none, none, 0)[1])
+    no_trim = (np.zeros(m, dtype=np.float32), np.full(m, base.shape[0], dtype=np.int64))
+    sparsify = (*no_trim, True, key_array, density_array, ratios)
+    return _combine(xs, base, sparsify, weights, slacks, elect, lam, normalize, out_bf16, check_finite)
 
 
 def _raise_nonfinite(bad: np.ndarray) -> None:
@@ -640,6 +780,24 @@ def _ties_fast_path(
         out_bf16,
         check_finite,
     )
+
+
+def _dare_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, tensor_name, elect):
+    merged, kept, agreed = fused_dare(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_bf16,
+        check_finite,
+    )
+    return (merged, kept, agreed) if elect else (merged, None, None)
 
 
 # -- elementwise methods: linear, task_arithmetic, passthrough in one pass ---------------------
@@ -812,11 +970,13 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
     return fused_elementwise(base, tensors, t, NEARSWAP, out_bf16=out_bf16, check_finite=check_finite), None, None
 
 
-# method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
+# method name -> fn(base, tensors, model_params, params, out_bf16, check_finite), and
+# tensor_name= for a random method (methods.MergeMethod.random: its draws depend on it)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
-# ties takes a slack too (slack_ties' election); neither covers rescale (the engine checks).
+# ties takes a slack too (slack_ties' election); only the DARE methods cover rescale
+# (engine.covered checks).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
@@ -824,6 +984,8 @@ FAST_PATHS: dict[str, Callable] = {
     "task_arithmetic": _task_arithmetic_fast_path,
     "passthrough": _passthrough_fast_path,
     "nearswap": _nearswap_fast_path,
+    "dare_linear": partial(_dare_fast_path, elect=False),
+    "dare_ties": partial(_dare_fast_path, elect=True),
 }
 
 

@@ -10,12 +10,17 @@ bits follow from doing exactly what the kernels do, in the same order, in float3
   device. `topk` and `kthvalue` are not used: neither promises which of several equal
   magnitudes it picks, and kthvalue is slow on CUDA.
 - Ties at the threshold are kept in index order until exactly k entries survive.
-- Per model, in model order: wd = delta * w where kept (else 0); total = wd * vote (first
+- DARE keeps an entry where its draw (draws.uniforms, on the CPU) is below the density;
+  with rescale, a first pass sums each model's exact L1 norms (l1.py) chunk by chunk.
+- Per model, in model order: wd = (delta where kept, else 0) * L1 ratio (DARE's rescale;
+  a ratio of 1 is skipped: the same bits) * w; total = wd * vote (first
   model), total = total + wd * vote (the others), the votes in float64 as the kernels take
   them (a large slack would overflow float32). Each product and sum is its own operation
   (no fused multiply-add, which the kernels do not use either).
 - agree = wd != 0 and (wd > 0) == (total >= 0); merged and divisor are summed in model
-  order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1).
+  order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1). Without
+  the election (dare_linear) merged = 0 + the wd in model order, divided by Python's sum
+  of the weights with normalize.
 - The cast to bfloat16 rounds to nearest even, as the kernels' store does.
 
 The engine hands over the same flat numpy views it gives the kernels (bfloat16 as uint16
@@ -27,14 +32,20 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .draws import stream_key, uniforms
+from .l1 import EXPONENTS, exponent_sums, l1_ratio
 from .trim import trim_count
 
 if TYPE_CHECKING:
     import torch
+
+# a model's keep mask for entries s..e-1 of a tensor, given their float32 deltas
+Keep = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
 
 BINS = 1 << 16
 
@@ -108,6 +119,29 @@ def select_threshold(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, 
     raise AssertionError("the histogram counted more ties than there are")  # pragma: no cover
 
 
+def _trim_keep(t: int, limit: int) -> Keep:
+    """The keep mask of a trim: |delta| bits above t, and equal to t at indices below limit."""
+
+    def keep(s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        bits = magnitude_bits(delta)
+        kept = bits > t
+        ties_end = min(max(limit - s, 0), e - s)
+        kept[:ties_end] |= bits[:ties_end] == t
+        return kept
+
+    return keep
+
+
+def _draw_keep(key: np.uint64, density: float) -> Keep:
+    """The keep mask of DARE's draws (draws.py, on the CPU), moved to the delta's device."""
+    import torch
+
+    def keep(s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(uniforms(key, s, e) < density).to(delta.device)
+
+    return keep
+
+
 def ties_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -124,6 +158,69 @@ def ties_merge(
     Returns (merged, in out_dtype (default float32); kept and agreed per model; NaN/Inf
     entries per input, base first; NaN/Inf entries of the float32 result; NaN/Inf entries
     of the merged tensor as stored)."""
+    n = base.numel()
+    keeps: list[Keep | None] = []  # None: everything is kept
+    for x, d in zip(tensors, densities, strict=True):
+        k = trim_count(n, d)
+        keeps.append(_trim_keep(*select_threshold(x, base, k)) if k < n else None)
+    ratios = [1.0] * len(tensors)
+    return sparse_merge(base, tensors, weights, keeps, ratios, slacks, True, lam, normalize, out_dtype)
+
+
+def dare_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int] | None, list[int] | None, list[int], int, int]:
+    """dare_ties (elect) / dare_linear of one tensor given as raw flat inputs on one device,
+    equal bit for bit to kernels.fused_dare: with rescale, a first pass over the chunks sums
+    the exact L1 norms (l1.py) of every delta and of its kept entries. Returns what
+    ties_merge returns (no kept/agreed counts without elect: None)."""
+    import torch
+
+    keeps: list[Keep | None] = [_draw_keep(key, d) for key, d in zip(keys, densities, strict=True)]
+    ratios = [1.0] * len(tensors)
+    if rescale:
+        zero = torch.zeros((), dtype=torch.float32, device=base.device)
+        sums = np.zeros((len(tensors), 2, EXPONENTS), dtype=np.int64)
+        for s, e in chunks(base.numel()):
+            b = to_float32(base[s:e])
+            for i, (x, keep) in enumerate(zip(tensors, keeps, strict=True)):
+                delta = to_float32(x[s:e]) - b
+                assert keep is not None
+                sums[i, 0] += exponent_sums(delta)
+                sums[i, 1] += exponent_sums(torch.where(keep(s, e, delta), delta, zero))
+        ratios = [l1_ratio(before, after) for before, after in sums]
+    merged, kept, agreed, *bad = sparse_merge(
+        base, tensors, weights, keeps, ratios, slacks, elect, lam, normalize, out_dtype
+    )
+    return (merged, kept, agreed, *bad) if elect else (merged, None, None, *bad)  # type: ignore[return-value]
+
+
+def sparse_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    keeps: list[Keep | None],
+    ratios: list[float],
+    slacks: list[float],
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """The merge pass of ties_merge and dare_merge, as kernels._merge: per model, the delta
+    where keeps[i] keeps it (else 0), times ratios[i], times the weight; then the election
+    and disjoint merge (elect), or the sum (divided by Python's sum of the weights with
+    normalize); base + lam * that. Returns what ties_merge returns."""
     import torch
 
     dev, f32 = base.device, torch.float32
@@ -133,15 +230,14 @@ def ties_merge(
         return torch.tensor(v, dtype=dtype, device=dev)  # rounded to float32 as the kernels do
 
     n, m = base.numel(), len(tensors)
-    cuts = []  # per model: (threshold bits, tie limit), or None when everything is kept
-    for x, d in zip(tensors, densities, strict=True):
-        k = trim_count(n, d)
-        cuts.append(select_threshold(x, base, k) if k < n else None)
     counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
     bad = torch.zeros(3, dtype=torch.int64, device=dev)  # NaN/Inf: base, float32 result, stored
     out = torch.empty(n, dtype=out_dtype or f32, device=dev)
     w32 = [scalar(w) for w in weights]
+    r32 = [scalar(r) for r in ratios]
     votes = [scalar(1.0 + s, torch.float64) for s in slacks]
+    total_weight = sum(weights)
+    flat = scalar(total_weight if abs(total_weight) >= 1e-8 else 1.0)  # the reference's divisor
     for s, e in chunks(n):
         b = to_float32(base[s:e])
         bad[0] += (~torch.isfinite(b)).sum()
@@ -152,39 +248,40 @@ def ties_merge(
             counts[2, i] += (~torch.isfinite(xi)).sum()
             delta = xi - b
             del xi
+            keep = keeps[i]
+            if keep is not None:
+                delta = torch.where(keep(s, e, delta), delta, zero)
+            if ratios[i] != 1.0:  # times 1 is the same bits
+                delta = delta * r32[i]
             wd = delta * w32[i]
-            cut = cuts[i]
-            if cut is not None:
-                t, limit = cut
-                bits = magnitude_bits(delta)
-                keep = bits > t
-                ties_end = min(max(limit - s, 0), e - s)
-                keep[:ties_end] |= bits[:ties_end] == t
-                wd = torch.where(keep, wd, zero)
-                del bits, keep
             del delta
-            vote = wd.double() * votes[i]
-            total = vote if total is None else total + vote
+            if elect:
+                vote = wd.double() * votes[i]
+                total = vote if total is None else total + vote
             counts[0, i] += torch.count_nonzero(wd)
             rows.append(wd)
-        assert total is not None  # at least one model
-        positive_total = total >= 0
-        del total
         merged: torch.Tensor | None = None
         divisor: torch.Tensor | None = None
-        for i, wd in enumerate(rows):
-            agree = (wd != 0) & ((wd > 0) == positive_total)
-            counts[1, i] += torch.count_nonzero(agree)
-            part = torch.where(agree, wd, zero)
-            merged = part if merged is None else merged + part
-            if normalize:
-                share = torch.where(agree, w32[i], zero)
-                divisor = share if divisor is None else divisor + share
-        del rows, positive_total
+        if elect:
+            assert total is not None  # at least one model
+            positive_total = total >= 0
+            del total
+            for i, wd in enumerate(rows):
+                agree = (wd != 0) & ((wd > 0) == positive_total)
+                counts[1, i] += torch.count_nonzero(agree)
+                part = torch.where(agree, wd, zero)
+                merged = part if merged is None else merged + part
+                if normalize:
+                    share = torch.where(agree, w32[i], zero)
+                    divisor = share if divisor is None else divisor + share
+            del positive_total
+        else:
+            for wd in rows:
+                merged = (zero if merged is None else merged) + wd
+        del rows
         assert merged is not None
         if normalize:
-            assert divisor is not None
-            merged = merged / torch.where(divisor != 0, divisor, scalar(1.0))
+            merged = merged / (flat if divisor is None else torch.where(divisor != 0, divisor, scalar(1.0)))
         result = b + scalar(lam) * merged
         bad[1] += (~torch.isfinite(result)).sum()
         stored = result.to(out.dtype)
@@ -315,9 +412,27 @@ def torch_passthrough(base, tensors, model_params, params, out_dtype):
 
 
 # methods whose torch implementation here replaces the reference in methods.METHODS, each
-# fn(base, models, model_params, params, out_dtype) on raw flat inputs -> what ties_merge
+# fn(base, models, model_params, params, out_dtype) on raw flat inputs (and tensor_name= for
+# a random method) -> what ties_merge
 # returns (base None for a method that takes none and a recipe without one); the other
 # methods' reference functions are plain torch, run on whole float32 tensors
+def torch_dare(base, tensors, model_params, params, out_dtype, *, tensor_name, elect):
+    """dare_ties (elect) or dare_linear with the recipe's parameters: see dare_merge."""
+    return dare_merge(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_dtype,
+    )
+
+
 TORCH_METHODS: dict[str, Callable] = {
     "ties": torch_ties,
     "slack_ties": torch_ties,
@@ -325,6 +440,8 @@ TORCH_METHODS: dict[str, Callable] = {
     "task_arithmetic": torch_task_arithmetic,
     "passthrough": torch_passthrough,
     "nearswap": torch_nearswap,
+    "dare_linear": partial(torch_dare, elect=False),
+    "dare_ties": partial(torch_dare, elect=True),
 }
 
 
