@@ -1,4 +1,5 @@
-"""Fused CPU kernels for ties and slack_ties: the results of methods.ties_family, faster.
+"""Fused CPU kernels for ties and slack_ties (the results of methods.ties_family, faster), the
+DARE methods and the elementwise methods.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
@@ -23,6 +24,11 @@ entries survive, as methods.trim_to_density keeps them. Every delta is float32(x
 float32(base) and every later step runs in float32 in the reference's order (the vote of
 the election in float64, as there), so results match the reference to float rounding and
 counts match exactly.
+
+dare_linear and dare_ties (fused_dare) use the merge pass with DARE's draw in place of the
+trim: each entry's uniform number is computed in the kernel from draws.py's hash, so no
+mask is stored. Their rescale needs the L1 norms first: one more pass (_l1_pass) sums them
+exactly (l1.py), in any chunk order.
 """
 
 from __future__ import annotations
@@ -264,22 +270,26 @@ def _count_pass(xs, base, active, lo, hi, cap):
 
 
 @numba.njit(cache=True, nogil=True)
-def _trim_block(x, base, keep_ties, t, draw, key, density, start, r, w, v, row, total, first):
+def _sparsify_block(x, base, keep_ties, t, draw, key, density, start, r, w, v, keep, row, total, first):
     """row = w * (r * kept delta), the delta 0 where dropped (as the reference masks, then
     rescales, then weights). Kept: with draw, where the entry's uniform (index start + j,
     stream key) < density; else |delta| > t, and == t with keep_ties. total (=, or +=
-    unless first) row * vote, in float64 (v and total are float64). Returns how many
-    entries of row are nonzero (kept)."""
+    unless first) row * vote, in float64 (v and total are float64). keep is scratch room
+    for the block's mask: each loop stays branch-free, so the compiler vectorizes it.
+    Returns how many entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
     kept = np.int32(0)
-    for j in range(base.shape[0]):
+    size = base.shape[0]
+    if draw:
+        for j in range(size):
+            keep[j] = _uniform(key, start + j) < density
+    else:
+        for j in range(size):
+            ad = abs(_load(x, j) - _load(base, j))
+            keep[j] = (ad > t) | (keep_ties & (ad == t))
+    for j in range(size):
         d = _load(x, j) - _load(base, j)
-        if draw:
-            keep = _uniform(key, start + j) < density
-        else:
-            ad = abs(d)
-            keep = (ad > t) | (keep_ties & (ad == t))
-        wd = ((d if keep else zero) * r) * w
+        wd = ((d if keep[j] else zero) * r) * w
         row[j] = wd
         kept = np.int32(kept + (wd != zero))
         if first:
@@ -352,6 +362,7 @@ def _merge(xs, base, threshold, limit, draw, keys, densities, ratios, weights, v
         total = np.empty(BLOCK, dtype=np.float64)
         merged = np.empty(BLOCK, dtype=np.float32)
         divisor = np.full(BLOCK, flat, dtype=np.float32)  # elect: set per entry below
+        keep = np.empty(BLOCK, dtype=np.uint8)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             size = e - s
@@ -362,7 +373,7 @@ def _merge(xs, base, threshold, limit, draw, keys, densities, ratios, weights, v
                 te = min(max(limit[i] - s, 0), size)
                 for part in range(2):
                     a, z = (0, te) if part == 0 else (te, size)
-                    kept[c, i] += _trim_block(
+                    kept[c, i] += _sparsify_block(
                         x[a:z],
                         bb[a:z],
                         part == 0,
@@ -374,6 +385,7 @@ def _merge(xs, base, threshold, limit, draw, keys, densities, ratios, weights, v
                         ratios[i],
                         weights[i],
                         votes[i],
+                        keep[a:z],
                         row[a:z],
                         total[a:z],
                         i == 0,
@@ -663,8 +675,7 @@ def _l1_block(x, base, key, density, start, sums):
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | (np.int64(exponent > 0) << 23)
         sums[0, exponent] += significand
-        if _uniform(key, start + j) < density:
-            sums[1, exponent] += significand
+        sums[1, exponent] += significand * np.int64(_uniform(key, start + j) < density)  # no branch
     return nonfinite
 
 
