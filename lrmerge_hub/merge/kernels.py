@@ -27,7 +27,7 @@ counts match exactly.
 
 dare_linear and dare_ties (fused_dare) use the merge pass with DARE's draw in place of the
 trim: each entry's uniform number is computed in the kernel from draws.py's hash, so no
-mask is stored. Their rescale needs the L1 norms first: one more pass (_l1_pass) sums them
+mask of the whole tensor is stored. Their rescale needs the L1 norms first: one more pass (_l1_pass) sums them
 exactly (l1.py), in any chunk order.
 """
 
