@@ -16,6 +16,7 @@ import torch
 
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.draws import stream_key, uniforms
+from lrmerge_hub.merge.engine import RESCALED, SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
 from lrmerge_hub.merge.l1 import L1_EPS, exponent_sums, l1_ratio
 from lrmerge_hub.merge.methods import METHODS
@@ -137,6 +138,21 @@ def test_l1_ratio_is_the_exact_ratio_rounded_to_float32():
     tiny = torch.full((10,), L1_EPS / 20)  # norm L1_EPS / 2: no rescale
     assert l1_ratio(exponent_sums(tiny), exponent_sums(tiny * 0.5)) == 1.0
     assert math.isinf(l1_ratio(exponent_sums(torch.tensor([3e38, 3e38])), exponent_sums(torch.tensor([0.0, 1e-6]))))
+
+
+def test_covered_takes_rescale_for_the_dare_methods_only():
+    """The DARE paths take rescale and any number of models; the trims refuse rescale, and
+    the breadcrumbs methods more than SUMMED_MODELS_MAX models with it or without."""
+    many = SUMMED_MODELS_MAX + 1
+    for name in ("dare_linear", "dare_ties"):
+        assert name in RESCALED and name in FAST_PATHS and name in TORCH_METHODS
+        assert covered(METHODS[name], True, {"rescale": True}, many)
+        assert covered(METHODS[name], True, {"rescale": False}, many)
+        assert not covered(METHODS[name], False, {"rescale": True}, 2)  # no base
+    for name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert not covered(METHODS[name], True, {"rescale": True}, 2)
+    for name in ("breadcrumbs", "breadcrumbs_ties"):
+        assert not covered(METHODS[name], True, {"rescale": False}, many)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
