@@ -320,8 +320,7 @@ def _sparsify_block(
 @numba.njit(cache=True, nogil=True)
 def _sum_block(row, merged, first):
     """merged = 0 + row (first) or merged + row: the models summed in their order, as the
-    reference's 0 + d1 + d2 + ... (breadcrumbs' stacked.sum(0) gives the same up to
-    engine.SUMMED_MODELS_MAX of them)."""
+    reference sums without an election (0 + d1 + d2 + ..., methods.task_arithmetic_family)."""
     for j in range(row.shape[0]):
         merged[j] = (np.float32(0.0) if first else merged[j]) + row[j]
 
@@ -1078,8 +1077,8 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
 # ties takes a slack too (slack_ties' election); only the DARE methods cover rescale, and
-# breadcrumbs' sum follows the reference's order only up to engine.SUMMED_MODELS_MAX models
-# (engine.covered checks both).
+# the breadcrumbs methods only up to engine.SUMMED_MODELS_MAX models, where torch's sum of
+# the reference's stacked models runs in model order (engine.covered checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
