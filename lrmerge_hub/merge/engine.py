@@ -349,7 +349,12 @@ def merge_with_torch(
     fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params, len(model_params)) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
         merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
-            raw[0] if has_base else None, raw[int(has_base) :], model_params, params, torch_dtype(job.out_dtype)
+            raw[0] if has_base else None,
+            raw[int(has_base) :],
+            model_params,
+            params,
+            torch_dtype(job.out_dtype),
+            **random_draws(method, job),
         )
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
@@ -359,6 +364,12 @@ def merge_with_torch(
         return compute.to_host(merged, job.out_dtype), kept, agreed, True
     result, kept, agreed = reference_merge(job, method, raw, labels, model_params, params)
     return compute.to_host(result, job.out_dtype), kept, agreed, False
+
+
+def random_draws(method: MergeMethod, job: TensorJob) -> dict[str, str]:
+    """The tensor name a random method's draws depend on (with the seed and entry index: the
+    same bits on every path and device), as its keyword argument; nothing for the others."""
+    return {"tensor_name": job.name} if method.random else {}
 
 
 def reference_merge(
@@ -381,15 +392,13 @@ def reference_merge(
     rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
     shape = (rows, *job.out_shape[1:]) if rows is not None else ()
     has_base = BASE in labels
-    # random methods draw from (seed, tensor name, entry index): the same bits anywhere
-    named = {"tensor_name": job.name} if method.random else {}
     try:
         result, stats = method.fn(
             inputs[0].view(shape) if has_base else None,
             [m.view(shape) for m in inputs[1 if has_base else 0 :]],
             model_params,
             params,
-            **named,
+            **random_draws(method, job),
         )
     except DegenerateInput as e:
         raise InputModelError(f"tensor {job.name}: {e}") from None
@@ -401,22 +410,24 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
-# torch's sum over the stacked models (stacked.sum(0), the reference's breadcrumbs sum and
-# disjoint mean) adds them in order from +0.0 for up to 4 models; for more, part of the
-# entries (where depends on the CPU's vector width and the thread split) are added in
-# another order, which the kernels do not follow. Past this the reference runs.
+# torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean) adds
+# them in order from +0.0 for up to 4 models; for more, part of the entries (where depends on
+# the CPU's vector width and the thread split) are added in another order, which the kernels
+# do not follow. Past this the reference runs for the breadcrumbs methods.
 SUMMED_MODELS_MAX = 4
 SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties")
+# methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
+RESCALED = frozenset({"dare_linear", "dare_ties"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), no mergekit L1 rescale (neither implements it), and for breadcrumbs, the
-    models a sum in order covers (SUMMED_MODELS_MAX)."""
+    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs,
+    the models a sum in order covers (SUMMED_MODELS_MAX)."""
     if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
         return False
-    return (has_base or not method.needs_base) and not params.get("rescale")
+    return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)
 
 
 def merge_tensor(
@@ -459,6 +470,7 @@ def merge_tensor(
                 params,
                 out_bf16=job.out_dtype == "BF16",
                 check_finite=True,
+                **random_draws(method, job),
             )
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None

@@ -1,5 +1,6 @@
-"""Fused CPU kernels for the magnitude-trimmed methods (ties, slack_ties, breadcrumbs,
-breadcrumbs_ties) and the elementwise ones: the results of methods.py, faster.
+"""Fused CPU kernels for the sparsified task-vector methods (ties, slack_ties, breadcrumbs,
+breadcrumbs_ties, dare_linear, dare_ties) and the elementwise ones (linear,
+task_arithmetic, passthrough, nearswap): the results of methods.py, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
@@ -28,13 +29,18 @@ entries survive, as methods.trim_to_density keeps them. Every delta is float32(x
 float32(base) and every later step runs in float32 in the reference's order (the vote of
 the election in float64, as there), so results match the reference to float rounding and
 counts match exactly.
+
+dare_linear and dare_ties (fused_dare) use the merge pass with DARE's draw in place of the
+trim: each entry's uniform number is computed in the kernel from draws.py's hash, so no
+mask of the whole tensor is stored. Their rescale needs the L1 norms first: one more pass
+(_l1_pass) sums them exactly (l1.py), in any chunk order.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+from functools import partial
 from typing import Any, Callable
 
 import numba
@@ -43,6 +49,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .draws import GOLDEN, MIX1, MIX2, stream_key
+from .l1 import EXPONENTS, l1_ratio
 from .trim import outlier_ranks, trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
@@ -183,6 +191,16 @@ def _is_nonfinite(v):
     return (v - v) != np.float32(0.0)  # NaN for NaN and +-Inf; float ops vectorize 8 wide
 
 
+@numba.njit(inline="always")
+def _uniform(key, j):
+    """draws.uniforms for entry j of the stream `key` (uint64 arithmetic wraps, as numpy's)."""
+    z = key + np.uint64(j + 1) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / (1 << 53))
+
+
 # -- the count pass -----------------------------------------------------------------------------
 # Inner loops are separate functions over plain, zero-based array slices, written so that
 # the compiler vectorizes them (measured 2-7x faster than otherwise): indexing the tuple of
@@ -279,18 +297,30 @@ def _in_top(ad, t, ties):
 
 
 @numba.njit(cache=True, nogil=True)
-def _trim_block(x, base, ties_in, t_in, ties_out, t_out, w, v, row, total, first):
-    """row = w * trimmed delta: kept where |delta| is in the top of the cut that keeps
-    (t_in: the top `stop`) and not in the top of the cut that drops again (t_out: the top
-    `start`); total (=, or += unless first) row * vote, in float64 (v and total are
-    float64). Returns how many entries of row are nonzero."""
+def _sparsify_block(
+    x, base, ties_in, t_in, ties_out, t_out, draw, key, density, start, r, w, v, keep, row, total, first
+):
+    """row = w * (r * kept delta), the delta 0 where dropped (as the reference masks, then
+    rescales, then weights; r is 1 for a trim, and (d * 1) * w is d * w bit for bit). Kept:
+    with draw, where the entry's uniform (index start + j, stream key) < density (the
+    thresholds are ignored); else where |delta| is in the top of the cut that keeps (t_in:
+    the top `stop`) and not in the top of the cut that drops again (t_out: the top
+    `start`). total (=, or += unless first) row * vote, in float64 (v and total are
+    float64). keep is scratch room for the block's mask: each loop stays branch-free, so
+    the compiler vectorizes it. Returns how many entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
     kept = np.int32(0)
-    for j in range(base.shape[0]):
+    size = base.shape[0]
+    if draw:
+        for j in range(size):
+            keep[j] = _uniform(key, start + j) < density
+    else:
+        for j in range(size):
+            ad = abs(_load(x, j) - _load(base, j))
+            keep[j] = _in_top(ad, t_in, ties_in) & ~_in_top(ad, t_out, ties_out)
+    for j in range(size):
         d = _load(x, j) - _load(base, j)
-        ad = abs(d)
-        keep = _in_top(ad, t_in, ties_in) & ~_in_top(ad, t_out, ties_out)
-        wd = (d if keep else zero) * w  # masked, then weighted: a dropped entry is 0 * w, as in the reference
+        wd = ((d if keep[j] else zero) * r) * w
         row[j] = wd
         kept = np.int32(kept + (wd != zero))
         if first:
@@ -302,8 +332,8 @@ def _trim_block(x, base, ties_in, t_in, ties_out, t_out, w, v, row, total, first
 
 @numba.njit(cache=True, nogil=True)
 def _sum_block(row, merged, first):
-    """merged = 0 + row (first) or merged + row: the models summed in their order, as torch's
-    stacked.sum(0) sums up to engine.SUMMED_MODELS_MAX of them."""
+    """merged = 0 + row (first) or merged + row: the models summed in their order, as the
+    reference sums without an election (0 + d1 + d2 + ..., methods.task_arithmetic_family)."""
     for j in range(row.shape[0]):
         merged[j] = (np.float32(0.0) if first else merged[j]) + row[j]
 
@@ -344,13 +374,16 @@ def _write_block(base, out, merged, divisor, lam, normalize):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _merge(xs, base, threshold, limit, weights, votes, elect, normalize, sum_divisor, lam, out):
-    """Trim (keep |delta| in the top of cut 0 and not in the top of cut 1: per model i and
-    cut r, |delta| > threshold[i, r], or == it at indices below limit[i, r]) and weight;
-    then either elect with votes (float64: exact for any accepted slack, see
-    methods.SLACK_MAX) and disjoint-merge, or sum (divided by sum_divisor with normalize);
-    write base + lam * merged. Returns per-chunk kept and agreed counts, each (CHUNKS, m),
-    and per-chunk NaN/Inf counts of the output (CHUNKS,).
+def _merge(
+    xs, base, threshold, limit, draw, keys, densities, ratios, weights, votes, elect, normalize, sum_divisor, lam, out
+):
+    """Sparsify each model's delta: a trim (keep |delta| in the top of cut 0 and not in the
+    top of cut 1: per model i and cut r, |delta| > threshold[i, r], or == it at indices
+    below limit[i, r]) or, with draw, DARE's draws from keys[i] with densities[i]; rescale
+    by ratios[i] and weight. Then either elect with votes (float64: exact for any accepted
+    slack, see methods.SLACK_MAX) and disjoint-merge, or sum (divided by sum_divisor with
+    normalize); write base + lam * merged. Returns per-chunk kept and agreed counts, each
+    (CHUNKS, m), and per-chunk NaN/Inf counts of the output (CHUNKS,).
 
     Works on blocks of BLOCK entries, model by model, so that the inputs are read once and
     every inner loop is a branch-free loop over contiguous memory."""
@@ -363,7 +396,8 @@ def _merge(xs, base, threshold, limit, weights, votes, elect, normalize, sum_div
         rows = np.empty((m, BLOCK), dtype=np.float32)
         total = np.empty(BLOCK, dtype=np.float64)
         merged = np.empty(BLOCK, dtype=np.float32)
-        divisor = np.full(BLOCK, sum_divisor, dtype=np.float32)
+        divisor = np.full(BLOCK, sum_divisor, dtype=np.float32)  # elect: set per entry below
+        keep = np.empty(BLOCK, dtype=np.uint8)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             size = e - s
@@ -376,15 +410,21 @@ def _merge(xs, base, threshold, limit, weights, votes, elect, normalize, sum_div
                 ends = (0, min(end_in, end_out), max(end_in, end_out), size)
                 for part in range(3):
                     a, z = ends[part], ends[part + 1]
-                    kept[c, i] += _trim_block(
+                    kept[c, i] += _sparsify_block(
                         x[a:z],
                         bb[a:z],
                         z <= end_in,
                         threshold[i, 0],
                         z <= end_out,
                         threshold[i, 1],
+                        draw,
+                        keys[i],
+                        densities[i],
+                        s + a,
+                        ratios[i],
                         weights[i],
                         votes[i],
+                        keep[a:z],
                         row[a:z],
                         total[a:z],
                         i == 0,
@@ -657,6 +697,27 @@ def fused_cuts(
             t, limit[i, r] = _select(xs[i], base, k, int(lo[q]), int(hi[q]), counts[:, q], bits[q], idx[q], found[q])
             threshold[i, r] = _magnitudes(t)
         del bits, idx
+    no_draws = (False, np.zeros(m, dtype=np.uint64), np.zeros(m), np.ones(m, dtype=np.float32))
+    return _combine(
+        xs, base, (threshold, limit, *no_draws), weights, slacks, elect, lam, normalize, out_bf16, check_finite
+    )
+
+
+def _combine(
+    xs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    sparsify: tuple,
+    weights: list[float],
+    slacks: list[float],
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool,
+    check_finite: bool,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """The _merge pass of fused_cuts and fused_dare (sparsify: _merge's arguments threshold,
+    limit, draw, keys, densities, ratios): (merged, kept, agreed)."""
+    n = base.shape[0]
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
     total = sum(weights)  # methods.task_arithmetic_family's divisor of the sum (Python's, then float32)
     with np.errstate(over="ignore"):
@@ -664,8 +725,7 @@ def fused_cuts(
     kept, agreed, bad = _merge(
         xs,
         base,
-        threshold,
-        limit,
+        *sparsify,
         np.array(weights, dtype=np.float32),
         np.array([1.0 + s for s in slacks], dtype=np.float64),
         bool(elect),
@@ -677,6 +737,79 @@ def fused_cuts(
     if check_finite and bad.any():
         raise NonFiniteOutput(int(bad.sum()))
     return out, [int(v) for v in kept.sum(0)], [int(v) for v in agreed.sum(0)]
+
+
+@numba.njit(cache=True, nogil=True)
+def _l1_block(x, base, key, density, start, sums):
+    """Add each |delta|'s significand to sums[0, its exponent field] (l1.py) and, where the
+    entry is drawn as kept, to sums[1, ...]. Returns how many entries of x are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(base.shape[0]):
+        xv = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(xv))
+        bits = _float_bits(abs(xv - _load(base, j)))
+        exponent = bits >> 23
+        significand = (bits & 0x7FFFFF) | (np.int64(exponent > 0) << 23)
+        sums[0, exponent] += significand
+        sums[1, exponent] += significand * np.int64(_uniform(key, start + j) < density)  # no branch
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _l1_pass(xs, base, keys, densities):
+    """DARE's rescale pass: per model the exponent sums of |delta| (sums[i, 0]) and of the
+    kept |delta| (sums[i, 1]); per chunk NaN/Inf entries of the base (column 0) and of
+    each model (column i + 1)."""
+    m, n = len(xs), base.shape[0]
+    sums = np.zeros((CHUNKS, m, 2, EXPONENTS), dtype=np.int64)
+    bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bb = base[s:e]
+            bad[c, 0] += _nonfinite_block(bb)
+            for i in range(m):
+                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], s, sums[c, i])
+    return sums.sum(0), bad
+
+
+def fused_dare(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    weights: list[float],
+    densities: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """dare_ties (elect) / dare_linear of one tensor: (merged flat array, kept, agreed),
+    bit for bit methods.dare_ties / dare_linear on float32. Model i keeps entry j where
+    draws.uniforms(keys[i]) < densities[i], computed here entry by entry; with rescale,
+    a first pass sums the exact L1 norms (l1.py) of every delta and of its kept entries.
+    Inputs, output and check_finite as for fused_ties."""
+    m = len(tensors)
+    xs = tuple(tensors)
+    key_array = np.array(keys, dtype=np.uint64)
+    density_array = np.array(densities, dtype=np.float64)
+    ratios = np.ones(m, dtype=np.float32)
+    if rescale:
+        sums, bad = _l1_pass(xs, base, key_array, density_array)
+        if check_finite:
+            _raise_nonfinite(bad)
+        ratios[:] = [l1_ratio(sums[i, 0], sums[i, 1]) for i in range(m)]
+    elif check_finite:
+        none = np.zeros(0, dtype=np.float32)
+        _raise_nonfinite(_count_pass(xs, base, np.zeros(m + 1, dtype=np.int64), none, none, 0)[1])
+    # the draw ignores thresholds; tie limits at the end keep each block in one part
+    no_trim = (np.zeros((m, 2), dtype=np.float32), np.full((m, 2), base.shape[0], dtype=np.int64))
+    sparsify = (*no_trim, True, key_array, density_array, ratios)
+    return _combine(xs, base, sparsify, weights, slacks, elect, lam, normalize, out_bf16, check_finite)
 
 
 def _raise_nonfinite(bad: np.ndarray) -> None:
@@ -761,6 +894,24 @@ def _breadcrumbs_fast_path(
         check_finite,
     )
     return (out, kept, agreed) if elect else (out, None, None)
+
+
+def _dare_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, tensor_name, elect):
+    merged, kept, agreed = fused_dare(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_bf16,
+        check_finite,
+    )
+    return (merged, kept, agreed) if elect else (merged, None, None)
 
 
 # -- elementwise methods: linear, task_arithmetic, passthrough in one pass ---------------------
@@ -944,13 +1095,14 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
     return fused_elementwise(base, tensors, t, NEARSWAP, out_bf16=out_bf16, check_finite=check_finite), None, None
 
 
-# method name -> fn(base, tensors, model_params, params, out_bf16, check_finite)
+# method name -> fn(base, tensors, model_params, params, out_bf16, check_finite), and
+# tensor_name= for a random method (methods.MergeMethod.random: its draws depend on it)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
-# ties takes a slack too (slack_ties' election); none of the trimming methods covers rescale,
-# and breadcrumbs' sum follows the reference's order only up to engine.SUMMED_MODELS_MAX
-# models (the engine checks both).
+# ties takes a slack too (slack_ties' election); only the DARE methods cover rescale, and
+# the breadcrumbs methods only up to engine.SUMMED_MODELS_MAX models, where torch's sum of
+# the reference's stacked models runs in model order (engine.covered checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
@@ -959,7 +1111,9 @@ FAST_PATHS: dict[str, Callable] = {
     "passthrough": _passthrough_fast_path,
     "nearswap": _nearswap_fast_path,
     "breadcrumbs": _breadcrumbs_fast_path,
-    "breadcrumbs_ties": functools.partial(_breadcrumbs_fast_path, elect=True),
+    "breadcrumbs_ties": partial(_breadcrumbs_fast_path, elect=True),
+    "dare_linear": partial(_dare_fast_path, elect=False),
+    "dare_ties": partial(_dare_fast_path, elect=True),
 }
 
 

@@ -312,7 +312,8 @@ def task_arithmetic_family(
     stacked = torch.stack(weighted)
     del weighted
     if not elect:
-        merged = stacked.sum(0)
+        # from +0 in model order, as the kernels add (torch's sum(0) reorders 5+ models)
+        merged = sum(stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
         total = sum(weights)
         if params["normalize"]:
             merged = merged / (total if abs(total) >= 1e-8 else 1.0)

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from .draws import CHUNK, keep_mask, uniforms
+from .l1 import exponent_sums, l1_ratio
 from .trim import outlier_ranks
-
-L1_EPS = 1e-7  # below this L1 norm (before or after the mask) no rescale happens
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,11 +66,9 @@ def top_k_mask(magnitudes: torch.Tensor, k: int, radix: bool = True) -> torch.Te
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`kept` (a masked `delta`) scaled so its L1 norm equals delta's, as mergekit's
-    `rescale: true` does; unchanged when either norm is below L1_EPS."""
-    before, after = delta.abs().sum(), kept.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return kept
-    return kept * (before / after)
+    `rescale: true` does: times l1.l1_ratio of the exact norms (1 when either is below
+    l1.L1_EPS), a float32 value, so the kernels and the torch engine get the same bits."""
+    return kept * l1_ratio(exponent_sums(delta), exponent_sums(kept))
 
 
 def outlier_cut(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -10,12 +10,17 @@ bits follow from doing exactly what the kernels do, in the same order, in float3
   device. `topk` and `kthvalue` are not used: neither promises which of several equal
   magnitudes it picks, and kthvalue is slow on CUDA.
 - Ties at the threshold are kept in index order until exactly k entries survive.
-- Per model, in model order: wd = delta * w where kept (else 0); total = wd * vote (first
+- DARE keeps an entry where its draw (draws.uniforms, on the CPU) is below the density;
+  with rescale, a first pass sums each model's exact L1 norms (l1.py) chunk by chunk.
+- Per model, in model order: wd = (delta where kept, else 0) * L1 ratio (DARE's rescale;
+  a ratio of 1 is skipped: the same bits) * w; total = wd * vote (first
   model), total = total + wd * vote (the others), the votes in float64 as the kernels take
   them (a large slack would overflow float32). Each product and sum is its own operation
   (no fused multiply-add, which the kernels do not use either).
 - agree = wd != 0 and (wd > 0) == (total >= 0); merged and divisor are summed in model
-  order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1).
+  order; out = base + lambda * (merged / divisor, a divisor of 0 counting as 1). Without
+  the election (dare_linear) merged = 0 + the wd in model order, divided by Python's sum
+  of the weights with normalize.
 - The cast to bfloat16 rounds to nearest even, as the kernels' store does.
 
 The engine hands over the same flat numpy views it gives the kernels (bfloat16 as uint16
@@ -25,17 +30,22 @@ widens them chunk by chunk.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .draws import stream_key, uniforms
+from .l1 import EXPONENTS, exponent_sums, l1_ratio
 from .trim import outlier_ranks, trim_count
 
 if TYPE_CHECKING:
     import torch
+
+# a model's keep mask for entries s..e-1 of a tensor, given their float32 deltas
+Keep = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
 
 BINS = 1 << 16
 INF_BITS = 0x7F800000  # above the bits of every finite magnitude
@@ -110,6 +120,54 @@ def select_threshold(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, 
     raise AssertionError("the histogram counted more ties than there are")  # pragma: no cover
 
 
+def _top_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, int]:
+    """(threshold bits, tie index limit) of the top k |x - base|; -1 (every entry) when
+    k >= n, and no entry (above every finite magnitude, no ties) when k <= 0."""
+    n = base.numel()
+    if k >= n:
+        return -1, n
+    if k <= 0:
+        return INF_BITS, 0
+    return select_threshold(x, base, k)
+
+
+def _in_top(bits: torch.Tensor, cut: tuple[int, int], s: int) -> torch.Tensor:
+    """Which entries of a chunk starting at s are in a cut's top (see _top_cut)."""
+    t, limit = cut
+    top = bits > t
+    ties_end = min(max(limit - s, 0), bits.numel())
+    top[:ties_end] |= bits[:ties_end] == t
+    return top
+
+
+def _cut_keep(inner: tuple[int, int] | None, outer: tuple[int, int] | None) -> Keep | None:
+    """The keep mask of a trim: in the top of the inner cut (None: every entry) and not in
+    the top of the outer cut (None: no entry); None when every entry is kept."""
+    import torch
+
+    if inner is None and outer is None:
+        return None
+
+    def keep(s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        bits = magnitude_bits(delta)
+        kept = _in_top(bits, inner, s) if inner is not None else torch.ones_like(bits, dtype=torch.bool)
+        if outer is not None:
+            kept &= ~_in_top(bits, outer, s)
+        return kept
+
+    return keep
+
+
+def _draw_keep(key: np.uint64, density: float) -> Keep:
+    """The keep mask of DARE's draws (draws.py, on the CPU), moved to the delta's device."""
+    import torch
+
+    def keep(s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(uniforms(key, s, e) < density).to(delta.device)
+
+    return keep
+
+
 def ties_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -131,26 +189,6 @@ def ties_merge(
     return cut_merge(base, tensors, weights, ranks, slacks, lam, normalize, True, out_dtype)
 
 
-def _top_cut(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, int]:
-    """(threshold bits, tie index limit) of the top k |x - base|; -1 (every entry) when
-    k >= n, and no entry (above every finite magnitude, no ties) when k <= 0."""
-    n = base.numel()
-    if k >= n:
-        return -1, n
-    if k <= 0:
-        return INF_BITS, 0
-    return select_threshold(x, base, k)
-
-
-def _in_top(bits: torch.Tensor, cut: tuple[int, int], s: int) -> torch.Tensor:
-    """Which entries of a chunk starting at s are in a cut's top (see _top_cut)."""
-    t, limit = cut
-    top = bits > t
-    ties_end = min(max(limit - s, 0), bits.numel())
-    top[:ties_end] |= bits[:ties_end] == t
-    return top
-
-
 def cut_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -167,6 +205,71 @@ def cut_merge(
     `start`); then the election and disjoint mean (elect), or the weighted sum in model
     order from +0.0, divided by the sum of the weights with normalize. Returns what
     ties_merge returns (agreed all 0 without elect)."""
+    n = base.numel()
+    # per model: the cut of its top `stop` (None: every entry) and of its top `start`,
+    # dropped again (None: no entry)
+    keeps = [
+        _cut_keep(None if stop >= n else _top_cut(x, base, stop), None if start <= 0 else _top_cut(x, base, start))
+        for x, (start, stop) in zip(tensors, ranks, strict=True)
+    ]
+    ratios = [1.0] * len(tensors)
+    return sparse_merge(base, tensors, weights, keeps, ratios, slacks, elect, lam, normalize, out_dtype)
+
+
+def dare_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int] | None, list[int] | None, list[int], int, int]:
+    """dare_ties (elect) / dare_linear of one tensor given as raw flat inputs on one device,
+    equal bit for bit to kernels.fused_dare: with rescale, a first pass over the chunks sums
+    the exact L1 norms (l1.py) of every delta and of its kept entries. Returns what
+    ties_merge returns (no kept/agreed counts without elect: None)."""
+    import torch
+
+    keeps: list[Keep | None] = [_draw_keep(key, d) for key, d in zip(keys, densities, strict=True)]
+    ratios = [1.0] * len(tensors)
+    if rescale:
+        zero = torch.zeros((), dtype=torch.float32, device=base.device)
+        sums = np.zeros((len(tensors), 2, EXPONENTS), dtype=np.int64)
+        for s, e in chunks(base.numel()):
+            b = to_float32(base[s:e])
+            for i, (x, keep) in enumerate(zip(tensors, keeps, strict=True)):
+                delta = to_float32(x[s:e]) - b
+                assert keep is not None
+                sums[i, 0] += exponent_sums(delta)
+                sums[i, 1] += exponent_sums(torch.where(keep(s, e, delta), delta, zero))
+        ratios = [l1_ratio(before, after) for before, after in sums]
+    merged, kept, agreed, *bad = sparse_merge(
+        base, tensors, weights, keeps, ratios, slacks, elect, lam, normalize, out_dtype
+    )
+    return (merged, kept, agreed, *bad) if elect else (merged, None, None, *bad)  # type: ignore[return-value]
+
+
+def sparse_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    keeps: list[Keep | None],
+    ratios: list[float],
+    slacks: list[float],
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """The merge pass of cut_merge and dare_merge, as kernels._merge: per model, the delta
+    where keeps[i] keeps it (else 0), times ratios[i], times the weight; then the election
+    and disjoint merge (elect), or the sum (divided by Python's sum of the weights with
+    normalize); base + lam * that. Returns what ties_merge returns."""
     import torch
 
     dev, f32 = base.device, torch.float32
@@ -176,18 +279,13 @@ def cut_merge(
         return torch.tensor(v, dtype=dtype, device=dev)  # rounded to float32 as the kernels do
 
     n, m = base.numel(), len(tensors)
-    # per model: the cut of its top `stop` (None: every entry) and of its top `start`,
-    # dropped again (None: no entry)
-    cuts = [
-        (None if stop >= n else _top_cut(x, base, stop), None if start <= 0 else _top_cut(x, base, start))
-        for x, (start, stop) in zip(tensors, ranks, strict=True)
-    ]
     counts = torch.zeros((3, m), dtype=torch.int64, device=dev)  # kept, agreed, input NaN/Inf
     bad = torch.zeros(3, dtype=torch.int64, device=dev)  # NaN/Inf: base, float32 result, stored
     out = torch.empty(n, dtype=out_dtype or f32, device=dev)
     w32 = [scalar(w) for w in weights]
+    r32 = [scalar(r) for r in ratios]
     votes = [scalar(1.0 + s, torch.float64) for s in slacks]
-    total_weight = sum(weights)  # as kernels.fused_cuts: Python's sum, then float32
+    total_weight = sum(weights)  # as kernels' _combine: Python's sum, then float32
     sum_divisor = scalar(total_weight if abs(total_weight) >= 1e-8 else 1.0)
     for s, e in chunks(n):
         b = to_float32(base[s:e])
@@ -199,14 +297,11 @@ def cut_merge(
             counts[2, i] += (~torch.isfinite(xi)).sum()
             delta = xi - b
             del xi
-            inner, outer = cuts[i]
-            if inner is not None or outer is not None:
-                bits = magnitude_bits(delta)
-                keep = _in_top(bits, inner, s) if inner is not None else torch.ones_like(bits, dtype=torch.bool)
-                if outer is not None:
-                    keep &= ~_in_top(bits, outer, s)
-                delta = torch.where(keep, delta, zero)  # masked, then weighted, as the kernels
-                del bits, keep
+            keep = keeps[i]
+            if keep is not None:
+                delta = torch.where(keep(s, e, delta), delta, zero)  # masked, then rescaled and weighted
+            if ratios[i] != 1.0:  # times 1 is the same bits
+                delta = delta * r32[i]
             wd = delta * w32[i]
             del delta
             if elect:
@@ -233,7 +328,7 @@ def cut_merge(
                 assert divisor is not None
                 divisor = torch.where(divisor != 0, divisor, scalar(1.0))
         else:
-            for wd in rows:  # torch's sum over the stacked models: from +0.0, in model order
+            for wd in rows:  # from +0.0, in model order, as the kernels and the reference sum
                 merged = (zero if merged is None else merged) + wd
             divisor = sum_divisor
         del rows
@@ -394,9 +489,27 @@ def torch_passthrough(base, tensors, model_params, params, out_dtype):
 
 
 # methods whose torch implementation here replaces the reference in methods.METHODS, each
-# fn(base, models, model_params, params, out_dtype) on raw flat inputs -> what ties_merge
+# fn(base, models, model_params, params, out_dtype) on raw flat inputs (and tensor_name= for
+# a random method) -> what ties_merge
 # returns (base None for a method that takes none and a recipe without one); the other
 # methods' reference functions are plain torch, run on whole float32 tensors
+def torch_dare(base, tensors, model_params, params, out_dtype, *, tensor_name, elect):
+    """dare_ties (elect) or dare_linear with the recipe's parameters: see dare_merge."""
+    return dare_merge(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_dtype,
+    )
+
+
 TORCH_METHODS: dict[str, Callable] = {
     "ties": torch_ties,
     "slack_ties": torch_ties,
@@ -405,7 +518,9 @@ TORCH_METHODS: dict[str, Callable] = {
     "passthrough": torch_passthrough,
     "nearswap": torch_nearswap,
     "breadcrumbs": torch_breadcrumbs,
-    "breadcrumbs_ties": functools.partial(torch_breadcrumbs, elect=True),
+    "breadcrumbs_ties": partial(torch_breadcrumbs, elect=True),
+    "dare_linear": partial(torch_dare, elect=False),
+    "dare_ties": partial(torch_dare, elect=True),
 }
 
 
