@@ -1051,38 +1051,20 @@ def fused_elementwise(
     return out
 
 
-def _linear_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
-    weights = [float(p["weight"]) for p in model_params]
-    return (
-        fused_elementwise(
-            base,
-            tensors,
-            weights,
-            LINEAR,
-            normalize=bool(params["normalize"]),
-            out_bf16=out_bf16,
-            check_finite=check_finite,
-        ),
-        None,
-        None,
+def _weighted_fast_path(mode, base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    """linear (mode LINEAR) or task_arithmetic (TASK_ARITHMETIC) with the recipe's weights;
+    fused_elementwise reads lambda only for task arithmetic and normalize only for linear."""
+    merged = fused_elementwise(
+        base,
+        tensors,
+        [float(p["weight"]) for p in model_params],
+        mode,
+        lam=float(params.get("lambda", 1.0)),
+        normalize=bool(params.get("normalize", False)),
+        out_bf16=out_bf16,
+        check_finite=check_finite,
     )
-
-
-def _task_arithmetic_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
-    weights = [float(p["weight"]) for p in model_params]
-    return (
-        fused_elementwise(
-            base,
-            tensors,
-            weights,
-            TASK_ARITHMETIC,
-            lam=float(params["lambda"]),
-            out_bf16=out_bf16,
-            check_finite=check_finite,
-        ),
-        None,
-        None,
-    )
+    return merged, None, None
 
 
 def _passthrough_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
@@ -1106,8 +1088,8 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
-    "linear": _linear_fast_path,
-    "task_arithmetic": _task_arithmetic_fast_path,
+    "linear": partial(_weighted_fast_path, LINEAR),
+    "task_arithmetic": partial(_weighted_fast_path, TASK_ARITHMETIC),
     "passthrough": _passthrough_fast_path,
     "nearswap": _nearswap_fast_path,
     "breadcrumbs": _breadcrumbs_fast_path,
