@@ -341,10 +341,12 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
             "slices: give either models or slices",
         ),
         ({"modules": {"text": {}}}, "modules: modules are not supported"),
-        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 8}}, "tokenizer.pad_to_multiple_of: with source base"),
-        ({"tokenizer": {"source": "union", "tokens": {"a": {}}}}, "tokenizer.tokens: not supported yet"),
+        (
+            {"tokenizer": {"source": "base", "pad_to_multiple_of": 8, "tokens": {"a": {"source": "org/x"}}}},
+            "tokenizer.tokens.'a'.source: 'org/x' must be base or one of the models' names",
+        ),
+        ({"tokenizer": {"source": "union", "tokens": ["a"]}}, "tokenizer.tokens: must map tokens"),
         ({"tokenizer": {"source": "org/c"}}, "tokenizer_source: 'org/c' must be one of the models"),
-        ({"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer.tokens: not supported yet"),
         ({"chat_template": "chatml"}, "chat_template: chatml names a template mergekit ships"),
         ({"chat_template": "{{ short }}"}, "chat_template: must be auto or a Jinja chat template"),
         ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
@@ -1043,6 +1045,37 @@ tokenizer:
   pad_to_multiple_of: 4
 dtype: float32
 """,
+    "tokens": """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {one}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {two}
+    parameters: {{weight: 0.3, density: 0.9}}
+tokenizer:
+  source: {two}
+  tokens:
+    "<new>": {{source: {{kind: model_token, model: {one}, token: y}}}}
+    "<new2>": {{source: {{kind: model_token, model: {base}, token_id: 3}}, force: true}}
+    a: {{source: {base}, force: true}}
+    w: {{source: {{kind: zero}}}}
+    x: {{source: {two}}}
+dtype: float32
+""",
+    "base_padded": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {one}
+    parameters: {{weight: 0.6}}
+  - model: {two}
+    parameters: {{weight: 0.3}}
+tokenizer:
+  source: base
+  pad_to_multiple_of: 4
+dtype: float32
+""",
     "union": """
 merge_method: ties
 base_model: {base}
@@ -1061,9 +1094,10 @@ dtype: float32
 @pytest.mark.parametrize("name", sorted(WORD_CONFIGS))
 def test_a_tokenizer_source_aligns_the_embeddings_as_mergekit_does(tmp_path, mergekit_venv, name):
     """Models whose vocabularies differ in tokens and order, with a model's tokenizer as the
-    output's, or their union: mergekit-yaml and lrmerge merge give the same tensors bit for
-    bit and the same vocabulary (rows a model lacks filled from the one model that has the
-    token, the base, or the mean of two models). A union's new tokens are compared token by
+    output's, the base's padded, or their union, and tokens whose rows the config names:
+    mergekit-yaml and lrmerge merge give the same tensors bit for bit and the same
+    vocabulary (rows a model lacks filled from the one model that has the token, the base,
+    or the mean of two models). A union's new tokens are compared token by
     token: mergekit numbers them in hash order, which changes from run to run."""
     from transformers import AutoTokenizer
 
@@ -1084,12 +1118,14 @@ def test_a_tokenizer_source_aligns_the_embeddings_as_mergekit_does(tmp_path, mer
         order = torch.tensor([vocabs[1][w] for w in sorted(vocabs[0], key=vocabs[0].get)])
         ours = {k: v[order] if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in ours.items()}
     else:
-        source = "one" if name.endswith("one") else "two"
-        assert vocabs[0] == vocabs[1] == {w: i for i, w in enumerate(WORDS[source])}
+        words = {"ties": WORDS["two"], "tokens": WORDS["two"] + ["<new>", "<new2>"]}.get(name)
+        words = words or WORDS["one" if name.endswith("one") else "base"]
+        assert vocabs[0] == vocabs[1] == {w: i for i, w in enumerate(words)}
     assert set(theirs) == set(ours)
     assert [k for k in theirs if not torch.equal(theirs[k], ours[k])] == []
     rows = ours["model.embed_tokens.weight"].shape[0]
-    assert rows == (8 if name.endswith("one") else len(vocabs[1]))  # seven words padded to a multiple of 4
+    # seven and six words padded to a multiple of 4
+    assert rows == {"ties_source_one": 8, "base_padded": 8}.get(name, len(vocabs[1]))
     sizes = [json.loads((tmp_path / d / "config.json").read_text())["vocab_size"] for d in ("mergekit", "ours")]
     assert sizes == [rows, rows]
 

@@ -17,7 +17,7 @@ from lrmerge_hub.errors import InputModelError, RecipeError
 from lrmerge_hub.merge.engine import local_sources, merge
 from lrmerge_hub.merge.vocabulary import MISSING, align, permute
 from lrmerge_hub.recipe.mergekit import from_mergekit, to_mergekit
-from lrmerge_hub.recipe.spec import parse_recipe
+from lrmerge_hub.recipe.spec import TokenRow, parse_recipe
 from lrmerge_hub.synth.tiny import make_word_model
 
 WORDS = {
@@ -56,15 +56,16 @@ def test_align_takes_mergekits_row_for_a_token_a_model_lacks():
     out = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4, "f": 5}
     vmap = align(out, vocabs, {k: len(v) for k, v in vocabs.items()}, "base")
     assert dict(vmap.rows)["m1"] == (1, 0, MISSING, 2, 3, MISSING)
-    assert dict(vmap.fill) == {
-        1: ("base",),  # b: base and m1 have it: the base's row
-        2: ("base",),  # c: base and m2: the base's
-        3: ("m1", "m2"),  # d: the base lacks it: the mean of the two that have it
-        4: ("m1", "m2"),
+    assert {i: donors for i, donors, _ in vmap.fill} == {
+        1: (("base", 1),),  # b: base and m1 have it: the base's row
+        2: (("base", 2),),  # c: base and m2: the base's
+        3: (("m1", 2), ("m2", 1)),  # d: the base lacks it: the mean of the two that have it
+        4: (("m1", 3), ("m2", 2)),
         5: (),  # f: no model has it: zeros
     }
     # without a base, a token two models have is their mean
-    assert dict(align(out, vocabs, {k: len(v) for k, v in vocabs.items()}, None).fill)[1] == ("base", "m1")
+    no_base = align(out, vocabs, {k: len(v) for k, v in vocabs.items()}, None)
+    assert no_base.fill[0] == (1, (("base", 1), ("m1", 0)), False)
 
     rng = np.random.default_rng(0)
     arrays = {k: rng.standard_normal((len(v), 3)).astype(np.float32) for k, v in vocabs.items()}
@@ -85,6 +86,52 @@ def test_padding_rows_are_each_inputs_mean_row():
     got = permute(arrays, vmap)
     assert got["m"][:3].tolist() == [[9, 10], [2, 3], [7, 8]]  # b: only the base has it
     assert got["m"][3].tolist() == [6, 7] and got["base"][3].tolist() == [2, 3]
+
+
+def test_align_takes_the_rows_that_tokens_name():
+    """mergekit's `tokenizer.tokens`: a model's row of the token, of another token (by name or
+    id), zeros; `force` puts the row in every input, also one that has the token."""
+    vocabs = {"base": {"a": 0, "b": 1, "c": 2}, "m1": {"b": 0, "a": 1, "d": 2}}
+    sizes = {"base": 3, "m1": 3}
+    out = {"a": 0, "b": 1, "c": 2, "d": 3, "new": 4}
+    tokens = {
+        "a": TokenRow(model="m1", force=True),
+        "b": TokenRow(model="m1"),  # every input has it and no force: their own rows
+        "c": TokenRow(zero=True),
+        "d": TokenRow(model="base", token="b"),
+        "new": TokenRow(model="m1", token_id=2),
+    }
+    vmap = align(out, vocabs, sizes, "base", tokens=tokens)
+    assert vmap.fill == (
+        (0, (("m1", 1),), True),
+        (2, (), False),
+        (3, (("base", 1),), False),
+        (4, (("m1", 2),), False),
+    )
+    arrays = {
+        "base": np.arange(6, dtype=np.float32).reshape(3, 2),
+        "m1": -np.arange(1, 7, dtype=np.float32).reshape(3, 2),
+    }
+    got = permute(arrays, vmap)
+    assert got["base"].tolist() == [[-3, -4], [2, 3], [4, 5], [2, 3], [-5, -6]]
+    assert got["m1"].tolist() == [[-3, -4], [-1, -2], [0, 0], [-5, -6], [-5, -6]]
+
+    for token, row, message in [
+        ("d", TokenRow(model="base"), "'d': its source base does not have this token"),
+        ("new", TokenRow(), "'new' needs a source"),
+        ("new", TokenRow(model="m1", token_id=3), "row 3 is past m1's 3 embedding rows"),
+        ("new", TokenRow(model="base", token="zz"), "its source base has no token 'zz'"),
+    ]:
+        with pytest.raises(InputModelError, match=message):
+            align(out, vocabs, sizes, "base", tokens={**tokens, token: row})
+
+
+def test_a_single_donor_row_is_taken_as_it_is():
+    """mergekit copies the one row (a -0.0 stays -0.0); only a mean adds to zeros."""
+    vocabs = {"base": {"a": 0}, "m": {"a": 0, "b": 1}}
+    arrays = {"base": np.array([[1.0]], np.float32), "m": np.array([[1.0], [-0.0]], np.float32)}
+    got = permute(arrays, align({"a": 0, "b": 1}, vocabs, {"base": 1, "m": 2}, "base"))
+    assert np.signbit(got["base"][1, 0])
 
 
 def test_a_token_past_a_models_rows_is_an_error():
@@ -173,8 +220,19 @@ def test_a_models_tokenizer_round_trips_through_both_formats(tmp_path, words):
             {"merge_method": "linear", "base_model": None, "tokenizer_source": "union"},
             "tokenizer_source: union without a base_model is not supported",
         ),
-        ({"tokenizer": {"source": "union", "tokens": {"a": {}}}}, "tokenizer.tokens: not supported yet"),
-        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 8}}, "pad_to_multiple_of: with source base"),
+        ({"tokenizer": {"source": "union", "tokens": {"a": 3}}}, "tokenizer.tokens.'a': must be a mapping"),
+        ({"tokenizer": {"source": "union", "tokens": {"a": {"source": "./c"}}}}, "'./c' must be base or one of"),
+        (
+            {"tokenizer": {"source": "union", "tokens": {"a": {"source": {"kind": "model_token", "token": "a"}}}}},
+            "tokenizer.tokens.'a'.source: None must be base or one of the models",
+        ),
+        (
+            {"tokenizer": {"source": "base", "tokens": {"a": {"source": {"kind": "model_token", "model": "x"}}}}},
+            "kind model_token takes model and one of token or token_id",
+        ),
+        ({"tokenizer": {"source": "base", "tokens": {"a": {"force": "yes"}}}}, "force: must be true or false"),
+        ({"tokenizer": {"source": "base", "tokens": {"a": {"source": 1}}}}, "source: must be a model, {kind"),
+        ({"tokenizer": {"source": "base", "special": True}}, "tokenizer.special: not a key of mergekit's tokenizer"),
     ],
 )
 def test_unsupported_model_tokenizers_are_one_line_errors(tmp_path, words, change, message):
@@ -195,7 +253,7 @@ def test_our_recipe_takes_a_tokenizer_of_one_of_its_models(tmp_path, words):
         "models": [{"model": str(words["one"]), "weight": 0.7}],
         "tokenizer": {"source": str(words["two"])},
     }
-    with pytest.raises(RecipeError, match="tokenizer.source: must be union or one of the models' names"):
+    with pytest.raises(RecipeError, match="tokenizer.source: must be union, base or one of the models' names"):
         parse_recipe(data, tmp_path)
     with pytest.raises(RecipeError, match="tokenizer.source: union needs a base"):
         parse_recipe({**data, "method": "linear", "base": None, "tokenizer": {"source": "union"}}, tmp_path)
@@ -211,8 +269,82 @@ def test_our_recipe_takes_a_tokenizer_of_one_of_its_models(tmp_path, words):
     padded = parse_recipe({**data, "tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, tmp_path)
     assert padded.to_dict()["tokenizer"] == {"source": "union", "pad_to_multiple_of": 64}
     assert to_mergekit(padded)["tokenizer"] == {"source": "union", "pad_to_multiple_of": 64}
-    with pytest.raises(RecipeError, match="tokenizer.pad_to_multiple_of: with source base not supported yet"):
-        parse_recipe(
-            {**config(words), "tokenizer_source": None, "tokenizer": {"source": "base", "pad_to_multiple_of": 8}},
-            tmp_path,
-        )
+    base_padded = parse_recipe({**data, "tokenizer": {"source": "base", "pad_to_multiple_of": 8}}, tmp_path)
+    assert base_padded.tokenizer == "base" and base_padded.pad_to_multiple_of == 8
+    assert to_mergekit(base_padded)["tokenizer"] == {"source": "base", "pad_to_multiple_of": 8}
+    with pytest.raises(RecipeError, match=r"tokenizer: \{source: base\} alone is written tokenizer_source: base"):
+        parse_recipe({**data, "tokenizer": {"source": "base"}}, tmp_path)
+
+
+TOKENS = {
+    "<new>": {"source": {"kind": "model_token", "model": "ONE", "token": "y"}},
+    "a": {"source": "BASE", "force": True},
+    "w": {"source": {"kind": "zero"}},
+}
+
+
+def tokens_config(words):
+    data = config(words)
+    del data["tokenizer_source"]
+    named = {"ONE": str(words["one"]), "BASE": str(words["base"])}
+    tokens = yaml.safe_load(yaml.safe_dump(TOKENS))
+    tokens["<new>"]["source"]["model"] = named["ONE"]
+    tokens["a"]["source"] = named["BASE"]
+    data["tokenizer"] = {"source": str(words["two"]), "tokens": tokens}
+    return data
+
+
+def test_tokens_take_the_rows_they_name_and_new_ones_join_the_tokenizer(tmp_path, words):
+    data = tokens_config(words)
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    inputs = {k: load_file(p / "model.safetensors") for k, p in words.items()}
+
+    out_words = WORDS["two"] + ["<new>"]  # a token the tokenizer lacks is added after its own
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab() == {w: i for i, w in enumerate(out_words)}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == len(out_words)
+    for name in VOCAB_TENSORS:
+        rows = {k: inputs[k][name].astype(np.float64) for k in inputs}
+
+        def own(model, word, rows=rows):
+            return rows[model][WORDS[model].index(word)]
+
+        def merged(base, one, two):  # task_arithmetic, weights 0.7 and 0.5
+            return base + 0.7 * (one - base) + 0.5 * (two - base)
+
+        a = own("base", "a")  # forced: every input's row is the base's
+        zero = np.zeros_like(a)  # w: only two has it; the others take zeros
+        new = own("one", "y")  # no input has it: every input takes one's row of y
+        for word, expected in [
+            ("a", merged(a, a, a)),
+            ("w", merged(zero, zero, own("two", "w"))),
+            ("<new>", merged(new, new, new)),
+            ("b", merged(own("base", "b"), own("one", "b"), own("two", "b"))),
+        ]:
+            got = out[name][out_words.index(word)]
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} {word}")
+
+    # both formats carry the tokens; the card's mergekit config too
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["mergekit_config"]["tokenizer"]["tokens"]["<new>"]["source"]["token"] == "y"
+    assert report["mergekit_config"]["tokenizer"]["tokens"]["a"] == {"source": "./base", "force": True}
+    result = CliRunner().invoke(main, ["recipe", "convert", str(tmp_path / "mk.yml"), "--to", "lrmerge"])
+    assert result.exit_code == 0, result.output
+    ours = yaml.safe_load(result.output)
+    assert ours["tokenizer"]["tokens"]["a"] == {"source": "base", "force": True}
+    assert ours["tokenizer"]["tokens"]["w"] == {"source": {"kind": "zero"}}
+    (tmp_path / "ours.yml").write_text(result.output)
+    result = CliRunner().invoke(main, ["recipe", "convert", str(tmp_path / "ours.yml"), "--to", "mergekit"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output)["tokenizer"] == data["tokenizer"]
+
+
+def test_a_token_whose_source_lacks_it_stops_before_any_output(tmp_path, words):
+    data = tokens_config(words)
+    data["tokenizer"]["tokens"] = {"w": {"source": str(words["one"])}}  # one has no w
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "mk.yml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "'w': its source" in result.output
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ from .st_io import Source
 from .st_header import TensorSpec
 from .st_io import SafetensorsModel, ShardedWriter, StoredTensor, TensorSource, as_array, torch_dtype
 from .tensor_params import TensorParams, layer_count, set_layer_count
-from .vocabulary import UNION, align, permute, tokenizer_vocab, union_tokenizer
+from .vocabulary import UNION, align, output_tokenizer, permute, tokenizer_vocab
 from ..recipe.mergekit import to_mergekit
 
 if TYPE_CHECKING:
@@ -607,10 +607,12 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
     gen = first_with("generation_config.json")
     if gen:
         shutil.copyfile(gen, tmp / gen.name)
-    if plan.tokenizer_source == UNION:  # built from every model's, as mergekit builds and saves it
+    if recipe.tokenizer is not None and (recipe.tokenizer == UNION or recipe.tokens):
+        # built from every model's, or with tokens added, as mergekit builds and saves it
         keys = model_keys(recipe)
         sizes = {k: config_vocab_size(readers[k].config) or plan.vocab_rows.get(k, 0) for k in keys}
-        union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).save_pretrained(str(tmp))
+        folders = {k: readers[k].folder for k in keys}
+        output_tokenizer(recipe.tokenizer, folders, sizes, BASE, recipe.tokens).save_pretrained(str(tmp))
     else:
         tok_dir = readers[plan.tokenizer_source].folder
         for name in TOKENIZER_FILES:
@@ -693,11 +695,13 @@ def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
     if recipe.tokenizer is not None:  # mergekit's tokenizer source: the inputs' rows in its vocabulary's order
         vocabs = {k: tokenizer_vocab(readers[k].folder, k) for k in keys}
         sizes = {k: config_vocab_size(configs[k]) or len(vocabs[k]) for k in keys}
-        if recipe.tokenizer == UNION:
-            out_vocab = union_tokenizer({k: readers[k].folder for k in keys}, sizes, BASE).get_vocab()
+        if recipe.tokenizer == UNION or recipe.tokens:
+            folders = {k: readers[k].folder for k in keys}
+            out_vocab = output_tokenizer(recipe.tokenizer, folders, sizes, BASE, recipe.tokens).get_vocab()
         else:
             out_vocab = vocabs[recipe.tokenizer]
-        vocabulary = align(out_vocab, vocabs, sizes, BASE if BASE in keys else None, recipe.pad_to_multiple_of)
+        base = BASE if BASE in keys else None
+        vocabulary = align(out_vocab, vocabs, sizes, base, recipe.pad_to_multiple_of, recipe.tokens)
     return plan_merge({k: readers[k].specs for k in keys}, configs, recipe, vocabulary)
 
 

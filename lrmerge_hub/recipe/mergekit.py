@@ -197,32 +197,58 @@ def _dtype_and_tokenizer(data: dict[str, Any], out: dict[str, Any], base: str | 
         if not isinstance(tokenizer, dict):
             raise RecipeError("tokenizer: must be a mapping like {source: base}")
         for key in tokenizer:
-            if key not in ("source", "pad_to_multiple_of"):
-                raise RecipeError(f"tokenizer.{key}: not supported yet (only source and pad_to_multiple_of)")
+            if key not in ("source", "pad_to_multiple_of", "tokens"):
+                raise RecipeError(
+                    f"tokenizer.{key}: not a key of mergekit's tokenizer (source, pad_to_multiple_of, tokens)"
+                )
         source = tokenizer.get("source", "union")
-        if tokenizer.get("pad_to_multiple_of") and (source == "base" or source == base):
-            raise RecipeError("tokenizer.pad_to_multiple_of: with source base not supported yet (a model or union)")
+    # mergekit aligns every model's embeddings to the output vocabulary (merge.vocabulary);
+    # tokenizer_source: base alone keeps the base's rows, the same bits
+    aligned = tokenizer is not None and (tokenizer.get("pad_to_multiple_of") or tokenizer.get("tokens"))
     if source is None:
         return
-    if source == "base" or source == base:
+    if base is not None and source == base:
+        source = "base"
+    if source == "base" and not aligned:
         out["tokenizer_source"] = "base"
         return
-    what = "union" if source == "union" else "a model's tokenizer"
+    what = {"union": "union", "base": "the base's tokenizer"}.get(source, "a model's tokenizer")
     if out.get("slices") is not None:
-        raise RecipeError(f"tokenizer_source: {what} with slices is not supported yet (base is)")
+        raise RecipeError(f"tokenizer_source: {what} with slices is not supported yet (base alone is)")
     if data.get("base_model") is not None and base is None:  # linear: mergekit's base still picks rows
         raise RecipeError(f"tokenizer_source: {what} with linear and a base_model is not supported yet")
-    if source == "union":
+    if source == "union" or source == "base":
         if base is None:  # mergekit starts from a model picked in hash order
-            raise RecipeError("tokenizer_source: union without a base_model is not supported")
+            raise RecipeError(f"tokenizer_source: {source} without a base_model is not supported")
     else:
         source = _model_name(source, "tokenizer_source")
         if all(m["model"] != source for m in out["models"]):
             raise RecipeError(f"tokenizer_source: {shown(source)} must be one of the models")
-    # mergekit then aligns every model's embeddings to that vocabulary (merge.vocabulary)
     out["tokenizer"] = {"source": source}
     if tokenizer is not None and tokenizer.get("pad_to_multiple_of"):  # mergekit: 0 or null pads nothing
         out["tokenizer"]["pad_to_multiple_of"] = tokenizer["pad_to_multiple_of"]
+    if tokenizer is not None and tokenizer.get("tokens"):
+        out["tokenizer"]["tokens"] = _tokens(tokenizer["tokens"], base)
+
+
+def _tokens(tokens: Any, base: str | None) -> Any:
+    """mergekit's `tokenizer.tokens` with its models named as ours (the base as `base`)."""
+    if not isinstance(tokens, dict):
+        return tokens  # the recipe's own check words the error
+
+    def name(model: Any) -> Any:
+        if isinstance(model, str) and model.strip() == base:
+            return "base"
+        return _model_name(model, "tokenizer.tokens: a source's model") if isinstance(model, str | dict) else model
+
+    out = {}
+    for token, entry in tokens.items():
+        if isinstance(entry, dict) and isinstance(entry.get("source"), str):
+            entry = {**entry, "source": name(entry["source"])}
+        elif isinstance(entry, dict) and isinstance(entry.get("source"), dict) and "model" in entry["source"]:
+            entry = {**entry, "source": {**entry["source"], "model": name(entry["source"]["model"])}}
+        out[token] = entry
+    return out
 
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -415,13 +441,21 @@ def to_mergekit(recipe: Any, as_written: bool = False) -> dict[str, Any] | None:
     elif recipe.tokenizer_source:  # ours copies the rows past the shared ones; mergekit aligns them
         return None
     if recipe.tokenizer:
-        source = (
-            "union"
-            if recipe.tokenizer == "union"
-            else named(next(m.ref for m in recipe.models if m.ref.spec == recipe.tokenizer))
-        )
-        if recipe.pad_to_multiple_of:
-            config["tokenizer"] = {"source": source, "pad_to_multiple_of": recipe.pad_to_multiple_of}
+        source = recipe.tokenizer
+        if source not in ("union", "base"):
+            source = named(next(m.ref for m in recipe.models if m.ref.spec == source))
+        if recipe.pad_to_multiple_of or recipe.tokens:
+            config["tokenizer"] = {"source": source}
+            if recipe.pad_to_multiple_of:
+                config["tokenizer"]["pad_to_multiple_of"] = recipe.pad_to_multiple_of
+            if recipe.tokens:
+
+                def model_name(key: str) -> str:
+                    if key == "base":
+                        return named(recipe.base)
+                    return named(next(m.ref for m in recipe.models if m.ref.spec == key))
+
+                config["tokenizer"]["tokens"] = {t: row.to_dict(model_name) for t, row in recipe.tokens.items()}
         else:
             config["tokenizer_source"] = source
     return config

@@ -237,6 +237,37 @@ class Slice:
         return self.ranges[0][1] - self.ranges[0][0]
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """One entry of `tokenizer.tokens` (mergekit's TokenEmbeddingConfig): where the output's
+    rows for a token come from. `model` (a model's spec, or "base") alone: that model's row of
+    the token; with `token` or `token_id`: that model's row of another token (mergekit's
+    `kind: model_token`); `zero`: zeros; none of them: the default rule, which must not need
+    a source. `force`: every input takes this row, also one that has the token."""
+
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    zero: bool = False
+    force: bool = False
+
+    def to_dict(self, model_name: Any = None) -> dict[str, Any]:
+        """The entry as both formats write it (`model_name` maps `model` to its written name)."""
+        name = model_name(self.model) if model_name is not None and self.model is not None else self.model
+        source: Any = None
+        if self.zero:
+            source = {"kind": "zero"}
+        elif self.token is not None or self.token_id is not None:
+            pick = {"token": self.token} if self.token is not None else {"token_id": self.token_id}
+            source = {"kind": "model_token", "model": name, **pick}
+        elif name is not None:
+            source = name
+        out: dict[str, Any] = {} if source is None else {"source": source}
+        if self.force:
+            out["force"] = True
+        return out
+
+
 @dataclass
 class Recipe:
     method: str
@@ -254,6 +285,8 @@ class Recipe:
     # vocabulary tensors aligned to its vocabulary before the merge (merge.vocabulary)
     tokenizer: str | None = None
     pad_to_multiple_of: int | None = None  # with `tokenizer`: its rows padded up to a multiple of this
+    # with `tokenizer`: token -> where its rows come from; a token the tokenizer lacks is added to it
+    tokens: dict[str, TokenRow] = field(default_factory=dict)
     # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
     chat_template: str | None = None
     device: str | None = None
@@ -305,6 +338,13 @@ class Recipe:
             out["tokenizer"] = {"source": spec(named) if named is not None else self.tokenizer}
             if self.pad_to_multiple_of:
                 out["tokenizer"]["pad_to_multiple_of"] = self.pad_to_multiple_of
+            if self.tokens:
+
+                def model_name(key: str) -> str:
+                    ref = next((m.ref for m in self.models if m.ref.spec == key), None)
+                    return key if ref is None else spec(ref)
+
+                out["tokenizer"]["tokens"] = {t: row.to_dict(model_name) for t, row in self.tokens.items()}
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.layers is not None:
@@ -540,7 +580,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         raise RecipeError("tokenizer: a tokenizer source with slices is not supported yet")
     if data.get("tokenizer") is not None and tokenizer_source is not None:
         raise RecipeError("tokenizer: give either tokenizer or tokenizer_source, not both")
-    tokenizer, pad_to_multiple_of = _parse_tokenizer(data.get("tokenizer"), models, base)
+    tokenizer, pad_to_multiple_of, tokens = _parse_tokenizer(data.get("tokenizer"), models, base)
 
     return Recipe(
         push=_parse_push(data.get("push")),
@@ -558,6 +598,7 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
         tokenizer_source=tokenizer_source,
         tokenizer=tokenizer,
         pad_to_multiple_of=pad_to_multiple_of,
+        tokens=tokens,
         chat_template=_parse_chat_template(data.get("chat_template")),
         device=device,
         source_file=source_file,
@@ -569,26 +610,84 @@ def parse_recipe(data: Any, base_dir: Path, source_file: Path | None = None) -> 
     )
 
 
-def _parse_tokenizer(value: Any, models: list[ModelEntry], base: ModelRef | None) -> tuple[str | None, int | None]:
-    """`tokenizer: {source: MODEL or union, pad_to_multiple_of: N}`: the spec of the model
-    whose tokenizer the output takes (or "union"), and N (None: no padding)."""
+def _parse_tokenizer(
+    value: Any, models: list[ModelEntry], base: ModelRef | None
+) -> tuple[str | None, int | None, dict[str, TokenRow]]:
+    """`tokenizer: {source: MODEL, union or base, pad_to_multiple_of: N, tokens: {...}}`: the
+    spec of the model whose tokenizer the output takes ("union", or "base"), N (None: no
+    padding) and the rows of the tokens named (mergekit's `tokenizer.tokens`)."""
     if value is None:
-        return None, None
-    if not isinstance(value, dict) or "source" not in value or set(value) - {"source", "pad_to_multiple_of"}:
+        return None, None, {}
+    if not isinstance(value, dict) or "source" not in value or set(value) - {"source", "pad_to_multiple_of", "tokens"}:
         raise RecipeError(
             f"tokenizer: must be a mapping like {{source: MODEL, pad_to_multiple_of: 64}} (got {shown(value)})"
         )
     pad = value.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
         raise RecipeError(f"tokenizer.pad_to_multiple_of: must be a positive whole number (got {shown(pad)})")
-    if value["source"] == "union":
-        if base is None:  # mergekit starts the union from its base (else from a model in hash order)
-            raise RecipeError("tokenizer.source: union needs a base")
-        return "union", pad
     specs = [m.ref.spec for m in models]
-    if value["source"] not in specs:
-        raise RecipeError(f"tokenizer.source: must be union or one of the models' names (got {shown(value['source'])})")
-    return str(value["source"]), pad
+    source = value["source"]
+    if source in ("union", "base") and base is None:  # mergekit starts the union from its base (else hash order)
+        raise RecipeError(f"tokenizer.source: {source} needs a base")
+    if base is not None and source == base.spec:
+        source = "base"
+    if source not in ("union", "base") and source not in specs:
+        raise RecipeError(f"tokenizer.source: must be union, base or one of the models' names (got {shown(source)})")
+    tokens = _parse_tokens(value.get("tokens"), specs, base)
+    if source == "base" and not pad and not tokens:
+        raise RecipeError("tokenizer: {source: base} alone is written tokenizer_source: base")
+    return str(source), pad, tokens
+
+
+def _parse_tokens(value: Any, specs: list[str], base: ModelRef | None) -> dict[str, TokenRow]:
+    """mergekit's `tokenizer.tokens`: token -> {source: MODEL | {kind: model_token, model:
+    MODEL, token: T | token_id: N} | {kind: zero}, force: bool}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(t, str) and t for t in value):
+        raise RecipeError(f"tokenizer.tokens: must map tokens to {{source: MODEL, force: false}} (got {shown(value)})")
+    rows = {}
+    for token, entry in value.items():
+        where = f"tokenizer.tokens.{shown(token)}"
+        entry = {} if entry is None else entry
+        if not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+            raise RecipeError(f"{where}: must be a mapping with source and force (got {shown(entry)})")
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise RecipeError(f"{where}.force: must be true or false (got {shown(force)})")
+
+        def model_of(name: Any, where: str = where) -> str:
+            if base is not None and name in ("base", base.spec):
+                return "base"
+            if name not in specs:
+                raise RecipeError(f"{where}.source: {shown(name)} must be base or one of the models' names")
+            return str(name)
+
+        source = entry.get("source")
+        if source is None:
+            rows[token] = TokenRow(force=force)
+        elif isinstance(source, dict) and source.get("kind") == "zero" and set(source) == {"kind"}:
+            rows[token] = TokenRow(zero=True, force=force)
+        elif isinstance(source, dict) and source.get("kind") == "model_token":
+            if set(source) - {"kind", "model", "token", "token_id"} or ("token" in source) == ("token_id" in source):
+                raise RecipeError(
+                    f"{where}.source: kind model_token takes model and one of token or token_id (got {shown(source)})"
+                )
+            token_id = source.get("token_id")
+            if "token_id" in source and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+                raise RecipeError(f"{where}.source.token_id: must be a whole number >= 0 (got {shown(token_id)})")
+            other = source.get("token")
+            if "token" in source and not (isinstance(other, str) and other):
+                raise RecipeError(f"{where}.source.token: must be a token (got {shown(other)})")
+            rows[token] = TokenRow(model_of(source.get("model")), other, token_id, force=force)
+        elif isinstance(source, str):
+            rows[token] = TokenRow(model_of(source), force=force)
+        else:
+            raise RecipeError(
+                f"{where}.source: must be a model, {{kind: model_token, model: M, token: T}} or {{kind: zero}} "
+                f"(got {shown(source)})"
+            )
+    return rows
 
 
 def _parse_slices(data: dict[str, Any], method: Any, base_dir: Path, source_file: Path | None) -> list[Slice]:
