@@ -356,3 +356,33 @@ def test_server_models_lists_only_entries_with_a_name(monkeypatch):
     listed = {"data": [{"id": "merged"}, {"object": "model"}, "junk"]}
     monkeypatch.setattr(evaluate, "http_json", lambda *a, **kw: listed)
     assert evaluate.server_models("http://127.0.0.1:1/v1", None) == ["merged"]
+
+
+INDEX_ONCE = """
+import sys
+from pathlib import Path
+from lm_eval.tasks import _index
+from lrmerge_hub.evaluate import lm_eval_many
+
+builds = []
+real = _index.TaskIndex.build
+_index.TaskIndex.build = staticmethod(lambda paths, **kw: builds.append(1) or real(paths, **kw))
+lm_eval_many.index_once()
+first = _index.TaskIndex.build([Path(sys.argv[1])])
+first["tiny_ppl"].cfg["metadata"] = "changed by a job"
+second = _index.TaskIndex.build(iter([Path(sys.argv[1])]))
+assert len(builds) == 1, builds
+assert list(first) == list(second) == ["tiny_ppl"], (first, second)
+assert "metadata" not in second["tiny_ppl"].cfg, second
+"""
+
+
+def test_several_jobs_in_one_process_index_the_tasks_once(tmp_path):
+    """lm_eval_many builds lm-eval's task index once per set of folders; each job gets its
+    own copy, so what one job changes in it no other job sees."""
+    (tmp_path / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\ndataset_path: json\noutput_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+    )
+    proc = subprocess.run([sys.executable, "-c", INDEX_ONCE, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

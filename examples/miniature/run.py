@@ -365,7 +365,9 @@ def run(preset: Preset, models_root: Path, jobs: int, log=print, all_arms: bool 
             return [r for rs in pool.map(one, chunks) for r in rs]
 
     t1 = time.time()
-    if not preset.worlds:  # the first design: each CT length's merges and models in one evaluation
+    if not preset.worlds or all_arms:
+        # each CT length's merges and models in one evaluation (the first design, or every arm
+        # asked for: nothing waits for the precondition)
         records = run_chunks(jobs_list)
     else:
         records = run_chunks([j for j in jobs_list if j[2] is None])

@@ -112,12 +112,14 @@ def train(
     seed: int,
     save_at: dict[int, Path] | None = None,
     save=None,
+    warmup: int | None = None,
 ) -> None:
-    """AdamW, linear warm-up then constant learning rate (so a checkpoint at step k of one
-    run is the run of k steps); `save(model, path)` at the steps in `save_at`."""
+    """AdamW, linear warm-up (`warmup` steps, default min(50, steps / 5)) then constant
+    learning rate, so with a warm-up that does not depend on `steps` a checkpoint at step k of
+    one run is the run of k steps; `save(model, path)` at the steps in `save_at`."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = min(50, steps // 5)
+    warmup = min(50, steps // 5) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     model.train()
     data = batches(rows, d.batch, model.config.pad_token_id, gen)
@@ -217,6 +219,9 @@ def train_family(d: Design, seed: int, root: Path) -> dict[str, Path]:
         seed + 2,
         save_at,
         save(root / "tok-lm"),
+        # one CT unit at most, whatever the longest CT length: the checkpoint at k units is then
+        # the same with CT lengths (1, 4) as with (1, 2, 4, 8) (the full design's 400 steps: 50)
+        warmup=min(50, d.ct_unit_steps),
     )
 
     ct_sft = sft_rows(lm_tok, world, sft_items)
