@@ -343,6 +343,10 @@ METHOD_CASES = {
     "model_stock": ({}, {}, ("language", "task"), True),
     "nearswap": ({}, {"t": 0.001}, ("language",), True),
     "passthrough": ({}, {}, ("language",), False),
+    "arcee_fusion": ({}, {}, ("task",), True),
+    "ram": ({}, {}, ("language", "task"), True),
+    "ramplus_tl": ({}, {}, ("language", "task"), True),
+    "layer_swap": ({}, {"bottom": 2, "top": 2, "blend": 1}, ("language", "task"), False),  # ours only
 }
 
 
@@ -378,6 +382,7 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
     """Every method of METHOD_CASES, ours and mergekit's, once each at the benchmark's first
     size; and, for the deterministic ones, agreement on a float32-input family."""
     from lrmerge_hub.merge.methods import METHODS
+    from lrmerge_hub.recipe.mergekit import MERGEKIT_ONLY_IN_OURS
 
     layers = a.layers[0]
     key = family_key(a, a.dtype, layers)
@@ -397,20 +402,24 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
     for method in a.only or METHOD_CASES:
         ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
         row = {}
+        in_mergekit = method not in MERGEKIT_ONLY_IN_OURS
         for who, cmd, out in (("ours", ours_cmd, work / f"ours-{method}"), ("mergekit", None, work / f"mk-{method}")):
+            if cmd is None and not in_mergekit:
+                continue
             settle(fam, out)
             row[who] = measure(ours_cmd(ours_yaml, out) if cmd else mergekit_cmd(mk_exe, mk_yaml, out))
-        if not METHODS[method].random and a.exact_layers:
+        if not METHODS[method].random and a.exact_layers and in_mergekit:
             ours_f32, mk_f32 = method_configs(work / "float32", exact_fam, method, "float32", "float32")
             measure(ours_cmd(ours_f32, work / "float32" / f"ours-{method}"))
             measure(mergekit_cmd(mk_exe, mk_f32, work / "float32" / f"mk-{method}"))
             row["agreement_float32"] = agreement(work / "float32" / f"ours-{method}", work / "float32" / f"mk-{method}")
         rows[method] = row
         agree = row.get("agreement_float32", {}).get("max_rel_error")
+        mk = row.get("mergekit")
         print(
             f"  {method:18s} ours {row['ours']['wall_s']:6.2f} s {row['ours']['peak_rss_bytes'] / 1e9:5.2f} GB   "
-            f"mergekit {row['mergekit']['wall_s']:6.2f} s {row['mergekit']['peak_rss_bytes'] / 1e9:5.2f} GB   "
-            f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}",
+            + (f"mergekit {mk['wall_s']:6.2f} s {mk['peak_rss_bytes'] / 1e9:5.2f} GB   " if mk else "not in mergekit ")
+            + f"float32 agreement {'-' if agree is None else f'{agree:.1e}'}",
             flush=True,
         )
     report = json.loads((work / f"ours-{next(iter(rows))}" / "merge_report.json").read_text())
@@ -466,10 +475,12 @@ def methods_floor_table(result: dict, floor: dict) -> str:
     for method, row in result["methods"].items():
         agree = row.get("agreement_float32")
         agreed = "random" if agree is None else f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} differ)"
-        mk = row["mergekit"]
-        for who in ("ours", "mergekit"):
+        mk = row.get("mergekit")
+        if mk is None:
+            agreed = "not in mergekit"
+        for who in ("ours", "mergekit") if mk else ("ours",):
             m = row[who]
-            ratios = " | ".join(f"{m[k] / mk[k]:.3f}" for k in ("wall_s", "cpu_s", "peak_rss_bytes"))
+            ratios = " | ".join(f"{m[k] / mk[k]:.3f}" if mk else "-" for k in ("wall_s", "cpu_s", "peak_rss_bytes"))
             rows.append(
                 f"| `{method}` | {who} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_rss_bytes'] / 1e9:.2f} | "
                 f"{ratios} | {m['wall_s'] / floor['wall_s']:.2f} | {agreed if who == 'ours' else ''} |"
