@@ -347,8 +347,8 @@ def test_mergekit_config_translates_with_mergekit_precedence(tmp_path, family):
         ),
         ({"tokenizer": {"source": "union", "tokens": ["a"]}}, "tokenizer.tokens: must map tokens"),
         ({"tokenizer": {"source": "org/c"}}, "tokenizer_source: 'org/c' must be one of the models"),
-        ({"chat_template": "chatml"}, "chat_template: chatml names a template mergekit ships"),
-        ({"chat_template": "{{ short }}"}, "chat_template: must be auto or a Jinja chat template"),
+        ({"chat_template": "vicuna"}, "chat_template: must be auto, one of alpaca, chatml, exaone, llama3, mistral"),
+        ({"chat_template": "{{ short }}"}, "chat_template: must be auto, one of"),
         ({"merge_method": "slack_ties"}, "merge_method: unknown method 'slack_ties'"),
         ({"lora_merge_dtype": "float32"}, "lora_merge_dtype: not a mergekit 0.1.5 config key"),
         ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of ties"),
@@ -903,15 +903,59 @@ def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergek
         assert "chat_template" not in json.loads((tmp_path / d / "tokenizer_config.json").read_text())
 
 
-def test_chat_template_replaces_the_task_models(tmp_path, family):
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " What is 2+2? "}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! "},
+        {"role": "user", "content": "Name a colour."},
+    ],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "exaone", "llama3", "mistral"])
+def test_named_chat_template_renders_as_mergekits(tmp_path, family, mergekit_venv, name):
+    from transformers import AutoTokenizer
+
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(family["base"])}, {"model": str(family["task"])}],
+        "parameters": {"weight": 1.0},
+        "chat_template": name,
+        "dtype": "float32",
+    }
+    path = _write(tmp_path / "config.yml", config)
+    mergekit_yaml(mergekit_venv, path, tmp_path / "mergekit")
+    lrmerge_merge(path, tmp_path / "ours")
+    rendered = {}
+    for d in ("mergekit", "ours"):
+        assert (tmp_path / d / "chat_template.jinja").is_file()
+        assert "chat_template" not in json.loads((tmp_path / d / "tokenizer_config.json").read_text())
+        tok = AutoTokenizer.from_pretrained(tmp_path / d)
+        rendered[d] = [
+            tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+            for chat in CHATS
+            for prompt in (False, True)
+        ]
+    assert rendered["ours"] == rendered["mergekit"]
+    task = AutoTokenizer.from_pretrained(family["task"])
+    assert rendered["ours"][0] != task.apply_chat_template(CHATS[0], tokenize=False)  # not the task model's
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, "chatml"])
+def test_chat_template_replaces_the_task_models(tmp_path, family, template):
     from lrmerge_hub.merge.engine import local_sources, merge
+    from lrmerge_hub.recipe.spec import named_chat_template
 
     data = {"method": "linear", "models": [{"model": str(family["base"])}, {"model": str(family["task"])}]}
-    r = parse_recipe({**data, "chat_template": TEMPLATE}, tmp_path)
+    r = parse_recipe({**data, "chat_template": template}, tmp_path)
     merge(r, local_sources(r), tmp_path / "own", device="cpu", progress=False)
-    assert (tmp_path / "own" / "chat_template.jinja").read_text() == TEMPLATE
-    assert parse_recipe(yaml.safe_load(r.to_yaml()), tmp_path).chat_template == TEMPLATE
-    assert to_mergekit(r)["chat_template"] == TEMPLATE
+    text = TEMPLATE if template == TEMPLATE else named_chat_template(template)
+    assert (tmp_path / "own" / "chat_template.jinja").read_text() == text
+    assert "chat_template" not in json.loads((tmp_path / "own" / "tokenizer_config.json").read_text())
+    assert parse_recipe(yaml.safe_load(r.to_yaml()), tmp_path).chat_template == template  # a name stays a name
+    assert to_mergekit(r)["chat_template"] == template
 
 
 def _write_text(path, text):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import DegenerateInput, DeviceError, InputModelError, NonFiniteOutputError, OutputError, ZeroOutputError
 from ..interrupt import deferred
-from ..recipe.spec import Recipe
+from ..recipe.spec import CHAT_TEMPLATE_NAMES, Recipe, named_chat_template
 from ..settings import default_engine
 
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
@@ -635,7 +635,9 @@ def copy_side_files(plan: MergePlan, recipe: Recipe, readers: dict[str, TensorSo
                     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
                     break
     template = recipe.chat_template
-    if template == "auto":  # the template most models have (mergekit's plurality; none: as above)
+    if template in CHAT_TEMPLATE_NAMES:
+        template = named_chat_template(template)
+    elif template == "auto":  # the template most models have (mergekit's plurality; none: as above)
         found = [t for t in (model_chat_template(r.folder) for r in readers.values()) if t]
         template = Counter(found).most_common(1)[0][0] if found else None
     if template is not None:  # as mergekit writes it: chat_template.jinja, and only there

@@ -56,8 +56,8 @@ TOP_LEVEL_KEYS = (
     "slices",  # runs of output layers, each from layer ranges of its sources (instead of models)
     "chat_template",
 )
-# mergekit 0.1.5's named templates are files of its own; its rule for a template written out
-MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+# mergekit 0.1.5's named chat templates; ours (chat_templates/NAME.jinja) render the same text
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 SLICE_KEYS = ("sources", "base", "parameters")
 PUSH_KEYS = ("repo", "private", "create_pr", "revision", "tag")
 EVAL_KEYS = ("tasks", "limit", "include_path", "compare", "backend", "parity_check")
@@ -287,7 +287,8 @@ class Recipe:
     pad_to_multiple_of: int | None = None  # with `tokenizer`: its rows padded up to a multiple of this
     # with `tokenizer`: token -> where its rows come from; a token the tokenizer lacks is added to it
     tokens: dict[str, TokenRow] = field(default_factory=dict)
-    # the output's chat template: "auto" (the one most models have) or Jinja text (None: the task model's)
+    # the output's chat template: "auto" (the one most models have), a name from CHAT_TEMPLATE_NAMES
+    # or Jinja text (None: the task model's)
     chat_template: str | None = None
     device: str | None = None
     push: PushTarget | None = None
@@ -810,17 +811,21 @@ def default_role_note(recipe: Recipe) -> str | None:
 
 
 def _parse_chat_template(value: Any) -> str | None:
-    """mergekit's values: "auto", or a Jinja template (at least 20 characters, with a `{`)."""
-    if value is None or value == "auto":
+    """mergekit's values: "auto", a template's name, or a Jinja template (at least 20
+    characters, with a `{`). A name is kept as it is (written out, it is the template's text)."""
+    if value is None or value == "auto" or value in CHAT_TEMPLATE_NAMES:
         return value
-    if value in MERGEKIT_TEMPLATE_NAMES:
-        raise RecipeError(
-            f"chat_template: {value} names a template mergekit ships; lrmerge has none by that name "
-            "(give auto or the template's Jinja text)"
-        )
     if not isinstance(value, str) or len(value) < 20 or "{" not in value:
-        raise RecipeError(f"chat_template: must be auto or a Jinja chat template (got {shown(value)})")
+        raise RecipeError(
+            f"chat_template: must be auto, one of {', '.join(CHAT_TEMPLATE_NAMES)} or a Jinja chat template "
+            f"(got {shown(value)})"
+        )
     return value
+
+
+def named_chat_template(name: str) -> str:
+    """The Jinja text of the chat template called `name` (one of CHAT_TEMPLATE_NAMES)."""
+    return (Path(__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def _parse_layers(value: Any) -> int | None:
