@@ -882,9 +882,9 @@ def test_mergekit_config_with_gradients_and_filters_equals_mergekit(
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("template", ["auto", TEMPLATE])
-def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergekit_venv, template):
+def merge_both_with_template(tmp_path, family, mergekit_venv, template):
+    """A linear merge of the base and the task model with `chat_template: template`, by
+    mergekit-yaml into tmp_path/mergekit and by lrmerge merge into tmp_path/ours."""
     config = {
         "merge_method": "linear",
         "models": [{"model": str(family["base"])}, {"model": str(family["task"])}],
@@ -895,6 +895,12 @@ def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergek
     path = _write(tmp_path / "config.yml", config)
     mergekit_yaml(mergekit_venv, path, tmp_path / "mergekit")
     lrmerge_merge(path, tmp_path / "ours")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["auto", TEMPLATE])
+def test_chat_template_is_written_as_mergekit_writes_it(tmp_path, family, mergekit_venv, template):
+    merge_both_with_template(tmp_path, family, mergekit_venv, template)
     theirs, ours = ((tmp_path / d / "chat_template.jinja").read_text() for d in ("mergekit", "ours"))
     assert ours == theirs
     expected = (family["task"] / "chat_template.jinja").read_text().strip() if template == "auto" else TEMPLATE
@@ -918,16 +924,7 @@ CHATS = [
 def test_named_chat_template_renders_as_mergekits(tmp_path, family, mergekit_venv, name):
     from transformers import AutoTokenizer
 
-    config = {
-        "merge_method": "linear",
-        "models": [{"model": str(family["base"])}, {"model": str(family["task"])}],
-        "parameters": {"weight": 1.0},
-        "chat_template": name,
-        "dtype": "float32",
-    }
-    path = _write(tmp_path / "config.yml", config)
-    mergekit_yaml(mergekit_venv, path, tmp_path / "mergekit")
-    lrmerge_merge(path, tmp_path / "ours")
+    merge_both_with_template(tmp_path, family, mergekit_venv, name)
     rendered = {}
     for d in ("mergekit", "ours"):
         assert (tmp_path / d / "chat_template.jinja").is_file()
