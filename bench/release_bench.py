@@ -2,11 +2,14 @@
 
     python bench/release_bench.py                       # ~0.5B bf16 family, 100 MB/s each way
     python bench/release_bench.py --layers 2 --no-mergekit   # a quick small run
+    python bench/release_bench.py --small --ways merge --trace   # 0.1B family, 60 MB/s; where the time goes
 
 Everything runs on this machine: the Hub is tests/hub_server.py on 127.0.0.1 (in this
 process), serving a synthetic (base, language, task) family (bench/merge_bench.py's, 1 GiB
-input shards) through a shared link paced to `--bandwidth` each way, with `--latency` before
-each answer. Each way runs as its own process, one after the other, from an empty HF cache:
+input shards) through one link each way that all connections share, paced to `--bandwidth`
+(a token bucket `--burst` deep), with `--latency` before each answer. A local merge of the
+same family runs first (it compiles the kernels). Each way runs as its own process, one after
+the other, from an empty HF cache:
 
 - download: the time to download the inputs alone (`snapshot_download` of the three repos);
 - mergekit: mergekit's way: download the repos, `mergekit-yaml` (TIES), upload the folder
@@ -20,7 +23,10 @@ each answer. Each way runs as its own process, one after the other, from an empt
 
 Printed per way: wall time (and as a multiple of the download alone), peak disk (the way's
 HF cache and output, sampled every 50 ms), peak RSS (wait4; mergekit's way: its largest
-step), bytes downloaded and uploaded (from the server's request log).
+step), bytes downloaded and uploaded (from the server's request log), CPU time (the way's
+processes, and the test Hub's in this process). `--trace` adds, for the download alone and the
+streamed merge, what the server's request log and the merge loop's waits say: how busy the
+link was, the requests in flight, their sizes and times, and how long the loop waited.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -55,6 +62,27 @@ recipe = load_recipe(sys.argv[1])
 run_sweep(recipe, parse_grid(["density=0.1,0.2,0.3,0.4"]), sources=hub_sources.stream_sources(recipe),
           output=recipe.output, evaluate=lambda folder: [{"task": "none", "metric": "acc", "value": 0.0}],
           device="cpu", progress=False)
+"""
+# `lrmerge merge` with each streamed model's waits recorded: every populate() (the merge loop
+# asking for a tensor's bytes) as (model, tensor, start, end) on time.monotonic(), the clock
+# the test Hub stamps its requests with.
+TRACED = """
+import json, sys, time
+began = time.monotonic()
+from lrmerge_hub.hub import stream
+waits = []
+populate = stream.HubModel.populate
+def traced(self, name):
+    start = time.monotonic()
+    populate(self, name)
+    waits.append((self.label, name, start, time.monotonic()))
+stream.HubModel.populate = traced
+from lrmerge_hub.cli import main
+try:
+    main(sys.argv[2:], prog_name="lrmerge", standalone_mode=False)
+finally:
+    with open(sys.argv[1], "w") as f:
+        json.dump({"began": began, "ended": time.monotonic(), "waits": waits}, f)
 """
 UPLOAD = """
 import sys
@@ -98,10 +126,15 @@ class PeakDisk:
         self.peak = max(self.peak, disk_usage(self.folder))
 
 
+# --small: a 0.1B-parameter family (3 x 200 MB in 100 MB shards) over a 60 MB/s link
+SMALL = dict(layers=6, hidden=1024, intermediate=2304, heads=16, vocab=16000, shard_bytes=100_000_000, bandwidth=60)
+
+
 def main() -> None:
     import merge_bench as mb
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help=f"defaults for a small family: {SMALL}")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=8)
@@ -111,6 +144,12 @@ def main() -> None:
     ap.add_argument("--out-shard", default="500MB", help="output shard size")
     ap.add_argument("--bandwidth", type=float, default=100, help="MB/s each way")
     ap.add_argument("--latency", type=float, default=0.02, help="seconds before each answer")
+    ap.add_argument(
+        "--burst",
+        type=float,
+        default=0,
+        help="MB the link may send at once after a pause (its token bucket's depth; 0: never faster than its rate)",
+    )
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument(
         "--ways",
@@ -119,7 +158,14 @@ def main() -> None:
         help="only the ways whose name starts with one of these "
         "(download alone always runs): mergekit download+merge streamed merge sweep",
     )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="record the streamed merge's requests and waits and print where its time went",
+    )
     ap.add_argument("--json", type=Path, default=BENCH / "release-results.json")
+    if "--small" in sys.argv[1:]:
+        ap.set_defaults(**SMALL)
     a = ap.parse_args()
     a.json = a.json.absolute()  # each way runs in its own folder
 
@@ -133,23 +179,35 @@ def main() -> None:
     )
     from tests.hub_server import HubServer
 
-    fam = mb.synthesize(BENCH / "out" / "models" / mb.family_key(a, "bfloat16", a.layers), a, "bfloat16", a.layers)
+    key = mb.family_key(a, "bfloat16", a.layers) + ("" if a.shard_bytes == 1 << 30 else f"-s{a.shard_bytes}")
+    fam = mb.synthesize(BENCH / "out" / "models" / key, a, "bfloat16", a.layers)
     server = HubServer(port=int(os.environ["HF_ENDPOINT"].rsplit(":", 1)[1])).start()
     server.add_token(TOKEN, "bench")
     for role, folder in fam.items():
         server.seed(f"org/{role}", folder)
     input_bytes = sum(p.stat().st_size for f in fam.values() for p in f.glob("*.safetensors"))
-    server.limit_bandwidth(a.bandwidth * 1e6, a.latency)
+    server.limit_bandwidth(a.bandwidth * 1e6, a.latency, a.burst * 1e6)
     mk_exe = None if a.no_mergekit or (a.ways and "mergekit" not in a.ways) else mb.ensure_mergekit()
 
     recipe = work / "recipe.yaml"
-    recipe.write_text(
-        "method: ties\nbase: org/base\nmodels:\n"
-        "  - {model: org/language, role: language, weight: 1.0, density: 0.2}\n"
-        "  - {model: org/task, role: task, weight: 1.0, density: 0.2}\n"
-        "parameters: {lambda: 1.0, normalize: true}\nlanguages: [bo]\nlicense: apache-2.0\n"
+    ties = (
+        "method: ties\nbase: {base}\nmodels:\n"
+        "  - {{model: {language}, role: language, weight: 1.0, density: 0.2}}\n"
+        "  - {{model: {task}, role: task, weight: 1.0, density: 0.2}}\n"
+        "parameters: {{lambda: 1.0, normalize: true}}\nlanguages: [bo]\nlicense: apache-2.0\n"
         "dtype: bfloat16\noutput: out\n"
     )
+    recipe.write_text(ties.format(base="org/base", language="org/language", task="org/task"))
+    # The same merge from the local folders first: it compiles the kernels (numba caches them
+    # beside the code), which would otherwise count against the first way that merges.
+    local = work / "local"
+    local.mkdir()
+    (local / "recipe.yaml").write_text(ties.format(**{k: str(v) for k, v in fam.items()}))
+    os.chdir(local)
+    quiet = ["--device", "cpu", "--format", "quiet"]
+    res = mb.measure([sys.executable, "-m", "lrmerge_hub", "merge", "recipe.yaml", *quiet])
+    print(f"local merge (inputs on disk, kernels compiled if needed): {res['wall_s']:.1f} s", flush=True)
+    shutil.rmtree(local)
     lrmerge = [
         sys.executable,
         "-m",
@@ -172,8 +230,7 @@ def main() -> None:
         "merge (streamed, no push)": [
             [
                 sys.executable,
-                "-m",
-                "lrmerge_hub",
+                *(["-c", TRACED, str(work / "waits.json")] if a.trace else ["-m", "lrmerge_hub"]),
                 "merge",
                 str(recipe),
                 "--device",
@@ -203,7 +260,8 @@ def main() -> None:
         os.environ.pop("HF_HUB_CACHE", None)
         shutil.copy(recipe, folder / "recipe.yaml")
         mark = len(server.log)
-        wall, rss = 0.0, 0
+        wall, rss, cpu = 0.0, 0, 0.0
+        server_cpu = resource.getrusage(resource.RUSAGE_SELF)
         with PeakDisk(folder) as disk:
             for cmd in steps:
                 cmd = [
@@ -214,19 +272,27 @@ def main() -> None:
                 os.chdir(folder)
                 res = mb.measure(cmd)
                 wall += res["wall_s"]
+                cpu += res["cpu_s"]
                 rss = max(rss, int(res["peak_rss_bytes"]))
         log = server.log[mark:]
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        server_cpu_s = ru.ru_utime + ru.ru_stime - server_cpu.ru_utime - server_cpu.ru_stime
         rows.append(
             {
                 "way": name,
                 "wall_s": round(wall, 2),
+                "cpu_s": round(cpu, 2),  # the way's processes
+                "server_cpu_s": round(server_cpu_s, 2),  # this process: the test Hub (and the disk sampler)
                 "peak_disk_bytes": disk.peak,
                 "peak_rss_bytes": rss,
                 "downloaded_bytes": sum(r.sent for r in log if r.method == "GET"),
                 "uploaded_bytes": sum(r.received for r in log if r.method in ("PUT", "POST")),
             }
         )
-        print(f"{name}: {wall:.1f} s", flush=True)
+        print(f"{name}: {wall:.1f} s, CPU {cpu:.1f} s (test Hub {server_cpu_s:.1f} s)", flush=True)
+        if a.trace and name.startswith(("download", "merge")):
+            trace = json.loads((work / "waits.json").read_text()) if name.startswith("merge") else None
+            print(where_time_went(log, trace, a.bandwidth * 1e6), flush=True)
         server.lfs_objects.clear()  # each way uploads its output afresh
         shutil.rmtree(folder, ignore_errors=True)
     server.stop()
@@ -255,6 +321,66 @@ def main() -> None:
         + "\n"
     )
     shutil.rmtree(work, ignore_errors=True)
+
+
+def where_time_went(log: list, trace: dict | None, rate: float) -> str:
+    """What the server's log (requests with their times) and the merge loop's waits say about
+    a streamed merge: how busy the link was, how many requests were in flight, their sizes and
+    times, in which order each model's bytes arrived, and how long the loop waited for them."""
+    import statistics
+
+    ranges = [r for r in log if r.method == "GET" and "/resolve/" in r.path and r.sent > 1 << 20 and r.ended]
+    if not ranges:
+        return "  (no downloads over 1 MiB)"
+    t0 = min(r.began for r in log)
+    span = max(r.ended for r in ranges) - t0
+    busy = sum(r.ended - r.began for r in ranges)
+    # time with no weight request in flight: the link idle for want of a request
+    idle, until = 0.0, t0
+    for r in sorted(ranges, key=lambda r: r.began):
+        idle += max(0.0, r.began - until)
+        until = max(until, r.ended)
+    sizes = [r.sent / 2**20 for r in ranges]
+    secs = [r.ended - r.began for r in ranges]
+    lines = [
+        f"  {len(ranges)} downloads over 1 MiB, {sum(r.sent for r in ranges) / 1e6:.0f} MB in {span:.1f} s from the "
+        f"first request: {sum(r.sent for r in ranges) / span / rate:.0%} of the link; {busy / span:.1f} in flight "
+        f"on average; no request in flight for {idle:.1f} s",
+        f"  request MiB: median {statistics.median(sizes):.1f}, min {min(sizes):.1f}, max {max(sizes):.1f}; "
+        f"seconds each: median {statistics.median(secs):.2f}, max {max(secs):.2f}",
+    ]
+    # MB/s in each second from the first request, each request's bytes spread over its time
+    per_second = [0.0] * (int(span) + 1)
+    for r in ranges:
+        a, b = r.began - t0, r.ended - t0
+        for sec in range(int(a), int(b) + 1):
+            per_second[sec] += r.sent * (min(b, sec + 1) - max(a, sec)) / max(b - a, 1e-9) / 1e6
+    lines.append("  MB/s each second: " + " ".join(f"{x:.0f}" for x in per_second))
+    for repo in sorted({r.path.split("/resolve/")[0] for r in ranges}):
+        mine = [r for r in ranges if r.path.startswith(repo + "/")]
+        lines.append(
+            f"  {repo}: {len(mine)} requests, first began {min(r.began for r in mine) - t0:.1f} s, "
+            f"last ended {max(r.ended for r in mine) - t0:.1f} s"
+        )
+    if trace:
+        waits = trace["waits"]
+        lines.append(
+            f"  merge process: started {trace['began'] - t0:.1f} s, first weight request "
+            f"{min(r.began for r in ranges) - t0:.1f} s, last byte {max(r.ended for r in ranges) - t0:.1f} s, "
+            f"process done {trace['ended'] - t0:.1f} s"
+        )
+        first = min(w[2] for w in waits)
+        waited = sum(w[3] - w[2] for w in waits)
+        by_model: dict[str, float] = {}
+        for label, _, start, end in waits:
+            by_model[label] = by_model.get(label, 0.0) + end - start
+        lines.append(
+            f"  merge loop: first tensor asked for at {first - t0:.1f} s, last one served at "
+            f"{max(w[3] for w in waits) - t0:.1f} s; waited {waited:.1f} s for bytes ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in by_model.items())
+            + ")"
+        )
+    return "\n".join(lines)
 
 
 def mb_free_port() -> int:

@@ -14,7 +14,8 @@ bytes, range answers that are empty, endless or trickled, after N good answers),
 request log without credentials (`log`, `downloads()`; each entry has its byte range and the
 bytes sent), LFS sha256s in file listings (`lfs.oid`), batch answers that send the upload or
 verify step to another host (`lfs_upload_href`, `lfs_verify_href`), and an optional bandwidth
-limit with latency (`limit_bandwidth`) for benchmarks.
+limit with latency (`limit_bandwidth`: one link each way that all connections share) for
+benchmarks; each logged request has the times it began and ended.
 
     server = HubServer(port=0).start()
     server.add_token("hf_test", "alice")
@@ -147,6 +148,8 @@ class Request:
     status: int = 0
     sent: int = 0  # body bytes written to the client
     received: int = 0  # body bytes read from the client
+    began: float = 0.0  # time.monotonic() when the request's headers arrived (one clock for all processes)
+    ended: float = 0.0  # when its answer's last byte was written (0: not answered yet)
 
     @property
     def byte_range(self) -> tuple[int, int] | None:
@@ -205,6 +208,7 @@ class HubServer:
             self.faults: list[Fault] = []
             self.log: list[Request] = []
             self.bandwidth: float | None = None  # bytes/s each way, shared by all connections
+            self.burst = 0.0  # bytes a link idle long enough may send at once (the token bucket's depth)
             self.latency = 0.0  # seconds before each answer (a far-away server's time to first byte)
             self._link_free_at = {"down": 0.0, "up": 0.0}  # when each direction of the link is free
             # Like a mirror or proxy: preupload answers `uploadMode: regular` for every file, so
@@ -248,19 +252,25 @@ class HubServer:
                 )
             )
 
-    def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0) -> None:
+    def limit_bandwidth(self, bytes_per_second: float | None, latency: float = 0.0, burst: float = 0.0) -> None:
         """Pace request and answer bodies to this rate, each way (None: as fast as possible),
-        and wait `latency` seconds before each answer."""
-        self.bandwidth, self.latency = bytes_per_second, latency
+        and wait `latency` seconds before each answer. Each way is one link that every
+        connection shares: a token bucket filled at `bytes_per_second`, `burst` bytes deep
+        (0: the link never sends faster than its rate, not even after a pause)."""
+        self.bandwidth, self.latency, self.burst = bytes_per_second, latency, burst
 
     def pace(self, n: int, way: str) -> None:
         """Wait until `n` more bytes fit through the link `way` ("down" to clients, "up" from
-        them), shared by all connections (a no-op without a limit)."""
+        them), shared by all connections (a no-op without a limit). `_link_free_at` is when the
+        bytes let through so far are paid for at the rate; a link idle for a while has up to
+        `burst` bytes paid in advance, so that a thread which wakes late (a busy CPU) does not
+        waste the link's time."""
         if not self.bandwidth or n <= 0:
             return
         with self._pace_lock:
             now = time.monotonic()
-            self._link_free_at[way] = max(self._link_free_at[way], now) + n / self.bandwidth
+            full = now - self.burst / self.bandwidth  # the clock of a bucket that is full now
+            self._link_free_at[way] = max(self._link_free_at[way], full) + n / self.bandwidth
             wait = self._link_free_at[way] - now
         if wait > 0:
             time.sleep(wait)
@@ -399,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- plumbing -----------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
+        began = time.monotonic()
         split = urlsplit(self.path)
         # Match on the raw path so that a quoted revision like `refs%2Fpr%2F1` stays one segment.
         raw_path, query = split.path, parse_qs(split.query)
@@ -406,7 +417,13 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
         record = Request(
-            method, unquote(raw_path), query, self.headers.get("Range"), token is not None, received=len(body)
+            method,
+            unquote(raw_path),
+            query,
+            self.headers.get("Range"),
+            token is not None,
+            received=len(body),
+            began=began,
         )
         hub = self.hub
         with hub.lock:
@@ -447,6 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.latency:
             time.sleep(hub.latency)
         record.sent = self._send(method, *answer, cut=bool(fault and fault.status == CUT))
+        record.ended = time.monotonic()
 
     def _route(self, method: str, raw_path: str, query: dict, body: bytes, token: str | None) -> tuple[int, dict, Any]:
         route_method = "GET" if method == "HEAD" else method

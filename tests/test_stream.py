@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 from lrmerge_hub.hub import sources as hub_sources
 from lrmerge_hub.cli import main
-from lrmerge_hub.merge.engine import local_sources, merge
+from lrmerge_hub.interrupt import at_once
+from lrmerge_hub.merge.engine import local_sources, merge, open_sources
+from lrmerge_hub.merge.st_io import SafetensorsModel
 from lrmerge_hub.recipe.spec import load_recipe
 from lrmerge_hub.run.sweep import parse_grid, run_sweep
 from lrmerge_hub.synth.tiny import make_family, write_checkpoint
@@ -158,6 +160,70 @@ def test_weights_already_in_the_cache_are_read_from_disk(hub_server, hub_family)
 
     assert all(s.reader is None and (s.path / "config.json").is_file() for s in sources.values())
     assert len(hub_server.downloads()) == downloads
+
+
+def test_the_models_are_planned_fetched_and_opened_side_by_side(hub_server, hub_family):
+    """Pinning and checking a Hub model, fetching its side files and opening it are each a few
+    requests one after another; the models do them at the same time, so that a far Hub's
+    latency is paid once per step, not once per model (each model's first request of each
+    step is in flight while the others' are)."""
+    hub_server.limit_bandwidth(None, latency=0.3)
+    recipe = load_recipe(hub_family)
+    sources = hub_sources.stream_sources(recipe)
+    readers = open_sources(recipe, sources)
+    for reader in readers.values():
+        reader.close()
+
+    steps = {
+        "plan (model info)": lambda r: re.fullmatch(r"/api/models/org/\w+(/revision/.+)?", r.path),
+        "side files (the file list)": lambda r: "/tree/" in r.path,
+        "open (a shard's first 8 bytes)": lambda r: r.range == "bytes=0-7",
+    }
+    for step, matches in steps.items():
+        firsts = {}
+        for r in hub_server.log:
+            repo = "/".join(r.path.split("/")[3:5] if r.path.startswith("/api/") else r.path.split("/")[1:3])
+            if matches(r) and repo not in firsts:
+                firsts[repo] = r
+        assert sorted(firsts) == ["org/base", "org/language", "org/task"], step
+        assert max(r.began for r in firsts.values()) < min(r.ended for r in firsts.values()), step
+
+
+def test_streamed_tensors_are_read_only_arrays_of_the_same_type_as_mapped_ones(hub_server, hub_family, family):
+    """The merge kernels are compiled (and cached) per array type: a streamed tensor must be
+    the same type as a mapped local one, read-only, or the first streamed merge compiles them
+    all again."""
+    import numba
+
+    recipe = load_recipe(hub_family)
+    streamed = open_sources(recipe, hub_sources.stream_sources(recipe))
+    mapped = SafetensorsModel(family["base"], "base")
+    try:
+        base = streamed["base"]
+        names = [n for n in base.tensors if base.tensors[n].spec.numel]
+        base.read_order(names)
+        for name in names:
+            array = base.array(name)
+            assert not array.flags.writeable
+            assert numba.typeof(array) == numba.typeof(mapped.array(name)), name
+            base.release(name)
+    finally:
+        for reader in [*streamed.values(), mapped]:
+            reader.close()
+
+
+def test_at_once_keeps_the_order_and_raises_the_first_error_after_undoing_the_rest():
+    assert at_once(lambda x: x * 2, [3, 1, 2]) == [6, 2, 4]
+    undone = []
+
+    def fail_odd(x: int) -> int:
+        if x % 2:
+            raise ValueError(f"odd {x}")
+        return x
+
+    with pytest.raises(ValueError, match="odd 1"):
+        at_once(fail_odd, [2, 1, 4, 3], undo=undone.append)
+    assert sorted(undone) == [2, 4]
 
 
 @pytest.mark.parametrize("fault", [CUT, 503], ids=["connection-cut", "server-error"])

@@ -33,6 +33,7 @@ from huggingface_hub.errors import (
 
 from .errors import hub_errors
 from ..errors import HubError, HubOfflineError, InputModelError, PickleOnlyRepoError, RecipeError, shown
+from ..interrupt import at_once
 from ..merge.plan import BASE, MergePlan, model_keys, plan_merge
 from ..merge.st_header import DTYPE_SIZES, TensorSpec
 from ..merge.st_io import Source, check_config
@@ -250,7 +251,9 @@ def plan_recipe(recipe: Recipe, *, token: str | None = None) -> PullPlan:
 
     Downloads no weights. Raises IncompatibleModelsError (with numbers) when the models do
     not fit together, HubError subclasses when the Hub says no."""
-    metas = {key: model_meta(ref, token=token) for key, ref in recipe_refs(recipe).items()}
+    refs = recipe_refs(recipe)
+    # side by side: each model's pinning and header reads are requests one after another
+    metas = dict(zip(refs, at_once(lambda ref: model_meta(ref, token=token), list(refs.values())), strict=True))
     check_pinned_twins(metas)
     merge_plan = plan_merge({k: m.tensors for k, m in metas.items()}, {k: m.config for k, m in metas.items()}, recipe)
     return PullPlan(models=metas, merge_plan=merge_plan)
@@ -346,12 +349,12 @@ def stream_sources(
     folders are read from disk. The streamed models share the read-ahead window."""
     plan = plan_recipe(recipe, token=token)
     streamed = [k for k, m in plan.models.items() if m.repo_id and m.path is None and not _weights_cached(m)]
-    sources = {}
-    for key, m in plan.models.items():
+
+    def source(key: str) -> Source:
+        m = plan.models[key]
         if key not in streamed:
             download(m, token=token)
-            sources[key] = Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
-            continue
+            return Source(path=m.path, repo_id=m.repo_id, revision=m.sha)  # type: ignore[arg-type]
         assert m.repo_id and m.sha  # streamed: a Hub model, pinned to a commit by plan_recipe
         with hub_errors(m.spec):
             folder = Path(
@@ -363,14 +366,10 @@ def stream_sources(
                 )
             )
         _remember_revision(folder, m.revision or "main", m.sha)
-        sources[key] = streamed_source(
-            m.repo_id,
-            m.sha,
-            folder,
-            token=token,
-            read_ahead=read_ahead // len(streamed),
-        )
-    return sources
+        return streamed_source(m.repo_id, m.sha, folder, token=token, read_ahead=read_ahead // len(streamed))
+
+    # side by side: each model's files are requests one after another
+    return dict(zip(plan.models, at_once(source, list(plan.models)), strict=True))
 
 
 def streamed_source(repo_id: str, sha: str, folder: Path, *, token: str | None, read_ahead: int) -> Source:

@@ -482,7 +482,12 @@ class HubModel(TensorSource):
         self.populate(name)
         block = self._block_of[name]
         assert block.buffer is not None  # populate() fetched it
-        return np.frombuffer(block.buffer, dtype=dtype, count=st.spec.numel, offset=st.start - block.start)
+        array: np.ndarray = np.frombuffer(block.buffer, dtype=dtype, count=st.spec.numel, offset=st.start - block.start)
+        # read-only, as a mapped shard's view is: the kernels see the same array type from
+        # either source, so the machine code numba compiled and cached for one serves the other
+        # (a writable view would be compiled anew, seconds to half a minute, on first use)
+        array.flags.writeable = False
+        return array
 
     def release(self, name: str) -> None:
         block = self._block_of.get(name)

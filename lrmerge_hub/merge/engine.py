@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import DegenerateInput, DeviceError, InputModelError, NonFiniteOutputError, OutputError, ZeroOutputError
-from ..interrupt import deferred
+from ..interrupt import at_once, deferred
 from ..recipe.spec import CHAT_TEMPLATE_NAMES, Recipe, named_chat_template
 from ..settings import default_engine
 
@@ -669,17 +669,14 @@ def model_chat_template(folder: Path) -> str | None:
 
 
 def open_sources(recipe: Recipe, sources: dict[str, Source]) -> dict[str, TensorSource]:
-    readers: dict[str, TensorSource] = {}
-    try:
-        for key in model_keys(recipe):
-            if key not in sources:
-                raise InputModelError(f"{key}: no local folder for this model (pull it first)")
-            readers[key] = sources[key].open(key)
-    except BaseException:
-        for r in readers.values():
-            r.close()
-        raise
-    return readers
+    """Every model's TensorSource, opened all at once: a Hub model's opening is a few requests
+    one after another (its file list, each shard's header), so the models' latencies overlap."""
+    keys = model_keys(recipe)
+    for key in keys:
+        if key not in sources:
+            raise InputModelError(f"{key}: no local folder for this model (pull it first)")
+    readers = at_once(lambda key: sources[key].open(key), keys, undo=lambda reader: reader.close())
+    return dict(zip(keys, readers, strict=True))
 
 
 def build_plan(recipe: Recipe, readers: dict[str, TensorSource]) -> MergePlan:
