@@ -921,7 +921,7 @@ def _pack_bits(keep, mask):
     for b in range(mask.shape[0]):
         byte = 0
         for t in range(min(8, n - 8 * b)):
-            byte |= np.int64(keep[8 * b + t]) << t
+            byte |= int(keep[8 * b + t]) << t
         mask[b] = byte
 
 
