@@ -774,21 +774,29 @@ def _combine(
 
 
 @numba.njit(cache=True, nogil=True)
-def _l1_block(x, base, key, density, mask, start, sums):
+def _l1_block(x, base, key, density, mask, start, keep, sums):
     """Add each |delta|'s significand to sums[0, its exponent field] (l1.py) and, where the
     entry is kept (its bit in the packed mask, or with an empty mask its draw), to
-    sums[1, ...]. Returns how many entries of x are NaN or Inf."""
+    sums[1, ...]. keep is scratch room for the block's keep decisions: computed in a loop of
+    their own, as _sparsify_block computes them, the draws vectorize (in the loop that adds
+    to the sums, which cannot, they cost about as much as the whole merge pass). Returns
+    how many entries of x are NaN or Inf."""
+    size = base.shape[0]
+    if mask.shape[0] > 0:
+        for j in range(size):
+            keep[j] = _mask_bit(mask, start + j)
+    else:
+        for j in range(size):
+            keep[j] = _uniform(key, start + j) < density
     nonfinite = np.int32(0)
-    masked = mask.shape[0] > 0
-    for j in range(base.shape[0]):
+    for j in range(size):
         xv = _load(x, j)
         nonfinite = np.int32(nonfinite + _is_nonfinite(xv))
         bits = _float_bits(abs(xv - _load(base, j)))
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | (np.int64(exponent > 0) << 23)
-        kept = np.int64(_mask_bit(mask, start + j)) if masked else np.int64(_uniform(key, start + j) < density)
         sums[0, exponent] += significand
-        sums[1, exponent] += significand * kept  # no branch
+        sums[1, exponent] += significand * np.int64(keep[j])  # no branch
     return nonfinite
 
 
@@ -802,12 +810,13 @@ def _l1_pass(xs, base, keys, densities, masks):
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        keep = np.empty(BLOCK, dtype=np.uint8)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             bb = base[s:e]
             bad[c, 0] += _nonfinite_block(bb)
             for i in range(m):
-                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], masks[i], s, sums[c, i])
+                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], masks[i], s, keep, sums[c, i])
     return sums.sum(0), bad
 
 
