@@ -354,7 +354,7 @@ def merge_with_torch(
             model_params,
             params,
             torch_dtype(job.out_dtype),
-            **random_draws(method, job),
+            **fast_path_args(method, job),
         )
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
@@ -370,6 +370,18 @@ def random_draws(method: MergeMethod, job: TensorJob) -> dict[str, str]:
     """The tensor name a random method's draws depend on (with the seed and entry index: the
     same bits on every path and device), as its keyword argument; nothing for the others."""
     return {"tensor_name": job.name} if method.random else {}
+
+
+def fast_path_args(method: MergeMethod, job: TensorJob) -> dict[str, Any]:
+    """The keyword arguments of a method's fast path (FAST_PATHS, TORCH_METHODS): random_draws,
+    and the merged shape for a method that ranks along its rows (SHAPED)."""
+    return {**random_draws(method, job), **({"shape": merged_shape(job)} if method.name in SHAPED else {})}
+
+
+def merged_shape(job: TensorJob) -> tuple[int, ...]:
+    """The shape of the part of a tensor that is merged: the rows every model shares."""
+    rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
+    return (rows, *job.out_shape[1:]) if rows is not None else ()
 
 
 def reference_merge(
@@ -389,8 +401,7 @@ def reference_merge(
     for label, x in zip(labels, inputs, strict=True):
         if not bool(x.isfinite().all()):
             raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
-    rows = job.shared_rows if job.shared_rows is not None else (job.out_shape[0] if job.out_shape else None)
-    shape = (rows, *job.out_shape[1:]) if rows is not None else ()
+    shape = merged_shape(job)
     has_base = BASE in labels
     try:
         result, stats = method.fn(
@@ -413,18 +424,20 @@ def reference_merge(
 # torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean) adds
 # them in order from +0.0 for up to 4 models; for more, part of the entries (where depends on
 # the CPU's vector width and the thread split) are added in another order, which the kernels
-# do not follow. Past this the reference runs for the breadcrumbs methods.
+# do not follow. Past this the reference runs for the breadcrumbs methods and della.
 SUMMED_MODELS_MAX = 4
-SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties")
+SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
-RESCALED = frozenset({"dare_linear", "dare_ties"})
+RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
+# methods whose fast paths rank entries along the rows (dim 1): they take the merged shape=
+SHAPED = frozenset({"della", "della_linear"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs,
-    the models a sum in order covers (SUMMED_MODELS_MAX)."""
+    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs and
+    della, the models a sum in order covers (SUMMED_MODELS_MAX)."""
     if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
         return False
     return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)
@@ -470,7 +483,7 @@ def merge_tensor(
                 params,
                 out_bf16=job.out_dtype == "BF16",
                 check_finite=True,
-                **random_draws(method, job),
+                **fast_path_args(method, job),
             )
         except NonFiniteInput as e:
             raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None

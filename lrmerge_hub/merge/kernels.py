@@ -1,5 +1,5 @@
 """Fused CPU kernels for the sparsified task-vector methods (ties, slack_ties, breadcrumbs,
-breadcrumbs_ties, dare_linear, dare_ties) and the elementwise ones (linear,
+breadcrumbs_ties, dare_linear, dare_ties, della, della_linear) and the elementwise ones (linear,
 task_arithmetic, passthrough, nearswap): the results of methods.py, faster.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
@@ -34,6 +34,12 @@ dare_linear and dare_ties (fused_dare) use the merge pass with DARE's draw in pl
 trim: each entry's uniform number is computed in the kernel from draws.py's hash, so no
 mask of the whole tensor is stored. Their rescale needs the L1 norms first: one more pass
 (_l1_pass) sums them exactly (l1.py), in any chunk order.
+
+della and della_linear (fused_della) draw against probabilities from each entry's
+magnitude rank within its row, so a first pass (_magprune_pass, in parallel over groups of
+rows) sorts each row of |delta| (a stable radix sort), draws, and stores the keep
+decisions as a packed mask, one bit per entry and model; the L1 pass and the merge pass
+read it in place of DARE's draw.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from numba.extending import intrinsic, overload
 
 from .draws import GOLDEN, MIX1, MIX2, stream_key
 from .l1 import EXPONENTS, l1_ratio
-from .trim import outlier_ranks, trim_count
+from .trim import outlier_ranks, rank_layout, trim_count
 
 # numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
 # 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for
@@ -201,6 +207,12 @@ def _uniform(key, j):
     return np.float64(z >> np.uint64(11)) * (1.0 / (1 << 53))
 
 
+@numba.njit(inline="always")
+def _mask_bit(mask, j):
+    """Bit j of a packed keep mask (byte j >> 3, bit j & 7): 1 where entry j is kept."""
+    return (mask[j >> 3] >> (j & 7)) & 1
+
+
 # -- the count pass -----------------------------------------------------------------------------
 # Inner loops are separate functions over plain, zero-based array slices, written so that
 # the compiler vectorizes them (measured 2-7x faster than otherwise): indexing the tuple of
@@ -298,20 +310,24 @@ def _in_top(ad, t, ties):
 
 @numba.njit(cache=True, nogil=True)
 def _sparsify_block(
-    x, base, ties_in, t_in, ties_out, t_out, draw, key, density, start, r, w, v, keep, row, total, first
+    x, base, ties_in, t_in, ties_out, t_out, draw, mask, key, density, start, r, w, v, keep, row, total, first
 ):
     """row = w * (r * kept delta), the delta 0 where dropped (as the reference masks, then
     rescales, then weights; r is 1 for a trim, and (d * 1) * w is d * w bit for bit). Kept:
-    with draw, where the entry's uniform (index start + j, stream key) < density (the
-    thresholds are ignored); else where |delta| is in the top of the cut that keeps (t_in:
-    the top `stop`) and not in the top of the cut that drops again (t_out: the top
+    with draw, where the packed mask has the entry's bit (index start + j; DELLA), or, when
+    the mask is empty, where the entry's uniform (stream key) < density (DARE; either way
+    the thresholds are ignored); else where |delta| is in the top of the cut that keeps
+    (t_in: the top `stop`) and not in the top of the cut that drops again (t_out: the top
     `start`). total (=, or += unless first) row * vote, in float64 (v and total are
     float64). keep is scratch room for the block's mask: each loop stays branch-free, so
     the compiler vectorizes it. Returns how many entries of row are nonzero (kept)."""
     zero = np.float32(0.0)
     kept = np.int32(0)
     size = base.shape[0]
-    if draw:
+    if draw and mask.shape[0] > 0:
+        for j in range(size):
+            keep[j] = _mask_bit(mask, start + j)
+    elif draw:
         for j in range(size):
             keep[j] = _uniform(key, start + j) < density
     else:
@@ -375,11 +391,28 @@ def _write_block(base, out, merged, divisor, lam, normalize):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(
-    xs, base, threshold, limit, draw, keys, densities, ratios, weights, votes, elect, normalize, sum_divisor, lam, out
+    xs,
+    base,
+    threshold,
+    limit,
+    draw,
+    masks,
+    keys,
+    densities,
+    ratios,
+    weights,
+    votes,
+    elect,
+    normalize,
+    sum_divisor,
+    lam,
+    out,
 ):
     """Sparsify each model's delta: a trim (keep |delta| in the top of cut 0 and not in the
     top of cut 1: per model i and cut r, |delta| > threshold[i, r], or == it at indices
-    below limit[i, r]) or, with draw, DARE's draws from keys[i] with densities[i]; rescale
+    below limit[i, r]) or, with draw, the packed keep masks[i] (DELLA's, drawn by
+    _magprune_pass) or, when masks has no columns, DARE's draws from keys[i] with
+    densities[i]; rescale
     by ratios[i] and weight. Then either elect with votes (float64: exact for any accepted
     slack, see methods.SLACK_MAX) and disjoint-merge, or sum (divided by sum_divisor with
     normalize); write base + lam * merged. Returns per-chunk kept and agreed counts, each
@@ -418,6 +451,7 @@ def _merge(
                         z <= end_out,
                         threshold[i, 1],
                         draw,
+                        masks[i],
                         keys[i],
                         densities[i],
                         s + a,
@@ -697,7 +731,7 @@ def fused_cuts(
             t, limit[i, r] = _select(xs[i], base, k, int(lo[q]), int(hi[q]), counts[:, q], bits[q], idx[q], found[q])
             threshold[i, r] = _magnitudes(t)
         del bits, idx
-    no_draws = (False, np.zeros(m, dtype=np.uint64), np.zeros(m), np.ones(m, dtype=np.float32))
+    no_draws = (False, no_masks(m), np.zeros(m, dtype=np.uint64), np.zeros(m), np.ones(m, dtype=np.float32))
     return _combine(
         xs, base, (threshold, limit, *no_draws), weights, slacks, elect, lam, normalize, out_bf16, check_finite
     )
@@ -715,8 +749,8 @@ def _combine(
     out_bf16: bool,
     check_finite: bool,
 ) -> tuple[np.ndarray, list[int], list[int]]:
-    """The _merge pass of fused_cuts and fused_dare (sparsify: _merge's arguments threshold,
-    limit, draw, keys, densities, ratios): (merged, kept, agreed)."""
+    """The _merge pass of fused_cuts, fused_dare and fused_della (sparsify: _merge's
+    arguments threshold, limit, draw, masks, keys, densities, ratios): (merged, kept, agreed)."""
     n = base.shape[0]
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
     total = sum(weights)  # methods.task_arithmetic_family's divisor of the sum (Python's, then float32)
@@ -740,38 +774,55 @@ def _combine(
 
 
 @numba.njit(cache=True, nogil=True)
-def _l1_block(x, base, key, density, start, sums):
+def _l1_block(x, base, key, density, mask, start, keep, sums):
     """Add each |delta|'s significand to sums[0, its exponent field] (l1.py) and, where the
-    entry is drawn as kept, to sums[1, ...]. Returns how many entries of x are NaN or Inf."""
+    entry is kept (its bit in the packed mask, or with an empty mask its draw), to
+    sums[1, ...]. keep is scratch room for the block's keep decisions: computed in a loop of
+    their own, as _sparsify_block computes them, the draws vectorize (in the loop that adds
+    to the sums, which cannot, they cost about as much as the whole merge pass). Returns
+    how many entries of x are NaN or Inf."""
+    size = base.shape[0]
+    if mask.shape[0] > 0:
+        for j in range(size):
+            keep[j] = _mask_bit(mask, start + j)
+    else:
+        for j in range(size):
+            keep[j] = _uniform(key, start + j) < density
     nonfinite = np.int32(0)
-    for j in range(base.shape[0]):
+    for j in range(size):
         xv = _load(x, j)
         nonfinite = np.int32(nonfinite + _is_nonfinite(xv))
         bits = _float_bits(abs(xv - _load(base, j)))
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | (np.int64(exponent > 0) << 23)
         sums[0, exponent] += significand
-        sums[1, exponent] += significand * np.int64(_uniform(key, start + j) < density)  # no branch
+        sums[1, exponent] += significand * np.int64(keep[j])  # no branch
     return nonfinite
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _l1_pass(xs, base, keys, densities):
-    """DARE's rescale pass: per model the exponent sums of |delta| (sums[i, 0]) and of the
-    kept |delta| (sums[i, 1]); per chunk NaN/Inf entries of the base (column 0) and of
-    each model (column i + 1)."""
+def _l1_pass(xs, base, keys, densities, masks):
+    """The rescale pass: per model the exponent sums of |delta| (sums[i, 0]) and of the
+    kept |delta| (sums[i, 1]), kept as _merge keeps (masks, or DARE's draws); per chunk
+    NaN/Inf entries of the base (column 0) and of each model (column i + 1)."""
     m, n = len(xs), base.shape[0]
     sums = np.zeros((CHUNKS, m, 2, EXPONENTS), dtype=np.int64)
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        keep = np.empty(BLOCK, dtype=np.uint8)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             bb = base[s:e]
             bad[c, 0] += _nonfinite_block(bb)
             for i in range(m):
-                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], s, sums[c, i])
+                bad[c, i + 1] += _l1_block(xs[i][s:e], bb, keys[i], densities[i], masks[i], s, keep, sums[c, i])
     return sums.sum(0), bad
+
+
+def no_masks(models: int) -> np.ndarray:
+    """_merge's masks argument when it keeps by trims or DARE's draws: no columns."""
+    return np.zeros((models, 0), dtype=np.uint8)
 
 
 def fused_dare(
@@ -795,21 +846,184 @@ def fused_dare(
     Inputs, output and check_finite as for fused_ties."""
     m = len(tensors)
     xs = tuple(tensors)
+    if check_finite and not rescale:  # else the rescale pass checks
+        none = np.zeros(0, dtype=np.float32)
+        _raise_nonfinite(_count_pass(xs, base, np.zeros(m + 1, dtype=np.int64), none, none, 0)[1])
+    return _drawn_merge(
+        xs, base, no_masks(m), keys, densities, weights, slacks, rescale, elect, lam, normalize, out_bf16, check_finite
+    )
+
+
+def _drawn_merge(
+    xs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    masks: np.ndarray,
+    keys: list[np.uint64],
+    densities: list[float],
+    weights: list[float],
+    slacks: list[float],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool,
+    check_finite: bool,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """DARE's and DELLA's passes after the draws: with rescale, the L1 pass (refusing NaN/Inf
+    inputs with check_finite), then the merge pass, model i keeping its entries by masks[i]
+    (DELLA) or, when masks has no columns, by its draws from keys[i] below densities[i]."""
+    m = len(xs)
     key_array = np.array(keys, dtype=np.uint64)
     density_array = np.array(densities, dtype=np.float64)
     ratios = np.ones(m, dtype=np.float32)
     if rescale:
-        sums, bad = _l1_pass(xs, base, key_array, density_array)
+        sums, bad = _l1_pass(xs, base, key_array, density_array, masks)
         if check_finite:
             _raise_nonfinite(bad)
         ratios[:] = [l1_ratio(sums[i, 0], sums[i, 1]) for i in range(m)]
-    elif check_finite:
-        none = np.zeros(0, dtype=np.float32)
-        _raise_nonfinite(_count_pass(xs, base, np.zeros(m + 1, dtype=np.int64), none, none, 0)[1])
     # the draw ignores thresholds; tie limits at the end keep each block in one part
     no_trim = (np.zeros((m, 2), dtype=np.float32), np.full((m, 2), base.shape[0], dtype=np.int64))
-    sparsify = (*no_trim, True, key_array, density_array, ratios)
+    sparsify = (*no_trim, True, masks, key_array, density_array, ratios)
     return _combine(xs, base, sparsify, weights, slacks, elect, lam, normalize, out_bf16, check_finite)
+
+
+# -- DELLA's MagPrune: keep probabilities by magnitude rank within a row ------------------------
+# outer rows per parallel group of the mask pass: a group's first entry is a multiple of 8,
+# so no two groups write one byte of a packed mask
+GROUP_ROWS = 8
+DIGITS = 256  # the rows' radix sort: 8 bits per pass, four passes over a float's 31 magnitude bits
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_by_bits(bits, order, bits_tmp, order_tmp, counts):
+    """Sort bits (non-negative int32: magnitudes' float bits) ascending, permuting order
+    alike, by a stable LSD radix sort (equal bits keep their order). The _tmp arrays are
+    scratch of the same size, counts of DIGITS. Returns the sorted order (one of the two
+    order arrays)."""
+    n = bits.shape[0]
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for p in range(n):
+            counts[(bits[p] >> shift) & 0xFF] += 1
+        if counts[(bits[0] >> shift) & 0xFF] == n:  # one digit value: this pass moves nothing
+            continue
+        total = 0
+        for b in range(DIGITS):
+            c = counts[b]
+            counts[b] = total
+            total += c
+        for p in range(n):
+            d = (bits[p] >> shift) & 0xFF
+            q = counts[d]
+            counts[d] = q + 1
+            bits_tmp[q] = bits[p]
+            order_tmp[q] = order[p]
+        bits, bits_tmp = bits_tmp, bits
+        order, order_tmp = order_tmp, order
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_bits(keep, mask):
+    """keep's 0/1 flags as mask bits, 8 to a byte from bit 0 (mask has (size + 7) // 8 bytes)."""
+    n = keep.shape[0]
+    for b in range(mask.shape[0]):
+        byte = 0
+        for t in range(min(8, n - 8 * b)):
+            byte |= int(keep[8 * b + t]) << t
+        mask[b] = byte
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _magprune_pass(xs, base, outer, cols, inner, keys, densities, lows, steps, masks):
+    """DELLA's keep masks (sparsify.magprune), packed into masks[i] (_mask_bit). The tensor
+    is (outer, cols, inner) in C order; each of its rows (fixed outer and inner index, the
+    cols entries along dim 1) is ranked by |delta|: ascending rank r in 0..cols-1, equal
+    magnitudes ranked by index, the lower index higher (a stable sort of the row reversed).
+    Entry f of model i is kept where draws.uniforms(keys[i]) at f is below lows[i] + (r /
+    (cols - 1)) * steps[i] (density - epsilon, 2 epsilon: the reference's float64 order), or
+    below densities[i] in a row of one column; every entry where densities[i] >= 1. Groups
+    of GROUP_ROWS outer rows in parallel; returns per group the NaN/Inf entries of the base
+    (column 0) and of each model (column i + 1)."""
+    m = len(xs)
+    size = cols * inner  # entries per outer row
+    groups = (outer + GROUP_ROWS - 1) // GROUP_ROWS
+    bad = np.zeros((groups, m + 1), dtype=np.int64)
+    for g in numba.prange(groups):
+        s = g * GROUP_ROWS * size
+        e = min(outer, (g + 1) * GROUP_ROWS) * size
+        bad[g, 0] = _nonfinite_block(base[s:e])
+        keep = np.empty(e - s, dtype=np.uint8)
+        bits, bits_tmp = np.empty(cols, dtype=np.int32), np.empty(cols, dtype=np.int32)
+        order, order_tmp = np.empty(cols, dtype=np.int32), np.empty(cols, dtype=np.int32)
+        counts = np.empty(DIGITS, dtype=np.int32)
+        for i in range(m):
+            x, key, density = xs[i], keys[i], densities[i]
+            bad[g, i + 1] = _nonfinite_block(x[s:e])
+            if density >= 1.0:
+                keep[:] = 1
+            elif cols == 1:
+                for f in range(s, e):
+                    keep[f - s] = _uniform(key, f) < density
+            else:
+                for first in range(s, e, size):
+                    for k in range(inner):
+                        row = first + k  # the row's entry j is at row + j * inner
+                        for p in range(cols):
+                            j = cols - 1 - p
+                            bits[p] = _magnitude_bits(x, base, row + j * inner)
+                            order[p] = j
+                        ranked = _sort_by_bits(bits, order, bits_tmp, order_tmp, counts)
+                        for r in range(cols):
+                            f = row + ranked[r] * inner
+                            probability = lows[i] + (np.float64(r) / np.float64(cols - 1)) * steps[i]
+                            keep[f - s] = _uniform(key, f) < probability
+            _pack_bits(keep, masks[i][s >> 3 : (e + 7) >> 3])
+    return bad
+
+
+def fused_della(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    shape: tuple[int, ...],
+    weights: list[float],
+    densities: list[float],
+    epsilons: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """della (elect) / della_linear of one tensor of the given shape (inputs flat, in C
+    order): (merged flat array, kept, agreed), bit for bit methods.della / della_linear on
+    float32. A first pass ranks each row (dim 1) of each model's |delta| and draws its keep
+    mask (packed, one bit per entry: the only per-tensor memory besides the output); then
+    fused_dare's passes with those masks. Inputs, output and check_finite as for fused_ties."""
+    m, n = len(tensors), base.shape[0]
+    xs = tuple(tensors)
+    outer, cols, inner = rank_layout(shape)
+    masks = np.empty((m, (n + 7) // 8), dtype=np.uint8)
+    bad = _magprune_pass(
+        xs,
+        base,
+        outer,
+        cols,
+        inner,
+        np.array(keys, dtype=np.uint64),
+        np.array(densities, dtype=np.float64),
+        np.array([d - e for d, e in zip(densities, epsilons, strict=True)], dtype=np.float64),
+        np.array([2 * e for e in epsilons], dtype=np.float64),
+        masks,
+    )
+    if check_finite:
+        _raise_nonfinite(bad)
+    return _drawn_merge(
+        xs, base, masks, keys, densities, weights, slacks, rescale, elect, lam, normalize, out_bf16, check_finite
+    )
 
 
 def _raise_nonfinite(bad: np.ndarray) -> None:
@@ -902,6 +1116,28 @@ def _dare_fast_path(base, tensors, model_params, params, out_bf16=False, check_f
         tensors,
         [float(p["weight"]) for p in model_params],
         [float(p["density"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_bf16,
+        check_finite,
+    )
+    return (merged, kept, agreed) if elect else (merged, None, None)
+
+
+def _della_fast_path(
+    base, tensors, model_params, params, out_bf16=False, check_finite=False, *, tensor_name, shape, elect
+):
+    merged, kept, agreed = fused_della(
+        base,
+        tensors,
+        shape,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p["epsilon"]) for p in model_params],
         [float(p.get("slack", 0.0)) for p in model_params],
         [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
         bool(params["rescale"]),
@@ -1078,13 +1314,15 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 
 
 # method name -> fn(base, tensors, model_params, params, out_bf16, check_finite), and
-# tensor_name= for a random method (methods.MergeMethod.random: its draws depend on it)
+# tensor_name= for a random method (methods.MergeMethod.random: its draws depend on it),
+# shape= for one that ranks along rows (engine.SHAPED: DELLA)
 #   -> (flat array: float32, or bfloat16 bits with out_bf16; kept; agreed (None: no counts));
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
-# ties takes a slack too (slack_ties' election); only the DARE methods cover rescale, and
-# the breadcrumbs methods only up to engine.SUMMED_MODELS_MAX models, where torch's sum of
-# the reference's stacked models runs in model order (engine.covered checks both).
+# ties takes a slack too (slack_ties' election); only the DARE and DELLA methods cover
+# rescale (engine.RESCALED), and the breadcrumbs methods and della only up to
+# engine.SUMMED_MODELS_MAX models, where torch's sum of the reference's stacked models runs
+# in model order (engine.covered checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
@@ -1096,6 +1334,8 @@ FAST_PATHS: dict[str, Callable] = {
     "breadcrumbs_ties": partial(_breadcrumbs_fast_path, elect=True),
     "dare_linear": partial(_dare_fast_path, elect=False),
     "dare_ties": partial(_dare_fast_path, elect=True),
+    "della": partial(_della_fast_path, elect=True),
+    "della_linear": partial(_della_fast_path, elect=False),
 }
 
 

@@ -11,7 +11,9 @@ bits follow from doing exactly what the kernels do, in the same order, in float3
   magnitudes it picks, and kthvalue is slow on CUDA.
 - Ties at the threshold are kept in index order until exactly k entries survive.
 - DARE keeps an entry where its draw (draws.uniforms, on the CPU) is below the density;
-  with rescale, a first pass sums each model's exact L1 norms (l1.py) chunk by chunk.
+  DELLA where it is below the probability of its magnitude rank within its row (ranked by
+  a sort of unique int64 keys: the magnitude's bits, then the reversed index); with
+  rescale, a first pass sums each model's exact L1 norms (l1.py) chunk by chunk.
 - Per model, in model order: wd = (delta where kept, else 0) * L1 ratio (DARE's rescale;
   a ratio of 1 is skipped: the same bits) * w; total = wd * vote (first
   model), total = total + wd * vote (the others), the votes in float64 as the kernels take
@@ -39,7 +41,7 @@ import numpy as np
 
 from .draws import stream_key, uniforms
 from .l1 import EXPONENTS, exponent_sums, l1_ratio
-from .trim import outlier_ranks, trim_count
+from .trim import outlier_ranks, rank_layout, trim_count
 
 if TYPE_CHECKING:
     import torch
@@ -216,6 +218,51 @@ def cut_merge(
     return sparse_merge(base, tensors, weights, keeps, ratios, slacks, elect, lam, normalize, out_dtype)
 
 
+def _magprune_keep(
+    x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...], key: np.uint64, density: float, epsilon: float
+) -> Keep | None:
+    """The keep mask of DELLA's MagPrune (kernels._magprune_pass): each row along dim 1 of
+    the tensor of this shape (trim.rank_layout) ranked by |delta|, equal magnitudes by index
+    (the lower ranks higher), and entry f kept where its draw (draws.py, on the CPU) is below
+    (density - epsilon) + (rank / (cols - 1)) * (2 epsilon), in float64 in that order; below
+    density in rows of one column. A chunk's mask ranks the whole outer rows it touches,
+    from the raw inputs. None (every entry) when density >= 1."""
+    import torch
+
+    if density >= 1:
+        return None
+    outer, cols, inner = rank_layout(shape)
+    size = cols * inner
+    dev = base.device
+    low, step = density - epsilon, 2 * epsilon
+    divisor = torch.tensor(float(cols - 1), dtype=torch.float64, device=dev)  # a true division on CUDA too
+    last: dict[tuple[int, int], torch.Tensor] = {}  # the rows ranked last: a long row spans chunks
+
+    def keep(s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        if cols == 1:
+            return torch.from_numpy(uniforms(key, s, e) < density).to(dev)
+        first, stop = s // size * size, -(-e // size) * size  # the outer rows the chunk touches
+        if (first, stop) not in last:
+            last.clear()
+            last[first, stop] = rows_keep(first, stop)
+        return last[first, stop][s - first : e - first]
+
+    def rows_keep(first: int, stop: int) -> torch.Tensor:
+        rows = (stop - first) // size
+        bits = magnitude_bits(_delta(x, base, first, stop)).view(rows, cols, inner).transpose(1, 2)
+        column = torch.arange(cols, dtype=torch.int64, device=dev)
+        # unique keys: ascending magnitude, and among equal ones the higher index first
+        order = torch.sort((bits.to(torch.int64) << 32) | (cols - 1 - column), dim=-1).indices
+        del bits
+        ranks = torch.empty_like(order).scatter_(-1, order, column.expand_as(order))
+        del order
+        probability = (ranks.to(torch.float64) / divisor * step + low).transpose(1, 2).reshape(-1)
+        del ranks
+        return torch.from_numpy(uniforms(key, first, stop)).to(dev) < probability
+
+    return keep
+
+
 def dare_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -233,9 +280,52 @@ def dare_merge(
     equal bit for bit to kernels.fused_dare: with rescale, a first pass over the chunks sums
     the exact L1 norms (l1.py) of every delta and of its kept entries. Returns what
     ties_merge returns (no kept/agreed counts without elect: None)."""
+    keeps: list[Keep | None] = [_draw_keep(key, d) for key, d in zip(keys, densities, strict=True)]
+    return drawn_merge(base, tensors, weights, keeps, slacks, rescale, elect, lam, normalize, out_dtype)
+
+
+def della_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    shape: tuple[int, ...],
+    weights: list[float],
+    densities: list[float],
+    epsilons: list[float],
+    slacks: list[float],
+    keys: list[np.uint64],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int] | None, list[int] | None, list[int], int, int]:
+    """della (elect) / della_linear of one tensor of the given shape, given as raw flat inputs
+    on one device, equal bit for bit to kernels.fused_della: dare_merge with MagPrune's
+    masks (_magprune_keep) in place of the draws."""
+    keeps = [
+        _magprune_keep(x, base, shape, key, d, eps)
+        for x, key, d, eps in zip(tensors, keys, densities, epsilons, strict=True)
+    ]
+    return drawn_merge(base, tensors, weights, keeps, slacks, rescale, elect, lam, normalize, out_dtype)
+
+
+def drawn_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    keeps: list[Keep | None],
+    slacks: list[float],
+    rescale: bool,
+    elect: bool,
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, list[int] | None, list[int] | None, list[int], int, int]:
+    """DARE's and DELLA's merge after the keep masks: with rescale, a first pass over the
+    chunks sums the exact L1 norms (l1.py) of every delta and of its kept entries; then
+    sparse_merge. Returns what ties_merge returns (no kept/agreed counts without elect: None)."""
     import torch
 
-    keeps: list[Keep | None] = [_draw_keep(key, d) for key, d in zip(keys, densities, strict=True)]
     ratios = [1.0] * len(tensors)
     if rescale:
         zero = torch.zeros((), dtype=torch.float32, device=base.device)
@@ -244,9 +334,8 @@ def dare_merge(
             b = to_float32(base[s:e])
             for i, (x, keep) in enumerate(zip(tensors, keeps, strict=True)):
                 delta = to_float32(x[s:e]) - b
-                assert keep is not None
                 sums[i, 0] += exponent_sums(delta)
-                sums[i, 1] += exponent_sums(torch.where(keep(s, e, delta), delta, zero))
+                sums[i, 1] += exponent_sums(delta if keep is None else torch.where(keep(s, e, delta), delta, zero))
         ratios = [l1_ratio(before, after) for before, after in sums]
     merged, kept, agreed, *bad = sparse_merge(
         base, tensors, weights, keeps, ratios, slacks, elect, lam, normalize, out_dtype
@@ -510,6 +599,25 @@ def torch_dare(base, tensors, model_params, params, out_dtype, *, tensor_name, e
     )
 
 
+def torch_della(base, tensors, model_params, params, out_dtype, *, tensor_name, shape, elect):
+    """della (elect) or della_linear with the recipe's parameters: see della_merge."""
+    return della_merge(
+        base,
+        tensors,
+        shape,
+        [float(p["weight"]) for p in model_params],
+        [float(p["density"]) for p in model_params],
+        [float(p["epsilon"]) for p in model_params],
+        [float(p.get("slack", 0.0)) for p in model_params],
+        [stream_key(params["seed"], tensor_name, i) for i in range(len(tensors))],
+        bool(params["rescale"]),
+        elect,
+        float(params["lambda"]),
+        bool(params["normalize"]),
+        out_dtype,
+    )
+
+
 TORCH_METHODS: dict[str, Callable] = {
     "ties": torch_ties,
     "slack_ties": torch_ties,
@@ -521,6 +629,8 @@ TORCH_METHODS: dict[str, Callable] = {
     "breadcrumbs_ties": partial(torch_breadcrumbs, elect=True),
     "dare_linear": partial(torch_dare, elect=False),
     "dare_ties": partial(torch_dare, elect=True),
+    "della": partial(torch_della, elect=True),
+    "della_linear": partial(torch_della, elect=False),
 }
 
 

@@ -22,3 +22,13 @@ def outlier_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
     target, top = int(density * numel), int(gamma * numel)
     dropped = numel - max(0, numel - target - top) - target
     return dropped, dropped + target
+
+
+def rank_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """DELLA's rows (sparsify.magprune) as (outer, cols, inner): a tensor of this shape, in C
+    order, is `outer` blocks of `cols` x `inner` entries; each row to rank is the cols
+    entries along dim 1 at one outer and one inner index (stride inner). A tensor of fewer
+    than 2 dimensions is one row."""
+    if len(shape) < 2:
+        return 1, math.prod(shape), 1
+    return shape[0], shape[1], math.prod(shape[2:])
