@@ -465,6 +465,8 @@ def methods_table(result: dict) -> str:
 
 def methods_floor_table(result: dict, floor: dict) -> str:
     """methods_table with CPU time and the ratio of wall time to the I/O floor's."""
+    from lrmerge_hub.merge.methods import METHODS
+
     rows = [
         (
             "| method | run | wall s | CPU s | peak RSS GB | wall / mergekit | CPU / mergekit | RSS / mergekit "
@@ -474,7 +476,8 @@ def methods_floor_table(result: dict, floor: dict) -> str:
     ]
     for method, row in result["methods"].items():
         agree = row.get("agreement_float32")
-        agreed = "random" if agree is None else f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} differ)"
+        unmeasured = "random" if METHODS[method].random else "not compared in this run"
+        agreed = unmeasured if agree is None else f"{agree['max_rel_error']:.1e} ({agree['differing_entries']} differ)"
         mk = row.get("mergekit")
         if mk is None:
             agreed = "not in mergekit"
