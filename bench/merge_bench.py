@@ -213,6 +213,10 @@ def measure(cmd: list[str]) -> dict[str, float]:
     return res
 
 
+# what every `lrmerge merge` pays before it reads a byte: the interpreter and our imports
+START_UP = "import torch, numba, lrmerge_hub.cli, lrmerge_hub.merge.engine, lrmerge_hub.merge.kernels"
+
+
 def ours_cmd(recipe: Path, out: Path, device: str = "cpu", engine: str = "kernels") -> list[str]:
     return [
         sys.executable,
@@ -378,7 +382,7 @@ def method_configs(work: Path, fam: dict[str, Path], method: str, out_dtype: str
     return paths
 
 
-def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
+def run_methods(a: argparse.Namespace, mk_exe: Path | None) -> dict:
     """Every method of METHOD_CASES, ours and mergekit's, once each at the benchmark's first
     size; and, for the deterministic ones, agreement on a float32-input family."""
     from lrmerge_hub.merge.methods import METHODS
@@ -394,21 +398,30 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
     rows = {}
     warm_up = method_configs(work, fam, "ties", a.dtype, a.mergekit_dtype)[0]
     measure(ours_cmd(warm_up, work / "warm-up"))  # numba's on-disk cache, the page cache
-    for method in a.only or ():  # and the kernels of the methods measured (fused ones compile once)
+    from lrmerge_hub.merge.kernels import FAST_PATHS
+
+    for method in [m for m in a.only or METHOD_CASES if m in FAST_PATHS]:  # and their kernels (compiled once)
         measure(ours_cmd(method_configs(work, fam, method, a.dtype, a.mergekit_dtype)[0], work / "warm-up"))
     settle(fam, work / "io-floor")
     floor = measure(io_floor_cmd(fam, work / "io-floor"))
     print(f"  {'I/O floor':18s} wall {floor['wall_s']:6.2f} s  cpu {floor['cpu_s']:6.2f} s", flush=True)
+    start_up = measure([sys.executable, "-c", START_UP])
+    print(f"  {'start-up':18s} wall {start_up['wall_s']:6.2f} s  cpu {start_up['cpu_s']:6.2f} s", flush=True)
+    earlier = json.loads(a.mergekit_from.read_text())["methods"] if a.mergekit_from else None
     for method in a.only or METHOD_CASES:
         ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
         row = {}
-        in_mergekit = method not in MERGEKIT_ONLY_IN_OURS
+        in_mergekit = method not in MERGEKIT_ONLY_IN_OURS and (mk_exe is not None or earlier is not None)
         for who, cmd, out in (("ours", ours_cmd, work / f"ours-{method}"), ("mergekit", None, work / f"mk-{method}")):
             if cmd is None and not in_mergekit:
                 continue
+            if cmd is None and earlier is not None:  # mergekit's row of an earlier run (--mergekit-from)
+                if "mergekit" in earlier.get(method, {}):
+                    row[who] = earlier[method]["mergekit"]
+                continue
             settle(fam, out)
             row[who] = measure(ours_cmd(ours_yaml, out) if cmd else mergekit_cmd(mk_exe, mk_yaml, out))
-        if not METHODS[method].random and a.exact_layers and in_mergekit:
+        if not METHODS[method].random and a.exact_layers and in_mergekit and mk_exe is not None:
             ours_f32, mk_f32 = method_configs(work / "float32", exact_fam, method, "float32", "float32")
             measure(ours_cmd(ours_f32, work / "float32" / f"ours-{method}"))
             measure(mergekit_cmd(mk_exe, mk_f32, work / "float32" / f"mk-{method}"))
@@ -429,6 +442,8 @@ def run_methods(a: argparse.Namespace, mk_exe: Path) -> dict:
         "dtype": a.dtype,
         "exact_layers": a.exact_layers,
         "io_floor": floor,
+        "start_up": start_up,
+        **({"mergekit_from": str(a.mergekit_from)} if a.mergekit_from else {}),
         "methods": rows,
     }
 
@@ -684,6 +699,12 @@ def main() -> None:
         "--layers 2 --vocab 4000 --heads 4 --exact-layers 1), and float32 agreement",
     )
     p.add_argument(
+        "--mergekit-from",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="with --methods: take mergekit's rows from an earlier run of the same family instead of running it",
+    )
+    p.add_argument(
         "--only",
         nargs="+",
         choices=sorted(METHOD_CASES),
@@ -696,10 +717,8 @@ def main() -> None:
         print("\n\n".join(methods_table(d) if "methods" in d else table(d["sizes"]) for d in data))
         return
 
-    mk_exe = None if a.no_mergekit else ensure_mergekit()
+    mk_exe = None if a.no_mergekit or a.mergekit_from else ensure_mergekit()
     if a.methods:
-        if mk_exe is None:
-            raise SystemExit("--methods compares with mergekit: drop --no-mergekit")
         result = {"machine": machine(), "mergekit": MERGEKIT_VERSION, **run_methods(a, mk_exe)}
         result["machine"]["load_avg_at_end"] = os.getloadavg()
         print(methods_table(result))
