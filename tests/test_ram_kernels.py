@@ -21,8 +21,8 @@ from lrmerge_hub.merge.methods import METHODS, _ram_terms, _layer_swap_shares
 from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, host_tensor
 from tests.test_elementwise_kernels import bits
 
-# 1-D: a scalar's one entry, 7, one more than a block, uneven parallel chunks; 2-D
-SHAPES = [(1,), (7,), (kernels.BLOCK + 1,), (kernels.CHUNKS * kernels.BLOCK * 3 + 13,), (203, 67)]
+# a scalar; 1-D: one entry, 7, one more than a block, uneven parallel chunks; 2-D
+SHAPES = [(), (1,), (7,), (kernels.BLOCK + 1,), (kernels.CHUNKS * kernels.BLOCK * 3 + 13,), (203, 67)]
 RAM_CASES = [  # (method, models, params)
     ("ram", 2, {"epsilon": 1e-5}),
     ("ram", 3, {"epsilon": 0.02}),

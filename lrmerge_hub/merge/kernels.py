@@ -1555,8 +1555,9 @@ def fused_layer_swap(
         if out_bf16 == (x.dtype == np.uint16):
             out = x
         elif out_bf16:  # float32 in, bfloat16 out: rounded, which may overflow
-            out = float32_to(x, "BF16")
-            bad[0, -1] = np.count_nonzero((out & 0x7F80) == 0x7F80)
+            rounded = float32_to(x, "BF16")
+            bad[0, -1] = np.count_nonzero((rounded & 0x7F80) == 0x7F80)  # exponent all ones
+            out = rounded
         else:
             out = as_float32(x, True)
     if check_finite:
