@@ -421,12 +421,13 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
-# torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean) adds
-# them in order from +0.0 for up to 4 models; for more, part of the entries (where depends on
-# the CPU's vector width and the thread split) are added in another order, which the kernels
-# do not follow. Past this the reference runs for the breadcrumbs methods and della.
+# torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean, RAM's
+# merged terms) adds them in order from +0.0 for up to 4 models; for more, part of the
+# entries (where depends on the CPU's vector width and the thread split) are added in
+# another order, which the kernels do not follow. Past this the reference runs for the
+# breadcrumbs methods, della, ram and ramplus_tl.
 SUMMED_MODELS_MAX = 4
-SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della")
+SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "ram", "ramplus_tl")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 # methods whose fast paths rank entries along the rows (dim 1): they take the merged shape=
@@ -436,8 +437,8 @@ SHAPED = frozenset({"della", "della_linear"})
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs and
-    della, the models a sum in order covers (SUMMED_MODELS_MAX)."""
+    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs,
+    della and RAM, the models a sum in order covers (SUMMED_MODELS_MAX)."""
     if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
         return False
     return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)

@@ -1320,9 +1320,9 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 # the engine uses these on CPU instead of the reference in methods.METHODS. base is None for
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
 # ties takes a slack too (slack_ties' election); only the DARE and DELLA methods cover
-# rescale (engine.RESCALED), and the breadcrumbs methods and della only up to
-# engine.SUMMED_MODELS_MAX models, where torch's sum of the reference's stacked models runs
-# in model order (engine.covered checks both).
+# rescale (engine.RESCALED), and the breadcrumbs methods, della, ram and ramplus_tl (added
+# at the end of this file with layer_swap) only up to engine.SUMMED_MODELS_MAX models, where
+# torch's sum of the reference's stacked models runs in model order (engine.covered checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
     "slack_ties": _ties_fast_path,
@@ -1352,3 +1352,229 @@ def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
     else:
         t, limit = _exact_select(magnitudes, zeros, k)
     return float(_magnitudes(t)), int(limit)
+
+
+# -- RAM, RAM+ (tensor-local) and layer swapping -----------------------------------------------
+# methods.ram and ramplus_tl are elementwise across the models once each entry's count of
+# changing models is known, so a block of every input (in cache) gives its count, then its
+# terms: one read of each input and one write, with no float32 copy of a tensor. Each entry
+# follows the reference's float32 operations in order: tv = x - base; tvz = tv * 1.0 or
+# tv * 0.0 (torch's float * bool, so -0.0 stays possible); term = tvz * unique (* gain, RAM+)
+# + tvz * overlap / max(count, 1) (torch's float / int64 is a float32 division); the models'
+# terms summed from +0.0 in model order (torch's stacked sum over up to
+# engine.SUMMED_MODELS_MAX models); base + that. epsilon is compared as a float32, as torch
+# compares a float32 tensor with a Python float. RAM+ first counts each model's changed
+# entries that another model changed too (shared) or that none did (unique) in a pass of its
+# own; its gains come from methods.ramplus_gains (torch) so that their bits are the reference's.
+
+
+@numba.njit(cache=True, nogil=True)
+def _ram_count_block(x, base, eps, counts, first):
+    """counts (=, when first, else +=) 1 where |x - base| > eps. Returns how many entries of x
+    are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(counts.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        changed = np.int32(abs(v - _load(base, j)) > eps)
+        counts[j] = changed if first else counts[j] + changed
+    return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _ram_tally_block(x, base, eps, counts):
+    """(entries x changed that another model changed too, entries x alone changed)."""
+    shared = np.int32(0)
+    unique = np.int32(0)
+    for j in range(counts.shape[0]):
+        changed = abs(_load(x, j) - _load(base, j)) > eps
+        shared = np.int32(shared + (changed & (counts[j] > 1)))
+        unique = np.int32(unique + (changed & (counts[j] == 1)))
+    return shared, unique
+
+
+@numba.njit(cache=True, nogil=True)
+def _ram_term_block(x, base, eps, gain, counts, acc, first):
+    """acc = (+0.0 when first, else acc) + the model's term (see the section's comment)."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    for j in range(acc.shape[0]):
+        tv = _load(x, j) - _load(base, j)
+        tvz = tv * (one if abs(tv) > eps else zero)
+        c = counts[j]
+        unique = one if c == 1 else zero
+        overlap = one if c > 1 else zero
+        term = tvz * unique * gain + tvz * overlap / np.float32(max(c, 1))
+        acc[j] = (zero if first else acc[j]) + term
+
+
+@numba.njit(cache=True, nogil=True)
+def _ram_write_block(base, acc, out):
+    """out = base + acc. Returns how many entries of out (as stored) are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(acc.shape[0]):
+        _store(out, j, _load(base, j) + acc[j])
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _ram_pass(xs, base, eps, gains, merge, out):
+    """Over blocks of every chunk, in parallel: each entry's count of changing models, then
+    with merge the merged output, else each model's shared and unique changed entries.
+    Returns per chunk the NaN/Inf entries of the base (column 0), of each model (column
+    i + 1) and of the output (last column), and the shared (row 0) and unique (row 1) counts."""
+    m, n = len(xs), base.shape[0]
+    bad = np.zeros((CHUNKS, m + 2), dtype=np.int64)
+    tally = np.zeros((CHUNKS, 2, m), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        counts = np.empty(BLOCK, dtype=np.int32)
+        acc = np.empty(BLOCK, dtype=np.float32)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bb, k, a = base[s:e], counts[: e - s], acc[: e - s]
+            bad[c, 0] += _nonfinite_block(bb)
+            for i in range(m):
+                bad[c, i + 1] += _ram_count_block(xs[i][s:e], bb, eps, k, i == 0)
+            if merge:
+                for i in range(m):
+                    _ram_term_block(xs[i][s:e], bb, eps, gains[i], k, a, i == 0)
+                bad[c, m + 1] += _ram_write_block(bb, a, out[s:e])
+            else:
+                for i in range(m):
+                    shared, unique = _ram_tally_block(xs[i][s:e], bb, eps, k)
+                    tally[c, 0, i] += shared
+                    tally[c, 1, i] += unique
+    return bad, tally
+
+
+def _raise_bad(bad: np.ndarray, has_base: bool) -> None:
+    """NonFiniteInput for the first input (the base first, when there is one) with NaN/Inf,
+    else NonFiniteOutput for the output's, from per-chunk counts (inputs, then the output's
+    last column)."""
+    totals = bad.sum(0)
+    if totals[:-1].any():
+        raise NonFiniteInput(int(np.flatnonzero(totals[:-1])[0]) - has_base)
+    if totals[-1]:
+        raise NonFiniteOutput(int(totals[-1]))
+
+
+def _float32_epsilon(epsilon: float) -> np.float32:
+    with np.errstate(over="ignore"):  # past float32's range it is Inf, as torch casts it
+        return np.float32(epsilon)
+
+
+def fused_ram(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    epsilon: float,
+    gain: Callable[[list[int], list[int]], list[float]] | None = None,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> np.ndarray:
+    """methods.ram (gain None) or, with gain (each model's from its shared and unique changed
+    entries: methods.ramplus_gains), methods.ramplus_tl of one tensor, bit for bit on float32,
+    for up to engine.SUMMED_MODELS_MAX models. Inputs as for fused_ties; the result is
+    float32, or bfloat16 bits with out_bf16. With check_finite a NaN or Inf in any input
+    raises NonFiniteInput, and one in the output NonFiniteOutput."""
+    xs, eps, n = tuple(tensors), _float32_epsilon(epsilon), base.shape[0]
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    gains = np.ones(len(tensors), dtype=np.float32)  # times 1.0 is the same bits: RAM is RAM+ without gain
+    if gain is not None:
+        bad, tally = _ram_pass(xs, base, eps, gains, False, out)
+        if check_finite:
+            _raise_bad(bad, True)
+        shared, unique = tally.sum(0).tolist()
+        gains = np.array(gain(shared, unique), dtype=np.float32)
+    bad, _ = _ram_pass(xs, base, eps, gains, True, out)
+    if check_finite:
+        _raise_bad(bad, True)
+    return out
+
+
+def _ramplus_gains(params: dict[str, Any]) -> Callable[[list[int], list[int]], list[float]]:
+    """The reference's gains (methods.ramplus_gains, in torch) from the counts."""
+
+    def gain(shared: list[int], unique: list[int]) -> list[float]:
+        import torch
+
+        from .methods import ramplus_gains
+
+        return ramplus_gains(torch.tensor(shared), torch.tensor(unique), params).tolist()
+
+    return gain
+
+
+def _ram_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, plus):
+    gain = _ramplus_gains(params) if plus else None
+    return fused_ram(base, tensors, float(params["epsilon"]), gain, out_bf16, check_finite), None, None
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_block(x0, x1, s0, s1, out):
+    """out = s0 * x0 + s1 * x1, each product rounded (no fused multiply-add, as torch's
+    separate operations). Returns how many entries of out (as stored) are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        _store(out, j, s0 * _load(x0, j) + s1 * _load(x1, j))
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _swap_pass(xs, shares, blend, out):
+    """Per chunk, the NaN/Inf entries of each input (column i) and, with blend, of the output
+    shares[0] * xs[0] + shares[1] * xs[1] (last column)."""
+    m, n = len(xs), xs[0].shape[0]
+    bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            for i in range(m):
+                bad[c, i] += _nonfinite_block(xs[i][s:e])
+            if blend:
+                bad[c, m] += _blend_block(xs[0][s:e], xs[1][s:e], shares[0], shares[1], out[s:e])
+    return bad
+
+
+def fused_layer_swap(
+    tensors: list[np.ndarray], shares: list[float], out_bf16: bool = False, check_finite: bool = False
+) -> np.ndarray:
+    """methods.layer_swap of one tensor, bit for bit: where a share is 1.0, that model's
+    tensor itself (the input array, not a copy, when it is already in the output's form:
+    bfloat16 bits with out_bf16, else float32), else shares[0] * x0 + shares[1] * x1 with
+    the shares rounded to float32 as torch rounds a Python scalar. Both inputs are checked
+    for NaN/Inf either way (the reference refuses them)."""
+    whole = shares.index(1.0) if 1.0 in shares else None
+    n = tensors[0].shape[0]
+    out = np.empty(0 if whole is not None else n, dtype=np.uint16 if out_bf16 else np.float32)
+    bad = _swap_pass(tuple(tensors), np.array(shares, dtype=np.float32), whole is None, out)
+    if whole is not None:
+        x = tensors[whole]
+        if out_bf16 == (x.dtype == np.uint16):
+            out = x
+        elif out_bf16:  # float32 in, bfloat16 out: rounded, which may overflow
+            rounded = float32_to(x, "BF16")
+            bad[0, -1] = np.count_nonzero((rounded & 0x7F80) == 0x7F80)  # exponent all ones
+            out = rounded
+        else:
+            out = as_float32(x, True)
+    if check_finite:
+        _raise_bad(bad, False)
+    return out
+
+
+def _layer_swap_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    """The shares come per tensor (methods._layer_swap_shares); the method takes no base."""
+    shares = [float(p["share"]) for p in model_params]
+    return fused_layer_swap(tensors, shares, out_bf16, check_finite), None, None
+
+
+FAST_PATHS.update(
+    {
+        "ram": partial(_ram_fast_path, plus=False),
+        "ramplus_tl": partial(_ram_fast_path, plus=True),
+        "layer_swap": _layer_swap_fast_path,
+    }
+)

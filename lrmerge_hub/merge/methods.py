@@ -891,6 +891,14 @@ def ram(base, tensors, model_params, params):
     return base + merged.reshape(base.shape), None
 
 
+def ramplus_gains(shared_n, unique_n, params):
+    """Each model's gain on its unique entries (float32, as torch computes it from the int64
+    counts of its changed entries that another model changed too, and that none did): 1 +
+    r * rho, rho = shared / unique entries capped at alpha. The fast paths call it too."""
+    rho = shared_n / unique_n.clamp(min=params["epsilon"])
+    return 1 + params["r"] * rho.clamp(min=0, max=params["alpha"])
+
+
 @merge_method(
     "ramplus_tl",
     needs_base=True,
@@ -907,10 +915,7 @@ def ramplus_tl(base, tensors, model_params, params):
     """RAM+ (tensor-local): RAM, with each model's unique entries scaled up by r times its ratio of
     shared to unique entries, capped at alpha."""
     tvz, changed, counts, overlap, unique = _ram_terms(base, tensors, params["epsilon"])
-    shared_n = (changed & overlap).sum(dim=1)
-    unique_n = (changed & unique).sum(dim=1)
-    rho = shared_n / unique_n.clamp(min=params["epsilon"])
-    gain = 1 + params["r"] * rho.clamp(min=0, max=params["alpha"])
+    gain = ramplus_gains((changed & overlap).sum(dim=1), (changed & unique).sum(dim=1), params)
     merged = (tvz * unique * gain.unsqueeze(-1) + tvz * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
     return base + merged.reshape(base.shape), None
 

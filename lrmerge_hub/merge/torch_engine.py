@@ -785,3 +785,134 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+# -- RAM, RAM+ (tensor-local) and layer swapping -----------------------------------------------
+# kernels.fused_ram and fused_layer_swap chunk by chunk, in the reference's own torch
+# operations (methods.ram, ramplus_tl, layer_swap) on each chunk: every entry's value depends
+# on that entry alone once RAM+'s gains are known (a counting pass of its own, as the
+# kernels'), and the models' terms are summed from +0.0 in model order, as the reference's
+# stacked sum adds up to engine.SUMMED_MODELS_MAX models.
+
+
+def _ram_chunk(
+    base: torch.Tensor, tensors: list[torch.Tensor], eps: torch.Tensor, s: int, e: int, bad: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(float32 base, task vectors, changed masks, per entry how many models changed it) of
+    entries s..e-1, adding the inputs' NaN/Inf entries to bad (base first)."""
+    import torch
+
+    b = to_float32(base[s:e])
+    bad[0] += (~torch.isfinite(b)).sum()
+    tvs, changed = [], []
+    for i, x in enumerate(tensors):
+        xi = to_float32(x[s:e])
+        bad[i + 1] += (~torch.isfinite(xi)).sum()
+        tv = xi - b
+        tvs.append(tv)
+        changed.append(tv.abs() > eps)
+    return b, tvs, changed, torch.stack(changed).sum(dim=0)
+
+
+def ram_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    epsilon: float,
+    params: dict[str, Any] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, None, None, list[int], int, int]:
+    """methods.ram, or with params (r, alpha, epsilon) methods.ramplus_tl, of one tensor given
+    as raw flat inputs on one device, equal bit for bit to kernels.fused_ram. Returns what
+    ties_merge returns, with no kept/agreed counts (None)."""
+    import torch
+
+    from .methods import ramplus_gains
+
+    dev, f32 = base.device, torch.float32
+    eps = torch.tensor(epsilon, dtype=f32, device=dev)  # compared as float32, as torch takes a Python float
+    zero = torch.zeros((), dtype=f32, device=dev)
+    n, m = base.numel(), len(tensors)
+    bad = torch.zeros(m + 3, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+    gains: list[torch.Tensor] | None = None
+    if params is not None:  # RAM+: each model's changed entries shared with another model, and unique
+        tally = torch.zeros((2, m), dtype=torch.int64, device=dev)
+        for s, e in chunks(n):
+            _, _, changed, counts = _ram_chunk(base, tensors, eps, s, e, bad)
+            for i, ch in enumerate(changed):
+                tally[0, i] += (ch & (counts > 1)).sum()
+                tally[1, i] += (ch & (counts == 1)).sum()
+        gains = list(ramplus_gains(tally[0].cpu(), tally[1].cpu(), params).to(dev))
+        bad.zero_()  # counted again below
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    for s, e in chunks(n):
+        b, tvs, changed, counts = _ram_chunk(base, tensors, eps, s, e, bad)
+        unique, overlap, divisor = counts == 1, counts > 1, counts.clamp(min=1)
+        acc = zero
+        for i, (tv, ch) in enumerate(zip(tvs, changed, strict=True)):
+            tvz = tv * ch
+            kept = tvz * unique if gains is None else tvz * unique * gains[i]
+            acc = acc + (kept + tvz * overlap / divisor)
+        del tvs, changed
+        result = b + acc
+        bad[-2] += (~torch.isfinite(result)).sum()
+        stored = result.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts_ = bad.tolist()
+    return out, None, None, counts_[:-2], counts_[-2], counts_[-1]
+
+
+def torch_ram(base, tensors, model_params, params, out_dtype, *, plus=False):
+    """ram, or ramplus_tl (plus), with the recipe's parameters: see ram_merge."""
+    return ram_merge(base, tensors, float(params["epsilon"]), params if plus else None, out_dtype)
+
+
+def layer_swap_merge(
+    tensors: list[torch.Tensor], shares: list[float], out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, None, None, list[int], int, int]:
+    """methods.layer_swap of one tensor given as raw flat inputs on one device, equal bit for
+    bit to kernels.fused_layer_swap: where a share is 1.0, that model's tensor (the raw input
+    itself when it is already in the output dtype), else shares[0] * x0 + shares[1] * x1
+    with the shares as float32 tensors (two roundings and a third for the sum: no fused
+    multiply-add). Returns what ties_merge returns, with no counts (None)."""
+    import torch
+
+    dev, f32 = tensors[0].device, torch.float32
+    out_dtype = out_dtype or f32
+    whole = tensors[shares.index(1.0)] if 1.0 in shares else None
+    if whole is not None and whole.dtype == torch.int16:
+        whole = whole.view(torch.bfloat16)  # bfloat16 bits
+    s32 = [torch.tensor(v, dtype=f32, device=dev) for v in shares]
+    n = tensors[0].numel()
+    bad = torch.zeros(len(tensors) + 2, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+    out = whole if whole is not None and whole.dtype == out_dtype else torch.empty(n, dtype=out_dtype, device=dev)
+    for s, e in chunks(n):
+        xs = [to_float32(x[s:e]) for x in tensors]
+        for i, xi in enumerate(xs):
+            bad[i] += (~torch.isfinite(xi)).sum()
+        if out is whole:
+            continue
+        if whole is not None:
+            result = whole[s:e].to(f32)
+        else:
+            result = s32[0] * xs[0] + s32[1] * xs[1]
+            bad[-2] += (~torch.isfinite(result)).sum()
+        stored = result.to(out_dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, counts[:-2], counts[-2], counts[-1]
+
+
+def torch_layer_swap(base, tensors, model_params, params, out_dtype):
+    """layer_swap with this tensor's shares (methods._layer_swap_shares); it takes no base."""
+    return layer_swap_merge(tensors, [float(p["share"]) for p in model_params], out_dtype)
+
+
+TORCH_METHODS.update(
+    {
+        "ram": torch_ram,
+        "ramplus_tl": partial(torch_ram, plus=True),
+        "layer_swap": torch_layer_swap,
+    }
+)
