@@ -348,14 +348,17 @@ def merge_with_torch(
     has_base = BASE in keys
     fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params, len(model_params)) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
-        merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
-            raw[0] if has_base else None,
-            raw[int(has_base) :],
-            model_params,
-            params,
-            torch_dtype(job.out_dtype),
-            **fast_path_args(method, job),
-        )
+        try:
+            merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
+                raw[0] if has_base else None,
+                raw[int(has_base) :],
+                model_params,
+                params,
+                torch_dtype(job.out_dtype),
+                **fast_path_args(method, job),
+            )
+        except DegenerateInput as e:  # a fast path that ran the reference (multislerp's degenerate inputs)
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
                 raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
@@ -436,9 +439,12 @@ SHAPED = frozenset({"della", "della_linear"})
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs and
-    della, the models a sum in order covers (SUMMED_MODELS_MAX)."""
+    one always), no L1 rescale unless they implement it (RESCALED), for breadcrumbs and
+    della, the models a sum in order covers (SUMMED_MODELS_MAX), and one vector per tensor
+    for nuslerp and model_stock (their row-wise variants run the reference)."""
     if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
+        return False
+    if params.get("nuslerp_flatten") is False or params.get("filter_wise"):  # one vector per row: the reference
         return False
     return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)
 
@@ -489,6 +495,8 @@ def merge_tensor(
             raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None
         except NonFiniteOutput as e:
             raise nonfinite_output(job, e.count, model_params, params, True) from None
+        except DegenerateInput as e:  # a fast path that ran the reference (multislerp's degenerate inputs)
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         if job.out_dtype not in ("BF16", "F32"):
             merged = float32_to(merged, job.out_dtype)
     else:  # the reference function, on the CPU, reading the mapped inputs in place

@@ -785,3 +785,150 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+# -- spherical methods: slerp, nuslerp, multislerp, model_stock ---------------------------------
+# The kernels' two passes (kernels.py, spherical section): the scalars from sphere_scalars.py
+# (the reference's own torch reductions, on the CPU), then each chunk combined on the device
+# in the reference's float32 order. Scalars go to the device as tensors: divided by a CPU
+# scalar, CUDA would multiply by its reciprocal instead.
+
+
+def _finite_counts(inputs: list[torch.Tensor]) -> list[int]:
+    import torch
+
+    return [int(sum((~torch.isfinite(to_float32(x[s:e]))).sum() for s, e in chunks(x.numel()))) for x in inputs]
+
+
+def _two_point_merge(x0, x1, base, deltas, add_base, c0, c1, post, d, out_dtype):
+    """kernels._two_point chunk by chunk: [base +] ((c0 * v0 + c1 * v1) [post d]), v = x
+    [- base]. post is "divide", "multiply" or None. Returns (out, NaN/Inf entries per
+    input (base first when given), of the float32 result, of the stored result)."""
+    import torch
+
+    dev = x0.device
+    c0, c1, d = (c.to(dev) for c in (c0, c1, d))
+    n = x0.numel()
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(5, dtype=torch.int64, device=dev)  # base, x0, x1, float32 result, stored
+    for s, e in chunks(n):
+        v0, v1 = to_float32(x0[s:e]), to_float32(x1[s:e])
+        b = to_float32(base[s:e]) if base is not None else None
+        if b is not None:
+            bad[0] += (~torch.isfinite(b)).sum()
+        bad[1] += (~torch.isfinite(v0)).sum()
+        bad[2] += (~torch.isfinite(v1)).sum()
+        if deltas:
+            v0, v1 = v0 - b, v1 - b
+        r = c0 * v0 + c1 * v1
+        del v0, v1
+        if post == "divide":
+            r = r / d
+        elif post == "multiply":
+            r = r * d
+        if add_base:
+            r = b + r
+        bad[3] += (~torch.isfinite(r)).sum()
+        stored = r.to(out.dtype)
+        out[s:e] = stored
+        bad[4] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, counts[:3], counts[3], counts[4]
+
+
+def torch_slerp(base, tensors, model_params, params, out_dtype):
+    """slerp from the base toward the one model: see kernels._slerp_fast_path."""
+    from .sphere_scalars import slerp_coefficients
+
+    c0, c1 = slerp_coefficients(float(params["t"]), base.cpu(), tensors[0].cpu())
+    out, bad, bad_float32, bad_stored = _two_point_merge(base, tensors[0], None, False, False, c0, c1, None, c0, out_dtype)
+    return out, None, None, bad[1:3], bad_float32, bad_stored
+
+
+def torch_nuslerp(base, tensors, model_params, params, out_dtype):
+    """nuslerp of one vector per tensor: see kernels._nuslerp_fast_path."""
+    from .geometric import interpolation_fraction
+    from .sphere_scalars import nuslerp_coefficients
+
+    t = interpolation_fraction([p["weight"] for p in model_params])
+    x0, x1 = tensors
+    c0, c1, divisor = nuslerp_coefficients(t, x0.cpu(), x1.cpu(), base.cpu() if base is not None else None)
+    has_base = base is not None
+    post = None if divisor is None else "divide"
+    out, bad, bad_float32, bad_stored = _two_point_merge(
+        x0, x1, base, has_base, has_base, c0, c1, post, c0 if divisor is None else divisor, out_dtype
+    )
+    return out, None, None, bad if has_base else bad[1:], bad_float32, bad_stored
+
+
+def torch_model_stock(base, tensors, model_params, params, out_dtype):
+    """model_stock with one ratio per tensor: t * ((0 + x_1 + x_2 ...) / count) + (1 - t) * base,
+    as kernels._stock."""
+    import torch
+
+    from .sphere_scalars import model_stock_ratio
+
+    dev = base.device
+    t, u = (c.to(dev) for c in model_stock_ratio(base.cpu(), [x.cpu() for x in tensors]))
+    count = torch.tensor(float(len(tensors)), dtype=torch.float32, device=dev)
+    n = base.numel()
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(len(tensors) + 3, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        bad[0] += (~torch.isfinite(b)).sum()
+        acc = torch.zeros_like(b)
+        for i, x in enumerate(tensors):
+            xi = to_float32(x[s:e])
+            bad[i + 1] += (~torch.isfinite(xi)).sum()
+            acc = acc + xi
+        r = t * (acc / count) + u * b
+        bad[-2] += (~torch.isfinite(r)).sum()
+        stored = r.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, counts[:-2], counts[-2], counts[-1]
+
+
+def torch_multislerp(base, tensors, model_params, params, out_dtype):
+    """multislerp: see kernels._multislerp_fast_path (the reference where it takes it)."""
+    import torch
+
+    from .methods import multislerp
+    from .sphere_scalars import multislerp_terms
+
+    has_base = base is not None
+    inputs = ([base] if has_base else []) + list(tensors)
+    bad_inputs = _finite_counts(inputs)
+    terms = None
+    if len(tensors) > 1 and not any(bad_inputs):
+        terms = multislerp_terms(
+            [x.cpu() for x in tensors],
+            base.cpu() if has_base else None,
+            [float(p["weight"]) for p in model_params],
+            bool(params["normalize_weights"]),
+            float(params["eps"]),
+        )
+    if terms is None:
+        if any(bad_inputs):
+            return torch.empty(0, device=tensors[0].device), None, None, bad_inputs, 0, 0
+        raw = [to_float32(x) for x in inputs]
+        result, _ = multislerp(raw[0] if has_base else None, raw[int(has_base) :], model_params, params)
+        stored = result.to(out_dtype or torch.float32)
+        bad_float32, bad_stored = int((~torch.isfinite(result)).sum()), int((~torch.isfinite(stored)).sum())
+        return stored, None, None, bad_inputs, bad_float32, bad_stored
+    dev = tensors[0].device
+    mean, step = terms.mean.to(dev), terms.step.to(dev)
+    out, _, bad_float32, bad_stored = _two_point_merge(
+        mean, step, base, False, has_base, terms.cs, terms.k, "multiply", terms.scale, out_dtype
+    )
+    return out, None, None, bad_inputs, bad_float32, bad_stored
+
+
+TORCH_METHODS.update(
+    slerp=torch_slerp,
+    nuslerp=torch_nuslerp,
+    multislerp=torch_multislerp,
+    model_stock=torch_model_stock,
+)
