@@ -19,6 +19,7 @@ from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.engine import covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
 from lrmerge_hub.merge.methods import METHODS
+from lrmerge_hub.merge.sphere_scalars import nuslerp_coefficients, slerp_coefficients
 from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, host_tensor
 from tests.test_elementwise_kernels import bits, make_inputs
 
@@ -101,20 +102,22 @@ def test_near_collinear_inputs_take_the_linear_branch(bf16, case):
     """Inputs (task vectors, for nuslerp with a base) nearly parallel: slerp's |cos| > 0.9995
     and nuslerp's 1 - cos^2 <= 1e-16 take the linear interpolation."""
     method, model_params, params, with_base = CASES[case]
-    n = 5000
+    n = 4096  # a power of 4: unit vectors of entries +-0.25 are +-1/64, their dot exactly +-1
     g = torch.Generator().manual_seed(case)
-    base = torch.randn(n, generator=g)
-    direction = torch.randn(n, generator=g)
+    base = torch.randint(-60, 61, (n,), generator=g) / 64.0
     if method == "slerp":
-        xs = [base * 1.5 + 1e-3 * direction]
-        a, b = base, xs[0]
-    else:  # exactly proportional task vectors (a power of two apart: exact in bfloat16 too)
-        xs = [base + direction, base + 2 * direction] if with_base else [direction, -4 * direction]
-        a, b = (xs[0] - base, xs[1] - base) if with_base else (xs[0], xs[1])
+        xs = [base * 1.5 + 1e-3 * torch.randn(n, generator=g)]
+    else:
+        d = torch.where(torch.rand(n, generator=g) < 0.5, -0.25, 0.25)
+        xs = [base + d, base + 2 * d] if with_base else [d, -4 * d]
     dtype = torch.bfloat16 if bf16 else torch.float32
     base, xs = base.to(dtype), [x.to(dtype) for x in xs]
-    cos = float(torch.nn.functional.cosine_similarity(a.to(dtype).float(), b.to(dtype).float(), dim=0))
-    assert abs(cos) > 0.9995
+    if method == "slerp":
+        c0, c1 = slerp_coefficients(params["t"], host_tensor(bits(base)), host_tensor(bits(xs[0])))
+        assert c0 == 1 - c1  # the linear branch's (1 - t, t)
+    else:
+        raw = [host_tensor(bits(x)) for x in xs]
+        assert nuslerp_coefficients(0.5, *raw, host_tensor(bits(base)) if with_base else None)[2] is None
     check(method, model_params, params, base if with_base else None, xs, (n,), bf16)
 
 
@@ -190,9 +193,10 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     from lrmerge_hub.synth.tiny import make_family
 
     method, params, model_params, with_base = ENGINE_CASES[case]
-    fam = make_family(tmp_path / "fam", hidden=128, intermediate=256, layers=1, heads=4, dtype="bfloat16",
-                      extend_language_vocab=8)
-    roles = ["language", "task"][-len(model_params):]
+    fam = make_family(
+        tmp_path / "fam", hidden=128, intermediate=256, layers=1, heads=4, dtype="bfloat16", extend_language_vocab=8
+    )
+    roles = ["language", "task"][-len(model_params) :]
     recipe = parse_recipe(
         {
             "method": method,

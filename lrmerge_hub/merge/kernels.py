@@ -1503,9 +1503,7 @@ def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, chec
     t = interpolation_fraction([p["weight"] for p in model_params])
     has_base = base is not None
     x0, x1 = tensors
-    c0, c1, divisor = nuslerp_coefficients(
-        t, host_tensor(x0), host_tensor(x1), host_tensor(base) if has_base else None
-    )
+    c0, c1, divisor = nuslerp_coefficients(t, host_tensor(x0), host_tensor(x1), host_tensor(base) if has_base else None)
     post = NO_POST if divisor is None else DIVIDE
     out, bad = two_point(x0, x1, base, has_base, has_base, c0, c1, post, c0 if divisor is None else divisor, out_bf16)
     totals = bad.sum(0)
@@ -1553,7 +1551,7 @@ def _multislerp_fast_path(base, tensors, model_params, params, out_bf16=False, c
         raw = [to_float32(host_tensor(a)) for a in inputs]
         result, _ = multislerp(raw[0] if has_base else None, raw[int(has_base) :], model_params, params)
         out = float32_to(result.to(torch.float32).numpy(), "BF16" if out_bf16 else "F32")
-        output = np.count_nonzero(~np.isfinite(as_float32(out, out_bf16)))
+        output = int(np.count_nonzero(~np.isfinite(as_float32(out, out_bf16))))
         _check_sphere(np.zeros(0), output, has_base, check_finite)
         return out, None, None
     mean, step = terms.mean.numpy(), terms.step.numpy()

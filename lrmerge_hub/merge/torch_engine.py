@@ -819,6 +819,7 @@ def _two_point_merge(x0, x1, base, deltas, add_base, c0, c1, post, d, out_dtype)
         bad[1] += (~torch.isfinite(v0)).sum()
         bad[2] += (~torch.isfinite(v1)).sum()
         if deltas:
+            assert b is not None  # deltas are taken from a base
             v0, v1 = v0 - b, v1 - b
         r = c0 * v0 + c1 * v1
         del v0, v1
@@ -841,7 +842,9 @@ def torch_slerp(base, tensors, model_params, params, out_dtype):
     from .sphere_scalars import slerp_coefficients
 
     c0, c1 = slerp_coefficients(float(params["t"]), base.cpu(), tensors[0].cpu())
-    out, bad, bad_float32, bad_stored = _two_point_merge(base, tensors[0], None, False, False, c0, c1, None, c0, out_dtype)
+    out, bad, bad_float32, bad_stored = _two_point_merge(
+        base, tensors[0], None, False, False, c0, c1, None, c0, out_dtype
+    )
     return out, None, None, bad[1:3], bad_float32, bad_stored
 
 
