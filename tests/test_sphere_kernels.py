@@ -16,7 +16,7 @@ import torch
 
 from lrmerge_hub.errors import DegenerateInput
 from lrmerge_hub.merge import kernels
-from lrmerge_hub.merge.engine import covered
+from lrmerge_hub.merge.engine import SHAPED, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
 from lrmerge_hub.merge.methods import METHODS
 from lrmerge_hub.merge.sphere_scalars import nuslerp_coefficients, slerp_coefficients
@@ -39,12 +39,18 @@ CASES = [  # (method, model params, params, base given)
     ("multislerp", [{"weight": 0.6}], MULTI, True),  # one model: the model itself
     ("model_stock", [{}, {}], {"filter_wise": False}, True),
     ("model_stock", [{}, {}, {}, {}, {}], {"filter_wise": False}, True),
+    ("nuslerp", [{"weight": 0.4}, {"weight": 0.9}], {"nuslerp_flatten": False, "nuslerp_row_wise": False}, True),
+    ("nuslerp", [{"weight": 0.3}, {"weight": 0.5}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+    ("nuslerp", [{"weight": 0.0}, {"weight": 0.5}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+    ("model_stock", [{}, {}], {"filter_wise": True}, True),
+    ("model_stock", [{}, {}, {}], {"filter_wise": True}, True),
 ]
-SHAPES = [(1,), (7,), (kernels.BLOCK * 3 + 1,), (203, 67)]
+SHAPES = [(), (1,), (7,), (kernels.BLOCK * 3 + 1,), (203, 67), (4, 6, 5), (3, 2 * kernels.BLOCK + 5)]
 
 
 def check(method, model_params, params, base, xs, shape, bf16):
     """Kernels == reference == torch engine, bit for bit."""
+    shaped = {"shape": shape} if method in SHAPED else {}
     want, _ = METHODS[method].fn(
         base.float().reshape(shape) if base is not None else None,
         [x.float().reshape(shape) for x in xs],
@@ -59,6 +65,7 @@ def check(method, model_params, params, base, xs, shape, bf16):
         params,
         out_bf16=bf16,
         check_finite=True,
+        **shaped,
     )
     assert kept is agreed is None
     assert got.dtype == want_bits.dtype and np.array_equal(got.view(np.uint8), want_bits.view(np.uint8))
@@ -68,6 +75,7 @@ def check(method, model_params, params, base, xs, shape, bf16):
         model_params,
         params,
         torch.bfloat16 if bf16 else torch.float32,
+        **shaped,
     )
     assert counts == [None, None] and bad_inputs == [0] * (len(xs) + (base is not None)) and bad_32 == bad_out == 0
     assert np.array_equal(bits(merged).view(np.uint8), want_bits.view(np.uint8))
@@ -117,7 +125,8 @@ def test_near_collinear_inputs_take_the_linear_branch(bf16, case):
         assert c0 == 1 - c1  # the linear branch's (1 - t, t)
     else:
         raw = [host_tensor(bits(x)) for x in xs]
-        assert nuslerp_coefficients(0.5, *raw, host_tensor(bits(base)) if with_base else None)[2] is None
+        co = nuslerp_coefficients(0.5, *raw, host_tensor(bits(base)) if with_base else None, (n,), False)
+        assert co.count == 1 and co.d[0] == 1  # the linear branch: nothing to divide by
     check(method, model_params, params, base if with_base else None, xs, (n,), bf16)
 
 
@@ -149,9 +158,15 @@ def test_nan_and_inf_inputs_are_refused(case, which, bad):
     n = kernels.BLOCK * 5
     base, xs = inputs(n, len(model_params), False, 4, with_base)
     (base if which == -1 else xs[which])[n - 7] = bad
+    shaped = {"shape": (n,)} if method in SHAPED else {}
     with pytest.raises(NonFiniteInput) as e:
         FAST_PATHS[method](
-            bits(base) if base is not None else None, [bits(x) for x in xs], model_params, params, check_finite=True
+            bits(base) if base is not None else None,
+            [bits(x) for x in xs],
+            model_params,
+            params,
+            check_finite=True,
+            **shaped,
         )
     assert e.value.which == which
     *_, bad_inputs, _, _ = TORCH_METHODS[method](
@@ -160,16 +175,50 @@ def test_nan_and_inf_inputs_are_refused(case, which, bad):
         model_params,
         params,
         None,
+        **shaped,
     )
     everyone = ([base] if base is not None else []) + xs
     assert bad_inputs == [int(t is (base if which == -1 else xs[which])) for t in everyone]
 
 
-def test_covered_keeps_the_row_wise_variants_on_the_reference():
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("row_wise", [False, True])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_per_vector_mixes_the_linear_and_spherical_branches(bf16, row_wise, with_base):
+    """Vectors (rows, or columns with row_wise) of 64 entries: some exactly proportional (the
+    linear branch, 1 - cos^2 = 0), the others not; each takes its own branch."""
+    from lrmerge_hub.merge.geometric import nuslerp
+
+    g = torch.Generator().manual_seed(int(row_wise) + 2 * int(with_base))
+    vectors, size = 9, 64  # 64 entries of +-0.25: unit entries +-1/8, a dot of exactly +-1
+    base = torch.randint(-60, 61, (vectors, size), generator=g) / 64.0
+    d0 = torch.where(torch.rand(vectors, size, generator=g) < 0.5, -0.25, 0.25)
+    d1 = -2 * d0
+    flips = torch.where(torch.rand(vectors // 2, size, generator=g) < 0.125, -1.0, 1.0)
+    d1[1::2] *= flips  # cos about 0.75 there: not collinear
+    xs = [base + d0, base + d1] if with_base else [d0, d1]
+    if row_wise:
+        base, xs = base.T.contiguous(), [x.T.contiguous() for x in xs]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base, xs = base.to(dtype), [x.to(dtype) for x in xs]
+    params = {"nuslerp_flatten": False, "nuslerp_row_wise": row_wise}
+    model_params = [{"weight": 0.4}, {"weight": 0.9}]
+    raw = [host_tensor(bits(x)) for x in xs]
+    co = nuslerp_coefficients(0.3, *raw, host_tensor(bits(base)) if with_base else None, tuple(base.shape), row_wise)
+    assert co.count == vectors and (co.d == 1).sum() == (vectors + 1) // 2
+    check("nuslerp", model_params, params, base if with_base else None, xs, tuple(base.shape), bf16)
+    b = base.float() if with_base else 0.0
+    got = nuslerp(0.3, xs[0].float() - b, xs[1].float() - b, row_wise=row_wise, flatten=False)
+    assert not torch.equal(
+        got, nuslerp(0.3, xs[0].float() - b, xs[1].float() - b, row_wise=not row_wise, flatten=False)
+    )
+
+
+def test_shaped_and_covered():
+    assert {"nuslerp", "model_stock"} <= SHAPED
     assert covered(METHODS["nuslerp"], False, NUSLERP, 2)
-    assert not covered(METHODS["nuslerp"], True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, 2)
-    assert covered(METHODS["model_stock"], True, {"filter_wise": False}, 7)
-    assert not covered(METHODS["model_stock"], True, {"filter_wise": True}, 2)
+    assert covered(METHODS["nuslerp"], True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, 2)
+    assert covered(METHODS["model_stock"], True, {"filter_wise": True}, 7)
     assert covered(METHODS["multislerp"], False, MULTI, 9)
 
 
@@ -178,6 +227,8 @@ ENGINE_CASES = [
     ("nuslerp", {}, [{"weight": 0.7}, {"weight": 0.4}], True),
     ("multislerp", {}, [{"weight": 0.7}, {"weight": 0.4}], False),
     ("model_stock", {}, [{}, {}], True),
+    ("model_stock", {"filter_wise": True}, [{}, {}], True),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, [{"weight": 0.7}, {"weight": 0.4}], False),
 ]
 
 

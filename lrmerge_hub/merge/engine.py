@@ -432,19 +432,17 @@ SUMMED_MODELS_MAX = 4
 SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
-# methods whose fast paths rank entries along the rows (dim 1): they take the merged shape=
-SHAPED = frozenset({"della", "della_linear"})
+# methods whose fast paths work along rows (DELLA's ranks; nuslerp's and model_stock's
+# vectors per row): they take the merged shape=
+SHAPED = frozenset({"della", "della_linear", "nuslerp", "model_stock"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
     """Whether the kernels (FAST_PATHS) and the torch engine's own code (TORCH_METHODS), where
     they have the method, cover this recipe: a base where the method needs one (ties reads
-    one always), no L1 rescale unless they implement it (RESCALED), for breadcrumbs and
-    della, the models a sum in order covers (SUMMED_MODELS_MAX), and one vector per tensor
-    for nuslerp and model_stock (their row-wise variants run the reference)."""
+    one always), no L1 rescale unless they implement it (RESCALED), and for breadcrumbs and
+    della, the models a sum in order covers (SUMMED_MODELS_MAX)."""
     if method.name in SUMMED_IN_ORDER and models > SUMMED_MODELS_MAX:
-        return False
-    if params.get("nuslerp_flatten") is False or params.get("filter_wise"):  # one vector per row: the reference
         return False
     return (has_base or not method.needs_base) and (not params.get("rescale") or method.name in RESCALED)
 

@@ -16,6 +16,7 @@ or float32.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .geometric import NORM_EPS, SLERP_LINEAR_DOT
@@ -65,53 +66,6 @@ def _delta(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
     return d if base is None else d.sub_(base)
 
 
-def nuslerp_coefficients(
-    t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(c0, c1, divisor) of the flattened geometric.nuslerp of x0 and x1 (minus the base when
-    given): the result is c0 * v0 + c1 * v1, divided by the divisor unless it is None (the
-    collinear case, c0 = 1 - t and c1 = t as float32). 0-d float32 tensors."""
-    import torch
-
-    b = float32_copy(base) if base is not None else None
-    v0 = _delta(x0, b)
-    v0.div_(torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7))
-    v1 = _delta(x1, b)
-    del b
-    v1.div_(torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7))
-    cos = v0.mul_(v1).sum(-1, keepdim=True).clamp(-1, 1)
-    del v0, v1
-    collinear = (1 - cos.square()) <= NORM_EPS**2
-    if bool(collinear):
-        return scalar(1 - t), scalar(t), None
-    theta = torch.acos(torch.where(collinear, 0.0, cos))
-    return torch.sin((1 - t) * theta)[0], torch.sin(t * theta)[0], torch.sin(theta)[0]
-
-
-def model_stock_ratio(base: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, 1 - t), 0-d float32, of the flattened geometric.model_stock: the result is
-    t * average + (1 - t) * base."""
-    import torch
-
-    w0 = float32_copy(base)
-    offsets = [float32_copy(x).sub_(w0) for x in tensors]
-    del w0
-    norms = [torch.linalg.vector_norm(a, dim=-1) for a in offsets]
-    product = torch.empty_like(offsets[0])
-    cosines = []
-    for i, a in enumerate(offsets):
-        for j in range(i + 1, len(offsets)):
-            dot = torch.mul(a, offsets[j], out=product).sum(-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    del offsets, product
-    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
-    count = len(tensors)
-    denominator = 1 + (count - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
-    return t[0], (1 - t)[0]
-
-
 class MultislerpTerms:
     """The flattened geometric.multislerp of the deltas, as mean * cs + step * k, all times
     scale: mean and step are float32 CPU tensors of the tensor's size, the rest 0-d."""
@@ -155,3 +109,80 @@ def multislerp_terms(
     step_norm = torch.linalg.vector_norm(step) + eps
     scale = (norms.squeeze(-1) * w).sum()
     return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
+
+
+class PerVector:
+    """Coefficients of one vector per row (or column): the entry at flat index j (in the
+    tensor's own layout) belongs to vector (j // stride) % count, and its value is
+    (c0[v] * v0 + c1[v] * v1) / d[v] (d = 1 where that is exact: the linear ones)."""
+
+    def __init__(self, c0: torch.Tensor, c1: torch.Tensor, d: torch.Tensor, stride: int, count: int):
+        self.c0, self.c1, self.d, self.stride, self.count = c0, c1, d, stride, count
+
+
+def nuslerp_coefficients(
+    t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None, shape: tuple[int, ...], row_wise: bool
+) -> PerVector:
+    """geometric.nuslerp of x0 and x1 (minus the base when given) viewed in this shape (of
+    one or more dims; flatten is the shape (n,)): vectors along the last dim, or (row_wise)
+    along dim 0, with the reference's operations on the shaped copies."""
+    import torch
+
+    b = float32_copy(base) if base is not None else None
+    vs = []
+    for x in (x0, x1):
+        v = _delta(x, b).view(shape)
+        v = v.transpose(0, -1) if row_wise else v
+        vs.append(v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=1e-7)))
+    del b
+    cos = vs[0].mul_(vs[1]).sum(-1, keepdim=True).clamp(-1, 1)
+    del vs
+    collinear = (1 - cos.square()) <= NORM_EPS**2
+    theta = torch.acos(torch.where(collinear, 0.0, cos))
+    c0 = torch.where(collinear, scalar(1 - t), torch.sin((1 - t) * theta))
+    c1 = torch.where(collinear, scalar(t), torch.sin(t * theta))
+    d = torch.where(collinear, 1.0, torch.sin(theta))
+    if row_wise:  # vectors along dim 0: entry j is in vector j % (entries per index of dim 0)
+        c0, c1, d = (c.transpose(0, -1).reshape(-1) for c in (c0, c1, d))
+        return PerVector(c0, c1, d, 1, c0.numel())
+    return PerVector(c0.reshape(-1), c1.reshape(-1), d.reshape(-1), shape[-1], c0.numel())
+
+
+def model_stock_ratio(base: torch.Tensor, tensors: list[torch.Tensor], rows: tuple[int, ...]) -> PerVector:
+    """geometric.model_stock's t per row (along the last dim) of the tensors viewed in the
+    shape `rows` as it views them ((n,) without filter_wise): c0 = t, c1 = 1 - t."""
+    import torch
+
+    w0 = float32_copy(base).view(rows)
+    offsets = [float32_copy(x).view(rows).sub_(w0) for x in tensors]
+    del w0
+    norms = [torch.linalg.vector_norm(a, dim=-1) for a in offsets]
+    product = torch.empty_like(offsets[0])
+    cosines = []
+    for i, a in enumerate(offsets):
+        for j in range(i + 1, len(offsets)):
+            dot = torch.mul(a, offsets[j], out=product).sum(-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    del offsets, product
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    count = len(tensors)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
+    return PerVector(t.reshape(-1), (1 - t).reshape(-1), torch.ones(t.numel()), rows[-1], t.numel())
+
+
+def nuslerp_layout(shape: tuple[int, ...], params: dict) -> tuple[tuple[int, ...], bool] | None:
+    """(the shape nuslerp views a tensor in, row_wise) as nuslerp_coefficients takes them;
+    None for a 0-d tensor not flattened (the caller runs the reference)."""
+    if params["nuslerp_flatten"] or len(shape) == 1:  # a 1-D tensor's one vector either way
+        return (math.prod(shape),), False
+    return (shape, bool(params["nuslerp_row_wise"])) if shape else None
+
+
+def model_stock_rows(shape: tuple[int, ...], params: dict) -> tuple[int, ...] | None:
+    """The shape model_stock views a tensor in (its rows along the last dim), as
+    model_stock_ratio takes it; None for a 0-d tensor with filter_wise (the reference)."""
+    if not params["filter_wise"]:
+        return (math.prod(shape),)
+    return ((1, *shape) if len(shape) == 1 else shape) if shape else None
