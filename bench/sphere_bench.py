@@ -18,15 +18,29 @@ from unittest import mock
 import numpy as np
 import torch
 
+from lrmerge_hub.merge.engine import SHAPED
 from lrmerge_hub.merge.kernels import FAST_PATHS
 from lrmerge_hub.merge.methods import METHODS
 from lrmerge_hub.merge.torch_engine import TORCH_METHODS, host_tensor, to_float32
 
-CASES = {
-    "slerp": ([{}], {"t": 0.4}),
-    "nuslerp": ([{"weight": 0.6}, {"weight": 0.4}], {"nuslerp_flatten": True, "nuslerp_row_wise": False}),
-    "multislerp": ([{"weight": 0.6}, {"weight": 0.4}], {"normalize_weights": True, "eps": 1e-8}),
-    "model_stock": ([{}, {}], {"filter_wise": False}),
+CASES = {  # label: (method, model params, params, rows: the tensor's shape is (rows, n / rows))
+    "slerp": ("slerp", [{}], {"t": 0.4}, 1),
+    "nuslerp": ("nuslerp", [{"weight": 0.6}, {"weight": 0.4}], {"nuslerp_flatten": True, "nuslerp_row_wise": False}, 1),
+    "nuslerp rows": (
+        "nuslerp",
+        [{"weight": 0.6}, {"weight": 0.4}],
+        {"nuslerp_flatten": False, "nuslerp_row_wise": False},
+        2048,
+    ),
+    "nuslerp cols": (
+        "nuslerp",
+        [{"weight": 0.6}, {"weight": 0.4}],
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        2048,
+    ),
+    "multislerp": ("multislerp", [{"weight": 0.6}, {"weight": 0.4}], {"normalize_weights": True, "eps": 1e-8}, 1),
+    "model_stock": ("model_stock", [{}, {}], {"filter_wise": False}, 1),
+    "model_stock rows": ("model_stock", [{}, {}], {"filter_wise": True}, 2048),
 }
 
 
@@ -40,18 +54,20 @@ def median_seconds(fn, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def reference(method, base, xs, model_params, params):
-    f32 = [to_float32(host_tensor(a)) for a in [base, *xs]]
+def reference(method, base, xs, model_params, params, shape):
+    f32 = [to_float32(host_tensor(a)).view(shape) for a in [base, *xs]]
     return METHODS[method].fn(f32[0], f32[1:], model_params, params)[0].to(torch.bfloat16)
 
 
-def kernels(method, base, xs, model_params, params):
-    return FAST_PATHS[method](base, xs, model_params, params, out_bf16=True, check_finite=True)
+def kernels(method, base, xs, model_params, params, shape):
+    shaped = {"shape": shape} if method in SHAPED else {}
+    return FAST_PATHS[method](base, xs, model_params, params, out_bf16=True, check_finite=True, **shaped)
 
 
-def torch_engine(method, base, xs, model_params, params):
+def torch_engine(method, base, xs, model_params, params, shape):
     tensors = [host_tensor(a) for a in xs]
-    return TORCH_METHODS[method](host_tensor(base), tensors, model_params, params, torch.bfloat16)
+    shaped = {"shape": shape} if method in SHAPED else {}
+    return TORCH_METHODS[method](host_tensor(base), tensors, model_params, params, torch.bfloat16, **shaped)
 
 
 def main(n: int) -> None:
@@ -60,13 +76,12 @@ def main(n: int) -> None:
     models = [(base.float() + 0.05 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(2)]
     raw = [a.view(torch.int16).numpy().view(np.uint16) for a in [base, *models]]
     print(f"{n} entries, bfloat16, {torch.get_num_threads()} torch threads")
-    for method, (model_params, params) in CASES.items():
+    for label, (method, model_params, params, rows) in CASES.items():
         xs = raw[1 : 1 + len(model_params)]
-
-        args = (method, raw[0], xs, model_params, params)
+        args = (method, raw[0], xs, model_params, params, (rows, n // rows) if rows > 1 else (n,))
         ref, fast, te = (median_seconds(partial(f, *args)) for f in (reference, kernels, torch_engine))
         print(
-            f"{method:12s} reference {ref:6.3f} s  kernels {fast:6.3f} s ({ref / fast:4.1f}x)  torch engine {te:.3f} s"
+            f"{label:16s} reference {ref:6.3f} s  kernels {fast:6.3f} s ({ref / fast:4.1f}x)  torch engine {te:.3f} s"
         )
 
     from lrmerge_hub.merge import geometric
