@@ -348,14 +348,17 @@ def merge_with_torch(
     has_base = BASE in keys
     fn = TORCH_METHODS.get(method.name) if covered(method, has_base, params, len(model_params)) else None
     if fn is not None:  # the kernels' computation, the same bits (torch_engine.py)
-        merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
-            raw[0] if has_base else None,
-            raw[int(has_base) :],
-            model_params,
-            params,
-            torch_dtype(job.out_dtype),
-            **fast_path_args(method, job),
-        )
+        try:
+            merged, kept, agreed, bad_inputs, bad_float32, bad_stored = fn(
+                raw[0] if has_base else None,
+                raw[int(has_base) :],
+                model_params,
+                params,
+                torch_dtype(job.out_dtype),
+                **fast_path_args(method, job),
+            )
+        except DegenerateInput as e:  # a fast path that ran the reference (multislerp's degenerate inputs)
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         for label, bad in zip(labels, bad_inputs, strict=True):
             if bad:
                 raise InputModelError(f"{label}: tensor {job.name} contains NaN or Inf")
@@ -430,8 +433,9 @@ SUMMED_MODELS_MAX = 4
 SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "ram", "ramplus_tl")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
-# methods whose fast paths rank entries along the rows (dim 1): they take the merged shape=
-SHAPED = frozenset({"della", "della_linear"})
+# methods whose fast paths work along rows (DELLA's ranks; nuslerp's and model_stock's
+# vectors per row): they take the merged shape=
+SHAPED = frozenset({"della", "della_linear", "nuslerp", "model_stock"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:
@@ -490,6 +494,8 @@ def merge_tensor(
             raise InputModelError(f"{labels[e.which + int(has_base)]}: tensor {job.name} contains NaN or Inf") from None
         except NonFiniteOutput as e:
             raise nonfinite_output(job, e.count, model_params, params, True) from None
+        except DegenerateInput as e:  # a fast path that ran the reference (multislerp's degenerate inputs)
+            raise InputModelError(f"tensor {job.name}: {e}") from None
         if job.out_dtype not in ("BF16", "F32"):
             merged = float32_to(merged, job.out_dtype)
     else:  # the reference function, on the CPU, reading the mapped inputs in place

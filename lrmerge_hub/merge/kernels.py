@@ -1578,3 +1578,307 @@ FAST_PATHS.update(
         "layer_swap": _layer_swap_fast_path,
     }
 )
+
+
+# -- spherical methods: slerp, nuslerp, multislerp, model_stock ---------------------------------
+# Two passes: sphere_scalars.py computes the few scalars (norms, cosines, angles: torch's own
+# float32 reductions, whose summation order no chunk of a kernel reproduces) exactly as
+# geometric.py does, from float32 copies; then one fused pass here computes every entry
+# from the raw inputs and those scalars in the reference's float32 order and stores it.
+
+# what divides or multiplies c0 * v0 + c1 * v1 (nuslerp's sin(theta), multislerp's scale)
+NO_POST, DIVIDE, MULTIPLY = 0, 1, 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _two_point_block(x0, x1, base, deltas, add_base, c0, c1, post, d, out):
+    """out = [base +] ((c0 * v0 + c1 * v1) [/ or * d]), v = x [- base] (with deltas), each
+    operation rounded to float32 in this order. Returns how many stored entries are NaN/Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        v0, v1 = _load(x0, j), _load(x1, j)
+        if deltas:
+            v0 -= _load(base, j)
+            v1 -= _load(base, j)
+        r = c0 * v0 + c1 * v1
+        if post == DIVIDE:
+            r = r / d
+        elif post == MULTIPLY:
+            r = r * d
+        if add_base:
+            r = _load(base, j) + r
+        _store(out, j, r)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _two_point(x0, x1, base, has_base, deltas, add_base, c0, c1, post, d, out):
+    """_two_point_block over every chunk in parallel. Per chunk, NaN/Inf entries of the base
+    (column 0, when has_base), x0, x1 and the output (columns 1-3)."""
+    n = out.shape[0]
+    bad = np.zeros((CHUNKS, 4), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            if has_base:
+                bad[c, 0] += _nonfinite_block(base[s:e])
+            bad[c, 1] += _nonfinite_block(x0[s:e])
+            bad[c, 2] += _nonfinite_block(x1[s:e])
+            bad[c, 3] += _two_point_block(x0[s:e], x1[s:e], base[s:e], deltas, add_base, c0, c1, post, d, out[s:e])
+    return bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_block(x, acc, first):
+    """acc = (+0.0 when first, else acc) + x. Returns how many entries of x are NaN/Inf."""
+    nonfinite = np.int32(0)
+    for j in range(acc.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        acc[j] = (np.float32(0.0) if first else acc[j]) + v
+    return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _stock_block(base, acc, t, u, count, out):
+    """out = t * (acc / count) + u * base. Returns how many stored entries are NaN/Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        _store(out, j, t * (acc[j] / count) + u * _load(base, j))
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _stock(xs, base, t, u, count, stride, out):
+    """geometric.model_stock's t * average + (1 - t) * base, the average (0 + x_1 + x_2 ...)
+    / count summed in model order as Python's sum() adds; t and u = 1 - t per row of
+    `stride` entries (one row: the whole tensor). Per chunk, NaN/Inf entries of the base
+    (column 0), each model (column i + 1) and the output (last column)."""
+    m, n = len(xs), out.shape[0]
+    bad = np.zeros((CHUNKS, m + 2), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        acc = np.empty(BLOCK, dtype=np.float32)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bb, a = base[s:e], acc[: e - s]
+            bad[c, 0] += _nonfinite_block(bb)
+            for i in range(m):
+                bad[c, i + 1] += _add_block(xs[i][s:e], a, i == 0)
+            if t.shape[0] == 1:
+                bad[c, m + 1] += _stock_block(bb, a, t[0], u[0], count, out[s:e])
+            else:
+                bad[c, m + 1] += _stock_rows_block(bb, a, t, u, count, s, stride, t.shape[0], out[s:e])
+    return bad
+
+
+@numba.njit(inline="always")
+def _next_vector(v, within, stride, count):
+    """The vector of the next entry, entries in runs of `stride` per vector, `count` vectors
+    in turn (incremented: no integer division per entry)."""
+    within += 1
+    if within == stride:
+        within = 0
+        v += 1
+        if v == count:
+            v = 0
+    return v, within
+
+
+@numba.njit(cache=True, nogil=True)
+def _two_point_rows_block(x0, x1, base, deltas, c0, c1, d, start, stride, count, out):
+    """_two_point_block's [base +] ((c0 * v0 + c1 * v1) / d) with the coefficients of each
+    entry's vector (see sphere_scalars.PerVector), for entries from `start` on."""
+    nonfinite = np.int32(0)
+    v, within = (start // stride) % count, start % stride
+    for j in range(out.shape[0]):
+        v0, v1 = _load(x0, j), _load(x1, j)
+        if deltas:
+            v0 -= _load(base, j)
+            v1 -= _load(base, j)
+        r = (c0[v] * v0 + c1[v] * v1) / d[v]
+        if deltas:
+            r = _load(base, j) + r
+        _store(out, j, r)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+        v, within = _next_vector(v, within, stride, count)
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _two_point_rows(x0, x1, base, has_base, c0, c1, d, stride, count, out):
+    """nuslerp per vector over every chunk in parallel; NaN/Inf counts as _two_point's."""
+    n = out.shape[0]
+    bad = np.zeros((CHUNKS, 4), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            if has_base:
+                bad[c, 0] += _nonfinite_block(base[s:e])
+            bad[c, 1] += _nonfinite_block(x0[s:e])
+            bad[c, 2] += _nonfinite_block(x1[s:e])
+            bad[c, 3] += _two_point_rows_block(
+                x0[s:e], x1[s:e], base[s:e], has_base, c0, c1, d, s, stride, count, out[s:e]
+            )
+    return bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _stock_rows_block(base, acc, t, u, count, start, stride, rows, out):
+    """_stock_block with t and u of each entry's row."""
+    nonfinite = np.int32(0)
+    v, within = (start // stride) % rows, start % stride
+    for j in range(out.shape[0]):
+        _store(out, j, t[v] * (acc[j] / count) + u[v] * _load(base, j))
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+        v, within = _next_vector(v, within, stride, rows)
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _nonfinite_inputs(xs):
+    """NaN/Inf entries of each input (CHUNKS, len(xs))."""
+    m, n = len(xs), xs[0].shape[0]
+    bad = np.zeros((CHUNKS, m), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for i in range(m):
+            bad[c, i] = _nonfinite_block(xs[i][lo:hi])
+    return bad
+
+
+def _check_sphere(inputs: np.ndarray, output: int, has_base: bool, check_finite: bool) -> None:
+    """Raise for NaN/Inf counted in the inputs (base first, where has_base) or the output."""
+    if not check_finite:
+        return
+    if inputs.any():
+        raise NonFiniteInput(int(np.flatnonzero(inputs)[0]) - int(has_base))
+    if output:
+        raise NonFiniteOutput(int(output))
+
+
+def _f32(t: Any) -> np.float32:
+    return np.float32(t.item())
+
+
+def two_point(x0, x1, base, deltas, add_base, c0, c1, post, d, out_bf16):
+    """The two-input combine (_two_point) of flat inputs: (out, NaN/Inf counts per chunk)."""
+    out = np.empty(x0.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    has_base = base is not None
+    bad = _two_point(
+        x0, x1, base if has_base else x0, has_base, deltas, add_base, _f32(c0), _f32(c1), post, _f32(d), out
+    )
+    return out, bad
+
+
+def _slerp_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    """slerp from the base (v0) toward the one model: c0 * v0 + c1 * v1 (sphere_scalars)."""
+    from .sphere_scalars import slerp_coefficients
+    from .torch_engine import host_tensor
+
+    c0, c1 = slerp_coefficients(float(params["t"]), host_tensor(base), host_tensor(tensors[0]))
+    out, bad = two_point(base, tensors[0], None, False, False, c0, c1, NO_POST, c0, out_bf16)
+    totals = bad.sum(0)
+    _check_sphere(totals[1:3], totals[3], True, check_finite)  # x0 is the base
+    return out, None, None
+
+
+def _reference_sphere(name, base, tensors, model_params, params, shape, out_bf16, check_finite):
+    """The method's reference on float32 copies viewed in the shape, stored as the engine
+    stores it: the cases a fast path leaves to it. NaN/Inf inputs are refused first."""
+    import torch
+
+    from .methods import METHODS
+    from .torch_engine import host_tensor, to_float32
+
+    inputs = ([base] if base is not None else []) + list(tensors)
+    if check_finite:
+        _check_sphere(_nonfinite_inputs(tuple(inputs)).sum(0), 0, base is not None, True)
+    raw = [to_float32(host_tensor(a)).view(shape) for a in inputs]
+    has_base = base is not None
+    result, _ = METHODS[name].fn(raw[0] if has_base else None, raw[int(has_base) :], model_params, params)
+    out = float32_to(result.to(torch.float32).reshape(-1).numpy(), "BF16" if out_bf16 else "F32")
+    _check_sphere(np.zeros(0), int(np.count_nonzero(~np.isfinite(as_float32(out, out_bf16)))), has_base, check_finite)
+    return out, None, None
+
+
+def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, shape):
+    """nuslerp (of the task vectors with a base): one vector per tensor (flatten), or per
+    row or column (sphere_scalars.nuslerp_layout)."""
+    from .geometric import interpolation_fraction
+    from .sphere_scalars import nuslerp_coefficients, nuslerp_layout
+    from .torch_engine import host_tensor
+
+    layout = nuslerp_layout(shape, params)
+    if layout is None:
+        return _reference_sphere("nuslerp", base, tensors, model_params, params, shape, out_bf16, check_finite)
+    t = interpolation_fraction([p["weight"] for p in model_params])
+    has_base = base is not None
+    x0, x1 = tensors
+    co = nuslerp_coefficients(t, host_tensor(x0), host_tensor(x1), host_tensor(base) if has_base else None, *layout)
+    if co.count == 1:
+        out, bad = two_point(x0, x1, base, has_base, has_base, co.c0[0], co.c1[0], DIVIDE, co.d[0], out_bf16)
+    else:
+        out = np.empty(x0.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+        c0, c1, d = (c.numpy() for c in (co.c0, co.c1, co.d))
+        bad = _two_point_rows(x0, x1, base if has_base else x0, has_base, c0, c1, d, co.stride, co.count, out)
+    totals = bad.sum(0)
+    _check_sphere(totals[:3] if has_base else totals[1:3], totals[3], has_base, check_finite)
+    return out, None, None
+
+
+def _model_stock_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, shape):
+    """model_stock with one ratio per tensor, or per row with filter_wise."""
+    from .sphere_scalars import model_stock_ratio, model_stock_rows
+    from .torch_engine import host_tensor
+
+    rows = model_stock_rows(shape, params)
+    if rows is None:
+        return _reference_sphere("model_stock", base, tensors, model_params, params, shape, out_bf16, check_finite)
+    co = model_stock_ratio(host_tensor(base), [host_tensor(x) for x in tensors], rows)
+    out = np.empty(base.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    t, u = co.c0.numpy(), co.c1.numpy()
+    totals = _stock(tuple(tensors), base, t, u, np.float32(len(tensors)), co.stride, out).sum(0)
+    _check_sphere(totals[:-1], totals[-1], True, check_finite)
+    return out, None, None
+
+
+def _multislerp_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    """multislerp: sphere_scalars.multislerp_terms computes the mean direction and the
+    tangent step (whole-tensor reductions, as the reference); one pass combines them. One
+    model, the degenerate branches, and a base no model changed run the reference."""
+    from .sphere_scalars import multislerp_terms
+    from .torch_engine import host_tensor
+
+    has_base = base is not None
+    if check_finite:
+        inputs = ([base] if has_base else []) + list(tensors)
+        _check_sphere(_nonfinite_inputs(tuple(inputs)).sum(0), 0, has_base, True)
+    terms = None
+    if len(tensors) > 1:
+        terms = multislerp_terms(
+            [host_tensor(x) for x in tensors],
+            host_tensor(base) if has_base else None,
+            [float(p["weight"]) for p in model_params],
+            bool(params["normalize_weights"]),
+            float(params["eps"]),
+        )
+    if terms is None:
+        shape = (tensors[0].shape[0],)
+        return _reference_sphere("multislerp", base, tensors, model_params, params, shape, out_bf16, check_finite)
+    mean, step = terms.mean.numpy(), terms.step.numpy()
+    out, bad = two_point(mean, step, base, False, has_base, terms.cs, terms.k, MULTIPLY, terms.scale, out_bf16)
+    _check_sphere(np.zeros(0), bad.sum(0)[3], has_base, check_finite)  # the inputs were checked
+    return out, None, None
+
+
+FAST_PATHS.update(
+    slerp=_slerp_fast_path,
+    nuslerp=_nuslerp_fast_path,
+    multislerp=_multislerp_fast_path,
+    model_stock=_model_stock_fast_path,
+)

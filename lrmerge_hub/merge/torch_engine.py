@@ -916,3 +916,202 @@ TORCH_METHODS.update(
         "layer_swap": torch_layer_swap,
     }
 )
+
+
+# -- spherical methods: slerp, nuslerp, multislerp, model_stock ---------------------------------
+# The kernels' two passes (kernels.py, spherical section): the scalars from sphere_scalars.py
+# (the reference's own torch reductions, on the CPU), then each chunk combined on the device
+# in the reference's float32 order. Scalars go to the device as tensors: divided by a CPU
+# scalar, CUDA would multiply by its reciprocal instead.
+
+
+def _finite_counts(inputs: list[torch.Tensor]) -> list[int]:
+    import torch
+
+    return [int(sum((~torch.isfinite(to_float32(x[s:e]))).sum() for s, e in chunks(x.numel()))) for x in inputs]
+
+
+def _two_point_merge(x0, x1, base, deltas, add_base, c0, c1, post, d, out_dtype):
+    """kernels._two_point chunk by chunk: [base +] ((c0 * v0 + c1 * v1) [post d]), v = x
+    [- base]. post is "divide", "multiply" or None. Returns (out, NaN/Inf entries per
+    input (base first when given), of the float32 result, of the stored result)."""
+    import torch
+
+    dev = x0.device
+    c0, c1, d = (c.to(dev) for c in (c0, c1, d))
+    n = x0.numel()
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(5, dtype=torch.int64, device=dev)  # base, x0, x1, float32 result, stored
+    for s, e in chunks(n):
+        v0, v1 = to_float32(x0[s:e]), to_float32(x1[s:e])
+        b = to_float32(base[s:e]) if base is not None else None
+        if b is not None:
+            bad[0] += (~torch.isfinite(b)).sum()
+        bad[1] += (~torch.isfinite(v0)).sum()
+        bad[2] += (~torch.isfinite(v1)).sum()
+        if deltas:
+            assert b is not None  # deltas are taken from a base
+            v0, v1 = v0 - b, v1 - b
+        r = c0 * v0 + c1 * v1
+        del v0, v1
+        if post == "divide":
+            r = r / d
+        elif post == "multiply":
+            r = r * d
+        if add_base:
+            r = b + r
+        bad[3] += (~torch.isfinite(r)).sum()
+        stored = r.to(out.dtype)
+        out[s:e] = stored
+        bad[4] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, counts[:3], counts[3], counts[4]
+
+
+def torch_slerp(base, tensors, model_params, params, out_dtype):
+    """slerp from the base toward the one model: see kernels._slerp_fast_path."""
+    from .sphere_scalars import slerp_coefficients
+
+    c0, c1 = slerp_coefficients(float(params["t"]), base.cpu(), tensors[0].cpu())
+    out, bad, bad_float32, bad_stored = _two_point_merge(
+        base, tensors[0], None, False, False, c0, c1, None, c0, out_dtype
+    )
+    return out, None, None, bad[1:3], bad_float32, bad_stored
+
+
+def _per_entry(co, s: int, e: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coefficients (sphere_scalars.PerVector) of entries s..e-1, each its vector's."""
+    import torch
+
+    vector = (torch.arange(s, e, device=dev) // co.stride) % co.count
+    return co.c0.to(dev)[vector], co.c1.to(dev)[vector], co.d.to(dev)[vector]
+
+
+def _reference_sphere(name, base, tensors, model_params, params, shape, out_dtype):
+    """The method's reference on float32 copies viewed in the shape: the cases the fast
+    paths leave to it (kernels._reference_sphere). Returns what the fast paths return."""
+    import torch
+
+    from .methods import METHODS
+
+    inputs = ([base] if base is not None else []) + list(tensors)
+    bad_inputs = _finite_counts(inputs)
+    if any(bad_inputs):
+        return torch.empty(0, device=tensors[0].device), None, None, bad_inputs, 0, 0
+    raw = [to_float32(x).view(shape) for x in inputs]
+    has_base = base is not None
+    result, _ = METHODS[name].fn(raw[0] if has_base else None, raw[int(has_base) :], model_params, params)
+    result = result.reshape(-1)
+    stored = result.to(out_dtype or torch.float32)
+    return stored, None, None, bad_inputs, int((~torch.isfinite(result)).sum()), int((~torch.isfinite(stored)).sum())
+
+
+def torch_nuslerp(base, tensors, model_params, params, out_dtype, *, shape):
+    """nuslerp per tensor, row or column: see kernels._nuslerp_fast_path."""
+    import torch
+
+    from .geometric import interpolation_fraction
+    from .sphere_scalars import nuslerp_coefficients, nuslerp_layout
+
+    layout = nuslerp_layout(shape, params)
+    if layout is None:
+        return _reference_sphere("nuslerp", base, tensors, model_params, params, shape, out_dtype)
+    t = interpolation_fraction([p["weight"] for p in model_params])
+    x0, x1 = tensors
+    has_base = base is not None
+    co = nuslerp_coefficients(t, x0.cpu(), x1.cpu(), base.cpu() if has_base else None, *layout)
+    if co.count == 1:
+        out, bad, bad_float32, bad_stored = _two_point_merge(
+            x0, x1, base, has_base, has_base, co.c0[0], co.c1[0], "divide", co.d[0], out_dtype
+        )
+        return out, None, None, bad if has_base else bad[1:], bad_float32, bad_stored
+    dev, n = x0.device, x0.numel()
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    counts = torch.zeros(5, dtype=torch.int64, device=dev)  # base, x0, x1, float32 result, stored
+    for s, e in chunks(n):
+        v0, v1 = to_float32(x0[s:e]), to_float32(x1[s:e])
+        counts[1] += (~torch.isfinite(v0)).sum()
+        counts[2] += (~torch.isfinite(v1)).sum()
+        b = to_float32(base[s:e]) if has_base else None
+        if b is not None:
+            counts[0] += (~torch.isfinite(b)).sum()
+            v0, v1 = v0 - b, v1 - b
+        c0, c1, d = _per_entry(co, s, e, dev)
+        r = (c0 * v0 + c1 * v1) / d
+        if b is not None:
+            r = b + r
+        counts[3] += (~torch.isfinite(r)).sum()
+        stored = r.to(out.dtype)
+        out[s:e] = stored
+        counts[4] += (~torch.isfinite(stored)).sum()
+    bad = counts.tolist()
+    return out, None, None, bad[:3] if has_base else bad[1:3], bad[3], bad[4]
+
+
+def torch_model_stock(base, tensors, model_params, params, out_dtype, *, shape):
+    """model_stock per tensor or row: t * ((0 + x_1 + x_2 ...) / count) + (1 - t) * base, as
+    kernels._stock."""
+    import torch
+
+    from .sphere_scalars import model_stock_ratio, model_stock_rows
+
+    rows = model_stock_rows(shape, params)
+    if rows is None:
+        return _reference_sphere("model_stock", base, tensors, model_params, params, shape, out_dtype)
+    dev = base.device
+    co = model_stock_ratio(base.cpu(), [x.cpu() for x in tensors], rows)
+    count = torch.tensor(float(len(tensors)), dtype=torch.float32, device=dev)
+    n = base.numel()
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(len(tensors) + 3, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        bad[0] += (~torch.isfinite(b)).sum()
+        acc = torch.zeros_like(b)
+        for i, x in enumerate(tensors):
+            xi = to_float32(x[s:e])
+            bad[i + 1] += (~torch.isfinite(xi)).sum()
+            acc = acc + xi
+        t, u, _ = _per_entry(co, s, e, dev) if co.count > 1 else (co.c0.to(dev)[0], co.c1.to(dev)[0], None)
+        r = t * (acc / count) + u * b
+        bad[-2] += (~torch.isfinite(r)).sum()
+        stored = r.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, counts[:-2], counts[-2], counts[-1]
+
+
+def torch_multislerp(base, tensors, model_params, params, out_dtype):
+    """multislerp: see kernels._multislerp_fast_path (the reference where it takes it)."""
+    from .sphere_scalars import multislerp_terms
+
+    has_base = base is not None
+    inputs = ([base] if has_base else []) + list(tensors)
+    bad_inputs = _finite_counts(inputs)
+    terms = None
+    if len(tensors) > 1 and not any(bad_inputs):
+        terms = multislerp_terms(
+            [x.cpu() for x in tensors],
+            base.cpu() if has_base else None,
+            [float(p["weight"]) for p in model_params],
+            bool(params["normalize_weights"]),
+            float(params["eps"]),
+        )
+    if terms is None:
+        shape = (tensors[0].numel(),)
+        return _reference_sphere("multislerp", base, tensors, model_params, params, shape, out_dtype)
+    dev = tensors[0].device
+    mean, step = terms.mean.to(dev), terms.step.to(dev)
+    out, _, bad_float32, bad_stored = _two_point_merge(
+        mean, step, base, False, has_base, terms.cs, terms.k, "multiply", terms.scale, out_dtype
+    )
+    return out, None, None, bad_inputs, bad_float32, bad_stored
+
+
+TORCH_METHODS.update(
+    slerp=torch_slerp,
+    nuslerp=torch_nuslerp,
+    multislerp=torch_multislerp,
+    model_stock=torch_model_stock,
+)
