@@ -429,8 +429,9 @@ SUMMED_MODELS_MAX = 4
 SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
-# methods whose fast paths rank entries along the rows (dim 1): they take the merged shape=
-SHAPED = frozenset({"della", "della_linear"})
+# methods whose fast paths work along the rows (della ranks along dim 1, arcee_fusion's
+# divergence is per row of the last dim): they take the merged shape=
+SHAPED = frozenset({"della", "della_linear", "arcee_fusion"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:

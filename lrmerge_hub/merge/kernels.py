@@ -1352,3 +1352,73 @@ def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
     else:
         t, limit = _exact_select(magnitudes, zeros, k)
     return float(_magnitudes(t)), int(limit)
+
+
+# -- arcee_fusion -----------------------------------------------------------------------------
+# The per-row divergence and the importance come from torch_engine.fusion_importance (the
+# reference's torch operations on blocks of rows); the three order statistics from one
+# in-place np.partition of the importance (an exact selection, so kthvalue's values); then
+# one pass writes base + delta * (importance >= fence), recomputing the importance in the
+# reference's float32 operations (the same bits) rather than reading it back.
+
+
+@numba.njit(cache=True, nogil=True)
+def _fusion_block(x, base, divergence, fence, out):
+    """out = base + delta * 1.0 where |delta| * divergence >= fence, else base + delta * 0.0
+    (which keeps the reference's signed zeros); returns how many stored values are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        b = _load(base, j)
+        d = _load(x, j) - b
+        keep = np.float32(1.0) if abs(d) * divergence >= fence else np.float32(0.0)
+        _store(out, j, b + d * keep)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fusion_pass(x, base, divergence, cols, fence, out):
+    """_fusion_block over every chunk, row piece by row piece; NaN/Inf outputs per chunk."""
+    n = base.shape[0]
+    bad = np.zeros(CHUNKS, dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        s = lo
+        while s < hi:
+            r = s // cols
+            e = min(hi, (r + 1) * cols)
+            bad[c] += _fusion_block(x[s:e], base[s:e], divergence[r], fence, out[s:e])
+            s = e
+    return bad
+
+
+def fused_arcee_fusion(
+    base: np.ndarray, model: np.ndarray, shape: tuple[int, ...], out_bf16: bool = False, check_finite: bool = False
+) -> np.ndarray:
+    """arcee_fusion of one tensor of the given shape (inputs flat, in C order, as for
+    fused_ties), bit for bit methods.arcee_fusion on float32."""
+    from .methods import fusion_positions
+    from .torch_engine import fusion_importance, fusion_rows, host_tensor
+
+    n = base.shape[0]
+    importance, divergence, bad_inputs = fusion_importance(host_tensor(base), host_tensor(model), shape)
+    if check_finite and any(bad_inputs):
+        raise NonFiniteInput(-1 if bad_inputs[0] else 0)
+    scores = importance.numpy()
+    positions = fusion_positions(n)
+    scores.partition(sorted(set(positions)))
+    q1, median, q3 = (scores[k] for k in positions)
+    fence = median + np.float32(1.5) * (q3 - q1)  # float32 scalars, as the reference's 0-d tensors
+    del scores, importance
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    bad = _fusion_pass(model, base, divergence.numpy(), fusion_rows(shape, n)[1], fence, out)
+    if check_finite and bad.any():
+        raise NonFiniteOutput(int(bad.sum()))
+    return out
+
+
+def _arcee_fusion_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, shape):
+    return fused_arcee_fusion(base, tensors[0], shape, out_bf16, check_finite), None, None
+
+
+FAST_PATHS["arcee_fusion"] = _arcee_fusion_fast_path

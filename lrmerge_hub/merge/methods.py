@@ -831,6 +831,26 @@ PAPERS.update(
 FUSION_QUANTILES = (0.25, 0.5, 0.75)
 
 
+def fusion_positions(n: int) -> list[int]:
+    """The 0-based sorted positions of arcee_fusion's order statistics among n importance
+    scores: floor(q * (n - 1)) in float32 (mergekit's sorted index), found by selection;
+    mergekit samples 1M entries with replacement above 1M."""
+    import torch
+
+    return (torch.tensor(FUSION_QUANTILES, dtype=torch.float32) * (n - 1)).long().tolist()
+
+
+def softmax_divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion's KL divergence of each row's softmax (the last dim; a 1-D tensor is one
+    row) from the base's, keeping the reduced dim. Each row's value depends on that row alone
+    (the fast paths compute it on blocks of rows, with these same operations)."""
+    import torch
+
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
 @merge_method(
     "arcee_fusion",
     needs_base=True,
@@ -848,16 +868,9 @@ def arcee_fusion(base, tensors, model_params, params):
 
     model = tensors[0]
     delta = model - base
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # per row (vector of a 1-D tensor)
-    importance = delta.abs() * divergence
-    del p, q, divergence
+    importance = delta.abs() * softmax_divergence(model, base)
     flat = importance.reshape(-1)
-    # the order statistics at floor(q * (n - 1)) of the float32 positions (mergekit's sorted
-    # index), found by selection; mergekit samples 1M entries with replacement above 1M
-    positions = (torch.tensor(FUSION_QUANTILES, dtype=torch.float32) * (flat.numel() - 1)).long().tolist()
-    q1, median, q3 = (torch.kthvalue(flat.cpu(), k + 1).values.to(flat.device) for k in positions)
+    q1, median, q3 = (torch.kthvalue(flat.cpu(), k + 1).values.to(flat.device) for k in fusion_positions(flat.numel()))
     fence = median + 1.5 * (q3 - q1)
     return base + delta * (importance >= fence).float(), None
 

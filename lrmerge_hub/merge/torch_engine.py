@@ -785,3 +785,88 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+# -- arcee_fusion ---------------------------------------------------------------------------------
+# methods.arcee_fusion on whole tensors holds several float32 copies at once; here its per-row
+# divergence runs on blocks of rows with the reference's own operations (softmax and a sum
+# over the last dim give each row the same bits in any block: two rows at least, so that a
+# block is reduced as the whole tensor is, along its rows and not split across threads), and
+# the output chunk by chunk. The order statistics are the reference's kthvalue.
+
+FUSION_BLOCK = 1 << 20  # entries per block of rows
+
+
+def fusion_rows(shape: tuple[int, ...], n: int) -> tuple[int, int]:
+    """(rows, cols) of arcee_fusion's divergence: rows along the last dim; a 1-D tensor is one row."""
+    cols = shape[-1] if shape else n
+    return (n // cols if cols else 0), cols
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Blocks [r, e) of about FUSION_BLOCK entries, none of one row unless the tensor is one."""
+    step = max(2, FUSION_BLOCK // max(cols, 1))
+    blocks = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] == 1:
+        blocks[-2:] = [(blocks[-2][0], rows)]
+    return blocks
+
+
+def fusion_importance(
+    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """arcee_fusion's importance |model - base| * divergence of the row, of raw flat inputs
+    (float32, flat), each row's divergence (float32), and the NaN/Inf count of base and model."""
+    import torch
+
+    from .methods import softmax_divergence
+
+    n, dev = model.numel(), model.device
+    rows, cols = fusion_rows(shape, n)
+    importance = torch.empty(n, dtype=torch.float32, device=dev)
+    divergence = torch.empty(rows, dtype=torch.float32, device=dev)
+    bad = torch.zeros(2, dtype=torch.int64, device=dev)
+    for r, e in row_blocks(rows, cols):
+        b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
+        bad[0] += (~torch.isfinite(b)).sum()
+        bad[1] += (~torch.isfinite(x)).sum()
+        div = softmax_divergence(x.view(e - r, cols), b.view(e - r, cols))
+        divergence[r:e] = div.view(-1)
+        importance[r * cols : e * cols] = ((x - b).view(e - r, cols).abs() * div).view(-1)
+    return importance, divergence, bad.tolist()
+
+
+def fusion_merge(
+    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...], out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, None, None, list[int], int, int]:
+    """arcee_fusion of one tensor of the given shape (raw flat inputs), bit for bit the
+    reference: base + delta where the importance is at least the fence, base + delta * 0
+    elsewhere. Returns what ties_merge returns, with no counts."""
+    import torch
+
+    from .methods import fusion_positions
+
+    n, dev = model.numel(), model.device
+    importance, _, bad_inputs = fusion_importance(base, model, shape)
+    host = importance.cpu()
+    q1, median, q3 = (torch.kthvalue(host, k + 1).values.to(dev) for k in fusion_positions(n))
+    fence = median + 1.5 * (q3 - q1)
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(2, dtype=torch.int64, device=dev)
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        merged = b + (to_float32(model[s:e]) - b) * (importance[s:e] >= fence).float()
+        bad[0] += (~torch.isfinite(merged)).sum()
+        stored = merged.to(out.dtype)
+        out[s:e] = stored
+        bad[1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, bad_inputs, counts[0], counts[1]
+
+
+def torch_arcee_fusion(base, tensors, model_params, params, out_dtype, *, shape):
+    """arcee_fusion (one model): see fusion_merge."""
+    return fusion_merge(base, tensors[0], shape, out_dtype)
+
+
+TORCH_METHODS["arcee_fusion"] = torch_arcee_fusion
