@@ -424,9 +424,9 @@ def reference_merge(
 # torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean) adds
 # them in order from +0.0 for up to 4 models; for more, part of the entries (where depends on
 # the CPU's vector width and the thread split) are added in another order, which the kernels
-# do not follow. Past this the reference runs for the breadcrumbs methods and della.
+# do not follow. Past this the reference runs for the breadcrumbs methods, della and sce.
 SUMMED_MODELS_MAX = 4
-SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della")
+SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "sce")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 # methods whose fast paths work along the rows (della ranks along dim 1, arcee_fusion's

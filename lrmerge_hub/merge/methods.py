@@ -643,6 +643,17 @@ def breadcrumbs_ties(base, tensors, model_params, params):
     return task_arithmetic_family(base, tensors, model_params, params, _outlier_trim, True)
 
 
+def sce_shares(squares: torch.Tensor) -> torch.Tensor:
+    """SCE's weight of each model: its task vector's mean square (row i of the (models,
+    entries) float32 `squares`, by torch's mean) over the sum of those, equal shares when that
+    sum is about 0. The fast paths call it on the same array, so the means have the same bits."""
+    import torch
+
+    energy = squares.mean(dim=1)
+    total = float(energy.sum())
+    return torch.full_like(energy, 1.0 / squares.shape[0]) if abs(total) < 1e-6 else energy / total
+
+
 @merge_method(
     "sce",
     needs_base=True,
@@ -664,9 +675,7 @@ def sce(base, tensors, model_params, params):
         tv = tv * variance_top(tv, params["select_topk"])
     gamma = elect_signs(tv, [p["slack"] for p in model_params])
     agree = torch.sign(tv) == gamma
-    energy = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
-    total = float(energy.sum())
-    share = torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6 else energy / total
+    share = sce_shares(tv.square().reshape(tv.shape[0], -1))
     erased = share.view(-1, *([1] * (tv.dim() - 1))) * agree
     merged = (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
     return base + merged, count_retention(tv, agree)

@@ -870,3 +870,75 @@ def torch_arcee_fusion(base, tensors, model_params, params, out_dtype, *, shape)
 
 
 TORCH_METHODS["arcee_fusion"] = torch_arcee_fusion
+
+
+# -- sce ------------------------------------------------------------------------------------------
+# methods.sce chunk by chunk: torch.var over the models is per entry (Welford's update in
+# model order), the selection is sparsify.top_k_mask of the whole variance, the shares come
+# from methods.sce_shares of the whole (models, entries) array of squares (row means whose
+# bits depend on the row whole), and the election and disjoint mean are per entry (the sums
+# over up to engine.SUMMED_MODELS_MAX stacked models run in model order in any chunk).
+
+
+def sce_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    slacks: list[float],
+    select_topk: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """sce of one tensor given as raw flat inputs, bit for bit kernels.fused_sce and the
+    reference. Returns what ties_merge returns."""
+    import torch
+
+    from .methods import elect_signs, sce_shares
+    from .sparsify import top_k_mask
+
+    m, n, dev, f32 = len(tensors), base.numel(), base.device, torch.float32
+    bad = torch.zeros(m + 3, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+
+    def task_vectors(s: int, e: int, count: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        b, xs = to_float32(base[s:e]), [to_float32(x[s:e]) for x in tensors]
+        if count:
+            for i, v in enumerate([b, *xs]):
+                bad[i] += (~torch.isfinite(v)).sum()
+        tv = torch.stack([x - b for x in xs])
+        return b, tv if keep is None else tv * keep[s:e]
+
+    keep = None
+    if select_topk < 1:
+        var = torch.empty(n, dtype=f32, device=dev)
+        for s, e in chunks(n):
+            var[s:e] = torch.var(task_vectors(s, e)[1], dim=0, unbiased=False)
+        keep = top_k_mask(var.abs(), int(int(torch.count_nonzero(var)) * select_topk))
+        del var
+    squares = torch.empty((m, n), dtype=f32, device=dev)
+    for s, e in chunks(n):
+        squares[:, s:e] = task_vectors(s, e, count=True)[1].square()
+    share = sce_shares(squares).view(-1, 1)
+    del squares
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    kept = torch.zeros(m, dtype=torch.int64, device=dev)
+    agreed = torch.zeros(m, dtype=torch.int64, device=dev)
+    for s, e in chunks(n):
+        b, tv = task_vectors(s, e)
+        agree = torch.sign(tv) == elect_signs(tv, slacks)
+        erased = share * agree
+        merged = b + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+        kept += (tv != 0).sum(1)
+        agreed += agree.sum(1)
+        bad[-2] += (~torch.isfinite(merged)).sum()
+        stored = merged.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, kept.tolist(), agreed.tolist(), counts[:-2], counts[-2], counts[-1]
+
+
+def torch_sce(base, tensors, model_params, params, out_dtype):
+    """sce with the recipe's parameters: see sce_merge."""
+    slacks = [float(p.get("slack", 0.0)) for p in model_params]
+    return sce_merge(base, tensors, slacks, float(params["select_topk"]), out_dtype)
+
+
+TORCH_METHODS["sce"] = torch_sce
