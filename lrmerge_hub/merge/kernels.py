@@ -1355,11 +1355,40 @@ def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
 
 
 # -- arcee_fusion -----------------------------------------------------------------------------
-# The per-row divergence and the importance come from torch_engine.fusion_importance (the
-# reference's torch operations on blocks of rows); the three order statistics from one
-# in-place np.partition of the importance (an exact selection, so kthvalue's values); then
-# one pass writes base + delta * (importance >= fence), recomputing the importance in the
-# reference's float32 operations (the same bits) rather than reading it back.
+# The per-row divergence comes from torch_engine.fusion_divergence (the reference's torch
+# operations on blocks of rows); a pass computes the importance |delta| * divergence and
+# checks the inputs; the three order statistics come from one in-place np.partition of it
+# (an exact selection, so kthvalue's values); then one pass writes base + delta *
+# (importance >= fence), recomputing the importance in the reference's float32 operations
+# (the same bits) rather than reading it back.
+
+
+@numba.njit(cache=True, nogil=True)
+def _importance_block(x, base, divergence, importance):
+    """importance = |delta| * divergence; returns the NaN/Inf count of x."""
+    nonfinite = np.int32(0)
+    for j in range(importance.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        importance[j] = abs(v - _load(base, j)) * divergence
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _importance_pass(x, base, divergence, cols, importance):
+    """_importance_block over every chunk, row piece by row piece; NaN/Inf of base and x per chunk."""
+    n = base.shape[0]
+    bad = np.zeros((CHUNKS, 2), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        s = lo
+        while s < hi:
+            r = s // cols
+            e = min(hi, (r + 1) * cols)
+            bad[c, 0] += _nonfinite_block(base[s:e])
+            bad[c, 1] += _importance_block(x[s:e], base[s:e], divergence[r], importance[s:e])
+            s = e
+    return bad
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1398,20 +1427,21 @@ def fused_arcee_fusion(
     """arcee_fusion of one tensor of the given shape (inputs flat, in C order, as for
     fused_ties), bit for bit methods.arcee_fusion on float32."""
     from .methods import fusion_positions
-    from .torch_engine import fusion_importance, fusion_rows, host_tensor
+    from .torch_engine import fusion_divergence, fusion_rows, host_tensor
 
-    n = base.shape[0]
-    importance, divergence, bad_inputs = fusion_importance(host_tensor(base), host_tensor(model), shape)
-    if check_finite and any(bad_inputs):
-        raise NonFiniteInput(-1 if bad_inputs[0] else 0)
-    scores = importance.numpy()
+    n, cols = base.shape[0], fusion_rows(shape, base.shape[0])[1]
+    divergence = fusion_divergence(host_tensor(base), host_tensor(model), shape).numpy()
+    scores = np.empty(n, dtype=np.float32)
+    bad = _importance_pass(model, base, divergence, cols, scores)
+    if check_finite:
+        _raise_nonfinite(bad)
     positions = fusion_positions(n)
     scores.partition(sorted(set(positions)))
     q1, median, q3 = (scores[k] for k in positions)
     fence = median + np.float32(1.5) * (q3 - q1)  # float32 scalars, as the reference's 0-d tensors
-    del scores, importance
+    del scores
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
-    bad = _fusion_pass(model, base, divergence.numpy(), fusion_rows(shape, n)[1], fence, out)
+    bad = _fusion_pass(model, base, divergence, cols, fence, out)
     if check_finite and bad.any():
         raise NonFiniteOutput(int(bad.sum()))
     return out

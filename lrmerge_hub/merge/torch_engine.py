@@ -794,7 +794,7 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
 # block is reduced as the whole tensor is, along its rows and not split across threads), and
 # the output chunk by chunk. The order statistics are the reference's kthvalue.
 
-FUSION_BLOCK = 1 << 20  # entries per block of rows
+FUSION_BLOCK = 1 << 18  # entries per block of rows (measured fastest on 8M entries)
 
 
 def fusion_rows(shape: tuple[int, ...], n: int) -> tuple[int, int]:
@@ -812,27 +812,37 @@ def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def fusion_importance(
-    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """arcee_fusion's importance |model - base| * divergence of the row, of raw flat inputs
-    (float32, flat), each row's divergence (float32), and the NaN/Inf count of base and model."""
+def fusion_divergence(base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """arcee_fusion's divergence of each row (float32) of raw flat inputs, block by block."""
     import torch
 
     from .methods import softmax_divergence
 
+    rows, cols = fusion_rows(shape, model.numel())
+    divergence = torch.empty(rows, dtype=torch.float32, device=model.device)
+    for r, e in row_blocks(rows, cols):
+        b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
+        divergence[r:e] = softmax_divergence(x.view(e - r, cols), b.view(e - r, cols)).view(-1)
+    return divergence
+
+
+def fusion_importance(
+    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """arcee_fusion's importance |model - base| * divergence of the row (float32, flat) of raw
+    flat inputs, each row's divergence, and the NaN/Inf count of base and model."""
+    import torch
+
     n, dev = model.numel(), model.device
     rows, cols = fusion_rows(shape, n)
+    divergence = fusion_divergence(base, model, shape)
     importance = torch.empty(n, dtype=torch.float32, device=dev)
-    divergence = torch.empty(rows, dtype=torch.float32, device=dev)
     bad = torch.zeros(2, dtype=torch.int64, device=dev)
     for r, e in row_blocks(rows, cols):
         b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
         bad[0] += (~torch.isfinite(b)).sum()
         bad[1] += (~torch.isfinite(x)).sum()
-        div = softmax_divergence(x.view(e - r, cols), b.view(e - r, cols))
-        divergence[r:e] = div.view(-1)
-        importance[r * cols : e * cols] = ((x - b).view(e - r, cols).abs() * div).view(-1)
+        importance[r * cols : e * cols] = ((x - b).view(e - r, cols).abs() * divergence[r:e].view(-1, 1)).view(-1)
     return importance, divergence, bad.tolist()
 
 
