@@ -1633,11 +1633,11 @@ def fused_sce(
     if select_topk < 1:
         _sce_variance(xs, base, var)
         t, limit = sce_selection(var, select_topk)  # NaN/Inf inputs are refused below
-    squares = np.empty((m, n), dtype=np.float32)
-    bad = _sce_squares(xs, base, var, t, limit, squares)
+    squares = torch.empty((m, n), dtype=torch.float32)  # torch's allocation, as the reference's
+    bad = _sce_squares(xs, base, var, t, limit, squares.numpy())
     if check_finite:
         _raise_nonfinite(bad)
-    shares = sce_shares(torch.from_numpy(squares)).numpy().astype(np.float32)
+    shares = sce_shares(squares).numpy()
     del squares
     out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
     votes = np.array([1.0 + s for s in slacks], dtype=np.float64)
