@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrmerge_hub.merge import kernels
+from lrmerge_hub.merge import kernels, torch_engine
 from lrmerge_hub.merge.engine import SHAPED, SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
 from lrmerge_hub.merge.methods import METHODS, softmax_divergence
@@ -100,10 +100,15 @@ def test_fusion_kernels_and_torch_engine_equal_the_reference(shape, bf16):
     check_fusion(shape, bf16, seed=math.prod(shape))
 
 
-@pytest.mark.parametrize("shape", [(FUSION_BLOCK // 1000 + 1, 1000), (120_001, 5)])
-def test_fusion_past_a_divergence_block(shape):
-    """Two blocks of rows, the one row left over joined to the last block (a block of one
-    row would be summed across threads, not as the whole tensor's rows are)."""
+@pytest.mark.parametrize(
+    ("block", "shape"),
+    [(FUSION_BLOCK, (FUSION_BLOCK // 1000 + 1, 1000))] + [(4096, (9, 1000)), (4096, (3001, 5)), (4096, (2, 5000))],
+)
+def test_fusion_past_a_divergence_block(monkeypatch, block, shape):
+    """Blocks of rows, the one row left over joined to the last block (a block of one row
+    would be summed across threads, not as the whole tensor's rows are); rows longer than a
+    block, two to a block."""
+    monkeypatch.setattr(torch_engine, "FUSION_BLOCK", block)
     check_fusion(shape, True, seed=2)
 
 

@@ -794,7 +794,7 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
 # block is reduced as the whole tensor is, along its rows and not split across threads), and
 # the output chunk by chunk. The order statistics are the reference's kthvalue.
 
-FUSION_BLOCK = 1 << 18  # entries per block of rows (measured fastest on 8M entries)
+FUSION_BLOCK = 1 << 20  # entries per block of rows: few torch parallel regions (slow where a core is busy)
 
 
 def fusion_rows(shape: tuple[int, ...], n: int) -> tuple[int, int]:
