@@ -428,14 +428,14 @@ def reference_merge(
 # merged terms) adds them in order from +0.0 for up to 4 models; for more, part of the
 # entries (where depends on the CPU's vector width and the thread split) are added in
 # another order, which the kernels do not follow. Past this the reference runs for the
-# breadcrumbs methods, della, ram and ramplus_tl.
+# breadcrumbs methods, della, ram, ramplus_tl and sce.
 SUMMED_MODELS_MAX = 4
-SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "ram", "ramplus_tl")
+SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "ram", "ramplus_tl", "sce")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 # methods whose fast paths work along rows (DELLA's ranks; nuslerp's and model_stock's
-# vectors per row): they take the merged shape=
-SHAPED = frozenset({"della", "della_linear", "nuslerp", "model_stock"})
+# vectors per row; arcee_fusion's divergence per row of the last dim): they take the merged shape=
+SHAPED = frozenset({"della", "della_linear", "nuslerp", "model_stock", "arcee_fusion"})
 
 
 def covered(method: MergeMethod, has_base: bool, params: dict[str, Any], models: int) -> bool:

@@ -1882,3 +1882,304 @@ FAST_PATHS.update(
     multislerp=_multislerp_fast_path,
     model_stock=_model_stock_fast_path,
 )
+
+
+# -- arcee_fusion -----------------------------------------------------------------------------
+# The per-row divergence comes from torch_engine.fusion_divergence (the reference's torch
+# operations on blocks of rows); a pass computes the importance |delta| * divergence and
+# checks the inputs; the three order statistics come from one in-place np.partition of it
+# (an exact selection, so kthvalue's values); then one pass writes base + delta *
+# (importance >= fence), recomputing the importance in the reference's float32 operations
+# (the same bits) rather than reading it back.
+
+
+@numba.njit(cache=True, nogil=True)
+def _importance_block(x, base, divergence, importance):
+    """importance = |delta| * divergence; returns the NaN/Inf count of x."""
+    nonfinite = np.int32(0)
+    for j in range(importance.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        importance[j] = abs(v - _load(base, j)) * divergence
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _importance_pass(x, base, divergence, cols, importance):
+    """_importance_block over every chunk, row piece by row piece; NaN/Inf of base and x per chunk."""
+    n = base.shape[0]
+    bad = np.zeros((CHUNKS, 2), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        s = lo
+        while s < hi:
+            r = s // cols
+            e = min(hi, (r + 1) * cols)
+            bad[c, 0] += _nonfinite_block(base[s:e])
+            bad[c, 1] += _importance_block(x[s:e], base[s:e], divergence[r], importance[s:e])
+            s = e
+    return bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _fusion_block(x, base, divergence, fence, out):
+    """out = base + delta * 1.0 where |delta| * divergence >= fence, else base + delta * 0.0
+    (which keeps the reference's signed zeros); returns how many stored values are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        b = _load(base, j)
+        d = _load(x, j) - b
+        keep = np.float32(1.0) if abs(d) * divergence >= fence else np.float32(0.0)
+        _store(out, j, b + d * keep)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fusion_pass(x, base, divergence, cols, fence, out):
+    """_fusion_block over every chunk, row piece by row piece; NaN/Inf outputs per chunk."""
+    n = base.shape[0]
+    bad = np.zeros(CHUNKS, dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        s = lo
+        while s < hi:
+            r = s // cols
+            e = min(hi, (r + 1) * cols)
+            bad[c] += _fusion_block(x[s:e], base[s:e], divergence[r], fence, out[s:e])
+            s = e
+    return bad
+
+
+def fused_arcee_fusion(
+    base: np.ndarray, model: np.ndarray, shape: tuple[int, ...], out_bf16: bool = False, check_finite: bool = False
+) -> np.ndarray:
+    """arcee_fusion of one tensor of the given shape (inputs flat, in C order, as for
+    fused_ties), bit for bit methods.arcee_fusion on float32."""
+    from .methods import fusion_positions
+    from .torch_engine import fusion_divergence, fusion_rows, host_tensor
+
+    n, cols = base.shape[0], fusion_rows(shape, base.shape[0])[1]
+    divergence = fusion_divergence(host_tensor(base), host_tensor(model), shape).numpy()
+    scores = np.empty(n, dtype=np.float32)
+    bad = _importance_pass(model, base, divergence, cols, scores)
+    if check_finite:
+        _raise_nonfinite(bad)
+    positions = fusion_positions(n)
+    scores.partition(sorted(set(positions)))
+    q1, median, q3 = (scores[k] for k in positions)
+    fence = median + np.float32(1.5) * (q3 - q1)  # float32 scalars, as the reference's 0-d tensors
+    del scores
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    bad = _fusion_pass(model, base, divergence, cols, fence, out)
+    if check_finite and bad.any():
+        raise NonFiniteOutput(int(bad.sum()))
+    return out
+
+
+def _arcee_fusion_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, shape):
+    return fused_arcee_fusion(base, tensors[0], shape, out_bf16, check_finite), None, None
+
+
+FAST_PATHS["arcee_fusion"] = _arcee_fusion_fast_path
+
+
+# -- sce ----------------------------------------------------------------------------------------
+# methods.sce stacks the task vectors and makes about ten whole copies of the stack. Here:
+# 1. (with select_topk < 1) each entry's population variance across the models, as torch.var
+#    computes it on the CPU (Welford's update in float64, in model order, then m2 / models
+#    rounded to float32), into one float32 array; the top entries by sparsify.top_k_mask's
+#    rule (kernels' exact select: ties at the threshold in index order);
+# 2. the squares of the masked task vectors into one (models, entries) float32 array, whose
+#    row means torch takes as the reference does (methods.sce_shares);
+# 3. one pass: mask, the float64 vote, agree, the share-weighted disjoint mean (both sums
+#    from +0.0 in model order, as torch sums up to engine.SUMMED_MODELS_MAX stacked models),
+#    the clamp, base + merged, and the retention counts.
+
+
+@numba.njit(cache=True, nogil=True)
+def _welford_block(x, base, mean, m2, count):
+    """One model's step of Welford's update (torch's WelfordOps) of every entry, in float64."""
+    nf = np.float64(count)
+    for j in range(mean.shape[0]):
+        v = np.float64(_load(x, j) - _load(base, j))
+        d = v - mean[j]
+        mean[j] = mean[j] + d / nf
+        m2[j] = m2[j] + d * (v - mean[j])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sce_variance(xs, base, var):
+    """var = the population variance across the models of every entry's task vectors."""
+    m, n = len(xs), base.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        mean = np.empty(BLOCK, dtype=np.float64)
+        m2 = np.empty(BLOCK, dtype=np.float64)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            mean[:] = 0.0
+            m2[:] = 0.0
+            for i in range(m):
+                _welford_block(xs[i][s:e], base[s:e], mean[: e - s], m2[: e - s], i + 1)
+            for j in range(e - s):
+                var[s + j] = np.float32(m2[j] / np.float64(m))
+
+
+@numba.njit(inline="always")
+def _sce_keep(var, j, t, limit):
+    """1.0 where entry j is among the selected variances (above t, or at t below the limit),
+    else 0.0; 1.0 everywhere when there is no selection (var empty)."""
+    if var.shape[0] == 0:
+        return np.float32(1.0)
+    v = var[j]
+    return np.float32(1.0) if (v > t) | ((v == t) & (j < limit)) else np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _square_block(x, base, var, t, limit, s, sq):
+    """sq = (delta * mask) ** 2 over a block starting at s; returns x's NaN/Inf count."""
+    nonfinite = np.int32(0)
+    for j in range(sq.shape[0]):
+        v = _load(x, j)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
+        d = (v - _load(base, j)) * _sce_keep(var, s + j, t, limit)
+        sq[j] = d * d
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sce_squares(xs, base, var, t, limit, sq):
+    """sq[i] = model i's masked task vector squared; NaN/Inf of the inputs per chunk (base first)."""
+    m, n = len(xs), base.shape[0]
+    bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            bad[c, 0] += _nonfinite_block(base[s:e])
+            for i in range(m):
+                bad[c, i + 1] += _square_block(xs[i][s:e], base[s:e], var, t, limit, s, sq[i, s:e])
+    return bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _vote_block(x, base, var, t, limit, s, vote, row, total, first):
+    """row = the masked task vector; total (=, unless first: +=) row * vote in float64."""
+    for j in range(row.shape[0]):
+        d = (_load(x, j) - _load(base, j)) * _sce_keep(var, s + j, t, limit)
+        row[j] = d
+        total[j] = (0.0 if first else total[j]) + np.float64(d) * vote
+
+
+@numba.njit(cache=True, nogil=True)
+def _erase_block(row, total, share, num, den, first, counts):
+    """num += row * erased, den += erased (from +0.0 when first), erased = share where the
+    entry agrees with the elected sign, else 0; counts += (nonzero, agreeing) entries."""
+    zero = np.float32(0.0)
+    kept = np.int32(0)
+    agreed = np.int32(0)
+    for j in range(row.shape[0]):
+        d = row[j]
+        agree = (d != zero) & ((d > zero) == (total[j] >= 0.0))
+        erased = share * (np.float32(1.0) if agree else zero)
+        num[j] = (zero if first else num[j]) + d * erased
+        den[j] = (zero if first else den[j]) + erased
+        kept = np.int32(kept + (d != zero))
+        agreed = np.int32(agreed + agree)
+    counts[0] += kept
+    counts[1] += agreed
+
+
+@numba.njit(cache=True, nogil=True)
+def _sce_write_block(base, num, den, out):
+    """out = base + num / max(den, 1e-6); returns how many stored values are NaN or Inf."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        _store(out, j, _load(base, j) + num[j] / max(den[j], NEAR_FLOOR))
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sce_merge(xs, base, var, t, limit, votes, shares, out):
+    """SCE's election and share-weighted disjoint mean: per chunk, NaN/Inf outputs (column 0)
+    and each model's kept and agreed entries (columns 1 + 2i, 2 + 2i)."""
+    m, n = len(xs), base.shape[0]
+    stats = np.zeros((CHUNKS, 1 + 2 * m), dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        rows = np.empty((m, BLOCK), dtype=np.float32)
+        total = np.empty(BLOCK, dtype=np.float64)
+        num = np.empty(BLOCK, dtype=np.float32)
+        den = np.empty(BLOCK, dtype=np.float32)
+        counts = np.zeros(2, dtype=np.int64)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            size = e - s
+            for i in range(m):
+                _vote_block(xs[i][s:e], base[s:e], var, t, limit, s, votes[i], rows[i, :size], total[:size], i == 0)
+            for i in range(m):
+                counts[:] = 0
+                _erase_block(rows[i, :size], total[:size], shares[i], num[:size], den[:size], i == 0, counts)
+                stats[c, 1 + 2 * i] += counts[0]
+                stats[c, 2 + 2 * i] += counts[1]
+            stats[c, 0] += _sce_write_block(base[s:e], num[:size], den[:size], out[s:e])
+    return stats
+
+
+def sce_selection(var: np.ndarray, fraction: float) -> tuple[np.float32, int]:
+    """(threshold, tie index limit) of sparsify.variance_top's mask of the float32 variances:
+    entry j is kept where var[j] > threshold, or == threshold and j < limit."""
+    n = var.shape[0]
+    k = int(int(np.count_nonzero(var)) * fraction)
+    if k <= 0:
+        return np.float32(np.inf), 0  # none: every variance is finite
+    if k >= n:
+        return np.float32(-1.0), 0  # all: a variance is >= 0
+    t, limit = top_k_threshold(var, k)
+    return np.float32(t), limit
+
+
+def fused_sce(
+    base: np.ndarray,
+    tensors: list[np.ndarray],
+    slacks: list[float],
+    select_topk: float,
+    out_bf16: bool = False,
+    check_finite: bool = False,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """sce of one tensor: (merged flat array, kept, agreed), bit for bit methods.sce on
+    float32 for up to engine.SUMMED_MODELS_MAX models. Inputs, output and check_finite as
+    for fused_ties."""
+    import torch
+
+    from .methods import sce_shares
+
+    m, n = len(tensors), base.shape[0]
+    xs = tuple(tensors)
+    var = np.empty(n if select_topk < 1 else 0, dtype=np.float32)  # empty: every entry is kept
+    t, limit = np.float32(-1.0), 0
+    if select_topk < 1:
+        _sce_variance(xs, base, var)
+        t, limit = sce_selection(var, select_topk)  # NaN/Inf inputs are refused below
+    squares = torch.empty((m, n), dtype=torch.float32)  # torch's allocation, as the reference's
+    bad = _sce_squares(xs, base, var, t, limit, squares.numpy())
+    if check_finite:
+        _raise_nonfinite(bad)
+    shares = sce_shares(squares).numpy()
+    del squares
+    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    votes = np.array([1.0 + s for s in slacks], dtype=np.float64)
+    stats = _sce_merge(xs, base, var, t, limit, votes, shares, out).sum(0)
+    if check_finite and stats[0]:
+        raise NonFiniteOutput(int(stats[0]))
+    return out, stats[1::2].tolist(), stats[2::2].tolist()
+
+
+def _sce_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    slacks = [float(p.get("slack", 0.0)) for p in model_params]
+    return fused_sce(base, tensors, slacks, float(params["select_topk"]), out_bf16, check_finite)
+
+
+FAST_PATHS["sce"] = _sce_fast_path

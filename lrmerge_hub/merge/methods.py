@@ -643,6 +643,17 @@ def breadcrumbs_ties(base, tensors, model_params, params):
     return task_arithmetic_family(base, tensors, model_params, params, _outlier_trim, True)
 
 
+def sce_shares(squares: torch.Tensor) -> torch.Tensor:
+    """SCE's weight of each model: its task vector's mean square (row i of the (models,
+    entries) float32 `squares`, by torch's mean) over the sum of those, equal shares when that
+    sum is about 0. The fast paths call it on the same array, so the means have the same bits."""
+    import torch
+
+    energy = squares.mean(dim=1)
+    total = float(energy.sum())
+    return torch.full_like(energy, 1.0 / squares.shape[0]) if abs(total) < 1e-6 else energy / total
+
+
 @merge_method(
     "sce",
     needs_base=True,
@@ -664,9 +675,7 @@ def sce(base, tensors, model_params, params):
         tv = tv * variance_top(tv, params["select_topk"])
     gamma = elect_signs(tv, [p["slack"] for p in model_params])
     agree = torch.sign(tv) == gamma
-    energy = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
-    total = float(energy.sum())
-    share = torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6 else energy / total
+    share = sce_shares(tv.square().reshape(tv.shape[0], -1))
     erased = share.view(-1, *([1] * (tv.dim() - 1))) * agree
     merged = (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
     return base + merged, count_retention(tv, agree)
@@ -831,6 +840,26 @@ PAPERS.update(
 FUSION_QUANTILES = (0.25, 0.5, 0.75)
 
 
+def fusion_positions(n: int) -> list[int]:
+    """The 0-based sorted positions of arcee_fusion's order statistics among n importance
+    scores: floor(q * (n - 1)) in float32 (mergekit's sorted index), found by selection;
+    mergekit samples 1M entries with replacement above 1M."""
+    import torch
+
+    return (torch.tensor(FUSION_QUANTILES, dtype=torch.float32) * (n - 1)).long().tolist()
+
+
+def softmax_divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion's KL divergence of each row's softmax (the last dim; a 1-D tensor is one
+    row) from the base's, keeping the reduced dim. Each row's value depends on that row alone
+    (the fast paths compute it on blocks of rows, with these same operations)."""
+    import torch
+
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
 @merge_method(
     "arcee_fusion",
     needs_base=True,
@@ -848,16 +877,9 @@ def arcee_fusion(base, tensors, model_params, params):
 
     model = tensors[0]
     delta = model - base
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # per row (vector of a 1-D tensor)
-    importance = delta.abs() * divergence
-    del p, q, divergence
+    importance = delta.abs() * softmax_divergence(model, base)
     flat = importance.reshape(-1)
-    # the order statistics at floor(q * (n - 1)) of the float32 positions (mergekit's sorted
-    # index), found by selection; mergekit samples 1M entries with replacement above 1M
-    positions = (torch.tensor(FUSION_QUANTILES, dtype=torch.float32) * (flat.numel() - 1)).long().tolist()
-    q1, median, q3 = (torch.kthvalue(flat.cpu(), k + 1).values.to(flat.device) for k in positions)
+    q1, median, q3 = (torch.kthvalue(flat.cpu(), k + 1).values.to(flat.device) for k in fusion_positions(flat.numel()))
     fence = median + 1.5 * (q3 - q1)
     return base + delta * (importance >= fence).float(), None
 

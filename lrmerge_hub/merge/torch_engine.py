@@ -1115,3 +1115,170 @@ TORCH_METHODS.update(
     multislerp=torch_multislerp,
     model_stock=torch_model_stock,
 )
+
+
+# -- arcee_fusion ---------------------------------------------------------------------------------
+# methods.arcee_fusion on whole tensors holds several float32 copies at once; here its per-row
+# divergence runs on blocks of rows with the reference's own operations (softmax and a sum
+# over the last dim give each row the same bits in any block: two rows at least, so that a
+# block is reduced as the whole tensor is, along its rows and not split across threads), and
+# the output chunk by chunk. The order statistics are the reference's kthvalue.
+
+FUSION_BLOCK = 1 << 20  # entries per block of rows: few torch parallel regions (slow where a core is busy)
+
+
+def fusion_rows(shape: tuple[int, ...], n: int) -> tuple[int, int]:
+    """(rows, cols) of arcee_fusion's divergence: rows along the last dim; a 1-D tensor is one row."""
+    cols = shape[-1] if shape else n
+    return (n // cols if cols else 0), cols
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Blocks [r, e) of about FUSION_BLOCK entries, none of one row unless the tensor is one."""
+    step = max(2, FUSION_BLOCK // max(cols, 1))
+    blocks = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] == 1:
+        blocks[-2:] = [(blocks[-2][0], rows)]
+    return blocks
+
+
+def fusion_divergence(base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """arcee_fusion's divergence of each row (float32) of raw flat inputs, block by block."""
+    import torch
+
+    from .methods import softmax_divergence
+
+    rows, cols = fusion_rows(shape, model.numel())
+    divergence = torch.empty(rows, dtype=torch.float32, device=model.device)
+    for r, e in row_blocks(rows, cols):
+        b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
+        divergence[r:e] = softmax_divergence(x.view(e - r, cols), b.view(e - r, cols)).view(-1)
+    return divergence
+
+
+def fusion_importance(
+    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """arcee_fusion's importance |model - base| * divergence of the row (float32, flat) of raw
+    flat inputs, each row's divergence, and the NaN/Inf count of base and model."""
+    import torch
+
+    n, dev = model.numel(), model.device
+    rows, cols = fusion_rows(shape, n)
+    divergence = fusion_divergence(base, model, shape)
+    importance = torch.empty(n, dtype=torch.float32, device=dev)
+    bad = torch.zeros(2, dtype=torch.int64, device=dev)
+    for r, e in row_blocks(rows, cols):
+        b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
+        bad[0] += (~torch.isfinite(b)).sum()
+        bad[1] += (~torch.isfinite(x)).sum()
+        importance[r * cols : e * cols] = ((x - b).view(e - r, cols).abs() * divergence[r:e].view(-1, 1)).view(-1)
+    return importance, divergence, bad.tolist()
+
+
+def fusion_merge(
+    base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...], out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, None, None, list[int], int, int]:
+    """arcee_fusion of one tensor of the given shape (raw flat inputs), bit for bit the
+    reference: base + delta where the importance is at least the fence, base + delta * 0
+    elsewhere. Returns what ties_merge returns, with no counts."""
+    import torch
+
+    from .methods import fusion_positions
+
+    n, dev = model.numel(), model.device
+    importance, _, bad_inputs = fusion_importance(base, model, shape)
+    host = importance.cpu()
+    q1, median, q3 = (torch.kthvalue(host, k + 1).values.to(dev) for k in fusion_positions(n))
+    fence = median + 1.5 * (q3 - q1)
+    out = torch.empty(n, dtype=out_dtype or torch.float32, device=dev)
+    bad = torch.zeros(2, dtype=torch.int64, device=dev)
+    for s, e in chunks(n):
+        b = to_float32(base[s:e])
+        merged = b + (to_float32(model[s:e]) - b) * (importance[s:e] >= fence).float()
+        bad[0] += (~torch.isfinite(merged)).sum()
+        stored = merged.to(out.dtype)
+        out[s:e] = stored
+        bad[1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, None, None, bad_inputs, counts[0], counts[1]
+
+
+def torch_arcee_fusion(base, tensors, model_params, params, out_dtype, *, shape):
+    """arcee_fusion (one model): see fusion_merge."""
+    return fusion_merge(base, tensors[0], shape, out_dtype)
+
+
+TORCH_METHODS["arcee_fusion"] = torch_arcee_fusion
+
+
+# -- sce ------------------------------------------------------------------------------------------
+# methods.sce chunk by chunk: torch.var over the models is per entry (Welford's update in
+# model order), the selection is sparsify.top_k_mask of the whole variance, the shares come
+# from methods.sce_shares of the whole (models, entries) array of squares (row means whose
+# bits depend on the row whole), and the election and disjoint mean are per entry (the sums
+# over up to engine.SUMMED_MODELS_MAX stacked models run in model order in any chunk).
+
+
+def sce_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    slacks: list[float],
+    select_topk: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[int], list[int], list[int], int, int]:
+    """sce of one tensor given as raw flat inputs, bit for bit kernels.fused_sce and the
+    reference. Returns what ties_merge returns."""
+    import torch
+
+    from .methods import elect_signs, sce_shares
+    from .sparsify import top_k_mask
+
+    m, n, dev, f32 = len(tensors), base.numel(), base.device, torch.float32
+    bad = torch.zeros(m + 3, dtype=torch.int64, device=dev)  # inputs, float32 result, stored
+
+    def task_vectors(s: int, e: int, count: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        b, xs = to_float32(base[s:e]), [to_float32(x[s:e]) for x in tensors]
+        if count:
+            for i, v in enumerate([b, *xs]):
+                bad[i] += (~torch.isfinite(v)).sum()
+        tv = torch.stack([x - b for x in xs])
+        return b, tv if keep is None else tv * keep[s:e]
+
+    keep = None
+    if select_topk < 1:
+        var = torch.empty(n, dtype=f32, device=dev)
+        for s, e in chunks(n):
+            var[s:e] = torch.var(task_vectors(s, e)[1], dim=0, unbiased=False)
+        keep = top_k_mask(var.abs(), int(int(torch.count_nonzero(var)) * select_topk))
+        del var
+    squares = torch.empty((m, n), dtype=f32, device=dev)
+    for s, e in chunks(n):
+        squares[:, s:e] = task_vectors(s, e, count=True)[1].square()
+    share = sce_shares(squares).view(-1, 1)
+    del squares
+    out = torch.empty(n, dtype=out_dtype or f32, device=dev)
+    kept = torch.zeros(m, dtype=torch.int64, device=dev)
+    agreed = torch.zeros(m, dtype=torch.int64, device=dev)
+    for s, e in chunks(n):
+        b, tv = task_vectors(s, e)
+        agree = torch.sign(tv) == elect_signs(tv, slacks)
+        erased = share * agree
+        merged = b + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+        kept += (tv != 0).sum(1)
+        agreed += agree.sum(1)
+        bad[-2] += (~torch.isfinite(merged)).sum()
+        stored = merged.to(out.dtype)
+        out[s:e] = stored
+        bad[-1] += (~torch.isfinite(stored)).sum()
+    counts = bad.tolist()
+    return out, kept.tolist(), agreed.tolist(), counts[:-2], counts[-2], counts[-1]
+
+
+def torch_sce(base, tensors, model_params, params, out_dtype):
+    """sce with the recipe's parameters: see sce_merge."""
+    slacks = [float(p.get("slack", 0.0)) for p in model_params]
+    return sce_merge(base, tensors, slacks, float(params["select_topk"]), out_dtype)
+
+
+TORCH_METHODS["sce"] = torch_sce
