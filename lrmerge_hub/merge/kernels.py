@@ -1,6 +1,11 @@
-"""Fused CPU kernels for the sparsified task-vector methods (ties, slack_ties, breadcrumbs,
-breadcrumbs_ties, dare_linear, dare_ties, della, della_linear) and the elementwise ones (linear,
-task_arithmetic, passthrough, nearswap): the results of methods.py, faster.
+"""Fused CPU kernels for every method but karcher: the results of methods.py, faster.
+
+The sparsified task-vector methods (ties, slack_ties, breadcrumbs, breadcrumbs_ties,
+dare_linear, dare_ties, della, della_linear) are described here; the sections at the end of
+this file add the elementwise ones (linear, task_arithmetic, passthrough, nearswap), RAM,
+RAM+ and layer swapping, the spherical methods (slerp, nuslerp, multislerp, model_stock:
+torch's own reductions first, sphere_scalars.py), Arcee Fusion and SCE, each with its own
+comment. Every one registers in FAST_PATHS.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
