@@ -213,8 +213,11 @@ def measure(cmd: list[str]) -> dict[str, float]:
     return res
 
 
-# what every `lrmerge merge` pays before it reads a byte: the interpreter and our imports
-START_UP = "import torch, numba, lrmerge_hub.cli, lrmerge_hub.merge.engine, lrmerge_hub.merge.kernels"
+# what `lrmerge merge` pays before it reads a byte: the interpreter and our imports, and torch
+# for the methods that call it (the reductions of sce, the spherical methods, arcee_fusion,
+# karcher; the kernels of the others do not import it)
+START_UP = "import numba, lrmerge_hub.cli, lrmerge_hub.merge.engine, lrmerge_hub.merge.kernels"
+START_UP_TORCH = "import torch; " + START_UP
 
 
 def ours_cmd(recipe: Path, out: Path, device: str = "cpu", engine: str = "kernels") -> list[str]:
@@ -405,8 +408,9 @@ def run_methods(a: argparse.Namespace, mk_exe: Path | None) -> dict:
     settle(fam, work / "io-floor")
     floor = measure(io_floor_cmd(fam, work / "io-floor"))
     print(f"  {'I/O floor':18s} wall {floor['wall_s']:6.2f} s  cpu {floor['cpu_s']:6.2f} s", flush=True)
-    start_up = measure([sys.executable, "-c", START_UP])
-    print(f"  {'start-up':18s} wall {start_up['wall_s']:6.2f} s  cpu {start_up['cpu_s']:6.2f} s", flush=True)
+    start_up, start_up_torch = (measure([sys.executable, "-c", code]) for code in (START_UP, START_UP_TORCH))
+    for name, m in (("start-up", start_up), ("with torch", start_up_torch)):
+        print(f"  {name:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s", flush=True)
     earlier = json.loads(a.mergekit_from.read_text())["methods"] if a.mergekit_from else None
     for method in a.only or METHOD_CASES:
         ours_yaml, mk_yaml = method_configs(work, fam, method, a.dtype, a.mergekit_dtype)
@@ -443,6 +447,7 @@ def run_methods(a: argparse.Namespace, mk_exe: Path | None) -> dict:
         "exact_layers": a.exact_layers,
         "io_floor": floor,
         "start_up": start_up,
+        "start_up_torch": start_up_torch,
         **({"mergekit_from": str(a.mergekit_from)} if a.mergekit_from else {}),
         "methods": rows,
     }
@@ -507,6 +512,13 @@ def methods_floor_table(result: dict, floor: dict) -> str:
         f"| I/O floor | | {floor['wall_s']:.2f} | {floor['cpu_s']:.2f} | {floor['peak_rss_bytes'] / 1e9:.2f} "
         "| | | | 1.00 | |"
     )
+    for key, name in (("start_up", "start-up"), ("start_up_torch", "start-up with torch")):
+        if key in result:  # the interpreter and our imports, part of every run of ours
+            up = result[key]
+            rows.append(
+                f"| {name} | | {up['wall_s']:.2f} | {up['cpu_s']:.2f} | {up['peak_rss_bytes'] / 1e9:.2f} "
+                f"| | | | {up['wall_s'] / floor['wall_s']:.2f} | |"
+            )
     return "\n".join(rows)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.draws import stream_key, uniforms
 from lrmerge_hub.merge.engine import RESCALED, SHAPED, SUMMED_MODELS_MAX, covered
@@ -240,8 +241,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     torch engine's own code are the ones called, for every tensor, with its name and the
     shape of its merged part (the shared rows where the language model extends the
     vocabulary by `extend` rows)."""
-    from lrmerge_hub.merge import engine, torch_engine
-    from lrmerge_hub.merge.st_io import SafetensorsModel
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
@@ -270,24 +269,12 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
         tmp_path,
     )
     assert recipe.parameters["rescale"] is True
-    sources = engine.local_sources(recipe)
-    calls = {}
-    table = engine.FAST_PATHS if engine_name == "kernels" else torch_engine.TORCH_METHODS
-    fast_path = table[method]
-
-    def spy(*a, **kw):
-        calls[kw["tensor_name"]] = kw["shape"]
-        return fast_path(*a, **kw)
-
-    monkeypatch.setitem(table, method, spy)
-    engine.merge(recipe, sources, tmp_path / "fast", device="cpu", engine=engine_name, progress=False)
-    monkeypatch.setattr(engine, "FAST_PATHS", {})
-    engine.merge(recipe, sources, tmp_path / "slow", device="cpu", engine="kernels", progress=False)
-    a, b = SafetensorsModel(tmp_path / "fast", "fast"), SafetensorsModel(tmp_path / "slow", "slow")
-    assert set(a.tensors) == set(b.tensors) == set(calls)  # every tensor, each under its name
+    a, b, spied = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
+    calls = {kw["tensor_name"]: kw["shape"] for _, kw in spied}
+    assert set(a.tensors) == set(calls) and len(calls) == len(spied)  # every tensor, each under its name
     assert {len(shape) for shape in calls.values()} == {1, 2}
     for name in a.tensors:
         shape = tuple(a.tensors[name].spec.shape)
         assert calls[name] in (shape, (shape[0] - extend, *shape[1:])), name
-        assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+    assert_same_outputs(a, b)
     assert any(calls[name] != tuple(a.tensors[name].spec.shape) for name in a.tensors) == (extend > 0)

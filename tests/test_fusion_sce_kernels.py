@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels, torch_engine
 from lrmerge_hub.merge.engine import SHAPED, SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
@@ -210,8 +211,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     on the CPU, as with the reference path; the fast path is called for every tensor (for
     arcee_fusion with the shape of its merged part: the shared rows where the language model
     extends the vocabulary by `extend` rows)."""
-    from lrmerge_hub.merge import engine, torch_engine
-    from lrmerge_hub.merge.st_io import SafetensorsModel
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
@@ -241,24 +240,11 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
         },
         tmp_path,
     )
-    sources = engine.local_sources(recipe)
-    calls = {}
-    table = engine.FAST_PATHS if engine_name == "kernels" else torch_engine.TORCH_METHODS
-    fast_path = table[method]
-
-    def spy(*a, **kw):
-        calls[len(calls)] = kw.get("shape")
-        return fast_path(*a, **kw)
-
-    monkeypatch.setitem(table, method, spy)
-    engine.merge(recipe, sources, tmp_path / "fast", device="cpu", engine=engine_name, progress=False)
-    monkeypatch.setattr(engine, "FAST_PATHS", {})
-    engine.merge(recipe, sources, tmp_path / "slow", device="cpu", engine="kernels", progress=False)
-    a, b = SafetensorsModel(tmp_path / "fast", "fast"), SafetensorsModel(tmp_path / "slow", "slow")
-    assert set(a.tensors) == set(b.tensors) and len(calls) == len(a.tensors)
+    a, b, calls = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
+    assert len(calls) == len(a.tensors)
     if method == "arcee_fusion":  # the shapes merged: the tensors', but the extended ones' shared rows
         shapes = {tuple(a.tensors[name].spec.shape) for name in a.tensors}
-        assert {len(shape) for shape in calls.values()} == {1, 2}
-        assert (set(calls.values()) <= shapes) == (extend == 0)
-    for name in a.tensors:
-        assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+        merged = {kw["shape"] for _, kw in calls}
+        assert {len(shape) for shape in merged} == {1, 2}
+        assert (merged <= shapes) == (extend == 0)
+    assert_same_outputs(a, b)

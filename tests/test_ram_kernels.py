@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.engine import SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput
@@ -296,8 +297,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     """A merge through the engine (layer_swap over 5 layers: whole, blended and middle
     layers) gives the same bytes with the kernels, or the torch engine on the CPU, as with
     the reference path; the fast path is the one called, for every tensor."""
-    from lrmerge_hub.merge import engine, torch_engine
-    from lrmerge_hub.merge.st_io import SafetensorsModel
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
@@ -317,22 +316,8 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     if has_base:
         data["base"] = str(fam["base"])
     recipe = parse_recipe(data, tmp_path)
-    sources = engine.local_sources(recipe)
-    table = engine.FAST_PATHS if engine_name == "kernels" else torch_engine.TORCH_METHODS
-    fast_path = table[method]
-    calls = []
-
-    def spy(*a, **kw):
-        calls.append(a[2])
-        return fast_path(*a, **kw)
-
-    monkeypatch.setitem(table, method, spy)
-    engine.merge(recipe, sources, tmp_path / "fast", device="cpu", engine=engine_name, progress=False)
-    monkeypatch.setattr(engine, "FAST_PATHS", {})
-    engine.merge(recipe, sources, tmp_path / "slow", device="cpu", engine="kernels", progress=False)
-    a, b = SafetensorsModel(tmp_path / "fast", "fast"), SafetensorsModel(tmp_path / "slow", "slow")
-    assert set(a.tensors) == set(b.tensors) and len(calls) == len(a.tensors)
-    if method == "layer_swap":
-        assert {tuple(p["share"] for p in mp) for mp in calls} == {(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)}
-    for name in a.tensors:
-        assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+    a, b, calls = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
+    assert len(calls) == len(a.tensors)
+    if method == "layer_swap":  # model_params, the third argument, carry the shares
+        assert {tuple(p["share"] for p in args[2]) for args, _ in calls} == {(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)}
+    assert_same_outputs(a, b)

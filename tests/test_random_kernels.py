@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.draws import stream_key, uniforms
 from lrmerge_hub.merge.engine import RESCALED, SUMMED_MODELS_MAX, covered
@@ -180,8 +181,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     """A merge (rescale on, its default) through the engine gives the same bytes with the
     kernels, or the torch engine on the CPU, as with the reference path, and the kernels or
     the torch engine's own code are the ones called."""
-    from lrmerge_hub.merge import engine, torch_engine
-    from lrmerge_hub.merge.st_io import SafetensorsModel
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
@@ -202,16 +201,7 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
         tmp_path,
     )
     assert recipe.parameters["rescale"] is True
-    sources = engine.local_sources(recipe)
-    calls = []
-    table = engine.FAST_PATHS if engine_name == "kernels" else torch_engine.TORCH_METHODS
-    fast_path = table[method]
-    monkeypatch.setitem(table, method, lambda *a, **kw: calls.append(kw["tensor_name"]) or fast_path(*a, **kw))
-    engine.merge(recipe, sources, tmp_path / "fast", device="cpu", engine=engine_name, progress=False)
+    a, b, spied = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
+    calls = [kw["tensor_name"] for _, kw in spied]
     assert len(calls) > 1 and len(set(calls)) == len(calls)  # every tensor, each under its name
-    monkeypatch.setattr(engine, "FAST_PATHS", {})
-    engine.merge(recipe, sources, tmp_path / "slow", device="cpu", engine="kernels", progress=False)
-    a, b = SafetensorsModel(tmp_path / "fast", "fast"), SafetensorsModel(tmp_path / "slow", "slow")
-    assert set(a.tensors) == set(b.tensors)
-    for name in a.tensors:
-        assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+    assert_same_outputs(a, b)

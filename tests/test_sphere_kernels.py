@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.errors import DegenerateInput
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.engine import SHAPED, covered
@@ -238,8 +239,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     """A merge through the engine gives the same bytes with the kernels, or the torch engine
     on the CPU, as with the reference path, and the fast path is the one called for every
     tensor (the language model extending the vocabulary: the shared rows are merged)."""
-    from lrmerge_hub.merge import engine, torch_engine
-    from lrmerge_hub.merge.st_io import SafetensorsModel
     from lrmerge_hub.recipe.spec import parse_recipe
     from lrmerge_hub.synth.tiny import make_family
 
@@ -262,20 +261,6 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
         },
         tmp_path,
     )
-    sources = engine.local_sources(recipe)
-    calls = []
-    table = engine.FAST_PATHS if engine_name == "kernels" else torch_engine.TORCH_METHODS
-    fast_path = table[method]
-
-    def spy(*a, **kw):
-        calls.append(a[1][0].shape)
-        return fast_path(*a, **kw)
-
-    monkeypatch.setitem(table, method, spy)
-    engine.merge(recipe, sources, tmp_path / "fast", device="cpu", engine=engine_name, progress=False)
-    monkeypatch.setattr(engine, "FAST_PATHS", {})
-    engine.merge(recipe, sources, tmp_path / "slow", device="cpu", engine="kernels", progress=False)
-    a, b = SafetensorsModel(tmp_path / "fast", "fast"), SafetensorsModel(tmp_path / "slow", "slow")
-    assert set(a.tensors) == set(b.tensors) and len(calls) == len(a.tensors)
-    for name in a.tensors:
-        assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+    a, b, calls = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
+    assert len(calls) == len(a.tensors)
+    assert_same_outputs(a, b)
