@@ -620,6 +620,7 @@ def test_cli_contract_error_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("n", [1000, 300_000])  # below and above the kernels' sampling size
 def test_top_k_mask_is_the_stable_order_with_ties(n):
+    from lrmerge_hub.merge.kernels import top_k_threshold
     from lrmerge_hub.merge.sparsify import top_k_mask
 
     rng = np.random.default_rng(n)
@@ -628,8 +629,11 @@ def test_top_k_mask_is_the_stable_order_with_ties(n):
     for k in (1, n // 10, n // 2, n - 1):
         expected = np.zeros(n, bool)
         expected[order[:k]] = True
-        for radix in (True, False):  # the kernels' radix select and torch's kthvalue
-            np.testing.assert_array_equal(top_k_mask(torch.from_numpy(mag), k, radix).numpy(), expected)
+        np.testing.assert_array_equal(top_k_mask(torch.from_numpy(mag), k).numpy(), expected)  # torch's kthvalue
+        t, limit = top_k_threshold(mag, k)  # the kernels' radix select
+        radix = mag > t
+        radix[:limit] |= mag[:limit] == t
+        np.testing.assert_array_equal(radix, expected)
 
 
 def test_della_blocks_of_rows_draw_the_bits_of_the_whole_tensor():

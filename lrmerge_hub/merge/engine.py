@@ -398,7 +398,7 @@ def reference_merge(
     """The method's reference function on one tensor's flat inputs (in `input_labels` order,
     on any device): (flat float32 result, kept, agreed). Refuses NaN/Inf inputs and a
     float32 result that overflowed."""
-    from .torch_engine import to_float32
+    from .st_io import to_float32
 
     inputs = [to_float32(t) for t in raw]
     for label, x in zip(labels, inputs, strict=True):

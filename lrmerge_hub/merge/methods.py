@@ -242,7 +242,7 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     flat = delta.reshape(-1)
     # torch's own selection: this is the reference the fused kernels are tested against
-    keep = top_k_mask(flat.abs(), k, radix=False)
+    keep = top_k_mask(flat.abs(), k)
     return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(delta.shape)
 
 

@@ -31,29 +31,20 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(magnitudes, k, sorted=False).values.min()
 
 
-def top_k_mask(magnitudes: torch.Tensor, k: int, radix: bool = True) -> torch.Tensor:
+def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of a flat non-negative float32 tensor.
 
     Entries strictly above the k-th largest value are kept, then entries equal to it in
     index order until exactly k are kept: among equal magnitudes the lower index ranks
-    larger. Every magnitude cut (TIES, Breadcrumbs, SCE) selects by this rule. On CPU the
-    threshold comes from the kernels' radix select unless `radix` is off.
+    larger. Every magnitude cut (TIES, Breadcrumbs, SCE) selects by this rule, with torch's
+    own selection here, independent of the kernels' radix select that the tests hold
+    against it.
     """
     import torch
 
     n = magnitudes.numel()
     if k >= n or k <= 0:
         return torch.full((n,), k > 0, dtype=torch.bool, device=magnitudes.device)
-    if radix and magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
-        try:  # the radix select of the fused TIES kernels: ~8x kthvalue's speed here
-            from .kernels import top_k_threshold
-        except ImportError:  # pragma: no cover - numba is a dependency
-            pass
-        else:
-            radix_t, limit = top_k_threshold(magnitudes.contiguous().numpy(), k)
-            keep = magnitudes > radix_t
-            keep[:limit] |= magnitudes[:limit] == radix_t
-            return keep
     t = magnitude_threshold(magnitudes, k)
     keep = magnitudes > t
     room = k - int(keep.sum())

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def float32_copy(raw: torch.Tensor) -> torch.Tensor:
     """A fresh float32 tensor of a raw flat input's values, free to be changed in place."""
-    from .torch_engine import to_float32
+    from .st_io import to_float32
 
     widened = to_float32(raw)
     return widened.clone() if widened.data_ptr() == raw.data_ptr() else widened

@@ -311,6 +311,15 @@ class SafetensorsModel(TensorSource):
         self._maps.clear()  # mappings close when no tensor views them any more
 
 
+def to_float32(a: torch.Tensor) -> torch.Tensor:
+    """float32 of a flat input on its device: bfloat16 bits (int16/uint16) widen exactly."""
+    import torch
+
+    if a.dtype in (torch.int16, torch.uint16):
+        return (a.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    return a.to(torch.float32)
+
+
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code."""
     import torch

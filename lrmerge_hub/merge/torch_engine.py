@@ -41,6 +41,7 @@ import numpy as np
 
 from .draws import stream_key, uniforms
 from .l1 import EXPONENTS, exponent_sums, l1_ratio
+from .st_io import to_float32
 from .trim import outlier_ranks, rank_layout, trim_count
 
 if TYPE_CHECKING:
@@ -56,15 +57,6 @@ INF_BITS = 0x7F800000  # above the bits of every finite magnitude
 # entries per chunk: the selection's histograms and the merge run chunk by chunk over the raw
 # inputs, so the work memory is a few float32 chunks whatever the tensor's size
 CHUNK = 1 << 22
-
-
-def to_float32(a: torch.Tensor) -> torch.Tensor:
-    """float32 of a flat input on its device: bfloat16 bits (int16/uint16) widen exactly."""
-    import torch
-
-    if a.dtype in (torch.int16, torch.uint16):
-        return (a.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-    return a.to(torch.float32)
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
