@@ -59,6 +59,18 @@ INF_BITS = 0x7F800000  # above the bits of every finite magnitude
 CHUNK = 1 << 22
 
 
+def store_chunk(out: torch.Tensor, s: int, e: int, result: torch.Tensor, bad: torch.Tensor, at: int) -> None:
+    """out[s:e] = a chunk's float32 result in out's dtype, counting the NaN/Inf entries of the
+    result into bad[at] (an overflow in float32) and of the stored values into bad[at + 1]
+    (an overflow of the cast)."""
+    import torch
+
+    bad[at] += (~torch.isfinite(result)).sum()
+    stored = result.to(out.dtype)
+    out[s:e] = stored
+    bad[at + 1] += (~torch.isfinite(stored)).sum()
+
+
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     """The IEEE bits of |delta| as int32: non-negative, and ordered like the magnitudes."""
     import torch
@@ -418,10 +430,7 @@ def sparse_merge(
             assert divisor is not None
             merged = merged / divisor
         result = b + scalar(lam) * merged
-        bad[1] += (~torch.isfinite(result)).sum()
-        stored = result.to(out.dtype)
-        out[s:e] = stored
-        bad[2] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, result, bad, 1)
     kept, agreed, nonfinite = counts.tolist()
     bad_base, bad_float32, bad_stored = bad.tolist()
     return out, kept, agreed, [bad_base, *nonfinite], bad_float32, bad_stored
@@ -537,10 +546,7 @@ def elementwise_merge(
             acc = b + scalar(lam) * acc
         elif normalize:
             acc = acc / divisor
-        bad[-2] += (~torch.isfinite(acc)).sum()
-        stored = acc.to(out.dtype)
-        out[s:e] = stored
-        bad[-1] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, acc, bad, -2)
     counts = bad.tolist()
     return out, None, None, counts[:-2], counts[-2], counts[-1]
 
@@ -846,10 +852,7 @@ def ram_merge(
             acc = acc + (kept + tvz * overlap / divisor)
         del tvs, changed
         result = b + acc
-        bad[-2] += (~torch.isfinite(result)).sum()
-        stored = result.to(out.dtype)
-        out[s:e] = stored
-        bad[-1] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, result, bad, -2)
     counts_ = bad.tolist()
     return out, None, None, counts_[:-2], counts_[-2], counts_[-1]
 
@@ -952,10 +955,7 @@ def _two_point_merge(x0, x1, base, deltas, add_base, c0, c1, post, d, out_dtype)
             r = r * d
         if add_base:
             r = b + r
-        bad[3] += (~torch.isfinite(r)).sum()
-        stored = r.to(out.dtype)
-        out[s:e] = stored
-        bad[4] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, r, bad, 3)
     counts = bad.tolist()
     return out, counts[:3], counts[3], counts[4]
 
@@ -1032,10 +1032,7 @@ def torch_nuslerp(base, tensors, model_params, params, out_dtype, *, shape):
         r = (c0 * v0 + c1 * v1) / d
         if b is not None:
             r = b + r
-        counts[3] += (~torch.isfinite(r)).sum()
-        stored = r.to(out.dtype)
-        out[s:e] = stored
-        counts[4] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, r, counts, 3)
     bad = counts.tolist()
     return out, None, None, bad[:3] if has_base else bad[1:3], bad[3], bad[4]
 
@@ -1066,10 +1063,7 @@ def torch_model_stock(base, tensors, model_params, params, out_dtype, *, shape):
             acc = acc + xi
         t, u, _ = _per_entry(co, s, e, dev) if co.count > 1 else (co.c0.to(dev)[0], co.c1.to(dev)[0], None)
         r = t * (acc / count) + u * b
-        bad[-2] += (~torch.isfinite(r)).sum()
-        stored = r.to(out.dtype)
-        out[s:e] = stored
-        bad[-1] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, r, bad, -2)
     counts = bad.tolist()
     return out, None, None, counts[:-2], counts[-2], counts[-1]
 
@@ -1188,10 +1182,7 @@ def fusion_merge(
     for s, e in chunks(n):
         b = to_float32(base[s:e])
         merged = b + (to_float32(model[s:e]) - b) * (importance[s:e] >= fence).float()
-        bad[0] += (~torch.isfinite(merged)).sum()
-        stored = merged.to(out.dtype)
-        out[s:e] = stored
-        bad[1] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, merged, bad, 0)
     counts = bad.tolist()
     return out, None, None, bad_inputs, counts[0], counts[1]
 
@@ -1259,10 +1250,7 @@ def sce_merge(
         merged = b + (tv * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
         kept += (tv != 0).sum(1)
         agreed += agree.sum(1)
-        bad[-2] += (~torch.isfinite(merged)).sum()
-        stored = merged.to(out.dtype)
-        out[s:e] = stored
-        bad[-1] += (~torch.isfinite(stored)).sum()
+        store_chunk(out, s, e, merged, bad, -2)
     counts = bad.tolist()
     return out, kept.tolist(), agreed.tolist(), counts[:-2], counts[-2], counts[-1]
 
