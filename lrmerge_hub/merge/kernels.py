@@ -1756,6 +1756,62 @@ def _nonfinite_inputs(xs):
     return bad
 
 
+# The reduction pass's fills (sphere_scalars.py): each writes one float32 array of the
+# tensor's size with exactly the values the reference reduces (an input or task vector, or
+# the product of two, each divided first by its vector's norm where `divide`), so torch's
+# own reduction of that array has the reference's bits while one float32 array is alive.
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fill_signal(x, base, deltas, out):
+    """out = float32(x) [- float32(base)]."""
+    n = out.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            v = _load(x, j)
+            if deltas:
+                v = v - _load(base, j)
+            out[j] = v
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fill_product(x0, x1, base, deltas, divide, n0, n1, stride, count, out):
+    """out = (v0 [/ n0]) * (v1 [/ n1]), v = x [- base], each operation rounded to float32;
+    n0, n1 per vector: entry j's is (j // stride) % count."""
+    n = out.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        v, within = (lo // stride) % count, lo % stride
+        for j in range(lo, hi):
+            v0, v1 = _load(x0, j), _load(x1, j)
+            if deltas:
+                v0 = v0 - _load(base, j)
+                v1 = v1 - _load(base, j)
+            if divide:
+                v0 = v0 / n0[v]
+                v1 = v1 / n1[v]
+            out[j] = v0 * v1
+            v, within = _next_vector(v, within, stride, count)
+
+
+def fill_signal(x: np.ndarray, base: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+    """out = float32(x) [- float32(base)], flat; returns out."""
+    _fill_signal(x, base if base is not None else x, base is not None, out)
+    return out
+
+
+def fill_product(x0, x1, base, norms, stride: int, count: int, out: np.ndarray) -> np.ndarray:
+    """out = (v0 [/ n0]) * (v1 [/ n1]) of the flat raw inputs (v = x [- base]), with norms =
+    (n0, n1) float32 per vector (entry j's is (j // stride) % count) or None; returns out."""
+    if out.shape[0] == 0:
+        return out
+    n0, n1 = norms if norms is not None else (np.ones(1, np.float32), np.ones(1, np.float32))
+    has_base = base is not None
+    _fill_product(x0, x1, base if has_base else x0, has_base, norms is not None, n0, n1, stride, count, out)
+    return out
+
+
 def _check_sphere(inputs: np.ndarray, output: int, has_base: bool, check_finite: bool) -> None:
     """Raise for NaN/Inf counted in the inputs (base first, where has_base) or the output."""
     if not check_finite:
@@ -1783,9 +1839,8 @@ def two_point(x0, x1, base, deltas, add_base, c0, c1, post, d, out_bf16):
 def _slerp_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
     """slerp from the base (v0) toward the one model: c0 * v0 + c1 * v1 (sphere_scalars)."""
     from .sphere_scalars import slerp_coefficients
-    from .torch_engine import host_tensor
 
-    c0, c1 = slerp_coefficients(float(params["t"]), host_tensor(base), host_tensor(tensors[0]))
+    c0, c1 = slerp_coefficients(float(params["t"]), base, tensors[0])
     out, bad = two_point(base, tensors[0], None, False, False, c0, c1, NO_POST, c0, out_bf16)
     totals = bad.sum(0)
     _check_sphere(totals[1:3], totals[3], True, check_finite)  # x0 is the base
@@ -1816,7 +1871,6 @@ def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, chec
     row or column (sphere_scalars.nuslerp_layout)."""
     from .geometric import interpolation_fraction
     from .sphere_scalars import nuslerp_coefficients, nuslerp_layout
-    from .torch_engine import host_tensor
 
     layout = nuslerp_layout(shape, params)
     if layout is None:
@@ -1824,7 +1878,7 @@ def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, chec
     t = interpolation_fraction([p["weight"] for p in model_params])
     has_base = base is not None
     x0, x1 = tensors
-    co = nuslerp_coefficients(t, host_tensor(x0), host_tensor(x1), host_tensor(base) if has_base else None, *layout)
+    co = nuslerp_coefficients(t, x0, x1, base, *layout)
     if co.count == 1:
         out, bad = two_point(x0, x1, base, has_base, has_base, co.c0[0], co.c1[0], DIVIDE, co.d[0], out_bf16)
     else:
@@ -1839,12 +1893,11 @@ def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, chec
 def _model_stock_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, shape):
     """model_stock with one ratio per tensor, or per row with filter_wise."""
     from .sphere_scalars import model_stock_ratio, model_stock_rows
-    from .torch_engine import host_tensor
 
     rows = model_stock_rows(shape, params)
     if rows is None:
         return _reference_sphere("model_stock", base, tensors, model_params, params, shape, out_bf16, check_finite)
-    co = model_stock_ratio(host_tensor(base), [host_tensor(x) for x in tensors], rows)
+    co = model_stock_ratio(base, list(tensors), rows)
     out = np.empty(base.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
     t, u = co.c0.numpy(), co.c1.numpy()
     totals = _stock(tuple(tensors), base, t, u, np.float32(len(tensors)), co.stride, out).sum(0)

@@ -4,20 +4,26 @@ geometric.py computes them.
 
 Their norms and dot products are torch's own float32 CPU reductions, whose summation order
 (vector width, thread split) no chunked kernel reproduces, so they run here with the
-reference's torch operations on float32 CPU tensors holding the same values. Every input
-is widened into a fresh float32 tensor and later steps run in place on it (an in-place op
-writes the bits of its out-of-place twin), so a few whole-tensor copies are alive at once
-instead of the reference's dozen; the combine pass then computes every entry from the
-raw inputs and these scalars in the reference's operation order.
+reference's torch calls, on tensors of the reference's shapes holding the reference's
+values. For slerp, nuslerp and model_stock those values are written by the kernels' fills
+(kernels.fill_signal, fill_product: each input or task vector, then each product the
+reference sums) into one float32 array of the tensor's size, reused for every reduction, so
+one float32 copy is alive instead of the reference's several. multislerp's chain of
+reductions runs the reference's operations on a float32 stack of the inputs, changed in
+place (an in-place op writes the bits of its out-of-place twin): a few copies alive at once
+instead of the reference's dozen. The combine pass then computes every entry from the raw
+inputs and these scalars in the reference's operation order.
 
-Inputs are raw flat CPU tensors as the torch engine holds them: bfloat16 as int16 bits,
-or float32.
+Inputs are raw flat CPU arrays or tensors as the engines hold them: bfloat16 as its 16 bits
+(uint16 arrays, int16 tensors), or float32.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .geometric import NORM_EPS, SLERP_LINEAR_DOT
 
@@ -40,20 +46,54 @@ def scalar(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
-def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_array(x: Any) -> np.ndarray:
+    """A flat raw input as the kernels read it: a numpy array, bfloat16 as its uint16 bits."""
+    a = x if isinstance(x, np.ndarray) else x.cpu().numpy()
+    return a.view(np.uint16) if a.dtype == np.int16 else a
+
+
+class Scratch:
+    """One float32 array of a tensor's size that the kernels' fills write and torch reduces
+    (as a tensor sharing its memory)."""
+
+    def __init__(self, n: int):
+        import torch
+
+        self.array = np.empty(n, dtype=np.float32)
+        self.tensor = torch.from_numpy(self.array)
+
+    def signal(self, x: Any, base: Any = None) -> torch.Tensor:
+        """float32(x) [- float32(base)]."""
+        from .kernels import fill_signal
+
+        fill_signal(raw_array(x), None if base is None else raw_array(base), self.array)
+        return self.tensor
+
+    def product(self, x0: Any, x1: Any, base: Any, norms=None, stride: int = 1, count: int = 1) -> torch.Tensor:
+        """(v0 [/ n0]) * (v1 [/ n1]), v = x [- base], norms (n0, n1) per vector as
+        kernels.fill_product takes them."""
+        from .kernels import fill_product
+
+        raw = [raw_array(x) for x in (x0, x1)]
+        fill_product(*raw, None if base is None else raw_array(base), norms, stride, count, self.array)
+        return self.tensor
+
+
+def slerp_coefficients(t: float, v0: Any, v1: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(c0, c1), 0-d float32, with geometric.slerp(t, v0, v1) = c0 * v0 + c1 * v1 entry by
     entry: (1 - t, t) where the two are collinear, else sin((1 - t) theta) / sin(theta) and
     sin(t theta) / sin(theta)."""
     import torch
 
     tt = scalar(t)
-    a = float32_copy(v0)
-    na = torch.linalg.vector_norm(a)
-    a.div_(torch.where(na > NORM_EPS, na, 1.0))
-    b = float32_copy(v1)
-    nb = torch.linalg.vector_norm(b)
-    dot = a.mul_(b.div_(torch.where(nb > NORM_EPS, nb, 1.0))).sum().clamp(-1, 1)
-    del a, b
+    scratch = Scratch(raw_array(v0).shape[0])
+    na = torch.linalg.vector_norm(scratch.signal(v0))
+    na = torch.where(na > NORM_EPS, na, 1.0)
+    nb = torch.linalg.vector_norm(scratch.signal(v1))
+    nb = torch.where(nb > NORM_EPS, nb, 1.0)
+    norms = (na.reshape(1).numpy(), nb.reshape(1).numpy())
+    dot = scratch.product(v0, v1, None, norms).sum().clamp(-1, 1)
+    del scratch
     if dot.abs() > SLERP_LINEAR_DOT:
         return 1 - tt, tt
     theta = torch.acos(dot)
@@ -120,23 +160,27 @@ class PerVector:
         self.c0, self.c1, self.d, self.stride, self.count = c0, c1, d, stride, count
 
 
-def nuslerp_coefficients(
-    t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None, shape: tuple[int, ...], row_wise: bool
-) -> PerVector:
+def nuslerp_coefficients(t: float, x0: Any, x1: Any, base: Any, shape: tuple[int, ...], row_wise: bool) -> PerVector:
     """geometric.nuslerp of x0 and x1 (minus the base when given) viewed in this shape (of
     one or more dims; flatten is the shape (n,)): vectors along the last dim, or (row_wise)
-    along dim 0, with the reference's operations on the shaped copies."""
+    along dim 0, with the reference's reductions on tensors of its shapes."""
     import torch
 
-    b = float32_copy(base) if base is not None else None
-    vs = []
+    n = math.prod(shape)
+    scratch = Scratch(n)
+
+    def vectors(flat: torch.Tensor) -> torch.Tensor:  # the reference's view: vectors along the last dim
+        v = flat.view(shape)
+        return v.transpose(0, -1) if row_wise else v
+
+    norms = []
     for x in (x0, x1):
-        v = _delta(x, b).view(shape)
-        v = v.transpose(0, -1) if row_wise else v
-        vs.append(v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=1e-7)))
-    del b
-    cos = vs[0].mul_(vs[1]).sum(-1, keepdim=True).clamp(-1, 1)
-    del vs
+        norms.append(torch.linalg.vector_norm(vectors(scratch.signal(x, base)), dim=-1, keepdim=True).clamp(min=1e-7))
+    # entry j's vector: j % (n / shape[0]) along dim 0 (row_wise), else j // shape[-1]
+    stride, count = (1, n // shape[0]) if row_wise else (shape[-1], n // shape[-1])
+    per_entry = [(m.transpose(0, -1) if row_wise else m).reshape(-1).numpy() for m in norms]
+    cos = vectors(scratch.product(x0, x1, base, per_entry, stride, count)).sum(-1, keepdim=True).clamp(-1, 1)
+    del scratch
     collinear = (1 - cos.square()) <= NORM_EPS**2
     theta = torch.acos(torch.where(collinear, 0.0, cos))
     c0 = torch.where(collinear, scalar(1 - t), torch.sin((1 - t) * theta))
@@ -148,22 +192,19 @@ def nuslerp_coefficients(
     return PerVector(c0.reshape(-1), c1.reshape(-1), d.reshape(-1), shape[-1], c0.numel())
 
 
-def model_stock_ratio(base: torch.Tensor, tensors: list[torch.Tensor], rows: tuple[int, ...]) -> PerVector:
+def model_stock_ratio(base: Any, tensors: list, rows: tuple[int, ...]) -> PerVector:
     """geometric.model_stock's t per row (along the last dim) of the tensors viewed in the
     shape `rows` as it views them ((n,) without filter_wise): c0 = t, c1 = 1 - t."""
     import torch
 
-    w0 = float32_copy(base).view(rows)
-    offsets = [float32_copy(x).view(rows).sub_(w0) for x in tensors]
-    del w0
-    norms = [torch.linalg.vector_norm(a, dim=-1) for a in offsets]
-    product = torch.empty_like(offsets[0])
+    scratch = Scratch(math.prod(rows))
+    norms = [torch.linalg.vector_norm(scratch.signal(x, base).view(rows), dim=-1) for x in tensors]
     cosines = []
-    for i, a in enumerate(offsets):
-        for j in range(i + 1, len(offsets)):
-            dot = torch.mul(a, offsets[j], out=product).sum(-1)
+    for i, a in enumerate(tensors):
+        for j in range(i + 1, len(tensors)):
+            dot = scratch.product(a, tensors[j], base).view(rows).sum(-1)
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    del offsets, product
+    del scratch
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     count = len(tensors)
     denominator = 1 + (count - 1) * cos
