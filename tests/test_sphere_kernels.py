@@ -1,7 +1,8 @@
 """The spherical methods' fast paths (kernels.py and torch_engine.py, spherical sections:
-slerp, nuslerp, multislerp, model_stock) write the bits of the references in geometric.py:
-their scalars come from the reference's own torch reductions (sphere_scalars.py), every
-entry from one combine pass in the reference's float32 order. On bfloat16 and float32
+slerp, nuslerp, multislerp, model_stock, karcher) write the bits of the references in
+geometric.py: their scalars come from the reference's own torch reductions of arrays the
+kernels fill (sphere_scalars.py), every entry from one combine pass in the reference's
+float32 order. On bfloat16 and float32
 inputs, 1-D and 2-D shapes, sizes past a block and past a torch-engine chunk, near-collinear
 inputs (the linear branches), t at 0 and 1, with and without a base; multislerp's
 degenerate branches run the reference; NaN/Inf inputs are refused; the engine takes them."""
@@ -45,6 +46,11 @@ CASES = [  # (method, model params, params, base given)
     ("nuslerp", [{"weight": 0.0}, {"weight": 0.5}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
     ("model_stock", [{}, {}], {"filter_wise": True}, True),
     ("model_stock", [{}, {}, {}], {"filter_wise": True}, True),
+    ("karcher", [{}, {}], {"max_iter": 10, "tol": 1e-5}, True),
+    ("karcher", [{}, {}], {"max_iter": 10, "tol": 1e-5}, False),
+    ("karcher", [{}, {}, {}], {"max_iter": 3, "tol": 1e-5}, True),
+    ("karcher", [{}], {"max_iter": 10, "tol": 1e-5}, False),  # one input: the input itself
+    ("multislerp", [{"weight": 0.3}, {"weight": 0.2}, {"weight": 0.4}, {"weight": 0.6}], MULTI, True),
 ]
 SHAPES = [(), (1,), (7,), (kernels.BLOCK * 3 + 1,), (203, 67), (4, 6, 5), (3, 2 * kernels.BLOCK + 5)]
 
@@ -129,6 +135,19 @@ def test_near_collinear_inputs_take_the_linear_branch(bf16, case):
         co = nuslerp_coefficients(0.5, *raw, host_tensor(bits(base)) if with_base else None, (n,), False)
         assert co.count == 1 and co.d[0] == 1  # the linear branch: nothing to divide by
     check(method, model_params, params, base if with_base else None, xs, (n,), bf16)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_karcher_degenerate_inputs(bf16):
+    """Inputs too short to steer: zeros; inputs that cancel (the first steering unit vector
+    starts the iteration); an input that is zero beside one that is not."""
+    n = 3000
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    v = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    params = {"max_iter": 10, "tol": 1e-5}
+    check("karcher", [{}], params, (v * 1e-9).to(dtype), [(v * 1e-9).to(dtype)], (n,), bf16)
+    check("karcher", [{}, {}], params, None, [v, -v], (n,), bf16)
+    check("karcher", [{}, {}], params, torch.zeros(n, dtype=dtype), [v, (2 * v).to(dtype)], (n,), bf16)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -230,6 +249,8 @@ ENGINE_CASES = [
     ("model_stock", {}, [{}, {}], True),
     ("model_stock", {"filter_wise": True}, [{}, {}], True),
     ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, [{"weight": 0.7}, {"weight": 0.4}], False),
+    ("karcher", {}, [{}, {}], True),
+    ("karcher", {"max_iter": 4}, [{}, {}], False),
 ]
 
 

@@ -1942,6 +1942,180 @@ FAST_PATHS.update(
 )
 
 
+# multislerp (up to engine.SUMMED_MODELS_MAX models: its sums over the models are torch's
+# stacked sums, from +0.0 in model order) and karcher: sphere_scalars.py calls torch's own
+# reductions on arrays these fills write; each entry's unit vector v_i / denom_i is
+# recomputed from the raw input rather than stored.
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _multislerp_mean(xs, base, deltas, denom, w, out):
+    """out = (+0.0 + (v_0 / denom_0) * w_0) + (v_1 / denom_1) * w_1 ..., v = x [- base]."""
+    m, n = len(xs), out.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            acc = np.float32(0.0)
+            for i in range(m):
+                v = _load(xs[i], j)
+                if deltas:
+                    v = v - _load(base, j)
+                acc = acc + (v / denom[i]) * w[i]
+            out[j] = acc
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _multislerp_products(xs, base, deltas, denom, mean, out):
+    """out[i] = (v_i / denom_i) * mean, (models, n)."""
+    m, n = len(xs), mean.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for i in range(m):
+            for j in range(lo, hi):
+                v = _load(xs[i], j)
+                if deltas:
+                    v = v - _load(base, j)
+                out[i, j] = (v / denom[i]) * mean[j]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _multislerp_step(xs, base, deltas, denom, dots, mean, w, out):
+    """out = (+0.0 + t_0 * w_0) + t_1 * w_1 ..., t_i = v_i / denom_i - dots_i * mean."""
+    m, n = len(xs), out.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            acc = np.float32(0.0)
+            for i in range(m):
+                v = _load(xs[i], j)
+                if deltas:
+                    v = v - _load(base, j)
+                acc = acc + ((v / denom[i]) - dots[i] * mean[j]) * w[i]
+            out[j] = acc
+
+
+def multislerp_mean(xs: tuple, base, denom: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """_multislerp_mean of the flat raw inputs into out; returns out."""
+    _multislerp_mean(xs, base if base is not None else xs[0], base is not None, denom, w, out)
+    return out
+
+
+def multislerp_products(xs: tuple, base, denom: np.ndarray, mean: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """_multislerp_products into out (models, n); returns out."""
+    _multislerp_products(xs, base if base is not None else xs[0], base is not None, denom, mean, out)
+    return out
+
+
+def multislerp_step(xs: tuple, base, denom, dots, mean, w, out: np.ndarray) -> np.ndarray:
+    """_multislerp_step into out; returns out."""
+    _multislerp_step(xs, base if base is not None else xs[0], base is not None, denom, dots, mean, w, out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _karcher_unit(x, norm, out):
+    """out = x / norm (the unit vector; norm 0 gives zeros, as the reference's zeros_like)."""
+    n = out.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            out[j] = _load(x, j) / norm if norm != np.float32(0.0) else np.float32(0.0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _karcher_tangent_add(unit, mean, dot, coefficient, tangent):
+    """tangent += coefficient * (unit - dot * mean), each operation rounded to float32."""
+    n = tangent.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            tangent[j] = tangent[j] + coefficient * (unit[j] - dot * mean[j])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _karcher_turn(mean, tangent, cos_norm, sin_norm, tangent_norm):
+    """mean = cos_norm * mean + sin_norm * (tangent / tangent_norm), in place."""
+    n = mean.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            mean[j] = cos_norm * mean[j] + sin_norm * (tangent[j] / tangent_norm)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _karcher_scaled(share, xs, norms, use, mean):
+    """mean = (+0.0 + share * u_0) + share * u_1 ... over the steering inputs (use), u = x / norm."""
+    m, n = len(xs), mean.shape[0]
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            acc = np.float32(0.0)
+            for i in range(m):
+                if use[i]:
+                    acc = acc + share * (_load(xs[i], j) / norms[i])
+            mean[j] = acc
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scale_store(s, mean, out):
+    """out = s * mean in the output dtype; per chunk, the NaN/Inf entries stored."""
+    n = out.shape[0]
+    bad = np.zeros(CHUNKS, dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        for j in range(lo, hi):
+            _store(out, j, s * mean[j])
+            bad[c] += _is_nonfinite(_load(out, j))
+    return bad
+
+
+def karcher_unit(x: np.ndarray, norm: np.float32, out: np.ndarray) -> np.ndarray:
+    """out = x / norm (zeros where norm is 0); returns out."""
+    _karcher_unit(x, norm, out)
+    return out
+
+
+def karcher_initial(share: float, xs: tuple, norms: list[np.float32], steering: list[int]) -> np.ndarray:
+    """The first running mean: (+0.0 + share * u_0) + share * u_1 ... over the steering inputs."""
+    use = np.zeros(len(xs), dtype=np.bool_)
+    use[steering] = True
+    mean = np.empty(xs[0].shape[0], dtype=np.float32)
+    _karcher_scaled(np.float32(share), xs, np.array(norms, dtype=np.float32), use, mean)
+    return mean
+
+
+def karcher_tangent_add(unit, mean, dot: np.float32, coefficient: np.float32, tangent: np.ndarray) -> None:
+    """tangent += coefficient * (unit - dot * mean), in place."""
+    _karcher_tangent_add(unit, mean, dot, coefficient, tangent)
+
+
+def karcher_turn(mean, tangent, cos_norm: np.float32, sin_norm: np.float32, tangent_norm: np.float32) -> None:
+    """mean = cos_norm * mean + sin_norm * (tangent / tangent_norm), in place."""
+    _karcher_turn(mean, tangent, cos_norm, sin_norm, tangent_norm)
+
+
+def _karcher_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
+    """karcher: sphere_scalars.karcher_terms iterates on the running mean (torch's reductions
+    on arrays the kernels write); one pass stores scale * mean. One input, or none that
+    steers, runs the reference."""
+    from .sphere_scalars import karcher_terms
+
+    inputs = ([base] if base is not None else []) + list(tensors)
+    if check_finite:
+        _check_sphere(_nonfinite_inputs(tuple(inputs)).sum(0), 0, base is not None, True)
+    terms = karcher_terms(inputs, int(params["max_iter"]), float(params["tol"]))
+    if terms is None:
+        shape = (inputs[0].shape[0],)
+        return _reference_sphere("karcher", base, tensors, model_params, params, shape, out_bf16, check_finite)
+    mean, scale = terms
+    out = np.empty(mean.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    _check_sphere(np.zeros(0), int(_scale_store(_f32(scale), mean, out).sum()), base is not None, check_finite)
+    return out, None, None
+
+
+FAST_PATHS["karcher"] = _karcher_fast_path
+
+
 # -- arcee_fusion -----------------------------------------------------------------------------
 # The per-row divergence comes from torch_engine.fusion_divergence (the reference's torch
 # operations on blocks of rows); a pass computes the importance |delta| * divergence and

@@ -1,21 +1,23 @@
 """The reduction pass of the spherical methods' fast paths (kernels.py, torch_engine.py):
-the few scalars of slerp, nuslerp, multislerp and model_stock, computed exactly as
+the few scalars of slerp, nuslerp, multislerp, model_stock and karcher, computed exactly as
 geometric.py computes them.
 
 Their norms and dot products are torch's own float32 CPU reductions, whose summation order
 (vector width, thread split) no chunked kernel reproduces, so they run here with the
 reference's torch calls, on tensors of the reference's shapes holding the reference's
-values. For slerp, nuslerp and model_stock those values are written by the kernels' fills
-(kernels.fill_signal, fill_product: each input or task vector, then each product the
-reference sums) into one float32 array of the tensor's size, reused for every reduction, so
-one float32 copy is alive instead of the reference's several. multislerp's chain of
-reductions runs the reference's operations on a float32 stack of the inputs, changed in
-place (an in-place op writes the bits of its out-of-place twin): a few copies alive at once
-instead of the reference's dozen. The combine pass then computes every entry from the raw
-inputs and these scalars in the reference's operation order.
+values, written by the kernels' fills (each input or task vector, each product the
+reference sums, each running mean) into float32 arrays of the tensor's size that are
+reused, reduction after reduction: slerp, nuslerp and model_stock keep one, karcher three,
+multislerp one per model and two (its stack, mean and step) where the reference keeps
+several times that. Entries are recomputed from the raw inputs where the reference would
+read a stored copy. With more than engine.SUMMED_MODELS_MAX models, multislerp's sums over
+the models (torch's stacked sums) run the reference's own operations, in place on a float32
+stack (an in-place op writes the bits of its out-of-place twin). The combine pass then
+computes every entry from the raw inputs and these scalars in the reference's order.
 
-Inputs are raw flat CPU arrays or tensors as the engines hold them: bfloat16 as its 16 bits
-(uint16 arrays, int16 tensors), or float32.
+Inputs are raw flat arrays or tensors as the engines hold them: bfloat16 as its 16 bits
+(uint16 arrays, int16 tensors), or another float dtype (widened to float32 here unless all
+of a call's inputs are bfloat16).
 """
 
 from __future__ import annotations
@@ -31,25 +33,16 @@ if TYPE_CHECKING:
     import torch
 
 
-def float32_copy(raw: torch.Tensor) -> torch.Tensor:
-    """A fresh float32 tensor of a raw flat input's values, free to be changed in place."""
-    from .st_io import to_float32
+def raw_arrays(xs: list[Any]) -> list[Any]:
+    """Raw flat inputs as the kernels read them, None kept: numpy arrays, all bfloat16 bits
+    (uint16) or else all float32."""
+    from .kernels import as_float32
 
-    widened = to_float32(raw)
-    return widened.clone() if widened.data_ptr() == raw.data_ptr() else widened
-
-
-def scalar(v: float) -> torch.Tensor:
-    """A Python float as torch takes it beside a float32 tensor: rounded to float32."""
-    import torch
-
-    return torch.tensor(v, dtype=torch.float32)
-
-
-def raw_array(x: Any) -> np.ndarray:
-    """A flat raw input as the kernels read it: a numpy array, bfloat16 as its uint16 bits."""
-    a = x if isinstance(x, np.ndarray) else x.cpu().numpy()
-    return a.view(np.uint16) if a.dtype == np.int16 else a
+    arrays = [x if x is None or isinstance(x, np.ndarray) else x.cpu().numpy() for x in xs]
+    arrays = [a.view(np.uint16) if a is not None and a.dtype == np.int16 else a for a in arrays]
+    if all(a is None or a.dtype == np.uint16 for a in arrays):
+        return arrays
+    return [a if a is None or a.dtype == np.float32 else as_float32(a, a.dtype == np.uint16) for a in arrays]
 
 
 class Scratch:
@@ -62,21 +55,31 @@ class Scratch:
         self.array = np.empty(n, dtype=np.float32)
         self.tensor = torch.from_numpy(self.array)
 
-    def signal(self, x: Any, base: Any = None) -> torch.Tensor:
+    def signal(self, x: np.ndarray, base: np.ndarray | None = None) -> torch.Tensor:
         """float32(x) [- float32(base)]."""
         from .kernels import fill_signal
 
-        fill_signal(raw_array(x), None if base is None else raw_array(base), self.array)
+        fill_signal(x, base, self.array)
         return self.tensor
 
-    def product(self, x0: Any, x1: Any, base: Any, norms=None, stride: int = 1, count: int = 1) -> torch.Tensor:
+    def product(self, x0, x1, base, norms=None, stride: int = 1, count: int = 1) -> torch.Tensor:
         """(v0 [/ n0]) * (v1 [/ n1]), v = x [- base], norms (n0, n1) per vector as
         kernels.fill_product takes them."""
         from .kernels import fill_product
 
-        raw = [raw_array(x) for x in (x0, x1)]
-        fill_product(*raw, None if base is None else raw_array(base), norms, stride, count, self.array)
+        fill_product(x0, x1, base, norms, stride, count, self.array)
         return self.tensor
+
+
+def scalar(v: float) -> torch.Tensor:
+    """A Python float as torch takes it beside a float32 tensor: rounded to float32."""
+    import torch
+
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _f32(t: torch.Tensor) -> np.float32:
+    return np.float32(t.item())
 
 
 def slerp_coefficients(t: float, v0: Any, v1: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,14 +88,14 @@ def slerp_coefficients(t: float, v0: Any, v1: Any) -> tuple[torch.Tensor, torch.
     sin(t theta) / sin(theta)."""
     import torch
 
+    v0, v1 = raw_arrays([v0, v1])
     tt = scalar(t)
-    scratch = Scratch(raw_array(v0).shape[0])
+    scratch = Scratch(v0.shape[0])
     na = torch.linalg.vector_norm(scratch.signal(v0))
     na = torch.where(na > NORM_EPS, na, 1.0)
     nb = torch.linalg.vector_norm(scratch.signal(v1))
     nb = torch.where(nb > NORM_EPS, nb, 1.0)
-    norms = (na.reshape(1).numpy(), nb.reshape(1).numpy())
-    dot = scratch.product(v0, v1, None, norms).sum().clamp(-1, 1)
+    dot = scratch.product(v0, v1, None, (na.reshape(1).numpy(), nb.reshape(1).numpy())).sum().clamp(-1, 1)
     del scratch
     if dot.abs() > SLERP_LINEAR_DOT:
         return 1 - tt, tt
@@ -101,9 +104,69 @@ def slerp_coefficients(t: float, v0: Any, v1: Any) -> tuple[torch.Tensor, torch.
     return torch.sin((1 - tt) * theta) / sin_theta, torch.sin(tt * theta) / sin_theta
 
 
-def _delta(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    d = float32_copy(x)
-    return d if base is None else d.sub_(base)
+class PerVector:
+    """Coefficients of one vector per row (or column): the entry at flat index j (in the
+    tensor's own layout) belongs to vector (j // stride) % count, and its value is
+    (c0[v] * v0 + c1[v] * v1) / d[v] (d = 1 where that is exact: the linear ones)."""
+
+    def __init__(self, c0: torch.Tensor, c1: torch.Tensor, d: torch.Tensor, stride: int, count: int):
+        self.c0, self.c1, self.d, self.stride, self.count = c0, c1, d, stride, count
+
+
+def nuslerp_coefficients(t: float, x0: Any, x1: Any, base: Any, shape: tuple[int, ...], row_wise: bool) -> PerVector:
+    """geometric.nuslerp of x0 and x1 (minus the base when given) viewed in this shape (of
+    one or more dims; flatten is the shape (n,)): vectors along the last dim, or (row_wise)
+    along dim 0, with the reference's reductions on tensors of its shapes."""
+    import torch
+
+    x0, x1, base = raw_arrays([x0, x1, base])
+    n = math.prod(shape)
+    scratch = Scratch(n)
+
+    def vectors(flat: torch.Tensor) -> torch.Tensor:  # the reference's view: vectors along the last dim
+        v = flat.view(shape)
+        return v.transpose(0, -1) if row_wise else v
+
+    norms = [
+        torch.linalg.vector_norm(vectors(scratch.signal(x, base)), dim=-1, keepdim=True).clamp(min=1e-7)
+        for x in (x0, x1)
+    ]
+    # entry j's vector: j % (n / shape[0]) along dim 0 (row_wise), else j // shape[-1]
+    stride, count = (1, n // shape[0]) if row_wise else (shape[-1], n // shape[-1])
+    per_entry = [(m.transpose(0, -1) if row_wise else m).reshape(-1).numpy() for m in norms]
+    cos = vectors(scratch.product(x0, x1, base, per_entry, stride, count)).sum(-1, keepdim=True).clamp(-1, 1)
+    del scratch
+    collinear = (1 - cos.square()) <= NORM_EPS**2
+    theta = torch.acos(torch.where(collinear, 0.0, cos))
+    c0 = torch.where(collinear, scalar(1 - t), torch.sin((1 - t) * theta))
+    c1 = torch.where(collinear, scalar(t), torch.sin(t * theta))
+    d = torch.where(collinear, 1.0, torch.sin(theta))
+    if row_wise:  # vectors along dim 0: entry j is in vector j % (entries per index of dim 0)
+        c0, c1, d = (c.transpose(0, -1).reshape(-1) for c in (c0, c1, d))
+        return PerVector(c0, c1, d, 1, c0.numel())
+    return PerVector(c0.reshape(-1), c1.reshape(-1), d.reshape(-1), shape[-1], c0.numel())
+
+
+def model_stock_ratio(base: Any, tensors: list, rows: tuple[int, ...]) -> PerVector:
+    """geometric.model_stock's t per row (along the last dim) of the tensors viewed in the
+    shape `rows` as it views them ((n,) without filter_wise): c0 = t, c1 = 1 - t."""
+    import torch
+
+    base, *xs = raw_arrays([base, *tensors])
+    scratch = Scratch(math.prod(rows))
+    norms = [torch.linalg.vector_norm(scratch.signal(x, base).view(rows), dim=-1) for x in xs]
+    cosines = []
+    for i, a in enumerate(xs):
+        for j in range(i + 1, len(xs)):
+            dot = scratch.product(a, xs[j], base).view(rows).sum(-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    del scratch
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    count = len(xs)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
+    return PerVector(t.reshape(-1), (1 - t).reshape(-1), torch.ones(t.numel()), rows[-1], t.numel())
 
 
 class MultislerpTerms:
@@ -114,20 +177,64 @@ class MultislerpTerms:
         self.mean, self.step, self.cs, self.k, self.scale = mean, step, cs, k, scale
 
 
+def _stack(xs, base) -> np.ndarray:
+    """The float32 (models, n) stack of the deltas x_i [- base] (kernels.fill_signal)."""
+    from .kernels import fill_signal
+
+    stack = np.empty((len(xs), xs[0].shape[0]), dtype=np.float32)
+    for i, x in enumerate(xs):
+        fill_signal(x, base, stack[i])
+    return stack
+
+
 def multislerp_terms(
-    tensors: list[torch.Tensor], base: torch.Tensor | None, weights: list[float], normalize: bool, eps: float
+    tensors: list, base: Any, weights: list[float], normalize: bool, eps: float
 ) -> MultislerpTerms | None:
-    """geometric.multislerp's terms of two or more inputs (their deltas with a base), each
-    step with the reference's torch operations on the stacked float32 inputs; None where
-    the reference takes another branch (the weighted directions cancel out, or with a base
-    no model changed the tensor): the caller runs the reference there."""
+    """geometric.multislerp's terms of two or more inputs (their deltas with a base): its
+    reductions by torch on the kernels' fills (kernels.multislerp_mean, _products, _step);
+    None where the reference takes another branch (the weighted directions cancel out, or
+    with a base no model changed the tensor): the caller runs the reference there."""
     import torch
 
-    b = float32_copy(base) if base is not None else None
-    stack = torch.empty((len(tensors), tensors[0].numel()), dtype=torch.float32)
-    for i, x in enumerate(tensors):
-        stack[i] = _delta(x, b)
-    del b
+    from .engine import SUMMED_MODELS_MAX
+    from .kernels import multislerp_mean, multislerp_products, multislerp_step
+
+    base, *listed = raw_arrays([base, *tensors])
+    if len(listed) > SUMMED_MODELS_MAX:
+        return _multislerp_terms_stacked(listed, base, weights, normalize, eps)
+    xs, n = tuple(listed), listed[0].shape[0]
+    stack = _stack(xs, base)
+    stacked = torch.from_numpy(stack)
+    if base is not None and not bool(stacked.any()):
+        return None
+    w = torch.tensor(weights, dtype=torch.float32)
+    if normalize:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
+    denom = (norms + eps).reshape(-1).numpy()
+    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), np.empty(n, dtype=np.float32)))
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        return None
+    mean.div_(mean_norm)
+    dots = torch.from_numpy(multislerp_products(xs, base, denom, mean.numpy(), stack)).sum(-1)
+    del stack, stacked
+    step = torch.from_numpy(
+        multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), np.empty(n, dtype=np.float32))
+    )
+    step_norm = torch.linalg.vector_norm(step) + eps
+    scale = (norms.squeeze(-1) * w).sum()
+    return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
+
+
+def _multislerp_terms_stacked(
+    xs: list[np.ndarray], base: np.ndarray | None, weights: list[float], normalize: bool, eps: float
+) -> MultislerpTerms | None:
+    """multislerp_terms with the reference's own torch operations on the stacked float32
+    deltas, in place: its sums over more than SUMMED_MODELS_MAX models are not in order."""
+    import torch
+
+    stack = torch.from_numpy(_stack(xs, base))
     if base is not None and not bool(stack.any()):
         return None
     w = torch.tensor(weights, dtype=torch.float32)
@@ -151,66 +258,55 @@ def multislerp_terms(
     return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
 
 
-class PerVector:
-    """Coefficients of one vector per row (or column): the entry at flat index j (in the
-    tensor's own layout) belongs to vector (j // stride) % count, and its value is
-    (c0[v] * v0 + c1[v] * v1) / d[v] (d = 1 where that is exact: the linear ones)."""
-
-    def __init__(self, c0: torch.Tensor, c1: torch.Tensor, d: torch.Tensor, stride: int, count: int):
-        self.c0, self.c1, self.d, self.stride, self.count = c0, c1, d, stride, count
-
-
-def nuslerp_coefficients(t: float, x0: Any, x1: Any, base: Any, shape: tuple[int, ...], row_wise: bool) -> PerVector:
-    """geometric.nuslerp of x0 and x1 (minus the base when given) viewed in this shape (of
-    one or more dims; flatten is the shape (n,)): vectors along the last dim, or (row_wise)
-    along dim 0, with the reference's reductions on tensors of its shapes."""
+def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, torch.Tensor] | None:
+    """geometric.karcher_mean of the inputs as (mean, scale): the result is scale * mean
+    (float32, flat; scale 0-d). Each iteration's dot products, norms and angles are torch's
+    on the running mean and a unit vector that the kernels write (kernels.karcher_*); None
+    where the reference returns early (one input, or none steers): the caller runs it."""
     import torch
 
-    n = math.prod(shape)
-    scratch = Scratch(n)
+    from .kernels import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit
 
-    def vectors(flat: torch.Tensor) -> torch.Tensor:  # the reference's view: vectors along the last dim
-        v = flat.view(shape)
-        return v.transpose(0, -1) if row_wise else v
-
-    norms = []
-    for x in (x0, x1):
-        norms.append(torch.linalg.vector_norm(vectors(scratch.signal(x, base)), dim=-1, keepdim=True).clamp(min=1e-7))
-    # entry j's vector: j % (n / shape[0]) along dim 0 (row_wise), else j // shape[-1]
-    stride, count = (1, n // shape[0]) if row_wise else (shape[-1], n // shape[-1])
-    per_entry = [(m.transpose(0, -1) if row_wise else m).reshape(-1).numpy() for m in norms]
-    cos = vectors(scratch.product(x0, x1, base, per_entry, stride, count)).sum(-1, keepdim=True).clamp(-1, 1)
-    del scratch
-    collinear = (1 - cos.square()) <= NORM_EPS**2
-    theta = torch.acos(torch.where(collinear, 0.0, cos))
-    c0 = torch.where(collinear, scalar(1 - t), torch.sin((1 - t) * theta))
-    c1 = torch.where(collinear, scalar(t), torch.sin(t * theta))
-    d = torch.where(collinear, 1.0, torch.sin(theta))
-    if row_wise:  # vectors along dim 0: entry j is in vector j % (entries per index of dim 0)
-        c0, c1, d = (c.transpose(0, -1).reshape(-1) for c in (c0, c1, d))
-        return PerVector(c0, c1, d, 1, c0.numel())
-    return PerVector(c0.reshape(-1), c1.reshape(-1), d.reshape(-1), shape[-1], c0.numel())
-
-
-def model_stock_ratio(base: Any, tensors: list, rows: tuple[int, ...]) -> PerVector:
-    """geometric.model_stock's t per row (along the last dim) of the tensors viewed in the
-    shape `rows` as it views them ((n,) without filter_wise): c0 = t, c1 = 1 - t."""
-    import torch
-
-    scratch = Scratch(math.prod(rows))
-    norms = [torch.linalg.vector_norm(scratch.signal(x, base).view(rows), dim=-1) for x in tensors]
-    cosines = []
-    for i, a in enumerate(tensors):
-        for j in range(i + 1, len(tensors)):
-            dot = scratch.product(a, tensors[j], base).view(rows).sum(-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    del scratch
-    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
-    count = len(tensors)
-    denominator = 1 + (count - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
-    return PerVector(t.reshape(-1), (1 - t).reshape(-1), torch.ones(t.numel()), rows[-1], t.numel())
+    xs = raw_arrays(list(inputs))
+    if len(xs) == 1:
+        return None
+    n = xs[0].shape[0]
+    unit = Scratch(n)
+    norms = [torch.linalg.vector_norm(unit.signal(x)) for x in xs]
+    steering = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not steering:
+        return None
+    share = 1.0 / len(steering)
+    mean_array = karcher_initial(share, tuple(xs), [_f32(norm) for norm in norms], steering)
+    mean = torch.from_numpy(mean_array)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm.item() < tol:
+        karcher_unit(xs[steering[0]], _f32(norms[steering[0]]), mean_array)
+    else:
+        mean.div_(mean_norm)
+    tangent_array = np.empty(n, dtype=np.float32)
+    tangent = torch.from_numpy(tangent_array)
+    for _ in range(max_iter):
+        tangent_array.fill(0.0)
+        for i in steering:
+            u = karcher_unit(xs[i], _f32(norms[i]), unit.array)
+            dot = torch.clamp(torch.dot(mean, unit.tensor), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            coefficient = share * (theta / torch.sin(theta))
+            karcher_tangent_add(u, mean_array, _f32(dot), _f32(coefficient), tangent_array)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        karcher_turn(
+            mean_array, tangent_array, _f32(torch.cos(tangent_norm)), _f32(torch.sin(tangent_norm)), _f32(tangent_norm)
+        )
+        unit_norm = torch.linalg.vector_norm(mean)
+        if unit_norm.item() > tol:
+            mean.div_(unit_norm)
+    alpha = 1.0 / len(xs)
+    return mean_array, sum(alpha * norm for norm in norms)
 
 
 def nuslerp_layout(shape: tuple[int, ...], params: dict) -> tuple[tuple[int, ...], bool] | None:

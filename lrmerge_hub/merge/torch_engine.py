@@ -1095,7 +1095,27 @@ def torch_multislerp(base, tensors, model_params, params, out_dtype):
     return out, None, None, bad_inputs, bad_float32, bad_stored
 
 
+def torch_karcher(base, tensors, model_params, params, out_dtype):
+    """karcher: see kernels._karcher_fast_path (its iterations on the CPU, the reference
+    where it takes it); scale * mean on the device."""
+    import torch
+
+    from .sphere_scalars import karcher_terms
+
+    inputs = ([base] if base is not None else []) + list(tensors)
+    bad_inputs = _finite_counts(inputs)
+    terms = None if any(bad_inputs) else karcher_terms(inputs, int(params["max_iter"]), float(params["tol"]))
+    if terms is None:
+        return _reference_sphere("karcher", base, tensors, model_params, params, (inputs[0].numel(),), out_dtype)
+    mean, scale = terms
+    dev = inputs[0].device
+    result = scale.to(dev) * torch.from_numpy(mean).to(dev)
+    stored = result.to(out_dtype or torch.float32)
+    return stored, None, None, bad_inputs, int((~torch.isfinite(result)).sum()), int((~torch.isfinite(stored)).sum())
+
+
 TORCH_METHODS.update(
+    karcher=torch_karcher,
     slerp=torch_slerp,
     nuslerp=torch_nuslerp,
     multislerp=torch_multislerp,
