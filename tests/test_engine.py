@@ -228,3 +228,27 @@ def engine_gpu_files() -> bool:
     from lrmerge_hub.merge.engine import GPU_DEVICE_FILES
 
     return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
+
+
+def test_merges_import_torch_with_sleeping_openmp_threads(tmp_path):
+    """Inside a merge, torch is imported with OMP_WAIT_POLICY=PASSIVE (its OpenMP threads
+    sleep when idle instead of spinning beside the kernels); afterwards the variable is gone,
+    so processes started later keep their defaults; a policy the user set is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os\n"
+        "from lrmerge_hub.merge.engine import sleeping_openmp_threads\n"
+        "with sleeping_openmp_threads():\n"
+        "    import torch\n"
+        "    inside = os.environ.get('OMP_WAIT_POLICY')\n"
+        "print(inside, os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["PASSIVE", "None"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["ACTIVE", "ACTIVE"]

@@ -285,3 +285,15 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
     a, b, calls = merge_both_ways(monkeypatch, tmp_path, recipe, method, engine_name)
     assert len(calls) == len(a.tensors)
     assert_same_outputs(a, b)
+
+
+def test_scratch_arrays_are_reused_per_slot_and_freed_after_a_merge(tmp_path, monkeypatch):
+    """kernels.scratch hands the same memory to the next call for a slot (no fresh pages per
+    tensor), a larger one when a tensor needs more, and the engine frees them after a merge."""
+    first = kernels.scratch("reduce", 1000)
+    assert kernels.scratch("reduce", 400).__array_interface__["data"][0] == first.__array_interface__["data"][0]
+    assert kernels.scratch("mean", 400).__array_interface__["data"][0] != first.__array_interface__["data"][0]
+    assert kernels.scratch("reduce", 5000).shape == (5000,)
+    karcher = 6  # ENGINE_CASES[6]: three slots
+    test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, monkeypatch, karcher, "kernels")
+    assert "arrays" not in kernels._SCRATCH.__dict__

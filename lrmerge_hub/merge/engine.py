@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -37,9 +38,22 @@ from ..recipe.spec import CHAT_TEMPLATE_NAMES, Recipe, named_chat_template
 from ..settings import default_engine
 
 try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works without them
-    from .kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput, as_float32, float32_to, kernel_inputs
+    from .kernels import (
+        FAST_PATHS,
+        NonFiniteInput,
+        NonFiniteOutput,
+        as_float32,
+        float32_to,
+        kernel_inputs,
+        release_scratch,
+    )
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS = {}  # no fast path, so the `except NonFiniteInput/Output` clauses are never reached
+
+    def release_scratch() -> None:
+        pass
+
+
 from .methods import MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, config_vocab_size, model_keys, plan_merge
 from .st_io import Source
@@ -802,6 +816,52 @@ def merge_many(
     `on_shard` gets each finished output shard (hub.ShardUploader uploads it; True: it
     removed the file, which the output folder then lacks).
     """
+    with sleeping_openmp_threads():
+        return _merge_many(
+            targets,
+            sources,
+            device=device,
+            engine=engine,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            progress=progress,
+            on_tensor=on_tensor,
+            on_shard=on_shard,
+        )
+
+
+@contextmanager
+def sleeping_openmp_threads() -> Iterator[None]:
+    """Inside, torch's OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE), if torch is
+    first imported there and the user set no policy: by default they spin after every torch
+    operation, and on 2 cores that spinning took 23% of a karcher merge's CPU samples (perf)
+    from the kernels' threads. libgomp reads the variable once, when torch loads it; it is
+    removed afterwards, so processes started later (vLLM, lm-eval) keep their defaults."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def _merge_many(
+    targets: list[tuple[Recipe, Path]],
+    sources: dict[str, Source],
+    *,
+    device: str,
+    engine: str | None,
+    shard_size: int,
+    overwrite: bool,
+    dry_run: bool,
+    progress: bool,
+    on_tensor: Callable[[str], None] | None,
+    on_shard: Callable[[Path], bool] | None,
+) -> list[dict[str, Any]]:
+    """merge_many's work (see there)."""
     started = time.perf_counter()
     targets = [(recipe, Path(out_dir).absolute()) for recipe, out_dir in targets]
     recipe = targets[0][0]
@@ -970,6 +1030,7 @@ def write_merge(
         raise
     finally:
         pool.shutdown(wait=True)
+        release_scratch()
     return reports
 
 

@@ -49,10 +49,12 @@ class Scratch:
     """One float32 array of a tensor's size that the kernels' fills write and torch reduces
     (as a tensor sharing its memory)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, slot: str = "reduce"):
         import torch
 
-        self.array = np.empty(n, dtype=np.float32)
+        from .kernels import scratch
+
+        self.array = scratch(slot, n)
         self.tensor = torch.from_numpy(self.array)
 
     def signal(self, x: np.ndarray, base: np.ndarray | None = None) -> torch.Tensor:
@@ -179,9 +181,9 @@ class MultislerpTerms:
 
 def _stack(xs, base) -> np.ndarray:
     """The float32 (models, n) stack of the deltas x_i [- base] (kernels.fill_signal)."""
-    from .kernels import fill_signal
+    from .kernels import fill_signal, scratch
 
-    stack = np.empty((len(xs), xs[0].shape[0]), dtype=np.float32)
+    stack = scratch("stack", len(xs) * xs[0].shape[0]).reshape(len(xs), xs[0].shape[0])
     for i, x in enumerate(xs):
         fill_signal(x, base, stack[i])
     return stack
@@ -197,7 +199,7 @@ def multislerp_terms(
     import torch
 
     from .engine import SUMMED_MODELS_MAX
-    from .kernels import multislerp_mean, multislerp_products, multislerp_step
+    from .kernels import multislerp_mean, multislerp_products, multislerp_step, scratch
 
     base, *listed = raw_arrays([base, *tensors])
     if len(listed) > SUMMED_MODELS_MAX:
@@ -212,16 +214,14 @@ def multislerp_terms(
         w = w / w.sum()
     norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
     denom = (norms + eps).reshape(-1).numpy()
-    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), np.empty(n, dtype=np.float32)))
+    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         return None
     mean.div_(mean_norm)
     dots = torch.from_numpy(multislerp_products(xs, base, denom, mean.numpy(), stack)).sum(-1)
     del stack, stacked
-    step = torch.from_numpy(
-        multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), np.empty(n, dtype=np.float32))
-    )
+    step = torch.from_numpy(multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n)))
     step_norm = torch.linalg.vector_norm(step) + eps
     scale = (norms.squeeze(-1) * w).sum()
     return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
@@ -265,7 +265,7 @@ def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, 
     where the reference returns early (one input, or none steers): the caller runs it."""
     import torch
 
-    from .kernels import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit
+    from .kernels import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit, scratch
 
     xs = raw_arrays(list(inputs))
     if len(xs) == 1:
@@ -277,14 +277,14 @@ def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, 
     if not steering:
         return None
     share = 1.0 / len(steering)
-    mean_array = karcher_initial(share, tuple(xs), [_f32(norm) for norm in norms], steering)
+    mean_array = karcher_initial(share, tuple(xs), [_f32(norm) for norm in norms], steering, scratch("mean", n))
     mean = torch.from_numpy(mean_array)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm.item() < tol:
         karcher_unit(xs[steering[0]], _f32(norms[steering[0]]), mean_array)
     else:
         mean.div_(mean_norm)
-    tangent_array = np.empty(n, dtype=np.float32)
+    tangent_array = scratch("tangent", n)
     tangent = torch.from_numpy(tangent_array)
     for _ in range(max_iter):
         tangent_array.fill(0.0)
