@@ -1,8 +1,9 @@
-"""Single-tensor timings of the spherical methods: the reference (methods.py on float32
-copies, stored as bfloat16, as engine.reference_merge runs it) against the fast paths
-(kernels.FAST_PATHS, and the torch engine's TORCH_METHODS on the CPU), on one bfloat16
-tensor of 8M entries with a base and two models (slerp: the base and one). Median of 5.
-Then where the Karcher mean's time goes: its iterations, and one iteration against a slerp.
+"""Single-tensor timings of the spherical methods and the Karcher mean: the reference
+(methods.py on float32 copies, stored as bfloat16, as engine.reference_merge runs it)
+against the fast paths (kernels.FAST_PATHS, and the torch engine's TORCH_METHODS on the
+CPU), on one bfloat16 tensor of 8M entries with a base and two models (slerp: the base and
+one). Median of 5. Then where the Karcher mean's time goes: its iterations, and one
+iteration against a slerp.
 
     python3 bench/sphere_bench.py [entries]
 """
@@ -41,6 +42,7 @@ CASES = {  # label: (method, model params, params, rows: the tensor's shape is (
     "multislerp": ("multislerp", [{"weight": 0.6}, {"weight": 0.4}], {"normalize_weights": True, "eps": 1e-8}, 1),
     "model_stock": ("model_stock", [{}, {}], {"filter_wise": False}, 1),
     "model_stock rows": ("model_stock", [{}, {}], {"filter_wise": True}, 2048),
+    "karcher": ("karcher", [{}, {}], {"max_iter": 10, "tol": 1e-5}, 1),
 }
 
 

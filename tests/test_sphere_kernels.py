@@ -17,7 +17,7 @@ import torch
 
 from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.errors import DegenerateInput
-from lrmerge_hub.merge import kernels
+from lrmerge_hub.merge import kernels, sphere_fills
 from lrmerge_hub.merge.engine import SHAPED, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
 from lrmerge_hub.merge.methods import METHODS
@@ -288,12 +288,12 @@ def test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, mo
 
 
 def test_scratch_arrays_are_reused_per_slot_and_freed_after_a_merge(tmp_path, monkeypatch):
-    """kernels.scratch hands the same memory to the next call for a slot (no fresh pages per
+    """sphere_fills.scratch hands the same memory to the next call for a slot (no fresh pages per
     tensor), a larger one when a tensor needs more, and the engine frees them after a merge."""
-    first = kernels.scratch("reduce", 1000)
-    assert kernels.scratch("reduce", 400).__array_interface__["data"][0] == first.__array_interface__["data"][0]
-    assert kernels.scratch("mean", 400).__array_interface__["data"][0] != first.__array_interface__["data"][0]
-    assert kernels.scratch("reduce", 5000).shape == (5000,)
+    first = sphere_fills.scratch("reduce", 1000)
+    assert sphere_fills.scratch("reduce", 400).__array_interface__["data"][0] == first.__array_interface__["data"][0]
+    assert sphere_fills.scratch("mean", 400).__array_interface__["data"][0] != first.__array_interface__["data"][0]
+    assert sphere_fills.scratch("reduce", 5000).shape == (5000,)
     karcher = 6  # ENGINE_CASES[6]: three slots
     test_engine_takes_the_fast_paths_and_writes_the_reference_bytes(tmp_path, monkeypatch, karcher, "kernels")
-    assert "arrays" not in kernels._SCRATCH.__dict__
+    assert "arrays" not in sphere_fills._SCRATCH.__dict__

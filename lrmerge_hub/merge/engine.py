@@ -45,8 +45,8 @@ try:  # fused CPU kernels for ties/slack_ties (numba); the reference path works 
         as_float32,
         float32_to,
         kernel_inputs,
-        release_scratch,
     )
+    from .sphere_fills import release_scratch
 except ImportError:  # pragma: no cover - numba is a dependency; this only guards odd installs
     FAST_PATHS = {}  # no fast path, so the `except NonFiniteInput/Output` clauses are never reached
 
@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
         pass
 
 
-from .methods import MergeMethod, get_method
+from .methods import SUMMED_MODELS_MAX, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, config_vocab_size, model_keys, plan_merge
 from .st_io import Source
 from .st_header import TensorSpec
@@ -438,12 +438,9 @@ def reference_merge(
     return result.reshape(-1), kept, agreed
 
 
-# torch's sum over the stacked models (stacked.sum(0), the reference's disjoint mean, RAM's
-# merged terms) adds them in order from +0.0 for up to 4 models; for more, part of the
-# entries (where depends on the CPU's vector width and the thread split) are added in
-# another order, which the kernels do not follow. Past this the reference runs for the
-# breadcrumbs methods, della, ram, ramplus_tl and sce.
-SUMMED_MODELS_MAX = 4
+# methods whose fast paths add the stacked models in order (methods.SUMMED_MODELS_MAX): past
+# that many models the reference runs for them (multislerp's fast path then runs torch's
+# own sums itself)
 SUMMED_IN_ORDER = ("breadcrumbs", "breadcrumbs_ties", "della", "ram", "ramplus_tl", "sce")
 # methods whose kernels and torch-engine code do mergekit's L1 rescale (the others' do not)
 RESCALED = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})

@@ -1,11 +1,12 @@
-"""Fused CPU kernels for every method but karcher: the results of methods.py, faster.
+"""Fused CPU kernels for every method: the results of methods.py, faster.
 
 The sparsified task-vector methods (ties, slack_ties, breadcrumbs, breadcrumbs_ties,
 dare_linear, dare_ties, della, della_linear) are described here; the sections at the end of
 this file add the elementwise ones (linear, task_arithmetic, passthrough, nearswap), RAM,
-RAM+ and layer swapping, the spherical methods (slerp, nuslerp, multislerp, model_stock:
-torch's own reductions first, sphere_scalars.py), Arcee Fusion and SCE, each with its own
-comment. Every one registers in FAST_PATHS.
+RAM+ and layer swapping, the spherical methods and the Karcher mean (slerp, nuslerp,
+multislerp, model_stock, karcher: torch's own reductions first, sphere_scalars.py), Arcee
+Fusion and SCE, each with its own comment. Every one registers in FAST_PATHS. The loads,
+stores and chunking they compile with are kernel_base.py's.
 
 methods.ties_family is the reference: clear, pure torch, about a dozen full passes over
 float32 copies plus a selection (kthvalue) per model. Here a tensor costs two passes over
@@ -50,26 +51,27 @@ read it in place of DARE's draw.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from functools import partial
 from typing import Any, Callable
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload
 
 from .draws import GOLDEN, MIX1, MIX2, stream_key
+from .kernel_base import (
+    BLOCK,
+    CHUNKS,
+    _chunk_bounds,
+    _float_bits,
+    _fma,
+    _is_nonfinite,
+    _load,
+    _next_vector,
+    _store,
+    as_float32,
+)
 from .l1 import EXPONENTS, l1_ratio
 from .trim import outlier_ranks, rank_layout, trim_count
-
-# numba's "workqueue" threads sleep when idle; the OpenMP layer spins, which on a shared
-# 2-core machine burns the CPU time the other worker needs (measured: ~25% more CPU for
-# the same merge). The kernels are only ever called from one Python thread at a time.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
 
 BINS = 1 << 16
 # entries sampled to bracket the threshold, in runs of consecutive entries (runs touch few
@@ -85,122 +87,12 @@ BRACKET_SLACK = 0.01
 INF_BITS = 0x7F800000  # above every finite magnitude
 # below this many entries the threshold is selected exactly from every entry at once
 MIN_FAST_NUMEL = 1 << 18
-# parallel chunks per tensor: more than the cores, so a busy core does not stall the rest
-CHUNKS = 16
-# entries per block inside a chunk: a few rows of float32 that stay in L1/L2
-BLOCK = 2048
-
-# -- scalar helpers compiled into the kernels ----------------------------------------------
-
-
-@intrinsic
-def _float_bits(typingctx, x):
-    """The IEEE bits of a float32 as a (non-negative) int64."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
-
-    return types.int64(types.float32), codegen
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a * b + c in float32 with one rounding (llvm.fma: the FMA instruction where the CPU has
-    one), as torch's addcmul computes it."""
-    if not (a == b == c == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fma(*args)
-
-    return types.float32(types.float32, types.float32, types.float32), codegen
-
-
-@intrinsic
-def _bf16_to_float(typingctx, h):
-    """The float32 of bfloat16 bits (in 32-bit integer ops, which vectorize 8 wide)."""
-    if h != types.uint16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _float_to_bf16(typingctx, v):
-    """bfloat16 bits of a float32, rounded to nearest even; NaN stays a quiet NaN of the
-    same sign. Branch-free 32-bit integer ops."""
-    if v != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        u = builder.bitcast(args[0], i32)
-        high = builder.lshr(u, ir.Constant(i32, 16))
-        odd = builder.and_(high, ir.Constant(i32, 1))
-        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
-        quiet_nan = builder.or_(high, ir.Constant(i32, 0x40))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-def _load(a, j):  # pragma: no cover - replaced by the overload inside kernels
-    raise NotImplementedError
-
-
-@overload(_load, inline="always")
-def _load_impl(a, j):
-    """Entry j of an input as float32: bfloat16 arrives as its uint16 bits."""
-    if a.dtype == types.uint16:
-        return lambda a, j: _bf16_to_float(a[j])
-    if a.dtype == types.float32:
-        return lambda a, j: a[j]
-    return None
-
-
-def _store(a, j, v):  # pragma: no cover - replaced by the overload inside kernels
-    raise NotImplementedError
-
-
-@overload(_store, inline="always")
-def _store_impl(a, j, v):
-    """Write float32 v to an output: bfloat16 (as uint16 bits) rounds to nearest even."""
-    if a.dtype == types.uint16:
-
-        def store_bf16(a, j, v):
-            a[j] = _float_to_bf16(v)
-
-        return store_bf16
-    if a.dtype == types.float32:
-
-        def store_f32(a, j, v):
-            a[j] = v
-
-        return store_f32
-    return None
-
-
-@numba.njit(inline="always")
-def _chunk_bounds(n, chunks, c):
-    return n * c // chunks, n * (c + 1) // chunks
 
 
 @numba.njit(inline="always")
 def _magnitude_bits(x, base, j):
     """The bits of |float32(x[j]) - float32(base[j])|."""
     return _float_bits(_load(x, j) - _load(base, j)) & 0x7FFFFFFF
-
-
-@numba.njit(inline="always")
-def _is_nonfinite(v):
-    return (v - v) != np.float32(0.0)  # NaN for NaN and +-Inf; float ops vectorize 8 wide
 
 
 @numba.njit(inline="always")
@@ -1037,13 +929,6 @@ def _raise_nonfinite(bad: np.ndarray) -> None:
         raise NonFiniteInput(int(np.flatnonzero(bad.sum(0))[0]) - 1)
 
 
-def as_float32(a: np.ndarray, bf16: bool) -> np.ndarray:
-    """A float32 copy of a flat input (bfloat16 given as its uint16 bits when bf16)."""
-    if bf16:
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
-
-
 @numba.njit(cache=True, nogil=True)
 def _round_to_bf16(a, out):
     for j in range(a.shape[0]):
@@ -1327,7 +1212,7 @@ def _nearswap_fast_path(base, tensors, model_params, params, out_bf16=False, che
 # a method that takes none and a recipe without one (methods.MergeMethod.needs_base).
 # ties takes a slack too (slack_ties' election); only the DARE and DELLA methods cover
 # rescale (engine.RESCALED), and the breadcrumbs methods, della, ram and ramplus_tl (added
-# at the end of this file with layer_swap) only up to engine.SUMMED_MODELS_MAX models, where
+# at the end of this file with layer_swap) only up to methods.SUMMED_MODELS_MAX models, where
 # torch's sum of the reference's stacked models runs in model order (engine.covered checks both).
 FAST_PATHS: dict[str, Callable] = {
     "ties": _ties_fast_path,
@@ -1368,7 +1253,7 @@ def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
 # tv * 0.0 (torch's float * bool, so -0.0 stays possible); term = tvz * unique (* gain, RAM+)
 # + tvz * overlap / max(count, 1) (torch's float / int64 is a float32 division); the models'
 # terms summed from +0.0 in model order (torch's stacked sum over up to
-# engine.SUMMED_MODELS_MAX models); base + that. epsilon is compared as a float32, as torch
+# methods.SUMMED_MODELS_MAX models); base + that. epsilon is compared as a float32, as torch
 # compares a float32 tensor with a Python float. RAM+ first counts each model's changed
 # entries that another model changed too (shared) or that none did (unique) in a pass of its
 # own; its gains come from methods.ramplus_gains (torch) so that their bits are the reference's.
@@ -1480,7 +1365,7 @@ def fused_ram(
 ) -> np.ndarray:
     """methods.ram (gain None) or, with gain (each model's from its shared and unique changed
     entries: methods.ramplus_gains), methods.ramplus_tl of one tensor, bit for bit on float32,
-    for up to engine.SUMMED_MODELS_MAX models. Inputs as for fused_ties; the result is
+    for up to methods.SUMMED_MODELS_MAX models. Inputs as for fused_ties; the result is
     float32, or bfloat16 bits with out_bf16. With check_finite a NaN or Inf in any input
     raises NonFiniteInput, and one in the output NonFiniteOutput."""
     xs, eps, n = tuple(tensors), _float32_epsilon(epsilon), base.shape[0]
@@ -1586,11 +1471,12 @@ FAST_PATHS.update(
 )
 
 
-# -- spherical methods: slerp, nuslerp, multislerp, model_stock ---------------------------------
+# -- spherical methods: slerp, nuslerp, multislerp, model_stock, karcher -----------------------
 # Two passes: sphere_scalars.py computes the few scalars (norms, cosines, angles: torch's own
 # float32 reductions, whose summation order no chunk of a kernel reproduces) exactly as
-# geometric.py does, from float32 copies; then one fused pass here computes every entry
-# from the raw inputs and those scalars in the reference's float32 order and stores it.
+# geometric.py does, on arrays that sphere_fills.py's kernels write (karcher's iterations
+# too); then one fused pass here computes every entry from the raw inputs and those scalars
+# in the reference's float32 order and stores it.
 
 # what divides or multiplies c0 * v0 + c1 * v1 (nuslerp's sin(theta), multislerp's scale)
 NO_POST, DIVIDE, MULTIPLY = 0, 1, 2
@@ -1681,19 +1567,6 @@ def _stock(xs, base, t, u, count, stride, out):
     return bad
 
 
-@numba.njit(inline="always")
-def _next_vector(v, within, stride, count):
-    """The vector of the next entry, entries in runs of `stride` per vector, `count` vectors
-    in turn (incremented: no integer division per entry)."""
-    within += 1
-    if within == stride:
-        within = 0
-        v += 1
-        if v == count:
-            v = 0
-    return v, within
-
-
 @numba.njit(cache=True, nogil=True)
 def _two_point_rows_block(x0, x1, base, deltas, c0, c1, d, start, stride, count, out):
     """_two_point_block's [base +] ((c0 * v0 + c1 * v1) / d) with the coefficients of each
@@ -1755,84 +1628,6 @@ def _nonfinite_inputs(xs):
         for i in range(m):
             bad[c, i] = _nonfinite_block(xs[i][lo:hi])
     return bad
-
-
-# Scratch arrays of the reduction passes, reused tensor after tensor by the thread that merges:
-# fresh memory costs a page fault and a zeroing per page (under perf, page clearing was about
-# a fifth of the CPU time of a slerp merge at 0.54B), a reused array nothing. The engine
-# frees them when a merge ends (release_scratch).
-_SCRATCH = threading.local()
-
-
-def scratch(slot: str, n: int) -> np.ndarray:
-    """A float32 array of n entries for one use at a time (`slot`), this thread's own,
-    reused by the next call for that slot."""
-    held = _SCRATCH.__dict__.setdefault("arrays", {})
-    if slot not in held or held[slot].shape[0] < n:
-        held.pop(slot, None)  # freed before its larger successor is made
-        held[slot] = np.empty(n, dtype=np.float32)
-    return held[slot][:n]
-
-
-def release_scratch() -> None:
-    """Free this thread's scratch arrays."""
-    _SCRATCH.__dict__.pop("arrays", None)
-
-
-# The reduction pass's fills (sphere_scalars.py): each writes one float32 array of the
-# tensor's size with exactly the values the reference reduces (an input or task vector, or
-# the product of two, each divided first by its vector's norm where `divide`), so torch's
-# own reduction of that array has the reference's bits while one float32 array is alive.
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _fill_signal(x, base, deltas, out):
-    """out = float32(x) [- float32(base)]."""
-    n = out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            v = _load(x, j)
-            if deltas:
-                v = v - _load(base, j)
-            out[j] = v
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _fill_product(x0, x1, base, deltas, divide, n0, n1, stride, count, out):
-    """out = (v0 [/ n0]) * (v1 [/ n1]), v = x [- base], each operation rounded to float32;
-    n0, n1 per vector: entry j's is (j // stride) % count."""
-    n = out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        v, within = (lo // stride) % count, lo % stride
-        for j in range(lo, hi):
-            v0, v1 = _load(x0, j), _load(x1, j)
-            if deltas:
-                v0 = v0 - _load(base, j)
-                v1 = v1 - _load(base, j)
-            if divide:
-                v0 = v0 / n0[v]
-                v1 = v1 / n1[v]
-            out[j] = v0 * v1
-            v, within = _next_vector(v, within, stride, count)
-
-
-def fill_signal(x: np.ndarray, base: np.ndarray | None, out: np.ndarray) -> np.ndarray:
-    """out = float32(x) [- float32(base)], flat; returns out."""
-    _fill_signal(x, base if base is not None else x, base is not None, out)
-    return out
-
-
-def fill_product(x0, x1, base, norms, stride: int, count: int, out: np.ndarray) -> np.ndarray:
-    """out = (v0 [/ n0]) * (v1 [/ n1]) of the flat raw inputs (v = x [- base]), with norms =
-    (n0, n1) float32 per vector (entry j's is (j // stride) % count) or None; returns out."""
-    if out.shape[0] == 0:
-        return out
-    n0, n1 = norms if norms is not None else (np.ones(1, np.float32), np.ones(1, np.float32))
-    has_base = base is not None
-    _fill_product(x0, x1, base if has_base else x0, has_base, norms is not None, n0, n1, stride, count, out)
-    return out
 
 
 def _check_sphere(inputs: np.ndarray, output: int, has_base: bool, check_finite: bool) -> None:
@@ -1965,120 +1760,6 @@ FAST_PATHS.update(
 )
 
 
-# multislerp (up to engine.SUMMED_MODELS_MAX models: its sums over the models are torch's
-# stacked sums, from +0.0 in model order) and karcher: sphere_scalars.py calls torch's own
-# reductions on arrays these fills write; each entry's unit vector v_i / denom_i is
-# recomputed from the raw input rather than stored.
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_mean(xs, base, deltas, denom, w, out):
-    """out = (+0.0 + (v_0 / denom_0) * w_0) + (v_1 / denom_1) * w_1 ..., v = x [- base]."""
-    m, n = len(xs), out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            acc = np.float32(0.0)
-            for i in range(m):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                acc = acc + (v / denom[i]) * w[i]
-            out[j] = acc
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_products(xs, base, deltas, denom, mean, out):
-    """out[i] = (v_i / denom_i) * mean, (models, n)."""
-    m, n = len(xs), mean.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for i in range(m):
-            for j in range(lo, hi):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                out[i, j] = (v / denom[i]) * mean[j]
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_step(xs, base, deltas, denom, dots, mean, w, out):
-    """out = (+0.0 + t_0 * w_0) + t_1 * w_1 ..., t_i = v_i / denom_i - dots_i * mean."""
-    m, n = len(xs), out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            acc = np.float32(0.0)
-            for i in range(m):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                acc = acc + ((v / denom[i]) - dots[i] * mean[j]) * w[i]
-            out[j] = acc
-
-
-def multislerp_mean(xs: tuple, base, denom: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """_multislerp_mean of the flat raw inputs into out; returns out."""
-    _multislerp_mean(xs, base if base is not None else xs[0], base is not None, denom, w, out)
-    return out
-
-
-def multislerp_products(xs: tuple, base, denom: np.ndarray, mean: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """_multislerp_products into out (models, n); returns out."""
-    _multislerp_products(xs, base if base is not None else xs[0], base is not None, denom, mean, out)
-    return out
-
-
-def multislerp_step(xs: tuple, base, denom, dots, mean, w, out: np.ndarray) -> np.ndarray:
-    """_multislerp_step into out; returns out."""
-    _multislerp_step(xs, base if base is not None else xs[0], base is not None, denom, dots, mean, w, out)
-    return out
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_unit(x, norm, out):
-    """out = x / norm (the unit vector; norm 0 gives zeros, as the reference's zeros_like)."""
-    n = out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            out[j] = _load(x, j) / norm if norm != np.float32(0.0) else np.float32(0.0)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_tangent_add(unit, mean, dot, coefficient, tangent):
-    """tangent += coefficient * (unit - dot * mean), each operation rounded to float32."""
-    n = tangent.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            tangent[j] = tangent[j] + coefficient * (unit[j] - dot * mean[j])
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_turn(mean, tangent, cos_norm, sin_norm, tangent_norm):
-    """mean = cos_norm * mean + sin_norm * (tangent / tangent_norm), in place."""
-    n = mean.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            mean[j] = cos_norm * mean[j] + sin_norm * (tangent[j] / tangent_norm)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_scaled(share, xs, norms, use, mean):
-    """mean = (+0.0 + share * u_0) + share * u_1 ... over the steering inputs (use), u = x / norm."""
-    m, n = len(xs), mean.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            acc = np.float32(0.0)
-            for i in range(m):
-                if use[i]:
-                    acc = acc + share * (_load(xs[i], j) / norms[i])
-            mean[j] = acc
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _scale_store(s, mean, out):
     """out = s * mean in the output dtype; per chunk, the NaN/Inf entries stored."""
@@ -2090,31 +1771,6 @@ def _scale_store(s, mean, out):
             _store(out, j, s * mean[j])
             bad[c] += _is_nonfinite(_load(out, j))
     return bad
-
-
-def karcher_unit(x: np.ndarray, norm: np.float32, out: np.ndarray) -> np.ndarray:
-    """out = x / norm (zeros where norm is 0); returns out."""
-    _karcher_unit(x, norm, out)
-    return out
-
-
-def karcher_initial(share: float, xs: tuple, norms: list[np.float32], steering: list[int], mean: np.ndarray):
-    """The first running mean into `mean`: (+0.0 + share * u_0) + share * u_1 ... over the
-    steering inputs; returns mean."""
-    use = np.zeros(len(xs), dtype=np.bool_)
-    use[steering] = True
-    _karcher_scaled(np.float32(share), xs, np.array(norms, dtype=np.float32), use, mean)
-    return mean
-
-
-def karcher_tangent_add(unit, mean, dot: np.float32, coefficient: np.float32, tangent: np.ndarray) -> None:
-    """tangent += coefficient * (unit - dot * mean), in place."""
-    _karcher_tangent_add(unit, mean, dot, coefficient, tangent)
-
-
-def karcher_turn(mean, tangent, cos_norm: np.float32, sin_norm: np.float32, tangent_norm: np.float32) -> None:
-    """mean = cos_norm * mean + sin_norm * (tangent / tangent_norm), in place."""
-    _karcher_turn(mean, tangent, cos_norm, sin_norm, tangent_norm)
 
 
 def _karcher_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False):
@@ -2248,7 +1904,7 @@ FAST_PATHS["arcee_fusion"] = _arcee_fusion_fast_path
 # 2. the squares of the masked task vectors into one (models, entries) float32 array, whose
 #    row means torch takes as the reference does (methods.sce_shares);
 # 3. one pass: mask, the float64 vote, agree, the share-weighted disjoint mean (both sums
-#    from +0.0 in model order, as torch sums up to engine.SUMMED_MODELS_MAX stacked models),
+#    from +0.0 in model order, as torch sums up to methods.SUMMED_MODELS_MAX stacked models),
 #    the clamp, base + merged, and the retention counts.
 
 
@@ -2405,7 +2061,7 @@ def fused_sce(
     check_finite: bool = False,
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """sce of one tensor: (merged flat array, kept, agreed), bit for bit methods.sce on
-    float32 for up to engine.SUMMED_MODELS_MAX models. Inputs, output and check_finite as
+    float32 for up to methods.SUMMED_MODELS_MAX models. Inputs, output and check_finite as
     for fused_ties."""
     import torch
 

@@ -29,6 +29,13 @@ from .trim import trim_count
 if TYPE_CHECKING:
     import torch
 
+# torch's sum over stacked models (stacked.sum(0): the disjoint mean, RAM's merged terms,
+# multislerp's weighted sums) adds them in order from +0.0 for up to 4 models; for more,
+# part of the entries (where depends on the CPU's vector width and the thread split) are
+# added in another order, which the fast paths that add in order cover no further.
+SUMMED_MODELS_MAX = 4
+
+
 # -- registry ---------------------------------------------------------------------------
 
 

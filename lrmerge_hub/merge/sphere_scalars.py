@@ -5,12 +5,12 @@ geometric.py computes them.
 Their norms and dot products are torch's own float32 CPU reductions, whose summation order
 (vector width, thread split) no chunked kernel reproduces, so they run here with the
 reference's torch calls, on tensors of the reference's shapes holding the reference's
-values, written by the kernels' fills (each input or task vector, each product the
+values, written by the fills of sphere_fills.py (each input or task vector, each product the
 reference sums, each running mean) into float32 arrays of the tensor's size that are
 reused, reduction after reduction: slerp, nuslerp and model_stock keep one, karcher three,
 multislerp one per model and two (its stack, mean and step) where the reference keeps
 several times that. Entries are recomputed from the raw inputs where the reference would
-read a stored copy. With more than engine.SUMMED_MODELS_MAX models, multislerp's sums over
+read a stored copy. With more than methods.SUMMED_MODELS_MAX models, multislerp's sums over
 the models (torch's stacked sums) run the reference's own operations, in place on a float32
 stack (an in-place op writes the bits of its out-of-place twin). The combine pass then
 computes every entry from the raw inputs and these scalars in the reference's order.
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 def raw_arrays(xs: list[Any]) -> list[Any]:
     """Raw flat inputs as the kernels read them, None kept: numpy arrays, all bfloat16 bits
     (uint16) or else all float32."""
-    from .kernels import as_float32
+    from .kernel_base import as_float32
 
     arrays = [x if x is None or isinstance(x, np.ndarray) else x.cpu().numpy() for x in xs]
     arrays = [a.view(np.uint16) if a is not None and a.dtype == np.int16 else a for a in arrays]
@@ -52,14 +52,14 @@ class Scratch:
     def __init__(self, n: int, slot: str = "reduce"):
         import torch
 
-        from .kernels import scratch
+        from .sphere_fills import scratch
 
         self.array = scratch(slot, n)
         self.tensor = torch.from_numpy(self.array)
 
     def signal(self, x: np.ndarray, base: np.ndarray | None = None) -> torch.Tensor:
         """float32(x) [- float32(base)]."""
-        from .kernels import fill_signal
+        from .sphere_fills import fill_signal
 
         fill_signal(x, base, self.array)
         return self.tensor
@@ -67,7 +67,7 @@ class Scratch:
     def product(self, x0, x1, base, norms=None, stride: int = 1, count: int = 1) -> torch.Tensor:
         """(v0 [/ n0]) * (v1 [/ n1]), v = x [- base], norms (n0, n1) per vector as
         kernels.fill_product takes them."""
-        from .kernels import fill_product
+        from .sphere_fills import fill_product
 
         fill_product(x0, x1, base, norms, stride, count, self.array)
         return self.tensor
@@ -181,7 +181,7 @@ class MultislerpTerms:
 
 def _stack(xs, base) -> np.ndarray:
     """The float32 (models, n) stack of the deltas x_i [- base] (kernels.fill_signal)."""
-    from .kernels import fill_signal, scratch
+    from .sphere_fills import fill_signal, scratch
 
     stack = scratch("stack", len(xs) * xs[0].shape[0]).reshape(len(xs), xs[0].shape[0])
     for i, x in enumerate(xs):
@@ -198,8 +198,8 @@ def multislerp_terms(
     with a base no model changed the tensor): the caller runs the reference there."""
     import torch
 
-    from .engine import SUMMED_MODELS_MAX
-    from .kernels import multislerp_mean, multislerp_products, multislerp_step, scratch
+    from .methods import SUMMED_MODELS_MAX
+    from .sphere_fills import multislerp_mean, multislerp_products, multislerp_step, scratch
 
     base, *listed = raw_arrays([base, *tensors])
     if len(listed) > SUMMED_MODELS_MAX:
@@ -265,7 +265,7 @@ def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, 
     where the reference returns early (one input, or none steers): the caller runs it."""
     import torch
 
-    from .kernels import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit, scratch
+    from .sphere_fills import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit, scratch
 
     xs = raw_arrays(list(inputs))
     if len(xs) == 1:

@@ -790,7 +790,7 @@ def host_to_device_rate(device: str, nbytes: int = 64 << 20) -> float:
 # operations (methods.ram, ramplus_tl, layer_swap) on each chunk: every entry's value depends
 # on that entry alone once RAM+'s gains are known (a counting pass of its own, as the
 # kernels'), and the models' terms are summed from +0.0 in model order, as the reference's
-# stacked sum adds up to engine.SUMMED_MODELS_MAX models.
+# stacked sum adds up to methods.SUMMED_MODELS_MAX models.
 
 
 def _ram_chunk(
@@ -1220,7 +1220,7 @@ TORCH_METHODS["arcee_fusion"] = torch_arcee_fusion
 # model order), the selection is sparsify.top_k_mask of the whole variance, the shares come
 # from methods.sce_shares of the whole (models, entries) array of squares (row means whose
 # bits depend on the row whole), and the election and disjoint mean are per entry (the sums
-# over up to engine.SUMMED_MODELS_MAX stacked models run in model order in any chunk).
+# over up to methods.SUMMED_MODELS_MAX stacked models run in model order in any chunk).
 
 
 def sce_merge(
