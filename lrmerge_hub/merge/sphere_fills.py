@@ -14,6 +14,16 @@ import numpy as np
 
 from .kernel_base import CHUNKS, _chunk_bounds, _load, _next_vector
 
+
+@numba.njit(inline="always")
+def _signal(x, base, deltas, j):
+    """float32(x[j]) [- float32(base[j])]."""
+    v = _load(x, j)
+    if deltas:
+        v = v - _load(base, j)
+    return v
+
+
 # Scratch arrays of the reduction passes, reused tensor after tensor by the thread that merges:
 # fresh memory costs a page fault and a zeroing per page (under perf, page clearing was about
 # a fifth of the CPU time of a slerp merge at 0.54B), a reused array nothing. The engine
@@ -49,10 +59,7 @@ def _fill_signal(x, base, deltas, out):
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         for j in range(lo, hi):
-            v = _load(x, j)
-            if deltas:
-                v = v - _load(base, j)
-            out[j] = v
+            out[j] = _signal(x, base, deltas, j)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -64,10 +71,7 @@ def _fill_product(x0, x1, base, deltas, divide, n0, n1, stride, count, out):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         v, within = (lo // stride) % count, lo % stride
         for j in range(lo, hi):
-            v0, v1 = _load(x0, j), _load(x1, j)
-            if deltas:
-                v0 = v0 - _load(base, j)
-                v1 = v1 - _load(base, j)
+            v0, v1 = _signal(x0, base, deltas, j), _signal(x1, base, deltas, j)
             if divide:
                 v0 = v0 / n0[v]
                 v1 = v1 / n1[v]
@@ -107,10 +111,7 @@ def _multislerp_mean(xs, base, deltas, denom, w, out):
         for j in range(lo, hi):
             acc = np.float32(0.0)
             for i in range(m):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                acc = acc + (v / denom[i]) * w[i]
+                acc = acc + (_signal(xs[i], base, deltas, j) / denom[i]) * w[i]
             out[j] = acc
 
 
@@ -122,10 +123,7 @@ def _multislerp_products(xs, base, deltas, denom, mean, out):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         for i in range(m):
             for j in range(lo, hi):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                out[i, j] = (v / denom[i]) * mean[j]
+                out[i, j] = (_signal(xs[i], base, deltas, j) / denom[i]) * mean[j]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -137,10 +135,7 @@ def _multislerp_step(xs, base, deltas, denom, dots, mean, w, out):
         for j in range(lo, hi):
             acc = np.float32(0.0)
             for i in range(m):
-                v = _load(xs[i], j)
-                if deltas:
-                    v = v - _load(base, j)
-                acc = acc + ((v / denom[i]) - dots[i] * mean[j]) * w[i]
+                acc = acc + ((_signal(xs[i], base, deltas, j) / denom[i]) - dots[i] * mean[j]) * w[i]
             out[j] = acc
 
 
