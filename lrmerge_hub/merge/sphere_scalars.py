@@ -46,8 +46,8 @@ def raw_arrays(xs: list[Any]) -> list[Any]:
 
 
 class Scratch:
-    """One float32 array of a tensor's size that the kernels' fills write and torch reduces
-    (as a tensor sharing its memory)."""
+    """One float32 array of a tensor's size (sphere_fills.scratch: reused tensor after tensor)
+    that sphere_fills writes and torch reduces, as a tensor sharing its memory."""
 
     def __init__(self, n: int, slot: str = "reduce"):
         import torch
@@ -66,7 +66,7 @@ class Scratch:
 
     def product(self, x0, x1, base, norms=None, stride: int = 1, count: int = 1) -> torch.Tensor:
         """(v0 [/ n0]) * (v1 [/ n1]), v = x [- base], norms (n0, n1) per vector as
-        kernels.fill_product takes them."""
+        sphere_fills.fill_product takes them."""
         from .sphere_fills import fill_product
 
         fill_product(x0, x1, base, norms, stride, count, self.array)
@@ -98,7 +98,6 @@ def slerp_coefficients(t: float, v0: Any, v1: Any) -> tuple[torch.Tensor, torch.
     nb = torch.linalg.vector_norm(scratch.signal(v1))
     nb = torch.where(nb > NORM_EPS, nb, 1.0)
     dot = scratch.product(v0, v1, None, (na.reshape(1).numpy(), nb.reshape(1).numpy())).sum().clamp(-1, 1)
-    del scratch
     if dot.abs() > SLERP_LINEAR_DOT:
         return 1 - tt, tt
     theta = torch.acos(dot)
@@ -137,7 +136,6 @@ def nuslerp_coefficients(t: float, x0: Any, x1: Any, base: Any, shape: tuple[int
     stride, count = (1, n // shape[0]) if row_wise else (shape[-1], n // shape[-1])
     per_entry = [(m.transpose(0, -1) if row_wise else m).reshape(-1).numpy() for m in norms]
     cos = vectors(scratch.product(x0, x1, base, per_entry, stride, count)).sum(-1, keepdim=True).clamp(-1, 1)
-    del scratch
     collinear = (1 - cos.square()) <= NORM_EPS**2
     theta = torch.acos(torch.where(collinear, 0.0, cos))
     c0 = torch.where(collinear, scalar(1 - t), torch.sin((1 - t) * theta))
@@ -162,7 +160,6 @@ def model_stock_ratio(base: Any, tensors: list, rows: tuple[int, ...]) -> PerVec
         for j in range(i + 1, len(xs)):
             dot = scratch.product(a, xs[j], base).view(rows).sum(-1)
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    del scratch
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     count = len(xs)
     denominator = 1 + (count - 1) * cos
