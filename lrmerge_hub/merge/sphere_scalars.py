@@ -177,7 +177,7 @@ class MultislerpTerms:
 
 
 def _stack(xs, base) -> np.ndarray:
-    """The float32 (models, n) stack of the deltas x_i [- base] (kernels.fill_signal)."""
+    """The float32 (models, n) stack of the deltas x_i [- base] (sphere_fills.fill_signal)."""
     from .sphere_fills import fill_signal, scratch
 
     stack = scratch("stack", len(xs) * xs[0].shape[0]).reshape(len(xs), xs[0].shape[0])
@@ -190,17 +190,17 @@ def multislerp_terms(
     tensors: list, base: Any, weights: list[float], normalize: bool, eps: float
 ) -> MultislerpTerms | None:
     """geometric.multislerp's terms of two or more inputs (their deltas with a base): its
-    reductions by torch on the kernels' fills (kernels.multislerp_mean, _products, _step);
-    None where the reference takes another branch (the weighted directions cancel out, or
-    with a base no model changed the tensor): the caller runs the reference there."""
+    reductions by torch on the fills of sphere_fills (multislerp_mean, _products, _step), or
+    with more than methods.SUMMED_MODELS_MAX models (whose stacked sums are not in model
+    order) the reference's own torch operations, in place on the stacked deltas; None where
+    the reference takes another branch (the weighted directions cancel out, or with a base
+    no model changed the tensor): the caller runs the reference there."""
     import torch
 
     from .methods import SUMMED_MODELS_MAX
     from .sphere_fills import multislerp_mean, multislerp_products, multislerp_step, scratch
 
     base, *listed = raw_arrays([base, *tensors])
-    if len(listed) > SUMMED_MODELS_MAX:
-        return _multislerp_terms_stacked(listed, base, weights, normalize, eps)
     xs, n = tuple(listed), listed[0].shape[0]
     stack = _stack(xs, base)
     stacked = torch.from_numpy(stack)
@@ -210,46 +210,29 @@ def multislerp_terms(
     if normalize:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
-    denom = (norms + eps).reshape(-1).numpy()
-    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
-    mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < eps:
-        return None
-    mean.div_(mean_norm)
-    dots = torch.from_numpy(multislerp_products(xs, base, denom, mean.numpy(), stack)).sum(-1)
-    del stack, stacked
-    step = torch.from_numpy(multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n)))
-    step_norm = torch.linalg.vector_norm(step) + eps
-    scale = (norms.squeeze(-1) * w).sum()
-    return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
-
-
-def _multislerp_terms_stacked(
-    xs: list[np.ndarray], base: np.ndarray | None, weights: list[float], normalize: bool, eps: float
-) -> MultislerpTerms | None:
-    """multislerp_terms with the reference's own torch operations on the stacked float32
-    deltas, in place: its sums over more than SUMMED_MODELS_MAX models are not in order."""
-    import torch
-
-    stack = torch.from_numpy(_stack(xs, base))
-    if base is not None and not bool(stack.any()):
-        return None
-    w = torch.tensor(weights, dtype=torch.float32)
-    if normalize:
-        w = w / w.sum()
-    column = w.view(-1, 1)
-    norms = torch.linalg.vector_norm(stack, dim=-1, keepdim=True)
-    units = stack.div_(norms + eps)
-    work = torch.mul(units, column)
-    mean = work.sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < eps:
-        return None
-    mean.div_(mean_norm)
-    dots = torch.mul(units, mean, out=work).sum(-1, keepdim=True)
-    tangents = units.sub_(torch.mul(dots, mean, out=work))
-    step = torch.mul(tangents, column, out=work).sum(0)
-    del stack, units, tangents, work
+    if len(xs) > SUMMED_MODELS_MAX:
+        column = w.view(-1, 1)
+        units = stacked.div_(norms + eps)
+        work = torch.mul(units, column)
+        mean = work.sum(0)
+        mean_norm = torch.linalg.vector_norm(mean)
+        if mean_norm < eps:
+            return None
+        mean.div_(mean_norm)
+        dots = torch.mul(units, mean, out=work).sum(-1, keepdim=True)
+        tangents = units.sub_(torch.mul(dots, mean, out=work))
+        step = torch.mul(tangents, column, out=work).sum(0)
+    else:
+        denom = (norms + eps).reshape(-1).numpy()
+        mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
+        mean_norm = torch.linalg.vector_norm(mean)
+        if mean_norm < eps:
+            return None
+        mean.div_(mean_norm)
+        dots = torch.from_numpy(multislerp_products(xs, base, denom, mean.numpy(), stack)).sum(-1)
+        step = torch.from_numpy(
+            multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n))
+        )
     step_norm = torch.linalg.vector_norm(step) + eps
     scale = (norms.squeeze(-1) * w).sum()
     return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
