@@ -405,6 +405,9 @@ def push_card(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
+    from ..hub import hosts
+
+    hosts.protect(token)  # the client's answers are checked for other hosts, the token kept to the Hub
     model_dir = Path(model_dir)
     _check_repo_id(repo_id)
     inputs = read_inputs(model_dir, source_dirs=source_dirs)  # local mistakes first, before any request

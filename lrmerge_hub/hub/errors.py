@@ -21,6 +21,11 @@ from huggingface_hub.errors import (
 )
 
 from ..errors import HubAuthError, HubError, HubNotFoundError, HubOfflineError, HubRevisionError
+from . import hosts
+
+# every module that makes requests imports this one (or stream, which does the same): the
+# client's answers are checked for other hosts before any request
+hosts.install()
 
 
 def token_hint(write: bool = False) -> str:

@@ -48,8 +48,11 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_st
 
 from .. import settings
 from ..errors import HubError, HubIntegrityError, HubOfflineError, InputModelError, shown
+from . import hosts
 from .retries import note_retry
 from ..merge.st_io import NUMPY_DTYPES, StoredTensor, TensorSource, header_length, header_tensors
+
+hosts.install()  # before any request: the client's answers are checked for other hosts
 
 RESUMES = 5  # a range whose connection breaks more often than this fails the merge
 RETRIES = 5  # answers 408, 429 or 5xx to one range before it fails (the client's max_retries)

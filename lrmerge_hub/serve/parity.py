@@ -318,6 +318,9 @@ def local_folder(model: str, revision: str | None) -> Path:
         return Path(model)
     from huggingface_hub import snapshot_download
 
+    from ..hub import hosts
+
+    hosts.install()  # before any request: the client's answers are checked for other hosts
     return Path(
         snapshot_download(
             model, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
