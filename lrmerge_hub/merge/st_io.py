@@ -10,6 +10,7 @@ tensor bytes in order.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import mmap
@@ -18,7 +19,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from typing import TYPE_CHECKING
 
@@ -366,8 +367,33 @@ def shard_layout(tensors: Iterable[tuple[str, TensorSpec]], shard_size: int) -> 
     return shards
 
 
+def _writeback_starter() -> Callable[[int], None]:
+    """fd -> start writing the file's dirty pages to disk without waiting (Linux's
+    sync_file_range with SYNC_FILE_RANGE_WRITE), or a no-op where libc has no such call."""
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    write = 2  # SYNC_FILE_RANGE_WRITE; offset 0 and length 0: the whole file
+    return lambda fd: None if call(fd, 0, 0, write) == 0 else None  # a refusal leaves it to fsync
+
+
+start_writeback = _writeback_starter()
+DIRECT_BLOCK = 4096  # what O_DIRECT asks offsets, lengths and buffers to be multiples of
+STAGE_BYTES = 16 << 20  # the aligned buffer direct writes go through
+
+
 class ShardedWriter:
     """Streams tensors, in the planned order, into safetensors shards plus an index.
+
+    Where the file system takes it (`direct`), shards are written with O_DIRECT through one
+    aligned staging buffer: the bytes go from the buffer to the disk, not into the page
+    cache first, whose fresh pages cost a copy and a fault each (a third of a one-pass
+    merge's CPU time), and the closing fsync has nothing left to wait for. Elsewhere the
+    writes are buffered, and writeback starts after each tensor.
 
     Each finished shard is handed to `on_shard` (the uploader of a merge with a push target),
     which returns True when it removed the file from disk."""
@@ -378,6 +404,7 @@ class ShardedWriter:
         tensors: list[tuple[str, TensorSpec]],
         shard_size: int,
         on_shard: Callable[[Path], bool] | None = None,
+        direct: bool = True,
     ):
         self.folder = folder
         self.on_shard = on_shard
@@ -392,23 +419,88 @@ class ShardedWriter:
         self._next = 0
         self._shard = -1
         self._left_in_shard = 0
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._stage: np.ndarray | None = None  # page-aligned (mmap), reused shard after shard
+        self._staged = 0  # bytes in the stage not yet written
         self.bytes_written = 0
         self.shard_bytes: list[int] = []  # size of each shard opened so far
 
+    def _write_out(self, data: memoryview) -> None:
+        """os.write all of `data` at the shard's current position (an OSError as it comes)."""
+        assert self._fd is not None  # a shard is open
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            self._write_out(data)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+
+    def _flush_stage(self) -> None:
+        """Write the staged bytes: a full stage, or a shard's last bytes, padded to a block and
+        the file cut back to its size."""
+        assert self._fd is not None and self._stage is not None
+        size = self._staged
+        padded = -(-size // DIRECT_BLOCK) * DIRECT_BLOCK
+        self._stage[size:padded] = 0
+        start = os.lseek(self._fd, 0, os.SEEK_CUR)
+        try:
+            self._write_out(self._stage[:padded].data)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+            self._no_direct(start)  # a file system that refuses the alignment: buffered from here
+            self._write(self._stage[:size].data)
+            padded = size
+        if padded != size:
+            os.ftruncate(self._fd, start + size)
+        self._staged = 0
+
+    def _no_direct(self, position: int) -> None:
+        assert self._fd is not None
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        os.lseek(self._fd, position, os.SEEK_SET)
+        self.direct = False
+
+    def _put(self, data: np.ndarray) -> None:
+        """Append bytes (a flat uint8 array) to the open shard."""
+        if not self.direct:
+            self._write(data.data)
+            return
+        if self._stage is None:
+            self._stage = np.frombuffer(mmap.mmap(-1, STAGE_BYTES), dtype=np.uint8)
+        while data.size:
+            take = min(data.size, STAGE_BYTES - self._staged)
+            self._stage[self._staged : self._staged + take] = data[:take]  # numpy copies without the GIL
+            self._staged += take
+            data = data[take:]
+            if self._staged == STAGE_BYTES:
+                self._flush_stage()
+            if not self.direct:  # the file system refused: the rest unstaged
+                self._write(data.data)
+                return
+
     def _finish_shard(self) -> None:
         """Close the current shard (synced: an uploader or a rename may follow) and hand it on."""
-        assert self._file is not None  # a shard is open
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        assert self._fd is not None  # a shard is open
+        if self._staged:
+            self._flush_stage()
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+        os.close(self._fd)
+        self._fd = None
         path = self.folder / self.names[self._shard]
         if self.on_shard is not None and self.on_shard(path):
             self.on_disk -= self.shard_bytes[self._shard]
 
     def _open_next_shard(self) -> None:
-        if self._file:
+        if self._fd is not None:
             self._finish_shard()
         self._shard += 1
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -422,8 +514,20 @@ class ShardedWriter:
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
-        self._file = open(self.folder / self.names[self._shard], "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        path = self.folder / self.names[self._shard]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self._fd = None
+        if self.direct:
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError:  # e.g. EINVAL: a file system without direct I/O
+                self.direct = False
+        if self._fd is None:
+            try:
+                self._fd = os.open(path, flags, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+        self._put(np.frombuffer(struct.pack("<Q", len(raw)) + raw, dtype=np.uint8))
         self.shard_bytes.append(8 + len(raw) + offset)
         self.on_disk += self.shard_bytes[-1]  # the file grows to this as it is written
         self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
@@ -440,11 +544,10 @@ class ShardedWriter:
         if self._left_in_shard == 0:
             self._open_next_shard()
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        assert self._file is not None  # opened above when the last shard was full
-        try:
-            self._file.write(data.data)
-        except OSError as e:
-            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+        self._put(data)
+        if not self.direct:  # the disk writes while the next tensors are merged: the closing
+            assert self._fd is not None  # fsync then has little left to wait for
+            start_writeback(self._fd)
         self.bytes_written += data.nbytes
         self._next += 1
         self._left_in_shard -= 1
@@ -452,7 +555,7 @@ class ShardedWriter:
     def close(self) -> None:
         if self._next != len(self.order):
             raise RuntimeError(f"only {self._next} of {len(self.order)} tensors were written")
-        if self._file:
+        if self._fd is not None:
             self._finish_shard()
         if len(self.names) > 1:
             weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
@@ -461,9 +564,9 @@ class ShardedWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # config.json keys the plan reads, and the JSON type each must have when present
