@@ -1,5 +1,5 @@
-"""The end-to-end check of a method's fast path: the same recipe merged through it and through
-the reference, compared bit for bit."""
+"""The end-to-end check of a method's fast path (the same recipe merged through it and through
+the reference, compared bit for bit), and a recipe for any method with every parameter set."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from lrmerge_hub.merge import engine, torch_engine
+from lrmerge_hub.merge.methods import METHODS
 from lrmerge_hub.merge.st_io import SafetensorsModel
 
 
@@ -39,3 +41,29 @@ def assert_same_outputs(a: SafetensorsModel, b: SafetensorsModel) -> None:
     assert set(a.tensors) == set(b.tensors)
     for name in a.tensors:
         assert torch.equal(a.get(name).view(torch.int16), b.get(name).view(torch.int16)), name
+
+
+ONE_MODEL = {"slerp", "nearswap", "passthrough", "arcee_fusion"}  # the methods that take one model besides the base
+ENGINE_MODEL_PARAMS = {"density": 0.3, "epsilon": 0.1, "gamma": 0.02, "slack": 0.5, "weight": 0.8}
+
+
+def engine_recipe(method: str, root: Path) -> str:
+    """A recipe for `method` over the family in `root`, with every declared parameter set."""
+    m = METHODS[method]
+    roles = ["language"] if method in ONE_MODEL else ["language", "task"]
+    data = {
+        "method": method,
+        "languages": ["bo"],
+        "license": "mit",
+        "models": [
+            {"model": str(root / r), "role": r, **{k: v for k, v in ENGINE_MODEL_PARAMS.items() if k in m.model_params}}
+            for r in roles
+        ],
+    }
+    if m.takes_base:
+        data["base"] = str(root / "base")
+    if m.random:
+        data["parameters"] = {"seed": 3}
+    if method == "layer_swap":  # one layer here: the task expert's, the rest the language expert's
+        data["parameters"] = {"bottom": 0, "top": 0}
+    return yaml.safe_dump(data)

@@ -21,6 +21,7 @@ from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, TorchEngine, ho
 
 from lrmerge_hub.recipe.spec import load_recipe
 
+from kernel_support import engine_recipe
 from test_engine import load_all
 
 
@@ -109,32 +110,6 @@ def test_nonfinite_inputs_and_outputs_are_counted():
         None,
     )
     assert bad_in == [0, 0] and bad_32 > 0 and bad_out > 0
-
-
-ONE_MODEL = {"slerp", "nearswap", "passthrough", "arcee_fusion"}  # the methods that take one model besides the base
-ENGINE_MODEL_PARAMS = {"density": 0.3, "epsilon": 0.1, "gamma": 0.02, "slack": 0.5, "weight": 0.8}
-
-
-def engine_recipe(method: str, root: Path) -> str:
-    """A recipe for `method` over the family in `root`, with every declared parameter set."""
-    m = METHODS[method]
-    roles = ["language"] if method in ONE_MODEL else ["language", "task"]
-    data = {
-        "method": method,
-        "languages": ["bo"],
-        "license": "mit",
-        "models": [
-            {"model": str(root / r), "role": r, **{k: v for k, v in ENGINE_MODEL_PARAMS.items() if k in m.model_params}}
-            for r in roles
-        ],
-    }
-    if m.takes_base:
-        data["base"] = str(root / "base")
-    if m.random:
-        data["parameters"] = {"seed": 3}
-    if method == "layer_swap":  # one layer here: the task expert's, the rest the language expert's
-        data["parameters"] = {"bottom": 0, "top": 0}
-    return yaml.safe_dump(data)
 
 
 def write(path: Path, text: str) -> Path:

@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this only guard
         pass
 
 
+from .buffers import recycle, release_outputs
 from .methods import SUMMED_MODELS_MAX, MergeMethod, get_method
 from .plan import BASE, ST_TO_RECIPE, MergePlan, TensorJob, config_vocab_size, model_keys, plan_merge
 from .st_io import Source
@@ -781,6 +782,7 @@ class Output:
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
     for o, array in zip(outputs, arrays, strict=True):
         o.writer.write(name, array)
+        recycle(array)  # written: the next tensor's kernel may reuse its memory (buffers.py)
 
 
 def merge(recipe: Recipe, sources: dict[str, Source], out_dir: Path, **options: Any) -> dict[str, Any]:
@@ -1028,6 +1030,7 @@ def write_merge(
     finally:
         pool.shutdown(wait=True)
         release_scratch()
+        release_outputs()
     return reports
 
 

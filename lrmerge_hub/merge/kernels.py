@@ -58,6 +58,7 @@ import numba
 import numpy as np
 
 from .draws import GOLDEN, MIX1, MIX2, stream_key
+from .buffers import output_array
 from .kernel_base import (
     BLOCK,
     CHUNKS,
@@ -650,7 +651,7 @@ def _combine(
     """The _merge pass of fused_cuts, fused_dare and fused_della (sparsify: _merge's
     arguments threshold, limit, draw, masks, keys, densities, ratios): (merged, kept, agreed)."""
     n = base.shape[0]
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(n, out_bf16)
     total = sum(weights)  # methods.task_arithmetic_family's divisor of the sum (Python's, then float32)
     with np.errstate(over="ignore"):
         sum_divisor = np.float32(total if abs(total) >= 1e-8 else 1.0)
@@ -1153,7 +1154,7 @@ def fused_elementwise(
     if base is None and mode in (TASK_ARITHMETIC, NEARSWAP):
         raise ValueError("task_arithmetic and nearswap need a base")
     n = tensors[0].shape[0]
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(n, out_bf16)
     with np.errstate(over="ignore"):  # a sum past float32's range divides to Inf, as in torch: counted
         divisor = float32_sum(weights)  # linear's divisor, as the reference sums the weights
     bad = _elementwise(
@@ -1369,7 +1370,7 @@ def fused_ram(
     float32, or bfloat16 bits with out_bf16. With check_finite a NaN or Inf in any input
     raises NonFiniteInput, and one in the output NonFiniteOutput."""
     xs, eps, n = tuple(tensors), _float32_epsilon(epsilon), base.shape[0]
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(n, out_bf16)
     gains = np.ones(len(tensors), dtype=np.float32)  # times 1.0 is the same bits: RAM is RAM+ without gain
     if gain is not None:
         bad, tally = _ram_pass(xs, base, eps, gains, False, out)
@@ -1439,7 +1440,7 @@ def fused_layer_swap(
     for NaN/Inf either way (the reference refuses them)."""
     whole = shares.index(1.0) if 1.0 in shares else None
     n = tensors[0].shape[0]
-    out = np.empty(0 if whole is not None else n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(0 if whole is not None else n, out_bf16)
     bad = _swap_pass(tuple(tensors), np.array(shares, dtype=np.float32), whole is None, out)
     if whole is not None:
         x = tensors[whole]
@@ -1646,7 +1647,7 @@ def _f32(t: Any) -> np.float32:
 
 def two_point(x0, x1, base, deltas, add_base, c0, c1, post, d, out_bf16):
     """The two-input combine (_two_point) of flat inputs: (out, NaN/Inf counts per chunk)."""
-    out = np.empty(x0.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(x0.shape[0], out_bf16)
     has_base = base is not None
     bad = _two_point(
         x0, x1, base if has_base else x0, has_base, deltas, add_base, _f32(c0), _f32(c1), post, _f32(d), out
@@ -1700,7 +1701,7 @@ def _nuslerp_fast_path(base, tensors, model_params, params, out_bf16=False, chec
     if co.count == 1:
         out, bad = two_point(x0, x1, base, has_base, has_base, co.c0[0], co.c1[0], DIVIDE, co.d[0], out_bf16)
     else:
-        out = np.empty(x0.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+        out = output_array(x0.shape[0], out_bf16)
         c0, c1, d = (c.numpy() for c in (co.c0, co.c1, co.d))
         bad = _two_point_rows(x0, x1, base if has_base else x0, has_base, c0, c1, d, co.stride, co.count, out)
     totals = bad.sum(0)
@@ -1716,7 +1717,7 @@ def _model_stock_fast_path(base, tensors, model_params, params, out_bf16=False, 
     if rows is None:
         return _reference_sphere("model_stock", base, tensors, model_params, params, shape, out_bf16, check_finite)
     co = model_stock_ratio(base, list(tensors), rows)
-    out = np.empty(base.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(base.shape[0], out_bf16)
     t, u = co.c0.numpy(), co.c1.numpy()
     totals = _stock(tuple(tensors), base, t, u, np.float32(len(tensors)), co.stride, out).sum(0)
     _check_sphere(totals[:-1], totals[-1], True, check_finite)
@@ -1787,7 +1788,7 @@ def _karcher_fast_path(base, tensors, model_params, params, out_bf16=False, chec
         shape = (inputs[0].shape[0],)
         return _reference_sphere("karcher", base, tensors, model_params, params, shape, out_bf16, check_finite)
     mean, scale = terms
-    out = np.empty(mean.shape[0], dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(mean.shape[0], out_bf16)
     _check_sphere(np.zeros(0), int(_scale_store(_f32(scale), mean, out).sum()), base is not None, check_finite)
     return out, None, None
 
@@ -1881,7 +1882,7 @@ def fused_arcee_fusion(
     q1, median, q3 = (scores[k] for k in positions)
     fence = median + np.float32(1.5) * (q3 - q1)  # float32 scalars, as the reference's 0-d tensors
     del scores
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(n, out_bf16)
     bad = _fusion_pass(model, base, divergence, cols, fence, out)
     if check_finite and bad.any():
         raise NonFiniteOutput(int(bad.sum()))
@@ -2080,7 +2081,7 @@ def fused_sce(
         _raise_nonfinite(bad)
     shares = sce_shares(squares).numpy()
     del squares
-    out = np.empty(n, dtype=np.uint16 if out_bf16 else np.float32)
+    out = output_array(n, out_bf16)
     votes = np.array([1.0 + s for s in slacks], dtype=np.float64)
     stats = _sce_merge(xs, base, var, t, limit, votes, shares, out).sum(0)
     if check_finite and stats[0]:
