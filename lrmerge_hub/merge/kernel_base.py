@@ -10,6 +10,7 @@ editing this file, remove the __pycache__ folder beside it.
 from __future__ import annotations
 
 import os
+import sys
 
 import numba
 import numpy as np
@@ -22,6 +23,24 @@ from numba.extending import intrinsic, overload
 # the same merge). The kernels are only ever called from one Python thread at a time.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+def _load_array_math_without_scipy() -> None:
+    """numba loads its array math with the first kernel, and that imports scipy.linalg (0.2 s
+    of every merge's start-up, where scipy is installed) only to learn whether inner products
+    may call a BLAS; no kernel here takes one. Loaded now with scipy hidden, numba keeps its
+    own loop for them; an np.dot compiled later still imports scipy.linalg when it is typed,
+    and scipy.linalg imports as usual afterwards."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # its import raises ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_load_array_math_without_scipy()
 
 # parallel chunks per tensor: more than the cores, so a busy core does not stall the rest
 CHUNKS = 16
