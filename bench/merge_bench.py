@@ -254,12 +254,14 @@ def identical(a: Path, b: Path) -> bool:
 
 
 def io_floor_cmd(fam: dict[str, Path], out: Path) -> list[str]:
-    """A child that reads every input shard once and writes an output of the merged size."""
+    """A child that reads every input shard once and writes an output of the merged size the
+    way the merge writes it (st_io.ShardedWriter): O_DIRECT from an aligned buffer where the
+    file system takes it, the last block padded and the file cut back, then fsync."""
     code = r"""
-import os, sys
+import mmap, os, sys
 from pathlib import Path
 ins, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
-buf = bytearray(64 << 20)
+buf = mmap.mmap(-1, 64 << 20)  # page-aligned, as O_DIRECT asks
 view = memoryview(buf)
 out.mkdir(parents=True, exist_ok=True)
 for folder in ins:
@@ -269,10 +271,17 @@ for folder in ins:
                 pass
 base = ins[0]
 for f in sorted(base.glob("*.safetensors")):  # the output has the base's size
-    with open(f, "rb", buffering=0) as src, open(out / f.name, "wb", buffering=0) as dst:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        dst = os.open(out / f.name, flags | os.O_DIRECT, 0o644)
+    except OSError:
+        dst = os.open(out / f.name, flags, 0o644)
+    with open(f, "rb", buffering=0) as src:
         while (n := src.readinto(buf)):
-            dst.write(view[:n])
-        os.fsync(dst.fileno())
+            os.write(dst, view[: -(-n // 4096) * 4096])
+    os.ftruncate(dst, f.stat().st_size)
+    os.fsync(dst)
+    os.close(dst)
 """
     return [sys.executable, "-c", code, str(fam["base"]), str(fam["language"]), str(fam["task"]), str(out)]
 
