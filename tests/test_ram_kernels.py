@@ -190,8 +190,8 @@ def test_layer_swap_kernels_and_torch_engine_equal_the_reference_bit_for_bit(sha
     want = reference("layer_swap", None, xs, model_params, {}, shape, bf16)
     got = fast("layer_swap", None, xs, model_params, {}, bf16)
     assert_same_bits(got, want)
-    if 1.0 in shares:  # the expert's own array, not a copy
-        assert np.shares_memory(got, bits(xs[shares.index(1.0)]))
+    if 1.0 in shares:  # the expert's own bits, copied: the writer may read them after the input is released
+        assert not np.shares_memory(got, bits(xs[shares.index(1.0)]))
     merged, _, _, bad_inputs, bad_32, bad_out = torch_engine("layer_swap", None, xs, model_params, {}, dtype_of(bf16))
     assert bad_inputs == [0, 0] and bad_32 == bad_out == 0
     assert_same_bits(bits(merged), want)

@@ -1434,8 +1434,8 @@ def fused_layer_swap(
     tensors: list[np.ndarray], shares: list[float], out_bf16: bool = False, check_finite: bool = False
 ) -> np.ndarray:
     """methods.layer_swap of one tensor, bit for bit: where a share is 1.0, that model's
-    tensor itself (the input array, not a copy, when it is already in the output's form:
-    bfloat16 bits with out_bf16, else float32), else shares[0] * x0 + shares[1] * x1 with
+    tensor's bits (copied as they are when already in the output's form: bfloat16 bits with
+    out_bf16, else float32), else shares[0] * x0 + shares[1] * x1 with
     the shares rounded to float32 as torch rounds a Python scalar. Both inputs are checked
     for NaN/Inf either way (the reference refuses them)."""
     whole = shares.index(1.0) if 1.0 in shares else None
@@ -1445,7 +1445,11 @@ def fused_layer_swap(
     if whole is not None:
         x = tensors[whole]
         if out_bf16 == (x.dtype == np.uint16):
-            out = x
+            # copied, not the input itself: the writer reads an output after the merge has
+            # released its inputs' mapped pages, and reading them there maps them again for
+            # good (a layer_swap merge's RSS grew to the model's size)
+            out = output_array(n, out_bf16)
+            out[:] = x
         elif out_bf16:  # float32 in, bfloat16 out: rounded, which may overflow
             rounded = float32_to(x, "BF16")
             bad[0, -1] = np.count_nonzero((rounded & 0x7F80) == 0x7F80)  # exponent all ones
