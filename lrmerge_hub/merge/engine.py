@@ -782,7 +782,8 @@ class Output:
 def write_all(outputs: list[Output], name: str, arrays: list[np.ndarray]) -> None:
     for o, array in zip(outputs, arrays, strict=True):
         o.writer.write(name, array)
-        recycle(array)  # written: the next tensor's kernel may reuse its memory (buffers.py)
+    for array in arrays:  # all written: the next tensor's kernels may reuse their memory (buffers.py)
+        recycle(array)
 
 
 def merge(recipe: Recipe, sources: dict[str, Source], out_dir: Path, **options: Any) -> dict[str, Any]:
