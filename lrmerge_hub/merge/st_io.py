@@ -374,11 +374,14 @@ def _writeback_starter() -> Callable[[int], None]:
         import ctypes
 
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such call (not Linux), or no libc to load
         return lambda fd: None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    write = 2  # SYNC_FILE_RANGE_WRITE; offset 0 and length 0: the whole file
-    return lambda fd: None if call(fd, 0, 0, write) == 0 else None  # a refusal leaves it to fsync
+
+    def start(fd: int) -> None:
+        call(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE over the whole file; a refusal leaves it to fsync
+
+    return start
 
 
 start_writeback = _writeback_starter()
