@@ -429,6 +429,10 @@ class ShardedWriter:
         self.bytes_written = 0
         self.shard_bytes: list[int] = []  # size of each shard opened so far
 
+    def _refused(self, e: OSError) -> OutputError:
+        """The one-line error for a write the disk or file system refused."""
+        return OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}")
+
     def _write_out(self, data: memoryview) -> None:
         """os.write all of `data` at the shard's current position (an OSError as it comes)."""
         assert self._fd is not None  # a shard is open
@@ -439,7 +443,7 @@ class ShardedWriter:
         try:
             self._write_out(data)
         except OSError as e:
-            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+            raise self._refused(e) from None
 
     def _flush_stage(self) -> None:
         """Write the staged bytes: a full stage, or a shard's last bytes, padded to a block and
@@ -453,7 +457,7 @@ class ShardedWriter:
             self._write_out(self._stage[:padded].data)
         except OSError as e:
             if e.errno != errno.EINVAL:
-                raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+                raise self._refused(e) from None
             self._no_direct(start)  # a file system that refuses the alignment: buffered from here
             self._write(self._stage[:size].data)
             padded = size
@@ -495,7 +499,7 @@ class ShardedWriter:
         try:
             os.fsync(self._fd)
         except OSError as e:
-            raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+            raise self._refused(e) from None
         os.close(self._fd)
         self._fd = None
         path = self.folder / self.names[self._shard]
@@ -529,7 +533,7 @@ class ShardedWriter:
             try:
                 self._fd = os.open(path, flags, 0o644)
             except OSError as e:
-                raise OutputError(f"cannot write {self.names[self._shard]}: {e.strerror or e}") from None
+                raise self._refused(e) from None
         self._put(np.frombuffer(struct.pack("<Q", len(raw)) + raw, dtype=np.uint8))
         self.shard_bytes.append(8 + len(raw) + offset)
         self.on_disk += self.shard_bytes[-1]  # the file grows to this as it is written
