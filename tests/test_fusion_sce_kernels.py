@@ -139,6 +139,30 @@ def test_fusion_divergence_is_per_row():
         assert torch.equal(part.view(torch.int32), whole[r:e].view(torch.int32))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fusion_order_statistics_are_kthvalues(rows):
+    """The radix select gives kthvalue's values of the importance at every position asked,
+    whatever the signs: rows of negative, +0.0, -0.0, NaN and Inf divergence (a numerically
+    negative divergence makes negative scores; NaN sorts above +Inf), among tied scores."""
+    g = torch.Generator().manual_seed(rows)
+    cols = 1000
+    base = torch.randn(rows * cols, generator=g)
+    model = base + torch.randint(-3, 4, (rows * cols,), generator=g) / 8.0
+    model[::7] = base[::7]  # |delta| = 0: zero scores of both signs
+    special = [-1e-9, 0.0, -0.0, float("nan"), float("inf"), 2.5]
+    divergence = torch.rand(rows, generator=g)
+    for r in range(rows):
+        divergence[r] = special[(r // 2) % len(special)] if r % 2 else divergence[r]
+    importance = ((model - base).view(rows, cols).abs() * divergence.view(-1, 1)).view(-1)
+    n = importance.numel()
+    positions = [0, 1, n // 4, n // 2, (3 * n) // 4, n - 2, n - 1]
+    got, bad = kernels.importance_order_statistics(base.numpy(), model.numpy(), divergence.numpy(), cols, positions)
+    want = [torch.kthvalue(importance, p + 1).values for p in positions]
+    for value, expected in zip(got, want, strict=True):
+        assert (math.isnan(value) and bool(expected.isnan())) or value == float(expected), (got, want)
+    assert not bad.any()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("case", range(len(SCE_CASES)))

@@ -1802,39 +1802,88 @@ FAST_PATHS["karcher"] = _karcher_fast_path
 
 # -- arcee_fusion -----------------------------------------------------------------------------
 # The per-row divergence comes from torch_engine.fusion_divergence (the reference's torch
-# operations on blocks of rows); a pass computes the importance |delta| * divergence and
-# checks the inputs; the three order statistics come from one in-place np.partition of it
-# (an exact selection, so kthvalue's values); then one pass writes base + delta *
-# (importance >= fence), recomputing the importance in the reference's float32 operations
-# (the same bits) rather than reading it back.
+# operations on blocks of rows). The three order statistics of the importance
+# |delta| * divergence come from an exact radix select that recomputes the importance in
+# the reference's float32 operations on every pass instead of storing it: a histogram of the
+# top 16 bits of each score's order key (which also counts the NaN/Inf inputs), then one of
+# the low 16 bits within the bins that hold a statistic. Then one pass writes base + delta *
+# (importance >= fence).
+
+ORDER_NAN = 0xFFFFFFFF  # the order key of every NaN: above +Inf, as kthvalue and sort place NaN
 
 
-@numba.njit(cache=True, nogil=True)
-def _importance_block(x, base, divergence, importance):
-    """importance = |delta| * divergence; returns the NaN/Inf count of x."""
-    nonfinite = np.int32(0)
-    for j in range(importance.shape[0]):
-        v = _load(x, j)
-        nonfinite = np.int32(nonfinite + _is_nonfinite(v))
-        importance[j] = abs(v - _load(base, j)) * divergence
-    return nonfinite
+@numba.njit(inline="always")
+def _order_key(v):
+    """A float32's key in ascending order of value (-0.0 just below +0.0), NaN last."""
+    if v != v:
+        return np.int64(ORDER_NAN)
+    u = _float_bits(v)
+    return u ^ 0x80000000 if u < 0x80000000 else u ^ 0xFFFFFFFF
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _importance_pass(x, base, divergence, cols, importance):
-    """_importance_block over every chunk, row piece by row piece; NaN/Inf of base and x per chunk."""
+def _importance_histogram(x, base, divergence, cols, bins):
+    """Per chunk: a histogram of the top 16 bits of the importance's order keys when bins is
+    empty, else for each of `bins` a histogram of the low 16 bits of the keys in that top bin;
+    and the NaN/Inf counts of base and x (per chunk, columns 0 and 1)."""
     n = base.shape[0]
+    nb = bins.shape[0]
+    hist = np.zeros((CHUNKS, max(nb, 1), BINS), dtype=np.int32)
     bad = np.zeros((CHUNKS, 2), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        h = hist[c]
         s = lo
         while s < hi:
             r = s // cols
             e = min(hi, (r + 1) * cols)
+            d = divergence[r]
             bad[c, 0] += _nonfinite_block(base[s:e])
-            bad[c, 1] += _importance_block(x[s:e], base[s:e], divergence[r], importance[s:e])
+            bad[c, 1] += _nonfinite_block(x[s:e])
+            for j in range(s, e):
+                key = _order_key(abs(_load(x, j) - _load(base, j)) * d)
+                if nb == 0:
+                    h[0, key >> 16] += 1
+                else:
+                    for i in range(nb):
+                        if (key >> 16) == bins[i]:
+                            h[i, key & 0xFFFF] += 1
             s = e
-    return bad
+    return hist, bad
+
+
+def _key_value(key: int) -> np.float32:
+    """The float32 of an order key (a NaN for ORDER_NAN)."""
+    if key == ORDER_NAN:
+        return np.float32(np.nan)
+    u = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
+    return np.array([u], dtype=np.uint32).view(np.float32)[0]
+
+
+def _bin_at(hist: np.ndarray, position: int) -> tuple[int, int]:
+    """The bin of a histogram holding the value at an ascending 0-based position, and how many
+    values lie in lower bins."""
+    below = np.cumsum(hist, dtype=np.int64)
+    b = int(np.searchsorted(below, position, side="right"))
+    return b, int(below[b] - hist[b])
+
+
+def importance_order_statistics(
+    base: np.ndarray, model: np.ndarray, divergence: np.ndarray, cols: int, positions: list[int]
+) -> tuple[list[np.float32], np.ndarray]:
+    """The importance scores at the given ascending 0-based positions (exact: the values
+    kthvalue gives), and the NaN/Inf counts of base and model per chunk."""
+    top, bad = _importance_histogram(model, base, divergence, cols, np.zeros(0, dtype=np.int64))
+    top = top.sum(0, dtype=np.int64)[0]
+    found = [_bin_at(top, p) for p in positions]
+    bins = sorted({b for b, _ in found})
+    low, _ = _importance_histogram(model, base, divergence, cols, np.array(bins, dtype=np.int64))
+    low = low.sum(0, dtype=np.int64)
+    values = []
+    for p, (b, below) in zip(positions, found, strict=True):
+        low_bin, _ = _bin_at(low[bins.index(b)], p - below)
+        values.append(_key_value((b << 16) | low_bin))
+    return values, bad
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1877,15 +1926,10 @@ def fused_arcee_fusion(
 
     n, cols = base.shape[0], fusion_rows(shape, base.shape[0])[1]
     divergence = fusion_divergence(host_tensor(base), host_tensor(model), shape).numpy()
-    scores = np.empty(n, dtype=np.float32)
-    bad = _importance_pass(model, base, divergence, cols, scores)
+    (q1, median, q3), bad = importance_order_statistics(base, model, divergence, cols, fusion_positions(n))
     if check_finite:
         _raise_nonfinite(bad)
-    positions = fusion_positions(n)
-    scores.partition(sorted(set(positions)))
-    q1, median, q3 = (scores[k] for k in positions)
     fence = median + np.float32(1.5) * (q3 - q1)  # float32 scalars, as the reference's 0-d tensors
-    del scores
     out = output_array(n, out_bf16)
     bad = _fusion_pass(model, base, divergence, cols, fence, out)
     if check_finite and bad.any():
