@@ -1821,35 +1821,61 @@ def _order_key(v):
     return u ^ 0x80000000 if u < 0x80000000 else u ^ 0xFFFFFFFF
 
 
+@numba.njit(cache=True, nogil=True)
+def _importance_keys(x, base, divergence, keys):
+    """The order keys of |x - base| * divergence over a piece of one row (a loop that vectorizes)."""
+    for j in range(keys.shape[0]):
+        keys[j] = _order_key(abs(_load(x, j) - _load(base, j)) * divergence)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _importance_histogram(x, base, divergence, cols, bins):
-    """Per chunk: a histogram of the top 16 bits of the importance's order keys when bins is
-    empty, else for each of `bins` a histogram of the low 16 bits of the keys in that top bin;
-    and the NaN/Inf counts of base and x (per chunk, columns 0 and 1)."""
+def _importance_top(x, base, divergence, cols):
+    """Per chunk: a histogram of the top 16 bits of the importance's order keys, and the
+    NaN/Inf counts of base and x (columns 0 and 1)."""
     n = base.shape[0]
-    nb = bins.shape[0]
-    hist = np.zeros((CHUNKS, max(nb, 1), BINS), dtype=np.int32)
+    hist = np.zeros((CHUNKS, BINS), dtype=np.int32)
     bad = np.zeros((CHUNKS, 2), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        keys = np.empty(BLOCK, dtype=np.int64)
         h = hist[c]
         s = lo
         while s < hi:
             r = s // cols
-            e = min(hi, (r + 1) * cols)
-            d = divergence[r]
+            e = min(hi, (r + 1) * cols, s + BLOCK)
             bad[c, 0] += _nonfinite_block(base[s:e])
             bad[c, 1] += _nonfinite_block(x[s:e])
-            for j in range(s, e):
-                key = _order_key(abs(_load(x, j) - _load(base, j)) * d)
-                if nb == 0:
-                    h[0, key >> 16] += 1
-                else:
-                    for i in range(nb):
-                        if (key >> 16) == bins[i]:
-                            h[i, key & 0xFFFF] += 1
+            _importance_keys(x[s:e], base[s:e], divergence[r], keys[: e - s])
+            for j in range(e - s):
+                h[keys[j] >> 16] += 1
             s = e
     return hist, bad
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _importance_low(x, base, divergence, cols, bins):
+    """Per chunk and for each of the top bins `bins`: a histogram of the low 16 bits of the
+    importance's order keys in that bin."""
+    n = base.shape[0]
+    hist = np.zeros((CHUNKS, bins.shape[0], BINS), dtype=np.int32)
+    slot = np.full(BINS, -1, dtype=np.int8)  # top bin -> its histogram, -1 for the others
+    for i in range(bins.shape[0]):
+        slot[bins[i]] = i
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        keys = np.empty(BLOCK, dtype=np.int64)
+        h = hist[c]
+        s = lo
+        while s < hi:
+            r = s // cols
+            e = min(hi, (r + 1) * cols, s + BLOCK)
+            _importance_keys(x[s:e], base[s:e], divergence[r], keys[: e - s])
+            for j in range(e - s):
+                i = slot[keys[j] >> 16]
+                if i >= 0:
+                    h[i, keys[j] & 0xFFFF] += 1
+            s = e
+    return hist
 
 
 def _key_value(key: int) -> np.float32:
@@ -1873,12 +1899,11 @@ def importance_order_statistics(
 ) -> tuple[list[np.float32], np.ndarray]:
     """The importance scores at the given ascending 0-based positions (exact: the values
     kthvalue gives), and the NaN/Inf counts of base and model per chunk."""
-    top, bad = _importance_histogram(model, base, divergence, cols, np.zeros(0, dtype=np.int64))
-    top = top.sum(0, dtype=np.int64)[0]
+    top, bad = _importance_top(model, base, divergence, cols)
+    top = top.sum(0, dtype=np.int64)
     found = [_bin_at(top, p) for p in positions]
     bins = sorted({b for b, _ in found})
-    low, _ = _importance_histogram(model, base, divergence, cols, np.array(bins, dtype=np.int64))
-    low = low.sum(0, dtype=np.int64)
+    low = _importance_low(model, base, divergence, cols, np.array(bins, dtype=np.int64)).sum(0, dtype=np.int64)
     values = []
     for p, (b, below) in zip(positions, found, strict=True):
         low_bin, _ = _bin_at(low[bins.index(b)], p - below)

@@ -1149,17 +1149,38 @@ def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
 
 
 def fusion_divergence(base: torch.Tensor, model: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """arcee_fusion's divergence of each row (float32) of raw flat inputs, block by block."""
+    """arcee_fusion's divergence of each row (float32) of raw flat inputs, block by block:
+    methods.softmax_divergence's operations, those after the softmaxes in place (the same
+    elementwise kernels, so the same bits), and the inputs widened into two reused buffers."""
     import torch
-
-    from .methods import softmax_divergence
 
     rows, cols = fusion_rows(shape, model.numel())
     divergence = torch.empty(rows, dtype=torch.float32, device=model.device)
-    for r, e in row_blocks(rows, cols):
-        b, x = to_float32(base[r * cols : e * cols]), to_float32(model[r * cols : e * cols])
-        divergence[r:e] = softmax_divergence(x.view(e - r, cols), b.view(e - r, cols)).view(-1)
+    blocks = row_blocks(rows, cols)
+    size = max((e - r) * cols for r, e in blocks) if blocks else 0
+    b32, x32 = (torch.empty(size, dtype=torch.float32, device=model.device) for _ in range(2))
+    for r, e in blocks:
+        b = widen_into(base[r * cols : e * cols], b32).view(e - r, cols)
+        x = widen_into(model[r * cols : e * cols], x32).view(e - r, cols)
+        p = torch.softmax(x, dim=-1).add_(1e-8)
+        q = torch.softmax(b, dim=-1).add_(1e-8)
+        terms = torch.div(p, q, out=q).log_().mul_(p)  # p * log(p / q)
+        torch.sum(terms, dim=-1, keepdim=True, out=divergence[r:e].view(-1, 1))
     return divergence
+
+
+def widen_into(a: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """to_float32 of a flat input, written into the front of a float32 buffer."""
+    import torch
+
+    out = buffer[: a.numel()]
+    if a.dtype in (torch.int16, torch.uint16):
+        bits = out.view(torch.int32)
+        bits.copy_(a.view(torch.int16))  # sign-extends; the shift drops the extension
+        bits.bitwise_left_shift_(16)
+    else:
+        out.copy_(a)
+    return out
 
 
 def fusion_importance(
