@@ -168,13 +168,17 @@ def _karcher_unit(x, norm, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_tangent_add(unit, mean, dot, coefficient, tangent):
-    """tangent += coefficient * (unit - dot * mean), each operation rounded to float32."""
+def _karcher_tangent_add(x, norm, mean, dot, coefficient, tangent, first):
+    """tangent = (+0.0 if first else tangent) + coefficient * (u - dot * mean), each operation
+    rounded to float32, u = x / norm as _karcher_unit computes it (read from x, half the bytes
+    of u for bf16 inputs; the first add replaces the reference's zero fill)."""
     n = tangent.shape[0]
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         for j in range(lo, hi):
-            tangent[j] = tangent[j] + coefficient * (unit[j] - dot * mean[j])
+            u = _load(x, j) / norm if norm != np.float32(0.0) else np.float32(0.0)
+            previous = np.float32(0.0) if first else tangent[j]
+            tangent[j] = previous + coefficient * (u - dot * mean[j])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -216,9 +220,11 @@ def karcher_initial(share: float, xs: tuple, norms: list[np.float32], steering: 
     return mean
 
 
-def karcher_tangent_add(unit, mean, dot: np.float32, coefficient: np.float32, tangent: np.ndarray) -> None:
-    """tangent += coefficient * (unit - dot * mean), in place."""
-    _karcher_tangent_add(unit, mean, dot, coefficient, tangent)
+def karcher_tangent_add(
+    x: np.ndarray, norm: np.float32, mean, dot: np.float32, coefficient: np.float32, tangent: np.ndarray, first: bool
+) -> None:
+    """tangent += coefficient * (x / norm - dot * mean) in place, from a zero tangent when first."""
+    _karcher_tangent_add(x, norm, mean, dot, coefficient, tangent, first)
 
 
 def karcher_turn(mean, tangent, cos_norm: np.float32, sin_norm: np.float32, tangent_norm: np.float32) -> None:

@@ -267,15 +267,18 @@ def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, 
     tangent_array = scratch("tangent", n)
     tangent = torch.from_numpy(tangent_array)
     for _ in range(max_iter):
-        tangent_array.fill(0.0)
+        first = True  # the tangent starts at zero: the first add writes 0.0 + its term
         for i in steering:
-            u = karcher_unit(xs[i], _f32(norms[i]), unit.array)
+            karcher_unit(xs[i], _f32(norms[i]), unit.array)
             dot = torch.clamp(torch.dot(mean, unit.tensor), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
             coefficient = share * (theta / torch.sin(theta))
-            karcher_tangent_add(u, mean_array, _f32(dot), _f32(coefficient), tangent_array)
+            karcher_tangent_add(xs[i], _f32(norms[i]), mean_array, _f32(dot), _f32(coefficient), tangent_array, first)
+            first = False
+        if first:  # no input added: the tangent is zero, its norm 0 < tol, where the reference stops
+            break
         tangent_norm = torch.linalg.vector_norm(tangent)
         if tangent_norm.item() < tol:
             break
