@@ -18,7 +18,7 @@ from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels, torch_engine
 from lrmerge_hub.merge.engine import SHAPED, SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
-from lrmerge_hub.merge.methods import METHODS, softmax_divergence
+from lrmerge_hub.merge.methods import METHODS, row_mean, softmax_divergence
 from lrmerge_hub.merge.torch_engine import CHUNK, FUSION_BLOCK, TORCH_METHODS, fusion_importance, host_tensor
 from tests.test_della_kernels import tied_inputs
 from tests.test_elementwise_kernels import bits, make_inputs
@@ -181,6 +181,19 @@ def test_sce_ties_in_variance_at_the_cut(shape, bf16, case):
 
 def test_sce_past_a_torch_engine_chunk():
     check_sce(1, (CHUNK + 9,), True, seed=1)
+
+
+@pytest.mark.parametrize("n", [7, 70001, 3_000_001])
+def test_sce_row_mean_is_the_row_of_the_whole_mean(n):
+    """methods.row_mean of each row alone has the bits of torch's mean of the whole (models,
+    entries) array, for 2-4 models, on sizes that torch splits across threads when it
+    reduces a single row."""
+    g = torch.Generator().manual_seed(n)
+    for m in (2, 3, 4):
+        squares = (torch.randn(m, n, generator=g) * 0.01).square()
+        whole = squares.mean(dim=1)
+        rows = torch.stack([row_mean(squares[i]) for i in range(m)])
+        assert torch.equal(rows.view(torch.int32), whole.view(torch.int32))
 
 
 def test_sce_variance_is_torchs():

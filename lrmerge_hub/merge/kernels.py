@@ -1975,8 +1975,9 @@ FAST_PATHS["arcee_fusion"] = _arcee_fusion_fast_path
 #    computes it on the CPU (Welford's update in float64, in model order, then m2 / models
 #    rounded to float32), into one float32 array; the top entries by sparsify.top_k_mask's
 #    rule (kernels' exact select: ties at the threshold in index order);
-# 2. the squares of the masked task vectors into one (models, entries) float32 array, whose
-#    row means torch takes as the reference does (methods.sce_shares);
+# 2. the squares of the masked task vectors, one model at a time, into one float32 row whose
+#    mean torch takes as it takes that row of the reference's (models, entries) array
+#    (methods.row_mean; a single model's row as the reference's, whole);
 # 3. one pass: mask, the float64 vote, agree, the share-weighted disjoint mean (both sums
 #    from +0.0 in model order, as torch sums up to methods.SUMMED_MODELS_MAX stacked models),
 #    the clamp, base + merged, and the retention counts.
@@ -2139,7 +2140,7 @@ def fused_sce(
     for fused_ties."""
     import torch
 
-    from .methods import sce_shares
+    from .methods import energy_shares, row_mean
 
     m, n = len(tensors), base.shape[0]
     xs = tuple(tensors)
@@ -2148,12 +2149,22 @@ def fused_sce(
     if select_topk < 1:
         _sce_variance(xs, base, var)
         t, limit = sce_selection(var, select_topk)  # NaN/Inf inputs are refused below
-    squares = torch.empty((m, n), dtype=torch.float32)  # torch's allocation, as the reference's
-    bad = _sce_squares(xs, base, var, t, limit, squares.numpy())
+    if m == 1:  # torch splits a single row's mean across threads: reduce it as the reference does
+        squares = torch.empty((1, n), dtype=torch.float32)  # torch's allocation, as the reference's
+        bad = _sce_squares(xs, base, var, t, limit, squares.numpy())
+        energy = squares.mean(dim=1)
+    else:  # one model's squares at a time: row_mean gives each row's bits of the (m, n) array
+        square = torch.empty((1, n), dtype=torch.float32)
+        energy = torch.empty(m, dtype=torch.float32)
+        bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
+        for i in range(m):
+            counts = _sce_squares((xs[i],), base, var, t, limit, square.numpy())
+            bad[:, 0], bad[:, i + 1] = counts[:, 0], counts[:, 1]
+            energy[i] = row_mean(square[0])
+        del square
     if check_finite:
         _raise_nonfinite(bad)
-    shares = sce_shares(squares).numpy()
-    del squares
+    shares = energy_shares(energy).numpy()
     out = output_array(n, out_bf16)
     votes = np.array([1.0 + s for s in slacks], dtype=np.float64)
     stats = _sce_merge(xs, base, var, t, limit, votes, shares, out).sum(0)

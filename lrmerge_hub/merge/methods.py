@@ -653,12 +653,24 @@ def breadcrumbs_ties(base, tensors, model_params, params):
 def sce_shares(squares: torch.Tensor) -> torch.Tensor:
     """SCE's weight of each model: its task vector's mean square (row i of the (models,
     entries) float32 `squares`, by torch's mean) over the sum of those, equal shares when that
-    sum is about 0. The fast paths call it on the same array, so the means have the same bits."""
+    sum is about 0."""
+    return energy_shares(squares.mean(dim=1))
+
+
+def energy_shares(energy: torch.Tensor) -> torch.Tensor:
+    """sce_shares from the models' mean squares (float32, one per model)."""
     import torch
 
-    energy = squares.mean(dim=1)
     total = float(energy.sum())
-    return torch.full_like(energy, 1.0 / squares.shape[0]) if abs(total) < 1e-6 else energy / total
+    return torch.full_like(energy, 1.0 / energy.shape[0]) if abs(total) < 1e-6 else energy / total
+
+
+def row_mean(row: torch.Tensor) -> torch.Tensor:
+    """torch's mean of one row of a float32 (rows, entries) array of two rows or more, from that
+    row alone (0-d). With two outputs or more, torch's CPU reduction splits over the outputs,
+    each row summed whole by one thread, so a row viewed twice (no copy) reduces to the bits of
+    its row in the whole array; a single row would be split across threads."""
+    return row.view(1, -1).expand(2, -1).mean(dim=1)[0]
 
 
 @merge_method(
