@@ -202,8 +202,9 @@ def test_sce_variance_is_torchs():
     g = torch.Generator().manual_seed(9)
     for m in (2, 3, 4):
         tv = torch.randn(m, 200_000, generator=g) * 0.01 + torch.randn(200_000, generator=g)
-        var = np.empty(200_000, dtype=np.float32)
-        kernels._sce_variance(tuple(t.numpy() for t in tv), np.zeros(200_000, dtype=np.float32), var)
+        n = 200_000
+        var, mean, m2 = np.empty(n, dtype=np.float32), np.empty(n), np.empty(n)
+        kernels._variance_block(tuple(t.numpy() for t in tv), np.zeros(n, dtype=np.float32), 0, n, mean, m2, var)
         assert np.array_equal(var.view(np.int32), torch.var(tv, dim=0, unbiased=False).numpy().view(np.int32))
 
 

@@ -1973,8 +1973,9 @@ FAST_PATHS["arcee_fusion"] = _arcee_fusion_fast_path
 # methods.sce stacks the task vectors and makes about ten whole copies of the stack. Here:
 # 1. (with select_topk < 1) each entry's population variance across the models, as torch.var
 #    computes it on the CPU (Welford's update in float64, in model order, then m2 / models
-#    rounded to float32), into one float32 array; the top entries by sparsify.top_k_mask's
-#    rule (kernels' exact select: ties at the threshold in index order);
+#    rounded to float32), recomputed a block at a time in every pass rather than stored; the
+#    top entries by sparsify.top_k_mask's rule (an exact radix select on the variances' bits:
+#    ties at the threshold in index order);
 # 2. the squares of the masked task vectors, one model at a time, into one float32 row whose
 #    mean torch takes as it takes that row of the reference's (models, entries) array
 #    (methods.row_mean; a single model's row as the reference's, whole);
@@ -1994,66 +1995,113 @@ def _welford_block(x, base, mean, m2, count):
         m2[j] = m2[j] + d * (v - mean[j])
 
 
+@numba.njit(cache=True, nogil=True)
+def _variance_block(xs, base, s, e, mean, m2, var):
+    """var[: e - s] = the population variance across the models of entries [s, e): torch.var's
+    Welford update in float64, in model order, then m2 / models rounded to float32."""
+    size = e - s
+    mean[:size] = 0.0
+    m2[:size] = 0.0
+    for i in range(len(xs)):
+        _welford_block(xs[i][s:e], base[s:e], mean[:size], m2[:size], i + 1)
+    for j in range(size):
+        var[j] = np.float32(m2[j] / np.float64(len(xs)))
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _sce_variance(xs, base, var):
-    """var = the population variance across the models of every entry's task vectors."""
-    m, n = len(xs), base.shape[0]
+def _variance_histogram(xs, base, high_bin):
+    """A histogram of 16 bits of every entry's variance (float32 bits, sign dropped): of the
+    top 16 when high_bin is -1, else of the low 16 among the entries whose top 16 bits equal
+    high_bin; and how many variances are not zero."""
+    n = base.shape[0]
+    local = np.zeros((CHUNKS, BINS), dtype=np.int32)
+    nonzero = np.zeros(CHUNKS, dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
         mean = np.empty(BLOCK, dtype=np.float64)
         m2 = np.empty(BLOCK, dtype=np.float64)
+        var = np.empty(BLOCK, dtype=np.float32)
+        h = local[c]
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
-            mean[:] = 0.0
-            m2[:] = 0.0
-            for i in range(m):
-                _welford_block(xs[i][s:e], base[s:e], mean[: e - s], m2[: e - s], i + 1)
+            _variance_block(xs, base, s, e, mean, m2, var)
             for j in range(e - s):
-                var[s + j] = np.float32(m2[j] / np.float64(m))
-
-
-@numba.njit(inline="always")
-def _sce_keep(var, j, t, limit):
-    """1.0 where entry j is among the selected variances (above t, or at t below the limit),
-    else 0.0; 1.0 everywhere when there is no selection (var empty)."""
-    if var.shape[0] == 0:
-        return np.float32(1.0)
-    v = var[j]
-    return np.float32(1.0) if (v > t) | ((v == t) & (j < limit)) else np.float32(0.0)
+                nonzero[c] += var[j] != np.float32(0.0)
+                u = _float_bits(var[j]) & 0x7FFFFFFF
+                if high_bin < 0:
+                    h[u >> 16] += 1
+                elif (u >> 16) == high_bin:
+                    h[u & 0xFFFF] += 1
+    return _sum_chunks(local), nonzero.sum()
 
 
 @numba.njit(cache=True, nogil=True)
-def _square_block(x, base, var, t, limit, s, sq):
+def _variance_tie_limit(xs, base, t, room):
+    """The index just after the room-th entry whose variance bits equal t."""
+    n = base.shape[0]
+    mean = np.empty(BLOCK, dtype=np.float64)
+    m2 = np.empty(BLOCK, dtype=np.float64)
+    var = np.empty(BLOCK, dtype=np.float32)
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        _variance_block(xs, base, s, e, mean, m2, var)
+        for j in range(e - s):
+            if (_float_bits(var[j]) & 0x7FFFFFFF) == t:
+                room -= 1
+                if room == 0:
+                    return s + j + 1
+    return n
+
+
+@numba.njit(inline="always")
+def _sce_keep(var, j, s, t, limit, select):
+    """1.0 where entry s + j (var[j] its variance) is among the selected variances (above t,
+    or at t below the limit), else 0.0; 1.0 everywhere without a selection."""
+    if not select:
+        return np.float32(1.0)
+    v = var[j]
+    return np.float32(1.0) if (v > t) | ((v == t) & (s + j < limit)) else np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _square_block(x, base, var, t, limit, s, select, sq):
     """sq = (delta * mask) ** 2 over a block starting at s; returns x's NaN/Inf count."""
     nonfinite = np.int32(0)
     for j in range(sq.shape[0]):
         v = _load(x, j)
         nonfinite = np.int32(nonfinite + _is_nonfinite(v))
-        d = (v - _load(base, j)) * _sce_keep(var, s + j, t, limit)
+        d = (v - _load(base, j)) * _sce_keep(var, j, s, t, limit, select)
         sq[j] = d * d
     return nonfinite
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _sce_squares(xs, base, var, t, limit, sq):
-    """sq[i] = model i's masked task vector squared; NaN/Inf of the inputs per chunk (base first)."""
+def _sce_squares(xs, which, base, t, limit, select, sq):
+    """sq[r] = model which[r]'s masked task vector squared; NaN/Inf of the inputs per chunk
+    (base first, then each model; those not in which stay 0)."""
     m, n = len(xs), base.shape[0]
     bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
+        mean = np.empty(BLOCK, dtype=np.float64)
+        m2 = np.empty(BLOCK, dtype=np.float64)
+        var = np.empty(BLOCK, dtype=np.float32)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
+            if select:
+                _variance_block(xs, base, s, e, mean, m2, var)
             bad[c, 0] += _nonfinite_block(base[s:e])
-            for i in range(m):
-                bad[c, i + 1] += _square_block(xs[i][s:e], base[s:e], var, t, limit, s, sq[i, s:e])
+            for r in range(which.shape[0]):
+                i = which[r]
+                bad[c, i + 1] += _square_block(xs[i][s:e], base[s:e], var, t, limit, s, select, sq[r, s:e])
     return bad
 
 
 @numba.njit(cache=True, nogil=True)
-def _vote_block(x, base, var, t, limit, s, vote, row, total, first):
+def _vote_block(x, base, var, t, limit, s, select, vote, row, total, first):
     """row = the masked task vector; total (=, unless first: +=) row * vote in float64."""
     for j in range(row.shape[0]):
-        d = (_load(x, j) - _load(base, j)) * _sce_keep(var, s + j, t, limit)
+        d = (_load(x, j) - _load(base, j)) * _sce_keep(var, j, s, t, limit, select)
         row[j] = d
         total[j] = (0.0 if first else total[j]) + np.float64(d) * vote
 
@@ -2088,7 +2136,7 @@ def _sce_write_block(base, num, den, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _sce_merge(xs, base, var, t, limit, votes, shares, out):
+def _sce_merge(xs, base, t, limit, select, votes, shares, out):
     """SCE's election and share-weighted disjoint mean: per chunk, NaN/Inf outputs (column 0)
     and each model's kept and agreed entries (columns 1 + 2i, 2 + 2i)."""
     m, n = len(xs), base.shape[0]
@@ -2099,12 +2147,19 @@ def _sce_merge(xs, base, var, t, limit, votes, shares, out):
         total = np.empty(BLOCK, dtype=np.float64)
         num = np.empty(BLOCK, dtype=np.float32)
         den = np.empty(BLOCK, dtype=np.float32)
+        mean = np.empty(BLOCK, dtype=np.float64)
+        m2 = np.empty(BLOCK, dtype=np.float64)
+        var = np.empty(BLOCK, dtype=np.float32)
         counts = np.zeros(2, dtype=np.int64)
         for s in range(lo, hi, BLOCK):
             e = min(s + BLOCK, hi)
             size = e - s
+            if select:
+                _variance_block(xs, base, s, e, mean, m2, var)
             for i in range(m):
-                _vote_block(xs[i][s:e], base[s:e], var, t, limit, s, votes[i], rows[i, :size], total[:size], i == 0)
+                _vote_block(
+                    xs[i][s:e], base[s:e], var, t, limit, s, select, votes[i], rows[i, :size], total[:size], i == 0
+                )
             for i in range(m):
                 counts[:] = 0
                 _erase_block(rows[i, :size], total[:size], shares[i], num[:size], den[:size], i == 0, counts)
@@ -2114,17 +2169,24 @@ def _sce_merge(xs, base, var, t, limit, votes, shares, out):
     return stats
 
 
-def sce_selection(var: np.ndarray, fraction: float) -> tuple[np.float32, int]:
-    """(threshold, tie index limit) of sparsify.variance_top's mask of the float32 variances:
-    entry j is kept where var[j] > threshold, or == threshold and j < limit."""
-    n = var.shape[0]
-    k = int(int(np.count_nonzero(var)) * fraction)
+def sce_selection(xs: tuple, base: np.ndarray, fraction: float) -> tuple[np.float32, int]:
+    """(threshold, tie index limit) of sparsify.variance_top's mask of the float32 variances
+    across the models: entry j is kept where its variance > threshold, or == threshold and
+    j < limit. An exact radix select that recomputes the variances on every pass."""
+    n = base.shape[0]
+    top, nonzero = _variance_histogram(xs, base, -1)
+    k = int(int(nonzero) * fraction)
     if k <= 0:
         return np.float32(np.inf), 0  # none: every variance is finite
     if k >= n:
         return np.float32(-1.0), 0  # all: a variance is >= 0
-    t, limit = top_k_threshold(var, k)
-    return np.float32(t), limit
+    high_bin, above = _top_bin(top, k)
+    low, _ = _variance_histogram(xs, base, high_bin)
+    low_bin, above_low = _top_bin(low, k - above)
+    t = (high_bin << 16) | low_bin
+    room = k - above - above_low
+    limit = n if int(low[low_bin]) <= room else int(_variance_tie_limit(xs, base, t, room))
+    return np.float32(_magnitudes(t)), limit
 
 
 def fused_sce(
@@ -2144,22 +2206,21 @@ def fused_sce(
 
     m, n = len(tensors), base.shape[0]
     xs = tuple(tensors)
-    var = np.empty(n if select_topk < 1 else 0, dtype=np.float32)  # empty: every entry is kept
+    select = select_topk < 1  # else every entry is kept
     t, limit = np.float32(-1.0), 0
-    if select_topk < 1:
-        _sce_variance(xs, base, var)
-        t, limit = sce_selection(var, select_topk)  # NaN/Inf inputs are refused below
+    if select:
+        t, limit = sce_selection(xs, base, select_topk)  # NaN/Inf inputs are refused below
     if m == 1:  # torch splits a single row's mean across threads: reduce it as the reference does
         squares = torch.empty((1, n), dtype=torch.float32)  # torch's allocation, as the reference's
-        bad = _sce_squares(xs, base, var, t, limit, squares.numpy())
+        bad = _sce_squares(xs, np.zeros(1, dtype=np.int64), base, t, limit, select, squares.numpy())
         energy = squares.mean(dim=1)
     else:  # one model's squares at a time: row_mean gives each row's bits of the (m, n) array
         square = torch.empty((1, n), dtype=torch.float32)
         energy = torch.empty(m, dtype=torch.float32)
         bad = np.zeros((CHUNKS, m + 1), dtype=np.int64)
         for i in range(m):
-            counts = _sce_squares((xs[i],), base, var, t, limit, square.numpy())
-            bad[:, 0], bad[:, i + 1] = counts[:, 0], counts[:, 1]
+            counts = _sce_squares(xs, np.array([i], dtype=np.int64), base, t, limit, select, square.numpy())
+            bad[:, 0], bad[:, i + 1] = counts[:, 0], counts[:, i + 1]
             energy[i] = row_mean(square[0])
         del square
     if check_finite:
@@ -2167,7 +2228,7 @@ def fused_sce(
     shares = energy_shares(energy).numpy()
     out = output_array(n, out_bf16)
     votes = np.array([1.0 + s for s in slacks], dtype=np.float64)
-    stats = _sce_merge(xs, base, var, t, limit, votes, shares, out).sum(0)
+    stats = _sce_merge(xs, base, t, limit, select, votes, shares, out).sum(0)
     if check_finite and stats[0]:
         raise NonFiniteOutput(int(stats[0]))
     return out, stats[1::2].tolist(), stats[2::2].tolist()
