@@ -18,7 +18,7 @@ from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels
 from lrmerge_hub.merge.engine import SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput, NonFiniteOutput
-from lrmerge_hub.merge.methods import METHODS, _ram_terms, _layer_swap_shares
+from lrmerge_hub.merge.methods import METHODS, _layer_swap_shares, _ram_terms, ramplus_gains
 from lrmerge_hub.merge.torch_engine import CHUNK, TORCH_METHODS, host_tensor
 from tests.test_elementwise_kernels import bits
 
@@ -159,15 +159,37 @@ def test_ramplus_counts_what_the_reference_counts(monkeypatch):
     want = ((changed & overlap).sum(dim=1).tolist(), (changed & unique).sum(dim=1).tolist())
     assert all(want[0]) and all(want[1])
     seen = []
-    real = kernels._ramplus_gains
+    real = kernels.ramplus_gains_float32
 
-    def spy(p):
-        gain = real(p)
-        return lambda shared, unique: seen.append((shared, unique)) or gain(shared, unique)
+    def spy(shared, unique, params):
+        seen.append((shared, unique))
+        return real(shared, unique, params)
 
-    monkeypatch.setattr(kernels, "_ramplus_gains", spy)
+    monkeypatch.setattr(kernels, "ramplus_gains_float32", spy)
     fast("ramplus_tl", base, xs, [{}] * models, params, True)
     assert seen == [want]
+
+
+def test_ramplus_gains_in_numpy_are_the_references_bits():
+    """ramplus_gains_float32 (numpy) against methods.ramplus_gains (torch) on random counts up
+    to 10^10 (past float32's exact integers), no unique entry, and parameters of 0, subnormal,
+    ordinary and near float32's largest; beyond float32's range the reference itself runs."""
+    rng = np.random.default_rng(0)
+
+    def number() -> float:
+        return [0.0, 1e-45, 0.1, 0.2, float(rng.random()), float(10 ** rng.uniform(-45, 38.5))][rng.integers(0, 6)]
+
+    for trial in range(3000):
+        models, scale = int(rng.integers(1, 5)), 10 ** int(rng.integers(0, 11))
+        shared, unique = rng.integers(0, scale + 1, models).tolist(), rng.integers(0, scale + 1, models).tolist()
+        if trial % 7 == 0:
+            unique = [0] * models
+        params = {"r": number(), "alpha": number(), "epsilon": number()}
+        want = ramplus_gains(torch.tensor(shared), torch.tensor(unique), params).numpy()
+        got = kernels.ramplus_gains_float32(shared, unique, params)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), want.view(np.int32)), params
+    with pytest.raises(RuntimeError):  # torch refuses a cap it cannot hold: so does the fast path
+        kernels.ramplus_gains_float32([1], [2], {"r": 0.1, "alpha": 1e39, "epsilon": 1e-5})
 
 
 LAYER_SWAP_SHARES = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1 / 3, 1 - 1 / 3), (0.75, 0.25)]

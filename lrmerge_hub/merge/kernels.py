@@ -1257,7 +1257,7 @@ def top_k_threshold(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
 # methods.SUMMED_MODELS_MAX models); base + that. epsilon is compared as a float32, as torch
 # compares a float32 tensor with a Python float. RAM+ first counts each model's changed
 # entries that another model changed too (shared) or that none did (unique) in a pass of its
-# own; its gains come from methods.ramplus_gains (torch) so that their bits are the reference's.
+# own; its gains are methods.ramplus_gains's bits, computed in numpy float32 (ramplus_gains_float32).
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1360,7 +1360,7 @@ def fused_ram(
     base: np.ndarray,
     tensors: list[np.ndarray],
     epsilon: float,
-    gain: Callable[[list[int], list[int]], list[float]] | None = None,
+    gain: Callable[[list[int], list[int]], np.ndarray] | None = None,
     out_bf16: bool = False,
     check_finite: bool = False,
 ) -> np.ndarray:
@@ -1384,21 +1384,30 @@ def fused_ram(
     return out
 
 
-def _ramplus_gains(params: dict[str, Any]) -> Callable[[list[int], list[int]], list[float]]:
-    """The reference's gains (methods.ramplus_gains, in torch) from the counts."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-    def gain(shared: list[int], unique: list[int]) -> list[float]:
+
+def ramplus_gains_float32(shared: list[int], unique: list[int], params: dict[str, Any]) -> np.ndarray:
+    """methods.ramplus_gains in numpy float32, the same bits (torch's promotions: the int64
+    counts and the parameters rounded to float32, every operation in float32), so that the
+    kernels need not import torch. Parameters beyond float32's range go to the reference
+    (torch refuses some of them)."""
+    r, alpha, eps = (float(params[k]) for k in ("r", "alpha", "epsilon"))
+    if max(abs(r), abs(alpha), abs(eps)) > FLOAT32_MAX:
         import torch
 
         from .methods import ramplus_gains
 
-        return ramplus_gains(torch.tensor(shared), torch.tensor(unique), params).tolist()
-
-    return gain
+        return ramplus_gains(torch.tensor(shared), torch.tensor(unique), params).numpy()
+    with np.errstate(all="ignore"):  # 0 / 0, x / 0 and overflows give NaN and Inf, as in torch
+        floor = np.maximum(np.array(unique, dtype=np.int64).astype(np.float32), np.float32(eps))
+        rho = np.array(shared, dtype=np.int64).astype(np.float32) / floor
+        rho = np.minimum(np.maximum(rho, np.float32(0.0)), np.float32(alpha))
+        return np.float32(1.0) + np.float32(r) * rho
 
 
 def _ram_fast_path(base, tensors, model_params, params, out_bf16=False, check_finite=False, *, plus):
-    gain = _ramplus_gains(params) if plus else None
+    gain = partial(ramplus_gains_float32, params=params) if plus else None
     return fused_ram(base, tensors, float(params["epsilon"]), gain, out_bf16, check_finite), None, None
 
 
