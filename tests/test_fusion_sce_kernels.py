@@ -18,7 +18,7 @@ from tests.kernel_support import assert_same_outputs, merge_both_ways
 from lrmerge_hub.merge import kernels, torch_engine
 from lrmerge_hub.merge.engine import SHAPED, SUMMED_MODELS_MAX, covered
 from lrmerge_hub.merge.kernels import FAST_PATHS, NonFiniteInput
-from lrmerge_hub.merge.methods import METHODS, row_mean, softmax_divergence
+from lrmerge_hub.merge.methods import METHODS, row_mean, softmax_divergence, two_rows
 from lrmerge_hub.merge.torch_engine import CHUNK, FUSION_BLOCK, TORCH_METHODS, fusion_importance, host_tensor
 from tests.test_della_kernels import tied_inputs
 from tests.test_elementwise_kernels import bits, make_inputs
@@ -184,16 +184,24 @@ def test_sce_past_a_torch_engine_chunk():
 
 
 @pytest.mark.parametrize("n", [7, 70001, 3_000_001])
-def test_sce_row_mean_is_the_row_of_the_whole_mean(n):
-    """methods.row_mean of each row alone has the bits of torch's mean of the whole (models,
-    entries) array, for 2-4 models, on sizes that torch splits across threads when it
-    reduces a single row."""
+def test_two_rows_reduce_to_the_rows_of_the_whole_array(n):
+    """torch's mean, sum and vector_norm over the last dim of methods.two_rows (sce's
+    row_mean; multislerp's norms and dot products) have, for each row alone, the bits of
+    that row's in the whole (models, entries) float32 array, for 2-4 models, on sizes that
+    torch splits across threads when it reduces a single row."""
     g = torch.Generator().manual_seed(n)
+    reductions = [
+        lambda a: a.mean(dim=-1),
+        lambda a: a.sum(-1),
+        lambda a: torch.linalg.vector_norm(a, dim=-1),
+    ]
     for m in (2, 3, 4):
-        squares = (torch.randn(m, n, generator=g) * 0.01).square()
-        whole = squares.mean(dim=1)
-        rows = torch.stack([row_mean(squares[i]) for i in range(m)])
-        assert torch.equal(rows.view(torch.int32), whole.view(torch.int32))
+        values = torch.randn(m, n, generator=g) * 0.01
+        for reduce in reductions:
+            whole = reduce(values)
+            rows = torch.stack([reduce(two_rows(values[i]))[0] for i in range(m)])
+            assert torch.equal(rows.view(torch.int32), whole.view(torch.int32))
+        assert torch.equal(row_mean(values[1]).view(torch.int32), values.mean(dim=1)[1].view(torch.int32))
 
 
 def test_sce_variance_is_torchs():

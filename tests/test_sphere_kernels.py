@@ -103,7 +103,7 @@ def test_kernels_and_torch_engine_equal_the_reference_bit_for_bit(shape, bf16, c
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("case", [0, 4, 8, 11])
+@pytest.mark.parametrize("case", [0, 4, 7, 8, 11])
 def test_more_than_a_torch_engine_chunk(bf16, case):
     method, model_params, params, with_base = CASES[case]
     n = CHUNK + 3

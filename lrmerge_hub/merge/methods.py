@@ -665,12 +665,19 @@ def energy_shares(energy: torch.Tensor) -> torch.Tensor:
     return torch.full_like(energy, 1.0 / energy.shape[0]) if abs(total) < 1e-6 else energy / total
 
 
+def two_rows(row: torch.Tensor) -> torch.Tensor:
+    """A flat float32 tensor viewed as two equal rows (no copy). With two outputs or more,
+    torch's CPU reductions over the last dim (sum, mean, vector_norm) split over the outputs,
+    each row reduced whole by one thread, so reducing this view gives in either row the bits
+    of that row's reduction in a whole (rows, entries) array of two rows or more; a single
+    row would be split across threads."""
+    return row.view(1, -1).expand(2, -1)
+
+
 def row_mean(row: torch.Tensor) -> torch.Tensor:
-    """torch's mean of one row of a float32 (rows, entries) array of two rows or more, from that
-    row alone (0-d). With two outputs or more, torch's CPU reduction splits over the outputs,
-    each row summed whole by one thread, so a row viewed twice (no copy) reduces to the bits of
-    its row in the whole array; a single row would be split across threads."""
-    return row.view(1, -1).expand(2, -1).mean(dim=1)[0]
+    """torch's mean of one row of a float32 (rows, entries) array of two rows or more, from
+    that row alone (0-d): see two_rows."""
+    return two_rows(row).mean(dim=1)[0]
 
 
 @merge_method(

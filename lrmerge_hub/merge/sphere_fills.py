@@ -116,14 +116,13 @@ def _multislerp_mean(xs, base, deltas, denom, w, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_products(xs, base, deltas, denom, mean, out):
-    """out[i] = (v_i / denom_i) * mean, (models, n)."""
-    m, n = len(xs), mean.shape[0]
+def _multislerp_product(x, base, deltas, denom, mean, out):
+    """out = (v / denom) * mean, v = x [- base]: one model's row of the reference's products."""
+    n = mean.shape[0]
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for i in range(m):
-            for j in range(lo, hi):
-                out[i, j] = (_signal(xs[i], base, deltas, j) / denom[i]) * mean[j]
+        for j in range(lo, hi):
+            out[j] = (_signal(x, base, deltas, j) / denom) * mean[j]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -145,9 +144,9 @@ def multislerp_mean(xs: tuple, base, denom: np.ndarray, w: np.ndarray, out: np.n
     return out
 
 
-def multislerp_products(xs: tuple, base, denom: np.ndarray, mean: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """_multislerp_products into out (models, n); returns out."""
-    _multislerp_products(xs, base if base is not None else xs[0], base is not None, denom, mean, out)
+def multislerp_product(x, base, denom: np.float32, mean: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """_multislerp_product of one model into out (n); returns out."""
+    _multislerp_product(x, base if base is not None else x, base is not None, denom, mean, out)
     return out
 
 

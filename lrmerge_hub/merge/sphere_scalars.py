@@ -190,49 +190,80 @@ def multislerp_terms(
     tensors: list, base: Any, weights: list[float], normalize: bool, eps: float
 ) -> MultislerpTerms | None:
     """geometric.multislerp's terms of two or more inputs (their deltas with a base): its
-    reductions by torch on the fills of sphere_fills (multislerp_mean, _products, _step), or
-    with more than methods.SUMMED_MODELS_MAX models (whose stacked sums are not in model
-    order) the reference's own torch operations, in place on the stacked deltas; None where
+    reductions by torch on the fills of sphere_fills (_multislerp_by_rows), or with more than
+    methods.SUMMED_MODELS_MAX models (whose stacked sums are not in model order) the
+    reference's own torch operations, in place on the stacked deltas; None where
     the reference takes another branch (the weighted directions cancel out, or with a base
     no model changed the tensor): the caller runs the reference there."""
     import torch
 
     from .methods import SUMMED_MODELS_MAX
-    from .sphere_fills import multislerp_mean, multislerp_products, multislerp_step, scratch
 
     base, *listed = raw_arrays([base, *tensors])
-    xs, n = tuple(listed), listed[0].shape[0]
-    stack = _stack(xs, base)
-    stacked = torch.from_numpy(stack)
-    if base is not None and not bool(stacked.any()):
-        return None
+    xs = tuple(listed)
     w = torch.tensor(weights, dtype=torch.float32)
     if normalize:
         w = w / w.sum()
+    if len(xs) <= SUMMED_MODELS_MAX:
+        return _multislerp_by_rows(xs, base, w, eps)
+    stacked = torch.from_numpy(_stack(xs, base))
+    if base is not None and not bool(stacked.any()):
+        return None
     norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
-    if len(xs) > SUMMED_MODELS_MAX:
-        column = w.view(-1, 1)
-        units = stacked.div_(norms + eps)
-        work = torch.mul(units, column)
-        mean = work.sum(0)
-        mean_norm = torch.linalg.vector_norm(mean)
-        if mean_norm < eps:
-            return None
-        mean.div_(mean_norm)
-        dots = torch.mul(units, mean, out=work).sum(-1, keepdim=True)
-        tangents = units.sub_(torch.mul(dots, mean, out=work))
-        step = torch.mul(tangents, column, out=work).sum(0)
-    else:
-        denom = (norms + eps).reshape(-1).numpy()
-        mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
-        mean_norm = torch.linalg.vector_norm(mean)
-        if mean_norm < eps:
-            return None
-        mean.div_(mean_norm)
-        dots = torch.from_numpy(multislerp_products(xs, base, denom, mean.numpy(), stack)).sum(-1)
-        step = torch.from_numpy(
-            multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n))
-        )
+    column = w.view(-1, 1)
+    units = stacked.div_(norms + eps)
+    work = torch.mul(units, column)
+    mean = work.sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        return None
+    mean.div_(mean_norm)
+    dots = torch.mul(units, mean, out=work).sum(-1, keepdim=True)
+    tangents = units.sub_(torch.mul(dots, mean, out=work))
+    step = torch.mul(tangents, column, out=work).sum(0)
+    return _multislerp_end(mean, step, norms, w, eps)
+
+
+def _multislerp_by_rows(xs: tuple, base: Any, w: torch.Tensor, eps: float) -> MultislerpTerms | None:
+    """multislerp_terms of up to methods.SUMMED_MODELS_MAX models: the norms and the dot
+    products with the mean are reductions of the reference's (models, n) arrays row by row,
+    one row at a time in one scratch array (methods.two_rows gives each row's bits)."""
+    import torch
+
+    from .methods import two_rows
+    from .sphere_fills import multislerp_mean, multislerp_product, multislerp_step, scratch
+
+    n = xs[0].shape[0]
+    row = Scratch(n, "stack")
+    norm_rows, changed = [], base is None
+    for x in xs:
+        delta = row.signal(x, base)
+        changed = changed or bool(delta.any())
+        norm_rows.append(torch.linalg.vector_norm(two_rows(delta), dim=-1)[0])
+    if not changed:  # a base no model changed: the reference returns it
+        return None
+    norms = torch.stack(norm_rows).view(-1, 1)
+    denom = (norms + eps).reshape(-1).numpy()
+    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        return None
+    mean.div_(mean_norm)
+    dot_rows = []
+    for x, d in zip(xs, denom, strict=True):
+        multislerp_product(x, base, d, mean.numpy(), row.array)
+        dot_rows.append(two_rows(row.tensor).sum(-1)[0])
+    dots = torch.stack(dot_rows)
+    step = torch.from_numpy(multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n)))
+    return _multislerp_end(mean, step, norms, w, eps)
+
+
+def _multislerp_end(
+    mean: torch.Tensor, step: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, eps: float
+) -> MultislerpTerms:
+    """The terms from the unit mean direction, the step, the inputs' norms and the weights."""
+    import torch
+
     step_norm = torch.linalg.vector_norm(step) + eps
     scale = (norms.squeeze(-1) * w).sum()
     return MultislerpTerms(mean, step, torch.cos(step_norm), torch.sin(step_norm) / step_norm, scale)
