@@ -72,6 +72,7 @@ from .kernel_base import (
     as_float32,
 )
 from .l1 import EXPONENTS, l1_ratio
+from .sphere_fills import _multislerp_step_block, _multislerp_unit_block
 from .trim import outlier_ranks, rank_layout, trim_count
 
 BINS = 1 << 16
@@ -1760,10 +1761,53 @@ def _multislerp_fast_path(base, tensors, model_params, params, out_bf16=False, c
     if terms is None:
         shape = (tensors[0].shape[0],)
         return _reference_sphere("multislerp", base, tensors, model_params, params, shape, out_bf16, check_finite)
-    mean, step = terms.mean.numpy(), terms.step.numpy()
-    out, bad = two_point(mean, step, base, False, has_base, terms.cs, terms.k, MULTIPLY, terms.scale, out_bf16)
-    _check_sphere(np.zeros(0), bad.sum(0)[3], has_base, check_finite)  # the inputs were checked
+    if terms.mean is not None:  # more models than the kernels sum in model order: the arrays
+        mean, step = terms.mean.numpy(), terms.step.numpy()
+        out, bad = two_point(mean, step, base, False, has_base, terms.cs, terms.k, MULTIPLY, terms.scale, out_bf16)
+        _check_sphere(np.zeros(0), bad.sum(0)[3], has_base, check_finite)  # the inputs were checked
+        return out, None, None
+    out = output_array(tensors[0].shape[0], out_bf16)
+    raw_base = terms.base if has_base else terms.xs[0]
+    scalars = (_f32(terms.cs), _f32(terms.k), _f32(terms.scale))
+    bad = _multislerp_combine(
+        terms.xs, raw_base, has_base, terms.denom, terms.dots, terms.w, terms.mean_norm, *scalars, out
+    )
+    _check_sphere(np.zeros(0), int(bad.sum()), has_base, check_finite)  # the inputs were checked
     return out, None, None
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _multislerp_combine(xs, base, has_base, denom, dots, w, mean_norm, cs, k, scale, out):
+    """[base +] ((cs * mean + k * step) * scale) at every entry, the unit mean and the step
+    recomputed from the raw inputs a block at a time (sphere_fills, the reference's float32
+    order); NaN/Inf outputs per chunk."""
+    m, n = len(xs), out.shape[0]
+    bad = np.zeros(CHUNKS, dtype=np.int64)
+    for c in numba.prange(CHUNKS):
+        lo, hi = _chunk_bounds(n, CHUNKS, c)
+        units = np.empty((m, BLOCK), dtype=np.float32)
+        mean = np.empty(BLOCK, dtype=np.float32)
+        step = np.empty(BLOCK, dtype=np.float32)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            size = e - s
+            _multislerp_unit_block(xs, base, has_base, denom, w, mean_norm, s, e, units, mean)
+            _multislerp_step_block(units, dots, w, mean, size, step)
+            bad[c] += _multislerp_store_block(base[s:e], has_base, mean, step, cs, k, scale, out[s:e])
+    return bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _multislerp_store_block(base, has_base, mean, step, cs, k, scale, out):
+    """out = [base +] ((cs * mean + k * step) * scale); returns the NaN/Inf stored."""
+    nonfinite = np.int32(0)
+    for j in range(out.shape[0]):
+        r = (cs * mean[j] + k * step[j]) * scale
+        if has_base:
+            r = _load(base, j) + r
+        _store(out, j, r)
+        nonfinite = np.int32(nonfinite + _is_nonfinite(_load(out, j)))
+    return nonfinite
 
 
 FAST_PATHS.update(

@@ -12,7 +12,7 @@ import threading
 import numba
 import numpy as np
 
-from .kernel_base import CHUNKS, _chunk_bounds, _load, _next_vector
+from .kernel_base import BLOCK, CHUNKS, _chunk_bounds, _load, _next_vector
 
 
 @numba.njit(inline="always")
@@ -102,57 +102,77 @@ def fill_product(x0, x1, base, norms, stride: int, count: int, out: np.ndarray) 
 # recomputed from the raw input rather than stored.
 
 
+@numba.njit(cache=True, nogil=True)
+def _multislerp_unit_block(xs, base, deltas, denom, w, mean_norm, s, e, units, mean):
+    """Over entries [s, e): units[i] = v_i / denom_i (v = x [- base]) and mean = (+0.0 +
+    units_0 * w_0) + units_1 * w_1 ..., divided by mean_norm unless it is 0 (the weighted
+    sum itself). Loops over a block, each of which vectorizes."""
+    size = e - s
+    for i in range(len(xs)):
+        x, u, d = xs[i], units[i], denom[i]
+        for j in range(size):
+            u[j] = _signal(x, base, deltas, s + j) / d
+    mean[:size] = 0.0
+    for i in range(len(xs)):
+        u, wi = units[i], w[i]
+        for j in range(size):
+            mean[j] = mean[j] + u[j] * wi
+    if mean_norm != np.float32(0.0):
+        for j in range(size):
+            mean[j] = mean[j] / mean_norm
+
+
+@numba.njit(cache=True, nogil=True)
+def _multislerp_step_block(units, dots, w, mean, size, step):
+    """step = (+0.0 + t_0 * w_0) + t_1 * w_1 ..., t_i = units_i - dots_i * mean, over a block."""
+    step[:size] = 0.0
+    for i in range(units.shape[0]):
+        u, di, wi = units[i], dots[i], w[i]
+        for j in range(size):
+            step[j] = step[j] + (u[j] - di * mean[j]) * wi
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_mean(xs, base, deltas, denom, w, out):
-    """out = (+0.0 + (v_0 / denom_0) * w_0) + (v_1 / denom_1) * w_1 ..., v = x [- base]."""
+def _multislerp_fill(xs, base, deltas, denom, w, mean_norm, dots, which, out):
+    """out = by `which`: -1 the weighted sum of the unit vectors (mean_norm 0: undivided);
+    i >= 0 model i's products units_i * mean with the unit mean; -2 the step. The unit
+    vectors and the unit mean are recomputed a block at a time, not stored."""
     m, n = len(xs), out.shape[0]
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            acc = np.float32(0.0)
-            for i in range(m):
-                acc = acc + (_signal(xs[i], base, deltas, j) / denom[i]) * w[i]
-            out[j] = acc
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_product(x, base, deltas, denom, mean, out):
-    """out = (v / denom) * mean, v = x [- base]: one model's row of the reference's products."""
-    n = mean.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            out[j] = (_signal(x, base, deltas, j) / denom) * mean[j]
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _multislerp_step(xs, base, deltas, denom, dots, mean, w, out):
-    """out = (+0.0 + t_0 * w_0) + t_1 * w_1 ..., t_i = v_i / denom_i - dots_i * mean."""
-    m, n = len(xs), out.shape[0]
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            acc = np.float32(0.0)
-            for i in range(m):
-                acc = acc + ((_signal(xs[i], base, deltas, j) / denom[i]) - dots[i] * mean[j]) * w[i]
-            out[j] = acc
+        units = np.empty((m, BLOCK), dtype=np.float32)
+        mean = np.empty(BLOCK, dtype=np.float32)
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            size = e - s
+            _multislerp_unit_block(xs, base, deltas, denom, w, mean_norm, s, e, units, mean)
+            if which == -1:
+                out[s:e] = mean[:size]
+            elif which >= 0:
+                u = units[which]
+                for j in range(size):
+                    out[s + j] = u[j] * mean[j]
+            else:
+                _multislerp_step_block(units, dots, w, mean, size, out[s:e])
 
 
 def multislerp_mean(xs: tuple, base, denom: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """_multislerp_mean of the flat raw inputs into out; returns out."""
-    _multislerp_mean(xs, base if base is not None else xs[0], base is not None, denom, w, out)
-    return out
+    """The weighted sum of the unit vectors v_i / denom_i of the flat raw inputs into out."""
+    return _multislerp_into(xs, base, denom, w, np.float32(0.0), w, -1, out)
 
 
-def multislerp_product(x, base, denom: np.float32, mean: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """_multislerp_product of one model into out (n); returns out."""
-    _multislerp_product(x, base if base is not None else x, base is not None, denom, mean, out)
-    return out
+def multislerp_product(xs: tuple, i: int, base, denom, w, mean_norm: np.float32, out: np.ndarray) -> np.ndarray:
+    """Model i's products (v_i / denom_i) * unit mean into out (n); returns out."""
+    return _multislerp_into(xs, base, denom, w, mean_norm, w, i, out)
 
 
-def multislerp_step(xs: tuple, base, denom, dots, mean, w, out: np.ndarray) -> np.ndarray:
-    """_multislerp_step into out; returns out."""
-    _multislerp_step(xs, base if base is not None else xs[0], base is not None, denom, dots, mean, w, out)
+def multislerp_step(xs: tuple, base, denom, dots, w, mean_norm: np.float32, out: np.ndarray) -> np.ndarray:
+    """The step, the weighted sum of the tangents v_i / denom_i - dots_i * unit mean, into out."""
+    return _multislerp_into(xs, base, denom, w, mean_norm, dots, -2, out)
+
+
+def _multislerp_into(xs, base, denom, w, mean_norm, dots, which: int, out: np.ndarray) -> np.ndarray:
+    _multislerp_fill(xs, base if base is not None else xs[0], base is not None, denom, w, mean_norm, dots, which, out)
     return out
 
 

@@ -170,10 +170,30 @@ def model_stock_ratio(base: Any, tensors: list, rows: tuple[int, ...]) -> PerVec
 
 class MultislerpTerms:
     """The flattened geometric.multislerp of the deltas, as mean * cs + step * k, all times
-    scale: mean and step are float32 CPU tensors of the tensor's size, the rest 0-d."""
+    scale (cs, k, scale 0-d). mean and step are float32 CPU tensors of the tensor's size, or
+    None where the kernels recompute them entry by entry from the raw inputs (xs, base) and
+    the unit terms: per model the norm + eps (denom) and the dot product with the unit mean
+    (dots), the weights (w), and the mean's norm (mean_norm)."""
 
-    def __init__(self, mean: torch.Tensor, step: torch.Tensor, cs: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, mean, step, cs, k, scale, xs=None, base=None, denom=None, dots=None, w=None, mean_norm=None):
         self.mean, self.step, self.cs, self.k, self.scale = mean, step, cs, k, scale
+        self.xs, self.base, self.denom, self.dots, self.w, self.mean_norm = xs, base, denom, dots, w, mean_norm
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and step as float32 CPU tensors of the tensor's size (written if not held)."""
+        import torch
+
+        from .sphere_fills import multislerp_mean, multislerp_step
+
+        if self.mean is not None:
+            return self.mean, self.step
+        n = self.xs[0].shape[0]
+        mean = torch.from_numpy(multislerp_mean(self.xs, self.base, self.denom, self.w, np.empty(n, np.float32)))
+        mean.div_(torch.tensor(self.mean_norm))  # the reference's in-place division by the 0-d norm
+        step = multislerp_step(
+            self.xs, self.base, self.denom, self.dots, self.w, self.mean_norm, np.empty(n, np.float32)
+        )
+        return mean, torch.from_numpy(step)
 
 
 def _stack(xs, base) -> np.ndarray:
@@ -225,16 +245,18 @@ def multislerp_terms(
 
 
 def _multislerp_by_rows(xs: tuple, base: Any, w: torch.Tensor, eps: float) -> MultislerpTerms | None:
-    """multislerp_terms of up to methods.SUMMED_MODELS_MAX models: the norms and the dot
-    products with the mean are reductions of the reference's (models, n) arrays row by row,
-    one row at a time in one scratch array (methods.two_rows gives each row's bits)."""
+    """multislerp_terms of up to methods.SUMMED_MODELS_MAX models, with one scratch array:
+    each array the reference reduces (a delta, the weighted mean of the unit vectors, a
+    model's products with the unit mean, the step) is filled there in turn, the unit mean
+    recomputed entry by entry rather than stored; the norms and dot products of the
+    reference's (models, n) arrays are reduced row by row (methods.two_rows gives each row
+    its bits)."""
     import torch
 
     from .methods import two_rows
-    from .sphere_fills import multislerp_mean, multislerp_product, multislerp_step, scratch
+    from .sphere_fills import multislerp_mean, multislerp_product, multislerp_step
 
-    n = xs[0].shape[0]
-    row = Scratch(n, "stack")
+    row = Scratch(xs[0].shape[0])
     norm_rows, changed = [], base is None
     for x in xs:
         delta = row.signal(x, base)
@@ -243,19 +265,26 @@ def _multislerp_by_rows(xs: tuple, base: Any, w: torch.Tensor, eps: float) -> Mu
     if not changed:  # a base no model changed: the reference returns it
         return None
     norms = torch.stack(norm_rows).view(-1, 1)
-    denom = (norms + eps).reshape(-1).numpy()
-    mean = torch.from_numpy(multislerp_mean(xs, base, denom, w.numpy(), scratch("mean", n)))
-    mean_norm = torch.linalg.vector_norm(mean)
+    denom, weights = (norms + eps).reshape(-1).numpy(), w.numpy()
+    multislerp_mean(xs, base, denom, weights, row.array)
+    mean_norm = torch.linalg.vector_norm(row.tensor)
     if mean_norm < eps:
         return None
-    mean.div_(mean_norm)
+    unit_norm = _f32(mean_norm)
     dot_rows = []
-    for x, d in zip(xs, denom, strict=True):
-        multislerp_product(x, base, d, mean.numpy(), row.array)
+    for i in range(len(xs)):
+        multislerp_product(xs, i, base, denom, weights, unit_norm, row.array)
         dot_rows.append(two_rows(row.tensor).sum(-1)[0])
-    dots = torch.stack(dot_rows)
-    step = torch.from_numpy(multislerp_step(xs, base, denom, dots.numpy(), mean.numpy(), w.numpy(), scratch("step", n)))
-    return _multislerp_end(mean, step, norms, w, eps)
+    dots = torch.stack(dot_rows).numpy()
+    step_norm = (
+        torch.linalg.vector_norm(
+            torch.from_numpy(multislerp_step(xs, base, denom, dots, weights, unit_norm, row.array))
+        )
+        + eps
+    )
+    scale = (norms.squeeze(-1) * w).sum()
+    cs, k = torch.cos(step_norm), torch.sin(step_norm) / step_norm
+    return MultislerpTerms(None, None, cs, k, scale, xs, base, denom, dots, weights, unit_norm)
 
 
 def _multislerp_end(

@@ -1088,7 +1088,7 @@ def torch_multislerp(base, tensors, model_params, params, out_dtype):
         shape = (tensors[0].numel(),)
         return _reference_sphere("multislerp", base, tensors, model_params, params, shape, out_dtype)
     dev = tensors[0].device
-    mean, step = terms.mean.to(dev), terms.step.to(dev)
+    mean, step = (a.to(dev) for a in terms.arrays())
     out, _, bad_float32, bad_stored = _two_point_merge(
         mean, step, base, False, has_base, terms.cs, terms.k, "multiply", terms.scale, out_dtype
     )
