@@ -187,17 +187,23 @@ def _karcher_unit(x, norm, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _karcher_tangent_add(x, norm, mean, dot, coefficient, tangent, first):
-    """tangent = (+0.0 if first else tangent) + coefficient * (u - dot * mean), each operation
-    rounded to float32, u = x / norm as _karcher_unit computes it (read from x, half the bytes
-    of u for bf16 inputs; the first add replaces the reference's zero fill)."""
+def _karcher_tangent(xs, norms, which, dots, coefficients, mean, tangent):
+    """tangent = (+0.0 + c_0 * (u_0 - dot_0 * mean)) + c_1 * (u_1 - dot_1 * mean) ... over the
+    inputs `which` in order, each operation rounded to float32, u = x / norm as _karcher_unit
+    computes it (the reference's zero tangent and its in-place adds, in one pass, a block
+    at a time in a loop per input that vectorizes)."""
     n = tangent.shape[0]
     for c in numba.prange(CHUNKS):
         lo, hi = _chunk_bounds(n, CHUNKS, c)
-        for j in range(lo, hi):
-            u = _load(x, j) / norm if norm != np.float32(0.0) else np.float32(0.0)
-            previous = np.float32(0.0) if first else tangent[j]
-            tangent[j] = previous + coefficient * (u - dot * mean[j])
+        for s in range(lo, hi, BLOCK):
+            e = min(s + BLOCK, hi)
+            acc, m = tangent[s:e], mean[s:e]
+            acc[:] = 0.0
+            for r in range(which.shape[0]):
+                x, norm, dot, coefficient = xs[which[r]][s:e], norms[which[r]], dots[r], coefficients[r]
+                for j in range(e - s):
+                    u = _load(x, j) / norm if norm != np.float32(0.0) else np.float32(0.0)
+                    acc[j] = acc[j] + coefficient * (u - dot * m[j])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -239,11 +245,14 @@ def karcher_initial(share: float, xs: tuple, norms: list[np.float32], steering: 
     return mean
 
 
-def karcher_tangent_add(
-    x: np.ndarray, norm: np.float32, mean, dot: np.float32, coefficient: np.float32, tangent: np.ndarray, first: bool
-) -> None:
-    """tangent += coefficient * (x / norm - dot * mean) in place, from a zero tangent when first."""
-    _karcher_tangent_add(x, norm, mean, dot, coefficient, tangent, first)
+def karcher_tangent(xs: tuple, norms: np.ndarray, steps: list, mean: np.ndarray, tangent: np.ndarray) -> np.ndarray:
+    """The tangent sum_i c_i * (x_i / norm_i - dot_i * mean) into `tangent`, over steps =
+    [(input index, dot, coefficient)] in order (float32 scalars); returns tangent."""
+    which = np.array([i for i, _, _ in steps], dtype=np.int64)
+    dots = np.array([d for _, d, _ in steps], dtype=np.float32)
+    coefficients = np.array([c for _, _, c in steps], dtype=np.float32)
+    _karcher_tangent(xs, norms, which, dots, coefficients, mean, tangent)
+    return tangent
 
 
 def karcher_turn(mean, tangent, cos_norm: np.float32, sin_norm: np.float32, tangent_norm: np.float32) -> None:

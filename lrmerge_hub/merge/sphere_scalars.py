@@ -305,41 +305,39 @@ def karcher_terms(inputs: list, max_iter: int, tol: float) -> tuple[np.ndarray, 
     where the reference returns early (one input, or none steers): the caller runs it."""
     import torch
 
-    from .sphere_fills import karcher_initial, karcher_tangent_add, karcher_turn, karcher_unit, scratch
+    from .sphere_fills import karcher_initial, karcher_tangent, karcher_turn, karcher_unit, scratch
 
     xs = raw_arrays(list(inputs))
     if len(xs) == 1:
         return None
     n = xs[0].shape[0]
-    unit = Scratch(n)
+    unit = Scratch(n)  # each input's unit vector in turn, then the tangent
     norms = [torch.linalg.vector_norm(unit.signal(x)) for x in xs]
     steering = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not steering:
         return None
     share = 1.0 / len(steering)
-    mean_array = karcher_initial(share, tuple(xs), [_f32(norm) for norm in norms], steering, scratch("mean", n))
+    norms32 = np.array([_f32(norm) for norm in norms], dtype=np.float32)
+    mean_array = karcher_initial(share, tuple(xs), list(norms32), steering, scratch("mean", n))
     mean = torch.from_numpy(mean_array)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm.item() < tol:
-        karcher_unit(xs[steering[0]], _f32(norms[steering[0]]), mean_array)
+        karcher_unit(xs[steering[0]], norms32[steering[0]], mean_array)
     else:
         mean.div_(mean_norm)
-    tangent_array = scratch("tangent", n)
-    tangent = torch.from_numpy(tangent_array)
     for _ in range(max_iter):
-        first = True  # the tangent starts at zero: the first add writes 0.0 + its term
+        steps = []  # (input, dot, coefficient) of each input that moves the tangent, in order
         for i in steering:
-            karcher_unit(xs[i], _f32(norms[i]), unit.array)
+            karcher_unit(xs[i], norms32[i], unit.array)
             dot = torch.clamp(torch.dot(mean, unit.tensor), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            coefficient = share * (theta / torch.sin(theta))
-            karcher_tangent_add(xs[i], _f32(norms[i]), mean_array, _f32(dot), _f32(coefficient), tangent_array, first)
-            first = False
-        if first:  # no input added: the tangent is zero, its norm 0 < tol, where the reference stops
+            steps.append((i, _f32(dot), _f32(share * (theta / torch.sin(theta)))))
+        if not steps:  # the tangent is zero, its norm 0 < tol, where the reference stops
             break
-        tangent_norm = torch.linalg.vector_norm(tangent)
+        tangent_array = karcher_tangent(tuple(xs), norms32, steps, mean_array, unit.array)
+        tangent_norm = torch.linalg.vector_norm(unit.tensor)
         if tangent_norm.item() < tol:
             break
         karcher_turn(
