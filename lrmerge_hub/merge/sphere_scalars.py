@@ -7,10 +7,10 @@ Their norms and dot products are torch's own float32 CPU reductions, whose summa
 reference's torch calls, on tensors of the reference's shapes holding the reference's
 values, written by the fills of sphere_fills.py (each input or task vector, each product the
 reference sums, each running mean) into float32 arrays of the tensor's size that are
-reused, reduction after reduction: slerp, nuslerp and model_stock keep one, karcher three,
-multislerp one per model and two (its stack, mean and step) where the reference keeps
-several times that. Entries are recomputed from the raw inputs where the reference would
-read a stored copy. With more than methods.SUMMED_MODELS_MAX models, multislerp's sums over
+reused, reduction after reduction: slerp, nuslerp, model_stock and multislerp keep one,
+karcher two, where the reference keeps several times that. Entries are recomputed from the
+raw inputs where the reference would read a stored copy, and the rows of a (models, n) array
+are reduced one at a time (methods.two_rows). With more than methods.SUMMED_MODELS_MAX models, multislerp's sums over
 the models (torch's stacked sums) run the reference's own operations, in place on a float32
 stack (an in-place op writes the bits of its out-of-place twin). The combine pass then
 computes every entry from the raw inputs and these scalars in the reference's order.
