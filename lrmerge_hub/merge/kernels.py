@@ -1882,35 +1882,14 @@ def _importance_keys(x, base, divergence, keys):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _importance_top(x, base, divergence, cols):
-    """Per chunk: a histogram of the top 16 bits of the importance's order keys, and the
-    NaN/Inf counts of base and x (columns 0 and 1)."""
+def _importance_histogram(x, base, divergence, cols, bins):
+    """Per chunk: with no `bins`, a histogram of the top 16 bits of the importance's order keys
+    (row 0) and the NaN/Inf counts of base and x (columns 0 and 1); else, for each top bin in
+    `bins`, a histogram of the low 16 bits of the keys in that bin."""
     n = base.shape[0]
-    hist = np.zeros((CHUNKS, BINS), dtype=np.int32)
+    top = bins.shape[0] == 0
+    hist = np.zeros((CHUNKS, max(bins.shape[0], 1), BINS), dtype=np.int32)
     bad = np.zeros((CHUNKS, 2), dtype=np.int64)
-    for c in numba.prange(CHUNKS):
-        lo, hi = _chunk_bounds(n, CHUNKS, c)
-        keys = np.empty(BLOCK, dtype=np.int64)
-        h = hist[c]
-        s = lo
-        while s < hi:
-            r = s // cols
-            e = min(hi, (r + 1) * cols, s + BLOCK)
-            bad[c, 0] += _nonfinite_block(base[s:e])
-            bad[c, 1] += _nonfinite_block(x[s:e])
-            _importance_keys(x[s:e], base[s:e], divergence[r], keys[: e - s])
-            for j in range(e - s):
-                h[keys[j] >> 16] += 1
-            s = e
-    return hist, bad
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _importance_low(x, base, divergence, cols, bins):
-    """Per chunk and for each of the top bins `bins`: a histogram of the low 16 bits of the
-    importance's order keys in that bin."""
-    n = base.shape[0]
-    hist = np.zeros((CHUNKS, bins.shape[0], BINS), dtype=np.int32)
     slot = np.full(BINS, -1, dtype=np.int8)  # top bin -> its histogram, -1 for the others
     for i in range(bins.shape[0]):
         slot[bins[i]] = i
@@ -1923,12 +1902,18 @@ def _importance_low(x, base, divergence, cols, bins):
             r = s // cols
             e = min(hi, (r + 1) * cols, s + BLOCK)
             _importance_keys(x[s:e], base[s:e], divergence[r], keys[: e - s])
-            for j in range(e - s):
-                i = slot[keys[j] >> 16]
-                if i >= 0:
-                    h[i, keys[j] & 0xFFFF] += 1
+            if top:
+                bad[c, 0] += _nonfinite_block(base[s:e])
+                bad[c, 1] += _nonfinite_block(x[s:e])
+                for j in range(e - s):
+                    h[0, keys[j] >> 16] += 1
+            else:
+                for j in range(e - s):
+                    i = slot[keys[j] >> 16]
+                    if i >= 0:
+                        h[i, keys[j] & 0xFFFF] += 1
             s = e
-    return hist
+    return hist, bad
 
 
 def _key_value(key: int) -> np.float32:
@@ -1952,11 +1937,11 @@ def importance_order_statistics(
 ) -> tuple[list[np.float32], np.ndarray]:
     """The importance scores at the given ascending 0-based positions (exact: the values
     kthvalue gives), and the NaN/Inf counts of base and model per chunk."""
-    top, bad = _importance_top(model, base, divergence, cols)
-    top = top.sum(0, dtype=np.int64)
+    top, bad = _importance_histogram(model, base, divergence, cols, np.zeros(0, dtype=np.int64))
+    top = top.sum(0, dtype=np.int64)[0]
     found = [_bin_at(top, p) for p in positions]
     bins = sorted({b for b, _ in found})
-    low = _importance_low(model, base, divergence, cols, np.array(bins, dtype=np.int64)).sum(0, dtype=np.int64)
+    low = _importance_histogram(model, base, divergence, cols, np.array(bins, dtype=np.int64))[0].sum(0, dtype=np.int64)
     values = []
     for p, (b, below) in zip(positions, found, strict=True):
         low_bin, _ = _bin_at(low[bins.index(b)], p - below)
