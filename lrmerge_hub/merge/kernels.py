@@ -432,15 +432,26 @@ def _top_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def _exact_select(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int]:
-    """(threshold bits, tie index limit) by radix select: two histograms and, when the
-    threshold is shared by more entries than there is room for, a scan for the limit."""
+    """(threshold bits, tie index limit) of |x - b| by radix select (_radix_select)."""
     n = b.shape[0]
-    high_bin, above = _top_bin(_histogram(x, b, -1), k)
-    low = _histogram(x, b, high_bin)
+    return _radix_select(
+        _histogram(x, b, -1), lambda high: _histogram(x, b, high), lambda t, room: _tie_limit(x, b, t, 0, n, room), k, n
+    )
+
+
+def _radix_select(
+    top: np.ndarray, low_of: Callable[[int], np.ndarray], tie_limit: Callable[[int, int], int], k: int, n: int
+) -> tuple[int, int]:
+    """(threshold bits, tie index limit) of the k largest of n values from the histogram of
+    their top 16 bits, that of the low 16 bits of the values in one top bin (low_of), and,
+    when the threshold is shared by more entries than there is room for, a scan for the
+    limit (tie_limit(t, room))."""
+    high_bin, above = _top_bin(top, k)
+    low = low_of(high_bin)
     low_bin, above_low = _top_bin(low, k - above)
     t = (high_bin << 16) | low_bin
     room = k - above - above_low
-    return t, (n if int(low[low_bin]) <= room else int(_tie_limit(x, b, t, 0, n, room)))
+    return t, (n if int(low[low_bin]) <= room else int(tie_limit(t, room)))
 
 
 def _select_among(bits: np.ndarray, idx: np.ndarray, room: int, n: int) -> tuple[int, int]:
@@ -2218,12 +2229,13 @@ def sce_selection(xs: tuple, base: np.ndarray, fraction: float) -> tuple[np.floa
         return np.float32(np.inf), 0  # none: every variance is finite
     if k >= n:
         return np.float32(-1.0), 0  # all: a variance is >= 0
-    high_bin, above = _top_bin(top, k)
-    low, _ = _variance_histogram(xs, base, high_bin)
-    low_bin, above_low = _top_bin(low, k - above)
-    t = (high_bin << 16) | low_bin
-    room = k - above - above_low
-    limit = n if int(low[low_bin]) <= room else int(_variance_tie_limit(xs, base, t, room))
+    t, limit = _radix_select(
+        top,
+        lambda high: _variance_histogram(xs, base, high)[0],
+        lambda t, room: _variance_tie_limit(xs, base, t, room),
+        k,
+        n,
+    )
     return np.float32(_magnitudes(t)), limit
 
 
